@@ -1,0 +1,86 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # picomaml
+#
+# > Meta-pretraining small LLaMA-style decoders with first-order MAML on SMLMT episodes, their
+# > learning dynamics, and zero-shot cross-lingual NER — a reproducible, notebook-first artifact.
+#
+# This repository re-implements two papers from their text:
+#
+# 1. *Learning Dynamics of Meta-Learning in Small Model Pretraining* (Africa, Weiss, Buttery, Diehl Martinez)
+# 2. *Meta-Pretraining for Zero-Shot Cross-Lingual NER in Low-Resource Philippine Languages*
+#
+# A Pico decoder (RMSNorm, grouped-query attention with 12 query / 4 key-value heads, RoPE, SwiGLU,
+# 12 blocks; d = 96/384/768/1536) is pretrained with a hybrid rule: each micro-batch is, with
+# probability rho = 0.5, a first-order MAML episode on a 32-way 4-shot subset-masked LM task (only a
+# small MLP head adapts in the inner loop), and otherwise an ordinary next-token step. The matched
+# vanilla arm is the same run with rho = 0. We then follow singular-value spectra and proportional
+# effective rank of weights and gradients, Paloma perplexity and episode accuracies through training,
+# and finetune linear and CRF heads on Universal NER, evaluating zero-shot on Tagalog and Cebuano.
+#
+# We implement the papers as written. Where the authors' released trainer did something else
+# (512-token sequences, inner lr 0.01, no cosine decay, a vocabulary-indexed head, ...), a
+# `released-*` preset reproduces that behaviour so the two can be compared.
+
+# %% [markdown]
+# ## Two commands
+#
+# On a fresh clone (Python 3.10+, network access to PyPI; `../shared/data` beside the clone or
+# `PICOMAML_DATA` pointing at a directory of the same layout, otherwise the Hugging Face Hub):
+#
+# ```sh
+# make demo   # creates .venv, exports the package, prepares data, runs the CPU demo
+# make test   # creates .venv, checks notebooks are clean and the package in sync, runs nbdev_test and pytest
+# ```
+#
+# `make` installs the pinned `requirements.txt` into `.venv` (torch 2.13.0: the CPU wheel where no
+# CUDA is present, the CUDA build on a GPU machine). `environment.yml` carries the same pins for conda.
+
+# %% [markdown]
+# ## Where data comes from
+#
+# Every data source is resolved in the same order: a path in the configuration, else the
+# `PICOMAML_DATA` directory (the Makefile sets it to `../shared/data` when that exists), else the Hub:
+#
+# | what | Hub | local layout under `PICOMAML_DATA` |
+# |---|---|---|
+# | pretraining rows | `pico-lm/pretokenized-dolma` | `pretokenized/train/*.parquet` (or raw `corpus/train`, see `prepare`) |
+# | Paloma evaluation | `pico-lm/pretokenized-paloma-tinsy` | `pretokenized/eval/*.parquet` (or raw `corpus/eval`) |
+# | tokenizer | `allenai/OLMo-7B-0724-hf` | `tokenizer/olmo-7b-0724-tokenizer.json` |
+# | Universal NER | `universalner/universal_ner` | `uner/<dataset>/<dataset>-ud-<split>.iob2` |
+#
+# Set `HF_HUB_OFFLINE=1` when no network is available, so Hub lookups fail at once instead of retrying.
+
+# %% [markdown]
+# ## How the repository is organised
+#
+# The notebooks in `nbs/` are the source and the documentation; `nbdev_export` writes the package
+# `picomaml/` from them (never edit it by hand). Each notebook is paired with a jupytext `py:percent`
+# file of the same name, which is the convenient one to edit: `make sync` regenerates the notebooks
+# from the `.py` files, cleans them, exports the package and rebuilds this README.
+#
+# | notebook | concern |
+# |---|---|
+# | `00_config` | nested dataclass configuration, presets in `configs/`, `section.key=value` overrides |
+# | `90_devtools` | README generation and the artifact's consistency checks |
+#
+# Configuration presets: `configs/pico-{tiny,small,medium,large}-{maml,vanilla}.yaml` (the papers'
+# settings), `configs/released-{size}-maml.yaml` (the released trainer's), `configs/demo.yaml` (CPU).
+# Outputs: `runs/` (run directories), `figures/`, `paper_tables/`.
+
+# %%
+from picomaml.config import load_config, PRESETS_DIR
+demo = load_config(PRESETS_DIR / "demo.yaml")
+print(f"demo: d={demo.model.d_model}, seq_len={demo.data.seq_len}, steps={demo.train.steps}, rho={demo.maml.rho}")
