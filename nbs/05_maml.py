@@ -1,0 +1,429 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # First-order MAML head step
+#
+# > The episode half of the hybrid objective: adapt a small MLP head on cached support features,
+# > score the query set with the adapted head, and send the first-order gradient to the backbone
+# > and to the head's initial weights.
+#
+# This notebook implements method.md §3 and paper 1 §3 / Appendix A, Algorithm 1 (the `r < rho`
+# branch). With backbone $f_\theta$, head $h_\phi$, support set $S$ and query set $Q$ of one SMLMT
+# episode (method.md §2):
+#
+# $$\phi_0 = \phi,\qquad \phi_{t+1} = \phi_t - \alpha\,\nabla_\phi\, \mathcal L_S\big(h_{\phi_t}(f_\theta(x_S))\big),
+# \quad t = 0..T-1,\qquad \ell = \mathcal L_Q\big(h_{\phi_T}(f_\theta(x_Q))\big),$$
+#
+# with $T$ = `inner_steps` (10) and $\alpha$ = `inner_lr` (1e-3). The outer gradient is first order:
+# $\nabla_\theta \ell$ flows through the query features, and $\nabla_{\phi_T}\ell$ is applied to
+# $\phi_0$ as if $\partial\phi_T/\partial\phi_0 = I$. Afterwards the head holds $\phi_0$ again
+# (Algorithm 1's "restore head"); the outer AdamW then steps backbone and head together.
+
+# %%
+#| default_exp maml
+
+# %%
+#| export
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from picomaml.config import MAMLConfig
+
+# %%
+import time
+from types import SimpleNamespace
+
+# %% [markdown]
+# ## The head
+#
+# Paper 1 §2 adapts "only a tiny MLP head" in the inner loop; method.md §3 fixes it at 4 linear
+# layers, hidden 128, dropout 0.1, Xavier init. Hidden layers are `Linear → ReLU → Dropout` (the
+# released trainer's layout). Xavier here means Glorot-uniform weights and zero biases; `default`
+# keeps PyTorch's initialisation.
+#
+# `head_output="vocab"` reproduces the released trainer (method.md §7): its last layer has
+# `vocab_size` outputs and an episode's class logits are the columns of its `class_ids`. Only the
+# `released` preset uses it.
+
+# %%
+#| export
+class MAMLHead(nn.Module):
+    "MLP head on backbone features: `head_layers` linear layers, N-way (or vocabulary-indexed) logits."
+    def __init__(self, d_model: int, n_way: int, cfg: MAMLConfig, vocab_size: int | None = None):
+        super().__init__()
+        if cfg.head_layers < 1: raise ValueError(f"maml.head_layers must be >= 1, got {cfg.head_layers}")
+        if cfg.head_output == "vocab" and not vocab_size:
+            raise ValueError("maml.head_output='vocab' needs vocab_size (pass model.vocab_size)")
+        self.vocab_indexed = cfg.head_output == "vocab"
+        n_out = vocab_size if self.vocab_indexed else n_way
+        widths = [d_model] + [cfg.head_hidden] * (cfg.head_layers - 1) + [n_out]
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < cfg.head_layers - 1: layers += [nn.ReLU(), nn.Dropout(cfg.head_dropout)]
+        self.mlp = nn.Sequential(*layers)
+        if cfg.head_init == "xavier":
+            for layer in self.mlp:
+                if isinstance(layer, nn.Linear): nn.init.xavier_uniform_(layer.weight); nn.init.zeros_(layer.bias)
+
+    @property
+    def logits_layer(self) -> str:
+        "Name of the last linear layer, the one whose weights live in logits space."
+        return f"mlp.{len(self.mlp) - 1}"
+
+    def forward(self, feats: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        "Class logits (B, N) of features (B, d)."
+        logits = self.mlp(feats)  # (B, N) or (B, vocab)
+        if self.vocab_indexed:
+            if class_ids is None: raise ValueError("a vocabulary-indexed head needs the episode's class_ids")
+            logits = logits[..., class_ids]  # (B, N)
+        return logits
+
+# %%
+cfg = MAMLConfig()
+head = MAMLHead(24, 5, cfg)
+linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+assert [(l.in_features, l.out_features) for l in linears] == [(24, 128), (128, 128), (128, 128), (128, 5)]
+assert sum(isinstance(m, nn.Dropout) and m.p == 0.1 for m in head.mlp) == 3
+assert all(torch.equal(l.bias, torch.zeros_like(l.bias)) for l in linears)
+bound = (6 / (128 + 5)) ** 0.5  # Glorot-uniform bound of the last layer
+assert linears[-1].weight.abs().max() <= bound and linears[-1].weight.abs().max() > 0.8 * bound
+assert head(torch.randn(7, 24)).shape == (7, 5) and head.logits_layer == "mlp.9"
+
+# %% [markdown]
+# The vocabulary-indexed head's class logits are exactly the class-id columns of its full output.
+
+# %%
+vocab_head = MAMLHead(24, 3, MAMLConfig(head_output="vocab", head_layers=2, head_dropout=0.0), vocab_size=50)
+x, class_ids = torch.randn(4, 24), torch.tensor([7, 2, 41])
+assert torch.equal(vocab_head(x, class_ids), vocab_head.mlp(x)[:, [7, 2, 41]])
+for bad in (lambda: MAMLHead(24, 3, MAMLConfig(head_output="vocab")), lambda: vocab_head(x)):
+    try: bad(); raise AssertionError("accepted a vocabulary head without vocab_size/class_ids")
+    except ValueError as e: assert "vocab" in str(e)
+
+# %% [markdown]
+# ## Features at the readout position
+#
+# Each episode window has one readout position (`support_readout`, `query_readout`: the last window
+# token, or the `[MASK]`; method.md §2). The backbone's `hidden(ids)` gives final normed states
+# (B, T, d); the feature of window b is row `readout[b]` of its states.
+
+# %%
+#| export
+def readout_features(hidden: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    "Pick each window's readout position: (B, T, d), (B,) -> (B, d)."
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), readout]  # (B, d)
+
+# %%
+h = torch.arange(2 * 3 * 2.).view(2, 3, 2)
+assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4., 5.], [6., 7.]]))
+
+# %% [markdown]
+# ## Why the support features can be cached
+#
+# The inner loop differentiates the support loss with respect to the head only:
+#
+# $$\nabla_\phi\, \mathcal L_S\big(h_\phi(z_S)\big)\Big|_{\phi=\phi_t},\qquad z_S = f_\theta(x_S).$$
+#
+# $z_S$ depends on $\theta$ and the support windows, not on $\phi$, and $\theta$ does not change
+# during the inner loop (the backbone is frozen there; only the outer optimizer moves it). So
+# $z_S$ is the same tensor at every inner step, and the inner-loop gradient needs nothing of
+# the backbone beyond its value. Computing $z_S$ once, without a graph, is therefore exact, and
+# it is the backbone forward that dominates the cost: the released trainer re-ran it for every
+# one of the ten inner steps (method.md §7). First-order MAML also never differentiates the
+# support loss with respect to $\theta$ (that term appears only in second-order MAML, through
+# $\partial\phi_T/\partial\theta$), so the support forward needs no autograd graph either.
+# (Backbone dropout would break the equality, since each re-run would draw new masks; the Pico
+# decoder has none.)
+
+# %%
+#| export
+@torch.no_grad()
+def support_features(backbone: nn.Module, ids: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    "Support features (S, d), computed once without a graph; the frozen backbone makes them exact for every inner step."
+    return readout_features(backbone.hidden(ids), readout)  # (S, d)
+
+# %% [markdown]
+# ## The inner loop
+#
+# `adapt` runs the T SGD steps of Algorithm 1 on the cached features. It never touches the head's
+# parameters: the fast weights $\phi_t$ are a dict of plain tensors that `torch.func.functional_call`
+# substitutes for the parameters (no deep copy of anything). Each step is a fresh one-step graph
+# from the leaves $\phi_t$ to the support loss; `autograd.grad` (no `create_graph`) gives
+# $\nabla\mathcal L_S$ and the update is detached, which is what "first order" means here. The
+# support loss is the mean cross-entropy over the N·K support examples.
+#
+# For distributed training every rank must run the identical inner loop. Its only randomness is the
+# head's dropout (when the head is in training mode), so `seed` runs the loop under a forked RNG
+# seeded by the caller (e.g. from `(train.seed, step)`): every rank then draws the same masks.
+
+# %%
+#| export
+def adapt(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, cfg: MAMLConfig,
+          class_ids: torch.Tensor | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+    "Inner loop: `cfg.inner_steps` SGD steps of the support loss on the head; returns phi_T as leaf tensors."
+    fast = {name: p.detach() for name, p in head.named_parameters()}  # phi_0, shares storage, never written
+    devices = [feats.device] if feats.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.enable_grad():
+        if seed is not None: torch.manual_seed(seed)
+        for _ in range(cfg.inner_steps):
+            fast = {name: w.requires_grad_() for name, w in fast.items()}
+            loss = F.cross_entropy(functional_call(head, fast, (feats, class_ids)), labels)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {name: (w - cfg.inner_lr * g).detach() for (name, w), g in zip(fast.items(), grads)}
+    return {name: w.clone().requires_grad_() for name, w in fast.items()}  # fresh leaves for the query backward
+
+# %% [markdown]
+# Known answer: a one-layer head ($h(z) = Az + c$) with A = 0, c = 0 predicts the uniform
+# distribution, so the first step's gradient is $(\tfrac1N - Y)^\top Z / S$ for A and
+# $\tfrac1N - \bar Y$ for c. The head itself must be left untouched, and the returned weights must
+# be leaves that can collect a gradient.
+
+# %%
+one = MAMLHead(3, 2, MAMLConfig(head_layers=1, head_dropout=0.0, inner_steps=1, inner_lr=0.5))
+nn.init.zeros_(one.mlp[0].weight)
+feats, labels = torch.tensor([[1., 0, 2], [0, 1, 0], [3, 1, 1]]), torch.tensor([0, 1, 1])
+fast = adapt(one, feats, labels, MAMLConfig(inner_steps=1, inner_lr=0.5))
+residual = 0.5 - F.one_hot(labels, 2).float()  # (S, N): softmax(0) - onehot
+assert torch.allclose(fast["mlp.0.weight"], -0.5 * residual.T @ feats / 3)
+assert torch.allclose(fast["mlp.0.bias"], -0.5 * residual.mean(0))
+assert torch.equal(one.mlp[0].weight, torch.zeros(2, 3)) and all(w.is_leaf and w.requires_grad for w in fast.values())
+assert all(torch.equal(w, p) for w, p in zip(adapt(one, feats, labels, MAMLConfig(inner_steps=0)).values(), one.parameters()))
+
+# %% [markdown]
+# With dropout on, the same `seed` gives the same phi_T (as every rank needs), and the caller's RNG
+# stream is left where it was.
+
+# %%
+drop_head = MAMLHead(3, 2, MAMLConfig(head_layers=3, head_hidden=16, head_dropout=0.5)).train()
+torch.manual_seed(0); before = torch.rand(1)
+torch.manual_seed(0); a = adapt(drop_head, feats, labels, MAMLConfig(inner_lr=0.1), seed=11)
+after = torch.rand(1)
+b = adapt(drop_head, feats, labels, MAMLConfig(inner_lr=0.1), seed=11)
+c = adapt(drop_head, feats, labels, MAMLConfig(inner_lr=0.1), seed=12)
+assert torch.equal(before, after) and all(torch.equal(a[k], b[k]) for k in a)
+assert not all(torch.equal(a[k], c[k]) for k in a)
+
+# %% [markdown]
+# ## The query loss and its normalisation
+#
+# The query features are computed with a graph, so $\nabla_\theta\ell$ reaches the backbone. The
+# episode loss is the **mean over all $N\cdot Q$ query examples of the episode**. `query_loss`
+# returns the *sum* of cross-entropies over the rows it was given plus their number correct; the
+# caller divides by the episode's total query count. Then, when ranks each take a part of the
+# query rows, the sum of their losses (and, after the all-reduce, of their gradients) is exactly
+# the one-process loss. Dividing by the local count instead would weight ranks' examples unequally
+# whenever the parts differ in size.
+
+# %%
+#| export
+def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
+               readout: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor | None = None):
+    "Summed query cross-entropy under phi_T (graph through backbone and fast weights) and the number correct."
+    feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
+    logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    return loss_sum, (logits.argmax(-1) == labels).sum().item()
+
+# %% [markdown]
+# ## Handing the gradient to phi_0
+#
+# After `backward`, each fast weight $\phi_T$ holds $\nabla_{\phi_T}\ell$ in `.grad`. First-order
+# MAML applies it to $\phi_0$: it is **added** to the head parameters' `.grad`, so gradients of
+# earlier micro-batches (gradient accumulation) stay. Its norm is the logged "head gradient norm".
+
+# %%
+#| export
+def add_fast_grads(head: nn.Module, fast_weights: dict[str, torch.Tensor]) -> float:
+    "Add each fast weight's gradient to the matching head parameter's .grad; return the added gradient's norm."
+    sq = 0.0
+    for name, p in head.named_parameters():
+        g = fast_weights[name].grad
+        if g is None: continue
+        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        sq += g.double().pow(2).sum().item()
+    return sq ** 0.5
+
+# %%
+lin = nn.Linear(2, 1)
+lin.weight.grad = torch.ones(1, 2)
+fw = {"weight": torch.full((1, 2), 2.0), "bias": torch.zeros(1)}
+fw["weight"].grad, fw["bias"].grad = torch.tensor([[3.0, 4.0]]), torch.tensor([12.0])
+assert add_fast_grads(lin, fw) == 13.0
+assert torch.equal(lin.weight.grad, torch.tensor([[4.0, 5.0]])) and torch.equal(lin.bias.grad, torch.tensor([12.0]))
+
+# %% [markdown]
+# ## Head statistics (paper 1 Fig. 4)
+#
+# Paper 1 Fig. 4 plots the mean and standard deviation of "the classifier head weights (in logits
+# space)". We take them over the weight matrix of the adapted head's **last** linear layer
+# (phi_T, not phi_0), the layer that maps to class logits, without its bias. For the
+# vocabulary-indexed head that is the N rows of the episode's `class_ids` (the only rows that
+# produce class logits).
+
+# %%
+#| export
+def head_weight_stats(head: MAMLHead, fast_weights: dict[str, torch.Tensor],
+                      class_ids: torch.Tensor | None = None) -> tuple[float, float]:
+    "Mean and std of the adapted head's logits-layer weight (N, hidden)."
+    w = fast_weights[f"{head.logits_layer}.weight"].detach()  # (N or vocab, hidden)
+    if head.vocab_indexed: w = w[class_ids]  # (N, hidden)
+    return w.mean().item(), w.std().item()
+
+# %%
+fw = {name: p.detach() for name, p in vocab_head.named_parameters()}
+mean, std = head_weight_stats(vocab_head, fw, class_ids)
+w_classes = vocab_head.mlp[3].weight[[7, 2, 41]]
+assert (mean, std) == (w_classes.mean().item(), w_classes.std().item())
+
+# %% [markdown]
+# ## One episode: `maml_step`
+#
+# The convenience step for one micro-batch. It does its own backward: `loss * loss_scale` is
+# backpropagated (e.g. `loss_scale = 1 / accumulation_steps`), the phi_T gradient is added to
+# phi_0's `.grad`, and the head's parameters are never modified (they stay phi_0, bit for bit).
+#
+# Distribution (method.md §3): the training loop shards the episode's examples over ranks.
+# `support_part` selects the support rows this rank runs through the backbone, and `gather` maps
+# those local features to the whole episode's (S, d) features in episode order (an all-gather
+# without grad; identity in one process), so every rank runs the identical inner loop (pass the
+# same `inner_seed` on every rank if the head has dropout). `query_part` selects this rank's query
+# rows; the loss is still divided by the episode's total query count, so summing the ranks'
+# gradients reproduces the one-process gradient. Nothing inside communicates; the all-reduce of
+# the gradients is the training loop's (the head's gradient is added outside autograd, so a DDP
+# reducer does not see it: all-reduce the head's `.grad` explicitly).
+#
+# The returned metrics (paper 1 Figs. 3, 4): `support_acc` of phi_T on the whole support set,
+# `query_correct` / `query_count` for this rank's rows (sum them over ranks for the query
+# accuracy), `head_weight_mean` / `head_weight_std` of phi_T's logits layer, and `head_grad_norm`
+# of the first-order head gradient this call added (times `loss_scale`).
+
+# %%
+#| export
+def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
+              gather: Callable[[torch.Tensor], torch.Tensor] | None = None, support_part=None, query_part=None,
+              loss_scale: float = 1.0, inner_seed: int | None = None) -> dict:
+    "One first-order MAML episode: cached inner loop, query loss, backward; head left at phi_0, grads accumulated."
+    support_part = slice(None) if support_part is None else support_part
+    query_part = slice(None) if query_part is None else query_part
+    local = support_features(backbone, episode.support_ids[support_part], episode.support_readout[support_part])
+    feats = local if gather is None else gather(local)  # (S, d)
+    n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+    if feats.shape[0] != n_support:
+        raise ValueError(f"gather returned {feats.shape[0]} support features, the episode has {n_support}: "
+                         "it must return every rank's features in episode order")
+    fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
+    with torch.no_grad():
+        support_acc = (functional_call(head, fast, (feats, episode.class_ids)).argmax(-1) == episode.support_labels).float().mean().item()
+    labels = episode.query_labels[query_part]
+    loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
+                                     episode.query_readout[query_part], labels, episode.class_ids)
+    loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
+    (loss * loss_scale).backward()
+    mean, std = head_weight_stats(head, fast, episode.class_ids)
+    return dict(loss=loss.item(), support_acc=support_acc, query_correct=n_correct, query_count=len(labels),
+                head_weight_mean=mean, head_weight_std=std, head_grad_norm=add_fast_grads(head, fast))
+
+# %% [markdown]
+# ## Tests on toy episodes
+#
+# An episode as `picomaml.smlmt` produces it, built by hand: N classes, K support and Q query
+# windows of W token ids per class, readout positions, labels 0..N−1, class ids.
+
+# %%
+def toy_episode(n_way=3, k_shot=2, q_query=2, window=5, vocab=40, seed=0):
+    "Random episode tensors with the fields of picomaml.smlmt's episodes."
+    g = torch.Generator().manual_seed(seed)
+    s, q = n_way * k_shot, n_way * q_query
+    return SimpleNamespace(
+        support_ids=torch.randint(vocab, (s, window), generator=g), support_labels=torch.arange(n_way).repeat_interleave(k_shot),
+        support_readout=torch.randint(window, (s,), generator=g),
+        query_ids=torch.randint(vocab, (q, window), generator=g), query_labels=torch.arange(n_way).repeat_interleave(q_query),
+        query_readout=torch.randint(window, (q,), generator=g), class_ids=torch.randperm(vocab, generator=g)[:n_way])
+
+def grads_of(*modules):
+    "Every parameter's .grad, cloned, keyed by module index and name."
+    return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+
+# %% [markdown]
+# ### Cached features ≡ recomputing the backbone every inner step
+#
+# The reference follows Algorithm 1 literally, like the released trainer: it updates the head's own
+# parameters in place, re-runs the backbone (with a graph) for the support loss of every inner step,
+# takes the query loss with the adapted head, backpropagates it into the head's `.grad` (which is
+# then $\nabla_{\phi_T}$, first order), and restores $\phi_0$ from a snapshot. The inner-step
+# gradient is taken for the head only, so the backbone's `.grad` is touched by the query loss alone.
+
+# %%
+def maml_step_recompute(backbone, head, episode, cfg):
+    "Reference step: backbone re-run at every inner step, head updated in place, then restored."
+    snapshot = [p.detach().clone() for p in head.parameters()]
+    for _ in range(cfg.inner_steps):
+        feats = readout_features(backbone.hidden(episode.support_ids), episode.support_readout)
+        loss = F.cross_entropy(head(feats, episode.class_ids), episode.support_labels)
+        with torch.no_grad():
+            for p, g in zip(head.parameters(), torch.autograd.grad(loss, list(head.parameters()))): p -= cfg.inner_lr * g
+    phi_T = [p.detach().clone() for p in head.parameters()]
+    feats = readout_features(backbone.hidden(episode.query_ids), episode.query_readout)
+    loss = F.cross_entropy(head(feats, episode.class_ids), episode.query_labels)
+    loss.backward()
+    with torch.no_grad():
+        for p, p0 in zip(head.parameters(), snapshot): p.copy_(p0)
+    return loss.item(), phi_T
+
+# %% [markdown]
+# The backbone for this test is a one-block causal transformer (embedding, causal self-attention,
+# SwiGLU-free MLP, RMS norm) with the `hidden` interface of `picomaml.model.PicoDecoder`: the
+# equivalence needs a backbone whose features depend on every position and every weight, not a
+# full Pico stack. Everything runs in float64 with dropout off (the two paths would otherwise draw
+# different masks), once with the N-way head and once with the vocabulary-indexed head.
+
+# %%
+class CausalToyBackbone(nn.Module):
+    "One causal attention block with a `hidden(ids) -> (B, T, d)` method."
+    def __init__(self, vocab=40, d=12, n_heads=2):
+        super().__init__()
+        self.embed, self.qkv, self.out = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp, self.norm, self.n_heads = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)), nn.RMSNorm(d), n_heads
+
+    def hidden(self, ids):
+        x = self.embed(ids)  # (B, T, d)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d/H)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+        return self.norm(x + self.mlp(x))
+
+# %%
+for head_output in ("classes", "vocab"):
+    cfg = MAMLConfig(inner_steps=10, inner_lr=0.5, head_layers=3, head_hidden=16, head_dropout=0.0, head_output=head_output)
+    torch.manual_seed(0)
+    backbone, head = CausalToyBackbone().double(), MAMLHead(12, 3, cfg, vocab_size=40).double()
+    episode = toy_episode()
+    phi_0 = [p.detach().clone() for p in head.parameters()]
+    ref_loss, ref_phi_T = maml_step_recompute(backbone, head, episode, cfg)
+    ref_grads = grads_of(backbone, head)
+    for p in list(backbone.parameters()) + list(head.parameters()): p.grad = None
+    fast = adapt(head, support_features(backbone, episode.support_ids, episode.support_readout), episode.support_labels, cfg, episode.class_ids)
+    out = maml_step(backbone, head, episode, cfg)
+    assert all(torch.allclose(w, r, atol=1e-6, rtol=0) for w, r in zip(fast.values(), ref_phi_T))
+    assert not torch.allclose(ref_phi_T[0], phi_0[0], atol=1e-2)  # the inner loop really moved the head
+    assert abs(out["loss"] - ref_loss) < 1e-6 and out["query_count"] == 6
+    assert all(torch.allclose(g, ref_grads[k], atol=1e-6, rtol=0) for k, g in grads_of(backbone, head).items())
+    assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
+out
