@@ -1,0 +1,599 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Spectra
+#
+# > Singular values and proportional effective rank of weights and of next-token-loss gradients,
+# > recorded during training and recomputed afterwards from checkpoints or Hub repositories.
+#
+# Paper 1 §6 (Figures 5–6) tracks the *proportional effective rank* (PER) of attention and
+# feed-forward matrices, for the weights and for their gradients, every 100 steps (method.md §4).
+# Two departures of the released analysis are fixed here (method.md §7): gradients come from the
+# **next-token cross-entropy loss** on a fixed evaluation batch, not from `logits.mean()`, and a
+# layer name that matches no matrix is an error instead of a silently empty plot (the released
+# "mlp" filter produced no feed-forward PER at all).
+
+# %%
+#| default_exp spectra
+
+# %%
+#| export
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from picomaml.config import SpectraConfig
+
+# %% [markdown]
+# ## Metrics of one spectrum
+#
+# Roy & Vetterli (2007), as in pico-analyze and paper 1 §6: with $p_i = s_i / \sum_j s_j$ over the
+# singular values, the effective rank is $\mathrm{ER} = \exp(-\sum_i p_i \ln p_i)$ (natural log:
+# pico-analyze's docstring says log2 but its code uses ln, method.md §7) and
+# $\mathrm{PER} = \mathrm{ER}/n$ with $n$ the number of singular values, $\min(m, n)$ for an
+# $m \times n$ matrix. Zero singular values contribute $0 \ln 0 = 0$. A zero matrix has no
+# spectrum distribution, so its ER and PER are NaN. The condition number is $s_{max}/s_{min}$,
+# infinite when $s_{min} = 0$; the Frobenius norm is $\sqrt{\sum s_i^2}$ and the nuclear norm $\sum s_i$.
+
+# %%
+#| export
+def spectrum_metrics(s) -> dict:
+    "PER, effective rank, condition number, Frobenius and nuclear norms of singular values `s`."
+    s = np.asarray(s, dtype=np.float64)  # (n,) with n = min(rows, cols)
+    if s.ndim != 1 or s.size == 0 or (s < 0).any():
+        raise ValueError(f"expected a non-empty vector of non-negative singular values, got shape {s.shape}")
+    nuclear = float(s.sum())
+    if nuclear > 0:
+        p = s / nuclear
+        nz = p[p > 0]  # 0 ln 0 = 0
+        effective_rank = float(np.exp(-(nz * np.log(nz)).sum()))
+    else:
+        effective_rank = math.nan
+    s_min, s_max = float(s.min()), float(s.max())
+    return {"per": effective_rank / s.size, "effective_rank": effective_rank,
+            "condition_number": s_max / s_min if s_min > 0 else math.inf,
+            "frobenius_norm": float(np.sqrt((s ** 2).sum())), "nuclear_norm": nuclear}
+
+# %%
+m = spectrum_metrics(np.ones(7))  # identity: all singular values equal
+assert abs(m["per"] - 1) < 1e-12 and abs(m["effective_rank"] - 7) < 1e-12 and m["condition_number"] == 1
+m = spectrum_metrics([3.0, 0, 0, 0, 0])  # rank one
+assert abs(m["per"] - 1 / 5) < 1e-12 and m["condition_number"] == math.inf
+assert m["frobenius_norm"] == 3 and m["nuclear_norm"] == 3
+assert math.isnan(spectrum_metrics(np.zeros(4))["per"])
+
+# %% [markdown]
+# A diagonal matrix with spectrum (4, 2, 1, 1): $p = (1/2, 1/4, 1/8, 1/8)$, entropy
+# $\frac12\ln 2 + \frac14\ln 4 + 2\cdot\frac18\ln 8 = \frac74 \ln 2$, so ER $= 2^{7/4}$ and PER $= 2^{7/4}/4$.
+
+# %%
+D = torch.diag(torch.tensor([1.0, 4.0, 1.0, 2.0]))
+m = spectrum_metrics(torch.linalg.svdvals(D).numpy())
+assert abs(m["effective_rank"] - 2 ** 1.75) < 1e-6 and abs(m["per"] - 2 ** 1.75 / 4) < 1e-6
+assert abs(m["condition_number"] - 4) < 1e-6 and abs(m["frobenius_norm"] - math.sqrt(22)) < 1e-6
+
+# %% [markdown]
+# ## Singular values of a matrix
+#
+# `torch.linalg.svdvals` on the matrix's device, in float32 at least (bf16 weights are upcast).
+# A rectangular $m \times n$ matrix has $\min(m, n)$ singular values, so its PER is normalised by
+# $\min(m, n)$: a $3 \times 8$ matrix with orthonormal rows has PER 1, not $3/8$.
+
+# %%
+#| export
+def singular_values(matrix: torch.Tensor) -> np.ndarray:
+    "Singular values (descending, float64 numpy) of a 2-D tensor; min(m, n) of them."
+    if matrix.ndim != 2: raise ValueError(f"expected a matrix, got a tensor of shape {tuple(matrix.shape)}")
+    return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64 else torch.float64)).double().cpu().numpy()
+
+# %%
+Q, _ = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))  # (8, 3), orthonormal columns
+s = singular_values(Q.T)  # (3, 8): three singular values, all 1
+assert s.shape == (3,) and abs(spectrum_metrics(s)["per"] - 1) < 1e-6
+assert singular_values(torch.randn(5, 2)).shape == (2,)
+
+# %% [markdown]
+# ## Which matrices
+#
+# A layer name is the part of a block's parameter name between `layers.N.` and `.weight`
+# (`attention.{q,k,v,o}_proj`, `swiglu.w_{0,1,2}`; the default is `SpectraConfig.layers`:
+# `attention.v_proj`, `attention.o_proj`, `swiglu.w_2`). Names are matched at the end of the full
+# parameter name, so a model wrapped by Fabric, DDP or `torch.compile` (prefixes such as
+# `_forward_module.` or `_orig_mod.`) still matches. A name that matches nothing is an error that
+# lists the names the model has.
+
+# %%
+#| export
+_BLOCK_MATRIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
+
+def select_matrices(model: torch.nn.Module, layers) -> dict:
+    "`{(block index, layer name): weight parameter}` for every block and every name in `layers`."
+    found = {}
+    for name, param in model.named_parameters():
+        match = _BLOCK_MATRIX.search(name)
+        if match and param.ndim == 2: found[(int(match.group(1)), match.group(2))] = param
+    available = sorted({layer for _, layer in found})
+    for layer in layers:
+        if layer not in available:
+            raise ValueError(f"spectra.layers entry {layer!r} matches no matrix `layers.N.{layer}.weight` of the model; "
+                             f"valid names: {', '.join(available) or 'none (no layers.N.*.weight parameters)'}")
+    return {key: found[key] for key in sorted(found) if key[1] in layers}
+
+# %% [markdown]
+# The tests use a small stand-in with the Pico decoder's parameter names (method.md §1): two blocks,
+# grouped-query projections (4 query heads, 2 key/value heads), SwiGLU, untied embeddings, and a
+# `save_pretrained` that writes `model.safetensors` + `config.json`. It is a real causal language
+# model, so its next-token loss has meaningful gradients.
+
+# %%
+import copy
+import tempfile
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+class StandInBlock(nn.Module):
+    def __init__(self, d, n_heads, n_kv, ffn):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, d // n_heads
+        self.attention = nn.Module()
+        for name, out in (("q_proj", d), ("k_proj", n_kv * self.hd), ("v_proj", n_kv * self.hd), ("o_proj", d)):
+            setattr(self.attention, name, nn.Linear(d, out, bias=False))
+        self.swiglu = nn.Module()
+        self.swiglu.w_0, self.swiglu.w_1, self.swiglu.w_2 = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False), nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):  # (B, T, d)
+        B, T, _ = x.shape
+        a = self.attention
+        q = a.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k, v = (p(x).view(B, T, self.n_kv, self.hd).transpose(1, 2) for p in (a.k_proj, a.v_proj))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+        x = x + a.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+        s = self.swiglu
+        return x + s.w_2(F.silu(s.w_0(x)) * s.w_1(x))
+
+class StandInPico(nn.Module):
+    def __init__(self, vocab=64, d=16, n_layers=2, n_heads=4, n_kv=2, ffn=32):
+        super().__init__()
+        self.config = dict(vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv=n_kv, ffn=ffn)
+        self.embedding_proj = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(StandInBlock(d, n_heads, n_kv, ffn) for _ in range(n_layers))
+        self.de_embedding_proj = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):  # (B, T) -> (B, T, vocab)
+        x = self.embedding_proj(ids)
+        for block in self.layers: x = block(x)
+        return self.de_embedding_proj(x)
+
+    def save_pretrained(self, path):
+        path = Path(path); path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps(self.config))
+
+def load_standin(path, revision=None):
+    model = StandInPico(**json.loads((Path(path) / "config.json").read_text()))
+    model.load_state_dict(load_file(Path(path) / "model.safetensors"))
+    return model
+
+torch.manual_seed(0)
+toy = StandInPico()
+toy_batch = torch.randint(0, 64, (3, 9))  # (B, T + 1): inputs ids[:, :-1], targets ids[:, 1:]
+
+# %%
+chosen = select_matrices(toy, ["attention.v_proj", "swiglu.w_2"])
+assert list(chosen) == [(0, "attention.v_proj"), (0, "swiglu.w_2"), (1, "attention.v_proj"), (1, "swiglu.w_2")]
+assert chosen[(1, "swiglu.w_2")] is toy.layers[1].swiglu.w_2.weight
+wrapped = nn.Module(); wrapped._forward_module = toy  # how Fabric names a wrapped model's parameters
+assert select_matrices(wrapped, ["attention.q_proj"]).keys() == select_matrices(toy, ["attention.q_proj"]).keys()
+try: select_matrices(toy, ["mlp"]); raise AssertionError("the released 'mlp' filter must not pass silently")
+except ValueError as e: assert "'mlp'" in str(e) and "swiglu.w_2" in str(e)
+
+# %% [markdown]
+# ## Gradients of the next-token loss
+#
+# The gradient of each chosen matrix is that of the mean next-token cross-entropy on the fixed
+# evaluation batch: rows of `seq_len + 1` ids, inputs `ids[:, :-1]`, targets `ids[:, 1:]`
+# (method.md §4). `torch.autograd.grad` returns the gradients without touching any `.grad`
+# buffer, so a call between two training steps cannot leak into the optimizer's gradients. The
+# model runs in eval mode for the call (no dropout; its mode is restored afterwards).
+
+# %%
+#| export
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    "Mean next-token cross-entropy of `model` on rows of ids (inputs `[:, :-1]`, targets `[:, 1:]`)."
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) -> dict:
+    "Gradients of the next-token loss on `batch` w.r.t. `params` (a dict), leaving every `.grad` untouched."
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(lm_loss(model, batch), list(params.values()), allow_unused=True)
+    finally:
+        model.train(was_training)
+    return {key: torch.zeros_like(p) if g is None else g for (key, p), g in zip(params.items(), grads)}
+
+# %%
+params = select_matrices(toy, ["attention.o_proj"])
+grads = loss_gradients(toy, toy_batch, params)
+reference = copy.deepcopy(toy)
+lm_loss(reference, toy_batch).backward()  # the ordinary backward pass is the reference
+assert all(torch.allclose(grads[(i, "attention.o_proj")], reference.layers[i].attention.o_proj.weight.grad, atol=1e-6) for i in (0, 1))
+assert all(p.grad is None for p in toy.parameters())
+
+# %% [markdown]
+# ## The fixed evaluation batch
+#
+# Either a tensor of ids (rows of `seq_len + 1`) or a pretokenized parquet shard (or a directory of
+# shards, read in name order) with an `input_ids` column, the format of `pico-lm/pretokenized-paloma-tinsy`
+# and `picomaml.data`'s local sources. The first `rows` rows are used, cut to `seq_len + 1` ids
+# when `seq_len` is given, so the same call in the training loop and after the fact gives the same batch.
+
+# %%
+#| export
+def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+    "The fixed evaluation batch (rows, seq_len + 1) from a tensor or a parquet shard/directory with `input_ids`."
+    if isinstance(source, torch.Tensor): ids = source
+    else:
+        import pyarrow.parquet as pq
+        path = Path(source)
+        shards = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not shards or not shards[0].is_file():
+            raise FileNotFoundError(f"evaluation batch {path}: no parquet shard found (expected a .parquet file or a directory of them)")
+        table, out = None, []
+        for shard in shards:
+            table = pq.read_table(shard)
+            if "input_ids" not in table.column_names:
+                raise ValueError(f"{shard} has no `input_ids` column (columns: {table.column_names}); expected pretokenized rows")
+            out += table.column("input_ids").to_pylist()[: (rows or len(table)) - len(out)]
+            if rows and len(out) >= rows: break
+        lengths = {len(r) for r in out}
+        if len(lengths) != 1: raise ValueError(f"{path}: `input_ids` rows have different lengths {sorted(lengths)[:5]}")
+        ids = torch.tensor(out, dtype=torch.long)
+    if ids.ndim != 2 or ids.shape[1] < 2: raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
+    if rows is not None and ids.shape[0] < rows: raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
+    return ids[:rows, : None if seq_len is None else seq_len + 1].long()
+
+# %%
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+with tempfile.TemporaryDirectory() as tmp:
+    pq.write_table(pa.table({"input_ids": toy_batch.tolist()}), Path(tmp) / "val-00000.parquet")
+    assert torch.equal(load_eval_batch(tmp, rows=2), toy_batch[:2])
+    assert torch.equal(load_eval_batch(Path(tmp) / "val-00000.parquet", rows=3, seq_len=4), toy_batch[:, :5])
+    pq.write_table(pa.table({"text": ["a"]}), Path(tmp) / "bad.parquet")
+    try: load_eval_batch(Path(tmp) / "bad.parquet"); raise AssertionError
+    except ValueError as e: assert "bad.parquet" in str(e) and "input_ids" in str(e)
+assert load_eval_batch(toy_batch, rows=2).shape == (2, 9)
+
+# %% [markdown]
+# ## Records
+#
+# One JSON line per (step, block, matrix, kind ∈ {weight, gradient}) in `<run_dir>/spectra.jsonl`:
+# the metrics and the singular values themselves (7 significant digits, float32 precision). JSON
+# lines are appendable during training, and a crash mid-write damages at most the last line:
+# the writer starts a new line if the file does not end with one, and the reader skips lines that
+# are not complete JSON (with a warning naming the file and line). A step recorded twice (a run
+# resumed from an earlier checkpoint) keeps its last record.
+
+# %%
+#| export
+def spectrum_record(step: int, layer: int, matrix: str, kind: str, tensor: torch.Tensor) -> dict:
+    "One record: step, block, matrix name, kind, shape, metrics and singular values of `tensor`."
+    s = singular_values(tensor)
+    return {"step": int(step), "layer": int(layer), "matrix": matrix, "kind": kind, "shape": list(tensor.shape),
+            **spectrum_metrics(s), "singular_values": [float(f"{v:.7g}") for v in s]}
+
+def append_records(records: list, path) -> Path:
+    "Append records as JSON lines in one write, starting on a fresh line after a torn one."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    text = ("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in records)
+    with open(path, "a") as f:
+        f.write(text); f.flush(); os.fsync(f.fileno())
+    return path
+
+# %% [markdown]
+# ## Recording during training
+#
+# `record_spectra` is what the training loop calls every `spectra.every` steps (on rank 0, with the
+# unwrapped module): weights and next-token-loss gradients of every chosen matrix, on the fixed
+# evaluation batch (moved to the model's device).
+
+# %%
+#| export
+def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int) -> list:
+    "Weight and gradient spectrum records of `layers` in every block, gradients of the LM loss on `batch`."
+    params = select_matrices(model, layers)
+    batch = batch.to(next(model.parameters()).device)
+    grads = loss_gradients(model, batch, params)
+    return [spectrum_record(step, layer, matrix, kind, tensor)
+            for (layer, matrix), weight in params.items()
+            for kind, tensor in (("weight", weight), ("gradient", grads[(layer, matrix)]))]
+
+def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path) -> list:
+    "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
+    records = compute_spectra(model, batch, layers, step)
+    append_records(records, path)
+    return records
+
+# %% [markdown]
+# Recording changes nothing: weights and existing `.grad` buffers are bitwise identical afterwards,
+# and the train/eval mode is restored.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    toy.train()
+    lm_loss(toy, toy_batch.flip(0)).backward()  # a training step's gradients, waiting for the optimizer
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in toy.named_parameters()}
+    records = record_spectra(toy, toy_batch, ["attention.v_proj", "swiglu.w_2"], 7, Path(tmp) / "spectra.jsonl")
+    assert all(torch.equal(p, before[n][0]) and torch.equal(p.grad, before[n][1]) for n, p in toy.named_parameters())
+    assert toy.training and len(records) == 2 * 2 * 2  # blocks × matrices × kinds
+    toy.zero_grad(set_to_none=True)
+r = records[0]
+assert (r["layer"], r["matrix"], r["kind"], r["shape"]) == (0, "attention.v_proj", "weight", [8, 16])
+assert len(r["singular_values"]) == 8  # min(8, 16)
+
+# %% [markdown]
+# The gradient spectra are those of the next-token loss: they equal the singular values of the
+# ordinary backward pass's `.grad`, they change when the targets change, and they differ from the
+# released analysis's `logits.mean()` gradients.
+
+# %%
+def gradient_svs(records, layer, matrix):
+    return np.array(next(r["singular_values"] for r in records if (r["layer"], r["matrix"], r["kind"]) == (layer, matrix, "gradient")))
+
+reference = copy.deepcopy(toy)
+lm_loss(reference, toy_batch).backward()
+manual = singular_values(reference.layers[1].swiglu.w_2.weight.grad)
+assert np.allclose(gradient_svs(records, 1, "swiglu.w_2"), manual, rtol=1e-5, atol=1e-9)
+
+other_targets = toy_batch.clone(); other_targets[:, 1:] = (other_targets[:, 1:] + 1) % 64
+changed = compute_spectra(toy, other_targets, ["swiglu.w_2"], 7)
+assert not np.allclose(gradient_svs(changed, 1, "swiglu.w_2"), manual, rtol=1e-3)
+
+released = copy.deepcopy(toy)
+released(toy_batch[:, :-1]).mean().backward()
+assert not np.allclose(singular_values(released.layers[1].swiglu.w_2.weight.grad), manual, rtol=1e-3)
+
+# %% [markdown]
+# ## Reading records
+#
+# `read_spectra` returns one DataFrame row per record (singular values as a list column), skipping
+# torn lines and keeping the last of duplicate (step, layer, matrix, kind) records.
+
+# %%
+#| export
+SPECTRA_KEY = ["step", "layer", "matrix", "kind"]
+
+def read_spectra(path) -> pd.DataFrame:
+    "The records of a spectra JSON-lines file as a DataFrame sorted by step, layer, matrix, kind."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"spectra file {path} does not exist")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{number}: skipping an incomplete spectra record (a write interrupted by a crash?)")
+    df = pd.DataFrame(rows)
+    if df.empty: return pd.DataFrame(columns=SPECTRA_KEY)
+    return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "spectra.jsonl"
+    append_records(records, path)
+    with open(path, "a") as f: f.write(json.dumps(records[0])[:40])  # a crash in the middle of a record
+    append_records(records[:1], path)  # the run resumes and records again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = read_spectra(path)
+    assert len(df) == len(records) and any(f"spectra.jsonl:{len(records) + 1}" in str(w.message) for w in caught)
+assert set(df.kind) == {"weight", "gradient"} and df.groupby("kind").size().tolist() == [4, 4]
+assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_values], rtol=1e-5)
+
+# %% [markdown]
+# ## After the fact: a directory of checkpoints
+#
+# The project's checkpoint layout is `<run_dir>/checkpoints/step_000100/{model.safetensors,config.json,...}`
+# with a text file `<run_dir>/checkpoints/latest` naming the newest. Every `step_N` directory holding
+# a `model.safetensors` is loaded (with `picomaml.model.load_pretrained` by default), in step order;
+# a step directory without weights (a save interrupted by a crash) is skipped with a warning. Steps
+# already complete in `out` (as many records as the fullest step there) are skipped, so an
+# interrupted sweep resumes where it stopped.
+
+# %%
+#| export
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+def checkpoint_steps(checkpoints_dir) -> list:
+    "`[(step, directory)]` of the `step_N` checkpoints with weights under `checkpoints_dir`, by step."
+    root = Path(checkpoints_dir)
+    if not root.is_dir(): raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
+    found = []
+    for d in sorted(root.iterdir()):
+        match = _STEP_DIR.match(d.name)
+        if not (match and d.is_dir()): continue
+        if (d / "model.safetensors").is_file(): found.append((int(match.group(1)), d))
+        else: warnings.warn(f"{d}: no model.safetensors (an unfinished save?); skipped")
+    return sorted(found)
+
+def _complete_steps(out: Path) -> set:
+    if not out.is_file(): return set()
+    counts = read_spectra(out).groupby("step").size()
+    return set(counts.index[counts == counts.max()]) if len(counts) else set()
+
+def _default_loader():
+    from picomaml.model import load_pretrained
+    return load_pretrained
+
+def spectra_over_checkpoints(checkpoints, batch, layers, out, load_model=None) -> Path:
+    "Record spectra for `[(step, dir)]` (or a checkpoints directory) into `out`, skipping complete steps."
+    load_model = load_model or _default_loader()
+    items = checkpoint_steps(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
+    out, done = Path(out), _complete_steps(Path(out))
+    for step, directory in items:
+        if step in done: continue
+        model = load_model(directory)
+        record_spectra(model, batch, layers, step, out)
+    return out
+
+# %% [markdown]
+# The test of the whole path: a stand-in model is recorded in the loop at step 100 and saved as
+# that step's checkpoint; the sweep over the checkpoint directory reproduces the in-loop record.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    run = Path(tmp) / "run"
+    layers = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
+    for step in (100, 200):
+        with torch.no_grad():
+            for p in toy.parameters(): p.add_(0.01 * torch.randn_like(p))  # "training"
+        record_spectra(toy, toy_batch, layers, step, run / "spectra.jsonl")
+        toy.save_pretrained(run / "checkpoints" / f"step_{step:06d}")
+    (run / "checkpoints" / "latest").write_text("step_000200")
+    (run / "checkpoints" / "step_000300").mkdir()  # a save that never finished
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl", load_model=load_standin)
+    assert any("step_000300" in str(w.message) for w in caught)
+    in_loop, after = read_spectra(run / "spectra.jsonl"), read_spectra(run / "after.jsonl")
+    assert len(after) == 2 * 2 * 3 * 2 and (after[SPECTRA_KEY] == in_loop[SPECTRA_KEY]).all().all()
+    for col in ("per", "effective_rank", "condition_number", "frobenius_norm", "nuclear_norm"):
+        assert np.allclose(after[col], in_loop[col], rtol=1e-5), col
+    assert all(np.allclose(a, b, rtol=1e-5) for a, b in zip(after.singular_values, in_loop.singular_values))
+    mtime = (run / "after.jsonl").stat().st_mtime_ns
+    spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl", load_model=load_standin)
+    assert (run / "after.jsonl").stat().st_mtime_ns == mtime  # every step complete: nothing recomputed
+
+# %% [markdown]
+# ## After the fact: a released model on the Hub
+#
+# The released pico-maml decoders (`davidafrica/pico-maml-decoder-{tiny,small,medium,large}`) keep
+# every checkpoint as a folder `checkpoints/step_N/` on the `main` branch (with `model.safetensors`,
+# `config.json`, the tokenizer, and an 8 GB `fabric_state/` optimizer dump for the large model), not
+# as separate git revisions. So a "revision" here names a checkpoint folder (`step_100`), and `branch`
+# is the git revision of the repository. Only the folder's `*.safetensors` and `*.json` files are
+# downloaded (`huggingface_hub.snapshot_download` with patterns); `fabric_state/` never is. A local
+# directory with the same layout stands in for the Hub repository.
+
+# %%
+#| export
+def fetch_checkpoint(repo, name: str, branch: str | None = None, subfolder: str = "checkpoints") -> Path:
+    "Local directory of checkpoint folder `name` of a Hub model repository (or a local directory of that layout)."
+    if Path(repo).is_dir(): path = Path(repo) / subfolder / name
+    else:
+        from huggingface_hub import snapshot_download
+        folder = f"{subfolder}/{name}"
+        root = snapshot_download(repo, revision=branch, allow_patterns=[f"{folder}/*.safetensors", f"{folder}/*.json"],
+                                 ignore_patterns=[f"{folder}/fabric_state/*"])
+        path = Path(root) / subfolder / name
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{repo}: checkpoint {subfolder}/{name} has no model.safetensors "
+                                f"(names look like step_100; check the repository's {subfolder}/ folder)")
+    return path
+
+def hub_checkpoints(repo, names, branch: str | None = None) -> list:
+    "`[(step, local dir)]` for checkpoint folder names like `step_100` of a Hub (or local) repository."
+    items = []
+    for name in names:
+        match = re.search(r"(\d+)$", name)
+        if not match: raise ValueError(f"revision {name!r} does not end in a step number (expected e.g. step_100)")
+        items.append((int(match.group(1)), fetch_checkpoint(repo, name, branch)))
+    return items
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    hub = Path(tmp) / "pico-maml-decoder-large"  # stands in for the Hub repository
+    toy.save_pretrained(hub / "checkpoints" / "step_100")
+    items = hub_checkpoints(hub, ["step_100"])
+    assert items == [(100, hub / "checkpoints" / "step_100")]
+    spectra_over_checkpoints(items, toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", load_model=load_standin)
+    hub_df = read_spectra(Path(tmp) / "hub.jsonl")
+    assert set(hub_df.step) == {100} and len(hub_df) == 4
+    try: hub_checkpoints(hub, ["step_200"]); raise AssertionError
+    except FileNotFoundError as e: assert "step_200" in str(e)
+
+# %% [markdown]
+# ## Command line
+#
+# ```
+# python -m picomaml.spectra --checkpoints RUN_DIR/checkpoints --batch EVAL_SHARD --out FILE
+# python -m picomaml.spectra --hub davidafrica/pico-maml-decoder-large --revisions step_100,step_200 --batch EVAL_SHARD --out FILE
+# ```
+# `--layers` and `--rows` default to `SpectraConfig` (`layers`, `grad_rows`); `--seq-len` cuts the
+# rows (use the run's `data.seq_len` so the batch matches the in-loop one).
+
+# %%
+#| export
+def parse_args(argv=None) -> argparse.Namespace:
+    "Arguments of `python -m picomaml.spectra`."
+    defaults = SpectraConfig()
+    p = argparse.ArgumentParser(prog="python -m picomaml.spectra", description="Weight and next-token-gradient spectra of checkpoints.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoints", help="a run's checkpoints directory (step_N/ folders)")
+    src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout) with checkpoints/step_N/ folders")
+    p.add_argument("--revisions", default="", help="comma-separated checkpoint folder names on the Hub, e.g. step_100,step_200")
+    p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
+    p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
+    p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows)")
+    p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
+    p.add_argument("--layers", default=",".join(defaults.layers), help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
+    p.add_argument("--out", required=True, help="spectra JSON-lines file to append to")
+    args = p.parse_args(argv)
+    if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
+    return args
+
+def main(argv=None, load_model=None) -> Path:
+    "Entry point of `python -m picomaml.spectra`."
+    args = parse_args(argv)
+    batch = load_eval_batch(args.batch, args.rows, args.seq_len)
+    items = (hub_checkpoints(args.hub, [r.strip() for r in args.revisions.split(",") if r.strip()], args.branch)
+             if args.hub else args.checkpoints)
+    out = spectra_over_checkpoints(items, batch, [l.strip() for l in args.layers.split(",")], args.out, load_model)
+    print(f"spectra of {len(read_spectra(out).step.unique())} steps in {out}")
+    return out
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    pq.write_table(pa.table({"input_ids": toy_batch.tolist()}), Path(tmp) / "val.parquet")
+    toy.save_pretrained(Path(tmp) / "run" / "checkpoints" / "step_000050")
+    out = main(["--checkpoints", f"{tmp}/run/checkpoints", "--batch", f"{tmp}/val.parquet", "--rows", "3",
+                "--layers", "attention.q_proj", "--out", f"{tmp}/cli.jsonl"], load_model=load_standin)
+    cli = read_spectra(out)
+    direct = pd.DataFrame(compute_spectra(toy, toy_batch, ["attention.q_proj"], 50)).sort_values(SPECTRA_KEY)
+    assert set(cli.step) == {50} and np.allclose(cli.per, direct.per, rtol=1e-5)
+assert parse_args(["--checkpoints", "c", "--batch", "b", "--out", "o"]).layers == "attention.v_proj,attention.o_proj,swiglu.w_2"
+
+# %%
+#| export
+#| eval: false
+if __name__ == "__main__": main()
