@@ -595,5 +595,5 @@ assert parse_args(["--checkpoints", "c", "--batch", "b", "--out", "o"]).layers =
 
 # %%
 #| export
-#| eval: false
-if __name__ == "__main__": main()
+# a notebook also runs as __main__; only the exported module (which has a __file__) parses sys.argv
+if __name__ == "__main__" and "__file__" in globals(): main()

@@ -246,5 +246,5 @@ def main(argv=None, load_model=None) -> Path:
     return out
 
 # %% ../nbs/08_spectra.ipynb #21b51b9b
-#| eval: false
-if __name__ == "__main__": main()
+# a notebook also runs as __main__; only the exported module (which has a __file__) parses sys.argv
+if __name__ == "__main__" and "__file__" in globals(): main()
