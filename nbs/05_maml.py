@@ -50,6 +50,9 @@ from picomaml.config import MAMLConfig
 import time
 from types import SimpleNamespace
 
+from picomaml.config import ModelConfig
+from picomaml.model import PicoDecoder
+
 # %% [markdown]
 # ## The head
 #
@@ -359,8 +362,12 @@ def toy_episode(n_way=3, k_shot=2, q_query=2, window=5, vocab=40, seed=0):
         query_readout=torch.randint(window, (q,), generator=g), class_ids=torch.randperm(vocab, generator=g)[:n_way])
 
 def grads_of(*modules):
-    "Every parameter's .grad, cloned, keyed by module index and name."
-    return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+    "Every parameter's .grad, cloned, keyed by module index and name (None where nothing reached it)."
+    return {f"{i}.{n}": None if p.grad is None else p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+
+def same_grads(got, want, atol):
+    "The same parameters hold a gradient, and those gradients agree to `atol`."
+    return got.keys() == want.keys() and all((g is None) == (want[k] is None) and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0)) for k, g in got.items())
 
 # %% [markdown]
 # ### Cached features ≡ recomputing the backbone every inner step
@@ -389,42 +396,32 @@ def maml_step_recompute(backbone, head, episode, cfg):
     return loss.item(), phi_T
 
 # %% [markdown]
-# The backbone for this test is a one-block causal transformer (embedding, causal self-attention,
-# SwiGLU-free MLP, RMS norm) with the `hidden` interface of `picomaml.model.PicoDecoder`: the
-# equivalence needs a backbone whose features depend on every position and every weight, not a
-# full Pico stack. Everything runs in float64 with dropout off (the two paths would otherwise draw
-# different masks), once with the N-way head and once with the vocabulary-indexed head.
+# The backbone is a tiny `picomaml.model.PicoDecoder` (2 blocks, d 24, 6 query / 2 key-value
+# heads, a 40-token vocabulary). Everything runs in float64 with the head's dropout off (the two
+# paths would otherwise draw different masks), once with the N-way head and once with the
+# vocabulary-indexed head. The inner lr is large so that phi_T is far from phi_0.
 
 # %%
-class CausalToyBackbone(nn.Module):
-    "One causal attention block with a `hidden(ids) -> (B, T, d)` method."
-    def __init__(self, vocab=40, d=12, n_heads=2):
-        super().__init__()
-        self.embed, self.qkv, self.out = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp, self.norm, self.n_heads = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)), nn.RMSNorm(d), n_heads
-
-    def hidden(self, ids):
-        x = self.embed(ids)  # (B, T, d)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d/H)
-        x = x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
-        return self.norm(x + self.mlp(x))
+def tiny_pico():
+    "A 2-block float64 Pico decoder over a 40-token vocabulary."
+    return PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16)).double()
 
 # %%
 for head_output in ("classes", "vocab"):
     cfg = MAMLConfig(inner_steps=10, inner_lr=0.5, head_layers=3, head_hidden=16, head_dropout=0.0, head_output=head_output)
     torch.manual_seed(0)
-    backbone, head = CausalToyBackbone().double(), MAMLHead(12, 3, cfg, vocab_size=40).double()
+    backbone, head = tiny_pico(), MAMLHead(24, 3, cfg, vocab_size=40).double()
     episode = toy_episode()
     phi_0 = [p.detach().clone() for p in head.parameters()]
     ref_loss, ref_phi_T = maml_step_recompute(backbone, head, episode, cfg)
     ref_grads = grads_of(backbone, head)
-    for p in list(backbone.parameters()) + list(head.parameters()): p.grad = None
+    for m in (backbone, head): m.zero_grad(set_to_none=True)
     fast = adapt(head, support_features(backbone, episode.support_ids, episode.support_readout), episode.support_labels, cfg, episode.class_ids)
     out = maml_step(backbone, head, episode, cfg)
     assert all(torch.allclose(w, r, atol=1e-6, rtol=0) for w, r in zip(fast.values(), ref_phi_T))
     assert not torch.allclose(ref_phi_T[0], phi_0[0], atol=1e-2)  # the inner loop really moved the head
     assert abs(out["loss"] - ref_loss) < 1e-6 and out["query_count"] == 6
-    assert all(torch.allclose(g, ref_grads[k], atol=1e-6, rtol=0) for k, g in grads_of(backbone, head).items())
+    assert same_grads(grads_of(backbone, head), ref_grads, 1e-6)
     assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
 out
 
@@ -479,22 +476,24 @@ assert abs(out["head_grad_norm"] - torch.cat([(G.T @ Z_Q).flatten(), G.sum(0)]).
 # backbone, `gather` concatenates both halves (what the all-gather returns), and each
 # takes half of the query rows. Run one after the other on the same modules, on top of gradients
 # already in `.grad` from an earlier micro-batch, the two calls must add exactly what one call with
-# the whole episode adds, and leave the head's parameters equal to phi_0.
+# the whole episode adds, and leave the head's parameters equal to phi_0. (Tolerance 1e-6: the Pico
+# RMSNorm computes in float32 even in a float64 model, so its gain gradients carry float32 rounding;
+# every other gradient agrees to 1e-15.)
 
 # %%
 cfg = MAMLConfig(inner_steps=5, inner_lr=0.5, head_layers=2, head_hidden=16, head_dropout=0.0)
 torch.manual_seed(2)
-backbone, head, episode = CausalToyBackbone().double(), MAMLHead(12, 3, cfg).double(), toy_episode(seed=2)
-params = list(backbone.parameters()) + list(head.parameters())
+backbone, head, episode = tiny_pico(), MAMLHead(24, 3, cfg).double(), toy_episode(seed=2)
+named = {f"{i}.{n}": p for i, m in enumerate((backbone, head)) for n, p in m.named_parameters()}
 phi_0 = [p.detach().clone() for p in head.parameters()]
 whole = maml_step(backbone, head, episode, cfg)
 whole_grads = grads_of(backbone, head)
-earlier = {k: torch.randn_like(g) for k, g in whole_grads.items()}  # left by a previous micro-batch
-for p, g in zip(params, earlier.values()): p.grad = g.clone()
+earlier = {k: torch.randn_like(p) for k, p in named.items()}  # left by a previous micro-batch
+for k, p in named.items(): p.grad = earlier[k].clone()
 halves = [slice(0, 3), slice(3, 6)]
 everyone = lambda local, rank: torch.cat([local if r == rank else support_features(backbone, episode.support_ids[part], episode.support_readout[part]) for r, part in enumerate(halves)])
 parts = [maml_step(backbone, head, episode, cfg, gather=lambda f, r=r: everyone(f, r), support_part=halves[r], query_part=halves[r]) for r in (0, 1)]
-assert all(torch.allclose(g, earlier[k] + whole_grads[k], atol=1e-12) for k, g in grads_of(backbone, head).items())
+assert same_grads(grads_of(backbone, head), {k: earlier[k] + (0 if g is None else g) for k, g in whole_grads.items()}, 1e-6)
 assert abs(sum(p["loss"] for p in parts) - whole["loss"]) < 1e-12 and sum(p["query_correct"] for p in parts) == whole["query_correct"]
 assert parts[0]["support_acc"] == parts[1]["support_acc"] == whole["support_acc"]
 assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
@@ -507,11 +506,11 @@ assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
 episodes = [toy_episode(seed=3), toy_episode(seed=4)]
 alone = []
 for ep in episodes:
-    for p in params: p.grad = None
+    for p in named.values(): p.grad = None
     maml_step(backbone, head, ep, cfg); alone.append(grads_of(backbone, head))
-for p in params: p.grad = None
+for p in named.values(): p.grad = None
 for ep in episodes: maml_step(backbone, head, ep, cfg, loss_scale=0.5)
-assert all(torch.allclose(g, (alone[0][k] + alone[1][k]) / 2, atol=1e-12) for k, g in grads_of(backbone, head).items())
+assert same_grads(grads_of(backbone, head), {k: None if g is None else (g + alone[1][k]) / 2 for k, g in alone[0].items()}, 1e-6)
 try: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]); raise AssertionError
 except ValueError as e: assert "gather returned 3 support features, the episode has 6" in str(e)
 
