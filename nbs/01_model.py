@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,6 +48,8 @@ from picomaml.config import ConfigError, ModelConfig
 # %%
 import dataclasses
 import math
+
+import shutil
 
 import huggingface_hub
 
@@ -504,42 +506,43 @@ def load_local(directory) -> PicoDecoder:
     return load_checked(model, load_file(directory / "model.safetensors"), str(directory / "model.safetensors"))
 
 # %% [markdown]
-# `load_pretrained` takes a local directory or a Hub repo id (with an optional branch, tag or commit
-# as `revision`; Pico's intermediate checkpoints live on branches). From the Hub it downloads exactly
-# the two files with `hf_hub_download` into the usual cache (or `cache_dir`), which works offline
-# when they are cached.
+# `load_pretrained` takes a local directory or a Hub repo id, with an optional branch, tag or commit
+# as `revision` and an optional `subfolder` (the MAML repositories keep each step in
+# `checkpoints/step_N`). From the Hub it downloads exactly the two files with `hf_hub_download` into
+# the usual cache (or `cache_dir`), which also works offline once they are cached.
 
 # %%
 #| export
-def load_pretrained(source, revision: str | None = None, cache_dir=None) -> PicoDecoder:
+def load_pretrained(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None) -> PicoDecoder:
     "PicoDecoder from a local directory or a Hub repo id (config.json + model.safetensors only)."
     if Path(source).is_dir():
         if revision is not None: raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
-        return load_local(source)
+        return load_local(Path(source) / (subfolder or ""))
     paths = []
     for name in ("config.json", "model.safetensors"):
-        try: paths.append(hf_hub_download(str(source), name, revision=revision, cache_dir=cache_dir))
-        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
-            raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} "
-                                    f"(revision {revision or 'main'}) could not be fetched: {e}") from e
+        try: paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        except (HfHubHTTPError, EntryNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} (revision "
+                                    f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)
 
 # %% [markdown]
 # `push_to_hub` saves to a temporary directory and uploads it with `HfApi.upload_folder`, creating
-# the repo and, for a `revision`, the branch first (pico-train pushes each checkpoint step to its
-# own branch). `api` defaults to `HfApi(token=token)`; tests pass a local stand-in.
+# the repo and, for a `revision`, the branch first; `subfolder` puts the files under that path in the
+# repo. `api` defaults to `HfApi(token=token)`; tests pass a local stand-in.
 
 # %%
 #| export
-def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, token: str | None = None,
-                private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
+def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, subfolder: str | None = None,
+                token: str | None = None, private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
     "Upload config.json + model.safetensors to Hub repo `repo_id`, on branch `revision` if given."
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision not in (None, "main"): api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, revision=revision,
+                                 commit_message=commit_message)
 
 # %% [markdown]
 # ### Tests: round trips
@@ -569,15 +572,15 @@ class LocalHub:
     def __init__(self, cache_dir): self.cache_dir, self.calls = Path(cache_dir), []
     def create_repo(self, repo_id, **kw): self.calls.append(("create_repo", repo_id))
     def create_branch(self, repo_id, branch, **kw): self.calls.append(("create_branch", repo_id, branch))
-    def upload_folder(self, repo_id, folder_path, revision=None, **kw):
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, revision=None, **kw):
         repo = self.cache_dir / f"models--{repo_id.replace('/', '--')}"
-        commit = f"{len(self.calls):040x}"
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / (revision or "main")).write_text(commit)
-        for f in Path(folder_path).iterdir():
-            (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-            (repo / "snapshots" / commit / f.name).write_bytes(f.read_bytes())
-        self.calls.append(("upload_folder", repo_id, revision))
+        ref, commit = repo / "refs" / (revision or "main"), f"{len(self.calls):040x}"
+        if ref.is_file():  # a new commit keeps the files already on the branch
+            shutil.copytree(repo / "snapshots" / ref.read_text(), repo / "snapshots" / commit)
+        shutil.copytree(folder_path, repo / "snapshots" / commit / (path_in_repo or ""), dirs_exist_ok=True)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+        self.calls.append(("upload_folder", repo_id, revision, path_in_repo))
         return commit
 
 class hub_offline:
@@ -591,17 +594,22 @@ push_to_hub(model, "picomaml/pico-test", api=hub)
 torch.manual_seed(2)
 later = PicoDecoder(tiny)
 push_to_hub(later, "picomaml/pico-test", revision="step-100", api=hub)
-assert hub.calls[-2:] == [("create_branch", "picomaml/pico-test", "step-100"), ("upload_folder", "picomaml/pico-test", "step-100")]
+push_to_hub(later, "picomaml/pico-test", subfolder="checkpoints/step_100", api=hub)
+assert hub.calls[-4:-2] == [("create_branch", "picomaml/pico-test", "step-100"),
+                            ("upload_folder", "picomaml/pico-test", "step-100", None)]
 with hub_offline():
     from_main = load_pretrained("picomaml/pico-test", cache_dir=tmp / "hf-cache")
     from_branch = load_pretrained("picomaml/pico-test", revision="step-100", cache_dir=tmp / "hf-cache")
+    from_subfolder = load_pretrained("picomaml/pico-test", subfolder="checkpoints/step_100", cache_dir=tmp / "hf-cache")
     try: load_pretrained("picomaml/no-such-model", cache_dir=tmp / "hf-cache"); raise AssertionError
     except FileNotFoundError as e: assert "picomaml/no-such-model" in str(e) and "config.json" in str(e)
 assert all(torch.equal(v, from_main.state_dict()[k]) for k, v in model.state_dict().items())
 assert all(torch.equal(v, from_branch.state_dict()[k]) for k, v in later.state_dict().items())
+assert all(torch.equal(v, from_subfolder.state_dict()[k]) for k, v in later.state_dict().items())
 cached_repo = tmp / "hf-cache/models--picomaml--pico-test"
 snapshot = cached_repo / "snapshots" / (cached_repo / "refs/main").read_text()
 assert all(torch.equal(a, b) for a, b in zip(load_pretrained(snapshot).state_dict().values(), from_main.state_dict().values()))
+assert torch.equal(load_pretrained(snapshot, subfolder="checkpoints/step_100").embedding_proj.weight, later.embedding_proj.weight)
 
 # %% [markdown]
 # ### Tests: checkpoints of other models and the released format

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -233,26 +233,27 @@ def load_local(directory) -> PicoDecoder:
     return load_checked(model, load_file(directory / "model.safetensors"), str(directory / "model.safetensors"))
 
 # %% ../nbs/01_model.ipynb #721da51b
-def load_pretrained(source, revision: str | None = None, cache_dir=None) -> PicoDecoder:
+def load_pretrained(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None) -> PicoDecoder:
     "PicoDecoder from a local directory or a Hub repo id (config.json + model.safetensors only)."
     if Path(source).is_dir():
         if revision is not None: raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
-        return load_local(source)
+        return load_local(Path(source) / (subfolder or ""))
     paths = []
     for name in ("config.json", "model.safetensors"):
-        try: paths.append(hf_hub_download(str(source), name, revision=revision, cache_dir=cache_dir))
-        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
-            raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} "
-                                    f"(revision {revision or 'main'}) could not be fetched: {e}") from e
+        try: paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        except (HfHubHTTPError, EntryNotFoundError, ValueError) as e:
+            raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} (revision "
+                                    f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)
 
 # %% ../nbs/01_model.ipynb #568eb7be
-def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, token: str | None = None,
-                private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
+def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, subfolder: str | None = None,
+                token: str | None = None, private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
     "Upload config.json + model.safetensors to Hub repo `repo_id`, on branch `revision` if given."
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision not in (None, "main"): api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, revision=revision,
+                                 commit_message=commit_message)
