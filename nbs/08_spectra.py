@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from picomaml.config import SpectraConfig
+from picomaml.model import load_pretrained
 
 # %% [markdown]
 # ## Metrics of one spectrum
@@ -142,63 +144,20 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
 # %% [markdown]
-# The tests use a small stand-in with the Pico decoder's parameter names (method.md §1): two blocks,
-# grouped-query projections (4 query heads, 2 key/value heads), SwiGLU, untied embeddings, and a
-# `save_pretrained` that writes `model.safetensors` + `config.json`. It is a real causal language
-# model, so its next-token loss has meaningful gradients.
+# The tests use a small `picomaml.model.PicoDecoder` (two blocks, d 16, 4 query and 2 key/value
+# heads, a 64-token vocabulary), whose parameter names are the released checkpoints'.
 
 # %%
 import copy
 import tempfile
 
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-class StandInBlock(nn.Module):
-    def __init__(self, d, n_heads, n_kv, ffn):
-        super().__init__()
-        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, d // n_heads
-        self.attention = nn.Module()
-        for name, out in (("q_proj", d), ("k_proj", n_kv * self.hd), ("v_proj", n_kv * self.hd), ("o_proj", d)):
-            setattr(self.attention, name, nn.Linear(d, out, bias=False))
-        self.swiglu = nn.Module()
-        self.swiglu.w_0, self.swiglu.w_1, self.swiglu.w_2 = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False), nn.Linear(ffn, d, bias=False)
-
-    def forward(self, x):  # (B, T, d)
-        B, T, _ = x.shape
-        a = self.attention
-        q = a.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k, v = (p(x).view(B, T, self.n_kv, self.hd).transpose(1, 2) for p in (a.k_proj, a.v_proj))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
-        x = x + a.o_proj(att.transpose(1, 2).reshape(B, T, -1))
-        s = self.swiglu
-        return x + s.w_2(F.silu(s.w_0(x)) * s.w_1(x))
-
-class StandInPico(nn.Module):
-    def __init__(self, vocab=64, d=16, n_layers=2, n_heads=4, n_kv=2, ffn=32):
-        super().__init__()
-        self.config = dict(vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv=n_kv, ffn=ffn)
-        self.embedding_proj = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(StandInBlock(d, n_heads, n_kv, ffn) for _ in range(n_layers))
-        self.de_embedding_proj = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):  # (B, T) -> (B, T, vocab)
-        x = self.embedding_proj(ids)
-        for block in self.layers: x = block(x)
-        return self.de_embedding_proj(x)
-
-    def save_pretrained(self, path):
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
-        (path / "config.json").write_text(json.dumps(self.config))
-
-def load_standin(path, revision=None):
-    model = StandInPico(**json.loads((Path(path) / "config.json").read_text()))
-    model.load_state_dict(load_file(Path(path) / "model.safetensors"))
-    return model
+from picomaml.config import ModelConfig
+from picomaml.model import PicoDecoder, save_pretrained
 
 torch.manual_seed(0)
-toy = StandInPico()
+toy = PicoDecoder(ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=32, vocab_size=64, max_seq_len=32))
 toy_batch = torch.randint(0, 64, (3, 9))  # (B, T + 1): inputs ids[:, :-1], targets ids[:, 1:]
 
 # %%
@@ -425,9 +384,9 @@ assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_valu
 #
 # The project's checkpoint layout is `<run_dir>/checkpoints/step_000100/{model.safetensors,config.json,...}`
 # with a text file `<run_dir>/checkpoints/latest` naming the newest. Every `step_N` directory holding
-# a `model.safetensors` is loaded (with `picomaml.model.load_pretrained` by default), in step order;
-# a step directory without weights (a save interrupted by a crash) is skipped with a warning. Steps
-# already complete in `out` (as many records as the fullest step there) are skipped, so an
+# a `model.safetensors` is loaded with `picomaml.model.load_pretrained` (safetensors only), in step
+# order; a step directory without weights (a save interrupted by a crash) is skipped with a warning.
+# Steps already complete in `out` (as many records as the fullest step there) are skipped, so an
 # interrupted sweep resumes where it stopped.
 
 # %%
@@ -451,24 +410,22 @@ def _complete_steps(out: Path) -> set:
     counts = read_spectra(out).groupby("step").size()
     return set(counts.index[counts == counts.max()]) if len(counts) else set()
 
-def _default_loader():
-    from picomaml.model import load_pretrained
-    return load_pretrained
-
-def spectra_over_checkpoints(checkpoints, batch, layers, out, load_model=None) -> Path:
-    "Record spectra for `[(step, dir)]` (or a checkpoints directory) into `out`, skipping complete steps."
-    load_model = load_model or _default_loader()
-    items = checkpoint_steps(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
-    out, done = Path(out), _complete_steps(Path(out))
-    for step, directory in items:
-        if step in done: continue
-        model = load_model(directory)
-        record_spectra(model, batch, layers, step, out)
+def spectra_over_steps(loaders, batch, layers, out) -> Path:
+    "Append spectra for `[(step, load)]` (`load()` returns the model) to `out`, skipping steps complete there."
+    out = Path(out)
+    done = _complete_steps(out)
+    for step, load in loaders:
+        if step not in done: record_spectra(load(), batch, layers, step, out)
     return out
 
+def spectra_over_checkpoints(checkpoints_dir, batch, layers, out) -> Path:
+    "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`."
+    loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
+    return spectra_over_steps(loaders, batch, layers, out)
+
 # %% [markdown]
-# The test of the whole path: a stand-in model is recorded in the loop at step 100 and saved as
-# that step's checkpoint; the sweep over the checkpoint directory reproduces the in-loop record.
+# The test of the whole path: a model is recorded in the loop at steps 100 and 200 and saved as those
+# steps' checkpoints; the sweep over the checkpoint directory reproduces the in-loop records.
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -478,12 +435,12 @@ with tempfile.TemporaryDirectory() as tmp:
         with torch.no_grad():
             for p in toy.parameters(): p.add_(0.01 * torch.randn_like(p))  # "training"
         record_spectra(toy, toy_batch, layers, step, run / "spectra.jsonl")
-        toy.save_pretrained(run / "checkpoints" / f"step_{step:06d}")
+        save_pretrained(toy, run / "checkpoints" / f"step_{step:06d}")
     (run / "checkpoints" / "latest").write_text("step_000200")
     (run / "checkpoints" / "step_000300").mkdir()  # a save that never finished
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl", load_model=load_standin)
+        spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl")
     assert any("step_000300" in str(w.message) for w in caught)
     in_loop, after = read_spectra(run / "spectra.jsonl"), read_spectra(run / "after.jsonl")
     assert len(after) == 2 * 2 * 3 * 2 and (after[SPECTRA_KEY] == in_loop[SPECTRA_KEY]).all().all()
@@ -491,7 +448,7 @@ with tempfile.TemporaryDirectory() as tmp:
         assert np.allclose(after[col], in_loop[col], rtol=1e-5), col
     assert all(np.allclose(a, b, rtol=1e-5) for a, b in zip(after.singular_values, in_loop.singular_values))
     mtime = (run / "after.jsonl").stat().st_mtime_ns
-    spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl", load_model=load_standin)
+    spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl")
     assert (run / "after.jsonl").stat().st_mtime_ns == mtime  # every step complete: nothing recomputed
 
 # %% [markdown]
@@ -499,48 +456,71 @@ with tempfile.TemporaryDirectory() as tmp:
 #
 # The released pico-maml decoders (`davidafrica/pico-maml-decoder-{tiny,small,medium,large}`) keep
 # every checkpoint as a folder `checkpoints/step_N/` on the `main` branch (with `model.safetensors`,
-# `config.json`, the tokenizer, and an 8 GB `fabric_state/` optimizer dump for the large model), not
-# as separate git revisions. So a "revision" here names a checkpoint folder (`step_100`), and `branch`
-# is the git revision of the repository. Only the folder's `*.safetensors` and `*.json` files are
-# downloaded (`huggingface_hub.snapshot_download` with patterns); `fabric_state/` never is. A local
-# directory with the same layout stands in for the Hub repository.
+# `config.json`, the tokenizer, and a multi-GB `fabric_state/` optimizer dump), not as separate git
+# revisions. So by default a "revision" names a checkpoint folder (`step_100`) and `branch` is the
+# git revision of the repository; `load_pretrained` downloads only that folder's `config.json` and
+# `model.safetensors`. With `subfolder=""` the names are git revisions instead (branches, tags or
+# commits holding a checkpoint at the repository root). The step is the number the name ends with.
+# A local directory of the same layout stands in for the repository.
 
 # %%
 #| export
-def fetch_checkpoint(repo, name: str, branch: str | None = None, subfolder: str = "checkpoints") -> Path:
-    "Local directory of checkpoint folder `name` of a Hub model repository (or a local directory of that layout)."
-    if Path(repo).is_dir(): path = Path(repo) / subfolder / name
-    else:
-        from huggingface_hub import snapshot_download
-        folder = f"{subfolder}/{name}"
-        root = snapshot_download(repo, revision=branch, allow_patterns=[f"{folder}/*.safetensors", f"{folder}/*.json"],
-                                 ignore_patterns=[f"{folder}/fabric_state/*"])
-        path = Path(root) / subfolder / name
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{repo}: checkpoint {subfolder}/{name} has no model.safetensors "
-                                f"(names look like step_100; check the repository's {subfolder}/ folder)")
-    return path
-
-def hub_checkpoints(repo, names, branch: str | None = None) -> list:
-    "`[(step, local dir)]` for checkpoint folder names like `step_100` of a Hub (or local) repository."
-    items = []
+def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "checkpoints", cache_dir=None) -> list:
+    "`[(step, load)]` for checkpoints `names` (e.g. step_100) of a Hub repository or a local directory."
+    loaders = []
     for name in names:
         match = re.search(r"(\d+)$", name)
         if not match: raise ValueError(f"revision {name!r} does not end in a step number (expected e.g. step_100)")
-        items.append((int(match.group(1)), fetch_checkpoint(repo, name, branch)))
-    return items
+        where = dict(subfolder=f"{subfolder}/{name}", revision=branch) if subfolder else dict(revision=name)
+        loaders.append((int(match.group(1)), functools.partial(load_pretrained, repo, cache_dir=cache_dir, **where)))
+    return loaders
+
+def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None,
+                     subfolder: str = "checkpoints", cache_dir=None) -> Path:
+    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`."
+    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out)
+
+# %% [markdown]
+# Tests: a local directory in the released layout, and the real `huggingface_hub` download path
+# answered from a Hugging Face cache directory in offline mode (`models--owner--name/refs/<branch>`
+# naming a commit under `snapshots/`), for both checkpoint folders and git revisions.
 
 # %%
+import huggingface_hub
+
+def fake_hub_cache(cache, repo_id, files_by_ref: dict):
+    "Write a Hugging Face cache in which each ref (branch) of `repo_id` holds the given checkpoints."
+    root = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    for n, (ref, checkpoints) in enumerate(files_by_ref.items()):
+        commit = f"{n + 1:040x}"
+        for path_in_repo, model in checkpoints.items(): save_pretrained(model, root / "snapshots" / commit / path_in_repo)
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
+
 with tempfile.TemporaryDirectory() as tmp:
-    hub = Path(tmp) / "pico-maml-decoder-large"  # stands in for the Hub repository
-    toy.save_pretrained(hub / "checkpoints" / "step_100")
-    items = hub_checkpoints(hub, ["step_100"])
-    assert items == [(100, hub / "checkpoints" / "step_100")]
-    spectra_over_checkpoints(items, toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", load_model=load_standin)
-    hub_df = read_spectra(Path(tmp) / "hub.jsonl")
-    assert set(hub_df.step) == {100} and len(hub_df) == 4
-    try: hub_checkpoints(hub, ["step_200"]); raise AssertionError
+    local = Path(tmp) / "pico-maml-decoder-large"
+    save_pretrained(toy, local / "checkpoints" / "step_100")
+    spectra_over_hub(local, ["step_100"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl")
+    hub_df = read_spectra(Path(tmp) / "local.jsonl")
+    assert set(hub_df.step) == {100} and len(hub_df) == 2 * 2
+    expected = pd.DataFrame(compute_spectra(toy, toy_batch, ["swiglu.w_2"], 100)).sort_values(SPECTRA_KEY)
+    assert np.allclose(hub_df.per, expected.per, rtol=1e-5)
+    try: spectra_over_hub(local, ["step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl"); raise AssertionError
     except FileNotFoundError as e: assert "step_200" in str(e)
+
+    other = copy.deepcopy(toy)
+    with torch.no_grad(): other.layers[0].swiglu.w_2.weight.mul_(3)
+    fake_hub_cache(Path(tmp) / "cache", "owner/pico-maml", {"main": {"checkpoints/step_100": toy, "checkpoints/step_200": other},
+                                                            "step_300": {"": other}})
+    saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
+    try:
+        spectra_over_hub("owner/pico-maml", ["step_100", "step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", cache_dir=Path(tmp) / "cache")
+        spectra_over_hub("owner/pico-maml", ["step_300"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", subfolder="", cache_dir=Path(tmp) / "cache")
+    finally: huggingface_hub.constants.HF_HUB_OFFLINE = saved
+    hub_df = read_spectra(Path(tmp) / "hub.jsonl")
+    weight_norm = hub_df[(hub_df.kind == "weight") & (hub_df.layer == 0)].set_index("step").frobenius_norm
+    assert sorted(weight_norm.index) == [100, 200, 300]
+    assert np.isclose(weight_norm[200], 3 * weight_norm[100], rtol=1e-5) and np.isclose(weight_norm[300], weight_norm[200])
 
 # %% [markdown]
 # ## Command line
@@ -550,7 +530,8 @@ with tempfile.TemporaryDirectory() as tmp:
 # python -m picomaml.spectra --hub davidafrica/pico-maml-decoder-large --revisions step_100,step_200 --batch EVAL_SHARD --out FILE
 # ```
 # `--layers` and `--rows` default to `SpectraConfig` (`layers`, `grad_rows`); `--seq-len` cuts the
-# rows (use the run's `data.seq_len` so the batch matches the in-loop one).
+# rows (use the run's `data.seq_len` so the batch matches the in-loop one); `--subfolder ""` makes
+# the revisions git revisions of the repository root.
 
 # %%
 #| export
@@ -560,9 +541,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m picomaml.spectra", description="Weight and next-token-gradient spectra of checkpoints.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", help="a run's checkpoints directory (step_N/ folders)")
-    src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout) with checkpoints/step_N/ folders")
-    p.add_argument("--revisions", default="", help="comma-separated checkpoint folder names on the Hub, e.g. step_100,step_200")
+    src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout)")
+    p.add_argument("--revisions", default="", help="comma-separated checkpoint names, e.g. step_100,step_200")
+    p.add_argument("--subfolder", default="checkpoints", help="folder of the checkpoints in the repository; empty: revisions are git revisions")
     p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: the usual cache)")
     p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
     p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows)")
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
@@ -572,22 +555,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
     return args
 
-def main(argv=None, load_model=None) -> Path:
+def main(argv=None) -> Path:
     "Entry point of `python -m picomaml.spectra`."
     args = parse_args(argv)
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
-    items = (hub_checkpoints(args.hub, [r.strip() for r in args.revisions.split(",") if r.strip()], args.branch)
-             if args.hub else args.checkpoints)
-    out = spectra_over_checkpoints(items, batch, [l.strip() for l in args.layers.split(",")], args.out, load_model)
-    print(f"spectra of {len(read_spectra(out).step.unique())} steps in {out}")
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    if args.hub:
+        names = [name.strip() for name in args.revisions.split(",") if name.strip()]
+        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir)
+    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out)
+    print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     pq.write_table(pa.table({"input_ids": toy_batch.tolist()}), Path(tmp) / "val.parquet")
-    toy.save_pretrained(Path(tmp) / "run" / "checkpoints" / "step_000050")
+    save_pretrained(toy, Path(tmp) / "run" / "checkpoints" / "step_000050")
     out = main(["--checkpoints", f"{tmp}/run/checkpoints", "--batch", f"{tmp}/val.parquet", "--rows", "3",
-                "--layers", "attention.q_proj", "--out", f"{tmp}/cli.jsonl"], load_model=load_standin)
+                "--layers", "attention.q_proj", "--out", f"{tmp}/cli.jsonl"])
     cli = read_spectra(out)
     direct = pd.DataFrame(compute_spectra(toy, toy_batch, ["attention.q_proj"], 50)).sort_values(SPECTRA_KEY)
     assert set(cli.step) == {50} and np.allclose(cli.per, direct.per, rtol=1e-5)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import SpectraConfig
+from .model import load_pretrained
 
 # %% auto #0
 __all__ = ['SPECTRA_KEY', 'spectrum_metrics', 'singular_values', 'select_matrices', 'lm_loss', 'loss_gradients',
            'load_eval_batch', 'spectrum_record', 'append_records', 'compute_spectra', 'record_spectra', 'read_spectra',
-           'checkpoint_steps', 'spectra_over_checkpoints', 'fetch_checkpoint', 'hub_checkpoints', 'parse_args', 'main']
+           'checkpoint_steps', 'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub',
+           'parse_args', 'main']
 
 # %% ../nbs/08_spectra.ipynb #e6decaa2
 def spectrum_metrics(s) -> dict:
@@ -177,44 +180,34 @@ def _complete_steps(out: Path) -> set:
     counts = read_spectra(out).groupby("step").size()
     return set(counts.index[counts == counts.max()]) if len(counts) else set()
 
-def _default_loader():
-    from picomaml.model import load_pretrained
-    return load_pretrained
-
-def spectra_over_checkpoints(checkpoints, batch, layers, out, load_model=None) -> Path:
-    "Record spectra for `[(step, dir)]` (or a checkpoints directory) into `out`, skipping complete steps."
-    load_model = load_model or _default_loader()
-    items = checkpoint_steps(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
-    out, done = Path(out), _complete_steps(Path(out))
-    for step, directory in items:
-        if step in done: continue
-        model = load_model(directory)
-        record_spectra(model, batch, layers, step, out)
+def spectra_over_steps(loaders, batch, layers, out) -> Path:
+    "Append spectra for `[(step, load)]` (`load()` returns the model) to `out`, skipping steps complete there."
+    out = Path(out)
+    done = _complete_steps(out)
+    for step, load in loaders:
+        if step not in done: record_spectra(load(), batch, layers, step, out)
     return out
 
-# %% ../nbs/08_spectra.ipynb #994b061a
-def fetch_checkpoint(repo, name: str, branch: str | None = None, subfolder: str = "checkpoints") -> Path:
-    "Local directory of checkpoint folder `name` of a Hub model repository (or a local directory of that layout)."
-    if Path(repo).is_dir(): path = Path(repo) / subfolder / name
-    else:
-        from huggingface_hub import snapshot_download
-        folder = f"{subfolder}/{name}"
-        root = snapshot_download(repo, revision=branch, allow_patterns=[f"{folder}/*.safetensors", f"{folder}/*.json"],
-                                 ignore_patterns=[f"{folder}/fabric_state/*"])
-        path = Path(root) / subfolder / name
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{repo}: checkpoint {subfolder}/{name} has no model.safetensors "
-                                f"(names look like step_100; check the repository's {subfolder}/ folder)")
-    return path
+def spectra_over_checkpoints(checkpoints_dir, batch, layers, out) -> Path:
+    "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`."
+    loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
+    return spectra_over_steps(loaders, batch, layers, out)
 
-def hub_checkpoints(repo, names, branch: str | None = None) -> list:
-    "`[(step, local dir)]` for checkpoint folder names like `step_100` of a Hub (or local) repository."
-    items = []
+# %% ../nbs/08_spectra.ipynb #994b061a
+def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "checkpoints", cache_dir=None) -> list:
+    "`[(step, load)]` for checkpoints `names` (e.g. step_100) of a Hub repository or a local directory."
+    loaders = []
     for name in names:
         match = re.search(r"(\d+)$", name)
         if not match: raise ValueError(f"revision {name!r} does not end in a step number (expected e.g. step_100)")
-        items.append((int(match.group(1)), fetch_checkpoint(repo, name, branch)))
-    return items
+        where = dict(subfolder=f"{subfolder}/{name}", revision=branch) if subfolder else dict(revision=name)
+        loaders.append((int(match.group(1)), functools.partial(load_pretrained, repo, cache_dir=cache_dir, **where)))
+    return loaders
+
+def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None,
+                     subfolder: str = "checkpoints", cache_dir=None) -> Path:
+    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`."
+    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out)
 
 # %% ../nbs/08_spectra.ipynb #ee9330a8
 def parse_args(argv=None) -> argparse.Namespace:
@@ -223,9 +216,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m picomaml.spectra", description="Weight and next-token-gradient spectra of checkpoints.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", help="a run's checkpoints directory (step_N/ folders)")
-    src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout) with checkpoints/step_N/ folders")
-    p.add_argument("--revisions", default="", help="comma-separated checkpoint folder names on the Hub, e.g. step_100,step_200")
+    src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout)")
+    p.add_argument("--revisions", default="", help="comma-separated checkpoint names, e.g. step_100,step_200")
+    p.add_argument("--subfolder", default="checkpoints", help="folder of the checkpoints in the repository; empty: revisions are git revisions")
     p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: the usual cache)")
     p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
     p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows)")
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
@@ -235,14 +230,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
     return args
 
-def main(argv=None, load_model=None) -> Path:
+def main(argv=None) -> Path:
     "Entry point of `python -m picomaml.spectra`."
     args = parse_args(argv)
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
-    items = (hub_checkpoints(args.hub, [r.strip() for r in args.revisions.split(",") if r.strip()], args.branch)
-             if args.hub else args.checkpoints)
-    out = spectra_over_checkpoints(items, batch, [l.strip() for l in args.layers.split(",")], args.out, load_model)
-    print(f"spectra of {len(read_spectra(out).step.unique())} steps in {out}")
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    if args.hub:
+        names = [name.strip() for name in args.revisions.split(",") if name.strip()]
+        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir)
+    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out)
+    print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
 
 # %% ../nbs/08_spectra.ipynb #21b51b9b
