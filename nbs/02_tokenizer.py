@@ -146,6 +146,10 @@ class PicoTokenizer:
         "Token ids of `text`: no BOS/EOS added, special tokens never matched."
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        "`encode` of many texts at once (tokenized in parallel)."
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def id_to_token(self, i: int) -> str:
         "The vocabulary string of id `i` (byte-level: `Ġ` marks a leading space)."
         if i == self.mask_id: return "[MASK]"
@@ -176,6 +180,7 @@ for text in samples:
     assert tokenizer.decode(ids) == text, (text, tokenizer.decode(ids))
     assert not {tokenizer.eos_id, tokenizer.mask_id, 1} & set(ids), text
 assert tokenizer.encode("Hello world") == [12092, 1533]
+assert tokenizer.encode_batch(samples) == [tokenizer.encode(t) for t in samples]
 hello, world = tokenizer.encode("Hello world")
 assert tokenizer.decode([hello, tokenizer.mask_id, world]) == "Hello[MASK] world"
 assert tokenizer.decode(torch.tensor([tokenizer.mask_id, tokenizer.eos_id])) == "[MASK]<|endoftext|>"

@@ -61,6 +61,10 @@ class PicoTokenizer:
         "Token ids of `text`: no BOS/EOS added, special tokens never matched."
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        "`encode` of many texts at once (tokenized in parallel)."
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def id_to_token(self, i: int) -> str:
         "The vocabulary string of id `i` (byte-level: `Ġ` marks a leading space)."
         if i == self.mask_id: return "[MASK]"
