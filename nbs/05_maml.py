@@ -14,9 +14,7 @@
 # %% [markdown]
 # # First-order MAML head step
 #
-# > The episode half of the hybrid objective: adapt a small MLP head on cached support features,
-# > score the query set with the adapted head, and send the first-order gradient to the backbone
-# > and to the head's initial weights.
+# > First-order MAML episodes: adapt an MLP head on cached support features, score the query set, backpropagate first order.
 #
 # This notebook implements method.md §3 and paper 1 §3 / Appendix A, Algorithm 1 (the `r < rho`
 # branch). With backbone $f_\theta$, head $h_\phi$, support set $S$ and query set $Q$ of one SMLMT
