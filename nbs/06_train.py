@@ -488,3 +488,383 @@ with tempfile.TemporaryDirectory() as _tmp:
     finally: huggingface_hub.constants.HF_HUB_OFFLINE = _saved
     assert torch.equal(_back.de_embedding_proj.weight, _model.de_embedding_proj.weight)
     assert sorted(p.name for p in (Path(_tmp) / "hf").rglob("step_000003/*")) == ["config.json", "head.safetensors", "model.safetensors"]
+
+# %% [markdown]
+# ## Where an episode's pool comes from
+#
+# An AR micro-step reads its `micro_batch` rows at its data position (`picomaml.data.batch_for_step`:
+# step s owns positions [sG, (s+1)G) of a seeded data order). An episode only uses N·(K+Q) windows of
+# W tokens, but needs a pool with at least K+Q free occurrences of N eligible words, which a single
+# micro-batch is far too small for at demo scale (method.md §2; `picomaml.smlmt` measures it). So the
+# pool size is its own option, `smlmt.pool_rows`: on an episode micro-step every rank reads
+# `pool_rows / world_size` rows from a **second data order** (same shards, seed derived from
+# `train.seed`, positions laid out exactly as the AR micro-batches' but `pool_rows` per micro-step)
+# and the rows are all-gathered (Algorithm 1's `X ← AllGather(B)`). The AR rows of that micro-step
+# are not read. Both orders are pure functions of (seed, step, micro-step), so a resumed run reads the
+# same rows, and the gathered pool is the same for any world size with the same global batch. With
+# the papers' numbers the pool equals the gathered micro-batch (256 = 64 rows × 4 GPUs). For a streamed
+# (Hub) source the episode pool is a second stream, read in the dataset's order.
+
+# %%
+#| export
+def pool_rows_per_rank(pool_rows: int, world_size: int) -> int:
+    "Rows each rank reads for an episode's pool; an error naming the key if they do not split evenly."
+    if pool_rows < world_size or pool_rows % world_size:
+        raise ConfigError(f"smlmt.pool_rows={pool_rows} must be a positive multiple of the world size {world_size}")
+    return pool_rows // world_size
+
+# %%
+assert pool_rows_per_rank(64, 2) == 32
+try: pool_rows_per_rank(63, 2); raise AssertionError
+except ConfigError as e: assert "smlmt.pool_rows=63" in str(e)
+
+# %% [markdown]
+# ## Setting up a run
+#
+# Precision (method.md §4): bf16 autocast on GPU, float32 on CPU. Plain fp16 would need a loss
+# scaler around the hand-written MAML backward, so it is refused. Model and head are initialised
+# from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone and head
+# together (method.md §3, "the outer AdamW steps backbone and head together").
+
+# %%
+#| export
+def resolve_precision(precision: str, accelerator: str) -> str:
+    "Fabric precision for `train.precision` on `accelerator` ('cuda' or 'cpu')."
+    if precision == "auto": return "bf16-mixed" if accelerator == "cuda" else "32-true"
+    if precision == "16-mixed":
+        raise ConfigError("train.precision=16-mixed needs a gradient scaler, which the first-order MAML backward does not "
+                          "use; set train.precision to bf16-mixed, 32-true or auto")
+    return precision
+
+def build_model(cfg: Config, device) -> tuple:
+    "(backbone, MAML head, AdamW over both), identically initialised on every rank from train.seed."
+    from picomaml.model import PicoDecoder
+    from picomaml.maml import MAMLHead
+    torch.manual_seed(cfg.train.seed)
+    model = PicoDecoder(cfg.model).to(device)
+    head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
+    tc = cfg.train
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  weight_decay=tc.weight_decay)
+    return model, head, optimizer
+
+# %%
+assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "cuda") == "bf16-mixed"
+try: resolve_precision("16-mixed", "cuda"); raise AssertionError
+except ConfigError as e: assert "train.precision" in str(e)
+
+# %% [markdown]
+# ## Resume or start
+#
+# With `train.resume` (the default) a run continues from the newest valid checkpoint of its run
+# directory; rank 0 chooses it (warning about any corrupt newer one) and broadcasts the choice. A run
+# that is told not to resume refuses a directory that already has checkpoints rather than mixing two
+# runs' files. The resolved configuration is written to `config.yaml`, and the metrics log is cut
+# back to the checkpoint's step.
+
+# %%
+#| export
+def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
+    "Load the newest valid checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
+    from picomaml.model import load_checked
+    ckpt_root = run_dir / "checkpoints"
+    has_ckpts = any(ckpt_root.glob("step_*"))
+    if has_ckpts and not cfg.train.resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints and train.resume=false: set train.resume=true to "
+                          f"continue that run, or choose another logging.run_name")
+    found = find_checkpoint(ckpt_root) if fabric.global_rank == 0 and has_ckpts else None
+    name = fabric.broadcast(found[0].name if found else "", src=0)
+    step = 0
+    if name:
+        weights, head_weights, state = found[1] if found else read_checkpoint(ckpt_root / name)
+        load_checked(model, weights, str(ckpt_root / name / "model.safetensors"))
+        head.load_state_dict(head_weights)
+        optimizer.load_state_dict(state["optimizer"])
+        if state["world_size"] == fabric.world_size: torch.set_rng_state(state["rng_cpu"][fabric.global_rank])
+        step = state["step"]
+    if fabric.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        truncate_metrics(run_dir / "metrics.jsonl", step if name else -1)
+        for stale in ckpt_root.glob(".tmp_*"): shutil.rmtree(stale)
+        if name: (ckpt_root / "latest").write_text(name + "\n")
+    fabric.barrier()
+    return step
+
+# %% [markdown]
+# Saving gathers every rank's RNG state to rank 0, which writes the checkpoint (and uploads it);
+# the others wait at a barrier so nobody runs ahead of a checkpoint that is still being written.
+
+# %%
+#| export
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
+    "Checkpoint `step` (model, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+    rng = fabric.all_gather(torch.get_rng_state().to(fabric.device)).view(fabric.world_size, -1).cpu()
+    if fabric.global_rank == 0:
+        state = {"step": step, "data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
+                 "optimizer": optimizer.state_dict(), "rng_cpu": rng}
+        directory = write_checkpoint(run_dir / "checkpoints", step, model, head, state)
+        if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
+    fabric.barrier()
+
+def checkpoint_due(step: int, tc) -> bool:
+    "Whether optimizer step `step` (completed steps) is checkpointed: every save_every, log-spaced, the last."
+    log_spaced = tc.log_spaced_checkpoints and (step & (step - 1)) == 0  # 0, 1, 2, 4, 8, ...
+    return step % tc.save_every == 0 or step == tc.steps or log_spaced
+
+# %%
+_tc = TrainConfig(steps=50, save_every=20, log_spaced_checkpoints=True)
+assert [s for s in range(51) if checkpoint_due(s, _tc)] == [0, 1, 2, 4, 8, 16, 20, 32, 40, 50]
+
+# %% [markdown]
+# ## Paloma evaluation, in parallel over ranks
+
+# %%
+#| export
+def evaluate(fabric, model, eval_rows, ec, eos_id: int) -> dict:
+    "Token-weighted and per-document Paloma perplexity; each rank a strided shard, sums all-reduced."
+    from picomaml.data import eval_batches
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
+    for batch in eval_batches(eval_rows, ec.batch_size, ec.max_rows, fabric.global_rank, fabric.world_size):
+        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
+    model.train()
+    return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
+
+# %% [markdown]
+# ## Monitoring
+#
+# One JSON line per optimizer step in `metrics.jsonl` (method.md §4; paper 1 Figs. 1, 3, 4):
+# `step` (optimizer steps completed), `loss` (the objective the optimizer saw: the mean over the
+# step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
+# over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
+# `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
+# (phi_T on the support set), `query_acc`, `head_w_mean` / `head_w_std` (phi_T's logits layer),
+# `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
+# `tokens_per_s` and `mfu`, and at evaluation steps `eval_loss`, `paloma_ppl`, `paloma_doc_ppl`.
+# `tokens_per_s` and `mfu` are wall-clock measurements: everything else is a deterministic function of
+# the configuration, so a resumed run's log equals an uninterrupted run's once those two are removed.
+#
+# The step's statistics are accumulated per rank in one float64 vector and all-reduced once; every
+# entry is a sum over ranks, then turned into the logged means by `step_record`.
+
+# %%
+#| export
+STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
+         "head_w_mean", "head_w_std", "tokens", "flops")
+
+def step_record(totals: torch.Tensor, world_size: int) -> dict:
+    "Logged means from the all-reduced per-rank sums of STATS."
+    t = dict(zip(STATS, totals.tolist()))
+    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
+    per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
+    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
+            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
+            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
+            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
+
+# %%
+_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0], dtype=torch.float64)  # 2 ranks, 1 AR + 1 episode
+_rec = step_record(_sums, 2)
+assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
+assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.75, 0.5)
+assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
+
+# %% [markdown]
+# Small pieces the loop calls: statistics, the finiteness check (a NaN/inf loss or gradient stops
+# the run **before** the optimizer step, so no checkpoint with broken weights is ever written and
+# the last good one stays `latest`), the tokenizer tables SMLMT needs, and the spectra hook
+# (`picomaml.spectra.record_spectra` on the first `spectra.grad_rows` evaluation rows, every
+# `spectra.every` steps, into `<run>/spectra.jsonl`).
+
+# %%
+#| export
+def add_stats(stats: dict, **values) -> None:
+    "Add named values to this rank's statistics of the step."
+    for key, value in values.items(): stats[key] += value
+
+def check_finite(record: dict, run_dir: Path) -> None:
+    "Raise FloatingPointError on a NaN/inf loss or gradient norm, naming the step and the checkpoint kept."
+    bad = [key for key in ("loss", "grad_norm") if not math.isfinite(record[key])]
+    if not bad: return
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    kept = f"{latest.parent / latest.read_text().strip()}" if latest.exists() else "none was written yet"
+    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the "
+                             f"optimizer step. The last good checkpoint is kept ({kept}); lower train.lr or set "
+                             f"train.grad_clip, then relaunch to resume from it")
+
+def episode_tables(cfg: Config) -> tuple:
+    "(word_start, alpha_len, special ids) of the tokenizer, for SMLMT episodes."
+    from picomaml.tokenizer import load_tokenizer
+    tok = load_tokenizer(cfg.data)
+    return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
+
+def record_run_spectra(model, eval_rows, cfg: Config, step: int, run_dir: Path) -> None:
+    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
+    from picomaml.data import eval_batches
+    from picomaml.spectra import record_spectra
+    batch = next(eval_batches(eval_rows, cfg.spectra.grad_rows, cfg.spectra.grad_rows))
+    record_spectra(model, batch, cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+
+# %%
+try: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")); raise AssertionError
+except FloatingPointError as e: assert "step 7: loss is nan" in str(e) and "none was written yet" in str(e)
+check_finite({"step": 7, "loss": 1.0, "grad_norm": 2.0}, Path("/nonexistent"))
+
+# %% [markdown]
+# ## The loop
+#
+# Paper 1, Algorithms 1 and 2, one micro-batch at a time. Per optimizer step: set the learning rate;
+# for each micro-step draw the branch; an **episode** reads and gathers the pool, builds the episode
+# of (seed, micro-step), and runs `picomaml.maml.maml_step` with the support rows split over ranks
+# (features gathered back) and the query rows split; a **next-token** micro-step backpropagates its
+# rank's share of the global loss. Then the gradients are summed over ranks, checked, clipped, and
+# AdamW steps. Logging, evaluation, spectra and checkpoints follow. Each micro-step starts from a
+# seed of (seed, step, micro-step, rank), so dropout is a function of the position in the run and a
+# resumed run repeats it exactly; the head's inner loop gets a seed without the rank, so it is
+# identical on every rank.
+
+# %%
+#| export
+def train(cfg: Config, fabric, hub_api=None) -> Path:
+    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory."
+    from tqdm.auto import tqdm
+    from picomaml.data import ShardRows, batch_for_step, open_rows
+    from picomaml.maml import maml_step
+    from picomaml.smlmt import build_episode
+    tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
+    accum = accumulation_steps(tc.global_batch, tc.micro_batch, world)
+    run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
+    model, head, optimizer = build_model(cfg, device)
+    params = [*model.parameters(), *head.parameters()]
+    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size)
+    needs_eval = cfg.eval.every > 0 or cfg.spectra.every > 0
+    eval_rows = open_rows(cfg.data, "eval", cfg.model.vocab_size) if needs_eval else None
+    if cfg.maml.rho > 0:
+        episode_rows = pool_rows_per_rank(cfg.smlmt.pool_rows, world)
+        pool_source = train_rows if isinstance(train_rows, ShardRows) else open_rows(cfg.data, "train", cfg.model.vocab_size)
+        word_start, alpha_len, special_ids = episode_tables(cfg)
+    peak = peak_flops(device)
+    start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
+    if start == 0 and tc.log_spaced_checkpoints: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
+    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
+    for step in range(start, tc.steps):
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups: group["lr"] = lr
+        started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
+        branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
+        for micro, is_episode in enumerate(branches):
+            torch.manual_seed(mix_seed(tc.seed, step, micro, rank))
+            if is_episode:
+                local = batch_for_step(pool_source, step, micro, rank, world, episode_rows, accum, mix_seed(tc.seed, "pool") % 2**31)
+                pool = gather_parts(fabric, local.to(device), [episode_rows] * world)  # (pool_rows, seq_len + 1)
+                episode = build_episode(pool, cfg.smlmt, word_start, alpha_len, special_ids, cfg.data.mask_id, tc.seed, step * accum + micro)
+                n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+                with fabric.autocast():
+                    out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
+                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
+                                    loss_scale=1 / accum, inner_seed=mix_seed(tc.seed, step, micro, "inner"))
+                window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
+                add_stats(stats, loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
+                          query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
+                          head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
+                          flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
+            else:
+                rows = batch_for_step(train_rows, step, micro, rank, world, tc.micro_batch, accum, tc.seed).to(device)
+                n_targets = rows.shape[0] * (rows.shape[1] - 1)
+                with fabric.autocast():
+                    share = next_token_loss_sum(model, rows) / (n_targets * world)  # this rank's share of the micro-batch mean
+                (share / accum).backward()
+                add_stats(stats, loss=share.item() / accum, ar_loss=share.item(), n_ar=1, tokens=n_targets,
+                          flops=ar_flops(cfg.model, n_targets, rows.shape[1] - 1))
+        sum_gradients(fabric, params)
+        totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
+        totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
+        if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
+            raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
+        record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
+                  "branches": "".join("M" if b else "A" for b in branches)}
+        head_grads = [p.grad for p in head.parameters() if p.grad is not None]
+        record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
+        check_finite(record, run_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        record["tokens_per_s"] = record["tokens"] / elapsed
+        record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            record.update(evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id))
+        if cfg.spectra.every and (step + 1) % cfg.spectra.every == 0 and rank == 0:
+            record_run_spectra(model, eval_rows, cfg, step + 1, run_dir)
+        if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+        fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+        if checkpoint_due(step + 1, tc): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    bar.close()
+    return run_dir
+
+# %% [markdown]
+# ## A tiny run, start to finish
+#
+# Real data, tiny model: 20 C4 documents prepared into 33-id rows, a two-block d = 24 decoder (the
+# real 50,304-row vocabulary, since the rows hold real OLMo ids), one CPU process. Next-token training
+# only (rho = 0) must lower the loss, never build an episode and write the whole run directory.
+
+# %%
+import os
+from lightning.fabric import Fabric
+from picomaml.config import load_config
+from picomaml.data import prepare
+from picomaml.tokenizer import load_tokenizer
+import picomaml.smlmt
+
+SHARED = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
+_tok = load_tokenizer(load_config(None, [f"data.tokenizer_path={SHARED}/tokenizer/olmo-7b-0724-tokenizer.json"]).data)
+_data = Path(tempfile.mkdtemp())
+prepare(sorted((SHARED / "corpus/train").glob("c4-sample.0[12].json.gz")), _data / "train", 32, _tok, log=lambda m: None)
+prepare(sorted((SHARED / "corpus/eval").glob("c4_100_domains_*.jsonl.gz")), _data / "eval", 32, _tok, log=lambda m: None)
+
+def tiny_config(runs_dir, *overrides):
+    "A seconds-long configuration on the prepared rows."
+    return load_config(None, [
+        "model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96", "model.max_seq_len=32",
+        f"data.train_path={_data}/train", f"data.eval_path={_data}/eval", "data.seq_len=32", f"data.tokenizer_path={_tok.source}",
+        "train.steps=8", "train.global_batch=8", "train.micro_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "train.save_every=4",
+        "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30",
+        "maml.head_hidden=16", "maml.head_layers=2", "eval.every=4", "eval.max_rows=16", "eval.batch_size=8",
+        "spectra.every=0", f"logging.runs_dir={runs_dir}", "logging.progress_bar=false", *overrides])
+
+def read_metrics(run_dir): return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+_fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+_runs = Path(tempfile.mkdtemp())
+_real_build = picomaml.smlmt.build_episode
+picomaml.smlmt.build_episode = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rho = 0 built an episode"))
+try: _run = train(tiny_config(_runs, "maml.rho=0", "logging.run_name=ar"), _fabric)
+finally: picomaml.smlmt.build_episode = _real_build
+_log = read_metrics(_run)
+assert [r["step"] for r in _log] == list(range(1, 9)) and all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in _log)
+assert _log[-1]["loss"] < _log[0]["loss"] - 0.3, [r["loss"] for r in _log]
+assert all(r["query_loss"] is None and r["support_acc"] is None and r["head_grad_norm"] is None for r in _log)
+assert _log[3]["paloma_ppl"] > _log[7]["paloma_ppl"] and "paloma_doc_ppl" in _log[7] and "paloma_ppl" not in _log[4]
+assert sorted(p.name for p in (_run / "checkpoints").iterdir()) == ["latest", "step_000004", "step_000008"]
+assert load_config(_run / "config.yaml").maml.rho == 0
+print(*(f"step {r['step']}: loss {r['loss']:.3f} lr {r['lr']:.4f} {r['tokens_per_s']:.0f} tok/s" for r in _log), sep="\n")
+
+# %% [markdown]
+# Episodes only (rho = 1): no next-token step is ever taken, every step logs the episode metrics,
+# and the head's weights move (AdamW steps it with the backbone).
+
+# %%
+_run = train(tiny_config(_runs, "maml.rho=1", "logging.run_name=maml", "train.steps=3", "eval.every=0",
+                         "train.log_spaced_checkpoints=true"), _fabric)
+_log = read_metrics(_run)
+assert all(r["n_ar"] == 0 and r["n_maml"] == 2 and r["branches"] == "MM" and r["ar_loss"] is None for r in _log)
+assert all(0 <= r["support_acc"] <= 1 and 0 <= r["query_acc"] <= 1 and r["head_grad_norm"] > 0 for r in _log)
+assert all(math.isclose(r["loss"], r["query_loss"], rel_tol=1e-12) for r in _log)
+_head0, _head3 = (load_file(_run / f"checkpoints/step_00000{s}/head.safetensors") for s in (0, 3))
+assert all(not torch.equal(_head0[k], _head3[k]) for k in _head0)
+print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['support_acc']:.2f} query acc {r['query_acc']:.2f}" for r in _log), sep="\n")

@@ -22,10 +22,13 @@ from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError, save_config
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'accumulation_steps', 'lr_at', 'mix_seed', 'branch_draws', 'next_token_loss_sum', 'document_ids',
-           'eval_sums', 'perplexities', 'ar_flops', 'episode_flops', 'peak_flops', 'step_dir_name', 'file_sha256',
-           'write_checkpoint', 'CheckpointCorrupt', 'read_checkpoint', 'find_checkpoint', 'truncate_metrics',
-           'part_sizes', 'part_slice', 'gather_parts', 'sum_gradients', 'upload_checkpoint']
+__all__ = ['PEAK_FLOPS', 'STATS', 'accumulation_steps', 'lr_at', 'mix_seed', 'branch_draws', 'next_token_loss_sum',
+           'document_ids', 'eval_sums', 'perplexities', 'ar_flops', 'episode_flops', 'peak_flops', 'step_dir_name',
+           'file_sha256', 'write_checkpoint', 'CheckpointCorrupt', 'read_checkpoint', 'find_checkpoint',
+           'truncate_metrics', 'part_sizes', 'part_slice', 'gather_parts', 'sum_gradients', 'upload_checkpoint',
+           'pool_rows_per_rank', 'resolve_precision', 'build_model', 'resume_or_start', 'save_training_state',
+           'checkpoint_due', 'evaluate', 'step_record', 'add_stats', 'check_finite', 'episode_tables',
+           'record_run_spectra', 'train']
 
 # %% ../nbs/06_train.ipynb #9f7bab6f
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -208,3 +211,209 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     api.create_branch(repo_id, branch=name, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
                              allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+
+# %% ../nbs/06_train.ipynb #d47138ab
+def pool_rows_per_rank(pool_rows: int, world_size: int) -> int:
+    "Rows each rank reads for an episode's pool; an error naming the key if they do not split evenly."
+    if pool_rows < world_size or pool_rows % world_size:
+        raise ConfigError(f"smlmt.pool_rows={pool_rows} must be a positive multiple of the world size {world_size}")
+    return pool_rows // world_size
+
+# %% ../nbs/06_train.ipynb #b4498703
+def resolve_precision(precision: str, accelerator: str) -> str:
+    "Fabric precision for `train.precision` on `accelerator` ('cuda' or 'cpu')."
+    if precision == "auto": return "bf16-mixed" if accelerator == "cuda" else "32-true"
+    if precision == "16-mixed":
+        raise ConfigError("train.precision=16-mixed needs a gradient scaler, which the first-order MAML backward does not "
+                          "use; set train.precision to bf16-mixed, 32-true or auto")
+    return precision
+
+def build_model(cfg: Config, device) -> tuple:
+    "(backbone, MAML head, AdamW over both), identically initialised on every rank from train.seed."
+    from picomaml.model import PicoDecoder
+    from picomaml.maml import MAMLHead
+    torch.manual_seed(cfg.train.seed)
+    model = PicoDecoder(cfg.model).to(device)
+    head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
+    tc = cfg.train
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  weight_decay=tc.weight_decay)
+    return model, head, optimizer
+
+# %% ../nbs/06_train.ipynb #5e70268b
+def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
+    "Load the newest valid checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
+    from picomaml.model import load_checked
+    ckpt_root = run_dir / "checkpoints"
+    has_ckpts = any(ckpt_root.glob("step_*"))
+    if has_ckpts and not cfg.train.resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints and train.resume=false: set train.resume=true to "
+                          f"continue that run, or choose another logging.run_name")
+    found = find_checkpoint(ckpt_root) if fabric.global_rank == 0 and has_ckpts else None
+    name = fabric.broadcast(found[0].name if found else "", src=0)
+    step = 0
+    if name:
+        weights, head_weights, state = found[1] if found else read_checkpoint(ckpt_root / name)
+        load_checked(model, weights, str(ckpt_root / name / "model.safetensors"))
+        head.load_state_dict(head_weights)
+        optimizer.load_state_dict(state["optimizer"])
+        if state["world_size"] == fabric.world_size: torch.set_rng_state(state["rng_cpu"][fabric.global_rank])
+        step = state["step"]
+    if fabric.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        truncate_metrics(run_dir / "metrics.jsonl", step if name else -1)
+        for stale in ckpt_root.glob(".tmp_*"): shutil.rmtree(stale)
+        if name: (ckpt_root / "latest").write_text(name + "\n")
+    fabric.barrier()
+    return step
+
+# %% ../nbs/06_train.ipynb #7bc59006
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
+    "Checkpoint `step` (model, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+    rng = fabric.all_gather(torch.get_rng_state().to(fabric.device)).view(fabric.world_size, -1).cpu()
+    if fabric.global_rank == 0:
+        state = {"step": step, "data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
+                 "optimizer": optimizer.state_dict(), "rng_cpu": rng}
+        directory = write_checkpoint(run_dir / "checkpoints", step, model, head, state)
+        if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
+    fabric.barrier()
+
+def checkpoint_due(step: int, tc) -> bool:
+    "Whether optimizer step `step` (completed steps) is checkpointed: every save_every, log-spaced, the last."
+    log_spaced = tc.log_spaced_checkpoints and (step & (step - 1)) == 0  # 0, 1, 2, 4, 8, ...
+    return step % tc.save_every == 0 or step == tc.steps or log_spaced
+
+# %% ../nbs/06_train.ipynb #36dd43fb
+def evaluate(fabric, model, eval_rows, ec, eos_id: int) -> dict:
+    "Token-weighted and per-document Paloma perplexity; each rank a strided shard, sums all-reduced."
+    from picomaml.data import eval_batches
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
+    for batch in eval_batches(eval_rows, ec.batch_size, ec.max_rows, fabric.global_rank, fabric.world_size):
+        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
+    model.train()
+    return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
+
+# %% ../nbs/06_train.ipynb #ae852055
+STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
+         "head_w_mean", "head_w_std", "tokens", "flops")
+
+def step_record(totals: torch.Tensor, world_size: int) -> dict:
+    "Logged means from the all-reduced per-rank sums of STATS."
+    t = dict(zip(STATS, totals.tolist()))
+    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
+    per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
+    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
+            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
+            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
+            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
+
+# %% ../nbs/06_train.ipynb #aa5be03d
+def add_stats(stats: dict, **values) -> None:
+    "Add named values to this rank's statistics of the step."
+    for key, value in values.items(): stats[key] += value
+
+def check_finite(record: dict, run_dir: Path) -> None:
+    "Raise FloatingPointError on a NaN/inf loss or gradient norm, naming the step and the checkpoint kept."
+    bad = [key for key in ("loss", "grad_norm") if not math.isfinite(record[key])]
+    if not bad: return
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    kept = f"{latest.parent / latest.read_text().strip()}" if latest.exists() else "none was written yet"
+    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the "
+                             f"optimizer step. The last good checkpoint is kept ({kept}); lower train.lr or set "
+                             f"train.grad_clip, then relaunch to resume from it")
+
+def episode_tables(cfg: Config) -> tuple:
+    "(word_start, alpha_len, special ids) of the tokenizer, for SMLMT episodes."
+    from picomaml.tokenizer import load_tokenizer
+    tok = load_tokenizer(cfg.data)
+    return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
+
+def record_run_spectra(model, eval_rows, cfg: Config, step: int, run_dir: Path) -> None:
+    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
+    from picomaml.data import eval_batches
+    from picomaml.spectra import record_spectra
+    batch = next(eval_batches(eval_rows, cfg.spectra.grad_rows, cfg.spectra.grad_rows))
+    record_spectra(model, batch, cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+
+# %% ../nbs/06_train.ipynb #d130f440
+def train(cfg: Config, fabric, hub_api=None) -> Path:
+    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory."
+    from tqdm.auto import tqdm
+    from picomaml.data import ShardRows, batch_for_step, open_rows
+    from picomaml.maml import maml_step
+    from picomaml.smlmt import build_episode
+    tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
+    accum = accumulation_steps(tc.global_batch, tc.micro_batch, world)
+    run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
+    model, head, optimizer = build_model(cfg, device)
+    params = [*model.parameters(), *head.parameters()]
+    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size)
+    needs_eval = cfg.eval.every > 0 or cfg.spectra.every > 0
+    eval_rows = open_rows(cfg.data, "eval", cfg.model.vocab_size) if needs_eval else None
+    if cfg.maml.rho > 0:
+        episode_rows = pool_rows_per_rank(cfg.smlmt.pool_rows, world)
+        pool_source = train_rows if isinstance(train_rows, ShardRows) else open_rows(cfg.data, "train", cfg.model.vocab_size)
+        word_start, alpha_len, special_ids = episode_tables(cfg)
+    peak = peak_flops(device)
+    start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
+    if start == 0 and tc.log_spaced_checkpoints: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
+    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
+    for step in range(start, tc.steps):
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups: group["lr"] = lr
+        started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
+        branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
+        for micro, is_episode in enumerate(branches):
+            torch.manual_seed(mix_seed(tc.seed, step, micro, rank))
+            if is_episode:
+                local = batch_for_step(pool_source, step, micro, rank, world, episode_rows, accum, mix_seed(tc.seed, "pool") % 2**31)
+                pool = gather_parts(fabric, local.to(device), [episode_rows] * world)  # (pool_rows, seq_len + 1)
+                episode = build_episode(pool, cfg.smlmt, word_start, alpha_len, special_ids, cfg.data.mask_id, tc.seed, step * accum + micro)
+                n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+                with fabric.autocast():
+                    out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
+                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
+                                    loss_scale=1 / accum, inner_seed=mix_seed(tc.seed, step, micro, "inner"))
+                window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
+                add_stats(stats, loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
+                          query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
+                          head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
+                          flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
+            else:
+                rows = batch_for_step(train_rows, step, micro, rank, world, tc.micro_batch, accum, tc.seed).to(device)
+                n_targets = rows.shape[0] * (rows.shape[1] - 1)
+                with fabric.autocast():
+                    share = next_token_loss_sum(model, rows) / (n_targets * world)  # this rank's share of the micro-batch mean
+                (share / accum).backward()
+                add_stats(stats, loss=share.item() / accum, ar_loss=share.item(), n_ar=1, tokens=n_targets,
+                          flops=ar_flops(cfg.model, n_targets, rows.shape[1] - 1))
+        sum_gradients(fabric, params)
+        totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
+        totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
+        if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
+            raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
+        record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
+                  "branches": "".join("M" if b else "A" for b in branches)}
+        head_grads = [p.grad for p in head.parameters() if p.grad is not None]
+        record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
+        check_finite(record, run_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        record["tokens_per_s"] = record["tokens"] / elapsed
+        record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            record.update(evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id))
+        if cfg.spectra.every and (step + 1) % cfg.spectra.every == 0 and rank == 0:
+            record_run_spectra(model, eval_rows, cfg, step + 1, run_dir)
+        if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+        fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+        if checkpoint_due(step + 1, tc): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    bar.close()
+    return run_dir
