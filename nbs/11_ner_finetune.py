@@ -1,0 +1,631 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Universal NER finetuning
+#
+# > A token-classification head (linear or linear-chain CRF) on a Pico backbone, finetuned head-only
+# > or fully, scored with seqeval, with the loss-curve speed measures and token confidences of paper 2.
+#
+# Paper 1 (§3.4) attaches a fresh linear classifier to the step-6000 checkpoint; paper 2 (§2.5)
+# attaches a linear-chain CRF. Both compare head-only tuning (backbone frozen, "mirrors the inner
+# loop") with full tuning, AdamW at 3e-5, at most ten epochs, early stopping on dev micro-F1
+# (method.md §5). A model finetuned on one source is then evaluated on every UNER test set.
+
+# %%
+#| default_exp ner
+
+# %%
+#| export
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from seqeval.metrics import classification_report, f1_score
+from seqeval.scheme import IOB2
+from torchcrf import CRF
+
+from picomaml.config import NERConfig
+from picomaml.ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
+
+# %% [markdown]
+# ## Batches of windows
+#
+# A batch right-pads the windows' sub-token ids. The Pico decoder is causal, so padding on the right
+# cannot change the states of the real positions before it and no attention mask is needed. The
+# classifier reads the state at each word's **first** sub-token (`word_pos`): like the papers, it
+# sees the word's first piece and the words to its left, never the rest of the word or the right
+# context. Word-level labels and a word mask complete the batch.
+
+# %%
+#| export
+PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
+
+@dataclass
+class Batch:
+    "Padded sub-token ids and the word positions, mask and labels of a list of windows."
+    input_ids: torch.Tensor  # (B, T)
+    word_pos: torch.Tensor  # (B, W) position of each word's first sub-token
+    word_mask: torch.Tensor  # (B, W) bool, True for real words
+    word_labels: torch.Tensor  # (B, W) tag ids, 0 (O) at padded words
+
+def collate(windows: list[Window], pad_id: int = PAD_ID) -> Batch:
+    "Right-pad windows into one batch."
+    T, W = max(len(w.input_ids) for w in windows), max(len(w.word_starts) for w in windows)
+    ids = torch.full((len(windows), T), pad_id, dtype=torch.long)
+    pos, labels = torch.zeros(len(windows), W, dtype=torch.long), torch.zeros(len(windows), W, dtype=torch.long)
+    mask = torch.zeros(len(windows), W, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        ids[i, :len(w.input_ids)] = torch.tensor(w.input_ids)
+        n = len(w.word_starts)
+        pos[i, :n], mask[i, :n] = torch.tensor(w.word_starts), True
+        labels[i, :n] = torch.tensor([w.labels[s] for s in w.word_starts])
+    return Batch(ids, pos, mask, labels)
+
+def gather_words(hidden: torch.Tensor, word_pos: torch.Tensor) -> torch.Tensor:
+    "States at each word's first sub-token: (B, T, d), (B, W) -> (B, W, d)."
+    return hidden.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+# %%
+w1 = Window([5, 6, 7, 8], [1, IGNORE_INDEX, 0, 5], [0, 2, 3], 0, 0)
+w2 = Window([9, 10], [2, IGNORE_INDEX], [0], 1, 0)
+b = collate([w1, w2])
+assert b.input_ids.tolist() == [[5, 6, 7, 8], [9, 10, PAD_ID, PAD_ID]]
+assert b.word_pos.tolist() == [[0, 2, 3], [0, 0, 0]] and b.word_mask.tolist() == [[True] * 3, [True, False, False]]
+assert b.word_labels.tolist() == [[1, 0, 5], [2, 0, 0]]
+h = torch.arange(2 * 4 * 3.).view(2, 4, 3)  # (B, T, d)
+assert torch.equal(gather_words(h, b.word_pos)[0, 1], h[0, 2])
+
+# %% [markdown]
+# ## The test backbone
+#
+# Finetuning needs only `backbone.hidden(input_ids) -> (B, T, d)`, the final normed states of
+# `picomaml.model.PicoDecoder`. The tests use a one-block causal transformer with that interface over
+# the real 50,304-id vocabulary, small enough for two CPU cores. Set `PICOMAML_NER_BACKBONE` to a
+# checkpoint directory (or Hub id) to run the finetuning tests on a real Pico checkpoint instead.
+
+# %%
+class CausalToyBackbone(nn.Module):
+    "One causal attention block with a `hidden(ids) -> (B, T, d)` method."
+    def __init__(self, vocab=50304, d=32, n_heads=2):
+        super().__init__()
+        self.embed, self.qkv, self.out = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp, self.norm, self.n_heads = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)), nn.RMSNorm(d), n_heads
+
+    def hidden(self, ids):
+        x = self.embed(ids)  # (B, T, d)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, d/H)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+        return self.norm(x + self.mlp(x))
+
+# %%
+import os
+def test_backbone(seed=0):
+    "A real checkpoint from $PICOMAML_NER_BACKBONE, else the toy causal backbone."
+    if os.environ.get("PICOMAML_NER_BACKBONE"):
+        from picomaml.model import load_pretrained
+        return load_pretrained(os.environ["PICOMAML_NER_BACKBONE"])
+    torch.manual_seed(seed)
+    return CausalToyBackbone()
+
+bb = test_backbone()
+with torch.no_grad():
+    padded = collate([w1, w2])
+    alone = bb.hidden(torch.tensor([w2.input_ids]))
+    assert torch.allclose(bb.hidden(padded.input_ids)[1, :2], alone[0], atol=1e-6)  # right padding changes nothing
+
+# %% [markdown]
+# ## Heads
+#
+# **Linear** (paper 1): per-word logits and cross-entropy averaged over words. **CRF** (paper 2): the
+# same linear emissions feed a linear-chain CRF (`torchcrf.CRF`, pytorch-crf 0.7.2) over the words of
+# a window, with a boolean mask whose first timestep is always set (every window has a word). Its
+# loss is the negative log-likelihood divided by the number of words (`token_mean`), so both heads'
+# losses are per-word and their curves comparable; decoding is Viterbi.
+
+# %%
+#| export
+class LinearTagHead(nn.Module):
+    "Per-word softmax over the tags."
+    def __init__(self, d: int, n_labels: int = len(LABELS)):
+        super().__init__()
+        self.proj = nn.Linear(d, n_labels)
+
+    def forward(self, feats): return self.proj(feats)  # (B, W, d) -> (B, W, K)
+    def loss(self, em, labels, mask): return F.cross_entropy(em[mask], labels[mask])
+    def decode(self, em, mask): return [row[m].tolist() for row, m in zip(em.argmax(-1), mask)]
+    def marginals(self, em, mask): return em.softmax(-1)  # (B, W, K)
+
+class CRFTagHead(nn.Module):
+    "Linear emissions and a linear-chain CRF over the words."
+    def __init__(self, d: int, n_labels: int = len(LABELS)):
+        super().__init__()
+        self.proj, self.crf = nn.Linear(d, n_labels), CRF(n_labels, batch_first=True)
+
+    def forward(self, feats): return self.proj(feats)  # (B, W, d) -> (B, W, K)
+    def loss(self, em, labels, mask): return -self.crf(em, labels, mask, reduction="token_mean")
+    def decode(self, em, mask): return self.crf.decode(em, mask)
+    def marginals(self, em, mask): return crf_marginals(self.crf, em, mask)
+
+# %% [markdown]
+# ### CRF marginals by forward–backward
+#
+# Paper 2 reports the probability of the correct tag per token (Fig. 7, 9). For the CRF that is the
+# marginal p(y_t = j | x) = exp(α_t(j) + β_t(j) − log Z), with log-space forward scores
+# α_t(j) = e_t(j) + logsumexp_i(α_{t−1}(i) + A_ij), α_0 = s + e_0, and backward scores
+# β_t(i) = logsumexp_j(A_ij + e_{t+1}(j) + β_{t+1}(j)), β_{last} = end transitions.
+
+# %%
+#| export
+def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Per-word tag marginals of a linear-chain CRF: (B, W, K) emissions -> (B, W, K) probabilities."
+    B, W, K = em.shape
+    A = crf.transitions  # (K, K) score of tag i followed by tag j
+    alphas = [crf.start_transitions + em[:, 0]]  # (B, K)
+    for t in range(1, W):
+        step = torch.logsumexp(alphas[-1].unsqueeze(2) + A + em[:, t].unsqueeze(1), dim=1)
+        alphas.append(torch.where(mask[:, t, None], step, alphas[-1]))
+    end = crf.end_transitions.expand(B, K)
+    betas = [end]
+    for t in range(W - 2, -1, -1):
+        step = torch.logsumexp(A + (em[:, t + 1] + betas[0]).unsqueeze(1), dim=2)
+        betas.insert(0, torch.where(mask[:, t + 1, None], step, end))
+    alpha, beta = torch.stack(alphas, 1), torch.stack(betas, 1)  # (B, W, K)
+    log_z = torch.logsumexp(alphas[-1] + crf.end_transitions, dim=1)  # (B,)
+    return (alpha + beta - log_z[:, None, None]).exp()
+
+# %% [markdown]
+# Brute force over every tag sequence of short inputs: Viterbi finds the best-scoring sequence, and
+# the marginals are the summed probabilities of the sequences with each tag — with padded windows
+# in the batch.
+
+# %%
+import itertools
+def sequence_score(crf, em, tags):
+    "Unnormalised score of one tag sequence: start + emissions + transitions + end."
+    s = crf.start_transitions[tags[0]] + crf.end_transitions[tags[-1]] + sum(em[t, y] for t, y in enumerate(tags))
+    return s + sum(crf.transitions[a, b] for a, b in zip(tags, tags[1:]))
+
+torch.manual_seed(0)
+K = len(LABELS)
+head = CRFTagHead(4, K)
+for p in head.crf.parameters(): nn.init.normal_(p)
+em = torch.randn(2, 4, K)
+mask = torch.tensor([[True] * 4, [True, True, True, False]])
+marg, best = head.marginals(em, mask), head.decode(em, mask)
+for b, n in enumerate((4, 3)):
+    seqs = list(itertools.product(range(K), repeat=n))
+    scores = torch.stack([sequence_score(head.crf, em[b], s) for s in seqs])
+    assert list(seqs[scores.argmax()]) == best[b]
+    probs = (scores - scores.logsumexp(0)).exp()
+    for t in range(n):
+        brute = torch.stack([probs[[s[t] == j for s in seqs]].sum() for j in range(K)])
+        assert torch.allclose(marg[b, t], brute, atol=1e-5)
+    assert torch.allclose(-head.loss(em[b:b + 1, :n], torch.tensor([seqs[0]]), mask[b:b + 1, :n]) * n,
+                          probs[0].log(), atol=1e-4)  # token_mean NLL = -log p(sequence) / words
+
+# %% [markdown]
+# ## The tagger
+#
+# A backbone and a head. `word_features` runs the backbone and reads the words' first sub-tokens;
+# the head's `loss`, `decode` and `marginals` work on those features, so the head-only fast path
+# can feed it cached features instead.
+
+# %%
+#| export
+HEADS = {"linear": LinearTagHead, "crf": CRFTagHead}
+
+def feature_dim(backbone) -> int:
+    "Width d of `backbone.hidden`'s states."
+    p = next(backbone.parameters())
+    with torch.no_grad(): return backbone.hidden(torch.zeros(1, 1, dtype=torch.long, device=p.device)).shape[-1]
+
+class NERTagger(nn.Module):
+    "A backbone with a `hidden(ids)` method and a linear or CRF tag head on its word features."
+    def __init__(self, backbone: nn.Module, head: str = "linear"):
+        super().__init__()
+        if head not in HEADS: raise ValueError(f"ner.head={head!r} is not one of {', '.join(HEADS)}")
+        self.backbone, self.head_kind = backbone, head
+        self.head = HEADS[head](feature_dim(backbone)).to(next(backbone.parameters()).device)
+
+    def word_features(self, batch: Batch) -> torch.Tensor:
+        "Backbone states at the words' first sub-tokens, (B, W, d)."
+        dev = next(self.parameters()).device
+        return gather_words(self.backbone.hidden(batch.input_ids.to(dev)), batch.word_pos.to(dev))
+
+# %% [markdown]
+# ## Scoring with seqeval
+#
+# Micro-F1 over entity spans in seqeval's default (CoNLL, lenient) mode — the papers' figure — and
+# in strict IOB2 mode, which needs `scheme=IOB2` (without it, `mode="strict"` silently falls back to
+# the lenient mode; toolchain.md). Per-tag F1 for PER, LOC and ORG (NaN for a type with neither gold
+# nor predicted spans).
+
+# %%
+#| export
+def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences."
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    return {"micro_f1": f1_score(gold, pred, zero_division=0),
+            "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
+            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ("PER", "LOC", "ORG")}}
+
+# %% [markdown]
+# A hand-computed case with 4 gold spans (PER "Jan Novak", LOC "Nitra", PER "Peter", ORG "SNK"). The
+# prediction finds "Jan Novak", calls "Nitra" ORG, misses "SNK" and opens "Peter" with `I-PER`.
+# Lenient mode reads that `I-PER` as a span start: 2 correct of 3 predicted, P = 2/3, R = 2/4,
+# F1 = 4/7. Strict IOB2 drops the span opened by `I-PER`: 1 correct of 2 predicted, P = 1/2,
+# R = 1/4, F1 = 1/3. Per tag (lenient): PER 2/2 found, 2 predicted → 1; LOC and ORG → 0.
+
+# %%
+gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "O", "B-ORG"]]
+pred = [["B-PER", "I-PER", "O", "B-ORG"], ["I-PER", "O", "O"]]
+sc = score(gold, pred)
+assert abs(sc["micro_f1"] - 4 / 7) < 1e-9 and abs(sc["strict_micro_f1"] - 1 / 3) < 1e-9
+assert sc["per_tag_f1"]["PER"] == 1.0 and sc["per_tag_f1"]["LOC"] == 0.0 and sc["per_tag_f1"]["ORG"] == 0.0
+assert f1_score(gold, pred, mode="strict") == sc["micro_f1"]  # the silent fallback this function avoids
+
+# %% [markdown]
+# ## Features, predictions and evaluation
+#
+# `window_features` runs the backbone once over a split (no gradients, windows sorted by length so
+# batches carry little padding) and keeps each window's word features: this is the head-only cache.
+# `predict` decodes every window (from the cache when given) and re-joins windows into sentences.
+
+# %%
+#| export
+def batches(windows: list[Window], order, batch_size: int):
+    "Windows in `order`, `batch_size` at a time, with their indices."
+    for i in range(0, len(order), batch_size):
+        idx = list(order[i:i + batch_size])
+        yield idx, collate([windows[j] for j in idx])
+
+@torch.no_grad()
+def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16) -> list[torch.Tensor]:
+    "Word features (W_i, d) of every window of a split, computed once with the backbone in eval mode."
+    was_training = tagger.training
+    tagger.eval()
+    order = sorted(range(len(split.windows)), key=lambda i: len(split.windows[i].input_ids))
+    feats = [None] * len(split.windows)
+    for idx, batch in batches(split.windows, order, batch_size):
+        out = tagger.word_features(batch)  # (B, W, d)
+        for row, j in enumerate(idx): feats[j] = out[row, :len(split.windows[j].word_starts)].clone()
+    tagger.train(was_training)
+    return feats
+
+def cached_batch(feats: list[torch.Tensor], windows: list[Window], idx: list[int]):
+    "Padded features (B, W, d), word mask and labels of cached windows."
+    x = nn.utils.rnn.pad_sequence([feats[j] for j in idx], batch_first=True)
+    b = collate([windows[j] for j in idx])
+    return x, b.word_mask.to(x.device), b.word_labels.to(x.device)
+
+# %%
+#| export
+@torch.no_grad()
+def window_outputs(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16):
+    "Decoded tag ids and tag marginals (W_i, K) of every window (from cached features when given)."
+    was_training = tagger.training
+    tagger.eval()
+    decoded, marginals = [], []
+    for idx, batch in batches(split.windows, range(len(split.windows)), batch_size):
+        x, mask = (cached_batch(feats, split.windows, idx)[:2] if feats is not None
+                   else (tagger.word_features(batch), batch.word_mask.to(next(tagger.parameters()).device)))
+        em = tagger.head(x)
+        decoded += tagger.head.decode(em, mask)
+        marginals += [m[k].cpu() for m, k in zip(tagger.head.marginals(em, mask), mask)]
+    tagger.train(was_training)
+    return decoded, marginals
+
+def predict(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> list[list[str]]:
+    "Predicted IOB2 tags of every sentence of a split."
+    decoded, _ = window_outputs(tagger, split, feats, batch_size)
+    return rejoin(split, [[LABELS[t] for t in d] for d in decoded])
+
+def evaluate(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> dict:
+    "seqeval scores of the tagger on a split."
+    return score([s.tags for s in split.sentences], predict(tagger, split, feats, batch_size))
+
+# %% [markdown]
+# ## Finetuning
+#
+# AdamW at `ner.lr` over the trainable parameters; one step per batch of `ner.batch_size` windows in
+# a seeded random order; dev micro-F1 after every epoch; stop after `ner.patience` epochs without a
+# better dev F1 or after `ner.epochs`; the best epoch's weights are restored.
+#
+# **Head-only** freezes the backbone (`requires_grad=False`, eval mode). Its features then never
+# change, so they are computed once for train and dev and every epoch runs on the cache
+# (`cache=False` recomputes them each step; the results are the same). **Full** trains a copy of the
+# backbone, so the caller's backbone is never modified and can be finetuned again.
+
+# %%
+#| export
+def train_step(tagger: NERTagger, opt, x, mask, labels) -> float:
+    "One AdamW step on a batch of word features; returns the loss."
+    loss = tagger.head.loss(tagger.head(x), labels, mask)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+def step_inputs(tagger: NERTagger, windows, idx, batch, feats):
+    "Word features, mask and labels of a batch: from the cache, or through the backbone."
+    if feats is not None: return cached_batch(feats, windows, idx)
+    dev = next(tagger.parameters()).device
+    return tagger.word_features(batch), batch.word_mask.to(dev), batch.word_labels.to(dev)
+
+# %%
+#| export
+def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int = 0,
+             cache: bool = True) -> tuple[NERTagger, dict]:
+    "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."
+    if cfg.regime not in ("head", "full"): raise ValueError(f"ner.regime={cfg.regime!r} is not one of head, full")
+    head_only = cfg.regime == "head"
+    torch.manual_seed(seed)
+    tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head)
+    tagger.backbone.requires_grad_(not head_only)
+    tagger.train()
+    if head_only: tagger.backbone.eval()
+    feats = window_features(tagger, train, cfg.batch_size) if head_only and cache else None
+    dev_feats = window_features(tagger, dev, cfg.batch_size) if head_only and cache else None
+    opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
+    gen, history, best, best_state, t0 = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": []}, -1.0, None, time.perf_counter()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train.windows), generator=gen).tolist()
+        for idx, batch in batches(train.windows, order, cfg.batch_size):
+            history["loss"].append(train_step(tagger, opt, *step_inputs(tagger, train.windows, idx, batch, feats)))
+        history["dev_f1"].append(evaluate(tagger, dev, dev_feats, cfg.batch_size)["micro_f1"])
+        if history["dev_f1"][-1] > best:
+            best, best_epoch = history["dev_f1"][-1], epoch
+            best_state = copy.deepcopy((tagger.head if head_only else tagger).state_dict())
+        elif epoch - best_epoch >= cfg.patience: break
+    (tagger.head if head_only else tagger).load_state_dict(best_state)
+    history.update(epochs=len(history["dev_f1"]), steps=len(history["loss"]), best_epoch=best_epoch + 1,
+                   dev_f1=history["dev_f1"], best_dev_f1=best, time_s=time.perf_counter() - t0)
+    return tagger, history
+
+# %% [markdown]
+# ### Tests on real data
+#
+# A small slice of sk_snk (Slovak, paper 2's main source), encoded with the OLMo tokenizer.
+
+# %%
+import dataclasses
+from pathlib import Path
+from picomaml.config import DataConfig
+from picomaml.ner_data import encode_split, load_split
+from picomaml.tokenizer import load_tokenizer
+os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
+encode = load_tokenizer(DataConfig()).encode
+sk_train = load_split("sk_snk", "train", NERConfig())
+sk_dev = load_split("sk_snk", "dev", NERConfig())
+small_train, small_dev = encode_split(sk_train[:48], encode, 64), encode_split(sk_dev[:24], encode, 64)
+
+# %% [markdown]
+# **Head-only leaves the backbone bit-identical**, and **the cached path equals the uncached one**:
+# same seed, same losses step by step, same head weights, same dev F1 (for both heads).
+
+# %%
+quick = dataclasses.replace(NERConfig(), lr=1e-2, epochs=2, patience=2, batch_size=8)
+bb = test_backbone()
+before = {k: v.clone() for k, v in bb.state_dict().items()}
+for head_kind in ("linear", "crf"):
+    cfg_q = dataclasses.replace(quick, head=head_kind)
+    fast, h_fast = finetune(bb, small_train, small_dev, cfg_q, seed=1, cache=True)
+    slow, h_slow = finetune(bb, small_train, small_dev, cfg_q, seed=1, cache=False)
+    assert np.allclose(h_fast["loss"], h_slow["loss"], atol=1e-5) and h_fast["dev_f1"] == h_slow["dev_f1"]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.head.state_dict().values(), slow.head.state_dict().values()))
+    assert h_fast["loss"][-1] < h_fast["loss"][0]
+assert all(torch.equal(v, before[k]) for k, v in bb.state_dict().items())
+
+# %% [markdown]
+# Full finetuning trains a copy: the backbone inside the tagger moved, the caller's did not.
+
+# %%
+full, _ = finetune(bb, small_train, small_dev, dataclasses.replace(quick, regime="full", epochs=1), seed=1)
+assert not torch.equal(full.backbone.embed.weight if hasattr(full.backbone, "embed") else next(full.backbone.parameters()), before[next(iter(before))])
+assert all(torch.equal(v, before[k]) for k, v in bb.state_dict().items())
+
+# %% [markdown]
+# **Early stopping**: with a learning rate of 0 nothing changes, so dev F1 never improves after the
+# first epoch and training stops after exactly 1 + `patience` epochs.
+
+# %%
+_, h = finetune(bb, small_train, small_dev, dataclasses.replace(quick, lr=0.0, epochs=10, patience=2), seed=0)
+assert h["epochs"] == 3 and h["best_epoch"] == 1 and len(set(h["dev_f1"])) == 1
+assert h["steps"] == 3 * math.ceil(len(small_train.windows) / quick.batch_size)
+
+# %% [markdown]
+# **Finetuning learns**: a short head-only finetune on 1,000 sk_snk sentences lifts dev micro-F1 well
+# above the untrained head's. The toy backbone is random, so the head can only memorise which
+# first sub-tokens start names; a real checkpoint (`PICOMAML_NER_BACKBONE`) does better.
+
+# %%
+lift_train, lift_dev = encode_split(sk_train[:1000], encode, 64), encode_split(sk_dev[:300], encode, 64)
+torch.manual_seed(0)
+lift_bb = test_backbone() if os.environ.get("PICOMAML_NER_BACKBONE") else CausalToyBackbone(d=256)
+untrained = evaluate(NERTagger(lift_bb, "linear"), lift_dev)["micro_f1"]
+tagger, h = finetune(lift_bb, lift_train, lift_dev, dataclasses.replace(NERConfig(), lr=3e-2, epochs=2, patience=2, batch_size=32), seed=0)
+print(f"dev micro-F1 untrained {untrained:.3f} -> finetuned {h['best_dev_f1']:.3f} ({h['steps']} steps, {h['time_s']:.1f} s)")
+assert h["best_dev_f1"] > untrained + 0.05
+
+# %% [markdown]
+# ## Finetuning speed from the loss curve (paper 2 Table 2)
+#
+# From the per-step training losses L_1 … L_n: **t90** is the first step whose loss is at most
+# L_0 − 0.9 (L_0 − L_end) (L_0 the first and L_end the last logged loss); **AUC** is the trapezoidal
+# area under the curve divided by the step span n − 1 (a mean loss, comparable between runs of
+# different length); **slope** is the least-squares slope over the first 10 % of the steps (at least
+# two).
+
+# %%
+#| export
+def loss_curve_metrics(losses) -> dict:
+    "t90, normalised AUC and initial slope of a per-step loss curve (steps numbered from 1)."
+    y = np.asarray(losses, dtype=float)
+    if len(y) < 2: raise ValueError(f"a loss curve needs at least 2 steps, got {len(y)}")
+    steps = np.arange(1, len(y) + 1)
+    target = y[0] - 0.9 * (y[0] - y[-1])
+    n_fit = max(2, math.ceil(0.1 * len(y)))
+    return {"t90": int(steps[np.argmax(y <= target)]),
+            "auc": float(np.trapezoid(y, steps) / (len(y) - 1)),
+            "slope": float(np.polyfit(steps[:n_fit], y[:n_fit], 1)[0])}
+
+# %%
+curve = loss_curve_metrics([8.0, 6.0, 4.0, 2.0, 1.0, 0.0])  # target 0.8: first reached at step 6
+assert curve["t90"] == 6 and abs(curve["auc"] - (7 + 5 + 3 + 1.5 + 0.5) / 5) < 1e-12 and abs(curve["slope"] + 2) < 1e-9
+line = loss_curve_metrics(3.0 - 0.25 * np.arange(40))  # 40 steps: the slope is fitted over the first 4
+assert abs(line["slope"] + 0.25) < 1e-9 and abs(line["auc"] - (3.0 - 0.25 * 39 / 2)) < 1e-12
+decay = loss_curve_metrics([4.0, 2.0, 1.0, 0.5, 0.5, 0.5])
+assert decay["t90"] == 4 and abs(decay["slope"] + 2) < 1e-9
+loss_curve_metrics(h["loss"])
+
+# %% [markdown]
+# ## Zero-shot evaluation on every test set
+#
+# After finetuning on a source, the tagger is scored on all 18 test sets: the nine in-language sets,
+# six PUD sets and the Philippine ceb_gja, tl_trg, tl_ugnayan (paper 1 §5, paper 2 §2.5). For a
+# frozen backbone each test set's features are computed once and shared by scoring and confidences.
+
+# %%
+#| export
+def evaluate_all(tagger: NERTagger, tests: dict[str, EncodedSplit], batch_size: int = 16) -> dict[str, dict]:
+    "seqeval scores on every named test split."
+    return {name: evaluate(tagger, split, batch_size=batch_size) for name, split in tests.items()}
+
+# %% [markdown]
+# ## The result record
+#
+# One flat row per finetuning run, which the sweep appends to its results table.
+
+# %%
+#| export
+def result_record(history: dict, tests: dict[str, dict], cfg: NERConfig, checkpoint: str = "", run: str = "") -> dict:
+    "A row describing one finetuning run: setup, dev and test F1, per-tag F1, loss-curve speed, cost."
+    return {"dataset": "+".join(cfg.train_sets), "head": cfg.head, "regime": cfg.regime, "checkpoint": checkpoint,
+            "pretraining_run": run, "dev_f1": history["best_dev_f1"],
+            "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
+            "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
+            "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
+            **loss_curve_metrics(history["loss"]), "epochs": history["epochs"], "steps": history["steps"],
+            "time_s": history["time_s"]}
+
+# %% [markdown]
+# `run_ner` is one whole run as the sweep calls it: load and encode the configured training sources
+# and their dev sets (`all` is the nine sets together), finetune, evaluate on the test sets.
+
+# %%
+#| export
+def load_encoded(dataset_names, split: str, encode, cfg: NERConfig) -> EncodedSplit:
+    "Sentences of the named datasets' split, concatenated and encoded."
+    from picomaml.ner_data import encode_split, load_split
+    sentences = [s for d in dataset_names for s in load_split(d, split, cfg)]
+    return encode_split(sentences, encode, cfg.max_len, f"{'+'.join(dataset_names)}/{split}")
+
+def run_ner(backbone: nn.Module, cfg: NERConfig, encode, test_sets=None, seed: int = 0, checkpoint: str = "", run: str = "") -> tuple[NERTagger, dict]:
+    "Finetune on `cfg.train_sets`, evaluate on every test set (default: all 18), return the tagger and its record."
+    from picomaml.ner_data import TEST_SETS
+    train, dev = load_encoded(cfg.train_sets, "train", encode, cfg), load_encoded(cfg.train_sets, "dev", encode, cfg)
+    tagger, history = finetune(backbone, train, dev, cfg, seed)
+    tests = {d: load_encoded([d], "test", encode, cfg) for d in (test_sets or TEST_SETS)}
+    return tagger, result_record(history, evaluate_all(tagger, tests, cfg.batch_size), cfg, checkpoint, run)
+
+# %% [markdown]
+# The record of the finetune above on three test sets (the Slovak one and the two Tagalog ones):
+
+# %%
+tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 64) for d in ("sk_snk", "tl_trg", "tl_ugnayan")}
+record = result_record(h, evaluate_all(tagger, tiny_tests), NERConfig(), checkpoint="toy", run="toy")
+assert set(record["test_f1"]) == set(tiny_tests) and record["steps"] == h["steps"] and record["dataset"] == "sk_snk"
+{k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1")}
+
+# %% [markdown]
+# ## Token confidence and surprisal (paper 2 §4, Fig. 7 and 9)
+#
+# The probability of the gold tag at every word: the CRF marginal (forward–backward above) or the
+# linear head's softmax. `word_confidence` averages it per surface word — for the given words, or
+# the `top` most frequent words of the split, entities (gold tag not O) and non-entities apart.
+# `surprisal_delta` is paper 2's case-study measure: (−log p_other) − (−log p_base) of the gold tag
+# per word; negative means the other model is more confident.
+
+# %%
+#| export
+def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> list[list[float]]:
+    "p(gold tag) of every word of every sentence."
+    _, marginals = window_outputs(tagger, split, feats, batch_size)
+    per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
+    return rejoin(split, per_window)
+
+def word_confidence(split: EncodedSplit, probs: list[list[float]], words=None, top: int = 10, entities: bool | None = None) -> dict[str, float]:
+    "Mean p(gold tag) per surface word: `words`, else the `top` most frequent (entities only / non-entities only / all)."
+    from collections import defaultdict
+    acc = defaultdict(list)
+    for s, p in zip(split.sentences, probs):
+        for w, tag, q in zip(s.words, s.tags, p):
+            if entities is None or (tag != "O") == entities: acc[w].append(q)
+    chosen = words if words is not None else sorted(acc, key=lambda w: -len(acc[w]))[:top]
+    return {w: float(np.mean(acc[w])) if acc[w] else math.nan for w in chosen}
+
+def surprisal_delta(base: NERTagger, other: NERTagger, split: EncodedSplit, batch_size: int = 16) -> list[list[float]]:
+    "Per word: surprisal of the gold tag under `other` minus under `base` (negative: `other` more confident)."
+    pa, pb = gold_tag_probabilities(base, split, batch_size=batch_size), gold_tag_probabilities(other, split, batch_size=batch_size)
+    return [[math.log(a) - math.log(b) for a, b in zip(ra, rb)] for ra, rb in zip(pa, pb)]
+
+# %% [markdown]
+# The probabilities are real distributions: on a hand-made Tagalog sentence the gold-tag
+# probabilities match the marginals read directly, a model compared with itself has Δ = 0, and the
+# finetuned head is more confident than the untrained one on the Slovak dev words.
+
+# %%
+from picomaml.ner_data import Sentence
+case = encode_split([Sentence(["Malapit", "kay", "Maria", "si", "Juan"], ["O", "O", "B-PER", "O", "B-PER"], "case:1")], encode, 64)
+crf_tagger, _ = finetune(bb, small_train, small_dev, dataclasses.replace(quick, head="crf"), seed=1)
+probs = gold_tag_probabilities(crf_tagger, case)
+_, marg = window_outputs(crf_tagger, case)
+assert np.allclose(probs[0], [marg[0][i, LABELS.index(t)].item() for i, t in enumerate(case.sentences[0].tags)], atol=1e-6)
+assert all(0 < p < 1 for p in probs[0]) and np.allclose(marg[0].sum(-1), 1, atol=1e-5)
+assert all(d == 0 for d in surprisal_delta(crf_tagger, crf_tagger, case)[0])
+untrained_tagger = NERTagger(lift_bb, "linear")
+conf_before = word_confidence(lift_dev, gold_tag_probabilities(untrained_tagger, lift_dev), top=10, entities=False)
+conf_after = word_confidence(lift_dev, gold_tag_probabilities(tagger, lift_dev), words=list(conf_before))
+assert np.mean(list(conf_after.values())) > np.mean(list(conf_before.values()))
+delta = surprisal_delta(untrained_tagger, tagger, lift_dev)
+assert np.mean([d for row in delta for d in row]) < 0
+conf_after
+
+# %% [markdown]
+# ## Benchmark: head-only finetuning costs about one backbone pass
+#
+# With the cache, a head-only finetune is one backbone pass over train and dev plus epochs of a
+# linear (or CRF) head on stored features. Target: at most 1.5× the time of one backbone forward
+# pass over the same windows. Measured on sk_snk (2,000 train sentences, the dev set) with the toy
+# backbone and three epochs; a real Pico backbone makes the pass dearer and the ratio smaller.
+
+# %%
+#| slow
+bench_train, bench_dev = encode_split(sk_train[:2000], encode, 512), encode_split(sk_dev, encode, 512)
+bench_cfg = dataclasses.replace(NERConfig(), epochs=3, patience=3)
+bench_bb = test_backbone()
+t0 = time.perf_counter()
+window_features(NERTagger(bench_bb, "linear"), bench_train, bench_cfg.batch_size)
+window_features(NERTagger(bench_bb, "linear"), bench_dev, bench_cfg.batch_size)
+one_pass = time.perf_counter() - t0
+for head_kind in ("linear", "crf"):
+    _, hb = finetune(bench_bb, bench_train, bench_dev, dataclasses.replace(bench_cfg, head=head_kind), seed=0)
+    print(f"{head_kind}: head-only finetune {hb['time_s']:.1f} s, one backbone pass {one_pass:.1f} s, ratio {hb['time_s'] / one_pass:.2f}")
