@@ -1,0 +1,218 @@
+"""Distributed training on CPU processes (gloo): equivalence to one process, exact resume after kill -9,
+corrupt checkpoints, NaN stops, shared branch draws, and a two-node rendezvous on localhost.
+
+Every launch is a real `torchrun` (or `python -m picomaml.launch` for one process) wrapped in `timeout`.
+The model is tiny (d 24, 2 blocks, 32-token rows of real OLMo ids), so each launch takes seconds."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PICOMAML_DATA", ROOT.parent / "shared" / "data"))
+TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
+WALL_CLOCK = ("tokens_per_s", "mfu")  # the only fields that differ between identical runs
+LAUNCH_TIMEOUT = 150
+
+pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"local data {SHARED} not found (set PICOMAML_DATA)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    "Prepared 33-id rows of 20 C4 documents (train) and Paloma-format C4 documents (eval)."
+    from picomaml.config import DataConfig
+    from picomaml.data import prepare
+    from picomaml.tokenizer import load_tokenizer
+    tok = load_tokenizer(DataConfig(tokenizer_path=str(TOKENIZER)))
+    out = tmp_path_factory.mktemp("data")
+    prepare(sorted((SHARED / "corpus/train").glob("c4-sample.0[12].json.gz")), out / "train", 32, tok, log=lambda m: None)
+    prepare(sorted((SHARED / "corpus/eval").glob("c4_100_domains_*.jsonl.gz")), out / "eval", 32, tok, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def tiny(data, runs, name, *overrides):
+    "Command-line overrides of a seconds-long run."
+    return ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
+            "model.max_seq_len=32", f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
+            f"data.tokenizer_path={TOKENIZER}", "train.steps=3", "train.global_batch=8", "train.lr=1e-2",
+            "train.warmup_steps=2", "train.save_every=1", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
+            "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2",
+            "eval.every=2", "eval.max_rows=16", "eval.batch_size=8", "spectra.every=0", f"logging.runs_dir={runs}",
+            f"logging.run_name={name}", "logging.progress_bar=false", *overrides]
+
+
+def command(nproc, overrides, extra_torchrun=("--standalone",)):
+    "`timeout`-wrapped launch command: plain python for one process, torchrun otherwise."
+    launch = ["-m", "picomaml.launch", *overrides]
+    if nproc == 1 and not extra_torchrun: return ["timeout", str(LAUNCH_TIMEOUT), sys.executable, *launch]
+    return ["timeout", str(LAUNCH_TIMEOUT), sys.executable, "-m", "torch.distributed.run", *extra_torchrun,
+            f"--nproc_per_node={nproc}", *launch]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch(nproc, overrides, check=True, extra_torchrun=("--standalone",)):
+    "Run one launch to completion; return (returncode, stderr)."
+    p = subprocess.run(command(nproc, overrides, extra_torchrun), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=LAUNCH_TIMEOUT + 30)
+    if check: assert p.returncode == 0, f"launch failed ({p.returncode}):\n{p.stderr[-4000:]}"
+    return p.returncode, p.stderr
+
+
+def weights(run_dir, step):
+    "All parameters (backbone and head) of checkpoint `step`."
+    ckpt = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    return {**load_file(ckpt / "model.safetensors"), **{f"head.{k}": v for k, v in load_file(ckpt / "head.safetensors").items()}}
+
+
+def metrics(run_dir, drop=WALL_CLOCK):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in lines]
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    worst = max((x - b[k]).abs().max().item() for k, x in a.items())
+    assert worst <= tol, f"parameters differ by up to {worst:.2e}"
+
+
+# --- 1 process vs 2 processes on the same global batch ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ar_two(data, runs):
+    "Next-token steps only, 2 processes × micro-batch 4."
+    launch(2, tiny(data, runs, "ar-2", "maml.rho=0", "train.micro_batch=4"))
+    return runs / "ar-2"
+
+
+def test_ar_steps_one_process_equals_two(data, runs, ar_two):
+    # one process, micro-batch 4 × 2 accumulation steps: the same 8 rows per step as 2 ranks × 4
+    launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.micro_batch=4"), extra_torchrun=())
+    assert_close(weights(runs / "ar-1", 3), weights(ar_two, 3))
+    one, two = metrics(runs / "ar-1"), metrics(ar_two)
+    assert all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in one) and all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in two)
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["paloma_ppl"] - b["paloma_ppl"]) < 1e-3
+               for a, b in zip(one, two) if "paloma_ppl" in a)
+
+
+def test_maml_steps_one_process_equals_two(data, runs):
+    # episodes only; the head's dropout is off because a query row's dropout mask depends on the rank that holds it
+    common = ("maml.rho=1", "maml.head_dropout=0")
+    launch(1, tiny(data, runs, "maml-1", *common, "train.micro_batch=8"), extra_torchrun=())
+    launch(2, tiny(data, runs, "maml-2", *common, "train.micro_batch=4"))
+    assert_close(weights(runs / "maml-1", 3), weights(runs / "maml-2", 3))
+    one, two = metrics(runs / "maml-1"), metrics(runs / "maml-2")
+    assert all(r["n_ar"] == 0 and r["n_maml"] == 1 and r["branches"] == "M" for r in one + two)
+    for a, b in zip(one, two):
+        for key in ("loss", "support_acc", "query_acc", "head_w_mean", "head_w_std", "head_grad_norm"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+
+
+# --- kill -9 and resume ----------------------------------------------------------------------------------------
+
+HYBRID = ("maml.rho=0.5", "train.steps=8", "train.micro_batch=2", "train.save_every=2")
+
+
+@pytest.fixture(scope="module")
+def hybrid(data, runs):
+    "An uninterrupted hybrid run (2 processes, 2 accumulation steps, a checkpoint every 2 steps)."
+    launch(2, tiny(data, runs, "hybrid", *HYBRID))
+    return runs / "hybrid"
+
+
+def test_every_rank_takes_the_same_branches(hybrid):
+    # the loop all-reduces each micro-step's branch and raises if ranks disagree; the run finished, with both branches
+    log = metrics(hybrid)
+    assert {c for r in log for c in r["branches"]} == {"A", "M"}
+    assert all(r["n_maml"] == r["branches"].count("M") and r["n_ar"] == r["branches"].count("A") for r in log)
+
+
+def test_kill_9_and_resume_is_bitwise_identical(data, runs, hybrid):
+    kill_after = random.randint(1, 6)  # metrics lines (optimizer steps) seen before the kill
+    overrides = tiny(data, runs, "killed", *HYBRID)
+    proc = subprocess.Popen(command(2, overrides), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = runs / "killed" / "metrics.jsonl"
+    deadline = time.time() + LAUNCH_TIMEOUT
+    while proc.poll() is None and time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after: break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed at step {kill_after}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    launch(2, overrides)
+    final = weights(hybrid, 8)
+    resumed = weights(runs / "killed", 8)
+    assert all(torch.equal(final[k], resumed[k]) for k in final), f"weights differ after a kill at step {kill_after}"
+    assert metrics(runs / "killed") == metrics(hybrid), f"metrics differ after a kill at step {kill_after}"
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(data, runs, hybrid):
+    import shutil
+    shutil.copytree(hybrid, runs / "corrupt")
+    latest = runs / "corrupt" / "checkpoints" / "step_000008" / "model.safetensors"
+    blob = bytearray(latest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    latest.write_bytes(bytes(blob))
+    _, stderr = launch(2, tiny(data, runs, "corrupt", *HYBRID))
+    assert "step_000008/model.safetensors fails its SHA-256 check" in stderr and "previous valid checkpoint" in stderr
+    final = weights(hybrid, 8)
+    assert all(torch.equal(v, weights(runs / "corrupt", 8)[k]) for k, v in final.items())  # steps 7-8 redone exactly
+    assert metrics(runs / "corrupt") == metrics(hybrid)
+
+
+# --- NaN ------------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, runs, monkeypatch):
+    from lightning.fabric import Fabric
+    import picomaml.train as T
+    from picomaml.config import load_config
+    calls, real = [], T.next_token_loss_sum
+    def poisoned(model, rows):  # micro-batches 5 and 6 are optimizer step 3 (2 accumulation steps)
+        calls.append(1)
+        return real(model, rows) * (float("nan") if len(calls) >= 5 else 1.0)
+    monkeypatch.setattr(T, "next_token_loss_sum", poisoned)
+    cfg = load_config(None, tiny(data, runs, "nan", "maml.rho=0", "train.micro_batch=4", "train.steps=6", "train.save_every=2"))
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*last good checkpoint is kept.*step_000002"):
+        T.train(cfg, Fabric(accelerator="cpu", devices=1, precision="32-true"))
+    ckpts = runs / "nan" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002"] and T.find_checkpoint(ckpts)[0].name == "step_000002"
+    assert [r["step"] for r in metrics(runs / "nan")] == [1, 2]
+
+
+# --- two nodes ------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_rendezvous_on_localhost(data, runs, ar_two):
+    port = free_port()
+    overrides = tiny(data, runs, "two-nodes", "maml.rho=0", "train.micro_batch=4")
+    nodes = [subprocess.Popen(command(1, overrides, ("--nnodes=2", f"--node_rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}")),
+                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    errors = [node.communicate(timeout=LAUNCH_TIMEOUT + 30)[1] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    # two nodes of one process compute exactly what one node of two processes does
+    two_nodes, one_node = weights(runs / "two-nodes", 3), weights(ar_two, 3)
+    assert all(torch.equal(v, one_node[k]) for k, v in two_nodes.items())
