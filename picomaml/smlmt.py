@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from .config import ConfigError, SMLMTConfig
 
 # %% auto #0
-__all__ = ['Episode', 'episode_generator', 'candidate_mask', 'rank_within_groups', 'allocate_windows', 'cut_windows',
-           'EpisodeError', 'too_few_words', 'check_episode_inputs', 'build_episode', 'assemble_episode',
+__all__ = ['Episode', 'episode_generator', 'candidate_mask', 'rank_within_groups', 'window_starts', 'allocate_windows',
+           'cut_windows', 'EpisodeError', 'too_few_words', 'check_episode_inputs', 'build_episode', 'assemble_episode',
            'episode_problems']
 
 # %% ../nbs/04_smlmt.ipynb #b7aef7df
@@ -73,6 +73,11 @@ def rank_within_groups(group: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     rank[idx] = pos - group_start
     return rank
 
+# %% ../nbs/04_smlmt.ipynb #d24ecd1b
+def window_starts(cols: torch.Tensor, row_len: int, window: int) -> torch.Tensor:
+    "(n,) first position of the W-token window centred on each column, clamped inside the row."
+    return (cols - window // 2).clamp(0, row_len - window)
+
 # %% ../nbs/04_smlmt.ipynb #e4aac458
 def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_starts: int,
                      window: int, n_vocab: int) -> torch.Tensor:
@@ -99,8 +104,7 @@ def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_st
 # %% ../nbs/04_smlmt.ipynb #43f342e0
 def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
     "Masked windows (n, W), readout positions (n,) and mask positions (n,) around occurrences (rows, cols)."
-    L = pool.shape[1]
-    starts = (cols - window // 2).clamp(0, L - window)                         # (n,)
+    starts = window_starts(cols, pool.shape[1], window)                        # (n,)
     ids = pool[rows[:, None], starts[:, None] + torch.arange(window, device=pool.device)]  # (n, W)
     mask_pos = cols - starts                                                   # (n,)
     ids[torch.arange(len(ids), device=pool.device), mask_pos] = mask_id
@@ -111,12 +115,12 @@ def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
 class EpisodeError(ConfigError):
     "The pool cannot supply the requested SMLMT episode; the message names the settings to change."
 
-def too_few_words(pool_shape, cfg: SMLMTConfig, n_frequent: int, n_ready: int) -> EpisodeError:
+def too_few_words(pool_shape, cfg: SMLMTConfig, n_often: int, n_ready: int) -> EpisodeError:
     "The error for a pool with fewer than n_way words that have k_shot + q_query free windows."
     R, L = pool_shape
     need = cfg.k_shot + cfg.q_query
     return EpisodeError(
-        f"SMLMT: a pool of {R} x {L} = {R * L:,} tokens has {n_frequent} eligible single-token words with >= "
+        f"SMLMT: a pool of {R} x {L} = {R * L:,} tokens has {n_often} eligible single-token words with >= "
         f"k_shot + q_query = {need} occurrences, and only {n_ready} with {need} non-overlapping windows of "
         f"{cfg.window} tokens; smlmt.n_way = {cfg.n_way} are needed. Give the episode more text "
         f"(raise smlmt.pool_rows or data.seq_len) or ask for less (lower smlmt.n_way, smlmt.k_shot, "
@@ -148,13 +152,13 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
                           cfg.min_word_chars, cfg.exclude_top)
     rows, cols = cand.nonzero(as_tuple=True)                                   # (n,), (n,)
     words = pool[rows, cols]
-    frequent = torch.bincount(words, minlength=V)[words] >= need
-    rows, cols, words = rows[frequent], cols[frequent], words[frequent]
+    often = torch.bincount(words, minlength=V)[words] >= need                 # the word occurs >= K+Q times
+    rows, cols, words = rows[often], cols[often], words[often]
     gen = episode_generator(seed, step)
     word_order = torch.randperm(V, generator=gen).to(dev)                      # (V,) class order
     occ_order = torch.randperm(len(words), generator=gen).to(dev)              # (n,) occurrence order
     priority = (V - word_order[words]) * (len(words) + 1) + occ_order
-    starts = (cols - cfg.window // 2).clamp(0, L - cfg.window)
+    starts = window_starts(cols, L, cfg.window)
     kept = allocate_windows(rows, starts, words, priority, need, R, L - cfg.window + 1, cfg.window, V)
     ready_words = (torch.bincount(words[kept], minlength=V) == need).nonzero().squeeze(1)  # words with K+Q windows
     if len(ready_words) < cfg.n_way:
