@@ -85,6 +85,7 @@ class DataConfig:
     train_hub: str = opt("pico-lm/pretokenized-dolma", "Hub dataset of pretokenized pretraining rows")
     eval_path: str = opt("", "local directory of parquet shards for Paloma evaluation; empty: the Hub dataset `eval_hub`")
     eval_hub: str = opt("pico-lm/pretokenized-paloma-tinsy", "Hub dataset of pretokenized Paloma rows")
+    eval_hub_split: str = opt("val", "split of `eval_hub` to stream")
     tokenizer_path: str = opt("", "local tokenizer.json; empty: $PICOMAML_DATA/tokenizer, else the Hub tokenizer")
     tokenizer_hub: str = opt("allenai/OLMo-7B-0724-hf", "Hub repository of the OLMo tokenizer")
     seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids")
@@ -190,6 +191,8 @@ class NERConfig:
     patience: int = opt(2, "stop after this many epochs without a better dev micro-F1")
     batch_size: int = opt(16, "sentences per step")
     max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated")
+    seed: int = opt(0, "seed of the head initialisation and the batch order")
+    cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
 
 # %% [markdown]
 # **logging** — where a run writes and what it reports.

@@ -439,11 +439,9 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 #| export
-HUB_SPLITS = {"train": "train", "eval": "val"}
-
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     "A local shard directory (Path) or a Hub dataset name (str) for split 'train' or 'eval'."
-    if split not in HUB_SPLITS: raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     path = getattr(data_cfg, f"{split}_path")
     if path:
         if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
@@ -456,7 +454,8 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> Shar
     "The row source of a split: local shards or a streamed Hub dataset."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
-    return StreamedRows(source, data_cfg.seq_len + 1, HUB_SPLITS[split], vocab_size)
+    hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size)
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:

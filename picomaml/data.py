@@ -24,9 +24,9 @@ from .config import DataConfig
 from .tokenizer import PicoTokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'MANIFEST', 'HUB_SPLITS', 'iter_jsonl_documents',
-           'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
-           'ShardRows', 'StreamedRows', 'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation',
+__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'MANIFEST', 'iter_jsonl_documents', 'iter_text_documents',
+           'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows', 'ShardRows',
+           'StreamedRows', 'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation',
            'batch_for_step', 'micro_batches', 'eval_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
@@ -216,11 +216,9 @@ class StreamedRows:
         return torch.from_numpy(check_rows(offsets, values, self.row_len, self.vocab_size, f"{self.name} ({self.split})", first_row=start))
 
 # %% ../nbs/03_data.ipynb #6a506168
-HUB_SPLITS = {"train": "train", "eval": "val"}
-
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     "A local shard directory (Path) or a Hub dataset name (str) for split 'train' or 'eval'."
-    if split not in HUB_SPLITS: raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     path = getattr(data_cfg, f"{split}_path")
     if path:
         if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
@@ -233,7 +231,8 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> Shar
     "The row source of a split: local shards or a streamed Hub dataset."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
-    return StreamedRows(source, data_cfg.seq_len + 1, HUB_SPLITS[split], vocab_size)
+    hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size)
 
 # %% ../nbs/03_data.ipynb #74ac8fda
 def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, micro_batch: int, accum_steps: int) -> int:
