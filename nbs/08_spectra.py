@@ -523,6 +523,30 @@ with tempfile.TemporaryDirectory() as tmp:
     assert np.isclose(weight_norm[200], 3 * weight_norm[100], rtol=1e-5) and np.isclose(weight_norm[300], weight_norm[200])
 
 # %% [markdown]
+# ## What it costs
+#
+# One checkpoint of the demo's tiny model (d 96, 12 blocks, vocabulary 50,304) with the default
+# 3 matrices × 12 blocks × {weight, gradient} = 72 spectra and 8 rows of 128 tokens is one forward
+# and backward pass over 1,024 tokens (the 50,304-way output layer dominates) plus 72 small SVDs
+# (≈0.3 s) and loading the checkpoint (≈0.3 s). Measured on the 2-core machine while other jobs
+# kept its load average at 6–7: 2.4 s best and 4.8 s median per checkpoint, 39 s for a sweep over
+# 8 checkpoints; with the machine to itself (≈840 training tokens/s, toolchain.md) that is ≈2 s per
+# checkpoint, ≈15 s for the demo's 8 checkpoints, about 5 % of its 5-minute run. With 2 rows a
+# checkpoint costs about 1 s. The cell below (flagged slow) repeats the measurement.
+
+# %%
+#|slow
+import time
+
+tiny_model = PicoDecoder(ModelConfig(d_model=96, ffn_hidden=384, max_seq_len=128))
+tiny_batch = torch.randint(0, 50280, (8, 129))
+with tempfile.TemporaryDirectory() as tmp:
+    for step in range(0, 800, 100): save_pretrained(tiny_model, Path(tmp) / "checkpoints" / f"step_{step:06d}")
+    start = time.perf_counter()
+    spectra_over_checkpoints(Path(tmp) / "checkpoints", tiny_batch, SpectraConfig().layers, Path(tmp) / "spectra.jsonl")
+    print(f"8 tiny checkpoints: {time.perf_counter() - start:.1f} s")
+
+# %% [markdown]
 # ## Command line
 #
 # ```
