@@ -537,13 +537,13 @@ _raises(lambda: build_episode(_pool[:, :128], _cfg, WORD_START, ALPHA_LEN, SPECI
 # ## Cost: well under one forward of the tiny model
 #
 # Building the papers' 32-way 4-shot (Q 4, W 64) episode from a 64 × 2,048 pool of C4 is whole-tensor
-# work plus 3–5 greedy rounds. Measured on the 2-core development CPU: **about 0.03 s per episode**
-# when the cores were quiet, 0.6–1.9 s while they were shared with about seven other jobs (load 7).
-# One forward of the tiny Pico decoder (`PicoDecoder(ModelConfig(d_model=96, ffn_hidden=384))`) over
-# the same 131,072 tokens, measured in that same loaded run, took **86.5 s** for the backbone alone
-# (`hidden`, without the 50,304-way output layer; rows in chunks of 8; the `#|slow` cell below): the
-# episode cost **2.2 %** of it under equal load, and about 0.1 % when quiet (a tiny forward+backward
-# step runs at ~840 tokens/s here, toolchain.md). The timing cell prints; the slow cell asserts the ratio.
+# work plus 3–5 greedy rounds. Measured on the 2-core development CPU, shared with other jobs, with one
+# torch thread: **0.037 s per episode** (median of 5 steps; 0.034–0.045 s). One forward of the tiny
+# Pico decoder (`PicoDecoder(ModelConfig(d_model=96, ffn_hidden=384))`) over the same 131,072 tokens,
+# in the same run, took **75 s** for the backbone alone (`hidden`, without the 50,304-way output layer;
+# rows in chunks of 8; the `#|slow` cell below): the episode costs **0.05 %** of a forward. With two
+# threads on the oversubscribed cores both got slower (episode 0.6–1.9 s, forward 86.5 s; still 2 %).
+# The timing cell prints; the slow cell asserts the ratio.
 
 # %%
 import time
