@@ -1,0 +1,342 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Report helpers
+#
+# > Find runs, read their outputs, and write the papers' figures and tables deterministically,
+# > marking what is missing instead of inventing it.
+#
+# The analysis notebooks (`21_…` for paper 1, `3x_…` for paper 2) regenerate every output listed in
+# method.md §6. They share what is here: run discovery, tolerant readers for `metrics.jsonl`,
+# `spectra.jsonl` and the NER sweep results, one seaborn style, writers that give byte-identical
+# files on rerun, a "missing" marker for absent runs, and the 95 % bootstrap interval over seeds
+# (issue 7: "tables show mean ± 95 % bootstrap interval when more than one seed exists").
+
+# %%
+#| default_exp report
+
+# %%
+#| export
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+# %%
+import tempfile
+
+# %% [markdown]
+# ## Run names
+#
+# Pretraining runs live in `<runs_dir>/<run_name>/`. The paper presets are named
+# `pico-{size}-{arm}` (size tiny|small|medium|large, arm maml|vanilla), the released-trainer presets
+# `released-{size}-maml`, the CPU demo `demo-maml`/`demo-vanilla`; a run repeated with another seed
+# carries `-seed<k>`. A name without a seed suffix is seed 0. The demo's size is `demo`.
+
+# %%
+#| export
+SIZES = ("demo", "tiny", "small", "medium", "large")
+ARMS = ("maml", "vanilla")
+RUN_NAME = re.compile(r"^(?P<family>pico|released|demo)-(?:(?P<size>tiny|small|medium|large)-)?"
+                      r"(?P<arm>maml|vanilla)(?:-seed(?P<seed>\d+))?$")
+
+def parse_run_name(name: str) -> dict | None:
+    "`{family, size, arm, seed}` of a run directory name, or None if it is not a run name."
+    m = RUN_NAME.match(name)
+    if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
+    return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": int(m["seed"] or 0)}
+
+# %%
+assert parse_run_name("pico-large-maml") == {"family": "pico", "size": "large", "arm": "maml", "seed": 0}
+assert parse_run_name("demo-vanilla-seed3") == {"family": "demo", "size": "demo", "arm": "vanilla", "seed": 3}
+assert parse_run_name("released-tiny-maml")["family"] == "released"
+assert parse_run_name("demo-tiny-maml") is None and parse_run_name("pico-maml") is None and parse_run_name("ner") is None
+
+# %% [markdown]
+# `find_runs` lists the run directories under `runs_dir` whose names parse, optionally restricted to
+# some sizes, arms, seeds and families, with flags saying which outputs each one has. A missing
+# `runs_dir` gives an empty table (a notebook then marks everything missing), not an error.
+
+# %%
+#| export
+RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
+
+def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "demo")) -> pd.DataFrame:
+    "The pretraining runs under `runs_dir` (one row each, sorted by size, arm, seed)."
+    root, rows = Path(runs_dir), []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        info = parse_run_name(path.name) if path.is_dir() else None
+        if info is None or (families and info["family"] not in families): continue
+        if (sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms) or (seeds and info["seed"] not in seeds): continue
+        rows.append({"name": path.name, **info, "path": path, "has_metrics": (path / "metrics.jsonl").is_file(),
+                     "has_spectra": (path / "spectra.jsonl").is_file()})
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    order = {s: i for i, s in enumerate(SIZES)}
+    return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    for name in ["pico-large-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "demo-maml", "ner", "released-tiny-maml"]:
+        (Path(tmp) / name).mkdir()
+    (Path(tmp) / "demo-maml" / "metrics.jsonl").write_text("")
+    runs = find_runs(tmp)
+    assert runs.name.tolist() == ["demo-maml", "pico-tiny-vanilla", "pico-tiny-vanilla-seed1", "pico-large-maml"]
+    assert runs.has_metrics.tolist() == [True, False, False, False] and not runs.has_spectra.any()
+    assert find_runs(tmp, sizes=["tiny"], seeds=[1]).name.tolist() == ["pico-tiny-vanilla-seed1"]
+    assert find_runs(tmp, families=["released"]).name.tolist() == ["released-tiny-maml"]
+assert find_runs("/nonexistent").empty and list(find_runs("/nonexistent").columns) == RUN_COLUMNS
+
+# %% [markdown]
+# ## Readers
+#
+# A JSON-lines file written by a run that crashed can end in a torn line, and a resumed run can
+# write a step twice (the trainer truncates on resume, but a copy taken mid-run may not be). The
+# readers skip an unparsable line with a warning naming the file and line, and keep the last record
+# of a repeated key. A missing file reads as an empty table.
+
+# %%
+#| export
+def read_jsonl(path) -> list[dict]:
+    "The records of a JSON-lines file, skipping (with a warning) lines that do not parse; [] if absent."
+    path, records = Path(path), []
+    if not path.is_file(): return records
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: records.append(json.loads(line))
+            except json.JSONDecodeError: warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)")
+    return records
+
+def read_metrics(run_dir) -> pd.DataFrame:
+    "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (last record of a step wins)."
+    df = pd.DataFrame(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+    if df.empty or "step" not in df: return pd.DataFrame(columns=["step"])
+    return df.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    lines = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "loss": 3.5, "paloma_ppl": 40.0}]
+    (Path(tmp) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = read_metrics(tmp)
+    assert m.step.tolist() == [1, 2] and m.loss.tolist() == [5.0, 3.5] and np.isnan(m.paloma_ppl[0])
+    assert any("metrics.jsonl:4" in str(w.message) for w in caught)
+    assert read_metrics(Path(tmp) / "nothing").empty
+
+# %% [markdown]
+# `read_run_spectra` is `picomaml.spectra.read_spectra` (method.md §4: PER of weights and
+# gradients per step, layer and matrix) with an absent file read as empty. `read_ner_results` reads
+# the NER sweep's JSON-lines files (nbs/12_ner_sweep; one record per finetuning run, fields of
+# `picomaml.ner.result_record` plus the grid coordinates) into one table with a `source` column.
+
+# %%
+#| export
+def read_run_spectra(run_dir) -> pd.DataFrame:
+    "A run's `spectra.jsonl` as a DataFrame (step, layer, matrix, kind, per, ...); empty if absent."
+    from picomaml.spectra import SPECTRA_KEY, read_spectra
+    path = Path(run_dir) / "spectra.jsonl"
+    return read_spectra(path) if path.is_file() else pd.DataFrame(columns=SPECTRA_KEY + ["per"])
+
+def read_ner_results(paths) -> pd.DataFrame:
+    "The NER sweep records of one or more JSON-lines files, with the file name in `source`; empty if none."
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
+    return pd.DataFrame(rows)
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    (Path(tmp) / "a-results.jsonl").write_text(json.dumps({"dataset": "sk_snk", "test_f1": {"sk_snk": 0.8}}) + "\n")
+    ner = read_ner_results([Path(tmp) / "a-results.jsonl", Path(tmp) / "absent.jsonl"])
+    assert len(ner) == 1 and ner.source[0] == "a-results.jsonl" and ner.test_f1[0] == {"sk_snk": 0.8}
+    assert read_ner_results(Path(tmp) / "absent.jsonl").empty and read_run_spectra(tmp).empty
+
+# %% [markdown]
+# ## Seeds: mean and 95 % bootstrap interval
+#
+# The papers report one run per cell. With several seeds we report the mean and a percentile
+# bootstrap interval of the mean (resampling seeds with replacement, a fixed generator so tables are
+# byte-identical on rerun). With one value there is no interval: the interval is that value.
+
+# %%
+#| export
+def bootstrap_ci(values, level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    "`(mean, low, high)`: the mean of `values` and its percentile bootstrap interval."
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0: return (np.nan, np.nan, np.nan)
+    if x.size == 1: return (float(x[0]),) * 3
+    means = np.random.default_rng(seed).choice(x, size=(n_resamples, x.size)).mean(axis=1)  # (n_resamples,)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.mean()), float(low), float(high)
+
+# %%
+assert bootstrap_ci([2.0]) == (2.0, 2.0, 2.0) and all(np.isnan(bootstrap_ci([])))
+_mean, _low, _high = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+assert _mean == 2.5 and 1.0 <= _low < 2.5 < _high <= 4.0 and bootstrap_ci([1.0, 2.0, 3.0, 4.0]) == (_mean, _low, _high)
+assert bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0, 5.0)
+_wide, _narrow = bootstrap_ci(np.arange(10.0), level=0.99), bootstrap_ci(np.arange(10.0), level=0.5)
+assert _wide[1] < _narrow[1] < _narrow[2] < _wide[2]
+
+# %% [markdown]
+# A table cell is `MISSING` when there is nothing to report, the value when there is one seed, and
+# `mean ± half-width` of the bootstrap interval (with the seed count) when there are several.
+
+# %%
+#| export
+MISSING = "missing"
+
+def format_estimate(values, digits: int = 2) -> str:
+    "A table cell: 'missing', one value, or 'mean ± half-width (n=k)' of the 95 % bootstrap interval."
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0: return MISSING
+    if x.size == 1: return f"{x[0]:.{digits}f}"
+    mean, low, high = bootstrap_ci(x)
+    return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f} (n={x.size})"
+
+# %%
+assert format_estimate([]) == "missing" and format_estimate([np.nan]) == "missing"
+assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 ± 0.0 (n=2)"
+assert format_estimate([1.0, 3.0]).startswith("2.00 ± 1.00")
+
+# %% [markdown]
+# Paper 1's NER tables (Tables 3–5, 8, 9) report the relative F1 change of the MAML model over the
+# vanilla one, $100\,(F1_{\text{MAML}} - F1_{\text{vanilla}}) / F1_{\text{vanilla}}$ in percent;
+# paper 2 uses the same ratio for its relative gains.
+
+# %%
+#| export
+def relative_change(new, base):
+    "Percent change of `new` over `base`; NaN where `base` is 0 or either is missing."
+    new, base = np.asarray(new, dtype=float), np.asarray(base, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base != 0, 100.0 * (new - base) / base, np.nan)
+
+# %%
+assert np.isclose(relative_change(0.55, 0.5), 10.0) and np.isnan(relative_change(0.3, 0.0)) and np.isnan(relative_change(np.nan, 0.5))
+assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
+
+# %% [markdown]
+# ## One figure style, deterministic files
+#
+# `set_style` is the one seaborn style of every figure (white grid, paper context, colour-blind
+# palette, MAML and vanilla always the same colours). `save_figure` writes `<name>.png` and
+# `<name>.pdf`; the PDF has no creation date and the PNG no software version, so an unchanged input
+# gives byte-identical files (toolchain.md). Fonts are fixed to the DejaVu family matplotlib ships.
+
+# %%
+#| export
+ARM_COLORS = {"maml": "#0072B2", "vanilla": "#D55E00"}
+
+def set_style() -> None:
+    "The seaborn/matplotlib style of every figure."
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font="DejaVu Sans")
+    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "svg.hashsalt": "picomaml",
+                                "figure.constrained_layout.use": True, "legend.frameon": False})
+
+def save_figure(fig, name: str, figures_dir) -> list[Path]:
+    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), close it, return the paths."
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    plt.close(fig)
+    return paths
+
+# %% [markdown]
+# `missing_note` replaces a panel's content with a visible "missing: <what>" note, so a figure with
+# absent runs still has every panel and says why one is empty.
+
+# %%
+#| export
+def missing_note(ax, what: str) -> None:
+    "Mark an axes panel as missing: a centred 'missing: <what>' note."
+    ax.text(0.5, 0.5, f"{MISSING}: {what}", ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
+    ax.set_xticks([]); ax.set_yticks([])
+
+# %%
+set_style()
+def _demo_figure():
+    fig, (left, right) = plt.subplots(1, 2, figsize=(5, 2))
+    left.plot([0, 1, 2], [3.0, 2.0, 1.5], color=ARM_COLORS["maml"], label="maml")
+    missing_note(right, "pico-large-vanilla")
+    return fig, right
+
+with tempfile.TemporaryDirectory() as tmp:
+    fig, right = _demo_figure()
+    assert right.texts[0].get_text() == "missing: pico-large-vanilla"
+    first = [p.read_bytes() for p in save_figure(fig, "p1_figX_demo", Path(tmp) / "figs")]
+    again = [p.read_bytes() for p in save_figure(_demo_figure()[0], "p1_figX_demo", Path(tmp) / "figs")]
+    assert first == again and first[0][:4] == b"\x89PNG" and first[1][:5] == b"%PDF-"
+    assert sorted(p.name for p in (Path(tmp) / "figs").iterdir()) == ["p1_figX_demo.pdf", "p1_figX_demo.png"]
+
+# %% [markdown]
+# ## Tables: Markdown, LaTeX and CSV
+#
+# `save_table` writes a DataFrame three ways. Cells are written as given (format numbers before, so
+# all three files agree); the Markdown table carries the caption as its first line, the LaTeX one a
+# `table` float with `\caption` and `\label{tab:<name>}`. No timestamps, so a rerun is byte-identical.
+
+# %%
+#| export
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+
+def latex_escape(text) -> str:
+    "`text` with LaTeX's special characters escaped."
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(text))
+
+def markdown_table(df: pd.DataFrame) -> str:
+    "A pipe table of `df` (columns as header, cells as strings)."
+    cells = lambda row: "| " + " | ".join(str(c).replace("|", r"\|") for c in row) + " |"
+    return "\n".join([cells(df.columns), "|" + "---|" * len(df.columns), *(cells(r) for r in df.itertuples(index=False))])
+
+def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
+    "A booktabs `table` float of `df` with a caption and label."
+    row = lambda cells: " & ".join(latex_escape(c) for c in cells) + r" \\"
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{tab:{label}}}",
+                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", row(df.columns), r"\midrule",
+                      *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}", r"\end{table}"])
+
+def save_table(df: pd.DataFrame, name: str, tables_dir, caption: str) -> list[Path]:
+    "Write `df` as `<tables_dir>/<name>.md`, `.tex` and `.csv`; return the paths."
+    out = Path(tables_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]
+    paths[0].write_text(f"**{caption}**\n\n{markdown_table(df)}\n")
+    paths[1].write_text(latex_table(df, caption, name) + "\n")
+    df.to_csv(paths[2], index=False, lineterminator="\n")
+    return paths
+
+# %%
+_table = pd.DataFrame({"size": ["tiny", "large"], "loss_maml": ["3.10", MISSING], "F1 %": ["1.0 ± 0.2 (n=3)", "a|b"]})
+with tempfile.TemporaryDirectory() as tmp:
+    md, tex, csv = save_table(_table, "p1_tableX", tmp, "Loss at 6k & F1")
+    assert md.read_text().splitlines()[2:4] == ["| size | loss_maml | F1 % |", "|---|---|---|"]
+    assert r"| large | missing | a\|b |" in md.read_text()
+    assert r"loss\_maml & F1 \% \\" in tex.read_text() and r"1.0 $\pm$ 0.2 (n=3)" in tex.read_text()
+    assert r"\caption{Loss at 6k \& F1}" in tex.read_text() and r"\label{tab:p1_tableX}" in tex.read_text()
+    assert pd.read_csv(csv, dtype=str).equals(_table)
+    before = [p.read_bytes() for p in (md, tex, csv)]
+    assert [p.read_bytes() for p in save_table(_table, "p1_tableX", tmp, "Loss at 6k & F1")] == before
