@@ -580,7 +580,8 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
         load_checked(model, weights, str(ckpt_root / name / "model.safetensors"))
         head.load_state_dict(head_weights)
         optimizer.load_state_dict(state["optimizer"])
-        if state["world_size"] == fabric.world_size: torch.set_rng_state(state["rng_cpu"][fabric.global_rank])
+        if state["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
+            torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
         step = state["step"]
     if fabric.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

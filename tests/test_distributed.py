@@ -71,7 +71,7 @@ def launch(nproc, overrides, check=True, extra_torchrun=("--standalone",)):
     "Run one launch to completion; return (returncode, stderr)."
     p = subprocess.run(command(nproc, overrides, extra_torchrun), cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=LAUNCH_TIMEOUT + 30)
-    if check: assert p.returncode == 0, f"launch failed ({p.returncode}):\n{p.stderr[-4000:]}"
+    if check: assert p.returncode == 0, f"launch failed ({p.returncode}):\n{p.stderr[-12000:]}"
     return p.returncode, p.stderr
 
 
@@ -97,13 +97,19 @@ def assert_close(a, b, tol=1e-5):
 @pytest.fixture(scope="module")
 def ar_two(data, runs):
     "Next-token steps only, 2 processes × micro-batch 4."
-    launch(2, tiny(data, runs, "ar-2", "maml.rho=0", "train.micro_batch=4"))
+    launch(2, tiny(data, runs, "ar-2", "maml.rho=0", "train.micro_batch=4", *EQUAL))
     return runs / "ar-2"
+
+
+# Adam divides by sqrt(v) + eps, so a float-rounding difference in a near-zero gradient element (summation order
+# differs between 1 and 2 processes) moves that parameter by up to ~lr x (relative rounding): the tolerance of
+# 1e-5 is checked at lr 1e-3 (the papers' peak is 3e-4).
+EQUAL = ("train.lr=1e-3",)
 
 
 def test_ar_steps_one_process_equals_two(data, runs, ar_two):
     # one process, micro-batch 4 × 2 accumulation steps: the same 8 rows per step as 2 ranks × 4
-    launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.micro_batch=4"), extra_torchrun=())
+    launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.micro_batch=4", *EQUAL), extra_torchrun=())
     assert_close(weights(runs / "ar-1", 3), weights(ar_two, 3))
     one, two = metrics(runs / "ar-1"), metrics(ar_two)
     assert all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in one) and all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in two)
@@ -113,7 +119,7 @@ def test_ar_steps_one_process_equals_two(data, runs, ar_two):
 
 def test_maml_steps_one_process_equals_two(data, runs):
     # episodes only; the head's dropout is off because a query row's dropout mask depends on the rank that holds it
-    common = ("maml.rho=1", "maml.head_dropout=0")
+    common = ("maml.rho=1", "maml.head_dropout=0", *EQUAL)
     launch(1, tiny(data, runs, "maml-1", *common, "train.micro_batch=8"), extra_torchrun=())
     launch(2, tiny(data, runs, "maml-2", *common, "train.micro_batch=4"))
     assert_close(weights(runs / "maml-1", 3), weights(runs / "maml-2", 3))
@@ -207,7 +213,7 @@ def free_port():
 
 def test_two_node_rendezvous_on_localhost(data, runs, ar_two):
     port = free_port()
-    overrides = tiny(data, runs, "two-nodes", "maml.rho=0", "train.micro_batch=4")
+    overrides = tiny(data, runs, "two-nodes", "maml.rho=0", "train.micro_batch=4", *EQUAL)
     nodes = [subprocess.Popen(command(1, overrides, ("--nnodes=2", f"--node_rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}")),
                               cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
