@@ -171,6 +171,55 @@ with tempfile.TemporaryDirectory() as tmp:
     assert read_ner_results(Path(tmp) / "absent.jsonl").empty and read_run_spectra(tmp).empty
 
 # %% [markdown]
+# The analysis wants one row per (finetuning run, test set) with the pretraining run's size, arm
+# and seed as columns. `ner_long` flattens the records: the grid coordinates are taken from the
+# record when present (`size`, `arm`, `seed`), else from the pretraining run's name; the checkpoint
+# (an int, `step_006000` or a path ending in it) becomes the integer `checkpoint_step` (NaN when it
+# has no step, e.g. a released Hub model). `tags=True` gives one row per entity tag instead, from
+# `per_tag_f1`.
+
+# %%
+#| export
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+
+def _checkpoint_step(checkpoint) -> float:
+    m = re.search(r"(\d+)/?$", str(checkpoint))
+    return float(m[1]) if m else np.nan
+
+def _field(record: dict, key: str, default=None):
+    value = record.get(key, default)  # a DataFrame row holds NaN where another record had the key
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
+    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`."
+    rows = []
+    for r in results.to_dict("records"):
+        name = str(_field(r, "pretraining_run", ""))
+        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": 0}
+        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm", "seed")},
+                "checkpoint_step": _checkpoint_step(_field(r, "checkpoint", "")),
+                **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
+        strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})
+        for test_set, f1 in _field(r, "test_f1", {}).items():
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v} for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan)})
+    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]))
+
+# %%
+_records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2", "checkpoint": "runs/pico-large-maml/checkpoints/step_006000",
+                          "head": "linear", "regime": "full", "dataset": "en_ewt", "test_f1": {"en_ewt": 0.5, "tl_trg": 0.2},
+                          "test_strict_f1": {"en_ewt": 0.45, "tl_trg": 0.1},
+                          "per_tag_f1": {"en_ewt": {"PER": 0.6, "LOC": 0.4}, "tl_trg": {"PER": 0.3}}},
+                         {"pretraining_run": "hub-model", "size": "small", "arm": "vanilla", "checkpoint": "", "head": "crf",
+                          "regime": "head", "dataset": "all", "test_f1": {"en_ewt": 0.1}}])
+_long = ner_long(_records)
+assert _long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.tolist()[:2] == [["large", "maml", 2, "en_ewt", 0.5, 0.45], ["large", "maml", 2, "tl_trg", 0.2, 0.1]]
+assert _long.checkpoint_step[0] == 6000 and np.isnan(_long.checkpoint_step[2]) and _long.loc[2, ["size", "arm"]].tolist() == ["small", "vanilla"]
+_tags = ner_long(_records, tags=True)
+assert len(_tags) == 3 and _tags.set_index(["test_set", "tag"]).f1[("en_ewt", "LOC")] == 0.4
+assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=True).columns)[-2:] == ["tag", "f1"]
+
+# %% [markdown]
 # ## Seeds: mean and 95 % bootstrap interval
 #
 # The papers report one run per cell. With several seeds we report the mean and a percentile

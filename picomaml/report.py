@@ -17,9 +17,10 @@ import pandas as pd
 import seaborn as sns
 
 # %% auto #0
-__all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'MISSING', 'ARM_COLORS', 'parse_run_name', 'find_runs', 'read_jsonl',
-           'read_metrics', 'read_run_spectra', 'read_ner_results', 'bootstrap_ci', 'format_estimate', 'relative_change',
-           'set_style', 'save_figure', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
+__all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'parse_run_name', 'find_runs',
+           'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'ner_long', 'bootstrap_ci',
+           'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note', 'latex_escape',
+           'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #e7ef803e
 SIZES = ("demo", "tiny", "small", "medium", "large")
@@ -79,6 +80,32 @@ def read_ner_results(paths) -> pd.DataFrame:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
     return pd.DataFrame(rows)
+
+# %% ../nbs/20_report.ipynb #574b49c7
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+
+def _checkpoint_step(checkpoint) -> float:
+    m = re.search(r"(\d+)/?$", str(checkpoint))
+    return float(m[1]) if m else np.nan
+
+def _field(record: dict, key: str, default=None):
+    value = record.get(key, default)  # a DataFrame row holds NaN where another record had the key
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
+    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`."
+    rows = []
+    for r in results.to_dict("records"):
+        name = str(_field(r, "pretraining_run", ""))
+        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": 0}
+        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm", "seed")},
+                "checkpoint_step": _checkpoint_step(_field(r, "checkpoint", "")),
+                **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
+        strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})
+        for test_set, f1 in _field(r, "test_f1", {}).items():
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v} for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan)})
+    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]))
 
 # %% ../nbs/20_report.ipynb #fcd16094
 def bootstrap_ci(values, level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
