@@ -171,6 +171,50 @@ with tempfile.TemporaryDirectory() as tmp:
     assert read_ner_results(Path(tmp) / "absent.jsonl").empty and read_run_spectra(tmp).empty
 
 # %% [markdown]
+# `runs_metrics` and `runs_spectra` stack the outputs of the runs `find_runs` found into one long
+# table, each row tagged with its run's name, size, arm and seed, ready for seaborn's `hue`/`style`.
+# `smoothed` is the rolling mean of one metric per run over its logged (non-null) steps: `ar_loss`
+# exists only on next-token steps and the episode metrics only on MAML steps.
+
+# %%
+#| export
+RUN_KEYS = ["name", "size", "arm", "seed"]
+
+def _stack(runs: pd.DataFrame, read) -> pd.DataFrame:
+    frames = [read(r.path).assign(**{k: getattr(r, k) for k in RUN_KEYS}) for r in runs.itertuples()]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_KEYS + ["step"])
+
+def runs_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    "The metrics of every run in `runs` (a `find_runs` table) in one long DataFrame."
+    return _stack(runs, read_metrics)
+
+def runs_spectra(runs: pd.DataFrame) -> pd.DataFrame:
+    "The spectra records of every run in `runs` in one long DataFrame."
+    return _stack(runs, read_run_spectra)
+
+def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
+    "`RUN_KEYS + [step, key]` rows where `key` was logged, `key` a per-run rolling mean over `window` logged steps."
+    if key not in metrics: return pd.DataFrame(columns=RUN_KEYS + ["step", key])
+    rows = metrics.dropna(subset=[key])[RUN_KEYS + ["step", key]].sort_values(["name", "step"], ignore_index=True)
+    rows[key] = rows.groupby("name")[key].transform(lambda x: x.astype(float).rolling(window, min_periods=1).mean())
+    return rows
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    for name, losses in [("demo-maml", [None, 4.0, 2.0, None]), ("demo-vanilla", [5.0, 4.0, 3.0, 2.0])]:
+        (Path(tmp) / name).mkdir()
+        (Path(tmp) / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "ar_loss": v}) + "\n" for i, v in enumerate(losses)))
+    (Path(tmp) / "pico-tiny-maml").mkdir()  # a run that has not logged yet
+    stacked = runs_metrics(find_runs(tmp))
+    assert len(stacked) == 8 and set(stacked.name) == {"demo-maml", "demo-vanilla"} and set(stacked["size"]) == {"demo"}
+    curve = smoothed(stacked, "ar_loss", window=2)
+    assert curve[curve.name == "demo-maml"].ar_loss.tolist() == [4.0, 3.0] and curve[curve.name == "demo-maml"].step.tolist() == [2, 3]
+    assert curve[curve.name == "demo-vanilla"].ar_loss.tolist() == [5.0, 4.5, 3.5, 2.5]
+    assert smoothed(stacked, "paloma_ppl").empty and runs_spectra(find_runs(tmp)).empty
+assert runs_metrics(find_runs("/nonexistent")).empty
+
+# %% [markdown]
 # The analysis wants one row per (finetuning run, test set) with the pretraining run's size, arm
 # and seed as columns. `ner_long` flattens the records: the grid coordinates are taken from the
 # record when present (`size`, `arm`, `seed`), else from the pretraining run's name; the checkpoint
@@ -296,6 +340,7 @@ assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
 # %%
 #| export
 ARM_COLORS = {"maml": "#0072B2", "vanilla": "#D55E00"}
+SIZE_COLORS = dict(zip(SIZES, ["#7f7f7f", "#E69F00", "#56B4E9", "#009E73", "#CC79A7"]))  # colour-blind safe (Okabe-Ito)
 
 def set_style() -> None:
     "The seaborn/matplotlib style of every figure."

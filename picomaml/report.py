@@ -17,10 +17,10 @@ import pandas as pd
 import seaborn as sns
 
 # %% auto #0
-__all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'parse_run_name', 'find_runs',
-           'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'ner_long', 'bootstrap_ci',
-           'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note', 'latex_escape',
-           'markdown_table', 'latex_table', 'save_table']
+__all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS',
+           'parse_run_name', 'find_runs', 'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results',
+           'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change',
+           'set_style', 'save_figure', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #e7ef803e
 SIZES = ("demo", "tiny", "small", "medium", "large")
@@ -81,6 +81,29 @@ def read_ner_results(paths) -> pd.DataFrame:
     rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
     return pd.DataFrame(rows)
 
+# %% ../nbs/20_report.ipynb #bf45c753
+RUN_KEYS = ["name", "size", "arm", "seed"]
+
+def _stack(runs: pd.DataFrame, read) -> pd.DataFrame:
+    frames = [read(r.path).assign(**{k: getattr(r, k) for k in RUN_KEYS}) for r in runs.itertuples()]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_KEYS + ["step"])
+
+def runs_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    "The metrics of every run in `runs` (a `find_runs` table) in one long DataFrame."
+    return _stack(runs, read_metrics)
+
+def runs_spectra(runs: pd.DataFrame) -> pd.DataFrame:
+    "The spectra records of every run in `runs` in one long DataFrame."
+    return _stack(runs, read_run_spectra)
+
+def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
+    "`RUN_KEYS + [step, key]` rows where `key` was logged, `key` a per-run rolling mean over `window` logged steps."
+    if key not in metrics: return pd.DataFrame(columns=RUN_KEYS + ["step", key])
+    rows = metrics.dropna(subset=[key])[RUN_KEYS + ["step", key]].sort_values(["name", "step"], ignore_index=True)
+    rows[key] = rows.groupby("name")[key].transform(lambda x: x.astype(float).rolling(window, min_periods=1).mean())
+    return rows
+
 # %% ../nbs/20_report.ipynb #574b49c7
 NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
 
@@ -139,6 +162,7 @@ def relative_change(new, base):
 
 # %% ../nbs/20_report.ipynb #d49c09a2
 ARM_COLORS = {"maml": "#0072B2", "vanilla": "#D55E00"}
+SIZE_COLORS = dict(zip(SIZES, ["#7f7f7f", "#E69F00", "#56B4E9", "#009E73", "#CC79A7"]))  # colour-blind safe (Okabe-Ito)
 
 def set_style() -> None:
     "The seaborn/matplotlib style of every figure."
