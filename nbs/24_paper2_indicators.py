@@ -33,7 +33,10 @@ figures_dir = "../figures"  # PNG and PDF figures are written here
 tables_dir = "../paper_tables"  # (this notebook writes no tables)
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
-seeds = [0]  # a run named without -seed<k> is seed 0
+seeds = [0]  # [] or [0]: one run per arm; runs <name>-seed<k> (seed 0 may have no suffix)
+run_prefix = ""  # "pico-" for the paper presets; names are parsed by picomaml.report.parse_run_name
+ner_dir = "../runs/ner"  # (not read here: the NER figures are in 23_paper2_ner)
+smoothing = 1  # rolling-mean window in logged steps (1: unedited curves)
 smoke = False  # CI smoke run: fewer bootstrap resamples
 
 # %%
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -49,7 +53,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.report import ARM_COLORS, SIZES, find_runs, missing_note, read_metrics, save_figure, set_style
+from picomaml.report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -64,27 +68,34 @@ n_boot = 200 if smoke else 2000
 # %% [markdown]
 # ## Which runs the figures expect
 #
-# A figure names every run it should contain, so a run that is absent is reported rather than
-# silently dropped. The paper presets are `pico-{size}-{arm}`, the CPU demo `demo-{arm}`, and a
-# repeat with seed k carries `-seed<k>` (seed 0 has no suffix), as `picomaml.report.parse_run_name` reads them.
+# A figure names every (size, arm, seed) it should contain, so a run that is absent is reported
+# rather than silently dropped. The paper presets are `pico-{size}-{arm}`, the CPU demo
+# `demo-{arm}`, and a repeat with seed k carries `-seed<k>`; `picomaml.report.parse_run_name` reads
+# the seed from the name (none: seed 0), so runs are matched by (size, arm, seed), not by name.
 
 # %%
 #| export
-def expected_run_names(sizes, arms, seeds=(0,)) -> list[str]:
-    "The run directory names of every (size, arm, seed) asked for."
-    base = lambda size, arm: f"demo-{arm}" if size == "demo" else f"pico-{size}-{arm}"
-    return [base(s, a) + (f"-seed{k}" if k else "") for s in sizes for a in arms for k in seeds]
+def run_label(size: str, arm: str, seed: int) -> str:
+    "How a missing run is named in a figure: its directory name without prefix choices."
+    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
+
+def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
+    "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
+    present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
+    return [run_label(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
 
 # %%
-assert expected_run_names(["demo", "large"], ["maml"], [0, 2]) == ["demo-maml", "demo-maml-seed2", "pico-large-maml", "pico-large-maml-seed2"]
+_frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [0, 2]})
+assert missing_runs(_frame, ["demo", "large"], ["maml"], [0, 2]) == ["demo-maml-seed2", "pico-large-maml"]
+assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-vanilla"]
 
 # %% [markdown]
-# ## One long table of indicators
+# ## The indicators
 #
-# `indicator_frame` stacks one metric of several runs into `(name, size, arm, seed, step, value)`
-# rows. A step on which the metric was not logged (Paloma between evaluations; support accuracy on a
-# step whose micro-batches all took the next-token branch) has no row; the vanilla arm logs no
-# episode metrics at all, so it has none for those.
+# Each figure is one `metrics.jsonl` key. `picomaml.report.runs_metrics` stacks the runs' metrics
+# into one long table and `smoothed` keeps, per run, the steps on which the key was logged (Paloma
+# only at evaluation steps; support accuracy only on steps where some micro-batch took the MAML
+# branch; the vanilla arm logs no episode metrics at all), optionally as a rolling mean.
 
 # %%
 #| export
@@ -97,28 +108,15 @@ INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log
     "p2_fig15_head_weight_std": ("head_w_std", "head weight std", ("maml",), False),
 }
 
-def indicator_frame(runs: pd.DataFrame, key: str, metrics: dict) -> pd.DataFrame:
-    "Rows `(name, size, arm, seed, step, value)` of metric `key` in every run of `runs` (`metrics`: name -> DataFrame)."
-    parts = []
-    for run in runs.itertuples():
-        m = metrics.get(run.name)
-        if m is None or key not in m: continue
-        m = m[["step", key]].dropna()
-        parts.append(pd.DataFrame({"name": run.name, "size": run.size, "arm": run.arm, "seed": run.seed,
-                                   "step": m.step.astype(int), "value": m[key].astype(float)}))
-    columns = ["name", "size", "arm", "seed", "step", "value"]
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
-
 # %% [markdown]
 # A toy run pair: the MAML run logs support accuracy on steps 1 and 3 only, the vanilla run never.
 
 # %%
-_runs = pd.DataFrame({"name": ["demo-maml", "demo-vanilla"], "size": "demo", "arm": ["maml", "vanilla"], "seed": 0})
-_metrics = {"demo-maml": pd.DataFrame({"step": [1, 2, 3], "loss": [5.0, 4.0, 3.0], "support_acc": [0.1, None, 0.3]}),
-            "demo-vanilla": pd.DataFrame({"step": [1, 2, 3], "loss": [5.5, 4.5, 4.0]})}
-_acc = indicator_frame(_runs, "support_acc", _metrics)
-assert _acc.step.tolist() == [1, 3] and _acc.value.tolist() == [0.1, 0.3] and set(_acc.name) == {"demo-maml"}
-assert len(indicator_frame(_runs, "loss", _metrics)) == 6 and indicator_frame(_runs, "paloma_ppl", _metrics).empty
+_metrics = pd.DataFrame({"name": ["demo-maml"] * 3 + ["demo-vanilla"] * 3, "size": "demo", "arm": ["maml"] * 3 + ["vanilla"] * 3,
+                         "seed": 0, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0], "support_acc": [0.1, None, 0.3, None, None, None]})
+_acc = smoothed(_metrics, "support_acc")
+assert _acc.step.tolist() == [1, 3] and _acc.support_acc.tolist() == [0.1, 0.3] and set(_acc.name) == {"demo-maml"}
+assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl").empty
 
 # %% [markdown]
 # ## Drawing one indicator
@@ -130,78 +128,79 @@ assert len(indicator_frame(_runs, "loss", _metrics)) == 6 and indicator_frame(_r
 
 # %%
 #| export
-def plot_indicator(ax, frame: pd.DataFrame, ylabel: str, expected: list[str], log_y: bool = False, n_boot: int = 2000) -> list[str]:
-    "Draw `frame` (from `indicator_frame`) on `ax`; return the expected run names that have no data."
-    missing = [name for name in expected if name not in set(frame.name)]
+def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list[str], log_y: bool = False, n_boot: int = 2000) -> None:
+    "Draw metric `key` of `frame` (from `smoothed`) on `ax`, listing the `missing` runs under it."
     if frame.empty:
         missing_note(ax, ", ".join(missing) or "no runs asked for")
-        return missing
+        return
     sizes = [s for s in SIZES if s in set(frame["size"])]
-    palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))
-    sns.lineplot(frame, x="step", y="value", hue="size", hue_order=sizes, palette=palette, style="arm",
-                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)], n_boot=n_boot, seed=0, ax=ax,
-                 errorbar=("ci", 95) if frame.groupby("name").ngroups > frame.groupby(["size", "arm"]).ngroups else None)
+    several_seeds = frame.groupby(["size", "arm"]).name.nunique().max() > 1
+    sns.lineplot(frame, x="step", y=key, hue="size", hue_order=sizes, palette=SIZE_COLORS, style="arm",
+                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)], errorbar=("ci", 95) if several_seeds else None,
+                 n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
-    if missing: ax.annotate(f"missing: {', '.join(missing)}", (0, -0.22), xycoords="axes fraction", fontsize=7, color="0.35")
-    return missing
+    if missing: ax.annotate(textwrap.fill(f"missing: {', '.join(missing)}", 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
 
 # %%
 _fig, _ax = plt.subplots(figsize=(4, 2.5))
-_missing = plot_indicator(_ax, indicator_frame(_runs, "loss", _metrics), "loss", ["demo-maml", "demo-vanilla", "pico-tiny-maml"])
-assert _missing == ["pico-tiny-maml"] and len(_ax.lines) >= 2 and "pico-tiny-maml" in _ax.texts[-1].get_text()
+_loss = smoothed(_metrics, "loss")
+plot_indicator(_ax, _loss, "loss", "loss", missing_runs(_loss, ["demo", "tiny"], ["maml", "vanilla"], [0]))
+assert len(_ax.lines) >= 2 and _ax.texts[-1].get_text() == "missing: pico-tiny-maml, pico-tiny-vanilla"
 _fig2, _ax2 = plt.subplots()
-assert plot_indicator(_ax2, indicator_frame(_runs, "paloma_ppl", _metrics), "ppl", ["demo-maml"]) == ["demo-maml"]
-assert _ax2.texts[0].get_text() == "missing: demo-maml"
+_ppl = smoothed(_metrics, "paloma_ppl")
+plot_indicator(_ax2, _ppl, "paloma_ppl", "ppl", missing_runs(_ppl, ["demo"], ["maml"], [0]))
+assert _ax2.texts[0].get_text() == "missing: demo-maml" and not _ax2.lines
 plt.close("all")
 
 # %% [markdown]
 # ## The figures
 #
 # Read every run once, then write one figure per indicator: `figures/p2_fig10_train_loss.{png,pdf}`
-# … `p2_fig15_head_weight_std.{png,pdf}`.
+# … `p2_fig15_head_weight_std.{png,pdf}`. `smoothing` (a parameter) is the rolling-mean window in
+# logged steps; 1 draws the curves unedited, as the paper did.
 
 # %%
-runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds)
-metrics = {run.name: read_metrics(run.path) for run in runs.itertuples() if run.has_metrics}
+runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds or None)
+metrics = runs_metrics(runs)
 print(f"{len(runs)} run(s) under {runs_dir}: {', '.join(runs.name) or 'none'}")
 
 # %%
-written, missing_by_figure = [], {}
+missing_by_figure = {}
 for name, (key, ylabel, logged_by, log_y) in INDICATORS.items():
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    expected = expected_run_names(sizes, [a for a in arms if a in logged_by], seeds)
-    missing_by_figure[name] = plot_indicator(ax, indicator_frame(runs, key, metrics), ylabel, expected, log_y, n_boot)
+    frame = smoothed(metrics, key, smoothing)
+    missing_by_figure[name] = missing_runs(frame, sizes, [a for a in arms if a in logged_by], seeds)
+    plot_indicator(ax, frame, key, ylabel, missing_by_figure[name], log_y, n_boot)
     ax.set_title(f"{ylabel} over pretraining")
-    written += save_figure(fig, name, figures_dir)
+    save_figure(fig, name, figures_dir)
 assert all((Path(figures_dir) / f"{n}.{ext}").is_file() for n in INDICATORS for ext in ("png", "pdf"))
 {name: missing or "complete" for name, missing in missing_by_figure.items()}
 
 # %% [markdown]
 # ## What the figures show, and how they compare with the papers
 #
-# The last logged value of each indicator per run (one seed: the value; several: their mean):
+# The last logged value of each indicator per size and arm (averaged over seeds when there are several):
 
 # %%
 #| export
-def final_values(runs: pd.DataFrame, metrics: dict) -> pd.DataFrame:
+def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
     "Per (size, arm): the last logged value of every indicator, averaged over seeds; NaN where never logged."
-    rows = []
-    for (size, arm), group in runs.groupby(["size", "arm"], sort=False):
-        row = {"size": size, "arm": arm, "seeds": len(group)}
-        for name, (key, *_rest) in INDICATORS.items():
-            frame = indicator_frame(group, key, metrics)
-            last = frame.sort_values("step").groupby("name").value.last()
-            row[key] = float(last.mean()) if len(last) else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["size", "arm", "seeds", *(k for k, *_ in INDICATORS.values())])
+    keys = [key for key, *_ in INDICATORS.values()]
+    if metrics.empty: return pd.DataFrame(columns=["size", "arm", "seeds", *keys])
+    last = pd.DataFrame({key: smoothed(metrics, key).groupby("name")[key].last() for key in keys},
+                        index=pd.Index(metrics.name.unique(), name="name"))
+    runs = metrics.groupby("name")[["size", "arm"]].first()
+    table = runs.join(last).groupby(["size", "arm"], sort=False).agg(seeds=("arm", "size"), **{k: (k, "mean") for k in keys})
+    return table.reset_index()
 
 # %%
-_final = final_values(_runs, _metrics)
-assert _final.set_index("arm").loc["maml", "loss"] == 3.0 and _final.set_index("arm").loc["maml", "support_acc"] == 0.3
-assert np.isnan(_final.set_index("arm").loc["vanilla", "query_acc"]) and _final.seeds.tolist() == [1, 1]
+_final = final_values(_metrics).set_index("arm")
+assert _final.loc["maml", "loss"] == 3.0 and _final.loc["maml", "support_acc"] == 0.3 and _final.loc["vanilla", "loss"] == 4.0
+assert np.isnan(_final.loc["vanilla", "query_acc"]) and _final.seeds.tolist() == [1, 1]
+assert final_values(metrics.iloc[:0]).empty
 
 # %%
-final_values(runs, metrics)
+final_values(metrics)
 
 # %% [markdown]
 # Paper 2 prints no numbers for Figs. 10–15; they are the WandB curves of the same four MAML runs

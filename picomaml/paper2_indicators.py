@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -14,16 +15,20 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .report import ARM_COLORS, SIZES, find_runs, missing_note, read_metrics, save_figure, set_style
+from .report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
 
 # %% auto #0
-__all__ = ['INDICATORS', 'expected_run_names', 'indicator_frame', 'plot_indicator', 'final_values']
+__all__ = ['INDICATORS', 'run_label', 'missing_runs', 'plot_indicator', 'final_values']
 
 # %% ../nbs/24_paper2_indicators.ipynb #6256d537
-def expected_run_names(sizes, arms, seeds=(0,)) -> list[str]:
-    "The run directory names of every (size, arm, seed) asked for."
-    base = lambda size, arm: f"demo-{arm}" if size == "demo" else f"pico-{size}-{arm}"
-    return [base(s, a) + (f"-seed{k}" if k else "") for s in sizes for a in arms for k in seeds]
+def run_label(size: str, arm: str, seed: int) -> str:
+    "How a missing run is named in a figure: its directory name without prefix choices."
+    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
+
+def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
+    "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
+    present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
+    return [run_label(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
 
 # %% ../nbs/24_paper2_indicators.ipynb #9ab66207
 INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log it, log-scale y)
@@ -35,43 +40,27 @@ INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log
     "p2_fig15_head_weight_std": ("head_w_std", "head weight std", ("maml",), False),
 }
 
-def indicator_frame(runs: pd.DataFrame, key: str, metrics: dict) -> pd.DataFrame:
-    "Rows `(name, size, arm, seed, step, value)` of metric `key` in every run of `runs` (`metrics`: name -> DataFrame)."
-    parts = []
-    for run in runs.itertuples():
-        m = metrics.get(run.name)
-        if m is None or key not in m: continue
-        m = m[["step", key]].dropna()
-        parts.append(pd.DataFrame({"name": run.name, "size": run.size, "arm": run.arm, "seed": run.seed,
-                                   "step": m.step.astype(int), "value": m[key].astype(float)}))
-    columns = ["name", "size", "arm", "seed", "step", "value"]
-    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
-
 # %% ../nbs/24_paper2_indicators.ipynb #b2ee3942
-def plot_indicator(ax, frame: pd.DataFrame, ylabel: str, expected: list[str], log_y: bool = False, n_boot: int = 2000) -> list[str]:
-    "Draw `frame` (from `indicator_frame`) on `ax`; return the expected run names that have no data."
-    missing = [name for name in expected if name not in set(frame.name)]
+def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list[str], log_y: bool = False, n_boot: int = 2000) -> None:
+    "Draw metric `key` of `frame` (from `smoothed`) on `ax`, listing the `missing` runs under it."
     if frame.empty:
         missing_note(ax, ", ".join(missing) or "no runs asked for")
-        return missing
+        return
     sizes = [s for s in SIZES if s in set(frame["size"])]
-    palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))
-    sns.lineplot(frame, x="step", y="value", hue="size", hue_order=sizes, palette=palette, style="arm",
-                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)], n_boot=n_boot, seed=0, ax=ax,
-                 errorbar=("ci", 95) if frame.groupby("name").ngroups > frame.groupby(["size", "arm"]).ngroups else None)
+    several_seeds = frame.groupby(["size", "arm"]).name.nunique().max() > 1
+    sns.lineplot(frame, x="step", y=key, hue="size", hue_order=sizes, palette=SIZE_COLORS, style="arm",
+                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)], errorbar=("ci", 95) if several_seeds else None,
+                 n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
-    if missing: ax.annotate(f"missing: {', '.join(missing)}", (0, -0.22), xycoords="axes fraction", fontsize=7, color="0.35")
-    return missing
+    if missing: ax.annotate(textwrap.fill(f"missing: {', '.join(missing)}", 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
 
 # %% ../nbs/24_paper2_indicators.ipynb #2219334c
-def final_values(runs: pd.DataFrame, metrics: dict) -> pd.DataFrame:
+def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
     "Per (size, arm): the last logged value of every indicator, averaged over seeds; NaN where never logged."
-    rows = []
-    for (size, arm), group in runs.groupby(["size", "arm"], sort=False):
-        row = {"size": size, "arm": arm, "seeds": len(group)}
-        for name, (key, *_rest) in INDICATORS.items():
-            frame = indicator_frame(group, key, metrics)
-            last = frame.sort_values("step").groupby("name").value.last()
-            row[key] = float(last.mean()) if len(last) else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["size", "arm", "seeds", *(k for k, *_ in INDICATORS.values())])
+    keys = [key for key, *_ in INDICATORS.values()]
+    if metrics.empty: return pd.DataFrame(columns=["size", "arm", "seeds", *keys])
+    last = pd.DataFrame({key: smoothed(metrics, key).groupby("name")[key].last() for key in keys},
+                        index=pd.Index(metrics.name.unique(), name="name"))
+    runs = metrics.groupby("name")[["size", "arm"]].first()
+    table = runs.join(last).groupby(["size", "arm"], sort=False).agg(seeds=("arm", "size"), **{k: (k, "mean") for k in keys})
+    return table.reset_index()
