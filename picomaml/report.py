@@ -184,7 +184,8 @@ def save_figure(fig, name: str, figures_dir) -> list[Path]:
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
     ax.text(0.5, 0.5, f"{MISSING}: {what}", ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
+    ax.grid(False)
 
 # %% ../nbs/20_report.ipynb #568a1bf2
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

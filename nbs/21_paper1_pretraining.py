@@ -1,0 +1,283 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Paper 1: pretraining and learning dynamics
+#
+# > Figure 1, Table 2 and Figures 3–6 of "Learning dynamics of meta-pretraining", regenerated from
+# > the runs' `metrics.jsonl` and `spectra.jsonl`.
+#
+# This notebook reads only run outputs (method.md §6) and writes `figures/p1_fig{1,3,4,5,6}_*.{png,pdf}`
+# and `paper_tables/p1_table2_loss_paloma.{md,tex,csv}`. A run that is absent leaves a
+# "missing: <run>" note in its panel or table cell; no number is ever filled in. The defaults read the
+# CPU demo (`make demo`: `runs/demo-maml`, `runs/demo-vanilla`); the paper-scale call is
+# `papermill nbs/21_paper1_pretraining.ipynb out.ipynb -p sizes '["tiny","small","medium","large"]' -p table_step 6000 -p phase_size large`
+# (with `-p seeds '[0,1,2]'` for several seeds).
+
+# %% tags=["parameters"]
+runs_dir = "../runs"  # <runs_dir>/<run_name>/{metrics,spectra}.jsonl
+figures_dir = "../figures"
+tables_dir = "../paper_tables"
+sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
+arms = ["maml", "vanilla"]
+seeds = [0]  # runs <name>-seed<k>; seed 0 is the name without a suffix
+table_step = None  # Table 2's step: 6000 in the paper; None: each run's last logged step
+loss_window = 10  # Table 2's train loss: mean next-token loss over this many steps ending at the step
+smooth = 5  # rolling mean over this many logged steps in the curves
+phase_size = "demo"  # Figure 6's model size: "large" in the paper
+per_matrices = ["attention.v_proj", "attention.o_proj"]  # Figure 5: attention layers (paper §6)
+smoke = False  # fewer bootstrap resamples in the seed bands
+
+# %%
+import os
+import tempfile
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from picomaml.phases import find_phase
+from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, runs_metrics, runs_spectra,
+                             save_figure, save_table, set_style, smoothed)
+
+# %% [markdown]
+# Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
+# test suite never overwrites the committed demo figures and tables; papermill runs write to the
+# parameters' directories.
+
+# %%
+if os.environ.get("IN_TEST"):
+    figures_dir = tables_dir = tempfile.mkdtemp(prefix="p1_pretraining_")
+set_style()
+n_boot = 100 if smoke else 1000
+
+# %% [markdown]
+# ## The runs
+#
+# One row per expected (size, arm, seed); `found` says whether its `metrics.jsonl` exists. Names are
+# `pico-{size}-{arm}[-seed<k>]` and `demo-{arm}[-seed<k>]` (`picomaml.report.parse_run_name`).
+
+# %%
+def run_name(size: str, arm: str, seed: int) -> str:
+    "The directory name of the run of `size`, `arm` and `seed`."
+    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
+
+assert run_name("large", "maml", 0) == "pico-large-maml" and run_name("demo", "vanilla", 2) == "demo-vanilla-seed2"
+
+runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds)
+runs = runs[runs.has_metrics]
+expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in arms for k in seeds], columns=["size", "arm", "seed", "name"])
+expected["found"] = expected.name.isin(runs.name)
+metrics, spectra = runs_metrics(runs), runs_spectra(runs)
+expected
+
+# %% [markdown]
+# ## A curve panel
+#
+# Every curve figure draws one metric per run against the step: colour by size, solid MAML and
+# dashed vanilla, the line the mean over seeds with its 95 % bootstrap band when there are several.
+# A panel with nothing to draw says what is missing.
+
+# %%
+def lacking(data: pd.DataFrame, y: str, size=None, arm=None) -> list[str]:
+    "The expected runs (of one size/arm) with no logged value of `y` in `data`."
+    present = set(data.name[data[y].notna()]) if y in data else set()
+    chosen = expected[expected["size"].isin([size] if size else sizes) & expected.arm.isin([arm] if arm else arms)]
+    return [n for n in chosen.name if n not in present]
+
+def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None, size=None, logy=False, legend=True) -> None:
+    "Plot `y` against step per size (hue) and arm (style); name the expected runs that lack `y` (`what`)."
+    ax.set_ylabel(ylabel)
+    absent = lacking(data, y, size, arm)
+    if data.empty or y not in data or data[y].dropna().empty: return missing_note(ax, f"{what} of {', '.join(absent) or 'every run'}")
+    data = data.dropna(subset=[y])
+    sns.lineplot(data=data, x="step", y=y, hue="size", style="arm", palette={s: SIZE_COLORS[s] for s in data["size"].unique()},
+                 hue_order=[s for s in sizes if s in set(data["size"])], style_order=[a for a in ("maml", "vanilla") if a in set(data.arm)],
+                 errorbar=("ci", 95), n_boot=n_boot, seed=0, ax=ax, linewidth=1, legend=legend,
+                 marker="o" if data.groupby("name").size().max() <= 60 else None, markersize=3)  # sparse curves: show the points
+    if absent: ax.text(0.99, 0.02, f"{MISSING}: {', '.join(absent)}", ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+    if logy: ax.set_yscale("log")
+    ax.set_xlabel("step")
+
+# %%
+_data = pd.DataFrame({"name": ["demo-maml"] * 2, "step": [1, 2], "size": ["demo"] * 2, "arm": ["maml"] * 2, "loss": [np.nan, 3.0]})
+fig, (ax_none, ax_some) = plt.subplots(2, 1)
+curve_panel(ax_none, _data.assign(loss=np.nan), "loss", "loss", "metrics")
+curve_panel(ax_some, _data, "loss", "loss", "metrics", arm="maml")
+assert ax_none.texts[0].get_text() == f"missing: metrics of {', '.join(expected.name)}"
+assert len(ax_some.lines[0].get_xdata()) == 1 and [t.get_text() for t in ax_some.texts] == [
+    f"missing: {n}" for n in expected.name[expected.arm == "maml"] if n != "demo-maml"]
+plt.close(fig)
+
+# %% [markdown]
+# ## Figure 1: training loss and Paloma perplexity
+#
+# Paper 1 Fig. 1 plots the cross-entropy training loss (top) and Paloma perplexity (bottom) of the
+# MAML models against the pretraining step. The MAML arm's logged `loss` mixes next-token and
+# 32-way query losses, so the top panel uses `ar_loss`, the next-token cross-entropy of the
+# next-token steps, which is comparable between arms; we draw the vanilla arm too (dashed). The
+# paper reports the MAML models reaching their vanilla loss 1.3–1.6× sooner and, from Table 2, a
+# worse Paloma perplexity at most sizes by step 6,000, with a rise and a second descent in the
+# large model's perplexity around step 3,000.
+
+# %%
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+curve_panel(top, smoothed(metrics, "ar_loss", smooth), "ar_loss", "train loss (next-token CE)", "next-token losses")
+curve_panel(bottom, smoothed(metrics, "paloma_ppl"), "paloma_ppl", "Paloma perplexity", "Paloma evaluations", logy=True, legend=False)
+save_figure(fig, "p1_fig1_loss_paloma", figures_dir)
+
+# %% [markdown]
+# ## Table 2: loss and Paloma perplexity at step 6,000
+#
+# For every size and arm: the next-token training loss (mean of `ar_loss` over the `loss_window`
+# steps ending at the step, since a single step's loss is one micro-batch's) and the Paloma
+# perplexity evaluated at exactly that step. With `table_step = None` (the demo) each run's last
+# logged step is used and the step is shown. A run that has not reached the step, or that has no
+# evaluation there, is "missing". Several seeds: mean ± half-width of the 95 % bootstrap interval.
+# The paper's values (single seed, its Table 2) are in the last two columns for comparison.
+
+# %%
+PAPER_TABLE2 = {("tiny", "vanilla"): (5.31, 786.85), ("tiny", "maml"): (4.44, 422.42), ("small", "vanilla"): (4.14, 80.25),
+                ("small", "maml"): (3.67, 113.76), ("medium", "vanilla"): (3.89, 77.90), ("medium", "maml"): (3.49, 78.63),
+                ("large", "vanilla"): (3.69, 49.86), ("large", "maml"): (3.49, 66.62)}
+
+def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple[float, float, float]:
+    "`(step, mean ar_loss over the `window` steps ending at step, Paloma perplexity at step)` of one run; NaN if not there."
+    step = run.step.max() if step is None else step
+    if run.empty or run.step.max() < step: return (step, np.nan, np.nan)
+    window = run[(run.step > step - window) & (run.step <= step)]
+    loss = window.ar_loss.astype(float).mean() if "ar_loss" in window else np.nan
+    ppl = run.loc[run.step == step, "paloma_ppl"].astype(float) if "paloma_ppl" in run else pd.Series(dtype=float)
+    return (step, loss, ppl.iloc[0] if len(ppl) else np.nan)
+
+# %%
+_toy = pd.DataFrame({"step": [1, 2, 3, 4], "ar_loss": [9.0, np.nan, 3.0, 1.0], "paloma_ppl": [np.nan, 50.0, np.nan, 20.0]})
+assert loss_and_ppl_at(_toy, None, 2) == (4, 2.0, 20.0) and loss_and_ppl_at(_toy, 2, 2)[1:] == (9.0, 50.0)
+assert loss_and_ppl_at(_toy, None, 10)[1] == np.mean([9.0, 3.0, 1.0])  # next-token steps only
+assert np.isnan(loss_and_ppl_at(_toy, 3, 2)[2]) and np.isnan(loss_and_ppl_at(_toy, 5, 2)[1])
+
+# %%
+def table2() -> pd.DataFrame:
+    "Table 2: one row per size and arm, formatted cells (missing where absent)."
+    rows = []
+    for size in sizes:
+        for arm in ("vanilla", "maml"):
+            if arm not in arms: continue
+            at = [loss_and_ppl_at(metrics[metrics.name == r.name], table_step, loss_window) for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
+            steps = sorted({int(s) for s, _, _ in at})
+            paper = PAPER_TABLE2.get((size, arm))
+            rows.append({"model": run_name(size, arm, 0), "step": ", ".join(map(str, steps)) or MISSING,
+                         "train loss": format_estimate([l for _, l, _ in at]), "Paloma perplexity": format_estimate([p for _, _, p in at]),
+                         "paper loss @6k": f"{paper[0]:.2f}" if paper else "", "paper Paloma @6k": f"{paper[1]:.2f}" if paper else ""})
+    return pd.DataFrame(rows)
+
+table = table2()
+save_table(table, "p1_table2_loss_paloma", tables_dir, "Paper 1 Table 2: next-token training loss and Paloma perplexity at the final step")
+table
+
+# %% [markdown]
+# ## Figure 3: support and query accuracy
+#
+# Paper 1 Fig. 3: support accuracy (after the ten inner steps) and query accuracy of the MAML
+# models against the step. Chance is 1/32 ≈ 3.1 % for 32-way episodes. The paper reports query
+# accuracy above 40 % for small and medium, a tiny model stuck near chance, and a late rise of the
+# large model after step 4,500 (to over 0.5 after its phase transition).
+
+# %%
+maml = metrics[metrics.arm == "maml"]
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+for ax, key, label in [(top, "support_acc", "support accuracy"), (bottom, "query_acc", "query accuracy")]:
+    curve_panel(ax, smoothed(maml, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is top)
+    if ax.lines: ax.axhline(1 / 32, color="0.5", linestyle=":", linewidth=0.8)
+save_figure(fig, "p1_fig3_support_query_acc", figures_dir)
+
+# %% [markdown]
+# ## Figure 4: classifier head weights
+#
+# Paper 1 Fig. 4: the standard deviation (top) and mean (bottom) of the adapted head's logits-layer
+# weights across episodes. The paper sees the std grow in every model (the small one most, after
+# 2k steps) and the mean stay near zero except for the tiny model, which drifts in one direction.
+
+# %%
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+curve_panel(top, smoothed(maml, "head_w_std", smooth), "head_w_std", "head weight std", "head statistics", arm="maml")
+curve_panel(bottom, smoothed(maml, "head_w_mean", smooth), "head_w_mean", "head weight mean", "head statistics", arm="maml", legend=False)
+save_figure(fig, "p1_fig4_head_weights", figures_dir)
+
+# %% [markdown]
+# ## Figure 5: proportional effective rank of weights and gradients
+#
+# Paper 1 Fig. 5 (§6, the PER equation): PER of the attention layers' weights (top) and of the
+# next-token loss gradients (bottom) for both arms at the checkpoints up to step 6,000, here the
+# mean over blocks of `per_matrices`. The paper reports PER declining over training in every MAML
+# model, with an abrupt drop in the large one around step 3,000 and no comparable drop in the
+# vanilla models.
+
+# %%
+def mean_per(spectra: pd.DataFrame, kind: str) -> pd.DataFrame:
+    "Per run and step: the mean PER over blocks of the `per_matrices` of one kind (weight|gradient)."
+    if spectra.empty or "per" not in spectra: return pd.DataFrame(columns=["name", "size", "arm", "seed", "step", "per"])
+    chosen = spectra[(spectra.kind == kind) & spectra.matrix.isin(per_matrices)]
+    return chosen.groupby(["name", "size", "arm", "seed", "step"], as_index=False).per.mean()
+
+# %%
+_spec = pd.DataFrame({"name": "r", "size": "demo", "arm": "maml", "seed": 0, "step": [1, 1, 1, 2],
+                      "matrix": ["attention.v_proj", "attention.o_proj", "swiglu.w_2", "attention.v_proj"],
+                      "kind": ["weight", "weight", "weight", "gradient"], "per": [0.5, 0.7, 0.1, 0.3]})
+assert mean_per(_spec, "weight").per.tolist() == [0.6] and mean_per(_spec, "gradient").step.tolist() == [2]
+
+# %%
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+curve_panel(top, mean_per(spectra, "weight"), "per", "PER (weights)", "weight spectra")
+curve_panel(bottom, mean_per(spectra, "gradient"), "per", "PER (gradients)", "gradient spectra", legend=False)
+save_figure(fig, "p1_fig5_per", figures_dir)
+
+# %% [markdown]
+# ## Figure 6: the large model's phase transition
+#
+# Paper 1 Fig. 6: the large MAML model's weight PER, Paloma perplexity and query accuracy over 6,000
+# steps, with steps 2,600–3,200 shaded where "PER collapses, perplexity drops, and query accuracy
+# jumps". Instead of shading by eye we locate each curve's window of sharpest sustained change with
+# `picomaml.phases.find_phase` (nbs/09_phases: continuous three-segment fit, BIC and steepness
+# thresholds) and shade the PER window in every panel; each panel's title gives its own window, so
+# whether the three coincide is visible. "no phase" means the fit found no sharp window; too few
+# points for a fit is said as such.
+
+# %%
+def phase_of(curve: pd.DataFrame, y: str):
+    "`(Phase | None, reason)` of one curve (seed 0 run, or the mean over seeds)."
+    mean = curve.groupby("step", as_index=False)[y].mean() if not curve.empty else curve
+    try: return find_phase(mean.step, mean[y]), "no phase"
+    except ValueError: return None, f"too few points ({len(mean)})"
+
+_steps = np.arange(0, 6000, 100.0)
+_toy_curve = pd.DataFrame({"step": _steps, "per": np.where(_steps < 2600, 0.8, np.where(_steps > 3200, 0.5, 0.8 - 0.3 * (_steps - 2600) / 600))})
+_phase, _ = phase_of(_toy_curve, "per")
+assert abs(_phase.start - 2600) <= 100 and abs(_phase.end - 3200) <= 100
+assert phase_of(_toy_curve.head(3), "per") == (None, "too few points (3)")
+
+# %%
+large = lambda d: d[(d["size"] == phase_size) & (d.arm == "maml")] if not d.empty else d
+panels = [(large(mean_per(spectra, "weight")), "per", "PER (weights)", "weight spectra"),
+          (large(smoothed(metrics, "paloma_ppl")), "paloma_ppl", "Paloma perplexity", "Paloma evaluations"),
+          (large(smoothed(metrics, "query_acc", smooth)), "query_acc", "query accuracy", "episode metrics")]
+phases = [phase_of(data, y) for data, y, _, _ in panels]
+fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
+for ax, (data, y, label, what), (phase, reason) in zip(axes, panels, phases):
+    curve_panel(ax, data, y, label, what, arm="maml", size=phase_size, legend=False)
+    if not data.empty: ax.set_title(f"{label}: " + (f"steps {phase.start:.0f}–{phase.end:.0f}" if phase else reason), fontsize=8)
+    if phases[0][0] and not data.empty: ax.axvspan(phases[0][0].start, phases[0][0].end, color="#CC79A7", alpha=0.2, linewidth=0)
+save_figure(fig, "p1_fig6_phase_transition", figures_dir)
+pd.DataFrame([{"curve": label, "phase": f"{p.start:.0f}–{p.end:.0f} (change {p.change:+.3g})" if p else reason}
+              for (_, _, label, _), (p, reason) in zip(panels, phases)])
