@@ -416,8 +416,9 @@ def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if fabric.world_size == 1: return local
     padded = local.new_zeros((max(sizes), *local.shape[1:]))  # (max part, ...)
     padded[: len(local)] = local
-    gathered = fabric.all_gather(padded)  # (world, max part, ...)
-    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+    gathered = [torch.empty_like(padded) for _ in sizes]  # world × (max part, ...)
+    torch.distributed.all_gather(gathered, padded)  # plain collective: rows and no-grad features need no autograd
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 # %%
 assert part_sizes(10, 3) == [4, 3, 3] and part_slice(10, 3, 1) == slice(4, 7) and part_slice(10, 3, 2) == slice(7, 10)
@@ -600,7 +601,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
 #| export
 def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
     "Checkpoint `step` (model, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
-    rng = fabric.all_gather(torch.get_rng_state().to(fabric.device)).view(fabric.world_size, -1).cpu()
+    rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
         state = {"step": step, "data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
                  "optimizer": optimizer.state_dict(), "rng_cpu": rng}

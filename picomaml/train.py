@@ -191,8 +191,9 @@ def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if fabric.world_size == 1: return local
     padded = local.new_zeros((max(sizes), *local.shape[1:]))  # (max part, ...)
     padded[: len(local)] = local
-    gathered = fabric.all_gather(padded)  # (world, max part, ...)
-    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+    gathered = [torch.empty_like(padded) for _ in sizes]  # world × (max part, ...)
+    torch.distributed.all_gather(gathered, padded)  # plain collective: rows and no-grad features need no autograd
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 # %% ../nbs/06_train.ipynb #a253dcbf
 def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
@@ -272,7 +273,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
 # %% ../nbs/06_train.ipynb #7bc59006
 def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
     "Checkpoint `step` (model, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
-    rng = fabric.all_gather(torch.get_rng_state().to(fabric.device)).view(fabric.world_size, -1).cpu()
+    rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
         state = {"step": step, "data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
                  "optimizer": optimizer.state_dict(), "rng_cpu": rng}
