@@ -89,7 +89,7 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
         if (sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms) or (seeds and info["seed"] not in seeds): continue
         rows.append({"name": path.name, **info, "path": path, "has_metrics": (path / "metrics.jsonl").is_file(),
                      "has_spectra": (path / "spectra.jsonl").is_file()})
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})  # typed even when empty
     order = {s: i for i, s in enumerate(SIZES)}
     return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
 
@@ -103,7 +103,8 @@ with tempfile.TemporaryDirectory() as tmp:
     assert runs.has_metrics.tolist() == [True, False, False, False] and not runs.has_spectra.any()
     assert find_runs(tmp, sizes=["tiny"], seeds=[1]).name.tolist() == ["pico-tiny-vanilla-seed1"]
     assert find_runs(tmp, families=["released"]).name.tolist() == ["released-tiny-maml"]
-assert find_runs("/nonexistent").empty and list(find_runs("/nonexistent").columns) == RUN_COLUMNS
+_none = find_runs("/nonexistent")
+assert _none.empty and list(_none.columns) == RUN_COLUMNS and list(_none[_none.has_metrics].columns) == RUN_COLUMNS
 
 # %% [markdown]
 # ## Readers

@@ -78,7 +78,7 @@ assert run_name("large", "maml", 0) == "pico-large-maml" and run_name("demo", "v
 runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds)
 runs = runs[runs.has_metrics]
 expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in arms for k in seeds], columns=["size", "arm", "seed", "name"])
-expected["found"] = expected.name.isin(runs.name)
+expected["found"] = expected["name"].isin(runs["name"])
 metrics, spectra = runs_metrics(runs), runs_spectra(runs)
 expected
 
@@ -92,9 +92,9 @@ expected
 # %%
 def lacking(data: pd.DataFrame, y: str, size=None, arm=None) -> list[str]:
     "The expected runs (of one size/arm) with no logged value of `y` in `data`."
-    present = set(data.name[data[y].notna()]) if y in data else set()
+    present = set(data["name"][data[y].notna()]) if y in data else set()
     chosen = expected[expected["size"].isin([size] if size else sizes) & expected.arm.isin([arm] if arm else arms)]
-    return [n for n in chosen.name if n not in present]
+    return [n for n in chosen["name"] if n not in present]
 
 def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None, size=None, logy=False, legend=True) -> None:
     "Plot `y` against step per size (hue) and arm (style); name the expected runs that lack `y` (`what`)."
@@ -115,9 +115,9 @@ _data = pd.DataFrame({"name": ["demo-maml"] * 2, "step": [1, 2], "size": ["demo"
 fig, (ax_none, ax_some) = plt.subplots(2, 1)
 curve_panel(ax_none, _data.assign(loss=np.nan), "loss", "loss", "metrics")
 curve_panel(ax_some, _data, "loss", "loss", "metrics", arm="maml")
-assert ax_none.texts[0].get_text() == f"missing: metrics of {', '.join(expected.name)}"
+assert ax_none.texts[0].get_text() == f"missing: metrics of {', '.join(expected['name'])}"
 assert len(ax_some.lines[0].get_xdata()) == 1 and [t.get_text() for t in ax_some.texts] == [
-    f"missing: {n}" for n in expected.name[expected.arm == "maml"] if n != "demo-maml"]
+    f"missing: {n}" for n in expected['name'][expected.arm == 'maml'] if n != "demo-maml"]
 plt.close(fig)
 
 # %% [markdown]
@@ -174,7 +174,7 @@ def table2() -> pd.DataFrame:
     for size in sizes:
         for arm in ("vanilla", "maml"):
             if arm not in arms: continue
-            at = [loss_and_ppl_at(metrics[metrics.name == r.name], table_step, loss_window) for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
+            at = [loss_and_ppl_at(metrics[metrics["name"] == r.name], table_step, loss_window) for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
             steps = sorted({int(s) for s, _, _ in at})
             paper = PAPER_TABLE2.get((size, arm))
             rows.append({"model": run_name(size, arm, 0), "step": ", ".join(map(str, steps)) or MISSING,

@@ -46,7 +46,7 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
         if (sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms) or (seeds and info["seed"] not in seeds): continue
         rows.append({"name": path.name, **info, "path": path, "has_metrics": (path / "metrics.jsonl").is_file(),
                      "has_spectra": (path / "spectra.jsonl").is_file()})
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})  # typed even when empty
     order = {s: i for i, s in enumerate(SIZES)}
     return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
 
