@@ -22,10 +22,10 @@ from .config import NERConfig
 from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
-__all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'crf_marginals', 'feature_dim',
-           'NERTagger', 'score', 'batches', 'window_features', 'cached_batch', 'window_outputs', 'predict', 'evaluate',
-           'train_step', 'step_inputs', 'finetune', 'loss_curve_metrics', 'evaluate_all', 'result_record',
-           'load_encoded', 'run_ner', 'gold_tag_probabilities', 'word_confidence', 'surprisal_delta']
+__all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'viterbi', 'crf_marginals',
+           'feature_dim', 'NERTagger', 'score', 'FeatureCache', 'batches', 'window_features', 'window_outputs',
+           'predict', 'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'loss_curve_metrics', 'evaluate_all',
+           'result_record', 'load_encoded', 'run_ner', 'gold_tag_probabilities', 'word_confidence', 'surprisal_delta']
 
 # %% ../nbs/11_ner_finetune.ipynb #e211df2f
 PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
@@ -55,7 +55,7 @@ def gather_words(hidden: torch.Tensor, word_pos: torch.Tensor) -> torch.Tensor:
     "States at each word's first sub-token: (B, T, d), (B, W) -> (B, W, d)."
     return hidden.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
-# %% ../nbs/11_ner_finetune.ipynb #e764824f
+# %% ../nbs/11_ner_finetune.ipynb #f9ddb653
 class LinearTagHead(nn.Module):
     "Per-word softmax over the tags."
     def __init__(self, d: int, n_labels: int = len(LABELS)):
@@ -64,7 +64,7 @@ class LinearTagHead(nn.Module):
 
     def forward(self, feats): return self.proj(feats)  # (B, W, d) -> (B, W, K)
     def loss(self, em, labels, mask): return F.cross_entropy(em[mask], labels[mask])
-    def decode(self, em, mask): return [row[m].tolist() for row, m in zip(em.argmax(-1), mask)]
+    def decode(self, em, mask): return em.argmax(-1)  # (B, W)
     def marginals(self, em, mask): return em.softmax(-1)  # (B, W, K)
 
 class CRFTagHead(nn.Module):
@@ -75,8 +75,24 @@ class CRFTagHead(nn.Module):
 
     def forward(self, feats): return self.proj(feats)  # (B, W, d) -> (B, W, K)
     def loss(self, em, labels, mask): return -self.crf(em, labels, mask, reduction="token_mean")
-    def decode(self, em, mask): return self.crf.decode(em, mask)
+    def decode(self, em, mask): return viterbi(self.crf, em, mask)  # (B, W)
     def marginals(self, em, mask): return crf_marginals(self.crf, em, mask)
+
+# %% ../nbs/11_ner_finetune.ipynb #e764824f
+def viterbi(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Best tag sequence of every window: (B, W, K) emissions, (B, W) mask -> (B, W) tag ids (0 after each window's end)."
+    B, W, K = em.shape
+    score, pointers = crf.start_transitions + em[:, 0], []  # (B, K)
+    for t in range(1, W):
+        best, arg = (score.unsqueeze(2) + crf.transitions).max(1)  # (B, K): best previous tag for each tag
+        pointers.append(arg)
+        score = torch.where(mask[:, t, None], best + em[:, t], score)
+    tag = (score + crf.end_transitions).max(1).indices  # (B,) tag at each window's last word
+    path = torch.zeros(B, W, dtype=torch.long, device=em.device)
+    for t in range(W - 1, -1, -1):
+        path[:, t] = tag
+        if t: tag = torch.where(mask[:, t], pointers[t - 1].gather(1, tag[:, None]).squeeze(1), tag)
+    return path * mask
 
 # %% ../nbs/11_ner_finetune.ipynb #45d81544
 def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,98 +142,125 @@ def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
             "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ("PER", "LOC", "ORG")}}
 
 # %% ../nbs/11_ner_finetune.ipynb #a4ab732d
+@dataclass
+class FeatureCache:
+    "Word features of every window of a split, packed: window i owns words[starts[i] : starts[i] + lengths[i]]."
+    words: torch.Tensor  # (N_words, d)
+    labels: torch.Tensor  # (N_words,) tag ids
+    starts: torch.Tensor  # (N,) offset of each window's first word
+    lengths: torch.Tensor  # (N,) words per window
+
+    def __len__(self): return len(self.lengths)
+
+    def batch(self, idx: torch.Tensor):
+        "Features (B, W, d), word mask (B, W) and labels (B, W) of windows `idx`, W their longest window."
+        lengths = self.lengths[idx]  # (B,)
+        pos = torch.arange(int(lengths.max()), device=lengths.device)  # (W,)
+        mask = pos < lengths[:, None]  # (B, W)
+        flat = torch.where(mask, self.starts[idx, None] + pos, 0)  # (B, W) rows of `words`; padding reads word 0
+        return self.words[flat], mask, torch.where(mask, self.labels[flat], 0)
+
 def batches(windows: list[Window], order, batch_size: int):
     "Windows in `order`, `batch_size` at a time, with their indices."
     for i in range(0, len(order), batch_size):
         idx = list(order[i:i + batch_size])
         yield idx, collate([windows[j] for j in idx])
 
+# %% ../nbs/11_ner_finetune.ipynb #96bc8aab
 @torch.no_grad()
-def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16) -> list[torch.Tensor]:
-    "Word features (W_i, d) of every window of a split, computed once with the backbone in eval mode."
+def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16) -> FeatureCache:
+    "Word features of every window of a split, computed once with the backbone in eval mode."
     was_training = tagger.training
     tagger.eval()
     order = sorted(range(len(split.windows)), key=lambda i: len(split.windows[i].input_ids))
-    feats = [None] * len(split.windows)
+    lengths = torch.tensor([len(w.word_starts) for w in split.windows])
+    starts = lengths.cumsum(0) - lengths
+    words, labels = None, torch.zeros(int(lengths.sum()), dtype=torch.long)
     for idx, batch in batches(split.windows, order, batch_size):
-        out = tagger.word_features(batch)  # (B, W, d)
-        for row, j in enumerate(idx): feats[j] = out[row, :len(split.windows[j].word_starts)].clone()
+        out = tagger.word_features(batch).cpu()  # (B, W, d)
+        if words is None: words = out.new_zeros(len(labels), out.shape[-1])
+        rows = torch.cat([torch.arange(starts[j], starts[j] + lengths[j]) for j in idx])
+        words[rows], labels[rows] = out[batch.word_mask], batch.word_labels[batch.word_mask]
     tagger.train(was_training)
-    return feats
+    dev = next(tagger.parameters()).device
+    return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev))
 
-def cached_batch(feats: list[torch.Tensor], windows: list[Window], idx: list[int]):
-    "Padded features (B, W, d), word mask and labels of cached windows."
-    x = nn.utils.rnn.pad_sequence([feats[j] for j in idx], batch_first=True)
-    b = collate([windows[j] for j in idx])
-    return x, b.word_mask.to(x.device), b.word_labels.to(x.device)
-
-# %% ../nbs/11_ner_finetune.ipynb #96bc8aab
+# %% ../nbs/11_ner_finetune.ipynb #291de6e1
 @torch.no_grad()
-def window_outputs(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16):
-    "Decoded tag ids and tag marginals (W_i, K) of every window (from cached features when given)."
-    was_training = tagger.training
-    tagger.eval()
-    decoded, marginals = [], []
-    for idx, batch in batches(split.windows, range(len(split.windows)), batch_size):
-        x, mask = (cached_batch(feats, split.windows, idx)[:2] if feats is not None
-                   else (tagger.word_features(batch), batch.word_mask.to(next(tagger.parameters()).device)))
-        em = tagger.head(x)
-        decoded += tagger.head.decode(em, mask)
-        marginals += [m[k].cpu() for m, k in zip(tagger.head.marginals(em, mask), mask)]
-    tagger.train(was_training)
-    return decoded, marginals
+def window_outputs(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
+                   batch_size: int = 16, marginals: bool = False, chunk: int = 512):
+    "Decoded tag ids of every window (and, if asked, its (W_i, K) tag marginals), from a feature cache."
+    feats = feats if feats is not None else window_features(tagger, split, batch_size)
+    order = torch.argsort(feats.lengths.cpu(), stable=True)
+    decoded, margs = [None] * len(feats), [None] * len(feats)
+    for i in range(0, len(order), chunk):
+        idx = order[i:i + chunk]
+        x, mask, _ = feats.batch(idx.to(feats.lengths.device))
+        em = tagger.head(x)  # (B, W, K)
+        tags, p = tagger.head.decode(em, mask).cpu(), tagger.head.marginals(em, mask).cpu() if marginals else None
+        for row, (j, n) in enumerate(zip(idx.tolist(), feats.lengths[idx].tolist())):
+            decoded[j] = tags[row, :n].tolist()
+            if marginals: margs[j] = p[row, :n]
+    return (decoded, margs) if marginals else decoded
 
-def predict(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> list[list[str]]:
+def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[str]]:
     "Predicted IOB2 tags of every sentence of a split."
-    decoded, _ = window_outputs(tagger, split, feats, batch_size)
-    return rejoin(split, [[LABELS[t] for t in d] for d in decoded])
+    return rejoin(split, [[LABELS[t] for t in d] for d in window_outputs(tagger, split, feats, batch_size)])
 
-def evaluate(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> dict:
+def evaluate(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> dict:
     "seqeval scores of the tagger on a split."
     return score([s.tags for s in split.sentences], predict(tagger, split, feats, batch_size))
 
-# %% ../nbs/11_ner_finetune.ipynb #c363770f
-def train_step(tagger: NERTagger, opt, x, mask, labels) -> float:
-    "One AdamW step on a batch of word features; returns the loss."
+# %% ../nbs/11_ner_finetune.ipynb #2242b630
+def train_step(tagger: NERTagger, opt, x, mask, labels) -> torch.Tensor:
+    "One AdamW step on a batch of word features; returns the (detached) loss."
     loss = tagger.head.loss(tagger.head(x), labels, mask)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.item()
+    return loss.detach()
 
-def step_inputs(tagger: NERTagger, windows, idx, batch, feats):
-    "Word features, mask and labels of a batch: from the cache, or through the backbone."
-    if feats is not None: return cached_batch(feats, windows, idx)
+def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch_size: int, feats: FeatureCache | None):
+    "Word features, mask and labels of each batch of an epoch: gathered from the cache, or through the backbone."
     dev = next(tagger.parameters()).device
-    return tagger.word_features(batch), batch.word_mask.to(dev), batch.word_labels.to(dev)
+    if feats is not None:
+        order = torch.tensor(order, device=feats.lengths.device)
+        yield from (feats.batch(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+        return
+    for _, batch in batches(train.windows, order, batch_size):
+        yield tagger.word_features(batch), batch.word_mask.to(dev), batch.word_labels.to(dev)
 
-# %% ../nbs/11_ner_finetune.ipynb #291de6e1
-def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int = 0,
-             cache: bool = True) -> tuple[NERTagger, dict]:
+# %% ../nbs/11_ner_finetune.ipynb #3071946c
+def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
+             cache: bool | None = None, train_feats: FeatureCache | None = None,
+             dev_feats: FeatureCache | None = None) -> tuple[NERTagger, dict]:
     "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."
     if cfg.regime not in ("head", "full"): raise ValueError(f"ner.regime={cfg.regime!r} is not one of head, full")
-    head_only = cfg.regime == "head"
+    seed, head_only = cfg.seed if seed is None else seed, cfg.regime == "head"
+    cached = head_only and (cfg.cache_features if cache is None else cache)
+    t0 = time.perf_counter()
     torch.manual_seed(seed)
     tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head)
     tagger.backbone.requires_grad_(not head_only)
     tagger.train()
     if head_only: tagger.backbone.eval()
-    feats = window_features(tagger, train, cfg.batch_size) if head_only and cache else None
-    dev_feats = window_features(tagger, dev, cfg.batch_size) if head_only and cache else None
+    if cached:
+        train_feats = train_feats if train_feats is not None else window_features(tagger, train, cfg.batch_size)
+        dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
     opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
-    gen, history, best, best_state, t0 = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": []}, -1.0, None, time.perf_counter()
+    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": []}, -1.0, None
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train.windows), generator=gen).tolist()
-        for idx, batch in batches(train.windows, order, cfg.batch_size):
-            history["loss"].append(train_step(tagger, opt, *step_inputs(tagger, train.windows, idx, batch, feats)))
-        history["dev_f1"].append(evaluate(tagger, dev, dev_feats, cfg.batch_size)["micro_f1"])
+        losses = [train_step(tagger, opt, *inputs) for inputs in epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)]
+        history["loss"] += torch.stack(losses).tolist()
+        history["dev_f1"].append(evaluate(tagger, dev, dev_feats if cached else None, cfg.batch_size)["micro_f1"])
         if history["dev_f1"][-1] > best:
             best, best_epoch = history["dev_f1"][-1], epoch
             best_state = copy.deepcopy((tagger.head if head_only else tagger).state_dict())
         elif epoch - best_epoch >= cfg.patience: break
     (tagger.head if head_only else tagger).load_state_dict(best_state)
     history.update(epochs=len(history["dev_f1"]), steps=len(history["loss"]), best_epoch=best_epoch + 1,
-                   dev_f1=history["dev_f1"], best_dev_f1=best, time_s=time.perf_counter() - t0)
+                   best_dev_f1=best, time_s=time.perf_counter() - t0)
     return tagger, history
 
 # %% ../nbs/11_ner_finetune.ipynb #5c48b614
@@ -264,9 +307,9 @@ def run_ner(backbone: nn.Module, cfg: NERConfig, encode, test_sets=None, seed: i
     return tagger, result_record(history, evaluate_all(tagger, tests, cfg.batch_size), cfg, checkpoint, run)
 
 # %% ../nbs/11_ner_finetune.ipynb #2df699bf
-def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats=None, batch_size: int = 16) -> list[list[float]]:
+def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[float]]:
     "p(gold tag) of every word of every sentence."
-    _, marginals = window_outputs(tagger, split, feats, batch_size)
+    _, marginals = window_outputs(tagger, split, feats, batch_size, marginals=True)
     per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
     return rejoin(split, per_window)
 
