@@ -1,6 +1,8 @@
 """AR micro-batch vs MAML micro-batch, equal tokens, on the tiny Pico decoder (one process).
 
-    python benchmarks/ar_vs_maml.py [--data data/pretokenized/train] [--repeats 5]
+    PICOMAML_DATA=../shared/data python benchmarks/ar_vs_maml.py [--data data/pretokenized/train] [--repeats 5]
+
+(the tokenizer comes from $PICOMAML_DATA or the Hub, as in `picomaml.tokenizer.load_tokenizer`).
 
 An episode of the papers' shape (32-way, 4 support + 4 query windows of 32 tokens) holds 8,192 tokens;
 the AR micro-batch it is compared with holds the same 8,192 tokens (64 rows of 128). Both are timed
