@@ -13,7 +13,7 @@ ifeq ($(origin PICOMAML_DATA), undefined)
   endif
 endif
 
-.PHONY: venv export sync check test demo data help
+.PHONY: venv export sync check test demo paper help
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -51,10 +51,8 @@ test: check ## the whole test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --n_workers $(NPROC)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
-data: export ## pretokenize the local corpus into data/pretokenized/{train,eval}
-	@test -n "$${PICOMAML_DATA:-}" || { echo "PICOMAML_DATA is not set and ../shared/data is missing: set it to a directory with corpus/ and tokenizer/ (see README), or point data.train_path at Hub shards"; exit 1; }
-	@test -f data/pretokenized/train/manifest.json || $(BIN)/python -m picomaml.data prepare --src $$PICOMAML_DATA/corpus/train --out data/pretokenized/train --seq-len 128
-	@test -f data/pretokenized/eval/manifest.json || $(BIN)/python -m picomaml.data prepare --src $$PICOMAML_DATA/corpus/eval --out data/pretokenized/eval --seq-len 128
+demo: export ## the main job: prepare data, pretrain both demo arms (2 CPU processes), NER sweep, every table and figure
+	$(BIN)/python -m picomaml.pipeline demo
 
-demo: data ## prepare data and run the CPU demo
-	$(BIN)/python -m picomaml.launch --config configs/demo.yaml
+paper: export ## the papers' scale on one node of 4 GPUs (both arms x 4 sizes, the NER grids, the notebooks)
+	$(BIN)/python -m picomaml.pipeline paper --nproc 4
