@@ -87,6 +87,19 @@ def read_rows(path) -> list[dict]:
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
     return rows
 
+# %% [markdown]
+# Before a sweep appends, it cuts a torn tail off the file: otherwise the next row would be glued
+# onto the fragment and both lost.
+
+# %%
+#| export
+def drop_torn_tail(path) -> None:
+    "Truncate a results file after its last complete line (the sweep is the file's only writer)."
+    if not Path(path).exists(): return
+    data = Path(path).read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
+
 # %%
 import tempfile
 with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +111,8 @@ with tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("always")
         assert [r["key"] for r in read_rows(table)] == ["a", "b"]
     assert "r.jsonl:3: torn last line" in str(caught[0].message)
+    drop_torn_tail(table); append_row(table, {"key": "c"})
+    assert [r["key"] for r in read_rows(table)] == ["a", "b", "c"]
     table.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     try: read_rows(table); raise AssertionError("accepted a broken middle line")
     except SweepError as e: assert "r.jsonl:2:" in str(e)
@@ -295,6 +310,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     jobs = load_grid(grid)
     check_checkpoints(jobs)
     done = {r["key"] for r in read_rows(out)}
+    drop_torn_tail(out)
     todo = [j for j in jobs if j.key not in done][:limit]
     encode = encode or load_tokenizer(cfg.data).encode
     encoded, features, loaded = {}, {}, {}

@@ -27,8 +27,8 @@ from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metric
 from .ner_data import TEST_SETS, EncodedSplit, encode_split, load_split
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'RUN_KEYS', 'PHILIPPINE', 'SweepError', 'append_row', 'read_rows', 'Checkpoint', 'step_of',
-           'expand_steps', 'local_checkpoints', 'run_checkpoints', 'Job', 'load_grid', 'check_checkpoints',
+__all__ = ['GRID_KEYS', 'RUN_KEYS', 'PHILIPPINE', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
+           'step_of', 'expand_steps', 'local_checkpoints', 'run_checkpoints', 'Job', 'load_grid', 'check_checkpoints',
            'job_settings', 'write_side_file', 'run_job', 'run_sweep', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
@@ -58,6 +58,14 @@ def read_rows(path) -> list[dict]:
                 continue
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
     return rows
+
+# %% ../nbs/12_ner_sweep.ipynb #deed6087
+def drop_torn_tail(path) -> None:
+    "Truncate a results file after its last complete line (the sweep is the file's only writer)."
+    if not Path(path).exists(): return
+    data = Path(path).read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
 
 # %% ../nbs/12_ner_sweep.ipynb #e4702a83
 GRID_KEYS = {"name", "heads", "regimes", "datasets", "seeds", "runs", "ner", "test_sets", "save_predictions",
@@ -221,6 +229,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     jobs = load_grid(grid)
     check_checkpoints(jobs)
     done = {r["key"] for r in read_rows(out)}
+    drop_torn_tail(out)
     todo = [j for j in jobs if j.key not in done][:limit]
     encode = encode or load_tokenizer(cfg.data).encode
     encoded, features, loaded = {}, {}, {}
