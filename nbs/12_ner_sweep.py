@@ -30,11 +30,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import glob
 import itertools
 import json
 import os
+import random
 import re
 import time
 import warnings
@@ -44,7 +46,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from picomaml.config import ConfigError, load_config
+from picomaml.config import ConfigError, apply_overrides, load_config
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
@@ -264,6 +266,12 @@ def job_settings(job: Job) -> dict:
     "The grid settings of a job as values."
     return {k: json.loads(v) for k, v in job.settings}
 
+def capped(sentences: list, cap: int | None, seed: int = 0) -> list:
+    "At most `cap` sentences, a seeded sample in original order (so `all` draws from every set, not the first)."
+    if not cap or len(sentences) <= cap: return sentences
+    keep = sorted(random.Random(seed).sample(range(len(sentences)), cap))
+    return [sentences[i] for i in keep]
+
 def write_side_file(path: Path, data: dict) -> None:
     "Write a JSON side file atomically (temporary file, then rename)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,21 +293,30 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
         if st.get("save_predictions") and name in PHILIPPINE:
-            side[name] = {"tags": pred, "gold_tag_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
+            side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
+                          "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
     c = job.checkpoint
-    row = {"key": job.key, "run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
+    row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
            "params": count_parameters(backbone.cfg), "dev_f1": hist["best_dev_f1"], "dev_f1_curve": hist["dev_f1"],
            "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
            "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
            "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
-           **loss_curve_metrics(hist["loss"]), "loss": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
+           **loss_curve_metrics(hist["loss"]), "loss_curve": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
     if side:
         path = out.parent / f"{out.stem}-predictions" / (re.sub(r"[^A-Za-z0-9._-]+", "_", job.key) + ".json")
         write_side_file(path, side)
-        row["predictions"] = str(path)
+        row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
     return row
+
+
+# %%
+_pool = [f"da{i}" for i in range(50)] + [f"sk{i}" for i in range(50)]
+_sample = capped(_pool, 20, seed=0)
+assert len(_sample) == 20 and _sample == capped(_pool, 20, seed=0) and _sample == sorted(_sample, key=_pool.index)
+assert any(x.startswith("da") for x in _sample) and any(x.startswith("sk") for x in _sample)
+assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 
 # %%
 #| export
@@ -316,12 +333,11 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     encoded, features, loaded = {}, {}, {}
     for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)"):
         st = job_settings(job)
-        try: ner_cfg = dataclasses.replace(cfg.ner, **st.get("ner", {}))
-        except TypeError as e: raise SweepError(f"{grid}: bad `ner` override in {st.get('ner')}: {e}") from None
+        ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
             cap = st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(load_split(name, split, ner_cfg)[:cap], encode, ner_cfg.max_len, f"{name}/{split}")
+            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
             return encoded[key]
         if job.checkpoint not in loaded:
             c = job.checkpoint
@@ -389,9 +405,10 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = read_rows(out)
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     r = rows[0]
-    assert set(r["test_f1"]) == {"sk_snk", "tl_trg"} and len(r["loss"]) == r["steps"] and r["params"] == count_parameters(tiny.cfg)
-    side = json.loads(Path(r["predictions"]).read_text())
-    assert set(side) == {"tl_trg"} and len(side["tl_trg"]["tags"]) == 8 and all(0 < p < 1 for p in side["tl_trg"]["gold_tag_prob"][0])
+    assert set(r["test_f1"]) == {"sk_snk", "tl_trg"} and len(r["loss_curve"]) == r["steps"] and r["params"] == count_parameters(tiny.cfg)
+    side = json.loads((out.parent / r["predictions"]).read_text())
+    assert set(side) == {"tl_trg"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == 8
+    assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
     grid["grids"][0]["runs"].append({"run": "gone", "arm": "vanilla", "size": "tiny", "checkpoint": str(tmp / "nowhere")})
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl"); raise AssertionError("ran with a missing checkpoint")

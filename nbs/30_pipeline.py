@@ -88,7 +88,7 @@ PROFILES = {
 # %%
 assert set(PROFILES) == {"demo", "smoke", "paper"}
 for p in PROFILES.values():
-    for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file() or g == "smoke", g
+    for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
 
 # %% [markdown]
 # ## Which runs

@@ -71,10 +71,26 @@
 # file of the same name, which is the convenient one to edit: `make sync` regenerates the notebooks
 # from the `.py` files, cleans them, exports the package and rebuilds this README.
 #
-# | notebook | concern |
-# |---|---|
-# | `00_config` | nested dataclass configuration, presets in `configs/`, `section.key=value` overrides |
-# | `90_devtools` | README generation and the artifact's consistency checks |
+# | notebook | concern | paper |
+# |---|---|---|
+# | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides | method.md §1–§5 |
+# | `01_model` | the Pico decoder; safetensors/Hub checkpoints that load the released models | P1 §3.1 |
+# | `02_tokenizer` | the OLMo tokenizer, `[MASK]` = 50,280, word tables for SMLMT | P1 §3.2 |
+# | `03_data` | `prepare` raw text into Pico's parquet rows; deterministic sharding and exact resume | P1 §3.3 |
+# | `04_smlmt` | vectorised, seeded N-way K-shot subset-masked episodes | P1 §3.2, Table 1 |
+# | `05_maml` | the first-order MAML head step on cached support features | P1 §3, App. A |
+# | `06_train` | the distributed hybrid loop, checkpoints, resume, monitoring | P1 App. A, §3.3 |
+# | `07_launch` | `torchrun` / SLURM / one-process launcher | |
+# | `08_spectra` | singular values and proportional effective rank of weights and gradients | P1 §6 |
+# | `09_phases` | change-point detection of phase transitions | P1 §6, Fig. 6 |
+# | `10_ner_data` | Universal NER reading, sub-token alignment, span/particle/OOV statistics | P1 §3.4; P2 §2.5 |
+# | `11_ner_finetune` | linear and CRF heads, head-only and full finetuning, zero-shot evaluation | P1 §5; P2 §3 |
+# | `12_ner_sweep` | the resumable finetuning grid | P1 App. B; P2 §4 |
+# | `20_report` | shared readers, styles and writers of the analysis notebooks | |
+# | `21_paper1_pretraining`, `22_paper1_ner` | every table and figure of paper 1 | P1 |
+# | `23_paper2_ner`, `24_paper2_indicators` | every generated table and figure of paper 2 | P2 |
+# | `30_pipeline` | `make demo` / `make paper`: every stage, skipped when done, timed | |
+# | `90_devtools` | README generation and the artifact's consistency checks | |
 #
 # Configuration presets: `configs/pico-{tiny,small,medium,large}-{maml,vanilla}.yaml` (the papers'
 # settings), `configs/released-{size}-maml.yaml` (the released trainer's), `configs/demo.yaml` (CPU).

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import glob
 import itertools
 import json
 import os
+import random
 import re
 import time
 import warnings
@@ -20,7 +22,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import ConfigError, load_config
+from .config import ConfigError, apply_overrides, load_config
 from .model import count_parameters, load_pretrained
 from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
@@ -29,7 +31,7 @@ from .ner_data import TEST_SETS, EncodedSplit, encode_split, load_split
 # %% auto #0
 __all__ = ['GRID_KEYS', 'RUN_KEYS', 'PHILIPPINE', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
            'step_of', 'expand_steps', 'local_checkpoints', 'run_checkpoints', 'Job', 'load_grid', 'check_checkpoints',
-           'job_settings', 'write_side_file', 'run_job', 'run_sweep', 'main']
+           'job_settings', 'capped', 'write_side_file', 'run_job', 'run_sweep', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -184,6 +186,12 @@ def job_settings(job: Job) -> dict:
     "The grid settings of a job as values."
     return {k: json.loads(v) for k, v in job.settings}
 
+def capped(sentences: list, cap: int | None, seed: int = 0) -> list:
+    "At most `cap` sentences, a seeded sample in original order (so `all` draws from every set, not the first)."
+    if not cap or len(sentences) <= cap: return sentences
+    keep = sorted(random.Random(seed).sample(range(len(sentences)), cap))
+    return [sentences[i] for i in keep]
+
 def write_side_file(path: Path, data: dict) -> None:
     "Write a JSON side file atomically (temporary file, then rename)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,23 +213,24 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
         if st.get("save_predictions") and name in PHILIPPINE:
-            side[name] = {"tags": pred, "gold_tag_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
+            side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
+                          "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
     c = job.checkpoint
-    row = {"key": job.key, "run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
+    row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
            "params": count_parameters(backbone.cfg), "dev_f1": hist["best_dev_f1"], "dev_f1_curve": hist["dev_f1"],
            "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
            "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
            "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
-           **loss_curve_metrics(hist["loss"]), "loss": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
+           **loss_curve_metrics(hist["loss"]), "loss_curve": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
     if side:
         path = out.parent / f"{out.stem}-predictions" / (re.sub(r"[^A-Za-z0-9._-]+", "_", job.key) + ".json")
         write_side_file(path, side)
-        row["predictions"] = str(path)
+        row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
     return row
 
-# %% ../nbs/12_ner_sweep.ipynb #5dc03470
+# %% ../nbs/12_ner_sweep.ipynb #4c0985ec
 def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None) -> int:
     "Run every unfinished job of a grid file, appending rows to `out`; returns how many ran."
     from picomaml.tokenizer import load_tokenizer
@@ -235,12 +244,11 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     encoded, features, loaded = {}, {}, {}
     for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)"):
         st = job_settings(job)
-        try: ner_cfg = dataclasses.replace(cfg.ner, **st.get("ner", {}))
-        except TypeError as e: raise SweepError(f"{grid}: bad `ner` override in {st.get('ner')}: {e}") from None
+        ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
             cap = st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(load_split(name, split, ner_cfg)[:cap], encode, ner_cfg.max_len, f"{name}/{split}")
+            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
             return encoded[key]
         if job.checkpoint not in loaded:
             c = job.checkpoint
