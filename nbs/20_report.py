@@ -242,7 +242,7 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
         name = str(_field(r, "pretraining_run", ""))
         info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": 0}
         base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm", "seed")},
-                "checkpoint_step": _checkpoint_step(_field(r, "checkpoint", "")),
+                "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
         strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})
         for test_set, f1 in _field(r, "test_f1", {}).items():

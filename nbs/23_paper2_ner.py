@@ -37,7 +37,7 @@ arms = ["maml", "vanilla"]
 seeds = [0]  # [] or [0]: one run per arm
 run_prefix = ""  # "pico-" for the paper presets (names are parsed by picomaml.report.parse_run_name)
 ner_dir = "../runs/ner"  # the sweep's <grid>-results.jsonl files
-ner_results = []  # explicit results files; empty: every *-results.jsonl in ner_dir
+ner_results = []  # results files or glob patterns; empty: every *-results.jsonl in ner_dir
 head = "crf"  # paper 2 finetunes a linear-chain CRF head
 sweep_size = "demo"  # the checkpoint sweep (Figs. 4-7, 9, Table 5): "medium" in the paper
 sweep_dataset = "sk_snk"
@@ -49,6 +49,7 @@ smoke = False  # fewer bootstrap resamples
 #| export
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -179,7 +180,7 @@ assert np.isclose(_means.loc["vanilla", "mean"], 0.2)
 # ## The results
 
 # %%
-paths = [Path(p) for p in ner_results] or sorted(Path(ner_dir).glob("*-results.jsonl"))
+paths = [Path(f) for pattern in ner_results for f in sorted(glob.glob(pattern))] or sorted(Path(ner_dir).glob("*-results.jsonl"))
 runs = ner_runs(read_ner_results(paths))
 runs = runs[runs["size"].isin(sizes) & runs.arm.isin(arms) & runs.seed.isin(seeds)]
 final = final_runs(runs, head)

@@ -202,7 +202,7 @@ def analysis_notebooks(nbs_dir=NBS_DIR) -> list[Path]:
 def report_parameters(profile: Profile, seeds=(), out_dir=None) -> dict:
     "The papermill parameters for every analysis notebook of a profile (absolute paths)."
     root = PRESETS_DIR.parent
-    out = Path(out_dir) if out_dir else root
+    out = (root / out_dir).resolve() if out_dir else root  # the notebooks run in nbs/: paths must be absolute
     runs = (root / profile.runs_dir).resolve()
     ner = runs / "ner"
     return dict(runs_dir=str(runs), figures_dir=str(out / "figures"), tables_dir=str(out / "paper_tables"),
@@ -214,18 +214,24 @@ def report_parameters(profile: Profile, seeds=(), out_dir=None) -> dict:
 # %%
 _params = report_parameters(PROFILES["smoke"], out_dir="/tmp/x")
 assert _params["figures_dir"] == "/tmp/x/figures" and _params["smoke"] and _params["runs_dir"].endswith("runs/smoke")
+assert Path(report_parameters(PROFILES["smoke"], out_dir="runs/smoke")["tables_dir"]).is_absolute()
+import papermill
+for nb in analysis_notebooks():  # every notebook declares the parameters every profile passes to all
+    declared = papermill.inspect_notebook(str(nb))
+    assert {"runs_dir", "figures_dir", "tables_dir", "sizes", "seeds", "smoke"} <= set(declared), nb.name
 
 # %%
 #| export
 def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
-    "Re-execute every analysis notebook with `params` (papermill, cwd nbs/)."
+    "Re-execute every analysis notebook with those of `params` it declares (papermill, cwd nbs/)."
     import papermill
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks or analysis_notebooks():
+        declared = papermill.inspect_notebook(str(nb))
         print(f"  executing {nb.name}", flush=True)
-        papermill.execute_notebook(str(nb), str(reports_dir / nb.name), parameters=params,
-                                   kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+        papermill.execute_notebook(str(nb), str(reports_dir / nb.name), kernel_name="python3", cwd=str(nb.parent),
+                                   parameters={k: v for k, v in params.items() if k in declared}, progress_bar=False)
 
 # %% [markdown]
 # ## Running the stages

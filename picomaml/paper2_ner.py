@@ -5,6 +5,7 @@
 # %% ../nbs/23_paper2_ner.ipynb #87d488c5
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
