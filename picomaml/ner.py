@@ -22,10 +22,11 @@ from .config import NERConfig
 from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
-__all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'viterbi', 'crf_marginals',
-           'feature_dim', 'NERTagger', 'score', 'FeatureCache', 'batches', 'window_features', 'window_outputs',
-           'predict', 'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'loss_curve_metrics', 'evaluate_all',
-           'result_record', 'load_encoded', 'run_ner', 'gold_tag_probabilities', 'word_confidence', 'surprisal_delta']
+__all__ = ['PAD_ID', 'HEADS', 'ENTITY_TYPES', 'TAG_TYPE', 'TAG_INSIDE', 'Batch', 'collate', 'gather_words', 'LinearTagHead',
+           'CRFTagHead', 'viterbi', 'crf_marginals', 'feature_dim', 'NERTagger', 'score', 'span_keys', 'micro_f1',
+           'FeatureCache', 'batches', 'window_features', 'packed_outputs', 'dev_micro_f1', 'window_outputs', 'predict',
+           'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'loss_curve_metrics', 'evaluate_all', 'result_record',
+           'load_encoded', 'run_ner', 'gold_tag_probabilities', 'word_confidence', 'surprisal_delta']
 
 # %% ../nbs/11_ner_finetune.ipynb #e211df2f
 PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
@@ -142,6 +143,29 @@ def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
             "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ("PER", "LOC", "ORG")}}
 
 # %% ../nbs/11_ner_finetune.ipynb #a4ab732d
+ENTITY_TYPES = sorted({t[2:] for t in LABELS if t != "O"})  # LOC, ORG, PER
+TAG_TYPE = torch.tensor([0 if t == "O" else 1 + ENTITY_TYPES.index(t[2:]) for t in LABELS])  # (K,) 0 for O
+TAG_INSIDE = torch.tensor([t.startswith("I-") for t in LABELS])  # (K,)
+
+def span_keys(tags: torch.Tensor, follows: torch.Tensor) -> torch.Tensor:
+    "One integer key (start, end, type) per entity span of packed tag ids (N,), read as seqeval's default mode does."
+    kind, n = TAG_TYPE.to(tags.device)[tags], len(tags)  # (N,) 0 for O
+    previous = torch.where(follows, kind.roll(1), 0)  # (N,) type of the sentence's previous word, 0 at its start
+    continues = TAG_INSIDE.to(tags.device)[tags] & (previous == kind)  # (N,) I-X right after B-X or I-X
+    begins = (kind > 0) & ~continues
+    ends = (kind > 0) & ~torch.cat([continues[1:], continues.new_zeros(1)])  # (N,) last word of a span
+    first, last = begins.nonzero().squeeze(1), ends.nonzero().squeeze(1)  # (S,) each, in the same span order
+    return (first * n + last) * (len(ENTITY_TYPES) + 1) + kind[first]
+
+def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> float:
+    "seqeval's default-mode micro-F1 of packed tag ids: (N,) gold, (N,) predicted, (N,) bool `follows`."
+    gold_spans, pred_spans = span_keys(gold, follows), span_keys(pred, follows)
+    correct = int(torch.isin(pred_spans, gold_spans).sum())
+    precision = correct / len(pred_spans) if len(pred_spans) else 0.0
+    recall = correct / len(gold_spans) if len(gold_spans) else 0.0
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+# %% ../nbs/11_ner_finetune.ipynb #b6b2dfa0
 @dataclass
 class FeatureCache:
     "Word features of every window of a split, packed: window i owns words[starts[i] : starts[i] + lengths[i]]."
@@ -149,15 +173,20 @@ class FeatureCache:
     labels: torch.Tensor  # (N_words,) tag ids
     starts: torch.Tensor  # (N,) offset of each window's first word
     lengths: torch.Tensor  # (N,) words per window
+    follows: torch.Tensor  # (N_words,) bool, the word directly follows the previous row's word in its sentence
 
     def __len__(self): return len(self.lengths)
 
-    def batch(self, idx: torch.Tensor):
-        "Features (B, W, d), word mask (B, W) and labels (B, W) of windows `idx`, W their longest window."
+    def rows(self, idx: torch.Tensor):
+        "Row in `words` of each word of windows `idx` (B, W) (0 at padding), and the word mask (B, W)."
         lengths = self.lengths[idx]  # (B,)
         pos = torch.arange(int(lengths.max()), device=lengths.device)  # (W,)
         mask = pos < lengths[:, None]  # (B, W)
-        flat = torch.where(mask, self.starts[idx, None] + pos, 0)  # (B, W) rows of `words`; padding reads word 0
+        return torch.where(mask, self.starts[idx, None] + pos, 0), mask
+
+    def batch(self, idx: torch.Tensor):
+        "Features (B, W, d), word mask (B, W) and labels (B, W) of windows `idx`, W their longest window."
+        flat, mask = self.rows(idx)
         return self.words[flat], mask, torch.where(mask, self.labels[flat], 0)
 
 def batches(windows: list[Window], order, batch_size: int):
@@ -166,7 +195,7 @@ def batches(windows: list[Window], order, batch_size: int):
         idx = list(order[i:i + batch_size])
         yield idx, collate([windows[j] for j in idx])
 
-# %% ../nbs/11_ner_finetune.ipynb #96bc8aab
+# %% ../nbs/11_ner_finetune.ipynb #e46c418b
 @torch.no_grad()
 def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16) -> FeatureCache:
     "Word features of every window of a split, computed once with the backbone in eval mode."
@@ -182,26 +211,39 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
         rows = torch.cat([torch.arange(starts[j], starts[j] + lengths[j]) for j in idx])
         words[rows], labels[rows] = out[batch.word_mask], batch.word_labels[batch.word_mask]
     tagger.train(was_training)
+    sentence, first = (torch.tensor([getattr(w, k) for w in split.windows]) for k in ("sentence", "first_word"))
+    follows = torch.ones(len(labels), dtype=torch.bool)
+    follows[starts] = torch.cat([torch.zeros(1, dtype=torch.bool),
+                                 (sentence[1:] == sentence[:-1]) & (first[1:] == first[:-1] + lengths[:-1])])
     dev = next(tagger.parameters()).device
-    return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev))
+    return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev), follows.to(dev))
 
 # %% ../nbs/11_ner_finetune.ipynb #291de6e1
 @torch.no_grad()
+def packed_outputs(tagger: NERTagger, feats: FeatureCache, marginals: bool = False, chunk: int = 512):
+    "Decoded tag ids (N_words,) of every cached word in packed order and, if asked, its (N_words, K) marginals."
+    tags = torch.zeros_like(feats.labels)
+    probs = feats.words.new_zeros(len(tags), len(LABELS)) if marginals else None
+    order = torch.argsort(feats.lengths, stable=True)
+    for i in range(0, len(order), chunk):
+        flat, mask = feats.rows(order[i:i + chunk])  # (B, W) each
+        em = tagger.head(feats.words[flat])  # (B, W, K)
+        tags[flat[mask]] = tagger.head.decode(em, mask)[mask]
+        if marginals: probs[flat[mask]] = tagger.head.marginals(em, mask)[mask]
+    return tags, probs
+
+def dev_micro_f1(tagger: NERTagger, feats: FeatureCache) -> float:
+    "seqeval's default-mode micro-F1 of the tagger on a cached split, computed on tensors."
+    return micro_f1(feats.labels, packed_outputs(tagger, feats)[0], feats.follows)
+
 def window_outputs(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
                    batch_size: int = 16, marginals: bool = False, chunk: int = 512):
     "Decoded tag ids of every window (and, if asked, its (W_i, K) tag marginals), from a feature cache."
     feats = feats if feats is not None else window_features(tagger, split, batch_size)
-    order = torch.argsort(feats.lengths.cpu(), stable=True)
-    decoded, margs = [None] * len(feats), [None] * len(feats)
-    for i in range(0, len(order), chunk):
-        idx = order[i:i + chunk]
-        x, mask, _ = feats.batch(idx.to(feats.lengths.device))
-        em = tagger.head(x)  # (B, W, K)
-        tags, p = tagger.head.decode(em, mask).cpu(), tagger.head.marginals(em, mask).cpu() if marginals else None
-        for row, (j, n) in enumerate(zip(idx.tolist(), feats.lengths[idx].tolist())):
-            decoded[j] = tags[row, :n].tolist()
-            if marginals: margs[j] = p[row, :n]
-    return (decoded, margs) if marginals else decoded
+    tags, probs = packed_outputs(tagger, feats, marginals, chunk)
+    sizes = feats.lengths.tolist()
+    decoded = [t.tolist() for t in tags.cpu().split(sizes)]
+    return (decoded, list(probs.cpu().split(sizes))) if marginals else decoded
 
 def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[str]]:
     "Predicted IOB2 tags of every sentence of a split."
@@ -253,7 +295,7 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
         order = torch.randperm(len(train.windows), generator=gen).tolist()
         losses = [train_step(tagger, opt, *inputs) for inputs in epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)]
         history["loss"] += torch.stack(losses).tolist()
-        history["dev_f1"].append(evaluate(tagger, dev, dev_feats if cached else None, cfg.batch_size)["micro_f1"])
+        history["dev_f1"].append(dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size)))
         if history["dev_f1"][-1] > best:
             best, best_epoch = history["dev_f1"][-1], epoch
             best_state = copy.deepcopy((tagger.head if head_only else tagger).state_dict())
