@@ -138,25 +138,77 @@ assert all(b for s in range(50) for b in branch_draws(0, s, 4, 1.0))
 # its tokens divided by the global token count; the shares of all micro-steps and ranks add up to the
 # global mean, and so do their gradients. Rows hold `seq_len + 1` ids: inputs `[:, :-1]`, targets
 # `[:, 1:]` (method.md §4). The logits are cast to float32 for the softmax under bf16 autocast.
+#
+# The output layer and its loss are the largest cost of an AR step that is not essential
+# (benchmarks/README.md): the plain path materialises the (B·T, 50,304) logits in float32, then
+# their log-softmax, then their gradient, each as large as the logits (1.6 GB for a 64 × 128
+# micro-batch). `FusedLinearCrossEntropy` walks the tokens in chunks of `chunk_tokens` and, for
+# each chunk, takes the logits, their log-sum-exp, the summed loss and the gradient
+# $\partial\ell/\partial z = \mathrm{softmax}(z) - \mathrm{onehot}(y)$ in place, then both matmul gradients
+# (hidden states and output weight) at once; backward only scales them by the incoming gradient.
+# Same FLOPs, one chunk of logits alive at a time, same result up to float summation order.
 
 # %%
 #| export
-def next_token_loss_sum(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    "Summed next-token cross-entropy of rows (B, T + 1)."
-    logits = model(rows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    "Summed CE of logits h @ W.T over token chunks; gradients taken chunk by chunk in forward, so no (N, V) logits."
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens: int):
+        loss = torch.zeros((), device=h.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)  # (N, d), (V, d) in the parameters' dtype
+        for i in range(0, len(h), chunk_tokens):
+            h_c, t_c = h[i:i + chunk_tokens], targets[i:i + chunk_tokens]  # (c, d), (c,)
+            logits = F.linear(h_c, weight).float()  # (c, V), the matmul in autocast's dtype, as the plain path
+            lse = logits.logsumexp(-1)  # (c,)
+            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            dlogits = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of the logits
+            dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1  # softmax - onehot
+            grad_h[i:i + chunk_tokens] = dlogits.to(weight.dtype) @ weight  # (c, d)
+            grad_w += dlogits.T.to(h_c.dtype) @ h_c  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_loss * grad_h, grad_loss * grad_w, None, None
+
+def next_token_loss_sum(model: torch.nn.Module, rows: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    "Summed next-token cross-entropy of rows (B, T + 1) under a Pico decoder, output layer fused with the loss."
+    h = model.hidden(rows[:, :-1]).flatten(0, 1)  # (B·T, d)
+    return FusedLinearCrossEntropy.apply(h, model.de_embedding_proj.weight, rows[:, 1:].flatten(), chunk_tokens)
+
+# %% [markdown]
+# Tests on a 2-block Pico decoder over a 40-token vocabulary: loss and every gradient equal the plain
+# path (whole logits, `F.cross_entropy`) for chunks that divide the tokens, leave a remainder, or hold
+# them all, also under a scaled backward; under bf16 autocast they agree to bf16 rounding; and two
+# ranks' shares add up to the one-process mean.
 
 # %%
-class _Bigram(torch.nn.Module):
-    "A toy next-token model: logits from an embedding table."
-    def __init__(self, vocab=11, d=4):
-        super().__init__(); self.emb = torch.nn.Embedding(vocab, vocab)
-    def forward(self, ids): return self.emb(ids)  # (B, T, V)
-
+from picomaml.model import PicoDecoder
+from picomaml.config import ModelConfig
 torch.manual_seed(0)
-_toy, _rows = _Bigram(), torch.randint(0, 11, (4, 6))
+_toy = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16))
+_rows = torch.randint(0, 40, (4, 7))  # (B, T + 1): 24 targets
+
+def _loss_and_grads(loss_fn, scale=1.0):
+    "Loss and cloned parameter gradients of (loss_fn() * scale).backward()."
+    _toy.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    (loss * scale).backward()
+    return loss.item(), [p.grad.clone() for p in _toy.parameters()]
+
+_plain = lambda: F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1).float(), _rows[:, 1:].flatten(), reduction="sum")
+for _chunk, _scale in ((6, 1.0), (5, 0.25), (1024, 1.0)):
+    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain, _scale), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, _chunk), _scale)
+    assert abs(_got - _want) < 1e-4 * abs(_want)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(_got_g, _want_g))
+with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU path's precision: same loss, gradients to bf16 rounding
+    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, 5))
+assert abs(_got - _want) < 1e-3 * abs(_want)
+assert all((g - w).abs().max() <= 1e-2 * w.abs().max() for g, w in zip(_got_g, _want_g))
 _mean = F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1), _rows[:, 1:].flatten())
-_shares = [next_token_loss_sum(_toy, part) / _rows[:, 1:].numel() for part in _rows.split(2)]
+_shares = [next_token_loss_sum(_toy, part, 5) / _rows[:, 1:].numel() for part in _rows.split(2)]
 assert torch.allclose(sum(_shares), _mean)  # two ranks' shares add up to the one-process mean
 
 # %% [markdown]

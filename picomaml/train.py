@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError, save_config
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'STATS', 'accumulation_steps', 'lr_at', 'mix_seed', 'branch_draws', 'next_token_loss_sum',
-           'document_ids', 'eval_sums', 'perplexities', 'ar_flops', 'episode_flops', 'peak_flops', 'step_dir_name',
-           'file_sha256', 'write_checkpoint', 'CheckpointCorrupt', 'read_checkpoint', 'find_checkpoint',
-           'truncate_metrics', 'part_sizes', 'part_slice', 'gather_parts', 'sum_gradients', 'upload_checkpoint',
-           'pool_rows_per_rank', 'resolve_precision', 'build_model', 'resume_or_start', 'save_training_state',
-           'checkpoint_due', 'evaluate', 'step_record', 'add_stats', 'check_finite', 'episode_tables',
-           'record_run_spectra', 'train']
+__all__ = ['PEAK_FLOPS', 'STATS', 'accumulation_steps', 'lr_at', 'mix_seed', 'branch_draws', 'FusedLinearCrossEntropy',
+           'next_token_loss_sum', 'document_ids', 'eval_sums', 'perplexities', 'ar_flops', 'episode_flops',
+           'peak_flops', 'step_dir_name', 'file_sha256', 'write_checkpoint', 'CheckpointCorrupt', 'read_checkpoint',
+           'find_checkpoint', 'truncate_metrics', 'part_sizes', 'part_slice', 'gather_parts', 'sum_gradients',
+           'upload_checkpoint', 'pool_rows_per_rank', 'resolve_precision', 'build_model', 'resume_or_start',
+           'save_training_state', 'checkpoint_due', 'evaluate', 'step_record', 'add_stats', 'check_finite',
+           'episode_tables', 'record_run_spectra', 'train']
 
 # %% ../nbs/06_train.ipynb #9f7bab6f
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -61,10 +61,33 @@ def branch_draws(seed: int, step: int, accumulation: int, rho: float) -> list[bo
     return (r < rho).tolist()
 
 # %% ../nbs/06_train.ipynb #996165e7
-def next_token_loss_sum(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    "Summed next-token cross-entropy of rows (B, T + 1)."
-    logits = model(rows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    "Summed CE of logits h @ W.T over token chunks; gradients taken chunk by chunk in forward, so no (N, V) logits."
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens: int):
+        loss = torch.zeros((), device=h.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)  # (N, d), (V, d) in the parameters' dtype
+        for i in range(0, len(h), chunk_tokens):
+            h_c, t_c = h[i:i + chunk_tokens], targets[i:i + chunk_tokens]  # (c, d), (c,)
+            logits = F.linear(h_c, weight).float()  # (c, V), the matmul in autocast's dtype, as the plain path
+            lse = logits.logsumexp(-1)  # (c,)
+            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            dlogits = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of the logits
+            dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1  # softmax - onehot
+            grad_h[i:i + chunk_tokens] = dlogits.to(weight.dtype) @ weight  # (c, d)
+            grad_w += dlogits.T.to(h_c.dtype) @ h_c  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_loss * grad_h, grad_loss * grad_w, None, None
+
+def next_token_loss_sum(model: torch.nn.Module, rows: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    "Summed next-token cross-entropy of rows (B, T + 1) under a Pico decoder, output layer fused with the loss."
+    h = model.hidden(rows[:, :-1]).flatten(0, 1)  # (B·T, d)
+    return FusedLinearCrossEntropy.apply(h, model.de_embedding_proj.weight, rows[:, 1:].flatten(), chunk_tokens)
 
 # %% ../nbs/06_train.ipynb #9abf362d
 def document_ids(targets: torch.Tensor, eos_id: int) -> torch.Tensor:
