@@ -806,7 +806,7 @@ conf_after
 #
 # With the cache, a head-only finetune is one backbone pass over train and dev plus epochs of the
 # head on stored features. Target (issue 6): at most 1.5× the time of one backbone forward pass over
-# the same windows. `benchmarks/ner_head_cache.py` measures it on sk_snk with the tiny Pico
+# the same windows. `benchmarks/run.py` (its NER rows) measures it on sk_snk with the tiny Pico
 # architecture (d 96, 12 blocks, features from `.hidden`), ten epochs, no early stopping:
 #
 # | path (1,000 sk_snk train + 1,060 dev windows, 2 threads) | head | seconds | × one pass |
