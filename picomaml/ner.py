@@ -23,10 +23,11 @@ from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
 __all__ = ['PAD_ID', 'HEADS', 'ENTITY_TYPES', 'TAG_TYPE', 'TAG_INSIDE', 'Batch', 'collate', 'gather_words', 'LinearTagHead',
-           'CRFTagHead', 'viterbi', 'crf_marginals', 'feature_dim', 'NERTagger', 'score', 'span_keys', 'micro_f1',
-           'FeatureCache', 'batches', 'window_features', 'packed_outputs', 'dev_micro_f1', 'window_outputs', 'predict',
-           'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'loss_curve_metrics', 'evaluate_all', 'result_record',
-           'load_encoded', 'run_ner', 'gold_tag_probabilities', 'word_confidence', 'surprisal_delta']
+           'CRFTagHead', 'viterbi', 'crf_marginals', 'crf_log_partition', 'crf_nll', 'feature_dim', 'NERTagger',
+           'score', 'span_keys', 'micro_f1', 'FeatureCache', 'batches', 'window_features', 'packed_outputs',
+           'dev_micro_f1', 'window_outputs', 'predict', 'evaluate', 'train_step', 'epoch_inputs', 'finetune',
+           'loss_curve_metrics', 'evaluate_all', 'result_record', 'load_encoded', 'run_ner', 'gold_tag_probabilities',
+           'word_confidence', 'surprisal_delta']
 
 # %% ../nbs/11_ner_finetune.ipynb #e211df2f
 PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
@@ -75,7 +76,7 @@ class CRFTagHead(nn.Module):
         self.proj, self.crf = nn.Linear(d, n_labels), CRF(n_labels, batch_first=True)
 
     def forward(self, feats): return self.proj(feats)  # (B, W, d) -> (B, W, K)
-    def loss(self, em, labels, mask): return -self.crf(em, labels, mask, reduction="token_mean")
+    def loss(self, em, labels, mask): return crf_nll(self.crf, em, labels, mask)
     def decode(self, em, mask): return viterbi(self.crf, em, mask)  # (B, W)
     def marginals(self, em, mask): return crf_marginals(self.crf, em, mask)
 
@@ -112,6 +113,32 @@ def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     alpha, beta = torch.stack(alphas, 1), torch.stack(betas, 1)  # (B, W, K)
     log_z = torch.logsumexp(alphas[-1] + crf.end_transitions, dim=1)  # (B,)
     return (alpha + beta - log_z[:, None, None]).exp()
+
+# %% ../nbs/11_ner_finetune.ipynb #c8ad0ea9
+def crf_log_partition(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "log Z of every window of a linear-chain CRF by a scaled tree of matrix products: (B, W, K), (B, W) -> (B,)."
+    B, W, K = em.shape
+    first = (crf.start_transitions + em[:, :1]).unsqueeze(2).expand(B, 1, K, K)  # (B, 1, K, K) every row s + e_0
+    steps = torch.cat([first, crf.transitions + em[:, 1:].unsqueeze(2)], 1)  # (B, W, K, K) log M_t
+    shift = steps.amax((2, 3), keepdim=True).detach()  # (B, W, 1, 1)
+    identity = torch.eye(K, dtype=em.dtype, device=em.device)
+    probs = torch.where(mask[:, :, None, None], (steps - shift).exp(), identity)  # (B, W, K, K), entries ≤ 1
+    log_z = (shift.flatten(1) * mask).sum(1)  # (B,)
+    while probs.shape[1] > 1:
+        if probs.shape[1] % 2: probs = torch.cat([probs, identity.expand(B, 1, K, K)], 1)
+        probs = probs[:, 0::2] @ probs[:, 1::2]  # (B, W'/2, K, K)
+        top = probs.amax((2, 3), keepdim=True).detach()
+        probs, log_z = probs / top, log_z + top.log().flatten(1).sum(1)
+    end_shift = crf.end_transitions.max().detach()
+    return log_z + (probs[:, 0, 0] @ (crf.end_transitions - end_shift).exp()).log() + end_shift
+
+def crf_nll(crf: CRF, em: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Negative log-likelihood of the tag paths per word (pytorch-crf's token_mean): (B, W, K), (B, W), (B, W)."
+    m = mask.to(em.dtype)
+    last = tags.gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)  # (B,) tag at each window's last word
+    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last] + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
+            + (crf.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1))  # (B,) score of the gold path
+    return (crf_log_partition(crf, em, mask) - gold).sum() / m.sum()
 
 # %% ../nbs/11_ner_finetune.ipynb #fce70d87
 HEADS = {"linear": LinearTagHead, "crf": CRFTagHead}
