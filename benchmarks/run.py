@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from picomaml.maml import readout_features
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": [], "small": ["model.d_model=384", "model.ffn_hidden=1536"]}  # 12 blocks each (method.md §1)
 QUICK = ["smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16", "smlmt.pool_rows=64"]
@@ -36,8 +38,9 @@ def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps
     with a graph, for each of the inner steps; the head's last layer spans the whole vocabulary and is
     read at the class ids; the head is evaluated at every window position, each labelled with its class
     at the readout and class 0 elsewhere (our reading of "non-class tokens clamped to class 0"); inner
-    SGD on the head only; then the query loss backward and the head restored. `every_position=False`
-    reads the head at the readout only (nbs/05_maml's recompute reference with the vocabulary head)."""
+    SGD on the head only (its .grad keeps the last support gradient, as the released trainer's did); then
+    the query loss backward and the head restored. `every_position=False` reads the head at the readout
+    only (nbs/05_maml's recompute reference with the vocabulary head)."""
     def loss_of(ids, readout, labels):
         hidden = backbone.hidden(ids)  # (B, W, d), with a graph, at every inner step
         if not every_position: return F.cross_entropy(head(readout_features(hidden, readout), episode.class_ids), labels)
@@ -46,7 +49,6 @@ def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps
         targets[torch.arange(len(ids)), readout] = labels  # ... except the readout position
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    from picomaml.maml import readout_features
     params = list(head.parameters())
     snapshot = [p.detach().clone() for p in params]
     inner = torch.optim.SGD(params, lr=inner_lr)
