@@ -64,6 +64,42 @@
 # Set `HF_HUB_OFFLINE=1` when no network is available, so Hub lookups fail at once instead of retrying.
 
 # %% [markdown]
+# ## What the demo shows
+#
+# `make demo` runs the whole method at toy scale on two CPU cores: it pretokenizes the 1,060 local C4
+# and Common Crawl documents into 128-token rows, pretrains the tiny architecture (d = 96, 12 blocks,
+# the full 50,304-id vocabulary) for 120 optimizer steps twice — the MAML arm (rho = 0.5, 32-way 4-shot
+# episodes) and the matched vanilla arm (rho = 0) — on two gloo processes each, records spectra and
+# Paloma-style perplexity along the way, finetunes linear and CRF heads on Universal NER over the final
+# and intermediate checkpoints, and re-executes the four analysis notebooks. Every table and figure of
+# both papers (method.md §6) is regenerated into `figures/` and `paper_tables/`; the ones committed
+# here come from that run.
+#
+# ![Paper 1, Figure 1 at demo scale](figures/p1_fig1_loss_paloma.png)
+#
+# Both arms learn (next-token loss from 10.8 to about 7.5 in 120 steps). At equal optimizer steps the
+# MAML arm has taken half as many next-token steps, so its next-token loss and Paloma perplexity trail
+# the vanilla arm's — the perplexity trade-off paper 1 reports at most scales (its Table 2), here at a
+# scale where it is mostly a count of steps.
+#
+# ![Paper 1, Figure 3 at demo scale](figures/p1_fig3_support_query_acc.png)
+#
+# Support and query accuracy of the 32-way episodes stay near chance (1/32): paper 1 reports the same
+# for its tiny model over 6,000 steps ("query accuracy remains stagnant, hovering just above chance").
+#
+# ![Paper 1, Figure 5 at demo scale](figures/p1_fig5_per.png)
+#
+# **What the demo cannot show.** 120 steps on 250k tokens leave both backbones close to unigram
+# predictors: their final hidden states barely depend on the input token (at step 120 the MAML arm's
+# token features have a mean pairwise cosine of 0.9999, the vanilla arm's 0.77), so a head-only NER probe
+# learns only the "O" prior and the NER tables read 0 or "n/a" at the final checkpoints (the earliest
+# checkpoints, still close to their random token embeddings, score a little above 0). Full finetuning does
+# recover entities (the vanilla backbone reaches 0.085 dev F1 on sk_snk after three epochs of full
+# tuning), but that costs more than the demo's time budget. The NER numbers of the papers need the
+# paper-scale backbones: `make paper` on GPUs, or the released checkpoints through
+# `picomaml.model.load_pretrained` and the sweep's Hub entries.
+
+# %% [markdown]
 # ## How the repository is organised
 #
 # The notebooks in `nbs/` are the source and the documentation; `nbdev_export` writes the package
