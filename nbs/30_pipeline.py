@@ -245,7 +245,7 @@ def timed(name: str, timings: dict, done: bool, action) -> None:
     "Run `action()` unless `done`, recording its wall time under `name`."
     if done:
         print(f"[pipeline] {name}: already done, skipped", flush=True)
-        timings[name] = 0.0
+        timings[name] = None  # keeps the time measured when the stage last ran (see `save_timings`)
         return
     print(f"[pipeline] {name} ...", flush=True)
     start = time.perf_counter()
@@ -259,15 +259,28 @@ def call(cmd: list[str]) -> None:
         raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))}")
 
 def format_timings(timings: dict) -> str:
-    "A Markdown table of the stages' wall times."
-    rows = [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-    return "\n".join(["| stage | seconds |", "|---|---|", *rows, f"| total | {sum(timings.values()):.1f} |"])
+    "A Markdown table of the stages' wall times (skipped stages say so)."
+    rows = [f"| {k} | {'skipped' if v is None else f'{v:.1f}'} |" for k, v in timings.items()]
+    total = sum(v for v in timings.values() if v is not None)
+    return "\n".join(["| stage | seconds |", "|---|---|", *rows, f"| total | {total:.1f} |"])
+
+def save_timings(timings: dict, path) -> dict:
+    "Merge this run's stage times into `path`: a skipped stage keeps the time of its last real run."
+    path = Path(path)
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update({k: v for k, v in timings.items() if v is not None})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
 
 # %%
 _t = {}
 timed("a", _t, True, lambda: 1 / 0)
 timed("b", _t, False, lambda: None)
-assert _t["a"] == 0.0 and _t["b"] >= 0 and format_timings(_t).splitlines()[-1].startswith("| total |")
+assert _t["a"] is None and _t["b"] >= 0 and "| a | skipped |" in format_timings(_t)
+with tempfile.TemporaryDirectory() as tmp:
+    save_timings({"pretrain": 100.0, "reports": 20.0}, Path(tmp) / "t.json")
+    assert save_timings({"pretrain": None, "reports": 21.0}, Path(tmp) / "t.json") == {"pretrain": 100.0, "reports": 21.0}
 
 # %%
 #| export
@@ -300,8 +313,7 @@ def run_pipeline(profile: Profile, seeds=(), stages=("data", "pretrain", "ner", 
         timed("reports", timings, False, lambda: execute_reports(
             report_parameters(profile, seeds, out_dir), Path(profile.runs_dir) / "reports"))
     print(format_timings(timings))
-    Path(profile.runs_dir).mkdir(parents=True, exist_ok=True)
-    (Path(profile.runs_dir) / f"timings-{profile.name}.json").write_text(json.dumps(timings, indent=1) + "\n")
+    save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
     return timings
 
 # %% [markdown]
