@@ -49,6 +49,24 @@
 # CUDA is present, the CUDA build on a GPU machine). `environment.yml` carries the same pins for conda.
 
 # %% [markdown]
+# ## Running the pieces by hand
+#
+# ```sh
+# source .venv/bin/activate && nbdev_export                       # after editing a notebook
+# torchrun --standalone --nproc_per_node=4 -m picomaml.launch --config configs/pico-large-maml.yaml
+# python -m picomaml.launch --config configs/demo.yaml train.steps=40   # one process, any override
+# python -m picomaml.launch --help                                # every option with its comment
+# python -m picomaml.sweep --grid configs/sweeps/paper1.yaml --out runs/ner/paper1-results.jsonl
+# python -m picomaml.spectra --checkpoints runs/pico-large-maml/checkpoints --batch data/pretokenized/eval --out spectra.jsonl
+# papermill nbs/21_paper1_pretraining.ipynb out.ipynb --cwd nbs -p sizes '["tiny","small","medium","large"]'
+# python -m picomaml.pipeline paper --nproc 4 --seeds 1 2 3        # everything at the papers' scale
+# ```
+#
+# Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
+# node, or `srun python -m picomaml.launch ...` under SLURM (see `07_launch`). Runs resume from their
+# latest valid checkpoint by default.
+
+# %% [markdown]
 # ## Where data comes from
 #
 # Every data source is resolved in the same order: a path in the configuration, else the
