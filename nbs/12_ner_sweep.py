@@ -50,7 +50,7 @@ from picomaml.config import ConfigError, apply_overrides, load_config
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from picomaml.ner_data import TEST_SETS, EncodedSplit, encode_split, load_split
+from picomaml.ner_data import TEST_SETS, encode_split, load_split
 
 # %% [markdown]
 # ## The results table: atomic appends

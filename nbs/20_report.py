@@ -65,7 +65,14 @@ def parse_run_name(name: str) -> dict | None:
     if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
     return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": int(m["seed"] or 0)}
 
+def run_name(size: str, arm: str, seed: int = 0) -> str:
+    "The directory name of the run of `size`, `arm` and `seed` (the inverse of `parse_run_name`)."
+    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
+
 # %%
+assert run_name("large", "maml", 0) == "pico-large-maml" and run_name("demo", "vanilla", 2) == "demo-vanilla-seed2"
+assert all(parse_run_name(run_name(s, a, k)) == {"family": "demo" if s == "demo" else "pico", "size": s, "arm": a, "seed": k}
+           for s in SIZES for a in ARMS for k in (0, 3))
 assert parse_run_name("pico-large-maml") == {"family": "pico", "size": "large", "arm": "maml", "seed": 0}
 assert parse_run_name("demo-vanilla-seed3") == {"family": "demo", "size": "demo", "arm": "vanilla", "seed": 3}
 assert parse_run_name("released-tiny-maml")["family"] == "released"

@@ -48,8 +48,8 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.phases import find_phase
-from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, runs_metrics, runs_spectra,
-                             save_figure, save_table, set_style, smoothed)
+from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, run_name, runs_metrics,
+                             runs_spectra, save_figure, save_table, set_style, smoothed)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -66,15 +66,9 @@ n_boot = 100 if smoke else 1000
 # ## The runs
 #
 # One row per expected (size, arm, seed); `found` says whether its `metrics.jsonl` exists. Names are
-# `pico-{size}-{arm}[-seed<k>]` and `demo-{arm}[-seed<k>]` (`picomaml.report.parse_run_name`).
+# `pico-{size}-{arm}[-seed<k>]` and `demo-{arm}[-seed<k>]` (`picomaml.report.run_name` / `parse_run_name`).
 
 # %%
-def run_name(size: str, arm: str, seed: int) -> str:
-    "The directory name of the run of `size`, `arm` and `seed`."
-    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
-
-assert run_name("large", "maml", 0) == "pico-large-maml" and run_name("demo", "vanilla", 2) == "demo-vanilla-seed2"
-
 runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds)
 runs = runs[runs.has_metrics]
 expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in arms for k in seeds], columns=["size", "arm", "seed", "name"])

@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import tempfile
-import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -62,7 +60,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, SIZES, bootstrap_ci, format_estimate, missing_note, ner_long,
+from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_note, ner_long,
                              read_ner_results, relative_change, save_figure, save_table, set_style)
 
 # %% [markdown]

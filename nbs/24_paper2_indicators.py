@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
+from picomaml.report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, run_name, runs_metrics, save_figure, set_style, smoothed
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -75,14 +75,10 @@ n_boot = 200 if smoke else 2000
 
 # %%
 #| export
-def run_label(size: str, arm: str, seed: int) -> str:
-    "How a missing run is named in a figure: its directory name without prefix choices."
-    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
-
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
-    return [run_label(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
+    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
 
 # %%
 _frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [0, 2]})

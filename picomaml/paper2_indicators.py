@@ -15,20 +15,16 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
+from .report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, run_name, runs_metrics, save_figure, set_style, smoothed
 
 # %% auto #0
-__all__ = ['INDICATORS', 'run_label', 'missing_runs', 'plot_indicator', 'final_values']
+__all__ = ['INDICATORS', 'missing_runs', 'plot_indicator', 'final_values']
 
 # %% ../nbs/24_paper2_indicators.ipynb #6256d537
-def run_label(size: str, arm: str, seed: int) -> str:
-    "How a missing run is named in a figure: its directory name without prefix choices."
-    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
-
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
-    return [run_label(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
+    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
 
 # %% ../nbs/24_paper2_indicators.ipynb #9ab66207
 INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log it, log-scale y)

@@ -18,9 +18,10 @@ import seaborn as sns
 
 # %% auto #0
 __all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS',
-           'parse_run_name', 'find_runs', 'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results',
-           'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change',
-           'set_style', 'save_figure', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
+           'parse_run_name', 'run_name', 'find_runs', 'read_jsonl', 'read_metrics', 'read_run_spectra',
+           'read_ner_results', 'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long', 'bootstrap_ci',
+           'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note', 'latex_escape',
+           'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #e7ef803e
 SIZES = ("demo", "tiny", "small", "medium", "large")
@@ -33,6 +34,10 @@ def parse_run_name(name: str) -> dict | None:
     m = RUN_NAME.match(name)
     if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
     return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": int(m["seed"] or 0)}
+
+def run_name(size: str, arm: str, seed: int = 0) -> str:
+    "The directory name of the run of `size`, `arm` and `seed` (the inverse of `parse_run_name`)."
+    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]

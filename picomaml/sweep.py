@@ -26,7 +26,7 @@ from .config import ConfigError, apply_overrides, load_config
 from .model import count_parameters, load_pretrained
 from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from .ner_data import TEST_SETS, EncodedSplit, encode_split, load_split
+from .ner_data import TEST_SETS, encode_split, load_split
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'RUN_KEYS', 'PHILIPPINE', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',

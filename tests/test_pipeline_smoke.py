@@ -19,8 +19,9 @@ P2_TABLES = [f"p2_table{i}_" for i in (2, 4, 5)]
 
 
 def shared_data() -> str | None:
-    return os.environ.get("PICOMAML_DATA") or next(
-        (str(p) for p in [ROOT.parent / "shared" / "data"] if p.is_dir()), None)
+    "$PICOMAML_DATA, else ../shared/data beside the clone (as the Makefile does), else None."
+    beside = ROOT.parent / "shared" / "data"
+    return os.environ.get("PICOMAML_DATA") or (str(beside) if beside.is_dir() else None)
 
 
 def run_pipeline(*args):
