@@ -42,13 +42,15 @@ import yaml
 # ## One option, one comment
 #
 # `opt` is a dataclass field that carries its own help text, so `--help` can print every option
-# with the comment that explains it; `choices` restricts a string option to a fixed set.
+# with the comment that explains it; `choices` restricts a string option to a fixed set, and `ge`,
+# `gt`, `le` bound a number (`maml.rho=1.5` or a negative learning rate is an error naming the key,
+# not a silently different run or a torch traceback at step 1).
 
 # %%
 #| export
-def opt(default, help: str, choices: tuple | None = None):
-    "A dataclass field with a default, a help comment and optional allowed values."
-    meta = {"help": help, "choices": choices}
+def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None):
+    "A dataclass field with a default, a help comment, optional allowed values and numeric bounds."
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,60 +65,89 @@ def opt(default, help: str, choices: tuple | None = None):
 #| export
 @dataclass
 class ModelConfig:
-    d_model: int = opt(768, "hidden size d (tiny 96, small 384, medium 768, large 1536)")
-    n_layers: int = opt(12, "decoder blocks")
-    n_heads: int = opt(12, "query heads of grouped-query attention")
-    n_kv_heads: int = opt(4, "key/value heads (each serves n_heads / n_kv_heads query heads)")
-    ffn_hidden: int = opt(3072, "SwiGLU hidden size, 4d in the papers")
-    vocab_size: int = opt(50304, "embedding rows: the OLMo tokenizer's 50,280 ids padded to 50,304")
-    max_seq_len: int = opt(2048, "longest sequence the RoPE cache covers")
-    rope_theta: float = opt(10000.0, "RoPE base frequency")
-    norm_eps: float = opt(1e-6, "RMSNorm epsilon (computed in float32)")
+    d_model: int = opt(768, "hidden size d (tiny 96, small 384, medium 768, large 1536)", ge=1)
+    n_layers: int = opt(12, "decoder blocks", ge=1)
+    n_heads: int = opt(12, "query heads of grouped-query attention", ge=1)
+    n_kv_heads: int = opt(4, "key/value heads (each serves n_heads / n_kv_heads query heads)", ge=1)
+    ffn_hidden: int = opt(3072, "SwiGLU hidden size, 4d in the papers", ge=1)
+    vocab_size: int = opt(50304, "embedding rows: the OLMo tokenizer's 50,280 ids padded to 50,304", ge=1)
+    max_seq_len: int = opt(2048, "longest sequence the RoPE cache covers", ge=1)
+    rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon (computed in float32)", gt=0)
 
 # %% [markdown]
-# **data** — pretokenized shards in Pico's format (method.md §4). An empty local path means: look under
-# `$PICOMAML_DATA` if that variable is set, else stream from the Hub dataset named next to it.
+# **data** — pretokenized rows in Pico's format (method.md §4). `source: auto` takes a local path if one
+# is set, else `$PICOMAML_DATA/pretokenized/<split>` if it exists, else streams the Hub dataset named
+# next to it; `source: hub` always streams, and `train_hub`/`eval_hub` may also name a local directory
+# laid out like the Hub dataset (parquet files under `data/`), which is how the rehearsal tests the
+# streaming path without a network.
 
 # %%
 #| export
 @dataclass
 class DataConfig:
+    source: str = opt("auto", "auto: local path, else $PICOMAML_DATA, else the Hub; hub: always stream `*_hub`",
+                      choices=("auto", "hub"))
     train_path: str = opt("", "local directory of parquet shards for pretraining; empty: the Hub dataset `train_hub`")
-    train_hub: str = opt("pico-lm/pretokenized-dolma", "Hub dataset of pretokenized pretraining rows")
+    train_hub: str = opt("pico-lm/pretokenized-dolma", "Hub dataset (or a local directory in its layout) of pretraining rows")
+    rows_per_file: int = opt(20480, "rows in each parquet file of a streamed dataset (pretokenized-dolma: 20,480); "
+                             "a row's file is its position // rows_per_file, so a resumed run opens that file", ge=1)
     eval_path: str = opt("", "local directory of parquet shards for Paloma evaluation; empty: the Hub dataset `eval_hub`")
-    eval_hub: str = opt("pico-lm/pretokenized-paloma-tinsy", "Hub dataset of pretokenized Paloma rows")
+    eval_hub: str = opt("pico-lm/pretokenized-paloma-tinsy", "Hub dataset (or a local directory in its layout) of Paloma rows")
     eval_hub_split: str = opt("val", "split of `eval_hub` to stream")
     tokenizer_path: str = opt("", "local tokenizer.json; empty: $PICOMAML_DATA/tokenizer, else the Hub tokenizer")
     tokenizer_hub: str = opt("allenai/OLMo-7B-0724-hf", "Hub repository of the OLMo tokenizer")
-    seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids")
-    eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer")
-    mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)")
+    seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids", ge=1)
+    eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
+    mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
 
 # %% [markdown]
-# **train** — the outer optimisation (method.md §4; paper 1 §3.3). Global batch = micro-batch ×
-# devices × accumulation; the loop derives the accumulation from the other three.
+# **train** — the outer optimisation (paper 1 §4.1, paper 2 §3: "micro batches of 256 sequences are
+# accumulated eight times giving an effective batch of 2048 (1024 for the 11M model)"). Two things
+# are kept apart. The **branch micro-batch** (`branch_batch`, counted over all ranks) is the unit of
+# the hybrid rule: each one is drawn MAML or next-token, and it is also an episode's pool; an
+# optimizer step takes `global_batch / branch_batch` of them (8, or 4 for tiny). The **memory chunk**
+# (`chunk_rows`, per rank) is how many rows a device runs forward and backward at once: a matter of
+# memory that never changes the gradient (`06_train` tests this), chosen by the planner
+# (`06_plan`) to fit the device when left at 0.
 
 # %%
 #| export
 @dataclass
 class TrainConfig:
-    steps: int = opt(6000, "optimizer steps")
-    global_batch: int = opt(2048, "sequences per optimizer step (1,024 for tiny)")
-    micro_batch: int = opt(256, "sequences per device per forward pass")
-    lr: float = opt(3e-4, "peak AdamW learning rate")
-    warmup_steps: int = opt(2500, "linear warmup steps")
+    steps: int = opt(6000, "optimizer steps", ge=1)
+    global_batch: int = opt(2048, "sequences per optimizer step, over all ranks (1,024 for tiny)", ge=1)
+    branch_batch: int = opt(256, "sequences of one hybrid draw over all ranks: a next-token micro-batch or an episode's pool", ge=1)
+    chunk_rows: int = opt(0, "rows each rank runs forward/backward at once (memory only); 0: the largest the device fits", ge=0)
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, ~1/3 more compute")
+    lr: float = opt(3e-4, "peak AdamW learning rate", gt=0)
+    warmup_steps: int = opt(2500, "linear warmup steps", ge=0)
     schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
-    decay_steps: int = opt(0, "steps over which the schedule decays; 0: `steps`")
-    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping (the released trainer had none)")
+    decay_steps: int = opt(0, "steps over which the schedule decays; 0: `steps`", ge=0)
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
+    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, le=0.999999)
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, le=0.999999)
+    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping (the released trainer had none)", ge=0)
     precision: str = opt("auto", "auto: bf16-mixed on GPU, 32-true on CPU", choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
-    seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation")
-    save_every: int = opt(100, "checkpoint every this many optimizer steps")
-    log_spaced_checkpoints: bool = opt(False, "also checkpoint at steps 0, 1, 2, 4, 8, ... (as Pythia)")
-    resume: bool = opt(True, "resume from the run directory's latest valid checkpoint")
+    seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
+
+# %% [markdown]
+# **checkpoint** — what a run keeps (method.md §4: every 100 steps). Every scheduled step keeps its
+# weights, which the spectra and paper 2's checkpoint sweep read; step 0 (the initialisation) is
+# always written, since paper 2 sweeps from it. The full training state (AdamW moments, about
+# 8 bytes a parameter, and every rank's RNG) is what a resume needs and nothing else does, so only
+# the newest `keep_state` checkpoints hold it: 61 checkpoints × 8 runs of optimizer state would be
+# on the order of a terabyte.
+
+# %%
+#| export
+@dataclass
+class CheckpointConfig:
+    every: int = opt(100, "write a checkpoint every this many optimizer steps (step 0 and the last step always)", ge=1)
+    log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
+    keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
+    resume: bool = opt(True, "resume from the run directory's newest valid checkpoint")
 
 # %% [markdown]
 # **smlmt** — subset-masked LM episodes (method.md §2; Bansal et al. 2020). N = 32, K = 4 in both
@@ -126,14 +157,14 @@ class TrainConfig:
 #| export
 @dataclass
 class SMLMTConfig:
-    n_way: int = opt(32, "classes (masked words) per episode")
-    k_shot: int = opt(4, "support windows per class")
-    q_query: int = opt(4, "query windows per class, disjoint from the support windows")
-    window: int = opt(64, "tokens per episode window around each occurrence")
+    n_way: int = opt(32, "classes (masked words) per episode", ge=2)
+    k_shot: int = opt(4, "support windows per class", ge=1)
+    q_query: int = opt(4, "query windows per class, disjoint from the support windows", ge=1)
+    window: int = opt(64, "tokens per episode window around each occurrence", ge=2)
     readout: str = opt("last", "feature position: last window token, or the [MASK] itself", choices=("last", "mask"))
-    pool_rows: int = opt(256, "rows gathered (over all ranks) to draw one episode from")
-    min_word_chars: int = opt(3, "shortest eligible class word, in characters")
-    exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes")
+    pool_rows: int = opt(0, "rows (over all ranks) an episode draws from; 0: the branch micro-batch itself (the papers)", ge=0)
+    min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
+    exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
 # %% [markdown]
 # **maml** — the first-order MAML hybrid step (method.md §3). With probability `rho` a micro-batch is
@@ -143,25 +174,27 @@ class SMLMTConfig:
 #| export
 @dataclass
 class MAMLConfig:
-    rho: float = opt(0.5, "probability that a micro-batch is a MAML episode (0: vanilla)")
-    inner_steps: int = opt(10, "inner-loop SGD steps T on the support loss")
-    inner_lr: float = opt(1e-3, "inner-loop learning rate alpha (the released trainer used 0.01)")
-    head_layers: int = opt(4, "layers of the MLP head adapted in the inner loop")
-    head_hidden: int = opt(128, "hidden width of the MLP head")
-    head_dropout: float = opt(0.1, "dropout in the MLP head (never applied by the released trainer)")
+    rho: float = opt(0.5, "probability that a micro-batch is a MAML episode (0: vanilla)", ge=0, le=1)
+    inner_steps: int = opt(10, "inner-loop SGD steps T on the support loss", ge=0)
+    inner_lr: float = opt(1e-3, "inner-loop learning rate alpha (the released trainer used 0.01)", ge=0)
+    head_layers: int = opt(4, "layers of the MLP head adapted in the inner loop", ge=1)
+    head_hidden: int = opt(128, "hidden width of the MLP head", ge=1)
+    head_dropout: float = opt(0.1, "dropout in the MLP head (never applied by the released trainer)", ge=0, le=0.999999)
     head_init: str = opt("xavier", "initialisation of the head's linear layers", choices=("xavier", "default"))
     head_output: str = opt("classes", "N-way outputs, or the released trainer's vocabulary-indexed head", choices=("classes", "vocab"))
 
 # %% [markdown]
-# **eval** — Paloma perplexity every 100 steps (method.md §4).
+# **eval** — Paloma perplexity every 100 steps (method.md §4), on the first `max_rows` rows of the split,
+# read once at the start of the run (a streamed split has no length, so the bound is what makes it
+# finite; 1,024 rows of 2,048 tokens is about a third of one optimizer step's forward work).
 
 # %%
 #| export
 @dataclass
 class EvalConfig:
-    every: int = opt(100, "evaluate every this many optimizer steps; 0 disables")
-    max_rows: int = opt(0, "Paloma rows to evaluate; 0: all")
-    batch_size: int = opt(16, "evaluation rows per device per forward")
+    every: int = opt(100, "evaluate every this many optimizer steps; 0 disables", ge=0)
+    max_rows: int = opt(1024, "Paloma rows to evaluate (the split's first); 0: all, local shards only", ge=0)
+    batch_size: int = opt(16, "evaluation rows per device per forward", ge=1)
 
 # %% [markdown]
 # **spectra** — singular values and proportional effective rank (method.md §4; paper 1 §6).
@@ -170,9 +203,9 @@ class EvalConfig:
 #| export
 @dataclass
 class SpectraConfig:
-    every: int = opt(100, "record spectra every this many optimizer steps; 0 disables")
+    every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
-    grad_rows: int = opt(8, "rows of the fixed evaluation batch whose next-token loss gives the gradients")
+    grad_rows: int = opt(8, "rows of the fixed evaluation batch whose next-token loss gives the gradients", ge=1)
 
 # %% [markdown]
 # **ner** — Universal NER finetuning (method.md §5; paper 1 §3.4, paper 2 §2.5).
@@ -186,12 +219,12 @@ class NERConfig:
     head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)", choices=("linear", "crf"))
     regime: str = opt("head", "head: backbone frozen; full: every weight trains", choices=("head", "full"))
     train_sets: list = opt(["sk_snk"], "finetuning sources; `all` is the nine training sets together")
-    lr: float = opt(3e-5, "AdamW learning rate")
-    epochs: int = opt(10, "at most this many epochs")
-    patience: int = opt(2, "stop after this many epochs without a better dev micro-F1")
-    batch_size: int = opt(16, "sentences per step")
-    max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated")
-    seed: int = opt(0, "seed of the head initialisation and the batch order")
+    lr: float = opt(3e-5, "AdamW learning rate", gt=0)
+    epochs: int = opt(10, "at most this many epochs", ge=1)
+    patience: int = opt(2, "stop after this many epochs without a better dev micro-F1", ge=1)
+    batch_size: int = opt(16, "sentences per step", ge=1)
+    max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated", ge=2)
+    seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)
     cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
 
 # %% [markdown]
@@ -203,7 +236,7 @@ class NERConfig:
 class LoggingConfig:
     runs_dir: str = opt("runs", "parent directory of run directories")
     run_name: str = opt("pico-maml", "this run's directory under runs_dir")
-    log_every: int = opt(1, "write a metrics line every this many optimizer steps")
+    log_every: int = opt(1, "write a metrics line every this many optimizer steps", ge=1)
     progress_bar: bool = opt(True, "a progress bar on rank 0")
     wandb_project: str = opt("", "log to this Weights & Biases project; empty: off")
     tensorboard: bool = opt(False, "also write TensorBoard logs")
@@ -216,6 +249,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     smlmt: SMLMTConfig = field(default_factory=SMLMTConfig)
     maml: MAMLConfig = field(default_factory=MAMLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -254,7 +288,15 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    bounds = [(name, limit) for name, limit in (("ge", f.metadata.get("ge")), ("gt", f.metadata.get("gt")), ("le", f.metadata.get("le")))
+              if limit is not None]
+    for name, limit in bounds:
+        if not {"ge": value >= limit, "gt": value > limit, "le": value <= limit}[name]:
+            allowed = " and ".join(f"{_BOUND_WORDS[n]} {lim}" for n, lim in bounds)
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
     return value
+
+_BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
 
 # %%
 _f = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -265,6 +307,11 @@ for bad in ("fast", True):
     except ConfigError as e: assert "train.steps: expected int" in str(e)
 try: coerce_value("train.schedule", "cosin", _f["schedule"]); raise AssertionError
 except ConfigError as e: assert "'cosine'" in str(e)
+_m = {f.name: f for f in dataclasses.fields(MAMLConfig)}
+for key, field_, bad in (("maml.rho", _m["rho"], 1.5), ("maml.rho", _m["rho"], -0.1), ("train.lr", _f["lr"], -1e-3), ("train.lr", _f["lr"], 0.0)):
+    try: coerce_value(key, bad, field_); raise AssertionError(f"{key}={bad} accepted")
+    except ConfigError as e: assert str(e).startswith(f"{key}={bad!r} is out of range"), e
+assert coerce_value("maml.rho", 1, _m["rho"]) == 1.0 and coerce_value("maml.rho", 0, _m["rho"]) == 0.0
 
 # %% [markdown]
 # ## Applying overrides
