@@ -141,3 +141,27 @@ def output_files(output: str) -> list[str]:
 # %%
 assert len(OUTPUTS) == 31 and all(stem.startswith(key + "_") for key, stem in OUTPUTS.items())
 assert output_files("p1_table2") == ["p1_table2_loss_paloma.md", "p1_table2_loss_paloma.tex", "p1_table2_loss_paloma.csv"]
+
+# %% [markdown]
+# ## Checkpoint directories
+#
+# A run's checkpoints are `checkpoints/step_NNNNNN/` (six digits, zero-padded, so names sort by
+# step); `picomaml.checkpoints` owns what is inside them. Parsing a step back from a name is needed
+# by readers that must not import torch (the reports), so it lives here.
+
+# %%
+#| export
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+def step_dir_name(step: int) -> str:
+    "The checkpoint directory name of optimizer step `step`."
+    return f"step_{step:06d}"
+
+def step_of(path) -> int | None:
+    "The step of a checkpoint directory name or a path ending in one, else None."
+    m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+# %%
+assert step_dir_name(100) == "step_000100" and step_of("runs/x/checkpoints/step_000100/") == 100
+assert step_of("step_1") is None and step_of("runs/x/checkpoints") is None and step_of(step_dir_name(1234567)) == 1234567

@@ -42,6 +42,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from picomaml.config import ConfigError, ModelConfig
 
@@ -177,7 +178,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d); no -1: B may be 0
 
 # %% [markdown]
 # Test: the module equals plain multi-head attention written out here, with each K/V head repeated
@@ -296,6 +297,7 @@ class PicoDecoder(nn.Module):
         self.layers = nn.ModuleList(PicoDecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
         init_weights(self)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -305,7 +307,9 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; raise it or shorten the input")
         cos, sin = rope_angles(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, input_ids.device)
         h = self.embedding_proj(input_ids)  # (B, T, d)
-        for layer in self.layers: h = layer(h, cos, sin)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         return self.output_norm(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -328,6 +332,24 @@ assert abs(big.std().item() - 0.02) < 1e-3 and abs(big.mean().item()) < 1e-3
 assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
 try: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)); raise AssertionError("accepted 4 heads over 3 kv heads")
 except ConfigError as e: assert "model.n_kv_heads=3" in str(e)
+
+# %% [markdown]
+# Activation checkpointing (`train.activation_checkpointing`) stores only each block's input and
+# recomputes the block in the backward pass: the same gradients for less memory. An empty batch (a
+# rank that holds no rows of a small episode) gives an empty result, not a reshape error.
+
+# %%
+torch.manual_seed(1)
+_ids = torch.randint(0, tiny.vocab_size, (2, 10))
+_grads = []
+for recompute in (False, True):
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing = recompute
+    model.hidden(_ids).square().sum().backward()
+    _grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+model.activation_checkpointing = False
+assert len(_grads[0]) == len(_grads[1]) > 0 and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*_grads))
+assert model.hidden(_ids[:0]).shape == (0, 10, tiny.d_model)
 try: model(torch.zeros(1, 33, dtype=torch.long)); raise AssertionError("accepted 33 > max_seq_len tokens")
 except ValueError as e: assert "model.max_seq_len=32" in str(e)
 

@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from picomaml.checkpoints import list_checkpoints
 from picomaml.config import SpectraConfig
+from picomaml.lm_loss import next_token_loss
 from picomaml.model import load_pretrained
 
 # %% [markdown]
@@ -180,18 +181,13 @@ except ValueError as e: assert "'mlp'" in str(e) and "swiglu.w_2" in str(e)
 
 # %%
 #| export
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy of `model` on rows of ids (inputs `[:, :-1]`, targets `[:, 1:]`)."
-    logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-
 def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) -> dict:
     "Gradients of the next-token loss on `batch` w.r.t. `params` (a dict), leaving every `.grad` untouched."
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(lm_loss(model, batch), list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(next_token_loss(model, batch), list(params.values()), allow_unused=True)
     finally:
         model.train(was_training)
     return {key: torch.zeros_like(p) if g is None else g for (key, p), g in zip(params.items(), grads)}
@@ -200,7 +196,7 @@ def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) ->
 params = select_matrices(toy, ["attention.o_proj"])
 grads = loss_gradients(toy, toy_batch, params)
 reference = copy.deepcopy(toy)
-lm_loss(reference, toy_batch).backward()  # the ordinary backward pass is the reference
+next_token_loss(reference, toy_batch).backward()  # the ordinary backward pass is the reference
 assert all(torch.allclose(grads[(i, "attention.o_proj")], reference.layers[i].attention.o_proj.weight.grad, atol=1e-6) for i in (0, 1))
 assert all(p.grad is None for p in toy.parameters())
 
@@ -309,7 +305,7 @@ def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: in
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     toy.train()
-    lm_loss(toy, toy_batch.flip(0)).backward()  # a training step's gradients, waiting for the optimizer
+    next_token_loss(toy, toy_batch.flip(0)).backward()  # a training step's gradients, waiting for the optimizer
     before = {n: (p.detach().clone(), p.grad.clone()) for n, p in toy.named_parameters()}
     records = record_spectra(toy, toy_batch, ["attention.v_proj", "swiglu.w_2"], 7, Path(tmp) / "spectra.jsonl")
     assert all(torch.equal(p, before[n][0]) and torch.equal(p.grad, before[n][1]) for n, p in toy.named_parameters())
@@ -329,7 +325,7 @@ def gradient_svs(records, layer, matrix):
     return np.array(next(r["singular_values"] for r in records if (r["layer"], r["matrix"], r["kind"]) == (layer, matrix, "gradient")))
 
 reference = copy.deepcopy(toy)
-lm_loss(reference, toy_batch).backward()
+next_token_loss(reference, toy_batch).backward()
 manual = singular_values(reference.layers[1].swiglu.w_2.weight.grad)
 assert np.allclose(gradient_svs(records, 1, "swiglu.w_2"), manual, rtol=1e-5, atol=1e-9)
 
@@ -383,27 +379,21 @@ assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_valu
 # ## After the fact: a directory of checkpoints
 #
 # The project's checkpoint layout is `<run_dir>/checkpoints/step_000100/{model.safetensors,config.json,...}`
-# with a text file `<run_dir>/checkpoints/latest` naming the newest. Every `step_N` directory holding
-# a `model.safetensors` is loaded with `picomaml.model.load_pretrained` (safetensors only), in step
-# order; a step directory without weights (a save interrupted by a crash) is skipped with a warning.
+# (`06_checkpoints` owns it). Every listed checkpoint is loaded with `picomaml.model.load_pretrained`
+# (safetensors only), in step order; a step directory without weights is skipped with a warning.
 # Steps already complete in `out` (as many records as the fullest step there) are skipped, so an
 # interrupted sweep resumes where it stopped.
 
 # %%
 #| export
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
 def checkpoint_steps(checkpoints_dir) -> list:
-    "`[(step, directory)]` of the `step_N` checkpoints with weights under `checkpoints_dir`, by step."
+    "`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` (`picomaml.checkpoints.list_checkpoints`), by step."
     root = Path(checkpoints_dir)
     if not root.is_dir(): raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
-    found = []
-    for d in sorted(root.iterdir()):
-        match = _STEP_DIR.match(d.name)
-        if not (match and d.is_dir()): continue
-        if (d / "model.safetensors").is_file(): found.append((int(match.group(1)), d))
-        else: warnings.warn(f"{d}: no model.safetensors (an unfinished save?); skipped")
-    return sorted(found)
+    found = list_checkpoints(root)
+    for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
+        if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
+    return found
 
 def _complete_steps(out: Path) -> set:
     if not out.is_file(): return set()

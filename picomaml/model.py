@@ -15,6 +15,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ModelConfig
 
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d); no -1: B may be 0
 
 # %% ../nbs/01_model.ipynb #a392f23a
 class SwiGLU(nn.Module):
@@ -126,6 +127,7 @@ class PicoDecoder(nn.Module):
         self.layers = nn.ModuleList(PicoDecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
         init_weights(self)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -135,7 +137,9 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; raise it or shorten the input")
         cos, sin = rope_angles(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, input_ids.device)
         h = self.embedding_proj(input_ids)  # (B, T, d)
-        for layer in self.layers: h = layer(h, cos, sin)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         return self.output_norm(h)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

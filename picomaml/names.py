@@ -10,7 +10,7 @@ import re
 # %% auto #0
 __all__ = ['PAPER_SIZES', 'SIZES', 'ARMS', 'FAMILIES', 'DEFAULT_SEED', 'RUN_NAME', 'IN_LANGUAGE', 'PUD', 'TAGALOG', 'CEBUANO',
            'PHILIPPINE', 'OTHER', 'GROUPS', 'TEST_SETS', 'SOURCES', 'ENTITY_TYPES', 'OUTPUTS', 'FIGURE_SUFFIXES',
-           'TABLE_SUFFIXES', 'run_name', 'parse_run_name', 'output_files']
+           'TABLE_SUFFIXES', 'STEP_DIR', 'run_name', 'parse_run_name', 'output_files', 'step_dir_name', 'step_of']
 
 # %% ../nbs/00_names.ipynb #277fe122
 PAPER_SIZES = ("tiny", "small", "medium", "large")
@@ -69,3 +69,15 @@ def output_files(output: str) -> list[str]:
     "The file names an output (`p1_fig1`, `p2_table4`, ...) is written as."
     stem = OUTPUTS[output]
     return [stem + s for s in (FIGURE_SUFFIXES if "_fig" in output else TABLE_SUFFIXES)]
+
+# %% ../nbs/00_names.ipynb #e7175b23
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+def step_dir_name(step: int) -> str:
+    "The checkpoint directory name of optimizer step `step`."
+    return f"step_{step:06d}"
+
+def step_of(path) -> int | None:
+    "The step of a checkpoint directory name or a path ending in one, else None."
+    m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from .checkpoints import list_checkpoints
 from .config import SpectraConfig
+from .lm_loss import next_token_loss
 from .model import load_pretrained
 
 # %% auto #0
-__all__ = ['SPECTRA_KEY', 'spectrum_metrics', 'singular_values', 'select_matrices', 'lm_loss', 'loss_gradients',
-           'load_eval_batch', 'spectrum_record', 'append_records', 'compute_spectra', 'record_spectra', 'read_spectra',
-           'checkpoint_steps', 'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub',
-           'parse_args', 'main']
+__all__ = ['SPECTRA_KEY', 'spectrum_metrics', 'singular_values', 'select_matrices', 'loss_gradients', 'load_eval_batch',
+           'spectrum_record', 'append_records', 'compute_spectra', 'record_spectra', 'read_spectra', 'checkpoint_steps',
+           'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub', 'parse_args', 'main']
 
 # %% ../nbs/08_spectra.ipynb #e6decaa2
 def spectrum_metrics(s) -> dict:
@@ -69,18 +69,13 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
 # %% ../nbs/08_spectra.ipynb #f8b2cc9d
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    "Mean next-token cross-entropy of `model` on rows of ids (inputs `[:, :-1]`, targets `[:, 1:]`)."
-    logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-
 def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) -> dict:
     "Gradients of the next-token loss on `batch` w.r.t. `params` (a dict), leaving every `.grad` untouched."
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(lm_loss(model, batch), list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(next_token_loss(model, batch), list(params.values()), allow_unused=True)
     finally:
         model.train(was_training)
     return {key: torch.zeros_like(p) if g is None else g for (key, p), g in zip(params.items(), grads)}
@@ -161,19 +156,14 @@ def read_spectra(path) -> pd.DataFrame:
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 # %% ../nbs/08_spectra.ipynb #e837084b
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
 def checkpoint_steps(checkpoints_dir) -> list:
-    "`[(step, directory)]` of the `step_N` checkpoints with weights under `checkpoints_dir`, by step."
+    "`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` (`picomaml.checkpoints.list_checkpoints`), by step."
     root = Path(checkpoints_dir)
     if not root.is_dir(): raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
-    found = []
-    for d in sorted(root.iterdir()):
-        match = _STEP_DIR.match(d.name)
-        if not (match and d.is_dir()): continue
-        if (d / "model.safetensors").is_file(): found.append((int(match.group(1)), d))
-        else: warnings.warn(f"{d}: no model.safetensors (an unfinished save?); skipped")
-    return sorted(found)
+    found = list_checkpoints(root)
+    for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
+        if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
+    return found
 
 def _complete_steps(out: Path) -> set:
     if not out.is_file(): return set()

@@ -1,0 +1,310 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The checkpoint store
+#
+# > One home for a run's directory layout: what a checkpoint holds, how it is written so a crash
+# > never leaves half of one, how it is verified, which ones keep the optimizer state, and how a
+# > run finds the one to resume from. The trainer writes through it; the spectra, the NER sweep,
+# > the pipeline and the launcher read through it.
+#
+# Paper 1 §4.1 checkpoints every 100 steps, and both papers analyse those checkpoints afterwards:
+# the spectra of §6 read the weights of every checkpoint, paper 2 §4 finetunes NER heads on all 61
+# of the medium model's (steps 0, 100, …, 6000). Only a resume needs the optimizer's state.
+
+# %%
+#| default_exp checkpoints
+
+# %%
+#| export
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from picomaml.model import save_pretrained
+from picomaml.names import STEP_DIR, step_dir_name
+
+# %% [markdown]
+# ## The layout
+#
+# ```
+# <runs_dir>/<run_name>/config.yaml                  resolved configuration
+#                       metrics.jsonl                one JSON line per optimizer step (+ one per evaluation)
+#                       spectra.jsonl                singular values and PER, every spectra.every steps
+#                       checkpoints/step_000100/     model.safetensors + config.json   the decoder (Hugging Face format)
+#                                                    head.safetensors                  the MAML head
+#                                                    checkpoint.json                   step, data position, world size, SHA-256 of the files
+#                                                    training_state.pt                 AdamW state and every rank's RNG (newest few only)
+#                       checkpoints/latest           text: the newest complete step directory
+# ```
+#
+# `model.safetensors` + `config.json` are what `picomaml.model.load_pretrained` reads, so any
+# checkpoint loads as a model. `training_state.pt` holds only tensors and plain types and is read
+# with `torch.load(weights_only=True)`: no pickled code is ever run. The learning rate is a function
+# of the step, so there is no scheduler state.
+#
+# **Why the optimizer state is kept only in the newest `checkpoint.keep_state` checkpoints.** AdamW's
+# two moments are 8 bytes a parameter, twice the fp32 weights: over 61 checkpoints × 8 runs that is
+# most of a terabyte for the large model alone, and nothing but a resume reads it. A weights-only
+# checkpoint is still complete for every analysis.
+
+# %%
+#| export
+WEIGHT_FILES = ("model.safetensors", "head.safetensors")
+META_FILE, STATE_FILE, LATEST_FILE = "checkpoint.json", "training_state.pt", "latest"
+
+def file_sha256(path) -> str:
+    "Hex SHA-256 of a file."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
+    return digest.hexdigest()
+
+def write_json_atomic(path, data: dict) -> None:
+    "Write JSON to `path` through a temporary file and a rename."
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+# %% [markdown]
+# ## Writing
+#
+# A checkpoint is written into a temporary directory and renamed into place, then `latest` is
+# replaced by a rename too: a crash at any moment leaves either the old or the new checkpoint
+# complete, never a half-written one under a `step_` name. Only `checkpoint.json` is written last
+# inside the temporary directory, and it carries the digests of the other files.
+
+# %%
+#| export
+def write_checkpoint(root, step: int, model, head, meta: dict, training_state: dict | None = None) -> Path:
+    "Write `<root>/step_NNNNNN` atomically (weights, head, meta, optional training state), then point `latest` at it."
+    root, name = Path(root), step_dir_name(step)
+    tmp, final = root / f".tmp_{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
+    if training_state is not None: torch.save(training_state, tmp / STATE_FILE)
+    files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
+    write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
+    shutil.rmtree(final, ignore_errors=True)  # a step re-reached after falling back past a corrupt checkpoint
+    os.replace(tmp, final)
+    write_latest(root, name)
+    return final
+
+def write_latest(root, name: str) -> None:
+    "Point `<root>/latest` at checkpoint directory `name` (atomically)."
+    (Path(root) / "latest.tmp").write_text(name + "\n")
+    os.replace(Path(root) / "latest.tmp", Path(root) / LATEST_FILE)
+
+# %% [markdown]
+# ## Listing and reading
+#
+# `list_checkpoints` is the one reader of the layout: every `step_` directory that holds a loadable
+# model (`model.safetensors` + `config.json`), by step. A temporary `.tmp_` directory of an interrupted
+# save is never listed; a directory of downloaded Hub checkpoints in the same layout is.
+# Reading verifies the SHA-256 digests before anything is used, so a truncated or bit-flipped file
+# is caught even where the safetensors header still parses.
+
+# %%
+#| export
+class CheckpointCorrupt(RuntimeError):
+    "A checkpoint directory whose files are missing, unreadable or fail their checksum."
+
+def list_checkpoints(root) -> list[tuple[int, Path]]:
+    "`[(step, directory)]` of the complete checkpoints under `root`, by step; [] if there are none."
+    root = Path(root)
+    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else []) if (m := STEP_DIR.match(d.name)) and d.is_dir()]
+    return sorted((s, d) for s, d in found if (d / "model.safetensors").is_file() and (d / "config.json").is_file())
+
+def has_training_state(directory) -> bool:
+    "Whether a checkpoint directory keeps the state a resume needs."
+    return (Path(directory) / STATE_FILE).is_file()
+
+def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dict, dict | None]:
+    "(model tensors, head tensors, meta, training state or None) of a checkpoint, verified against its digests."
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+        wanted = [f for f in meta["sha256"] if with_state or f != STATE_FILE]
+        for name in wanted:
+            if file_sha256(directory / name) != meta["sha256"][name]: raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True) if STATE_FILE in wanted else None
+        return load_file(directory / "model.safetensors"), load_file(directory / "head.safetensors"), meta, state
+    except CheckpointCorrupt: raise
+    except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
+
+# %% [markdown]
+# ## Finding the checkpoint to resume from
+#
+# The newest checkpoint that keeps its training state and passes its checks. A corrupt one is
+# skipped with a warning that names the file and the reason. If checkpoints exist but none can be
+# resumed from, that is an error, not a fresh start: starting over would overwrite the run's
+# history. The error lists what was found, so the user can decide.
+
+# %%
+#| export
+class NoResumableCheckpoint(RuntimeError):
+    "A run directory with checkpoints of which none can be resumed from."
+
+def find_resumable(root):
+    "The newest valid checkpoint with training state as (directory, (weights, head, meta, state)); None if there are no checkpoints."
+    found, problems = list_checkpoints(root), []
+    for step, directory in reversed(found):
+        if not has_training_state(directory):
+            problems.append(f"{directory.name}: weights only"); continue
+        try: return directory, read_checkpoint(directory)
+        except CheckpointCorrupt as e:
+            problems.append(f"{directory.name}: {e}")
+            warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+    if found:
+        raise NoResumableCheckpoint(f"{root} holds {len(found)} checkpoints but none can be resumed from ({'; '.join(problems[:3])}"
+                                    f"{'; ...' if len(problems) > 3 else ''}); nothing was changed. Move the run directory away to "
+                                    f"start over, or choose another logging.run_name")
+    return None
+
+# %% [markdown]
+# ## Keeping the training state of the newest few
+
+# %%
+#| export
+def prune_training_state(root, keep: int) -> list[Path]:
+    "Delete the training state of all but the newest `keep` checkpoints that hold one (weights stay); return those pruned."
+    with_state = [d for _, d in list_checkpoints(root) if has_training_state(d)]
+    pruned = with_state[:-keep] if keep > 0 else with_state
+    for directory in pruned:
+        meta = json.loads((directory / META_FILE).read_text())
+        meta["sha256"].pop(STATE_FILE, None)
+        write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
+        (directory / STATE_FILE).unlink()
+    return pruned
+
+# %% [markdown]
+# ## Which steps are checkpointed
+#
+# Every `checkpoint.every` steps, the last step, and step 0 (paper 2 §4 finetunes from the
+# initialisation too). `checkpoint.log_spaced` adds steps 1, 2, 4, 8, … as Pythia does, which the CPU
+# demo uses to see its short run's early dynamics.
+
+# %%
+#| export
+def checkpoint_due(step: int, cc, total_steps: int) -> bool:
+    "Whether completed optimizer step `step` is checkpointed under CheckpointConfig `cc`."
+    log_spaced = cc.log_spaced and step > 0 and (step & (step - 1)) == 0
+    return step % cc.every == 0 or step == total_steps or log_spaced
+
+def scheduled_steps(cc, total_steps: int) -> list[int]:
+    "Every step that a run of `total_steps` checkpoints, in order."
+    return [s for s in range(total_steps + 1) if checkpoint_due(s, cc, total_steps)]
+
+# %%
+from picomaml.config import CheckpointConfig
+assert scheduled_steps(CheckpointConfig(every=100), 6000) == list(range(0, 6001, 100))  # paper 2 §4: 61 checkpoints
+assert scheduled_steps(CheckpointConfig(every=40, log_spaced=True), 120) == [0, 1, 2, 4, 8, 16, 32, 40, 64, 80, 120]
+assert scheduled_steps(CheckpointConfig(every=100), 250) == [0, 100, 200, 250]
+
+# %% [markdown]
+# ## The metrics log agrees with the checkpoint
+#
+# A resumed run continues from its checkpoint's step, so the lines of later steps written before a
+# crash are dropped, and so is a torn last line.
+
+# %%
+#| export
+def truncate_metrics(path, last_step: int) -> None:
+    "Keep only the complete lines of metrics file `path` whose step is at most `last_step`."
+    path = Path(path)
+    if not path.exists(): return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try: record = json.loads(line)
+        except json.JSONDecodeError: continue
+        if line.endswith("\n") and record["step"] <= last_step: kept.append(line)
+    path.write_text("".join(kept))
+
+# %%
+import tempfile
+with tempfile.TemporaryDirectory() as _tmp:
+    _m = Path(_tmp) / "metrics.jsonl"
+    _m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    truncate_metrics(_m, 2)
+    assert _m.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+# %% [markdown]
+# ## Uploading to the Hub
+#
+# With `logging.hub_repo` set, every checkpoint's weights and metadata go to a Hub model repository,
+# one branch per step, as the released Pico models are published (`revision="step_100"`).
+
+# %%
+#| export
+def upload_checkpoint(directory, repo_id: str, api=None):
+    "Upload a checkpoint's weights and metadata to Hub repo `repo_id` on branch `<step dir name>`."
+    from huggingface_hub import HfApi  # deferred: only runs that upload need the Hub client
+    api, name = api or HfApi(), Path(directory).name
+    api.create_repo(repo_id, exist_ok=True)
+    api.create_branch(repo_id, branch=name, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
+                             allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+
+# %% [markdown]
+# ## A round trip
+#
+# On a tiny decoder: the weights come back bitwise (and load with `load_pretrained`), the state
+# comes back through `weights_only=True`, pruning keeps the newest states and every weight file, a
+# bit flipped in the newest checkpoint makes `find_resumable` warn and fall back to the one before,
+# and when no checkpoint can be resumed from it refuses instead of starting over.
+
+# %%
+from picomaml.config import MAMLConfig, ModelConfig
+from picomaml.maml import MAMLHead
+from picomaml.model import PicoDecoder, load_checked, load_pretrained
+_tiny = ModelConfig(d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=64, max_seq_len=32)
+torch.manual_seed(0)
+_model, _head = PicoDecoder(_tiny), MAMLHead(24, 3, MAMLConfig(head_layers=2, head_hidden=8))
+with tempfile.TemporaryDirectory() as _tmp:
+    _root = Path(_tmp) / "checkpoints"
+    for _step in (0, 1, 2, 3):
+        write_checkpoint(_root, _step, _model, _head, {"world_size": 1}, {"rng": torch.get_rng_state()[None], "step": _step})
+        prune_training_state(_root, keep=2)
+    assert (_root / "latest").read_text() == "step_000003\n" and not list(_root.glob(".tmp_*"))
+    assert [(s, has_training_state(d)) for s, d in list_checkpoints(_root)] == [(0, False), (1, False), (2, True), (3, True)]
+    assert read_checkpoint(_root / "step_000000", with_state=False)[2]["step"] == 0  # weights-only still verifies
+    _dir, (_weights, _head_weights, _meta, _state) = find_resumable(_root)
+    assert _dir.name == "step_000003" and _meta["step"] == 3 and torch.equal(_state["rng"][0], torch.get_rng_state())
+    _copy = load_checked(PicoDecoder(_tiny), _weights, "test")
+    assert all(torch.equal(a, b) for a, b in zip(_copy.state_dict().values(), _model.state_dict().values()))
+    assert torch.equal(load_pretrained(_dir).embedding_proj.weight, _model.embedding_proj.weight)
+    _blob = bytearray((_dir / "model.safetensors").read_bytes()); _blob[-5] ^= 1
+    (_dir / "model.safetensors").write_bytes(bytes(_blob))
+    with warnings.catch_warnings(record=True) as _caught:
+        warnings.simplefilter("always")
+        _dir, (*_, _state) = find_resumable(_root)
+    assert _dir.name == "step_000002" and _state["step"] == 2
+    assert any("step_000003/model.safetensors fails its SHA-256 check" in str(w.message) for w in _caught)
+    (_root / "step_000002" / STATE_FILE).write_bytes(b"torn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try: find_resumable(_root); raise AssertionError("resumed from nothing")
+        except NoResumableCheckpoint as e: assert "holds 4 checkpoints but none can be resumed from" in str(e) and "weights only" in str(e)
+    assert len(list_checkpoints(_root)) == 4  # nothing was deleted
+    assert find_resumable(Path(_tmp) / "nothing-here") is None
