@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import glob
+import hashlib
 import itertools
 import json
 import os
@@ -46,11 +46,16 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from huggingface_hub import hf_hub_download
+
+from picomaml.checkpoints import scheduled_steps
 from picomaml.config import ConfigError, apply_overrides, load_config
 from picomaml.model import count_parameters, load_pretrained
+from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from picomaml.ner_data import TEST_SETS, encode_split, load_split
+from picomaml.ner_data import encode_split, load_split
+from picomaml.tokenizer import load_tokenizer
 
 # %% [markdown]
 # ## The results table: atomic appends
@@ -123,19 +128,26 @@ with tempfile.TemporaryDirectory() as tmp:
 # ## Grid files
 #
 # A grid file (`configs/sweeps/*.yaml`) holds `defaults` and a list of `grids`. Each grid is a
-# product of `heads`, `regimes`, `datasets`, `seeds` and its `runs`; keys of `defaults` (and `ner`
-# overrides, `test_sets`, `save_predictions`, `max_train_sentences`, `max_eval_sentences`) apply
-# unless a grid sets its own. A run entry names the pretraining run (`run`, `arm` maml|vanilla,
-# `size`) and its checkpoints: `checkpoint` is a local directory, a run's `checkpoints/` directory
-# (its `latest`), or a glob (`…/step_*`); `hub` is a Hub repo id with optional `revision` and
-# `subfolder`. With `steps` (a list or `{start, stop, every}`), `{step}` in the checkpoint,
-# revision or subfolder is filled in per step (`{step:06d}` works too).
+# product of `heads`, `regimes`, `datasets`, `seeds` (finetuning seeds) and its `runs`; keys of
+# `defaults` (and `ner` overrides, `test_sets`, `save_predictions`, `max_train_sentences`,
+# `max_eval_sentences`) apply unless a grid sets its own, and the sweep's `grid_overrides` (the
+# rehearsal's shrink, `30_pipeline`) apply over both.
+#
+# A run entry names a pretraining run by **size and arm** (and `family`, `pico` unless said), never
+# by a path: the sweep builds the directory `<runs_dir>/<run name>/checkpoints/` with
+# `picomaml.names.run_name` for each pretraining seed it is given, the same function the pipeline
+# names the runs with. `step` picks the checkpoints: `final` (the run's last step, from its
+# `config.yaml`), `scheduled` (every step the run checkpoints: paper 2's 0, 100, …, 6000), or a step
+# number or list. For a model that was not trained here, `hub` names a Hub repository (with optional
+# `revision`, `subfolder`, `{step}` filled in from `steps`, and a `run` label), and `checkpoint` a
+# local directory.
 
 # %%
 #| export
 GRID_KEYS = {"name", "heads", "regimes", "datasets", "seeds", "runs", "ner", "test_sets", "save_predictions",
              "max_train_sentences", "max_eval_sentences"}
-RUN_KEYS = {"run", "arm", "size", "checkpoint", "hub", "revision", "subfolder", "steps"}
+SETTING_KEYS = GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"}  # what changes a job's output besides its coordinates
+RUN_KEYS = {"run", "family", "arm", "size", "step", "checkpoint", "hub", "revision", "subfolder", "steps"}
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
@@ -153,11 +165,6 @@ class Checkpoint:
     def name(self) -> str:
         return self.source + (f"@{self.revision}" if self.revision else "") + (f"/{self.subfolder}" if self.subfolder else "")
 
-def step_of(path: str) -> int | None:
-    "The step of a `step_NNNNNN` checkpoint name, else None."
-    m = re.search(r"step_?(\d+)$", str(path).rstrip("/"))
-    return int(m.group(1)) if m else None
-
 def expand_steps(steps, where: str) -> list:
     "A list of steps, or range(start, stop + 1, every) of a {start, stop, every} mapping."
     if isinstance(steps, dict):
@@ -165,39 +172,57 @@ def expand_steps(steps, where: str) -> list:
         except KeyError as e: raise SweepError(f"{where}: steps needs start, stop and every; missing {e}") from None
     return list(steps)
 
+# %% [markdown]
+# `run_steps` reads a pretraining run's own configuration to turn `final` and `scheduled` into step
+# numbers, so a grid follows the run it points at (the rehearsal's 6-step runs and the papers'
+# 6,000-step runs alike) instead of hard-coding 6000. A run that has not been started has no
+# configuration yet; its checkpoints are then reported missing, with the command that makes them.
+
 # %%
 #| export
-def local_checkpoints(path: str) -> list[str]:
-    "Checkpoint directories named by a path: a glob, a run's checkpoints/ (its latest) or a directory."
-    if any(c in path for c in "*?["): return sorted(glob.glob(path))
-    latest = Path(path) / "latest"
-    if latest.is_file(): return [str(Path(path) / latest.read_text().strip())]
-    return [path]
+def run_steps(run_dir: Path, step, where: str) -> list[int]:
+    "The checkpoint steps `step` (final | scheduled | int | list) selects for the run in `run_dir`."
+    if isinstance(step, int) and not isinstance(step, bool): return [step]
+    if isinstance(step, list): return [int(s) for s in step]
+    if step not in ("final", "scheduled"): raise SweepError(f"{where}: step {step!r} is not final, scheduled, a step or a list of steps")
+    if not (run_dir / "config.yaml").is_file(): return []
+    run_cfg = load_config(run_dir / "config.yaml")
+    return [run_cfg.train.steps] if step == "final" else scheduled_steps(run_cfg.checkpoint, run_cfg.train.steps)
 
-def run_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
-    "The checkpoints of one run entry of a grid."
+def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,)) -> list[Checkpoint]:
+    "The checkpoints of one run entry of a grid, for every pretraining seed."
     unknown = set(entry) - RUN_KEYS
     if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(RUN_KEYS)}")
-    for key in ("run", "arm", "size"):
+    for key in ("arm", "size"):
         if key not in entry: raise SweepError(f"{where}: a run entry needs `{key}`")
-    if entry["arm"] not in ("maml", "vanilla"): raise SweepError(f"{where}: arm {entry['arm']!r} is not maml or vanilla")
-    if ("checkpoint" in entry) == ("hub" in entry): raise SweepError(f"{where}: give exactly one of `checkpoint` (local) or `hub`")
+    if entry["arm"] not in ARMS: raise SweepError(f"{where}: arm {entry['arm']!r} is not one of {', '.join(ARMS)}")
+    if "hub" in entry or "checkpoint" in entry: return external_checkpoints(entry, where)
+    out = []
+    for seed in pretraining_seeds:
+        name = run_name(entry["size"], entry["arm"], seed, entry.get("family"))
+        run_dir = Path(runs_dir) / name
+        steps = run_steps(run_dir, entry.get("step", "final"), where) or [None]
+        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")), step=s)
+                for s in steps]
+    return out
+
+def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
+    "The checkpoints of a Hub (`hub`) or local-directory (`checkpoint`) run entry, labelled by its `run`."
+    if "run" not in entry: raise SweepError(f"{where}: a `hub` or `checkpoint` entry needs a `run` label")
+    if "hub" in entry and "checkpoint" in entry: raise SweepError(f"{where}: give one of `checkpoint` (local) or `hub`")
     base = dict(run=entry["run"], arm=entry["arm"], size=entry["size"])
     steps = expand_steps(entry["steps"], where) if "steps" in entry else [None]
     fill = lambda v, step: v.format(step=step) if isinstance(v, str) and step is not None else v
-    out = []
-    for step in steps:
-        if "hub" in entry:
-            out.append(Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), step),
-                                  subfolder=fill(entry.get("subfolder"), step), step=step, hub=True))
-        else:
-            paths = local_checkpoints(fill(entry["checkpoint"], step))
-            if not paths: raise SweepError(f"{where}: checkpoint glob {entry['checkpoint']!r} matches no directory")
-            out += [Checkpoint(**base, source=p, step=step if step is not None else step_of(p)) for p in paths]
-    return out
+    if "checkpoint" in entry:
+        return [Checkpoint(**base, source=fill(entry["checkpoint"], s), step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
+    return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s), subfolder=fill(entry.get("subfolder"), s),
+                       step=s, hub=True) for s in steps]
 
 # %% [markdown]
-# Every (grid, checkpoint, head, regime, dataset, seed) is one job; its key is those coordinates.
+# A job is one (checkpoint, head, regime, dataset, seed) under its grid's settings. Its key is every
+# coordinate **and** every setting that changes its output (caps, `ner` overrides, test sets,
+# whether predictions are saved), so two grids that finetune the same checkpoint differently are two
+# jobs, and a job whose settings change is run again rather than taken as done.
 
 # %%
 #| export
@@ -209,26 +234,29 @@ class Job:
     regime: str
     dataset: str
     seed: int
-    settings: tuple  # sorted (key, value) pairs of the grid's ner overrides, caps and test sets
+    settings: tuple  # sorted (key, JSON value) pairs of SETTING_KEYS
 
     @property
     def key(self) -> str:
         c = self.checkpoint
-        return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed)))
+        settings = ",".join(f"{k}={v}" for k, v in self.settings)
+        return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
-def load_grid(path) -> list[Job]:
-    "Every job of a grid file, checkpoints expanded, in checkpoint order."
+def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> list[Job]:
+    "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
     if not path.is_file(): raise SweepError(f"grid file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try: spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise SweepError(f"grid file {path} is not valid YAML: {e}") from None
     defaults, jobs = spec.get("defaults", {}), []
     for i, grid in enumerate(spec.get("grids", [])):
         where = f"{path}: grids[{i}]"
         g = {**defaults, **grid}
+        for key, value in (grid_overrides or {}).items(): g[key] = {**g.get(key, {}), **value} if key == "ner" else value
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
-        settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"} if k in g))
-        ckpts = [c for j, r in enumerate(g.get("runs", [])) for c in run_checkpoints(r, f"{where}.runs[{j}]")]
+        settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
+        ckpts = [c for j, r in enumerate(g.get("runs", [])) for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds)]
         for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]), g.get("regimes", ["head"]),
                                                                 g.get("datasets", ["sk_snk"]), g.get("seeds", [0])):
             jobs.append(Job(c, head, regime, dataset, seed, settings))
@@ -236,8 +264,7 @@ def load_grid(path) -> list[Job]:
     return sorted(dict.fromkeys(jobs), key=lambda j: (j.checkpoint.name, j.dataset))
 
 def check_checkpoints(jobs: list[Job]) -> None:
-    "Raise SweepError naming every checkpoint that is missing, before any run starts."
-    from huggingface_hub import hf_hub_download
+    "Raise SweepError naming every checkpoint that is missing, and how to make them, before any run starts."
     missing = []
     for c in dict.fromkeys(j.checkpoint for j in jobs):
         if not c.hub:
@@ -245,7 +272,10 @@ def check_checkpoints(jobs: list[Job]) -> None:
             continue
         try: hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
         except Exception as e: missing.append(f"{c.name} (Hub: {type(e).__name__})")
-    if missing: raise SweepError(f"missing checkpoints (each needs config.json + model.safetensors): {', '.join(missing)}")
+    if missing:
+        raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): {', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
+                         f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
 
 # %% [markdown]
 # ## Running the sweep
@@ -260,8 +290,6 @@ def check_checkpoints(jobs: list[Job]) -> None:
 
 # %%
 #| export
-PHILIPPINE = ("ceb_gja", "tl_trg", "tl_ugnayan")
-
 def job_settings(job: Job) -> dict:
     "The grid settings of a job as values."
     return {k: json.loads(v) for k, v in job.settings}
@@ -304,7 +332,8 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
            "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
            **loss_curve_metrics(hist["loss"]), "loss_curve": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
     if side:
-        path = out.parent / f"{out.stem}-predictions" / (re.sub(r"[^A-Za-z0-9._-]+", "_", job.key) + ".json")
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
+        path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
         write_side_file(path, side)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
@@ -320,11 +349,11 @@ assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 
 # %%
 #| export
-def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None) -> int:
+def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> int:
     "Run every unfinished job of a grid file, appending rows to `out`; returns how many ran."
-    from picomaml.tokenizer import load_tokenizer
     cfg, out = load_config(preset, overrides), Path(out)
-    jobs = load_grid(grid)
+    jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
     done = {r["key"] for r in read_rows(out)}
     drop_torn_tail(out)
@@ -355,7 +384,8 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
 # ## Command line
 #
 # `python -m picomaml.sweep --grid configs/sweeps/demo.yaml --out runs/ner/demo-results.jsonl
-# [--config preset] [--limit N] [ner.key=value ...]`.
+# [--runs-dir runs] [--pretraining-seeds 42 1] [--grid-overrides YAML] [--config preset] [--limit N]
+# [ner.key=value ...]`.
 
 # %%
 #| export
@@ -365,11 +395,18 @@ def main(argv=None) -> None:
     p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
     p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
     p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
+    p.add_argument("--runs-dir", default="runs", help="where the pretraining runs of the grid's run entries live")
+    p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
+                   help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
+    p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs")
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
-    try: n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit)
-    except (SweepError, ConfigError) as e: raise SystemExit(f"error: {e}")
+    try:
+        grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
+                      grid_overrides=grid_overrides)
+    except (SweepError, ConfigError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): main()
@@ -383,25 +420,28 @@ if __name__ == "__main__" and "__file__" in globals(): main()
 # grid naming a missing checkpoint fails before anything runs.
 
 # %%
-from picomaml.config import ModelConfig
+from picomaml.config import ModelConfig, save_config
 from picomaml.model import PicoDecoder, save_pretrained
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     torch.manual_seed(0)
     tiny = PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128))
-    for step in (0, 100): save_pretrained(tiny, tmp / f"run/checkpoints/step_{step:06d}")
-    (tmp / "run/checkpoints/latest").write_text("step_000100\n")
+    run = tmp / "runs" / run_name("tiny", "maml", 7)
+    save_config(load_config(None, ["train.steps=100", "checkpoint.every=100"]), run / "config.yaml")
+    for step in (0, 100): save_pretrained(tiny, run / f"checkpoints/step_{step:06d}")
     grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16, "max_eval_sentences": 8,
                          "test_sets": ["sk_snk", "tl_trg"], "save_predictions": True},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"],
-                       "runs": [{"run": "t", "arm": "maml", "size": "tiny", "checkpoint": str(tmp / "run/checkpoints/step_*")}]}]}
+                       "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}]}]}
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    jobs = load_grid(tmp / "g.yaml")
-    assert len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100]
+    sweep = dict(runs_dir=tmp / "runs", pretraining_seeds=[7])
+    jobs = load_grid(tmp / "g.yaml", **sweep)
+    assert len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100] and {j.checkpoint.run for j in jobs} == {"pico-tiny-maml-seed7"}
+    assert [c.step for c in run_checkpoints({"arm": "maml", "size": "tiny"}, "x", tmp / "runs", [7])] == [100]  # step: final
     out = tmp / "results.jsonl"
-    assert run_sweep(tmp / "g.yaml", out, limit=3) == 3 and len(read_rows(out)) == 3
-    assert run_sweep(tmp / "g.yaml", out) == 1
+    assert run_sweep(tmp / "g.yaml", out, limit=3, **sweep) == 3 and len(read_rows(out)) == 3
+    assert run_sweep(tmp / "g.yaml", out, **sweep) == 1
     rows = read_rows(out)
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     r = rows[0]
@@ -409,8 +449,9 @@ with tempfile.TemporaryDirectory() as tmp:
     side = json.loads((out.parent / r["predictions"]).read_text())
     assert set(side) == {"tl_trg"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == 8
     assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
-    grid["grids"][0]["runs"].append({"run": "gone", "arm": "vanilla", "size": "tiny", "checkpoint": str(tmp / "nowhere")})
+    assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1  # other settings: a new job
+    grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl"); raise AssertionError("ran with a missing checkpoint")
-    except SweepError as e: assert "nowhere" in str(e) and not (tmp / "other.jsonl").exists()
+    try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep); raise AssertionError("ran with a missing checkpoint")
+    except SweepError as e: assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
