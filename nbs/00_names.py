@@ -165,3 +165,13 @@ def step_of(path) -> int | None:
 # %%
 assert step_dir_name(100) == "step_000100" and step_of("runs/x/checkpoints/step_000100/") == 100
 assert step_of("step_1") is None and step_of("runs/x/checkpoints") is None and step_of(step_dir_name(1234567)) == 1234567
+
+# %% [markdown]
+# ## Spectra records
+#
+# `spectra.jsonl` holds one record per step, layer, matrix and kind (weights or gradients), written
+# by `picomaml.spectra` and read by the reports.
+
+# %%
+#| export
+SPECTRA_KEY = ["step", "layer", "matrix", "kind"]

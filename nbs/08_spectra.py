@@ -48,6 +48,7 @@ from picomaml.checkpoints import list_checkpoints
 from picomaml.config import SpectraConfig
 from picomaml.lm_loss import next_token_loss
 from picomaml.model import load_pretrained
+from picomaml.names import SPECTRA_KEY
 
 # %% [markdown]
 # ## Metrics of one spectrum
@@ -345,8 +346,6 @@ assert not np.allclose(singular_values(released.layers[1].swiglu.w_2.weight.grad
 
 # %%
 #| export
-SPECTRA_KEY = ["step", "layer", "matrix", "kind"]
-
 def read_spectra(path) -> pd.DataFrame:
     "The records of a spectra JSON-lines file as a DataFrame sorted by step, layer, matrix, kind."
     path = Path(path)

@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -41,42 +40,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from picomaml.names import DEFAULT_SEED, SIZES, SPECTRA_KEY, parse_run_name, step_of
+
 # %%
 import tempfile
 
 # %% [markdown]
 # ## Run names
 #
-# Pretraining runs live in `<runs_dir>/<run_name>/`. The paper presets are named
-# `pico-{size}-{arm}` (size tiny|small|medium|large, arm maml|vanilla), the released-trainer presets
-# `released-{size}-maml`, the CPU demo `demo-maml`/`demo-vanilla`; a run repeated with another seed
-# carries `-seed<k>`. A name without a seed suffix is seed 0. The demo's size is `demo`.
-
-# %%
-#| export
-SIZES = ("demo", "tiny", "small", "medium", "large")
-ARMS = ("maml", "vanilla")
-RUN_NAME = re.compile(r"^(?P<family>pico|released|demo)-(?:(?P<size>tiny|small|medium|large)-)?"
-                      r"(?P<arm>maml|vanilla)(?:-seed(?P<seed>\d+))?$")
-
-def parse_run_name(name: str) -> dict | None:
-    "`{family, size, arm, seed}` of a run directory name, or None if it is not a run name."
-    m = RUN_NAME.match(name)
-    if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
-    return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": int(m["seed"] or 0)}
-
-def run_name(size: str, arm: str, seed: int = 0) -> str:
-    "The directory name of the run of `size`, `arm` and `seed` (the inverse of `parse_run_name`)."
-    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
-
-# %%
-assert run_name("large", "maml", 0) == "pico-large-maml" and run_name("demo", "vanilla", 2) == "demo-vanilla-seed2"
-assert all(parse_run_name(run_name(s, a, k)) == {"family": "demo" if s == "demo" else "pico", "size": s, "arm": a, "seed": k}
-           for s in SIZES for a in ARMS for k in (0, 3))
-assert parse_run_name("pico-large-maml") == {"family": "pico", "size": "large", "arm": "maml", "seed": 0}
-assert parse_run_name("demo-vanilla-seed3") == {"family": "demo", "size": "demo", "arm": "vanilla", "seed": 3}
-assert parse_run_name("released-tiny-maml")["family"] == "released"
-assert parse_run_name("demo-tiny-maml") is None and parse_run_name("pico-maml") is None and parse_run_name("ner") is None
+# Pretraining runs live in `<runs_dir>/<run name>/`, named by `picomaml.names.run_name`
+# (`pico-<size>-<arm>`, `demo-<arm>`, `-seed<k>` for a pretraining seed other than the presets' 42),
+# the same function the pipeline names them with and the NER grids find them by;
+# `parse_run_name` reads a name back.
 
 # %% [markdown]
 # `find_runs` lists the run directories under `runs_dir` whose names parse, optionally restricted to
@@ -106,7 +81,7 @@ with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / name).mkdir()
     (Path(tmp) / "demo-maml" / "metrics.jsonl").write_text("")
     runs = find_runs(tmp)
-    assert runs.name.tolist() == ["demo-maml", "pico-tiny-vanilla", "pico-tiny-vanilla-seed1", "pico-large-maml"]
+    assert runs.name.tolist() == ["demo-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "pico-large-maml"]  # seeds 1 < 42
     assert runs.has_metrics.tolist() == [True, False, False, False] and not runs.has_spectra.any()
     assert find_runs(tmp, sizes=["tiny"], seeds=[1]).name.tolist() == ["pico-tiny-vanilla-seed1"]
     assert find_runs(tmp, families=["released"]).name.tolist() == ["released-tiny-maml"]
@@ -116,10 +91,10 @@ assert _none.empty and list(_none.columns) == RUN_COLUMNS and list(_none[_none.h
 # %% [markdown]
 # ## Readers
 #
-# A JSON-lines file written by a run that crashed can end in a torn line, and a resumed run can
-# write a step twice (the trainer truncates on resume, but a copy taken mid-run may not be). The
-# readers skip an unparsable line with a warning naming the file and line, and keep the last record
-# of a repeated key. A missing file reads as an empty table.
+# A JSON-lines file written by a run that crashed can end in a torn line. The readers skip an
+# unparsable line with a warning naming the file and line. A step's metrics can span two lines (the
+# training record, then the evaluation written after that step's checkpoint), so `read_metrics`
+# merges the lines of a step, a later value of a key winning. A missing file reads as an empty table.
 
 # %%
 #| export
@@ -135,10 +110,12 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 def read_metrics(run_dir) -> pd.DataFrame:
-    "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (last record of a step wins)."
-    df = pd.DataFrame(read_jsonl(Path(run_dir) / "metrics.jsonl"))
-    if df.empty or "step" not in df: return pd.DataFrame(columns=["step"])
-    return df.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+    "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (its lines merged, later values winning)."
+    merged = {}
+    for record in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+        if "step" in record: merged.setdefault(record["step"], {}).update(record)
+    if not merged: return pd.DataFrame(columns=["step"])
+    return pd.DataFrame([merged[step] for step in sorted(merged)])
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -147,13 +124,16 @@ with tempfile.TemporaryDirectory() as tmp:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = read_metrics(tmp)
-    assert m.step.tolist() == [1, 2] and m.loss.tolist() == [5.0, 3.5] and np.isnan(m.paloma_ppl[0])
+    assert m.step.tolist() == [1, 2] and m.loss.tolist() == [5.0, 3.5] and np.isnan(m.paloma_ppl[0]) and m.paloma_ppl[1] == 40.0
+    (Path(tmp) / "metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n{"step": 5, "paloma_ppl": 30.0}\n')
+    assert read_metrics(tmp)[["loss", "paloma_ppl"]].values.tolist() == [[2.0, 30.0]]  # training line + evaluation line
     assert any("metrics.jsonl:4" in str(w.message) for w in caught)
     assert read_metrics(Path(tmp) / "nothing").empty
 
 # %% [markdown]
-# `read_run_spectra` is `picomaml.spectra.read_spectra` (method.md §4: PER of weights and
-# gradients per step, layer and matrix) with an absent file read as empty. `read_ner_results` reads
+# `read_run_spectra` reads a run's `spectra.jsonl` (paper 1 §6: PER of weights and gradients per
+# step, layer and matrix; one record per step, layer, matrix and kind, the last one winning), with an
+# absent file read as empty; it reads JSON, so the analysis needs no torch. `read_ner_results` reads
 # the NER sweep's JSON-lines files (nbs/12_ner_sweep; one record per finetuning run, fields of
 # `picomaml.ner.result_record` plus the grid coordinates) into one table with a `source` column.
 
@@ -161,9 +141,9 @@ with tempfile.TemporaryDirectory() as tmp:
 #| export
 def read_run_spectra(run_dir) -> pd.DataFrame:
     "A run's `spectra.jsonl` as a DataFrame (step, layer, matrix, kind, per, ...); empty if absent."
-    from picomaml.spectra import SPECTRA_KEY, read_spectra
-    path = Path(run_dir) / "spectra.jsonl"
-    return read_spectra(path) if path.is_file() else pd.DataFrame(columns=SPECTRA_KEY + ["per"])
+    df = pd.DataFrame(read_jsonl(Path(run_dir) / "spectra.jsonl"))
+    if df.empty: return pd.DataFrame(columns=SPECTRA_KEY + ["per"])
+    return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 def read_ner_results(paths) -> pd.DataFrame:
     "The NER sweep records of one or more JSON-lines files, with the file name in `source`; empty if none."
@@ -225,18 +205,19 @@ assert runs_metrics(find_runs("/nonexistent")).empty
 # %% [markdown]
 # The analysis wants one row per (finetuning run, test set) with the pretraining run's size, arm
 # and seed as columns. `ner_long` flattens the records: the grid coordinates are taken from the
-# record when present (`size`, `arm`, `seed`), else from the pretraining run's name; the checkpoint
+# record when present (`size`, `arm`), else from the pretraining run's name, which alone gives the
+# pretraining `seed` (a record's own `seed` is its finetuning seed, kept as `ner_seed`); the checkpoint
 # (an int, `step_006000` or a path ending in it) becomes the integer `checkpoint_step` (NaN when it
 # has no step, e.g. a released Hub model). `tags=True` gives one row per entity tag instead, from
 # `per_tag_f1`.
 
 # %%
 #| export
-NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
 
 def _checkpoint_step(checkpoint) -> float:
-    m = re.search(r"(\d+)/?$", str(checkpoint))
-    return float(m[1]) if m else np.nan
+    step = step_of(checkpoint)
+    return float(step) if step is not None else np.nan
 
 def _field(record: dict, key: str, default=None):
     value = record.get(key, default)  # a DataFrame row holds NaN where another record had the key
@@ -247,8 +228,9 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
-        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": 0}
-        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm", "seed")},
+        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": DEFAULT_SEED}
+        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm")},
+                "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
         strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})

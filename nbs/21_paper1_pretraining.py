@@ -26,11 +26,11 @@
 
 # %% tags=["parameters"]
 runs_dir = "../runs"  # <runs_dir>/<run_name>/{metrics,spectra}.jsonl
-figures_dir = "../figures"
-tables_dir = "../paper_tables"
+figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs
+tables_dir = "../runs/reports/paper_tables"
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
-seeds = [0]  # runs <name>-seed<k>; seed 0 is the name without a suffix
+seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
 table_step = None  # Table 2's step: 6000 in the paper; None: each run's last logged step
 loss_window = 10  # Table 2's train loss: mean next-token loss over this many steps ending at the step
 smooth = 5  # rolling mean over this many logged steps in the curves
@@ -48,8 +48,9 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.phases import find_phase
-from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, run_name, runs_metrics,
-                             runs_spectra, save_figure, save_table, set_style, smoothed)
+from picomaml.names import run_name
+from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, runs_metrics, runs_spectra, save_figure,
+                             save_table, set_style, smoothed)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -171,7 +172,7 @@ def table2() -> pd.DataFrame:
             at = [loss_and_ppl_at(metrics[metrics["name"] == r.name], table_step, loss_window) for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
             steps = sorted({int(s) for s, _, _ in at})
             paper = PAPER_TABLE2.get((size, arm))
-            rows.append({"model": run_name(size, arm, 0), "step": ", ".join(map(str, steps)) or MISSING,
+            rows.append({"model": run_name(size, arm), "step": ", ".join(map(str, steps)) or MISSING,
                          "train loss": format_estimate([l for _, l, _ in at]), "Paloma perplexity": format_estimate([p for _, _, p in at]),
                          "paper loss @6k": f"{paper[0]:.2f}" if paper else "", "paper Paloma @6k": f"{paper[1]:.2f}" if paper else ""})
     return pd.DataFrame(rows)

@@ -30,12 +30,11 @@
 
 # %% tags=["parameters"]
 runs_dir = "../runs"  # pretraining run directories
-figures_dir = "../figures"
-tables_dir = "../paper_tables"
+figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs
+tables_dir = "../runs/reports/paper_tables"
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
-seeds = [0]  # [] or [0]: one run per arm
-run_prefix = ""  # "pico-" for the paper presets (names are parsed by picomaml.report.parse_run_name)
+seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
 ner_dir = "../runs/ner"  # the sweep's <grid>-results.jsonl files
 ner_results = []  # results files or glob patterns; empty: every *-results.jsonl in ner_dir
 head = "crf"  # paper 2 finetunes a linear-chain CRF head
@@ -60,6 +59,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
 from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_note, ner_long,
                              read_ner_results, relative_change, save_figure, save_table, set_style)
 
@@ -71,7 +71,7 @@ from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, for
 if os.environ.get("IN_TEST"):
     figures_dir = tables_dir = tempfile.mkdtemp(prefix="p2_ner_")
 set_style()
-seeds = list(seeds) or [0]
+seeds = list(seeds) or [DEFAULT_SEED]
 
 # %% [markdown]
 # ## One row per finetuning run
@@ -86,8 +86,6 @@ seeds = list(seeds) or [0]
 
 # %%
 #| export
-TAGALOG, CEBUANO = ("tl_trg", "tl_ugnayan"), ("ceb_gja",)
-PHILIPPINE = TAGALOG + CEBUANO
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 
 def ner_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -114,7 +112,7 @@ _records = pd.DataFrame([
 _runs = ner_runs(_records)
 assert np.isclose(_runs.zero_shot[0], 0.3) and np.isclose(_runs.tagalog[0], 0.3) and _runs.cebuano[0] == 0.3
 assert np.isnan(_runs.zero_shot[1]) and np.isnan(_runs.tagalog[1]) and _runs.cebuano[1] == 0.2
-assert _runs[["arm", "seed", "checkpoint_step", "t90"]].values.tolist() == [["maml", 0, 60.0, 10], ["vanilla", 1, 60.0, 12]]
+assert _runs[["arm", "seed", "checkpoint_step", "t90"]].values.tolist() == [["maml", 42, 60.0, 10], ["vanilla", 1, 60.0, 12]]
 assert ner_runs(pd.DataFrame()).empty
 
 # %% [markdown]
@@ -269,8 +267,6 @@ regime_means
 
 # %%
 #| export
-SOURCES = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp", "all")
-
 def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
     "Zero-shot F1 against size, one line per arm, for one finetuning source."
     if means.empty:
@@ -402,8 +398,6 @@ sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].r
 
 # %%
 #| export
-TAGS = ("PER", "LOC", "ORG")
-
 def tag_f1(sweep: pd.DataFrame, test_sets) -> pd.DataFrame:
     "Per record of `sweep` and tag: F1 averaged over `test_sets` where defined (columns PER, LOC, ORG)."
     rows = []
@@ -566,7 +560,6 @@ save_figure(fig, "p2_fig9_case_studies", figures_dir)
 
 # %%
 #| export
-IN_LANGUAGE = SOURCES[:-1]
 SPEED = ("t90", "auc", "slope")
 
 def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:

@@ -29,12 +29,11 @@
 
 # %% tags=["parameters"]
 runs_dir = "../runs"  # pretraining run directories <runs_dir>/<run_name>/
-figures_dir = "../figures"  # PNG and PDF figures are written here
-tables_dir = "../paper_tables"  # (this notebook writes no tables)
+figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs  # PNG and PDF figures are written here
+tables_dir = "../runs/reports/paper_tables"  # (this notebook writes no tables)
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
-seeds = [0]  # [] or [0]: one run per arm; runs <name>-seed<k> (seed 0 may have no suffix)
-run_prefix = ""  # "pico-" for the paper presets; names are parsed by picomaml.report.parse_run_name
+seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
 ner_dir = "../runs/ner"  # (not read here: the NER figures are in 23_paper2_ner)
 smoothing = 1  # rolling-mean window in logged steps (1: unedited curves)
 smoke = False  # CI smoke run: fewer bootstrap resamples
@@ -53,7 +52,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, run_name, runs_metrics, save_figure, set_style, smoothed
+from picomaml.names import DEFAULT_SEED, SIZES, run_name
+from picomaml.report import ARM_COLORS, SIZE_COLORS, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -78,11 +78,11 @@ n_boot = 200 if smoke else 2000
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
-    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
+    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [DEFAULT_SEED]) if (s, a, k) not in present]
 
 # %%
-_frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [0, 2]})
-assert missing_runs(_frame, ["demo", "large"], ["maml"], [0, 2]) == ["demo-maml-seed2", "pico-large-maml"]
+_frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [42, 2]})
+assert missing_runs(_frame, ["demo", "large"], ["maml"], [42, 2]) == ["demo-maml-seed2", "pico-large-maml"]
 assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-vanilla"]
 
 # %% [markdown]
@@ -109,7 +109,7 @@ INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log
 
 # %%
 _metrics = pd.DataFrame({"name": ["demo-maml"] * 3 + ["demo-vanilla"] * 3, "size": "demo", "arm": ["maml"] * 3 + ["vanilla"] * 3,
-                         "seed": 0, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0], "support_acc": [0.1, None, 0.3, None, None, None]})
+                         "seed": 42, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0], "support_acc": [0.1, None, 0.3, None, None, None]})
 _acc = smoothed(_metrics, "support_acc")
 assert _acc.step.tolist() == [1, 3] and _acc.support_acc.tolist() == [0.1, 0.3] and set(_acc.name) == {"demo-maml"}
 assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl").empty
@@ -140,11 +140,11 @@ def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list
 # %%
 _fig, _ax = plt.subplots(figsize=(4, 2.5))
 _loss = smoothed(_metrics, "loss")
-plot_indicator(_ax, _loss, "loss", "loss", missing_runs(_loss, ["demo", "tiny"], ["maml", "vanilla"], [0]))
+plot_indicator(_ax, _loss, "loss", "loss", missing_runs(_loss, ["demo", "tiny"], ["maml", "vanilla"], [42]))
 assert len(_ax.lines) >= 2 and _ax.texts[-1].get_text() == "missing: pico-tiny-maml, pico-tiny-vanilla"
 _fig2, _ax2 = plt.subplots()
 _ppl = smoothed(_metrics, "paloma_ppl")
-plot_indicator(_ax2, _ppl, "paloma_ppl", "ppl", missing_runs(_ppl, ["demo"], ["maml"], [0]))
+plot_indicator(_ax2, _ppl, "paloma_ppl", "ppl", missing_runs(_ppl, ["demo"], ["maml"], [42]))
 assert _ax2.texts[0].get_text() == "missing: demo-maml" and not _ax2.lines
 plt.close("all")
 

@@ -10,7 +10,8 @@ import re
 # %% auto #0
 __all__ = ['PAPER_SIZES', 'SIZES', 'ARMS', 'FAMILIES', 'DEFAULT_SEED', 'RUN_NAME', 'IN_LANGUAGE', 'PUD', 'TAGALOG', 'CEBUANO',
            'PHILIPPINE', 'OTHER', 'GROUPS', 'TEST_SETS', 'SOURCES', 'ENTITY_TYPES', 'OUTPUTS', 'FIGURE_SUFFIXES',
-           'TABLE_SUFFIXES', 'STEP_DIR', 'run_name', 'parse_run_name', 'output_files', 'step_dir_name', 'step_of']
+           'TABLE_SUFFIXES', 'STEP_DIR', 'SPECTRA_KEY', 'run_name', 'parse_run_name', 'output_files', 'step_dir_name',
+           'step_of']
 
 # %% ../nbs/00_names.ipynb #277fe122
 PAPER_SIZES = ("tiny", "small", "medium", "large")
@@ -81,3 +82,6 @@ def step_of(path) -> int | None:
     "The step of a checkpoint directory name or a path ending in one, else None."
     m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else None
+
+# %% ../nbs/00_names.ipynb #b42d3bab
+SPECTRA_KEY = ["step", "layer", "matrix", "kind"]

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .report import ARM_COLORS, SIZE_COLORS, SIZES, find_runs, missing_note, run_name, runs_metrics, save_figure, set_style, smoothed
+from .names import DEFAULT_SEED, SIZES, run_name
+from .report import ARM_COLORS, SIZE_COLORS, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
 
 # %% auto #0
 __all__ = ['INDICATORS', 'missing_runs', 'plot_indicator', 'final_values']
@@ -24,7 +25,7 @@ __all__ = ['INDICATORS', 'missing_runs', 'plot_indicator', 'final_values']
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
-    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [0]) if (s, a, k) not in present]
+    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [DEFAULT_SEED]) if (s, a, k) not in present]
 
 # %% ../nbs/24_paper2_indicators.ipynb #9ab66207
 INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log it, log-scale y)

@@ -16,19 +16,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
 from .report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_note, ner_long,
                              read_ner_results, relative_change, save_figure, save_table, set_style)
 
 # %% auto #0
-__all__ = ['TAGALOG', 'CEBUANO', 'PHILIPPINE', 'COORDS', 'CELL', 'SOURCES', 'TAGS', 'CASE_SENTENCES', 'IN_LANGUAGE', 'SPEED',
-           'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs', 'matched', 'arm_means', 'size_label', 'arm_bars',
-           'source_panel', 'sweep_runs', 'curve_band', 'fan', 'final_loss', 'checkpoint_lines', 'tag_f1',
-           'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs', 'surprisal_delta', 'speed_deltas',
-           'speed_table', 'uner_sentences', 'span_table', 'mean_sd', 'particle_table']
+__all__ = ['COORDS', 'CELL', 'CASE_SENTENCES', 'SPEED', 'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs', 'matched',
+           'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'curve_band', 'fan', 'final_loss',
+           'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs',
+           'surprisal_delta', 'speed_deltas', 'speed_table', 'uner_sentences', 'span_table', 'mean_sd',
+           'particle_table']
 
 # %% ../nbs/23_paper2_ner.ipynb #f12b6c75
-TAGALOG, CEBUANO = ("tl_trg", "tl_ugnayan"), ("ceb_gja",)
-PHILIPPINE = TAGALOG + CEBUANO
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 
 def ner_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -100,8 +99,6 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) 
     return missing
 
 # %% ../nbs/23_paper2_ner.ipynb #6f2f9266
-SOURCES = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp", "all")
-
 def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
     "Zero-shot F1 against size, one line per arm, for one finetuning source."
     if means.empty:
@@ -162,8 +159,6 @@ def checkpoint_lines(ax, sweep: pd.DataFrame, columns: dict, ylabel: str, what: 
     ax.legend(title=f"missing: {', '.join(absent)}" if absent else None)
 
 # %% ../nbs/23_paper2_ner.ipynb #ba8bb654
-TAGS = ("PER", "LOC", "ORG")
-
 def tag_f1(sweep: pd.DataFrame, test_sets) -> pd.DataFrame:
     "Per record of `sweep` and tag: F1 averaged over `test_sets` where defined (columns PER, LOC, ORG)."
     rows = []
@@ -220,7 +215,6 @@ def surprisal_delta(maml: tuple | None, vanilla: tuple | None) -> pd.DataFrame |
     return pd.DataFrame({"word": maml[0], "delta": np.log(vanilla[1]) - np.log(maml[1])})
 
 # %% ../nbs/23_paper2_ner.ipynb #1ae62a67
-IN_LANGUAGE = SOURCES[:-1]
 SPEED = ("t90", "auc", "slope")
 
 def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -16,28 +15,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .names import DEFAULT_SEED, SIZES, SPECTRA_KEY, parse_run_name, step_of
+
 # %% auto #0
-__all__ = ['SIZES', 'ARMS', 'RUN_NAME', 'RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS',
-           'parse_run_name', 'run_name', 'find_runs', 'read_jsonl', 'read_metrics', 'read_run_spectra',
-           'read_ner_results', 'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long', 'bootstrap_ci',
-           'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note', 'latex_escape',
-           'markdown_table', 'latex_table', 'save_table']
-
-# %% ../nbs/20_report.ipynb #e7ef803e
-SIZES = ("demo", "tiny", "small", "medium", "large")
-ARMS = ("maml", "vanilla")
-RUN_NAME = re.compile(r"^(?P<family>pico|released|demo)-(?:(?P<size>tiny|small|medium|large)-)?"
-                      r"(?P<arm>maml|vanilla)(?:-seed(?P<seed>\d+))?$")
-
-def parse_run_name(name: str) -> dict | None:
-    "`{family, size, arm, seed}` of a run directory name, or None if it is not a run name."
-    m = RUN_NAME.match(name)
-    if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
-    return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": int(m["seed"] or 0)}
-
-def run_name(size: str, arm: str, seed: int = 0) -> str:
-    "The directory name of the run of `size`, `arm` and `seed` (the inverse of `parse_run_name`)."
-    return ("demo" if size == "demo" else f"pico-{size}") + f"-{arm}" + (f"-seed{seed}" if seed else "")
+__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs', 'read_jsonl',
+           'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra', 'smoothed',
+           'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note',
+           'latex_escape', 'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
@@ -68,17 +52,19 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 def read_metrics(run_dir) -> pd.DataFrame:
-    "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (last record of a step wins)."
-    df = pd.DataFrame(read_jsonl(Path(run_dir) / "metrics.jsonl"))
-    if df.empty or "step" not in df: return pd.DataFrame(columns=["step"])
-    return df.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+    "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (its lines merged, later values winning)."
+    merged = {}
+    for record in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+        if "step" in record: merged.setdefault(record["step"], {}).update(record)
+    if not merged: return pd.DataFrame(columns=["step"])
+    return pd.DataFrame([merged[step] for step in sorted(merged)])
 
 # %% ../nbs/20_report.ipynb #599576f8
 def read_run_spectra(run_dir) -> pd.DataFrame:
     "A run's `spectra.jsonl` as a DataFrame (step, layer, matrix, kind, per, ...); empty if absent."
-    from picomaml.spectra import SPECTRA_KEY, read_spectra
-    path = Path(run_dir) / "spectra.jsonl"
-    return read_spectra(path) if path.is_file() else pd.DataFrame(columns=SPECTRA_KEY + ["per"])
+    df = pd.DataFrame(read_jsonl(Path(run_dir) / "spectra.jsonl"))
+    if df.empty: return pd.DataFrame(columns=SPECTRA_KEY + ["per"])
+    return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 def read_ner_results(paths) -> pd.DataFrame:
     "The NER sweep records of one or more JSON-lines files, with the file name in `source`; empty if none."
@@ -110,11 +96,11 @@ def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
     return rows
 
 # %% ../nbs/20_report.ipynb #574b49c7
-NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
 
 def _checkpoint_step(checkpoint) -> float:
-    m = re.search(r"(\d+)/?$", str(checkpoint))
-    return float(m[1]) if m else np.nan
+    step = step_of(checkpoint)
+    return float(step) if step is not None else np.nan
 
 def _field(record: dict, key: str, default=None):
     value = record.get(key, default)  # a DataFrame row holds NaN where another record had the key
@@ -125,8 +111,9 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
-        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": 0}
-        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm", "seed")},
+        info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": DEFAULT_SEED}
+        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm")},
+                "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
         strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})

@@ -22,10 +22,11 @@ from .checkpoints import list_checkpoints
 from .config import SpectraConfig
 from .lm_loss import next_token_loss
 from .model import load_pretrained
+from .names import SPECTRA_KEY
 
 # %% auto #0
-__all__ = ['SPECTRA_KEY', 'spectrum_metrics', 'singular_values', 'select_matrices', 'loss_gradients', 'load_eval_batch',
-           'spectrum_record', 'append_records', 'compute_spectra', 'record_spectra', 'read_spectra', 'checkpoint_steps',
+__all__ = ['spectrum_metrics', 'singular_values', 'select_matrices', 'loss_gradients', 'load_eval_batch', 'spectrum_record',
+           'append_records', 'compute_spectra', 'record_spectra', 'read_spectra', 'checkpoint_steps',
            'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub', 'parse_args', 'main']
 
 # %% ../nbs/08_spectra.ipynb #e6decaa2
@@ -138,8 +139,6 @@ def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: in
     return records
 
 # %% ../nbs/08_spectra.ipynb #544d15f2
-SPECTRA_KEY = ["step", "layer", "matrix", "kind"]
-
 def read_spectra(path) -> pd.DataFrame:
     "The records of a spectra JSON-lines file as a DataFrame sorted by step, layer, matrix, kind."
     path = Path(path)
