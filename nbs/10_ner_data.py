@@ -72,6 +72,12 @@ assert len(LABELS) == 7 and len(TEST_SETS) == 18 and LABEL2ID["I-LOC"] == 6
 # `index token tag xner annotator`. We keep the token and the (normalised) tag, and the file and
 # line of the sentence so any later problem can point back at its source. Anything else (a wrong
 # column count, an unknown tag, an empty token) is an error naming the file and line.
+#
+# A missing blank line would silently merge two sentences, so the reader checks what a merge leaves
+# behind: token indices must count 1, 2, … within a sentence, no comment may follow a sentence's
+# tokens, and a sentence has at most one `# sent_id` and one `# text`. The file must be UTF-8 (a
+# leading byte-order mark, as some editors write, is dropped); other bytes are an error naming the
+# line and byte offset.
 
 # %%
 #| export
@@ -99,31 +105,60 @@ except UNERFormatError as e: assert "f.iob2:3" in str(e) and "B-MISC" in str(e)
 
 # %%
 #| export
+SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one means a blank line is missing
+
+def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
+    "Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: a blank line is missing."
+    if sentence_start:
+        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; add the blank line that separates sentences before it")
+    key = line[1:].split("=", 1)[0].strip()
+    if key in SENTENCE_KEYS and key in seen:
+        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); give the sentence at line {seen[key]} its tokens or delete it")
+    seen[key] = n
+
+def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> tuple[str, str]:
+    "Word and normalised tag of a token line at `where`, which must be token `index` of its sentence."
+    cols = line.split("\t")
+    if len(cols) != 5:
+        raise UNERFormatError(f"{where}: expected 5 tab-separated columns (index token tag xner annotator), got {len(cols)}: {line!r}")
+    if cols[0] != str(index):
+        raise UNERFormatError(f"{where}: token index {cols[0]!r} where {index} was expected in the sentence at line {sentence_start}; "
+                              "add the blank line that ends the previous sentence, or number the tokens 1, 2, ...")
+    if not cols[1].strip(): raise UNERFormatError(f"{where}: empty token in column 2; every token line needs its word")
+    return cols[1], normalise_tag(cols[2], where)
+
 def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
     "Parse the lines of a UNER IOB2 file called `name` into sentences."
-    sentences, words, tags, start = [], [], [], 0
+    sentences, words, tags, start, seen = [], [], [], 0, {}
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
         if not line.strip():
             if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
-            words, tags = [], []
-            continue
-        if line.startswith("#"): continue
-        cols = line.split("\t")
-        if len(cols) != 5:
-            raise UNERFormatError(f"{name}:{n}: expected 5 tab-separated columns (index token tag xner annotator), got {len(cols)}: {line!r}")
-        if not cols[1].strip(): raise UNERFormatError(f"{name}:{n}: empty token")
-        if not words: start = n
-        words.append(cols[1])
-        tags.append(normalise_tag(cols[2], f"{name}:{n}"))
+            words, tags, seen = [], [], {}
+        elif line.startswith("#"): check_comment(line, name, n, seen, start if words else 0)
+        else:
+            if not words: start = n
+            word, tag = parse_token_line(line, f"{name}:{n}", len(words) + 1, start)
+            words.append(word)
+            tags.append(tag)
     if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
     return sentences
+
+def decode_utf8(data: bytes, name: str) -> str:
+    "The text of file `name` from its UTF-8 bytes, without a leading byte-order mark; other bytes are an error naming line and offset."
+    try: text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise UNERFormatError(f"{name}:{line}: byte 0x{data[e.start]:02x} at byte offset {e.start} (column {column}) is not UTF-8; "
+                              "re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t UTF-8") from None
+    return text.removeprefix("\ufeff")
 
 def read_iob2(path) -> list[Sentence]:
     "Read one UNER IOB2 file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"UNER file {path} does not exist")
-    return parse_iob2_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+    # split on "\n" only: str.splitlines also breaks at \x85, \u2028, ... and would misnumber lines
+    return parse_iob2_lines(decode_utf8(path.read_bytes(), str(path)).split("\n"), str(path))
 
 # %% [markdown]
 # A hand-made file with comments, a blank line at the end, an OTH tag and a sentence without a
@@ -154,12 +189,51 @@ for line_no, bad, msg in [(4, "2\twent\tO\t-", "5 tab-separated"), (5, "3\tto\tB
 # The same through a real file on disk: the error names the path and the line.
 
 # %%
-import tempfile
+import codecs, tempfile
 with tempfile.TemporaryDirectory() as tmp:
     bad = Path(tmp) / "bad-ud-test.iob2"
     bad.write_text("\n".join(toy[:6] + ["5\t.\tO"]) + "\n")
     try: read_iob2(bad); raise AssertionError("accepted a malformed file")
     except UNERFormatError as e: assert f"{bad}:7:" in str(e)
+
+# %% [markdown]
+# Each way a file can be broken, as a file on disk: the error is a `UNERFormatError` whose one-line
+# message starts with `<file>:<line>:` and says what is wrong. The first three are the same toy file
+# with the blank line between its sentences lost (so its second sentence opens with `# sent_id`,
+# with `# text`, or with no comment at all); `š` in Windows-1250 is the byte 0x9a.
+
+# %%
+good = "\n".join(toy) + "\n"
+cp1250 = good.encode().replace(b"\tNitra\t", "\tKošice\t".encode("cp1250"))  # the token on line 6, not the # text
+bad_files = [  # file name, content, line the error names, words it must contain
+    ("merged", toy[:7] + toy[8:], 8, "follows the tokens of the sentence at line 3"),
+    ("merged-text", toy[:7] + ["# text = Slovnaft si"] + toy[9:], 8, "follows the tokens of the sentence at line 3"),
+    ("merged-bare", toy[:7] + toy[9:], 8, "token index '1' where 6 was expected"),
+    ("two-sent-ids", ["# sent_id = 0"] + toy, 2, "second '# sent_id' before this sentence's tokens (first at line 1)"),
+    ("two-texts", toy[:2] + ["# text = again"] + toy[2:], 3, "second '# text'"),
+    ("renumbered", toy[:3] + ["3\twent\tO\t-\t-"] + toy[4:], 4, "token index '3' where 2 was expected"),
+    ("columns", toy[:5] + ["4\tNitra\tB-LOC"] + toy[6:], 6, "expected 5 tab-separated columns"),
+    ("tag", toy[:5] + ["4\tNitra\tB-GPE\t-\t-"] + toy[6:], 6, "tag 'B-GPE'"),
+    ("empty-token", toy[:5] + ["4\t \tB-LOC\t-\t-"] + toy[6:], 6, "empty token"),
+    ("cp1250", cp1250, 6, f"byte 0x9a at byte offset {cp1250.index(bytes([0x9a]))} (column 5) is not UTF-8"),
+    ("bom-cp1250", codecs.BOM_UTF8 + cp1250, 6, f"byte offset {3 + cp1250.index(bytes([0x9a]))}"),
+]
+with tempfile.TemporaryDirectory() as tmp:
+    for stem, content, line_no, words in bad_files:
+        path = Path(tmp) / f"{stem}-ud-test.iob2"
+        path.write_bytes(content if isinstance(content, bytes) else ("\n".join(content) + "\n").encode())
+        try: read_iob2(path); raise AssertionError(f"{stem}: accepted a broken file")
+        except UNERFormatError as e:
+            assert type(e) is UNERFormatError and str(e).startswith(f"{path}:{line_no}: ") and words in str(e) and "\n" not in str(e), (stem, e)
+
+# %% [markdown]
+# A UTF-8 byte-order mark at the start (and Windows line ends) read like the plain file.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "bom-ud-test.iob2"
+    path.write_bytes(codecs.BOM_UTF8 + good.replace("\n", "\r\n").encode())
+    assert read_iob2(path) == parse_iob2_lines(toy, str(path))
 
 # %% [markdown]
 # ## Where the data comes from
@@ -184,9 +258,14 @@ def uner_source(cfg: NERConfig) -> Path | str:
 def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
     "One split of one dataset from the Hub (`datasets.load_dataset`), tags mapped to the 7-label set."
     import datasets
-    ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))
-    names = ds.features["ner_tags"].feature.names
     where = f"{hub_id}[{dataset}/{split}]"
+    # the except clause lists how datasets answers an empty or absent split, naming neither (a bare StopIteration when it is the only split)
+    try: ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or absent; "
+                              "set ner.data_path to a local UNER copy or choose another dataset") from e
+    names = ds.features["ner_tags"].feature.names
     return [Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]], f"{where} row {i}")
             for i, r in enumerate(ds)]
 
@@ -200,8 +279,13 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     if split != "test" and dataset not in IN_LANGUAGE:
         raise ValueError(f"{dataset} has only a test split (it is in the {'PUD' if dataset in PUD else 'other'} group)")
     source = uner_source(cfg)
-    if isinstance(source, str): return load_hub_split(source, dataset, split)
-    return read_iob2(source / dataset / f"{dataset}-ud-{split}.iob2")
+    hub = isinstance(source, str)
+    where = f"{source}[{dataset}/{split}]" if hub else source / dataset / f"{dataset}-ud-{split}.iob2"
+    sentences = load_hub_split(source, dataset, split) if hub else read_iob2(where)
+    # an empty split would only fail much later, deep in the finetuning loop, without naming the data
+    if not sentences:
+        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); restore it from a complete UNER copy or leave {dataset} out")
+    return sentences
 
 # %% [markdown]
 # Our tests read the local copy (`$PICOMAML_DATA/uner`, which the Makefile points at `../shared/data`).
@@ -218,6 +302,50 @@ assert all(set(t for s in v for t in s.tags) <= set(LABELS) for v in tests.value
 try: load_split("tl_trg", "train", ner_cfg); raise AssertionError
 except ValueError as e: assert "only a test split" in str(e)
 {d: len(v) for d, v in tests.items()}
+
+# %% [markdown]
+# An empty split is an error when it is loaded, naming the dataset, the split and the file, instead of
+# an empty batch deep in the finetuning loop. The same holds on the Hub path: `datasets` answers an
+# empty split with a bare `StopIteration` (when it is the config's only split) or
+# `ValueError: Instruction "train" corresponds to no data!`, and an absent one with "Unknown split".
+# A local directory laid out like a Hub dataset (`configs` in its README) shows both, offline.
+
+# %%
+from unittest import mock
+with tempfile.TemporaryDirectory() as tmp:
+    for content in ("", "# sent_id = 1\n# text = \n\n"):
+        path = Path(tmp) / "uner" / "tl_trg" / "tl_trg-ud-test.iob2"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        try: load_split("tl_trg", "test", NERConfig(data_path=str(Path(tmp) / "uner"))); raise AssertionError("accepted an empty split")
+        except UNERFormatError as e: assert str(e).startswith(f"{path}: UNER tl_trg test has no sentences"), e
+
+# %%
+import datasets
+readme = """---
+configs:
+- {config_name: tl_trg, data_files: [{split: test, path: tl_trg/test.jsonl}]}
+- {config_name: sk_snk, data_files: [{split: test, path: sk_snk/test.jsonl}, {split: train, path: sk_snk/train.jsonl}]}
+---
+"""
+files = {"README.md": readme, "tl_trg/test.jsonl": "", "sk_snk/train.jsonl": "", "sk_snk/test.jsonl": '{"tokens": ["Janko"], "ner_tags": [1]}\n'}
+with tempfile.TemporaryDirectory() as tmp:
+    hub = Path(tmp) / "hub"
+    for name, text in files.items():
+        (hub / name).parent.mkdir(parents=True, exist_ok=True)
+        (hub / name).write_text(text)
+    hub_cfg = NERConfig(data_hub=str(hub))
+    with mock.patch.dict(os.environ, {"PICOMAML_DATA": tmp}), mock.patch.object(datasets.config, "HF_DATASETS_CACHE", f"{tmp}/cache"):
+        assert uner_source(hub_cfg) == str(hub)
+        for dataset, split, cause in [("tl_trg", "test", "StopIteration"), ("sk_snk", "train", "corresponds to no data"), ("sk_snk", "dev", "Unknown split")]:
+            try: load_split(dataset, split, hub_cfg); raise AssertionError(f"{dataset}/{split}: no error")
+            except UNERFormatError as e: assert str(e).startswith(f"{hub}[{dataset}/{split}]: datasets could not load this split") and cause in str(e), e
+        # a split that datasets does return, but without rows
+        no_rows = datasets.Dataset.from_dict({"tokens": [], "ner_tags": []}, features=datasets.Features(
+            tokens=datasets.Sequence(datasets.Value("string")), ner_tags=datasets.Sequence(datasets.ClassLabel(names=list(LABELS)))))
+        with mock.patch.object(datasets, "load_dataset", return_value=no_rows):
+            try: load_split("tl_trg", "test", hub_cfg); raise AssertionError("accepted an empty Hub split")
+            except UNERFormatError as e: assert str(e).startswith(f"{hub}[tl_trg/test]: UNER tl_trg test has no sentences"), e
 
 # %% [markdown]
 # ## Words to sub-tokens
@@ -326,6 +454,7 @@ class EncodedSplit:
 
 def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int, name: str = "") -> EncodedSplit:
     "Align every sentence of a split to sub-tokens, splitting long ones into windows."
+    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; give at least one (check the data and any cap on the number of sentences)")
     windows = [w for i, s in enumerate(sentences) for w in align_sentence(s, encode, max_len, i)]
     return EncodedSplit(sentences, windows, name)
 
@@ -345,6 +474,8 @@ enc = encode_split([s, long], encode, max_len=6)
 assert enc.n_split == 2 and len({w.sentence for w in enc.windows}) == 2
 gold_as_preds = [[LABELS[w.labels[i]] for i in w.word_starts] for w in enc.windows]
 assert rejoin(enc, gold_as_preds) == [s.tags, long.tags]
+try: encode_split([], encode, 64, "tl_trg/test"); raise AssertionError("encoded an empty split")
+except UNERFormatError as e: assert str(e).startswith("tl_trg/test: no sentences"), e
 
 # %% [markdown]
 # On real data: how many sentences of each training set are longer than the papers' 512 sub-tokens

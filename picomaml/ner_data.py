@@ -17,9 +17,10 @@ from .config import NERConfig
 
 # %% auto #0
 __all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'IN_LANGUAGE', 'PUD', 'OTHER', 'GROUPS', 'TEST_SETS', 'SPLITS',
-           'PARTICLES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'parse_iob2_lines', 'read_iob2', 'uner_source',
-           'load_hub_split', 'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence', 'EncodedSplit',
-           'encode_split', 'rejoin', 'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate']
+           'SENTENCE_KEYS', 'PARTICLES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment',
+           'parse_token_line', 'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split',
+           'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin',
+           'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate']
 
 # %% ../nbs/10_ner_data.ipynb #fba6c5b3
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -53,31 +54,60 @@ def normalise_tag(tag: str, where: str) -> str:
     return tag
 
 # %% ../nbs/10_ner_data.ipynb #674006c9
+SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one means a blank line is missing
+
+def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
+    "Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: a blank line is missing."
+    if sentence_start:
+        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; add the blank line that separates sentences before it")
+    key = line[1:].split("=", 1)[0].strip()
+    if key in SENTENCE_KEYS and key in seen:
+        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); give the sentence at line {seen[key]} its tokens or delete it")
+    seen[key] = n
+
+def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> tuple[str, str]:
+    "Word and normalised tag of a token line at `where`, which must be token `index` of its sentence."
+    cols = line.split("\t")
+    if len(cols) != 5:
+        raise UNERFormatError(f"{where}: expected 5 tab-separated columns (index token tag xner annotator), got {len(cols)}: {line!r}")
+    if cols[0] != str(index):
+        raise UNERFormatError(f"{where}: token index {cols[0]!r} where {index} was expected in the sentence at line {sentence_start}; "
+                              "add the blank line that ends the previous sentence, or number the tokens 1, 2, ...")
+    if not cols[1].strip(): raise UNERFormatError(f"{where}: empty token in column 2; every token line needs its word")
+    return cols[1], normalise_tag(cols[2], where)
+
 def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
     "Parse the lines of a UNER IOB2 file called `name` into sentences."
-    sentences, words, tags, start = [], [], [], 0
+    sentences, words, tags, start, seen = [], [], [], 0, {}
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
         if not line.strip():
             if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
-            words, tags = [], []
-            continue
-        if line.startswith("#"): continue
-        cols = line.split("\t")
-        if len(cols) != 5:
-            raise UNERFormatError(f"{name}:{n}: expected 5 tab-separated columns (index token tag xner annotator), got {len(cols)}: {line!r}")
-        if not cols[1].strip(): raise UNERFormatError(f"{name}:{n}: empty token")
-        if not words: start = n
-        words.append(cols[1])
-        tags.append(normalise_tag(cols[2], f"{name}:{n}"))
+            words, tags, seen = [], [], {}
+        elif line.startswith("#"): check_comment(line, name, n, seen, start if words else 0)
+        else:
+            if not words: start = n
+            word, tag = parse_token_line(line, f"{name}:{n}", len(words) + 1, start)
+            words.append(word)
+            tags.append(tag)
     if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
     return sentences
+
+def decode_utf8(data: bytes, name: str) -> str:
+    "The text of file `name` from its UTF-8 bytes, without a leading byte-order mark; other bytes are an error naming line and offset."
+    try: text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise UNERFormatError(f"{name}:{line}: byte 0x{data[e.start]:02x} at byte offset {e.start} (column {column}) is not UTF-8; "
+                              "re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t UTF-8") from None
+    return text.removeprefix("\ufeff")
 
 def read_iob2(path) -> list[Sentence]:
     "Read one UNER IOB2 file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"UNER file {path} does not exist")
-    return parse_iob2_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+    # split on "\n" only: str.splitlines also breaks at \x85, \u2028, ... and would misnumber lines
+    return parse_iob2_lines(decode_utf8(path.read_bytes(), str(path)).split("\n"), str(path))
 
 # %% ../nbs/10_ner_data.ipynb #78758b2c
 def uner_source(cfg: NERConfig) -> Path | str:
@@ -93,9 +123,14 @@ def uner_source(cfg: NERConfig) -> Path | str:
 def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
     "One split of one dataset from the Hub (`datasets.load_dataset`), tags mapped to the 7-label set."
     import datasets
-    ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))
-    names = ds.features["ner_tags"].feature.names
     where = f"{hub_id}[{dataset}/{split}]"
+    # the except clause lists how datasets answers an empty or absent split, naming neither (a bare StopIteration when it is the only split)
+    try: ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))
+    except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or absent; "
+                              "set ner.data_path to a local UNER copy or choose another dataset") from e
+    names = ds.features["ner_tags"].feature.names
     return [Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]], f"{where} row {i}")
             for i, r in enumerate(ds)]
 
@@ -108,8 +143,13 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     if split != "test" and dataset not in IN_LANGUAGE:
         raise ValueError(f"{dataset} has only a test split (it is in the {'PUD' if dataset in PUD else 'other'} group)")
     source = uner_source(cfg)
-    if isinstance(source, str): return load_hub_split(source, dataset, split)
-    return read_iob2(source / dataset / f"{dataset}-ud-{split}.iob2")
+    hub = isinstance(source, str)
+    where = f"{source}[{dataset}/{split}]" if hub else source / dataset / f"{dataset}-ud-{split}.iob2"
+    sentences = load_hub_split(source, dataset, split) if hub else read_iob2(where)
+    # an empty split would only fail much later, deep in the finetuning loop, without naming the data
+    if not sentences:
+        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); restore it from a complete UNER copy or leave {dataset} out")
+    return sentences
 
 # %% ../nbs/10_ner_data.ipynb #249a1e34
 def spaced(word: str, first: bool) -> str:
@@ -165,6 +205,7 @@ class EncodedSplit:
 
 def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int, name: str = "") -> EncodedSplit:
     "Align every sentence of a split to sub-tokens, splitting long ones into windows."
+    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; give at least one (check the data and any cap on the number of sentences)")
     windows = [w for i, s in enumerate(sentences) for w in align_sentence(s, encode, max_len, i)]
     return EncodedSplit(sentences, windows, name)
 
