@@ -13,7 +13,7 @@ ifeq ($(origin PICOMAML_DATA), undefined)
   endif
 endif
 
-.PHONY: venv export sync check test demo paper help
+.PHONY: venv export sync check test demo rehearse paper help
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -53,6 +53,9 @@ test: check ## the whole test suite (what CI runs)
 
 demo: export ## the main job: prepare data, pretrain both demo arms (2 CPU processes), NER sweep, every table and figure
 	$(BIN)/python -m picomaml.pipeline demo
+
+rehearse: export ## the paper profile end to end under the rehearsal's shrink transform, on CPU (outputs under runs/rehearse)
+	$(BIN)/python -m picomaml.pipeline rehearse
 
 paper: export ## the papers' scale on one node of 4 GPUs (both arms x 4 sizes, the NER grids, the notebooks)
 	$(BIN)/python -m picomaml.pipeline paper --nproc 4

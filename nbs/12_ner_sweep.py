@@ -160,6 +160,7 @@ class Checkpoint:
     subfolder: str | None = None
     step: int | None = None
     hub: bool = False
+    selector: str = ""  # the grid's `step` for a run named by size and arm: final, scheduled, or a step
 
     @property
     def name(self) -> str:
@@ -202,8 +203,9 @@ def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=
         name = run_name(entry["size"], entry["arm"], seed, entry.get("family"))
         run_dir = Path(runs_dir) / name
         steps = run_steps(run_dir, entry.get("step", "final"), where) or [None]
-        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")), step=s)
-                for s in steps]
+        selector = str(entry.get("step", "final"))
+        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
+                           step=s, selector=selector) for s in steps]
     return out
 
 def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
@@ -276,6 +278,30 @@ def check_checkpoints(jobs: list[Job]) -> None:
         raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): {', '.join(missing[:4])}"
                          f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
                          f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
+
+# %% [markdown]
+# ## Do the grids cover what the reports read?
+#
+# The report notebooks declare what they read from the sweep (`picomaml.report.NER_READS`: head,
+# regimes, datasets, which runs, which checkpoints, whether predictions are saved). `uncovered`
+# expands those reads for a profile's sizes, arms and pretraining seeds and lists every cell no job of
+# the grids produces, so a grid that forgets a cell fails a test instead of a figure panel saying
+# "missing" after days of GPU time.
+
+# %%
+#| export
+def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico", sweep_size: str = "medium") -> list[str]:
+    "Every cell the reads ask for that no job produces, as 'notebook: run head regime dataset step'."
+    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector, job_settings(j).get("save_predictions", False))
+            for j in jobs}
+    gaps = []
+    for read in reads:
+        for size in (sizes if read["sizes"] == "all" else [sweep_size]):
+            for arm, seed, regime, dataset in itertools.product(read["arms"], seeds, read["regimes"], read["datasets"]):
+                name = run_name(size, arm, seed, family)
+                wanted = [(name, read["head"], regime, dataset, read["step"], p) for p in ((True,) if read.get("predictions") else (True, False))]
+                if not have & set(wanted): gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
+    return gaps
 
 # %% [markdown]
 # ## Running the sweep

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import DEFAULT_SEED, SIZES, SPECTRA_KEY, parse_run_name, step_of
+from picomaml.names import ARMS, DEFAULT_SEED, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %%
 import tempfile
@@ -254,6 +254,26 @@ assert len(_tags) == 3 and _tags.set_index(["test_set", "tag"]).f1[("en_ewt", "L
 assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=True).columns)[-2:] == ["tag", "f1"]
 
 # %% [markdown]
+# ## What the report notebooks read from the NER sweep
+#
+# Declared once, here, so the grids can be checked against it (`picomaml.sweep.uncovered`) without
+# running anything: `sizes` is `all` (every size of the profile) or `sweep` (paper 2's checkpoint-sweep
+# model, medium in the paper), `step` is `final` or `scheduled` (every checkpoint the run saved).
+
+# %%
+#| export
+NER_READS = [
+    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"), datasets=SOURCES,
+         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="23_paper2_ner", outputs="Figs. 1-3, Table 2", head="crf", regimes=("head", "full"), datasets=SOURCES,
+         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="23_paper2_ner", outputs="Figs. 4-7, Table 5", head="crf", regimes=("head",), datasets=("sk_snk",),
+         sizes="sweep", arms=("maml",), step="scheduled", predictions=True),
+    dict(notebook="23_paper2_ner", outputs="Fig. 9", head="crf", regimes=("head",), datasets=("sk_snk",),
+         sizes="sweep", arms=("vanilla",), step="final", predictions=True),
+]
+
+# %% [markdown]
 # ## Seeds: mean and 95 % bootstrap interval
 #
 # The papers report one run per cell. With several seeds we report the mean and a percentile
@@ -355,9 +375,15 @@ def save_figure(fig, name: str, figures_dir) -> list[Path]:
 
 # %%
 #| export
+def missing_label(items) -> str:
+    "'missing: a, b' for a figure's note, also printed as '[missing] a, b' so an executed notebook says what it lacked."
+    what = ", ".join(items) if not isinstance(items, str) else items
+    print(f"[missing] {what}")
+    return f"{MISSING}: {what}"
+
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
-    ax.text(0.5, 0.5, f"{MISSING}: {what}", ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
+    ax.text(0.5, 0.5, missing_label(what), ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
     ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
     ax.grid(False)
 

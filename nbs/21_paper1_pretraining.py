@@ -49,8 +49,8 @@ import seaborn as sns
 
 from picomaml.phases import find_phase
 from picomaml.names import run_name
-from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_note, runs_metrics, runs_spectra, save_figure,
-                             save_table, set_style, smoothed)
+from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_label, missing_note, runs_metrics,
+                             runs_spectra, save_figure, save_table, set_style, smoothed)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -101,7 +101,7 @@ def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None
                  hue_order=[s for s in sizes if s in set(data["size"])], style_order=[a for a in ("maml", "vanilla") if a in set(data.arm)],
                  errorbar=("ci", 95), n_boot=n_boot, seed=0, ax=ax, linewidth=1, legend=legend,
                  marker="o" if data.groupby("name").size().max() <= 60 else None, markersize=3)  # sparse curves: show the points
-    if absent: ax.text(0.99, 0.02, f"{MISSING}: {', '.join(absent)}", ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
     if logy: ax.set_yscale("log")
     ax.set_xlabel("step")
 

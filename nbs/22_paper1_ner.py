@@ -49,8 +49,8 @@ import seaborn as sns
 from IPython.display import display
 
 from picomaml.names import IN_LANGUAGE, OTHER, PUD
-from picomaml.report import (MISSING, SIZE_COLORS, format_estimate, missing_note, ner_long, read_ner_results, relative_change,
-                             save_figure, save_table, set_style)
+from picomaml.report import (MISSING, SIZE_COLORS, format_estimate, missing_label, missing_note, ner_long, read_ner_results,
+                             relative_change, save_figure, save_table, set_style)
 
 # %% [markdown]
 # Under `nbdev_test` (`IN_TEST`) outputs go to a temporary directory so the committed demo outputs
@@ -243,5 +243,5 @@ for ax, regime in zip(axes, ("head", "full")):
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_ylabel("ΔF1 (MAML − vanilla)")
     absent = [s for s in sizes if s not in present]
-    if absent: ax.text(0.99, 0.02, f"{MISSING}: {', '.join(absent)}", ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
 save_figure(fig, "p1_fig2_delta_f1_by_tag", figures_dir)

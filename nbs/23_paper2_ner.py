@@ -60,8 +60,8 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
-from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_note, ner_long,
-                             read_ner_results, relative_change, save_figure, save_table, set_style)
+from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_label, missing_note,
+                             ner_long, read_ner_results, relative_change, save_figure, save_table, set_style)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -220,7 +220,7 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) 
         twin.axhline(0, color="0.6", lw=0.8)
         twin.set_ylabel("MAML relative gain (%)")
         twin.grid(False)
-    if missing: ax.annotate(f"missing: {', '.join(missing)}", (0, -0.25), xycoords="axes fraction", fontsize=7, color="0.35")
+    if missing: ax.annotate(missing_label(missing), (0, -0.25), xycoords="axes fraction", fontsize=7, color="0.35")
     return missing
 
 # %%
@@ -378,7 +378,7 @@ def checkpoint_lines(ax, sweep: pd.DataFrame, columns: dict, ylabel: str, what: 
         ax.plot(g.index, g.values, marker=".", color=colors[c], label=columns[c])
     ax.set(xlabel="pretraining checkpoint (step)", ylabel=ylabel)
     absent = [columns[c] for c in columns if c not in drawn]
-    ax.legend(title=f"missing: {', '.join(absent)}" if absent else None)
+    ax.legend(title=missing_label(absent) if absent else None)
 
 # %%
 sweep = sweep.assign(final_train_loss=[final_loss(c) for c in sweep.get("loss_curve", pd.Series([None] * len(sweep), index=sweep.index, dtype=object))])

@@ -53,7 +53,8 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.names import DEFAULT_SEED, SIZES, run_name
-from picomaml.report import ARM_COLORS, SIZE_COLORS, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
+from picomaml.report import (ARM_COLORS, SIZE_COLORS, find_runs, missing_label, missing_note, runs_metrics, save_figure,
+                             set_style, smoothed)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -135,7 +136,7 @@ def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list
                  style_order=[a for a in ARM_COLORS if a in set(frame.arm)], errorbar=("ci", 95) if several_seeds else None,
                  n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
-    if missing: ax.annotate(textwrap.fill(f"missing: {', '.join(missing)}", 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
+    if missing: ax.annotate(textwrap.fill(missing_label(missing), 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
 
 # %%
 _fig, _ax = plt.subplots(figsize=(4, 2.5))

@@ -17,17 +17,18 @@
 # > One command from raw text to every table and figure: prepare data, pretrain both arms, sweep
 # > Universal NER over the checkpoints, and re-execute the analysis notebooks.
 #
-# `python -m picomaml.pipeline demo` is what `make demo` runs on a CPU; `python -m picomaml.pipeline
-# paper` is the same recipe at the papers' scale on one node of GPUs (both arms × four sizes, the
-# 160-run NER grid of paper 1, the 61-checkpoint sweep of paper 2). `smoke` is the demo shrunk until
-# it runs in a couple of minutes; CI runs it to prove that every output file of method.md §6 is
-# produced.
+# `python -m picomaml.pipeline paper` is both papers at their scale on one node of 4 GPUs: both arms
+# × four sizes, the 160-run NER grid of paper 1, paper 2's CRF grid and its 61-checkpoint sweep, and
+# the four analysis notebooks. `rehearse` is **that same profile** under one shrink transform applied
+# by code (below), with its data read through the Hub code path from a local dataset directory; CI
+# runs it, so the paper path is exercised end to end on every change. `demo` is what `make demo` runs
+# on a CPU; `smoke` is the demo shrunk for CI.
 #
 # Every stage is skipped when its result is already there: prepared data has a manifest, a finished
 # run's `latest` checkpoint is its last step, the NER sweep skips the rows its results file already
-# holds. So a killed `make demo` picks up where it stopped, and a second `make demo` only re-executes
-# the notebooks. The wall time of every stage is printed as a table at the end and saved next to the
-# runs (`timings.json`), which is where the benchmarks take "the whole `make demo` by stage" from.
+# holds. So a killed pipeline picks up where it stopped, and a second run only re-executes the
+# notebooks. The wall time of every stage is printed as a table at the end and saved next to the
+# runs (`timings-<profile>.json`).
 
 # %%
 #| default_exp pipeline
@@ -37,6 +38,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,84 +47,162 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import papermill
+import yaml
+
+from picomaml.checkpoints import LATEST_FILE
 from picomaml.config import PRESETS_DIR, load_config
+from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 
 # %% [markdown]
 # ## Profiles
 #
-# A profile names the runs (preset + overrides per arm, size and seed), the NER grid, the data
-# preparation, and the parameters handed to the analysis notebooks. The run-name pattern is the
-# contract with those notebooks: `<prefix><size>-<arm>` plus `-seed<k>` when several seeds are asked
-# for.
+# A profile names the runs (preset + overrides per size, arm and pretraining seed), the NER grids,
+# where the data comes from, and where the analysis notebooks write. Run names come from
+# `picomaml.names.run_name`, the one function the grids and the report notebooks also use.
 
 # %%
 #| export
 @dataclass
 class Profile:
     name: str
-    runs_dir: str  # where run directories, NER results and timings go
-    sizes: list  # model sizes; the presets are `<preset_prefix><size>-<arm>.yaml`
-    preset_prefix: str  # "pico-" for the papers' presets, "" for demo.yaml / demo-vanilla.yaml
+    runs_dir: str  # where run directories, NER results, executed notebooks and timings go
+    sizes: list  # model sizes: the presets are pico-<size>-<arm>.yaml (family pico) or demo[-vanilla].yaml
+    family: str  # "pico" (the papers' presets) or "demo"
     nproc: int  # processes per pretraining run (GPUs, or gloo CPU processes)
-    seq_len: int  # rows of prepared local data hold seq_len + 1 ids
     grids: list  # NER sweep grids under configs/sweeps/
+    seeds: list = field(default_factory=lambda: [DEFAULT_SEED])  # pretraining seeds: each arm once per seed
+    data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
+    seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
-    ner_overrides: list = field(default_factory=list)  # ner.key=value for every sweep
-    smoke: bool = False  # passed to the analysis notebooks
+    size_overrides: dict = field(default_factory=dict)  # size -> more section.key=value for that size's runs
+    grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.sweep)
+    commits_outputs: bool = False  # reports write the committed figures/ and paper_tables/ (else under runs_dir)
+    smoke: bool = False  # fewer bootstrap resamples in the notebooks
     phase_size: str = "demo"  # the model of paper 1 Fig. 6's phase transition (large in the paper)
     sweep_size: str = "demo"  # the model of paper 2's checkpoint sweep (medium in the paper)
 
-ARMS = ("maml", "vanilla")
+PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
+                phase_size="large", sweep_size="medium")
+
+# %% [markdown]
+# ## The rehearsal: the paper profile, shrunk by one transform
+#
+# `rehearse` is not a second copy of the paper's presets and grids: it is `PAPER` passed through
+# `shrink`, which keeps every preset, grid, stage and notebook and changes only sizes, in these
+# ways (each a division or a cap, written once here):
+#
+# | what | paper | rehearsal |
+# |---|---|---|
+# | model width d, per size | 96 / 384 / 768 / 1,536 | d / 16: 6 / 24 / 48 / 96, ffn 4d |
+# | heads (query / key-value) | 12 / 4 | 3 / 1 (the same 3:1 grouping) |
+# | depth | 12 blocks | 2 |
+# | steps, warmup, and the cadence of checkpoints, evaluation, spectra | 6,000; 2,500; every 100 | ÷ 1,000: 6; 2; every step |
+# | sequence length | 2,048 | 32 |
+# | branch micro-batch (global batch) | 256 (2,048; tiny 1,024) | 16 (128; tiny 64): still 8 draws a step, 4 for tiny |
+# | SMLMT episode (N-way K+Q-shot, window) | 32-way 4+4, 64 | 4-way 1+1, 8, from the branch micro-batch as in the papers |
+# | Paloma rows evaluated | 1,024 | 16 |
+# | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 8 / 4, 1 |
+# | pretraining seeds | any | 42 and 1 |
+#
+# The data goes through the Hub code path: `datasets.load_dataset(<dir>, streaming=True)` on local
+# directories in the Hub datasets' layout (`picomaml.data.write_hub_layout`), made from
+# `$PICOMAML_DATA`'s corpus, with 256 rows per parquet file so that runs cross file boundaries and
+# resume by opening the file of their position. Outputs go under `runs/rehearse/`, never into the
+# committed `figures/` and `paper_tables/`.
+
+# %%
+#| export
+SHRINK = dict(width_divisor=16, heads=(3, 1), layers=2, step_divisor=1000, seq_len=32, branch_divisor=16,
+              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
+              ner=dict(max_train_sentences=8, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=32, batch_size=8)),
+              seeds=[DEFAULT_SEED, 1])
+REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
+
+def shrink_size(size: str) -> list[str]:
+    "The rehearsal's overrides of one size's paper preset (width, heads, depth, steps and cadence, rows)."
+    cfg, s = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"), SHRINK
+    d, steps = cfg.model.d_model // s["width_divisor"], cfg.train.steps // s["step_divisor"]
+    per_step = lambda every: max(1, every // s["step_divisor"])
+    branch = cfg.train.branch_batch // s["branch_divisor"]
+    return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}", f"model.n_kv_heads={s['heads'][1]}",
+            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['seq_len']}", f"data.seq_len={s['seq_len']}",
+            f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
+            f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
+            f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
+            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}", f"eval.max_rows={s['eval_rows']}",
+            *(f"smlmt.{k}={v}" for k, v in s["episode"].items())]
+
+def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
+    "The rehearsal of `profile`: the same presets, grids, stages and notebooks under the SHRINK transform."
+    data = Path(runs_dir).resolve() / REHEARSAL_DATA
+    source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
+              f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
+    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, seeds=list(SHRINK["seeds"]), data="hub-layout",
+                               seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
+                               size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
+                               commits_outputs=False, smoke=True)
+
+# %% [markdown]
+# The demo and the smoke run use local shards prepared from `$PICOMAML_DATA/corpus`; the smoke run is
+# the demo with the overrides below, so CI also takes the demo's path in a couple of minutes.
+
+# %%
+#| export
+SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "checkpoint.log_spaced=false",
+                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_rows=8",
+                   "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
 
 PROFILES = {
-    "demo": Profile("demo", "runs", ["demo"], "", 2, 128, ["demo"]),
-    "smoke": Profile("smoke", "runs/smoke", ["demo"], "", 1, 128, ["smoke"], smoke=True, overrides=[
-        "model.n_layers=2", "train.steps=4", "train.save_every=2", "train.log_spaced_checkpoints=false",
-        "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=1", "eval.every=2",
-        "eval.max_rows=8", "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2",
-        "smlmt.q_query=2", "smlmt.window=16"]),
-    "paper": Profile("paper", "runs", ["tiny", "small", "medium", "large"], "pico-", 4, 2048, ["paper1", "paper2"],
-                     phase_size="large", sweep_size="medium"),
+    "paper": PAPER,
+    "rehearse": shrink(PAPER),
+    "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
+    "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
 }
 
 # %%
-assert set(PROFILES) == {"demo", "smoke", "paper"}
+assert set(PROFILES) == {"paper", "rehearse", "demo", "smoke"}
 for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
+_rehearse = PROFILES["rehearse"]
+assert _rehearse.grids == PAPER.grids and _rehearse.sizes == PAPER.sizes and _rehearse.family == PAPER.family
+assert "model.d_model=96" in _rehearse.size_overrides["large"] and "train.steps=6" in _rehearse.size_overrides["tiny"]
+assert "train.global_batch=64" in _rehearse.size_overrides["tiny"] and "train.global_batch=128" in _rehearse.size_overrides["small"]
 
 # %% [markdown]
 # ## Which runs
 #
-# `pretraining_runs` expands a profile into `(preset, overrides, run_name)` triples. With seeds, the
-# run name gets `-seed<k>` and `train.seed=<k>`, so each arm is run once per seed and the notebooks can
-# put bootstrap intervals on the tables.
+# `pretraining_runs` expands a profile into `(preset, overrides, run name)` triples, one per size,
+# arm and pretraining seed. A seed other than the presets' 42 is passed as `train.seed` and named in
+# the run (`picomaml.names.run_name`), so each arm is run once per seed and the notebooks can put
+# intervals over seeds on the tables.
 
 # %%
 #| export
 def preset_path(profile: Profile, size: str, arm: str) -> Path:
-    "The preset of one arm and size: demo.yaml / demo-vanilla.yaml, or pico-<size>-<arm>.yaml."
-    if profile.preset_prefix: return PRESETS_DIR / f"{profile.preset_prefix}{size}-{arm}.yaml"
+    "The preset of one arm and size: pico-<size>-<arm>.yaml, or demo.yaml / demo-vanilla.yaml."
+    if profile.family == "pico": return PRESETS_DIR / f"pico-{size}-{arm}.yaml"
     return PRESETS_DIR / ("demo.yaml" if arm == "maml" else "demo-vanilla.yaml")
 
-def pretraining_runs(profile: Profile, seeds=()) -> list[tuple[Path, list, str]]:
+def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
     "Every pretraining run of a profile as (preset, overrides, run name)."
     runs = []
     for size in profile.sizes:
         for arm in ARMS:
-            for seed in (seeds or [None]):
-                name = f"{profile.preset_prefix}{size}-{arm}" + (f"-seed{seed}" if seed is not None else "")
-                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}"]
-                if seed is not None: extra.append(f"train.seed={seed}")
-                runs.append((preset_path(profile, size, arm), profile.overrides + extra, name))
+            for seed in profile.seeds:
+                name = run_name(size, arm, seed, profile.family)
+                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}"]
+                runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
     return runs
 
 # %%
 demo_runs = pretraining_runs(PROFILES["demo"])
 assert [r[2] for r in demo_runs] == ["demo-maml", "demo-vanilla"]
-assert [r[2] for r in pretraining_runs(PROFILES["paper"], seeds=[1, 2])][:2] == ["pico-tiny-maml-seed1", "pico-tiny-maml-seed2"]
-for preset, overrides, name in demo_runs + pretraining_runs(PROFILES["paper"]) + pretraining_runs(PROFILES["smoke"]):
+_seeded = dataclasses.replace(PAPER, seeds=[42, 1, 2])
+assert [r[2] for r in pretraining_runs(_seeded)][:3] == ["pico-tiny-maml", "pico-tiny-maml-seed1", "pico-tiny-maml-seed2"]
+for preset, overrides, name in demo_runs + pretraining_runs(_seeded) + pretraining_runs(PROFILES["smoke"]) + pretraining_runs(_rehearse):
     cfg = load_config(preset, overrides)
-    assert cfg.logging.run_name == name and (cfg.maml.rho == 0) == name.split("-")[-1].startswith("vanilla")
+    assert cfg.logging.run_name == name and (cfg.maml.rho == 0) == ("-vanilla" in name)
 
 # %% [markdown]
 # ## Is a stage done?
@@ -135,8 +215,8 @@ for preset, overrides, name in demo_runs + pretraining_runs(PROFILES["paper"]) +
 def run_finished(preset, overrides) -> bool:
     "True when the run's latest checkpoint is its final step."
     cfg = load_config(preset, overrides)
-    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step_{cfg.train.steps:06d}"
+    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / LATEST_FILE
+    return latest.is_file() and latest.read_text().strip() == step_dir_name(cfg.train.steps)
 
 # %%
 import tempfile
@@ -156,7 +236,9 @@ with tempfile.TemporaryDirectory() as tmp:
 #
 # Each stage is a subprocess, exactly the command a person would type, so the pipeline adds no
 # behaviour of its own. Several processes go through `torch.distributed.run` (torchrun) with
-# `--standalone`, which picks a free port; one process is a plain `python -m picomaml.launch`.
+# `--standalone`, which picks a free port; one process is a plain `python -m picomaml.launch`. The
+# sweep is told where the runs are and which pretraining seeds to finetune, so the grids name runs
+# by size and arm only.
 
 # %%
 #| export
@@ -168,28 +250,67 @@ def launch_command(preset, overrides, nproc: int) -> list[str]:
         head = [sys.executable]
     return head + ["-m", "picomaml.launch", "--config", str(preset), *overrides]
 
-def prepare_command(src, out, seq_len: int) -> list[str]:
+def prepare_command(src, out, seq_len: int, max_documents: int = 0) -> list[str]:
     "The command that pretokenizes raw documents into shards."
-    return [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out), "--seq-len", str(seq_len)]
+    cmd = [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out), "--seq-len", str(seq_len)]
+    return cmd + (["--max-documents", str(max_documents)] if max_documents else [])
 
-def sweep_command(grid: str, runs_dir, overrides=()) -> list[str]:
-    "The command that runs one NER grid, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
-    return [sys.executable, "-m", "picomaml.sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
-            "--out", str(Path(runs_dir) / "ner" / f"{grid}-results.jsonl"), *overrides]
+def sweep_command(grid: str, profile: Profile) -> list[str]:
+    "The command that runs one NER grid of a profile, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
+    cmd = [sys.executable, "-m", "picomaml.sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
+           "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
+           "--pretraining-seeds", *map(str, profile.seeds)]
+    return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 # %%
 assert launch_command("c.yaml", ["a.b=1"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 assert launch_command("c.yaml", [], 1)[1:] == ["-m", "picomaml.launch", "--config", "c.yaml"]
-assert sweep_command("demo", "runs")[-1].endswith("runs/ner/demo-results.jsonl")
+_cmd = sweep_command("paper1", _rehearse)
+assert _cmd[_cmd.index("--out") + 1].endswith("runs/rehearse/ner/paper1-results.jsonl") and _cmd[_cmd.index("--pretraining-seeds") + 1:][:2] == ["42", "1"]
+assert yaml.safe_load(_cmd[-1]) == SHRINK["ner"]
+
+# %% [markdown]
+# ## Data for each profile
+#
+# `local` profiles pretokenize `$PICOMAML_DATA/corpus/{train,eval}` into `data/pretokenized/`. The
+# rehearsal pretokenizes the same corpus into its own directory and rewrites it in the Hub datasets'
+# layout, which the runs then stream. The `paper` profile reads the Hub datasets named in its presets.
+
+# %%
+#| export
+def need_shared_data() -> Path:
+    "$PICOMAML_DATA as a Path; a one-line error saying what to set when it is missing."
+    data = os.environ.get("PICOMAML_DATA")
+    if not data or not Path(data).is_dir():
+        raise SystemExit(f"[pipeline] PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with corpus/train, "
+                         "corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
+    return Path(data)
+
+def prepare_stages(profile: Profile, timings: dict) -> None:
+    "Pretokenize $PICOMAML_DATA/corpus/{train,eval} for the local profiles (and the rehearsal's Hub-layout copies)."
+    data = need_shared_data()
+    local = profile.data == "local"
+    root = PRESETS_DIR.parent / "data" / "pretokenized" if local else Path(profile.runs_dir).resolve() / "shards"
+    hub_names = {"train": ("pretokenized-dolma", "train"), "eval": ("pretokenized-paloma", "val")}
+    for split in ("train", "eval"):
+        out = root / split
+        timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
+              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else 300)))
+        if not local:
+            name, hub_split = hub_names[split]
+            layout = Path(profile.runs_dir).resolve() / REHEARSAL_DATA / name
+            timed(f"hub layout {name}", timings, layout.is_dir(), lambda: call(
+                [sys.executable, "-m", "picomaml.data", "hub-layout", "--shards", str(out), "--out", str(layout),
+                 "--rows-per-file", str(SHRINK["rows_per_file"]), "--split", hub_split]))
 
 # %% [markdown]
 # ## The analysis notebooks
 #
-# Every notebook `nbs/2N_*.ipynb` after the shared helpers (`20_report`) is an analysis notebook with a
-# papermill `parameters` cell. The pipeline re-executes each with the profile's runs and writes the
-# executed copy next to the runs (`<runs_dir>/reports/`), never over the source notebook. The demo
-# writes into the repository's `figures/` and `paper_tables/` (those are committed); the smoke run
-# writes under its own runs directory so CI never touches the committed outputs.
+# Every notebook `nbs/2N_*.ipynb` after the shared helpers (`20_report`) is an analysis notebook with
+# a papermill `parameters` cell. The pipeline re-executes each with the profile's runs and writes the
+# executed copy next to the runs (`<runs_dir>/reports/`), never over the source notebook. Only the
+# profiles that regenerate the committed outputs (`demo`, `paper`) write into the repository's
+# `figures/` and `paper_tables/`; the others write `<runs_dir>/figures/` and `<runs_dir>/paper_tables/`.
 
 # %%
 #| export
@@ -199,23 +320,21 @@ def analysis_notebooks(nbs_dir=NBS_DIR) -> list[Path]:
     "The analysis notebooks, in order."
     return sorted(p for p in Path(nbs_dir).glob("2[1-9]_*.ipynb"))
 
-def report_parameters(profile: Profile, seeds=(), out_dir=None) -> dict:
+def report_parameters(profile: Profile) -> dict:
     "The papermill parameters for every analysis notebook of a profile (absolute paths)."
     root = PRESETS_DIR.parent
-    out = (root / out_dir).resolve() if out_dir else root  # the notebooks run in nbs/: paths must be absolute
-    runs = (root / profile.runs_dir).resolve()
-    ner = runs / "ner"
+    runs = (root / profile.runs_dir).resolve()  # the notebooks run in nbs/: paths must be absolute
+    out = root if profile.commits_outputs else runs
     return dict(runs_dir=str(runs), figures_dir=str(out / "figures"), tables_dir=str(out / "paper_tables"),
-                sizes=list(profile.sizes), arms=list(ARMS), run_prefix=profile.preset_prefix,
-                seeds=list(seeds) or [0],  # seed 0: run names without a -seed suffix
-                ner_dir=str(ner), ner_results=[str(ner / "*-results.jsonl")], smoke=profile.smoke,
+                sizes=list(profile.sizes), arms=list(ARMS), seeds=list(profile.seeds), ner_dir=str(runs / "ner"),
+                ner_results=[str(runs / "ner" / "*-results.jsonl")], smoke=profile.smoke,
                 phase_size=profile.phase_size, sweep_size=profile.sweep_size)
 
 # %%
-_params = report_parameters(PROFILES["smoke"], out_dir="/tmp/x")
-assert _params["figures_dir"] == "/tmp/x/figures" and _params["smoke"] and _params["runs_dir"].endswith("runs/smoke")
-assert Path(report_parameters(PROFILES["smoke"], out_dir="runs/smoke")["tables_dir"]).is_absolute()
-import papermill
+_params = report_parameters(PROFILES["smoke"])
+assert _params["figures_dir"].endswith("runs/smoke/figures") and _params["smoke"] and _params["runs_dir"].endswith("runs/smoke")
+assert report_parameters(PROFILES["demo"])["figures_dir"] == str(PRESETS_DIR.parent / "figures")
+assert report_parameters(_rehearse)["tables_dir"].endswith("runs/rehearse/paper_tables") and report_parameters(_rehearse)["seeds"] == [42, 1]
 for nb in analysis_notebooks():  # every notebook declares the parameters every profile passes to all
     declared = papermill.inspect_notebook(str(nb))
     assert {"runs_dir", "figures_dir", "tables_dir", "sizes", "seeds", "smoke"} <= set(declared), nb.name
@@ -224,7 +343,6 @@ for nb in analysis_notebooks():  # every notebook declares the parameters every 
 #| export
 def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
     "Re-execute every analysis notebook with those of `params` it declares (papermill, cwd nbs/)."
-    import papermill
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks or analysis_notebooks():
@@ -284,34 +402,19 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 #| export
-def prepare_stages(profile: Profile, timings: dict) -> None:
-    "Pretokenize $PICOMAML_DATA/corpus/{train,eval} into data/pretokenized/ (local profiles only)."
-    data = os.environ.get("PICOMAML_DATA")
-    if not data:
-        raise SystemExit("[pipeline] PICOMAML_DATA is not set: point it at a directory with corpus/train, corpus/eval "
-                         "and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
-    for split in ("train", "eval"):
-        out = PRESETS_DIR.parent / "data" / "pretokenized" / split
-        timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
-              lambda: call(prepare_command(Path(data) / "corpus" / split, out, profile.seq_len)))
-
-def run_pipeline(profile: Profile, seeds=(), stages=("data", "pretrain", "ner", "reports")) -> dict:
+def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")) -> dict:
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
-    if "data" in stages and profile.name != "paper": prepare_stages(profile, timings)
+    if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
     if "pretrain" in stages:
-        for preset, overrides, name in pretraining_runs(profile, seeds):
-            timed(f"pretrain {name}", timings, run_finished(preset, overrides),
-                  lambda: call(launch_command(preset, overrides, profile.nproc)))
+        for preset, overrides, name in pretraining_runs(profile):
+            timed(f"pretrain {name}", timings, run_finished(preset, overrides), lambda: call(launch_command(preset, overrides, profile.nproc)))
     if "ner" in stages:
         for grid in profile.grids:
-            timed(f"ner sweep {grid}", timings, False,
-                  lambda: call(sweep_command(grid, profile.runs_dir, profile.ner_overrides)))
+            timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))
     if "reports" in stages:
-        out_dir = Path(profile.runs_dir) if profile.smoke else None
-        timed("reports", timings, False, lambda: execute_reports(
-            report_parameters(profile, seeds, out_dir), Path(profile.runs_dir) / "reports"))
+        timed("reports", timings, False, lambda: execute_reports(report_parameters(profile), Path(profile.runs_dir) / "reports"))
     print(format_timings(timings))
     save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
     return timings
@@ -320,11 +423,11 @@ def run_pipeline(profile: Profile, seeds=(), stages=("data", "pretrain", "ner", 
 # ## The command line
 #
 # ```sh
-# python -m picomaml.pipeline demo                 # make demo
-# python -m picomaml.pipeline demo --seeds 1 2 3   # each arm once per seed
-# python -m picomaml.pipeline paper --nproc 4      # the papers' scale on one node of 4 GPUs
-# python -m picomaml.pipeline smoke                # every output file, in minutes (CI)
-# python -m picomaml.pipeline demo --stages reports  # only re-execute the notebooks
+# python -m picomaml.pipeline demo                        # make demo
+# python -m picomaml.pipeline paper --seeds 42 1 2        # the papers' scale on one node of 4 GPUs, three seeds
+# python -m picomaml.pipeline rehearse                    # make rehearse: the paper profile, shrunk (CI)
+# python -m picomaml.pipeline smoke                       # the demo's path in minutes (CI)
+# python -m picomaml.pipeline demo --stages reports       # only re-execute the notebooks
 # ```
 
 # %%
@@ -333,13 +436,14 @@ def main(argv=None) -> dict:
     "`python -m picomaml.pipeline PROFILE [--seeds ...] [--nproc N] [--stages ...]`."
     p = argparse.ArgumentParser(prog="python -m picomaml.pipeline", description=__doc__)
     p.add_argument("profile", choices=sorted(PROFILES))
-    p.add_argument("--seeds", type=int, nargs="*", default=[], help="run each arm once per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"pretraining seeds, each arm once per seed (default: the profile's; {DEFAULT_SEED} is the presets' own)")
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    if args.nproc: profile = Profile(**{**profile.__dict__, "nproc": args.nproc})
-    return run_pipeline(profile, args.seeds, args.stages)
+    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc)
+    return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): main()

@@ -16,7 +16,8 @@ import pandas as pd
 import seaborn as sns
 
 from .names import DEFAULT_SEED, SIZES, run_name
-from .report import ARM_COLORS, SIZE_COLORS, find_runs, missing_note, runs_metrics, save_figure, set_style, smoothed
+from .report import (ARM_COLORS, SIZE_COLORS, find_runs, missing_label, missing_note, runs_metrics, save_figure,
+                             set_style, smoothed)
 
 # %% auto #0
 __all__ = ['INDICATORS', 'missing_runs', 'plot_indicator', 'final_values']
@@ -49,7 +50,7 @@ def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list
                  style_order=[a for a in ARM_COLORS if a in set(frame.arm)], errorbar=("ci", 95) if several_seeds else None,
                  n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
-    if missing: ax.annotate(textwrap.fill(f"missing: {', '.join(missing)}", 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
+    if missing: ax.annotate(textwrap.fill(missing_label(missing), 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
 
 # %% ../nbs/24_paper2_indicators.ipynb #2219334c
 def final_values(metrics: pd.DataFrame) -> pd.DataFrame:

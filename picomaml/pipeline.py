@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,66 +15,108 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import papermill
+import yaml
+
+from .checkpoints import LATEST_FILE
 from .config import PRESETS_DIR, load_config
+from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 
 # %% auto #0
-__all__ = ['ARMS', 'PROFILES', 'NBS_DIR', 'Profile', 'preset_path', 'pretraining_runs', 'run_finished', 'launch_command',
-           'prepare_command', 'sweep_command', 'analysis_notebooks', 'report_parameters', 'execute_reports', 'timed',
-           'call', 'format_timings', 'save_timings', 'prepare_stages', 'run_pipeline', 'main']
+__all__ = ['PAPER', 'SHRINK', 'REHEARSAL_DATA', 'SMOKE_OVERRIDES', 'PROFILES', 'NBS_DIR', 'Profile', 'shrink_size', 'shrink',
+           'preset_path', 'pretraining_runs', 'run_finished', 'launch_command', 'prepare_command', 'sweep_command',
+           'need_shared_data', 'prepare_stages', 'analysis_notebooks', 'report_parameters', 'execute_reports', 'timed',
+           'call', 'format_timings', 'save_timings', 'run_pipeline', 'main']
 
 # %% ../nbs/30_pipeline.ipynb #81097d62
 @dataclass
 class Profile:
     name: str
-    runs_dir: str  # where run directories, NER results and timings go
-    sizes: list  # model sizes; the presets are `<preset_prefix><size>-<arm>.yaml`
-    preset_prefix: str  # "pico-" for the papers' presets, "" for demo.yaml / demo-vanilla.yaml
+    runs_dir: str  # where run directories, NER results, executed notebooks and timings go
+    sizes: list  # model sizes: the presets are pico-<size>-<arm>.yaml (family pico) or demo[-vanilla].yaml
+    family: str  # "pico" (the papers' presets) or "demo"
     nproc: int  # processes per pretraining run (GPUs, or gloo CPU processes)
-    seq_len: int  # rows of prepared local data hold seq_len + 1 ids
     grids: list  # NER sweep grids under configs/sweeps/
+    seeds: list = field(default_factory=lambda: [DEFAULT_SEED])  # pretraining seeds: each arm once per seed
+    data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
+    seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
-    ner_overrides: list = field(default_factory=list)  # ner.key=value for every sweep
-    smoke: bool = False  # passed to the analysis notebooks
+    size_overrides: dict = field(default_factory=dict)  # size -> more section.key=value for that size's runs
+    grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.sweep)
+    commits_outputs: bool = False  # reports write the committed figures/ and paper_tables/ (else under runs_dir)
+    smoke: bool = False  # fewer bootstrap resamples in the notebooks
     phase_size: str = "demo"  # the model of paper 1 Fig. 6's phase transition (large in the paper)
     sweep_size: str = "demo"  # the model of paper 2's checkpoint sweep (medium in the paper)
 
-ARMS = ("maml", "vanilla")
+PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
+                phase_size="large", sweep_size="medium")
 
-PROFILES = {
-    "demo": Profile("demo", "runs", ["demo"], "", 2, 128, ["demo"]),
-    "smoke": Profile("smoke", "runs/smoke", ["demo"], "", 1, 128, ["smoke"], smoke=True, overrides=[
-        "model.n_layers=2", "train.steps=4", "train.save_every=2", "train.log_spaced_checkpoints=false",
-        "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=1", "eval.every=2",
-        "eval.max_rows=8", "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2",
-        "smlmt.q_query=2", "smlmt.window=16"]),
-    "paper": Profile("paper", "runs", ["tiny", "small", "medium", "large"], "pico-", 4, 2048, ["paper1", "paper2"],
-                     phase_size="large", sweep_size="medium"),
-}
+# %% ../nbs/30_pipeline.ipynb #6b3db867
+SHRINK = dict(width_divisor=16, heads=(3, 1), layers=2, step_divisor=1000, seq_len=32, branch_divisor=16,
+              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
+              ner=dict(max_train_sentences=8, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=32, batch_size=8)),
+              seeds=[DEFAULT_SEED, 1])
+REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
+
+def shrink_size(size: str) -> list[str]:
+    "The rehearsal's overrides of one size's paper preset (width, heads, depth, steps and cadence, rows)."
+    cfg, s = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"), SHRINK
+    d, steps = cfg.model.d_model // s["width_divisor"], cfg.train.steps // s["step_divisor"]
+    per_step = lambda every: max(1, every // s["step_divisor"])
+    branch = cfg.train.branch_batch // s["branch_divisor"]
+    return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}", f"model.n_kv_heads={s['heads'][1]}",
+            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['seq_len']}", f"data.seq_len={s['seq_len']}",
+            f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
+            f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
+            f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
+            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}", f"eval.max_rows={s['eval_rows']}",
+            *(f"smlmt.{k}={v}" for k, v in s["episode"].items())]
+
+def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
+    "The rehearsal of `profile`: the same presets, grids, stages and notebooks under the SHRINK transform."
+    data = Path(runs_dir).resolve() / REHEARSAL_DATA
+    source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
+              f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
+    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, seeds=list(SHRINK["seeds"]), data="hub-layout",
+                               seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
+                               size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
+                               commits_outputs=False, smoke=True)
 
 # %% ../nbs/30_pipeline.ipynb #ee7f5b07
+SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "checkpoint.log_spaced=false",
+                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_rows=8",
+                   "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
+
+PROFILES = {
+    "paper": PAPER,
+    "rehearse": shrink(PAPER),
+    "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
+    "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
+}
+
+# %% ../nbs/30_pipeline.ipynb #d70ab3ca
 def preset_path(profile: Profile, size: str, arm: str) -> Path:
-    "The preset of one arm and size: demo.yaml / demo-vanilla.yaml, or pico-<size>-<arm>.yaml."
-    if profile.preset_prefix: return PRESETS_DIR / f"{profile.preset_prefix}{size}-{arm}.yaml"
+    "The preset of one arm and size: pico-<size>-<arm>.yaml, or demo.yaml / demo-vanilla.yaml."
+    if profile.family == "pico": return PRESETS_DIR / f"pico-{size}-{arm}.yaml"
     return PRESETS_DIR / ("demo.yaml" if arm == "maml" else "demo-vanilla.yaml")
 
-def pretraining_runs(profile: Profile, seeds=()) -> list[tuple[Path, list, str]]:
+def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
     "Every pretraining run of a profile as (preset, overrides, run name)."
     runs = []
     for size in profile.sizes:
         for arm in ARMS:
-            for seed in (seeds or [None]):
-                name = f"{profile.preset_prefix}{size}-{arm}" + (f"-seed{seed}" if seed is not None else "")
-                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}"]
-                if seed is not None: extra.append(f"train.seed={seed}")
-                runs.append((preset_path(profile, size, arm), profile.overrides + extra, name))
+            for seed in profile.seeds:
+                name = run_name(size, arm, seed, profile.family)
+                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}"]
+                runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
     return runs
 
 # %% ../nbs/30_pipeline.ipynb #38cdddc0
 def run_finished(preset, overrides) -> bool:
     "True when the run's latest checkpoint is its final step."
     cfg = load_config(preset, overrides)
-    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step_{cfg.train.steps:06d}"
+    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / LATEST_FILE
+    return latest.is_file() and latest.read_text().strip() == step_dir_name(cfg.train.steps)
 
 # %% ../nbs/30_pipeline.ipynb #5555a544
 def launch_command(preset, overrides, nproc: int) -> list[str]:
@@ -84,38 +127,64 @@ def launch_command(preset, overrides, nproc: int) -> list[str]:
         head = [sys.executable]
     return head + ["-m", "picomaml.launch", "--config", str(preset), *overrides]
 
-def prepare_command(src, out, seq_len: int) -> list[str]:
+def prepare_command(src, out, seq_len: int, max_documents: int = 0) -> list[str]:
     "The command that pretokenizes raw documents into shards."
-    return [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out), "--seq-len", str(seq_len)]
+    cmd = [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out), "--seq-len", str(seq_len)]
+    return cmd + (["--max-documents", str(max_documents)] if max_documents else [])
 
-def sweep_command(grid: str, runs_dir, overrides=()) -> list[str]:
-    "The command that runs one NER grid, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
-    return [sys.executable, "-m", "picomaml.sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
-            "--out", str(Path(runs_dir) / "ner" / f"{grid}-results.jsonl"), *overrides]
+def sweep_command(grid: str, profile: Profile) -> list[str]:
+    "The command that runs one NER grid of a profile, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
+    cmd = [sys.executable, "-m", "picomaml.sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
+           "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
+           "--pretraining-seeds", *map(str, profile.seeds)]
+    return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 # %% ../nbs/30_pipeline.ipynb #a4116c7e
+def need_shared_data() -> Path:
+    "$PICOMAML_DATA as a Path; a one-line error saying what to set when it is missing."
+    data = os.environ.get("PICOMAML_DATA")
+    if not data or not Path(data).is_dir():
+        raise SystemExit(f"[pipeline] PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with corpus/train, "
+                         "corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
+    return Path(data)
+
+def prepare_stages(profile: Profile, timings: dict) -> None:
+    "Pretokenize $PICOMAML_DATA/corpus/{train,eval} for the local profiles (and the rehearsal's Hub-layout copies)."
+    data = need_shared_data()
+    local = profile.data == "local"
+    root = PRESETS_DIR.parent / "data" / "pretokenized" if local else Path(profile.runs_dir).resolve() / "shards"
+    hub_names = {"train": ("pretokenized-dolma", "train"), "eval": ("pretokenized-paloma", "val")}
+    for split in ("train", "eval"):
+        out = root / split
+        timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
+              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else 300)))
+        if not local:
+            name, hub_split = hub_names[split]
+            layout = Path(profile.runs_dir).resolve() / REHEARSAL_DATA / name
+            timed(f"hub layout {name}", timings, layout.is_dir(), lambda: call(
+                [sys.executable, "-m", "picomaml.data", "hub-layout", "--shards", str(out), "--out", str(layout),
+                 "--rows-per-file", str(SHRINK["rows_per_file"]), "--split", hub_split]))
+
+# %% ../nbs/30_pipeline.ipynb #1015aeee
 NBS_DIR = PRESETS_DIR.parent / "nbs"
 
 def analysis_notebooks(nbs_dir=NBS_DIR) -> list[Path]:
     "The analysis notebooks, in order."
     return sorted(p for p in Path(nbs_dir).glob("2[1-9]_*.ipynb"))
 
-def report_parameters(profile: Profile, seeds=(), out_dir=None) -> dict:
+def report_parameters(profile: Profile) -> dict:
     "The papermill parameters for every analysis notebook of a profile (absolute paths)."
     root = PRESETS_DIR.parent
-    out = (root / out_dir).resolve() if out_dir else root  # the notebooks run in nbs/: paths must be absolute
-    runs = (root / profile.runs_dir).resolve()
-    ner = runs / "ner"
+    runs = (root / profile.runs_dir).resolve()  # the notebooks run in nbs/: paths must be absolute
+    out = root if profile.commits_outputs else runs
     return dict(runs_dir=str(runs), figures_dir=str(out / "figures"), tables_dir=str(out / "paper_tables"),
-                sizes=list(profile.sizes), arms=list(ARMS), run_prefix=profile.preset_prefix,
-                seeds=list(seeds) or [0],  # seed 0: run names without a -seed suffix
-                ner_dir=str(ner), ner_results=[str(ner / "*-results.jsonl")], smoke=profile.smoke,
+                sizes=list(profile.sizes), arms=list(ARMS), seeds=list(profile.seeds), ner_dir=str(runs / "ner"),
+                ner_results=[str(runs / "ner" / "*-results.jsonl")], smoke=profile.smoke,
                 phase_size=profile.phase_size, sweep_size=profile.sweep_size)
 
-# %% ../nbs/30_pipeline.ipynb #3edbcb53
+# %% ../nbs/30_pipeline.ipynb #7c706c4e
 def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
     "Re-execute every analysis notebook with those of `params` it declares (papermill, cwd nbs/)."
-    import papermill
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks or analysis_notebooks():
@@ -158,34 +227,19 @@ def save_timings(timings: dict, path) -> dict:
     return merged
 
 # %% ../nbs/30_pipeline.ipynb #b2a963d2
-def prepare_stages(profile: Profile, timings: dict) -> None:
-    "Pretokenize $PICOMAML_DATA/corpus/{train,eval} into data/pretokenized/ (local profiles only)."
-    data = os.environ.get("PICOMAML_DATA")
-    if not data:
-        raise SystemExit("[pipeline] PICOMAML_DATA is not set: point it at a directory with corpus/train, corpus/eval "
-                         "and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
-    for split in ("train", "eval"):
-        out = PRESETS_DIR.parent / "data" / "pretokenized" / split
-        timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
-              lambda: call(prepare_command(Path(data) / "corpus" / split, out, profile.seq_len)))
-
-def run_pipeline(profile: Profile, seeds=(), stages=("data", "pretrain", "ner", "reports")) -> dict:
+def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")) -> dict:
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
-    if "data" in stages and profile.name != "paper": prepare_stages(profile, timings)
+    if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
     if "pretrain" in stages:
-        for preset, overrides, name in pretraining_runs(profile, seeds):
-            timed(f"pretrain {name}", timings, run_finished(preset, overrides),
-                  lambda: call(launch_command(preset, overrides, profile.nproc)))
+        for preset, overrides, name in pretraining_runs(profile):
+            timed(f"pretrain {name}", timings, run_finished(preset, overrides), lambda: call(launch_command(preset, overrides, profile.nproc)))
     if "ner" in stages:
         for grid in profile.grids:
-            timed(f"ner sweep {grid}", timings, False,
-                  lambda: call(sweep_command(grid, profile.runs_dir, profile.ner_overrides)))
+            timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))
     if "reports" in stages:
-        out_dir = Path(profile.runs_dir) if profile.smoke else None
-        timed("reports", timings, False, lambda: execute_reports(
-            report_parameters(profile, seeds, out_dir), Path(profile.runs_dir) / "reports"))
+        timed("reports", timings, False, lambda: execute_reports(report_parameters(profile), Path(profile.runs_dir) / "reports"))
     print(format_timings(timings))
     save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
     return timings
@@ -195,13 +249,14 @@ def main(argv=None) -> dict:
     "`python -m picomaml.pipeline PROFILE [--seeds ...] [--nproc N] [--stages ...]`."
     p = argparse.ArgumentParser(prog="python -m picomaml.pipeline", description=__doc__)
     p.add_argument("profile", choices=sorted(PROFILES))
-    p.add_argument("--seeds", type=int, nargs="*", default=[], help="run each arm once per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"pretraining seeds, each arm once per seed (default: the profile's; {DEFAULT_SEED} is the presets' own)")
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    if args.nproc: profile = Profile(**{**profile.__dict__, "nproc": args.nproc})
-    return run_pipeline(profile, args.seeds, args.stages)
+    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc)
+    return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): main()

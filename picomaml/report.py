@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .names import DEFAULT_SEED, SIZES, SPECTRA_KEY, parse_run_name, step_of
+from .names import ARMS, DEFAULT_SEED, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %% auto #0
-__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs', 'read_jsonl',
-           'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra', 'smoothed',
-           'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'save_figure', 'missing_note',
-           'latex_escape', 'markdown_table', 'latex_table', 'save_table']
+__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs',
+           'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra',
+           'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'save_figure',
+           'missing_label', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
@@ -122,6 +122,18 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
             else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan)})
     return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]))
 
+# %% ../nbs/20_report.ipynb #2ffc5bb7
+NER_READS = [
+    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"), datasets=SOURCES,
+         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="23_paper2_ner", outputs="Figs. 1-3, Table 2", head="crf", regimes=("head", "full"), datasets=SOURCES,
+         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="23_paper2_ner", outputs="Figs. 4-7, Table 5", head="crf", regimes=("head",), datasets=("sk_snk",),
+         sizes="sweep", arms=("maml",), step="scheduled", predictions=True),
+    dict(notebook="23_paper2_ner", outputs="Fig. 9", head="crf", regimes=("head",), datasets=("sk_snk",),
+         sizes="sweep", arms=("vanilla",), step="final", predictions=True),
+]
+
 # %% ../nbs/20_report.ipynb #fcd16094
 def bootstrap_ci(values, level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
     "`(mean, low, high)`: the mean of `values` and its percentile bootstrap interval."
@@ -173,9 +185,15 @@ def save_figure(fig, name: str, figures_dir) -> list[Path]:
     return paths
 
 # %% ../nbs/20_report.ipynb #cafb7200
+def missing_label(items) -> str:
+    "'missing: a, b' for a figure's note, also printed as '[missing] a, b' so an executed notebook says what it lacked."
+    what = ", ".join(items) if not isinstance(items, str) else items
+    print(f"[missing] {what}")
+    return f"{MISSING}: {what}"
+
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
-    ax.text(0.5, 0.5, f"{MISSING}: {what}", ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
+    ax.text(0.5, 0.5, missing_label(what), ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
     ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
     ax.grid(False)
 

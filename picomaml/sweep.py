@@ -36,7 +36,8 @@ from .tokenizer import load_tokenizer
 # %% auto #0
 __all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
            'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints', 'Job', 'load_grid',
-           'check_checkpoints', 'job_settings', 'capped', 'write_side_file', 'run_job', 'run_sweep', 'main']
+           'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job', 'run_sweep',
+           'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -91,6 +92,7 @@ class Checkpoint:
     subfolder: str | None = None
     step: int | None = None
     hub: bool = False
+    selector: str = ""  # the grid's `step` for a run named by size and arm: final, scheduled, or a step
 
     @property
     def name(self) -> str:
@@ -126,8 +128,9 @@ def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=
         name = run_name(entry["size"], entry["arm"], seed, entry.get("family"))
         run_dir = Path(runs_dir) / name
         steps = run_steps(run_dir, entry.get("step", "final"), where) or [None]
-        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")), step=s)
-                for s in steps]
+        selector = str(entry.get("step", "final"))
+        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
+                           step=s, selector=selector) for s in steps]
     return out
 
 def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
@@ -193,6 +196,20 @@ def check_checkpoints(jobs: list[Job]) -> None:
         raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): {', '.join(missing[:4])}"
                          f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
                          f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
+
+# %% ../nbs/12_ner_sweep.ipynb #ec990e47
+def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico", sweep_size: str = "medium") -> list[str]:
+    "Every cell the reads ask for that no job produces, as 'notebook: run head regime dataset step'."
+    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector, job_settings(j).get("save_predictions", False))
+            for j in jobs}
+    gaps = []
+    for read in reads:
+        for size in (sizes if read["sizes"] == "all" else [sweep_size]):
+            for arm, seed, regime, dataset in itertools.product(read["arms"], seeds, read["regimes"], read["datasets"]):
+                name = run_name(size, arm, seed, family)
+                wanted = [(name, read["head"], regime, dataset, read["step"], p) for p in ((True,) if read.get("predictions") else (True, False))]
+                if not have & set(wanted): gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
+    return gaps
 
 # %% ../nbs/12_ner_sweep.ipynb #b35c9606
 def job_settings(job: Job) -> dict:

@@ -49,7 +49,7 @@ def tiny(data, runs, name, *overrides):
     return ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
             "model.max_seq_len=32", f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
             f"data.tokenizer_path={TOKENIZER}", "train.steps=3", "train.global_batch=8", "train.lr=1e-2",
-            "train.warmup_steps=2", "train.save_every=1", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
+            "train.warmup_steps=2", "checkpoint.every=1", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
             "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2",
             "eval.every=2", "eval.max_rows=16", "eval.batch_size=8", "spectra.every=0", f"logging.runs_dir={runs}",
             f"logging.run_name={name}", "logging.progress_bar=false", *overrides]
@@ -82,8 +82,12 @@ def weights(run_dir, step):
 
 
 def metrics(run_dir, drop=WALL_CLOCK):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in lines]
+    "One record per step: the training line and the evaluation line of a step merged, wall-clock fields dropped."
+    merged = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update({k: v for k, v in record.items() if k not in drop})
+    return [merged[step] for step in sorted(merged)]
 
 
 def assert_close(a, b, tol=1e-5):
@@ -96,8 +100,8 @@ def assert_close(a, b, tol=1e-5):
 
 @pytest.fixture(scope="module")
 def ar_two(data, runs):
-    "Next-token steps only, 2 processes × micro-batch 4."
-    launch(2, tiny(data, runs, "ar-2", "maml.rho=0", "train.micro_batch=4", *EQUAL))
+    "Next-token steps only, 2 processes × 4 rows of one 8-row branch micro-batch."
+    launch(2, tiny(data, runs, "ar-2", "maml.rho=0", "train.branch_batch=8", *EQUAL))
     return runs / "ar-2"
 
 
@@ -108,11 +112,11 @@ EQUAL = ("train.lr=1e-3",)
 
 
 def test_ar_steps_one_process_equals_two(data, runs, ar_two):
-    # one process, micro-batch 4 × 2 accumulation steps: the same 8 rows per step as 2 ranks × 4
-    launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.micro_batch=4", *EQUAL), extra_torchrun=())
+    # one process holds all 8 rows and runs them in two memory chunks of 4: the same gradient as 2 ranks × 4
+    launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.branch_batch=8", "train.chunk_rows=4", *EQUAL), extra_torchrun=())
     assert_close(weights(runs / "ar-1", 3), weights(ar_two, 3))
     one, two = metrics(runs / "ar-1"), metrics(ar_two)
-    assert all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in one) and all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in two)
+    assert all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in one + two)
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["paloma_ppl"] - b["paloma_ppl"]) < 1e-3
                for a, b in zip(one, two) if "paloma_ppl" in a)
 
@@ -120,8 +124,8 @@ def test_ar_steps_one_process_equals_two(data, runs, ar_two):
 def test_maml_steps_one_process_equals_two(data, runs):
     # episodes only; the head's dropout is off because a query row's dropout mask depends on the rank that holds it
     common = ("maml.rho=1", "maml.head_dropout=0", *EQUAL)
-    launch(1, tiny(data, runs, "maml-1", *common, "train.micro_batch=8"), extra_torchrun=())
-    launch(2, tiny(data, runs, "maml-2", *common, "train.micro_batch=4"))
+    launch(1, tiny(data, runs, "maml-1", *common, "train.branch_batch=8"), extra_torchrun=())
+    launch(2, tiny(data, runs, "maml-2", *common, "train.branch_batch=8"))
     assert_close(weights(runs / "maml-1", 3), weights(runs / "maml-2", 3))
     one, two = metrics(runs / "maml-1"), metrics(runs / "maml-2")
     assert all(r["n_ar"] == 0 and r["n_maml"] == 1 and r["branches"] == "M" for r in one + two)
@@ -132,12 +136,12 @@ def test_maml_steps_one_process_equals_two(data, runs):
 
 # --- kill -9 and resume ----------------------------------------------------------------------------------------
 
-HYBRID = ("maml.rho=0.5", "train.steps=8", "train.micro_batch=2", "train.save_every=2")
+HYBRID = ("maml.rho=0.5", "train.steps=8", "train.branch_batch=4", "checkpoint.every=2")
 
 
 @pytest.fixture(scope="module")
 def hybrid(data, runs):
-    "An uninterrupted hybrid run (2 processes, 2 accumulation steps, a checkpoint every 2 steps)."
+    "An uninterrupted hybrid run (2 processes, 2 draws of 4 rows per step, a checkpoint every 2 steps)."
     launch(2, tiny(data, runs, "hybrid", *HYBRID))
     return runs / "hybrid"
 
@@ -177,7 +181,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(data, runs, hybrid)
     blob[len(blob) // 2] ^= 0xFF
     latest.write_bytes(bytes(blob))
     _, stderr = launch(2, tiny(data, runs, "corrupt", *HYBRID))
-    assert "step_000008/model.safetensors fails its SHA-256 check" in stderr and "previous valid checkpoint" in stderr
+    assert "step_000008/model.safetensors fails its SHA-256 check" in stderr and "trying the previous checkpoint" in stderr
     final = weights(hybrid, 8)
     assert all(torch.equal(v, weights(runs / "corrupt", 8)[k]) for k, v in final.items())  # steps 7-8 redone exactly
     assert metrics(runs / "corrupt") == metrics(hybrid)
@@ -187,19 +191,21 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(data, runs, hybrid)
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, runs, monkeypatch):
     from lightning.fabric import Fabric
+    import picomaml.lm_loss as L
     import picomaml.train as T
+    from picomaml.checkpoints import find_resumable
     from picomaml.config import load_config
-    calls, real = [], T.next_token_loss_sum
-    def poisoned(model, rows):  # micro-batches 5 and 6 are optimizer step 3 (2 accumulation steps)
+    calls, real = [], L.next_token_loss_sum
+    def poisoned(model, rows):  # draws 5 and 6 are optimizer step 3 (2 draws a step, one chunk each)
         calls.append(1)
         return real(model, rows) * (float("nan") if len(calls) >= 5 else 1.0)
-    monkeypatch.setattr(T, "next_token_loss_sum", poisoned)
-    cfg = load_config(None, tiny(data, runs, "nan", "maml.rho=0", "train.micro_batch=4", "train.steps=6", "train.save_every=2"))
+    monkeypatch.setattr(L, "next_token_loss_sum", poisoned)
+    cfg = load_config(None, tiny(data, runs, "nan", "maml.rho=0", "train.branch_batch=4", "train.steps=6", "checkpoint.every=2"))
     with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*last good checkpoint is kept.*step_000002"):
         T.train(cfg, Fabric(accelerator="cpu", devices=1, precision="32-true"))
     ckpts = runs / "nan" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000002"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002"] and T.find_checkpoint(ckpts)[0].name == "step_000002"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000000", "step_000002"] and find_resumable(ckpts)[0].name == "step_000002"
     assert [r["step"] for r in metrics(runs / "nan")] == [1, 2]
 
 
@@ -213,7 +219,7 @@ def free_port():
 
 def test_two_node_rendezvous_on_localhost(data, runs, ar_two):
     port = free_port()
-    overrides = tiny(data, runs, "two-nodes", "maml.rho=0", "train.micro_batch=4", *EQUAL)
+    overrides = tiny(data, runs, "two-nodes", "maml.rho=0", "train.branch_batch=8", *EQUAL)
     nodes = [subprocess.Popen(command(1, overrides, ("--nnodes=2", f"--node_rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}")),
                               cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
