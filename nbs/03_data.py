@@ -187,15 +187,18 @@ assert cutter.pending == [9, 10]
 #
 # A shard is written under a temporary name and renamed into place, so a killed `prepare` never
 # leaves a truncated `.parquet` that a loader would read. Ids are stored as `int32` lists (the
-# loader accepts any integer type).
+# loader accepts any integer type). Rows come as Python lists (from `prepare`) or as an Arrow list
+# column (when `write_hub_layout` below copies rows between files without converting them).
 
 # %%
 #| export
-def write_shard(rows: list[list[int]], path: Path) -> Path:
-    "Write rows as a parquet file with one `input_ids` list column, atomically."
-    table = pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32()))})
+ROW_TYPE = pa.list_(pa.int32())
+
+def write_shard(rows, path: Path) -> Path:
+    "Write rows (lists of ids, or an Arrow list array) as a parquet file with one `input_ids` column, atomically."
+    column = rows.cast(ROW_TYPE) if isinstance(rows, (pa.Array, pa.ChunkedArray)) else pa.array(rows, type=ROW_TYPE)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.table({"input_ids": column}), tmp)
     os.replace(tmp, path)
     return path
 
@@ -204,6 +207,8 @@ with tempfile.TemporaryDirectory() as tmp:
     shard = write_shard([[1, 2, 3], [4, 5, 6]], Path(tmp) / "s.parquet")
     assert pq.read_table(shard)["input_ids"].to_pylist() == [[1, 2, 3], [4, 5, 6]]
     assert sorted(os.listdir(tmp)) == ["s.parquet"]
+    arrow = write_shard(pa.array([[7, 8], [9, 10]], type=pa.list_(pa.int64())), Path(tmp) / "a.parquet")
+    assert pq.read_table(arrow).schema.field("input_ids").type == ROW_TYPE and pq.read_table(arrow)["input_ids"].to_pylist() == [[7, 8], [9, 10]]
 
 # %% [markdown]
 # ## `prepare`
@@ -296,7 +301,8 @@ for split in ("train", "eval"):
 #
 # A row source checks what it reads and names what is wrong: the file (or Hub dataset) and row, the
 # expected and actual row length, an id outside the vocabulary. `check_rows` does this for one block
-# of rows given as parquet list offsets and flat values (how pyarrow hands them over).
+# of rows given as parquet list offsets and flat values (how pyarrow hands them over); `list_rows`
+# applies it to an Arrow list column, as both the shard reader and the streamed reader get one.
 
 # %%
 #| export
@@ -315,11 +321,20 @@ def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size
                          f"were these shards made with another tokenizer?")
     return values.reshape(-1, row_len)  # (rows, row_len)
 
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
+    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, row_len) array."
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    # a sliced list array keeps its parent's values; its offsets say which of them are its rows
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row)
+
 # %%
 block = check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 5, 6]), 3, 10, "x.parquet")
 assert block.shape == (2, 3) and block.dtype == np.int64
 raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet", first_row=7), "x.parquet", "row 8", "has 2 ids, expected 3")
 raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet", "row 1", "id 50280")
+column = pa.chunked_array([pa.array([[0, 1], [2, 3], [4, 5]], ROW_TYPE).slice(1), pa.array([[6, 7]], ROW_TYPE)])
+assert list_rows(column, 2, 10, "x").tolist() == [[2, 3], [4, 5], [6, 7]]
+raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7")
 
 # %% [markdown]
 # ### A local directory of shards
@@ -354,10 +369,9 @@ class ShardRows:
         "Rows of row group `k`, validated, (rows, row_len)."
         if k not in self.cache:
             fi, g, start, _ = self.groups[k]
-            column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"].combine_chunks()
+            column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = check_rows(column.offsets.to_numpy(), column.values.to_numpy(), self.row_len, self.vocab_size,
-                                       str(self.files[fi]), first_row=first_in_file)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -389,59 +403,258 @@ with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: ShardRows(d / "empty", 3), "empty", "no *.parquet")
 
 # %% [markdown]
-# ### A streamed Hub dataset
+# ### The Hub layout, made from local shards
 #
-# `StreamedRows` streams a Hub dataset (`datasets.load_dataset(name, split=..., streaming=True)`;
-# a local directory of parquet files streams the same way). A stream has no random access, so it
-# serves contiguous ranges in increasing order and restarts with `skip` when asked to go back (e.g.
-# on resume). Streamed rows are read in the dataset's own order — Pico shuffled pretokenized-dolma
-# when it made it — so no seed applies.
+# Pico's datasets on the Hub are directories of parquet files named `data/<split>-NNNNN-of-NNNNN.parquet`
+# (pretokenized-dolma: 10,000 train files of 20,480 rows), which `datasets.load_dataset(name,
+# split=..., streaming=True)` streams in name order. A local directory laid out the same way streams
+# the same way, through the same code. `write_hub_layout` makes one from prepared shards: their rows
+# in order (the order of `ShardRows`), `rows_per_file` rows a file, the last file holding the rest.
+# With it, the streamed path below — the one a paper-scale run takes — is tested here and in CI on
+# the local corpus, without a network.
+
+# %%
+#| export
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
+    "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
+    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
+    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; delete them or choose another directory")
+    total = len(shards)
+    n_files = -(-total // rows_per_file)
+    data.mkdir(parents=True, exist_ok=True)
+    names, column = [], pa.array([], ROW_TYPE)  # column: rows read but not yet written, fewer than rows_per_file
+    def flush(rows):
+        names.append(f"{split}-{len(names):05d}-of-{n_files:05d}.parquet")
+        write_shard(rows, data / names[-1])
+    for f in shards.files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
+            column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
+            while len(column) >= rows_per_file: flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
+    if len(column): flush(column)
+    log(f"[hub-layout] wrote {total} rows in {n_files} files of {rows_per_file} rows to {data}")
+    return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
+
+# %% [markdown]
+# The copy round-trips exactly: `datasets` finds the split by the file names and streams every row of
+# the shards, in their order.
+
+# %%
+import datasets
+
+with tempfile.TemporaryDirectory() as tmp:
+    (Path(tmp) / "shards").mkdir()
+    write_shard([[i, i + 1] for i in range(0, 9)], Path(tmp) / "shards" / "shard-00000.parquet")
+    write_shard([[i, i + 1] for i in range(9, 23)], Path(tmp) / "shards" / "shard-00001.parquet")
+    layout = write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", rows_per_file=5, split="val", log=lambda m: None)
+    assert layout["files"] == [f"data/val-0000{i}-of-00005.parquet" for i in range(5)] and layout["rows"] == 23
+    assert [pq.ParquetFile(Path(tmp) / "hub" / f).metadata.num_rows for f in layout["files"]] == [5, 5, 5, 5, 3]
+    streamed = [r["input_ids"] for r in datasets.load_dataset(str(Path(tmp) / "hub"), split="val", streaming=True)]
+    assert streamed == ShardRows(Path(tmp) / "shards", 2, 100).rows(range(23)).tolist()
+    raises(lambda: write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", 5, split="val"), "already holds val files")
+    raises(lambda: write_hub_layout(Path(tmp) / "nothing", Path(tmp) / "x", 5), "nothing", "does not exist", "prepare")
+
+# %% [markdown]
+# ### A streamed dataset, read file by file
+#
+# `StreamedRows` reads a dataset through `datasets`' streaming — the Hub path of method.md §4 and
+# paper 1 §3.3 (pico-lm/pretokenized-dolma), for a Hub name and a local directory in its layout
+# alike. A stream has no random access; read from its first row, it costs every rank the whole
+# stream (its own rows and the other ranks') and a resumed run a replay of everything before its
+# step. But the position of a row fixes its file: pretokenized-dolma's files hold 20,480 rows each,
+# and pico-train resumes by opening the file its step falls in. We do that for every read: position
+# p is row p % rows_per_file of file p // rows_per_file (`data.rows_per_file`), files in the order
+# the stream reads them (sorted names, as `load_dataset_builder` lists them).
+#
+# A read therefore opens only its file. `IterableDataset.shard(num_shards=<files>, index=i,
+# contiguous=True)` keeps file i of the stream and touches no other, and `.with_format("arrow")
+# .skip(offset)` moves to the row inside it. Of what `datasets` 5.2 offers, this is the cheapest:
+# - in Arrow format `skip` drops whole record batches and slices the one it lands in, so the rows
+#   before the offset are decoded by the parquet reader (at most one file) but never become Python
+#   objects. Here a whole 20,480-row file of 2,049 ids streams in about 0.5 s as Arrow tables; as
+#   Python rows, the old reader's path, it takes about 10 s;
+# - `state_dict` / `load_state_dict` would restore a position only from state the interrupted run
+#   saved, and replays the file up to it the same way; the position alone already says where to go;
+# - `reshard()` (one shard per row group) could also pass over the row groups before the offset
+#   undecoded, but the files' row-group sizes are unknown (one 20,480-row group is possible) and the
+#   saving is at most one file's decoding, once per resume.
+#
+# Inside an open file an `ArrowCursor` serves the rank's requests in order: a rank asks for its
+# `rows_per_rank` rows of each branch micro-batch, and its consecutive requests are `branch_batch`
+# rows apart; the rows in between (the other ranks') pass as Arrow slices and are dropped. A parquet
+# file cannot be read in pieces smaller than its pages, so each rank still reads the bytes of the
+# file it is in; it no longer converts, checks or keeps other ranks' rows, and never opens a file
+# before the one its step needs. Each file's row count is checked against `data.rows_per_file` from
+# its parquet footer when it is first opened (a wrong value would silently shift every position);
+# the last file may hold fewer.
+
+# %%
+#| export
+class ArrowCursor:
+    "Forward-only row ranges of a stream of Arrow tables; rows passed over are dropped as Arrow slices."
+    def __init__(self, tables: Iterator[pa.Table], position: int = 0):
+        self.tables, self.position, self.pending = tables, position, None  # `pending` holds the rows from `position` on
+
+    def take(self, start: int, count: int) -> pa.Table:
+        "Rows start .. start+count-1 of the stream; `start` must not lie behind the cursor."
+        if start < self.position: raise ValueError(f"the cursor is at row {self.position} and cannot go back to row {start}")
+        parts, wanted = [], count
+        while wanted:
+            if self.pending is None or not len(self.pending):
+                self.pending = next(self.tables, None)
+                if self.pending is None: raise EOFError(f"the stream ended after {self.position} rows, before row {start + wanted - 1}")
+            skip = min(start - self.position, len(self.pending))  # rows before `start`: other ranks', or before a resume point
+            parts.append(self.pending.slice(skip, wanted))
+            self.pending = self.pending.slice(skip + len(parts[-1]))
+            self.position += skip + len(parts[-1])
+            start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
+        return pa.concat_tables(parts)
+
+# %%
+tables = lambda: iter([pa.table({"x": [0, 1, 2]}), pa.table({"x": [3, 4]}), pa.table({"x": [5, 6, 7]})])
+cursor = ArrowCursor(tables())
+assert cursor.take(1, 3)["x"].to_pylist() == [1, 2, 3] and cursor.take(6, 1)["x"].to_pylist() == [6]  # 4 and 5 dropped
+assert cursor.take(7, 1)["x"].to_pylist() == [7] and cursor.position == 8
+raises(lambda: cursor.take(2, 1), "at row 8", "cannot go back to row 2")
+raises(lambda: ArrowCursor(tables()).take(6, 3), "ended after 8 rows, before row 8")
+assert ArrowCursor(iter([pa.table({"x": [40, 41]})]), position=40).take(41, 1)["x"].to_pylist() == [41]
 
 # %%
 #| export
 class StreamedRows:
-    "Contiguous, forward-only reads of a streamed dataset's `input_ids` rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280):
+    "Row ranges of a streamed dataset, each read from the one parquet file that holds it (position // rows_per_file)."
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480):
         import datasets  # heavy import, needed only for streaming
-        self.name, self.split, self.row_len, self.vocab_size = name, split, row_len, vocab_size
-        self.dataset = datasets.load_dataset(name, split=split, streaming=True)
-        self.iterator, self.cursor = None, 0
+        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        try: builder = datasets.load_dataset_builder(name)
+        except OSError as e:
+            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
+                                    f"(`python -m picomaml.data hub-layout`)") from e
+        splits = builder.config.data_files or {}
+        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split")
+        self.files = list(splits[split])  # in the order the stream reads them
+        self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
+        if self.dataset.num_shards != len(self.files):
+            raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
+        self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
+
+    def _rows_in(self, i: int) -> int:
+        "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
+        if i not in self.file_rows:
+            from datasets.utils.file_utils import xopen  # the opener datasets streams with: a local path or hf://
+            with xopen(self.files[i], "rb") as f:
+                parquet = pq.ParquetFile(f)
+                n, columns = parquet.metadata.num_rows, parquet.schema_arrow.names
+            if "input_ids" not in columns: raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
+            if n > self.rows_per_file or (n < self.rows_per_file and i < len(self.files) - 1) or n == 0:
+                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: set it to the rows of "
+                                 f"each file of {self.name} (all files but the last hold exactly that many)")
+            self.file_rows[i] = n
+        return self.file_rows[i]
+
+    def _open(self, i: int, offset: int) -> ArrowCursor:
+        "A cursor at row `offset` of file i: only that file is opened, and the rows before `offset` are skipped as Arrow."
+        self._rows_in(i)
+        file_stream = self.dataset.shard(num_shards=len(self.files), index=i, contiguous=True).with_format("arrow")
+        return ArrowCursor(file_stream.skip(offset).iter(batch_size=1024), position=offset)
+
+    def _file_rows(self, i: int, offset: int, count: int) -> np.ndarray:
+        "Rows offset .. offset+count-1 of file i, validated, (count, row_len)."
+        cursor = self.cursors.pop(i, None)
+        if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
+        self.cursors[i] = cursor
+        if len(self.cursors) > 2: self.cursors.popitem(last=False)  # a request spans at most two files; later ones move on
+        return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
-        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor."
-        if self.iterator is None or start < self.cursor:
-            self.iterator, self.cursor = iter(self.dataset.skip(start)), start
-        for _ in range(start - self.cursor): next(self.iterator)
-        rows = []
-        for i in range(start, start + count):
-            try: rows.append(next(self.iterator)["input_ids"])
-            except StopIteration: raise IndexError(f"{self.name} ({self.split}) ended at row {i}; the run asks for more rows than it has") from None
-        self.cursor = start + count
-        offsets = np.cumsum([0] + [len(r) for r in rows])
-        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-        return torch.from_numpy(check_rows(offsets, values, self.row_len, self.vocab_size, f"{self.name} ({self.split})", first_row=start))
+        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor; the range may span files."
+        total = (len(self.files) - 1) * self.rows_per_file + self._rows_in(len(self.files) - 1)
+        if start + count > total:
+            raise IndexError(f"{self.name} ({self.split}) has {total} rows; rows {start}..{start + count - 1} are past its end: "
+                             f"lower train.steps (or the batch size), or stream a longer dataset")
+        blocks, position = [], start
+        while position < start + count:
+            i, offset = divmod(position, self.rows_per_file)
+            n = min(start + count - position, self.rows_per_file - offset)
+            blocks.append(self._file_rows(i, offset, n)); position += n
+        return torch.from_numpy(np.concatenate(blocks))  # (count, row_len)
+
+    def head(self, n: int) -> torch.Tensor:
+        "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
+        tables = list(self.dataset.with_format("arrow").take(n).iter(batch_size=1024))
+        if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
+        return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
+
+# %% [markdown]
+# The tests stream a local directory in the Hub layout (23 rows, ids equal to their position, 5 rows
+# a file) and record, through `_open`, every file the reader opens, where it starts, and how many rows
+# `datasets` hands it (as Arrow tables). A fresh reader asked for rows 17..20 — a run resumed deep in
+# the stream — opens file 3 at row 2 and file 4 at row 0 and nothing else: rows 0..14 are never
+# opened, rows 15 and 16 are skipped inside `datasets`, and the rows equal a full sequential read.
 
 # %%
-with tempfile.TemporaryDirectory() as tmp:
-    write_shard([[i, i] for i in range(6)], Path(tmp) / "train-000.parquet")
-    stream = StreamedRows(tmp, row_len=2, vocab_size=100)
-    assert stream.read_range(1, 2).tolist() == [[1, 1], [2, 2]] and stream.read_range(4, 1).tolist() == [[4, 4]]
-    assert stream.read_range(0, 1).tolist() == [[0, 0]]  # going back restarts the stream
-    raises(lambda: stream.read_range(5, 3), "ended at row 6")
-    raises(lambda: StreamedRows(tmp, row_len=3, vocab_size=100).read_range(0, 1), "row 0", "has 2 ids, expected 3")
+def recording(stream: StreamedRows) -> list:
+    "Record (file, offset, rows datasets yielded) for every file `stream` opens."
+    opened, open_file = [], stream._open
+    def counted(tables, record):
+        for t in tables:
+            assert isinstance(t, pa.Table)  # Arrow all the way: no Python rows
+            record[2] += len(t); yield t
+    def wrapper(i, offset):
+        cursor = open_file(i, offset); opened.append([i, offset, 0])
+        cursor.tables = counted(cursor.tables, opened[-1])
+        return cursor
+    stream._open = wrapper
+    return opened
+
+hub_tmp = tempfile.TemporaryDirectory()
+hub = Path(hub_tmp.name) / "hub"
+(Path(hub_tmp.name) / "shards").mkdir()
+write_shard([[i, i] for i in range(23)], Path(hub_tmp.name) / "shards" / "shard-00000.parquet")
+write_hub_layout(Path(hub_tmp.name) / "shards", hub, rows_per_file=5, log=lambda m: None)
+full = torch.tensor([r["input_ids"] for r in datasets.load_dataset(str(hub), split="train", streaming=True)])  # (23, 2)
+
+resumed = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)
+opened = recording(resumed)
+assert torch.equal(resumed.read_range(17, 4), full[17:21])
+assert opened == [[3, 2, 3], [4, 0, 3]]  # file 3 from its row 2 (3 rows arrive), file 4 (3 rows); files 0-2 never opened
+assert torch.equal(resumed.read_range(3, 9), full[3:12]) and opened[2:] == [[0, 3, 2], [1, 0, 5], [2, 0, 5]]  # back: reopens
+
+# %% [markdown]
+# One rank of two, two rows a rank (branch micro-batches of 4): every file it needs is opened once,
+# at the rank's first row in it, and the rank's rows are a strided subset of the full read. Files whose row
+# count disagrees with `data.rows_per_file`, and rows past the end, are errors that say what to set.
+
+# %%
+rank1 = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)
+opened = recording(rank1)
+got = torch.cat([rank1.read_range(start, 2) for start in range(2, 22, 4)])  # positions 2,3, 6,7, 10,11, ...
+assert torch.equal(got, full[[p for s in range(2, 22, 4) for p in (s, s + 1)]])
+assert [(i, offset) for i, offset, _ in opened] == [(0, 2), (1, 1), (2, 0), (3, 0)]  # rows 14, 15 span files 2 and 3
+assert len(rank1.cursors) <= 2
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4).read_range(0, 1), "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 4")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=6).read_range(0, 1), "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 6")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=5).read_range(21, 3), str(hub), "has 23 rows", "21..23", "train.steps")
+raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=5).read_range(7, 1), "train-00001-of-00005.parquet", "row 2", "has 2 ids, expected 3")
+raises(lambda: StreamedRows(str(hub), 2, split="val"), "no split 'val'", "['train']", "data.eval_hub_split")
+raises(lambda: StreamedRows(f"{hub_tmp.name}/missing", 2), "missing", "data.train_hub", "hub-layout")
+assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])  # head ignores rows_per_file (20,480 here)
+assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(100), full)  # a shorter stream: all its rows
 
 # %% [markdown]
 # ## Which source
 #
-# As for the tokenizer: `data.train_path` / `data.eval_path` if set, else
+# With `data.source: auto`, as for the tokenizer: `data.train_path` / `data.eval_path` if set, else
 # `$PICOMAML_DATA/pretokenized/{train,eval}` if that directory exists, else the Hub datasets
-# `data.train_hub` / `data.eval_hub` (splits `train` and `val`).
+# `data.train_hub` / `data.eval_hub` (splits `train` and `data.eval_hub_split`). With `data.source:
+# hub` the `*_hub` datasets are streamed even where local shards exist — how the paper profile is
+# rehearsed on a local directory in the Hub layout.
 
 # %%
 #| export
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
-    "A local shard directory (Path) or a Hub dataset name (str) for split 'train' or 'eval'."
+    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for split 'train' or 'eval'."
     if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
         if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
@@ -451,11 +664,11 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     return getattr(data_cfg, f"{split}_hub")
 
 def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> ShardRows | StreamedRows:
-    "The row source of a split: local shards or a streamed Hub dataset."
+    "The row source of a split: local shards or a streamed dataset."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size)
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file)
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -470,6 +683,11 @@ with tempfile.TemporaryDirectory() as tmp:
         assert resolve_data_source(DataConfig(), "eval") == Path(tmp) / "pretokenized" / "eval"
         assert len(open_rows(DataConfig(seq_len=2), "eval")) == 1
         raises(lambda: resolve_data_source(DataConfig(train_path=f"{tmp}/nope"), "train"), "data.train_path", "nope")
+        # source=hub streams the *_hub datasets even with a path set and local shards present
+        hub_cfg = DataConfig(source="hub", train_path=tmp, train_hub=str(hub), eval_hub="x/y", seq_len=1, rows_per_file=5)
+        assert resolve_data_source(hub_cfg, "train") == str(hub) and resolve_data_source(hub_cfg, "eval") == "x/y"
+        streamed = open_rows(hub_cfg, "train", vocab_size=100)
+        assert isinstance(streamed, StreamedRows) and streamed.rows_per_file == 5 and torch.equal(streamed.read_range(4, 2), full[4:6])
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -477,28 +695,32 @@ with tempfile.TemporaryDirectory() as tmp:
 # %% [markdown]
 # ## Batches as a pure function of the step
 #
-# Each optimizer step consumes one global batch of G = micro_batch × world_size × accum_steps rows,
-# taken from consecutive positions of the data order: step s owns positions [sG, (s+1)G). Inside a
-# step, micro-step a of rank r owns the micro_batch positions starting at
-# sG + (a·world_size + r)·micro_batch. So ranks get disjoint, fixed rows, the micro-batches of one
-# step together are exactly the global batch, and resuming at (step, micro-step) on any rank needs
-# no saved loader state: it recomputes the same positions. (The global batch size, not the world
-# size, fixes the data order; the same G split differently reads the same rows per step.)
+# Each optimizer step consumes one global batch of G = rows_per_rank × world_size × accum_steps rows,
+# taken from consecutive positions of the data order: step s owns positions [sG, (s+1)G). A step is
+# `accum_steps` branch micro-batches (paper 1 §4.1: micro-batches accumulated into the effective
+# batch) of `branch_batch` = rows_per_rank × world_size rows; micro-step a of rank r owns the
+# rows_per_rank positions starting at sG + (a·world_size + r)·rows_per_rank. So ranks get disjoint,
+# fixed rows, the micro-batches of one step together are exactly the global batch, and resuming at
+# (step, micro-step) on any rank needs no saved loader state: it recomputes the same positions.
+# (The global batch size, not the world size, fixes the data order; the same G split differently
+# reads the same rows per step.)
 #
 # For local shards, the data order is a seeded permutation of all rows, drawn afresh for each pass
 # over the data (pass e uses seed `seed·1,000,003 + e`), so a run longer than one epoch keeps
-# going; a global batch that straddles two passes may hold a row from each pass twice. A streamed source is read in its own order (positions are stream rows).
+# going; a global batch that straddles two passes may hold a row from each pass twice. A streamed
+# source is read in its own order (positions are stream rows; Pico shuffled pretokenized-dolma when
+# it made it, so no seed applies).
 
 # %%
 #| export
-def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, micro_batch: int, accum_steps: int) -> int:
+def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
     "First data-order position of micro-step `accum_index` of `rank` at optimizer step `step`."
     if not (0 <= rank < world_size and 0 <= accum_index < accum_steps):
         raise ValueError(f"rank {rank} of {world_size} / micro-step {accum_index} of {accum_steps} is out of range")
-    return ((step * accum_steps + accum_index) * world_size + rank) * micro_batch
+    return ((step * accum_steps + accum_index) * world_size + rank) * rows_per_rank
 
 # %%
-starts = {(a, r): micro_batch_start(3, a, r, world_size=2, micro_batch=4, accum_steps=2) for a in range(2) for r in range(2)}
+starts = {(a, r): micro_batch_start(3, a, r, world_size=2, rows_per_rank=4, accum_steps=2) for a in range(2) for r in range(2)}
 assert sorted(starts.values()) == [48, 52, 56, 60] and starts[(1, 0)] == 56  # G = 16: step 3 owns [48, 64)
 
 # %%
@@ -515,11 +737,11 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
     return _PERMUTATIONS[key]
 
 def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int,
-                   micro_batch: int, accum_steps: int, seed: int) -> torch.Tensor:
-    "The (micro_batch, seq_len + 1) rows of one rank's micro-step, identical however the run got there."
-    start = micro_batch_start(step, accum_index, rank, world_size, micro_batch, accum_steps)
-    if isinstance(rows, StreamedRows): return rows.read_range(start, micro_batch)
-    positions = torch.arange(start, start + micro_batch)  # (B,)
+                   rows_per_rank: int, accum_steps: int, seed: int) -> torch.Tensor:
+    "The (rows_per_rank, seq_len + 1) rows of one rank's branch micro-batch, identical however the run got there."
+    start = micro_batch_start(step, accum_index, rank, world_size, rows_per_rank, accum_steps)
+    if isinstance(rows, StreamedRows): return rows.read_range(start, rows_per_rank)
+    positions = torch.arange(start, start + rows_per_rank)  # (B,)
     n = len(rows)
     indices = [int(epoch_permutation(n, seed, int(p) // n)[int(p) % n]) for p in positions]
     return rows.rows(indices)  # (B, seq_len + 1)
@@ -529,7 +751,7 @@ with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(0, 15)], Path(tmp) / "a.parquet")
     write_shard([[i, i] for i in range(15, 24)], Path(tmp) / "b.parquet")
     rows = ShardRows(tmp, row_len=2, vocab_size=100)
-    kw = dict(micro_batch=2, accum_steps=2, seed=7)
+    kw = dict(rows_per_rank=2, accum_steps=2, seed=7)
     # ranks × micro-steps of a step: disjoint, and together the global batch; one epoch (3 steps) covers every row once
     epoch_ids = []
     for step in range(6):
@@ -540,67 +762,106 @@ with tempfile.TemporaryDirectory() as tmp:
     assert sorted(epoch_ids[:24]) == list(range(24)) and sorted(epoch_ids[24:]) == list(range(24))
     assert epoch_ids[:24] != epoch_ids[24:] and epoch_ids[:24] != list(range(24))  # reshuffled each epoch, not in file order
     # the same global batch of 8 split as 1 rank × 4 micro-steps reads the same rows
-    single = [i for a in range(4) for i in batch_for_step(rows, 3, a, 0, 1, micro_batch=2, accum_steps=4, seed=7)[:, 0].tolist()]
+    single = [i for a in range(4) for i in batch_for_step(rows, 3, a, 0, 1, rows_per_rank=2, accum_steps=4, seed=7)[:, 0].tolist()]
     assert sorted(single) == sorted(epoch_ids[24:32])
     assert epoch_permutation(20, 7, 0).tolist() != epoch_permutation(20, 8, 0).tolist()  # the seed matters
+
+# %% [markdown]
+# Streamed, a step of two ranks (each its own reader, as in a real run) reads exactly the rows one
+# process reads for the same global batch: positions [sG, (s+1)G) of the stream, in order.
+
+# %%
+ranks = [StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=5) for _ in range(2)]
+two = torch.cat([batch_for_step(ranks[r], 2, a, r, 2, rows_per_rank=1, accum_steps=3, seed=0) for a in range(3) for r in range(2)])
+one = torch.cat([batch_for_step(ranks[0], 2, a, 0, 1, rows_per_rank=2, accum_steps=3, seed=0) for a in range(3)])
+assert torch.equal(two, full[12:18]) and torch.equal(one, full[12:18])
 
 # %% [markdown]
 # ## Resuming
 #
 # `micro_batches` is the loop a trainer runs: every (step, micro-step, batch) of one rank from a start
 # point on. A run resumed at (step, micro-step) yields exactly what the uninterrupted run yields from
-# there — also for a streamed source, whose resumed reader skips to the position afresh.
+# there — also for a streamed source, whose fresh reader opens the file of the resume position and
+# skips to it (above), instead of replaying the stream.
 
 # %%
 #| export
-def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, micro_batch: int, accum_steps: int,
+def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, rows_per_rank: int, accum_steps: int,
                   seed: int, start_step: int = 0, start_accum: int = 0, end_step: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    "Yield (step, micro-step, (micro_batch, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
+    "Yield (step, micro-step, (rows_per_rank, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
     step, accum = start_step, start_accum
     while end_step is None or step < end_step:
-        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, micro_batch, accum_steps, seed)
+        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
         step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(30)], Path(tmp) / "a.parquet")
-    for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), lambda: StreamedRows(tmp, row_len=2, vocab_size=100)):
-        kw = dict(rank=1, world_size=2, micro_batch=2, accum_steps=3, seed=5, end_step=2)
+    for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), lambda: StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)):
+        kw = dict(rank=1, world_size=2, rows_per_rank=1, accum_steps=3, seed=5, end_step=3)
         uninterrupted = [(s, a, b.tolist()) for s, a, b in micro_batches(make(), **kw)]
-        resumed = [(s, a, b.tolist()) for s, a, b in micro_batches(make(), start_step=1, start_accum=1, **kw)]
-        assert len(uninterrupted) == 6 and resumed == uninterrupted[4:]
+        source = make()
+        opened = recording(source) if isinstance(source, StreamedRows) else []
+        resumed = [(s, a, b.tolist()) for s, a, b in micro_batches(source, start_step=2, start_accum=1, **kw)]
+        assert len(uninterrupted) == 9 and resumed == uninterrupted[7:]
+        assert not opened or [(i, offset) for i, offset, _ in opened] == [(3, 0)]  # position 15: file 3 only, no replay
 
 # %% [markdown]
-# Evaluation reads rows in order, each rank a strided share (rank r of W takes rows r, r+W, …), so
-# the ranks together score every row once.
+# ## Evaluation rows, read once
+#
+# Paloma perplexity (paper 1 §4.1, every 100 steps) is measured on the same rows each time: the
+# first `eval.max_rows` rows of the evaluation split, read once when the run starts
+# (`read_eval_rows`), so a streamed split is not streamed again at every evaluation. A streamed
+# split has no length, so `eval.max_rows = 0` (all rows) is for local shards only; a streamed split
+# shorter than `max_rows` gives what it has. Its files may hold any number of rows: it is read from
+# its first row, in order, and `data.rows_per_file` does not apply. Each rank then scores a strided
+# share of the rows (rank r of W takes rows r, r + W, …), so the ranks together score every row once.
 
 # %%
 #| export
-def eval_batches(rows: ShardRows | StreamedRows, batch_size: int, max_rows: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    "This rank's (<= batch_size, seq_len + 1) evaluation batches over the first `max_rows` rows (0: all; local shards)."
-    total = len(rows) if isinstance(rows, ShardRows) else max_rows
-    if not total: raise ValueError("a streamed evaluation set has no length: set eval.max_rows")
-    total = min(total, max_rows) if max_rows else total
-    mine = list(range(rank, total, world_size))
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i:i + batch_size]
-        yield rows.rows(chunk) if isinstance(rows, ShardRows) else torch.cat([rows.read_range(j, 1) for j in chunk])
+def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
+    "The first `max_rows` rows of the evaluation split (0: all, local shards only), read once: (n, seq_len + 1) LongTensor."
+    source = open_rows(data_cfg, "eval", vocab_size)
+    if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
+    if not max_rows: raise ValueError(f"eval.max_rows=0 asks for every row, but {source.name} ({source.split}) is streamed and has no length; "
+                                      f"set eval.max_rows (e.g. 1024)")
+    return source.head(max_rows)
+
+def eval_batches(rows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+    "This rank's (<= batch_size, seq_len + 1) batches of the evaluation rows: rows rank, rank + W, ... of them."
+    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
+    mine = rows[rank::world_size]  # (about n / W, seq_len + 1)
+    for i in range(0, len(mine), batch_size): yield mine[i:i + batch_size]
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
-    write_shard([[i, i] for i in range(7)], Path(tmp) / "a.parquet")
-    for source in (ShardRows(tmp, 2, 100), StreamedRows(tmp, 2, vocab_size=100)):
-        seen = [i for r in range(2) for b in eval_batches(source, 2, max_rows=7, rank=r, world_size=2) for i in b[:, 0].tolist()]
-        assert sorted(seen) == list(range(7))
-    assert sum(len(b) for b in eval_batches(ShardRows(tmp, 2, 100), 4, max_rows=5)) == 5
+    write_shard([[i, i] for i in range(4)], Path(tmp) / "a.parquet")
+    write_shard([[i, i] for i in range(4, 7)], Path(tmp) / "b.parquet")
+    local = DataConfig(eval_path=tmp, seq_len=1)
+    assert read_eval_rows(local, 0, 100)[:, 0].tolist() == list(range(7))  # all, in file order (no shuffling)
+    assert read_eval_rows(local, 5, 100)[:, 0].tolist() == list(range(5)) and len(read_eval_rows(local, 50, 100)) == 7
+streamed = DataConfig(source="hub", eval_hub=str(hub), eval_hub_split="train", seq_len=1)
+assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 1024, 100), full)
+raises(lambda: read_eval_rows(streamed, 0, 100), "eval.max_rows=0", str(hub), "streamed", "set eval.max_rows")
+raises(lambda: read_eval_rows(DataConfig(source="hub", eval_hub=str(hub), seq_len=1), 4, 100), "no split 'val'", "data.eval_hub_split")
+
+batches = {r: list(eval_batches(full[:7], 2, rank=r, world_size=2)) for r in range(2)}
+assert [len(b) for b in batches[0]] == [2, 2] and [len(b) for b in batches[1]] == [2, 1]
+assert [b[:, 0].tolist() for b in batches[1]] == [[1, 3], [5]]
+assert sorted(i for bs in batches.values() for b in bs for i in b[:, 0].tolist()) == list(range(7))  # every row once
+assert torch.equal(torch.cat(list(eval_batches(full, 4))), full)
+raises(lambda: next(eval_batches(full, 4, rank=2, world_size=2)), "rank 2 of 2")
 
 # %% [markdown]
 # ## Command line
 #
 # ```
 # python -m picomaml.data prepare --src DIR_OR_FILES... --out DIR --seq-len N [--tokenizer PATH] [--rows-per-shard R] [--max-documents D]
+# python -m picomaml.data hub-layout --shards DIR --out DIR [--rows-per-file R] [--split S]
 # ```
 # Without `--tokenizer`, the tokenizer is resolved as in `load_tokenizer` ($PICOMAML_DATA, then the Hub).
+# `hub-layout` copies prepared shards into a local directory in the Hub layout, for `data.source=hub`
+# with `data.train_hub` / `data.eval_hub` set to it (and `data.rows_per_file` to `--rows-per-file`).
 
 # %%
 #| export
@@ -615,7 +876,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: $PICOMAML_DATA/tokenizer, else the Hub)")
     p.add_argument("--rows-per-shard", type=int, default=8192, help="rows per parquet shard")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0: all)")
+    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout (data/<split>-NNNNN-of-NNNNN.parquet)")
+    h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
+    h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
+    h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
+    if args.command == "hub-layout": return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
 
@@ -628,3 +895,8 @@ with tempfile.TemporaryDirectory() as tmp:
     m = main(["prepare", "--src", str(SHARED_DATA / "corpus" / "eval"), "--out", f"{tmp}/eval", "--seq-len", "128",
               "--tokenizer", tokenizer.source, "--max-documents", "3"])
     assert m["documents"] == 3 and len(ShardRows(f"{tmp}/eval", 129)) == m["rows"]
+    layout = main(["hub-layout", "--shards", f"{tmp}/eval", "--out", f"{tmp}/hub", "--rows-per-file", "16", "--split", "val"])
+    assert layout["rows"] == m["rows"] and len(layout["files"]) == -(-m["rows"] // 16)
+    cfg = DataConfig(source="hub", eval_hub=f"{tmp}/hub", seq_len=128)
+    assert torch.equal(read_eval_rows(cfg, m["rows"]), ShardRows(f"{tmp}/eval", 129).rows(range(m["rows"])))
+hub_tmp.cleanup()

@@ -24,10 +24,11 @@ from .config import DataConfig
 from .tokenizer import PicoTokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'MANIFEST', 'iter_jsonl_documents', 'iter_text_documents',
-           'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows', 'ShardRows',
-           'StreamedRows', 'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation',
-           'batch_for_step', 'micro_batches', 'eval_batches', 'main']
+__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'MANIFEST', 'iter_jsonl_documents',
+           'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
+           'list_rows', 'ShardRows', 'write_hub_layout', 'ArrowCursor', 'StreamedRows', 'resolve_data_source',
+           'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step', 'micro_batches', 'read_eval_rows',
+           'eval_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -91,11 +92,13 @@ class RowCutter:
         return rows
 
 # %% ../nbs/03_data.ipynb #b78118c4
-def write_shard(rows: list[list[int]], path: Path) -> Path:
-    "Write rows as a parquet file with one `input_ids` list column, atomically."
-    table = pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32()))})
+ROW_TYPE = pa.list_(pa.int32())
+
+def write_shard(rows, path: Path) -> Path:
+    "Write rows (lists of ids, or an Arrow list array) as a parquet file with one `input_ids` column, atomically."
+    column = rows.cast(ROW_TYPE) if isinstance(rows, (pa.Array, pa.ChunkedArray)) else pa.array(rows, type=ROW_TYPE)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(pa.table({"input_ids": column}), tmp)
     os.replace(tmp, path)
     return path
 
@@ -153,6 +156,12 @@ def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size
                          f"were these shards made with another tokenizer?")
     return values.reshape(-1, row_len)  # (rows, row_len)
 
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
+    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, row_len) array."
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    # a sliced list array keeps its parent's values; its offsets say which of them are its rows
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row)
+
 # %% ../nbs/03_data.ipynb #c42de9b2
 class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
@@ -178,10 +187,9 @@ class ShardRows:
         "Rows of row group `k`, validated, (rows, row_len)."
         if k not in self.cache:
             fi, g, start, _ = self.groups[k]
-            column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"].combine_chunks()
+            column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = check_rows(column.offsets.to_numpy(), column.values.to_numpy(), self.row_len, self.vocab_size,
-                                       str(self.files[fi]), first_row=first_in_file)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -193,32 +201,116 @@ class ShardRows:
         return torch.from_numpy(np.stack([self._group(k)[i - self.group_starts[k]] for k, i in zip(groups, indices)]))
 
 # %% ../nbs/03_data.ipynb #f805fadf
-class StreamedRows:
-    "Contiguous, forward-only reads of a streamed dataset's `input_ids` rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280):
-        import datasets  # heavy import, needed only for streaming
-        self.name, self.split, self.row_len, self.vocab_size = name, split, row_len, vocab_size
-        self.dataset = datasets.load_dataset(name, split=split, streaming=True)
-        self.iterator, self.cursor = None, 0
-
-    def read_range(self, start: int, count: int) -> torch.Tensor:
-        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor."
-        if self.iterator is None or start < self.cursor:
-            self.iterator, self.cursor = iter(self.dataset.skip(start)), start
-        for _ in range(start - self.cursor): next(self.iterator)
-        rows = []
-        for i in range(start, start + count):
-            try: rows.append(next(self.iterator)["input_ids"])
-            except StopIteration: raise IndexError(f"{self.name} ({self.split}) ended at row {i}; the run asks for more rows than it has") from None
-        self.cursor = start + count
-        offsets = np.cumsum([0] + [len(r) for r in rows])
-        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-        return torch.from_numpy(check_rows(offsets, values, self.row_len, self.vocab_size, f"{self.name} ({self.split})", first_row=start))
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
+    "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
+    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
+    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; delete them or choose another directory")
+    total = len(shards)
+    n_files = -(-total // rows_per_file)
+    data.mkdir(parents=True, exist_ok=True)
+    names, column = [], pa.array([], ROW_TYPE)  # column: rows read but not yet written, fewer than rows_per_file
+    def flush(rows):
+        names.append(f"{split}-{len(names):05d}-of-{n_files:05d}.parquet")
+        write_shard(rows, data / names[-1])
+    for f in shards.files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
+            column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
+            while len(column) >= rows_per_file: flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
+    if len(column): flush(column)
+    log(f"[hub-layout] wrote {total} rows in {n_files} files of {rows_per_file} rows to {data}")
+    return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
 
 # %% ../nbs/03_data.ipynb #6a506168
+class ArrowCursor:
+    "Forward-only row ranges of a stream of Arrow tables; rows passed over are dropped as Arrow slices."
+    def __init__(self, tables: Iterator[pa.Table], position: int = 0):
+        self.tables, self.position, self.pending = tables, position, None  # `pending` holds the rows from `position` on
+
+    def take(self, start: int, count: int) -> pa.Table:
+        "Rows start .. start+count-1 of the stream; `start` must not lie behind the cursor."
+        if start < self.position: raise ValueError(f"the cursor is at row {self.position} and cannot go back to row {start}")
+        parts, wanted = [], count
+        while wanted:
+            if self.pending is None or not len(self.pending):
+                self.pending = next(self.tables, None)
+                if self.pending is None: raise EOFError(f"the stream ended after {self.position} rows, before row {start + wanted - 1}")
+            skip = min(start - self.position, len(self.pending))  # rows before `start`: other ranks', or before a resume point
+            parts.append(self.pending.slice(skip, wanted))
+            self.pending = self.pending.slice(skip + len(parts[-1]))
+            self.position += skip + len(parts[-1])
+            start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
+        return pa.concat_tables(parts)
+
+# %% ../nbs/03_data.ipynb #75aa3162
+class StreamedRows:
+    "Row ranges of a streamed dataset, each read from the one parquet file that holds it (position // rows_per_file)."
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480):
+        import datasets  # heavy import, needed only for streaming
+        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        try: builder = datasets.load_dataset_builder(name)
+        except OSError as e:
+            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
+                                    f"(`python -m picomaml.data hub-layout`)") from e
+        splits = builder.config.data_files or {}
+        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split")
+        self.files = list(splits[split])  # in the order the stream reads them
+        self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
+        if self.dataset.num_shards != len(self.files):
+            raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
+        self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
+
+    def _rows_in(self, i: int) -> int:
+        "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
+        if i not in self.file_rows:
+            from datasets.utils.file_utils import xopen  # the opener datasets streams with: a local path or hf://
+            with xopen(self.files[i], "rb") as f:
+                parquet = pq.ParquetFile(f)
+                n, columns = parquet.metadata.num_rows, parquet.schema_arrow.names
+            if "input_ids" not in columns: raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
+            if n > self.rows_per_file or (n < self.rows_per_file and i < len(self.files) - 1) or n == 0:
+                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: set it to the rows of "
+                                 f"each file of {self.name} (all files but the last hold exactly that many)")
+            self.file_rows[i] = n
+        return self.file_rows[i]
+
+    def _open(self, i: int, offset: int) -> ArrowCursor:
+        "A cursor at row `offset` of file i: only that file is opened, and the rows before `offset` are skipped as Arrow."
+        self._rows_in(i)
+        file_stream = self.dataset.shard(num_shards=len(self.files), index=i, contiguous=True).with_format("arrow")
+        return ArrowCursor(file_stream.skip(offset).iter(batch_size=1024), position=offset)
+
+    def _file_rows(self, i: int, offset: int, count: int) -> np.ndarray:
+        "Rows offset .. offset+count-1 of file i, validated, (count, row_len)."
+        cursor = self.cursors.pop(i, None)
+        if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
+        self.cursors[i] = cursor
+        if len(self.cursors) > 2: self.cursors.popitem(last=False)  # a request spans at most two files; later ones move on
+        return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
+
+    def read_range(self, start: int, count: int) -> torch.Tensor:
+        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor; the range may span files."
+        total = (len(self.files) - 1) * self.rows_per_file + self._rows_in(len(self.files) - 1)
+        if start + count > total:
+            raise IndexError(f"{self.name} ({self.split}) has {total} rows; rows {start}..{start + count - 1} are past its end: "
+                             f"lower train.steps (or the batch size), or stream a longer dataset")
+        blocks, position = [], start
+        while position < start + count:
+            i, offset = divmod(position, self.rows_per_file)
+            n = min(start + count - position, self.rows_per_file - offset)
+            blocks.append(self._file_rows(i, offset, n)); position += n
+        return torch.from_numpy(np.concatenate(blocks))  # (count, row_len)
+
+    def head(self, n: int) -> torch.Tensor:
+        "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
+        tables = list(self.dataset.with_format("arrow").take(n).iter(batch_size=1024))
+        if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
+        return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
+
+# %% ../nbs/03_data.ipynb #aa54c50c
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
-    "A local shard directory (Path) or a Hub dataset name (str) for split 'train' or 'eval'."
+    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for split 'train' or 'eval'."
     if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
         if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
@@ -228,20 +320,20 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     return getattr(data_cfg, f"{split}_hub")
 
 def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> ShardRows | StreamedRows:
-    "The row source of a split: local shards or a streamed Hub dataset."
+    "The row source of a split: local shards or a streamed dataset."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size)
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file)
 
-# %% ../nbs/03_data.ipynb #74ac8fda
-def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, micro_batch: int, accum_steps: int) -> int:
+# %% ../nbs/03_data.ipynb #26b7b4e2
+def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
     "First data-order position of micro-step `accum_index` of `rank` at optimizer step `step`."
     if not (0 <= rank < world_size and 0 <= accum_index < accum_steps):
         raise ValueError(f"rank {rank} of {world_size} / micro-step {accum_index} of {accum_steps} is out of range")
-    return ((step * accum_steps + accum_index) * world_size + rank) * micro_batch
+    return ((step * accum_steps + accum_index) * world_size + rank) * rows_per_rank
 
-# %% ../nbs/03_data.ipynb #aa54c50c
+# %% ../nbs/03_data.ipynb #e9540c54
 _PERMUTATIONS: dict = {}
 
 def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -254,36 +346,40 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
     return _PERMUTATIONS[key]
 
 def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int,
-                   micro_batch: int, accum_steps: int, seed: int) -> torch.Tensor:
-    "The (micro_batch, seq_len + 1) rows of one rank's micro-step, identical however the run got there."
-    start = micro_batch_start(step, accum_index, rank, world_size, micro_batch, accum_steps)
-    if isinstance(rows, StreamedRows): return rows.read_range(start, micro_batch)
-    positions = torch.arange(start, start + micro_batch)  # (B,)
+                   rows_per_rank: int, accum_steps: int, seed: int) -> torch.Tensor:
+    "The (rows_per_rank, seq_len + 1) rows of one rank's branch micro-batch, identical however the run got there."
+    start = micro_batch_start(step, accum_index, rank, world_size, rows_per_rank, accum_steps)
+    if isinstance(rows, StreamedRows): return rows.read_range(start, rows_per_rank)
+    positions = torch.arange(start, start + rows_per_rank)  # (B,)
     n = len(rows)
     indices = [int(epoch_permutation(n, seed, int(p) // n)[int(p) % n]) for p in positions]
     return rows.rows(indices)  # (B, seq_len + 1)
 
-# %% ../nbs/03_data.ipynb #26b7b4e2
-def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, micro_batch: int, accum_steps: int,
+# %% ../nbs/03_data.ipynb #1f8212a8
+def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, rows_per_rank: int, accum_steps: int,
                   seed: int, start_step: int = 0, start_accum: int = 0, end_step: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    "Yield (step, micro-step, (micro_batch, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
+    "Yield (step, micro-step, (rows_per_rank, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
     step, accum = start_step, start_accum
     while end_step is None or step < end_step:
-        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, micro_batch, accum_steps, seed)
+        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
         step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
 
-# %% ../nbs/03_data.ipynb #0b70ae6d
-def eval_batches(rows: ShardRows | StreamedRows, batch_size: int, max_rows: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    "This rank's (<= batch_size, seq_len + 1) evaluation batches over the first `max_rows` rows (0: all; local shards)."
-    total = len(rows) if isinstance(rows, ShardRows) else max_rows
-    if not total: raise ValueError("a streamed evaluation set has no length: set eval.max_rows")
-    total = min(total, max_rows) if max_rows else total
-    mine = list(range(rank, total, world_size))
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i:i + batch_size]
-        yield rows.rows(chunk) if isinstance(rows, ShardRows) else torch.cat([rows.read_range(j, 1) for j in chunk])
-
 # %% ../nbs/03_data.ipynb #f768d046
+def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
+    "The first `max_rows` rows of the evaluation split (0: all, local shards only), read once: (n, seq_len + 1) LongTensor."
+    source = open_rows(data_cfg, "eval", vocab_size)
+    if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
+    if not max_rows: raise ValueError(f"eval.max_rows=0 asks for every row, but {source.name} ({source.split}) is streamed and has no length; "
+                                      f"set eval.max_rows (e.g. 1024)")
+    return source.head(max_rows)
+
+def eval_batches(rows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+    "This rank's (<= batch_size, seq_len + 1) batches of the evaluation rows: rows rank, rank + W, ... of them."
+    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
+    mine = rows[rank::world_size]  # (about n / W, seq_len + 1)
+    for i in range(0, len(mine), batch_size): yield mine[i:i + batch_size]
+
+# %% ../nbs/03_data.ipynb #24987081
 def main(argv: list[str] | None = None) -> dict:
     "Entry point of `python -m picomaml.data`."
     parser = argparse.ArgumentParser(prog="python -m picomaml.data", description="Pico pretokenized data tools")
@@ -295,7 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: $PICOMAML_DATA/tokenizer, else the Hub)")
     p.add_argument("--rows-per-shard", type=int, default=8192, help="rows per parquet shard")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0: all)")
+    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout (data/<split>-NNNNN-of-NNNNN.parquet)")
+    h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
+    h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
+    h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
+    if args.command == "hub-layout": return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
 
