@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
@@ -252,12 +253,14 @@ class StreamedRows:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
                                     f"(`python -m picomaml.data hub-layout`)") from e
         splits = builder.config.data_files or {}
-        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split")
+        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
         self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
         if self.dataset.num_shards != len(self.files):
             raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
         self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
+        # close open file streams at exit while pyarrow is still loaded (else datasets' reader reports an error on teardown)
+        weakref.finalize(self, self.cursors.clear)
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
