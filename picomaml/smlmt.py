@@ -22,10 +22,10 @@ __all__ = ['Episode', 'episode_generator', 'candidate_mask', 'rank_within_groups
 @dataclass
 class Episode:
     "One SMLMT episode: masked support/query windows, their labels, readout and mask positions."
-    support_ids: torch.Tensor      # (N*K, W) token ids, one [MASK] per row
+    support_ids: torch.Tensor      # (N*K, W) token ids, every occurrence of the class word a [MASK]
     support_labels: torch.Tensor   # (N*K,) in 0..N-1
     support_readout: torch.Tensor  # (N*K,) window position whose hidden state is classified
-    support_mask_pos: torch.Tensor # (N*K,) window position of the [MASK]
+    support_mask_pos: torch.Tensor # (N*K,) window position of the chosen occurrence's [MASK]
     support_pos: torch.Tensor      # (N*K, 2) (row, column) of the masked occurrence in the pool
     query_ids: torch.Tensor        # (N*Q, W)
     query_labels: torch.Tensor     # (N*Q,)
@@ -55,7 +55,7 @@ def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torc
     frequent = torch.zeros_like(special)
     frequent[counts.argsort(descending=True, stable=True)[:exclude_top]] = True
     word_ok = word_start & (alpha_len >= min_word_chars) & ~special & ~frequent          # (V,)
-    ends_word = word_start | (alpha_len == 0) | special                                  # (V,) may follow a whole word
+    ends_word = word_start | special                                                     # (V,) a boundary lies before it
     cand = torch.zeros_like(pool, dtype=torch.bool)                                      # (R, L)
     cand[:, :-1] = word_ok[pool[:, :-1]] & ends_word[pool[:, 1:]]
     return cand
@@ -103,11 +103,11 @@ def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_st
 
 # %% ../nbs/04_smlmt.ipynb #43f342e0
 def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
-    "Masked windows (n, W), readout positions (n,) and mask positions (n,) around occurrences (rows, cols)."
+    "Windows (n, W) around occurrences (rows, cols) with their word masked everywhere, readout and mask positions (n,)."
     starts = window_starts(cols, pool.shape[1], window)                        # (n,)
     ids = pool[rows[:, None], starts[:, None] + torch.arange(window, device=pool.device)]  # (n, W)
-    mask_pos = cols - starts                                                   # (n,)
-    ids[torch.arange(len(ids), device=pool.device), mask_pos] = mask_id
+    ids[ids == pool[rows, cols][:, None]] = mask_id                            # every occurrence of the class word
+    mask_pos = cols - starts                                                   # (n,) the chosen occurrence
     readout_pos = mask_pos if readout == "mask" else torch.full_like(mask_pos, window - 1)
     return ids, readout_pos, mask_pos
 
@@ -186,13 +186,16 @@ def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids
 
 # %% ../nbs/04_smlmt.ipynb #736a6e72
 def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id: int) -> list[str]:
-    "The invariants `ep` breaks (shapes, one mask per window, masked word = class word, disjoint windows)."
+    "The invariants `ep` breaks (shapes, masks exactly on the class word, windows = pool text, disjoint windows)."
     N, K, Q, W = cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window
     ids = torch.cat([ep.support_ids, ep.query_ids])                              # (N*(K+Q), W)
     pos = torch.cat([ep.support_pos, ep.query_pos])                              # (N*(K+Q), 2)
     labels = torch.cat([ep.support_labels, ep.query_labels])
     mask_pos, readout = torch.cat([ep.support_mask_pos, ep.query_mask_pos]), torch.cat([ep.support_readout, ep.query_readout])
+    word = ep.class_ids[labels.clamp(0, N - 1)]                                  # (N*(K+Q),) each window's class word
     starts = pos[:, 1] - mask_pos
+    text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]  # (N*(K+Q), W)
+    masked = ids == mask_id
     same_row = pos[:, None, 0] == pos[None, :, 0]
     overlap = same_row & ((starts[:, None] - starts[None, :]).abs() < W) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
     checks = {
@@ -200,12 +203,12 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
         "labels 0..N-1, K and Q per class": bool((ep.support_labels.bincount(minlength=N) == K).all())
             and bool((ep.query_labels.bincount(minlength=N) == Q).all()),
         "distinct classes": len(ep.class_ids.unique()) == N,
-        "exactly one [MASK] per window": bool(((ids == mask_id).sum(1) == 1).all()),
-        "[MASK] at mask_pos": bool((ids[torch.arange(len(ids)), mask_pos] == mask_id).all()),
-        "masked token is the class word": torch.equal(pool[pos[:, 0], pos[:, 1]], ep.class_ids[labels.clamp(0, N - 1)]),
+        "[MASK] at mask_pos": bool(masked[torch.arange(len(ids)), mask_pos].all()),
+        "masked token is the class word": torch.equal(pool[pos[:, 0], pos[:, 1]], word),
         "windows are the pool's text": bool((starts >= 0).all() and (starts + W <= pool.shape[1]).all())
-            and torch.equal(torch.where(ids == mask_id, -1, ids), torch.where(ids == mask_id, -1,
-                pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)])),
+            and torch.equal(ids[~masked], text[~masked]),
+        "[MASK] on every occurrence of the class word and nowhere else": torch.equal(masked, text == word[:, None]),
+        "no window shows its class word": not bool((ids == word[:, None]).any()),
         "no two windows overlap": not bool(overlap.any()),
         "readout": bool((readout == (mask_pos if cfg.readout == "mask" else W - 1)).all()),
     }

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 from .config import DataConfig
 
 # %% auto #0
-__all__ = ['LOCAL_TOKENIZER_NAME', 'resolve_tokenizer_path', 'plain_text_tokenizer', 'PicoTokenizer', 'load_tokenizer']
+__all__ = ['LOCAL_TOKENIZER_NAME', 'APOSTROPHES', 'resolve_tokenizer_path', 'plain_text_tokenizer', 'PicoTokenizer',
+           'load_tokenizer']
 
 # %% ../nbs/02_tokenizer.ipynb #8826e650
 LOCAL_TOKENIZER_NAME = "olmo-7b-0724-tokenizer.json"
@@ -105,11 +106,15 @@ def token_texts(self: PicoTokenizer) -> list[str]:
     "The decoded text of every real id (bytes that are not whole UTF-8 characters become U+FFFD)."
     return self.tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
 
+APOSTROPHES = "'\u2019\u2018\u02bc`\u00b4\u2032"  # ' ’ ‘ ʼ ` ´ ′: all written as apostrophes in web text
+
 @patch
 def word_start_table(self: PicoTokenizer) -> torch.Tensor:
-    "(V,) bool: True where a token begins a new word (leading whitespace, punctuation, or special)."
+    "(V,) bool: True where a word boundary lies before the token (leading whitespace, special, or unglued punctuation)."
     added = {t.content for t in self.tok.get_added_tokens_decoder().values()} | {"<|endoftext|>", "<|padding|>"}
-    starts = [text[:1].isspace() or not any(c.isalnum() for c in text) or self.tok.id_to_token(i) in added
+    glued = lambda text: (any(c.isalnum() for c in text) or "\ufffd" in text  # continues a word or a character
+                          or text.startswith(tuple(APOSTROPHES)))              # a clitic, or may be one
+    starts = [text[:1].isspace() or self.tok.id_to_token(i) in added or not glued(text)
               for i, text in enumerate(self.token_texts())]
     return torch.tensor(starts, dtype=torch.bool)  # (V,)
 
