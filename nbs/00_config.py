@@ -148,6 +148,7 @@ class CheckpointConfig:
     log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
     keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
     resume: bool = opt(True, "resume from the run directory's newest valid checkpoint")
+    resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; later steps are redone")
 
 # %% [markdown]
 # **smlmt** — subset-masked LM episodes (method.md §2; Bansal et al. 2020). N = 32, K = 4 in both
@@ -455,6 +456,44 @@ help_text = format_help()
 n_options = sum(len(dataclasses.fields(getattr(Config(), s.name))) for s in dataclasses.fields(Config))
 assert help_text.count("\n  ") == n_options and "maml.head_dropout (float, 0.1)" in help_text
 print("\n".join(help_text.splitlines()[:12]))
+
+# %% [markdown]
+# ## What a resumed run may change
+#
+# A run continues bit for bit only under the configuration it started with. Relaunching it with, say,
+# `maml.rho=0 train.lr=0.1` would silently continue as a different run whose first steps were
+# trained otherwise. So a resume compares the new configuration with the run's `config.yaml`: keys
+# that cannot alter the training trajectory (where and how often it logs, evaluates, records spectra
+# and checkpoints, how rows are chunked in memory, how many steps it runs, the NER settings that
+# pretraining never reads) may change, and every other difference is refused with the list of
+# differences. `train.steps` may grow: with the default cosine schedule over `steps` the remaining
+# learning rates then follow the longer schedule, which is what extending a run means. A deliberate
+# branch from an earlier checkpoint (`checkpoint.resume_from`) may change anything; the change is
+# recorded with the step it took effect.
+
+# %%
+#| export
+RESUME_MAY_CHANGE = ("logging.", "eval.", "spectra.every", "checkpoint.", "train.chunk_rows", "train.activation_checkpointing",
+                     "train.steps", "ner.")
+
+def flat_config(cfg) -> dict:
+    "`{'section.key': value}` of a Config or of its nested dict."
+    tree = cfg if isinstance(cfg, dict) else config_dict(cfg)
+    return {f"{sec}.{key}": value for sec, values in tree.items() for key, value in values.items()}
+
+def config_changes(old, new) -> tuple[dict, dict]:
+    "(changes that alter the training trajectory, changes that may be made on resume), each `{key: (old, new)}`."
+    before, after = flat_config(old), flat_config(new)
+    changed = {k: (before.get(k), after[k]) for k in after if before.get(k) != after[k]}
+    safe = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
+    return {k: v for k, v in changed.items() if k not in safe}, safe
+
+# %%
+_old = load_config(None, ["maml.rho=0.5"])
+_bad, _ok = config_changes(_old, load_config(None, ["maml.rho=0", "train.lr=0.1", "train.seed=7", "eval.every=50", "train.steps=8000"]))
+assert _bad == {"maml.rho": (0.5, 0.0), "train.lr": (3e-4, 0.1), "train.seed": (42, 7)}
+assert _ok == {"eval.every": (100, 50), "train.steps": (6000, 8000)}
+assert config_changes(config_dict(_old), _old) == ({}, {})  # a saved config.yaml read back compares equal
 
 # %% [markdown]
 # ## The presets in `configs/`

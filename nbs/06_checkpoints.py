@@ -183,16 +183,42 @@ def find_resumable(root):
     return None
 
 # %% [markdown]
+# ## Which checkpoints are known good
+#
+# A checkpoint of step s holds the weights after step s's update; the loss logged at step s was
+# computed *before* it. So whether checkpoint s is any good is only known one step later, when its
+# weights give step s + 1's loss. The trainer then marks it `confirmed` (a finite loss, not exploding
+# against the run's recent losses, from finite weights). After a divergence the newest confirmed
+# checkpoint is the one to go back to, and its training state is never pruned.
+
+# %%
+#| export
+def read_meta(directory) -> dict:
+    "A checkpoint's checkpoint.json."
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+def confirm_checkpoint(directory, next_loss: float) -> None:
+    "Mark a checkpoint as known good: its weights gave the finite, non-exploding loss `next_loss` at the next step."
+    meta = read_meta(directory)
+    write_json_atomic(Path(directory) / META_FILE, {**meta, "confirmed": True, "next_loss": next_loss})
+
+def newest_confirmed(root) -> Path | None:
+    "The newest confirmed checkpoint that still keeps its training state, or None."
+    good = [d for _, d in list_checkpoints(root) if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
+    return good[-1] if good else None
+
+# %% [markdown]
 # ## Keeping the training state of the newest few
 
 # %%
 #| export
 def prune_training_state(root, keep: int) -> list[Path]:
-    "Delete the training state of all but the newest `keep` checkpoints that hold one (weights stay); return those pruned."
+    "Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); return those pruned."
+    protect = newest_confirmed(root)
     with_state = [d for _, d in list_checkpoints(root) if has_training_state(d)]
-    pruned = with_state[:-keep] if keep > 0 else with_state
+    pruned = [d for d in with_state[:-keep] if d != protect]
     for directory in pruned:
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = read_meta(directory)
         meta["sha256"].pop(STATE_FILE, None)
         write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
         (directory / STATE_FILE).unlink()
@@ -286,8 +312,10 @@ with tempfile.TemporaryDirectory() as _tmp:
     for _step in (0, 1, 2, 3):
         write_checkpoint(_root, _step, _model, _head, {"world_size": 1}, {"rng": torch.get_rng_state()[None], "step": _step})
         prune_training_state(_root, keep=2)
+        if _step == 0: confirm_checkpoint(_root / "step_000000", next_loss=4.0)  # only step 0 is known good
     assert (_root / "latest").read_text() == "step_000003\n" and not list(_root.glob(".tmp_*"))
-    assert [(s, has_training_state(d)) for s, d in list_checkpoints(_root)] == [(0, False), (1, False), (2, True), (3, True)]
+    assert [(s, has_training_state(d)) for s, d in list_checkpoints(_root)] == [(0, True), (1, False), (2, True), (3, True)]
+    assert newest_confirmed(_root).name == "step_000000" and read_meta(_root / "step_000000")["next_loss"] == 4.0
     assert read_checkpoint(_root / "step_000000", with_state=False)[2]["step"] == 0  # weights-only still verifies
     _dir, (_weights, _head_weights, _meta, _state) = find_resumable(_root)
     assert _dir.name == "step_000003" and _meta["step"] == 3 and torch.equal(_state["rng"][0], torch.get_rng_state())
@@ -301,7 +329,7 @@ with tempfile.TemporaryDirectory() as _tmp:
         _dir, (*_, _state) = find_resumable(_root)
     assert _dir.name == "step_000002" and _state["step"] == 2
     assert any("step_000003/model.safetensors fails its SHA-256 check" in str(w.message) for w in _caught)
-    (_root / "step_000002" / STATE_FILE).write_bytes(b"torn")
+    for _torn in ("step_000002", "step_000000"): (_root / _torn / STATE_FILE).write_bytes(b"torn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try: find_resumable(_root); raise AssertionError("resumed from nothing")

@@ -14,22 +14,25 @@
 # %% [markdown]
 # # The hybrid training loop
 #
-# > Paper 1, Appendix A (Algorithms 1 and 2): one loop over micro-batches; each micro-batch is, with
+# > Paper 1, Appendix A (Algorithms 1 and 2): one loop over branch micro-batches; each is, with
 # > probability rho, a first-order MAML episode on an SMLMT task, else an ordinary next-token step.
 #
-# This notebook is the pretraining loop of method.md §3–§4: Lightning Fabric for processes and
-# collectives, AdamW with warmup and cosine decay, gradient accumulation, checkpoints that resume
-# bit-for-bit, a `metrics.jsonl` line per optimizer step and Paloma perplexity every `eval.every`
-# steps. The pieces come first, each tested on toy tensors; `train` at the end puts them in one flat
-# loop that reads like the paper's pseudocode.
+# This notebook is the pretraining loop of paper 1 §3–§4.1 and paper 2 §3: Lightning Fabric for
+# processes and collectives, AdamW with warmup and cosine decay, `global_batch / branch_batch` hybrid
+# draws per optimizer step, checkpoints that resume bit for bit, a `metrics.jsonl` line per optimizer
+# step and Paloma perplexity every `eval.every` steps. Its neighbours hold what the loop calls:
+# `06_lm_loss` the next-token loss and the perplexities, `06_checkpoints` the run directory,
+# `06_plan` the memory plan and FLOP counts, `05_maml` the episode step. The pieces come first, each
+# tested on toy tensors; `train` at the end puts them in one flat loop that reads like the
+# paper's pseudocode.
 #
 # **Gradients equal a one-process run.** Every rank's loss is its share of the global objective
 # (a sum over its rows divided by the global count), and the gradients are summed over ranks with one
 # all-reduce per optimizer step. We do not wrap the model in DDP: DDP averages (so each loss would
 # need a factor of world size), needs `find_unused_parameters` because the two branches use different
-# parameters (the MAML head is idle on AR steps, the output layer on MAML steps), and never sees the
-# first-order head gradient, which is written into `phi_0.grad` by hand after the backward pass.
-# Summing one flat gradient buffer at the optimizer step is what DDP with `no_sync` over the
+# parameters (the MAML head is idle on next-token steps, the output layer on MAML steps), and never
+# sees the first-order head gradient, which is written into `phi_0.grad` by hand after the backward
+# pass. Summing one flat gradient buffer at the optimizer step is what DDP with `no_sync` over the
 # accumulation does, without those three problems.
 
 # %%
@@ -39,48 +42,71 @@
 #| export
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
+import statistics
 import time
-import warnings
+from collections import deque
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from picomaml.config import Config, ConfigError, save_config
+from picomaml.checkpoints import (NoResumableCheckpoint, checkpoint_due, confirm_checkpoint, find_resumable, has_training_state,
+                                  list_checkpoints, newest_confirmed, prune_training_state, read_checkpoint, read_meta,
+                                  truncate_metrics, upload_checkpoint, write_checkpoint)
+from picomaml.config import Config, ConfigError, config_changes, load_config, save_config
+from picomaml.data import batch_for_step, eval_batches, open_rows, read_eval_rows
+from picomaml.lm_loss import eval_sums, next_token_backward, perplexities
+from picomaml.maml import MAMLHead, maml_step
+from picomaml.model import PicoDecoder, load_checked
+from picomaml.names import step_dir_name
+from picomaml.plan import ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
+from picomaml.smlmt import build_episode
+from picomaml.spectra import record_spectra
+from picomaml.tokenizer import load_tokenizer
 
 # %% [markdown]
-# ## Global batch = micro-batch × world size × accumulation
+# ## Branch micro-batches and memory chunks
 #
-# method.md §4: the optimizer sees `train.global_batch` sequences per step whatever the hardware. The
-# accumulation is derived, and a global batch that does not split evenly is an error naming the keys.
+# Paper 1 §4.1 and paper 2 §3: "micro batches of 256 sequences are accumulated eight times giving an
+# effective batch of 2048 (1024 for the 11M model)". The 256-sequence micro-batch is the unit of the
+# hybrid rule: it is drawn MAML or next-token as a whole, and as an episode it is the pool the SMLMT
+# task is built from (Algorithm 1: `X ← AllGather(B)`). So an optimizer step takes
+# `global_batch / branch_batch` draws, and each rank holds `branch_batch / world_size` rows of each.
+# How many of those rows a device runs forward and backward at once is a separate, memory-only
+# setting (`train.chunk_rows`, see `06_lm_loss`); it never changes the result.
 
 # %%
 #| export
-def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
-    "Micro-steps per optimizer step so that micro_batch × world_size × accumulation = global_batch."
-    per_pass = micro_batch * world_size
-    if micro_batch < 1 or global_batch < per_pass or global_batch % per_pass:
-        raise ConfigError(f"train.global_batch={global_batch} must be a positive multiple of train.micro_batch"
-                          f"={micro_batch} × world size {world_size} = {per_pass}; change one of them")
-    return global_batch // per_pass
+def branch_layout(tc, world_size: int) -> tuple[int, int]:
+    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); an error naming the keys if uneven."
+    if tc.global_batch % tc.branch_batch:
+        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch} "
+                          f"(paper: 2048 = 8 × 256); change one of them")
+    if tc.branch_batch % world_size:
+        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, so each "
+                          f"rank holds the same number of rows; change it or the number of processes")
+    return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
 
 # %%
-assert accumulation_steps(1024, 64, 4) == 4 and accumulation_steps(16, 8, 2) == 1 and accumulation_steps(16, 8, 1) == 2
-try: accumulation_steps(16, 6, 2); raise AssertionError("accepted an uneven global batch")
-except ConfigError as e: assert "train.global_batch=16" in str(e) and "train.micro_batch=6" in str(e)
+from picomaml.config import TrainConfig
+assert branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 4) == (8, 64)  # the papers on 4 GPUs
+assert branch_layout(TrainConfig(global_batch=1024, branch_batch=256), 4) == (4, 64)  # tiny
+assert branch_layout(TrainConfig(global_batch=16, branch_batch=16), 2) == (1, 8)  # the CPU demo
+for _bad, _key in ((TrainConfig(global_batch=2048, branch_batch=300), "train.global_batch=2048"),
+                   (TrainConfig(global_batch=2048, branch_batch=256), "train.branch_batch=256")):
+    try: branch_layout(_bad, 3 if _key.startswith("train.branch") else 4); raise AssertionError(_key)
+    except ConfigError as e: assert _key in str(e)
 
 # %% [markdown]
 # ## Learning-rate schedule
 #
 # Linear warmup to the peak over `warmup_steps`, then decay to `min_lr_ratio × lr` over `decay_steps`
 # (0: the whole run): cosine in the papers, linear for the `released` preset (whose 200,000-step decay
-# is nearly constant over 6,000 steps, method.md §7), or constant. It is a pure function of the step
+# is nearly constant over 6,000 steps, as the released trainer's schedule was), or constant. It is a pure function of the step
 # (nanoGPT's `get_lr`), so resuming needs only the step, not a scheduler object.
 
 # %%
@@ -130,321 +156,9 @@ assert not any(b for s in range(50) for b in branch_draws(0, s, 4, 0.0))
 assert all(b for s in range(50) for b in branch_draws(0, s, 4, 1.0))
 
 # %% [markdown]
-# ## The next-token loss as a share of the global batch
-#
-# Algorithm 2's loss is the mean cross-entropy over every target token of the global batch. A rank
-# holds `micro_batch` of the `global_batch` rows at each micro-step, so its share is the **sum** over
-# its tokens divided by the global token count; the shares of all micro-steps and ranks add up to the
-# global mean, and so do their gradients. Rows hold `seq_len + 1` ids: inputs `[:, :-1]`, targets
-# `[:, 1:]` (method.md §4). The logits are cast to float32 for the softmax under bf16 autocast.
-#
-# The output layer and its loss are the largest cost of an AR step that is not essential
-# (benchmarks/README.md): the plain path materialises the (B·T, 50,304) logits in float32, then
-# their log-softmax, then their gradient, each as large as the logits (1.6 GB for a 64 × 128
-# micro-batch). `FusedLinearCrossEntropy` walks the tokens in chunks of `chunk_tokens` and, for
-# each chunk, takes the logits, their log-sum-exp, the summed loss and the gradient
-# $\partial\ell/\partial z = \mathrm{softmax}(z) - \mathrm{onehot}(y)$ in place, then both matmul gradients
-# (hidden states and output weight) at once; backward only scales them by the incoming gradient.
-# Same FLOPs, one chunk of logits alive at a time, same result up to float summation order.
-
-# %%
-#| export
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    "Summed CE of logits h @ W.T over token chunks; gradients taken chunk by chunk in forward, so no (N, V) logits."
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_tokens: int):
-        loss = torch.zeros((), device=h.device)
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)  # (N, d), (V, d) in the parameters' dtype
-        for i in range(0, len(h), chunk_tokens):
-            h_c, t_c = h[i:i + chunk_tokens], targets[i:i + chunk_tokens]  # (c, d), (c,)
-            logits = F.linear(h_c, weight).float()  # (c, V), the matmul in autocast's dtype, as the plain path
-            lse = logits.logsumexp(-1)  # (c,)
-            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
-            dlogits = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place of the logits
-            dlogits[torch.arange(len(t_c), device=h.device), t_c] -= 1  # softmax - onehot
-            grad_h[i:i + chunk_tokens] = dlogits.to(weight.dtype) @ weight  # (c, d)
-            grad_w += dlogits.T.to(h_c.dtype) @ h_c  # (V, d)
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_loss * grad_h, grad_loss * grad_w, None, None
-
-def next_token_loss_sum(model: torch.nn.Module, rows: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-    "Summed next-token cross-entropy of rows (B, T + 1) under a Pico decoder, output layer fused with the loss."
-    h = model.hidden(rows[:, :-1]).flatten(0, 1)  # (B·T, d)
-    return FusedLinearCrossEntropy.apply(h, model.de_embedding_proj.weight, rows[:, 1:].flatten(), chunk_tokens)
-
-# %% [markdown]
-# Tests on a 2-block Pico decoder over a 40-token vocabulary: loss and every gradient equal the plain
-# path (whole logits, `F.cross_entropy`) for chunks that divide the tokens, leave a remainder, or hold
-# them all, also under a scaled backward; under bf16 autocast they agree to bf16 rounding; and two
-# ranks' shares add up to the one-process mean.
-
-# %%
-from picomaml.model import PicoDecoder
-from picomaml.config import ModelConfig
-torch.manual_seed(0)
-_toy = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16))
-_rows = torch.randint(0, 40, (4, 7))  # (B, T + 1): 24 targets
-
-def _loss_and_grads(loss_fn, scale=1.0):
-    "Loss and cloned parameter gradients of (loss_fn() * scale).backward()."
-    _toy.zero_grad(set_to_none=True)
-    loss = loss_fn()
-    (loss * scale).backward()
-    return loss.item(), [p.grad.clone() for p in _toy.parameters()]
-
-_plain = lambda: F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1).float(), _rows[:, 1:].flatten(), reduction="sum")
-for _chunk, _scale in ((6, 1.0), (5, 0.25), (1024, 1.0)):
-    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain, _scale), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, _chunk), _scale)
-    assert abs(_got - _want) < 1e-4 * abs(_want)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(_got_g, _want_g))
-with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU path's precision: same loss, gradients to bf16 rounding
-    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, 5))
-assert abs(_got - _want) < 1e-3 * abs(_want)
-assert all((g - w).abs().max() <= 1e-2 * w.abs().max() for g, w in zip(_got_g, _want_g))
-_mean = F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1), _rows[:, 1:].flatten())
-_shares = [next_token_loss_sum(_toy, part, 5) / _rows[:, 1:].numel() for part in _rows.split(2)]
-assert torch.allclose(sum(_shares), _mean)  # two ranks' shares add up to the one-process mean
-
-# %% [markdown]
-# ## Paloma perplexity, two ways
-#
-# Every `eval.every` steps we report perplexity on the Paloma rows (method.md §4): **token-weighted**,
-# exp of the mean cross-entropy over all target tokens, and the **per-document mean**, the mean over
-# documents of each document's own perplexity, the figure the released trainer reported. Rows are
-# packed documents separated by EOS, so a document is a run of targets up to and including an EOS
-# (the last run of a row is cut off by the row's end and counts as a document of its own). Each rank
-# evaluates a strided shard of the rows; the four sums are all-reduced, so the result does not depend
-# on the number of ranks.
-
-# %%
-#| export
-def document_ids(targets: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "Index of the document each target belongs to, unique over the batch; an EOS closes its document: (B, T) -> (B, T)."
-    is_eos = (targets == eos_id).long()  # (B, T)
-    within_row = is_eos.cumsum(1) - is_eos  # (B, T): EOS counts for the next target on
-    return within_row + torch.arange(targets.shape[0], device=targets.device)[:, None] * targets.shape[1]
-
-@torch.no_grad()
-def eval_sums(model: torch.nn.Module, rows: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "[summed CE, tokens, summed per-document perplexity, documents] of rows (B, T + 1), in float64."
-    targets = rows[:, 1:]
-    ce = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1).float(), targets.flatten(), reduction="none").double()
-    doc = document_ids(targets, eos_id).flatten()  # (B·T,)
-    doc = torch.unique(doc, return_inverse=True)[1]  # dense 0..D-1
-    doc_ce = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=ce.device).index_add_(0, doc, ce)
-    doc_len = torch.bincount(doc).double()
-    return torch.stack([ce.sum(), ce.new_tensor(ce.numel()), (doc_ce / doc_len).exp().sum(), ce.new_tensor(len(doc_len))])
-
-def perplexities(sums: torch.Tensor) -> dict:
-    "Token-weighted and per-document-mean perplexity from all-reduced `eval_sums`."
-    ce_sum, tokens, doc_ppl_sum, docs = sums.tolist()
-    return {"paloma_ppl": math.exp(ce_sum / tokens), "paloma_doc_ppl": doc_ppl_sum / docs, "eval_loss": ce_sum / tokens}
-
-# %%
-_eos = 9
-assert document_ids(torch.tensor([[1, 9, 2, 3, 9, 4]]), _eos).tolist() == [[0, 0, 1, 1, 1, 2]]
-_rows = torch.tensor([[5, 1, 9, 2, 3, 9, 4], [2, 2, 2, 2, 2, 2, 2]])
-_ce = F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1), _rows[:, 1:].flatten(), reduction="none").double()
-_docs = [_ce[0:2], _ce[2:5], _ce[5:6], _ce[6:12]]  # row 0: [1 9] [2 3 9] [4]; row 1: one document
-_ppl = perplexities(eval_sums(_toy, _rows, _eos) )
-assert math.isclose(_ppl["paloma_ppl"], _ce.mean().exp().item(), rel_tol=1e-12)
-assert math.isclose(_ppl["paloma_doc_ppl"], sum(d.mean().exp().item() for d in _docs) / 4, rel_tol=1e-12)
-assert torch.allclose(eval_sums(_toy, _rows[:1], _eos) + eval_sums(_toy, _rows[1:], _eos), eval_sums(_toy, _rows, _eos))
-
-# %% [markdown]
-# ## FLOPs and model FLOPs utilisation
-#
-# We count FLOPs as PaLM (Chowdhery et al. 2022, App. B) does: a forward and backward pass costs
-# 6·N per token for N matmul parameters plus 12·L·d·T for attention over T positions; a forward alone
-# is a third of that. The input embedding is a lookup and does not count. An AR token runs the whole
-# model; an episode runs its support windows forward only and its query windows forward and backward,
-# both without the output layer (features are read from the last hidden state); the head's MLP is
-# negligible and not counted. MFU divides by a peak: dense bf16 Tensor-Core FLOP/s of the GPU
-# (A100 312e12, H100/H200 989e12, from NVIDIA's data sheets); on a CPU or an unknown GPU there is no
-# honest peak, so MFU is `null`.
-
-# %%
-#| export
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-
-def ar_flops(mc, tokens: int, seq_len: int) -> float:
-    "Forward + backward FLOPs of `tokens` next-token positions in sequences of `seq_len`."
-    n_matmul = mc.n_layers * _block_params(mc) + mc.d_model * mc.vocab_size  # blocks + output layer
-    return tokens * (6 * n_matmul + 12 * mc.n_layers * mc.d_model * seq_len)
-
-def episode_flops(mc, support_tokens: int, query_tokens: int, window: int) -> float:
-    "FLOPs of an episode: support windows forward only, query windows forward + backward, no output layer."
-    per_token = 6 * mc.n_layers * _block_params(mc) + 12 * mc.n_layers * mc.d_model * window
-    return support_tokens * per_token / 3 + query_tokens * per_token
-
-def _block_params(mc) -> int:
-    "Matmul parameters of one decoder block: GQA projections and the SwiGLU."
-    kv = mc.d_model // mc.n_heads * mc.n_kv_heads
-    return 2 * mc.d_model * mc.d_model + 2 * mc.d_model * kv + 3 * mc.d_model * mc.ffn_hidden
-
-def peak_flops(device: torch.device) -> float | None:
-    "Dense bf16 peak FLOP/s of a known GPU, else None (no honest peak for CPUs)."
-    if device.type != "cuda": return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
-# %%
-from picomaml.config import ModelConfig
-_mc = ModelConfig(d_model=96, ffn_hidden=384)
-assert _block_params(_mc) == 2 * 96 * 96 + 2 * 96 * 32 + 3 * 96 * 384
-_tiny_params = 11_282_784  # method.md §1: 12 blocks + norms + two embeddings
-_matmul = _mc.n_layers * _block_params(_mc) + 96 * 50304
-assert _tiny_params - _matmul - 96 * 50304 == 12 * 2 * 96 + 96  # the rest: RMSNorm gains and the input embedding
-assert ar_flops(_mc, 1, 0) == 6 * _matmul and episode_flops(_mc, 3, 0, 0) == episode_flops(_mc, 0, 1, 0)
-assert peak_flops(torch.device("cpu")) is None
-
-# %% [markdown]
-# ## Checkpoints
-#
-# The layout is fixed for the whole project (other notebooks read it):
-#
-# ```
-# <runs_dir>/<run_name>/config.yaml            resolved configuration, written at start
-#                       metrics.jsonl          one JSON line per optimizer step
-#                       checkpoints/step_000100/{model.safetensors, config.json, head.safetensors, state.pt}
-#                       checkpoints/latest     text: the newest complete step directory
-# ```
-#
-# `model.safetensors` + `config.json` are the Hugging Face format of `picomaml.model.save_pretrained`,
-# so any checkpoint loads with `load_pretrained`. The MAML head is a second safetensors file.
-# `state.pt` holds everything else needed to continue bit for bit: the step, the data position, the
-# optimizer state, every rank's RNG state (as uint8 tensors) and SHA-256 digests of the two weight
-# files. It holds only tensors and plain types, so it is read with `torch.load(weights_only=True)`:
-# no pickled code is ever run. The learning rate is a function of the step, so there is no scheduler
-# state.
-#
-# A checkpoint is written into a temporary directory and renamed into place, then `latest` is
-# replaced by a rename too: a crash at any moment leaves either the old or the new checkpoint
-# complete, never a half-written one under a `step_` name.
-
-# %%
-#| export
-def step_dir_name(step: int) -> str: return f"step_{step:06d}"
-
-def file_sha256(path) -> str:
-    "Hex SHA-256 of a file."
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
-    return digest.hexdigest()
-
-def write_checkpoint(ckpt_root, step: int, model, head, state: dict) -> Path:
-    "Write checkpoints/step_NNNNNN atomically (temp dir + rename), then point `latest` at it."
-    from picomaml.model import save_pretrained
-    ckpt_root, name = Path(ckpt_root), step_dir_name(step)
-    tmp, final = ckpt_root / f".tmp_{name}", ckpt_root / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
-    digests = {f: file_sha256(tmp / f) for f in ("model.safetensors", "head.safetensors")}
-    torch.save({**state, "sha256": digests}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)  # a step re-reached after falling back past a corrupt checkpoint
-    os.replace(tmp, final)
-    (ckpt_root / "latest.tmp").write_text(name + "\n")
-    os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
-    return final
-
-# %% [markdown]
-# Reading verifies the digests before anything is used, so a truncated or bit-flipped file is
-# detected even where the safetensors header still parses. `find_checkpoint` tries the newest
-# `step_` directory first and falls back, with a warning naming the file and the reason, to the
-# previous valid one.
-
-# %%
-#| export
-class CheckpointCorrupt(RuntimeError):
-    "A checkpoint directory whose files are missing, unreadable or fail their checksum."
-
-def read_checkpoint(directory) -> tuple[dict, dict, dict]:
-    "(model tensors, head tensors, state) of a checkpoint directory, verified against its digests."
-    directory = Path(directory)
-    try:
-        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-        for name, digest in state["sha256"].items():
-            if file_sha256(directory / name) != digest: raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
-        return load_file(directory / "model.safetensors"), load_file(directory / "head.safetensors"), state
-    except CheckpointCorrupt: raise
-    except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
-
-def find_checkpoint(ckpt_root):
-    "The newest valid checkpoint as (directory, (model tensors, head tensors, state)), or None."
-    ckpt_root = Path(ckpt_root)
-    candidates = sorted(ckpt_root.glob("step_*"), reverse=True) if ckpt_root.is_dir() else []
-    for directory in candidates:
-        try: return directory, read_checkpoint(directory)
-        except CheckpointCorrupt as e:
-            warnings.warn(f"{e}; resuming from the previous valid checkpoint instead", stacklevel=2)
-    return None
-
-# %% [markdown]
-# The metrics log must agree with the checkpoint a run resumes from: lines of steps after it (written
-# before a crash) are dropped, and so is a torn last line.
-
-# %%
-#| export
-def truncate_metrics(path, last_step: int) -> None:
-    "Keep only the complete lines of metrics file `path` whose step is at most `last_step`."
-    path = Path(path)
-    if not path.exists(): return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try: record = json.loads(line)
-        except json.JSONDecodeError: continue
-        if line.endswith("\n") and record["step"] <= last_step: kept.append(line)
-    path.write_text("".join(kept))
-
-# %%
-import tempfile
-with tempfile.TemporaryDirectory() as _tmp:
-    _m = Path(_tmp) / "metrics.jsonl"
-    _m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    truncate_metrics(_m, 2)
-    assert _m.read_text() == '{"step": 1}\n{"step": 2}\n'
-
-# %% [markdown]
-# A round trip on a tiny decoder: the weights come back bitwise (and load with `load_pretrained`),
-# the state comes back through `weights_only=True`, and a bit flipped in the newest checkpoint makes
-# `find_checkpoint` warn and fall back to the one before.
-
-# %%
-from picomaml.maml import MAMLHead
-from picomaml.config import MAMLConfig
-from picomaml.model import PicoDecoder, load_pretrained, load_checked
-_tiny = ModelConfig(d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=64, max_seq_len=32)
-torch.manual_seed(0)
-_model, _head = PicoDecoder(_tiny), MAMLHead(24, 3, MAMLConfig(head_layers=2, head_hidden=8))
-with tempfile.TemporaryDirectory() as _tmp:
-    _root = Path(_tmp) / "checkpoints"
-    for _step in (1, 2):
-        write_checkpoint(_root, _step, _model, _head, {"step": _step, "rng": torch.get_rng_state()[None]})
-    assert (_root / "latest").read_text() == "step_000002\n" and not list(_root.glob(".tmp_*"))
-    _dir, (_weights, _head_weights, _state) = find_checkpoint(_root)
-    assert _dir.name == "step_000002" and _state["step"] == 2 and torch.equal(_state["rng"][0], torch.get_rng_state())
-    _copy = load_checked(PicoDecoder(_tiny), _weights, "test")
-    assert all(torch.equal(a, b) for a, b in zip(_copy.state_dict().values(), _model.state_dict().values()))
-    assert torch.equal(load_pretrained(_dir).embedding_proj.weight, _model.embedding_proj.weight)
-    _blob = bytearray((_dir / "model.safetensors").read_bytes()); _blob[-5] ^= 1
-    (_dir / "model.safetensors").write_bytes(bytes(_blob))
-    with warnings.catch_warnings(record=True) as _caught:
-        warnings.simplefilter("always")
-        _dir, (_, _, _state) = find_checkpoint(_root)
-    assert _dir.name == "step_000001" and _state["step"] == 1
-    assert any("step_000002/model.safetensors fails its SHA-256 check" in str(w.message) for w in _caught)
-
-# %% [markdown]
 # ## Collectives: the pool, the support features and the gradients
 #
-# method.md §3 distributes an episode three ways. The SMLMT **pool** is gathered from every rank's
+# Paper 1 Appendix A distributes an episode three ways. The SMLMT **pool** is gathered from every rank's
 # rows (Algorithm 1: `X ← AllGather(B)`), so every rank builds the identical episode from
 # (seed, micro-step). The episode's **support** rows are split over ranks for the backbone forward,
 # and the features gathered back so every rank runs the identical inner loop; the **query** rows are
@@ -490,93 +204,41 @@ def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
     for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])): p.grad.copy_(g.view_as(p))
 
 # %% [markdown]
-# ## Uploading checkpoints to the Hub
-#
-# With `logging.hub_repo` set, rank 0 uploads every checkpoint as its own revision: a branch named
-# after the step directory, holding the files under `checkpoints/<step>/` (the pico-maml-decoder
-# layout that `load_pretrained(..., revision, subfolder)` and `picomaml.spectra` read). `state.pt`
-# stays local: it is for resuming, not for users. `api` defaults to `huggingface_hub.HfApi()`; the
-# test passes a local stand-in.
-
-# %%
-#| export
-def upload_checkpoint(directory, repo_id: str, api=None):
-    "Upload a checkpoint's weights and configs to Hub repo `repo_id` on branch `<step dir name>`."
-    from huggingface_hub import HfApi
-    api, name = api or HfApi(), Path(directory).name
-    api.create_repo(repo_id, exist_ok=True)
-    api.create_branch(repo_id, branch=name, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
-                             allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
-
-# %% [markdown]
-# The stand-in writes uploads into a Hugging Face cache directory; with the Hub offline,
-# `load_pretrained` then resolves repo, branch and subfolder from that cache through the real
-# `hf_hub_download`, exactly as after a download.
-
-# %%
-import fnmatch, huggingface_hub
-
-class _CacheHub:
-    "Stand-in for HfApi: uploads land in a Hugging Face cache directory."
-    def __init__(self, cache_dir): self.cache_dir, self.commits = Path(cache_dir), 0
-    def create_repo(self, repo_id, **kw): pass
-    def create_branch(self, repo_id, branch, **kw): pass
-    def upload_folder(self, repo_id, folder_path, path_in_repo, revision, allow_patterns, **kw):
-        self.commits += 1
-        repo, commit = self.cache_dir / f"models--{repo_id.replace('/', '--')}", f"{self.commits:040x}"
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / revision).write_text(commit)
-        (repo / "snapshots" / commit / path_in_repo).mkdir(parents=True)
-        for f in Path(folder_path).iterdir():
-            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns): shutil.copy(f, repo / "snapshots" / commit / path_in_repo)
-        return commit
-
-with tempfile.TemporaryDirectory() as _tmp:
-    _dir = write_checkpoint(Path(_tmp) / "checkpoints", 3, _model, _head, {"step": 3})
-    upload_checkpoint(_dir, "picomaml/test-run", api=_CacheHub(Path(_tmp) / "hf"))
-    _saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
-    try: _back = load_pretrained("picomaml/test-run", revision="step_000003", subfolder="checkpoints/step_000003", cache_dir=Path(_tmp) / "hf")
-    finally: huggingface_hub.constants.HF_HUB_OFFLINE = _saved
-    assert torch.equal(_back.de_embedding_proj.weight, _model.de_embedding_proj.weight)
-    assert sorted(p.name for p in (Path(_tmp) / "hf").rglob("step_000003/*")) == ["config.json", "head.safetensors", "model.safetensors"]
-
-# %% [markdown]
 # ## Where an episode's pool comes from
 #
-# An AR micro-step reads its `micro_batch` rows at its data position (`picomaml.data.batch_for_step`:
-# step s owns positions [sG, (s+1)G) of a seeded data order). An episode only uses N·(K+Q) windows of
-# W tokens, but needs a pool with at least K+Q free occurrences of N eligible words, which a single
-# micro-batch is far too small for at demo scale (method.md §2; `picomaml.smlmt` measures it). So the
-# pool size is its own option, `smlmt.pool_rows`: on an episode micro-step every rank reads
-# `pool_rows / world_size` rows from a **second data order** (same shards, seed derived from
-# `train.seed`, positions laid out exactly as the AR micro-batches' but `pool_rows` per micro-step)
-# and the rows are all-gathered (Algorithm 1's `X ← AllGather(B)`). The AR rows of that micro-step
-# are not read. Both orders are pure functions of (seed, step, micro-step), so a resumed run reads the
-# same rows, and the gathered pool is the same for any world size with the same global batch. With
-# the papers' numbers the pool equals the gathered micro-batch (256 = 64 rows × 4 GPUs). For a streamed
-# (Hub) source the episode pool is a second stream, read in the dataset's order.
+# In the papers the pool is the branch micro-batch itself: the 256 rows a next-token step would have
+# used, gathered from every rank (Algorithm 1: `X ← AllGather(B)`), so the data order is the same
+# whichever branch is drawn. That is `smlmt.pool_rows = 0`. An episode needs at least K + Q free
+# occurrences of N eligible words in its pool (`04_smlmt` measures how many rows that takes), which
+# a small branch micro-batch cannot offer: the CPU demo's 16 rows of 128 tokens are far too few for a
+# 32-way task. There `smlmt.pool_rows` sets a larger pool, read from a **second data order** (same
+# rows, seed derived from `train.seed`, positions laid out like the branch micro-batches' but
+# `pool_rows` per draw). Both orders are pure functions of (seed, step, draw), so a resumed run reads
+# the same rows and the gathered pool is the same for any world size.
 
 # %%
 #| export
-def pool_rows_per_rank(pool_rows: int, world_size: int) -> int:
-    "Rows each rank reads for an episode's pool; an error naming the key if they do not split evenly."
-    if pool_rows < world_size or pool_rows % world_size:
-        raise ConfigError(f"smlmt.pool_rows={pool_rows} must be a positive multiple of the world size {world_size}")
-    return pool_rows // world_size
+def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, int]:
+    "(pool rows each rank reads, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
+    if cfg.smlmt.pool_rows == 0: return rows_per_rank, cfg.train.seed
+    if cfg.smlmt.pool_rows % world_size:
+        raise ConfigError(f"smlmt.pool_rows={cfg.smlmt.pool_rows} must be a multiple of the world size {world_size}")
+    return cfg.smlmt.pool_rows // world_size, mix_seed(cfg.train.seed, "pool") % 2**31
 
 # %%
-assert pool_rows_per_rank(64, 2) == 32
-try: pool_rows_per_rank(63, 2); raise AssertionError
+from picomaml.config import load_config
+assert pool_layout(load_config(None, ["smlmt.pool_rows=0"]), 4, 64) == (64, 42)
+assert pool_layout(load_config(None, ["smlmt.pool_rows=512"]), 2, 8)[0] == 256
+try: pool_layout(load_config(None, ["smlmt.pool_rows=63"]), 2, 8); raise AssertionError
 except ConfigError as e: assert "smlmt.pool_rows=63" in str(e)
 
 # %% [markdown]
 # ## Setting up a run
 #
-# Precision (method.md §4): bf16 autocast on GPU, float32 on CPU. Plain fp16 would need a loss
+# Precision (paper 1 §4.1): bf16 autocast on GPU, float32 on CPU. Plain fp16 would need a loss
 # scaler around the hand-written MAML backward, so it is refused. Model and head are initialised
 # from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone and head
-# together (method.md §3, "the outer AdamW steps backbone and head together").
+# together (paper 1 Appendix A: the outer update covers the backbone and the head).
 
 # %%
 #| export
@@ -590,8 +252,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def build_model(cfg: Config, device) -> tuple:
     "(backbone, MAML head, AdamW over both), identically initialised on every rank from train.seed."
-    from picomaml.model import PicoDecoder
-    from picomaml.maml import MAMLHead
     torch.manual_seed(cfg.train.seed)
     model = PicoDecoder(cfg.model).to(device)
     head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
@@ -606,80 +266,141 @@ try: resolve_precision("16-mixed", "cuda"); raise AssertionError
 except ConfigError as e: assert "train.precision" in str(e)
 
 # %% [markdown]
+# ## The memory chunk, from the plan
+#
+# `train.chunk_rows = 0` asks the planner (`06_plan`) for the largest chunk the device fits; a set
+# value is checked the same way. A configuration that cannot fit is refused here, before the data is
+# opened or step 1 runs, with the planner's one-line reason naming the setting to change.
+
+# %%
+#| export
+def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
+    "Rows per forward/backward chunk on this device: `train.chunk_rows`, or the planner's choice; refuses a plan that does not fit."
+    plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type)
+    if not plan.fits: raise ConfigError(plan.reason)
+    return cfg.train.chunk_rows or plan.chunk_rows
+
+# %% [markdown]
 # ## Resume or start
 #
-# With `train.resume` (the default) a run continues from the newest valid checkpoint of its run
-# directory; rank 0 chooses it (warning about any corrupt newer one) and broadcasts the choice. A run
-# that is told not to resume refuses a directory that already has checkpoints rather than mixing two
-# runs' files. The resolved configuration is written to `config.yaml`, and the metrics log is cut
-# back to the checkpoint's step.
+# With `checkpoint.resume` (the default) a run continues from the newest checkpoint that keeps its
+# training state and passes its checks (`picomaml.checkpoints.find_resumable`), or from the one named
+# by `checkpoint.resume_from`; rank 0 chooses it and broadcasts the choice, and says which. Before
+# anything is loaded, the new configuration is compared with the run's `config.yaml`
+# (`picomaml.config.config_changes`): a change that would alter the training trajectory is refused
+# with the list of differences, unless the run is deliberately branched from a named checkpoint; the
+# changes that are accepted are appended to `config_history.jsonl` with the step they take effect.
+# A run whose checkpoints cannot be resumed from stops with what was found rather than starting over
+# on top of its history, and a run told not to resume refuses a directory that already has
+# checkpoints.
+
+# %%
+#| export
+def check_resume_config(cfg: Config, run_dir: Path) -> dict:
+    "The accepted changes against the run's config.yaml; ConfigError listing any change that alters the trajectory."
+    saved = run_dir / "config.yaml"
+    if not saved.is_file(): return {}
+    trajectory, safe = config_changes(load_config(saved), cfg)
+    if trajectory and not cfg.checkpoint.resume_from:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in trajectory.items())
+        raise ConfigError(f"{run_dir} was trained with other settings ({listed}); resuming would continue a different run. "
+                          f"Relaunch with the run's own settings ({saved}), choose another logging.run_name, or branch "
+                          f"deliberately from a checkpoint with checkpoint.resume_from=step_NNNNNN")
+    return {**trajectory, **safe}
+
+def choose_checkpoint(cfg: Config, root: Path):
+    "The checkpoint to resume from (newest resumable, or checkpoint.resume_from) as find_resumable's tuple; None to start."
+    if not cfg.checkpoint.resume_from: return find_resumable(root)
+    name = cfg.checkpoint.resume_from if cfg.checkpoint.resume_from.startswith("step_") else step_dir_name(int(cfg.checkpoint.resume_from))
+    with_state = [d.name for _, d in list_checkpoints(root) if has_training_state(d)]
+    if name not in with_state:
+        raise ConfigError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: {root / name} is not a checkpoint with training state; "
+                          f"those with one: {', '.join(with_state) or 'none'}")
+    return root / name, read_checkpoint(root / name)
+
+# %%
+import tempfile
+with tempfile.TemporaryDirectory() as _tmp:
+    save_config(load_config(None, ["maml.rho=0.5"]), Path(_tmp) / "config.yaml")
+    assert check_resume_config(load_config(None, ["maml.rho=0.5", "eval.every=10"]), Path(_tmp)) == {"eval.every": (100, 10)}
+    try: check_resume_config(load_config(None, ["maml.rho=0", "train.lr=0.1"]), Path(_tmp)); raise AssertionError("accepted rho 0.5 -> 0")
+    except ConfigError as e: assert all(t in str(e) for t in ("maml.rho: 0.5 -> 0.0", "train.lr: 0.0003 -> 0.1", "checkpoint.resume_from"))
+    assert "train.lr" in check_resume_config(load_config(None, ["train.lr=0.1", "checkpoint.resume_from=step_000002"]), Path(_tmp))
 
 # %%
 #| export
 def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
-    "Load the newest valid checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
-    from picomaml.model import load_checked
-    ckpt_root = run_dir / "checkpoints"
-    has_ckpts = any(ckpt_root.glob("step_*"))
-    if has_ckpts and not cfg.train.resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints and train.resume=false: set train.resume=true to "
+    "Load the chosen checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
+    root = run_dir / "checkpoints"
+    has_ckpts = any(root.glob("step_*"))
+    if has_ckpts and not cfg.checkpoint.resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: set checkpoint.resume=true to "
                           f"continue that run, or choose another logging.run_name")
-    found = find_checkpoint(ckpt_root) if fabric.global_rank == 0 and has_ckpts else None
-    name = fabric.broadcast(found[0].name if found else "", src=0)
+    found, changes, problem = None, {}, ""
+    if fabric.global_rank == 0 and has_ckpts:
+        try: changes, found = check_resume_config(cfg, run_dir), choose_checkpoint(cfg, root)
+        except (ConfigError, NoResumableCheckpoint) as e: problem = str(e)
+    name, problem = fabric.broadcast((found[0].name if found else "", problem), src=0)
+    if problem: raise ConfigError(problem)
     step = 0
     if name:
-        weights, head_weights, state = found[1] if found else read_checkpoint(ckpt_root / name)
-        load_checked(model, weights, str(ckpt_root / name / "model.safetensors"))
+        weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
+        load_checked(model, weights, f"{root / name / 'model.safetensors'} (run configuration: {run_dir / 'config.yaml'})")
         head.load_state_dict(head_weights)
         optimizer.load_state_dict(state["optimizer"])
-        if state["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
+        if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
             torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
-        step = state["step"]
+        step = meta["step"]
     if fabric.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        truncate_metrics(run_dir / "metrics.jsonl", step if name else -1)
-        for stale in ckpt_root.glob(".tmp_*"): shutil.rmtree(stale)
-        if name: (ckpt_root / "latest").write_text(name + "\n")
+        start_run_directory(cfg, run_dir, step, changes)
+        if name: print(f"[{cfg.logging.run_name}] resuming from {root / name} (step {step} of {cfg.train.steps})"
+                       + ("; later checkpoints are rewritten as the run re-reaches them" if cfg.checkpoint.resume_from else ""), flush=True)
     fabric.barrier()
     return step
 
+def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) -> None:
+    "Write config.yaml, record accepted configuration changes, cut the metrics log back to `step`."
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if changes:
+        with open(run_dir / "config_history.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+    # resume_from is an instruction for this launch, not a property of the run: the saved configuration does not keep it
+    save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")), run_dir / "config.yaml")
+    truncate_metrics(run_dir / "metrics.jsonl", step)
+
 # %% [markdown]
-# Saving gathers every rank's RNG state to rank 0, which writes the checkpoint (and uploads it);
-# the others wait at a barrier so nobody runs ahead of a checkpoint that is still being written.
+# Saving gathers every rank's RNG state to rank 0, which writes the checkpoint (weights, head and
+# metadata, plus the training state), drops the training state of checkpoints older than the newest
+# `checkpoint.keep_state`, and uploads if asked; the others wait at a barrier so nobody runs ahead
+# of a checkpoint that is still being written.
 
 # %%
 #| export
 def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
-    "Checkpoint `step` (model, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+    "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
-        state = {"step": step, "data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
-                 "optimizer": optimizer.state_dict(), "rng_cpu": rng}
-        directory = write_checkpoint(run_dir / "checkpoints", step, model, head, state)
+        meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size, "run_name": cfg.logging.run_name}
+        root = run_dir / "checkpoints"
+        directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
+        prune_training_state(root, cfg.checkpoint.keep_state)
         if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
     fabric.barrier()
 
-def checkpoint_due(step: int, tc) -> bool:
-    "Whether optimizer step `step` (completed steps) is checkpointed: every save_every, log-spaced, the last."
-    log_spaced = tc.log_spaced_checkpoints and (step & (step - 1)) == 0  # 0, 1, 2, 4, 8, ...
-    return step % tc.save_every == 0 or step == tc.steps or log_spaced
-
-# %%
-_tc = TrainConfig(steps=50, save_every=20, log_spaced_checkpoints=True)
-assert [s for s in range(51) if checkpoint_due(s, _tc)] == [0, 1, 2, 4, 8, 16, 20, 32, 40, 50]
-
 # %% [markdown]
 # ## Paloma evaluation, in parallel over ranks
+#
+# The evaluation rows (the first `eval.max_rows` of the split) are read once when the run starts
+# (`picomaml.data.read_eval_rows`), so a streamed split is not re-read every 100 steps; each rank
+# evaluates a strided share and the sums are all-reduced.
 
 # %%
 #| export
-def evaluate(fabric, model, eval_rows, ec, eos_id: int) -> dict:
-    "Token-weighted and per-document Paloma perplexity; each rank a strided shard, sums all-reduced."
-    from picomaml.data import eval_batches
+def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
+    "Token-weighted and per-document Paloma perplexity; each rank a strided share of the rows, sums all-reduced."
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
-    for batch in eval_batches(eval_rows, ec.batch_size, ec.max_rows, fabric.global_rank, fabric.world_size):
+    for batch in eval_batches(eval_rows, ec.batch_size, fabric.global_rank, fabric.world_size):
         with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
     model.train()
     return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
@@ -687,14 +408,15 @@ def evaluate(fabric, model, eval_rows, ec, eos_id: int) -> dict:
 # %% [markdown]
 # ## Monitoring
 #
-# One JSON line per optimizer step in `metrics.jsonl` (method.md §4; paper 1 Figs. 1, 3, 4):
+# One JSON line per optimizer step in `metrics.jsonl` (paper 1 §4.1 and Figs. 1, 3, 4):
 # `step` (optimizer steps completed), `loss` (the objective the optimizer saw: the mean over the
 # step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
 # over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
 # `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
 # (phi_T on the support set), `query_acc`, `head_w_mean` / `head_w_std` (phi_T's logits layer),
 # `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
-# `tokens_per_s` and `mfu`, and at evaluation steps `eval_loss`, `paloma_ppl`, `paloma_doc_ppl`.
+# `tokens_per_s` and `mfu`; and at evaluation steps a second line of the same step with `eval_loss`,
+# `paloma_ppl` and `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
 # `tokens_per_s` and `mfu` are wall-clock measurements: everything else is a deterministic function of
 # the configuration, so a resumed run's log equals an uninterrupted run's once those two are removed.
 #
@@ -724,11 +446,15 @@ assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.
 assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
 
 # %% [markdown]
-# Small pieces the loop calls: statistics, the finiteness check (a NaN/inf loss or gradient stops
-# the run **before** the optimizer step, so no checkpoint with broken weights is ever written and
-# the last good one stays `latest`), the tokenizer tables SMLMT needs, and the spectra hook
-# (`picomaml.spectra.record_spectra` on the first `spectra.grad_rows` evaluation rows, every
-# `spectra.every` steps, into `<run>/spectra.jsonl`).
+# Small pieces the loop calls: statistics; the finiteness check (a NaN/inf loss or gradient stops
+# the run **before** the optimizer step, so no checkpoint ever holds the weights it would give); the
+# confirmation of checkpoints (a checkpoint's weights are judged by the loss they give one step later:
+# finite, and not `EXPLODING` times the median of the last 20 losses, so a step that blew the weights
+# up to 1e6 without a NaN yet is never called good); the tokenizer tables SMLMT needs; and the
+# spectra hook (`picomaml.spectra.record_spectra` on the first `spectra.grad_rows` evaluation rows,
+# every `spectra.every` steps, into `<run>/spectra.jsonl`). When the run stops on a NaN, the message
+# names the newest confirmed checkpoint and the setting that resumes from it
+# (`checkpoint.resume_from`), which also accepts the lower learning rate the relaunch needs.
 
 # %%
 #| export
@@ -737,99 +463,156 @@ def add_stats(stats: dict, **values) -> None:
     for key, value in values.items(): stats[key] += value
 
 def check_finite(record: dict, run_dir: Path) -> None:
-    "Raise FloatingPointError on a NaN/inf loss or gradient norm, naming the step and the checkpoint kept."
+    "Raise FloatingPointError on a NaN/inf loss or gradient norm, naming the step and a way back that works."
     bad = [key for key in ("loss", "grad_norm") if not math.isfinite(record[key])]
     if not bad: return
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    kept = f"{latest.parent / latest.read_text().strip()}" if latest.exists() else "none was written yet"
-    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the "
-                             f"optimizer step. The last good checkpoint is kept ({kept}); lower train.lr or set "
-                             f"train.grad_clip, then relaunch to resume from it")
+    good = newest_confirmed(Path(run_dir) / "checkpoints")
+    way_back = (f"The newest checkpoint known good is {good.name} (its weights gave loss {read_meta(good)['next_loss']:.4g} at the next "
+                f"step): relaunch with checkpoint.resume_from={good.name} and a lower train.lr, or set train.grad_clip"
+                if good else "No checkpoint with training state is known good: start again under another logging.run_name with a "
+                "lower train.lr, or set train.grad_clip")
+    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the optimizer "
+                             f"step, so no checkpoint holds these weights. {way_back}")
+
+EXPLODING = 10.0  # a loss this many times the median of the run's recent losses is a divergence, not noise
+
+def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None:
+    "Confirm checkpoint `step`, if one was written, when the loss its weights gave is finite and not exploding."
+    directory = root / step_dir_name(step)
+    exploding = len(recent) >= 3 and loss > EXPLODING * statistics.median(recent)
+    if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding: confirm_checkpoint(directory, loss)
 
 def episode_tables(cfg: Config) -> tuple:
     "(word_start, alpha_len, special ids) of the tokenizer, for SMLMT episodes."
-    from picomaml.tokenizer import load_tokenizer
     tok = load_tokenizer(cfg.data)
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
-def record_run_spectra(model, eval_rows, cfg: Config, step: int, run_dir: Path) -> None:
+def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path) -> None:
     "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
-    from picomaml.data import eval_batches
-    from picomaml.spectra import record_spectra
-    batch = next(eval_batches(eval_rows, cfg.spectra.grad_rows, cfg.spectra.grad_rows))
-    record_spectra(model, batch, cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+    record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
 
 # %%
 try: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")); raise AssertionError
-except FloatingPointError as e: assert "step 7: loss is nan" in str(e) and "none was written yet" in str(e)
+except FloatingPointError as e: assert "step 7: loss is nan" in str(e) and "No checkpoint with training state is known good" in str(e)
 check_finite({"step": 7, "loss": 1.0, "grad_norm": 2.0}, Path("/nonexistent"))
+
+# %% [markdown]
+# **After the checkpoint, not before.** Evaluation and spectra run after the step's checkpoint is on
+# disk: if they fail (a streamed evaluation set that cannot be read, a full disk), the optimizer step
+# is not lost, and the relaunch resumes from that checkpoint and runs the monitoring it missed.
+
+# %%
+#| export
+def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
+    "(evaluate?, record spectra?) at completed optimizer step `step`."
+    return (bool(cfg.eval.every) and step > 0 and step % cfg.eval.every == 0,
+            bool(cfg.spectra.every) and step > 0 and step % cfg.spectra.every == 0)
+
+def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
+    "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
+    want_eval, want_spectra = monitoring_due(cfg, step)
+    logged = lambda path, key: path.is_file() and any(f'"step": {step},' in l and key in l for l in path.read_text().splitlines())
+    return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
+            want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
+
+def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool]) -> None:
+    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0."
+    do_eval, do_spectra = what
+    if do_eval:
+        record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        if fabric.global_rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+        fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
+    if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
+
+# %%
+_mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])
+assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 0) == (False, False)
+with tempfile.TemporaryDirectory() as _tmp:
+    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
+    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (True, True)
+    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n{"step": 40, "paloma_ppl": 9.0}\n')
+    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (False, True)
+
+# %% [markdown]
+# ## The two branches
+#
+# An **episode** (Algorithm 1) reads this rank's rows of the pool and gathers them, builds the
+# episode of (seed, draw) from the identical pool on every rank, and runs `picomaml.maml.maml_step`
+# with the support windows split over ranks (features gathered back) and the query windows split.
+# A **next-token** draw (Algorithm 2) backpropagates this rank's share of the micro-batch's mean loss,
+# chunk by chunk. Both return this rank's statistics of the draw.
+
+# %%
+#| export
+def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: int, draw: int, accum: int, pool: tuple) -> dict:
+    "One MAML episode on the gathered pool of (step, draw); returns this rank's statistics."
+    rank, world, (rows_per_rank, seed) = fabric.global_rank, fabric.world_size, pool
+    local = batch_for_step(pool_source, step, draw, rank, world, rows_per_rank, accum, seed)  # (pool rows / world, T + 1)
+    rows = gather_parts(fabric, local.to(fabric.device), [rows_per_rank] * world)  # (pool rows, T + 1)
+    episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
+    n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+    with fabric.autocast():
+        out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
+                        support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
+                        loss_scale=1 / accum, inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
+    window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
+    return dict(loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
+                query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
+                head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
+                flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
+
+def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int, accum: int, rows_per_rank: int, chunk_rows: int) -> dict:
+    "One next-token micro-batch: this rank's rows, `chunk_rows` at a time; returns this rank's statistics."
+    rows = batch_for_step(train_rows, step, draw, fabric.global_rank, fabric.world_size, rows_per_rank, accum, cfg.train.seed)
+    seq_len = rows.shape[1] - 1
+    global_targets = cfg.train.branch_batch * seq_len  # the micro-batch's mean is over every rank's targets
+    loss_sum = next_token_backward(model, rows, chunk_rows, global_targets * accum, fabric.autocast, fabric.device)
+    share = loss_sum / global_targets
+    return dict(loss=share / accum, ar_loss=share, n_ar=1, tokens=rows.shape[0] * seq_len,
+                flops=ar_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
 
 # %% [markdown]
 # ## The loop
 #
-# Paper 1, Algorithms 1 and 2, one micro-batch at a time. Per optimizer step: set the learning rate;
-# for each micro-step draw the branch; an **episode** reads and gathers the pool, builds the episode
-# of (seed, micro-step), and runs `picomaml.maml.maml_step` with the support rows split over ranks
-# (features gathered back) and the query rows split; a **next-token** micro-step backpropagates its
-# rank's share of the global loss. Then the gradients are summed over ranks, checked, clipped, and
-# AdamW steps. Logging, evaluation, spectra and checkpoints follow. Each micro-step starts from a
-# seed of (seed, step, micro-step, rank), so dropout is a function of the position in the run and a
-# resumed run repeats it exactly; the head's inner loop gets a seed without the rank, so it is
-# identical on every rank.
+# Paper 1, Algorithms 1 and 2, one branch micro-batch at a time. Per optimizer step: set the
+# learning rate; for each draw, seed the RNG from (seed, step, draw, rank) so dropout is a function of
+# the position in the run and a resumed run repeats it exactly, and run the drawn branch. Then sum the
+# gradients over ranks, check them, clip, and step AdamW. Log the step, checkpoint it when due
+# (step 0 too, before the first step), and only then evaluate.
 
 # %%
 #| export
 def train(cfg: Config, fabric, hub_api=None) -> Path:
     "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory."
-    from tqdm.auto import tqdm
-    from picomaml.data import ShardRows, batch_for_step, open_rows
-    from picomaml.maml import maml_step
-    from picomaml.smlmt import build_episode
     tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
-    accum = accumulation_steps(tc.global_batch, tc.micro_batch, world)
+    accum, rows_per_rank = branch_layout(tc, world)
+    chunk_rows = memory_chunk(cfg, world, device)
     run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
     model, head, optimizer = build_model(cfg, device)
+    model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]
     train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size)
-    needs_eval = cfg.eval.every > 0 or cfg.spectra.every > 0
-    eval_rows = open_rows(cfg.data, "eval", cfg.model.vocab_size) if needs_eval else None
+    eval_rows = read_eval_rows(cfg.data, cfg.eval.max_rows, cfg.model.vocab_size) if cfg.eval.every or cfg.spectra.every else None
     if cfg.maml.rho > 0:
-        episode_rows = pool_rows_per_rank(cfg.smlmt.pool_rows, world)
-        pool_source = train_rows if isinstance(train_rows, ShardRows) else open_rows(cfg.data, "train", cfg.model.vocab_size)
-        word_start, alpha_len, special_ids = episode_tables(cfg)
+        pool = pool_layout(cfg, world, rows_per_rank)
+        pool_source = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size)
+        tables = episode_tables(cfg)
     peak = peak_flops(device)
     start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
-    if start == 0 and tc.log_spaced_checkpoints: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
+    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
+    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0))
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
+    recent_losses = deque(maxlen=20)
     for step in range(start, tc.steps):
         lr = lr_at(step, tc)
         for group in optimizer.param_groups: group["lr"] = lr
         started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
         branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
-        for micro, is_episode in enumerate(branches):
-            torch.manual_seed(mix_seed(tc.seed, step, micro, rank))
-            if is_episode:
-                local = batch_for_step(pool_source, step, micro, rank, world, episode_rows, accum, mix_seed(tc.seed, "pool") % 2**31)
-                pool = gather_parts(fabric, local.to(device), [episode_rows] * world)  # (pool_rows, seq_len + 1)
-                episode = build_episode(pool, cfg.smlmt, word_start, alpha_len, special_ids, cfg.data.mask_id, tc.seed, step * accum + micro)
-                n_support, n_query = len(episode.support_labels), len(episode.query_labels)
-                with fabric.autocast():
-                    out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
-                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
-                                    loss_scale=1 / accum, inner_seed=mix_seed(tc.seed, step, micro, "inner"))
-                window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
-                add_stats(stats, loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
-                          query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
-                          head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
-                          flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
-            else:
-                rows = batch_for_step(train_rows, step, micro, rank, world, tc.micro_batch, accum, tc.seed).to(device)
-                n_targets = rows.shape[0] * (rows.shape[1] - 1)
-                with fabric.autocast():
-                    share = next_token_loss_sum(model, rows) / (n_targets * world)  # this rank's share of the micro-batch mean
-                (share / accum).backward()
-                add_stats(stats, loss=share.item() / accum, ar_loss=share.item(), n_ar=1, tokens=n_targets,
-                          flops=ar_flops(cfg.model, n_targets, rows.shape[1] - 1))
+        for draw, is_episode in enumerate(branches):
+            torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
+            if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, pool_source, tables, step, draw, accum, pool))
+            else: add_stats(stats, **next_token_draw(fabric, cfg, model, train_rows, step, draw, accum, rows_per_rank, chunk_rows))
         sum_gradients(fabric, params)
         totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
         totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
@@ -841,19 +624,18 @@ def train(cfg: Config, fabric, hub_api=None) -> Path:
         record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
         check_finite(record, run_dir)
+        if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
+        recent_losses.append(record["loss"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = record["tokens"] / elapsed
         record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            record.update(evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id))
-        if cfg.spectra.every and (step + 1) % cfg.spectra.every == 0 and rank == 0:
-            record_run_spectra(model, eval_rows, cfg, step + 1, run_dir)
         if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
-        if checkpoint_due(step + 1, tc): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
+        if checkpoint_due(step + 1, cfg.checkpoint, tc.steps): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
+        monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1))
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
     bar.close()
@@ -871,8 +653,7 @@ import os
 from lightning.fabric import Fabric
 from picomaml.config import load_config
 from picomaml.data import prepare
-from picomaml.tokenizer import load_tokenizer
-import picomaml.smlmt
+from safetensors.torch import load_file
 
 SHARED = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
 _tok = load_tokenizer(load_config(None, [f"data.tokenizer_path={SHARED}/tokenizer/olmo-7b-0724-tokenizer.json"]).data)
@@ -885,25 +666,30 @@ def tiny_config(runs_dir, *overrides):
     return load_config(None, [
         "model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96", "model.max_seq_len=32",
         f"data.train_path={_data}/train", f"data.eval_path={_data}/eval", "data.seq_len=32", f"data.tokenizer_path={_tok.source}",
-        "train.steps=8", "train.global_batch=8", "train.micro_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "train.save_every=4",
+        "train.steps=8", "train.global_batch=8", "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "checkpoint.every=4",
         "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30",
         "maml.head_hidden=16", "maml.head_layers=2", "eval.every=4", "eval.max_rows=16", "eval.batch_size=8",
         "spectra.every=0", f"logging.runs_dir={runs_dir}", "logging.progress_bar=false", *overrides])
 
-def read_metrics(run_dir): return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir):
+    "A run's metrics, the lines of one step (training, then evaluation) merged."
+    merged = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines(): merged.setdefault(json.loads(line)["step"], {}).update(json.loads(line))
+    return [merged[step] for step in sorted(merged)]
 
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 _runs = Path(tempfile.mkdtemp())
-_real_build = picomaml.smlmt.build_episode
-picomaml.smlmt.build_episode = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rho = 0 built an episode"))
+_real_build = build_episode
+build_episode = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rho = 0 built an episode"))
 try: _run = train(tiny_config(_runs, "maml.rho=0", "logging.run_name=ar"), _fabric)
-finally: picomaml.smlmt.build_episode = _real_build
+finally: build_episode = _real_build
 _log = read_metrics(_run)
 assert [r["step"] for r in _log] == list(range(1, 9)) and all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in _log)
 assert _log[-1]["loss"] < _log[0]["loss"] - 0.3, [r["loss"] for r in _log]
 assert all(r["query_loss"] is None and r["support_acc"] is None and r["head_grad_norm"] is None for r in _log)
 assert _log[3]["paloma_ppl"] > _log[7]["paloma_ppl"] and "paloma_doc_ppl" in _log[7] and "paloma_ppl" not in _log[4]
-assert sorted(p.name for p in (_run / "checkpoints").iterdir()) == ["latest", "step_000004", "step_000008"]
+assert sorted(p.name for p in (_run / "checkpoints").iterdir()) == ["latest", "step_000000", "step_000004", "step_000008"]
+assert [p.parent.name for p in sorted((_run / "checkpoints").glob("*/training_state.pt"))] == ["step_000004", "step_000008"]  # keep_state 2
 assert load_config(_run / "config.yaml").maml.rho == 0
 print(*(f"step {r['step']}: loss {r['loss']:.3f} lr {r['lr']:.4f} {r['tokens_per_s']:.0f} tok/s" for r in _log), sep="\n")
 
@@ -913,7 +699,7 @@ print(*(f"step {r['step']}: loss {r['loss']:.3f} lr {r['lr']:.4f} {r['tokens_per
 
 # %%
 _run = train(tiny_config(_runs, "maml.rho=1", "logging.run_name=maml", "train.steps=3", "eval.every=0",
-                         "train.log_spaced_checkpoints=true"), _fabric)
+                         "checkpoint.log_spaced=true"), _fabric)
 _log = read_metrics(_run)
 assert all(r["n_ar"] == 0 and r["n_maml"] == 2 and r["branches"] == "MM" and r["ar_loss"] is None for r in _log)
 assert all(0 <= r["support_acc"] <= 1 and 0 <= r["query_acc"] <= 1 and r["head_grad_norm"] > 0 for r in _log)

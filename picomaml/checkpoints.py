@@ -22,8 +22,8 @@ from .names import STEP_DIR, step_dir_name
 # %% auto #0
 __all__ = ['WEIGHT_FILES', 'META_FILE', 'STATE_FILE', 'LATEST_FILE', 'file_sha256', 'write_json_atomic', 'write_checkpoint',
            'write_latest', 'CheckpointCorrupt', 'list_checkpoints', 'has_training_state', 'read_checkpoint',
-           'NoResumableCheckpoint', 'find_resumable', 'prune_training_state', 'checkpoint_due', 'scheduled_steps',
-           'truncate_metrics', 'upload_checkpoint']
+           'NoResumableCheckpoint', 'find_resumable', 'read_meta', 'confirm_checkpoint', 'newest_confirmed',
+           'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'truncate_metrics', 'upload_checkpoint']
 
 # %% ../nbs/06_checkpoints.ipynb #ac8db3cc
 WEIGHT_FILES = ("model.safetensors", "head.safetensors")
@@ -110,13 +110,29 @@ def find_resumable(root):
                                     f"start over, or choose another logging.run_name")
     return None
 
+# %% ../nbs/06_checkpoints.ipynb #0deef345
+def read_meta(directory) -> dict:
+    "A checkpoint's checkpoint.json."
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+def confirm_checkpoint(directory, next_loss: float) -> None:
+    "Mark a checkpoint as known good: its weights gave the finite, non-exploding loss `next_loss` at the next step."
+    meta = read_meta(directory)
+    write_json_atomic(Path(directory) / META_FILE, {**meta, "confirmed": True, "next_loss": next_loss})
+
+def newest_confirmed(root) -> Path | None:
+    "The newest confirmed checkpoint that still keeps its training state, or None."
+    good = [d for _, d in list_checkpoints(root) if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
+    return good[-1] if good else None
+
 # %% ../nbs/06_checkpoints.ipynb #9cf129bc
 def prune_training_state(root, keep: int) -> list[Path]:
-    "Delete the training state of all but the newest `keep` checkpoints that hold one (weights stay); return those pruned."
+    "Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); return those pruned."
+    protect = newest_confirmed(root)
     with_state = [d for _, d in list_checkpoints(root) if has_training_state(d)]
-    pruned = with_state[:-keep] if keep > 0 else with_state
+    pruned = [d for d in with_state[:-keep] if d != protect]
     for directory in pruned:
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = read_meta(directory)
         meta["sha256"].pop(STATE_FILE, None)
         write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
         (directory / STATE_FILE).unlink()

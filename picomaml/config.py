@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig', 'CheckpointConfig', 'SMLMTConfig', 'MAMLConfig',
-           'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig', 'Config', 'ConfigError', 'coerce_value',
-           'apply_overrides', 'read_preset', 'parse_override', 'load_config', 'config_dict', 'save_config',
-           'format_help']
+__all__ = ['RESUME_MAY_CHANGE', 'PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig', 'CheckpointConfig',
+           'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig', 'Config',
+           'ConfigError', 'coerce_value', 'apply_overrides', 'read_preset', 'parse_override', 'load_config',
+           'config_dict', 'save_config', 'format_help', 'flat_config', 'config_changes']
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
 def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None):
@@ -85,6 +85,7 @@ class CheckpointConfig:
     log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
     keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
     resume: bool = opt(True, "resume from the run directory's newest valid checkpoint")
+    resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; later steps are redone")
 
 # %% ../nbs/00_config.ipynb #ea1561eb
 @dataclass
@@ -272,6 +273,22 @@ def format_help(cfg: Config | None = None) -> str:
             default = getattr(getattr(cfg, sec.name), f.name)
             lines.append(f"  {sec.name}.{f.name} ({f.type}, {default!r}{extra}): {f.metadata['help']}")
     return "\n".join(lines)
+
+# %% ../nbs/00_config.ipynb #eaade569
+RESUME_MAY_CHANGE = ("logging.", "eval.", "spectra.every", "checkpoint.", "train.chunk_rows", "train.activation_checkpointing",
+                     "train.steps", "ner.")
+
+def flat_config(cfg) -> dict:
+    "`{'section.key': value}` of a Config or of its nested dict."
+    tree = cfg if isinstance(cfg, dict) else config_dict(cfg)
+    return {f"{sec}.{key}": value for sec, values in tree.items() for key, value in values.items()}
+
+def config_changes(old, new) -> tuple[dict, dict]:
+    "(changes that alter the training trajectory, changes that may be made on resume), each `{key: (old, new)}`."
+    before, after = flat_config(old), flat_config(new)
+    changed = {k: (before.get(k), after[k]) for k in after if before.get(k) != after[k]}
+    safe = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
+    return {k: v for k, v in changed.items() if k not in safe}, safe
 
 # %% ../nbs/00_config.ipynb #90907087
 # the exported module sits in picomaml/, the notebook runs in nbs/: both find configs/ one level up

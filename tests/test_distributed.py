@@ -194,19 +194,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, runs, monkeypat
     import picomaml.lm_loss as L
     import picomaml.train as T
     from picomaml.checkpoints import find_resumable
-    from picomaml.config import load_config
+    from picomaml.config import ConfigError, load_config
     calls, real = [], L.next_token_loss_sum
     def poisoned(model, rows):  # draws 5 and 6 are optimizer step 3 (2 draws a step, one chunk each)
         calls.append(1)
         return real(model, rows) * (float("nan") if len(calls) >= 5 else 1.0)
     monkeypatch.setattr(L, "next_token_loss_sum", poisoned)
     cfg = load_config(None, tiny(data, runs, "nan", "maml.rho=0", "train.branch_batch=4", "train.steps=6", "checkpoint.every=2"))
-    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*last good checkpoint is kept.*step_000002"):
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*known good is step_000000.*checkpoint.resume_from=step_000000"):
         T.train(cfg, Fabric(accelerator="cpu", devices=1, precision="32-true"))
     ckpts = runs / "nan" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    assert (ckpts / "latest").read_text().strip() == "step_000002"  # written before step 3, but not known good
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000000", "step_000002"] and find_resumable(ckpts)[0].name == "step_000002"
     assert [r["step"] for r in metrics(runs / "nan")] == [1, 2]
+    # the way out the message gives works: a plain relaunch is refused a changed lr, the named checkpoint accepts it
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.001"):
+        T.train(load_config(None, [*tiny(data, runs, "nan", "maml.rho=0", "train.branch_batch=4", "train.steps=6", "checkpoint.every=2"),
+                                   "train.lr=1e-3"]), Fabric(accelerator="cpu", devices=1, precision="32-true"))
+    T.train(load_config(None, [*tiny(data, runs, "nan", "maml.rho=0", "train.branch_batch=4", "train.steps=6", "checkpoint.every=2"),
+                               "train.lr=1e-3", "checkpoint.resume_from=step_000000"]), Fabric(accelerator="cpu", devices=1, precision="32-true"))
+    assert [r["step"] for r in metrics(runs / "nan")] == [1, 2, 3, 4, 5, 6]
+    history = [json.loads(l) for l in (runs / "nan" / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 0 and history[-1]["changes"]["train.lr"] == [0.01, 0.001]
 
 
 # --- two nodes ------------------------------------------------------------------------------------------------
