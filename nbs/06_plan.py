@@ -163,7 +163,10 @@ assert sum(v for k, v in param_counts(load_config(PRESETS_DIR / "pico-tiny-maml.
 #
 # Under autocast the graph also keeps the bf16 copy of every block weight (2 bytes a matmul
 # parameter), counted separately below. With `train.activation_checkpointing` a block keeps only its
-# float32 input (4d) and recomputes the rest in backward.
+# float32 input (4d) and recomputes the rest in backward. On CUDA, attention in bf16 takes the flash
+# kernel, which saves the same q, k, v, output and log-sum-exp as the CPU kernel counted here; its
+# output may already be laid out so that `o_proj`'s input is a view of it, one a·d less per block,
+# which the GPU check would show as a measurement a few per cent under the plan.
 
 # %%
 #| export
@@ -235,8 +238,9 @@ for _kv, (_B, _T) in ((2, (2, 16)), (4, (3, 40))):
 #    is recomputed: its whole graph (and its bf16 weights) exists next to every block's saved input.
 #
 # The three were found by measuring the peak resident memory of real chunks on CPU
-# (`tests/test_plan.py` does it for three shapes and asserts ±25 %; the results are below) and
-# `benchmarks/gpu_check.sh` compares them with `torch.cuda.max_memory_allocated` on a GPU.
+# (`tests/test_plan.py` does it for three shapes and asserts ±25 %; the results are below).
+# `benchmarks/gpu_check.sh` compares every phase with `torch.cuda.max_memory_allocated` on a GPU and
+# writes `benchmarks/results-gpu.md`.
 
 # %%
 #| export
@@ -347,20 +351,22 @@ def eval_peak_bytes(cfg: Config, a: int, rows: int) -> int:
     cast = (2 if a < 4 else 0) * (mc.n_layers * _block_params(mc) + mc.vocab_size * mc.d_model)
     return cast + max(block_saved_bytes(mc, N, a), 4 * N * mc.d_model + 8 * N * mc.vocab_size)
 
-SPECTRA_SHAPES = {"attention.q_proj": lambda d, kv, f: d * d, "attention.k_proj": lambda d, kv, f: kv * d,
-                  "attention.v_proj": lambda d, kv, f: kv * d, "attention.o_proj": lambda d, kv, f: d * d,
-                  "swiglu.w_0": lambda d, kv, f: f * d, "swiglu.w_1": lambda d, kv, f: f * d, "swiglu.w_2": lambda d, kv, f: f * d}
+def matrix_sizes(mc) -> dict:
+    "Parameters of each weight matrix of a block, by the name `spectra.layers` uses."
+    d, kv, f = mc.d_model, mc.d_model // mc.n_heads * mc.n_kv_heads, mc.ffn_hidden
+    return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d, "attention.o_proj": d * d,
+            "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
 
 def spectra_peak_bytes(cfg: Config, rows: int) -> int:
     "Peak bytes of the spectra's float32 gradient pass over `rows` rows above weights and AdamW state."
-    mc = cfg.model
-    d, kv, f = mc.d_model, mc.d_model // mc.n_heads * mc.n_kv_heads, mc.ffn_hidden
-    selected = 4 * mc.n_layers * sum(SPECTRA_SHAPES[name](d, kv, f) for name in cfg.spectra.layers if name in SPECTRA_SHAPES)
+    mc, sizes = cfg.model, matrix_sizes(cfg.model)
+    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # the returned gradients
     return chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing) + selected
 
 # %%
 _cfg = load_config(PRESETS_DIR / "pico-large-maml.yaml")
 _counts = param_counts(_cfg)
+assert sum(matrix_sizes(_cfg.model).values()) == _block_params(_cfg.model)
 assert step_transient_bytes(_cfg, 4, "cuda") == step_transient_bytes(_cfg, 1, "cuda") == 4 * sum(_counts.values())
 assert step_transient_bytes(_cfg, 1, "cpu") == 8 * _counts["embedding"] < step_transient_bytes(_cfg, 2, "cpu")
 assert eval_peak_bytes(_cfg, 2, 16) > 16 * 2048 * 50304 * 8  # the logits alone
@@ -465,6 +471,7 @@ def layout_problem(cfg: Config, gpus: int) -> str:
     return ""
 
 def _gib(n: float) -> str:
+    "Bytes as GiB for a message."
     return f"{n / GIB:.1f} GiB"
 
 def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict) -> str:

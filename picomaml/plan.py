@@ -16,13 +16,12 @@ from .checkpoints import scheduled_steps
 from .config import Config, ConfigError, load_config
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'LOSS_CHUNK', 'SPECTRA_SHAPES', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SAFETENSORS_PER_TENSOR',
-           'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts',
-           'block_saved_bytes', 'activation_bytes', 'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes',
-           'step_transient_bytes', 'eval_peak_bytes', 'spectra_peak_bytes', 'with_reserve', 'device_memory_gb',
-           'phase_bytes', 'largest_fitting', 'choose_chunk', 'layout_problem', 'memory_problem', 'rows_problem',
-           'step_cost', 'wall_time', 'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args',
-           'main']
+__all__ = ['PEAK_FLOPS', 'LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR',
+           'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts', 'block_saved_bytes',
+           'activation_bytes', 'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes',
+           'eval_peak_bytes', 'matrix_sizes', 'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes',
+           'largest_fitting', 'choose_chunk', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost',
+           'wall_time', 'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
 
 # %% ../nbs/06_plan.ipynb #5d36dc89
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s by device-name substring
@@ -129,15 +128,16 @@ def eval_peak_bytes(cfg: Config, a: int, rows: int) -> int:
     cast = (2 if a < 4 else 0) * (mc.n_layers * _block_params(mc) + mc.vocab_size * mc.d_model)
     return cast + max(block_saved_bytes(mc, N, a), 4 * N * mc.d_model + 8 * N * mc.vocab_size)
 
-SPECTRA_SHAPES = {"attention.q_proj": lambda d, kv, f: d * d, "attention.k_proj": lambda d, kv, f: kv * d,
-                  "attention.v_proj": lambda d, kv, f: kv * d, "attention.o_proj": lambda d, kv, f: d * d,
-                  "swiglu.w_0": lambda d, kv, f: f * d, "swiglu.w_1": lambda d, kv, f: f * d, "swiglu.w_2": lambda d, kv, f: f * d}
+def matrix_sizes(mc) -> dict:
+    "Parameters of each weight matrix of a block, by the name `spectra.layers` uses."
+    d, kv, f = mc.d_model, mc.d_model // mc.n_heads * mc.n_kv_heads, mc.ffn_hidden
+    return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d, "attention.o_proj": d * d,
+            "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
 
 def spectra_peak_bytes(cfg: Config, rows: int) -> int:
     "Peak bytes of the spectra's float32 gradient pass over `rows` rows above weights and AdamW state."
-    mc = cfg.model
-    d, kv, f = mc.d_model, mc.d_model // mc.n_heads * mc.n_kv_heads, mc.ffn_hidden
-    selected = 4 * mc.n_layers * sum(SPECTRA_SHAPES[name](d, kv, f) for name in cfg.spectra.layers if name in SPECTRA_SHAPES)
+    mc, sizes = cfg.model, matrix_sizes(cfg.model)
+    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # the returned gradients
     return chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing) + selected
 
 # %% ../nbs/06_plan.ipynb #f2d6df7d
@@ -195,6 +195,7 @@ def layout_problem(cfg: Config, gpus: int) -> str:
     return ""
 
 def _gib(n: float) -> str:
+    "Bytes as GiB for a message."
     return f"{n / GIB:.1f} GiB"
 
 def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict) -> str:
