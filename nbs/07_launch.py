@@ -196,11 +196,42 @@ if __name__ == "__main__" and "__file__" in globals():
     except ConfigError as e: sys.exit(f"error: {e}")
 
 # %% [markdown]
+# ## Will it fit? The plan before the launch
+#
+# `python -m picomaml.plan` (`06_plan`) answers before any GPU is touched: per-device memory of each
+# phase (weights, gradients, AdamW state, the activations of one memory chunk, the episode,
+# evaluation, spectra), the memory chunk it chooses, tokens and FLOPs per optimizer step, the wall
+# time at a given MFU and the checkpoint disk of the run. It exits 0 when the run fits and 2 with one
+# line naming the setting to change:
+#
+# ```sh
+# python -m picomaml.plan --config configs/pico-large-maml.yaml --gpus 4 --gpu-memory-gb 80 --gpu-tflops 312 --mfu 0.4
+# ```
+#
+# `train` asks the same planner, with the device's real memory (`picomaml.plan.device_memory_gb`),
+# for the chunk when `train.chunk_rows` is 0, and refuses a run that will not fit before the data is
+# opened or step 1 runs, with the same one-line reason.
+
+# %%
+import tempfile
+from picomaml.config import PRESETS_DIR
+from picomaml.plan import main as plan_main
+_large = str(PRESETS_DIR / "pico-large-maml.yaml")
+with contextlib.redirect_stdout(io.StringIO()) as _plan, contextlib.redirect_stderr(io.StringIO()) as _err:
+    assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312"]) == 0
+    assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "16"]) == 2
+assert _err.getvalue().startswith("error: ") and " set " in _err.getvalue() and "hours" in _plan.getvalue()
+try: main(["--config", str(PRESETS_DIR / "demo.yaml"), "model.d_model=12288", "model.ffn_hidden=49152",
+           f"logging.runs_dir={tempfile.mkdtemp()}"]); raise AssertionError("launched a model that cannot fit")
+except ConfigError as e: assert "model.d_model" in str(e) or "memory" in str(e)
+print(_plan.getvalue()[:1500])
+
+# %% [markdown]
 # ## Running a configuration from this notebook
 #
 # N = the number of GPUs, or 2 CPU processes (gloo) without GPUs, through torchrun. This is the demo
 # (minutes on two CPU cores), so it is flagged `slow` and `nbdev_test` skips it; set `CONFIG` to
-# another preset to run that instead. The demo's prepared data must exist (`make data`).
+# another preset to run that instead. The demo's prepared data must exist (the `data` stage of `make demo`).
 
 # %%
 #| slow

@@ -54,7 +54,7 @@ from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from picomaml.ner_data import encode_split, load_split
+from picomaml.ner_data import UNERFormatError, encode_split, load_split
 from picomaml.tokenizer import load_tokenizer
 
 # %% [markdown]
@@ -308,7 +308,9 @@ def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "p
 #
 # Jobs run checkpoint by checkpoint, so each backbone is loaded once; for head-only jobs the frozen
 # backbone's features of every split are computed once per checkpoint and shared by every head and
-# seed. Splits are encoded once per sweep (capped by `max_train_sentences` / `max_eval_sentences`).
+# seed. Splits are encoded once per sweep (capped by `max_train_sentences` / `max_eval_sentences`;
+# the Philippine test sets of a job that saves its predictions are never capped, because paper 2's
+# §4 analyses and App. B's case studies read those predictions sentence by sentence).
 # A row holds the coordinates, the result record of `picomaml.ner` (dev F1; test micro-F1 default
 # and strict and per-tag F1 per test set; t90, AUC, slope) and the per-step loss curve. With
 # `save_predictions`, the predicted tags and gold-tag probabilities of the Philippine test sets go
@@ -390,7 +392,8 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
         st = job_settings(job)
         ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
-            cap = st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
+            kept_whole = split == "test" and st.get("save_predictions") and name in PHILIPPINE  # paper 2 §4 reads these sentence by sentence
+            cap = None if kept_whole else st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
             if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
             return encoded[key]
@@ -432,7 +435,7 @@ def main(argv=None) -> None:
         grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
         n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
                       grid_overrides=grid_overrides)
-    except (SweepError, ConfigError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
+    except (SweepError, ConfigError, UNERFormatError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): main()

@@ -358,13 +358,22 @@ def set_style() -> None:
     matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "svg.hashsalt": "picomaml",
                                 "figure.constrained_layout.use": True, "legend.frameon": False})
 
+def figure_missing(fig) -> list[str]:
+    "Every 'missing: …' note drawn in `fig` (panel notes, annotations, titles, legend titles)."
+    texts = [t.get_text() for ax in fig.axes for t in [*ax.texts, ax.title]]
+    texts += [ax.get_legend().get_title().get_text() for ax in fig.axes if ax.get_legend()]
+    return sorted({t for t in texts if t.startswith(f"{MISSING}:")})
+
 def save_figure(fig, name: str, figures_dir) -> list[Path]:
-    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), close it, return the paths."
+    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, return the paths."
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], metadata={"Software": None})
     fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    ledger = out / "missing.json"  # what each figure lacks, so a reader (or a test) need not look at the pictures
+    missing = json.loads(ledger.read_text()) if ledger.is_file() else {}
+    ledger.write_text(json.dumps({**missing, name: figure_missing(fig)}, indent=1, sort_keys=True) + "\n")
     plt.close(fig)
     return paths
 
@@ -376,10 +385,8 @@ def save_figure(fig, name: str, figures_dir) -> list[Path]:
 # %%
 #| export
 def missing_label(items) -> str:
-    "'missing: a, b' for a figure's note, also printed as '[missing] a, b' so an executed notebook says what it lacked."
-    what = ", ".join(items) if not isinstance(items, str) else items
-    print(f"[missing] {what}")
-    return f"{MISSING}: {what}"
+    "'missing: a, b' for a figure's note (`save_figure` lists every such note in `missing.json`)."
+    return f"{MISSING}: {items if isinstance(items, str) else ', '.join(items)}"
 
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
@@ -404,7 +411,8 @@ with tempfile.TemporaryDirectory() as tmp:
     first = [p.read_bytes() for p in save_figure(fig, "p1_figX_demo", Path(tmp) / "figs")]
     again = [p.read_bytes() for p in save_figure(_demo_figure()[0], "p1_figX_demo", Path(tmp) / "figs")]
     assert first == again and first[0][:4] == b"\x89PNG" and first[1][:5] == b"%PDF-"
-    assert sorted(p.name for p in (Path(tmp) / "figs").iterdir()) == ["p1_figX_demo.pdf", "p1_figX_demo.png"]
+    assert sorted(p.name for p in (Path(tmp) / "figs").iterdir()) == ["missing.json", "p1_figX_demo.pdf", "p1_figX_demo.png"]
+    assert json.loads((Path(tmp) / "figs" / "missing.json").read_text()) == {"p1_figX_demo": ["missing: pico-large-vanilla"]}
 
 # %% [markdown]
 # ## Tables: Markdown, LaTeX and CSV

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,7 @@ class Profile:
     nproc: int  # processes per pretraining run (GPUs, or gloo CPU processes)
     grids: list  # NER sweep grids under configs/sweeps/
     seeds: list = field(default_factory=lambda: [DEFAULT_SEED])  # pretraining seeds: each arm once per seed
+    jobs: int = 1  # pretraining runs at once (CPU rehearsals of many small runs: their start-up overlaps)
     data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
     seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
@@ -94,39 +96,41 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 #
 # | what | paper | rehearsal |
 # |---|---|---|
-# | model width d, per size | 96 / 384 / 768 / 1,536 | d / 16: 6 / 24 / 48 / 96, ffn 4d |
+# | model width d, per size | 96 / 384 / 768 / 1,536 | d / 32 rounded up to a multiple of 6: 6 / 12 / 24 / 48, ffn 4d |
 # | heads (query / key-value) | 12 / 4 | 3 / 1 (the same 3:1 grouping) |
 # | depth | 12 blocks | 2 |
-# | steps, warmup, and the cadence of checkpoints, evaluation, spectra | 6,000; 2,500; every 100 | ÷ 1,000: 6; 2; every step |
-# | sequence length | 2,048 | 32 |
+# | steps, warmup, and the cadence of checkpoints, evaluation, spectra | 6,000; 2,500; every 100 | ÷ 2,000 (at least 1): 3; 1; every step |
+# | sequence length (the RoPE cache: 128, for NER windows of up to 128 sub-tokens) | 2,048 | 32 |
 # | branch micro-batch (global batch) | 256 (2,048; tiny 1,024) | 16 (128; tiny 64): still 8 draws a step, 4 for tiny |
 # | SMLMT episode (N-way K+Q-shot, window) | 32-way 4+4, 64 | 4-way 1+1, 8, from the branch micro-batch as in the papers |
 # | Paloma rows evaluated | 1,024 | 16 |
-# | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 8 / 4, 1 |
+# | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 16 / 4 (a job that saves predictions keeps the whole tl and ceb test sets), 1 |
 # | pretraining seeds | any | 42 and 1 |
 #
 # The data goes through the Hub code path: `datasets.load_dataset(<dir>, streaming=True)` on local
 # directories in the Hub datasets' layout (`picomaml.data.write_hub_layout`), made from
-# `$PICOMAML_DATA`'s corpus, with 256 rows per parquet file so that runs cross file boundaries and
-# resume by opening the file of their position. Outputs go under `runs/rehearse/`, never into the
-# committed `figures/` and `paper_tables/`.
+# `$PICOMAML_DATA`'s corpus (its first 300 training and 20 evaluation documents), with 256 rows per
+# parquet file so that runs cross file boundaries and a resumed run opens the file of its position.
+# Pretraining runs two at a time, so their start-up (about 10 s of imports each) overlaps. Outputs go
+# under `runs/rehearse/`, never into the committed `figures/` and `paper_tables/`.
 
 # %%
 #| export
-SHRINK = dict(width_divisor=16, heads=(3, 1), layers=2, step_divisor=1000, seq_len=32, branch_divisor=16,
+SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=16,
               episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
-              ner=dict(max_train_sentences=8, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=32, batch_size=8)),
-              seeds=[DEFAULT_SEED, 1])
+              ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
+              seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
 
 def shrink_size(size: str) -> list[str]:
     "The rehearsal's overrides of one size's paper preset (width, heads, depth, steps and cadence, rows)."
     cfg, s = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"), SHRINK
-    d, steps = cfg.model.d_model // s["width_divisor"], cfg.train.steps // s["step_divisor"]
+    d = math.ceil(cfg.model.d_model / s["width_divisor"] / 6) * 6  # three heads of even width (RoPE rotates pairs)
+    steps = cfg.train.steps // s["step_divisor"]
     per_step = lambda every: max(1, every // s["step_divisor"])
     branch = cfg.train.branch_batch // s["branch_divisor"]
     return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}", f"model.n_kv_heads={s['heads'][1]}",
-            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['seq_len']}", f"data.seq_len={s['seq_len']}",
+            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['ner_max_len']}", f"data.seq_len={s['seq_len']}",
             f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
             f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
@@ -138,7 +142,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     data = Path(runs_dir).resolve() / REHEARSAL_DATA
     source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
               f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
-    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, seeds=list(SHRINK["seeds"]), data="hub-layout",
+    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
                                size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
                                commits_outputs=False, smoke=True)
@@ -166,7 +170,7 @@ for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
 _rehearse = PROFILES["rehearse"]
 assert _rehearse.grids == PAPER.grids and _rehearse.sizes == PAPER.sizes and _rehearse.family == PAPER.family
-assert "model.d_model=96" in _rehearse.size_overrides["large"] and "train.steps=6" in _rehearse.size_overrides["tiny"]
+assert "model.d_model=48" in _rehearse.size_overrides["large"] and "model.d_model=6" in _rehearse.size_overrides["tiny"] and "train.steps=3" in _rehearse.size_overrides["tiny"]
 assert "train.global_batch=64" in _rehearse.size_overrides["tiny"] and "train.global_batch=128" in _rehearse.size_overrides["small"]
 
 # %% [markdown]
@@ -295,7 +299,7 @@ def prepare_stages(profile: Profile, timings: dict) -> None:
     for split in ("train", "eval"):
         out = root / split
         timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
-              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else 300)))
+              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else SHRINK["documents"][split])))
         if not local:
             name, hub_split = hub_names[split]
             layout = Path(profile.runs_dir).resolve() / REHEARSAL_DATA / name
@@ -376,6 +380,26 @@ def call(cmd: list[str]) -> None:
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))}")
 
+def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> None:
+    "Run named commands `jobs` at a time, each logging to <log_dir>/<name>.log; a failure stops naming it and its log."
+    log_dir, running, env = Path(log_dir), [], {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = list(named)
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            print(f"  [{name}] $ " + " ".join(map(str, cmd)), flush=True)
+            log = open(log_dir / f"{name}.log", "w")
+            running.append((name, cmd, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(0.2)
+        for entry in [r for r in running if r[3].poll() is not None]:
+            name, cmd, log, proc = entry
+            log.close(); running.remove(entry)
+            if proc.returncode != 0:
+                for _, _, other_log, other in running: other.kill(); other.wait(); other_log.close()
+                raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))} (its output: {log_dir / f'{name}.log'})")
+            print(f"  [{name}] done", flush=True)
+
 def format_timings(timings: dict) -> str:
     "A Markdown table of the stages' wall times (skipped stages say so)."
     rows = [f"| {k} | {'skipped' if v is None else f'{v:.1f}'} |" for k, v in timings.items()]
@@ -390,6 +414,14 @@ def save_timings(timings: dict, path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    call_parallel([(f"ok{i}", [sys.executable, "-c", f"print({i})"]) for i in range(3)], 2, tmp)
+    assert [(Path(tmp) / f"ok{i}.log").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
+    try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]), ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
+    except SystemExit as e: assert "failed" in str(e) and "bad.log" in str(e)
+    else: raise AssertionError("a failing command was not reported")
 
 # %%
 _t = {}
@@ -408,8 +440,13 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
     if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
     if "pretrain" in stages:
+        todo = []
         for preset, overrides, name in pretraining_runs(profile):
-            timed(f"pretrain {name}", timings, run_finished(preset, overrides), lambda: call(launch_command(preset, overrides, profile.nproc)))
+            finished = run_finished(preset, overrides)
+            if profile.jobs == 1 or finished: timed(f"pretrain {name}", timings, finished, lambda: call(launch_command(preset, overrides, profile.nproc)))
+            else: todo.append((name, launch_command(preset, overrides, profile.nproc)))
+        if todo: timed(f"pretrain {len(todo)} runs, {profile.jobs} at a time", timings, False,
+                       lambda: call_parallel(todo, profile.jobs, Path(profile.runs_dir) / "logs"))
     if "ner" in stages:
         for grid in profile.grids:
             timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 __all__ = ['PAPER', 'SHRINK', 'REHEARSAL_DATA', 'SMOKE_OVERRIDES', 'PROFILES', 'NBS_DIR', 'Profile', 'shrink_size', 'shrink',
            'preset_path', 'pretraining_runs', 'run_finished', 'launch_command', 'prepare_command', 'sweep_command',
            'need_shared_data', 'prepare_stages', 'analysis_notebooks', 'report_parameters', 'execute_reports', 'timed',
-           'call', 'format_timings', 'save_timings', 'run_pipeline', 'main']
+           'call', 'call_parallel', 'format_timings', 'save_timings', 'run_pipeline', 'main']
 
 # %% ../nbs/30_pipeline.ipynb #81097d62
 @dataclass
@@ -38,6 +39,7 @@ class Profile:
     nproc: int  # processes per pretraining run (GPUs, or gloo CPU processes)
     grids: list  # NER sweep grids under configs/sweeps/
     seeds: list = field(default_factory=lambda: [DEFAULT_SEED])  # pretraining seeds: each arm once per seed
+    jobs: int = 1  # pretraining runs at once (CPU rehearsals of many small runs: their start-up overlaps)
     data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
     seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
@@ -52,20 +54,21 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
                 phase_size="large", sweep_size="medium")
 
 # %% ../nbs/30_pipeline.ipynb #6b3db867
-SHRINK = dict(width_divisor=16, heads=(3, 1), layers=2, step_divisor=1000, seq_len=32, branch_divisor=16,
+SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=16,
               episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
-              ner=dict(max_train_sentences=8, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=32, batch_size=8)),
-              seeds=[DEFAULT_SEED, 1])
+              ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
+              seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
 
 def shrink_size(size: str) -> list[str]:
     "The rehearsal's overrides of one size's paper preset (width, heads, depth, steps and cadence, rows)."
     cfg, s = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"), SHRINK
-    d, steps = cfg.model.d_model // s["width_divisor"], cfg.train.steps // s["step_divisor"]
+    d = math.ceil(cfg.model.d_model / s["width_divisor"] / 6) * 6  # three heads of even width (RoPE rotates pairs)
+    steps = cfg.train.steps // s["step_divisor"]
     per_step = lambda every: max(1, every // s["step_divisor"])
     branch = cfg.train.branch_batch // s["branch_divisor"]
     return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}", f"model.n_kv_heads={s['heads'][1]}",
-            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['seq_len']}", f"data.seq_len={s['seq_len']}",
+            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['ner_max_len']}", f"data.seq_len={s['seq_len']}",
             f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
             f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
@@ -77,7 +80,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     data = Path(runs_dir).resolve() / REHEARSAL_DATA
     source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
               f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
-    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, seeds=list(SHRINK["seeds"]), data="hub-layout",
+    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
                                size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
                                commits_outputs=False, smoke=True)
@@ -157,7 +160,7 @@ def prepare_stages(profile: Profile, timings: dict) -> None:
     for split in ("train", "eval"):
         out = root / split
         timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
-              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else 300)))
+              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else SHRINK["documents"][split])))
         if not local:
             name, hub_split = hub_names[split]
             layout = Path(profile.runs_dir).resolve() / REHEARSAL_DATA / name
@@ -211,6 +214,26 @@ def call(cmd: list[str]) -> None:
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))}")
 
+def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> None:
+    "Run named commands `jobs` at a time, each logging to <log_dir>/<name>.log; a failure stops naming it and its log."
+    log_dir, running, env = Path(log_dir), [], {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = list(named)
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            print(f"  [{name}] $ " + " ".join(map(str, cmd)), flush=True)
+            log = open(log_dir / f"{name}.log", "w")
+            running.append((name, cmd, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(0.2)
+        for entry in [r for r in running if r[3].poll() is not None]:
+            name, cmd, log, proc = entry
+            log.close(); running.remove(entry)
+            if proc.returncode != 0:
+                for _, _, other_log, other in running: other.kill(); other.wait(); other_log.close()
+                raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))} (its output: {log_dir / f'{name}.log'})")
+            print(f"  [{name}] done", flush=True)
+
 def format_timings(timings: dict) -> str:
     "A Markdown table of the stages' wall times (skipped stages say so)."
     rows = [f"| {k} | {'skipped' if v is None else f'{v:.1f}'} |" for k, v in timings.items()]
@@ -233,8 +256,13 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
     if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
     if "pretrain" in stages:
+        todo = []
         for preset, overrides, name in pretraining_runs(profile):
-            timed(f"pretrain {name}", timings, run_finished(preset, overrides), lambda: call(launch_command(preset, overrides, profile.nproc)))
+            finished = run_finished(preset, overrides)
+            if profile.jobs == 1 or finished: timed(f"pretrain {name}", timings, finished, lambda: call(launch_command(preset, overrides, profile.nproc)))
+            else: todo.append((name, launch_command(preset, overrides, profile.nproc)))
+        if todo: timed(f"pretrain {len(todo)} runs, {profile.jobs} at a time", timings, False,
+                       lambda: call_parallel(todo, profile.jobs, Path(profile.runs_dir) / "logs"))
     if "ner" in stages:
         for grid in profile.grids:
             timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))

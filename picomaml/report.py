@@ -20,8 +20,9 @@ from .names import ARMS, DEFAULT_SEED, SIZES, SOURCES, SPECTRA_KEY, parse_run_na
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs',
            'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra',
-           'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'save_figure',
-           'missing_label', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
+           'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'figure_missing',
+           'save_figure', 'missing_label', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table',
+           'save_table']
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
@@ -174,22 +175,29 @@ def set_style() -> None:
     matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "svg.hashsalt": "picomaml",
                                 "figure.constrained_layout.use": True, "legend.frameon": False})
 
+def figure_missing(fig) -> list[str]:
+    "Every 'missing: …' note drawn in `fig` (panel notes, annotations, titles, legend titles)."
+    texts = [t.get_text() for ax in fig.axes for t in [*ax.texts, ax.title]]
+    texts += [ax.get_legend().get_title().get_text() for ax in fig.axes if ax.get_legend()]
+    return sorted({t for t in texts if t.startswith(f"{MISSING}:")})
+
 def save_figure(fig, name: str, figures_dir) -> list[Path]:
-    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), close it, return the paths."
+    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, return the paths."
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], metadata={"Software": None})
     fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    ledger = out / "missing.json"  # what each figure lacks, so a reader (or a test) need not look at the pictures
+    missing = json.loads(ledger.read_text()) if ledger.is_file() else {}
+    ledger.write_text(json.dumps({**missing, name: figure_missing(fig)}, indent=1, sort_keys=True) + "\n")
     plt.close(fig)
     return paths
 
 # %% ../nbs/20_report.ipynb #cafb7200
 def missing_label(items) -> str:
-    "'missing: a, b' for a figure's note, also printed as '[missing] a, b' so an executed notebook says what it lacked."
-    what = ", ".join(items) if not isinstance(items, str) else items
-    print(f"[missing] {what}")
-    return f"{MISSING}: {what}"
+    "'missing: a, b' for a figure's note (`save_figure` lists every such note in `missing.json`)."
+    return f"{MISSING}: {items if isinstance(items, str) else ', '.join(items)}"
 
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."

@@ -30,7 +30,7 @@ from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from .ner_data import encode_split, load_split
+from .ner_data import UNERFormatError, encode_split, load_split
 from .tokenizer import load_tokenizer
 
 # %% auto #0
@@ -277,7 +277,8 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
         st = job_settings(job)
         ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
-            cap = st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
+            kept_whole = split == "test" and st.get("save_predictions") and name in PHILIPPINE  # paper 2 §4 reads these sentence by sentence
+            cap = None if kept_whole else st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
             if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
             return encoded[key]
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
         grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
         n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
                       grid_overrides=grid_overrides)
-    except (SweepError, ConfigError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
+    except (SweepError, ConfigError, UNERFormatError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): main()
