@@ -220,7 +220,7 @@ _large = str(PRESETS_DIR / "pico-large-maml.yaml")
 with contextlib.redirect_stdout(io.StringIO()) as _plan, contextlib.redirect_stderr(io.StringIO()) as _err:
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312"]) == 0
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "16"]) == 2
-assert _err.getvalue().startswith("error: ") and " set " in _err.getvalue() and "hours" in _plan.getvalue()
+assert _err.getvalue().startswith("error: ") and " set " in _err.getvalue() and " h for 6,000 steps" in _plan.getvalue()
 try: main(["--config", str(PRESETS_DIR / "demo.yaml"), "model.d_model=12288", "model.ffn_hidden=49152",
            f"logging.runs_dir={tempfile.mkdtemp()}"]); raise AssertionError("launched a model that cannot fit")
 except ConfigError as e: assert "model.d_model" in str(e) or "memory" in str(e)

@@ -42,7 +42,7 @@
 #
 # ```sh
 # make demo   # creates .venv, exports the package, prepares data, runs the CPU demo
-# make test   # creates .venv, checks notebooks are clean and the package in sync, runs nbdev_test and pytest
+# make test   # creates .venv, checks notebooks are clean and the package in sync, runs nbdev_test and pytest (the rehearsal included)
 # ```
 #
 # `make` installs the pinned `requirements.txt` into `.venv` (torch 2.13.0: the CPU wheel where no
@@ -58,13 +58,51 @@
 # python -m picomaml.launch --help                                # every option with its comment
 # python -m picomaml.sweep --grid configs/sweeps/paper1.yaml --out runs/ner/paper1-results.jsonl
 # python -m picomaml.spectra --checkpoints runs/pico-large-maml/checkpoints --batch data/pretokenized/eval --out spectra.jsonl
-# papermill nbs/21_paper1_pretraining.ipynb out.ipynb --cwd nbs -p sizes '["tiny","small","medium","large"]'
-# python -m picomaml.pipeline paper --nproc 4 --seeds 1 2 3        # everything at the papers' scale
+# papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y 'sizes: [tiny, small, medium, large]'
+# python -m picomaml.plan --config configs/pico-large-maml.yaml --gpus 4 --gpu-memory-gb 80 --gpu-tflops 312   # will it fit?
+# make rehearse                                                    # the paper profile end to end, shrunk, on CPU
+# python -m picomaml.pipeline paper --nproc 4 --seeds 42 1 2       # everything at the papers' scale, three seeds
 # ```
 #
 # Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
 # node, or `srun python -m picomaml.launch ...` under SLURM (see `07_launch`). Runs resume from their
 # latest valid checkpoint by default.
+
+# %% [markdown]
+# ## Running the papers at scale
+#
+# `make paper` (`python -m picomaml.pipeline paper --nproc 4`) runs both papers on one node of 4 GPUs:
+# the eight pretraining runs (four sizes × MAML and vanilla, 6,000 steps, 2,048-token rows, global
+# batch 2,048 = 8 branch micro-batches of 256, 1,024 = 4 × 256 for tiny), streaming
+# `pico-lm/pretokenized-dolma` and Paloma from the Hub, the NER grids of both papers, and the four
+# analysis notebooks, which then regenerate `figures/` and `paper_tables/`. Add `--seeds 42 1 2` for
+# three pretraining seeds (intervals over seeds in every table). Every stage skips what is done, so a
+# killed pipeline is relaunched with the same command; a run resumes from its newest checkpoint.
+#
+# Before renting GPUs, ask the planner (`06_plan`): it prints each phase's memory, the memory chunk it
+# will use, the time at an assumed MFU and the checkpoint disk, and exits 2 with the setting to change
+# when a configuration does not fit (the launcher refuses the same configurations before step 1).
+# Its predictions for 4 × A100-80GB (312 TFLOP/s bf16) at 40 % MFU:
+#
+# | preset | parameters | memory chunk (rows of 64 per GPU) | peak GiB per GPU | hours | checkpoints GiB |
+# |---|---|---|---|---|---|
+# | pico-tiny-maml / -vanilla | 11.3M | 64 | 15.7 | 0.2 / 0.5 | 2.8 |
+# | pico-small-maml / -vanilla | 64.7M | 64 | 45.0 | 2.7 / 5.4 | 16.1 |
+# | pico-medium-maml / -vanilla | 181.2M | 32 | 47.1 | 7.7 / 15.2 | 45.2 |
+# | pico-large-maml / -vanilla | 570.0M | 22 | 69.8 | 24.3 / 47.8 | 142.3 |
+#
+# A MAML run is about half the FLOPs of its vanilla arm (an episode runs 256 windows of 64 tokens,
+# not 256 rows of 2,048). All eight runs take about 104 GPU-node hours at that MFU, and their
+# checkpoints (61 each: weights at every 100 steps, the optimizer state only in the newest two, see
+# `checkpoint.keep_state`) need about **413 GiB** of disk per pretraining seed; the NER results and
+# logs are a few GB more. `configs/pico-large-maml.yaml` does not fit 4 × 16 GB GPUs: the planner says
+# which setting to change. These numbers are a model (`06_plan` validates its activation memory on
+# CPU within 3 %); `benchmarks/gpu_check.sh` measures them on a GPU.
+#
+# `make rehearse` runs that same `paper` profile, every preset, grid, stage and notebook, with two
+# pretraining seeds and the data streamed through the Hub code path from local copies, under one
+# shrink transform applied by code (`30_pipeline`): about 6 minutes and 1.2 GB on two CPU cores.
+# `make test` runs it, so the path `make paper` takes is exercised on every change.
 
 # %% [markdown]
 # ## Where data comes from
@@ -90,7 +128,7 @@
 # episodes) and the matched vanilla arm (rho = 0) — on two gloo processes each, records spectra and
 # Paloma-style perplexity along the way, finetunes linear and CRF heads on Universal NER over the final
 # and intermediate checkpoints, and re-executes the four analysis notebooks. Every table and figure of
-# both papers (method.md §6) is regenerated into `figures/` and `paper_tables/`; the ones committed
+# both papers (31 in all, listed in `00_names`) is regenerated into `figures/` and `paper_tables/`; the ones committed
 # here come from that run.
 #
 # ![Paper 1, Figure 1 at demo scale](figures/p1_fig1_loss_paloma.png)
@@ -128,13 +166,17 @@
 #
 # | notebook | concern | paper |
 # |---|---|---|
-# | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides | method.md §1–§5 |
+# | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides, range checks, what a resume may change | |
+# | `00_names` | one home for sizes, arms, run names, dataset groups, checkpoint and output names | |
 # | `01_model` | the Pico decoder; safetensors/Hub checkpoints that load the released models | P1 §3.1 |
 # | `02_tokenizer` | the OLMo tokenizer, `[MASK]` = 50,280, word tables for SMLMT | P1 §3.2 |
 # | `03_data` | `prepare` raw text into Pico's parquet rows; deterministic sharding and exact resume | P1 §3.3 |
 # | `04_smlmt` | vectorised, seeded N-way K-shot subset-masked episodes | P1 §3.2, Table 1 |
 # | `05_maml` | the first-order MAML head step on cached support features | P1 §3, App. A |
-# | `06_train` | the distributed hybrid loop, checkpoints, resume, monitoring | P1 App. A, §3.3 |
+# | `06_checkpoints` | the run directory: atomic checkpoints, digests, optimizer state of the newest few, resume lookup | P1 §4.1 |
+# | `06_lm_loss` | the fused next-token loss, memory chunks with the same gradient, Paloma perplexities | P1 App. A, §4.1 |
+# | `06_plan` | the resource planner: memory per phase, the memory chunk, FLOPs, wall time, checkpoint disk | |
+# | `06_train` | the distributed hybrid loop over branch micro-batches, resume, monitoring | P1 App. A, §4.1 |
 # | `07_launch` | `torchrun` / SLURM / one-process launcher | |
 # | `08_spectra` | singular values and proportional effective rank of weights and gradients | P1 §6 |
 # | `09_phases` | change-point detection of phase transitions | P1 §6, Fig. 6 |
@@ -144,7 +186,7 @@
 # | `20_report` | shared readers, styles and writers of the analysis notebooks | |
 # | `21_paper1_pretraining`, `22_paper1_ner` | every table and figure of paper 1 | P1 |
 # | `23_paper2_ner`, `24_paper2_indicators` | every generated table and figure of paper 2 | P2 |
-# | `30_pipeline` | `make demo` / `make paper`: every stage, skipped when done, timed | |
+# | `30_pipeline` | `make demo` / `make paper` / `make rehearse`: every stage, skipped when done, timed | |
 # | `90_devtools` | README generation and the artifact's consistency checks | |
 #
 # Configuration presets: `configs/pico-{tiny,small,medium,large}-{maml,vanilla}.yaml` (the papers'

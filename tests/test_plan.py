@@ -16,9 +16,9 @@ from picomaml.plan import chunk_peak_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in its own process. Baseline: the current RSS after the model exists and a one-row chunk has
-# allocated every .grad (as any chunk after a run's first finds them). The chunk's peak is ru_maxrss.
+# allocated every .grad (as any chunk after a run's first finds them). The chunk's peak is VmHWM, reset first.
 MEASURE = textwrap.dedent("""
-    import json, os, resource, sys, torch
+    import json, os, sys, torch
     from picomaml.config import ModelConfig
     from picomaml.lm_loss import next_token_backward
     from picomaml.model import PicoDecoder
@@ -29,11 +29,12 @@ MEASURE = textwrap.dedent("""
     model.activation_checkpointing = shape["checkpointing"]
     next_token_backward(model, torch.randint(0, mc.vocab_size, (1, 9)), 1, 1.0)
     rows = torch.randint(0, mc.vocab_size, (shape["rows"], shape["seq"] + 1))
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak: a forked child can inherit its parent's high-water mark
+    peak_before = hwm()
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     next_token_backward(model, rows, shape["rows"], rows[:, 1:].numel())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": peak - before, "earlier_peak_above": peak_before - before}))
+    print(json.dumps({"growth": hwm() - before, "earlier_peak_above": peak_before - before}))
 """)
 
 SHAPES = {  # each predicted at >= 200 MB, a few seconds on two cores
