@@ -707,3 +707,19 @@ assert all(math.isclose(r["loss"], r["query_loss"], rel_tol=1e-12) for r in _log
 _head0, _head3 = (load_file(_run / f"checkpoints/step_00000{s}/head.safetensors") for s in (0, 3))
 assert all(not torch.equal(_head0[k], _head3[k]) for k in _head0)
 print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['support_acc']:.2f} query acc {r['query_acc']:.2f}" for r in _log), sep="\n")
+
+# %% [markdown]
+# A failing evaluation loses nothing: here the Paloma evaluation of step 4 fails (a streamed
+# evaluation set that cannot be read, say). Step 4's checkpoint is already on disk, so the relaunch
+# resumes there instead of at step 0, runs the evaluation it missed, and finishes.
+
+# %%
+_real_evaluate = evaluate
+evaluate = lambda *a, **k: (_ for _ in ()).throw(OSError("evaluation set unreadable"))
+try: train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric); raise AssertionError("the evaluation did not fail")
+except OSError: pass
+finally: evaluate = _real_evaluate
+assert (_runs / "eval-fails" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+assert [r["step"] for r in read_metrics(_runs / "eval-fails")] == [1, 2, 3, 4] and "paloma_ppl" not in read_metrics(_runs / "eval-fails")[3]
+_log = read_metrics(train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric))
+assert [r["step"] for r in _log] == list(range(1, 9)) and "paloma_ppl" in _log[3] and "paloma_ppl" in _log[7]
