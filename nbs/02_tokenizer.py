@@ -40,12 +40,10 @@ from fastcore.basics import patch
 from huggingface_hub import hf_hub_download
 from tokenizers import Tokenizer
 
-from picomaml.config import DataConfig
+from picomaml.config import ConfigError, DataConfig
 
 # %%
 import tempfile
-
-from picomaml.config import ConfigError
 
 SHARED_TOKENIZER = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data")) / "tokenizer" / "olmo-7b-0724-tokenizer.json"
 
@@ -212,7 +210,12 @@ def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = N
     data_cfg = data_cfg or DataConfig()
     source = resolve_tokenizer_path(data_cfg)
     if isinstance(source, str):
-        path = hf_hub_download(source, "tokenizer.json", cache_dir=cache_dir)
+        try: path = hf_hub_download(source, "tokenizer.json", cache_dir=cache_dir)
+        except Exception as e:  # offline, unreachable, gated: say where else a tokenizer could come from
+            local = os.environ.get("PICOMAML_DATA")
+            raise ConfigError(f"no tokenizer: data.tokenizer_path is empty, PICOMAML_DATA={local or '(unset)'} has no "
+                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched ({type(e).__name__}); "
+                              f"set data.tokenizer_path or PICOMAML_DATA, or allow Hub access") from None
     else:
         path = source
     try: tok = Tokenizer.from_file(str(path))

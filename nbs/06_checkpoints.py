@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from picomaml.config import UserError
 from picomaml.model import save_pretrained
 from picomaml.names import STEP_DIR, step_dir_name
 
@@ -127,7 +128,7 @@ def write_latest(root, name: str) -> None:
 
 # %%
 #| export
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(UserError):
     "A checkpoint directory whose files are missing, unreadable or fail their checksum."
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:
@@ -163,7 +164,7 @@ def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dic
 
 # %%
 #| export
-class NoResumableCheckpoint(RuntimeError):
+class NoResumableCheckpoint(UserError):
     "A run directory with checkpoints of which none can be resumed from."
 
 def find_resumable(root):

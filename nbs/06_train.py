@@ -57,11 +57,11 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import (NoResumableCheckpoint, checkpoint_due, confirm_checkpoint, find_resumable, has_training_state,
                                   list_checkpoints, newest_confirmed, prune_training_state, read_checkpoint, read_meta,
                                   truncate_metrics, upload_checkpoint, write_checkpoint)
-from picomaml.config import Config, ConfigError, config_changes, load_config, save_config
+from picomaml.config import Config, ConfigError, config_changes, ensure_writable, load_config, save_config
 from picomaml.data import batch_for_step, eval_batches, open_rows, read_eval_rows
 from picomaml.lm_loss import eval_sums, next_token_backward, perplexities
 from picomaml.maml import MAMLHead, maml_step
-from picomaml.model import PicoDecoder, load_checked
+from picomaml.model import PicoDecoder, count_parameters, load_checked
 from picomaml.names import step_dir_name
 from picomaml.plan import ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
 from picomaml.smlmt import build_episode
@@ -345,7 +345,8 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     step = 0
     if name:
         weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
-        load_checked(model, weights, f"{root / name / 'model.safetensors'} (run configuration: {run_dir / 'config.yaml'})")
+        load_checked(model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
+                     f"{run_dir / 'config.yaml'})")
         head.load_state_dict(head_weights)
         optimizer.load_state_dict(state["optimizer"])
         if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
@@ -479,7 +480,7 @@ EXPLODING = 10.0  # a loss this many times the median of the run's recent losses
 def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None:
     "Confirm checkpoint `step`, if one was written, when the loss its weights gave is finite and not exploding."
     directory = root / step_dir_name(step)
-    exploding = len(recent) >= 3 and loss > EXPLODING * statistics.median(recent)
+    exploding = bool(recent) and loss > EXPLODING * statistics.median(recent)
     if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding: confirm_checkpoint(directory, loss)
 
 def episode_tables(cfg: Config) -> tuple:
@@ -589,6 +590,7 @@ def train(cfg: Config, fabric, hub_api=None) -> Path:
     accum, rows_per_rank = branch_layout(tc, world)
     chunk_rows = memory_chunk(cfg, world, device)
     run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
+    if rank == 0: ensure_writable(run_dir, "logging.runs_dir", need_bytes=16 * count_parameters(cfg.model))  # one full checkpoint
     model, head, optimizer = build_model(cfg, device)
     model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]

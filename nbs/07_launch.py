@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from picomaml.config import Config, ConfigError, format_help, load_config
+from picomaml.config import Config, ConfigError, format_help, load_config, run_command
 from picomaml.train import resolve_precision, train
 
 # %% [markdown]
@@ -191,9 +191,7 @@ assert _args.config == "configs/demo.yaml" and _args.overrides == ["train.steps=
 
 # %%
 #| export
-if __name__ == "__main__" and "__file__" in globals():
-    try: main()
-    except ConfigError as e: sys.exit(f"error: {e}")
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 
 # %% [markdown]
 # ## Will it fit? The plan before the launch

@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from picomaml.checkpoints import list_checkpoints
-from picomaml.config import SpectraConfig
+from picomaml.config import SpectraConfig, ensure_writable, run_command
 from picomaml.lm_loss import next_token_loss
 from picomaml.model import load_pretrained
 from picomaml.names import SPECTRA_KEY
@@ -403,8 +404,9 @@ def spectra_over_steps(loaders, batch, layers, out) -> Path:
     "Append spectra for `[(step, load)]` (`load()` returns the model) to `out`, skipping steps complete there."
     out = Path(out)
     done = _complete_steps(out)
-    for step, load in loaders:
-        if step not in done: record_spectra(load(), batch, layers, step, out)
+    todo = [(step, load) for step, load in loaders if step not in done]
+    for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)", disable=not todo):
+        record_spectra(load(), batch, layers, step, out)
     return out
 
 def spectra_over_checkpoints(checkpoints_dir, batch, layers, out) -> Path:
@@ -571,6 +573,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     "Entry point of `python -m picomaml.spectra`."
     args = parse_args(argv)
+    ensure_writable(Path(args.out).parent, "--out")
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     if args.hub:
@@ -594,4 +597,4 @@ assert parse_args(["--checkpoints", "c", "--batch", "b", "--out", "o"]).layers =
 # %%
 #| export
 # a notebook also runs as __main__; only the exported module (which has a __file__) parses sys.argv
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

@@ -52,7 +52,7 @@ import papermill
 import yaml
 
 from picomaml.checkpoints import LATEST_FILE
-from picomaml.config import PRESETS_DIR, load_config
+from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 
 # %% [markdown]
@@ -286,8 +286,8 @@ def need_shared_data() -> Path:
     "$PICOMAML_DATA as a Path; a one-line error saying what to set when it is missing."
     data = os.environ.get("PICOMAML_DATA")
     if not data or not Path(data).is_dir():
-        raise SystemExit(f"[pipeline] PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with corpus/train, "
-                         "corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
+        raise ConfigError(f"PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with corpus/train, "
+                          "corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
     return Path(data)
 
 def prepare_stages(profile: Profile, timings: dict) -> None:
@@ -352,8 +352,11 @@ def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
     for nb in notebooks or analysis_notebooks():
         declared = papermill.inspect_notebook(str(nb))
         print(f"  executing {nb.name}", flush=True)
-        papermill.execute_notebook(str(nb), str(reports_dir / nb.name), kernel_name="python3", cwd=str(nb.parent),
-                                   parameters={k: v for k, v in params.items() if k in declared}, progress_bar=False)
+        try: papermill.execute_notebook(str(nb), str(reports_dir / nb.name), kernel_name="python3", cwd=str(nb.parent),
+                                        parameters={k: v for k, v in params.items() if k in declared}, progress_bar=False)
+        except papermill.PapermillExecutionError as e:
+            raise UserError(f"{nb.name} failed at cell {e.exec_count} ({e.ename}: {e.evalue}); the executed copy with the "
+                            f"traceback is {reports_dir / nb.name}") from None
 
 # %% [markdown]
 # ## Running the stages
@@ -378,7 +381,7 @@ def call(cmd: list[str]) -> None:
     "Run a command; a failure stops the pipeline naming the command."
     print("  $ " + " ".join(map(str, cmd)), flush=True)
     if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))}")
+        raise UserError(f"the pipeline stopped: {' '.join(map(str, cmd))} failed (its error is printed above)")
 
 def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> None:
     "Run named commands `jobs` at a time, each logging to <log_dir>/<name>.log; a failure stops naming it and its log."
@@ -397,7 +400,8 @@ def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> Non
             log.close(); running.remove(entry)
             if proc.returncode != 0:
                 for _, _, other_log, other in running: other.kill(); other.wait(); other_log.close()
-                raise SystemExit(f"[pipeline] failed: {' '.join(map(str, cmd))} (its output: {log_dir / f'{name}.log'})")
+                tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise UserError(f"the pipeline stopped: {name} failed ({tail[0]}); its output is in {log_dir / f'{name}.log'}")
             print(f"  [{name}] done", flush=True)
 
 def format_timings(timings: dict) -> str:
@@ -420,7 +424,7 @@ with tempfile.TemporaryDirectory() as tmp:
     call_parallel([(f"ok{i}", [sys.executable, "-c", f"print({i})"]) for i in range(3)], 2, tmp)
     assert [(Path(tmp) / f"ok{i}.log").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
     try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]), ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
-    except SystemExit as e: assert "failed" in str(e) and "bad.log" in str(e)
+    except UserError as e: assert "bad failed" in str(e) and "bad.log" in str(e)
     else: raise AssertionError("a failing command was not reported")
 
 # %%
@@ -438,6 +442,7 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
+    ensure_writable(profile.runs_dir, f"the {profile.name} profile's runs directory")
     if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
     if "pretrain" in stages:
         todo = []
@@ -483,4 +488,4 @@ def main(argv=None) -> dict:
     profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc)
     return run_pipeline(profile, args.stages)
 
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

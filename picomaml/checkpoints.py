@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import UserError
 from .model import save_pretrained
 from .names import STEP_DIR, step_dir_name
 
@@ -64,7 +65,7 @@ def write_latest(root, name: str) -> None:
     os.replace(Path(root) / "latest.tmp", Path(root) / LATEST_FILE)
 
 # %% ../nbs/06_checkpoints.ipynb #3e9f1178
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(UserError):
     "A checkpoint directory whose files are missing, unreadable or fail their checksum."
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:
@@ -91,7 +92,7 @@ def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dic
     except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
 
 # %% ../nbs/06_checkpoints.ipynb #ceb4d6a2
-class NoResumableCheckpoint(RuntimeError):
+class NoResumableCheckpoint(UserError):
     "A run directory with checkpoints of which none can be resumed from."
 
 def find_resumable(root):

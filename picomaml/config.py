@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import shutil
+import sys
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +18,11 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['RESUME_MAY_CHANGE', 'PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig', 'CheckpointConfig',
-           'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig', 'Config',
-           'ConfigError', 'coerce_value', 'apply_overrides', 'read_preset', 'parse_override', 'load_config',
-           'config_dict', 'save_config', 'format_help', 'flat_config', 'config_changes']
+__all__ = ['RESUME_MAY_CHANGE', 'USER_ERRORS', 'PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig',
+           'CheckpointConfig', 'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig',
+           'Config', 'ConfigError', 'coerce_value', 'apply_overrides', 'read_preset', 'parse_override', 'load_config',
+           'config_dict', 'save_config', 'format_help', 'flat_config', 'config_changes', 'UserError', 'run_command',
+           'ensure_writable']
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
 def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None):
@@ -289,6 +294,35 @@ def config_changes(old, new) -> tuple[dict, dict]:
     changed = {k: (before.get(k), after[k]) for k in after if before.get(k) != after[k]}
     safe = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
     return {k: v for k, v in changed.items() if k not in safe}, safe
+
+# %% ../nbs/00_config.ipynb #b6a60f8d
+class UserError(RuntimeError):
+    "A failure the user can fix (a corrupt or unresumable run directory, a diverged run); the message says how."
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)  # ValueError covers ConfigError and the format errors
+
+def run_command(main, argv=None):
+    "Run a command's `main(argv)`; a user error ends it with one line `error: ...` and exit status 2."
+    try: return main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("PICOMAML_TRACEBACK"): raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in message: message += f": {e.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
+    "Create `directory` if needed and check it takes a file (and `need_bytes` more), else ConfigError naming `setting`."
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"): pass
+    except OSError as e: raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); choose a writable directory") from None
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free but needs {need_bytes / 2**30:.1f} GiB; "
+                          f"free some space or choose another directory")
+    return directory
 
 # %% ../nbs/00_config.ipynb #90907087
 # the exported module sits in picomaml/, the notebook runs in nbs/: both find configs/ one level up

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, ensure_writable, run_command
 from .tokenizer import PicoTokenizer, load_tokenizer
 
 # %% auto #0
@@ -112,7 +112,7 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     out = Path(out)
     if out.exists() and (any(out.glob("*.parquet")) or (out / MANIFEST).exists()):
         raise FileExistsError(f"--out {out} already holds shards or a manifest; delete it or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out, "--out")
     cutter, pending, shards, sources = RowCutter(seq_len + 1), [], [], []
     def flush(rows):
         shards.append({"file": f"shard-{len(shards):05d}.parquet", "rows": len(rows)})
@@ -127,6 +127,7 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
                 pending += cutter.add(ids + [tokenizer.eos_id])
                 file_tokens += len(ids) + 1
             while len(pending) >= rows_per_shard: flush(pending[:rows_per_shard]); pending = pending[rows_per_shard:]
+            if len(docs) > 256: log(f"[prepare] {path.name}: {min(start + 256, len(docs))} of {len(docs)} documents tokenized")
         n_docs, n_tokens = n_docs + len(docs), n_tokens + file_tokens
         sources.append({"path": str(path), "documents": len(docs), "tokens": file_tokens})
         log(f"[prepare] {path.name}: {len(docs)} documents, {file_tokens} tokens; total {n_docs} documents, {n_tokens} tokens")
@@ -404,6 +405,4 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
 
-if __name__ == "__main__" and "__file__" in globals():
-    try: main()
-    except (OSError, ValueError) as e: sys.exit(f"error: {e}")
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

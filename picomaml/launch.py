@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, format_help, load_config
+from .config import Config, ConfigError, format_help, load_config, run_command
 from .train import resolve_precision, train
 
 # %% auto #0
@@ -94,6 +94,4 @@ def main(argv=None) -> Path | None:
     return run_dir
 
 # %% ../nbs/07_launch.ipynb #394ef430
-if __name__ == "__main__" and "__file__" in globals():
-    try: main()
-    except ConfigError as e: sys.exit(f"error: {e}")
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

@@ -200,8 +200,8 @@ def config_from_json(data: dict, where: str = "config.json") -> ModelConfig:
     return ModelConfig(**values)
 
 # %% ../nbs/01_model.ipynb #9a915b3f
-def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str) -> PicoDecoder:
-    "Copy `tensors` (keys with or without `pico_decoder.`) into `model`, or raise CheckpointError."
+def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str, shapes_from: str = "its config.json") -> PicoDecoder:
+    "Copy `tensors` (keys with or without `pico_decoder.`) into `model` (shaped by `shapes_from`), or raise CheckpointError."
     tensors = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
@@ -210,7 +210,7 @@ def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: st
                               f" ({len(missing)} in all), unexpected keys {unexpected[:5]} ({len(unexpected)} in all)")
     for key, want in expected.items():
         if tensors[key].shape != want.shape:
-            raise CheckpointError(f"{where}: {key} has shape {tuple(tensors[key].shape)} but its config.json "
+            raise CheckpointError(f"{where}: {key} has shape {tuple(tensors[key].shape)} but {shapes_from} "
                                   f"gives a model expecting {tuple(want.shape)}; the weights belong to another model")
     model.load_state_dict(tensors)
     return model

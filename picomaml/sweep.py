@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 from huggingface_hub import hf_hub_download
 
 from .checkpoints import scheduled_steps
-from .config import ConfigError, apply_overrides, load_config
+from .config import ConfigError, apply_overrides, ensure_writable, load_config, run_command
 from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
                           window_features)
-from .ner_data import UNERFormatError, encode_split, load_split
+from .ner_data import encode_split, load_split
 from .tokenizer import load_tokenizer
 
 # %% auto #0
@@ -266,6 +266,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
               pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> int:
     "Run every unfinished job of a grid file, appending rows to `out`; returns how many ran."
     cfg, out = load_config(preset, overrides), Path(out)
+    ensure_writable(out.parent, "--out")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
     done = {r["key"] for r in read_rows(out)}
@@ -308,11 +309,10 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs")
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
-    try:
-        grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
-        n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
-                      grid_overrides=grid_overrides)
-    except (SweepError, ConfigError, UNERFormatError, yaml.YAMLError) as e: raise SystemExit(f"error: {e}")
+    try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
+    except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
+    n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
+                  grid_overrides=grid_overrides)
     print(f"{n} runs finished; results in {a.out}")
 
-if __name__ == "__main__" and "__file__" in globals(): main()
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

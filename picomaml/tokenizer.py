@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from huggingface_hub import hf_hub_download
 from tokenizers import Tokenizer
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 # %% auto #0
 __all__ = ['LOCAL_TOKENIZER_NAME', 'APOSTROPHES', 'resolve_tokenizer_path', 'plain_text_tokenizer', 'PicoTokenizer',
@@ -92,7 +92,12 @@ def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = N
     data_cfg = data_cfg or DataConfig()
     source = resolve_tokenizer_path(data_cfg)
     if isinstance(source, str):
-        path = hf_hub_download(source, "tokenizer.json", cache_dir=cache_dir)
+        try: path = hf_hub_download(source, "tokenizer.json", cache_dir=cache_dir)
+        except Exception as e:  # offline, unreachable, gated: say where else a tokenizer could come from
+            local = os.environ.get("PICOMAML_DATA")
+            raise ConfigError(f"no tokenizer: data.tokenizer_path is empty, PICOMAML_DATA={local or '(unset)'} has no "
+                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched ({type(e).__name__}); "
+                              f"set data.tokenizer_path or PICOMAML_DATA, or allow Hub access") from None
     else:
         path = source
     try: tok = Tokenizer.from_file(str(path))

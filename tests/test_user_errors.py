@@ -1,0 +1,117 @@
+"""Issue 12: every mistake a user can make with the real commands (`launch`, `sweep`, `spectra`, `data`, `pipeline`,
+`plan`) ends with one line `error: ...` that names what is wrong, where and what to do (exit status 2, no traceback),
+and nothing already on disk is lost. One table, one row per mistake."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PICOMAML_DATA", ROOT.parent / "shared" / "data"))
+TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
+
+pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"local data {SHARED} not found (set PICOMAML_DATA)")
+
+
+def tiny(ws, name="run", *more):
+    "A seconds-long run on the prepared rows of the workspace."
+    return ["model.d_model=24", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48", "model.max_seq_len=32",
+            f"data.train_path={ws}/data/train", f"data.eval_path={ws}/data/eval", "data.seq_len=32", f"data.tokenizer_path={TOKENIZER}",
+            "train.steps=2", "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1", "checkpoint.every=1", "maml.rho=0",
+            "eval.every=0", "spectra.every=0", f"logging.runs_dir={ws}/runs", f"logging.run_name={name}", "logging.progress_bar=false", *more]
+
+
+def run(args, env=None, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PICOMAML_DATA": str(SHARED), **(env or {})}
+    env.pop("PICOMAML_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    "A workspace: prepared rows, one finished run, a corrupt copy, a copy of another width, a broken UNER set, a grid."
+    ws = tmp_path_factory.mktemp("mistakes")
+    for split, pattern in (("train", "corpus/train/c4-sample.01.json.gz"), ("eval", "corpus/eval/c4_100_domains_*.jsonl.gz")):
+        files = sorted(str(p) for p in SHARED.glob(pattern))
+        assert run(["picomaml.data", "prepare", "--src", *files, "--out", str(ws / "data" / split), "--seq-len", "32",
+                    "--tokenizer", str(TOKENIZER), "--max-documents", "40"]).returncode == 0
+    done = run(["picomaml.launch", *tiny(ws)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(ws / "runs" / "run", ws / "runs" / "corrupt")
+    for f in (ws / "runs" / "corrupt" / "checkpoints").glob("step_*/model.safetensors"): f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    shutil.copytree(ws / "runs" / "run", ws / "runs" / "wider")
+    (ws / "runs" / "wider" / "config.yaml").write_text((ws / "runs" / "wider" / "config.yaml").read_text().replace("d_model: 24", "d_model: 32"))
+    uner = ws / "uner" / "sk_snk"
+    uner.mkdir(parents=True)
+    for split in ("train", "dev", "test"): shutil.copy(SHARED / "uner" / "sk_snk" / f"sk_snk-ud-{split}.iob2", uner)
+    lines = (uner / "sk_snk-ud-train.iob2").read_text().splitlines()
+    token = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
+    lines[token] = "\t".join(lines[token].split("\t")[:2] + ["B-PERSON"] + lines[token].split("\t")[3:])
+    (uner / "sk_snk-ud-train.iob2").write_text("\n".join(lines) + "\n")
+    grid = {"grids": [{"heads": ["linear"], "datasets": ["sk_snk"], "test_sets": ["sk_snk"], "max_train_sentences": 4, "max_eval_sentences": 4,
+                       "runs": [{"run": "run", "arm": "vanilla", "size": "tiny", "checkpoint": str(ws / "runs/run/checkpoints/step_000002")}]}]}
+    (ws / "grid.yaml").write_text(yaml.safe_dump(grid))
+    (ws / "broken.yaml").write_text("grids: [{heads: [linear\n")
+    (ws / "empty-data").mkdir()
+    return ws
+
+
+# (name, command + arguments, extra environment, words the one line must hold, directory that must not change)
+MISTAKES = [
+    ("rho out of range", lambda ws: ["picomaml.launch", *tiny(ws, "new"), "maml.rho=1.5"], {}, ["maml.rho=1.5 is out of range", "<= 1"], None),
+    ("negative learning rate", lambda ws: ["picomaml.launch", *tiny(ws, "new"), "train.lr=-0.001"], {}, ["train.lr=-0.001 is out of range"], None),
+    ("mistyped key", lambda ws: ["picomaml.launch", *tiny(ws, "new"), "maml.head_droput=0"], {}, ["maml.head_droput", "Did you mean 'maml.head_dropout'"], None),
+    ("no tokenizer anywhere", lambda ws: ["picomaml.launch", *[a for a in tiny(ws, "new") if not a.startswith("data.tokenizer")], "maml.rho=0.5",
+                                           "smlmt.n_way=2", "smlmt.k_shot=1", "smlmt.q_query=1", "smlmt.window=8", "smlmt.pool_rows=64"],
+     {"PICOMAML_DATA": "{ws}/empty-data"}, ["no tokenizer", "PICOMAML_DATA=", "data.tokenizer_path"], None),
+    ("resume with other settings", lambda ws: ["picomaml.launch", *tiny(ws), "maml.rho=0.5", "train.lr=0.1", "train.seed=7"], {},
+     ["was trained with other settings", "maml.rho: 0.0 -> 0.5", "train.seed: 42 -> 7", "checkpoint.resume_from"], "runs/run"),
+    ("every checkpoint corrupt", lambda ws: ["picomaml.launch", *tiny(ws, "corrupt")], {}, ["none can be resumed from", "SHA-256", "logging.run_name"], "runs/corrupt"),
+    ("checkpoint of another width", lambda ws: ["picomaml.launch", *tiny(ws, "wider"), "model.d_model=32"], {},
+     ["model.safetensors", "the run configuration", "belong to another model"], "runs/wider"),
+    ("resume_from a missing step", lambda ws: ["picomaml.launch", *tiny(ws), "checkpoint.resume_from=step_000009"], {},
+     ["checkpoint.resume_from=step_000009", "those with one: step_000001, step_000002"], "runs/run"),
+    ("unwritable runs directory", lambda ws: ["picomaml.launch", *tiny(ws, "new"), "logging.runs_dir=/proc/picomaml"], {},
+     ["logging.runs_dir: cannot write to /proc/picomaml"], None),
+    ("diverging learning rate", lambda ws: ["picomaml.launch", *tiny(ws, "diverges"), "train.lr=1e9", "train.steps=6"], {},
+     ["is nan", "checkpoint.resume_from=step_000000", "train.lr"], None),
+    ("sweep over runs never trained", lambda ws: ["picomaml.sweep", "--grid", "configs/sweeps/paper1.yaml", "--out", "{ws}/ner/p1.jsonl",
+                                                  "--runs-dir", "{ws}/nowhere"], {}, ["missing checkpoint", "--stages pretrain"], None),
+    ("a bad UNER tag", lambda ws: ["picomaml.sweep", "--grid", "{ws}/grid.yaml", "--out", "{ws}/ner/bad-tag.jsonl", "ner.data_path={ws}/uner",
+                                   f"data.tokenizer_path={TOKENIZER}"], {}, ["sk_snk-ud-train.iob2:", "B-PERSON"], "uner"),
+    ("a grid that is not YAML", lambda ws: ["picomaml.sweep", "--grid", "{ws}/broken.yaml", "--out", "{ws}/ner/x.jsonl"], {}, ["broken.yaml", "not valid YAML"], None),
+    ("sweep results on an unwritable path", lambda ws: ["picomaml.sweep", "--grid", "{ws}/grid.yaml", "--out", "/proc/picomaml/r.jsonl"], {},
+     ["--out: cannot write to /proc/picomaml"], None),
+    ("spectra of no checkpoints", lambda ws: ["picomaml.spectra", "--checkpoints", "{ws}/runs/none/checkpoints", "--batch", "{ws}/data/eval",
+                                              "--out", "{ws}/spectra.jsonl"], {}, ["checkpoint directory", "does not exist"], None),
+    ("prepare from nothing", lambda ws: ["picomaml.data", "prepare", "--src", "{ws}/no-corpus", "--out", "{ws}/data/x", "--seq-len", "32"], {},
+     ["--src", "no-corpus does not exist"], None),
+    ("prepare over prepared shards", lambda ws: ["picomaml.data", "prepare", "--src", str(SHARED / "corpus/eval"), "--out", "{ws}/data/train",
+                                                 "--seq-len", "32"], {}, ["already holds shards", "choose another directory"], "data"),
+    ("plan with a mistyped key", lambda ws: ["picomaml.plan", "--config", "configs/pico-tiny-maml.yaml", "--gpus", "4", "--gpu-memory-gb", "80",
+                                             "train.globl_batch=8"], {}, ["train.globl_batch", "train.global_batch"], None),
+    ("plan that cannot fit", lambda ws: ["picomaml.plan", "--config", "configs/pico-large-maml.yaml", "--gpus", "4", "--gpu-memory-gb", "16"], {},
+     [" set "], None),
+    ("pipeline without data", lambda ws: ["picomaml.pipeline", "demo", "--stages", "data"], {"PICOMAML_DATA": "{ws}/no-data"},
+     ["PICOMAML_DATA=", "is not a directory"], None),
+]
+
+
+@pytest.mark.parametrize("name,args,env,words,keep", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_a_mistake_gets_one_line_and_loses_nothing(ws, name, args, env, words, keep):
+    fill = lambda a: a.replace("{ws}", str(ws))
+    before = snapshot(ws / keep) if keep else None
+    proc = run([fill(a) for a in args(ws)], env={k: fill(v) for k, v in env.items()})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert all(w in errors[0] for w in words), errors[0]
+    if keep: assert snapshot(ws / keep) == before, f"{keep} changed"
