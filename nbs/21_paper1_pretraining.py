@@ -17,12 +17,13 @@
 # > Figure 1, Table 2 and Figures 3–6 of "Learning dynamics of meta-pretraining", regenerated from
 # > the runs' `metrics.jsonl` and `spectra.jsonl`.
 #
-# This notebook reads only run outputs (method.md §6) and writes `figures/p1_fig{1,3,4,5,6}_*.{png,pdf}`
-# and `paper_tables/p1_table2_loss_paloma.{md,tex,csv}`. A run that is absent leaves a
-# "missing: <run>" note in its panel or table cell; no number is ever filled in. The defaults read the
-# CPU demo (`make demo`: `runs/demo-maml`, `runs/demo-vanilla`); the paper-scale call is
-# `papermill nbs/21_paper1_pretraining.ipynb out.ipynb -p sizes '["tiny","small","medium","large"]' -p table_step 6000 -p phase_size large`
-# (with `-p seeds '[0,1,2]'` for several seeds).
+# This notebook reads only run outputs and writes `p1_fig{1,3,4,5,6}_*.{png,pdf}` and
+# `p1_table2_loss_paloma.{md,tex,csv}`. A run that is absent leaves a "missing: <run>" note in its
+# panel or table cell; no number is ever filled in. The defaults read the CPU demo (`make demo`:
+# `runs/demo-maml`, `runs/demo-vanilla`) and write under `runs/reports/` (only the pipeline writes the
+# committed `figures/` and `paper_tables/`); the paper-scale call, run from the repository root, is
+# `papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y '{sizes: [tiny, small, medium, large], seeds: [42, 1, 2], table_step: 6000, phase_size: large}'`
+# (lists go through `-y`, YAML; papermill's `-p` would pass them as strings).
 
 # %% tags=["parameters"]
 runs_dir = "../runs"  # <runs_dir>/<run_name>/{metrics,spectra}.jsonl

@@ -20,10 +20,10 @@
 # This notebook reads the NER sweep's JSON lines (`<runs_dir>/ner/<grid>-results.jsonl`, one record
 # per finetuning run: `picomaml.ner.result_record` plus the grid coordinates) and, for Tables 4 and
 # 5, the UNER data itself. It writes `figures/p2_fig{1..7,9}_*.{png,pdf}` and
-# `paper_tables/p2_table{2,4,5}_*.{md,tex,csv}` (method.md §6). A result that is absent leaves a
-# "missing: …" note in its panel or table cell; no number is ever filled in. The defaults read the
-# CPU demo; the paper-scale call passes `sizes=["tiny","small","medium","large"]` and
-# `sweep_size="medium"` (with `seeds=[0,1,2]` for several seeds).
+# `paper_tables/p2_table{2,4,5}_*.{md,tex,csv}`. A result that is absent leaves a "missing: …" note in
+# its panel or table cell; no number is ever filled in. The defaults read the CPU demo and write under
+# `runs/reports/`; the paper-scale call passes `sizes=["tiny","small","medium","large"]` and
+# `sweep_size="medium"` (with `seeds=[42, 1, 2]` for several seeds).
 
 # %%
 #| default_exp paper2_ner

@@ -3,6 +3,8 @@ preset, grid and report, two pretraining seeds, data streamed through the Hub co
 no cell marked missing. This is what `make paper` runs on 4 GPUs, shrunk to minutes on CPUs."""
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,3 +62,87 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
     assert {p: p.read_bytes() for d in ("figures", "paper_tables") for p in sorted((ROOT / d).iterdir())} == committed
     assert disk_usage(REHEARSE) < 3e9
     assert "[pipeline] ner sweep paper1" in proc.stdout and "[pipeline] reports" in proc.stdout
+
+
+# --- every command printed in the README or a notebook is run (or named as run by another test) -----------------
+
+def printed_commands() -> dict:
+    "Commands in ```sh blocks and `inline` spans of the README and the notebooks' prose -> where they are printed."
+    def commands(text):
+        found = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S) for line in block.splitlines()]
+        found += [span.strip() for span in re.findall(r"`((?:python -m picomaml|make |torchrun|papermill|srun )[^`]*)`", text)]
+        return [c for c in found if c]
+    where = {}
+    for c in commands((ROOT / "README.md").read_text()): where.setdefault(c, set()).add("README.md")
+    for nb in sorted((ROOT / "nbs").glob("*.py")):
+        prose = "\n".join(l[2:] if l.startswith("# ") else l[1:] if l.startswith("#") else "" for l in nb.read_text().splitlines())
+        for c in commands(prose): where.setdefault(c, set()).add(nb.name)
+    return where
+
+
+def is_usage_pattern(command: str) -> bool:
+    "A command with placeholders (`--config X`, `[--seeds ...]`, `HOST0`) or a bare program name is a usage pattern, not a command."
+    return ("[" in command or "..." in command or re.search(r"\s(X|C|N|M|T|F|HOST0:\d+)(\s|$)", command) is not None
+            or command in ("torchrun", "python -m picomaml.launch", "python -m picomaml.plan", "python -m picomaml.pipeline paper"))
+
+
+RUNS = str(REHEARSE.relative_to(ROOT))
+SMALL = ["train.steps=2", "model.n_layers=2", "eval.max_rows=8", "logging.progress_bar=false"]  # a printed launch, fewer steps and blocks
+COVERED = {  # printed commands another test runs (or whose exact work it runs, shrunk), by that test
+    "make demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "python -m picomaml.pipeline demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "python -m picomaml.pipeline smoke": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "python -m picomaml.pipeline demo --stages reports": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "make rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
+    "python -m picomaml.pipeline rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
+    "make test": ".ci/run",
+    "make sync": "Makefile check (run by make test): the same nbdev_clean, nbdev_export and README steps",
+    "srun python -m picomaml.launch ...": "tests/test_distributed.py::test_two_node_rendezvous_on_localhost",
+}
+
+
+def runnable(command: str, tmp: Path) -> list[str] | None:
+    "The argv a printed command is run with here: as printed, with the rehearsal's runs standing in for the paper's, shrunk where noted."
+    from picomaml.pipeline import PROFILES
+    rehearse = PROFILES["rehearse"]
+    if command.startswith("python -m picomaml.pipeline paper") or command == "make paper":  # the paper's stages are the rehearsal's
+        return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--stages"]
+    if "picomaml.launch" in command and "--help" not in command:
+        argv = shlex.split(command.replace("torchrun", "python -m torch.distributed.run"))
+        large = "pico-large-maml" in command
+        extra = rehearse.overrides + rehearse.size_overrides["large"] if large else SMALL
+        return [*argv, *extra, f"logging.runs_dir={tmp}", f"logging.run_name=printed-{abs(hash(command))}"]  # one fresh run per command
+    if command.startswith("python -m picomaml.sweep"):
+        return [*shlex.split(command.replace("runs/ner/", f"{tmp}/")), "--runs-dir", RUNS, "--limit", "2",
+                "--grid-overrides", json.dumps(rehearse.grid_overrides)]
+    if command.startswith("python -m picomaml.spectra"):
+        return shlex.split(command.replace("runs/", f"{RUNS}/").replace("data/pretokenized/eval", f"{RUNS}/shards/eval")
+                           .replace("--out spectra.jsonl", f"--out {tmp}/spectra.jsonl"))
+    if command.startswith("papermill"):
+        return shlex.split(command.replace("runs/reports/", f"{tmp}/"))
+    if command.startswith(("python -m picomaml.plan", "python -m picomaml.launch --help", "python -m picomaml.devtools readme")):
+        return shlex.split(command)
+    if command == "source .venv/bin/activate && nbdev_export":
+        return ["bash", "-c", f"source {Path(sys.executable).parent}/activate && nbdev_export"]
+    return None
+
+
+@pytest.mark.skipif(shared_data() is None, reason="needs ../shared/data or PICOMAML_DATA")
+def test_every_printed_command_runs(tmp_path):
+    assert (REHEARSE / "figures").is_dir(), "runs after the rehearsal, whose runs stand in for the paper's"
+    env = {**os.environ, "PICOMAML_DATA": shared_data(), "HF_HUB_OFFLINE": "1"}
+    unaccounted, failed = [], []
+    for command, where in sorted(printed_commands().items()):
+        if is_usage_pattern(command): continue
+        if command in COVERED:
+            path, _, name = COVERED[command].partition("::")
+            assert not name or f"def {name}(" in (ROOT / path).read_text(), f"{command}: {COVERED[command]} does not exist"
+            continue
+        argv = runnable(command, tmp_path)
+        if argv is None: unaccounted.append(f"{command} ({', '.join(sorted(where))})"); continue
+        argv = [sys.executable, "-m", "papermill", *argv[1:]] if argv[0] == "papermill" else [sys.executable if a == "python" else a for a in argv]
+        proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # ranks' one-line errors, before torchrun's report
+        if proc.returncode != 0: failed.append(f"{command} ({', '.join(sorted(where))}): {errors[:1] or (proc.stderr or proc.stdout)[-800:]}")
+    assert not unaccounted, f"printed commands no test runs: {unaccounted}"
+    assert not failed, "\n\n".join(failed)
