@@ -13,7 +13,7 @@ ifeq ($(origin PICOMAML_DATA), undefined)
   endif
 endif
 
-.PHONY: venv export sync check test demo rehearse paper help
+.PHONY: venv export sync check test demo compare rehearse paper help
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -53,6 +53,9 @@ test: check ## the whole test suite (what CI runs)
 
 demo: export ## the main job: prepare data, pretrain both demo arms (2 CPU processes), NER sweep, every table and figure
 	$(BIN)/python -m picomaml.pipeline demo
+
+compare: venv ## how the regenerated figures/ and paper_tables/ differ from the committed ones, cell by cell (reruns nothing)
+	$(BIN)/python -m picomaml.devtools compare
 
 rehearse: export ## the paper profile end to end under the rehearsal's shrink transform, on CPU (outputs under runs/rehearse)
 	$(BIN)/python -m picomaml.pipeline rehearse

@@ -377,15 +377,20 @@ def timed(name: str, timings: dict, done: bool, action) -> None:
     action()
     timings[name] = round(time.perf_counter() - start, 1)
 
-def call(cmd: list[str]) -> None:
-    "Run a command; a failure stops the pipeline naming the command."
+def threads_per_process(processes: int) -> dict:
+    "OMP_NUM_THREADS for `processes` concurrent processes on this machine's cores (unless the user set it)."
+    if "OMP_NUM_THREADS" in os.environ: return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}  # no oversubscription, the same count every run
+
+def call(cmd: list[str], env: dict | None = None) -> None:
+    "Run a command (with `env` added to the environment); a failure stops the pipeline naming the command."
     print("  $ " + " ".join(map(str, cmd)), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
         raise UserError(f"the pipeline stopped: {' '.join(map(str, cmd))} failed (its error is printed above)")
 
 def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> None:
     "Run named commands `jobs` at a time, each logging to <log_dir>/<name>.log; a failure stops naming it and its log."
-    log_dir, running, env = Path(log_dir), [], {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    log_dir, running, env = Path(log_dir), [], {**os.environ, **threads_per_process(jobs)}
     log_dir.mkdir(parents=True, exist_ok=True)
     queue = list(named)
     while queue or running:
@@ -421,6 +426,7 @@ def save_timings(timings: dict, path) -> dict:
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
+    assert threads_per_process(1)["OMP_NUM_THREADS"] == str(os.cpu_count() or 1) or "OMP_NUM_THREADS" in os.environ
     call_parallel([(f"ok{i}", [sys.executable, "-c", f"print({i})"]) for i in range(3)], 2, tmp)
     assert [(Path(tmp) / f"ok{i}.log").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
     try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]), ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
@@ -448,7 +454,9 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
         todo = []
         for preset, overrides, name in pretraining_runs(profile):
             finished = run_finished(preset, overrides)
-            if profile.jobs == 1 or finished: timed(f"pretrain {name}", timings, finished, lambda: call(launch_command(preset, overrides, profile.nproc)))
+            if profile.jobs == 1 or finished:
+                timed(f"pretrain {name}", timings, finished,
+                      lambda: call(launch_command(preset, overrides, profile.nproc), threads_per_process(profile.nproc)))
             else: todo.append((name, launch_command(preset, overrides, profile.nproc)))
         if todo: timed(f"pretrain {len(todo)} runs, {profile.jobs} at a time", timings, False,
                        lambda: call_parallel(todo, profile.jobs, Path(profile.runs_dir) / "logs"))

@@ -5,7 +5,11 @@
 # %% ../nbs/90_devtools.ipynb #ebed9c7c
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +17,8 @@ import nbformat
 import yaml
 
 # %% auto #0
-__all__ = ['README_BANNER', 'notebook_markdown', 'write_readme', 'requirement_pins', 'environment_pins', 'main']
+__all__ = ['README_BANNER', 'NUMBER', 'notebook_markdown', 'write_readme', 'requirement_pins', 'environment_pins', 'numbers',
+           'compare_cell', 'compare_tables', 'committed', 'compare_outputs', 'main']
 
 # %% ../nbs/90_devtools.ipynb #5f436d37
 def _output_text(output) -> str:
@@ -68,10 +73,70 @@ def environment_pins(path) -> dict:
     return requirement_pins(pip)
 
 # %% ../nbs/90_devtools.ipynb #5cf768a8
-def main(argv=None):
-    "`python -m picomaml.devtools readme` regenerates README.md."
-    argv = sys.argv[1:] if argv is None else argv
-    if argv != ["readme"]: raise SystemExit("usage: python -m picomaml.devtools readme")
-    print(f"wrote {write_readme()}")
+NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
-if __name__ == "__main__" and "__file__" in globals(): main()
+def numbers(cell: str) -> list[float]:
+    "The numbers in a table cell ('0.12 ± 0.03 (n=2)' -> [0.12, 0.03, 2.0])."
+    return [float(n.replace(",", "")) for n in NUMBER.findall(cell)]
+
+def compare_cell(old: str, new: str, rtol: float) -> str | None:
+    "None if equal; else how the cell changed, with the largest relative change of its numbers."
+    if old == new: return None
+    a, b = numbers(old), numbers(new)
+    if len(a) != len(b) or not a: return f"{old!r} -> {new!r}"
+    worst = max(abs(y - x) / max(abs(x), 1e-12) for x, y in zip(a, b))
+    return f"{old!r} -> {new!r} ({100 * worst:.2g} %{', within tolerance' if worst <= rtol else ''})"
+
+def compare_tables(old_csv: str, new_csv: str, rtol: float) -> list[tuple[str, str, str, bool]]:
+    "(row label, column, change, within tolerance) of every cell that differs between two CSV tables."
+    old, new = list(csv.reader(old_csv.splitlines())), list(csv.reader(new_csv.splitlines()))
+    if not old or not new or old[0] != new[0] or len(old) != len(new):
+        return [("(table)", "(shape)", f"{len(old)} x {len(old[0]) if old else 0} -> {len(new)} x {len(new[0]) if new else 0}", False)]
+    changes = []
+    for row_old, row_new in zip(old[1:], new[1:]):
+        for column, a, b in zip(old[0], row_old, row_new):
+            change = compare_cell(a, b, rtol)
+            if change: changes.append((" ".join(row_old[:2]), column, change, "within tolerance" in change))
+    return changes
+
+# %% ../nbs/90_devtools.ipynb #82fbe35c
+def committed(path: Path, root: Path, ref: str = "HEAD") -> bytes | None:
+    "A file's bytes as committed at `ref` (None if it was not)."
+    proc = subprocess.run(["git", "show", f"{ref}:{path.relative_to(root).as_posix()}"], cwd=root, capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+def compare_outputs(root=".", rtol: float = 0.05, ref: str = "HEAD") -> tuple[list[str], int]:
+    "Report lines on how figures/ and paper_tables/ differ from `ref`, and how many differences exceed `rtol`."
+    root, lines, beyond = Path(root).resolve(), [], 0
+    for path in sorted((root / "paper_tables").glob("*.csv")):
+        before = committed(path, root, ref)
+        changes = [("(new file)", "", "", False)] if before is None else compare_tables(before.decode(), path.read_text(), rtol)
+        lines += [f"{path.name}: {row} | {column}: {change or 'not committed'}" for row, column, change, _ in changes]
+        beyond += sum(not ok for *_, ok in changes)
+    missing_now = json.loads((root / "figures" / "missing.json").read_text()) if (root / "figures" / "missing.json").is_file() else {}
+    missing_then = json.loads(committed(root / "figures" / "missing.json", root, ref) or b"{}")
+    for path in sorted((root / "figures").glob("*.png")):
+        if path.read_bytes() != committed(path, root, ref): lines.append(f"{path.name}: redrawn (pixels differ)")
+        if missing_now.get(path.stem) != missing_then.get(path.stem):
+            lines.append(f"{path.name}: missing notes {missing_then.get(path.stem)} -> {missing_now.get(path.stem)}"); beyond += 1
+    return lines, beyond
+
+# %% ../nbs/90_devtools.ipynb #da880e96
+def main(argv=None) -> int:
+    "`python -m picomaml.devtools readme` regenerates README.md; `compare [--rtol R]` reports output changes."
+    p = argparse.ArgumentParser(prog="python -m picomaml.devtools")
+    commands = p.add_subparsers(dest="command", required=True)
+    commands.add_parser("readme", help="regenerate README.md from nbs/index.ipynb")
+    c = commands.add_parser("compare", help="how figures/ and paper_tables/ differ from the committed ones (reruns nothing)")
+    c.add_argument("--rtol", type=float, default=0.05, help="relative change of a number that still counts as reproduced")
+    c.add_argument("--ref", default="HEAD", help="the git revision to compare with")
+    args = p.parse_args(argv)
+    if args.command == "readme":
+        print(f"wrote {write_readme()}")
+        return 0
+    lines, beyond = compare_outputs(Path(__file__).resolve().parent.parent, args.rtol, args.ref)
+    print("\n".join(lines) or f"figures/ and paper_tables/ are as committed at {args.ref}")
+    print(f"{beyond} difference(s) beyond {100 * args.rtol:g} %")
+    return 1 if beyond else 0
+
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())

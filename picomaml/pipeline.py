@@ -27,7 +27,7 @@ from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 __all__ = ['PAPER', 'SHRINK', 'REHEARSAL_DATA', 'SMOKE_OVERRIDES', 'PROFILES', 'NBS_DIR', 'Profile', 'shrink_size', 'shrink',
            'preset_path', 'pretraining_runs', 'run_finished', 'launch_command', 'prepare_command', 'sweep_command',
            'need_shared_data', 'prepare_stages', 'analysis_notebooks', 'report_parameters', 'execute_reports', 'timed',
-           'call', 'call_parallel', 'format_timings', 'save_timings', 'run_pipeline', 'main']
+           'threads_per_process', 'call', 'call_parallel', 'format_timings', 'save_timings', 'run_pipeline', 'main']
 
 # %% ../nbs/30_pipeline.ipynb #81097d62
 @dataclass
@@ -211,15 +211,20 @@ def timed(name: str, timings: dict, done: bool, action) -> None:
     action()
     timings[name] = round(time.perf_counter() - start, 1)
 
-def call(cmd: list[str]) -> None:
-    "Run a command; a failure stops the pipeline naming the command."
+def threads_per_process(processes: int) -> dict:
+    "OMP_NUM_THREADS for `processes` concurrent processes on this machine's cores (unless the user set it)."
+    if "OMP_NUM_THREADS" in os.environ: return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}  # no oversubscription, the same count every run
+
+def call(cmd: list[str], env: dict | None = None) -> None:
+    "Run a command (with `env` added to the environment); a failure stops the pipeline naming the command."
     print("  $ " + " ".join(map(str, cmd)), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
         raise UserError(f"the pipeline stopped: {' '.join(map(str, cmd))} failed (its error is printed above)")
 
 def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> None:
     "Run named commands `jobs` at a time, each logging to <log_dir>/<name>.log; a failure stops naming it and its log."
-    log_dir, running, env = Path(log_dir), [], {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    log_dir, running, env = Path(log_dir), [], {**os.environ, **threads_per_process(jobs)}
     log_dir.mkdir(parents=True, exist_ok=True)
     queue = list(named)
     while queue or running:
@@ -264,7 +269,9 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
         todo = []
         for preset, overrides, name in pretraining_runs(profile):
             finished = run_finished(preset, overrides)
-            if profile.jobs == 1 or finished: timed(f"pretrain {name}", timings, finished, lambda: call(launch_command(preset, overrides, profile.nproc)))
+            if profile.jobs == 1 or finished:
+                timed(f"pretrain {name}", timings, finished,
+                      lambda: call(launch_command(preset, overrides, profile.nproc), threads_per_process(profile.nproc)))
             else: todo.append((name, launch_command(preset, overrides, profile.nproc)))
         if todo: timed(f"pretrain {len(todo)} runs, {profile.jobs} at a time", timings, False,
                        lambda: call_parallel(todo, profile.jobs, Path(profile.runs_dir) / "logs"))

@@ -122,6 +122,8 @@ def runnable(command: str, tmp: Path) -> list[str] | None:
         return shlex.split(command.replace("runs/reports/", f"{tmp}/"))
     if command.startswith(("python -m picomaml.plan", "python -m picomaml.launch --help", "python -m picomaml.devtools readme")):
         return shlex.split(command)
+    if command == "make compare":
+        return ["python", "-m", "picomaml.devtools", "compare"]
     if command == "source .venv/bin/activate && nbdev_export":
         return ["bash", "-c", f"source {Path(sys.executable).parent}/activate && nbdev_export"]
     return None
