@@ -130,7 +130,7 @@ def other_step(job: dict, device):
         return lambda: compute_spectra(model, batch, cfg.spectra.layers, 0), batch[:, 1:].numel()
     from picomaml.config import DataConfig, ModelConfig, NERConfig
     from picomaml.model import PicoDecoder
-    from picomaml.ner import finetune
+    from picomaml.ner_finetune import finetune
     from picomaml.ner_data import encode_split, load_split
     from picomaml.tokenizer import load_tokenizer
     sentences, epochs = (100, 2) if job["quick"] else (2000, 10)

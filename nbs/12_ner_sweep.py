@@ -20,10 +20,10 @@
 #
 # Paper 1 App. B evaluates 2 regimes × 10 datasets × 4 sizes × 2 arms = 160 runs at step 6000 with
 # a linear head; paper 2 §4 finetunes one configuration (medium MAML, head-only, sk_snk, CRF head)
-# on all 61 checkpoints, steps 0, 100, …, 6000 (method.md §5). Grids live in `configs/sweeps/`.
+# on all 61 checkpoints, steps 0, 100, …, 6000 (its Fig. 4). Grids live in `configs/sweeps/`.
 
 # %%
-#| default_exp sweep
+#| default_exp ner_sweep
 
 # %%
 #| export
@@ -52,8 +52,8 @@ from picomaml.checkpoints import scheduled_steps
 from picomaml.config import ConfigError, apply_overrides, ensure_writable, load_config, run_command
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from picomaml.ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
-                          window_features)
+from picomaml.crf_metrics import score
+from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from picomaml.ner_data import encode_split, load_split
 from picomaml.tokenizer import load_tokenizer
 
@@ -311,8 +311,9 @@ def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "p
 # seed. Splits are encoded once per sweep (capped by `max_train_sentences` / `max_eval_sentences`;
 # the Philippine test sets of a job that saves its predictions are never capped, because paper 2's
 # §4 analyses and App. B's case studies read those predictions sentence by sentence).
-# A row holds the coordinates, the result record of `picomaml.ner` (dev F1; test micro-F1 default
-# and strict and per-tag F1 per test set; t90, AUC, slope) and the per-step loss curve. With
+# A row holds the coordinates, the backbone's parameter count and the result record of
+# `picomaml.ner_finetune` (dev F1 and its per-epoch curve; test micro-F1 default and strict and per-tag
+# F1 per test set; t90, AUC, slope and the per-step loss curve). With
 # `save_predictions`, the predicted tags and gold-tag probabilities of the Philippine test sets go
 # to a side file named in the row.
 
@@ -354,11 +355,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
-           "params": count_parameters(backbone.cfg), "dev_f1": hist["best_dev_f1"], "dev_f1_curve": hist["dev_f1"],
-           "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
-           "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
-           "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
-           **loss_curve_metrics(hist["loss"]), "loss_curve": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
+           "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
@@ -413,7 +410,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
 # %% [markdown]
 # ## Command line
 #
-# `python -m picomaml.sweep --grid configs/sweeps/demo.yaml --out runs/ner/demo-results.jsonl
+# `python -m picomaml.ner_sweep --grid configs/sweeps/demo.yaml --out runs/ner/demo-results.jsonl
 # [--runs-dir runs] [--pretraining-seeds 42 1] [--grid-overrides YAML] [--config preset] [--limit N]
 # [ner.key=value ...]`.
 

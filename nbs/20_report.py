@@ -135,7 +135,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # step, layer and matrix; one record per step, layer, matrix and kind, the last one winning), with an
 # absent file read as empty; it reads JSON, so the analysis needs no torch. `read_ner_results` reads
 # the NER sweep's JSON-lines files (nbs/12_ner_sweep; one record per finetuning run, fields of
-# `picomaml.ner.result_record` plus the grid coordinates) into one table with a `source` column.
+# `picomaml.ner_finetune.result_record` plus the grid coordinates) into one table with a `source` column.
 
 # %%
 #| export
@@ -256,7 +256,7 @@ assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=Tru
 # %% [markdown]
 # ## What the report notebooks read from the NER sweep
 #
-# Declared once, here, so the grids can be checked against it (`picomaml.sweep.uncovered`) without
+# Declared once, here, so the grids can be checked against it (`picomaml.ner_sweep.uncovered`) without
 # running anything: `sizes` is `all` (every size of the profile) or `sweep` (paper 2's checkpoint-sweep
 # model, medium in the paper), `step` is `final` or `scheduled` (every checkpoint the run saved).
 

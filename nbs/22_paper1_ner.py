@@ -20,7 +20,7 @@
 # Paper 1 §5 finetunes every pretrained model (the step-6,000 checkpoint, a linear head) on each
 # Universal NER training set and on `all`, head-only and full, and scores every test set
 # (method.md §5). This notebook reads the sweep's JSON lines (nbs/12_ner_sweep: one record per
-# finetuning run, `picomaml.ner.result_record` plus grid coordinates) and writes
+# finetuning run, `picomaml.ner_finetune.result_record` plus grid coordinates) and writes
 # `paper_tables/p1_table{3..9}_*.{md,tex,csv}` and `figures/p1_fig2_delta_f1_by_tag.{png,pdf}`.
 # Absent runs give "missing" cells; a relative change whose vanilla F1 is 0 is "n/a" (the paper's
 # "N/A"). Several seeds (pretraining `-seed<k>` runs): MAML and vanilla are paired by seed and the

@@ -18,7 +18,7 @@
 # > low-resource Philippine languages", regenerated from the NER sweep's results.
 #
 # This notebook reads the NER sweep's JSON lines (`<runs_dir>/ner/<grid>-results.jsonl`, one record
-# per finetuning run: `picomaml.ner.result_record` plus the grid coordinates) and, for Tables 4 and
+# per finetuning run: `picomaml.ner_finetune.result_record` plus the grid coordinates) and, for Tables 4 and
 # 5, the UNER data itself. It writes `figures/p2_fig{1..7,9}_*.{png,pdf}` and
 # `paper_tables/p2_table{2,4,5}_*.{md,tex,csv}`. A result that is absent leaves a "missing: …" note in
 # its panel or table cell; no number is ever filled in. The defaults read the CPU demo and write under
@@ -426,7 +426,7 @@ save_figure(fig, "p2_fig6_per_entity_f1", figures_dir)
 # Figures 7 and 9 and Table 5 need per-word outputs, not just scores. A record may name a side file
 # in `predictions` (a path relative to its results file): JSON holding, per test set, the
 # sentences' `words`, gold `tags`, predicted tags `pred` and the probability of the gold tag
-# `gold_prob` (`picomaml.ner.gold_tag_probabilities`). `side_outputs` reads it, or returns None.
+# `gold_prob` (`picomaml.ner_finetune.gold_tag_probabilities`). `side_outputs` reads it, or returns None.
 
 # %%
 #| export
@@ -551,7 +551,7 @@ save_figure(fig, "p2_fig9_case_studies", figures_dir)
 # %% [markdown]
 # ## Table 2: finetuning speed
 #
-# Δ (MAML − vanilla) of t90, normalised loss AUC and initial slope (`picomaml.ner.loss_curve_metrics`,
+# Δ (MAML − vanilla) of t90, normalised loss AUC and initial slope (`picomaml.crf_metrics.loss_curve_metrics`,
 # method.md §5), per size and regime, averaged over the nine in-language finetuning tasks at the
 # final checkpoint; per seed first, then mean ± 95 % bootstrap half-width over seeds. **Paper 2**:
 # "full-model finetuning shows the clearest acceleration for the largest and smallest models: MAML

@@ -78,7 +78,7 @@ class Profile:
     seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
     size_overrides: dict = field(default_factory=dict)  # size -> more section.key=value for that size's runs
-    grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.sweep)
+    grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.ner_sweep)
     commits_outputs: bool = False  # reports write the committed figures/ and paper_tables/ (else under runs_dir)
     smoke: bool = False  # fewer bootstrap resamples in the notebooks
     phase_size: str = "demo"  # the model of paper 1 Fig. 6's phase transition (large in the paper)
@@ -261,7 +261,7 @@ def prepare_command(src, out, seq_len: int, max_documents: int = 0) -> list[str]
 
 def sweep_command(grid: str, profile: Profile) -> list[str]:
     "The command that runs one NER grid of a profile, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
-    cmd = [sys.executable, "-m", "picomaml.sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
+    cmd = [sys.executable, "-m", "picomaml.ner_sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
            "--pretraining-seeds", *map(str, profile.seeds)]
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])

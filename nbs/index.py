@@ -56,11 +56,12 @@
 # torchrun --standalone --nproc_per_node=4 -m picomaml.launch --config configs/pico-large-maml.yaml
 # python -m picomaml.launch --config configs/demo.yaml train.steps=40   # one process, any override
 # python -m picomaml.launch --help                                # every option with its comment
-# python -m picomaml.sweep --grid configs/sweeps/paper1.yaml --out runs/ner/paper1-results.jsonl
+# python -m picomaml.ner_sweep --grid configs/sweeps/paper1.yaml --out runs/ner/paper1-results.jsonl
 # python -m picomaml.spectra --checkpoints runs/pico-large-maml/checkpoints --batch data/pretokenized/eval --out spectra.jsonl
 # papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y 'sizes: [tiny, small, medium, large]'
 # python -m picomaml.plan --config configs/pico-large-maml.yaml --gpus 4 --gpu-memory-gb 80 --gpu-tflops 312   # will it fit?
 # make rehearse                                                    # the paper profile end to end, shrunk, on CPU
+# make docs                                                        # the site in _docs/: every notebook executed (21-24 on make demo's runs), the API
 # python -m picomaml.pipeline paper --nproc 4 --seeds 42 1 2       # everything at the papers' scale, three seeds
 # ```
 #
@@ -184,6 +185,7 @@
 # | `08_spectra` | singular values and proportional effective rank of weights and gradients | P1 §6 |
 # | `09_phases` | change-point detection of phase transitions | P1 §6, Fig. 6 |
 # | `10_ner_data` | Universal NER reading, sub-token alignment, span/particle/OOV statistics | P1 §3.4; P2 §2.5 |
+# | `11_crf_metrics` | the linear-chain CRF (log-partition, likelihood, Viterbi, marginals); seqeval micro- and per-tag F1; loss-curve speed | P2 §2.5, Table 2 |
 # | `11_ner_finetune` | linear and CRF heads, head-only and full finetuning, zero-shot evaluation | P1 §5; P2 §3 |
 # | `12_ner_sweep` | the resumable finetuning grid | P1 App. B; P2 §4 |
 # | `20_report` | shared readers, styles and writers of the analysis notebooks | |

@@ -6,7 +6,7 @@ import yaml
 from picomaml.config import PRESETS_DIR
 from picomaml.pipeline import PROFILES
 from picomaml.report import NER_READS
-from picomaml.sweep import load_grid, uncovered
+from picomaml.ner_sweep import load_grid, uncovered
 
 
 def profile_jobs(profile, runs_dir):

@@ -96,6 +96,7 @@ COVERED = {  # printed commands another test runs (or whose exact work it runs, 
     "make rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
     "python -m picomaml.pipeline rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
     "make test": ".ci/run",
+    "make docs": "tests/test_docs.py::test_make_docs_site_in_headless_chromium",
     "make sync": "Makefile check (run by make test): the same nbdev_clean, nbdev_export and README steps",
     "srun python -m picomaml.launch ...": "tests/test_distributed.py::test_two_node_rendezvous_on_localhost",
 }
@@ -112,7 +113,7 @@ def runnable(command: str, tmp: Path) -> list[str] | None:
         large = "pico-large-maml" in command
         extra = rehearse.overrides + rehearse.size_overrides["large"] if large else SMALL
         return [*argv, *extra, f"logging.runs_dir={tmp}", f"logging.run_name=printed-{abs(hash(command))}"]  # one fresh run per command
-    if command.startswith("python -m picomaml.sweep"):
+    if command.startswith("python -m picomaml.ner_sweep"):
         return [*shlex.split(command.replace("runs/ner/", f"{tmp}/")), "--runs-dir", RUNS, "--limit", "2",
                 "--grid-overrides", json.dumps(rehearse.grid_overrides)]
     if command.startswith("python -m picomaml.spectra"):

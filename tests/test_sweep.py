@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def sweep_cli(grid, out, *extra):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.setdefault("PICOMAML_DATA", str(ROOT.parent / "shared" / "data"))
-    return subprocess.run([sys.executable, "-m", "picomaml.sweep", "--grid", str(grid), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "picomaml.ner_sweep", "--grid", str(grid), "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=300)
 
 def test_killed_sweep_resumes(tmp_path):

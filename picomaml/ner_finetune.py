@@ -6,28 +6,22 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from seqeval.metrics import classification_report, f1_score
-from seqeval.scheme import IOB2
 from torchcrf import CRF
 
 from .config import NERConfig
+from .crf_metrics import crf_marginals, crf_nll, loss_curve_metrics, micro_f1, score, viterbi
 from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
-__all__ = ['PAD_ID', 'HEADS', 'ENTITY_TYPES', 'TAG_TYPE', 'TAG_INSIDE', 'Batch', 'collate', 'gather_words', 'LinearTagHead',
-           'CRFTagHead', 'viterbi', 'crf_marginals', 'crf_log_partition', 'crf_nll', 'feature_dim', 'NERTagger',
-           'score', 'span_keys', 'micro_f1', 'FeatureCache', 'batches', 'window_features', 'packed_outputs',
-           'dev_micro_f1', 'window_outputs', 'predict', 'evaluate', 'train_step', 'epoch_inputs', 'finetune',
-           'loss_curve_metrics', 'evaluate_all', 'result_record', 'load_encoded', 'run_ner', 'gold_tag_probabilities',
-           'word_confidence', 'surprisal_delta']
+__all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'feature_dim', 'NERTagger',
+           'FeatureCache', 'batches', 'window_features', 'packed_outputs', 'dev_micro_f1', 'window_outputs', 'predict',
+           'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'result_record', 'gold_tag_probabilities']
 
 # %% ../nbs/11_ner_finetune.ipynb #e211df2f
 PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
@@ -80,66 +74,6 @@ class CRFTagHead(nn.Module):
     def decode(self, em, mask): return viterbi(self.crf, em, mask)  # (B, W)
     def marginals(self, em, mask): return crf_marginals(self.crf, em, mask)
 
-# %% ../nbs/11_ner_finetune.ipynb #e764824f
-def viterbi(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Best tag sequence of every window: (B, W, K) emissions, (B, W) mask -> (B, W) tag ids (0 after each window's end)."
-    B, W, K = em.shape
-    score, pointers = crf.start_transitions + em[:, 0], []  # (B, K)
-    for t in range(1, W):
-        best, arg = (score.unsqueeze(2) + crf.transitions).max(1)  # (B, K): best previous tag for each tag
-        pointers.append(arg)
-        score = torch.where(mask[:, t, None], best + em[:, t], score)
-    tag = (score + crf.end_transitions).max(1).indices  # (B,) tag at each window's last word
-    path = torch.zeros(B, W, dtype=torch.long, device=em.device)
-    for t in range(W - 1, -1, -1):
-        path[:, t] = tag
-        if t: tag = torch.where(mask[:, t], pointers[t - 1].gather(1, tag[:, None]).squeeze(1), tag)
-    return path * mask
-
-# %% ../nbs/11_ner_finetune.ipynb #45d81544
-def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Per-word tag marginals of a linear-chain CRF: (B, W, K) emissions -> (B, W, K) probabilities."
-    B, W, K = em.shape
-    A = crf.transitions  # (K, K) score of tag i followed by tag j
-    alphas = [crf.start_transitions + em[:, 0]]  # (B, K)
-    for t in range(1, W):
-        step = torch.logsumexp(alphas[-1].unsqueeze(2) + A + em[:, t].unsqueeze(1), dim=1)
-        alphas.append(torch.where(mask[:, t, None], step, alphas[-1]))
-    end = crf.end_transitions.expand(B, K)
-    betas = [end]
-    for t in range(W - 2, -1, -1):
-        step = torch.logsumexp(A + (em[:, t + 1] + betas[0]).unsqueeze(1), dim=2)
-        betas.insert(0, torch.where(mask[:, t + 1, None], step, end))
-    alpha, beta = torch.stack(alphas, 1), torch.stack(betas, 1)  # (B, W, K)
-    log_z = torch.logsumexp(alphas[-1] + crf.end_transitions, dim=1)  # (B,)
-    return (alpha + beta - log_z[:, None, None]).exp()
-
-# %% ../nbs/11_ner_finetune.ipynb #c8ad0ea9
-def crf_log_partition(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "log Z of every window of a linear-chain CRF by a scaled tree of matrix products: (B, W, K), (B, W) -> (B,)."
-    B, W, K = em.shape
-    first = (crf.start_transitions + em[:, :1]).unsqueeze(2).expand(B, 1, K, K)  # (B, 1, K, K) every row s + e_0
-    steps = torch.cat([first, crf.transitions + em[:, 1:].unsqueeze(2)], 1)  # (B, W, K, K) log M_t
-    shift = steps.amax((2, 3), keepdim=True).detach()  # (B, W, 1, 1)
-    identity = torch.eye(K, dtype=em.dtype, device=em.device)
-    probs = torch.where(mask[:, :, None, None], (steps - shift).exp(), identity)  # (B, W, K, K), entries ≤ 1
-    log_z = (shift.flatten(1) * mask).sum(1)  # (B,)
-    while probs.shape[1] > 1:
-        if probs.shape[1] % 2: probs = torch.cat([probs, identity.expand(B, 1, K, K)], 1)
-        probs = probs[:, 0::2] @ probs[:, 1::2]  # (B, W'/2, K, K)
-        top = probs.amax((2, 3), keepdim=True).detach()
-        probs, log_z = probs / top, log_z + top.log().flatten(1).sum(1)
-    end_shift = crf.end_transitions.max().detach()
-    return log_z + (probs[:, 0, 0] @ (crf.end_transitions - end_shift).exp()).log() + end_shift
-
-def crf_nll(crf: CRF, em: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Negative log-likelihood of the tag paths per word (pytorch-crf's token_mean): (B, W, K), (B, W), (B, W)."
-    m = mask.to(em.dtype)
-    last = tags.gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)  # (B,) tag at each window's last word
-    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last] + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
-            + (crf.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1))  # (B,) score of the gold path
-    return (crf_log_partition(crf, em, mask) - gold).sum() / m.sum()
-
 # %% ../nbs/11_ner_finetune.ipynb #fce70d87
 HEADS = {"linear": LinearTagHead, "crf": CRFTagHead}
 
@@ -160,37 +94,6 @@ class NERTagger(nn.Module):
         "Backbone states at the words' first sub-tokens, (B, W, d)."
         dev = next(self.parameters()).device
         return gather_words(self.backbone.hidden(batch.input_ids.to(dev)), batch.word_pos.to(dev))
-
-# %% ../nbs/11_ner_finetune.ipynb #a7b4ce16
-def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences."
-    report = classification_report(gold, pred, output_dict=True, zero_division=0)
-    return {"micro_f1": f1_score(gold, pred, zero_division=0),
-            "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
-            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ("PER", "LOC", "ORG")}}
-
-# %% ../nbs/11_ner_finetune.ipynb #a4ab732d
-ENTITY_TYPES = sorted({t[2:] for t in LABELS if t != "O"})  # LOC, ORG, PER
-TAG_TYPE = torch.tensor([0 if t == "O" else 1 + ENTITY_TYPES.index(t[2:]) for t in LABELS])  # (K,) 0 for O
-TAG_INSIDE = torch.tensor([t.startswith("I-") for t in LABELS])  # (K,)
-
-def span_keys(tags: torch.Tensor, follows: torch.Tensor) -> torch.Tensor:
-    "One integer key (start, end, type) per entity span of packed tag ids (N,), read as seqeval's default mode does."
-    kind, n = TAG_TYPE.to(tags.device)[tags], len(tags)  # (N,) 0 for O
-    previous = torch.where(follows, kind.roll(1), 0)  # (N,) type of the sentence's previous word, 0 at its start
-    continues = TAG_INSIDE.to(tags.device)[tags] & (previous == kind)  # (N,) I-X right after B-X or I-X
-    begins = (kind > 0) & ~continues
-    ends = (kind > 0) & ~torch.cat([continues[1:], continues.new_zeros(1)])  # (N,) last word of a span
-    first, last = begins.nonzero().squeeze(1), ends.nonzero().squeeze(1)  # (S,) each, in the same span order
-    return (first * n + last) * (len(ENTITY_TYPES) + 1) + kind[first]
-
-def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> float:
-    "seqeval's default-mode micro-F1 of packed tag ids: (N,) gold, (N,) predicted, (N,) bool `follows`."
-    gold_spans, pred_spans = span_keys(gold, follows), span_keys(pred, follows)
-    correct = int(torch.isin(pred_spans, gold_spans).sum())
-    precision = correct / len(pred_spans) if len(pred_spans) else 0.0
-    recall = correct / len(gold_spans) if len(gold_spans) else 0.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 # %% ../nbs/11_ner_finetune.ipynb #b6b2dfa0
 @dataclass
@@ -333,47 +236,14 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
     return tagger, history
 
 # %% ../nbs/11_ner_finetune.ipynb #5c48b614
-def loss_curve_metrics(losses) -> dict:
-    "t90, normalised AUC and initial slope of a per-step loss curve (steps numbered from 1)."
-    y = np.asarray(losses, dtype=float)
-    if len(y) < 2: raise ValueError(f"a loss curve needs at least 2 steps, got {len(y)}")
-    steps = np.arange(1, len(y) + 1)
-    target = y[0] - 0.9 * (y[0] - y[-1])
-    n_fit = max(2, math.ceil(0.1 * len(y)))
-    return {"t90": int(steps[np.argmax(y <= target)]),
-            "auc": float(np.trapezoid(y, steps) / (len(y) - 1)),
-            "slope": float(np.polyfit(steps[:n_fit], y[:n_fit], 1)[0])}
-
-# %% ../nbs/11_ner_finetune.ipynb #9fa78d90
-def evaluate_all(tagger: NERTagger, tests: dict[str, EncodedSplit], batch_size: int = 16) -> dict[str, dict]:
-    "seqeval scores on every named test split."
-    return {name: evaluate(tagger, split, batch_size=batch_size) for name, split in tests.items()}
-
-# %% ../nbs/11_ner_finetune.ipynb #57ba2d46
-def result_record(history: dict, tests: dict[str, dict], cfg: NERConfig, checkpoint: str = "", run: str = "") -> dict:
-    "A row describing one finetuning run: setup, dev and test F1, per-tag F1, loss-curve speed, cost."
-    return {"dataset": "+".join(cfg.train_sets), "head": cfg.head, "regime": cfg.regime, "checkpoint": checkpoint,
-            "pretraining_run": run, "dev_f1": history["best_dev_f1"],
+def result_record(history: dict, tests: dict[str, dict]) -> dict:
+    "The results of one finetuning run: dev F1 and its curve, test scores per test set, loss-curve speed and curve."
+    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"],
             "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
-            **loss_curve_metrics(history["loss"]), "epochs": history["epochs"], "steps": history["steps"],
-            "time_s": history["time_s"]}
-
-# %% ../nbs/11_ner_finetune.ipynb #0389ce89
-def load_encoded(dataset_names, split: str, encode, cfg: NERConfig) -> EncodedSplit:
-    "Sentences of the named datasets' split, concatenated and encoded."
-    from picomaml.ner_data import encode_split, load_split
-    sentences = [s for d in dataset_names for s in load_split(d, split, cfg)]
-    return encode_split(sentences, encode, cfg.max_len, f"{'+'.join(dataset_names)}/{split}")
-
-def run_ner(backbone: nn.Module, cfg: NERConfig, encode, test_sets=None, seed: int = 0, checkpoint: str = "", run: str = "") -> tuple[NERTagger, dict]:
-    "Finetune on `cfg.train_sets`, evaluate on every test set (default: all 18), return the tagger and its record."
-    from picomaml.ner_data import TEST_SETS
-    train, dev = load_encoded(cfg.train_sets, "train", encode, cfg), load_encoded(cfg.train_sets, "dev", encode, cfg)
-    tagger, history = finetune(backbone, train, dev, cfg, seed)
-    tests = {d: load_encoded([d], "test", encode, cfg) for d in (test_sets or TEST_SETS)}
-    return tagger, result_record(history, evaluate_all(tagger, tests, cfg.batch_size), cfg, checkpoint, run)
+            **loss_curve_metrics(history["loss"]), "loss_curve": history["loss"], "epochs": history["epochs"],
+            "steps": history["steps"]}
 
 # %% ../nbs/11_ner_finetune.ipynb #2df699bf
 def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[float]]:
@@ -381,18 +251,3 @@ def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: Featur
     _, marginals = window_outputs(tagger, split, feats, batch_size, marginals=True)
     per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
     return rejoin(split, per_window)
-
-def word_confidence(split: EncodedSplit, probs: list[list[float]], words=None, top: int = 10, entities: bool | None = None) -> dict[str, float]:
-    "Mean p(gold tag) per surface word: `words`, else the `top` most frequent (entities only / non-entities only / all)."
-    from collections import defaultdict
-    acc = defaultdict(list)
-    for s, p in zip(split.sentences, probs):
-        for w, tag, q in zip(s.words, s.tags, p):
-            if entities is None or (tag != "O") == entities: acc[w].append(q)
-    chosen = words if words is not None else sorted(acc, key=lambda w: -len(acc[w]))[:top]
-    return {w: float(np.mean(acc[w])) if acc[w] else math.nan for w in chosen}
-
-def surprisal_delta(base: NERTagger, other: NERTagger, split: EncodedSplit, batch_size: int = 16) -> list[list[float]]:
-    "Per word: surprisal of the gold tag under `other` minus under `base` (negative: `other` more confident)."
-    pa, pb = gold_tag_probabilities(base, split, batch_size=batch_size), gold_tag_probabilities(other, split, batch_size=batch_size)
-    return [[math.log(a) - math.log(b) for a, b in zip(ra, rb)] for ra, rb in zip(pa, pb)]

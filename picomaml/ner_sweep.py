@@ -28,8 +28,8 @@ from .checkpoints import scheduled_steps
 from .config import ConfigError, apply_overrides, ensure_writable, load_config, run_command
 from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from .ner import (NERTagger, finetune, gold_tag_probabilities, loss_curve_metrics, predict, score,
-                          window_features)
+from .crf_metrics import score
+from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from .ner_data import encode_split, load_split
 from .tokenizer import load_tokenizer
 
@@ -248,11 +248,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
-           "params": count_parameters(backbone.cfg), "dev_f1": hist["best_dev_f1"], "dev_f1_curve": hist["dev_f1"],
-           "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
-           "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
-           "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
-           **loss_curve_metrics(hist["loss"]), "loss_curve": hist["loss"], "epochs": hist["epochs"], "steps": hist["steps"]}
+           "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
