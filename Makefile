@@ -13,7 +13,7 @@ ifeq ($(origin PICOMAML_DATA), undefined)
   endif
 endif
 
-.PHONY: venv export sync check test demo compare rehearse paper help
+.PHONY: venv export sync check test demo compare rehearse paper docs help
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -62,3 +62,8 @@ rehearse: export ## the paper profile end to end under the rehearsal's shrink tr
 
 paper: export ## the papers' scale on one node of 4 GPUs (both arms x 4 sizes, the NER grids, the notebooks)
 	$(BIN)/python -m picomaml.pipeline paper --nproc 4
+
+# DOCS_PROFILE=smoke shows 21-24 on the smoke runs (python -m picomaml.pipeline smoke) instead of the demo's.
+DOCS_PROFILE ?= demo
+docs: export ## the documentation site in _docs/: every notebook executed (21-24 on `make demo`'s runs), rendered with the API
+	HF_HUB_OFFLINE=1 $(BIN)/python docs/build.py --profile $(DOCS_PROFILE) --jobs $(NPROC)
