@@ -62,8 +62,13 @@ def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=N
 # %% [markdown]
 # ## The sections
 #
-# **model** — the Pico decoder (method.md §1). The defaults are the medium size; the
-# `pico-{tiny,small,medium,large}` presets set `d_model` and `ffn_hidden` to 96/384/768/1536 and 4d.
+# **model** — the Pico decoder (paper 1 §3.1, paper 2 §2.2 and Table 6). The defaults are the medium
+# size; the `pico-{tiny,small,medium,large}` presets set `d_model` and `ffn_hidden` to 96/384/768/1536
+# and 4d. Neither paper states an initialisation, and paper 1 §3.1 keeps "the design choices and
+# hyperparameter choices of the original Pico decoder models", so `init` defaults to pico-train's,
+# which is PyTorch's own module initialisation (`01_model` says what that is and tests it); `normal`
+# (N(0, 0.02), the GPT-2/LLaMA convention) remains an option. Every setting the papers leave unstated
+# is listed, with its source, in `docs/settings.md`.
 
 # %%
 #| export
@@ -78,6 +83,10 @@ class ModelConfig:
     max_seq_len: int = opt(2048, "longest sequence the RoPE cache covers", ge=1)
     rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
     norm_eps: float = opt(1e-6, "RMSNorm epsilon (computed in float32)", gt=0)
+    init: str = opt("pytorch", "weight initialisation. pytorch: PyTorch's module defaults, as pico-train (nn.Linear "
+                    "U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Embedding N(0, 1)); normal: every linear and embedding weight N(0, init_std)",
+                    choices=("pytorch", "normal"))
+    init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
 # %% [markdown]
 # **data** — pretokenized rows in Pico's format (method.md §4). `source: auto` takes a local path if one
@@ -114,6 +123,12 @@ class DataConfig:
 # (`chunk_rows`, per rank) is how many rows a device runs forward and backward at once: a matter of
 # memory that never changes the gradient (`06_train` tests this), chosen by the planner
 # (`06_plan`) to fit the device when left at 0.
+#
+# The papers state AdamW, peak lr 3e-4, 2,500 warmup steps, cosine decay and bf16 mixed precision
+# (paper 1 §3.3, paper 2 §2.4 and Table 6), nothing more of the optimiser. The vanilla arm is meant to
+# be the Pico model they compare against, so the rest is pico-train's `torch.optim.AdamW(params, lr)`:
+# PyTorch's betas (0.9, 0.999), eps 1e-8 and weight decay 0.01, and no gradient clipping. The common
+# LLM choices (beta2 0.95, clipping at 1.0) stay reachable as `train.beta2=0.95 train.grad_clip=1.0`.
 
 # %%
 #| export
@@ -129,10 +144,11 @@ class TrainConfig:
     schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     decay_steps: int = opt(0, "steps over which the schedule decays; 0: `steps`", ge=0)
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
-    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
-    beta1: float = opt(0.9, "AdamW beta1", ge=0, le=0.999999)
-    beta2: float = opt(0.95, "AdamW beta2", ge=0, le=0.999999)
-    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping (the released trainer had none)", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch.optim.AdamW's default, as pico-train)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1 (PyTorch's default, as pico-train)", ge=0, le=0.999999)
+    beta2: float = opt(0.999, "AdamW beta2 (PyTorch's default, as pico-train; 0.95 is the common LLM choice)", ge=0, le=0.999999)
+    eps: float = opt(1e-8, "AdamW epsilon (PyTorch's default, as pico-train)", gt=0)
+    grad_clip: float = opt(0.0, "max global gradient norm; 0: no clipping (pico-train and the released trainer clip nothing)", ge=0)
     precision: str = opt("auto", "auto: bf16-mixed on GPU, 32-true on CPU", choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
@@ -582,4 +598,6 @@ for s in sizes:
     assert van.maml.rho == 0 and maml.maml.rho == 0.5
     van.maml.rho, van.logging.run_name = maml.maml.rho, maml.logging.run_name
     assert van == maml, f"the {s} vanilla arm must differ from the MAML arm only in rho"
+    tc = maml.train  # the settings the papers leave to pico-train (docs/settings.md)
+    assert maml.model.init == "pytorch" and (tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.grad_clip) == (0.9, 0.999, 1e-8, 0.01, 0.0)
 len(preset_files)

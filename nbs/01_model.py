@@ -271,15 +271,17 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"head dim model.d_model/model.n_heads={cfg.d_model // cfg.n_heads} must be even for RoPE")
 
 # %% [markdown]
-# **Initialisation.** pico-train applies no initialisation of its own: PyTorch's defaults, i.e.
+# **Initialisation.** Neither paper states one, and paper 1 §3.1 keeps "the design choices and
+# hyperparameter choices of the original Pico decoder models", so by default (`model.init=pytorch`)
+# we do what pico-train does: nothing. Each module keeps the values PyTorch gave it when it was built:
 # `nn.Embedding` ~ N(0, 1), every `nn.Linear` ~ U(±1/√fan_in) (Kaiming-uniform with a = √5), RMSNorm
-# gains 1. Paper 1 keeps pico-train's design choices but says nothing about init, so we use the
-# common GPT/LLaMA choice instead: every linear and embedding weight ~ N(0, 0.02), norm gains 1.
-# A unit-variance embedding would otherwise dwarf the 0.02-scale residual branches at the start.
+# gains 1. The vanilla arm is then the Pico model the papers compare against. `model.init=normal`
+# redraws every linear and embedding weight from N(0, `model.init_std`) (0.02, the GPT-2/LLaMA
+# convention, which keeps a unit-variance embedding from dwarfing the residual branches at the start).
 
 # %%
 #| export
-def init_weights(model: nn.Module, std: float = 0.02) -> None:
+def init_normal(model: nn.Module, std: float = 0.02) -> None:
     "Linear and embedding weights ~ N(0, std); RMSNorm gains = 1."
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -298,7 +300,7 @@ class PicoDecoder(nn.Module):
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
-        init_weights(self)
+        if cfg.init == "normal": init_normal(self, cfg.init_std)  # pytorch: the modules keep their construction-time values
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         "Final output_norm-ed hidden states (B, T, d) of token ids (B, T)."
@@ -317,7 +319,7 @@ class PicoDecoder(nn.Module):
         return self.de_embedding_proj(self.hidden(input_ids))
 
 # %% [markdown]
-# Tests: shapes, `forward` is `de_embedding_proj ∘ hidden`, the initialisation, and a bad config.
+# Tests: shapes, `forward` is `de_embedding_proj ∘ hidden`, and a bad config.
 
 # %%
 torch.manual_seed(0)
@@ -327,11 +329,43 @@ logits = model(ids)
 assert logits.shape == (2, 10, tiny.vocab_size) and model.hidden(ids).shape == (2, 10, tiny.d_model)
 assert torch.equal(logits, model.de_embedding_proj(model.hidden(ids)))
 assert model.cfg is tiny and model.embedding_proj.weight.data_ptr() != model.de_embedding_proj.weight.data_ptr()
-big = torch.cat([p.flatten() for n, p in model.named_parameters() if "norm" not in n])
-assert abs(big.std().item() - 0.02) < 1e-3 and abs(big.mean().item()) < 1e-3
-assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
 try: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)); raise AssertionError("accepted 4 heads over 3 kv heads")
 except ConfigError as e: assert "model.n_kv_heads=3" in str(e)
+
+# %% [markdown]
+# **The initialisation is PyTorch's, untouched.** Under the same seed, the decoder's weights equal,
+# bit for bit, those of plain `nn.Embedding` and `nn.Linear` modules built in the decoder's order and
+# left alone, which is how pico-train's decoder starts; so they also have PyTorch's distributions: the
+# embedding ~ N(0, 1) and each linear weight inside, and filling, its bound 1/√fan_in. Norm gains are 1.
+
+# %%
+def default_modules(cfg: ModelConfig) -> list[nn.Module]:
+    "Plain torch modules with the decoder's weight shapes, built in its construction order."
+    d, hd, ffn = cfg.d_model, cfg.d_model // cfg.n_heads, cfg.ffn_hidden
+    block = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd), (cfg.n_heads * hd, d), (d, ffn), (d, ffn), (ffn, d)]
+    modules = [nn.Embedding(cfg.vocab_size, d)]  # built first, as in the decoder: construction order fixes the draws
+    modules += [nn.Linear(i, o, bias=False) for _ in range(cfg.n_layers) for i, o in block]
+    return modules + [nn.Linear(d, cfg.vocab_size, bias=False)]
+
+torch.manual_seed(0)
+reference = default_modules(tiny)
+weights = [p for n, p in model.named_parameters() if "norm" not in n]
+assert len(weights) == len(reference) == 2 + 7 * tiny.n_layers
+assert all(torch.equal(w, m.weight) for w, m in zip(weights, reference))
+assert abs(model.embedding_proj.weight.std().item() - 1) < 0.05 and abs(model.embedding_proj.weight.mean().item()) < 0.05
+for m in model.modules():
+    if isinstance(m, nn.Linear): assert 0.95 / m.in_features ** 0.5 < m.weight.abs().max() <= 1 / m.in_features ** 0.5
+assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
+
+# %% [markdown]
+# `model.init=normal`: every linear and embedding weight ~ N(0, `init_std`), norm gains 1.
+
+# %%
+torch.manual_seed(0)
+normal = PicoDecoder(dataclasses.replace(tiny, init="normal", init_std=0.02))
+big = torch.cat([p.flatten() for n, p in normal.named_parameters() if "norm" not in n])
+assert abs(big.std().item() - 0.02) < 1e-3 and abs(big.mean().item()) < 1e-3
+assert all(torch.equal(p, torch.ones_like(p)) for n, p in normal.named_parameters() if "norm" in n)
 
 # %% [markdown]
 # Activation checkpointing (`train.activation_checkpointing`) stores only each block's input and

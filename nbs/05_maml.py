@@ -315,6 +315,40 @@ assert (mean, std) == (w_classes.mean().item(), w_classes.std().item())
 # `query_correct` / `query_count` for this rank's rows (sum them over ranks for the query
 # accuracy), `head_weight_mean` / `head_weight_std` of phi_T's logits layer, and `head_grad_norm`
 # of the first-order head gradient this call added (times `loss_scale`).
+#
+# Paper 1 Fig. 3 plots "support-set accuracy measured at the end of each inner-loop adaptation": the
+# accuracy of phi_T, a measurement rather than a training step, so `support_accuracy` takes it with
+# the head in eval mode (no dropout). Eval mode also draws no random numbers, so measuring leaves the
+# RNG stream of the query loss's dropout, and with it everything that trains, as if nothing were measured.
+
+# %%
+#| export
+@torch.no_grad()
+def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
+                     class_ids: torch.Tensor | None = None) -> float:
+    "Accuracy of phi_T on the support features (S, d), head in eval mode (no dropout, no RNG draws); its mode is restored."
+    was_training = head.training
+    head.eval()
+    try: logits = functional_call(head, fast_weights, (feats, class_ids))  # (S, N)
+    finally: head.train(was_training)
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+# %% [markdown]
+# Test: with dropout 0.5 in training mode the head's accuracy changes from draw to draw; the measured
+# one is the eval-mode accuracy every time, consumes no random numbers, and leaves the head training.
+
+# %%
+torch.manual_seed(0)
+acc_head = MAMLHead(3, 2, MAMLConfig(head_layers=3, head_hidden=16, head_dropout=0.5)).train()
+acc_phi = {name: p.detach() for name, p in acc_head.named_parameters()}
+acc_feats, acc_labels = torch.randn(40, 3), torch.randint(2, (40,))
+with torch.no_grad():
+    noisy = {(functional_call(acc_head, acc_phi, (acc_feats,)).argmax(-1) == acc_labels).float().mean().item() for _ in range(20)}
+    clean = (functional_call(acc_head.eval(), acc_phi, (acc_feats,)).argmax(-1) == acc_labels).float().mean().item()
+acc_head.train()
+rng = torch.get_rng_state()
+assert len(noisy) > 1 and all(support_accuracy(acc_head, acc_phi, acc_feats, acc_labels) == clean for _ in range(3))
+assert torch.equal(torch.get_rng_state(), rng) and acc_head.training and all(m.training for m in acc_head.modules())
 
 # %%
 #| export
@@ -331,8 +365,7 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
         raise ValueError(f"gather returned {feats.shape[0]} support features, the episode has {n_support}: "
                          "it must return every rank's features in episode order")
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
-    with torch.no_grad():
-        support_acc = (functional_call(head, fast, (feats, episode.class_ids)).argmax(-1) == episode.support_labels).float().mean().item()
+    support_acc = support_accuracy(head, fast, feats, episode.support_labels, episode.class_ids)
     labels = episode.query_labels[query_part]
     loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
                                      episode.query_readout[query_part], labels, episode.class_ids)
@@ -422,6 +455,33 @@ for head_output in ("classes", "vocab"):
     assert same_grads(grads_of(backbone, head), ref_grads, 1e-6)
     assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
 out
+
+# %% [markdown]
+# ### Support accuracy leaves training alone
+#
+# With the head's dropout on (0.5) and `inner_seed` set, `maml_step` gives bit for bit the loss and
+# gradients of the same episode run without any measurement (adapt, query loss, backward, hand the
+# gradient to phi_0) from the same RNG state, and its `support_acc` is phi_T's eval-mode accuracy.
+
+# %%
+cfg = MAMLConfig(inner_steps=3, inner_lr=0.5, head_layers=3, head_hidden=16, head_dropout=0.5)
+torch.manual_seed(5)
+backbone, head, episode = tiny_pico(), MAMLHead(24, 3, cfg).double().train(), toy_episode(seed=5)
+torch.manual_seed(9)
+out = maml_step(backbone, head, episode, cfg, inner_seed=3)
+measured = grads_of(backbone, head)
+for m in (backbone, head): m.zero_grad(set_to_none=True)
+torch.manual_seed(9)
+feats = support_features(backbone, episode.support_ids, episode.support_readout)
+fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=3)
+loss_sum, _ = query_loss(backbone, head, fast, episode.query_ids, episode.query_readout, episode.query_labels, episode.class_ids)
+(loss_sum / len(episode.query_labels)).backward()
+add_fast_grads(head, fast)
+assert out["loss"] == (loss_sum / len(episode.query_labels)).item() and same_grads(measured, grads_of(backbone, head), 0)
+with torch.no_grad():
+    eval_acc = (functional_call(head.eval(), fast, (feats,)).argmax(-1) == episode.support_labels).float().mean().item()
+head.train()
+assert out["support_acc"] == eval_acc
 
 # %% [markdown]
 # ### First-order gradients by hand

@@ -238,7 +238,9 @@ except ConfigError as e: assert "smlmt.pool_rows=63" in str(e)
 # Precision (paper 1 §4.1): bf16 autocast on GPU, float32 on CPU. Plain fp16 would need a loss
 # scaler around the hand-written MAML backward, so it is refused. Model and head are initialised
 # from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone and head
-# together (paper 1 Appendix A: the outer update covers the backbone and the head).
+# together (paper 1 Appendix A: the outer update covers the backbone and the head). Its settings
+# beyond the peak lr are the configuration's, by default pico-train's `torch.optim.AdamW(params, lr)`
+# (`00_config`; `docs/settings.md` lists every setting the papers leave unstated).
 
 # %%
 #| export
@@ -257,13 +259,35 @@ def build_model(cfg: Config, device) -> tuple:
     head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
     tc = cfg.train
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  weight_decay=tc.weight_decay)
+                                  eps=tc.eps, weight_decay=tc.weight_decay)
     return model, head, optimizer
 
 # %%
 assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "cuda") == "bf16-mixed"
 try: resolve_precision("16-mixed", "cuda"); raise AssertionError
 except ConfigError as e: assert "train.precision" in str(e)
+
+# %% [markdown]
+# Test: a paper preset (pico-tiny-maml, shrunk to two blocks and a 64-id vocabulary) starts where
+# pico-train starts. The embedding is, bit for bit, a plain `nn.Embedding` built first under
+# `train.seed` (N(0, 1)), every linear weight lies inside and fills PyTorch's bound 1/√fan_in, the
+# optimizer's settings are exactly those of `torch.optim.AdamW(params, lr)`, and nothing is clipped.
+# The earlier choices are options: `model.init=normal`, `train.beta2=0.95`, `train.grad_clip=1.0`.
+
+# %%
+from torch import nn
+from picomaml.config import PRESETS_DIR
+_shrink = ["model.n_layers=2", "model.vocab_size=64", "model.max_seq_len=32"]
+_paper = load_config(PRESETS_DIR / "pico-tiny-maml.yaml", _shrink)
+_model, _head, _opt = build_model(_paper, torch.device("cpu"))
+torch.manual_seed(_paper.train.seed)
+assert torch.equal(_model.embedding_proj.weight, nn.Embedding(64, _paper.model.d_model).weight)
+assert all(0.95 / m.in_features ** 0.5 < m.weight.abs().max() <= 1 / m.in_features ** 0.5 for m in _model.modules() if isinstance(m, nn.Linear))
+assert _opt.defaults == torch.optim.AdamW(_model.parameters(), lr=_paper.train.lr).defaults and _paper.train.grad_clip == 0
+assert (_opt.defaults["betas"], _opt.defaults["weight_decay"]) == ((0.9, 0.999), 0.01)
+_old = load_config(PRESETS_DIR / "pico-tiny-maml.yaml", _shrink + ["model.init=normal", "train.beta2=0.95", "train.grad_clip=1.0"])
+_model, _, _opt = build_model(_old, torch.device("cpu"))
+assert abs(_model.embedding_proj.weight.std().item() - 0.02) < 1e-3 and _opt.defaults["betas"] == (0.9, 0.95) and _old.train.grad_clip == 1.0
 
 # %% [markdown]
 # ## The memory chunk, from the plan

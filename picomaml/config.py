@@ -44,6 +44,10 @@ class ModelConfig:
     max_seq_len: int = opt(2048, "longest sequence the RoPE cache covers", ge=1)
     rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
     norm_eps: float = opt(1e-6, "RMSNorm epsilon (computed in float32)", gt=0)
+    init: str = opt("pytorch", "weight initialisation. pytorch: PyTorch's module defaults, as pico-train (nn.Linear "
+                    "U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Embedding N(0, 1)); normal: every linear and embedding weight N(0, init_std)",
+                    choices=("pytorch", "normal"))
+    init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
 # %% ../nbs/00_config.ipynb #eeab01a0
 @dataclass
@@ -76,10 +80,11 @@ class TrainConfig:
     schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     decay_steps: int = opt(0, "steps over which the schedule decays; 0: `steps`", ge=0)
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
-    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
-    beta1: float = opt(0.9, "AdamW beta1", ge=0, le=0.999999)
-    beta2: float = opt(0.95, "AdamW beta2", ge=0, le=0.999999)
-    grad_clip: float = opt(1.0, "max gradient norm; 0 disables clipping (the released trainer had none)", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (torch.optim.AdamW's default, as pico-train)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1 (PyTorch's default, as pico-train)", ge=0, le=0.999999)
+    beta2: float = opt(0.999, "AdamW beta2 (PyTorch's default, as pico-train; 0.95 is the common LLM choice)", ge=0, le=0.999999)
+    eps: float = opt(1e-8, "AdamW epsilon (PyTorch's default, as pico-train)", gt=0)
+    grad_clip: float = opt(0.0, "max global gradient norm; 0: no clipping (pico-train and the released trainer clip nothing)", ge=0)
     precision: str = opt("auto", "auto: bf16-mixed on GPU, 32-true on CPU", choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 

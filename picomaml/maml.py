@@ -16,7 +16,7 @@ from .config import MAMLConfig
 
 # %% auto #0
 __all__ = ['MAMLHead', 'readout_features', 'support_features', 'adapt', 'query_loss', 'add_fast_grads', 'head_weight_stats',
-           'maml_step']
+           'support_accuracy', 'maml_step']
 
 # %% ../nbs/05_maml.ipynb #b49f1de9
 class MAMLHead(nn.Module):
@@ -106,6 +106,17 @@ def head_weight_stats(head: MAMLHead, fast_weights: dict[str, torch.Tensor],
     return w.mean().item(), w.std().item()
 
 # %% ../nbs/05_maml.ipynb #d4013974
+@torch.no_grad()
+def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
+                     class_ids: torch.Tensor | None = None) -> float:
+    "Accuracy of phi_T on the support features (S, d), head in eval mode (no dropout, no RNG draws); its mode is restored."
+    was_training = head.training
+    head.eval()
+    try: logits = functional_call(head, fast_weights, (feats, class_ids))  # (S, N)
+    finally: head.train(was_training)
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+# %% ../nbs/05_maml.ipynb #4175720d
 def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None, support_part=None, query_part=None,
               loss_scale: float = 1.0, inner_seed: int | None = None) -> dict:
@@ -119,8 +130,7 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
         raise ValueError(f"gather returned {feats.shape[0]} support features, the episode has {n_support}: "
                          "it must return every rank's features in episode order")
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
-    with torch.no_grad():
-        support_acc = (functional_call(head, fast, (feats, episode.class_ids)).argmax(-1) == episode.support_labels).float().mean().item()
+    support_acc = support_accuracy(head, fast, feats, episode.support_labels, episode.class_ids)
     labels = episode.query_labels[query_part]
     loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
                                      episode.query_readout[query_part], labels, episode.class_ids)

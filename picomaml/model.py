@@ -21,7 +21,7 @@ from .config import ConfigError, ModelConfig
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'REQUIRED_KEYS', 'HF_PREFIX', 'RMSNorm', 'rope_angles', 'apply_rope', 'Attention', 'SwiGLU',
-           'PicoDecoderBlock', 'check_model_config', 'init_weights', 'PicoDecoder', 'count_parameters',
+           'PicoDecoderBlock', 'check_model_config', 'init_normal', 'PicoDecoder', 'count_parameters',
            'parameter_groups', 'model_summary', 'CheckpointError', 'config_to_json', 'config_from_json', 'load_checked',
            'save_pretrained', 'load_local', 'load_pretrained', 'push_to_hub']
 
@@ -110,7 +110,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"head dim model.d_model/model.n_heads={cfg.d_model // cfg.n_heads} must be even for RoPE")
 
 # %% ../nbs/01_model.ipynb #b4166593
-def init_weights(model: nn.Module, std: float = 0.02) -> None:
+def init_normal(model: nn.Module, std: float = 0.02) -> None:
     "Linear and embedding weights ~ N(0, std); RMSNorm gains = 1."
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -128,7 +128,7 @@ class PicoDecoder(nn.Module):
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
-        init_weights(self)
+        if cfg.init == "normal": init_normal(self, cfg.init_std)  # pytorch: the modules keep their construction-time values
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         "Final output_norm-ed hidden states (B, T, d) of token ids (B, T)."

@@ -121,7 +121,7 @@ def build_model(cfg: Config, device) -> tuple:
     head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
     tc = cfg.train
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  weight_decay=tc.weight_decay)
+                                  eps=tc.eps, weight_decay=tc.weight_decay)
     return model, head, optimizer
 
 # %% ../nbs/06_train.ipynb #5e70268b
