@@ -16,7 +16,7 @@
 #
 # > Reading UNER v1 IOB2 files, aligning words to OLMo sub-tokens, and the data-level analyses of paper 2.
 #
-# Both papers finetune on Universal NER v1 (Mayhew et al. 2024; method.md §5, paper 1 §3.4 and §5,
+# Both papers finetune on Universal NER v1 (Mayhew et al. 2024; paper 1 §3.4 and §5,
 # paper 2 §2.5 and App. D). This notebook turns the 18 UNER datasets into windows of sub-token ids
 # whose first sub-token per word carries the word's tag, and computes the statistics of paper 2's
 # Tables 4 and 5 (span statistics, particle recall, OOV rate).
@@ -37,13 +37,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from picomaml.config import NERConfig
+from picomaml.names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
 
 # %% [markdown]
 # ## Labels and dataset groups
 #
 # UNER's released label set has seven tags: O and B-/I- of PER, ORG and LOC (paper 2 App. D). Two
 # training sets (hr_set, sr_set) still carry OTH, and a few files contain stray `B-O`/`I-O`; both
-# become O, as in the released data. The datasets fall into three groups (method.md §5): nine
+# become O, as in the released data. The datasets fall into three groups (paper 1 §5; their names live in
+# `picomaml.names`): nine
 # in-language sets with train/dev/test, six Parallel UD test sets and three Philippine test sets.
 # `all` is the nine training sets together.
 
@@ -54,11 +56,6 @@ LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
 IGNORE_INDEX = -100  # label of non-first sub-tokens: cross-entropy and the metrics skip it
 TO_O = {"B-OTH", "I-OTH", "B-O", "I-O"}
 
-IN_LANGUAGE = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp")
-PUD = ("de_pud", "en_pud", "pt_pud", "ru_pud", "sv_pud", "zh_pud")
-OTHER = ("ceb_gja", "tl_trg", "tl_ugnayan")
-GROUPS = {"in-language": IN_LANGUAGE, "pud": PUD, "other": OTHER}
-TEST_SETS = IN_LANGUAGE + PUD + OTHER
 SPLITS = ("train", "dev", "test")
 
 # %%
@@ -351,7 +348,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # ## Words to sub-tokens
 #
 # The Pico models read OLMo tokens, so each word is encoded separately and the **first sub-token of
-# each word carries the word's tag**; the others get `IGNORE_INDEX` (method.md §5). Our choice for
+# each word carries the word's tag**; the others get `IGNORE_INDEX` (the usual first-sub-token convention). Our choice for
 # word boundaries: every word but the first is encoded with a leading space, as it would appear in
 # running text (`" Bratislava"` → `ĠBr at isl ava`) — except words that start with a wide (CJK)
 # character. Chinese is written without spaces, and a leading space would make every Chinese word's
@@ -479,7 +476,7 @@ except UNERFormatError as e: assert str(e).startswith("tl_trg/test: no sentences
 
 # %% [markdown]
 # On real data: how many sentences of each training set are longer than the papers' 512 sub-tokens
-# (`NERConfig.max_len`), and than the released trainer's 128 (method.md §7, which truncated them)?
+# (`NERConfig.max_len`), and than the released trainer's 128 (`docs/released-trainer.md`, which truncated them)?
 # Encoding every training set takes minutes on two cores, so this runs outside the tests.
 
 # %%
@@ -517,7 +514,7 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
     "Per entity type: number of spans and share of single-word spans."
     spans = [sp for s in sentences for sp in tag_spans(s.tags)]
     stats = {}
-    for kind in ("PER", "LOC", "ORG"):
+    for kind in ENTITY_TYPES:
         lengths = [e - b for k, b, e in spans if k == kind]
         stats[kind] = {"spans": len(lengths), "single_token_share": sum(l == 1 for l in lengths) / len(lengths) if lengths else math.nan}
     return stats
@@ -545,7 +542,8 @@ assert sk_stats["PER"]["spans"] > 5 * sk_stats["LOC"]["spans"] and sk_stats["LOC
 # the common-noun markers (paper 2 §1, App. A). Table 5's "particle recall" is the share of gold PER
 # spans whose left neighbour word is one of these particles (about 11 % in Tagalog, 6 % in
 # Cebuano). Given predictions, we also report how many of those particle-preceded spans the model
-# found exactly (same type and boundaries), next to its recall on the other PER spans.
+# found exactly (same type and boundaries), and its recall on them and on the other PER spans; the
+# counts let several test sets (Tagalog's two) be pooled.
 
 # %%
 #| export
@@ -565,6 +563,7 @@ def particle_recall(sentences: Sequence[Sentence], predictions: Sequence[Sequenc
     total = after["spans"] + rest["spans"]
     out = {"spans": total, "after_particle": after["spans"], "share": after["spans"] / total if total else math.nan}
     if predictions is not None:
+        out["found_after_particle"] = after["found"]
         out["recall_after_particle"] = after["found"] / after["spans"] if after["spans"] else math.nan
         out["recall_elsewhere"] = rest["found"] / rest["spans"] if rest["spans"] else math.nan
     return out
@@ -578,6 +577,7 @@ assert pr == {"spans": 4, "after_particle": 3, "share": 0.75}
 preds = [["O", "O", "B-PER", "O", "B-PER", "O"], ["O", "B-PER", "O", "B-PER"], ["O", "O"]]
 pr = particle_recall(hand, preds)
 assert pr["recall_after_particle"] == 2 / 3 and pr["recall_elsewhere"] == 1.0  # "Maria Cruz" found only in part
+assert pr["found_after_particle"] == 2
 
 # %%
 for d in OTHER: print(d, particle_recall(tests[d]))
@@ -607,3 +607,30 @@ assert oov_rate(test_hand, train_hand) == {"tokens": 5, "oov_token_rate": 2 / 5,
 
 # %%
 for d in OTHER: print(d, {k: round(v, 3) for k, v in oov_rate(tests[d], sk_train).items()})
+
+# %% [markdown]
+# ## The statistics paper 2's tables read
+#
+# Tables 4 and 5 describe the data, not a model, and the report notebook reads outputs only, so the
+# NER sweep writes these numbers next to its results (`12_ner_sweep`): for every finetuning set of
+# its grid the span statistics of its **whole** train split (Table 4), and for every zero-shot
+# language whose test sets the grid evaluates — Tagalog (tl_trg + tl_ugnayan, pooled) and Cebuano
+# (ceb_gja) — the particle share of its PER spans and its OOV rates against each finetuning set
+# (Table 5). A language is keyed by its test sets joined with `+`, as the sweep names `all`'s parts.
+
+# %%
+#| export
+ZERO_SHOT_LANGUAGES = {"+".join(sets): sets for sets in (TAGALOG, CEBUANO)}
+
+def uner_statistics(train_sets: dict, zero_shot: dict) -> dict:
+    "Span statistics of each finetuning set's sentences; particle share and OOV rates (against each finetuning set) of each zero-shot language's."
+    return {"finetuning": {name: {"sentences": len(s), "spans": span_statistics(s)} for name, s in train_sets.items()},
+            "zero_shot": {name: {"sentences": len(s), "particles": particle_recall(s),
+                                 "oov": {source: oov_rate(s, train) for source, train in train_sets.items()}}
+                          for name, s in zero_shot.items()}}
+
+# %%
+hand_stats = uner_statistics({"hand": train_hand}, {"tl_hand": hand + test_hand})
+assert hand_stats["finetuning"]["hand"] == {"sentences": 1, "spans": span_statistics(train_hand)}
+assert hand_stats["zero_shot"]["tl_hand"]["particles"]["share"] == 0.75 and hand_stats["zero_shot"]["tl_hand"]["oov"]["hand"]["tokens"] == 17
+assert list(ZERO_SHOT_LANGUAGES) == ["tl_trg+tl_ugnayan", "ceb_gja"] and set(sum(ZERO_SHOT_LANGUAGES.values(), ())) == set(OTHER)

@@ -54,7 +54,7 @@ from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.crf_metrics import score
 from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
-from picomaml.ner_data import encode_split, load_split
+from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
 from picomaml.tokenizer import load_tokenizer
 
 # %% [markdown]
@@ -315,7 +315,8 @@ def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "p
 # `picomaml.ner_finetune` (dev F1 and its per-epoch curve; test micro-F1 default and strict and per-tag
 # F1 per test set; t90, AUC, slope and the per-step loss curve). With
 # `save_predictions`, the predicted tags and gold-tag probabilities of the Philippine test sets go
-# to a side file named in the row.
+# to a side file named in the row. For each Philippine test set the row also holds the model's recall
+# of the gold PER spans that follow a case particle (`particle_recall`, paper 2 Table 5).
 
 # %%
 #| export
@@ -344,11 +345,12 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
     tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")))
-    tests, side = {}, {}
+    tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
+        if name in PHILIPPINE: particles[name] = particle_recall(split.sentences, pred)
         if st.get("save_predictions") and name in PHILIPPINE:
             side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
@@ -356,6 +358,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
            "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
+    if particles: row["particle_recall"] = particles
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
@@ -364,6 +367,36 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     row["seconds"] = time.perf_counter() - t0
     return row
 
+
+# %% [markdown]
+# ## The data statistics beside the results
+#
+# Paper 2's Tables 4 and 5 describe the data (span statistics of the finetuning set; particle share
+# and OOV rate of the zero-shot languages), and the report notebook reads outputs, not the UNER
+# reader. So before it runs any job the sweep writes `picomaml.ner_data.uner_statistics` beside its
+# results, as `<results stem>-uner-statistics.json`, for every finetuning set of the grid and every
+# zero-shot language whose test sets the grid evaluates. They are computed on the whole splits, not
+# the sweep's capped samples (they describe the data sets), and only when the file lacks one of them.
+
+# %%
+#| export
+def statistics_path(out) -> Path:
+    "The UNER statistics file of the results file `out`: `<out stem>-uner-statistics.json` beside it."
+    return Path(out).parent / f"{Path(out).stem}-uner-statistics.json"
+
+def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
+    "Write (or complete) the UNER statistics of the jobs' finetuning sets and zero-shot languages beside `out`."
+    path = statistics_path(out)
+    have = json.loads(path.read_text()) if path.is_file() else {"finetuning": {}, "zero_shot": {}}
+    tested = {t for j in jobs for t in (job_settings(j).get("test_sets") or TEST_SETS)}
+    sources = sorted({j.dataset for j in jobs})
+    languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) for l in languages):
+        return
+    train = {d: load_split(d, "train", ner_cfg) for d in sources}
+    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
+    new = uner_statistics(train, zero_shot)
+    write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 # %%
 _pool = [f"da{i}" for i in range(50)] + [f"sk{i}" for i in range(50)]
@@ -381,6 +414,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     ensure_writable(out.parent, "--out")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
+    write_uner_statistics(out, jobs, cfg.ner)
     done = {r["key"] for r in read_rows(out)}
     drop_torn_tail(out)
     todo = [j for j in jobs if j.key not in done][:limit]
@@ -448,6 +482,7 @@ if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 # %%
 from picomaml.config import ModelConfig, save_config
 from picomaml.model import PicoDecoder, save_pretrained
+from picomaml.ner_data import Sentence, oov_rate, span_statistics
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
@@ -457,7 +492,7 @@ with tempfile.TemporaryDirectory() as tmp:
     save_config(load_config(None, ["train.steps=100", "checkpoint.every=100"]), run / "config.yaml")
     for step in (0, 100): save_pretrained(tiny, run / f"checkpoints/step_{step:06d}")
     grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16, "max_eval_sentences": 8,
-                         "test_sets": ["sk_snk", "tl_trg"], "save_predictions": True},
+                         "test_sets": ["sk_snk", "tl_trg", "tl_ugnayan"], "save_predictions": True},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"],
                        "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}]}]}
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
@@ -471,10 +506,18 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = read_rows(out)
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     r = rows[0]
-    assert set(r["test_f1"]) == {"sk_snk", "tl_trg"} and len(r["loss_curve"]) == r["steps"] and r["params"] == count_parameters(tiny.cfg)
+    assert set(r["test_f1"]) == {"sk_snk", "tl_trg", "tl_ugnayan"} and len(r["loss_curve"]) == r["steps"] and r["params"] == count_parameters(tiny.cfg)
     side = json.loads((out.parent / r["predictions"]).read_text())
-    whole = len(load_split("tl_trg", "test", load_config().ner))  # saved predictions cover the whole set, not the cap of 8
-    assert set(side) == {"tl_trg"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == whole > 8
+    tl_trg = load_split("tl_trg", "test", load_config().ner)  # saved predictions cover the whole set, not the cap of 8
+    assert set(side) == {"tl_trg", "tl_ugnayan"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8
+    tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe: a NaN read back is another NaN
+    assert same(r["particle_recall"]["tl_trg"], particle_recall(tl_sentences, side["tl_trg"]["pred"])) and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"}
+    stats = json.loads(statistics_path(out).read_text())  # the whole splits, not the sweep's capped samples
+    sk_train, tagalog = load_split("sk_snk", "train", load_config().ner), tl_trg + load_split("tl_ugnayan", "test", load_config().ner)
+    assert same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}}) and len(sk_train) > 16
+    assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"] and same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"], particle_recall(tagalog))
+    assert stats["zero_shot"]["tl_trg+tl_ugnayan"]["oov"] == {"sk_snk": oov_rate(tagalog, sk_train)}
     assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
     assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1  # other settings: a new job
     grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})

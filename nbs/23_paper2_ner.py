@@ -18,8 +18,10 @@
 # > low-resource Philippine languages", regenerated from the NER sweep's results.
 #
 # This notebook reads the NER sweep's JSON lines (`<runs_dir>/ner/<grid>-results.jsonl`, one record
-# per finetuning run: `picomaml.ner_finetune.result_record` plus the grid coordinates) and, for Tables 4 and
-# 5, the UNER data itself. It writes `figures/p2_fig{1..7,9}_*.{png,pdf}` and
+# per finetuning run: `picomaml.ner_finetune.result_record` plus the grid coordinates, the backbone's
+# parameter count), the side files of saved predictions and, for Tables 4
+# and 5, the UNER statistics the sweep writes beside its results: outputs only, through
+# `picomaml.report`, never the model or the data code. It writes `figures/p2_fig{1..7,9}_*.{png,pdf}` and
 # `paper_tables/p2_table{2,4,5}_*.{md,tex,csv}`. A result that is absent leaves a "missing: …" note in
 # its panel or table cell; no number is ever filled in. The defaults read the CPU demo and write under
 # `runs/reports/`; the paper-scale call passes `sizes=["tiny","small","medium","large"]` and
@@ -41,7 +43,6 @@ head = "crf"  # paper 2 finetunes a linear-chain CRF head
 sweep_size = "demo"  # the checkpoint sweep (Figs. 4-7, 9, Table 5): "medium" in the paper
 sweep_dataset = "sk_snk"
 sweep_regime = "head"
-uner_dir = ""  # UNER directory for Tables 4 and 5; empty: $PICOMAML_DATA/uner, else the Hub
 smoke = False  # fewer bootstrap resamples
 
 # %%
@@ -180,6 +181,7 @@ paths = [Path(f) for pattern in ner_results for f in sorted(glob.glob(pattern))]
 runs = ner_runs(read_ner_results(paths))
 runs = runs[runs["size"].isin(sizes) & runs.arm.isin(arms) & runs.seed.isin(seeds)]
 final = final_runs(runs, head)
+params = runs.groupby("size")["params"].median().to_dict() if "params" in runs else {}  # each record's backbone parameter count
 print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) or 'no results file'}; {len(final)} at a final checkpoint with the {head} head")
 
 # %% [markdown]
@@ -192,14 +194,11 @@ print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) 
 
 # %%
 #| export
-def size_label(size: str) -> str:
-    "A size with its parameter count (method.md §1), e.g. 'tiny\\n11.3M'."
-    from picomaml.config import PRESETS_DIR, load_config
-    from picomaml.model import count_parameters
-    preset = PRESETS_DIR / ("demo.yaml" if size == "demo" else f"pico-{size}-maml.yaml")
-    return f"{size}\n{count_parameters(load_config(preset).model) / 1e6:.1f}M" if preset.is_file() else size
+def size_label(size: str, params: dict) -> str:
+    "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
+    return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
 
-def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) -> list[str]:
+def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis: bool = True) -> list[str]:
     "Bars of MAML and vanilla per size (CI error bars), the relative gain on a twin axis; returns missing sizes."
     table = means.set_index(["size", "arm"])
     present = [s for s in sizes if all((s, a) in table.index for a in ("maml", "vanilla"))]
@@ -212,7 +211,7 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) 
         rows = table.loc[[(s, arm) for s in present]]
         err = np.vstack([rows["mean"] - rows.low, rows.high - rows["mean"]]) if rows.seeds.max() > 1 else None
         ax.bar(x + offset, rows["mean"], 0.4, yerr=err, color=ARM_COLORS[arm], label=arm, capsize=3)
-    ax.set_xticks(x, [size_label(s) for s in present])
+    ax.set_xticks(x, [size_label(s, params) for s in present])
     if gain_axis:
         gain = relative_change(table.loc[[(s, "maml") for s in present], "mean"], table.loc[[(s, "vanilla") for s in present], "mean"])
         twin = ax.twinx()
@@ -226,14 +225,15 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) 
 # %%
 _fig, _ax = plt.subplots()
 _m = arm_means(pd.DataFrame({"size": "tiny", "arm": ["maml", "vanilla"], "seed": 0, "f": [0.3, 0.2]}), "f")
-assert arm_bars(_ax, _m, ["tiny", "large"], "F1") == ["large"] and len(_ax.patches) == 2
+assert arm_bars(_ax, _m, ["tiny", "large"], "F1", {"tiny": 11.3e6}) == ["large"] and len(_ax.patches) == 2
+assert _ax.get_xticklabels()[0].get_text() == "tiny\n11.3M" and size_label("large", {}) == "large"
 assert np.isclose(_fig.axes[1].lines[0].get_ydata()[0], 50.0)
 plt.close("all")
 
 # %%
 scale = matched(final, "zero_shot")
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
-arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)")
+arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)", params)
 ax.set(ylabel="zero-shot micro-F1 (ceb, tl)", title="Scale curve")
 ax.legend(loc="upper left")
 save_figure(fig, "p2_fig1_scale_curve", figures_dir)
@@ -251,7 +251,7 @@ arm_means(scale, "zero_shot")
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
 regime_means = arm_means(scale, "zero_shot", by=("regime", "size"))
 for ax, regime in zip(axes, ("head", "full")):
-    arm_bars(ax, regime_means[regime_means.regime == regime], sizes, f"{regime} finetuning results")
+    arm_bars(ax, regime_means[regime_means.regime == regime], sizes, f"{regime} finetuning results", params)
     ax.set(title=f"{regime}-only" if regime == "head" else "full finetuning", ylabel="zero-shot micro-F1 (ceb, tl)")
 axes[0].legend(loc="upper left")
 save_figure(fig, "p2_fig2_regime", figures_dir)
@@ -423,7 +423,7 @@ save_figure(fig, "p2_fig6_per_entity_f1", figures_dir)
 # %% [markdown]
 # ### Predictions and gold-tag probabilities (side files)
 #
-# Figures 7 and 9 and Table 5 need per-word outputs, not just scores. A record may name a side file
+# Figures 7 and 9 need per-word outputs, not just scores. A record may name a side file
 # in `predictions` (a path relative to its results file): JSON holding, per test set, the
 # sentences' `words`, gold `tags`, predicted tags `pred` and the probability of the gold tag
 # `gold_prob` (`picomaml.ner_finetune.gold_tag_probabilities`). `side_outputs` reads it, or returns None.
@@ -552,7 +552,7 @@ save_figure(fig, "p2_fig9_case_studies", figures_dir)
 # ## Table 2: finetuning speed
 #
 # Δ (MAML − vanilla) of t90, normalised loss AUC and initial slope (`picomaml.crf_metrics.loss_curve_metrics`,
-# method.md §5), per size and regime, averaged over the nine in-language finetuning tasks at the
+# paper 2 §3), per size and regime, averaged over the nine in-language finetuning tasks at the
 # final checkpoint; per seed first, then mean ± 95 % bootstrap half-width over seeds. **Paper 2**:
 # "full-model finetuning shows the clearest acceleration for the largest and smallest models: MAML
 # cuts t90 by roughly 8 % (≈ 111 steps)" (Δt90 −111.1 for large and tiny, full); head-only medium
@@ -565,10 +565,10 @@ SPEED = ("t90", "auc", "slope")
 def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
     "Per (size, regime, seed): MAML − vanilla of t90, AUC and slope, averaged over in-language tasks both arms have."
     rows = final[final.dataset.isin(IN_LANGUAGE)]
-    if rows.empty or not all(k in rows for k in SPEED): return pd.DataFrame(columns=["size", "regime", "seed", "tasks", *SPEED])
-    rows = matched(rows, "t90")
+    rows = matched(rows, "t90") if len(rows) and all(k in rows for k in SPEED) else rows.iloc[:0]
+    if rows.empty: return pd.DataFrame(columns=["size", "regime", "seed", "tasks", *SPEED])
     wide = rows.pivot_table(index=["size", "regime", "seed", "dataset"], columns="arm", values=list(SPEED), aggfunc="mean")
-    delta = pd.DataFrame({k: wide[(k, "maml")] - wide[(k, "vanilla")] for k in SPEED}) if len(wide) else pd.DataFrame(columns=SPEED)
+    delta = pd.DataFrame({k: wide[(k, "maml")] - wide[(k, "vanilla")] for k in SPEED})
     out = delta.groupby(level=["size", "regime", "seed"]).agg(["mean", "size"])
     return pd.DataFrame({"tasks": out[("t90", "size")], **{k: out[(k, "mean")] for k in SPEED}}).reset_index()
 
@@ -591,6 +591,7 @@ _speed = ner_runs(pd.DataFrame([
 _t2 = speed_table(speed_deltas(final_runs(_speed, "crf")), ["tiny", "large"]).set_index(["size", "regime"])
 assert _t2.loc[("tiny", "full"), "Δt90"] == "-30.0" and _t2.loc[("tiny", "full"), "tasks"] == "2"  # da_ddt has no vanilla run
 assert _t2.loc[("tiny", "full"), "Δauc"] == "0.000" and (_t2.loc[("large", "head")] == MISSING).all()
+assert speed_deltas(final_runs(_speed[_speed.arm == "maml"], "crf")).empty  # in-language records of one arm only
 
 # %%
 table2 = speed_table(speed_deltas(final), sizes)
@@ -601,87 +602,99 @@ table2
 # %% [markdown]
 # ## Tables 4 and 5: data statistics
 #
-# These two tables describe the data more than the models, so they read the UNER files
-# (`picomaml.ner_data`; `uner_dir`, else `$PICOMAML_DATA/uner`, else the Hub). When the data cannot be
-# read the tables say so.
+# These two tables describe the data more than the models. The NER sweep writes the statistics of
+# the whole UNER splits beside its results (`<results stem>-uner-statistics.json`,
+# `picomaml.ner_data.uner_statistics`): span statistics of every finetuning set, and per zero-shot
+# language (keyed by its test sets: `tl_trg+tl_ugnayan`, `ceb_gja`) the particle share of its PER
+# spans and its OOV rates against every finetuning set. `read_statistics` merges the files of the
+# results read here; without them the tables say what is missing.
 #
 # **Table 4** — spans per entity type in the finetuning set and the share that are a single word.
 # **Paper 2** (sk_snk train): PER 2,277 (87.6 %), LOC 277 (75.1 %), ORG 153 (56.9 %).
 
 # %%
 #| export
-def uner_sentences(dataset: str, split: str, uner_dir: str = ""):
-    "The sentences of a UNER split, or the reason they cannot be read (a string)."
-    from picomaml.config import NERConfig
-    from picomaml.ner_data import load_split
-    try: return load_split(dataset, split, NERConfig(data_path=uner_dir))
-    except Exception as e: return f"{dataset}/{split} unreadable ({type(e).__name__}: {str(e)[:120]})"
+def read_statistics(paths) -> dict:
+    "The UNER statistics written beside the results files `paths` (`finetuning`, `zero_shot`), merged."
+    merged = {"finetuning": {}, "zero_shot": {}}
+    for p in paths:
+        path = Path(p).parent / f"{Path(p).stem}-uner-statistics.json"
+        if path.is_file():
+            for key, value in json.loads(path.read_text()).items(): merged[key].update(value)
+    return merged
 
-def span_table(sentences) -> pd.DataFrame:
-    "Table 4: spans and single-word share per entity type (cells 'missing: …' when the data is a reason string)."
-    from picomaml.ner_data import span_statistics
-    if isinstance(sentences, str): return pd.DataFrame({"entity": TAGS, "spans": f"{MISSING}: {sentences}", "single-token %": MISSING})
-    stats = span_statistics(sentences)
-    return pd.DataFrame({"entity": TAGS, "spans": [f"{stats[t]['spans']:,}" for t in TAGS],
-                         "single-token %": [f"{100 * stats[t]['single_token_share']:.1f}" if stats[t]["spans"] else MISSING for t in TAGS]})
-
-# %%
-from picomaml.ner_data import Sentence
-_hand = [Sentence(["a"] * 4, ["B-PER", "O", "B-PER", "I-PER"]), Sentence(["a"] * 2, ["B-LOC", "O"])]
-assert span_table(_hand).values.tolist() == [["PER", "2", "50.0"], ["LOC", "1", "100.0"], ["ORG", "0", MISSING]]
-assert span_table("x/train unreadable").spans[0].startswith("missing")
+def span_table(stats: dict | None, what: str) -> pd.DataFrame:
+    "Table 4: spans and single-word share per entity type of one finetuning set's statistics (None: missing)."
+    if stats is None: return pd.DataFrame({"entity": TAGS, "spans": f"{MISSING}: {what}", "single-token %": MISSING})
+    spans = stats["spans"]
+    return pd.DataFrame({"entity": TAGS, "spans": [f"{spans[t]['spans']:,}" for t in TAGS],
+                         "single-token %": [f"{100 * spans[t]['single_token_share']:.1f}" if spans[t]["spans"] else MISSING for t in TAGS]})
 
 # %%
-finetune_train = uner_sentences(sweep_dataset, "train", uner_dir)
-table4 = span_table(finetune_train)
-save_table(table4, "p2_table4_span_statistics", tables_dir, f"Span statistics of the {sweep_dataset} finetuning set (train split)")
+_stats4 = {"sentences": 2, "spans": {"PER": {"spans": 2, "single_token_share": 0.5}, "LOC": {"spans": 1, "single_token_share": 1.0},
+                                     "ORG": {"spans": 0, "single_token_share": np.nan}}}
+assert span_table(_stats4, "x").values.tolist() == [["PER", "2", "50.0"], ["LOC", "1", "100.0"], ["ORG", "0", MISSING]]
+assert span_table(None, "sk_snk statistics").spans[0] == "missing: sk_snk statistics"
+with tempfile.TemporaryDirectory() as _tmp:
+    Path(_tmp, "a-results-uner-statistics.json").write_text(json.dumps({"finetuning": {"sk_snk": _stats4}, "zero_shot": {}}))
+    _read = read_statistics([Path(_tmp, "a-results.jsonl"), Path(_tmp, "b-results.jsonl")])  # b has no statistics file
+    assert json.dumps(_read) == json.dumps({"finetuning": {"sk_snk": _stats4}, "zero_shot": {}})  # NaN read back is another NaN object
+
+# %%
+statistics = read_statistics(paths)
+statistics_what = f"UNER statistics of {sweep_dataset} (the NER sweep writes <results>-uner-statistics.json)"
+table4 = span_table(statistics["finetuning"].get(sweep_dataset), statistics_what)
+save_table(table4, "p2_table4_span_statistics", tables_dir, f"Span statistics of the {sweep_dataset} finetuning set (whole train split)")
 table4
 
 # %% [markdown]
 # **Table 5** — per Philippine language: the share of gold PER spans whose left neighbour is a case
 # particle (si, ni, ang, ng, sa, kay; `picomaml.ner_data.particle_recall`) — the quantity paper 2
 # calls "particle recall" (≈ 11 % Tagalog, 5–6 % Cebuano in its text) —, the model's recall of those
-# particle-preceded spans across the sweep's checkpoints (mean ± s.d.; from the side files), and the
-# OOV rate of test word tokens against the finetuning set (`oov_rate`). **Paper 2**: particle
-# recall 0.113 ± 0.000 (Tagalog), 0.058 ± 0.000 (Cebuano); OOV 0.523 and 0.534. Its ± 0.000 across
-# checkpoints says these are properties of the data, which is how we compute the first and last column.
+# particle-preceded spans across the sweep's checkpoints (mean ± s.d.; the records' `particle_recall`
+# counts, pooled over a language's test sets), and the OOV rate of test word tokens (and types)
+# against the finetuning set. **Paper 2**: particle recall 0.113 ± 0.000 (Tagalog), 0.058 ± 0.000
+# (Cebuano); OOV 0.523 and 0.534. Its ± 0.000 across checkpoints says these are properties of the
+# data, which is how we compute the first and last columns.
 
 # %%
 #| export
+LANGUAGES = (("Tagalog", TAGALOG), ("Cebuano", CEBUANO))
+
 def mean_sd(values, digits: int = 3) -> str:
     "'mean ± s.d. (n=k)' of the finite values, or 'missing'."
     x = np.asarray(values, float)
     x = x[np.isfinite(x)]
     return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if x.size > 1 else 0:.{digits}f} (n={x.size})" if x.size else MISSING
 
-def particle_table(tests: dict, train, sides: list) -> pd.DataFrame:
-    "Table 5: per language, particle share of PER spans, model recall after particles (over checkpoints), OOV rates."
-    from picomaml.ner_data import Sentence, oov_rate, particle_recall
+def pooled_recall(record_particles, test_sets) -> float:
+    "A record's recall of particle-preceded PER spans over `test_sets` pooled (NaN unless it scored them all)."
+    counts = [record_particles.get(t) for t in test_sets] if isinstance(record_particles, dict) else [None]
+    if any(c is None for c in counts) or not sum(c["after_particle"] for c in counts): return np.nan
+    return sum(c["found_after_particle"] for c in counts) / sum(c["after_particle"] for c in counts)
+
+def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFrame:
+    "Table 5: per language, particle share of PER spans, model recall after particles (over records), OOV rates against `source`."
     rows = []
-    for language, sets in (("Tagalog", TAGALOG), ("Cebuano", CEBUANO)):
-        unreadable = [tests[s] for s in sets if isinstance(tests[s], str)]
-        sentences = [] if unreadable else [x for s in sets for x in tests[s]]
-        recalls = []
-        for side in sides:
-            data = pooled(side, sets)
-            if data["pred"]: recalls.append(particle_recall([Sentence(w, t) for w, t in zip(data["words"], data["tags"])], data["pred"])["recall_after_particle"])
-        share = particle_recall(sentences)["share"] if sentences else np.nan
-        oov = oov_rate(sentences, train) if sentences and not isinstance(train, str) else None
-        rows.append({"language": language, "particle share of PER spans": f"{share:.3f}" if np.isfinite(share) else f"{MISSING}: {'; '.join(unreadable) or 'no sentences'}",
-                     "model recall after particle": mean_sd(recalls),
+    for language, sets in LANGUAGES:
+        stats = zero_shot.get("+".join(sets))
+        oov = stats["oov"].get(source) if stats else None
+        rows.append({"language": language,
+                     "particle share of PER spans": f"{stats['particles']['share']:.3f}" if stats else f"{MISSING}: UNER statistics of {'+'.join(sets)}",
+                     "model recall after particle": mean_sd([pooled_recall(p, sets) for p in particles]),
                      "OOV token rate": f"{oov['oov_token_rate']:.3f}" if oov else MISSING, "OOV type rate": f"{oov['oov_type_rate']:.3f}" if oov else MISSING})
     return pd.DataFrame(rows)
 
 # %%
-_tests = {"tl_trg": [Sentence(["ni", "John", "x"], ["O", "B-PER", "O"]), Sentence(["Juan"], ["B-PER"])], "tl_ugnayan": [], "ceb_gja": "ceb_gja/test unreadable"}
-_sides5 = [{"tl_trg": {"words": [["ni", "John"]], "tags": [["O", "B-PER"]], "pred": [["O", p]]}} for p in ("B-PER", "O")]
-_t5 = particle_table(_tests, [Sentence(["x", "ni"], ["O", "O"])], _sides5).set_index("language")
-assert _t5.loc["Tagalog"].tolist() == ["0.500", "0.500 ± 0.707 (n=2)", "0.500", "0.500"]
+_zs = {"tl_trg+tl_ugnayan": {"particles": {"share": 0.5}, "oov": {"sk_snk": {"oov_token_rate": 0.5, "oov_type_rate": 0.25}}}}
+_counts = lambda found: {"tl_trg": {"after_particle": 1, "found_after_particle": found}, "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}}
+_t5 = particle_table(_zs, "sk_snk", [_counts(1), _counts(0), None]).set_index("language")
+assert _t5.loc["Tagalog"].tolist() == ["0.500", "0.500 ± 0.707 (n=2)", "0.500", "0.250"]
 assert _t5.loc["Cebuano", "particle share of PER spans"].startswith("missing") and _t5.loc["Cebuano", "OOV token rate"] == MISSING
+assert particle_table(_zs, "en_ewt", []).loc[0, "OOV token rate"] == MISSING and np.isnan(pooled_recall({"tl_trg": _counts(1)["tl_trg"]}, TAGALOG))
 
 # %%
-philippine_tests = {s: uner_sentences(s, "test", uner_dir) for s in PHILIPPINE}
-table5 = particle_table(philippine_tests, finetune_train, sweep_sides)
+table5 = particle_table(statistics["zero_shot"], sweep_dataset, sweep.get("particle_recall", pd.Series(dtype=object)).tolist())
 save_table(table5, "p2_table5_particles_oov", tables_dir,
            f"Particle-preceded PER spans and OOV rate on the zero-shot sets ({sweep_dataset} finetuning set; model recall over the checkpoint sweep)")
 table5
@@ -689,7 +702,7 @@ table5
 # %% [markdown]
 # ## Every output exists
 #
-# Whatever was missing, each output of method.md §6 for paper 2 generated here has its files.
+# Whatever was missing, each generated output of paper 2 (`picomaml.names.OUTPUTS`) has its files.
 
 # %%
 #| export

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import NERConfig
+from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
 
 # %% auto #0
-__all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'IN_LANGUAGE', 'PUD', 'OTHER', 'GROUPS', 'TEST_SETS', 'SPLITS',
-           'SENTENCE_KEYS', 'PARTICLES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment',
-           'parse_token_line', 'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split',
-           'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin',
-           'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate']
+__all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'ZERO_SHOT_LANGUAGES',
+           'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment', 'parse_token_line', 'parse_iob2_lines',
+           'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split', 'load_split', 'spaced', 'encode_words',
+           'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin', 'tag_spans', 'span_statistics',
+           'particle_recall', 'oov_rate', 'uner_statistics']
 
 # %% ../nbs/10_ner_data.ipynb #fba6c5b3
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -28,11 +29,6 @@ LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
 IGNORE_INDEX = -100  # label of non-first sub-tokens: cross-entropy and the metrics skip it
 TO_O = {"B-OTH", "I-OTH", "B-O", "I-O"}
 
-IN_LANGUAGE = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp")
-PUD = ("de_pud", "en_pud", "pt_pud", "ru_pud", "sv_pud", "zh_pud")
-OTHER = ("ceb_gja", "tl_trg", "tl_ugnayan")
-GROUPS = {"in-language": IN_LANGUAGE, "pud": PUD, "other": OTHER}
-TEST_SETS = IN_LANGUAGE + PUD + OTHER
 SPLITS = ("train", "dev", "test")
 
 # %% ../nbs/10_ner_data.ipynb #21ef1e43
@@ -234,7 +230,7 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
     "Per entity type: number of spans and share of single-word spans."
     spans = [sp for s in sentences for sp in tag_spans(s.tags)]
     stats = {}
-    for kind in ("PER", "LOC", "ORG"):
+    for kind in ENTITY_TYPES:
         lengths = [e - b for k, b, e in spans if k == kind]
         stats[kind] = {"spans": len(lengths), "single_token_share": sum(l == 1 for l in lengths) / len(lengths) if lengths else math.nan}
     return stats
@@ -256,6 +252,7 @@ def particle_recall(sentences: Sequence[Sentence], predictions: Sequence[Sequenc
     total = after["spans"] + rest["spans"]
     out = {"spans": total, "after_particle": after["spans"], "share": after["spans"] / total if total else math.nan}
     if predictions is not None:
+        out["found_after_particle"] = after["found"]
         out["recall_after_particle"] = after["found"] / after["spans"] if after["spans"] else math.nan
         out["recall_elsewhere"] = rest["found"] / rest["spans"] if rest["spans"] else math.nan
     return out
@@ -268,3 +265,13 @@ def oov_rate(test: Sequence[Sentence], train: Sequence[Sentence]) -> dict:
     types = set(words)
     return {"tokens": len(words), "oov_token_rate": sum(w not in seen for w in words) / len(words),
             "types": len(types), "oov_type_rate": sum(w not in seen for w in types) / len(types)}
+
+# %% ../nbs/10_ner_data.ipynb #befe12f3
+ZERO_SHOT_LANGUAGES = {"+".join(sets): sets for sets in (TAGALOG, CEBUANO)}
+
+def uner_statistics(train_sets: dict, zero_shot: dict) -> dict:
+    "Span statistics of each finetuning set's sentences; particle share and OOV rates (against each finetuning set) of each zero-shot language's."
+    return {"finetuning": {name: {"sentences": len(s), "spans": span_statistics(s)} for name, s in train_sets.items()},
+            "zero_shot": {name: {"sentences": len(s), "particles": particle_recall(s),
+                                 "oov": {source: oov_rate(s, train) for source, train in train_sets.items()}}
+                          for name, s in zero_shot.items()}}

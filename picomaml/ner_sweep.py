@@ -30,14 +30,14 @@ from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from .crf_metrics import score
 from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
-from .ner_data import encode_split, load_split
+from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
 from .tokenizer import load_tokenizer
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
            'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints', 'Job', 'load_grid',
-           'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job', 'run_sweep',
-           'main']
+           'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job', 'statistics_path',
+           'write_uner_statistics', 'run_sweep', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -237,11 +237,12 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
     tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")))
-    tests, side = {}, {}
+    tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
+        if name in PHILIPPINE: particles[name] = particle_recall(split.sentences, pred)
         if st.get("save_predictions") and name in PHILIPPINE:
             side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
@@ -249,6 +250,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
            "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
+    if particles: row["particle_recall"] = particles
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
@@ -256,6 +258,25 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
     return row
+
+# %% ../nbs/12_ner_sweep.ipynb #16600757
+def statistics_path(out) -> Path:
+    "The UNER statistics file of the results file `out`: `<out stem>-uner-statistics.json` beside it."
+    return Path(out).parent / f"{Path(out).stem}-uner-statistics.json"
+
+def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
+    "Write (or complete) the UNER statistics of the jobs' finetuning sets and zero-shot languages beside `out`."
+    path = statistics_path(out)
+    have = json.loads(path.read_text()) if path.is_file() else {"finetuning": {}, "zero_shot": {}}
+    tested = {t for j in jobs for t in (job_settings(j).get("test_sets") or TEST_SETS)}
+    sources = sorted({j.dataset for j in jobs})
+    languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) for l in languages):
+        return
+    train = {d: load_split(d, "train", ner_cfg) for d in sources}
+    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
+    new = uner_statistics(train, zero_shot)
+    write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec
 def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
@@ -265,6 +286,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     ensure_writable(out.parent, "--out")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
+    write_uner_statistics(out, jobs, cfg.ner)
     done = {r["key"] for r in read_rows(out)}
     drop_torn_tail(out)
     todo = [j for j in jobs if j.key not in done][:limit]

@@ -21,11 +21,11 @@ from .report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_esti
                              ner_long, read_ner_results, relative_change, save_figure, save_table, set_style)
 
 # %% auto #0
-__all__ = ['COORDS', 'CELL', 'CASE_SENTENCES', 'SPEED', 'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs', 'matched',
-           'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'curve_band', 'fan', 'final_loss',
-           'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs',
-           'surprisal_delta', 'speed_deltas', 'speed_table', 'uner_sentences', 'span_table', 'mean_sd',
-           'particle_table']
+__all__ = ['COORDS', 'CELL', 'CASE_SENTENCES', 'SPEED', 'LANGUAGES', 'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs',
+           'matched', 'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'curve_band', 'fan',
+           'final_loss', 'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs',
+           'surprisal_delta', 'speed_deltas', 'speed_table', 'read_statistics', 'span_table', 'mean_sd',
+           'pooled_recall', 'particle_table']
 
 # %% ../nbs/23_paper2_ner.ipynb #f12b6c75
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
@@ -67,14 +67,11 @@ def arm_means(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds"])
 
 # %% ../nbs/23_paper2_ner.ipynb #d5cde8df
-def size_label(size: str) -> str:
-    "A size with its parameter count (method.md §1), e.g. 'tiny\\n11.3M'."
-    from picomaml.config import PRESETS_DIR, load_config
-    from picomaml.model import count_parameters
-    preset = PRESETS_DIR / ("demo.yaml" if size == "demo" else f"pico-{size}-maml.yaml")
-    return f"{size}\n{count_parameters(load_config(preset).model) / 1e6:.1f}M" if preset.is_file() else size
+def size_label(size: str, params: dict) -> str:
+    "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
+    return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
 
-def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) -> list[str]:
+def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis: bool = True) -> list[str]:
     "Bars of MAML and vanilla per size (CI error bars), the relative gain on a twin axis; returns missing sizes."
     table = means.set_index(["size", "arm"])
     present = [s for s in sizes if all((s, a) in table.index for a in ("maml", "vanilla"))]
@@ -87,7 +84,7 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, gain_axis: bool = True) 
         rows = table.loc[[(s, arm) for s in present]]
         err = np.vstack([rows["mean"] - rows.low, rows.high - rows["mean"]]) if rows.seeds.max() > 1 else None
         ax.bar(x + offset, rows["mean"], 0.4, yerr=err, color=ARM_COLORS[arm], label=arm, capsize=3)
-    ax.set_xticks(x, [size_label(s) for s in present])
+    ax.set_xticks(x, [size_label(s, params) for s in present])
     if gain_axis:
         gain = relative_change(table.loc[[(s, "maml") for s in present], "mean"], table.loc[[(s, "vanilla") for s in present], "mean"])
         twin = ax.twinx()
@@ -220,10 +217,10 @@ SPEED = ("t90", "auc", "slope")
 def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
     "Per (size, regime, seed): MAML − vanilla of t90, AUC and slope, averaged over in-language tasks both arms have."
     rows = final[final.dataset.isin(IN_LANGUAGE)]
-    if rows.empty or not all(k in rows for k in SPEED): return pd.DataFrame(columns=["size", "regime", "seed", "tasks", *SPEED])
-    rows = matched(rows, "t90")
+    rows = matched(rows, "t90") if len(rows) and all(k in rows for k in SPEED) else rows.iloc[:0]
+    if rows.empty: return pd.DataFrame(columns=["size", "regime", "seed", "tasks", *SPEED])
     wide = rows.pivot_table(index=["size", "regime", "seed", "dataset"], columns="arm", values=list(SPEED), aggfunc="mean")
-    delta = pd.DataFrame({k: wide[(k, "maml")] - wide[(k, "vanilla")] for k in SPEED}) if len(wide) else pd.DataFrame(columns=SPEED)
+    delta = pd.DataFrame({k: wide[(k, "maml")] - wide[(k, "vanilla")] for k in SPEED})
     out = delta.groupby(level=["size", "regime", "seed"]).agg(["mean", "size"])
     return pd.DataFrame({"tasks": out[("t90", "size")], **{k: out[(k, "mean")] for k in SPEED}}).reset_index()
 
@@ -239,43 +236,46 @@ def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["size", "regime", "tasks", *(f"Δ{k}" for k in SPEED)])
 
 # %% ../nbs/23_paper2_ner.ipynb #707b8bec
-def uner_sentences(dataset: str, split: str, uner_dir: str = ""):
-    "The sentences of a UNER split, or the reason they cannot be read (a string)."
-    from picomaml.config import NERConfig
-    from picomaml.ner_data import load_split
-    try: return load_split(dataset, split, NERConfig(data_path=uner_dir))
-    except Exception as e: return f"{dataset}/{split} unreadable ({type(e).__name__}: {str(e)[:120]})"
+def read_statistics(paths) -> dict:
+    "The UNER statistics written beside the results files `paths` (`finetuning`, `zero_shot`), merged."
+    merged = {"finetuning": {}, "zero_shot": {}}
+    for p in paths:
+        path = Path(p).parent / f"{Path(p).stem}-uner-statistics.json"
+        if path.is_file():
+            for key, value in json.loads(path.read_text()).items(): merged[key].update(value)
+    return merged
 
-def span_table(sentences) -> pd.DataFrame:
-    "Table 4: spans and single-word share per entity type (cells 'missing: …' when the data is a reason string)."
-    from picomaml.ner_data import span_statistics
-    if isinstance(sentences, str): return pd.DataFrame({"entity": TAGS, "spans": f"{MISSING}: {sentences}", "single-token %": MISSING})
-    stats = span_statistics(sentences)
-    return pd.DataFrame({"entity": TAGS, "spans": [f"{stats[t]['spans']:,}" for t in TAGS],
-                         "single-token %": [f"{100 * stats[t]['single_token_share']:.1f}" if stats[t]["spans"] else MISSING for t in TAGS]})
+def span_table(stats: dict | None, what: str) -> pd.DataFrame:
+    "Table 4: spans and single-word share per entity type of one finetuning set's statistics (None: missing)."
+    if stats is None: return pd.DataFrame({"entity": TAGS, "spans": f"{MISSING}: {what}", "single-token %": MISSING})
+    spans = stats["spans"]
+    return pd.DataFrame({"entity": TAGS, "spans": [f"{spans[t]['spans']:,}" for t in TAGS],
+                         "single-token %": [f"{100 * spans[t]['single_token_share']:.1f}" if spans[t]["spans"] else MISSING for t in TAGS]})
 
 # %% ../nbs/23_paper2_ner.ipynb #6b841d81
+LANGUAGES = (("Tagalog", TAGALOG), ("Cebuano", CEBUANO))
+
 def mean_sd(values, digits: int = 3) -> str:
     "'mean ± s.d. (n=k)' of the finite values, or 'missing'."
     x = np.asarray(values, float)
     x = x[np.isfinite(x)]
     return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if x.size > 1 else 0:.{digits}f} (n={x.size})" if x.size else MISSING
 
-def particle_table(tests: dict, train, sides: list) -> pd.DataFrame:
-    "Table 5: per language, particle share of PER spans, model recall after particles (over checkpoints), OOV rates."
-    from picomaml.ner_data import Sentence, oov_rate, particle_recall
+def pooled_recall(record_particles, test_sets) -> float:
+    "A record's recall of particle-preceded PER spans over `test_sets` pooled (NaN unless it scored them all)."
+    counts = [record_particles.get(t) for t in test_sets] if isinstance(record_particles, dict) else [None]
+    if any(c is None for c in counts) or not sum(c["after_particle"] for c in counts): return np.nan
+    return sum(c["found_after_particle"] for c in counts) / sum(c["after_particle"] for c in counts)
+
+def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFrame:
+    "Table 5: per language, particle share of PER spans, model recall after particles (over records), OOV rates against `source`."
     rows = []
-    for language, sets in (("Tagalog", TAGALOG), ("Cebuano", CEBUANO)):
-        unreadable = [tests[s] for s in sets if isinstance(tests[s], str)]
-        sentences = [] if unreadable else [x for s in sets for x in tests[s]]
-        recalls = []
-        for side in sides:
-            data = pooled(side, sets)
-            if data["pred"]: recalls.append(particle_recall([Sentence(w, t) for w, t in zip(data["words"], data["tags"])], data["pred"])["recall_after_particle"])
-        share = particle_recall(sentences)["share"] if sentences else np.nan
-        oov = oov_rate(sentences, train) if sentences and not isinstance(train, str) else None
-        rows.append({"language": language, "particle share of PER spans": f"{share:.3f}" if np.isfinite(share) else f"{MISSING}: {'; '.join(unreadable) or 'no sentences'}",
-                     "model recall after particle": mean_sd(recalls),
+    for language, sets in LANGUAGES:
+        stats = zero_shot.get("+".join(sets))
+        oov = stats["oov"].get(source) if stats else None
+        rows.append({"language": language,
+                     "particle share of PER spans": f"{stats['particles']['share']:.3f}" if stats else f"{MISSING}: UNER statistics of {'+'.join(sets)}",
+                     "model recall after particle": mean_sd([pooled_recall(p, sets) for p in particles]),
                      "OOV token rate": f"{oov['oov_token_rate']:.3f}" if oov else MISSING, "OOV type rate": f"{oov['oov_type_rate']:.3f}" if oov else MISSING})
     return pd.DataFrame(rows)
 

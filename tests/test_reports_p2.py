@@ -42,7 +42,7 @@ def outputs(tmp):
 
 def test_empty_runs_dir_writes_every_output_marked_missing(tmp_path):
     params = dict(runs_dir=str(tmp_path / "runs"), ner_dir=str(tmp_path / "runs" / "ner"), figures_dir=str(tmp_path / "figures"),
-                  tables_dir=str(tmp_path / "tables"), sizes=["tiny", "large"], uner_dir=str(tmp_path / "no-uner"))
+                  tables_dir=str(tmp_path / "tables"), sizes=["tiny", "large"])
     for nb in ("23_paper2_ner.ipynb", "24_paper2_indicators.ipynb"):
         execute(nb, tmp_path, **params)
     figs, tables = outputs(tmp_path)
@@ -68,6 +68,14 @@ HAND = [record("maml", "sk_snk", "full", 100, 0.5, -0.2), record("vanilla", "sk_
         record("maml", "sk_snk", "head", 40, 0.3, 0.0), record("vanilla", "sk_snk", "head", 20, 0.2, 0.0)]
 
 
+# The sweep's UNER statistics (picomaml.ner_data.uner_statistics) with paper 2's numbers.
+STATISTICS = {"finetuning": {"sk_snk": {"sentences": 8483, "spans": {"PER": {"spans": 2277, "single_token_share": 0.876},
+                                                                     "LOC": {"spans": 277, "single_token_share": 0.751},
+                                                                     "ORG": {"spans": 153, "single_token_share": 0.569}}}},
+              "zero_shot": {"tl_trg+tl_ugnayan": {"particles": {"share": 0.113}, "oov": {"sk_snk": {"oov_token_rate": 0.523, "oov_type_rate": 0.6}}},
+                            "ceb_gja": {"particles": {"share": 0.058}, "oov": {"sk_snk": {"oov_token_rate": 0.534, "oov_type_rate": 0.6}}}}}
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("p2")
@@ -77,9 +85,11 @@ def filled(tmp_path_factory):
                        "pred": [["O", "O", "B-PER", "O", "O", "O", "O"]], "gold_prob": [[0.9, 0.9, 0.6, 0.9, 0.8, 0.8, 0.99]]}}
     (ner / "side.json").write_text(json.dumps(side))
     sweep = [record("maml", "sk_snk", "head", 40, 0.3, 0.0, step=s, f1=0.1 + s / 1000, loss_curve=[2.0, 1.0, 0.5 + s / 1000],
-                    dev_f1_curve=[0.1, 0.2], per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json")
+                    dev_f1_curve=[0.1, 0.2], per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
+                    particle_recall={"tl_trg": {"after_particle": 1, "found_after_particle": 1}, "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}})
              for s in (0, 20, 40)]
     (ner / "hand-results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HAND + sweep))
+    (ner / "hand-results-uner-statistics.json").write_text(json.dumps(STATISTICS))
     run = tmp / "runs" / "pico-tiny-maml"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10, "query_acc": s / 100}) + "\n" for s in range(1, 11)))
@@ -112,5 +122,8 @@ def test_filled_outputs_use_the_results(filled):
     tmp, _ = filled
     assert "checkpoint sweep: 4 record(s)" in (tmp / "executed" / "23_paper2_ner.ipynb").read_text()
     t5 = pd.read_csv(tmp / "tables" / "p2_table5_particles_oov.csv", dtype=str).set_index("language")
-    assert t5.loc["Tagalog", "model recall after particle"] == "1.000 ± 0.000 (n=3)"  # "ni John" found by the 3 runs with a side file
-    assert t5.loc["Cebuano", "model recall after particle"] == "missing"  # the side file has no ceb_gja
+    assert t5.loc["Tagalog", "model recall after particle"] == "1.000 ± 0.000 (n=3)"  # "ni John" found by the 3 sweep records
+    assert t5.loc["Cebuano", "model recall after particle"] == "missing"  # the records have no ceb_gja counts
+    assert t5.loc["Tagalog", "OOV token rate"] == "0.523" and t5.loc["Cebuano", "particle share of PER spans"] == "0.058"
+    t4 = pd.read_csv(tmp / "tables" / "p2_table4_span_statistics.csv", dtype=str).set_index("entity")
+    assert t4.loc["PER"].tolist() == ["2,277", "87.6"]  # from the statistics file, not the UNER data
