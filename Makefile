@@ -49,7 +49,7 @@ check: venv ## notebooks clean, package and README in sync with the notebooks
 
 test: check ## the whole test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --n_workers $(NPROC)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests benchmarks
 
 demo: export ## the main job: prepare data, pretrain both demo arms (2 CPU processes), NER sweep, every table and figure
 	$(BIN)/python -m picomaml.pipeline demo

@@ -28,6 +28,7 @@ plan's 10 % fragmentation reserve is meant to cover. MFU divides the PaLM FLOP c
 import argparse
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,14 @@ import time
 from pathlib import Path
 
 import torch
+
+from picomaml.config import load_config
+from picomaml.data import ShardRows, batch_for_step, write_shard
+from picomaml.lm_loss import next_token_backward
+from picomaml.maml import maml_step
+from picomaml.plan import ar_flops, episode_flops, peak_flops, phase_bytes
+from picomaml.smlmt import build_episode
+from picomaml.train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("tiny", "small", "medium", "large")
@@ -57,7 +66,6 @@ def check_config(size: str, dry: bool, data_dir) -> list:
 
 def write_data(directory: Path, seq_len: int, dry: bool, n_rows: int = 512) -> Path:
     "A parquet shard of random rows (seq_len + 1 ids) in the project's format."
-    from picomaml.data import write_shard
     directory.mkdir(parents=True, exist_ok=True)
     low, high = WORDS[dry]
     ids = torch.randint(low, high, (n_rows, seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -69,18 +77,6 @@ def synthetic_tables(cfg) -> tuple:
     "SMLMT word tables in which every id is a whole word of five letters; EOS is the special id."
     V = cfg.model.vocab_size
     return torch.ones(V, dtype=torch.bool), torch.full((V,), 5, dtype=torch.long), [cfg.data.eos_id]
-
-
-def build(cfg, device):
-    "Backbone, head and AdamW as picomaml.train builds them, identically seeded."
-    from picomaml.maml import MAMLHead
-    from picomaml.model import PicoDecoder
-    torch.manual_seed(cfg.train.seed)
-    model = PicoDecoder(cfg.model).to(device)
-    head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, cfg.maml, cfg.model.vocab_size).to(device)
-    tc = cfg.train
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    return model, head, optimizer
 
 
 @contextlib.contextmanager
@@ -101,10 +97,6 @@ def phase_peak(device, fn):
 
 def optimizer_step(cfg, parts, step: int) -> dict:
     "One optimizer step: a next-token draw and an episode draw, then clipping and AdamW; seconds and each phase's peak."
-    from picomaml.data import batch_for_step
-    from picomaml.lm_loss import next_token_backward
-    from picomaml.maml import maml_step
-    from picomaml.smlmt import build_episode
     model, head, optimizer, blocks, rows, tables, device, autocast = parts
     tc, pool_rows = cfg.train, cfg.smlmt.pool_rows
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -119,7 +111,7 @@ def optimizer_step(cfg, parts, step: int) -> dict:
         return episode
     episode, ep = phase_peak(device, episode_draw)
     def update():
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], tc.grad_clip if tc.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     _, st = phase_peak(device, update)
@@ -130,13 +122,10 @@ def optimizer_step(cfg, parts, step: int) -> dict:
 
 def run_one(spec: dict) -> dict:
     "The measurement of one (size, mode), in this process."
-    from picomaml.config import load_config
-    from picomaml.data import ShardRows
-    from picomaml.plan import ar_flops, episode_flops, peak_flops, phase_bytes
     device = torch.device(spec["device"])
     cfg = load_config(ROOT / "configs" / f"pico-{spec['size']}-maml.yaml", spec["overrides"])
     rows = ShardRows(cfg.data.train_path, cfg.data.seq_len + 1, cfg.model.vocab_size)
-    model, head, optimizer = build(cfg, device)
+    model, head, optimizer = build_model(cfg, device)  # backbone, head and AdamW exactly as the trainer builds them
     blocks = torch.nn.ModuleList(torch.compile(b, backend=spec["backend"]) for b in model.layers) if spec["compile"] else model.layers
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext

@@ -10,7 +10,7 @@ import run  # noqa: E402
 from picomaml.config import MAMLConfig, ModelConfig
 from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder
-from picomaml.train import next_token_loss_sum
+from picomaml.lm_loss import next_token_loss_sum
 
 
 def tiny_setup():

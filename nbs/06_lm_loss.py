@@ -110,7 +110,7 @@ _plain = lambda: F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1).float(), _row
 for _chunk, _scale in ((6, 1.0), (5, 0.25), (1024, 1.0)):
     (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain, _scale), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, _chunk), _scale)
     assert abs(_got - _want) < 1e-4 * abs(_want)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(_got_g, _want_g))
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(_got_g, _want_g))  # float32 rounding of O(1) gradients
 with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU path's precision: same loss, gradients to bf16 rounding
     (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, 5))
 assert abs(_got - _want) < 1e-3 * abs(_want)
@@ -153,7 +153,7 @@ for _chunk in (5, 2, 1):
     _total = next_token_backward(_toy, _rows, _chunk, denominator=_rows[:, 1:].numel() * 3)
     _grads[_chunk] = [p.grad.clone() for p in _toy.parameters()]
     assert abs(_total - next_token_loss_sum(_toy, _rows).item()) < 1e-4 * _total
-assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for c in (2, 1) for a, b in zip(_grads[5], _grads[c]))
+assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for c in (2, 1) for a, b in zip(_grads[5], _grads[c]))
 
 # %% [markdown]
 # ## Paloma perplexity, two ways
