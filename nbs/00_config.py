@@ -243,6 +243,7 @@ class NERConfig:
     lr: float = opt(3e-5, "AdamW learning rate", gt=0)
     epochs: int = opt(10, "at most this many epochs", ge=1)
     patience: int = opt(2, "stop after this many epochs without a better dev micro-F1", ge=1)
+    dev_every: int = opt(100, "also score dev micro-F1 every this many optimizer steps (a step-wise learning curve); 0: per epoch only", ge=0)
     batch_size: int = opt(16, "sentences per step", ge=1)
     max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated", ge=2)
     seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)

@@ -322,8 +322,21 @@ def evaluate(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None 
 # ## Finetuning
 #
 # AdamW at `ner.lr` over the trainable parameters; one step per batch of `ner.batch_size` windows in
-# a seeded (`ner.seed`) random order; dev micro-F1 (`dev_micro_f1`, equal to seqeval's) after every epoch; stop after `ner.patience`
-# epochs without a better dev F1 or after `ner.epochs`; the best epoch's weights are restored.
+# a seeded (`ner.seed`) random order; dev micro-F1 (`dev_micro_f1`, equal to seqeval's) after every
+# epoch; stop after `ner.patience` epochs without a better dev F1 or after `ner.epochs`; the best
+# epoch's weights are restored.
+#
+# **A step-wise dev curve.** Ten per-epoch points are a poor learning curve (paper 2's Fig. 4 draws
+# eval micro-F1 along the finetuning steps), so dev micro-F1 is also scored every `ner.dev_every`
+# optimizer steps; `history["dev_f1_steps"]` holds every (step, F1) scored, the epochs' ends
+# included. It only reads the model (no gradients, no random numbers), so the run itself — losses,
+# early stopping, the restored weights — is the same for any `dev_every`. The default, 100 steps,
+# gives about 50 points over ten sk_snk epochs (8,483 sentences, 531 steps an epoch at batch 16) and
+# 8 within the first 800 steps, where paper 2 sees the loss fan collapse. With cached head-only
+# features a score costs milliseconds; under full finetuning it is a backbone pass over the dev set,
+# about 1,060 sentence forwards against the ~4,800 forward-equivalents of 100 training steps (16
+# sentences, forward and backward), some 20 % more time — paper 1's grid, which draws no learning
+# curves, sets `dev_every: 0`.
 #
 # **Head-only** freezes the backbone (`requires_grad=False`, eval mode). Its features then never
 # change, so with `ner.cache_features` they are computed once for train and dev (or taken from the
@@ -340,6 +353,16 @@ def train_step(tagger: NERTagger, opt, x, mask, labels) -> torch.Tensor:
     loss.backward()
     opt.step()
     return loss.detach()
+
+def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int, score_dev) -> tuple[list[float], list[list]]:
+    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at the epoch's end."
+    losses, curve = [], []
+    for step, batch in enumerate(inputs, first_step + 1):
+        losses.append(train_step(tagger, opt, *batch))
+        if dev_every and step % dev_every == 0: curve.append([step, score_dev()])
+    last = first_step + len(losses)
+    if not curve or curve[-1][0] != last: curve.append([last, score_dev()])
+    return torch.stack(losses).tolist(), curve
 
 def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch_size: int, feats: FeatureCache | None):
     "Word features, mask and labels of each batch of an epoch: gathered from the cache, or through the backbone."
@@ -370,12 +393,15 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
         train_feats = train_feats if train_feats is not None else window_features(tagger, train, cfg.batch_size)
         dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
     opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
-    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": []}, -1.0, None
+    score_dev = lambda: dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size))
+    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train.windows), generator=gen).tolist()
-        losses = [train_step(tagger, opt, *inputs) for inputs in epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)]
-        history["loss"] += torch.stack(losses).tolist()
-        history["dev_f1"].append(dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size)))
+        inputs = epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)
+        losses, curve = train_epoch(tagger, opt, inputs, len(history["loss"]), cfg.dev_every, score_dev)
+        history["loss"] += losses
+        history["dev_f1_steps"] += curve
+        history["dev_f1"].append(curve[-1][1])
         if history["dev_f1"][-1] > best:
             best, best_epoch = history["dev_f1"][-1], epoch
             best_state = copy.deepcopy((tagger.head if head_only else tagger).state_dict())
@@ -442,6 +468,19 @@ assert h["epochs"] == 3 and h["best_epoch"] == 1 and len(set(h["dev_f1"])) == 1
 assert h["steps"] == 3 * math.ceil(len(small_train.windows) / quick.batch_size)
 
 # %% [markdown]
+# **The step-wise dev curve** scores every `dev_every` steps and at each epoch's end, and leaves the
+# run unchanged: with 7 steps an epoch, `dev_every` 4 scores at steps 4, 7, 8, 12 and 14, `dev_every`
+# 0 at the epochs' ends only, with the same losses and per-epoch F1 (for a full finetune too, whose dev
+# scores go through the backbone).
+
+# %%
+per_epoch = math.ceil(len(small_train.windows) / quick.batch_size)
+for regime in ("head", "full"):
+    runs = {k: finetune(bb, small_train, small_dev, dataclasses.replace(quick, regime=regime, dev_every=k), seed=1)[1] for k in (0, 4)}
+    assert per_epoch == 7 and [s for s, _ in runs[4]["dev_f1_steps"]] == [4, 7, 8, 12, 14] and [s for s, _ in runs[0]["dev_f1_steps"]] == [7, 14]
+    assert runs[4]["loss"] == runs[0]["loss"] and runs[4]["dev_f1"] == runs[0]["dev_f1"] == [f for s, f in runs[4]["dev_f1_steps"] if s % 7 == 0]
+
+# %% [markdown]
 # **Finetuning learns**: a short head-only finetune on 1,000 sk_snk sentences lifts dev micro-F1 well
 # above the untrained head's. `demo_backbone` uses the checkpoint named by `PICOMAML_NER_BACKBONE`
 # (e.g. `../runs/demo-maml/checkpoints/step_000120`); otherwise — as in the committed run — a
@@ -497,7 +536,7 @@ assert dev_micro_f1(tagger, window_features(tagger, split_dev)) == evaluate(tagg
 # ## The result record
 #
 # One finetuning run's results as the sweep stores them (`12_ner_sweep` adds the run's coordinates):
-# the best dev micro-F1 and the dev F1 of every epoch; per test set seqeval's micro-F1 (default and
+# the best dev micro-F1, the dev F1 of every epoch and the step-wise dev curve; per test set seqeval's micro-F1 (default and
 # strict) and per-tag F1; paper 2's loss-curve speed measures (`loss_curve_metrics`) and the per-step
 # loss curve itself.
 
@@ -505,7 +544,7 @@ assert dev_micro_f1(tagger, window_features(tagger, split_dev)) == evaluate(tagg
 #| export
 def result_record(history: dict, tests: dict[str, dict]) -> dict:
     "The results of one finetuning run: dev F1 and its curve, test scores per test set, loss-curve speed and curve."
-    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"],
+    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"], "dev_f1_steps": history["dev_f1_steps"],
             "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
@@ -519,7 +558,7 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
 tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 64) for d in ("sk_snk", "tl_trg", "tl_ugnayan")}
 record = result_record(h, {d: evaluate(tagger, split) for d, split in tiny_tests.items()})
 assert set(record["test_f1"]) == set(tiny_tests) and len(record["loss_curve"]) == record["steps"] == h["steps"]
-assert record["dev_f1"] == max(record["dev_f1_curve"]) and 1 <= record["t90"] <= record["steps"]
+assert record["dev_f1"] == max(record["dev_f1_curve"]) and 1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
 {k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve")}
 
 # %% [markdown]

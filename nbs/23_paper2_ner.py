@@ -294,7 +294,7 @@ by_source.pivot_table(index=["dataset", "size"], columns="arm", values="mean")
 # Paper 2 §4 finetunes the CRF head (head-only) on Slovak from each of the 61 checkpoints of the
 # medium MAML run. `sweep_runs` selects those records (parameters `sweep_size`, `sweep_dataset`,
 # `sweep_regime`), one per checkpoint, in step order. The per-step training loss is the record's
-# `loss_curve`, the per-epoch dev F1 its `dev_f1_curve`.
+# `loss_curve`, the step-wise dev F1 its `dev_f1_steps` ([step, F1] pairs); `as_curve` reads either.
 
 # %%
 #| export
@@ -303,17 +303,23 @@ def sweep_runs(runs: pd.DataFrame, size: str, dataset: str, regime: str, head: s
     sel = runs[(runs["size"] == size) & (runs.dataset == dataset) & (runs.regime == regime) & (runs["head"] == head) & (runs.arm == arm)]
     return sel.dropna(subset=["checkpoint_step"]).drop_duplicates(["seed", "checkpoint_step"], keep="last").sort_values(["checkpoint_step", "seed"])
 
+def as_curve(value):
+    "(steps, values) of a record's curve: a list of values (steps 1, 2, …) or of [step, value] pairs; None if absent."
+    if not isinstance(value, (list, tuple, np.ndarray)) or not len(value): return None
+    points = np.asarray(value, float)
+    return (points[:, 0], points[:, 1]) if points.ndim == 2 else (np.arange(1, len(points) + 1.0), points)
+
 def curve_band(curves) -> pd.DataFrame:
-    "Per step (1-based): median, 25th and 75th percentile over the curves that reach that step."
-    length = max((len(c) for c in curves), default=0)
-    padded = np.full((len(curves), length), np.nan)  # (runs, steps)
-    for i, c in enumerate(curves): padded[i, :len(c)] = c
-    q = np.nanpercentile(padded, [50, 25, 75], axis=0) if length else np.empty((3, 0))
-    return pd.DataFrame({"step": np.arange(1, length + 1), "median": q[0], "q25": q[1], "q75": q[2]})
+    "Per step: median, 25th and 75th percentile over the (steps, values) curves that have that step."
+    table = pd.DataFrame({i: pd.Series(y, index=x) for i, (x, y) in enumerate(curves)}).sort_index()  # (steps, runs)
+    q = np.nanpercentile(table.to_numpy(float), [50, 25, 75], axis=1) if len(table) else np.empty((3, 0))
+    return pd.DataFrame({"step": table.index.to_numpy(float), "median": q[0], "q25": q[1], "q75": q[2]})
 
 # %%
-_band = curve_band([[4.0, 2.0, 1.0], [3.0, 1.0], [5.0, 3.0, 2.0]])
+_band = curve_band([as_curve([4.0, 2.0, 1.0]), as_curve([3.0, 1.0]), as_curve([5.0, 3.0, 2.0])])
 assert _band["median"].tolist() == [4.0, 2.0, 1.5] and _band.q25[0] == 3.5 and _band.q75[0] == 4.5 and curve_band([]).empty
+_steps = curve_band([as_curve([[100, 0.1], [200, 0.3]]), as_curve([[100, 0.2], [150, 0.2], [200, 0.4]])])
+assert _steps.step.tolist() == [100, 150, 200] and np.allclose(_steps["median"], [0.15, 0.2, 0.35]) and as_curve(None) is None
 
 # %%
 sweep = sweep_runs(runs, sweep_size, sweep_dataset, sweep_regime, head)
@@ -323,21 +329,22 @@ print(f"checkpoint sweep: {len(sweep)} record(s) ({sweep_what}), steps {sweep.ch
 # %% [markdown]
 # ### Figure 4: learning-curve fan
 #
-# Every sweep run's training loss per finetuning step (top) and dev micro-F1 per epoch (bottom),
-# coloured by checkpoint (viridis, darker = later), with the median and inter-quartile band.
+# Every sweep run's training loss per finetuning step (top) and dev micro-F1 along the finetuning
+# steps (bottom: the record's `dev_f1_steps`, scored every `ner.dev_every` steps and at each epoch's
+# end), coloured by checkpoint (viridis, darker = later), with the median and inter-quartile band.
 # **Paper 2**: "The train-loss fan collapses to its asymptote within the first ≈ 800 steps …
 # the evaluation F1 rises smoothly to 0.14 and plateaus with a narrow ± 0.01 IQR."
 
 # %%
 #| export
 def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
-    "Individual curves coloured by checkpoint step, their median and IQR band."
-    curves = [np.asarray(c, float) for c in curves if isinstance(c, (list, tuple, np.ndarray)) and len(c)]
+    "Individual (steps, values) curves coloured by checkpoint step, their median and IQR band."
+    curves = [c for c in curves if c is not None]
     if not curves:
         missing_note(ax, what)
         return
     colors = plt.get_cmap("viridis_r")(np.linspace(0.1, 1, len(curves)))
-    for c, color in zip(curves, colors): ax.plot(np.arange(1, len(c) + 1), c, color=color, lw=0.6, alpha=0.5)
+    for (x, y), color in zip(curves, colors): ax.plot(x, y, color=color, lw=0.6, alpha=0.5, marker="." if len(x) < 3 else None)
     band = curve_band(curves)
     ax.fill_between(band.step, band.q25, band.q75, color="0.2", alpha=0.2, label="IQR")
     ax.plot(band.step, band["median"], color="black", lw=2, label="median")
@@ -346,8 +353,9 @@ def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
 
 # %%
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5))
-fan(top, sweep.get("loss_curve", pd.Series(dtype=object)).tolist(), sweep.checkpoint_step, "finetuning step", "train loss", f"loss curves of {sweep_what}")
-fan(bottom, sweep.get("dev_f1_curve", pd.Series(dtype=object)).tolist(), sweep.checkpoint_step, "epoch", f"{sweep_dataset} dev micro-F1", f"dev F1 curves of {sweep_what}")
+curves = lambda key: [as_curve(c) for c in sweep.get(key, pd.Series(dtype=object))]
+fan(top, curves("loss_curve"), sweep.checkpoint_step, "finetuning step", "train loss", f"loss curves of {sweep_what}")
+fan(bottom, curves("dev_f1_steps"), sweep.checkpoint_step, "finetuning step", f"{sweep_dataset} dev micro-F1", f"step-wise dev F1 of {sweep_what}")
 fig.suptitle(f"Learning curves ({sweep_size}, {sweep_regime}-only, {sweep_dataset})")
 save_figure(fig, "p2_fig4_learning_curve_fan", figures_dir)
 

@@ -21,7 +21,8 @@ from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 # %% auto #0
 __all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'feature_dim', 'NERTagger',
            'FeatureCache', 'batches', 'window_features', 'packed_outputs', 'dev_micro_f1', 'window_outputs', 'predict',
-           'evaluate', 'train_step', 'epoch_inputs', 'finetune', 'result_record', 'gold_tag_probabilities']
+           'evaluate', 'train_step', 'train_epoch', 'epoch_inputs', 'finetune', 'result_record',
+           'gold_tag_probabilities']
 
 # %% ../nbs/11_ner_finetune.ipynb #e211df2f
 PAD_ID = 1  # `<|padding|>` of the OLMo tokenizer; any id works, padded positions are never read
@@ -192,6 +193,16 @@ def train_step(tagger: NERTagger, opt, x, mask, labels) -> torch.Tensor:
     opt.step()
     return loss.detach()
 
+def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int, score_dev) -> tuple[list[float], list[list]]:
+    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at the epoch's end."
+    losses, curve = [], []
+    for step, batch in enumerate(inputs, first_step + 1):
+        losses.append(train_step(tagger, opt, *batch))
+        if dev_every and step % dev_every == 0: curve.append([step, score_dev()])
+    last = first_step + len(losses)
+    if not curve or curve[-1][0] != last: curve.append([last, score_dev()])
+    return torch.stack(losses).tolist(), curve
+
 def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch_size: int, feats: FeatureCache | None):
     "Word features, mask and labels of each batch of an epoch: gathered from the cache, or through the backbone."
     dev = next(tagger.parameters()).device
@@ -220,12 +231,15 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
         train_feats = train_feats if train_feats is not None else window_features(tagger, train, cfg.batch_size)
         dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
     opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
-    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": []}, -1.0, None
+    score_dev = lambda: dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size))
+    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train.windows), generator=gen).tolist()
-        losses = [train_step(tagger, opt, *inputs) for inputs in epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)]
-        history["loss"] += torch.stack(losses).tolist()
-        history["dev_f1"].append(dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size)))
+        inputs = epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)
+        losses, curve = train_epoch(tagger, opt, inputs, len(history["loss"]), cfg.dev_every, score_dev)
+        history["loss"] += losses
+        history["dev_f1_steps"] += curve
+        history["dev_f1"].append(curve[-1][1])
         if history["dev_f1"][-1] > best:
             best, best_epoch = history["dev_f1"][-1], epoch
             best_state = copy.deepcopy((tagger.head if head_only else tagger).state_dict())
@@ -238,7 +252,7 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
 # %% ../nbs/11_ner_finetune.ipynb #5c48b614
 def result_record(history: dict, tests: dict[str, dict]) -> dict:
     "The results of one finetuning run: dev F1 and its curve, test scores per test set, loss-curve speed and curve."
-    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"],
+    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"], "dev_f1_steps": history["dev_f1_steps"],
             "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},

@@ -22,10 +22,10 @@ from .report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_esti
 
 # %% auto #0
 __all__ = ['COORDS', 'CELL', 'CASE_SENTENCES', 'SPEED', 'LANGUAGES', 'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs',
-           'matched', 'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'curve_band', 'fan',
-           'final_loss', 'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs',
-           'surprisal_delta', 'speed_deltas', 'speed_table', 'read_statistics', 'span_table', 'mean_sd',
-           'pooled_recall', 'particle_table']
+           'matched', 'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'as_curve', 'curve_band',
+           'fan', 'final_loss', 'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid',
+           'sentence_probs', 'surprisal_delta', 'speed_deltas', 'speed_table', 'read_statistics', 'span_table',
+           'mean_sd', 'pooled_recall', 'particle_table']
 
 # %% ../nbs/23_paper2_ner.ipynb #f12b6c75
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
@@ -113,23 +113,27 @@ def sweep_runs(runs: pd.DataFrame, size: str, dataset: str, regime: str, head: s
     sel = runs[(runs["size"] == size) & (runs.dataset == dataset) & (runs.regime == regime) & (runs["head"] == head) & (runs.arm == arm)]
     return sel.dropna(subset=["checkpoint_step"]).drop_duplicates(["seed", "checkpoint_step"], keep="last").sort_values(["checkpoint_step", "seed"])
 
+def as_curve(value):
+    "(steps, values) of a record's curve: a list of values (steps 1, 2, …) or of [step, value] pairs; None if absent."
+    if not isinstance(value, (list, tuple, np.ndarray)) or not len(value): return None
+    points = np.asarray(value, float)
+    return (points[:, 0], points[:, 1]) if points.ndim == 2 else (np.arange(1, len(points) + 1.0), points)
+
 def curve_band(curves) -> pd.DataFrame:
-    "Per step (1-based): median, 25th and 75th percentile over the curves that reach that step."
-    length = max((len(c) for c in curves), default=0)
-    padded = np.full((len(curves), length), np.nan)  # (runs, steps)
-    for i, c in enumerate(curves): padded[i, :len(c)] = c
-    q = np.nanpercentile(padded, [50, 25, 75], axis=0) if length else np.empty((3, 0))
-    return pd.DataFrame({"step": np.arange(1, length + 1), "median": q[0], "q25": q[1], "q75": q[2]})
+    "Per step: median, 25th and 75th percentile over the (steps, values) curves that have that step."
+    table = pd.DataFrame({i: pd.Series(y, index=x) for i, (x, y) in enumerate(curves)}).sort_index()  # (steps, runs)
+    q = np.nanpercentile(table.to_numpy(float), [50, 25, 75], axis=1) if len(table) else np.empty((3, 0))
+    return pd.DataFrame({"step": table.index.to_numpy(float), "median": q[0], "q25": q[1], "q75": q[2]})
 
 # %% ../nbs/23_paper2_ner.ipynb #bc771985
 def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
-    "Individual curves coloured by checkpoint step, their median and IQR band."
-    curves = [np.asarray(c, float) for c in curves if isinstance(c, (list, tuple, np.ndarray)) and len(c)]
+    "Individual (steps, values) curves coloured by checkpoint step, their median and IQR band."
+    curves = [c for c in curves if c is not None]
     if not curves:
         missing_note(ax, what)
         return
     colors = plt.get_cmap("viridis_r")(np.linspace(0.1, 1, len(curves)))
-    for c, color in zip(curves, colors): ax.plot(np.arange(1, len(c) + 1), c, color=color, lw=0.6, alpha=0.5)
+    for (x, y), color in zip(curves, colors): ax.plot(x, y, color=color, lw=0.6, alpha=0.5, marker="." if len(x) < 3 else None)
     band = curve_band(curves)
     ax.fill_between(band.step, band.q25, band.q75, color="0.2", alpha=0.2, label="IQR")
     ax.plot(band.step, band["median"], color="black", lw=2, label="median")

@@ -85,7 +85,7 @@ def filled(tmp_path_factory):
                        "pred": [["O", "O", "B-PER", "O", "O", "O", "O"]], "gold_prob": [[0.9, 0.9, 0.6, 0.9, 0.8, 0.8, 0.99]]}}
     (ner / "side.json").write_text(json.dumps(side))
     sweep = [record("maml", "sk_snk", "head", 40, 0.3, 0.0, step=s, f1=0.1 + s / 1000, loss_curve=[2.0, 1.0, 0.5 + s / 1000],
-                    dev_f1_curve=[0.1, 0.2], per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
+                    dev_f1_curve=[0.1, 0.2], dev_f1_steps=[[1, 0.1], [2, 0.15], [3, 0.2]], per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
                     particle_recall={"tl_trg": {"after_particle": 1, "found_after_particle": 1}, "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}})
              for s in (0, 20, 40)]
     (ner / "hand-results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HAND + sweep))
