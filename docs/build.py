@@ -319,17 +319,24 @@ def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "
             shutil.rmtree(nb_out, ignore_errors=True)
             jobs_todo.append((execute_analysis, str(src), str(dst), nb_params, f"_outputs/{stem}", key))
 
+    timings_file = work / "timings.json"  # seconds each notebook took last time: the longest start first
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    jobs_todo.sort(key=lambda job: -timings.get(Path(job[1]).stem, float("inf")))
     print(f"docs: executing {len(jobs_todo)} notebooks ({jobs} at a time; {len(reused)} unchanged, reused; "
           f"21-24 on the {profile_name} runs in {Path(params['runs_dir']).relative_to(ROOT)}/)", flush=True)
     failures = []
     if jobs_todo:
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # one fresh process per notebook: a notebook must not see the torch or matplotlib state another one left
+        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         max_tasks_per_child=1) as pool:
             pending = [pool.submit(fn, *args) for fn, *args in jobs_todo]
             for done in futures.as_completed(pending):
                 name, seconds, error = done.result()
                 print(f"  {name}: {seconds:.0f} s{'  FAILED' if error else ''}", flush=True)
+                timings[Path(name).stem] = round(seconds, 1)
                 if error:
                     failures.append((name, error))
+        timings_file.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")
     if failures:
         for name, error in failures:
             print(f"--- {name} ---\n{error}", file=sys.stderr)
