@@ -511,6 +511,11 @@ class ArrowCursor:
             start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
         return pa.concat_tables(parts)
 
+    def close(self):
+        "Stop the stream now (its reader's threads end here, not at interpreter teardown)."
+        if hasattr(self.tables, "close"): self.tables.close()
+        self.pending = None
+
 # %%
 tables = lambda: iter([pa.table({"x": [0, 1, 2]}), pa.table({"x": [3, 4]}), pa.table({"x": [5, 6, 7]})])
 cursor = ArrowCursor(tables())
@@ -519,6 +524,30 @@ assert cursor.take(7, 1)["x"].to_pylist() == [7] and cursor.position == 8
 raises(lambda: cursor.take(2, 1), "at row 8", "cannot go back to row 2")
 raises(lambda: ArrowCursor(tables()).take(6, 3), "ended after 8 rows, before row 8")
 assert ArrowCursor(iter([pa.table({"x": [40, 41]})]), position=40).take(41, 1)["x"].to_pylist() == [41]
+
+# %% [markdown]
+# A cursor over `datasets`' parquet stream holds an Arrow scanner whose threads must end while
+# pyarrow is still loaded: a scanner left to interpreter teardown (a reference cycle keeps it alive
+# past the last `del`) can abort the process with "terminate called without an active exception"
+# (huggingface/datasets#7566). So a streamed reader closes the cursors it drops, and at the latest
+# at exit closes the rest and collects the cycles.
+
+# %%
+#| export
+def close_cursors(cursors: OrderedDict) -> None:
+    "Close every cursor and collect reference cycles, so no Arrow scanner outlives pyarrow."
+    import gc  # imported here: at exit a notebook's namespace may already be cleared when this runs
+    while cursors: cursors.popitem()[1].close()
+    gc.collect()
+
+# %%
+def _counting():
+    yield pa.table({"x": [0, 1]}); yield pa.table({"x": [2]})
+streams = OrderedDict(a=ArrowCursor(_counting()), b=ArrowCursor(_counting()))
+streams["a"].take(0, 1)
+stream_a = streams["a"].tables
+close_cursors(streams)
+assert not streams and stream_a.gi_frame is None  # the started generator was closed, not merely dropped
 
 # %%
 #| export
@@ -538,8 +567,7 @@ class StreamedRows:
         if self.dataset.num_shards != len(self.files):
             raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
         self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
-        # close open file streams at exit while pyarrow is still loaded (else datasets' reader reports an error on teardown)
-        weakref.finalize(self, self.cursors.clear)
+        weakref.finalize(self, close_cursors, self.cursors)  # at the latest at exit, while pyarrow is still loaded
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -566,7 +594,7 @@ class StreamedRows:
         cursor = self.cursors.pop(i, None)
         if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
         self.cursors[i] = cursor
-        if len(self.cursors) > 2: self.cursors.popitem(last=False)  # a request spans at most two files; later ones move on
+        if len(self.cursors) > 2: self.cursors.popitem(last=False)[1].close()  # a request spans at most two files; later ones move on
         return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:

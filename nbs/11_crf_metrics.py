@@ -41,7 +41,7 @@ from seqeval.scheme import IOB2
 from torchcrf import CRF
 
 from picomaml.names import ENTITY_TYPES
-from picomaml.ner_data import LABELS
+from picomaml.ner_data import LABELS, tag_spans
 
 # %% [markdown]
 # ## The linear-chain CRF
@@ -270,16 +270,41 @@ assert [row[:n].tolist() for row, n in zip(best, mask.sum(1).tolist())] == crf_r
 # Micro-F1 over entity spans in seqeval's default (CoNLL, lenient) mode — the papers' figure — and
 # in strict IOB2 mode, which needs `scheme=IOB2` (without it, `mode="strict"` silently falls back to
 # the lenient mode). Per-tag F1 for PER, LOC and ORG (NaN for a type with neither gold nor predicted
-# spans).
+# spans), and the per-sentence counts behind them (`sentence_counts`, below).
+
+# %% [markdown]
+# ### Per-sentence counts, for intervals
+#
+# An F1 over a test set is a statistic of its sentences, so its sampling uncertainty can be read off
+# a bootstrap over sentences — if the counts behind it are kept per sentence. For every sentence
+# with a gold or predicted span, `sentence_counts` keeps its index and, per entity type (PER, LOC,
+# ORG), the correct, predicted and gold spans (seqeval's default reading, `tag_spans`); with the
+# number of sentences n that is everything a resample needs: micro-F1 is 2·correct / (predicted +
+# gold) of the summed counts, a type's F1 the same of its own (the report notebooks resample them
+# through `picomaml.report`). Sentences without spans are left out (they add nothing to any sum), which keeps
+# a results row small.
+
+# %%
+#| export
+def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    "The sentence count n and, per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
+    rows = []
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        gold_spans, pred_spans = set(tag_spans(g)), set(tag_spans(p))
+        per_type = lambda spans, t: sum(s[0] == t for s in spans)
+        counts = [c for t in ENTITY_TYPES for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
+        if any(counts): rows.append([i, *counts])
+    return {"n": len(gold), "sentences": rows}
 
 # %%
 #| export
 def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences."
+    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and their per-sentence counts."
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     return {"micro_f1": f1_score(gold, pred, zero_division=0),
             "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
-            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ENTITY_TYPES}}
+            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ENTITY_TYPES},
+            "sentence_counts": sentence_counts(gold, pred)}
 
 # %% [markdown]
 # A hand-computed case with 4 gold spans (PER "Jan Novak", LOC "Nitra", PER "Peter", ORG "SNK"). The
@@ -357,6 +382,29 @@ rng = random.Random(0)
 for _ in range(500):
     gold_r, pred_r = random_batch(rng)
     assert micro_f1(packed(gold_r)[0], *packed(pred_r)) == f1_score(gold_r, pred_r, zero_division=0), (gold_r, pred_r)
+
+# %% [markdown]
+# Summed over the sentences, the counts give seqeval's micro-F1 and per-tag F1 (to rounding: seqeval
+# computes 2PR/(P+R), the counts 2·correct/(predicted + gold)) on the hand-computed case and the 500
+# random batches above; in the hand case the second sentence has its `I-PER` span (correct in the
+# lenient reading) and the missed ORG.
+
+# %%
+def counts_f1(counts, kind=None):
+    "Micro-F1 (kind None) or one type's F1 of summed per-sentence counts; NaN for a type without spans."
+    c = np.asarray([r[1:] for r in counts["sentences"]] or np.zeros((0, 9))).reshape(-1, len(ENTITY_TYPES), 3).sum(0)  # (types, 3)
+    tp, n_pred, n_gold = c.sum(0) if kind is None else c[ENTITY_TYPES.index(kind)]
+    return 2 * tp / (n_pred + n_gold) if n_pred + n_gold else (0.0 if kind is None else math.nan)
+
+hand = sentence_counts(gold, pred)
+assert hand == {"n": 2, "sentences": [[0, 1, 1, 1, 0, 0, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]]}
+rng = random.Random(1)
+for _ in range(500):
+    gold_r, pred_r = random_batch(rng)
+    sc, counts = score(gold_r, pred_r), sentence_counts(gold_r, pred_r)
+    assert counts["n"] == len(gold_r) and math.isclose(counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), (gold_r, pred_r)
+    for t in ENTITY_TYPES:
+        assert (math.isnan(sc["per_tag_f1"][t]) and math.isnan(counts_f1(counts, t))) or math.isclose(counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12)
 
 # %% [markdown]
 # ## Finetuning speed from the loss curve (paper 2 Table 2)

@@ -537,7 +537,8 @@ assert dev_micro_f1(tagger, window_features(tagger, split_dev)) == evaluate(tagg
 #
 # One finetuning run's results as the sweep stores them (`12_ner_sweep` adds the run's coordinates):
 # the best dev micro-F1, the dev F1 of every epoch and the step-wise dev curve; per test set seqeval's micro-F1 (default and
-# strict) and per-tag F1; paper 2's loss-curve speed measures (`loss_curve_metrics`) and the per-step
+# strict), per-tag F1 and the per-sentence counts behind them (`sentence_counts`, for the reports'
+# bootstrap intervals); paper 2's loss-curve speed measures (`loss_curve_metrics`) and the per-step
 # loss curve itself.
 
 # %%
@@ -548,6 +549,7 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
             "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
+            "sentence_counts": {k: v["sentence_counts"] for k, v in tests.items()},
             **loss_curve_metrics(history["loss"]), "loss_curve": history["loss"], "epochs": history["epochs"],
             "steps": history["steps"]}
 
@@ -559,7 +561,8 @@ tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 
 record = result_record(h, {d: evaluate(tagger, split) for d, split in tiny_tests.items()})
 assert set(record["test_f1"]) == set(tiny_tests) and len(record["loss_curve"]) == record["steps"] == h["steps"]
 assert record["dev_f1"] == max(record["dev_f1_curve"]) and 1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
-{k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve")}
+assert record["sentence_counts"]["tl_trg"]["n"] == len(tiny_tests["tl_trg"].sentences)
+{k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve", "sentence_counts")}
 
 # %% [markdown]
 # ## The probability of the gold tag

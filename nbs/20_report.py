@@ -17,11 +17,11 @@
 # > Find runs, read their outputs, and write the papers' figures and tables deterministically,
 # > marking what is missing instead of inventing it.
 #
-# The analysis notebooks (`21_…` for paper 1, `3x_…` for paper 2) regenerate every output listed in
-# method.md §6. They share what is here: run discovery, tolerant readers for `metrics.jsonl`,
+# The analysis notebooks (`21_`, `22_` for paper 1, `23_`, `24_` for paper 2) regenerate every output
+# of `picomaml.names.OUTPUTS`. They share what is here: run discovery, tolerant readers for `metrics.jsonl`,
 # `spectra.jsonl` and the NER sweep results, one seaborn style, writers that give byte-identical
-# files on rerun, a "missing" marker for absent runs, and the 95 % bootstrap interval over seeds
-# (issue 7: "tables show mean ± 95 % bootstrap interval when more than one seed exists").
+# files on rerun, a "missing" marker for absent runs, and 95 % bootstrap intervals over test
+# sentences and pretraining seeds for every F1 and ΔF1.
 
 # %%
 #| default_exp report
@@ -30,8 +30,10 @@
 #| export
 from __future__ import annotations
 
+import functools
 import json
 import warnings
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -40,7 +42,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import ARMS, DEFAULT_SEED, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
+from picomaml.names import ARMS, DEFAULT_SEED, ENTITY_TYPES, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %%
 import tempfile
@@ -209,7 +211,8 @@ assert runs_metrics(find_runs("/nonexistent")).empty
 # pretraining `seed` (a record's own `seed` is its finetuning seed, kept as `ner_seed`); the checkpoint
 # (an int, `step_006000` or a path ending in it) becomes the integer `checkpoint_step` (NaN when it
 # has no step, e.g. a released Hub model). `tags=True` gives one row per entity tag instead, from
-# `per_tag_f1`.
+# `per_tag_f1`. Each row keeps the run's per-sentence counts on its test set (`counts`, None for
+# records without them) for the intervals below.
 
 # %%
 #| export
@@ -224,7 +227,7 @@ def _field(record: dict, key: str, default=None):
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
-    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`."
+    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; and the run's `counts` there."
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
@@ -233,11 +236,12 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
                 "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
-        strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})
+        strict, per_tag, counts = (_field(r, k, {}) for k in ("test_strict_f1", "per_tag_f1", "sentence_counts"))
         for test_set, f1 in _field(r, "test_f1", {}).items():
-            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v} for tag, v in per_tag.get(test_set, {}).items()]
-            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan)})
-    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]))
+            c = counts.get(test_set)
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c} for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan), "counts": c})
+    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]) + ["counts"])
 
 # %%
 _records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2", "checkpoint": "runs/pico-large-maml/checkpoints/step_006000",
@@ -251,7 +255,8 @@ assert _long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.toli
 assert _long.checkpoint_step[0] == 6000 and np.isnan(_long.checkpoint_step[2]) and _long.loc[2, ["size", "arm"]].tolist() == ["small", "vanilla"]
 _tags = ner_long(_records, tags=True)
 assert len(_tags) == 3 and _tags.set_index(["test_set", "tag"]).f1[("en_ewt", "LOC")] == 0.4
-assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=True).columns)[-2:] == ["tag", "f1"]
+assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=True).columns)[-3:] == ["tag", "f1", "counts"]
+assert _long.counts.isna().all()  # these records kept no per-sentence counts
 
 # %% [markdown]
 # ## What the report notebooks read from the NER sweep
@@ -274,21 +279,115 @@ NER_READS = [
 ]
 
 # %% [markdown]
-# ## Seeds: mean and 95 % bootstrap interval
+# ## Intervals: test sentences and pretraining seeds
 #
-# The papers report one run per cell. With several seeds we report the mean and a percentile
-# bootstrap interval of the mean (resampling seeds with replacement, a fixed generator so tables are
-# byte-identical on rerun). With one value there is no interval: the interval is that value.
+# The papers report one run per cell, without intervals. Every F1 and ΔF1 here carries a 95 %
+# interval that combines the two sources of chance we can measure: **the test sentences** (a test
+# set is a sample of sentences; another sample would give another F1) and, with several runs,
+# **the pretraining seeds**. Both are crossed, not nested — every run is scored on the same
+# sentences of a test set — so we resample both (a two-way, "pigeonhole" bootstrap, Owen 2007):
+# in each of `n_boot` replicates, every test set's sentences are drawn with replacement **once**, the
+# same draw for every run scored on that set, and the seeds are drawn with replacement; a cell is
+# recomputed from the drawn seeds' runs on the drawn sentences. Because the sentence draw is shared,
+# MAML − vanilla differences and relative changes are paired on the same sentences. The interval is
+# the 2.5th–97.5th percentile of the replicates; the point is the cell's own value (the mean over
+# seeds of the runs' seqeval scores). The replicates use fixed seeds, so tables are byte-identical on
+# rerun.
+#
+# A run keeps per sentence what a resample needs (`sentence_counts` of the sweep's rows, from
+# `picomaml.crf_metrics`: per sentence with a span, the correct, predicted and gold spans per type),
+# so a replicate's micro-F1 is 2·correct / (predicted + gold) of the drawn sentences' summed counts.
+#
+# `sentence_weights` is one test set's draw: how often each of its n sentences is drawn in each
+# replicate, fixed by the set's name and n (so every notebook and cell draws the same).
 
 # %%
 #| export
-def bootstrap_ci(values, level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    "`(mean, low, high)`: the mean of `values` and its percentile bootstrap interval."
+N_BOOT = 1000  # bootstrap replicates of every interval (the notebooks' `smoke` runs use fewer)
+
+@functools.lru_cache(maxsize=64)
+def sentence_weights(test_set: str, n: int, n_boot: int = N_BOOT) -> np.ndarray:
+    "How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): one fixed draw per test set and n."
+    rng = np.random.default_rng([zlib.crc32(test_set.encode()), n, n_boot])
+    return rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float32)
+
+def replicate_counts(counts: dict, test_set: str, n_boot: int = N_BOOT) -> np.ndarray:
+    "Summed (correct, predicted, gold) spans per entity type in each replicate of a run's test set: (n_boot, types, 3)."
+    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))  # (m, 10): index, counts
+    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]  # (n_boot, m)
+    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)  # whole numbers: float32 sums are exact
+
+def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
+    "F1 of (..., types, 3) span counts: micro over the types (0 without spans), or one type's (NaN without spans)."
+    c = counts.sum(-2) if tag is None else counts[..., ENTITY_TYPES.index(tag), :]  # (..., 3)
+    spans = c[..., 1] + c[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(spans > 0, 2 * c[..., 0] / spans, 0.0 if tag is None else np.nan)
+
+# %% [markdown]
+# A draw keeps each test set's size, differs between sets and replicates, and repeats exactly; a
+# replicate of counts whose weights are all 1 is the run's own F1. Two sentences, one with a correct
+# PER and one with a missed ORG: F1 = 2·1 / (1 + 2) overall, 1 for PER, 0 for ORG, NaN for LOC.
+
+# %%
+_w = sentence_weights("tl_trg", 5, 200)
+assert _w.shape == (200, 5) and (_w.sum(1) == 5).all() and len({tuple(r) for r in _w}) > 50
+assert (_w == sentence_weights("tl_trg", 5, 200)).all() and not (_w == sentence_weights("ceb_gja", 5, 200)).all()
+_counts = {"n": 3, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0, 0, 1]]}  # (PER, LOC, ORG) x (tp, pred, gold)
+_total = np.asarray([r[1:] for r in _counts["sentences"]], float).reshape(-1, 3, 3).sum(0)
+assert counts_f1(_total) == 2 / 3 and counts_f1(_total, "PER") == 1 and counts_f1(_total, "ORG") == 0 and np.isnan(counts_f1(_total, "LOC"))
+_reps = counts_f1(replicate_counts(_counts, "x", 500))  # (500,)
+assert _reps.shape == (500,) and set(np.round(_reps, 6)) <= {0.0, round(2 / 3, 6), 1.0, 0.5, 0.8}  # some resamples drop a sentence
+
+# %% [markdown]
+# `with_replicates` adds to a long table (`ner_long`, which carries each row's `counts`) a `boot`
+# column: the row's F1 — micro, or its `tag`'s — in each replicate, or None for a row whose run kept
+# no counts (results written before the sweep stored them, or hand-written ones); the counts of one
+# run and test set are resampled once for all its tags.
+
+# %%
+#| export
+def with_replicates(long: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
+    "`long` with `boot`: each row's F1 (micro, or its `tag`'s) in each of `n_boot` replicates; None without counts."
+    summed, boot = {}, []
+    for r in long.itertuples():
+        counts = getattr(r, "counts", None)
+        if not isinstance(counts, dict): boot.append(None); continue
+        if id(counts) not in summed: summed[id(counts)] = replicate_counts(counts, r.test_set, n_boot)
+        boot.append(counts_f1(summed[id(counts)], getattr(r, "tag", None)))
+    return long.assign(boot=pd.Series(boot, index=long.index, dtype=object))
+
+def mean_replicates(boots) -> np.ndarray | None:
+    "Replicate-wise mean of several rows' `boot` arrays (NaN-skipping), None if any row has none."
+    boots = list(boots)
+    if not boots or any(b is None or (isinstance(b, float) and np.isnan(b)) for b in boots): return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replicate where every row's tag F1 is NaN stays NaN
+        return np.nanmean(np.stack(boots), axis=0)
+
+# %% [markdown]
+# `bootstrap_ci` combines per-seed values with their sentence replicates: in replicate b the seeds
+# are drawn with replacement and their values *in replicate b* averaged, so every drawn seed is read
+# on the same sentence draw. A seed without replicates contributes its value to every replicate; with
+# one seed and no replicates there is no interval (the interval is the value). Replicates that are
+# not finite (a relative change over a vanilla F1 of 0 in that draw) are left out of the quantiles.
+
+# %%
+#| export
+def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    "`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and (given per-seed `replicates`) sentences."
     x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
+    reps = list(replicates) if replicates is not None else [None] * len(x)
+    keep = np.isfinite(x)
+    x, reps = x[keep], [r for r, k in zip(reps, keep) if k]
     if x.size == 0: return (np.nan, np.nan, np.nan)
-    if x.size == 1: return (float(x[0]),) * 3
-    means = np.random.default_rng(seed).choice(x, size=(n_resamples, x.size)).mean(axis=1)  # (n_resamples,)
+    if x.size == 1 and reps[0] is None: return (float(x[0]),) * 3
+    n_boot = next((len(r) for r in reps if r is not None), N_BOOT)
+    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])  # (seeds, n_boot)
+    drawn = np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1 else np.zeros((1, n_boot), int)
+    means = table[drawn, np.arange(n_boot)].mean(0)  # (n_boot,)
+    means = means[np.isfinite(means)]
+    if means.size == 0: return (float(x.mean()), np.nan, np.nan)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(x.mean()), float(low), float(high)
 
@@ -299,28 +398,57 @@ assert _mean == 2.5 and 1.0 <= _low < 2.5 < _high <= 4.0 and bootstrap_ci([1.0, 
 assert bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0, 5.0)
 _wide, _narrow = bootstrap_ci(np.arange(10.0), level=0.99), bootstrap_ci(np.arange(10.0), level=0.5)
 assert _wide[1] < _narrow[1] < _narrow[2] < _wide[2]
+_one = bootstrap_ci([0.5], [np.linspace(0.4, 0.6, 1001)])  # one seed: the sentence replicates' percentiles
+assert _one[0] == 0.5 and np.isclose(_one[1], 0.405) and np.isclose(_one[2], 0.595)
+_both = bootstrap_ci([0.3, 0.7], [np.linspace(0.25, 0.35, 1001), np.linspace(0.65, 0.75, 1001)])
+assert _both[0] == 0.5 and _both[1] < 0.35 and _both[2] > 0.65  # the seed spread widens the sentence interval
 
 # %% [markdown]
-# A table cell is `MISSING` when there is nothing to report, the value when there is one seed, and
-# `mean ± half-width` of the bootstrap interval (with the seed count) when there are several.
+# Paired differences are tighter than the arms' own intervals: two runs that share the sentences
+# that are hard for both have a difference whose replicates cancel that shared variation. Below, two
+# arms scored on one set of 400 sentences, where MAML finds one more entity in every tenth sentence.
+
+# %%
+_rng = np.random.default_rng(0)
+_gold = _rng.integers(0, 3, 400)  # gold PER spans per sentence
+_vanilla = np.minimum(_gold, _rng.integers(0, 3, 400))  # correct ones
+_maml = np.minimum(_gold, _vanilla + (np.arange(400) % 10 == 0))
+_as_counts = lambda tp: {"n": 400, "sentences": [[i, t, g, g, 0, 0, 0, 0, 0, 0] for i, (t, g) in enumerate(zip(tp, _gold)) if g]}
+_f1 = {arm: counts_f1(replicate_counts(_as_counts(tp), "toy", 1000)) for arm, tp in (("maml", _maml), ("vanilla", _vanilla))}
+_diff = bootstrap_ci([0.0], [_f1["maml"] - _f1["vanilla"]])
+assert 0 < _diff[1] and _diff[2] - _diff[1] < (bootstrap_ci([0.0], [_f1["maml"]])[2] - bootstrap_ci([0.0], [_f1["maml"]])[1]) / 2
+
+# %% [markdown]
+# A table cell is `MISSING` when there is nothing to report, the value when it has no interval (one
+# seed, no per-sentence counts), and otherwise `value [low, high]`; `signed` writes the sign of every
+# number, as the relative changes do. `interval_note` is the sentence a table's caption carries to say
+# how its intervals were made.
 
 # %%
 #| export
 MISSING = "missing"
 
-def format_estimate(values, digits: int = 2) -> str:
-    "A table cell: 'missing', one value, or 'mean ± half-width (n=k)' of the 95 % bootstrap interval."
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0: return MISSING
-    if x.size == 1: return f"{x[0]:.{digits}f}"
-    mean, low, high = bootstrap_ci(x)
-    return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f} (n={x.size})"
+def format_estimate(values, digits: int = 2, replicates=None, signed: bool = False) -> str:
+    "A table cell: 'missing', the value, or 'mean [low, high]' of the 95 % bootstrap interval over seeds and sentences."
+    mean, low, high = bootstrap_ci(values, replicates)
+    if not np.isfinite(mean): return MISSING
+    spec = f"{'+' if signed else ''}.{digits}f"
+    resampled = np.isfinite(np.asarray(values, float)).sum() > 1 or any(r is not None for r in (replicates or []))
+    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]" if resampled and np.isfinite(low) else f"{mean:{spec}}"
+
+def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
+    "How a table's intervals were computed, for its caption."
+    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"] if sentences else []) + \
+           ([f"the {len(seeds)} pretraining seeds"] if len(seeds) > 1 else [])
+    if not over: return "One pretraining seed: no intervals."
+    return (f"Brackets: 95 % percentile interval of a {n_boot:,}-replicate bootstrap resampling {' and '.join(over)}"
+            + ("; a value without brackets is from runs without per-sentence counts." if sentences else "."))
 
 # %%
 assert format_estimate([]) == "missing" and format_estimate([np.nan]) == "missing"
-assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 ± 0.0 (n=2)"
-assert format_estimate([1.0, 3.0]).startswith("2.00 ± 1.00")
+assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 [1.0, 1.0]"
+assert format_estimate([1.0, 3.0]).startswith("2.00 [1.00, ") and format_estimate([0.5], 1, [np.linspace(-1, 2, 101)], signed=True) == "+0.5 [-0.9, +1.9]"
+assert "pretraining seeds" not in interval_note(1000, [42]) and "the 3 pretraining seeds" in interval_note(200, [1, 2, 3], sentences=False)
 
 # %% [markdown]
 # Paper 1's NER tables (Tables 3–5, 8, 9) report the relative F1 change of the MAML model over the

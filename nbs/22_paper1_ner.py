@@ -19,12 +19,13 @@
 #
 # Paper 1 §5 finetunes every pretrained model (the step-6,000 checkpoint, a linear head) on each
 # Universal NER training set and on `all`, head-only and full, and scores every test set
-# (method.md §5). This notebook reads the sweep's JSON lines (nbs/12_ner_sweep: one record per
+# (paper 1 App. B). This notebook reads the sweep's JSON lines (nbs/12_ner_sweep: one record per
 # finetuning run, `picomaml.ner_finetune.result_record` plus grid coordinates) and writes
 # `paper_tables/p1_table{3..9}_*.{md,tex,csv}` and `figures/p1_fig2_delta_f1_by_tag.{png,pdf}`.
 # Absent runs give "missing" cells; a relative change whose vanilla F1 is 0 is "n/a" (the paper's
-# "N/A"). Several seeds (pretraining `-seed<k>` runs): MAML and vanilla are paired by seed and the
-# cell is the mean ± half-width of the 95 % bootstrap interval over seeds.
+# "N/A"). Every F1 and ΔF1 carries a 95 % bootstrap interval over the test sentences and, with
+# several pretraining seeds (`-seed<k>` runs), over the seeds (`picomaml.report.bootstrap_ci`): MAML
+# and vanilla are paired by seed and by the sentence draw, and each table's caption says so.
 
 # %% tags=["parameters"]
 runs_dir = "../runs"
@@ -35,7 +36,7 @@ arms = ["maml", "vanilla"]
 seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
 ner_results = ["../runs/ner/*-results.jsonl"]  # files or glob patterns of NER sweep records
 head = "linear"  # paper 1 uses a linear head (paper 2: crf)
-smoke = False  # fewer bootstrap resamples for the error bars
+smoke = False  # fewer bootstrap replicates for the intervals
 
 # %%
 import glob
@@ -45,12 +46,12 @@ import tempfile
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from IPython.display import display
 
-from picomaml.names import IN_LANGUAGE, OTHER, PUD
-from picomaml.report import (MISSING, SIZE_COLORS, format_estimate, missing_label, missing_note, ner_long, read_ner_results,
-                             relative_change, save_figure, save_table, set_style)
+from picomaml.names import ENTITY_TYPES as TAGS, IN_LANGUAGE, OTHER, PUD
+from picomaml.report import (MISSING, N_BOOT, SIZE_COLORS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
+                             missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
+                             set_style, with_replicates)
 
 # %% [markdown]
 # Under `nbdev_test` (`IN_TEST`) outputs go to a temporary directory so the committed demo outputs
@@ -60,7 +61,7 @@ from picomaml.report import (MISSING, SIZE_COLORS, format_estimate, missing_labe
 if os.environ.get("IN_TEST"):
     figures_dir = tables_dir = tempfile.mkdtemp(prefix="p1_ner_")
 set_style()
-n_boot = 100 if smoke else 1000
+n_boot = 200 if smoke else N_BOOT
 
 # %% [markdown]
 # ## The results
@@ -85,43 +86,50 @@ def select(long: pd.DataFrame) -> pd.DataFrame:
     "Paper 1's rows: the chosen head, sizes, arms and seeds at the final checkpoint."
     chosen = long[(long["head"] == head) & long["size"].isin(sizes) & long.arm.isin(arms) & long.seed.isin(seeds)]
     return final_checkpoint(chosen)
-f1, tag_f1 = select(ner_long(records)), select(ner_long(records, tags=True))
-print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for paper 1")
+f1, tag_f1 = (with_replicates(select(ner_long(records, tags=t)), n_boot) for t in (False, True))
+note = interval_note(n_boot, seeds)
+print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for paper 1, {f1.boot.notna().sum()} with per-sentence counts")
 
 # %% [markdown]
 # ## Cells
 #
-# `statistic` averages F1 over the rows of one size, arm, seed and regime that a table cell
-# selects; `relative_cell` is the relative change of MAML over vanilla in percent (the papers'
-# "(%)"), paired by seed; `absolute_cell` a plain F1.
+# `statistic` averages F1 over the rows of one size, arm, seed and regime that a table cell selects,
+# and its sentence replicates the same way (`mean_replicates`); `relative_cell` is the relative
+# change of MAML over vanilla in percent (the papers' "(%)"), per seed and per replicate — paired by
+# seed and by sentence draw — then combined (`format_estimate`); `absolute_cell` a plain F1.
 
 # %%
-def statistic(rows: pd.DataFrame, size: str, arm: str, seed: int, regime: str, value: str = "f1") -> float:
-    "Mean `value` over the rows of one size, arm, seed and regime; NaN if none."
+def statistic(rows: pd.DataFrame, size: str, arm: str, seed: int, regime: str) -> tuple[float, np.ndarray | None]:
+    "Mean F1 over the rows of one size, arm, seed and regime (NaN if none), and its sentence replicates (None without)."
     chosen = rows[(rows["size"] == size) & (rows.arm == arm) & (rows.seed == seed) & (rows.regime == regime)]
-    return chosen[value].astype(float).mean() if len(chosen) else np.nan
+    return (chosen.f1.astype(float).mean(), mean_replicates(chosen.boot)) if len(chosen) else (np.nan, None)
 
 def relative_cell(rows: pd.DataFrame, size: str, regime: str) -> str:
-    "'+x.x' percent change of MAML over vanilla (seeds paired), 'missing' or 'n/a' (vanilla F1 0)."
+    "'+x.x [low, high]' percent change of MAML over vanilla (paired by seed and sentence draw), 'missing' or 'n/a' (vanilla F1 0)."
     pairs = [(statistic(rows, size, "maml", k, regime), statistic(rows, size, "vanilla", k, regime)) for k in seeds]
-    pairs = [(m, v) for m, v in pairs if np.isfinite(m) and np.isfinite(v)]
+    pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
     if not pairs: return MISSING
-    changes = [float(relative_change(m, v)) for m, v in pairs]
+    changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
     if all(np.isnan(changes)): return "n/a"
-    cell = format_estimate(changes, digits=1)
-    return cell if cell.startswith("-") else "+" + cell
+    boots = [relative_change(m[1], v[1]) if m[1] is not None and v[1] is not None else None for m, v in pairs]
+    return format_estimate(changes, 1, boots, signed=True)
 
 def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
-    "F1 (3 decimals) of one size and arm over seeds, or 'missing'."
-    return format_estimate([statistic(rows, size, arm, k, regime) for k in seeds], digits=3)
+    "F1 (3 decimals) of one size and arm over seeds with its interval, or 'missing'."
+    values = [statistic(rows, size, arm, k, regime) for k in seeds]
+    return format_estimate([v for v, _ in values], 3, [b for _, b in values])
 
 # %%
-_rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"], "f1": [0.3, 0.5, 0.4, 0.4]})
-assert statistic(_rows, "large", "maml", 42, "head") == 0.4 and np.isnan(statistic(_rows, "large", "maml", 42, "full"))
+_rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"], "f1": [0.3, 0.5, 0.4, 0.4],
+                      "boot": [None] * 4})
+assert statistic(_rows, "large", "maml", 42, "head") == (0.4, None) and np.isnan(statistic(_rows, "large", "maml", 42, "full")[0])
 assert relative_cell(_rows, "large", "head") == "+0.0" and relative_cell(_rows, "large", "full") == MISSING
 assert relative_cell(_rows.assign(f1=[0.2, 0.2, 0.0, 0.0]), "large", "head") == "n/a"
 assert relative_cell(_rows.assign(f1=[0.3, 0.3, 0.4, 0.4]), "large", "head") == "-25.0"
 assert absolute_cell(_rows, "large", "vanilla", "head") == "0.400"
+_boots = _rows.assign(boot=[np.array([0.2, 0.4]), np.array([0.4, 0.6]), np.array([0.35, 0.45]), np.array([0.35, 0.45])])
+assert np.allclose(statistic(_boots, "large", "maml", 42, "head")[1], [0.3, 0.5])  # replicate-wise means over the rows
+assert relative_cell(_boots, "large", "head") == "+0.0 [-13.7, +10.5]" and absolute_cell(_boots, "large", "maml", "head") == "0.400 [0.305, 0.495]"
 
 # %%
 in_language = f1[(f1.dataset == f1.test_set) & f1.test_set.isin(IN_LANGUAGE)]  # finetuned and tested on the same treebank
@@ -152,7 +160,7 @@ def relative_table(rows: pd.DataFrame, columns: dict, regimes=("head", "full")) 
 table3 = relative_table(f1, {"seen": lambda r: r.test_set.isin(IN_LANGUAGE), "PUD": lambda r: r.test_set.isin(PUD),
                              "other": lambda r: r.test_set.isin(OTHER)})
 save_table(table3, "p1_table3_relative_f1_by_group", tables_dir,
-           "Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime")
+           f"Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime. {note}")
 table3
 
 # %% [markdown]
@@ -172,7 +180,7 @@ for number, regime, names, what in [(4, "head", FIVE_LANGUAGES, "head-only"), (5
                                     (8, "head", {d: d for d in IN_LANGUAGE}, "head-only"), (9, "full", {d: d for d in IN_LANGUAGE}, "full")]:
     table = relative_table(in_language, per_language(names), regimes=(regime,))
     save_table(table, f"p1_table{number}_relative_f1_{regime}_per_language", tables_dir,
-               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per language")
+               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per language. {note}")
     display(table)
 
 # %% [markdown]
@@ -189,7 +197,7 @@ zero_shot = {"overall": lambda r: r.test_set.isin(OTHER), "Cebuano": lambda r: r
 table6 = pd.DataFrame([{"model": size, "regime": regime, **relative_table(from_english, zero_shot, (regime,)).set_index("model").loc[f"{size} (%)"]}
                        for regime in ("head", "full") for size in sizes])
 save_table(table6, "p1_table6_zero_shot_ceb_tl", tables_dir,
-           "Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot F1 from English on Cebuano and Tagalog")
+           f"Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot F1 from English on Cebuano and Tagalog. {note}")
 table6
 
 # %% [markdown]
@@ -203,7 +211,7 @@ table6
 # %%
 table7 = pd.DataFrame([{"model": f"{arm}_{size}", **{d: absolute_cell(in_language[in_language.test_set == d], size, arm, "head") for d in IN_LANGUAGE}}
                        for size in sizes for arm in ("vanilla", "maml") if arm in arms])
-save_table(table7, "p1_table7_head_only_f1", tables_dir, "Paper 1 Table 7: in-language micro-F1 under head-only tuning")
+save_table(table7, "p1_table7_head_only_f1", tables_dir, f"Paper 1 Table 7: in-language micro-F1 under head-only tuning. {note}")
 table7
 
 # %% [markdown]
@@ -212,21 +220,42 @@ table7
 # Paper 1 Fig. 2: $\Delta F1 = F1_{\text{MAML}} - F1_{\text{vanilla}}$ per entity class (PER, LOC,
 # ORG), averaged over the nine in-language datasets, per size, for head-only and full tuning. The
 # paper reports, head-only, large PER +0.034 and LOC +0.023, ORG +0.016 already at small/medium;
-# full tuning, large PER +0.027, LOC +0.016, ORG +0.012. Bars are means over seeds (with a 95 %
-# bootstrap interval when there are several).
+# full tuning, large PER +0.027, LOC +0.016, ORG +0.012. A bar is the mean over seeds of the per-seed
+# ΔF1, its error bar the 95 % interval over seeds and test sentences, paired (`bootstrap_ci`).
 
 # %%
 def tag_deltas(tags: pd.DataFrame) -> pd.DataFrame:
-    "Per size, regime, seed and tag: mean in-language F1 of MAML minus that of vanilla."
-    rows = tags[(tags.dataset == tags.test_set) & tags.test_set.isin(IN_LANGUAGE) & tags.tag.isin(["PER", "LOC", "ORG"])]
-    means = rows.groupby(["size", "regime", "seed", "tag", "arm"]).f1.mean().unstack("arm")
-    if means.empty or not {"maml", "vanilla"} <= set(means.columns): return pd.DataFrame(columns=["size", "regime", "seed", "tag", "delta"])
-    return (means.maml - means.vanilla).dropna().rename("delta").reset_index()
+    "Per size, regime, seed and tag: mean in-language F1 of MAML minus that of vanilla, and its sentence replicates."
+    rows = tags[(tags.dataset == tags.test_set) & tags.test_set.isin(IN_LANGUAGE) & tags.tag.isin(TAGS)]
+    out = []
+    for (size, regime, seed, tag), g in rows.groupby(["size", "regime", "seed", "tag"]):
+        arms = [g[(g.arm == arm) & g.f1.notna()] for arm in ("maml", "vanilla")]
+        if any(a.empty for a in arms): continue
+        boots = [mean_replicates(a.boot) for a in arms]
+        out.append({"size": size, "regime": regime, "seed": seed, "tag": tag, "delta": arms[0].f1.mean() - arms[1].f1.mean(),
+                    "boot": None if any(b is None for b in boots) else boots[0] - boots[1]})
+    return pd.DataFrame(out, columns=["size", "regime", "seed", "tag", "delta", "boot"])
+
+def delta_bars(ax, data: pd.DataFrame, sizes) -> list[str]:
+    "Bars of mean ΔF1 per tag (x) and size with their 95 % intervals over seeds and sentences; returns the sizes without bars."
+    present = [s for s in sizes if s in set(data["size"])]
+    width = 0.8 / max(len(present), 1)
+    for i, size in enumerate(present):
+        cells = [data[(data["size"] == size) & (data.tag == tag)] for tag in TAGS]
+        mean, low, high = np.array([bootstrap_ci(c.delta, c.boot) for c in cells]).T  # (tags,) each
+        ax.bar(np.arange(len(TAGS)) - 0.4 + width * (i + 0.5), mean, width, yerr=[mean - low, high - mean], capsize=2,
+               color=SIZE_COLORS[size], label=size)
+    ax.set_xticks(range(len(TAGS)), TAGS)
+    return [s for s in sizes if s not in present]
 
 _tags = pd.DataFrame({"size": "large", "regime": "head", "seed": 0, "tag": "PER", "dataset": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "en_ewt"],
                       "test_set": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "tl_trg"], "arm": ["maml", "vanilla"] * 2 + ["maml"],
-                      "f1": [0.5, 0.4, 0.3, 0.3, 0.9]})
-assert np.isclose(tag_deltas(_tags).delta.item(), 0.05) and tag_deltas(_tags[_tags.arm == "maml"]).empty
+                      "f1": [0.5, 0.4, 0.3, 0.3, 0.9], "boot": [np.array([0.5, 0.6]), np.array([0.4, 0.4]), np.array([0.3, 0.2]), np.array([0.3, 0.3]), None]})
+_d = tag_deltas(_tags)
+assert np.isclose(_d.delta.item(), 0.05) and np.allclose(_d.boot.item(), [0.05, 0.05]) and tag_deltas(_tags[_tags.arm == "maml"]).empty
+_fig, _ax = plt.subplots()
+assert delta_bars(_ax, _d, ["tiny", "large"]) == ["tiny"] and np.isclose(_ax.patches[0].get_height(), 0.05)
+plt.close(_fig)
 
 # %%
 deltas = tag_deltas(tag_f1)
@@ -237,11 +266,10 @@ for ax, regime in zip(axes, ("head", "full")):
     if data.empty:
         missing_note(ax, f"{regime}-tuned in-language per-tag F1 of both arms ({', '.join(sizes)})")
         continue
-    present = [s for s in sizes if s in set(data["size"])]
-    sns.barplot(data=data, x="tag", y="delta", hue="size", order=["PER", "LOC", "ORG"], hue_order=present,
-                palette={s: SIZE_COLORS[s] for s in present}, errorbar=("ci", 95), n_boot=n_boot, seed=0, ax=ax)
+    absent = delta_bars(ax, data, sizes)
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_ylabel("ΔF1 (MAML − vanilla)")
-    absent = [s for s in sizes if s not in present]
+    ax.legend(title="size", fontsize=7)
     if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+fig.suptitle("Bars: mean over seeds; error bars: 95 % bootstrap over seeds and test sentences, paired", fontsize=7)
 save_figure(fig, "p1_fig2_delta_f1_by_tag", figures_dir)

@@ -43,7 +43,7 @@ head = "crf"  # paper 2 finetunes a linear-chain CRF head
 sweep_size = "demo"  # the checkpoint sweep (Figs. 4-7, 9, Table 5): "medium" in the paper
 sweep_dataset = "sk_snk"
 sweep_regime = "head"
-smoke = False  # fewer bootstrap resamples
+smoke = False  # fewer bootstrap replicates for the intervals
 
 # %%
 #| export
@@ -61,8 +61,9 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
-from picomaml.report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_label, missing_note,
-                             ner_long, read_ner_results, relative_change, save_figure, save_table, set_style)
+from picomaml.report import (ARM_COLORS, MISSING, N_BOOT, NER_COLUMNS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
+                             missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
+                             set_style, with_replicates)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -73,6 +74,7 @@ if os.environ.get("IN_TEST"):
     figures_dir = tables_dir = tempfile.mkdtemp(prefix="p2_ner_")
 set_style()
 seeds = list(seeds) or [DEFAULT_SEED]
+n_boot = 200 if smoke else N_BOOT
 
 # %% [markdown]
 # ## One row per finetuning run
@@ -83,23 +85,29 @@ seeds = list(seeds) or [DEFAULT_SEED]
 # each test set as an `f1:<test set>` column next to the record's own fields (dev F1, t90, AUC, slope,
 # curves). Tagalog is the mean of tl_trg and tl_ugnayan, Cebuano is ceb_gja, and "zero-shot" is the
 # mean of the three Philippine sets (paper 2 §3: "Zero-shot Micro-F1 on Cebuano & Tagalog"); a run
-# that lacks one of them has no zero-shot score.
+# that lacks one of them has no zero-shot score. Each of the three comes with its sentence-bootstrap
+# replicates (`<score>_boot`, `picomaml.report.with_replicates`: the same sentence draws for every
+# record, so arms compare paired), None for records without per-sentence counts.
 
 # %%
 #| export
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 
-def ner_runs(results: pd.DataFrame) -> pd.DataFrame:
-    "One row per NER record: grid coordinates, `f1:<test set>` columns, zero-shot/Tagalog/Cebuano F1, and the record's fields."
-    if results.empty or "test_f1" not in results: return pd.DataFrame(columns=COORDS + ["zero_shot", "tagalog", "cebuano"])
+SCORES = {"zero_shot": PHILIPPINE, "tagalog": TAGALOG, "cebuano": CEBUANO}
+
+def ner_runs(results: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
+    "One row per NER record: coordinates, `f1:<test set>`, zero-shot/Tagalog/Cebuano F1 and their `_boot` replicates, the record's fields."
+    if results.empty or "test_f1" not in results: return pd.DataFrame(columns=COORDS + [*SCORES, *(f"{k}_boot" for k in SCORES)])
     results = results.reset_index(drop=True)
-    long = ner_long(results)
+    long = with_replicates(ner_long(results), n_boot)
     long["record"] = np.repeat(results.index, [len(t) if isinstance(t, dict) else 0 for t in results.test_f1])
     f1 = long.pivot(index="record", columns="test_set", values="f1").add_prefix("f1:")
     runs = long.groupby("record")[COORDS].first().join(f1)
-    mean_of = lambda sets: runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
-    runs["zero_shot"], runs["tagalog"], runs["cebuano"] = mean_of(PHILIPPINE), mean_of(TAGALOG), mean_of(CEBUANO)
-    return runs.join(results.drop(columns=[c for c in results if c in runs or c in ("test_f1", "test_strict_f1")]))
+    boots = {r: dict(zip(g.test_set, g.boot)) for r, g in long.groupby("record")}  # record -> {test set: replicates}
+    for score, sets in SCORES.items():
+        runs[score] = runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
+        runs[f"{score}_boot"] = pd.Series([mean_replicates(boots[r].get(s) for s in sets) for r in runs.index], index=runs.index, dtype=object)
+    return runs.join(results.drop(columns=[c for c in results if c in runs or c in ("test_f1", "test_strict_f1", "sentence_counts")]))
 
 # %% [markdown]
 # Two hand-written records: the first has all three Philippine sets, the second lacks tl_ugnayan.
@@ -114,7 +122,11 @@ _runs = ner_runs(_records)
 assert np.isclose(_runs.zero_shot[0], 0.3) and np.isclose(_runs.tagalog[0], 0.3) and _runs.cebuano[0] == 0.3
 assert np.isnan(_runs.zero_shot[1]) and np.isnan(_runs.tagalog[1]) and _runs.cebuano[1] == 0.2
 assert _runs[["arm", "seed", "checkpoint_step", "t90"]].values.tolist() == [["maml", 42, 60.0, 10], ["vanilla", 1, 60.0, 12]]
-assert ner_runs(pd.DataFrame()).empty
+assert ner_runs(pd.DataFrame()).empty and _runs.zero_shot_boot.isna().all()  # no per-sentence counts in these records
+_counts = {"n": 2, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]}  # sentence 0: one correct PER; sentence 1: no spans
+_with = ner_runs(_records.assign(sentence_counts=[{t: _counts for t in PHILIPPINE}, None]), n_boot=50)
+assert _with.zero_shot_boot[0].shape == (50,) and _with.zero_shot_boot[1] is None
+assert np.allclose(_with.zero_shot_boot[0] * 3, np.round(_with.zero_shot_boot[0] * 3))  # a mean of three F1s that are each 0 or 1
 
 # %% [markdown]
 # ## The final checkpoint, matched arms
@@ -152,26 +164,46 @@ assert sorted(_final.zero_shot.round(6).tolist()) == [0.2, 0.3, 0.5]
 assert matched(_final, "zero_shot").dataset.tolist() == ["sk_snk", "sk_snk"] and final_runs(_grid, "linear").empty
 
 # %% [markdown]
-# ## Arm means over seeds
+# ## Arm means over seeds, with intervals
 #
-# A bar is the mean over seeds of the per-seed mean score (over the matched finetuning runs); with
-# several seeds its error bar is the 95 % bootstrap interval (`picomaml.report.bootstrap_ci`). The
-# relative gain is paper 2's $100\,(F1_{\text{MAML}} - F1_{\text{vanilla}})/F1_{\text{vanilla}}$ of the two means.
+# A bar is the mean over seeds of the per-seed mean score (over the matched finetuning runs), its
+# error bar the 95 % interval of `picomaml.report.bootstrap_ci` over the test sentences and the
+# seeds. The relative gain is paper 2's $100\,(F1_{\text{MAML}} - F1_{\text{vanilla}})/F1_{\text{vanilla}}$,
+# per seed, averaged over seeds; its interval pairs the arms by seed and by sentence draw.
 
 # %%
 #| export
+def per_seed(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
+    "Per `by`, arm and seed: the mean of `value` over the runs and of its `<value>_boot` replicates (None without)."
+    rows = [dict(zip([*by, "arm", "seed"], key), point=g[value].mean(), boot=mean_replicates(g.get(f"{value}_boot", [None])))
+            for key, g in runs.groupby([*by, "arm", "seed"])]
+    return pd.DataFrame(rows, columns=[*by, "arm", "seed", "point", "boot"])
+
 def arm_means(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
-    "Per `by` and arm: mean, CI low/high and seed count of `value` (per-seed means first)."
-    per_seed = runs.groupby([*by, "arm", "seed"])[value].mean().reset_index()
-    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g[value]))), seeds=len(g))
-            for key, g in per_seed.groupby([*by, "arm"])]
-    return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds"])
+    "Per `by` and arm: mean over seeds, 95 % interval low/high (over seeds and sentences), seed count, and whether it is an interval."
+    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g.point, g.boot))), seeds=len(g),
+                 interval=len(g) > 1 or g.boot.notna().any()) for key, g in per_seed(runs, value, by).groupby([*by, "arm"])]
+    return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds", "interval"])
+
+def arm_gains(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
+    "Per `by`: MAML's relative gain over vanilla (%) averaged over seeds, and its paired 95 % interval."
+    wide = per_seed(runs, value, by).pivot(index=[*by, "seed"], columns="arm")
+    rows = []
+    for key, g in (wide.groupby(level=list(by)) if len(wide) and {"maml", "vanilla"} <= set(wide.columns.get_level_values(1)) else []):
+        gains = relative_change(g[("point", "maml")], g[("point", "vanilla")])
+        boots = [relative_change(m, v) if m is not None and v is not None else None for m, v in zip(g[("boot", "maml")], g[("boot", "vanilla")])]
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), **dict(zip(("gain", "low", "high"), bootstrap_ci(gains, boots)))))
+    return pd.DataFrame(rows, columns=[*by, "gain", "low", "high"])
 
 # %%
 _toy = pd.DataFrame({"size": "tiny", "arm": ["maml"] * 4 + ["vanilla"] * 2, "seed": [0, 0, 1, 1, 0, 1], "f": [0.2, 0.4, 0.5, 0.5, 0.1, 0.3]})
 _means = arm_means(_toy, "f").set_index("arm")
 assert np.isclose(_means.loc["maml", "mean"], 0.4) and _means.loc["maml", "seeds"] == 2 and _means.loc["maml", "low"] >= 0.3
-assert np.isclose(_means.loc["vanilla", "mean"], 0.2)
+assert np.isclose(_means.loc["vanilla", "mean"], 0.2) and _means.interval.all()
+assert np.isclose(arm_gains(_toy, "f").gain.item(), (200 + 200 / 3) / 2)  # seed 0: 0.3 vs 0.1, seed 1: 0.5 vs 0.3
+_one = _toy[_toy.seed == 0].assign(f_boot=[np.array([0.2, 0.3]), np.array([0.4, 0.5]), np.array([0.1, 0.2])])  # gain replicates 200 %, 100 %
+_g = arm_gains(_one, "f")
+assert np.isclose(_g.gain.item(), 200) and np.allclose(_g[["low", "high"]].values, [[102.5, 197.5]]) and not arm_means(_toy[_toy.seed == 0], "f").interval.any()
 
 # %% [markdown]
 # ## The results
@@ -198,8 +230,12 @@ def size_label(size: str, params: dict) -> str:
     "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
     return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
 
-def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis: bool = True) -> list[str]:
-    "Bars of MAML and vanilla per size (CI error bars), the relative gain on a twin axis; returns missing sizes."
+def errors(rows: pd.DataFrame, value: str = "mean"):
+    "The (2, n) error-bar lengths below and above `value` of rows with low/high, or None if no row has an interval."
+    return np.vstack([rows[value] - rows.low, rows.high - rows[value]]) if rows.get("interval", pd.Series([True])).any() else None
+
+def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.DataFrame | None = None) -> list[str]:
+    "Bars of MAML and vanilla per size (95 % intervals), and the relative gain (with its interval) on a twin axis; returns missing sizes."
     table = means.set_index(["size", "arm"])
     present = [s for s in sizes if all((s, a) in table.index for a in ("maml", "vanilla"))]
     missing = [s for s in sizes if s not in present]
@@ -209,13 +245,12 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis:
     x = np.arange(len(present))
     for offset, arm in ((-0.2, "maml"), (0.2, "vanilla")):
         rows = table.loc[[(s, arm) for s in present]]
-        err = np.vstack([rows["mean"] - rows.low, rows.high - rows["mean"]]) if rows.seeds.max() > 1 else None
-        ax.bar(x + offset, rows["mean"], 0.4, yerr=err, color=ARM_COLORS[arm], label=arm, capsize=3)
+        ax.bar(x + offset, rows["mean"], 0.4, yerr=errors(rows), color=ARM_COLORS[arm], label=arm, capsize=3)
     ax.set_xticks(x, [size_label(s, params) for s in present])
-    if gain_axis:
-        gain = relative_change(table.loc[[(s, "maml") for s in present], "mean"], table.loc[[(s, "vanilla") for s in present], "mean"])
+    if gains is not None:
+        g = gains.set_index("size").reindex(present)
         twin = ax.twinx()
-        twin.plot(x, gain, "k-o", label="relative gain")
+        twin.errorbar(x, g.gain, yerr=errors(g.assign(interval=np.isfinite(g.low)), "gain"), fmt="k-o", capsize=2, label="relative gain")
         twin.axhline(0, color="0.6", lw=0.8)
         twin.set_ylabel("MAML relative gain (%)")
         twin.grid(False)
@@ -224,17 +259,20 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis:
 
 # %%
 _fig, _ax = plt.subplots()
-_m = arm_means(pd.DataFrame({"size": "tiny", "arm": ["maml", "vanilla"], "seed": 0, "f": [0.3, 0.2]}), "f")
-assert arm_bars(_ax, _m, ["tiny", "large"], "F1", {"tiny": 11.3e6}) == ["large"] and len(_ax.patches) == 2
+_two = pd.DataFrame({"size": "tiny", "arm": ["maml", "vanilla"], "seed": 0, "f": [0.3, 0.2]})
+assert arm_bars(_ax, arm_means(_two, "f"), ["tiny", "large"], "F1", {"tiny": 11.3e6}, arm_gains(_two, "f")) == ["large"] and len(_ax.patches) == 2
 assert _ax.get_xticklabels()[0].get_text() == "tiny\n11.3M" and size_label("large", {}) == "large"
-assert np.isclose(_fig.axes[1].lines[0].get_ydata()[0], 50.0)
+assert np.isclose(_fig.axes[1].lines[0].get_ydata()[0], 50.0) and not _ax.containers[0].errorbar  # one seed, no counts: no bars
 plt.close("all")
+
+INTERVALS = "error bars: 95 % bootstrap over test sentences (paired between arms) and pretraining seeds"
 
 # %%
 scale = matched(final, "zero_shot")
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
-arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)", params)
-ax.set(ylabel="zero-shot micro-F1 (ceb, tl)", title="Scale curve")
+arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)", params, arm_gains(scale, "zero_shot"))
+ax.set(ylabel="zero-shot micro-F1 (ceb, tl)", title=f"Scale curve\n{INTERVALS}")
+ax.title.set_fontsize(8)
 ax.legend(loc="upper left")
 save_figure(fig, "p2_fig1_scale_curve", figures_dir)
 arm_means(scale, "zero_shot")
@@ -242,18 +280,21 @@ arm_means(scale, "zero_shot")
 # %% [markdown]
 # ## Figure 2: finetuning regime
 #
-# The same comparison split by regime: head-only (backbone frozen) left, full finetuning right.
+# The same comparison split by regime: head-only (backbone frozen) left, full finetuning right, each
+# with its paired relative gain.
 # **Paper 2**: "MAML yields 1–2 pp gains when only the CRF head is trained … Full tuning narrows the
 # gap to 0.5–1.3 pp"; head-only "magnifies the meta-learning advantage up to +2.5 pp at 570 M"; tiny
 # shows "no gain under head-only tuning".
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-regime_means = arm_means(scale, "zero_shot", by=("regime", "size"))
+regime_means, regime_gains = arm_means(scale, "zero_shot", by=("regime", "size")), arm_gains(scale, "zero_shot", by=("regime", "size"))
 for ax, regime in zip(axes, ("head", "full")):
-    arm_bars(ax, regime_means[regime_means.regime == regime], sizes, f"{regime} finetuning results", params)
+    arm_bars(ax, regime_means[regime_means.regime == regime], sizes, f"{regime} finetuning results", params,
+             regime_gains[regime_gains.regime == regime])
     ax.set(title=f"{regime}-only" if regime == "head" else "full finetuning", ylabel="zero-shot micro-F1 (ceb, tl)")
 axes[0].legend(loc="upper left")
+fig.suptitle(INTERVALS, fontsize=8)
 save_figure(fig, "p2_fig2_regime", figures_dir)
 regime_means
 
@@ -273,8 +314,7 @@ def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
         missing_note(ax, f"{source} results")
     for arm, g in means.groupby("arm"):
         g = g.set_index("size").reindex([s for s in sizes if s in set(g["size"])])
-        ax.errorbar(range(len(g)), g["mean"], yerr=[g["mean"] - g.low, g.high - g["mean"]] if g.seeds.max() > 1 else None,
-                    color=ARM_COLORS[arm], marker="o", label=arm, capsize=2)
+        ax.errorbar(range(len(g)), g["mean"], yerr=errors(g), color=ARM_COLORS[arm], marker="o", label=arm, capsize=2)
         ax.set_xticks(range(len(g)), g.index)
     ax.set_title(source)
 
@@ -284,7 +324,7 @@ fig, axes = plt.subplots(2, 5, figsize=(12, 5), sharey=True)
 for ax, source in zip(axes.flat, SOURCES):
     source_panel(ax, by_source[by_source.dataset == source], sizes, source)
 axes[0, 0].legend()
-fig.suptitle("Zero-shot F1 by finetuning language")
+fig.suptitle(f"Zero-shot F1 by finetuning language ({INTERVALS})")
 save_figure(fig, "p2_fig3_zero_shot_by_language", figures_dir)
 by_source.pivot_table(index=["dataset", "size"], columns="arm", values="mean")
 
@@ -561,7 +601,8 @@ save_figure(fig, "p2_fig9_case_studies", figures_dir)
 #
 # Δ (MAML − vanilla) of t90, normalised loss AUC and initial slope (`picomaml.crf_metrics.loss_curve_metrics`,
 # paper 2 §3), per size and regime, averaged over the nine in-language finetuning tasks at the
-# final checkpoint; per seed first, then mean ± 95 % bootstrap half-width over seeds. **Paper 2**:
+# final checkpoint; per seed first, then the mean over seeds with a 95 % bootstrap interval over the
+# seeds (these are loss-curve measures, not scores of test sentences). **Paper 2**:
 # "full-model finetuning shows the clearest acceleration for the largest and smallest models: MAML
 # cuts t90 by roughly 8 % (≈ 111 steps)" (Δt90 −111.1 for large and tiny, full); head-only medium
 # and tiny "slow down" (+55.6); "slope remains near zero".
@@ -581,7 +622,7 @@ def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"tasks": out[("t90", "size")], **{k: out[(k, "mean")] for k in SPEED}}).reset_index()
 
 def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
-    "Table 2: one row per (size, regime) asked for, each Δ as 'value' or 'mean ± half-width (n=seeds)' or 'missing'."
+    "Table 2: one row per (size, regime) asked for, each Δ as 'value', 'mean [low, high]' over seeds, or 'missing'."
     digits = {"t90": 1, "auc": 3, "slope": 6}
     rows = []
     for size in sizes:
@@ -604,7 +645,8 @@ assert speed_deltas(final_runs(_speed[_speed.arm == "maml"], "crf")).empty  # in
 # %%
 table2 = speed_table(speed_deltas(final), sizes)
 save_table(table2, "p2_table2_finetuning_speed", tables_dir,
-           f"Finetuning convergence speed, Δ (MAML − vanilla) averaged over the in-language tasks ({head} head, final checkpoint)")
+           f"Finetuning convergence speed, Δ (MAML − vanilla) averaged over the in-language tasks ({head} head, final checkpoint). "
+           + interval_note(n_boot, seeds, sentences=False))
 table2
 
 # %% [markdown]

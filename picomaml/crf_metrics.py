@@ -14,11 +14,11 @@ from seqeval.scheme import IOB2
 from torchcrf import CRF
 
 from .names import ENTITY_TYPES
-from .ner_data import LABELS
+from .ner_data import LABELS, tag_spans
 
 # %% auto #0
-__all__ = ['TAG_TYPE', 'TAG_INSIDE', 'log_matmul', 'crf_log_partition', 'crf_nll', 'viterbi', 'crf_marginals', 'score',
-           'span_keys', 'micro_f1', 'loss_curve_metrics']
+__all__ = ['TAG_TYPE', 'TAG_INSIDE', 'log_matmul', 'crf_log_partition', 'crf_nll', 'viterbi', 'crf_marginals', 'sentence_counts',
+           'score', 'span_keys', 'micro_f1', 'loss_curve_metrics']
 
 # %% ../nbs/11_crf_metrics.ipynb #c7c3b5f9
 def log_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,12 +82,24 @@ def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (alpha + beta - log_z[:, None, None]).exp()
 
 # %% ../nbs/11_crf_metrics.ipynb #4a2295be
+def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    "The sentence count n and, per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
+    rows = []
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        gold_spans, pred_spans = set(tag_spans(g)), set(tag_spans(p))
+        per_type = lambda spans, t: sum(s[0] == t for s in spans)
+        counts = [c for t in ENTITY_TYPES for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
+        if any(counts): rows.append([i, *counts])
+    return {"n": len(gold), "sentences": rows}
+
+# %% ../nbs/11_crf_metrics.ipynb #6fa27364
 def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences."
+    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and their per-sentence counts."
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     return {"micro_f1": f1_score(gold, pred, zero_division=0),
             "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
-            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ENTITY_TYPES}}
+            "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ENTITY_TYPES},
+            "sentence_counts": sentence_counts(gold, pred)}
 
 # %% ../nbs/11_crf_metrics.ipynb #8c19b5db
 TAG_TYPE = torch.tensor([0 if t == "O" else 1 + ENTITY_TYPES.index(t[2:]) for t in LABELS])  # (K,) 0 for O

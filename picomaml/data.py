@@ -27,9 +27,9 @@ from .tokenizer import PicoTokenizer, load_tokenizer
 # %% auto #0
 __all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'MANIFEST', 'iter_jsonl_documents',
            'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
-           'list_rows', 'ShardRows', 'write_hub_layout', 'ArrowCursor', 'StreamedRows', 'resolve_data_source',
-           'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step', 'micro_batches', 'read_eval_rows',
-           'eval_batches', 'main']
+           'list_rows', 'ShardRows', 'write_hub_layout', 'ArrowCursor', 'close_cursors', 'StreamedRows',
+           'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step',
+           'micro_batches', 'read_eval_rows', 'eval_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -243,7 +243,19 @@ class ArrowCursor:
             start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
         return pa.concat_tables(parts)
 
+    def close(self):
+        "Stop the stream now (its reader's threads end here, not at interpreter teardown)."
+        if hasattr(self.tables, "close"): self.tables.close()
+        self.pending = None
+
 # %% ../nbs/03_data.ipynb #75aa3162
+def close_cursors(cursors: OrderedDict) -> None:
+    "Close every cursor and collect reference cycles, so no Arrow scanner outlives pyarrow."
+    import gc  # imported here: at exit a notebook's namespace may already be cleared when this runs
+    while cursors: cursors.popitem()[1].close()
+    gc.collect()
+
+# %% ../nbs/03_data.ipynb #49e34735
 class StreamedRows:
     "Row ranges of a streamed dataset, each read from the one parquet file that holds it (position // rows_per_file)."
     def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480):
@@ -260,8 +272,7 @@ class StreamedRows:
         if self.dataset.num_shards != len(self.files):
             raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
         self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
-        # close open file streams at exit while pyarrow is still loaded (else datasets' reader reports an error on teardown)
-        weakref.finalize(self, self.cursors.clear)
+        weakref.finalize(self, close_cursors, self.cursors)  # at the latest at exit, while pyarrow is still loaded
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -288,7 +299,7 @@ class StreamedRows:
         cursor = self.cursors.pop(i, None)
         if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
         self.cursors[i] = cursor
-        if len(self.cursors) > 2: self.cursors.popitem(last=False)  # a request spans at most two files; later ones move on
+        if len(self.cursors) > 2: self.cursors.popitem(last=False)[1].close()  # a request spans at most two files; later ones move on
         return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:

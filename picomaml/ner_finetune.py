@@ -256,6 +256,7 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
             "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
+            "sentence_counts": {k: v["sentence_counts"] for k, v in tests.items()},
             **loss_curve_metrics(history["loss"]), "loss_curve": history["loss"], "epochs": history["epochs"],
             "steps": history["steps"]}
 

@@ -17,30 +17,35 @@ import pandas as pd
 import seaborn as sns
 
 from .names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
-from .report import (ARM_COLORS, MISSING, NER_COLUMNS, bootstrap_ci, format_estimate, missing_label, missing_note,
-                             ner_long, read_ner_results, relative_change, save_figure, save_table, set_style)
+from .report import (ARM_COLORS, MISSING, N_BOOT, NER_COLUMNS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
+                             missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
+                             set_style, with_replicates)
 
 # %% auto #0
-__all__ = ['COORDS', 'CELL', 'CASE_SENTENCES', 'SPEED', 'LANGUAGES', 'P2_FIGURES', 'P2_TABLES', 'ner_runs', 'final_runs',
-           'matched', 'arm_means', 'size_label', 'arm_bars', 'source_panel', 'sweep_runs', 'as_curve', 'curve_band',
-           'fan', 'final_loss', 'checkpoint_lines', 'tag_f1', 'side_outputs', 'pooled', 'confidence_grid',
-           'sentence_probs', 'surprisal_delta', 'speed_deltas', 'speed_table', 'read_statistics', 'span_table',
-           'mean_sd', 'pooled_recall', 'particle_table']
+__all__ = ['COORDS', 'SCORES', 'CELL', 'CASE_SENTENCES', 'SPEED', 'LANGUAGES', 'P2_FIGURES', 'P2_TABLES', 'ner_runs',
+           'final_runs', 'matched', 'per_seed', 'arm_means', 'arm_gains', 'size_label', 'errors', 'arm_bars',
+           'source_panel', 'sweep_runs', 'as_curve', 'curve_band', 'fan', 'final_loss', 'checkpoint_lines', 'tag_f1',
+           'side_outputs', 'pooled', 'confidence_grid', 'sentence_probs', 'surprisal_delta', 'speed_deltas',
+           'speed_table', 'read_statistics', 'span_table', 'mean_sd', 'pooled_recall', 'particle_table']
 
 # %% ../nbs/23_paper2_ner.ipynb #f12b6c75
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 
-def ner_runs(results: pd.DataFrame) -> pd.DataFrame:
-    "One row per NER record: grid coordinates, `f1:<test set>` columns, zero-shot/Tagalog/Cebuano F1, and the record's fields."
-    if results.empty or "test_f1" not in results: return pd.DataFrame(columns=COORDS + ["zero_shot", "tagalog", "cebuano"])
+SCORES = {"zero_shot": PHILIPPINE, "tagalog": TAGALOG, "cebuano": CEBUANO}
+
+def ner_runs(results: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
+    "One row per NER record: coordinates, `f1:<test set>`, zero-shot/Tagalog/Cebuano F1 and their `_boot` replicates, the record's fields."
+    if results.empty or "test_f1" not in results: return pd.DataFrame(columns=COORDS + [*SCORES, *(f"{k}_boot" for k in SCORES)])
     results = results.reset_index(drop=True)
-    long = ner_long(results)
+    long = with_replicates(ner_long(results), n_boot)
     long["record"] = np.repeat(results.index, [len(t) if isinstance(t, dict) else 0 for t in results.test_f1])
     f1 = long.pivot(index="record", columns="test_set", values="f1").add_prefix("f1:")
     runs = long.groupby("record")[COORDS].first().join(f1)
-    mean_of = lambda sets: runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
-    runs["zero_shot"], runs["tagalog"], runs["cebuano"] = mean_of(PHILIPPINE), mean_of(TAGALOG), mean_of(CEBUANO)
-    return runs.join(results.drop(columns=[c for c in results if c in runs or c in ("test_f1", "test_strict_f1")]))
+    boots = {r: dict(zip(g.test_set, g.boot)) for r, g in long.groupby("record")}  # record -> {test set: replicates}
+    for score, sets in SCORES.items():
+        runs[score] = runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
+        runs[f"{score}_boot"] = pd.Series([mean_replicates(boots[r].get(s) for s in sets) for r in runs.index], index=runs.index, dtype=object)
+    return runs.join(results.drop(columns=[c for c in results if c in runs or c in ("test_f1", "test_strict_f1", "sentence_counts")]))
 
 # %% ../nbs/23_paper2_ner.ipynb #0901896b
 CELL = ["size", "seed", "regime", "dataset"]
@@ -59,20 +64,39 @@ def matched(runs: pd.DataFrame, value: str) -> pd.DataFrame:
     return ok[both & ok.arm.isin(["maml", "vanilla"])]
 
 # %% ../nbs/23_paper2_ner.ipynb #4caa3dc5
+def per_seed(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
+    "Per `by`, arm and seed: the mean of `value` over the runs and of its `<value>_boot` replicates (None without)."
+    rows = [dict(zip([*by, "arm", "seed"], key), point=g[value].mean(), boot=mean_replicates(g.get(f"{value}_boot", [None])))
+            for key, g in runs.groupby([*by, "arm", "seed"])]
+    return pd.DataFrame(rows, columns=[*by, "arm", "seed", "point", "boot"])
+
 def arm_means(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
-    "Per `by` and arm: mean, CI low/high and seed count of `value` (per-seed means first)."
-    per_seed = runs.groupby([*by, "arm", "seed"])[value].mean().reset_index()
-    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g[value]))), seeds=len(g))
-            for key, g in per_seed.groupby([*by, "arm"])]
-    return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds"])
+    "Per `by` and arm: mean over seeds, 95 % interval low/high (over seeds and sentences), seed count, and whether it is an interval."
+    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g.point, g.boot))), seeds=len(g),
+                 interval=len(g) > 1 or g.boot.notna().any()) for key, g in per_seed(runs, value, by).groupby([*by, "arm"])]
+    return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds", "interval"])
+
+def arm_gains(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
+    "Per `by`: MAML's relative gain over vanilla (%) averaged over seeds, and its paired 95 % interval."
+    wide = per_seed(runs, value, by).pivot(index=[*by, "seed"], columns="arm")
+    rows = []
+    for key, g in (wide.groupby(level=list(by)) if len(wide) and {"maml", "vanilla"} <= set(wide.columns.get_level_values(1)) else []):
+        gains = relative_change(g[("point", "maml")], g[("point", "vanilla")])
+        boots = [relative_change(m, v) if m is not None and v is not None else None for m, v in zip(g[("boot", "maml")], g[("boot", "vanilla")])]
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), **dict(zip(("gain", "low", "high"), bootstrap_ci(gains, boots)))))
+    return pd.DataFrame(rows, columns=[*by, "gain", "low", "high"])
 
 # %% ../nbs/23_paper2_ner.ipynb #d5cde8df
 def size_label(size: str, params: dict) -> str:
     "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
     return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
 
-def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis: bool = True) -> list[str]:
-    "Bars of MAML and vanilla per size (CI error bars), the relative gain on a twin axis; returns missing sizes."
+def errors(rows: pd.DataFrame, value: str = "mean"):
+    "The (2, n) error-bar lengths below and above `value` of rows with low/high, or None if no row has an interval."
+    return np.vstack([rows[value] - rows.low, rows.high - rows[value]]) if rows.get("interval", pd.Series([True])).any() else None
+
+def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.DataFrame | None = None) -> list[str]:
+    "Bars of MAML and vanilla per size (95 % intervals), and the relative gain (with its interval) on a twin axis; returns missing sizes."
     table = means.set_index(["size", "arm"])
     present = [s for s in sizes if all((s, a) in table.index for a in ("maml", "vanilla"))]
     missing = [s for s in sizes if s not in present]
@@ -82,13 +106,12 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gain_axis:
     x = np.arange(len(present))
     for offset, arm in ((-0.2, "maml"), (0.2, "vanilla")):
         rows = table.loc[[(s, arm) for s in present]]
-        err = np.vstack([rows["mean"] - rows.low, rows.high - rows["mean"]]) if rows.seeds.max() > 1 else None
-        ax.bar(x + offset, rows["mean"], 0.4, yerr=err, color=ARM_COLORS[arm], label=arm, capsize=3)
+        ax.bar(x + offset, rows["mean"], 0.4, yerr=errors(rows), color=ARM_COLORS[arm], label=arm, capsize=3)
     ax.set_xticks(x, [size_label(s, params) for s in present])
-    if gain_axis:
-        gain = relative_change(table.loc[[(s, "maml") for s in present], "mean"], table.loc[[(s, "vanilla") for s in present], "mean"])
+    if gains is not None:
+        g = gains.set_index("size").reindex(present)
         twin = ax.twinx()
-        twin.plot(x, gain, "k-o", label="relative gain")
+        twin.errorbar(x, g.gain, yerr=errors(g.assign(interval=np.isfinite(g.low)), "gain"), fmt="k-o", capsize=2, label="relative gain")
         twin.axhline(0, color="0.6", lw=0.8)
         twin.set_ylabel("MAML relative gain (%)")
         twin.grid(False)
@@ -102,8 +125,7 @@ def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
         missing_note(ax, f"{source} results")
     for arm, g in means.groupby("arm"):
         g = g.set_index("size").reindex([s for s in sizes if s in set(g["size"])])
-        ax.errorbar(range(len(g)), g["mean"], yerr=[g["mean"] - g.low, g.high - g["mean"]] if g.seeds.max() > 1 else None,
-                    color=ARM_COLORS[arm], marker="o", label=arm, capsize=2)
+        ax.errorbar(range(len(g)), g["mean"], yerr=errors(g), color=ARM_COLORS[arm], marker="o", label=arm, capsize=2)
         ax.set_xticks(range(len(g)), g.index)
     ax.set_title(source)
 
@@ -229,7 +251,7 @@ def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"tasks": out[("t90", "size")], **{k: out[(k, "mean")] for k in SPEED}}).reset_index()
 
 def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
-    "Table 2: one row per (size, regime) asked for, each Δ as 'value' or 'mean ± half-width (n=seeds)' or 'missing'."
+    "Table 2: one row per (size, regime) asked for, each Δ as 'value', 'mean [low, high]' over seeds, or 'missing'."
     digits = {"t90": 1, "auc": 3, "slope": 6}
     rows = []
     for size in sizes:

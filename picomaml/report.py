@@ -5,8 +5,10 @@
 # %% ../nbs/20_report.ipynb #f85622d4
 from __future__ import annotations
 
+import functools
 import json
 import warnings
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -15,14 +17,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .names import ARMS, DEFAULT_SEED, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
+from .names import ARMS, DEFAULT_SEED, ENTITY_TYPES, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %% auto #0
-__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs',
+__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'N_BOOT', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs',
            'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra',
-           'smoothed', 'ner_long', 'bootstrap_ci', 'format_estimate', 'relative_change', 'set_style', 'figure_missing',
-           'save_figure', 'missing_label', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table',
-           'save_table']
+           'smoothed', 'ner_long', 'sentence_weights', 'replicate_counts', 'counts_f1', 'with_replicates',
+           'mean_replicates', 'bootstrap_ci', 'format_estimate', 'interval_note', 'relative_change', 'set_style',
+           'figure_missing', 'save_figure', 'missing_label', 'missing_note', 'latex_escape', 'markdown_table',
+           'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
@@ -108,7 +111,7 @@ def _field(record: dict, key: str, default=None):
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
-    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`."
+    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; and the run's `counts` there."
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
@@ -117,11 +120,12 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
                 "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
-        strict, per_tag = _field(r, "test_strict_f1", {}), _field(r, "per_tag_f1", {})
+        strict, per_tag, counts = (_field(r, k, {}) for k in ("test_strict_f1", "per_tag_f1", "sentence_counts"))
         for test_set, f1 in _field(r, "test_f1", {}).items():
-            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v} for tag, v in per_tag.get(test_set, {}).items()]
-            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan)})
-    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]))
+            c = counts.get(test_set)
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c} for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan), "counts": c})
+    return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]) + ["counts"])
 
 # %% ../nbs/20_report.ipynb #2ffc5bb7
 NER_READS = [
@@ -136,27 +140,82 @@ NER_READS = [
 ]
 
 # %% ../nbs/20_report.ipynb #fcd16094
-def bootstrap_ci(values, level: float = 0.95, n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    "`(mean, low, high)`: the mean of `values` and its percentile bootstrap interval."
+N_BOOT = 1000  # bootstrap replicates of every interval (the notebooks' `smoke` runs use fewer)
+
+@functools.lru_cache(maxsize=64)
+def sentence_weights(test_set: str, n: int, n_boot: int = N_BOOT) -> np.ndarray:
+    "How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): one fixed draw per test set and n."
+    rng = np.random.default_rng([zlib.crc32(test_set.encode()), n, n_boot])
+    return rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float32)
+
+def replicate_counts(counts: dict, test_set: str, n_boot: int = N_BOOT) -> np.ndarray:
+    "Summed (correct, predicted, gold) spans per entity type in each replicate of a run's test set: (n_boot, types, 3)."
+    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))  # (m, 10): index, counts
+    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]  # (n_boot, m)
+    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)  # whole numbers: float32 sums are exact
+
+def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
+    "F1 of (..., types, 3) span counts: micro over the types (0 without spans), or one type's (NaN without spans)."
+    c = counts.sum(-2) if tag is None else counts[..., ENTITY_TYPES.index(tag), :]  # (..., 3)
+    spans = c[..., 1] + c[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(spans > 0, 2 * c[..., 0] / spans, 0.0 if tag is None else np.nan)
+
+# %% ../nbs/20_report.ipynb #de27a378
+def with_replicates(long: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
+    "`long` with `boot`: each row's F1 (micro, or its `tag`'s) in each of `n_boot` replicates; None without counts."
+    summed, boot = {}, []
+    for r in long.itertuples():
+        counts = getattr(r, "counts", None)
+        if not isinstance(counts, dict): boot.append(None); continue
+        if id(counts) not in summed: summed[id(counts)] = replicate_counts(counts, r.test_set, n_boot)
+        boot.append(counts_f1(summed[id(counts)], getattr(r, "tag", None)))
+    return long.assign(boot=pd.Series(boot, index=long.index, dtype=object))
+
+def mean_replicates(boots) -> np.ndarray | None:
+    "Replicate-wise mean of several rows' `boot` arrays (NaN-skipping), None if any row has none."
+    boots = list(boots)
+    if not boots or any(b is None or (isinstance(b, float) and np.isnan(b)) for b in boots): return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a replicate where every row's tag F1 is NaN stays NaN
+        return np.nanmean(np.stack(boots), axis=0)
+
+# %% ../nbs/20_report.ipynb #fe6adc77
+def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    "`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and (given per-seed `replicates`) sentences."
     x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
+    reps = list(replicates) if replicates is not None else [None] * len(x)
+    keep = np.isfinite(x)
+    x, reps = x[keep], [r for r, k in zip(reps, keep) if k]
     if x.size == 0: return (np.nan, np.nan, np.nan)
-    if x.size == 1: return (float(x[0]),) * 3
-    means = np.random.default_rng(seed).choice(x, size=(n_resamples, x.size)).mean(axis=1)  # (n_resamples,)
+    if x.size == 1 and reps[0] is None: return (float(x[0]),) * 3
+    n_boot = next((len(r) for r in reps if r is not None), N_BOOT)
+    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])  # (seeds, n_boot)
+    drawn = np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1 else np.zeros((1, n_boot), int)
+    means = table[drawn, np.arange(n_boot)].mean(0)  # (n_boot,)
+    means = means[np.isfinite(means)]
+    if means.size == 0: return (float(x.mean()), np.nan, np.nan)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(x.mean()), float(low), float(high)
 
-# %% ../nbs/20_report.ipynb #de27a378
+# %% ../nbs/20_report.ipynb #b9a9fd9b
 MISSING = "missing"
 
-def format_estimate(values, digits: int = 2) -> str:
-    "A table cell: 'missing', one value, or 'mean ± half-width (n=k)' of the 95 % bootstrap interval."
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size == 0: return MISSING
-    if x.size == 1: return f"{x[0]:.{digits}f}"
-    mean, low, high = bootstrap_ci(x)
-    return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f} (n={x.size})"
+def format_estimate(values, digits: int = 2, replicates=None, signed: bool = False) -> str:
+    "A table cell: 'missing', the value, or 'mean [low, high]' of the 95 % bootstrap interval over seeds and sentences."
+    mean, low, high = bootstrap_ci(values, replicates)
+    if not np.isfinite(mean): return MISSING
+    spec = f"{'+' if signed else ''}.{digits}f"
+    resampled = np.isfinite(np.asarray(values, float)).sum() > 1 or any(r is not None for r in (replicates or []))
+    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]" if resampled and np.isfinite(low) else f"{mean:{spec}}"
+
+def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
+    "How a table's intervals were computed, for its caption."
+    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"] if sentences else []) + \
+           ([f"the {len(seeds)} pretraining seeds"] if len(seeds) > 1 else [])
+    if not over: return "One pretraining seed: no intervals."
+    return (f"Brackets: 95 % percentile interval of a {n_boot:,}-replicate bootstrap resampling {' and '.join(over)}"
+            + ("; a value without brackets is from runs without per-sentence counts." if sentences else "."))
 
 # %% ../nbs/20_report.ipynb #28f6b2e3
 def relative_change(new, base):

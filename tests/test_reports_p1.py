@@ -15,7 +15,7 @@ FIGURES = ["p1_fig1_loss_paloma", "p1_fig2_delta_f1_by_tag", "p1_fig3_support_qu
            "p1_fig6_phase_transition"]
 TABLES = ["p1_table2_loss_paloma", "p1_table3_relative_f1_by_group", "p1_table4_relative_f1_head_per_language",
           "p1_table5_relative_f1_full_per_language", "p1_table6_zero_shot_ceb_tl", "p1_table7_head_only_f1",
-          "p1_table8_relative_f1_head_per_language", "p1_table9_relative_f1_full_per_language"]
+          "p1_table8_relative_f1_head_per_language", "p1_table9_relative_f1_full_per_language", "p1_text_speedup"]
 F1 = {  # (arm, regime, finetuning set) -> test-set micro-F1, chosen by hand
     ("maml", "head", "en_ewt"): {"en_ewt": 0.50, "da_ddt": 0.20, "de_pud": 0.30, "ceb_gja": 0.12, "tl_trg": 0.30},
     ("vanilla", "head", "en_ewt"): {"en_ewt": 0.40, "da_ddt": 0.25, "de_pud": 0.20, "ceb_gja": 0.10, "tl_trg": 0.00},
@@ -24,6 +24,11 @@ F1 = {  # (arm, regime, finetuning set) -> test-set micro-F1, chosen by hand
     ("maml", "full", "en_ewt"): {"en_ewt": 0.60, "da_ddt": 0.30, "de_pud": 0.40, "ceb_gja": 0.20, "tl_trg": 0.25},
     ("vanilla", "full", "en_ewt"): {"en_ewt": 0.60, "da_ddt": 0.20, "de_pud": 0.40, "ceb_gja": 0.25, "tl_trg": 0.25},
 }
+
+
+def counts(f1: float) -> dict:
+    "Per-sentence counts (picomaml.crf_metrics.sentence_counts) of 20 sentences with one gold and one predicted PER each, round(20 f1) correct: F1 = f1."
+    return {"n": 20, "sentences": [[i, int(i < round(20 * f1)), 1, 1, 0, 0, 0, 0, 0, 0] for i in range(20)]}
 
 
 PARAMETERS = {"pretraining": lambda runs: {"loss_window": 4, "smooth": 3},
@@ -45,7 +50,8 @@ def make_runs(root: Path) -> Path:
              **({"paloma_ppl": 500.0 - s - 100 * offset} if s % 10 == 0 else {})} for s in range(1, 41)])
     records = [{"pretraining_run": f"demo-{arm}", "checkpoint": f"runs/demo-{arm}/checkpoints/step_{step:06d}", "head": "linear",
                 "regime": regime, "dataset": dataset, "dev_f1": 0.5, "test_f1": f1 if step == 40 else {k: 0.99 for k in f1},
-                "test_strict_f1": f1, "per_tag_f1": {k: {"PER": v, "LOC": v / 2, "ORG": 0.0} for k, v in f1.items()}}
+                "test_strict_f1": f1, "per_tag_f1": {k: {"PER": v, "LOC": v / 2, "ORG": 0.0} for k, v in f1.items()},
+                **({"sentence_counts": {k: counts(v) for k, v in f1.items()}} if regime == "full" else {})}  # intervals for the full runs
                for (arm, regime, dataset), f1 in F1.items() for step in (20, 40)]  # step 20: an earlier checkpoint, ignored
     write_jsonl(root / "ner" / "demo-results.jsonl", records)
     return root
@@ -107,15 +113,19 @@ def test_table7_and_table3_equal_a_recomputation_from_the_raw_results(filled):
     assert float(table3.loc["demo (%)", "PUD head"]) == pytest.approx(pud, abs=0.05)
     table6 = pd.read_csv(out / "tables" / "p1_table6_zero_shot_ceb_tl.csv", dtype=str, keep_default_na=False).set_index(["model", "regime"])
     assert table6.loc[("demo", "head"), "Tagalog (TRG)"] == "n/a" and table6.loc[("demo", "head"), "Tagalog (Ugnayan)"] == "missing"
-    assert float(table6.loc[("demo", "full"), "Cebuano"]) == pytest.approx(-20.0)
+    cell = table6.loc[("demo", "full"), "Cebuano"]  # full runs kept per-sentence counts: the value and its interval
+    point, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    assert point == pytest.approx(-20.0) and cell.startswith("-20.0 [") and low <= point <= high <= 0  # MAML's correct sentences are vanilla's minus one
+    assert "[" not in table6.loc[("demo", "head"), "Cebuano"]  # no counts, one seed: no interval
+    assert "Brackets: 95 % percentile interval" in (out / "tables" / "p1_table6_zero_shot_ceb_tl.md").read_text()
 
 
 def test_table2_equals_a_recomputation_from_the_metrics(filled):
     out, _ = filled
     table2 = pd.read_csv(out / "tables" / "p1_table2_loss_paloma.csv", dtype=str, keep_default_na=False).set_index("model")
     maml_loss = np.mean([9.0 - s / 10 for s in (38, 40)])  # next-token steps among the last 4 (odd steps were episodes)
-    assert table2.loc["demo-maml", "train loss"] == f"{maml_loss:.2f}" and table2.loc["demo-maml", "Paloma perplexity"] == "460.00"
-    assert table2.loc["demo-vanilla", "step"] == "40" and table2.loc["demo-vanilla", "Paloma perplexity"] == "360.00"
+    assert table2.loc["demo-maml", "train loss"] == f"{maml_loss:.2f}" and table2.loc["demo-maml", "Paloma ppl (token-weighted)"] == "460.00"
+    assert table2.loc["demo-vanilla", "step"] == "40" and table2.loc["demo-vanilla", "Paloma ppl (token-weighted)"] == "360.00"
 
 
 def test_rerun_on_unchanged_inputs_is_byte_identical(filled):
