@@ -254,7 +254,7 @@ def uner_source(cfg: NERConfig) -> Path | str:
 
 def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
     "One split of one dataset from the Hub (`datasets.load_dataset`), tags mapped to the 7-label set."
-    import datasets
+    import datasets  # deferred: a heavy import that only Hub loading needs
     where = f"{hub_id}[{dataset}/{split}]"
     # the except clause lists how datasets answers an empty or absent split, naming neither (a bare StopIteration when it is the only split)
     try: ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))

@@ -22,6 +22,11 @@
 # `spectra.jsonl` and the NER sweep results, one seaborn style, writers that give byte-identical
 # files on rerun, a "missing" marker for absent runs, and 95 % bootstrap intervals over test
 # sentences and pretraining seeds for every F1 and ΔF1.
+#
+# One rule for the analysis layer: **21–24 export nothing**. They are documents that papermill
+# re-executes on a profile's runs; a function one of them needs is defined, and tested, in it, and
+# what two of them share lives here (`picomaml.report`) or, for names, in `picomaml.names`. Neither
+# module imports the model, the data or the NER code: the analysis reads run outputs only.
 
 # %%
 #| default_exp report

@@ -27,9 +27,6 @@
 # `runs/reports/`; the paper-scale call passes `sizes=["tiny","small","medium","large"]` and
 # `sweep_size="medium"` (with `seeds=[42, 1, 2]` for several seeds).
 
-# %%
-#| default_exp paper2_ner
-
 # %% tags=["parameters"]
 runs_dir = "../runs"  # pretraining run directories
 figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs
@@ -46,13 +43,13 @@ sweep_regime = "head"
 smoke = False  # fewer bootstrap replicates for the intervals
 
 # %%
-#| export
 from __future__ import annotations
 
 import glob
 import json
 import os
 import tempfile
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -60,7 +57,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, PHILIPPINE, SOURCES, TAGALOG
+from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, OUTPUTS, PHILIPPINE, SOURCES, TAGALOG
 from picomaml.report import (ARM_COLORS, MISSING, N_BOOT, NER_COLUMNS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
                              missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
                              set_style, with_replicates)
@@ -90,7 +87,6 @@ n_boot = 200 if smoke else N_BOOT
 # record, so arms compare paired), None for records without per-sentence counts.
 
 # %%
-#| export
 COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 
 SCORES = {"zero_shot": PHILIPPINE, "tagalog": TAGALOG, "cebuano": CEBUANO}
@@ -138,7 +134,6 @@ assert np.allclose(_with.zero_shot_boot[0] * 3, np.round(_with.zero_shot_boot[0]
 # averaged over runs the other lacks.
 
 # %%
-#| export
 CELL = ["size", "seed", "regime", "dataset"]
 
 def final_runs(runs: pd.DataFrame, head: str) -> pd.DataFrame:
@@ -172,7 +167,6 @@ assert matched(_final, "zero_shot").dataset.tolist() == ["sk_snk", "sk_snk"] and
 # per seed, averaged over seeds; its interval pairs the arms by seed and by sentence draw.
 
 # %%
-#| export
 def per_seed(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
     "Per `by`, arm and seed: the mean of `value` over the runs and of its `<value>_boot` replicates (None without)."
     rows = [dict(zip([*by, "arm", "seed"], key), point=g[value].mean(), boot=mean_replicates(g.get(f"{value}_boot", [None])))
@@ -225,7 +219,6 @@ print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) 
 # (570 M)" (caption), the abstract's "2–6 pp under head-only tuning and 1–3 pp after full tuning".
 
 # %%
-#| export
 def size_label(size: str, params: dict) -> str:
     "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
     return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
@@ -307,7 +300,6 @@ regime_means
 # regression (–2 pp on Simplified Chinese)".
 
 # %%
-#| export
 def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
     "Zero-shot F1 against size, one line per arm, for one finetuning source."
     if means.empty:
@@ -337,7 +329,6 @@ by_source.pivot_table(index=["dataset", "size"], columns="arm", values="mean")
 # `loss_curve`, the step-wise dev F1 its `dev_f1_steps` ([step, F1] pairs); `as_curve` reads either.
 
 # %%
-#| export
 def sweep_runs(runs: pd.DataFrame, size: str, dataset: str, regime: str, head: str, arm: str = "maml") -> pd.DataFrame:
     "The checkpoint sweep's records, one per checkpoint step, sorted by step."
     sel = runs[(runs["size"] == size) & (runs.dataset == dataset) & (runs.regime == regime) & (runs["head"] == head) & (runs.arm == arm)]
@@ -376,7 +367,6 @@ print(f"checkpoint sweep: {len(sweep)} record(s) ({sweep_what}), steps {sweep.ch
 # the evaluation F1 rises smoothly to 0.14 and plateaus with a narrow ± 0.01 IQR."
 
 # %%
-#| export
 def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
     "Individual (steps, values) curves coloured by checkpoint step, their median and IQR band."
     curves = [c for c in curves if c is not None]
@@ -409,7 +399,6 @@ save_figure(fig, "p2_fig4_learning_curve_fan", figures_dir)
 # 0.12 points higher than at the initial checkpoint".
 
 # %%
-#| export
 def final_loss(curve) -> float:
     "The last logged training loss of a curve (NaN without one)."
     return float(curve[-1]) if isinstance(curve, (list, tuple, np.ndarray)) and len(curve) else np.nan
@@ -445,7 +434,6 @@ sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].r
 # earlier than Cebuano".
 
 # %%
-#| export
 def tag_f1(sweep: pd.DataFrame, test_sets) -> pd.DataFrame:
     "Per record of `sweep` and tag: F1 averaged over `test_sets` where defined (columns PER, LOC, ORG)."
     rows = []
@@ -477,7 +465,6 @@ save_figure(fig, "p2_fig6_per_entity_f1", figures_dir)
 # `gold_prob` (`picomaml.ner_finetune.gold_tag_probabilities`). `side_outputs` reads it, or returns None.
 
 # %%
-#| export
 def side_outputs(record, results_dirs: dict) -> dict | None:
     "The per-test-set words/tags/pred/gold_prob of a record's side file, or None when it has none."
     name = record.get("predictions")
@@ -512,10 +499,8 @@ sweep_sides = [side_outputs(r, result_dirs) for r in sweep.to_dict("records")]
 # *Cebu* "become steadily brighter … until about step 3000".
 
 # %%
-#| export
 def confidence_grid(sides: list, steps, test_sets, entities: bool, top: int = 10) -> pd.DataFrame:
     "Rows: the `top` most frequent (entity / non-entity) words; columns: checkpoint steps; cells: mean p(gold tag)."
-    from collections import Counter, defaultdict
     first = pooled(next((s for s in sides if s is not None), None), test_sets)  # every checkpoint saw the same test words
     counts = Counter(w for words, tags in zip(first["words"], first["tags"]) for w, t in zip(words, tags) if (t != "O") == entities)
     cells = defaultdict(list)
@@ -559,7 +544,6 @@ save_figure(fig, "p2_fig7_token_confidence", figures_dir)
 # change of about 3.3 log-probability points: contextual suppression).
 
 # %%
-#| export
 CASE_SENTENCES = ("Inahit ni John ang sarili niya .", "Malapit kay Maria si Juan .")
 
 def sentence_probs(side: dict | None, sentence: str, test_set: str = "tl_trg") -> tuple[list, list] | None:
@@ -608,7 +592,6 @@ save_figure(fig, "p2_fig9_case_studies", figures_dir)
 # and tiny "slow down" (+55.6); "slope remains near zero".
 
 # %%
-#| export
 SPEED = ("t90", "auc", "slope")
 
 def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
@@ -663,7 +646,6 @@ table2
 # **Paper 2** (sk_snk train): PER 2,277 (87.6 %), LOC 277 (75.1 %), ORG 153 (56.9 %).
 
 # %%
-#| export
 def read_statistics(paths) -> dict:
     "The UNER statistics written beside the results files `paths` (`finetuning`, `zero_shot`), merged."
     merged = {"finetuning": {}, "zero_shot": {}}
@@ -708,7 +690,6 @@ table4
 # data, which is how we compute the first and last columns.
 
 # %%
-#| export
 LANGUAGES = (("Tagalog", TAGALOG), ("Cebuano", CEBUANO))
 
 def mean_sd(values, digits: int = 3) -> str:
@@ -755,10 +736,8 @@ table5
 # Whatever was missing, each generated output of paper 2 (`picomaml.names.OUTPUTS`) has its files.
 
 # %%
-#| export
-P2_FIGURES = ("p2_fig1_scale_curve", "p2_fig2_regime", "p2_fig3_zero_shot_by_language", "p2_fig4_learning_curve_fan",
-              "p2_fig5_checkpoint_metrics", "p2_fig6_per_entity_f1", "p2_fig7_token_confidence", "p2_fig9_case_studies")
-P2_TABLES = ("p2_table2_finetuning_speed", "p2_table4_span_statistics", "p2_table5_particles_oov")
+P2_FIGURES = [OUTPUTS[f"p2_fig{i}"] for i in (1, 2, 3, 4, 5, 6, 7, 9)]
+P2_TABLES = [OUTPUTS[f"p2_table{i}"] for i in (2, 4, 5)]
 
 # %%
 assert all((Path(figures_dir) / f"{n}.{e}").is_file() for n in P2_FIGURES for e in ("png", "pdf"))

@@ -20,26 +20,20 @@
 # Paper 2's Appendix E ("Pretraining Results") shows the unedited pretraining indicators of every
 # pico-maml-decoder model as logged on WandB: Fig. 10 training loss, Fig. 11 Paloma perplexity,
 # Fig. 12 query accuracy, Fig. 13 support accuracy, Fig. 14 mean and Fig. 15 standard deviation of
-# the classifier head's weights. This notebook redraws them from our runs (method.md §4 and §6),
+# the classifier head's weights. This notebook redraws them from our runs (paper 1 §4 and §6 describe the same logs),
 # adding the vanilla arm where it logs the quantity (loss and Paloma) and, with several seeds, the
 # mean curve with a 95 % bootstrap band. Nothing here trains or evaluates a model: it reads run outputs.
 
-# %%
-#| default_exp paper2_indicators
-
 # %% tags=["parameters"]
 runs_dir = "../runs"  # pretraining run directories <runs_dir>/<run_name>/
-figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs  # PNG and PDF figures are written here
-tables_dir = "../runs/reports/paper_tables"  # (this notebook writes no tables)
+figures_dir = "../runs/reports/figures"  # PNG and PDF; the pipeline passes ../figures when it regenerates the committed outputs
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
 seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
-ner_dir = "../runs/ner"  # (not read here: the NER figures are in 23_paper2_ner)
 smoothing = 1  # rolling-mean window in logged steps (1: unedited curves)
 smoke = False  # CI smoke run: fewer bootstrap resamples
 
 # %%
-#| export
 from __future__ import annotations
 
 import os
@@ -75,7 +69,6 @@ n_boot = 200 if smoke else 2000
 # the seed from the name (none: seed 0), so runs are matched by (size, arm, seed), not by name.
 
 # %%
-#| export
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
@@ -95,7 +88,6 @@ assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-v
 # branch; the vanilla arm logs no episode metrics at all), optionally as a rolling mean.
 
 # %%
-#| export
 INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log it, log-scale y)
     "p2_fig10_train_loss": ("loss", "training loss", ("maml", "vanilla"), False),
     "p2_fig11_paloma": ("paloma_ppl", "Paloma perplexity", ("maml", "vanilla"), True),
@@ -124,7 +116,6 @@ assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl")
 # axes as "missing: …"; with no data at all the panel is a "missing" note.
 
 # %%
-#| export
 def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list[str], log_y: bool = False, n_boot: int = 2000) -> None:
     "Draw metric `key` of `frame` (from `smoothed`) on `ax`, listing the `missing` runs under it."
     if frame.empty:
@@ -179,7 +170,6 @@ assert all((Path(figures_dir) / f"{n}.{ext}").is_file() for n in INDICATORS for 
 # The last logged value of each indicator per size and arm (averaged over seeds when there are several):
 
 # %%
-#| export
 def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
     "Per (size, arm): the last logged value of every indicator, averaged over seeds; NaN where never logged."
     keys = [key for key, *_ in INDICATORS.values()]
@@ -201,12 +191,12 @@ final_values(metrics)
 
 # %% [markdown]
 # Paper 2 prints no numbers for Figs. 10–15; they are the WandB curves of the same four MAML runs
-# whose numbers paper 1 reports (paper 1 §4–5). What to compare against:
+# whose numbers paper 1 reports (paper 1 §4 and §6). What to compare against:
 #
 # - **Loss (Fig. 10)**: paper 1 Table 2 gives the training loss at step 6,000 — MAML 4.44 / 3.67 /
 #   3.49 / 3.49 and vanilla 5.31 / 4.14 / 3.89 / 3.69 (tiny / small / medium / large); "all four
 #   Pico-MAML variants reach their respective vanilla loss 1.3–1.6× sooner". Their vanilla rows are
-#   the pico-decoder checkpoints, trained with another batch and schedule (method.md §7); ours are
+#   the pico-decoder checkpoints, trained with another batch and schedule (`docs/released-trainer.md`); ours are
 #   matched runs (ρ = 0, everything else equal), and our MAML "loss" is the logged objective, which
 #   mixes next-token and query losses on MAML steps.
 # - **Paloma (Fig. 11)**: paper 1 Table 2 at step 6,000 — MAML 422.42 / 113.76 / 78.63 / 66.62 and
@@ -214,9 +204,9 @@ final_values(metrics)
 #   rebound and double-descent" in the large model.
 # - **Query and support accuracy (Figs. 12, 13)**: for small and medium, "support accuracy …
 #   stabilizes around 6–7 %, while query accuracy climbs steadily above 40 %"; tiny's query accuracy
-#   stays "just above chance"; large's query accuracy jumps after step ~3,000 (paper 1 §5, Fig. 6:
+#   stays "just above chance"; large's query accuracy jumps after step ~3,000 (paper 1 §6, Fig. 6:
 #   "from near random to over 0.5") and rises again after 4,500. Their support accuracy was measured
-#   with the released trainer's inner loop (lr 0.01, whole-vocabulary head; method.md §7), which is
+#   with the released trainer's inner loop (lr 0.01, whole-vocabulary head; `docs/released-trainer.md`), which is
 #   why it sits far below query accuracy; ours is measured after the paper's 10 inner steps at lr 1e-3.
 # - **Head weights (Figs. 14, 15)**: "all models exhibit growth in weight variance", the small model
 #   most sharply after 2k steps; the mean stays near zero except for tiny, which drifts one way.
