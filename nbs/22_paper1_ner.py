@@ -28,7 +28,6 @@
 # and vanilla are paired by seed and by the sentence draw, and each table's caption says so.
 
 # %% tags=["parameters"]
-runs_dir = "../runs"
 figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs
 tables_dir = "../runs/reports/paper_tables"
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]

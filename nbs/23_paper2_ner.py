@@ -17,7 +17,7 @@
 # > Figures 1–7 and 9 and Tables 2, 4 and 5 of "Meta-pretraining for zero-shot cross-lingual NER in
 # > low-resource Philippine languages", regenerated from the NER sweep's results.
 #
-# This notebook reads the NER sweep's JSON lines (`<runs_dir>/ner/<grid>-results.jsonl`, one record
+# This notebook reads the NER sweep's JSON lines (`<ner_dir>/<grid>-results.jsonl`, one record
 # per finetuning run: `picomaml.ner_finetune.result_record` plus the grid coordinates, the backbone's
 # parameter count), the side files of saved predictions and, for Tables 4
 # and 5, the UNER statistics the sweep writes beside its results: outputs only, through
@@ -28,7 +28,6 @@
 # `sweep_size="medium"` (with `seeds=[42, 1, 2]` for several seeds).
 
 # %% tags=["parameters"]
-runs_dir = "../runs"  # pretraining run directories
 figures_dir = "../runs/reports/figures"  # the pipeline passes ../figures when it regenerates the committed outputs
 tables_dir = "../runs/reports/paper_tables"
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]

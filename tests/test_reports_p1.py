@@ -60,9 +60,12 @@ def make_runs(root: Path) -> Path:
 def execute(name: str, runs: Path, out: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the kernel imports picomaml
     os.environ.pop("IN_TEST", None)
-    papermill.execute_notebook(str(ROOT / "nbs" / NOTEBOOKS[name]), str(out / f"{name}.ipynb"), kernel_name="python3", cwd=str(ROOT / "nbs"),
-                               progress_bar=False, parameters={"runs_dir": str(runs), "figures_dir": str(out / "figures"),
-                                                               "tables_dir": str(out / "tables"), "smoke": True, **PARAMETERS[name](runs)})
+    notebook = str(ROOT / "nbs" / NOTEBOOKS[name])
+    parameters = {"runs_dir": str(runs), "figures_dir": str(out / "figures"), "tables_dir": str(out / "tables"), "smoke": True,
+                  **PARAMETERS[name](runs)}
+    declared = papermill.inspect_notebook(notebook)  # as the pipeline does: each notebook gets the parameters it declares
+    papermill.execute_notebook(notebook, str(out / f"{name}.ipynb"), kernel_name="python3", cwd=str(ROOT / "nbs"), progress_bar=False,
+                               parameters={k: v for k, v in parameters.items() if k in declared})
 
 
 def outputs(out: Path) -> dict:
