@@ -27,20 +27,21 @@ import torch.nn.functional as F
 from picomaml.maml import readout_features
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"tiny": [], "small": ["model.d_model=384", "model.ffn_hidden=1536"]}  # 12 blocks each (method.md §1)
+SIZES = {"tiny": [], "small": ["model.d_model=384", "model.ffn_hidden=1536"]}  # 12 blocks each (paper 1 §3.1)
 QUICK = ["smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16", "smlmt.pool_rows=64"]
 
 
 # --- the released trainer's episode: a benchmark baseline, NOT part of the package ----------------------
 
 def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps: int = 10, every_position: bool = True) -> float:
-    """BASELINE ONLY. An episode the way the released trainer ran it (method.md §7): the backbone re-run,
-    with a graph, for each of the inner steps; the head's last layer spans the whole vocabulary and is
-    read at the class ids; the head is evaluated at every window position, each labelled with its class
-    at the readout and class 0 elsewhere (our reading of "non-class tokens clamped to class 0"); inner
-    SGD on the head only (its .grad keeps the last support gradient, as the released trainer's did); then
-    the query loss backward and the head restored. `every_position=False` reads the head at the readout
-    only (nbs/05_maml's recompute reference with the vocabulary head)."""
+    """BASELINE ONLY. An episode the way the released trainer ran it (docs/released-trainer.md, departures
+    7, 9, 10 and 11): the backbone re-run, with a graph, for each of the inner steps; the head's last layer
+    spans the whole vocabulary and is read at the class ids; the head is evaluated at every window
+    position, each labelled with its class at the readout and class 0 elsewhere (our reading of "non-class
+    tokens clamped to class 0"); inner SGD on the head only (its .grad keeps the last support gradient, as
+    the released trainer's did); then the query loss backward and the head restored.
+    `every_position=False` reads the head at the readout only (nbs/05_maml's recompute reference with the
+    vocabulary head)."""
     def loss_of(ids, readout, labels):
         hidden = backbone.hidden(ids)  # (B, W, d), with a graph, at every inner step
         if not every_position: return F.cross_entropy(head(readout_features(hidden, readout), episode.class_ids), labels)

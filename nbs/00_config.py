@@ -17,11 +17,12 @@
 # > Nested dataclasses whose defaults are the papers' values; YAML presets and `section.key=value`
 # > overrides change them, and nothing else can.
 #
-# Every hyperparameter of both papers lives here, with the paragraph of `method.md` it comes from.
+# Every hyperparameter of both papers lives here, with the section of the paper that states it;
+# `docs/settings.md` lists every setting the papers leave unstated, with the source of our value.
 # The released trainer (pico-maml-train) silently dropped YAML keys it did not know, which is how
-# its head dropout never applied (method.md §7). Here an unknown or mistyped key is an error that
-# names the key and lists the valid ones, a value of the wrong type is an error that names the
-# expected type, and every run saves the configuration it actually resolved.
+# its head dropout never applied (`docs/released-trainer.md`, departure 6). Here an unknown or
+# mistyped key is an error that names the key and lists the valid ones, a value of the wrong type is
+# an error that names the expected type, and every run saves the configuration it actually resolved.
 
 # %%
 #| default_exp config
@@ -89,11 +90,12 @@ class ModelConfig:
     init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
 # %% [markdown]
-# **data** — pretokenized rows in Pico's format (method.md §4). `source: auto` takes a local path if one
-# is set, else `$PICOMAML_DATA/pretokenized/<split>` if it exists, else streams the Hub dataset named
-# next to it; `source: hub` always streams, and `train_hub`/`eval_hub` may also name a local directory
-# laid out like the Hub dataset (parquet files under `data/`), which is how the rehearsal tests the
-# streaming path without a network.
+# **data** — pretokenized rows in Pico's format (paper 1 §3.3: Dolma "already tokenised and chunked
+# by Pico"; the dataset and tokenizer names are paper 2 App. F, Table 6). `source: auto` takes a
+# local path if one is set, else `$PICOMAML_DATA/pretokenized/<split>` if it exists, else streams
+# the Hub dataset named next to it; `source: hub` always streams, and `train_hub`/`eval_hub` may
+# also name a local directory laid out like the Hub dataset (parquet files under `data/`), which is
+# how the rehearsal tests the streaming path without a network.
 
 # %%
 #| export
@@ -115,14 +117,16 @@ class DataConfig:
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
 
 # %% [markdown]
-# **train** — the outer optimisation (paper 1 §4.1, paper 2 §3: "micro batches of 256 sequences are
-# accumulated eight times giving an effective batch of 2048 (1024 for the 11M model)"). Two things
-# are kept apart. The **branch micro-batch** (`branch_batch`, counted over all ranks) is the unit of
-# the hybrid rule: each one is drawn MAML or next-token, and it is also an episode's pool; an
-# optimizer step takes `global_batch / branch_batch` of them (8, or 4 for tiny). The **memory chunk**
-# (`chunk_rows`, per rank) is how many rows a device runs forward and backward at once: a matter of
-# memory that never changes the gradient (`06_train` tests this), chosen by the planner
-# (`06_plan`) to fit the device when left at 0.
+# **train** — the outer optimisation (paper 1 §3.3: "micro batches of 256 sequences are accumulated
+# eight times giving an effective batch of 2048 (1024 for the 11M model)"; paper 2 §2.4 says the
+# same). The 256 sequences are those of all four GPUs together, which is what makes 8 × 256 = 2,048
+# (`docs/settings.md` explains this reading of paper 1 §3.3's "each GPU streams micro batches of
+# 256"). Two things are kept apart. The **branch micro-batch** (`branch_batch`, counted over all
+# ranks) is the unit of the hybrid rule: each one is drawn MAML or next-token, and it is also an
+# episode's pool; an optimizer step takes `global_batch / branch_batch` of them (8, or 4 for tiny).
+# The **memory chunk** (`chunk_rows`, per rank) is how many rows a device runs forward and backward
+# at once: a matter of memory that never changes the gradient (`06_train` tests this), chosen by the
+# planner (`06_plan`) to fit the device when left at 0.
 #
 # The papers state AdamW, peak lr 3e-4, 2,500 warmup steps, cosine decay and bf16 mixed precision
 # (paper 1 §3.3, paper 2 §2.4 and Table 6), nothing more of the optimiser. The vanilla arm is meant to
@@ -153,12 +157,12 @@ class TrainConfig:
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
 # %% [markdown]
-# **checkpoint** — what a run keeps (method.md §4: every 100 steps). Every scheduled step keeps its
-# weights, which the spectra and paper 2's checkpoint sweep read; step 0 (the initialisation) is
-# always written, since paper 2 sweeps from it. The full training state (AdamW moments, about
-# 8 bytes a parameter, and every rank's RNG) is what a resume needs and nothing else does, so only
-# the newest `keep_state` checkpoints hold it: 61 checkpoints × 8 runs of optimizer state would be
-# on the order of a terabyte.
+# **checkpoint** — what a run keeps (paper 2 App. F, Table 6: every 100 steps). Every scheduled step
+# keeps its weights, which the spectra and paper 2's checkpoint sweep read; step 0 (the
+# initialisation) is always written, since paper 2 sweeps from it. The full training state (AdamW
+# moments, about 8 bytes a parameter, and every rank's RNG) is what a resume needs and nothing else
+# does, so only the newest `keep_state` checkpoints hold it: 61 checkpoints × 8 runs of optimizer
+# state would be on the order of a terabyte.
 
 # %%
 #| export
@@ -171,8 +175,9 @@ class CheckpointConfig:
     resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; later steps are redone")
 
 # %% [markdown]
-# **smlmt** — subset-masked LM episodes (method.md §2; Bansal et al. 2020). N = 32, K = 4 in both
-# papers; the query set is disjoint from the support set.
+# **smlmt** — subset-masked LM episodes (paper 1 §3.2, paper 2 §2.3; Bansal et al. 2020). Both
+# papers use N = 32 and K = 4, with a query set disjoint from the support set. How an episode is cut
+# from pretokenized rows they leave open: `docs/settings.md` lists our choices, `04_smlmt` makes them.
 
 # %%
 #| export
@@ -188,8 +193,9 @@ class SMLMTConfig:
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
 # %% [markdown]
-# **maml** — the first-order MAML hybrid step (method.md §3). With probability `rho` a micro-batch is
-# an episode, else next-token loss; `rho` = 0 is the vanilla arm.
+# **maml** — the first-order MAML hybrid step (paper 2 §2.3 and App. F, Table 6; paper 1 App. A,
+# Algorithm 1). With probability `rho` a micro-batch is an episode, else next-token loss; `rho` = 0
+# is the vanilla arm.
 
 # %%
 #| export
@@ -205,9 +211,10 @@ class MAMLConfig:
     head_output: str = opt("classes", "N-way outputs, or the released trainer's vocabulary-indexed head", choices=("classes", "vocab"))
 
 # %% [markdown]
-# **eval** — Paloma perplexity every 100 steps (method.md §4), on the first `max_rows` rows of the split,
-# read once at the start of the run (a streamed split has no length, so the bound is what makes it
-# finite; 1,024 rows of 2,048 tokens is about a third of one optimizer step's forward work).
+# **eval** — Paloma perplexity every 100 steps (paper 1 §3.3, paper 2 §2.4), on the first `max_rows`
+# rows of the split, read once at the start of the run (a streamed split has no length, so the bound
+# is what makes it finite; 1,024 rows of 2,048 tokens is about a third of one optimizer step's
+# forward work).
 
 # %%
 #| export
@@ -218,7 +225,8 @@ class EvalConfig:
     batch_size: int = opt(16, "evaluation rows per device per forward", ge=1)
 
 # %% [markdown]
-# **spectra** — singular values and proportional effective rank (method.md §4; paper 1 §6).
+# **spectra** — singular values and proportional effective rank (paper 1 §6) every 100 steps
+# (paper 1 §3.3, paper 2 §2.4), of the matrices that paper 2 App. F, Table 6 names.
 
 # %%
 #| export
@@ -229,7 +237,7 @@ class SpectraConfig:
     grad_rows: int = opt(8, "rows of the fixed evaluation batch whose next-token loss gives the gradients", ge=1)
 
 # %% [markdown]
-# **ner** — Universal NER finetuning (method.md §5; paper 1 §3.4, paper 2 §2.5).
+# **ner** — Universal NER finetuning (paper 1 §3.4, paper 2 §2.5).
 
 # %%
 #| export
@@ -581,7 +589,7 @@ with tempfile.TemporaryDirectory() as _tmp:
 # ## The presets in `configs/`
 #
 # Every preset in the repository loads without error (so a typo in a preset fails the tests, not a
-# four-GPU run), and the paper presets set the sizes of method.md §1.
+# four-GPU run), and the paper presets set the widths of paper 1 §3.1 (d = 96/384/768/1536).
 
 # %%
 #| export

@@ -16,9 +16,9 @@
 #
 # > A LLaMA-style decoder in plain PyTorch whose released checkpoints (pico-decoder, pico-maml-decoder) load unchanged.
 #
-# method.md §1; paper 1 §3.1 ("The starting point is the open Pico decoder"); paper 2 §2.2 and
-# appendix F. Twelve pre-norm blocks: `attention_norm` → grouped-query attention with RoPE →
-# residual, `swiglu_norm` → SwiGLU → residual; a final `output_norm`; untied `embedding_proj` and
+# Paper 1 §3.1 ("The starting point is the open Pico decoder"); paper 2 §2.2 and App. F, Table 6.
+# Twelve pre-norm blocks: `attention_norm` → grouped-query attention with RoPE → residual,
+# `swiglu_norm` → SwiGLU → residual; a final `output_norm`; untied `embedding_proj` and
 # `de_embedding_proj`. Width d is the only thing that changes between tiny, small, medium and large.
 #
 # The module layout follows pico-train's `src/model/pico_decoder.py` (read, not copied): the same
@@ -412,8 +412,9 @@ assert (logits16.float() - logits).abs().max() < 0.05 * logits.abs().max()
 # %% [markdown]
 # ## Parameter counts
 #
-# Counted on the meta device, so even the 570M model costs no memory. The table in method.md §1
-# (vocab 50,304, ffn 4d, 12 layers) is checked exactly.
+# Counted on the meta device, so even the 570M model costs no memory. The papers round the four
+# sizes to 11M, 65M, 181M and 570M (paper 1 §3, paper 2 §2.2); the exact counts of their
+# architecture (vocab 50,304, ffn 4d, 12 layers) are checked here.
 
 # %%
 #| export

@@ -17,10 +17,11 @@
 # > Pico's shard format, a `prepare` command that makes it from raw documents, and a loader whose
 # > batches are a pure function of (seed, step, micro-step, rank, world size).
 #
-# Pretraining reads `pico-lm/pretokenized-dolma` (method.md §4; paper 1 §3.3): parquet files with one
-# column `input_ids`, each row `seq_len + 1` = 2,049 OLMo ids, so a row gives the inputs (all but the
-# last id) and the next-token targets (all but the first). Paloma evaluation reads
-# `pico-lm/pretokenized-paloma-tinsy` in the same format.
+# Pretraining reads `pico-lm/pretokenized-dolma` (paper 1 §3.3: Dolma "already tokenised and chunked
+# by Pico"; paper 2 App. F, Table 6 names the dataset): parquet files with one column `input_ids`,
+# each row `seq_len + 1` = 2,049 OLMo ids, so a row gives the inputs (all but the last id) and the
+# next-token targets (all but the first). Paloma evaluation reads `pico-lm/pretokenized-paloma-tinsy`
+# (Table 6's evaluation data) in the same format.
 
 # %%
 #| default_exp data
@@ -458,14 +459,14 @@ with tempfile.TemporaryDirectory() as tmp:
 # %% [markdown]
 # ### A streamed dataset, read file by file
 #
-# `StreamedRows` reads a dataset through `datasets`' streaming — the Hub path of method.md §4 and
-# paper 1 §3.3 (pico-lm/pretokenized-dolma), for a Hub name and a local directory in its layout
-# alike. A stream has no random access; read from its first row, it costs every rank the whole
-# stream (its own rows and the other ranks') and a resumed run a replay of everything before its
-# step. But the position of a row fixes its file: pretokenized-dolma's files hold 20,480 rows each,
-# and pico-train resumes by opening the file its step falls in. We do that for every read: position
-# p is row p % rows_per_file of file p // rows_per_file (`data.rows_per_file`), files in the order
-# the stream reads them (sorted names, as `load_dataset_builder` lists them).
+# `StreamedRows` reads a dataset through `datasets`' streaming — the Hub path of paper 1 §3.3's data
+# (pico-lm/pretokenized-dolma), for a Hub name and a local directory in its layout alike. A stream
+# has no random access; read from its first row, it costs every rank the whole stream (its own rows
+# and the other ranks') and a resumed run a replay of everything before its step. But the position
+# of a row fixes its file: pretokenized-dolma's files hold 20,480 rows each, and pico-train resumes
+# by opening the file its step falls in. We do that for every read: position p is row p %
+# rows_per_file of file p // rows_per_file (`data.rows_per_file`), files in the order the stream
+# reads them (sorted names, as `load_dataset_builder` lists them).
 #
 # A read therefore opens only its file. `IterableDataset.shard(num_shards=<files>, index=i,
 # contiguous=True)` keeps file i of the stream and touches no other, and `.with_format("arrow")
@@ -746,7 +747,7 @@ with tempfile.TemporaryDirectory() as tmp:
 #
 # Each optimizer step consumes one global batch of G = rows_per_rank × world_size × accum_steps rows,
 # taken from consecutive positions of the data order: step s owns positions [sG, (s+1)G). A step is
-# `accum_steps` branch micro-batches (paper 1 §4.1: micro-batches accumulated into the effective
+# `accum_steps` branch micro-batches (paper 1 §3.3: micro-batches accumulated into the effective
 # batch) of `branch_batch` = rows_per_rank × world_size rows; micro-step a of rank r owns the
 # rows_per_rank positions starting at sG + (a·world_size + r)·rows_per_rank. So ranks get disjoint,
 # fixed rows, the micro-batches of one step together are exactly the global batch, and resuming at
@@ -858,7 +859,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # %% [markdown]
 # ## Evaluation rows, read once
 #
-# Paloma perplexity (paper 1 §4.1, every 100 steps) is measured on the same rows each time: the
+# Paloma perplexity (paper 1 §3.3, every 100 steps) is measured on the same rows each time: the
 # first `eval.max_rows` rows of the evaluation split, read once when the run starts
 # (`read_eval_rows`), so a streamed split is not streamed again at every evaluation. A streamed
 # split has no length, so `eval.max_rows = 0` (all rows) is for local shards only; a streamed split

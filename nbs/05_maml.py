@@ -16,9 +16,9 @@
 #
 # > First-order MAML episodes: adapt an MLP head on cached support features, score the query set, backpropagate first order.
 #
-# This notebook implements method.md §3 and paper 1 §3 / Appendix A, Algorithm 1 (the `r < rho`
-# branch). With backbone $f_\theta$, head $h_\phi$, support set $S$ and query set $Q$ of one SMLMT
-# episode (method.md §2):
+# This notebook implements the first-order MAML episode of paper 2 §2.3 and paper 1 App. A,
+# Algorithm 1 (the `r < rho` branch). With backbone $f_\theta$, head $h_\phi$, support set $S$ and
+# query set $Q$ of one SMLMT episode (paper 1 §3.2; `04_smlmt` builds it):
 #
 # $$\phi_0 = \phi,\qquad \phi_{t+1} = \phi_t - \alpha\,\nabla_\phi\, \mathcal L_S\big(h_{\phi_t}(f_\theta(x_S))\big),
 # \quad t = 0..T-1,\qquad \ell = \mathcal L_Q\big(h_{\phi_T}(f_\theta(x_Q))\big),$$
@@ -54,14 +54,15 @@ from picomaml.model import PicoDecoder
 # %% [markdown]
 # ## The head
 #
-# Paper 1 §2 adapts "only a tiny MLP head" in the inner loop; method.md §3 fixes it at 4 linear
-# layers, hidden 128, dropout 0.1, Xavier init. Hidden layers are `Linear → ReLU → Dropout` (the
-# released trainer's layout). Xavier here means Glorot-uniform weights and zero biases; `default`
-# keeps PyTorch's initialisation.
+# Paper 1 §1 adapts "only a tiny MLP head" in the inner loop; paper 2 App. F, Table 6 gives it 4
+# layers, hidden width 128, dropout 0.1 and "xavier" initialisation. Hidden layers are
+# `Linear → ReLU → Dropout` (the released trainer's layout: the papers give none). Xavier here means
+# Glorot-uniform weights and zero biases, our reading (`docs/settings.md`); `default` keeps
+# PyTorch's initialisation.
 #
-# `head_output="vocab"` reproduces the released trainer (method.md §7): its last layer has
-# `vocab_size` outputs and an episode's class logits are the columns of its `class_ids`. Only the
-# `released` preset uses it.
+# `head_output="vocab"` reproduces the released trainer (`docs/released-trainer.md`, departure 7):
+# its last layer has `vocab_size` outputs and an episode's class logits are the columns of its
+# `class_ids`. Only the `released` preset uses it.
 
 # %%
 #| export
@@ -123,8 +124,9 @@ for bad in (lambda: MAMLHead(24, 3, MAMLConfig(head_output="vocab")), lambda: vo
 # ## Features at the readout position
 #
 # Each episode window has one readout position (`support_readout`, `query_readout`: the last window
-# token, or the `[MASK]`; method.md §2). The backbone's `hidden(ids)` gives final normed states
-# (B, T, d); the feature of window b is row `readout[b]` of its states.
+# token, or the `[MASK]`; our choice, which `docs/settings.md` explains). The backbone's
+# `hidden(ids)` gives final normed states (B, T, d); the feature of window b is row `readout[b]` of
+# its states.
 
 # %%
 #| export
@@ -148,9 +150,10 @@ assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4.,
 # $z_S$ is the same tensor at every inner step, and the inner-loop gradient needs nothing of
 # the backbone beyond its value. Computing $z_S$ once, without a graph, is therefore exact, and
 # it is the backbone forward that dominates the cost: the released trainer re-ran it for every
-# one of the ten inner steps (method.md §7). First-order MAML also never differentiates the
-# support loss with respect to $\theta$ (that term appears only in second-order MAML, through
-# $\partial\phi_T/\partial\theta$), so the support forward needs no autograd graph either.
+# one of the ten inner steps (`docs/released-trainer.md`, departure 10). First-order MAML also never
+# differentiates the support loss with respect to $\theta$ (that term appears only in second-order
+# MAML, through $\partial\phi_T/\partial\theta$), so the support forward needs no autograd graph
+# either.
 # (Backbone dropout would break the equality, since each re-run would draw new masks; the Pico
 # decoder has none.)
 
@@ -301,7 +304,8 @@ assert (mean, std) == (w_classes.mean().item(), w_classes.std().item())
 # backpropagated (e.g. `loss_scale = 1 / accumulation_steps`), the phi_T gradient is added to
 # phi_0's `.grad`, and the head's parameters are never modified (they stay phi_0, bit for bit).
 #
-# Distribution (method.md §3): the training loop shards the episode's examples over ranks.
+# Distribution (paper 1 App. A.1: "Every GPU performs the same ten head updates before any gradient
+# is communicated"): the training loop shards the episode's examples over ranks.
 # `support_part` selects the support rows this rank runs through the backbone, and `gather` maps
 # those local features to the whole episode's (S, d) features in episode order (an all-gather
 # without grad; identity in one process), so every rank runs the identical inner loop (pass the
@@ -608,10 +612,11 @@ assert 0.12 < accuracy[0] < 0.28 and accuracy[10] > 0.9, accuracy
 accuracy
 
 # %% [markdown]
-# ## Where the released trainer differs (method.md §7)
+# ## Where the released trainer differs
 #
 # The papers' Algorithm 1 is what this notebook implements. The released trainer
-# (pico-maml-train) departs from it in these places that concern this step:
+# (pico-maml-train) departs from it in these places that concern this step
+# (`docs/released-trainer.md` lists every departure):
 #
 # - **Backbone re-run 10×.** Its inner loop re-ran the full backbone forward, with a graph, for each
 #   of the ten inner steps. Here the support features are computed once without a graph, which is

@@ -19,9 +19,10 @@
 # > run finds the one to resume from. The trainer writes through it; the spectra, the NER sweep,
 # > the pipeline and the launcher read through it.
 #
-# Paper 1 §4.1 checkpoints every 100 steps, and both papers analyse those checkpoints afterwards:
-# the spectra of §6 read the weights of every checkpoint, paper 2 §4 finetunes NER heads on all 61
-# of the medium model's (steps 0, 100, …, 6000). Only a resume needs the optimizer's state.
+# The papers' runs checkpoint every 100 steps (paper 2 App. F, Table 6), and both papers analyse
+# those checkpoints afterwards: paper 1 §6 reads the spectra of every checkpoint, paper 2 §4.1
+# finetunes NER heads on all 61 of the medium model's (steps 0, 100, …, 6000). Only a resume needs
+# the optimizer's state.
 
 # %%
 #| default_exp checkpoints

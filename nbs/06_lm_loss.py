@@ -17,9 +17,9 @@
 # > The next-token loss the trainer backpropagates, and the Paloma perplexities it reports: one home
 # > for both, used by the training loop, the evaluation and the spectra's gradients.
 #
-# Paper 1 Appendix A, Algorithm 2: the next-token branch minimises the mean cross-entropy of every
-# target token of the batch. Paper 1 §4.1 (Table 2, Figure 1) reports Paloma perplexity every 100
-# steps.
+# Paper 1 App. A, Algorithm 2: the next-token branch minimises the mean cross-entropy of every
+# target token of the batch. Paloma perplexity is evaluated every 100 steps (paper 1 §3.3) and
+# reported in paper 1 §4 (Table 2, Figure 1).
 
 # %%
 #| default_exp lm_loss
@@ -123,7 +123,7 @@ assert torch.allclose(next_token_loss(_toy, _rows), _mean)
 # %% [markdown]
 # ## Memory chunks: the same gradient, in pieces
 #
-# Paper 1 §4.1's micro-batch of 256 sequences of 2,048 tokens is the unit of the hybrid rule, not a
+# Paper 1 §3.3's micro-batch of 256 sequences of 2,048 tokens is the unit of the hybrid rule, not a
 # unit of memory: a rank holds 64 of its rows on four GPUs, whose activations need far more memory
 # than a GPU has for the larger models. `next_token_backward` runs a rank's rows `chunk_rows` at a
 # time, each chunk's summed loss divided by the same global denominator and backpropagated at once,
@@ -158,7 +158,7 @@ assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for c in (2, 1) for a, b i
 # %% [markdown]
 # ## Paloma perplexity, two ways
 #
-# Every `eval.every` steps we report perplexity on the Paloma rows (paper 1 §4.1): **token-weighted**,
+# Every `eval.every` steps we report perplexity on the Paloma rows (paper 1 §3.3): **token-weighted**,
 # exp of the mean cross-entropy over all target tokens, and the **per-document mean**, the mean over
 # documents of each document's own perplexity, the figure the released trainer reported. Rows are
 # packed documents separated by EOS, so a document is a run of targets up to and including an EOS

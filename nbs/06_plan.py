@@ -18,15 +18,16 @@
 # > disk of a run, predicted from its configuration before anything is allocated. The launcher uses
 # > the same plan and refuses, before step 1, a run that would not fit.
 #
-# Paper 1 §4.1 and paper 2 §3 train on branch micro-batches of 256 sequences of 2,048 tokens. On four
-# GPUs a rank holds 64 of those rows, and the activations of 64 rows of the large model are about
-# 160 GB, twice an 80 GB GPU: the rows must run in memory chunks (`train.chunk_rows`, `06_lm_loss`),
-# and how many rows a chunk can hold is a question of the model, the precision and the device. This
-# notebook answers it from a memory model derived from the code: what the autograd graph of each
-# decoder block keeps (counted exactly on CPU below), the temporaries of the fused loss and of the
-# backward pass, the persistent weights, gradients and AdamW moments, the episode, the evaluation and
-# the spectra. It also holds the FLOP counts the trainer logs as MFU, so the plan's time estimates and
-# the trainer's MFU use one definition.
+# Paper 1 §3.3 and paper 2 §2.4 train on branch micro-batches of 256 sequences of 2,048 tokens. On
+# four GPUs a rank holds 64 of those rows (the 256 are counted over all ranks: `docs/settings.md`),
+# and the activations of 64 rows of the large model are about 160 GB, twice an 80 GB GPU: the rows
+# must run in memory chunks (`train.chunk_rows`, `06_lm_loss`), and how many rows a chunk can hold
+# is a question of the model, the precision and the device. This notebook answers it from a memory
+# model derived from the code: what the autograd graph of each decoder block keeps (counted exactly
+# on CPU below), the temporaries of the fused loss and of the backward pass, the persistent weights,
+# gradients and AdamW moments, the episode, the evaluation and the spectra. It also holds the FLOP
+# counts the trainer logs as MFU, so the plan's time estimates and the trainer's MFU use one
+# definition.
 #
 # `python -m picomaml.plan --config C --gpus N --gpu-memory-gb M [--gpu-tflops T] [--mfu F]` prints
 # the plan and exits 0 when the run fits, 2 with one line naming the setting to change when it does not.
@@ -102,7 +103,7 @@ def peak_flops(device) -> float | None:
 # %%
 _mc = ModelConfig(d_model=96, ffn_hidden=384)
 assert _block_params(_mc) == 2 * 96 * 96 + 2 * 96 * 32 + 3 * 96 * 384
-_tiny_params = 11_282_784  # method.md §1: 12 blocks + norms + two embeddings
+_tiny_params = 11_282_784  # paper 1 §3.1's tiny model, counted in 01_model: 12 blocks + norms + two embeddings
 _matmul = _mc.n_layers * _block_params(_mc) + 96 * 50304
 assert _tiny_params - _matmul - 96 * 50304 == 12 * 2 * 96 + 96  # the rest: RMSNorm gains and the input embedding
 assert ar_flops(_mc, 1, 0) == 6 * _matmul and episode_flops(_mc, 3, 0, 0) == episode_flops(_mc, 0, 1, 0)
@@ -111,7 +112,7 @@ assert peak_flops(torch.device("cpu")) is None and peak_flops("cpu") is None
 # %% [markdown]
 # ## Parameters
 #
-# The persistent state is a count of parameters: the backbone's (method.md §1) and the MAML head's
+# The persistent state is a count of parameters: the backbone's (`01_model`) and the MAML head's
 # (`05_maml`: `head_layers` linear layers with biases, N-way or, in the `released-*` presets, one
 # output per vocabulary id).
 
@@ -128,7 +129,7 @@ def param_counts(cfg: Config) -> dict:
 
 # %% [markdown]
 # Test: the counts equal the real modules' for a toy model with either head, and the tiny model's
-# backbone is method.md §1's 11,282,784 parameters.
+# backbone is the 11,282,784 parameters that `01_model` counts (paper 1's "11M").
 
 # %%
 _toy = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",

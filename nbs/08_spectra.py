@@ -18,11 +18,11 @@
 # > recorded during training and recomputed afterwards from checkpoints or Hub repositories.
 #
 # Paper 1 §6 (Figures 5–6) tracks the *proportional effective rank* (PER) of attention and
-# feed-forward matrices, for the weights and for their gradients, every 100 steps (method.md §4).
-# Two departures of the released analysis are fixed here (method.md §7): gradients come from the
-# **next-token cross-entropy loss** on a fixed evaluation batch, not from `logits.mean()`, and a
-# layer name that matches no matrix is an error instead of a silently empty plot (the released
-# "mlp" filter produced no feed-forward PER at all).
+# feed-forward matrices, for the weights and for their gradients, every 100 steps (paper 1 §3.3).
+# Two departures of the released analysis are fixed here (`docs/released-trainer.md`, departure 15):
+# gradients come from the **next-token cross-entropy loss** on a fixed evaluation batch, not from
+# `logits.mean()`, and a layer name that matches no matrix is an error instead of a silently empty
+# plot (the released "mlp" filter produced no feed-forward PER at all).
 
 # %%
 #| default_exp spectra
@@ -56,8 +56,8 @@ from picomaml.names import SPECTRA_KEY
 #
 # Roy & Vetterli (2007), as in pico-analyze and paper 1 §6: with $p_i = s_i / \sum_j s_j$ over the
 # singular values, the effective rank is $\mathrm{ER} = \exp(-\sum_i p_i \ln p_i)$ (natural log:
-# pico-analyze's docstring says log2 but its code uses ln, method.md §7) and
-# $\mathrm{PER} = \mathrm{ER}/n$ with $n$ the number of singular values, $\min(m, n)$ for an
+# pico-analyze's docstring says log2 but its code uses ln; `docs/released-trainer.md`, departure 16)
+# and $\mathrm{PER} = \mathrm{ER}/n$ with $n$ the number of singular values, $\min(m, n)$ for an
 # $m \times n$ matrix. Zero singular values contribute $0 \ln 0 = 0$. A zero matrix has no
 # spectrum distribution, so its ER and PER are NaN. The condition number is $s_{max}/s_{min}$,
 # infinite when $s_{min} = 0$; the Frobenius norm is $\sqrt{\sum s_i^2}$ and the nuclear norm $\sum s_i$.
@@ -177,9 +177,10 @@ except ValueError as e: assert "'mlp'" in str(e) and "swiglu.w_2" in str(e)
 #
 # The gradient of each chosen matrix is that of the mean next-token cross-entropy on the fixed
 # evaluation batch: rows of `seq_len + 1` ids, inputs `ids[:, :-1]`, targets `ids[:, 1:]`
-# (method.md §4). `torch.autograd.grad` returns the gradients without touching any `.grad`
-# buffer, so a call between two training steps cannot leak into the optimizer's gradients. The
-# model runs in eval mode for the call (no dropout; its mode is restored afterwards).
+# (the papers do not say which loss; `docs/settings.md` gives our choice). `torch.autograd.grad`
+# returns the gradients without touching any `.grad` buffer, so a call between two training steps
+# cannot leak into the optimizer's gradients. The model runs in eval mode for the call (no dropout;
+# its mode is restored afterwards).
 
 # %%
 #| export

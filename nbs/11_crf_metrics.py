@@ -18,12 +18,12 @@
 # > of a tagger: seqeval micro-F1 and per-tag F1, their per-sentence counts, and the loss-curve
 # > speed measures of paper 2.
 #
-# Paper 2 (§2.5) puts a linear-chain CRF on the backbone's word features; paper 1 (§3.4) a linear
+# Paper 2 §2.5 puts a linear-chain CRF on the backbone's word features; paper 1 §3.4 a linear
 # classifier, which needs none of the CRF part. Both papers score NER by micro-F1 over entity spans
-# (paper 1 §5, Tables 3–9; paper 2 §3, Figs. 1–6), paper 1 also per entity class (Fig. 2), and
-# paper 2 measures how fast finetuning converges from the loss curve (Table 2). Everything here works
-# on tensors of scores and tag ids, or on IOB2 tag strings: no model, no data. The heads and the
-# finetuning loop that use it are in `11_ner_finetune`.
+# (paper 1 §5, Tables 3–9; paper 2 §3 and §4, Figs. 1–6), paper 1 also per entity class (Fig. 2),
+# and paper 2 §5 measures how fast finetuning converges from the loss curve (Table 2). Everything
+# here works on tensors of scores and tag ids, or on IOB2 tag strings: no model, no data. The heads
+# and the finetuning loop that use it are in `11_ner_finetune`.
 
 # %%
 #| default_exp crf_metrics
@@ -409,7 +409,7 @@ for _ in range(500):
 # %% [markdown]
 # ## Finetuning speed from the loss curve (paper 2 Table 2)
 #
-# Paper 2 §3 measures "convergence time (… t90), normalized area under the loss curve … and initial
+# Paper 2 §5 measures "convergence time (… t90), normalized area under the loss curve … and initial
 # slope". From the per-step training losses L_1 … L_n: **t90** is the first step whose loss is at
 # most L_0 − 0.9 (L_0 − L_end) (L_0 the first and L_end the last logged loss); **AUC** is the
 # trapezoidal area under the curve divided by the step span n − 1 (a mean loss, comparable between

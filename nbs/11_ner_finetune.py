@@ -17,12 +17,12 @@
 # > A token-classification head (linear or linear-chain CRF) on a Pico backbone, finetuned head-only
 # > or fully, evaluated on every Universal NER test set.
 #
-# Paper 1 (§3.4) attaches a fresh linear classifier to the step-6000 checkpoint; paper 2 (§2.5)
+# Paper 1 §3.4 attaches a fresh linear classifier to the step-6000 checkpoint; paper 2 §2.5
 # attaches a linear-chain CRF. Both compare head-only tuning (backbone frozen, which "mirrors the
 # inner loop", paper 1 §3.4) with full tuning, with AdamW, at most ten epochs and early stopping on
-# dev micro-F1 (paper 1 App. B). A model finetuned on one source is then evaluated on every UNER test
-# set. The CRF's algorithms and the scores are in `11_crf_metrics`; the grid of finetuning runs is
-# `12_ner_sweep`.
+# development F1 (paper 1 §3.4, paper 2 §2.5). A model finetuned on one source is then evaluated on
+# every UNER test set (paper 1 App. B). The CRF's algorithms and the scores are in `11_crf_metrics`;
+# the grid of finetuning runs is `12_ner_sweep`.
 
 # %%
 #| default_exp ner_finetune

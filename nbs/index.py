@@ -177,15 +177,15 @@
 # | `03_data` | `prepare` raw text into Pico's parquet rows; deterministic sharding and exact resume | P1 §3.3 |
 # | `04_smlmt` | vectorised, seeded N-way K-shot subset-masked episodes | P1 §3.2, Table 1 |
 # | `05_maml` | the first-order MAML head step on cached support features | P1 §3, App. A |
-# | `06_checkpoints` | the run directory: atomic checkpoints, digests, optimizer state of the newest few, resume lookup | P1 §4.1 |
-# | `06_lm_loss` | the fused next-token loss, memory chunks with the same gradient, Paloma perplexities | P1 App. A, §4.1 |
+# | `06_checkpoints` | the run directory: atomic checkpoints, digests, optimizer state of the newest few, resume lookup | P2 §4.1, App. F |
+# | `06_lm_loss` | the fused next-token loss, memory chunks with the same gradient, Paloma perplexities | P1 App. A, §3.3 |
 # | `06_plan` | the resource planner: memory per phase, the memory chunk, FLOPs, wall time, checkpoint disk | |
-# | `06_train` | the distributed hybrid loop over branch micro-batches, resume, monitoring | P1 App. A, §4.1 |
+# | `06_train` | the distributed hybrid loop over branch micro-batches, resume, monitoring | P1 App. A, §3.3 |
 # | `07_launch` | `torchrun` / SLURM / one-process launcher | |
 # | `08_spectra` | singular values and proportional effective rank of weights and gradients | P1 §6 |
 # | `09_phases` | change-point detection of phase transitions | P1 §6, Fig. 6 |
 # | `10_ner_data` | Universal NER reading, sub-token alignment, span/particle/OOV statistics | P1 §3.4; P2 §2.5 |
-# | `11_crf_metrics` | the linear-chain CRF (log-partition, likelihood, Viterbi, marginals); seqeval micro- and per-tag F1; loss-curve speed | P2 §2.5, Table 2 |
+# | `11_crf_metrics` | the linear-chain CRF (log-partition, likelihood, Viterbi, marginals); seqeval micro- and per-tag F1; loss-curve speed | P2 §2.5, §5 |
 # | `11_ner_finetune` | linear and CRF heads, head-only and full finetuning, zero-shot evaluation | P1 §5; P2 §3 |
 # | `12_ner_sweep` | the resumable finetuning grid | P1 App. B; P2 §4 |
 # | `20_report` | shared readers, styles and writers of the analysis notebooks | |

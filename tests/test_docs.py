@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("PICOMAML_CHROMIUM", "/usr/bin/chromium")
 WORK = ROOT / "_proc" / "docs-test"
 SMOKE = ROOT / "runs" / "smoke"
-# the figures of method.md §6 and the notebook that draws each (paper 2 Fig. 8 is hand-written)
+# every figure of both papers, by the notebook that draws it (paper 2 Fig. 8 is hand-written)
 FIGURES = {"21_paper1_pretraining": [f"p1_fig{i}_" for i in (1, 3, 4, 5, 6)],
            "22_paper1_ner": ["p1_fig2_"],
            "23_paper2_ner": [f"p2_fig{i}_" for i in (1, 2, 3, 4, 5, 6, 7, 9)],
