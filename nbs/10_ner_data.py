@@ -42,9 +42,9 @@ from picomaml.names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGAL
 # %% [markdown]
 # ## Labels and dataset groups
 #
-# UNER's released label set has seven tags: O and B-/I- of PER, ORG and LOC (paper 2 App. D). Two
+# UNER's released label set has seven tags: O and B-/I- of PER, ORG and LOC (Mayhew et al., 2024). Two
 # training sets (hr_set, sr_set) still carry OTH, and a few files contain stray `B-O`/`I-O`; both
-# become O, as in the released data. The datasets fall into three groups (paper 1 §5; their names live in
+# become O, as in the released data. The datasets fall into three groups (paper 1 §3.4 and App. B; their names live in
 # `picomaml.names`): nine
 # in-language sets with train/dev/test, six Parallel UD test sets and three Philippine test sets.
 # `all` is the nine training sets together.
