@@ -14,26 +14,24 @@
 # %% [markdown]
 # # The hybrid training loop
 #
-# > Paper 1, Appendix A (Algorithms 1 and 2): one loop over branch micro-batches; each is, with
-# > probability rho, a first-order MAML episode on an SMLMT task, else an ordinary next-token step.
+# > The pretraining loop of paper 1 App. A (Algorithms 1 and 2), one branch micro-batch at a time.
+# > Each micro-batch is, with probability rho, a first-order MAML episode on an SMLMT task, else an
+# > ordinary next-token step.
 #
-# This notebook is the pretraining loop of paper 1 §3–§4.1 and paper 2 §3: Lightning Fabric for
-# processes and collectives, AdamW with warmup and cosine decay, `global_batch / branch_batch` hybrid
-# draws per optimizer step, checkpoints that resume bit for bit, a `metrics.jsonl` line per optimizer
-# step and Paloma perplexity every `eval.every` steps. Its neighbours hold what the loop calls:
-# `06_lm_loss` the next-token loss and the perplexities, `06_checkpoints` the run directory,
-# `06_plan` the memory plan and FLOP counts, `05_maml` the episode step. The pieces come first, each
-# tested on toy tensors; `train` at the end puts them in one flat loop that reads like the
-# paper's pseudocode.
+# This notebook is the pretraining loop of paper 1 §3 and §3.3 (paper 2 §2.3 and §2.4): the hybrid
+# objective on Lightning Fabric's processes, AdamW with warmup and cosine decay, and
+# `global_batch / branch_batch` hybrid draws per optimizer step. Its neighbours hold what the loop
+# calls: `05_maml` the episode step, `06_collectives` how ranks split rows and episodes and sum the
+# gradients, `06_lm_loss` the next-token loss, `06_monitor` the `metrics.jsonl` record of each step
+# and the Paloma perplexity and spectra every `eval.every` / `spectra.every` steps, `06_plan` the
+# memory plan and FLOP counts, and `06_resume` (on the store of `06_checkpoints`) the checkpoints that
+# resume bit for bit. What is left here is the learning-rate schedule, the model's setup and the two
+# branches, each tested on toy tensors; `train` at the end puts them in one flat loop that reads like
+# the paper's pseudocode, and the tests after it run that loop end to end.
 #
 # **Gradients equal a one-process run.** Every rank's loss is its share of the global objective
 # (a sum over its rows divided by the global count), and the gradients are summed over ranks with one
-# all-reduce per optimizer step. We do not wrap the model in DDP: DDP averages (so each loss would
-# need a factor of world size), needs `find_unused_parameters` because the two branches use different
-# parameters (the MAML head is idle on next-token steps, the output layer on MAML steps), and never
-# sees the first-order head gradient, which is written into `phi_0.grad` by hand after the backward
-# pass. Summing one flat gradient buffer at the optimizer step is what DDP with `no_sync` over the
-# accumulation does, without those three problems.
+# all-reduce per optimizer step (`06_collectives` explains why this is not DDP).
 
 # %%
 #| default_exp train
@@ -42,11 +40,8 @@
 #| export
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
-import statistics
 import time
 from collections import deque
 from pathlib import Path
@@ -54,60 +49,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from picomaml.checkpoints import (NoResumableCheckpoint, checkpoint_due, confirm_checkpoint, find_resumable, has_training_state,
-                                  list_checkpoints, newest_confirmed, prune_training_state, read_checkpoint, read_meta,
-                                  truncate_metrics, upload_checkpoint, write_checkpoint)
-from picomaml.config import Config, ConfigError, config_changes, ensure_writable, load_config, save_config
-from picomaml.data import batch_for_step, eval_batches, open_rows, read_eval_rows
-from picomaml.lm_loss import eval_sums, next_token_backward, perplexities
+from picomaml.checkpoints import checkpoint_due
+from picomaml.collectives import (branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout,
+                                  sum_gradients)
+from picomaml.config import Config, ConfigError, ensure_writable
+from picomaml.data import batch_for_step, open_rows, read_eval_rows
+from picomaml.lm_loss import next_token_backward
 from picomaml.maml import MAMLHead, maml_step
-from picomaml.model import PicoDecoder, count_parameters, load_checked
-from picomaml.names import step_dir_name
+from picomaml.model import PicoDecoder, count_parameters
+from picomaml.monitor import STATS, add_stats, monitor, monitoring_due, monitoring_missing, step_record
 from picomaml.plan import ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
+from picomaml.resume import check_finite, confirm_if_healthy, resume_or_start, save_training_state
 from picomaml.smlmt import build_episode
-from picomaml.spectra import record_spectra
 from picomaml.tokenizer import load_tokenizer
-
-# %% [markdown]
-# ## Branch micro-batches and memory chunks
-#
-# Paper 1 §4.1 and paper 2 §3: "micro batches of 256 sequences are accumulated eight times giving an
-# effective batch of 2048 (1024 for the 11M model)". The 256-sequence micro-batch is the unit of the
-# hybrid rule: it is drawn MAML or next-token as a whole, and as an episode it is the pool the SMLMT
-# task is built from (Algorithm 1: `X ← AllGather(B)`). So an optimizer step takes
-# `global_batch / branch_batch` draws, and each rank holds `branch_batch / world_size` rows of each.
-# How many of those rows a device runs forward and backward at once is a separate, memory-only
-# setting (`train.chunk_rows`, see `06_lm_loss`); it never changes the result.
-
-# %%
-#| export
-def branch_layout(tc, world_size: int) -> tuple[int, int]:
-    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); an error naming the keys if uneven."
-    if tc.global_batch % tc.branch_batch:
-        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch} "
-                          f"(paper: 2048 = 8 × 256); change one of them")
-    if tc.branch_batch % world_size:
-        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, so each "
-                          f"rank holds the same number of rows; change it or the number of processes")
-    return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
-
-# %%
-from picomaml.config import TrainConfig
-assert branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 4) == (8, 64)  # the papers on 4 GPUs
-assert branch_layout(TrainConfig(global_batch=1024, branch_batch=256), 4) == (4, 64)  # tiny
-assert branch_layout(TrainConfig(global_batch=16, branch_batch=16), 2) == (1, 8)  # the CPU demo
-for _bad, _key in ((TrainConfig(global_batch=2048, branch_batch=300), "train.global_batch=2048"),
-                   (TrainConfig(global_batch=2048, branch_batch=256), "train.branch_batch=256")):
-    try: branch_layout(_bad, 3 if _key.startswith("train.branch") else 4); raise AssertionError(_key)
-    except ConfigError as e: assert _key in str(e)
 
 # %% [markdown]
 # ## Learning-rate schedule
 #
 # Linear warmup to the peak over `warmup_steps`, then decay to `min_lr_ratio × lr` over `decay_steps`
-# (0: the whole run): cosine in the papers, linear for the `released` preset (whose 200,000-step decay
-# is nearly constant over 6,000 steps, as the released trainer's schedule was), or constant. It is a pure function of the step
-# (nanoGPT's `get_lr`), so resuming needs only the step, not a scheduler object.
+# (0: the whole run): cosine in the papers (paper 1 §3.3 and paper 2 §2.4: "2500-step warm-up and
+# cosine decay"), linear for the `released` preset (whose 200,000-step decay is nearly constant over
+# 6,000 steps, as the released trainer's schedule was), or constant. It is a pure function of the
+# step (nanoGPT's `get_lr`), so resuming needs only the step, not a scheduler object.
 
 # %%
 #| export
@@ -130,115 +93,12 @@ assert abs(lr_at(110, _lin) - 0.5) < 1e-12  # halfway through a 200-step linear 
 assert lr_at(100, TrainConfig(warmup_steps=10, lr=1.0, schedule="constant")) == 1.0
 
 # %% [markdown]
-# ## Which branch: one shared draw per micro-batch
-#
-# Algorithm 1 draws r ~ U(0, 1) on rank 0 and broadcasts it, so every rank takes the same branch. We
-# draw it from a generator seeded by (seed, step), which every rank holds: the same numbers with no
-# communication, and the same numbers again after a resume. `rho` = 0 never gives an episode
-# (r ≥ 0); `rho` = 1 always does (r < 1).
-
-# %%
-#| export
-def mix_seed(*parts) -> int:
-    "A 63-bit seed from (seed, step, micro-step, tag, ...), stable across processes and runs."
-    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-def branch_draws(seed: int, step: int, accumulation: int, rho: float) -> list[bool]:
-    "For each micro-step of optimizer step `step`: True for a MAML episode, False for next-token loss."
-    r = torch.rand(accumulation, generator=torch.Generator().manual_seed(mix_seed(seed, step, "branch")))
-    return (r < rho).tolist()
-
-# %%
-_draws = [b for s in range(200) for b in branch_draws(42, s, 4, 0.5)]
-assert 0.4 < sum(_draws) / len(_draws) < 0.6 and branch_draws(42, 7, 4, 0.5) == branch_draws(42, 7, 4, 0.5)
-assert not any(b for s in range(50) for b in branch_draws(0, s, 4, 0.0))
-assert all(b for s in range(50) for b in branch_draws(0, s, 4, 1.0))
-
-# %% [markdown]
-# ## Collectives: the pool, the support features and the gradients
-#
-# Paper 1 Appendix A distributes an episode three ways. The SMLMT **pool** is gathered from every rank's
-# rows (Algorithm 1: `X ← AllGather(B)`), so every rank builds the identical episode from
-# (seed, micro-step). The episode's **support** rows are split over ranks for the backbone forward,
-# and the features gathered back so every rank runs the identical inner loop; the **query** rows are
-# split and each rank backpropagates its share. Parts may differ in size by one row
-# (`tensor_split`), so the gather pads to the largest part and trims.
-
-# %%
-#| export
-def part_sizes(n: int, world_size: int) -> list[int]:
-    "Sizes of `n` rows split into `world_size` contiguous parts (`torch.tensor_split`)."
-    return [len(p) for p in torch.arange(n).tensor_split(world_size)]
-
-def part_slice(n: int, world_size: int, rank: int) -> slice:
-    "This rank's contiguous part of `n` rows."
-    sizes = part_sizes(n, world_size)
-    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-
-def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    "Every rank's part (sizes[r] rows) concatenated in rank order, on every rank."
-    if fabric.world_size == 1: return local
-    padded = local.new_zeros((max(sizes), *local.shape[1:]))  # (max part, ...)
-    padded[: len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in sizes]  # world × (max part, ...)
-    torch.distributed.all_gather(gathered, padded)  # plain collective: rows and no-grad features need no autograd
-    return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
-
-# %%
-assert part_sizes(10, 3) == [4, 3, 3] and part_slice(10, 3, 1) == slice(4, 7) and part_slice(10, 3, 2) == slice(7, 10)
-assert part_slice(5, 1, 0) == slice(0, 5)
-
-# %% [markdown]
-# The gradients of all parameters (backbone and head) are summed over ranks in one flat all-reduce
-# per optimizer step. A parameter no branch touched this step has no gradient on any rank (all ranks
-# take the same branches) and stays without one, so AdamW leaves it alone, exactly as in one process.
-
-# %%
-#| export
-def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
-    "Replace every existing .grad by its sum over ranks (one all-reduce)."
-    with_grad = [p for p in params if p.grad is not None]
-    if fabric.world_size == 1 or not with_grad: return
-    flat = fabric.all_reduce(torch.cat([p.grad.flatten() for p in with_grad]), reduce_op="sum")
-    for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])): p.grad.copy_(g.view_as(p))
-
-# %% [markdown]
-# ## Where an episode's pool comes from
-#
-# In the papers the pool is the branch micro-batch itself: the 256 rows a next-token step would have
-# used, gathered from every rank (Algorithm 1: `X ← AllGather(B)`), so the data order is the same
-# whichever branch is drawn. That is `smlmt.pool_rows = 0`. An episode needs at least K + Q free
-# occurrences of N eligible words in its pool (`04_smlmt` measures how many rows that takes), which
-# a small branch micro-batch cannot offer: the CPU demo's 16 rows of 128 tokens are far too few for a
-# 32-way task. There `smlmt.pool_rows` sets a larger pool, read from a **second data order** (same
-# rows, seed derived from `train.seed`, positions laid out like the branch micro-batches' but
-# `pool_rows` per draw). Both orders are pure functions of (seed, step, draw), so a resumed run reads
-# the same rows and the gathered pool is the same for any world size.
-
-# %%
-#| export
-def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, int]:
-    "(pool rows each rank reads, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
-    if cfg.smlmt.pool_rows == 0: return rows_per_rank, cfg.train.seed
-    if cfg.smlmt.pool_rows % world_size:
-        raise ConfigError(f"smlmt.pool_rows={cfg.smlmt.pool_rows} must be a multiple of the world size {world_size}")
-    return cfg.smlmt.pool_rows // world_size, mix_seed(cfg.train.seed, "pool") % 2**31
-
-# %%
-from picomaml.config import load_config
-assert pool_layout(load_config(None, ["smlmt.pool_rows=0"]), 4, 64) == (64, 42)
-assert pool_layout(load_config(None, ["smlmt.pool_rows=512"]), 2, 8)[0] == 256
-try: pool_layout(load_config(None, ["smlmt.pool_rows=63"]), 2, 8); raise AssertionError
-except ConfigError as e: assert "smlmt.pool_rows=63" in str(e)
-
-# %% [markdown]
 # ## Setting up a run
 #
-# Precision (paper 1 §4.1): bf16 autocast on GPU, float32 on CPU. Plain fp16 would need a loss
-# scaler around the hand-written MAML backward, so it is refused. Model and head are initialised
-# from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone and head
-# together (paper 1 Appendix A: the outer update covers the backbone and the head). Its settings
+# Precision (paper 2 App. F: "BF16 Mixed"): bf16 autocast on GPU, float32 on CPU. Plain fp16 would
+# need a loss scaler around the hand-written MAML backward, so it is refused. Model and head are
+# initialised from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone
+# and head together (paper 1 App. A: the outer update covers the backbone and the head). Its settings
 # beyond the peak lr are the configuration's, by default pico-train's `torch.optim.AdamW(params, lr)`
 # (`00_config`; `docs/settings.md` lists every setting the papers leave unstated).
 
@@ -276,7 +136,7 @@ except ConfigError as e: assert "train.precision" in str(e)
 
 # %%
 from torch import nn
-from picomaml.config import PRESETS_DIR
+from picomaml.config import PRESETS_DIR, load_config
 _shrink = ["model.n_layers=2", "model.vocab_size=64", "model.max_seq_len=32"]
 _paper = load_config(PRESETS_DIR / "pico-tiny-maml.yaml", _shrink)
 _model, _head, _opt = build_model(_paper, torch.device("cpu"))
@@ -305,271 +165,23 @@ def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
     return cfg.train.chunk_rows or plan.chunk_rows
 
 # %% [markdown]
-# ## Resume or start
+# ## The two branches
 #
-# With `checkpoint.resume` (the default) a run continues from the newest checkpoint that keeps its
-# training state and passes its checks (`picomaml.checkpoints.find_resumable`), or from the one named
-# by `checkpoint.resume_from`; rank 0 chooses it and broadcasts the choice, and says which. Before
-# anything is loaded, the new configuration is compared with the run's `config.yaml`
-# (`picomaml.config.config_changes`): a change that would alter the training trajectory is refused
-# with the list of differences, unless the run is deliberately branched from a named checkpoint; the
-# changes that are accepted are appended to `config_history.jsonl` with the step they take effect.
-# A run whose checkpoints cannot be resumed from stops with what was found rather than starting over
-# on top of its history, and a run told not to resume refuses a directory that already has
-# checkpoints.
+# An **episode** (paper 1 App. A, Algorithm 1) reads this rank's rows of the pool and gathers them,
+# builds the episode of (seed, draw) from the identical pool on every rank, and runs
+# `picomaml.maml.maml_step` with the support windows split over ranks (features gathered back) and the
+# query windows split (`06_collectives`).
+# A **next-token** draw (Algorithm 2) backpropagates this rank's share of the micro-batch's mean loss,
+# chunk by chunk. Both return this rank's statistics of the draw (`06_monitor` sums them over ranks).
+# Episodes also need the tokenizer's word tables (`04_smlmt`), read once when the run starts.
 
 # %%
 #| export
-def check_resume_config(cfg: Config, run_dir: Path) -> dict:
-    "The accepted changes against the run's config.yaml; ConfigError listing any change that alters the trajectory."
-    saved = run_dir / "config.yaml"
-    if not saved.is_file(): return {}
-    trajectory, safe = config_changes(load_config(saved), cfg)
-    if trajectory and not cfg.checkpoint.resume_from:
-        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in trajectory.items())
-        raise ConfigError(f"{run_dir} was trained with other settings ({listed}); resuming would continue a different run. "
-                          f"Relaunch with the run's own settings ({saved}), choose another logging.run_name, or branch "
-                          f"deliberately from a checkpoint with checkpoint.resume_from=step_NNNNNN")
-    return {**trajectory, **safe}
-
-def choose_checkpoint(cfg: Config, root: Path):
-    "The checkpoint to resume from (newest resumable, or checkpoint.resume_from) as find_resumable's tuple; None to start."
-    if not cfg.checkpoint.resume_from: return find_resumable(root)
-    name = cfg.checkpoint.resume_from if cfg.checkpoint.resume_from.startswith("step_") else step_dir_name(int(cfg.checkpoint.resume_from))
-    with_state = [d.name for _, d in list_checkpoints(root) if has_training_state(d)]
-    if name not in with_state:
-        raise ConfigError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: {root / name} is not a checkpoint with training state; "
-                          f"those with one: {', '.join(with_state) or 'none'}")
-    return root / name, read_checkpoint(root / name)
-
-# %%
-import tempfile
-with tempfile.TemporaryDirectory() as _tmp:
-    save_config(load_config(None, ["maml.rho=0.5"]), Path(_tmp) / "config.yaml")
-    assert check_resume_config(load_config(None, ["maml.rho=0.5", "eval.every=10"]), Path(_tmp)) == {"eval.every": (100, 10)}
-    try: check_resume_config(load_config(None, ["maml.rho=0", "train.lr=0.1"]), Path(_tmp)); raise AssertionError("accepted rho 0.5 -> 0")
-    except ConfigError as e: assert all(t in str(e) for t in ("maml.rho: 0.5 -> 0.0", "train.lr: 0.0003 -> 0.1", "checkpoint.resume_from"))
-    assert "train.lr" in check_resume_config(load_config(None, ["train.lr=0.1", "checkpoint.resume_from=step_000002"]), Path(_tmp))
-
-# %%
-#| export
-def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
-    "Load the chosen checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
-    root = run_dir / "checkpoints"
-    has_ckpts = any(root.glob("step_*"))
-    if has_ckpts and not cfg.checkpoint.resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: set checkpoint.resume=true to "
-                          f"continue that run, or choose another logging.run_name")
-    found, changes, problem = None, {}, ""
-    if fabric.global_rank == 0 and has_ckpts:
-        try: changes, found = check_resume_config(cfg, run_dir), choose_checkpoint(cfg, root)
-        except (ConfigError, NoResumableCheckpoint) as e: problem = str(e)
-    name, problem = fabric.broadcast((found[0].name if found else "", problem), src=0)
-    if problem: raise ConfigError(problem)
-    step = 0
-    if name:
-        weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
-        load_checked(model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
-                     f"{run_dir / 'config.yaml'})")
-        head.load_state_dict(head_weights)
-        optimizer.load_state_dict(state["optimizer"])
-        if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
-            torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
-        step = meta["step"]
-    if fabric.global_rank == 0:
-        start_run_directory(cfg, run_dir, step, changes)
-        if name: print(f"[{cfg.logging.run_name}] resuming from {root / name} (step {step} of {cfg.train.steps})"
-                       + ("; later checkpoints are rewritten as the run re-reaches them" if cfg.checkpoint.resume_from else ""), flush=True)
-    fabric.barrier()
-    return step
-
-def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) -> None:
-    "Write config.yaml, record accepted configuration changes, cut the metrics log back to `step`."
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if changes:
-        with open(run_dir / "config_history.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
-    # resume_from is an instruction for this launch, not a property of the run: the saved configuration does not keep it
-    save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")), run_dir / "config.yaml")
-    truncate_metrics(run_dir / "metrics.jsonl", step)
-
-# %% [markdown]
-# Saving gathers every rank's RNG state to rank 0, which writes the checkpoint (weights, head and
-# metadata, plus the training state), drops the training state of checkpoints older than the newest
-# `checkpoint.keep_state`, and uploads if asked; the others wait at a barrier so nobody runs ahead
-# of a checkpoint that is still being written.
-
-# %%
-#| export
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
-    "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
-    rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
-    if fabric.global_rank == 0:
-        meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size, "run_name": cfg.logging.run_name}
-        root = run_dir / "checkpoints"
-        directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
-        prune_training_state(root, cfg.checkpoint.keep_state)
-        if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
-    fabric.barrier()
-
-# %% [markdown]
-# ## Paloma evaluation, in parallel over ranks
-#
-# The evaluation rows (the first `eval.max_rows` of the split) are read once when the run starts
-# (`picomaml.data.read_eval_rows`), so a streamed split is not re-read every 100 steps; each rank
-# evaluates a strided share and the sums are all-reduced.
-
-# %%
-#| export
-def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
-    "Token-weighted and per-document Paloma perplexity; each rank a strided share of the rows, sums all-reduced."
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
-    for batch in eval_batches(eval_rows, ec.batch_size, fabric.global_rank, fabric.world_size):
-        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
-    model.train()
-    return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
-
-# %% [markdown]
-# ## Monitoring
-#
-# One JSON line per optimizer step in `metrics.jsonl` (paper 1 §4.1 and Figs. 1, 3, 4):
-# `step` (optimizer steps completed), `loss` (the objective the optimizer saw: the mean over the
-# step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
-# over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
-# `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
-# (phi_T on the support set), `query_acc`, `head_w_mean` / `head_w_std` (phi_T's logits layer),
-# `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
-# `tokens_per_s` and `mfu`; and at evaluation steps a second line of the same step with `eval_loss`,
-# `paloma_ppl` and `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
-# `tokens_per_s` and `mfu` are wall-clock measurements: everything else is a deterministic function of
-# the configuration, so a resumed run's log equals an uninterrupted run's once those two are removed.
-#
-# The step's statistics are accumulated per rank in one float64 vector and all-reduced once; every
-# entry is a sum over ranks, then turned into the logged means by `step_record`.
-
-# %%
-#| export
-STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
-         "head_w_mean", "head_w_std", "tokens", "flops")
-
-def step_record(totals: torch.Tensor, world_size: int) -> dict:
-    "Logged means from the all-reduced per-rank sums of STATS."
-    t = dict(zip(STATS, totals.tolist()))
-    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
-    per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
-    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
-            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
-            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
-            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
-
-# %%
-_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0], dtype=torch.float64)  # 2 ranks, 1 AR + 1 episode
-_rec = step_record(_sums, 2)
-assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
-assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.75, 0.5)
-assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
-
-# %% [markdown]
-# Small pieces the loop calls: statistics; the finiteness check (a NaN/inf loss or gradient stops
-# the run **before** the optimizer step, so no checkpoint ever holds the weights it would give); the
-# confirmation of checkpoints (a checkpoint's weights are judged by the loss they give one step later:
-# finite, and not `EXPLODING` times the median of the last 20 losses, so a step that blew the weights
-# up to 1e6 without a NaN yet is never called good); the tokenizer tables SMLMT needs; and the
-# spectra hook (`picomaml.spectra.record_spectra` on the first `spectra.grad_rows` evaluation rows,
-# every `spectra.every` steps, into `<run>/spectra.jsonl`). When the run stops on a NaN, the message
-# names the newest confirmed checkpoint and the setting that resumes from it
-# (`checkpoint.resume_from`), which also accepts the lower learning rate the relaunch needs.
-
-# %%
-#| export
-def add_stats(stats: dict, **values) -> None:
-    "Add named values to this rank's statistics of the step."
-    for key, value in values.items(): stats[key] += value
-
-def check_finite(record: dict, run_dir: Path) -> None:
-    "Raise FloatingPointError on a NaN/inf loss or gradient norm, naming the step and a way back that works."
-    bad = [key for key in ("loss", "grad_norm") if not math.isfinite(record[key])]
-    if not bad: return
-    good = newest_confirmed(Path(run_dir) / "checkpoints")
-    way_back = (f"The newest checkpoint known good is {good.name} (its weights gave loss {read_meta(good)['next_loss']:.4g} at the next "
-                f"step): relaunch with checkpoint.resume_from={good.name} and a lower train.lr, or set train.grad_clip"
-                if good else "No checkpoint with training state is known good: start again under another logging.run_name with a "
-                "lower train.lr, or set train.grad_clip")
-    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the optimizer "
-                             f"step, so no checkpoint holds these weights. {way_back}")
-
-EXPLODING = 10.0  # a loss this many times the median of the run's recent losses is a divergence, not noise
-
-def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None:
-    "Confirm checkpoint `step`, if one was written, when the loss its weights gave is finite and not exploding."
-    directory = root / step_dir_name(step)
-    exploding = bool(recent) and loss > EXPLODING * statistics.median(recent)
-    if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding: confirm_checkpoint(directory, loss)
-
 def episode_tables(cfg: Config) -> tuple:
     "(word_start, alpha_len, special ids) of the tokenizer, for SMLMT episodes."
     tok = load_tokenizer(cfg.data)
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
-def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path) -> None:
-    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
-    record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
-
-# %%
-try: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")); raise AssertionError
-except FloatingPointError as e: assert "step 7: loss is nan" in str(e) and "No checkpoint with training state is known good" in str(e)
-check_finite({"step": 7, "loss": 1.0, "grad_norm": 2.0}, Path("/nonexistent"))
-
-# %% [markdown]
-# **After the checkpoint, not before.** Evaluation and spectra run after the step's checkpoint is on
-# disk: if they fail (a streamed evaluation set that cannot be read, a full disk), the optimizer step
-# is not lost, and the relaunch resumes from that checkpoint and runs the monitoring it missed.
-
-# %%
-#| export
-def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
-    "(evaluate?, record spectra?) at completed optimizer step `step`."
-    return (bool(cfg.eval.every) and step > 0 and step % cfg.eval.every == 0,
-            bool(cfg.spectra.every) and step > 0 and step % cfg.spectra.every == 0)
-
-def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
-    "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
-    want_eval, want_spectra = monitoring_due(cfg, step)
-    logged = lambda path, key: path.is_file() and any(f'"step": {step},' in l and key in l for l in path.read_text().splitlines())
-    return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
-            want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
-
-def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool]) -> None:
-    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0."
-    do_eval, do_spectra = what
-    if do_eval:
-        record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
-        if fabric.global_rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
-        fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
-    if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
-
-# %%
-_mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])
-assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 0) == (False, False)
-with tempfile.TemporaryDirectory() as _tmp:
-    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
-    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (True, True)
-    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n{"step": 40, "paloma_ppl": 9.0}\n')
-    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (False, True)
-
-# %% [markdown]
-# ## The two branches
-#
-# An **episode** (Algorithm 1) reads this rank's rows of the pool and gathers them, builds the
-# episode of (seed, draw) from the identical pool on every rank, and runs `picomaml.maml.maml_step`
-# with the support windows split over ranks (features gathered back) and the query windows split.
-# A **next-token** draw (Algorithm 2) backpropagates this rank's share of the micro-batch's mean loss,
-# chunk by chunk. Both return this rank's statistics of the draw.
-
-# %%
-#| export
 def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: int, draw: int, accum: int, pool: tuple) -> dict:
     "One MAML episode on the gathered pool of (step, draw); returns this rank's statistics."
     rank, world, (rows_per_rank, seed) = fabric.global_rank, fabric.world_size, pool
@@ -600,7 +212,7 @@ def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int
 # %% [markdown]
 # ## The loop
 #
-# Paper 1, Algorithms 1 and 2, one branch micro-batch at a time. Per optimizer step: set the
+# Paper 1 App. A, Algorithms 1 and 2, one branch micro-batch at a time. Per optimizer step: set the
 # learning rate; for each draw, seed the RNG from (seed, step, draw, rank) so dropout is a function of
 # the position in the run and a resumed run repeats it exactly, and run the drawn branch. Then sum the
 # gradients over ranks, check them, clip, and step AdamW. Log the step, checkpoint it when due
@@ -676,6 +288,7 @@ def train(cfg: Config, fabric, hub_api=None) -> Path:
 
 # %%
 import os
+import tempfile
 from lightning.fabric import Fabric
 from picomaml.config import load_config
 from picomaml.data import prepare
@@ -740,11 +353,12 @@ print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['sup
 # resumes there instead of at step 0, runs the evaluation it missed, and finishes.
 
 # %%
-_real_evaluate = evaluate
-evaluate = lambda *a, **k: (_ for _ in ()).throw(OSError("evaluation set unreadable"))
+import picomaml.monitor
+_real_evaluate = picomaml.monitor.evaluate
+picomaml.monitor.evaluate = lambda *a, **k: (_ for _ in ()).throw(OSError("evaluation set unreadable"))
 try: train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric); raise AssertionError("the evaluation did not fail")
 except OSError: pass
-finally: evaluate = _real_evaluate
+finally: picomaml.monitor.evaluate = _real_evaluate
 assert (_runs / "eval-fails" / "checkpoints" / "latest").read_text().strip() == "step_000004"
 assert [r["step"] for r in read_metrics(_runs / "eval-fails")] == [1, 2, 3, 4] and "paloma_ppl" not in read_metrics(_runs / "eval-fails")[3]
 _log = read_metrics(train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric))

@@ -178,9 +178,12 @@
 # | `04_smlmt` | vectorised, seeded N-way K-shot subset-masked episodes | P1 §3.2, Table 1 |
 # | `05_maml` | the first-order MAML head step on cached support features | P1 §3, App. A |
 # | `06_checkpoints` | the run directory: atomic checkpoints, digests, optimizer state of the newest few, resume lookup | P2 §4.1, App. F |
+# | `06_collectives` | how ranks share a step: branch micro-batches and rows per rank, the shared branch draw, gathered pools and support features, one gradient sum | P1 App. A.1; P2 App. C.1 |
 # | `06_lm_loss` | the fused next-token loss, memory chunks with the same gradient, Paloma perplexities | P1 App. A, §3.3 |
+# | `06_monitor` | the `metrics.jsonl` record of each step, Paloma evaluation over ranks, spectra, and when each is due | P1 §3.3 |
 # | `06_plan` | the resource planner: memory per phase, the memory chunk, FLOPs, wall time, checkpoint disk | |
-# | `06_train` | the distributed hybrid loop over branch micro-batches, resume, monitoring | P1 App. A, §3.3 |
+# | `06_resume` | resume or start: the checkpoint and settings a relaunch continues from, every rank's training state, NaN stops, known-good checkpoints | |
+# | `06_train` | the hybrid loop over branch micro-batches: learning-rate schedule, model and AdamW, the two branches, `train` | P1 App. A, §3.3 |
 # | `07_launch` | `torchrun` / SLURM / one-process launcher | |
 # | `08_spectra` | singular values and proportional effective rank of weights and gradients | P1 §6 |
 # | `09_phases` | change-point detection of phase transitions | P1 §6, Fig. 6 |

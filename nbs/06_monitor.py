@@ -1,0 +1,203 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Monitoring a run
+#
+# > What a pretraining run logs: a record per optimizer step, Paloma perplexity and spectra on schedule.
+# > The step's statistics summed over ranks, Paloma evaluation shared out over ranks, the weight and
+# > gradient spectra, and when each is due.
+#
+# Paper 1 §3.3: "Every 100 steps we evaluate Paloma perplexity (Magnusson et al., 2024) and log the
+# singular values of three attention and three feed-forward matrices to compute effective rank
+# (Diehl Martinez et al., 2024). Query and support accuracies are also tracked." Paper 2 §2.4 logs
+# the same. Perplexity is paper 1's Table 2 and Fig. 1, the accuracies and head statistics Figs. 3
+# and 4, the spectra §6 and Fig. 5. The training loop (`06_train`) calls these pieces once per
+# optimizer step.
+
+# %%
+#| default_exp monitor
+
+# %%
+#| export
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from picomaml.config import Config
+from picomaml.data import eval_batches
+from picomaml.lm_loss import eval_sums, perplexities
+from picomaml.spectra import record_spectra
+
+# %% [markdown]
+# ## One line per optimizer step
+#
+# One JSON line per optimizer step in `metrics.jsonl` (paper 1 §3.3 and Figs. 1, 3, 4):
+# `step` (optimizer steps completed), `loss` (the objective the optimizer saw: the mean over the
+# step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
+# over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
+# `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
+# (phi_T on the support set), `query_acc`, `head_w_mean` / `head_w_std` (phi_T's logits layer),
+# `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
+# `tokens_per_s` and `mfu`; and at evaluation steps a second line of the same step with `eval_loss`,
+# `paloma_ppl` and `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
+# `tokens_per_s` and `mfu` are wall-clock measurements: everything else is a deterministic function of
+# the configuration, so a resumed run's log equals an uninterrupted run's once those two are removed.
+#
+# The step's statistics are accumulated per rank in one float64 vector and all-reduced once; every
+# entry is a sum over ranks, then turned into the logged means by `step_record`.
+
+# %%
+#| export
+STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
+         "head_w_mean", "head_w_std", "tokens", "flops")
+
+def add_stats(stats: dict, **values) -> None:
+    "Add named values to this rank's statistics of the step."
+    for key, value in values.items(): stats[key] += value
+
+def step_record(totals: torch.Tensor, world_size: int) -> dict:
+    "Logged means from the all-reduced per-rank sums of STATS."
+    t = dict(zip(STATS, totals.tolist()))
+    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
+    per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
+    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
+            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
+            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
+            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
+
+# %%
+_stats = dict.fromkeys(STATS, 0.0)
+add_stats(_stats, loss=0.5, ar_loss=2.0, n_ar=1); add_stats(_stats, loss=0.25, n_maml=1)
+assert (_stats["loss"], _stats["ar_loss"], _stats["n_ar"], _stats["n_maml"], _stats["flops"]) == (0.75, 2.0, 1, 1, 0.0)
+_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0], dtype=torch.float64)  # 2 ranks, 1 AR + 1 episode
+_rec = step_record(_sums, 2)
+assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
+assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.75, 0.5)
+assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
+
+# %% [markdown]
+# ## Paloma evaluation, in parallel over ranks
+#
+# The evaluation rows (the first `eval.max_rows` of the split) are read once when the run starts
+# (`picomaml.data.read_eval_rows`), so a streamed split is not re-read every 100 steps; each rank
+# evaluates a strided share and the sums are all-reduced (`06_lm_loss` turns them into perplexities).
+
+# %%
+#| export
+def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
+    "Token-weighted and per-document Paloma perplexity; each rank a strided share of the rows, sums all-reduced."
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
+    for batch in eval_batches(eval_rows, ec.batch_size, fabric.global_rank, fabric.world_size):
+        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
+    model.train()
+    return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
+
+# %% [markdown]
+# Test: on a toy decoder (one CPU process), evaluating 10 rows in batches of 4 gives the perplexities
+# of all 10 rows at once, and leaves the model in training mode.
+
+# %%
+import math
+from lightning.fabric import Fabric
+from picomaml.config import EvalConfig, load_config
+from picomaml.model import PicoDecoder
+
+_cfg = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
+                          "model.vocab_size=64", "model.max_seq_len=32", "data.eos_id=3", "eval.every=20", "spectra.every=40",
+                          "eval.batch_size=4"])
+_fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+torch.manual_seed(0)
+_model, _rows = PicoDecoder(_cfg.model), torch.randint(0, 64, (10, 17))  # rows (10, T + 1)
+_ppl = evaluate(_fabric, _model, _rows, EvalConfig(batch_size=4), eos_id=3)
+assert _model.training
+with torch.no_grad(): _whole = perplexities(eval_sums(_model.eval(), _rows, 3))
+_model.train()
+assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel_tol=1e-6) for k in _ppl), (_ppl, _whole)
+
+# %% [markdown]
+# ## Spectra
+#
+# `picomaml.spectra.record_spectra` (`08_spectra`) on the first `spectra.grad_rows` evaluation rows
+# (the fixed batch whose next-token loss gives the gradients), every `spectra.every` steps, appended
+# to `<run>/spectra.jsonl`: the singular values of `spectra.layers` in every block, weights and
+# gradients, from which effective rank is computed.
+
+# %%
+#| export
+def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path) -> None:
+    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
+    record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+
+# %%
+import tempfile
+with tempfile.TemporaryDirectory() as _tmp:
+    record_run_spectra(_model, _rows, _cfg, 40, Path(_tmp))
+    _lines = [json.loads(l) for l in (Path(_tmp) / "spectra.jsonl").read_text().splitlines()]
+    assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2  # blocks × spectra.layers × (weight, gradient)
+
+# %% [markdown]
+# ## When: after the checkpoint, not before
+#
+# Evaluation and spectra run after the step's checkpoint is on disk: if they fail (a streamed
+# evaluation set that cannot be read, a full disk), the optimizer step is not lost, and the relaunch
+# resumes from that checkpoint and runs the monitoring it missed (`monitoring_missing`).
+
+# %%
+#| export
+def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
+    "(evaluate?, record spectra?) at completed optimizer step `step`."
+    return (bool(cfg.eval.every) and step > 0 and step % cfg.eval.every == 0,
+            bool(cfg.spectra.every) and step > 0 and step % cfg.spectra.every == 0)
+
+def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
+    "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
+    want_eval, want_spectra = monitoring_due(cfg, step)
+    logged = lambda path, key: path.is_file() and any(f'"step": {step},' in l and key in l for l in path.read_text().splitlines())
+    return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
+            want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
+
+def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool]) -> None:
+    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0."
+    do_eval, do_spectra = what
+    if do_eval:
+        record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        if fabric.global_rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+        fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
+    if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
+
+# %%
+_mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])
+assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 0) == (False, False)
+with tempfile.TemporaryDirectory() as _tmp:
+    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
+    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (True, True)
+    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n{"step": 40, "paloma_ppl": 9.0}\n')
+    assert monitoring_missing(_mcfg, Path(_tmp), 40) == (False, True)
+
+# %% [markdown]
+# Test: what `monitor` writes at a step where both are due is exactly what `monitoring_missing` looks
+# for, so a relaunch after it finds nothing missing.
+
+# %%
+with tempfile.TemporaryDirectory() as _tmp:
+    (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
+    assert monitoring_missing(_cfg, Path(_tmp), 40) == (True, True)
+    monitor(_fabric, _cfg, Path(_tmp), _model, _rows, 40, monitoring_due(_cfg, 40))
+    assert monitoring_missing(_cfg, Path(_tmp), 40) == (False, False)
+    assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 40, **evaluate(_fabric, _model, _rows, _cfg.eval, 3)}
