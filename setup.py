@@ -1,5 +1,6 @@
 """Installs the exported `picomaml` package; metadata comes from settings.ini, pins from requirements.txt."""
 from configparser import ConfigParser
+
 import setuptools
 
 cfg = ConfigParser(delimiters=["="])

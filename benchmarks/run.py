@@ -6,7 +6,7 @@ Needs the prepared rows data/pretokenized/{train,eval} (`make demo` writes them)
 in a fresh subprocess, so its peak memory is its own: `resource.getrusage` max-RSS growth over the
 measurement on CPU (tracemalloc does not see torch's allocations), `torch.cuda.max_memory_allocated`
 on a GPU. Absolute times on a shared CPU drift; the ratios between rows of one run hold. On a GPU the
-steps run under bf16 autocast and the AR and MAML rows report MFU (picomaml.train's FLOP counts over
+steps run under bf16 autocast and the AR and MAML rows report MFU (picomaml.plan's FLOP counts over
 its `peak_flops`). The table is printed and written to benchmarks/results-<device>.md.
 """
 import argparse
@@ -94,8 +94,9 @@ def setup(size: str, quick: bool, device):
 
 def step_and_count(job: dict, device):
     "(one-step callable, tokens, FLOPs or None) of a model measurement."
+    from picomaml.lm_loss import next_token_loss_sum
     from picomaml.maml import MAMLHead, maml_step
-    from picomaml.train import ar_flops, episode_flops, next_token_loss_sum
+    from picomaml.plan import ar_flops, episode_flops
     cfg, model, head, episode, ar_rows, make_episode = setup(job["size"], job["quick"], device)
     ep_tokens, window = episode.support_ids.numel() + episode.query_ids.numel(), episode.support_ids.shape[1]
     ar_tokens, T = ar_rows[:, 1:].numel(), ar_rows.shape[1] - 1
@@ -131,8 +132,8 @@ def other_step(job: dict, device):
         return lambda: compute_spectra(model, batch, cfg.spectra.layers, 0), batch[:, 1:].numel()
     from picomaml.config import DataConfig, ModelConfig, NERConfig
     from picomaml.model import PicoDecoder
-    from picomaml.ner_finetune import finetune
     from picomaml.ner_data import encode_split, load_split
+    from picomaml.ner_finetune import finetune
     from picomaml.tokenizer import load_tokenizer
     sentences, epochs = (100, 2) if job["quick"] else (2000, 10)
     ner = dataclasses.replace(NERConfig(), head=job["head"], epochs=epochs, patience=epochs)  # no early stopping
@@ -146,7 +147,7 @@ def other_step(job: dict, device):
 
 def measure(job: dict) -> dict:
     "Median seconds of `job` over its repeats (after one warm-up), its peak memory growth, tokens and MFU."
-    from picomaml.train import peak_flops
+    from picomaml.plan import peak_flops
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     flops, repeats = None, job["repeats"]

@@ -7,10 +7,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402
+
 from picomaml.config import MAMLConfig, ModelConfig
+from picomaml.lm_loss import next_token_loss_sum
 from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder
-from picomaml.lm_loss import next_token_loss_sum
 
 
 def tiny_setup():

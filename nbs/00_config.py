@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -43,6 +45,7 @@ from pathlib import Path
 
 import yaml
 
+
 # %% [markdown]
 # ## One option, one comment
 #
@@ -59,6 +62,7 @@ def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=N
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
 
 # %% [markdown]
 # ## The sections
@@ -89,6 +93,7 @@ class ModelConfig:
                     choices=("pytorch", "normal"))
     init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
+
 # %% [markdown]
 # **data** — pretokenized rows in Pico's format (paper 1 §3.3: Dolma "already tokenised and chunked
 # by Pico"; the dataset and tokenizer names are paper 2 App. F, Table 6). `source: auto` takes a
@@ -115,6 +120,7 @@ class DataConfig:
     seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids", ge=1)
     eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
+
 
 # %% [markdown]
 # **train** — the outer optimisation (paper 1 §3.3: "micro batches of 256 sequences are accumulated
@@ -156,6 +162,7 @@ class TrainConfig:
     precision: str = opt("auto", "auto: bf16-mixed on GPU, 32-true on CPU", choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
+
 # %% [markdown]
 # **checkpoint** — what a run keeps (paper 2 App. F, Table 6: every 100 steps). Every scheduled step
 # keeps its weights, which the spectra and paper 2's checkpoint sweep read; step 0 (the
@@ -173,6 +180,7 @@ class CheckpointConfig:
     keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
     resume: bool = opt(True, "resume from the run directory's newest valid checkpoint")
     resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; later steps are redone")
+
 
 # %% [markdown]
 # **smlmt** — subset-masked LM episodes (paper 1 §3.2, paper 2 §2.3; Bansal et al. 2020). Both
@@ -192,6 +200,7 @@ class SMLMTConfig:
     min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
+
 # %% [markdown]
 # **maml** — the first-order MAML hybrid step (paper 2 §2.3 and App. F, Table 6; paper 1 App. A,
 # Algorithm 1). With probability `rho` a micro-batch is an episode, else next-token loss; `rho` = 0
@@ -210,6 +219,7 @@ class MAMLConfig:
     head_init: str = opt("xavier", "initialisation of the head's linear layers", choices=("xavier", "default"))
     head_output: str = opt("classes", "N-way outputs, or the released trainer's vocabulary-indexed head", choices=("classes", "vocab"))
 
+
 # %% [markdown]
 # **eval** — Paloma perplexity every 100 steps (paper 1 §3.3, paper 2 §2.4), on the first `max_rows`
 # rows of the split, read once at the start of the run (a streamed split has no length, so the bound
@@ -224,6 +234,7 @@ class EvalConfig:
     max_rows: int = opt(1024, "Paloma rows to evaluate (the split's first); 0: all, local shards only", ge=0)
     batch_size: int = opt(16, "evaluation rows per device per forward", ge=1)
 
+
 # %% [markdown]
 # **spectra** — singular values and proportional effective rank (paper 1 §6) every 100 steps
 # (paper 1 §3.3, paper 2 §2.4), of the matrices that paper 2 App. F, Table 6 names.
@@ -235,6 +246,7 @@ class SpectraConfig:
     every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
     grad_rows: int = opt(8, "rows of the fixed evaluation batch whose next-token loss gives the gradients", ge=1)
+
 
 # %% [markdown]
 # **ner** — Universal NER finetuning (paper 1 §3.4, paper 2 §2.5).
@@ -257,6 +269,7 @@ class NERConfig:
     seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)
     cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
 
+
 # %% [markdown]
 # **logging** — where a run writes and what it reports.
 
@@ -271,6 +284,7 @@ class LoggingConfig:
     wandb_project: str = opt("", "log to this Weights & Biases project; empty: off")
     tensorboard: bool = opt(False, "also write TensorBoard logs")
     hub_repo: str = opt("", "upload every checkpoint to this Hub model repository as a revision; empty: off")
+
 
 # %%
 #| export
@@ -287,10 +301,12 @@ class Config:
     ner: NERConfig = field(default_factory=NERConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+
 # %%
 cfg = Config()
 assert cfg.model.d_model == 768 and cfg.maml.rho == 0.5 and cfg.smlmt.n_way == 32
 assert cfg.spectra.layers is not Config().spectra.layers  # list defaults are not shared between configs
+
 
 # %% [markdown]
 # ## Checking one value
@@ -343,6 +359,7 @@ for key, field_, bad in (("maml.rho", _m["rho"], 1.5), ("maml.rho", _m["rho"], -
     except ConfigError as e: assert str(e).startswith(f"{key}={bad!r} is out of range"), e
 assert coerce_value("maml.rho", 1, _m["rho"]) == 1.0 and coerce_value("maml.rho", 0, _m["rho"]) == 0.0
 
+
 # %% [markdown]
 # ## Applying overrides
 #
@@ -371,6 +388,7 @@ def apply_overrides(cfg: Config, overrides: dict, source: str = "") -> Config:
             setattr(obj, key, coerce_value(f"{sec}.{key}", value, fields[key]))
     return cfg
 
+
 # %%
 cfg = apply_overrides(Config(), {"model": {"d_model": 96, "ffn_hidden": 384}, "maml": {"rho": 0}})
 assert (cfg.model.d_model, cfg.maml.rho) == (96, 0.0)
@@ -378,6 +396,7 @@ try: apply_overrides(Config(), {"maml": {"head_droput": 0.0}}, "x.yaml"); raise 
 except ConfigError as e: assert "maml.head_droput" in str(e) and "x.yaml" in str(e) and "maml.head_dropout" in str(e)
 try: apply_overrides(Config(), {"optim": {"lr": 1}}); raise AssertionError
 except ConfigError as e: assert "unknown section 'optim'" in str(e) and "train" in str(e)
+
 
 # %% [markdown]
 # ## Presets
@@ -402,6 +421,7 @@ def read_preset(path) -> dict:
         else: merged[sec] = values
     return merged
 
+
 # %% [markdown]
 # ## Command-line overrides
 #
@@ -419,10 +439,12 @@ def parse_override(arg: str) -> dict:
     except yaml.YAMLError: value = raw
     return {sec: {key: value}}
 
+
 # %%
 assert parse_override("train.steps=10") == {"train": {"steps": 10}}
 assert parse_override("spectra.layers=[attention.q_proj]") == {"spectra": {"layers": ["attention.q_proj"]}}
 assert parse_override("logging.run_name=abc") == {"logging": {"run_name": "abc"}}
+
 
 # %% [markdown]
 # ## Loading, saving, help
@@ -451,8 +473,8 @@ def save_config(cfg: Config, path) -> Path:
     path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     return path
 
+
 # %%
-import tempfile
 with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(None, ["model.d_model=96", "maml.rho=0", "train.lr=1e-3", "spectra.layers=[attention.q_proj]"])
     assert (cfg.model.d_model, cfg.maml.rho, cfg.train.lr) == (96, 0.0, 1e-3)
@@ -464,6 +486,7 @@ with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / "bad.yaml").write_text("train: [1, 2\n")
     try: load_config(Path(tmp) / "bad.yaml"); raise AssertionError
     except ConfigError as e: assert "bad.yaml" in str(e)
+
 
 # %%
 #| export
@@ -479,6 +502,7 @@ def format_help(cfg: Config | None = None) -> str:
             default = getattr(getattr(cfg, sec.name), f.name)
             lines.append(f"  {sec.name}.{f.name} ({f.type}, {default!r}{extra}): {f.metadata['help']}")
     return "\n".join(lines)
+
 
 # %%
 help_text = format_help()
@@ -517,12 +541,14 @@ def config_changes(old, new) -> tuple[dict, dict]:
     safe = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
     return {k: v for k, v in changed.items() if k not in safe}, safe
 
+
 # %%
 _old = load_config(None, ["maml.rho=0.5"])
 _bad, _ok = config_changes(_old, load_config(None, ["maml.rho=0", "train.lr=0.1", "train.seed=7", "eval.every=50", "train.steps=8000"]))
 assert _bad == {"maml.rho": (0.5, 0.0), "train.lr": (3e-4, 0.1), "train.seed": (42, 7)}
 assert _ok == {"eval.every": (100, 50), "train.steps": (6000, 8000)}
 assert config_changes(config_dict(_old), _old) == ({}, {})  # a saved config.yaml read back compares equal
+
 
 # %% [markdown]
 # ## One line for a user's mistake
@@ -564,8 +590,13 @@ def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
                           f"free some space or choose another directory")
     return directory
 
+
 # %%
-import contextlib, io, stat
+import contextlib
+import io
+import stat
+
+
 def _fails(): raise ConfigError("train.lr=-1.0 is out of range:\n it must be > 0")
 with contextlib.redirect_stderr(io.StringIO()) as _err:
     try: run_command(lambda argv: _fails()); raise AssertionError("no exit")
@@ -598,6 +629,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" if "__file__" i
 
 # %%
 import glob
+
 preset_files = sorted(glob.glob(str(PRESETS_DIR / "*.yaml")))
 for p in preset_files: load_config(p)
 sizes = {s: load_config(PRESETS_DIR / f"pico-{s}-maml.yaml").model.d_model for s in ("tiny", "small", "medium", "large")}

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -76,6 +78,7 @@ def parse_run_name(name: str) -> dict | None:
     if m["seed"] and seed == DEFAULT_SEED: return None  # `-seed42` would be a second name for the unsuffixed run
     return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": seed}
 
+
 # %%
 assert run_name("large", "maml") == "pico-large-maml" and run_name("demo", "vanilla", 2) == "demo-vanilla-seed2"
 assert run_name("small", "maml", 42, family="released") == "released-small-maml"
@@ -138,6 +141,7 @@ def output_files(output: str) -> list[str]:
     stem = OUTPUTS[output]
     return [stem + s for s in (FIGURE_SUFFIXES if "_fig" in output else TABLE_SUFFIXES)]
 
+
 # %%
 assert len(OUTPUTS) == 31 and all(stem.startswith(key + "_") for key, stem in OUTPUTS.items())
 assert output_files("p1_table2") == ["p1_table2_loss_paloma.md", "p1_table2_loss_paloma.tex", "p1_table2_loss_paloma.csv"]
@@ -161,6 +165,7 @@ def step_of(path) -> int | None:
     "The step of a checkpoint directory name or a path ending in one, else None."
     m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else None
+
 
 # %%
 assert step_dir_name(100) == "step_000100" and step_of("runs/x/checkpoints/step_000100/") == 100

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -49,7 +51,6 @@ from picomaml.config import ConfigError, ModelConfig
 # %%
 import dataclasses
 import math
-
 import shutil
 
 import huggingface_hub
@@ -57,6 +58,7 @@ import huggingface_hub
 # A tiny configuration for every test below except the parameter counts: d 24, 2 layers, vocab 64,
 # 4 query heads sharing 2 key/value heads (head dim 6).
 tiny = ModelConfig(d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=64, max_seq_len=32)
+
 
 # %% [markdown]
 # ## RMSNorm
@@ -80,6 +82,7 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
 
+
 # %% [markdown]
 # Test: under `torch.autocast("cpu", dtype=torch.bfloat16)` a bf16 input comes back bf16 and equals,
 # bit for bit, the float32 computation rounded once; the same formula done in bf16 differs.
@@ -98,6 +101,7 @@ assert torch.equal(y16, (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1
 in_bf16 = x16 * torch.rsqrt(x16.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.bfloat16()
 assert not torch.equal(y16, in_bf16)
 assert norm(x32).dtype == torch.float32 and torch.allclose(norm(x32), ref32, atol=1e-5)
+
 
 # %% [markdown]
 # ## Rotary position embeddings
@@ -124,6 +128,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)  # (B, H, T, hd)
 
+
 # %% [markdown]
 # Tests. Known answers: position 0 is the identity; at position 1 the first pair turns by 1 radian
 # and the second pair (head dim 4) by $\theta^{-1/2}$, which pins the adjacent-pair convention.
@@ -149,6 +154,7 @@ for s in (1, 3, 5):
     assert torch.allclose(scores[s:, s:], scores[:-s, :-s], atol=1e-5)
 assert not torch.allclose(scores[0, 1], scores[0, 4])
 assert torch.allclose(scores.diagonal(), (q @ k).expand(T), atol=1e-5)
+
 
 # %% [markdown]
 # ## Grouped-query attention
@@ -180,6 +186,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d); no -1: B may be 0
 
+
 # %% [markdown]
 # Test: the module equals plain multi-head attention written out here, with each K/V head repeated
 # for its group of consecutive query heads (`repeat_interleave`), an explicit causal mask and
@@ -206,6 +213,7 @@ assert got.shape == (2, 7, tiny.d_model)
 assert torch.allclose(got, reference_attention(attn, x, lambda t: t.repeat_interleave(n_rep, dim=1)), atol=1e-6)
 assert not torch.allclose(got, reference_attention(attn, x, lambda t: t.repeat(1, n_rep, 1, 1)), atol=1e-3)
 
+
 # %% [markdown]
 # ## SwiGLU feed-forward
 #
@@ -224,6 +232,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_2(F.silu(self.w_0(x)) * self.w_1(x))  # (B, T, d)
 
+
 # %%
 torch.manual_seed(0)
 ffn = SwiGLU(tiny)
@@ -231,6 +240,7 @@ x = torch.randn(3, tiny.d_model)
 by_hand = (x @ ffn.w_0.weight.T * torch.sigmoid(x @ ffn.w_0.weight.T) * (x @ ffn.w_1.weight.T)) @ ffn.w_2.weight.T
 assert ffn.w_0.weight.shape == (tiny.ffn_hidden, tiny.d_model)
 assert torch.allclose(ffn(x), by_hand, atol=1e-6)
+
 
 # %% [markdown]
 # ## The block and the decoder
@@ -256,6 +266,7 @@ class PicoDecoderBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, d)
         return h + self.swiglu(self.swiglu_norm(h))
 
+
 # %% [markdown]
 # A configuration that cannot build a model is caught here with the key to change.
 
@@ -269,6 +280,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}")
     if (cfg.d_model // cfg.n_heads) % 2:
         raise ConfigError(f"head dim model.d_model/model.n_heads={cfg.d_model // cfg.n_heads} must be even for RoPE")
+
 
 # %% [markdown]
 # **Initialisation.** Neither paper states one, and paper 1 §3.1 keeps "the design choices and
@@ -286,6 +298,7 @@ def init_normal(model: nn.Module, std: float = 0.02) -> None:
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm): nn.init.ones_(module.weight)
+
 
 # %%
 #| export
@@ -318,6 +331,7 @@ class PicoDecoder(nn.Module):
         "Next-token logits (B, T, V)."
         return self.de_embedding_proj(self.hidden(input_ids))
 
+
 # %% [markdown]
 # Tests: shapes, `forward` is `de_embedding_proj ∘ hidden`, and a bad config.
 
@@ -331,6 +345,7 @@ assert torch.equal(logits, model.de_embedding_proj(model.hidden(ids)))
 assert model.cfg is tiny and model.embedding_proj.weight.data_ptr() != model.de_embedding_proj.weight.data_ptr()
 try: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)); raise AssertionError("accepted 4 heads over 3 kv heads")
 except ConfigError as e: assert "model.n_kv_heads=3" in str(e)
+
 
 # %% [markdown]
 # **The initialisation is PyTorch's, untouched.** Under the same seed, the decoder's weights equal,
@@ -409,6 +424,7 @@ with torch.autocast("cpu", dtype=torch.bfloat16):
 assert logits16.dtype == torch.bfloat16 and hidden16.dtype == torch.float32  # residual stream stays fp32
 assert (logits16.float() - logits).abs().max() < 0.05 * logits.abs().max()
 
+
 # %% [markdown]
 # ## Parameter counts
 #
@@ -423,11 +439,13 @@ def count_parameters(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in PicoDecoder(cfg).parameters())
 
+
 # %%
 expected = {96: 11_282_784, 384: 64_595_328, 768: 181_095_168, 1536: 569_808_384}
 for d, n in expected.items():
     assert count_parameters(ModelConfig(d_model=d, ffn_hidden=4 * d)) == n, d
 assert count_parameters(tiny) == sum(p.numel() for p in model.parameters())
+
 
 # %% [markdown]
 # ## A summary for the demo
@@ -455,6 +473,7 @@ def model_summary(model: PicoDecoder) -> str:
     lines += [f"  {name:<18}{n:>14,}" for name, n in groups.items()]
     lines.append(f"  {'total':<18}{sum(groups.values()):>14,}")
     return "\n".join(lines)
+
 
 # %%
 print(model_summary(model))
@@ -502,6 +521,7 @@ def config_from_json(data: dict, where: str = "config.json") -> ModelConfig:
     values = {f: getattr(defaults, f) if v is None else type(getattr(defaults, f))(v) for f, v in values.items()}
     return ModelConfig(**values)
 
+
 # %%
 released_cfg = {"architectures": ["PicoDecoderHF"], "auto_map": {"AutoConfig": "pico_decoder.PicoDecoderHFConfig"},
                 "model_type": "pico_decoder", "batch_size": 1024, "d_model": 24, "n_layers": 2, "vocab_size": 50281,
@@ -513,6 +533,7 @@ assert config_from_json(config_to_json(tiny)) == tiny
 assert config_from_json({**released_cfg, "attention_n_kv_heads": None}).n_kv_heads == 4
 try: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config.json"); raise AssertionError
 except CheckpointError as e: assert "x/config.json" in str(e) and "d_model" in str(e)
+
 
 # %% [markdown]
 # Loading checks every key and shape before copying, so a checkpoint of another model fails with the
@@ -534,6 +555,7 @@ def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: st
                                   f"gives a model expecting {tuple(want.shape)}; the weights belong to another model")
     model.load_state_dict(tensors)
     return model
+
 
 # %% [markdown]
 # `save_pretrained` writes `config.json` and `model.safetensors` (with `format: pt` metadata, which
@@ -562,6 +584,7 @@ def load_local(directory) -> PicoDecoder:
     model = PicoDecoder(config_from_json(data, str(directory / "config.json")))
     return load_checked(model, load_file(directory / "model.safetensors"), str(directory / "model.safetensors"))
 
+
 # %% [markdown]
 # `load_pretrained` takes a local directory or a Hub repo id, with an optional branch, tag or commit
 # as `revision` and an optional `subfolder` (the MAML repositories keep each step in
@@ -583,6 +606,7 @@ def load_pretrained(source, revision: str | None = None, subfolder: str | None =
                                     f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)
 
+
 # %% [markdown]
 # `push_to_hub` saves to a temporary directory and uploads it with `HfApi.upload_folder`, creating
 # the repo and, for a `revision`, the branch first; `subfolder` puts the files under that path in the
@@ -601,6 +625,7 @@ def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, s
         return api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, revision=revision,
                                  commit_message=commit_message)
 
+
 # %% [markdown]
 # ### Tests: round trips
 #
@@ -616,6 +641,7 @@ loaded = load_pretrained(tmp / "tiny")
 assert loaded.cfg == tiny and loaded.state_dict().keys() == model.state_dict().keys()
 assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 assert torch.equal(loaded(ids), model(ids))
+
 
 # %% [markdown]
 # The Hub path runs for real against a local stand-in: `LocalHub` implements the three `HfApi` calls
@@ -644,6 +670,7 @@ class hub_offline:
     "Context manager: huggingface_hub answers from the cache only (as with HF_HUB_OFFLINE=1)."
     def __enter__(self): self.saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     def __exit__(self, *exc): huggingface_hub.constants.HF_HUB_OFFLINE = self.saved
+
 
 # %%
 hub = LocalHub(tmp / "hf-cache")

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -76,6 +78,7 @@ def resolve_tokenizer_path(data_cfg: DataConfig) -> Path | str:
         if path.is_file(): return path
     return data_cfg.tokenizer_hub
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     saved = os.environ.pop("PICOMAML_DATA", None)
@@ -93,6 +96,7 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
+
 
 # %% [markdown]
 # ## Text is text: special tokens only where the code puts them
@@ -113,12 +117,14 @@ def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
     spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["special"]]
     return Tokenizer.from_str(json.dumps(spec))
 
+
 # %%
 _raw = Tokenizer.from_file(str(SHARED_TOKENIZER))
 _plain = plain_text_tokenizer(_raw)
 assert _raw.encode("a<|endoftext|>b").ids == [66, 50279, 67]  # what we avoid
 assert 50279 not in _plain.encode("a<|endoftext|>b").ids and _plain.decode(_plain.encode("a<|endoftext|>b").ids) == "a<|endoftext|>b"
 assert _plain.encode("Hello  world").ids == _raw.encode("Hello  world").ids  # ordinary text unchanged
+
 
 # %% [markdown]
 # ## `PicoTokenizer`
@@ -169,6 +175,7 @@ class PicoTokenizer:
 
     def __repr__(self): return f"PicoTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id}, source={self.source!r})"
 
+
 # %%
 tokenizer = PicoTokenizer(Tokenizer.from_file(str(SHARED_TOKENIZER)), source=str(SHARED_TOKENIZER))
 assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.mask_id) == (50280, 50279, 50280)
@@ -197,6 +204,7 @@ except ValueError as e: assert "data.mask_id=50279" in str(e)
 decomposed = "cafe\u0301"  # e + combining acute
 assert tokenizer.decode(tokenizer.encode(decomposed)) == unicodedata.normalize("NFC", decomposed) == "caf\u00e9"
 
+
 # %% [markdown]
 # ## Loading
 #
@@ -222,6 +230,7 @@ def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = N
     except Exception as e:
         raise ValueError(f"{path} is not a tokenizers tokenizer.json ({e}); check data.tokenizer_path") from e
     return PicoTokenizer(tok, eos_id=data_cfg.eos_id, mask_id=data_cfg.mask_id, source=str(path))
+
 
 # %%
 tokenizer = load_tokenizer(DataConfig(tokenizer_path=str(SHARED_TOKENIZER)))
@@ -249,6 +258,7 @@ with tempfile.TemporaryDirectory() as cache:
     finally:
         if saved is not None: os.environ["PICOMAML_DATA"] = saved
     assert hub_tokenizer.source.startswith(cache) and hub_tokenizer.encode("Hello world") == [12092, 1533]
+
 
 # %% [markdown]
 # ## Tables for the SMLMT sampler
@@ -299,6 +309,7 @@ def alpha_len_table(self: PicoTokenizer) -> torch.Tensor:
     "(V,) long: characters of the token's word text when purely alphabetic, else 0."
     words = [text[1:] if text.startswith(" ") else text for text in self.token_texts()]
     return torch.tensor([len(w) if w.isalpha() else 0 for w in words], dtype=torch.long)  # (V,)
+
 
 # %%
 word_start, alpha_len = tokenizer.word_start_table(), tokenizer.alpha_len_table()

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -63,6 +65,7 @@ def raises(fn, *needles):
         return str(e)
     raise AssertionError(f"no error; expected one mentioning {needles}")
 
+
 # %% [markdown]
 # ## Raw documents
 #
@@ -94,6 +97,7 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
                 raise ValueError(f"{path}:{n}: document has no string 'text' field (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
             yield text, f"{path}:{n}"
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     good = Path(tmp) / "a.jsonl.gz"
@@ -103,6 +107,7 @@ with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: list(iter_jsonl_documents(Path(tmp) / "bad.jsonl")), "bad.jsonl:2", "malformed JSON")
     (Path(tmp) / "notext.jsonl").write_text('{"text": "ok"}\n{"url": "u"}\n')
     raises(lambda: list(iter_jsonl_documents(Path(tmp) / "notext.jsonl")), "notext.jsonl:2", "'text'", "url")
+
 
 # %%
 #| export
@@ -115,6 +120,7 @@ def iter_text_documents(path: Path) -> Iterator[tuple[str, str]]:
         if text[begin:end].strip():  # a whitespace-only preamble is not a document
             yield text[begin:end], f"{path}:{text.count(chr(10), 0, begin) + 1}"
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     wiki = Path(tmp) / "w.txt"
@@ -124,6 +130,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert [w for _, w in docs] == [f"{wiki}:2", f"{wiki}:7"]
     (Path(tmp) / "plain.txt").write_text("Just one\n\ndocument.\n")
     assert [d for d, _ in iter_text_documents(Path(tmp) / "plain.txt")] == ["Just one\n\ndocument.\n"]
+
 
 # %%
 #| export
@@ -146,6 +153,7 @@ def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
     "Documents of one source file as (text, 'file:line')."
     return iter_text_documents(path) if path.name.endswith(TEXT_SUFFIXES) else iter_jsonl_documents(path)
 
+
 # %%
 train_files = source_files(SHARED_DATA / "corpus" / "train")
 assert [f.name for f in train_files][:2] == ["c4-sample.00000-of-00001.json.gz", "c4-sample.01.json.gz"]
@@ -154,6 +162,7 @@ with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: source_files(tmp), tmp, "holds no")
     (Path(tmp) / "x.csv").write_text("a,b\n")
     raises(lambda: source_files([Path(tmp) / "x.csv"]), "x.csv", "unknown document format")
+
 
 # %% [markdown]
 # ## Rows: concatenate, then cut
@@ -179,6 +188,7 @@ class RowCutter:
         self.pending = self.pending[n * self.row_len:]
         return rows
 
+
 # %%
 cutter = RowCutter(4)
 assert cutter.add([1, 2, 3]) == [] and cutter.add([4, 5, 6, 7, 8, 9, 10]) == [[1, 2, 3, 4], [5, 6, 7, 8]]
@@ -203,6 +213,7 @@ def write_shard(rows, path: Path) -> Path:
     pq.write_table(pa.table({"input_ids": column}), tmp)
     os.replace(tmp, path)
     return path
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -260,6 +271,7 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     log(f"[prepare] wrote {manifest['rows']} rows of {seq_len + 1} ids in {len(shards)} shards to {out}")
     return manifest
 
+
 # %% [markdown]
 # Prepared C4 text decodes back to the documents. We prepare the three 10-document C4 files, cut the
 # rows' concatenation at every EOS, and decode each piece: every complete document is its source
@@ -299,6 +311,7 @@ for split in ("train", "eval"):
     ends = np.flatnonzero(stream == tokenizer.eos_id)
     assert [tokenizer.decode(p[:-1]) for p in np.split(stream, ends + 1)[:len(ends)]] == docs[:len(ends)] and len(ends) == len(docs) - 1
 
+
 # %% [markdown]
 # ## Reading rows, checking them as they come
 #
@@ -330,6 +343,7 @@ def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int 
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
     return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row)
 
+
 # %%
 block = check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 5, 6]), 3, 10, "x.parquet")
 assert block.shape == (2, 3) and block.dtype == np.int64
@@ -338,6 +352,7 @@ raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]),
 column = pa.chunked_array([pa.array([[0, 1], [2, 3], [4, 5]], ROW_TYPE).slice(1), pa.array([[6, 7]], ROW_TYPE)])
 assert list_rows(column, 2, 10, "x").tolist() == [[2, 3], [4, 5], [6, 7]]
 raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7")
+
 
 # %% [markdown]
 # ### A local directory of shards
@@ -385,6 +400,7 @@ class ShardRows:
         groups = np.searchsorted(self.group_starts, indices, side="right") - 1
         return torch.from_numpy(np.stack([self._group(k)[i - self.group_starts[k]] for k, i in zip(groups, indices)]))
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     d = Path(tmp)
@@ -404,6 +420,7 @@ with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: ShardRows(d, row_len=3), "c.parquet", "no 'input_ids' column", "tokens")
     (d / "empty").mkdir()
     raises(lambda: ShardRows(d / "empty", 3), "empty", "no *.parquet")
+
 
 # %% [markdown]
 # ### The Hub layout, made from local shards
@@ -437,6 +454,7 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     log(f"[hub-layout] wrote {total} rows in {n_files} files of {rows_per_file} rows to {data}")
     return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
 
+
 # %% [markdown]
 # The copy round-trips exactly: `datasets` finds the split by the file names and streams every row of
 # the shards, in their order.
@@ -455,6 +473,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert streamed == ShardRows(Path(tmp) / "shards", 2, 100).rows(range(23)).tolist()
     raises(lambda: write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", 5, split="val"), "already holds val files")
     raises(lambda: write_hub_layout(Path(tmp) / "nothing", Path(tmp) / "x", 5), "nothing", "does not exist", "prepare")
+
 
 # %% [markdown]
 # ### A streamed dataset, read file by file
@@ -517,6 +536,7 @@ class ArrowCursor:
         if hasattr(self.tables, "close"): self.tables.close()
         self.pending = None
 
+
 # %%
 tables = lambda: iter([pa.table({"x": [0, 1, 2]}), pa.table({"x": [3, 4]}), pa.table({"x": [5, 6, 7]})])
 cursor = ArrowCursor(tables())
@@ -525,6 +545,7 @@ assert cursor.take(7, 1)["x"].to_pylist() == [7] and cursor.position == 8
 raises(lambda: cursor.take(2, 1), "at row 8", "cannot go back to row 2")
 raises(lambda: ArrowCursor(tables()).take(6, 3), "ended after 8 rows, before row 8")
 assert ArrowCursor(iter([pa.table({"x": [40, 41]})]), position=40).take(41, 1)["x"].to_pylist() == [41]
+
 
 # %% [markdown]
 # A cursor over `datasets`' parquet stream holds an Arrow scanner whose threads must end while
@@ -541,6 +562,7 @@ def close_cursors(cursors: OrderedDict) -> None:
     while cursors: cursors.popitem()[1].close()
     gc.collect()
 
+
 # %%
 def _counting():
     yield pa.table({"x": [0, 1]}); yield pa.table({"x": [2]})
@@ -549,6 +571,7 @@ streams["a"].take(0, 1)
 stream_a = streams["a"].tables
 close_cursors(streams)
 assert not streams and stream_a.gi_frame is None  # the started generator was closed, not merely dropped
+
 
 # %%
 #| export
@@ -616,6 +639,7 @@ class StreamedRows:
         tables = list(self.dataset.with_format("arrow").take(n).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
         return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
+
 
 # %% [markdown]
 # The tests stream a local directory in the Hub layout (23 rows, ids equal to their position, 5 rows
@@ -690,6 +714,7 @@ with tempfile.TemporaryDirectory() as tmp:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
 
+
 # %% [markdown]
 # ## Which source
 #
@@ -720,6 +745,7 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> Shar
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
     return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file)
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     saved = os.environ.pop("PICOMAML_DATA", None)
@@ -741,6 +767,7 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
+
 
 # %% [markdown]
 # ## Batches as a pure function of the step
@@ -769,6 +796,7 @@ def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, r
         raise ValueError(f"rank {rank} of {world_size} / micro-step {accum_index} of {accum_steps} is out of range")
     return ((step * accum_steps + accum_index) * world_size + rank) * rows_per_rank
 
+
 # %%
 starts = {(a, r): micro_batch_start(3, a, r, world_size=2, rows_per_rank=4, accum_steps=2) for a in range(2) for r in range(2)}
 assert sorted(starts.values()) == [48, 52, 56, 60] and starts[(1, 0)] == 56  # G = 16: step 3 owns [48, 64)
@@ -795,6 +823,7 @@ def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, 
     n = len(rows)
     indices = [int(epoch_permutation(n, seed, int(p) // n)[int(p) % n]) for p in positions]
     return rows.rows(indices)  # (B, seq_len + 1)
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -826,6 +855,7 @@ two = torch.cat([batch_for_step(ranks[r], 2, a, r, 2, rows_per_rank=1, accum_ste
 one = torch.cat([batch_for_step(ranks[0], 2, a, 0, 1, rows_per_rank=2, accum_steps=3, seed=0) for a in range(3)])
 assert torch.equal(two, full[12:18]) and torch.equal(one, full[12:18])
 
+
 # %% [markdown]
 # ## Resuming
 #
@@ -844,6 +874,7 @@ def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, ro
         yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
         step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(30)], Path(tmp) / "a.parquet")
@@ -855,6 +886,7 @@ with tempfile.TemporaryDirectory() as tmp:
         resumed = [(s, a, b.tolist()) for s, a, b in micro_batches(source, start_step=2, start_accum=1, **kw)]
         assert len(uninterrupted) == 9 and resumed == uninterrupted[7:]
         assert not opened or [(i, offset) for i, offset, _ in opened] == [(3, 0)]  # position 15: file 3 only, no replay
+
 
 # %% [markdown]
 # ## Evaluation rows, read once
@@ -883,6 +915,7 @@ def eval_batches(rows: torch.Tensor, batch_size: int, rank: int = 0, world_size:
     mine = rows[rank::world_size]  # (about n / W, seq_len + 1)
     for i in range(0, len(mine), batch_size): yield mine[i:i + batch_size]
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(4)], Path(tmp) / "a.parquet")
@@ -901,6 +934,7 @@ assert [b[:, 0].tolist() for b in batches[1]] == [[1, 3], [5]]
 assert sorted(i for bs in batches.values() for b in bs for i in b[:, 0].tolist()) == list(range(7))  # every row once
 assert torch.equal(torch.cat(list(eval_batches(full, 4))), full)
 raises(lambda: next(eval_batches(full, 4, rank=2, world_size=2)), "rank 2 of 2")
+
 
 # %% [markdown]
 # ## Command line

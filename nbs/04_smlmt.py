@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 
 from picomaml.config import ConfigError, SMLMTConfig
 
+
 # %% [markdown]
 # ## The episode
 #
@@ -78,12 +81,14 @@ class Episode:
         "A copy with every tensor on `device`."
         return Episode(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+
 # %%
 _t = lambda *s: torch.zeros(*s, dtype=torch.long)
 _ep = Episode(_t(4, 8), _t(4), _t(4), _t(4), _t(4, 2), _t(2, 8), _t(2), _t(2), _t(2), _t(2, 2), _t(2))
 _moved = _ep.to("meta")
 assert all(getattr(_moved, f.name).device.type == "meta" for f in fields(Episode))
 assert _moved.support_ids.shape == (4, 8) and _ep.support_ids.device.type == "cpu"
+
 
 # %% [markdown]
 # ## Same episode on every rank: a generator seeded from (seed, step)
@@ -100,6 +105,7 @@ def episode_generator(seed: int, step: int) -> torch.Generator:
     "A CPU generator that depends only on (seed, step)."
     digest = hashlib.blake2b(f"smlmt:{seed}:{step}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
 
 # %%
 _draw = lambda seed, step: torch.randperm(1000, generator=episode_generator(seed, step))
@@ -139,6 +145,7 @@ _tid = {t.lstrip("Ġ"): i for i, t in enumerate(_toy_tokens)}
 assert _TOY_ALPHA_LEN[_tid["cat"]] == 3 and _TOY_ALPHA_LEN[_tid["42"]] == 0 and not _TOY_WORD_START[_tid["ning"]]
 assert _TOY_WORD_START[_tid[","]] and not _TOY_WORD_START[_tid["'t"]] and not _TOY_WORD_START[_tid["'"]] and not _TOY_WORD_START[_tid["6"]]
 
+
 # %%
 #| export
 def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torch.Tensor,
@@ -156,6 +163,7 @@ def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torc
     cand[:, :-1] = word_ok[pool[:, :-1]] & ends_word[pool[:, 1:]]
     return cand
 
+
 # %%
 _w = lambda s: [_tid[x] for x in s.split()]
 _row = torch.tensor([_w("the cat run ning , ox the dog . the sky 42 fish")])
@@ -169,6 +177,7 @@ assert not candidate_mask(torch.tensor([_w("cat cat")]), *_args, 3, 0)[0, 1]  # 
 _row = torch.tensor([_w("cat 't dog ' sun 6 sky ' fish , tree <|endoftext|> rock")])
 #                            cat   't     dog   '      sun   6      sky   '      fish  ,      tree  EOS    rock(last)
 assert candidate_mask(_row, *_args, 3, 0)[0].tolist() == [False, False, False, False, False, False, False, False, True, False, True, False, False]
+
 
 # %% [markdown]
 # ## Ranking inside groups
@@ -191,8 +200,10 @@ def rank_within_groups(group: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     rank[idx] = pos - group_start
     return rank
 
+
 # %%
 assert rank_within_groups(torch.tensor([5, 2, 5, 5, 2]), torch.tensor([9, 4, 1, 3, 0])).tolist() == [2, 1, 0, 1, 0]
+
 
 # %% [markdown]
 # ## Non-overlapping windows, greedily by priority
@@ -209,8 +220,10 @@ def window_starts(cols: torch.Tensor, row_len: int, window: int) -> torch.Tensor
     "(n,) first position of the W-token window centred on each column, clamped inside the row."
     return (cols - window // 2).clamp(0, row_len - window)
 
+
 # %%
 assert window_starts(torch.tensor([0, 5, 9]), row_len=10, window=4).tolist() == [0, 3, 6]
+
 
 # %% [markdown]
 # We pick the windows much as a sequential greedy pass over candidates in priority order would (take a
@@ -247,7 +260,10 @@ def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_st
         open_ &= (spread(taken)[flat] == 0) & (got[words] < need)
     return kept
 
+
 # %% [markdown]
+#
+
 # %% [markdown]
 # A known answer: one row, W = 4, starts 0, 2, 5, 9. Start 2 overlaps both 0 and 5; with priorities
 # 1, 9, 2, 3 it wins, closing 0 and 5, and 9 is free. With priorities 5, 1, 4, 3, the greedy takes 0
@@ -260,6 +276,7 @@ assert _alloc([1, 9, 2, 3]) == [False, True, False, True]
 assert _alloc([5, 1, 4, 3]) == [True, False, True, True]
 assert _alloc([5, 1, 4, 3], words=torch.tensor([7, 8, 7, 6])) == [True, False, False, True]
 assert _alloc([5, 1, 4, 3], words=torch.tensor([7, 8, 7, 6]), need=2) == [True, False, True, True]
+
 
 # %% [markdown]
 # ## Cutting the windows
@@ -284,6 +301,7 @@ def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
     readout_pos = mask_pos if readout == "mask" else torch.full_like(mask_pos, window - 1)
     return ids, readout_pos, mask_pos
 
+
 # %%
 _pool = torch.arange(20).view(2, 10)
 _ids, _ro, _mp = cut_windows(_pool, torch.tensor([0, 1, 1]), torch.tensor([1, 5, 9]), 4, 99, "last")
@@ -292,6 +310,7 @@ assert _ro.tolist() == [3, 3, 3] and cut_windows(_pool, torch.tensor([1]), torch
 _pool = torch.tensor([[7, 3, 7, 4, 7, 5, 7]])                                 # the word 7 four times
 _ids, _ro, _mp = cut_windows(_pool, torch.tensor([0]), torch.tensor([2]), 5, 99, "mask")
 assert _ids.tolist() == [[99, 3, 99, 4, 99]] and _mp.tolist() == [2] and _ro.tolist() == [2]  # all masked, the centre read
+
 
 # %% [markdown]
 # ## When the pool is too small
@@ -316,6 +335,7 @@ def too_few_words(pool_shape, cfg: SMLMTConfig, n_often: int, n_ready: int) -> E
         f"(raise smlmt.pool_rows or data.seq_len) or ask for less (lower smlmt.n_way, smlmt.k_shot, "
         f"smlmt.q_query or smlmt.window; lower smlmt.exclude_top or smlmt.min_word_chars).")
 
+
 # %% [markdown]
 # Inputs that cannot make any episode fail up front, each naming what to change.
 
@@ -336,6 +356,7 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
     if bool((pool == mask_id).any()):
         raise ValueError(f"pool already holds the [MASK] id {mask_id} (data.mask_id); it must be an id no text produces")
 
+
 # %%
 def _raises(fn, *words):
     try: fn()
@@ -349,6 +370,7 @@ _raises(lambda: check_episode_inputs(_ok[:, :2], _tiny, *_args[:2], 99), "smlmt.
 _raises(lambda: check_episode_inputs(_ok + 100, _tiny, *_args[:2], 99), "tables have 21/21")
 _raises(lambda: check_episode_inputs(_ok, _tiny, *_args[:2], _tid["sky"]), "data.mask_id")
 check_episode_inputs(_ok, _tiny, *_args[:2], 99)
+
 
 # %% [markdown]
 # ## Building the episode
@@ -392,6 +414,7 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     order = torch.argsort(labels * (len(words) + 1) + occ_order[chosen]).view(cfg.n_way, need)  # (N, K+Q)
     return assemble_episode(pool, cfg, mask_id, rows[order], cols[order], class_ids)
 
+
 # %% [markdown]
 # The last step cuts the support (first K of each class) and query (the other Q) windows.
 
@@ -408,6 +431,7 @@ def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids
         parts |= {f"{name}_ids": ids, f"{name}_labels": labels, f"{name}_readout": readout,
                   f"{name}_mask_pos": mask_pos, f"{name}_pos": torch.stack([r, c], 1)}
     return Episode(**parts, class_ids=class_ids)
+
 
 # %% [markdown]
 # ## What every episode must satisfy
@@ -446,6 +470,7 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
     }
     return [name for name, ok in checks.items() if not ok]
 
+
 # %% [markdown]
 # ## Tests on a toy pool
 #
@@ -467,6 +492,7 @@ print([_toy_tokens[i] for i in _ep.class_ids], _ep.support_ids[:2].tolist())
 
 # %%
 import copy
+
 _i = next(i for i, w in enumerate(_ep.support_ids) if (w != 99).any())       # a window with a token left
 _j = int((_ep.support_ids[_i] != 99).nonzero()[0])
 _bad = copy.deepcopy(_ep); _bad.support_ids[_i, _j] = 99
@@ -520,8 +546,11 @@ _raises(lambda: build_episode(_toy_pool[:1, :6], _toy_cfg, _TOY_WORD_START, _TOY
 # 2-shot with one query, from a small pool of 16 rows × 256 tokens (W = 24):
 
 # %%
-import gzip, json, os
+import gzip
+import json
+import os
 from pathlib import Path
+
 from picomaml.config import DataConfig
 from picomaml.tokenizer import load_tokenizer
 
@@ -537,6 +566,7 @@ def c4_pool(rows: int, seq_len: int) -> torch.Tensor:
             ids += tok.encode(json.loads(line)["text"]) + [tok.eos_id]
             if len(ids) >= rows * seq_len: break
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
 
 # %%
 _pool = c4_pool(16, 256)
@@ -588,6 +618,7 @@ _raises(lambda: build_episode(_pool[:, :128], _cfg, WORD_START, ALPHA_LEN, SPECI
 
 # %%
 import time
+
 _pool = c4_pool(64, 2048)
 _cfg = SMLMTConfig(n_way=32, k_shot=4, q_query=4, window=64)
 def _episode_seconds(step):
@@ -601,6 +632,7 @@ print(f"episode from a 64 x 2048 pool: median {_times[2]:.3f} s (min {_times[0]:
 #|slow
 from picomaml.config import ModelConfig
 from picomaml.model import PicoDecoder
+
 _model = PicoDecoder(ModelConfig(d_model=96, ffn_hidden=384)).eval()
 with torch.no_grad():
     t0 = time.perf_counter()

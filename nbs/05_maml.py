@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -50,6 +52,7 @@ from types import SimpleNamespace
 
 from picomaml.config import ModelConfig
 from picomaml.model import PicoDecoder
+
 
 # %% [markdown]
 # ## The head
@@ -98,6 +101,7 @@ class MAMLHead(nn.Module):
             logits = logits[..., class_ids]  # (B, N)
         return logits
 
+
 # %%
 cfg = MAMLConfig()
 head = MAMLHead(24, 5, cfg)
@@ -120,6 +124,7 @@ for bad in (lambda: MAMLHead(24, 3, MAMLConfig(head_output="vocab")), lambda: vo
     try: bad(); raise AssertionError("accepted a vocabulary head without vocab_size/class_ids")
     except ValueError as e: assert "vocab" in str(e)
 
+
 # %% [markdown]
 # ## Features at the readout position
 #
@@ -134,9 +139,11 @@ def readout_features(hidden: torch.Tensor, readout: torch.Tensor) -> torch.Tenso
     "Pick each window's readout position: (B, T, d), (B,) -> (B, d)."
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), readout]  # (B, d)
 
+
 # %%
 h = torch.arange(2 * 3 * 2.).view(2, 3, 2)
 assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4., 5.], [6., 7.]]))
+
 
 # %% [markdown]
 # ## Why the support features can be cached
@@ -163,6 +170,7 @@ assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4.,
 def support_features(backbone: nn.Module, ids: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
     "Support features (S, d), computed once without a graph; the frozen backbone makes them exact for every inner step."
     return readout_features(backbone.hidden(ids), readout)  # (S, d)
+
 
 # %% [markdown]
 # ## The inner loop
@@ -193,6 +201,7 @@ def adapt(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, cfg: MAMLC
             grads = torch.autograd.grad(loss, list(fast.values()))
             fast = {name: (w - cfg.inner_lr * g).detach() for (name, w), g in zip(fast.items(), grads)}
     return {name: w.clone().requires_grad_() for name, w in fast.items()}  # fresh leaves for the query backward
+
 
 # %% [markdown]
 # Known answer: a one-layer head ($h(z) = Az + c$) with A = 0, c = 0 predicts the uniform
@@ -225,6 +234,7 @@ c = adapt(drop_head, feats, labels, MAMLConfig(inner_lr=0.1), seed=12)
 assert torch.equal(before, after) and all(torch.equal(a[k], b[k]) for k in a)
 assert not all(torch.equal(a[k], c[k]) for k in a)
 
+
 # %% [markdown]
 # ## The query loss and its normalisation
 #
@@ -246,6 +256,7 @@ def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, tor
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
     return loss_sum, (logits.argmax(-1) == labels).sum().item()
 
+
 # %% [markdown]
 # ## Handing the gradient to phi_0
 #
@@ -265,6 +276,7 @@ def add_fast_grads(head: nn.Module, fast_weights: dict[str, torch.Tensor]) -> fl
         sq += g.double().pow(2).sum().item()
     return sq ** 0.5
 
+
 # %%
 lin = nn.Linear(2, 1)
 lin.weight.grad = torch.ones(1, 2)
@@ -272,6 +284,7 @@ fw = {"weight": torch.full((1, 2), 2.0), "bias": torch.zeros(1)}
 fw["weight"].grad, fw["bias"].grad = torch.tensor([[3.0, 4.0]]), torch.tensor([12.0])
 assert add_fast_grads(lin, fw) == 13.0
 assert torch.equal(lin.weight.grad, torch.tensor([[4.0, 5.0]])) and torch.equal(lin.bias.grad, torch.tensor([12.0]))
+
 
 # %% [markdown]
 # ## Head statistics (paper 1 Fig. 4)
@@ -291,11 +304,13 @@ def head_weight_stats(head: MAMLHead, fast_weights: dict[str, torch.Tensor],
     if head.vocab_indexed: w = w[class_ids]  # (N, hidden)
     return w.mean().item(), w.std().item()
 
+
 # %%
 fw = {name: p.detach() for name, p in vocab_head.named_parameters()}
 mean, std = head_weight_stats(vocab_head, fw, class_ids)
 w_classes = vocab_head.mlp[3].weight[[7, 2, 41]]
 assert (mean, std) == (w_classes.mean().item(), w_classes.std().item())
+
 
 # %% [markdown]
 # ## One episode: `maml_step`
@@ -337,6 +352,7 @@ def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], fea
     finally: head.train(was_training)
     return (logits.argmax(-1) == labels).float().mean().item()
 
+
 # %% [markdown]
 # Test: with dropout 0.5 in training mode the head's accuracy changes from draw to draw; the measured
 # one is the eval-mode accuracy every time, consumes no random numbers, and leaves the head training.
@@ -353,6 +369,7 @@ acc_head.train()
 rng = torch.get_rng_state()
 assert len(noisy) > 1 and all(support_accuracy(acc_head, acc_phi, acc_feats, acc_labels) == clean for _ in range(3))
 assert torch.equal(torch.get_rng_state(), rng) and acc_head.training and all(m.training for m in acc_head.modules())
+
 
 # %%
 #| export
@@ -379,6 +396,7 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
     return dict(loss=loss.item(), support_acc=support_acc, query_correct=n_correct, query_count=len(labels),
                 head_weight_mean=mean, head_weight_std=std, head_grad_norm=add_fast_grads(head, fast))
 
+
 # %% [markdown]
 # ## Tests on toy episodes
 #
@@ -403,6 +421,7 @@ def grads_of(*modules):
 def same_grads(got, want, atol):
     "The same parameters hold a gradient, and those gradients agree to `atol`."
     return got.keys() == want.keys() and all((g is None) == (want[k] is None) and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0)) for k, g in got.items())
+
 
 # %% [markdown]
 # ### Cached features ≡ recomputing the backbone every inner step
@@ -430,6 +449,7 @@ def maml_step_recompute(backbone, head, episode, cfg):
         for p, p0 in zip(head.parameters(), snapshot): p.copy_(p0)
     return loss.item(), phi_T
 
+
 # %% [markdown]
 # The backbone is a tiny `picomaml.model.PicoDecoder` (2 blocks, d 24, 6 query / 2 key-value
 # heads, a 40-token vocabulary). Everything runs in float64 with the head's dropout off (the two
@@ -440,6 +460,7 @@ def maml_step_recompute(backbone, head, episode, cfg):
 def tiny_pico():
     "A 2-block float64 Pico decoder over a 40-token vocabulary."
     return PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16)).double()
+
 
 # %%
 for head_output in ("classes", "vocab"):
@@ -487,6 +508,7 @@ with torch.no_grad():
 head.train()
 assert out["support_acc"] == eval_acc
 
+
 # %% [markdown]
 # ### First-order gradients by hand
 #
@@ -511,6 +533,7 @@ class LinearToyBackbone(nn.Module):
         self.W = nn.Parameter(torch.randn(d, e, dtype=torch.float64))
 
     def hidden(self, ids): return self.emb[ids] @ self.W.T  # (B, T, d)
+
 
 # %%
 cfg = MAMLConfig(inner_steps=4, inner_lr=0.3, head_layers=1, head_dropout=0.0)
@@ -576,6 +599,7 @@ assert same_grads(grads_of(backbone, head), {k: None if g is None else (g + alon
 try: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]); raise AssertionError
 except ValueError as e: assert "gather returned 3 support features, the episode has 6" in str(e)
 
+
 # %% [markdown]
 # ### Adaptation learns separable episodes
 #
@@ -610,6 +634,7 @@ for steps in (0, 10):
     accuracy[steps] = sum(o["query_correct"] for o in outs) / sum(o["query_count"] for o in outs)
 assert 0.12 < accuracy[0] < 0.28 and accuracy[10] > 0.9, accuracy
 accuracy
+
 
 # %% [markdown]
 # ## Where the released trainer differs

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import warnings
@@ -88,6 +89,7 @@ def write_json_atomic(path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
+
 # %% [markdown]
 # ## Writing
 #
@@ -117,6 +119,7 @@ def write_latest(root, name: str) -> None:
     "Point `<root>/latest` at checkpoint directory `name` (atomically)."
     (Path(root) / "latest.tmp").write_text(name + "\n")
     os.replace(Path(root) / "latest.tmp", Path(root) / LATEST_FILE)
+
 
 # %% [markdown]
 # ## Listing and reading
@@ -155,6 +158,7 @@ def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dic
     except CheckpointCorrupt: raise
     except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
 
+
 # %% [markdown]
 # ## Finding the checkpoint to resume from
 #
@@ -184,6 +188,7 @@ def find_resumable(root):
                                     f"start over, or choose another logging.run_name")
     return None
 
+
 # %% [markdown]
 # ## Which checkpoints are known good
 #
@@ -209,6 +214,7 @@ def newest_confirmed(root) -> Path | None:
     good = [d for _, d in list_checkpoints(root) if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
     return good[-1] if good else None
 
+
 # %% [markdown]
 # ## Keeping the training state of the newest few
 
@@ -225,6 +231,7 @@ def prune_training_state(root, keep: int) -> list[Path]:
         write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
         (directory / STATE_FILE).unlink()
     return pruned
+
 
 # %% [markdown]
 # ## Which steps are checkpointed
@@ -244,11 +251,14 @@ def scheduled_steps(cc, total_steps: int) -> list[int]:
     "Every step that a run of `total_steps` checkpoints, in order."
     return [s for s in range(total_steps + 1) if checkpoint_due(s, cc, total_steps)]
 
+
 # %%
 from picomaml.config import CheckpointConfig
+
 assert scheduled_steps(CheckpointConfig(every=100), 6000) == list(range(0, 6001, 100))  # paper 2 §4: 61 checkpoints
 assert scheduled_steps(CheckpointConfig(every=40, log_spaced=True), 120) == [0, 1, 2, 4, 8, 16, 32, 40, 64, 80, 120]
 assert scheduled_steps(CheckpointConfig(every=100), 250) == [0, 100, 200, 250]
+
 
 # %% [markdown]
 # ## The metrics log agrees with the checkpoint
@@ -269,13 +279,16 @@ def truncate_metrics(path, last_step: int) -> None:
         if line.endswith("\n") and record["step"] <= last_step: kept.append(line)
     path.write_text("".join(kept))
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as _tmp:
     _m = Path(_tmp) / "metrics.jsonl"
     _m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
     truncate_metrics(_m, 2)
     assert _m.read_text() == '{"step": 1}\n{"step": 2}\n'
+
 
 # %% [markdown]
 # ## Uploading to the Hub
@@ -294,6 +307,7 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
                              allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
 
+
 # %% [markdown]
 # ## A round trip
 #
@@ -306,6 +320,7 @@ def upload_checkpoint(directory, repo_id: str, api=None):
 from picomaml.config import MAMLConfig, ModelConfig
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder, load_checked, load_pretrained
+
 _tiny = ModelConfig(d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=64, max_seq_len=32)
 torch.manual_seed(0)
 _model, _head = PicoDecoder(_tiny), MAMLHead(24, 3, MAMLConfig(head_layers=2, head_hidden=8))

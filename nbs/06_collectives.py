@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -49,6 +51,7 @@ import torch
 
 from picomaml.config import Config, ConfigError
 
+
 # %% [markdown]
 # ## Branch micro-batches
 #
@@ -72,8 +75,10 @@ def branch_layout(tc, world_size: int) -> tuple[int, int]:
                           f"rank holds the same number of rows; change it or the number of processes")
     return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
 
+
 # %%
 from picomaml.config import TrainConfig
+
 assert branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 4) == (8, 64)  # the papers on 4 GPUs
 assert branch_layout(TrainConfig(global_batch=1024, branch_batch=256), 4) == (4, 64)  # tiny
 assert branch_layout(TrainConfig(global_batch=16, branch_batch=16), 2) == (1, 8)  # the CPU demo
@@ -81,6 +86,7 @@ for _bad, _key in ((TrainConfig(global_batch=2048, branch_batch=300), "train.glo
                    (TrainConfig(global_batch=2048, branch_batch=256), "train.branch_batch=256")):
     try: branch_layout(_bad, 3 if _key.startswith("train.branch") else 4); raise AssertionError(_key)
     except ConfigError as e: assert _key in str(e)
+
 
 # %% [markdown]
 # ## Which branch: one shared draw per micro-batch
@@ -102,11 +108,13 @@ def branch_draws(seed: int, step: int, accumulation: int, rho: float) -> list[bo
     r = torch.rand(accumulation, generator=torch.Generator().manual_seed(mix_seed(seed, step, "branch")))
     return (r < rho).tolist()
 
+
 # %%
 _draws = [b for s in range(200) for b in branch_draws(42, s, 4, 0.5)]
 assert 0.4 < sum(_draws) / len(_draws) < 0.6 and branch_draws(42, 7, 4, 0.5) == branch_draws(42, 7, 4, 0.5)
 assert not any(b for s in range(50) for b in branch_draws(0, s, 4, 0.0))
 assert all(b for s in range(50) for b in branch_draws(0, s, 4, 1.0))
+
 
 # %% [markdown]
 # ## Collectives: the pool, the support features and the gradients
@@ -139,9 +147,11 @@ def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     torch.distributed.all_gather(gathered, padded)  # plain collective: rows and no-grad features need no autograd
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
+
 # %%
 assert part_sizes(10, 3) == [4, 3, 3] and part_slice(10, 3, 1) == slice(4, 7) and part_slice(10, 3, 2) == slice(7, 10)
 assert part_slice(5, 1, 0) == slice(0, 5)
+
 
 # %% [markdown]
 # The gradients of all parameters (backbone and head) are summed over ranks in one flat all-reduce
@@ -157,6 +167,7 @@ def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
     flat = fabric.all_reduce(torch.cat([p.grad.flatten() for p in with_grad]), reduce_op="sum")
     for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])): p.grad.copy_(g.view_as(p))
 
+
 # %% [markdown]
 # Test on three CPU processes (gloo; forked, so they see this notebook's functions). Each rank holds
 # its `tensor_split` part of 10 rows (4, 3 and 3 rows): the gather gives every rank all 10 in order.
@@ -167,6 +178,7 @@ def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
 import multiprocessing
 import tempfile
 from types import SimpleNamespace
+
 
 def _ranks_check(rank: int, world: int, store: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
@@ -193,6 +205,7 @@ _x = torch.ones(3, 2)
 assert gather_parts(_one, _x, [3]) is _x
 _a = torch.nn.Parameter(torch.zeros(2)); _a.grad = torch.ones(2); sum_gradients(_one, [_a]); assert torch.equal(_a.grad, torch.ones(2))
 
+
 # %% [markdown]
 # ## Where an episode's pool comes from
 #
@@ -215,8 +228,10 @@ def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, 
         raise ConfigError(f"smlmt.pool_rows={cfg.smlmt.pool_rows} must be a multiple of the world size {world_size}")
     return cfg.smlmt.pool_rows // world_size, mix_seed(cfg.train.seed, "pool") % 2**31
 
+
 # %%
 from picomaml.config import load_config
+
 assert pool_layout(load_config(None, ["smlmt.pool_rows=0"]), 4, 64) == (64, 42)
 assert pool_layout(load_config(None, ["smlmt.pool_rows=512"]), 2, 8)[0] == 256
 try: pool_layout(load_config(None, ["smlmt.pool_rows=63"]), 2, 8); raise AssertionError

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -33,6 +35,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 
 # %% [markdown]
 # ## The next-token loss as a share of the global batch
@@ -86,6 +89,7 @@ def next_token_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of rows (B, T + 1): the loss whose gradients the spectra analyse."
     return next_token_loss_sum(model, rows) / rows[:, 1:].numel()
 
+
 # %% [markdown]
 # Tests on a 2-block Pico decoder over a 40-token vocabulary: loss and every gradient equal the plain
 # path (whole logits, `F.cross_entropy`) for chunks that divide the tokens, leave a remainder, or hold
@@ -93,8 +97,9 @@ def next_token_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
 # ranks' shares add up to the one-process mean.
 
 # %%
-from picomaml.model import PicoDecoder
 from picomaml.config import ModelConfig
+from picomaml.model import PicoDecoder
+
 torch.manual_seed(0)
 _toy = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16))
 _rows = torch.randint(0, 40, (4, 7))  # (B, T + 1): 24 targets
@@ -120,6 +125,7 @@ _shares = [next_token_loss_sum(_toy, part, 5) / _rows[:, 1:].numel() for part in
 assert torch.allclose(sum(_shares), _mean)  # two ranks' shares add up to the one-process mean
 assert torch.allclose(next_token_loss(_toy, _rows), _mean)
 
+
 # %% [markdown]
 # ## Memory chunks: the same gradient, in pieces
 #
@@ -144,6 +150,7 @@ def next_token_backward(model: torch.nn.Module, rows: torch.Tensor, chunk_rows: 
         total += loss.item()
     return total
 
+
 # %%
 torch.manual_seed(3)
 _rows = torch.randint(0, 40, (5, 9))  # (B, T + 1)
@@ -154,6 +161,7 @@ for _chunk in (5, 2, 1):
     _grads[_chunk] = [p.grad.clone() for p in _toy.parameters()]
     assert abs(_total - next_token_loss_sum(_toy, _rows).item()) < 1e-4 * _total
 assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for c in (2, 1) for a, b in zip(_grads[5], _grads[c]))
+
 
 # %% [markdown]
 # ## Paloma perplexity, two ways
@@ -189,6 +197,7 @@ def perplexities(sums: torch.Tensor) -> dict:
     "Token-weighted and per-document-mean perplexity from all-reduced `eval_sums`."
     ce_sum, tokens, doc_ppl_sum, docs = sums.tolist()
     return {"paloma_ppl": math.exp(ce_sum / tokens), "paloma_doc_ppl": doc_ppl_sum / docs, "eval_loss": ce_sum / tokens}
+
 
 # %%
 _eos = 9

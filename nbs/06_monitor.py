@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -79,6 +81,7 @@ def step_record(totals: torch.Tensor, world_size: int) -> dict:
             "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
             "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
 
+
 # %%
 _stats = dict.fromkeys(STATS, 0.0)
 add_stats(_stats, loss=0.5, ar_loss=2.0, n_ar=1); add_stats(_stats, loss=0.25, n_maml=1)
@@ -88,6 +91,7 @@ _rec = step_record(_sums, 2)
 assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
 assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.75, 0.5)
 assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
+
 
 # %% [markdown]
 # ## Paloma evaluation, in parallel over ranks
@@ -107,13 +111,16 @@ def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
     model.train()
     return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
 
+
 # %% [markdown]
 # Test: on a toy decoder (one CPU process), evaluating 10 rows in batches of 4 gives the perplexities
 # of all 10 rows at once, and leaves the model in training mode.
 
 # %%
 import math
+
 from lightning.fabric import Fabric
+
 from picomaml.config import EvalConfig, load_config
 from picomaml.model import PicoDecoder
 
@@ -129,6 +136,7 @@ with torch.no_grad(): _whole = perplexities(eval_sums(_model.eval(), _rows, 3))
 _model.train()
 assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel_tol=1e-6) for k in _ppl), (_ppl, _whole)
 
+
 # %% [markdown]
 # ## Spectra
 #
@@ -143,12 +151,15 @@ def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, r
     "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
     record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as _tmp:
     record_run_spectra(_model, _rows, _cfg, 40, Path(_tmp))
     _lines = [json.loads(l) for l in (Path(_tmp) / "spectra.jsonl").read_text().splitlines()]
     assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2  # blocks × spectra.layers × (weight, gradient)
+
 
 # %% [markdown]
 # ## When: after the checkpoint, not before
@@ -180,6 +191,7 @@ def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, wha
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
+
 
 # %%
 _mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])

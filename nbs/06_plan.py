@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -57,7 +59,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from picomaml.config import MAMLConfig, ModelConfig, PRESETS_DIR, TrainConfig
+from picomaml.config import PRESETS_DIR, ModelConfig
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder
 
@@ -100,6 +102,7 @@ def peak_flops(device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
+
 # %%
 _mc = ModelConfig(d_model=96, ffn_hidden=384)
 assert _block_params(_mc) == 2 * 96 * 96 + 2 * 96 * 32 + 3 * 96 * 384
@@ -108,6 +111,7 @@ _matmul = _mc.n_layers * _block_params(_mc) + 96 * 50304
 assert _tiny_params - _matmul - 96 * 50304 == 12 * 2 * 96 + 96  # the rest: RMSNorm gains and the input embedding
 assert ar_flops(_mc, 1, 0) == 6 * _matmul and episode_flops(_mc, 3, 0, 0) == episode_flops(_mc, 0, 1, 0)
 assert peak_flops(torch.device("cpu")) is None and peak_flops("cpu") is None
+
 
 # %% [markdown]
 # ## Parameters
@@ -127,6 +131,7 @@ def param_counts(cfg: Config) -> dict:
             "output": mc.vocab_size * mc.d_model, "norms": (2 * mc.n_layers + 1) * mc.d_model,
             "head": sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))}
 
+
 # %% [markdown]
 # Test: the counts equal the real modules' for a toy model with either head, and the tiny model's
 # backbone is the 11,282,784 parameters that `01_model` counts (paper 1's "11M").
@@ -141,6 +146,7 @@ for _out in ("classes", "vocab"):
     assert _counts["head"] == sum(p.numel() for p in MAMLHead(24, 5, _toy.maml, 64).parameters())
 _toy.maml.head_output = "classes"
 assert sum(v for k, v in param_counts(load_config(PRESETS_DIR / "pico-tiny-maml.yaml")).items() if k != "head") == _tiny_params
+
 
 # %% [markdown]
 # ## What one decoder block keeps for its backward
@@ -186,6 +192,7 @@ def activation_bytes(cfg: Config, device: str) -> int:
     precision = cfg.train.precision
     if precision == "auto": precision = "bf16-mixed" if device == "cuda" else "32-true"
     return 4 if precision == "32-true" else 2
+
 
 # %% [markdown]
 # Test, a known answer: the bytes of the distinct non-parameter storages that the autograd graph of
@@ -271,6 +278,7 @@ def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_lo
         moments.append(kept + w_blocks + out_norm)  # end of the forward: features for the readout
     return max(moments)
 
+
 # %% [markdown]
 # Tests, invariants: more rows never need less; checkpointing needs less for a full-size chunk; bf16
 # activations need less than float32; a readout (no output layer) needs no more than the LM loss.
@@ -284,6 +292,7 @@ assert chunk_peak_bytes(_large, 8, 2048, 2, False) < chunk_peak_bytes(_large, 8,
 assert chunk_peak_bytes(_large, 8, 64, 2, False, lm_loss=False) <= chunk_peak_bytes(_large, 8, 64, 2, False)
 print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 2048, 2, False) / 2**30:.2f} GiB, "
       f"with activation checkpointing {chunk_peak_bytes(_large, 1, 2048, 2, True) / 2**30:.2f} GiB")
+
 
 # %% [markdown]
 # Measured by `tests/test_plan.py` on the 2-core development machine (a fresh process per shape, float32,
@@ -364,6 +373,7 @@ def spectra_peak_bytes(cfg: Config, rows: int) -> int:
     selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # the returned gradients
     return chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing) + selected
 
+
 # %%
 _cfg = load_config(PRESETS_DIR / "pico-large-maml.yaml")
 _counts = param_counts(_cfg)
@@ -406,9 +416,11 @@ def device_memory_gb(device) -> float:
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
 
+
 # %%
 assert with_reserve(0, "cuda") == 2 * GIB and with_reserve(10 * GIB, "cpu") == 11 * GIB + GIB // 4
 assert 0 < device_memory_gb("cpu") < 1e5
+
 
 # %% [markdown]
 # ## The phases of a run
@@ -442,6 +454,7 @@ def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int) -> int:
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
 
+
 # %%
 _cfg = load_config(PRESETS_DIR / "pico-large-maml.yaml")
 assert choose_chunk(_cfg, 4, "cuda", 10_000 * GIB) == 64  # all of the rank's rows at once
@@ -449,6 +462,7 @@ _c = choose_chunk(_cfg, 4, "cuda", 80 * GIB)
 assert 1 <= _c < 64 and with_reserve(phase_bytes(_cfg, 4, "cuda", _c)["next-token chunk"], "cuda") <= 80 * GIB
 assert -(-64 // _c) < -(-64 // (_c - 1))  # one row less per chunk would take more chunks
 assert choose_chunk(_cfg, 4, "cuda", 14 * GIB) == 0  # one row does not fit
+
 
 # %% [markdown]
 # ## When a run does not fit
@@ -508,6 +522,7 @@ def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str)
         return f"{phase} with {key}={rows} needs {_gib(need[phase])}, more than {have}: set {f'{key}={best}' if best else otherwise}"
     return ""
 
+
 # %% [markdown]
 # ## Tokens, FLOPs, time and disk
 #
@@ -557,6 +572,7 @@ def checkpoint_disk(cfg: Config, gpus: int) -> tuple[int, int]:
     n = len(scheduled_steps(cfg.checkpoint, cfg.train.steps))
     return n * weights + min(cfg.checkpoint.keep_state + 1, n) * state, n
 
+
 # %% [markdown]
 # Tests. The papers' large step reads 2,048 × 2,048 tokens; the vanilla arm's FLOPs are the next-token
 # FLOPs of all of them, the MAML arm's about half (its episodes are a few percent of a next-token
@@ -572,6 +588,7 @@ _s, _h = wall_time(_van, _flops, 4, 312, 0.4)
 assert _s == _flops / (4 * 312e12 * 0.4) and _h > 6000 * _s / 3600 and wall_time(_van, _flops, 4, None, 0.4) == (None, None)
 
 from picomaml.checkpoints import write_checkpoint
+
 _ck = load_config(None, ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=512",
                          "model.vocab_size=4096", "train.steps=1", "checkpoint.keep_state=1"])
 _model, _head = PicoDecoder(_ck.model), MAMLHead(128, _ck.smlmt.n_way, _ck.maml)
@@ -584,6 +601,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     _real = sum(f.stat().st_size for f in _dir.iterdir())
 _disk, _n = checkpoint_disk(_ck, 2)
 assert _n == 2 and abs(_disk / 2 - _real) < 0.01 * _real, (_disk / 2, _real)  # steps 0 and 1, both with state while step 1 is written
+
 
 # %% [markdown]
 # ## The plan
@@ -619,6 +637,7 @@ class Plan:
     activation_checkpointing: bool
     precision: str
 
+
 # %%
 #| export
 def memory_parts(cfg: Config, gpus: int, device: str, chunk: int) -> dict:
@@ -652,6 +671,7 @@ def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | N
                 model_tokens, flops, seconds, hours, disk, n_ckpt, gpus, device, mfu, gpu_tflops, cfg.train.steps,
                 cfg.train.activation_checkpointing, precision)
 
+
 # %% [markdown]
 # ## Reading a plan
 
@@ -681,6 +701,7 @@ def format_plan(plan: Plan) -> str:
     if not plan.fits: lines.append(f"does not fit: {plan.reason}")
     return "\n".join(lines)
 
+
 # %% [markdown]
 # ## The papers' sizes
 #
@@ -707,6 +728,7 @@ _odd = plan_run(load_config(PRESETS_DIR / "pico-large-maml.yaml"), 3, 80)
 assert not _odd.fits and "train.branch_batch=256" in _odd.reason and "--gpus" in _odd.reason
 print(format_plan(plan_run(load_config(PRESETS_DIR / "pico-large-maml.yaml"), 4, 80, 312, 0.4)))
 
+
 # %% [markdown]
 # Following the reasons leads to a plan that fits: each names a setting and a value, and applying it
 # either fits or moves the refusal to the next phase. Large on four 16 GB GPUs: the evaluation's
@@ -724,6 +746,7 @@ def follow_reasons(path, gpus, memory, overrides=()):
 
 print(follow_reasons(PRESETS_DIR / "pico-large-maml.yaml", 4, 16))
 assert follow_reasons(PRESETS_DIR / "pico-large-maml.yaml", 4, 14)[0] == "train.activation_checkpointing=true"
+
 
 # %% [markdown]
 # ## The command line
@@ -759,6 +782,7 @@ def main(argv=None) -> int:
     print(f"error: {plan.reason}", file=sys.stderr)
     return 2
 
+
 # %%
 def run_main(*argv):
     "(exit status, stdout, stderr) of `main(argv)`."
@@ -778,6 +802,7 @@ assert run_main("--gpus", "4", "--gpu-memory-gb", "80", "--mfu", "1.5")[2] == "e
 # %%
 #| export
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())
+
 
 # %% [markdown]
 # ## The papers' runs on four A100-80GB at 40 % MFU

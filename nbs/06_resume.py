@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -41,13 +43,25 @@ from pathlib import Path
 
 import torch
 
-from picomaml.checkpoints import (NoResumableCheckpoint, confirm_checkpoint, find_resumable, has_training_state, list_checkpoints,
-                                  newest_confirmed, prune_training_state, read_checkpoint, read_meta, truncate_metrics,
-                                  upload_checkpoint, write_checkpoint)
+from picomaml.checkpoints import (
+    NoResumableCheckpoint,
+    confirm_checkpoint,
+    find_resumable,
+    has_training_state,
+    list_checkpoints,
+    newest_confirmed,
+    prune_training_state,
+    read_checkpoint,
+    read_meta,
+    truncate_metrics,
+    upload_checkpoint,
+    write_checkpoint,
+)
 from picomaml.collectives import gather_parts
 from picomaml.config import Config, ConfigError, config_changes, load_config, save_config
 from picomaml.model import load_checked
 from picomaml.names import step_dir_name
+
 
 # %% [markdown]
 # ## Resume or start
@@ -87,8 +101,10 @@ def choose_checkpoint(cfg: Config, root: Path):
                           f"those with one: {', '.join(with_state) or 'none'}")
     return root / name, read_checkpoint(root / name)
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as _tmp:
     save_config(load_config(None, ["maml.rho=0.5"]), Path(_tmp) / "config.yaml")
     assert check_resume_config(load_config(None, ["maml.rho=0.5", "eval.every=10"]), Path(_tmp)) == {"eval.every": (100, 10)}
@@ -103,6 +119,7 @@ with tempfile.TemporaryDirectory() as _tmp:
 # %%
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder
+
 _tiny = ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
          "model.vocab_size=64", "model.max_seq_len=32", "smlmt.n_way=4", "maml.head_hidden=16", "maml.head_layers=2"]
 _cfg = load_config(None, _tiny)
@@ -115,6 +132,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     assert choose_checkpoint(load_config(None, [*_tiny, 'checkpoint.resume_from="2"']), _root)[0].name == "step_000002"
     try: choose_checkpoint(load_config(None, [*_tiny, "checkpoint.resume_from=step_000000"]), _root); raise AssertionError
     except ConfigError as e: assert "those with one: step_000002, step_000004" in str(e)
+
 
 # %% [markdown]
 # The run directory a launch starts from: its resolved configuration (without `resume_from`, an
@@ -133,6 +151,7 @@ def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) ->
     save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")), run_dir / "config.yaml")
     truncate_metrics(run_dir / "metrics.jsonl", step)
 
+
 # %%
 with tempfile.TemporaryDirectory() as _tmp:
     _run = Path(_tmp) / "run"
@@ -142,6 +161,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     start_run_directory(load_config(None, ["train.lr=0.1"]), _run, 2, {"train.lr": (0.0003, 0.1)})
     assert [json.loads(l)["step"] for l in (_run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((_run / "config_history.jsonl").read_text()) == {"step": 2, "changes": {"train.lr": [0.0003, 0.1]}}
+
 
 # %%
 #| export
@@ -175,6 +195,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     fabric.barrier()
     return step
 
+
 # %% [markdown]
 # ## Saving the training state
 #
@@ -196,6 +217,7 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, he
         if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
     fabric.barrier()
 
+
 # %% [markdown]
 # Test, one CPU process: a fresh directory starts at step 0; a checkpoint saved at step 3 is what a
 # relaunch loads into freshly initialised objects (weights, head, AdamW moments and the RNG state, so
@@ -203,6 +225,7 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, he
 
 # %%
 from lightning.fabric import Fabric
+
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 
 def _objects(seed: int):
@@ -230,6 +253,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     assert _s.keys() == _s2.keys() and all(torch.equal(_s[i][k], _s2[i][k]) for i in _s for k in ("exp_avg", "exp_avg_sq"))
     try: resume_or_start(_fabric, load_config(None, [*_tiny, "checkpoint.resume=false"]), _run, *_objects(1)); raise AssertionError
     except ConfigError as e: assert "checkpoint.resume=false" in str(e)
+
 
 # %% [markdown]
 # ## Known-good checkpoints and NaN stops
@@ -263,6 +287,7 @@ def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None
     directory = root / step_dir_name(step)
     exploding = bool(recent) and loss > EXPLODING * statistics.median(recent)
     if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding: confirm_checkpoint(directory, loss)
+
 
 # %%
 try: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")); raise AssertionError

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -50,8 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import checkpoint_due
-from picomaml.collectives import (branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout,
-                                  sum_gradients)
+from picomaml.collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from picomaml.config import Config, ConfigError, ensure_writable
 from picomaml.data import batch_for_step, open_rows, read_eval_rows
 from picomaml.lm_loss import next_token_backward
@@ -62,6 +63,7 @@ from picomaml.plan import ar_flops, device_memory_gb, episode_flops, peak_flops,
 from picomaml.resume import check_finite, confirm_if_healthy, resume_or_start, save_training_state
 from picomaml.smlmt import build_episode
 from picomaml.tokenizer import load_tokenizer
+
 
 # %% [markdown]
 # ## Learning-rate schedule
@@ -83,14 +85,17 @@ def lr_at(step: int, tc) -> float:
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if tc.schedule == "cosine" else 1 - progress
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * shape)
 
+
 # %%
 from picomaml.config import TrainConfig
+
 _tc = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
 assert lr_at(0, _tc) == 0.1 and lr_at(9, _tc) == 1.0 and lr_at(10, _tc) == 1.0
 assert abs(lr_at(60, _tc) - 0.55) < 1e-12 and abs(lr_at(110, _tc) - 0.1) < 1e-12  # cosine midpoint, floor
 _lin = TrainConfig(steps=110, warmup_steps=10, lr=1.0, schedule="linear", decay_steps=210)
 assert abs(lr_at(110, _lin) - 0.5) < 1e-12  # halfway through a 200-step linear decay
 assert lr_at(100, TrainConfig(warmup_steps=10, lr=1.0, schedule="constant")) == 1.0
+
 
 # %% [markdown]
 # ## Setting up a run
@@ -122,6 +127,7 @@ def build_model(cfg: Config, device) -> tuple:
                                   eps=tc.eps, weight_decay=tc.weight_decay)
     return model, head, optimizer
 
+
 # %%
 assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "cuda") == "bf16-mixed"
 try: resolve_precision("16-mixed", "cuda"); raise AssertionError
@@ -136,7 +142,9 @@ except ConfigError as e: assert "train.precision" in str(e)
 
 # %%
 from torch import nn
+
 from picomaml.config import PRESETS_DIR, load_config
+
 _shrink = ["model.n_layers=2", "model.vocab_size=64", "model.max_seq_len=32"]
 _paper = load_config(PRESETS_DIR / "pico-tiny-maml.yaml", _shrink)
 _model, _head, _opt = build_model(_paper, torch.device("cpu"))
@@ -148,6 +156,7 @@ assert (_opt.defaults["betas"], _opt.defaults["weight_decay"]) == ((0.9, 0.999),
 _old = load_config(PRESETS_DIR / "pico-tiny-maml.yaml", _shrink + ["model.init=normal", "train.beta2=0.95", "train.grad_clip=1.0"])
 _model, _, _opt = build_model(_old, torch.device("cpu"))
 assert abs(_model.embedding_proj.weight.std().item() - 0.02) < 1e-3 and _opt.defaults["betas"] == (0.9, 0.95) and _old.train.grad_clip == 1.0
+
 
 # %% [markdown]
 # ## The memory chunk, from the plan
@@ -163,6 +172,7 @@ def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
     plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type)
     if not plan.fits: raise ConfigError(plan.reason)
     return cfg.train.chunk_rows or plan.chunk_rows
+
 
 # %% [markdown]
 # ## The two branches
@@ -208,6 +218,7 @@ def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int
     share = loss_sum / global_targets
     return dict(loss=share / accum, ar_loss=share, n_ar=1, tokens=rows.shape[0] * seq_len,
                 flops=ar_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
+
 
 # %% [markdown]
 # ## The loop
@@ -279,6 +290,7 @@ def train(cfg: Config, fabric, hub_api=None) -> Path:
     bar.close()
     return run_dir
 
+
 # %% [markdown]
 # ## A tiny run, start to finish
 #
@@ -289,10 +301,12 @@ def train(cfg: Config, fabric, hub_api=None) -> Path:
 # %%
 import os
 import tempfile
+
 from lightning.fabric import Fabric
+from safetensors.torch import load_file
+
 from picomaml.config import load_config
 from picomaml.data import prepare
-from safetensors.torch import load_file
 
 SHARED = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
 _tok = load_tokenizer(load_config(None, [f"data.tokenizer_path={SHARED}/tokenizer/olmo-7b-0724-tokenizer.json"]).data)
@@ -354,6 +368,7 @@ print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['sup
 
 # %%
 import picomaml.monitor
+
 _real_evaluate = picomaml.monitor.evaluate
 picomaml.monitor.evaluate = lambda *a, **k: (_ for _ in ()).throw(OSError("evaluation set unreadable"))
 try: train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric); raise AssertionError("the evaluation did not fail")

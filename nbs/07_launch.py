@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -59,6 +61,7 @@ import torch
 from picomaml.config import Config, ConfigError, format_help, load_config, run_command
 from picomaml.train import resolve_precision, train
 
+
 # %% [markdown]
 # ## How many processes, on how many nodes
 #
@@ -78,6 +81,7 @@ def devices_and_nodes(env=os.environ) -> tuple[int, int]:
         return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), int(env["SLURM_NNODES"])
     return 1, 1
 
+
 # %%
 assert devices_and_nodes({}) == (1, 1)
 assert devices_and_nodes({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == (2, 1)
@@ -85,6 +89,7 @@ assert devices_and_nodes({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}) == (4, 2)
 assert devices_and_nodes({"SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_NNODES": "2"}) == (4, 2)
 try: devices_and_nodes({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2"}); raise AssertionError
 except RuntimeError as e: assert "LOCAL_WORLD_SIZE=2" in str(e)
+
 
 # %% [markdown]
 # ## The Fabric
@@ -121,12 +126,14 @@ def make_fabric(cfg: Config, env=os.environ):
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                   precision=resolve_precision(cfg.train.precision, accelerator), loggers=make_loggers(cfg))
 
+
 # %%
 _fabric = make_fabric(Config(), env={})
 assert _fabric.world_size == 1 and make_loggers(Config()) == []
 if not importlib.util.find_spec("tensorboard"):
     try: make_loggers(load_config(None, ["logging.tensorboard=true"])); raise AssertionError
     except ConfigError as e: assert "pip install tensorboard" in str(e)
+
 
 # %% [markdown]
 # ## Clean shutdown
@@ -146,6 +153,7 @@ def shutdown(ok: bool = True) -> None:
         dist.barrier()
         time.sleep(0.5)
     dist.destroy_process_group()
+
 
 # %% [markdown]
 # ## The command line
@@ -182,8 +190,11 @@ def main(argv=None) -> Path | None:
     shutdown()
     return run_dir
 
+
 # %%
-import contextlib, io
+import contextlib
+import io
+
 with contextlib.redirect_stdout(io.StringIO()) as _out: assert main(["--help"]) is None
 assert "maml.rho (float, 0.5" in _out.getvalue() and "usage:" in _out.getvalue()
 _args = parse_args(["--config", "configs/demo.yaml", "train.steps=5", "maml.rho=0"])
@@ -212,8 +223,10 @@ if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 
 # %%
 import tempfile
+
 from picomaml.config import PRESETS_DIR
 from picomaml.plan import main as plan_main
+
 _large = str(PRESETS_DIR / "pico-large-maml.yaml")
 with contextlib.redirect_stdout(io.StringIO()) as _plan, contextlib.redirect_stderr(io.StringIO()) as _err:
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312"]) == 0
@@ -234,6 +247,7 @@ print(_plan.getvalue()[:1500])
 # %%
 #| slow
 import subprocess
+
 CONFIG = "configs/demo.yaml"
 n_proc = torch.cuda.device_count() or 2
 root = Path("..").resolve()

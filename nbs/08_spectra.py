@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -51,6 +53,7 @@ from picomaml.lm_loss import next_token_loss
 from picomaml.model import load_pretrained
 from picomaml.names import SPECTRA_KEY
 
+
 # %% [markdown]
 # ## Metrics of one spectrum
 #
@@ -81,6 +84,7 @@ def spectrum_metrics(s) -> dict:
             "condition_number": s_max / s_min if s_min > 0 else math.inf,
             "frobenius_norm": float(np.sqrt((s ** 2).sum())), "nuclear_norm": nuclear}
 
+
 # %%
 m = spectrum_metrics(np.ones(7))  # identity: all singular values equal
 assert abs(m["per"] - 1) < 1e-12 and abs(m["effective_rank"] - 7) < 1e-12 and m["condition_number"] == 1
@@ -99,6 +103,7 @@ m = spectrum_metrics(torch.linalg.svdvals(D).numpy())
 assert abs(m["effective_rank"] - 2 ** 1.75) < 1e-6 and abs(m["per"] - 2 ** 1.75 / 4) < 1e-6
 assert abs(m["condition_number"] - 4) < 1e-6 and abs(m["frobenius_norm"] - math.sqrt(22)) < 1e-6
 
+
 # %% [markdown]
 # ## Singular values of a matrix
 #
@@ -112,6 +117,7 @@ def singular_values(matrix: torch.Tensor) -> np.ndarray:
     "Singular values (descending, float64 numpy) of a 2-D tensor; min(m, n) of them."
     if matrix.ndim != 2: raise ValueError(f"expected a matrix, got a tensor of shape {tuple(matrix.shape)}")
     return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64 else torch.float64)).double().cpu().numpy()
+
 
 # %%
 Q, _ = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))  # (8, 3), orthonormal columns
@@ -146,6 +152,7 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
                              f"valid names: {', '.join(available) or 'none (no layers.N.*.weight parameters)'}")
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
+
 # %% [markdown]
 # The tests use a small `picomaml.model.PicoDecoder` (two blocks, d 16, 4 query and 2 key/value
 # heads, a 64-token vocabulary), whose parameter names are the released checkpoints'.
@@ -172,6 +179,7 @@ assert select_matrices(wrapped, ["attention.q_proj"]).keys() == select_matrices(
 try: select_matrices(toy, ["mlp"]); raise AssertionError("the released 'mlp' filter must not pass silently")
 except ValueError as e: assert "'mlp'" in str(e) and "swiglu.w_2" in str(e)
 
+
 # %% [markdown]
 # ## Gradients of the next-token loss
 #
@@ -195,6 +203,7 @@ def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) ->
         model.train(was_training)
     return {key: torch.zeros_like(p) if g is None else g for (key, p), g in zip(params.items(), grads)}
 
+
 # %%
 params = select_matrices(toy, ["attention.o_proj"])
 grads = loss_gradients(toy, toy_batch, params)
@@ -202,6 +211,7 @@ reference = copy.deepcopy(toy)
 next_token_loss(reference, toy_batch).backward()  # the ordinary backward pass is the reference
 assert all(torch.allclose(grads[(i, "attention.o_proj")], reference.layers[i].attention.o_proj.weight.grad, atol=1e-6) for i in (0, 1))
 assert all(p.grad is None for p in toy.parameters())
+
 
 # %% [markdown]
 # ## The fixed evaluation batch
@@ -236,6 +246,7 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
     if rows is not None and ids.shape[0] < rows: raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
     return ids[:rows, : None if seq_len is None else seq_len + 1].long()
 
+
 # %%
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -248,6 +259,7 @@ with tempfile.TemporaryDirectory() as tmp:
     try: load_eval_batch(Path(tmp) / "bad.parquet"); raise AssertionError
     except ValueError as e: assert "bad.parquet" in str(e) and "input_ids" in str(e)
 assert load_eval_batch(toy_batch, rows=2).shape == (2, 9)
+
 
 # %% [markdown]
 # ## Records
@@ -277,6 +289,7 @@ def append_records(records: list, path) -> Path:
         f.write(text); f.flush(); os.fsync(f.fileno())
     return path
 
+
 # %% [markdown]
 # ## Recording during training
 #
@@ -301,6 +314,7 @@ def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: in
     append_records(records, path)
     return records
 
+
 # %% [markdown]
 # Recording changes nothing: weights and existing `.grad` buffers are bitwise identical afterwards,
 # and the train/eval mode is restored.
@@ -317,6 +331,7 @@ with tempfile.TemporaryDirectory() as tmp:
 r = records[0]
 assert (r["layer"], r["matrix"], r["kind"], r["shape"]) == (0, "attention.v_proj", "weight", [8, 16])
 assert len(r["singular_values"]) == 8  # min(8, 16)
+
 
 # %% [markdown]
 # The gradient spectra are those of the next-token loss: they equal the singular values of the
@@ -339,6 +354,7 @@ assert not np.allclose(gradient_svs(changed, 1, "swiglu.w_2"), manual, rtol=1e-3
 released = copy.deepcopy(toy)
 released(toy_batch[:, :-1]).mean().backward()
 assert not np.allclose(singular_values(released.layers[1].swiglu.w_2.weight.grad), manual, rtol=1e-3)
+
 
 # %% [markdown]
 # ## Reading records
@@ -363,6 +379,7 @@ def read_spectra(path) -> pd.DataFrame:
     if df.empty: return pd.DataFrame(columns=SPECTRA_KEY)
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "spectra.jsonl"
@@ -375,6 +392,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert len(df) == len(records) and any(f"spectra.jsonl:{len(records) + 1}" in str(w.message) for w in caught)
 assert set(df.kind) == {"weight", "gradient"} and df.groupby("kind").size().tolist() == [4, 4]
 assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_values], rtol=1e-5)
+
 
 # %% [markdown]
 # ## After the fact: a directory of checkpoints
@@ -415,6 +433,7 @@ def spectra_over_checkpoints(checkpoints_dir, batch, layers, out) -> Path:
     loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
     return spectra_over_steps(loaders, batch, layers, out)
 
+
 # %% [markdown]
 # The test of the whole path: a model is recorded in the loop at steps 100 and 200 and saved as those
 # steps' checkpoints; the sweep over the checkpoint directory reproduces the in-loop records.
@@ -442,6 +461,7 @@ with tempfile.TemporaryDirectory() as tmp:
     mtime = (run / "after.jsonl").stat().st_mtime_ns
     spectra_over_checkpoints(run / "checkpoints", toy_batch, layers, run / "after.jsonl")
     assert (run / "after.jsonl").stat().st_mtime_ns == mtime  # every step complete: nothing recomputed
+
 
 # %% [markdown]
 # ## After the fact: a released model on the Hub
@@ -472,6 +492,7 @@ def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = 
     "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`."
     return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out)
 
+
 # %% [markdown]
 # Tests: a local directory in the released layout, and the real `huggingface_hub` download path
 # answered from a Hugging Face cache directory in offline mode (`models--owner--name/refs/<branch>`
@@ -479,6 +500,7 @@ def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = 
 
 # %%
 import huggingface_hub
+
 
 def fake_hub_cache(cache, repo_id, files_by_ref: dict):
     "Write a Hugging Face cache in which each ref (branch) of `repo_id` holds the given checkpoints."
@@ -538,6 +560,7 @@ with tempfile.TemporaryDirectory() as tmp:
     spectra_over_checkpoints(Path(tmp) / "checkpoints", tiny_batch, SpectraConfig().layers, Path(tmp) / "spectra.jsonl")
     print(f"8 tiny checkpoints: {time.perf_counter() - start:.1f} s")
 
+
 # %% [markdown]
 # ## Command line
 #
@@ -583,6 +606,7 @@ def main(argv=None) -> Path:
     else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+
 # %% [markdown]
 # ## The model of a curve
 #
@@ -62,11 +65,13 @@ def fit_breakpoint_pairs(t: np.ndarray, y: np.ndarray, b1: np.ndarray, b2: np.nd
     resid = y[None, :] - np.einsum("pni,pi->pn", X, coef)  # (P, n)
     return coef, (resid ** 2).sum(axis=1)
 
+
 # %%
 t = np.linspace(0, 1, 21)
 truth = np.where(t < 0.4, 1.0, np.where(t < 0.6, 1.0 - 2.0 * (t - 0.4), 0.6))  # flat, slope -2, flat
 coef, sse = fit_breakpoint_pairs(t, truth, np.array([0.4, 0.3]), np.array([0.6, 0.6]))
 assert np.allclose(coef[0], [1.0, 0.0, -2.0, 2.0], atol=1e-6) and sse[0] < 1e-12 < sse[1]
+
 
 # %% [markdown]
 # ## Searching the breakpoints
@@ -98,6 +103,7 @@ def best_three_segments(t: np.ndarray, y: np.ndarray, min_points: int = 3, max_c
         return np.linspace(coarse[max(k - 1, 0)], coarse[min(k + 1, len(coarse) - 1)], 2 * refine + 1)
     return _search(t, y, np.union1d(around(found[0]), around(found[1])), min_points) or found
 
+
 # %%
 rng = np.random.default_rng(0)
 t = np.sort(rng.uniform(0, 1, 400))
@@ -107,6 +113,7 @@ assert abs(b1 - 0.4) < 0.02 and abs(b2 - 0.6) < 0.02 and abs(coef[1] + coef[2] +
 t_sparse = np.array([0, .1, .2, .3, .45, .5, .55, .7, .8, .9, 1.0])  # no observation near the breaks
 b1, b2, _, _ = best_three_segments(t_sparse, np.interp(t_sparse, [0, .4, .6, 1], [1, 1, .6, .6]))
 assert abs(b1 - 0.4) < 0.02 and abs(b2 - 0.6) < 0.02
+
 
 # %% [markdown]
 # ## When is there a phase?
@@ -142,6 +149,7 @@ def _line_sse(t, y):
     X = np.stack([np.ones_like(t), t], axis=1)
     return float(((y - X @ np.linalg.lstsq(X, y, rcond=None)[0]) ** 2).sum())
 
+
 # %%
 #| export
 def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
@@ -163,6 +171,7 @@ def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float =
     if bic_gain < min_bic_gain or steepness < min_steepness: return None
     to_step = lambda b: float(round(steps[0] + b * (steps[-1] - steps[0])))  # nearest whole step
     return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain))
+
 
 # %% [markdown]
 # ### Recovering a known break
@@ -223,6 +232,7 @@ print(f"pure noise: {false_positives} / 200 curves reported a phase")
 try: find_phase([1, 2, 3], [1, 2, 3]); raise AssertionError
 except ValueError as e: assert "at least 8" in str(e)
 
+
 # %% [markdown]
 # ## A run's curves
 #
@@ -246,6 +256,7 @@ def phase_table(curves: dict, **thresholds) -> pd.DataFrame:
         phase = find_phase(steps, values, **thresholds)
         rows.append({"curve": name, **(asdict(phase) if phase else dict.fromkeys(Phase.__dataclass_fields__, np.nan))})
     return pd.DataFrame(rows)
+
 
 # %%
 spectra = pd.DataFrame([{"step": s, "layer": l, "matrix": "attention.v_proj", "kind": k, "per": p}

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -61,6 +63,7 @@ SPLITS = ("train", "dev", "test")
 # %%
 assert len(LABELS) == 7 and len(TEST_SETS) == 18 and LABEL2ID["I-LOC"] == 6
 
+
 # %% [markdown]
 # ## Reading one IOB2 file
 #
@@ -94,6 +97,7 @@ def normalise_tag(tag: str, where: str) -> str:
     if tag not in LABEL2ID:
         raise UNERFormatError(f"{where}: tag {tag!r} is not one of {', '.join(LABELS)} (or OTH, mapped to O)")
     return tag
+
 
 # %%
 assert normalise_tag("B-OTH", "x") == "O" and normalise_tag("I-O", "x") == "O" and normalise_tag("B-PER", "x") == "B-PER"
@@ -157,6 +161,7 @@ def read_iob2(path) -> list[Sentence]:
     # split on "\n" only: str.splitlines also breaks at \x85, \u2028, ... and would misnumber lines
     return parse_iob2_lines(decode_utf8(path.read_bytes(), str(path)).split("\n"), str(path))
 
+
 # %% [markdown]
 # A hand-made file with comments, a blank line at the end, an OTH tag and a sentence without a
 # trailing blank line parses into two sentences; each broken variant names its line.
@@ -186,7 +191,9 @@ for line_no, bad, msg in [(4, "2\twent\tO\t-", "5 tab-separated"), (5, "3\tto\tB
 # The same through a real file on disk: the error names the path and the line.
 
 # %%
-import codecs, tempfile
+import codecs
+import tempfile
+
 with tempfile.TemporaryDirectory() as tmp:
     bad = Path(tmp) / "bad-ud-test.iob2"
     bad.write_text("\n".join(toy[:6] + ["5\t.\tO"]) + "\n")
@@ -232,6 +239,7 @@ with tempfile.TemporaryDirectory() as tmp:
     path.write_bytes(codecs.BOM_UTF8 + good.replace("\n", "\r\n").encode())
     assert read_iob2(path) == parse_iob2_lines(toy, str(path))
 
+
 # %% [markdown]
 # ## Where the data comes from
 #
@@ -266,6 +274,7 @@ def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
     return [Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]], f"{where} row {i}")
             for i, r in enumerate(ds)]
 
+
 # %%
 #| export
 def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
@@ -283,6 +292,7 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     if not sentences:
         raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); restore it from a complete UNER copy or leave {dataset} out")
     return sentences
+
 
 # %% [markdown]
 # Our tests read the local copy (`$PICOMAML_DATA/uner`, which the Makefile points at `../shared/data`).
@@ -309,6 +319,7 @@ except ValueError as e: assert "only a test split" in str(e)
 
 # %%
 from unittest import mock
+
 with tempfile.TemporaryDirectory() as tmp:
     for content in ("", "# sent_id = 1\n# text = \n\n"):
         path = Path(tmp) / "uner" / "tl_trg" / "tl_trg-ud-test.iob2"
@@ -319,6 +330,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 import datasets
+
 readme = """---
 configs:
 - {config_name: tl_trg, data_files: [{split: test, path: tl_trg/test.jsonl}]}
@@ -343,6 +355,7 @@ with tempfile.TemporaryDirectory() as tmp:
         with mock.patch.object(datasets, "load_dataset", return_value=no_rows):
             try: load_split("tl_trg", "test", hub_cfg); raise AssertionError("accepted an empty Hub split")
             except UNERFormatError as e: assert str(e).startswith(f"{hub}[tl_trg/test]: UNER tl_trg test has no sentences"), e
+
 
 # %% [markdown]
 # ## Words to sub-tokens
@@ -369,6 +382,7 @@ def encode_words(words: Sequence[str], encode: Callable[[str], list[int]]) -> li
         if not p: raise ValueError(f"word {w!r} encodes to no sub-tokens")
     return pieces
 
+
 # %% [markdown]
 # The tokenizer is the OLMo tokenizer of `picomaml.tokenizer` (`data.tokenizer_path`, `$PICOMAML_DATA`
 # or the Hub); anything with `.encode(text) -> ids` works, so tests can also use a toy encoder.
@@ -376,11 +390,13 @@ def encode_words(words: Sequence[str], encode: Callable[[str], list[int]]) -> li
 # %%
 from picomaml.config import DataConfig
 from picomaml.tokenizer import load_tokenizer
+
 encode = load_tokenizer(DataConfig()).encode
 pieces = encode_words(["Peter", "went", "to", "Bratislava"], encode)
 assert pieces[0] == encode("Peter") and pieces[3] == encode(" Bratislava") and len(pieces[3]) == 4
 assert encode_words(["在", "北京"], encode)[1] == encode("北京") and encode("北京")[0] != encode(" ")[0]
 assert encode_words(["在", "Apple"], encode)[1] == encode(" Apple")
+
 
 # %% [markdown]
 # ## Windows: never truncate
@@ -418,6 +434,7 @@ def align_sentence(sentence: Sentence, encode: Callable[[str], list[int]], max_l
     windows.append(Window(ids, labels, starts, index, first))
     return windows
 
+
 # %%
 s = Sentence(["Peter", "went", "to", "Bratislava", "."], ["B-PER", "O", "O", "B-LOC", "O"], "hand:1")
 (win,) = align_sentence(s, encode, max_len=64)
@@ -430,6 +447,7 @@ assert all(len(p.input_ids) <= 4 for p in parts) and [p.first_word for p in part
 assert sum((p.input_ids for p in parts), []) == win.input_ids
 try: align_sentence(s, encode, max_len=3); raise AssertionError
 except ValueError as e: assert "hand:1" in str(e) and "Bratislava" in str(e)
+
 
 # %% [markdown]
 # A split encodes every sentence; `n_split` reports how many sentences needed more than one window.
@@ -465,6 +483,7 @@ def rejoin(split: EncodedSplit, window_preds: Sequence[Sequence]) -> list[list]:
     if missing: raise ValueError(f"no prediction for some words of sentences {missing[:5]}")
     return out
 
+
 # %%
 long = Sentence(["Janko"] + ["a", "b"] * 10 + ["Nitra"], ["B-PER"] + ["O"] * 20 + ["B-LOC"], "hand:2")
 enc = encode_split([s, long], encode, max_len=6)
@@ -490,6 +509,7 @@ sk_dev = encode_split(load_split("sk_snk", "dev", ner_cfg), encode, ner_cfg.max_
 assert sum(l != IGNORE_INDEX for w in sk_dev.windows for l in w.labels) == sum(len(s.words) for s in sk_dev.sentences)
 print(f"sk_snk dev: {len(sk_dev.sentences)} sentences, {len(sk_dev.windows)} windows, {sk_dev.n_split} split at max_len {ner_cfg.max_len}")
 print(f"split at 32 sub-tokens: {encode_split(sk_dev.sentences, encode, 32).n_split}")
+
 
 # %% [markdown]
 # ## Span statistics (paper 2 Table 4)
@@ -518,6 +538,7 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
         lengths = [e - b for k, b, e in spans if k == kind]
         stats[kind] = {"spans": len(lengths), "single_token_share": sum(l == 1 for l in lengths) / len(lengths) if lengths else math.nan}
     return stats
+
 
 # %%
 assert tag_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-ORG", "I-PER"]) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6), ("PER", 6, 7)]
@@ -568,6 +589,7 @@ def particle_recall(sentences: Sequence[Sentence], predictions: Sequence[Sequenc
         out["recall_elsewhere"] = rest["found"] / rest["spans"] if rest["spans"] else math.nan
     return out
 
+
 # %%
 hand = [Sentence(["Nakita", "ni", "Juan", "si", "Maria", "Cruz"], ["O", "O", "B-PER", "O", "B-PER", "I-PER"]),
         Sentence(["Si", "Pedro", "at", "Jose"], ["O", "B-PER", "O", "B-PER"]),
@@ -581,6 +603,7 @@ assert pr["found_after_particle"] == 2
 
 # %%
 for d in OTHER: print(d, particle_recall(tests[d]))
+
 
 # %% [markdown]
 # ## OOV rate (paper 2 Table 5)
@@ -599,6 +622,7 @@ def oov_rate(test: Sequence[Sentence], train: Sequence[Sentence]) -> dict:
     types = set(words)
     return {"tokens": len(words), "oov_token_rate": sum(w not in seen for w in words) / len(words),
             "types": len(types), "oov_type_rate": sum(w not in seen for w in types) / len(types)}
+
 
 # %%
 train_hand = [Sentence(["Juan", "ang", "bata"], ["B-PER", "O", "O"])]
@@ -628,6 +652,7 @@ def uner_statistics(train_sets: dict, zero_shot: dict) -> dict:
             "zero_shot": {name: {"sentences": len(s), "particles": particle_recall(s),
                                  "oov": {source: oov_rate(s, train) for source, train in train_sets.items()}}
                           for name, s in zero_shot.items()}}
+
 
 # %%
 hand_stats = uner_statistics({"hand": train_hand}, {"tl_hand": hand + test_hand})

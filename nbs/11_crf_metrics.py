@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -42,6 +44,7 @@ from torchcrf import CRF
 
 from picomaml.names import ENTITY_TYPES
 from picomaml.ner_data import LABELS, tag_spans
+
 
 # %% [markdown]
 # ## The linear-chain CRF
@@ -102,6 +105,7 @@ def crf_nll(crf: CRF, em: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) 
             + (crf.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1))  # (B,) score of the gold path
     return (crf_log_partition(crf, em, mask) - gold).sum() / m.sum()
 
+
 # %% [markdown]
 # The loss is the negative log-likelihood divided by the number of words (pytorch-crf's
 # `token_mean`), so the CRF's loss is per word like the linear head's cross-entropy. It equals
@@ -132,6 +136,7 @@ for W in (1, 2, 3, 7, 16, 33, 200):
     assert torch.allclose(ours, ref, atol=1e-5), (W, ours, ref)
     g_ours, g_ref = grads(ours, [em, *crf_ref.parameters()]), grads(ref, [em, *crf_ref.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_ours, g_ref)), W
+
 
 # %% [markdown]
 # **Forbidden transitions.** With −1e4 on every transition IOB2 forbids (O → I-X, B-X/I-X → I-Y of
@@ -169,6 +174,7 @@ em64 = em.detach().double().requires_grad_()
 g_ref = grads(-crf_bio64(em64, tags, mask, reduction="token_mean"), [em64, *crf_bio64.parameters()])
 assert all(torch.isfinite(g).all() and torch.allclose(g.double(), r, atol=1e-4) for g, r in zip(g_ours, g_ref))
 
+
 # %% [markdown]
 # ### Batched Viterbi
 #
@@ -194,6 +200,7 @@ def viterbi(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         path[:, t] = tag
         if t: tag = torch.where(mask[:, t], pointers[t - 1].gather(1, tag[:, None]).squeeze(1), tag)
     return path * mask
+
 
 # %% [markdown]
 # ### Marginals by forward–backward
@@ -222,6 +229,7 @@ def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     log_z = torch.logsumexp(alphas[-1] + crf.end_transitions, dim=1)  # (B,)
     return (alpha + beta - log_z[:, None, None]).exp()
 
+
 # %% [markdown]
 # Brute force over every tag sequence of short inputs, in float64: the batched Viterbi finds the
 # best-scoring sequence (and agrees with pytorch-crf's own decoder), the marginals are the summed
@@ -230,6 +238,7 @@ def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 # %%
 import itertools
+
 
 def sequence_score(crf, em, tags):
     "Unnormalised score of one tag sequence: start + emissions + transitions + end."
@@ -264,6 +273,7 @@ mask = ragged(64, 30)
 best = viterbi(crf_ref, em, mask)
 assert [row[:n].tolist() for row, n in zip(best, mask.sum(1).tolist())] == crf_ref.decode(em, mask)
 
+
 # %% [markdown]
 # ## Scoring with seqeval
 #
@@ -296,6 +306,7 @@ def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
         if any(counts): rows.append([i, *counts])
     return {"n": len(gold), "sentences": rows}
 
+
 # %%
 #| export
 def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
@@ -305,6 +316,7 @@ def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
             "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
             "per_tag_f1": {k: report[k]["f1-score"] if k in report else math.nan for k in ENTITY_TYPES},
             "sentence_counts": sentence_counts(gold, pred)}
+
 
 # %% [markdown]
 # A hand-computed case with 4 gold spans (PER "Jan Novak", LOC "Nitra", PER "Peter", ORG "SNK"). The
@@ -358,6 +370,7 @@ def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> f
     recall = correct / len(gold_spans) if len(gold_spans) else 0.0
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
+
 # %% [markdown]
 # It equals seqeval's `f1_score` exactly (`==`, not approximately) on the toy case above and on
 # 500 random batches of sentences — empty ones, all-O ones, and predictions that corrupt the gold
@@ -365,6 +378,7 @@ def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> f
 
 # %%
 import random
+
 
 def packed(sentences):
     "Tag ids and `follows` flags of sentences packed end to end."
@@ -382,6 +396,7 @@ rng = random.Random(0)
 for _ in range(500):
     gold_r, pred_r = random_batch(rng)
     assert micro_f1(packed(gold_r)[0], *packed(pred_r)) == f1_score(gold_r, pred_r, zero_division=0), (gold_r, pred_r)
+
 
 # %% [markdown]
 # Summed over the sentences, the counts give seqeval's micro-F1 and per-tag F1 (to rounding: seqeval
@@ -406,6 +421,7 @@ for _ in range(500):
     for t in ENTITY_TYPES:
         assert (math.isnan(sc["per_tag_f1"][t]) and math.isnan(counts_f1(counts, t))) or math.isclose(counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12)
 
+
 # %% [markdown]
 # ## Finetuning speed from the loss curve (paper 2 Table 2)
 #
@@ -428,6 +444,7 @@ def loss_curve_metrics(losses) -> dict:
     return {"t90": int(steps[np.argmax(y <= target)]),
             "auc": float(np.trapezoid(y, steps) / (len(y) - 1)),
             "slope": float(np.polyfit(steps[:n_fit], y[:n_fit], 1)[0])}
+
 
 # %%
 curve = loss_curve_metrics([8.0, 6.0, 4.0, 2.0, 1.0, 0.0])  # target 0.8: first reached at step 6

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -82,6 +84,7 @@ def gather_words(hidden: torch.Tensor, word_pos: torch.Tensor) -> torch.Tensor:
     "States at each word's first sub-token: (B, T, d), (B, W) -> (B, W, d)."
     return hidden.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
+
 # %%
 w1 = Window([5, 6, 7, 8], [1, IGNORE_INDEX, 0, 5], [0, 2, 3], 0, 0)
 w2 = Window([9, 10], [2, IGNORE_INDEX], [0], 1, 0)
@@ -104,6 +107,7 @@ assert torch.equal(gather_words(h, b.word_pos)[0, 1], h[0, 2])
 # %%
 import os
 from pathlib import Path
+
 from picomaml.config import ModelConfig
 from picomaml.model import PicoDecoder, load_pretrained
 
@@ -128,6 +132,7 @@ with torch.no_grad():
     padded = collate([w1, w2])
     alone = bb.hidden(torch.tensor([w2.input_ids]))
     assert torch.allclose(bb.hidden(padded.input_ids)[1, :2], alone[0], atol=1e-6)  # right padding changes nothing
+
 
 # %% [markdown]
 # ## Heads
@@ -163,6 +168,7 @@ class CRFTagHead(nn.Module):
     def decode(self, em, mask): return viterbi(self.crf, em, mask)  # (B, W)
     def marginals(self, em, mask): return crf_marginals(self.crf, em, mask)
 
+
 # %% [markdown]
 # ## The tagger
 #
@@ -191,6 +197,7 @@ class NERTagger(nn.Module):
         "Backbone states at the words' first sub-tokens, (B, W, d)."
         dev = next(self.parameters()).device
         return gather_words(self.backbone.hidden(batch.input_ids.to(dev)), batch.word_pos.to(dev))
+
 
 # %% [markdown]
 # ## The feature cache
@@ -235,6 +242,7 @@ def batches(windows: list[Window], order, batch_size: int):
         idx = list(order[i:i + batch_size])
         yield idx, collate([windows[j] for j in idx])
 
+
 # %%
 #| export
 @torch.no_grad()
@@ -259,6 +267,7 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
     dev = next(tagger.parameters()).device
     return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev), follows.to(dev))
 
+
 # %% [markdown]
 # The cache holds exactly what the backbone gives for each window alone.
 
@@ -271,6 +280,7 @@ assert cache.follows.tolist() == [False, False, True, True]  # two sentences; wo
 joined = window_features(cache_tagger, EncodedSplit([], [w1, Window([9], [2], [0], 0, 3)]))
 assert joined.follows.tolist() == [False, True, True, True]  # the second window continues sentence 0 at word 3
 with torch.no_grad(): assert torch.allclose(x[0], bb.hidden(torch.tensor([w1.input_ids]))[0, w1.word_starts], atol=1e-5)
+
 
 # %% [markdown]
 # ## Predictions and evaluation
@@ -317,6 +327,7 @@ def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None =
 def evaluate(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> dict:
     "seqeval scores of the tagger on a split."
     return score([s.tags for s in split.sentences], predict(tagger, split, feats, batch_size))
+
 
 # %% [markdown]
 # ## Finetuning
@@ -374,6 +385,7 @@ def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch
     for _, batch in batches(train.windows, order, batch_size):
         yield tagger.word_features(batch), batch.word_mask.to(dev), batch.word_labels.to(dev)
 
+
 # %%
 #| export
 def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
@@ -411,6 +423,7 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
                    best_dev_f1=best, time_s=time.perf_counter() - t0)
     return tagger, history
 
+
 # %% [markdown]
 # ### Tests on real data
 #
@@ -419,10 +432,13 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
 # %%
 import dataclasses
 import math
+
 import numpy as np
+
 from picomaml.config import DataConfig
 from picomaml.ner_data import encode_split, load_split
 from picomaml.tokenizer import load_tokenizer
+
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 encode = load_tokenizer(DataConfig()).encode
 sk_train = load_split("sk_snk", "train", NERConfig())
@@ -532,6 +548,7 @@ split_dev = encode_split(sk_dev[:300], encode, 8)
 assert len(split_dev.windows) > 2 * len(split_dev.sentences)
 assert dev_micro_f1(tagger, window_features(tagger, split_dev)) == evaluate(tagger, split_dev)["micro_f1"]
 
+
 # %% [markdown]
 # ## The result record
 #
@@ -553,6 +570,7 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
             **loss_curve_metrics(history["loss"]), "loss_curve": history["loss"], "epochs": history["epochs"],
             "steps": history["steps"]}
 
+
 # %% [markdown]
 # The record of the finetune above on three test sets (the Slovak one and the two Tagalog ones):
 
@@ -563,6 +581,7 @@ assert set(record["test_f1"]) == set(tiny_tests) and len(record["loss_curve"]) =
 assert record["dev_f1"] == max(record["dev_f1_curve"]) and 1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
 assert record["sentence_counts"]["tl_trg"]["n"] == len(tiny_tests["tl_trg"].sentences)
 {k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve", "sentence_counts")}
+
 
 # %% [markdown]
 # ## The probability of the gold tag
@@ -580,6 +599,7 @@ def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: Featur
     per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
     return rejoin(split, per_window)
 
+
 # %% [markdown]
 # The probabilities are real distributions: on a hand-made Tagalog sentence the gold-tag
 # probabilities match the marginals read directly, and the finetuned head gives the gold tags of the
@@ -587,6 +607,7 @@ def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: Featur
 
 # %%
 from picomaml.ner_data import Sentence
+
 case = encode_split([Sentence(["Malapit", "kay", "Maria", "si", "Juan"], ["O", "O", "B-PER", "O", "B-PER"], "case:1")], encode, 64)
 crf_tagger, _ = finetune(bb, small_train, small_dev, dataclasses.replace(quick, head="crf"), seed=1)
 probs = gold_tag_probabilities(crf_tagger, case)

@@ -5,12 +5,15 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # The NER sweep
@@ -44,18 +47,18 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import hf_hub_download
 from tqdm.auto import tqdm
 
-from huggingface_hub import hf_hub_download
-
 from picomaml.checkpoints import scheduled_steps
-from picomaml.config import ConfigError, apply_overrides, ensure_writable, load_config, run_command
+from picomaml.config import apply_overrides, ensure_writable, load_config, run_command
+from picomaml.crf_metrics import score
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from picomaml.crf_metrics import score
-from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
+from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from picomaml.tokenizer import load_tokenizer
+
 
 # %% [markdown]
 # ## The results table: atomic appends
@@ -94,6 +97,7 @@ def read_rows(path) -> list[dict]:
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
     return rows
 
+
 # %% [markdown]
 # Before a sweep appends, it cuts a torn tail off the file: otherwise the next row would be glued
 # onto the fragment and both lost.
@@ -107,8 +111,10 @@ def drop_torn_tail(path) -> None:
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as tmp:
     table = Path(tmp) / "r.jsonl"
     append_row(table, {"key": "a"}); append_row(table, {"key": "b"})
@@ -173,6 +179,7 @@ def expand_steps(steps, where: str) -> list:
         except KeyError as e: raise SweepError(f"{where}: steps needs start, stop and every; missing {e}") from None
     return list(steps)
 
+
 # %% [markdown]
 # `run_steps` reads a pretraining run's own configuration to turn `final` and `scheduled` into step
 # numbers, so a grid follows the run it points at (the rehearsal's 6-step runs and the papers'
@@ -219,6 +226,7 @@ def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
         return [Checkpoint(**base, source=fill(entry["checkpoint"], s), step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
     return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s), subfolder=fill(entry.get("subfolder"), s),
                        step=s, hub=True) for s in steps]
+
 
 # %% [markdown]
 # A job is one (checkpoint, head, regime, dataset, seed) under its grid's settings. Its key is every
@@ -279,6 +287,7 @@ def check_checkpoints(jobs: list[Job]) -> None:
                          f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
                          f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
 
+
 # %% [markdown]
 # ## Do the grids cover what the reports read?
 #
@@ -302,6 +311,7 @@ def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "p
                 wanted = [(name, read["head"], regime, dataset, read["step"], p) for p in ((True,) if read.get("predictions") else (True, False))]
                 if not have & set(wanted): gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
     return gaps
+
 
 # %% [markdown]
 # ## Running the sweep
@@ -398,12 +408,14 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     new = uner_statistics(train, zero_shot)
     write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
+
 # %%
 _pool = [f"da{i}" for i in range(50)] + [f"sk{i}" for i in range(50)]
 _sample = capped(_pool, 20, seed=0)
 assert len(_sample) == 20 and _sample == capped(_pool, 20, seed=0) and _sample == sorted(_sample, key=_pool.index)
 assert any(x.startswith("da") for x in _sample) and any(x.startswith("sk") for x in _sample)
 assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
+
 
 # %%
 #| export
@@ -440,6 +452,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
             return features[key]
         append_row(out, run_job(job, backbone, ner_cfg, data, feats, out))
     return len(todo)
+
 
 # %% [markdown]
 # ## Command line
@@ -483,6 +496,7 @@ if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 from picomaml.config import ModelConfig, save_config
 from picomaml.model import PicoDecoder, save_pretrained
 from picomaml.ner_data import Sentence, oov_rate, span_statistics
+
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -82,6 +84,7 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
     order = {s: i for i, s in enumerate(SIZES)}
     return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     for name in ["pico-large-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "demo-maml", "ner", "released-tiny-maml"]:
@@ -94,6 +97,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert find_runs(tmp, families=["released"]).name.tolist() == ["released-tiny-maml"]
 _none = find_runs("/nonexistent")
 assert _none.empty and list(_none.columns) == RUN_COLUMNS and list(_none[_none.has_metrics].columns) == RUN_COLUMNS
+
 
 # %% [markdown]
 # ## Readers
@@ -124,6 +128,7 @@ def read_metrics(run_dir) -> pd.DataFrame:
     if not merged: return pd.DataFrame(columns=["step"])
     return pd.DataFrame([merged[step] for step in sorted(merged)])
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     lines = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 2, "loss": 3.5, "paloma_ppl": 40.0}]
@@ -136,6 +141,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert read_metrics(tmp)[["loss", "paloma_ppl"]].values.tolist() == [[2.0, 30.0]]  # training line + evaluation line
     assert any("metrics.jsonl:4" in str(w.message) for w in caught)
     assert read_metrics(Path(tmp) / "nothing").empty
+
 
 # %% [markdown]
 # `read_run_spectra` reads a run's `spectra.jsonl` (paper 1 §6: PER of weights and gradients per
@@ -157,6 +163,7 @@ def read_ner_results(paths) -> pd.DataFrame:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
     return pd.DataFrame(rows)
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -194,6 +201,7 @@ def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
     rows = metrics.dropna(subset=[key])[RUN_KEYS + ["step", key]].sort_values(["name", "step"], ignore_index=True)
     rows[key] = rows.groupby("name")[key].transform(lambda x: x.astype(float).rolling(window, min_periods=1).mean())
     return rows
+
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
@@ -247,6 +255,7 @@ def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
             if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c} for tag, v in per_tag.get(test_set, {}).items()]
             else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan), "counts": c})
     return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]) + ["counts"])
+
 
 # %%
 _records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2", "checkpoint": "runs/pico-large-maml/checkpoints/step_006000",
@@ -329,6 +338,7 @@ def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(spans > 0, 2 * c[..., 0] / spans, 0.0 if tag is None else np.nan)
 
+
 # %% [markdown]
 # A draw keeps each test set's size, differs between sets and replicates, and repeats exactly; a
 # replicate of counts whose weights are all 1 is the run's own F1. Two sentences, one with a correct
@@ -343,6 +353,7 @@ _total = np.asarray([r[1:] for r in _counts["sentences"]], float).reshape(-1, 3,
 assert counts_f1(_total) == 2 / 3 and counts_f1(_total, "PER") == 1 and counts_f1(_total, "ORG") == 0 and np.isnan(counts_f1(_total, "LOC"))
 _reps = counts_f1(replicate_counts(_counts, "x", 500))  # (500,)
 assert _reps.shape == (500,) and set(np.round(_reps, 6)) <= {0.0, round(2 / 3, 6), 1.0, 0.5, 0.8}  # some resamples drop a sentence
+
 
 # %% [markdown]
 # `with_replicates` adds to a long table (`ner_long`, which carries each row's `counts`) a `boot`
@@ -370,6 +381,7 @@ def mean_replicates(boots) -> np.ndarray | None:
         warnings.simplefilter("ignore", RuntimeWarning)  # a replicate where every row's tag F1 is NaN stays NaN
         return np.nanmean(np.stack(boots), axis=0)
 
+
 # %% [markdown]
 # `bootstrap_ci` combines per-seed values with their sentence replicates: in replicate b the seeds
 # are drawn with replacement and their values *in replicate b* averaged, so every drawn seed is read
@@ -395,6 +407,7 @@ def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) ->
     if means.size == 0: return (float(x.mean()), np.nan, np.nan)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(x.mean()), float(low), float(high)
+
 
 # %%
 assert bootstrap_ci([2.0]) == (2.0, 2.0, 2.0) and all(np.isnan(bootstrap_ci([])))
@@ -449,11 +462,13 @@ def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
     return (f"Brackets: 95 % percentile interval of a {n_boot:,}-replicate bootstrap resampling {' and '.join(over)}"
             + ("; a value without brackets is from runs without per-sentence counts." if sentences else "."))
 
+
 # %%
 assert format_estimate([]) == "missing" and format_estimate([np.nan]) == "missing"
 assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 [1.0, 1.0]"
 assert format_estimate([1.0, 3.0]).startswith("2.00 [1.00, ") and format_estimate([0.5], 1, [np.linspace(-1, 2, 101)], signed=True) == "+0.5 [-0.9, +1.9]"
 assert "pretraining seeds" not in interval_note(1000, [42]) and "the 3 pretraining seeds" in interval_note(200, [1, 2, 3], sentences=False)
+
 
 # %% [markdown]
 # Paper 1's NER tables (Tables 3–5, 8, 9) report the relative F1 change of the MAML model over the
@@ -467,6 +482,7 @@ def relative_change(new, base):
     new, base = np.asarray(new, dtype=float), np.asarray(base, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(base != 0, 100.0 * (new - base) / base, np.nan)
+
 
 # %%
 assert np.isclose(relative_change(0.55, 0.5), 10.0) and np.isnan(relative_change(0.3, 0.0)) and np.isnan(relative_change(np.nan, 0.5))
@@ -510,6 +526,7 @@ def save_figure(fig, name: str, figures_dir) -> list[Path]:
     plt.close(fig)
     return paths
 
+
 # %% [markdown]
 # `missing_note` replaces a panel's content with a visible "missing: <what>" note, so a figure with
 # absent runs still has every panel and says why one is empty. It hides the panel's tick labels
@@ -526,6 +543,7 @@ def missing_note(ax, what: str) -> None:
     ax.text(0.5, 0.5, missing_label(what), ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
     ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
     ax.grid(False)
+
 
 # %%
 set_style()
@@ -584,6 +602,7 @@ def save_table(df: pd.DataFrame, name: str, tables_dir, caption: str) -> list[Pa
     paths[1].write_text(latex_table(df, caption, name) + "\n")
     df.to_csv(paths[2], index=False, lineterminator="\n")
     return paths
+
 
 # %%
 _table = pd.DataFrame({"size": ["tiny", "large"], "loss_maml": ["3.10", MISSING], "F1 %": ["1.0 ± 0.2 (n=3)", "a|b"]})

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -48,10 +50,22 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.phases import find_phase
 from picomaml.names import run_name
-from picomaml.report import (MISSING, SIZE_COLORS, find_runs, format_estimate, missing_label, missing_note, runs_metrics,
-                             runs_spectra, save_figure, save_table, set_style, smoothed)
+from picomaml.phases import find_phase
+from picomaml.report import (
+    MISSING,
+    SIZE_COLORS,
+    find_runs,
+    format_estimate,
+    missing_label,
+    missing_note,
+    runs_metrics,
+    runs_spectra,
+    save_figure,
+    save_table,
+    set_style,
+    smoothed,
+)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -77,6 +91,7 @@ expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in ar
 expected["found"] = expected["name"].isin(runs["name"])
 metrics, spectra = runs_metrics(runs), runs_spectra(runs)
 expected
+
 
 # %% [markdown]
 # ## A curve panel
@@ -105,6 +120,7 @@ def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None
     if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
     if logy: ax.set_yscale("log")
     ax.set_xlabel("step")
+
 
 # %%
 _first = expected.iloc[0]  # whatever runs the parameters ask for: the check holds for any of them
@@ -163,12 +179,14 @@ def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple:
     at = lambda key: run.loc[run.step == step, key].astype(float).dropna() if key in run else pd.Series(dtype=float)
     return (step, loss, *(at(k).iloc[0] if len(at(k)) else np.nan for k in PPL_KEYS))
 
+
 # %%
 _toy = pd.DataFrame({"step": [1, 2, 3, 4], "ar_loss": [9.0, np.nan, 3.0, 1.0], "paloma_ppl": [np.nan, 50.0, np.nan, 20.0],
                      "paloma_doc_ppl": [np.nan, 60.0, np.nan, 25.0]})
 assert loss_and_ppl_at(_toy, None, 2) == (4, 2.0, 25.0, 20.0) and loss_and_ppl_at(_toy, 2, 2)[1:] == (9.0, 60.0, 50.0)
 assert loss_and_ppl_at(_toy, None, 10)[1] == np.mean([9.0, 3.0, 1.0])  # next-token steps only
 assert np.isnan(loss_and_ppl_at(_toy, 3, 2)[2]) and np.isnan(loss_and_ppl_at(_toy, 5, 2)[1])
+
 
 # %%
 def table2() -> pd.DataFrame:
@@ -193,6 +211,7 @@ save_table(table, "p1_table2_loss_paloma", tables_dir,
            "at the final step")
 table
 
+
 # %% [markdown]
 # ## How much sooner MAML reaches the vanilla loss
 #
@@ -216,10 +235,12 @@ def speedup(vanilla: pd.DataFrame, maml: pd.DataFrame, key: str = "ar_loss") -> 
     target = float(vanilla[key].iloc[-1])
     return steps_to(vanilla, key, target) / steps_to(maml, key, target)
 
+
 # %%
 _v = pd.DataFrame({"step": [100, 200, 300, 400], "ar_loss": [6.0, 5.0, 4.5, 4.0]})
 assert speedup(_v, pd.DataFrame({"step": [100, 200, 300, 400], "ar_loss": [5.5, 4.2, 3.9, 3.5]})) == 400 / 300
 assert np.isnan(speedup(_v, pd.DataFrame({"step": [100, 200], "ar_loss": [7.0, 6.5]})))
+
 
 # %%
 def speedup_table() -> pd.DataFrame:
@@ -270,6 +291,7 @@ curve_panel(top, smoothed(maml, "head_w_std", smooth), "head_w_std", "head weigh
 curve_panel(bottom, smoothed(maml, "head_w_mean", smooth), "head_w_mean", "head weight mean", "head statistics", arm="maml", legend=False)
 save_figure(fig, "p1_fig4_head_weights", figures_dir)
 
+
 # %% [markdown]
 # ## Figure 5: proportional effective rank of weights and gradients
 #
@@ -286,6 +308,7 @@ def mean_per(spectra: pd.DataFrame, kind: str) -> pd.DataFrame:
     chosen = spectra[(spectra.kind == kind) & spectra.matrix.isin(per_matrices)]
     return chosen.groupby(["name", "size", "arm", "seed", "step"], as_index=False).per.mean()
 
+
 # %%
 _spec = pd.DataFrame({"name": "r", "size": "demo", "arm": "maml", "seed": 0, "step": [1, 1, 1, 2],
                       "matrix": ["attention.v_proj", "attention.o_proj", "swiglu.w_2", "attention.v_proj"],
@@ -297,6 +320,7 @@ fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
 curve_panel(top, mean_per(spectra, "weight"), "per", "PER (weights)", "weight spectra")
 curve_panel(bottom, mean_per(spectra, "gradient"), "per", "PER (gradients)", "gradient spectra", legend=False)
 save_figure(fig, "p1_fig5_per", figures_dir)
+
 
 # %% [markdown]
 # ## Figure 6: the large model's phase transition

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -47,10 +49,26 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from picomaml.names import ENTITY_TYPES as TAGS, IN_LANGUAGE, OTHER, PUD
-from picomaml.report import (MISSING, N_BOOT, SIZE_COLORS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
-                             missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
-                             set_style, with_replicates)
+from picomaml.names import ENTITY_TYPES as TAGS
+from picomaml.names import IN_LANGUAGE, OTHER, PUD
+from picomaml.report import (
+    MISSING,
+    N_BOOT,
+    SIZE_COLORS,
+    bootstrap_ci,
+    format_estimate,
+    interval_note,
+    mean_replicates,
+    missing_label,
+    missing_note,
+    ner_long,
+    read_ner_results,
+    relative_change,
+    save_figure,
+    save_table,
+    set_style,
+    with_replicates,
+)
 
 # %% [markdown]
 # Under `nbdev_test` (`IN_TEST`) outputs go to a temporary directory so the committed demo outputs
@@ -61,6 +79,7 @@ if os.environ.get("IN_TEST"):
     figures_dir = tables_dir = tempfile.mkdtemp(prefix="p1_ner_")
 set_style()
 n_boot = 200 if smoke else N_BOOT
+
 
 # %% [markdown]
 # ## The results
@@ -88,6 +107,7 @@ def select(long: pd.DataFrame) -> pd.DataFrame:
 f1, tag_f1 = (with_replicates(select(ner_long(records, tags=t)), n_boot) for t in (False, True))
 note = interval_note(n_boot, seeds)
 print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for paper 1, {f1.boot.notna().sum()} with per-sentence counts")
+
 
 # %% [markdown]
 # ## Cells
@@ -118,6 +138,7 @@ def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
     values = [statistic(rows, size, arm, k, regime) for k in seeds]
     return format_estimate([v for v, _ in values], 3, [b for _, b in values])
 
+
 # %%
 _rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"], "f1": [0.3, 0.5, 0.4, 0.4],
                       "boot": [None] * 4})
@@ -144,6 +165,7 @@ def relative_table(rows: pd.DataFrame, columns: dict, regimes=("head", "full")) 
                 cells[f"{name} {regime}" if len(regimes) > 1 else name] = relative_cell(rows[keep(rows)], size, regime)
         table.append(cells)
     return pd.DataFrame(table)
+
 
 # %% [markdown]
 # ## Table 3: relative F1 change by evaluation group, regime and size
@@ -212,6 +234,7 @@ table7 = pd.DataFrame([{"model": f"{arm}_{size}", **{d: absolute_cell(in_languag
                        for size in sizes for arm in ("vanilla", "maml") if arm in arms])
 save_table(table7, "p1_table7_head_only_f1", tables_dir, f"Paper 1 Table 7: in-language micro-F1 under head-only tuning. {note}")
 table7
+
 
 # %% [markdown]
 # ## Figure 2: ΔF1 by entity class

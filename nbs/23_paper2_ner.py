@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -42,8 +44,6 @@ sweep_regime = "head"
 smoke = False  # fewer bootstrap replicates for the intervals
 
 # %%
-from __future__ import annotations
-
 import glob
 import json
 import os
@@ -56,10 +56,27 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import CEBUANO, DEFAULT_SEED, ENTITY_TYPES as TAGS, IN_LANGUAGE, OUTPUTS, PHILIPPINE, SOURCES, TAGALOG
-from picomaml.report import (ARM_COLORS, MISSING, N_BOOT, NER_COLUMNS, bootstrap_ci, format_estimate, interval_note, mean_replicates,
-                             missing_label, missing_note, ner_long, read_ner_results, relative_change, save_figure, save_table,
-                             set_style, with_replicates)
+from picomaml.names import CEBUANO, DEFAULT_SEED, IN_LANGUAGE, OUTPUTS, PHILIPPINE, SOURCES, TAGALOG
+from picomaml.names import ENTITY_TYPES as TAGS
+from picomaml.report import (
+    ARM_COLORS,
+    MISSING,
+    N_BOOT,
+    NER_COLUMNS,
+    bootstrap_ci,
+    format_estimate,
+    interval_note,
+    mean_replicates,
+    missing_label,
+    missing_note,
+    ner_long,
+    read_ner_results,
+    relative_change,
+    save_figure,
+    save_table,
+    set_style,
+    with_replicates,
+)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook writes into a temporary directory, so the
@@ -103,6 +120,7 @@ def ner_runs(results: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
         runs[score] = runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
         runs[f"{score}_boot"] = pd.Series([mean_replicates(boots[r].get(s) for s in sets) for r in runs.index], index=runs.index, dtype=object)
     return runs.join(results.drop(columns=[c for c in results if c in runs or c in ("test_f1", "test_strict_f1", "sentence_counts")]))
+
 
 # %% [markdown]
 # Two hand-written records: the first has all three Philippine sets, the second lacks tl_ugnayan.
@@ -148,6 +166,7 @@ def matched(runs: pd.DataFrame, value: str) -> pd.DataFrame:
     both = ok.groupby(CELL).arm.transform("nunique") == 2
     return ok[both & ok.arm.isin(["maml", "vanilla"])]
 
+
 # %%
 _grid = ner_runs(pd.DataFrame([
     {"pretraining_run": f"pico-tiny-{a}", "checkpoint": f"step_{s:06d}", "head": "crf", "regime": "head", "dataset": d,
@@ -156,6 +175,7 @@ _grid = ner_runs(pd.DataFrame([
 _final = final_runs(_grid, "crf")
 assert sorted(_final.zero_shot.round(6).tolist()) == [0.2, 0.3, 0.5]
 assert matched(_final, "zero_shot").dataset.tolist() == ["sk_snk", "sk_snk"] and final_runs(_grid, "linear").empty
+
 
 # %% [markdown]
 # ## Arm means over seeds, with intervals
@@ -188,6 +208,7 @@ def arm_gains(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
         rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), **dict(zip(("gain", "low", "high"), bootstrap_ci(gains, boots)))))
     return pd.DataFrame(rows, columns=[*by, "gain", "low", "high"])
 
+
 # %%
 _toy = pd.DataFrame({"size": "tiny", "arm": ["maml"] * 4 + ["vanilla"] * 2, "seed": [0, 0, 1, 1, 0, 1], "f": [0.2, 0.4, 0.5, 0.5, 0.1, 0.3]})
 _means = arm_means(_toy, "f").set_index("arm")
@@ -208,6 +229,7 @@ runs = runs[runs["size"].isin(sizes) & runs.arm.isin(arms) & runs.seed.isin(seed
 final = final_runs(runs, head)
 params = runs.groupby("size")["params"].median().to_dict() if "params" in runs else {}  # each record's backbone parameter count
 print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) or 'no results file'}; {len(final)} at a final checkpoint with the {head} head")
+
 
 # %% [markdown]
 # ## Figure 1: scale curve
@@ -248,6 +270,7 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.
         twin.grid(False)
     if missing: ax.annotate(missing_label(missing), (0, -0.25), xycoords="axes fraction", fontsize=7, color="0.35")
     return missing
+
 
 # %%
 _fig, _ax = plt.subplots()
@@ -290,6 +313,7 @@ fig.suptitle(INTERVALS, fontsize=8)
 save_figure(fig, "p2_fig2_regime", figures_dir)
 regime_means
 
+
 # %% [markdown]
 # ## Figure 3: zero-shot F1 by finetuning language
 #
@@ -309,6 +333,7 @@ def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
         ax.set_xticks(range(len(g)), g.index)
     ax.set_title(source)
 
+
 # %%
 by_source = arm_means(scale, "zero_shot", by=("dataset", "size"))
 fig, axes = plt.subplots(2, 5, figsize=(12, 5), sharey=True)
@@ -318,6 +343,7 @@ axes[0, 0].legend()
 fig.suptitle(f"Zero-shot F1 by finetuning language ({INTERVALS})")
 save_figure(fig, "p2_fig3_zero_shot_by_language", figures_dir)
 by_source.pivot_table(index=["dataset", "size"], columns="arm", values="mean")
+
 
 # %% [markdown]
 # ## The checkpoint sweep (Figures 4–7)
@@ -345,6 +371,7 @@ def curve_band(curves) -> pd.DataFrame:
     q = np.nanpercentile(table.to_numpy(float), [50, 25, 75], axis=1) if len(table) else np.empty((3, 0))
     return pd.DataFrame({"step": table.index.to_numpy(float), "median": q[0], "q25": q[1], "q75": q[2]})
 
+
 # %%
 _band = curve_band([as_curve([4.0, 2.0, 1.0]), as_curve([3.0, 1.0]), as_curve([5.0, 3.0, 2.0])])
 assert _band["median"].tolist() == [4.0, 2.0, 1.5] and _band.q25[0] == 3.5 and _band.q75[0] == 4.5 and curve_band([]).empty
@@ -355,6 +382,7 @@ assert _steps.step.tolist() == [100, 150, 200] and np.allclose(_steps["median"],
 sweep = sweep_runs(runs, sweep_size, sweep_dataset, sweep_regime, head)
 sweep_what = f"{sweep_size} MAML checkpoints, {sweep_regime}-only {head} on {sweep_dataset}"
 print(f"checkpoint sweep: {len(sweep)} record(s) ({sweep_what}), steps {sweep.checkpoint_step.astype(int).tolist()}")
+
 
 # %% [markdown]
 # ### Figure 4: learning-curve fan
@@ -380,6 +408,7 @@ def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend(loc="upper right", title=f"{len(curves)} checkpoints ({int(min(steps))}–{int(max(steps))})")
 
+
 # %%
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5))
 curves = lambda key: [as_curve(c) for c in sweep.get(key, pd.Series(dtype=object))]
@@ -387,6 +416,7 @@ fan(top, curves("loss_curve"), sweep.checkpoint_step, "finetuning step", "train 
 fan(bottom, curves("dev_f1_steps"), sweep.checkpoint_step, "finetuning step", f"{sweep_dataset} dev micro-F1", f"step-wise dev F1 of {sweep_what}")
 fig.suptitle(f"Learning curves ({sweep_size}, {sweep_regime}-only, {sweep_dataset})")
 save_figure(fig, "p2_fig4_learning_curve_fan", figures_dir)
+
 
 # %% [markdown]
 # ### Figure 5: final metrics against the checkpoint
@@ -416,6 +446,7 @@ def checkpoint_lines(ax, sweep: pd.DataFrame, columns: dict, ylabel: str, what: 
     absent = [columns[c] for c in columns if c not in drawn]
     ax.legend(title=missing_label(absent) if absent else None)
 
+
 # %%
 sweep = sweep.assign(final_train_loss=[final_loss(c) for c in sweep.get("loss_curve", pd.Series([None] * len(sweep), index=sweep.index, dtype=object))])
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
@@ -424,6 +455,7 @@ checkpoint_lines(bottom, sweep, {"dev_f1": f"{sweep_dataset} dev", "tagalog": "T
 fig.suptitle("Final metrics vs. pretraining checkpoint")
 save_figure(fig, "p2_fig5_checkpoint_metrics", figures_dir)
 sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].reset_index(drop=True) if len(sweep) else "missing: sweep"
+
 
 # %% [markdown]
 # ### Figure 6: per-entity F1 against the checkpoint
@@ -442,6 +474,7 @@ def tag_f1(sweep: pd.DataFrame, test_sets) -> pd.DataFrame:
         rows.append({t: np.nanmean(v) if np.isfinite(v).any() else np.nan for t, v in vals.items()})
     return pd.DataFrame(rows, columns=list(TAGS), index=sweep.index)
 
+
 # %%
 _pt = pd.DataFrame({"per_tag_f1": [{"tl_trg": {"PER": 0.6, "LOC": 0.0, "ORG": np.nan}, "tl_ugnayan": {"PER": 0.4, "LOC": np.nan, "ORG": np.nan}}]})
 assert tag_f1(_pt, TAGALOG).iloc[0].fillna(-1).tolist() == [0.5, 0.0, -1] and np.isnan(tag_f1(_pt, CEBUANO).PER[0])
@@ -454,6 +487,7 @@ for ax, (language, sets) in zip(axes, (("Tagalog", TAGALOG), ("Cebuano", CEBUANO
     ax.set_title(language)
 fig.suptitle("Per-entity F1 across MAML checkpoints")
 save_figure(fig, "p2_fig6_per_entity_f1", figures_dir)
+
 
 # %% [markdown]
 # ### Predictions and gold-tag probabilities (side files)
@@ -478,6 +512,7 @@ def pooled(side: dict | None, test_sets) -> dict:
         for k in out: out[k] += (side or {}).get(s, {}).get(k, [])
     return out
 
+
 # %%
 with tempfile.TemporaryDirectory() as _tmp:
     Path(_tmp, "side.json").write_text(json.dumps({"tl_trg": {"words": [["si", "Juan"]], "tags": [["O", "B-PER"]], "pred": [["O", "O"]], "gold_prob": [[0.9, 0.2]]}}))
@@ -487,6 +522,7 @@ with tempfile.TemporaryDirectory() as _tmp:
 # %%
 result_dirs = {p.name: p.parent for p in paths}
 sweep_sides = [side_outputs(r, result_dirs) for r in sweep.to_dict("records")]
+
 
 # %% [markdown]
 # ### Figure 7: token confidence across checkpoints
@@ -511,6 +547,7 @@ def confidence_grid(sides: list, steps, test_sets, entities: bool, top: int = 10
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
     cols = sorted({int(s) for side, s in zip(sides, steps) if side is not None})
     return pd.DataFrame([[np.mean(cells[(w, s)]) if cells[(w, s)] else np.nan for s in cols] for w in words], index=words, columns=cols)
+
 
 # %%
 _sides = [{"tl_trg": {"words": [["ang", "Maria", "ang"]], "tags": [["O", "B-PER", "O"]], "gold_prob": [[0.8, 0.2, 0.6]]}},
@@ -557,9 +594,11 @@ def surprisal_delta(maml: tuple | None, vanilla: tuple | None) -> pd.DataFrame |
     if maml is None or vanilla is None: return None
     return pd.DataFrame({"word": maml[0], "delta": np.log(vanilla[1]) - np.log(maml[1])})
 
+
 # %%
 _d = surprisal_delta((["ni", "John"], [0.5, 0.8]), (["ni", "John"], [0.5, 0.2]))
 assert _d.delta[0] == 0 and np.isclose(_d.delta[1], np.log(0.2 / 0.8)) and surprisal_delta(None, (["a"], [1.0])) is None
+
 
 # %%
 def last_record(arm: str):
@@ -614,6 +653,7 @@ def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
                          **{f"Δ{k}": format_estimate(g[k], digits[k]) for k in SPEED}})
     return pd.DataFrame(rows, columns=["size", "regime", "tasks", *(f"Δ{k}" for k in SPEED)])
 
+
 # %%
 _speed = ner_runs(pd.DataFrame([
     {"pretraining_run": f"pico-tiny-{a}", "checkpoint": "step_000060", "head": "crf", "regime": "full", "dataset": d,
@@ -630,6 +670,7 @@ save_table(table2, "p2_table2_finetuning_speed", tables_dir,
            f"Finetuning convergence speed, Δ (MAML − vanilla) averaged over the in-language tasks ({head} head, final checkpoint). "
            + interval_note(n_boot, seeds, sentences=False))
 table2
+
 
 # %% [markdown]
 # ## Tables 4 and 5: data statistics
@@ -660,6 +701,7 @@ def span_table(stats: dict | None, what: str) -> pd.DataFrame:
     spans = stats["spans"]
     return pd.DataFrame({"entity": TAGS, "spans": [f"{spans[t]['spans']:,}" for t in TAGS],
                          "single-token %": [f"{100 * spans[t]['single_token_share']:.1f}" if spans[t]["spans"] else MISSING for t in TAGS]})
+
 
 # %%
 _stats4 = {"sentences": 2, "spans": {"PER": {"spans": 2, "single_token_share": 0.5}, "LOC": {"spans": 1, "single_token_share": 1.0},
@@ -714,6 +756,7 @@ def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFram
                      "model recall after particle": mean_sd([pooled_recall(p, sets) for p in particles]),
                      "OOV token rate": f"{oov['oov_token_rate']:.3f}" if oov else MISSING, "OOV type rate": f"{oov['oov_type_rate']:.3f}" if oov else MISSING})
     return pd.DataFrame(rows)
+
 
 # %%
 _zs = {"tl_trg+tl_ugnayan": {"particles": {"share": 0.5}, "oov": {"sk_snk": {"oov_token_rate": 0.5, "oov_type_rate": 0.25}}}}

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -34,8 +36,6 @@ smoothing = 1  # rolling-mean window in logged steps (1: unedited curves)
 smoke = False  # CI smoke run: fewer bootstrap resamples
 
 # %%
-from __future__ import annotations
-
 import os
 import tempfile
 import textwrap
@@ -47,8 +47,7 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.names import DEFAULT_SEED, SIZES, run_name
-from picomaml.report import (ARM_COLORS, SIZE_COLORS, find_runs, missing_label, missing_note, runs_metrics, save_figure,
-                             set_style, smoothed)
+from picomaml.report import ARM_COLORS, SIZE_COLORS, find_runs, missing_label, missing_note, runs_metrics, save_figure, set_style, smoothed
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -59,6 +58,7 @@ if os.environ.get("IN_TEST"):
     figures_dir = tempfile.mkdtemp(prefix="p2_indicators_figs_")
 set_style()
 n_boot = 200 if smoke else 2000
+
 
 # %% [markdown]
 # ## Which runs the figures expect
@@ -73,6 +73,7 @@ def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
     return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [DEFAULT_SEED]) if (s, a, k) not in present]
+
 
 # %%
 _frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [42, 2]})
@@ -107,6 +108,7 @@ _acc = smoothed(_metrics, "support_acc")
 assert _acc.step.tolist() == [1, 3] and _acc.support_acc.tolist() == [0.1, 0.3] and set(_acc.name) == {"demo-maml"}
 assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl").empty
 
+
 # %% [markdown]
 # ## Drawing one indicator
 #
@@ -128,6 +130,7 @@ def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list
                  n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
     if missing: ax.annotate(textwrap.fill(missing_label(missing), 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
+
 
 # %%
 _fig, _ax = plt.subplots(figsize=(4, 2.5))
@@ -164,6 +167,7 @@ for name, (key, ylabel, logged_by, log_y) in INDICATORS.items():
 assert all((Path(figures_dir) / f"{n}.{ext}").is_file() for n in INDICATORS for ext in ("png", "pdf"))
 {name: missing or "complete" for name, missing in missing_by_figure.items()}
 
+
 # %% [markdown]
 # ## What the figures show, and how they compare with the papers
 #
@@ -179,6 +183,7 @@ def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
     runs = metrics.groupby("name")[["size", "arm"]].first()
     table = runs.join(last).groupby(["size", "arm"], sort=False).agg(seeds=("arm", "size"), **{k: (k, "mean") for k in keys})
     return table.reset_index()
+
 
 # %%
 _final = final_values(_metrics).set_index("arm")

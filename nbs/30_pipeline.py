@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -54,6 +56,7 @@ import yaml
 from picomaml.checkpoints import LATEST_FILE
 from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
+
 
 # %% [markdown]
 # ## Profiles
@@ -147,6 +150,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
                                size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
                                commits_outputs=False, smoke=True)
 
+
 # %% [markdown]
 # The demo and the smoke run use local shards prepared from `$PICOMAML_DATA/corpus`; the smoke run is
 # the demo with the overrides below, so CI also takes the demo's path in a couple of minutes.
@@ -172,6 +176,7 @@ _rehearse = PROFILES["rehearse"]
 assert _rehearse.grids == PAPER.grids and _rehearse.sizes == PAPER.sizes and _rehearse.family == PAPER.family
 assert "model.d_model=48" in _rehearse.size_overrides["large"] and "model.d_model=6" in _rehearse.size_overrides["tiny"] and "train.steps=3" in _rehearse.size_overrides["tiny"]
 assert "train.global_batch=64" in _rehearse.size_overrides["tiny"] and "train.global_batch=128" in _rehearse.size_overrides["small"]
+
 
 # %% [markdown]
 # ## Which runs
@@ -199,6 +204,7 @@ def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
                 runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
     return runs
 
+
 # %%
 demo_runs = pretraining_runs(PROFILES["demo"])
 assert [r[2] for r in demo_runs] == ["demo-maml", "demo-vanilla"]
@@ -207,6 +213,7 @@ assert [r[2] for r in pretraining_runs(_seeded)][:3] == ["pico-tiny-maml", "pico
 for preset, overrides, name in demo_runs + pretraining_runs(_seeded) + pretraining_runs(PROFILES["smoke"]) + pretraining_runs(_rehearse):
     cfg = load_config(preset, overrides)
     assert cfg.logging.run_name == name and (cfg.maml.rho == 0) == ("-vanilla" in name)
+
 
 # %% [markdown]
 # ## Is a stage done?
@@ -222,8 +229,10 @@ def run_finished(preset, overrides) -> bool:
     latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / LATEST_FILE
     return latest.is_file() and latest.read_text().strip() == step_dir_name(cfg.train.steps)
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as tmp:
     preset, overrides, name = pretraining_runs(PROFILES["demo"])[0]
     overrides = overrides + [f"logging.runs_dir={tmp}"]
@@ -234,6 +243,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert not run_finished(preset, overrides)
     (Path(tmp) / name / "checkpoints" / "latest").write_text(f"step_{steps:06d}\n")
     assert run_finished(preset, overrides)
+
 
 # %% [markdown]
 # ## Commands
@@ -266,12 +276,14 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
            "--pretraining-seeds", *map(str, profile.seeds)]
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
+
 # %%
 assert launch_command("c.yaml", ["a.b=1"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 assert launch_command("c.yaml", [], 1)[1:] == ["-m", "picomaml.launch", "--config", "c.yaml"]
 _cmd = sweep_command("paper1", _rehearse)
 assert _cmd[_cmd.index("--out") + 1].endswith("runs/rehearse/ner/paper1-results.jsonl") and _cmd[_cmd.index("--pretraining-seeds") + 1:][:2] == ["42", "1"]
 assert yaml.safe_load(_cmd[-1]) == SHRINK["ner"]
+
 
 # %% [markdown]
 # ## Data for each profile
@@ -307,6 +319,7 @@ def prepare_stages(profile: Profile, timings: dict) -> None:
                 [sys.executable, "-m", "picomaml.data", "hub-layout", "--shards", str(out), "--out", str(layout),
                  "--rows-per-file", str(SHRINK["rows_per_file"]), "--split", hub_split]))
 
+
 # %% [markdown]
 # ## The analysis notebooks
 #
@@ -334,6 +347,7 @@ def report_parameters(profile: Profile) -> dict:
                 ner_results=[str(runs / "ner" / "*-results.jsonl")], smoke=profile.smoke,
                 phase_size=profile.phase_size, sweep_size=profile.sweep_size)
 
+
 # %%
 _params = report_parameters(PROFILES["smoke"])
 assert _params["figures_dir"].endswith("runs/smoke/figures") and _params["smoke"] and _params["runs_dir"].endswith("runs/smoke")
@@ -342,6 +356,7 @@ assert report_parameters(_rehearse)["tables_dir"].endswith("runs/rehearse/paper_
 for nb in analysis_notebooks():  # every notebook takes the outputs' place and the runs' selection, and a source of results
     declared = set(papermill.inspect_notebook(str(nb)))
     assert {"figures_dir", "sizes", "seeds", "smoke"} <= declared and declared & {"runs_dir", "ner_results"}, nb.name
+
 
 # %%
 #| export
@@ -357,6 +372,7 @@ def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
         except papermill.PapermillExecutionError as e:
             raise UserError(f"{nb.name} failed at cell {e.exec_count} ({e.ename}: {e.evalue}); the executed copy with the "
                             f"traceback is {reports_dir / nb.name}") from None
+
 
 # %% [markdown]
 # ## Running the stages
@@ -424,6 +440,7 @@ def save_timings(timings: dict, path) -> dict:
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
 
+
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     assert threads_per_process(1)["OMP_NUM_THREADS"] == str(os.cpu_count() or 1) or "OMP_NUM_THREADS" in os.environ
@@ -441,6 +458,7 @@ assert _t["a"] is None and _t["b"] >= 0 and "| a | skipped |" in format_timings(
 with tempfile.TemporaryDirectory() as tmp:
     save_timings({"pretrain": 100.0, "reports": 20.0}, Path(tmp) / "t.json")
     assert save_timings({"pretrain": None, "reports": 21.0}, Path(tmp) / "t.json") == {"pretrain": 100.0, "reports": 21.0}
+
 
 # %%
 #| export
@@ -468,6 +486,7 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
     print(format_timings(timings))
     save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
     return timings
+
 
 # %% [markdown]
 # ## The command line

@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -39,6 +41,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
+
 # %%
 #| export
 def _output_text(output) -> str:
@@ -62,8 +65,10 @@ def notebook_markdown(nb_path) -> str:
         if text: parts.append(f"```\n{text}\n```")
     return "\n\n".join(parts) + "\n"
 
+
 # %%
 import tempfile
+
 _nb = nbformat.v4.new_notebook(cells=[
     nbformat.v4.new_markdown_cell("# Title\n\nSome prose."),
     nbformat.v4.new_code_cell("#| hide\nimport secret"),
@@ -87,6 +92,7 @@ def write_readme(root=".") -> Path:
     out = root / "README.md"
     out.write_text(README_BANNER + notebook_markdown(root / "nbs" / "index.ipynb"))
     return out
+
 
 # %% [markdown]
 # ## Pins
@@ -114,6 +120,7 @@ def environment_pins(path) -> dict:
     deps = yaml.safe_load(Path(path).read_text())["dependencies"]
     pip = next((d["pip"] for d in deps if isinstance(d, dict) and "pip" in d), [])
     return requirement_pins(pip)
+
 
 # %%
 assert requirement_pins(["torch==2.13.0  # the CPU wheel here", "", "# c", "PyYAML==6.0.3"]) == {"torch": "2.13.0", "pyyaml": "6.0.3"}
@@ -161,12 +168,14 @@ def compare_tables(old_csv: str, new_csv: str, rtol: float) -> list[tuple[str, s
             if change: changes.append((" ".join(row_old[:2]), column, change, "within tolerance" in change))
     return changes
 
+
 # %%
 assert numbers("0.120 ± 0.031 (n=2)") == [0.12, 0.031, 2.0] and numbers("2,704.1") == [2704.1] and numbers("missing") == []
 assert compare_cell("2704", "2730", 0.05) == "'2704' -> '2730' (0.96 %, within tolerance)"
 assert compare_cell("0.10", "0.20", 0.05) == "'0.10' -> '0.20' (1e+02 %)" and compare_cell("x", "x", 0.05) is None
 _changes = compare_tables("model,ppl,f1\ndemo-maml,2704,0.10\n", "model,ppl,f1\ndemo-maml,2730,0.20\n", 0.05)
 assert [(r, c, ok) for r, c, _, ok in _changes] == [("demo-maml 2704", "ppl", True), ("demo-maml 2704", "f1", False)]
+
 
 # %%
 #| export
@@ -191,8 +200,10 @@ def compare_outputs(root=".", rtol: float = 0.05, ref: str = "HEAD") -> tuple[li
             lines.append(f"{path.name}: missing notes {missing_then.get(path.stem)} -> {missing_now.get(path.stem)}"); beyond += 1
     return lines, beyond
 
+
 # %%
 import tempfile
+
 with tempfile.TemporaryDirectory() as _repo:
     _repo = Path(_repo)
     (_repo / "paper_tables").mkdir(); (_repo / "figures").mkdir()
@@ -207,6 +218,7 @@ with tempfile.TemporaryDirectory() as _repo:
     _lines, _beyond = compare_outputs(_repo)
     assert _lines[0] == "p1_table2_loss_paloma.csv: demo-maml 120 | paloma: '2704' -> '2730' (0.96 %, within tolerance)"
     assert _beyond == 1 and "missing notes [] -> ['missing: demo-vanilla']" in _lines[-1]
+
 
 # %%
 #| export

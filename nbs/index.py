@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: python3
 #     language: python
 #     name: python3
 # ---
@@ -202,6 +204,7 @@
 # Outputs: `runs/` (run directories), `figures/`, `paper_tables/`.
 
 # %%
-from picomaml.config import load_config, PRESETS_DIR
+from picomaml.config import PRESETS_DIR, load_config
+
 demo = load_config(PRESETS_DIR / "demo.yaml")
 print(f"demo: d={demo.model.d_model}, seq_len={demo.data.seq_len}, steps={demo.train.steps}, rho={demo.maml.rho}")

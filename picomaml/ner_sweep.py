@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import hf_hub_download
 from tqdm.auto import tqdm
 
-from huggingface_hub import hf_hub_download
-
 from .checkpoints import scheduled_steps
-from .config import ConfigError, apply_overrides, ensure_writable, load_config, run_command
+from .config import apply_overrides, ensure_writable, load_config, run_command
+from .crf_metrics import score
 from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from .crf_metrics import score
-from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
+from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from .tokenizer import load_tokenizer
 
 # %% auto #0

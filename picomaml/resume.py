@@ -13,9 +13,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (NoResumableCheckpoint, confirm_checkpoint, find_resumable, has_training_state, list_checkpoints,
-                                  newest_confirmed, prune_training_state, read_checkpoint, read_meta, truncate_metrics,
-                                  upload_checkpoint, write_checkpoint)
+from picomaml.checkpoints import (
+    NoResumableCheckpoint,
+    confirm_checkpoint,
+    find_resumable,
+    has_training_state,
+    list_checkpoints,
+    newest_confirmed,
+    prune_training_state,
+    read_checkpoint,
+    read_meta,
+    truncate_metrics,
+    upload_checkpoint,
+    write_checkpoint,
+)
 from .collectives import gather_parts
 from .config import Config, ConfigError, config_changes, load_config, save_config
 from .model import load_checked

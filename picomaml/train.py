@@ -15,8 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_due
-from .collectives import (branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout,
-                                  sum_gradients)
+from .collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from .config import Config, ConfigError, ensure_writable
 from .data import batch_for_step, open_rows, read_eval_rows
 from .lm_loss import next_token_backward

@@ -191,6 +191,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(data, runs, hybrid)
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, runs, monkeypatch):
     from lightning.fabric import Fabric
+
     import picomaml.lm_loss as L
     import picomaml.train as T
     from picomaml.checkpoints import find_resumable

@@ -4,9 +4,9 @@ import dataclasses
 import yaml
 
 from picomaml.config import PRESETS_DIR
+from picomaml.ner_sweep import load_grid, uncovered
 from picomaml.pipeline import PROFILES
 from picomaml.report import NER_READS
-from picomaml.ner_sweep import load_grid, uncovered
 
 
 def profile_jobs(profile, runs_dir):

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from picomaml.config import DataConfig, SMLMTConfig, load_config, PRESETS_DIR
+from picomaml.config import PRESETS_DIR, DataConfig, SMLMTConfig, load_config
 from picomaml.smlmt import Episode, EpisodeError, build_episode, candidate_mask, episode_problems
 from picomaml.tokenizer import APOSTROPHES
 
