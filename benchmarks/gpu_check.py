@@ -168,8 +168,9 @@ def gib_pair(measured, predicted) -> str:
 def table(results: list) -> str:
     "Markdown table of the results."
     phases = ("next-token chunk", "episode", "optimizer step")
-    lines = ["| size | mode | chunk / rows | s / step | first step s | tokens/s | MFU % | " + " | ".join(f"{p} GiB: measured / planned (ratio)" for p in phases)
-             + " | reserved / allocated |", "|---|---|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
+    lines = ["| size | mode | chunk / rows | s / step | first step s | tokens/s | MFU % | "
+             + " | ".join(f"{p} GiB: measured / planned (ratio)" for p in phases) + " | reserved / allocated |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(phases) + "---|"]
     for r in results:
         mode = "torch.compile" if r["compile"] else "eager"
         if "error" in r:
@@ -215,7 +216,8 @@ def main(argv=None) -> Path:
             print(table(results[-1:]).splitlines()[-1], flush=True)
     device_name = next((r["device"] for r in results if "device" in r), device)
     text = (f"# GPU check\n\n{device_name}, torch {torch.__version__}, {'float32 (dry run)' if args.dry else 'bf16 autocast'}, "
-            f"{args.steps - 1} timed optimizer steps after a warm-up, `python benchmarks/gpu_check.py {' '.join(argv or sys.argv[1:])}`\n\n{table(results)}\n")
+            f"{args.steps - 1} timed optimizer steps after a warm-up, "
+            f"`python benchmarks/gpu_check.py {' '.join(argv or sys.argv[1:])}`\n\n{table(results)}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -85,7 +85,8 @@ def setup(size: str, quick: bool, device):
     model, head, _ = build_model(cfg, device)
     pool = ShardRows(train_dir, cfg.data.seq_len + 1, cfg.model.vocab_size).rows(range(cfg.smlmt.pool_rows))  # (R, 129)
     word_start, alpha_len, special = episode_tables(cfg)
-    make_episode = lambda: build_episode(pool.to(device), cfg.smlmt, word_start.to(device), alpha_len.to(device), special, cfg.data.mask_id, cfg.train.seed, 0)
+    make_episode = lambda: build_episode(pool.to(device), cfg.smlmt, word_start.to(device), alpha_len.to(device), special,
+                                         cfg.data.mask_id, cfg.train.seed, 0)
     episode = make_episode()
     tokens = episode.support_ids.numel() + episode.query_ids.numel()
     ar_rows = pool[: tokens // cfg.data.seq_len].to(device)  # (tokens / T, T + 1): the episode's token count
@@ -185,7 +186,8 @@ def row(size, what, r, ratio="", target=""):
     "One Markdown row from a measurement."
     tps = r["tokens"] / r["seconds"] if r.get("tokens") else None
     mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-    return f"| {size} | {what} | {fmt(r.get('tokens'), ',')} | {r['seconds']:.3f} | {fmt(tps, ',.0f')} | {fmt(r.get('peak_mib'), ',.0f')} | {fmt(mfu, '.1f')} | {ratio} | {target} |"
+    return (f"| {size} | {what} | {fmt(r.get('tokens'), ',')} | {r['seconds']:.3f} | {fmt(tps, ',.0f')} | "
+            f"{fmt(r.get('peak_mib'), ',.0f')} | {fmt(mfu, '.1f')} | {ratio} | {target} |")
 
 def verdict(ok: bool) -> str: return "**met**" if ok else "**NOT met**"
 
@@ -237,7 +239,8 @@ def main(argv=None):
         cached, recomputed = (job("tiny", "ner", head=head, cached=c) for c in (True, False))
         epochs = "2 epochs" if args.quick else "10 epochs"
         lines.append(row("tiny", f"NER head-only {head}, {epochs}: backbone every epoch", recomputed, "1.00 × recompute"))
-        lines.append(row("tiny", f"NER head-only {head}, {epochs}: feature cache", cached, f"{recomputed['seconds'] / cached['seconds']:.1f} × faster",
+        lines.append(row("tiny", f"NER head-only {head}, {epochs}: feature cache", cached,
+                         f"{recomputed['seconds'] / cached['seconds']:.1f} × faster",
                          f"≥ 5 ×: {verdict(recomputed['seconds'] >= 5 * cached['seconds'])}"))
     lines += demo_rows()
     table = "\n".join(lines)

@@ -21,8 +21,10 @@ def tiny_setup():
     cfg = MAMLConfig(head_output="vocab", head_dropout=0.0, inner_lr=0.5, head_layers=3, head_hidden=16)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(2)
-    episode = SimpleNamespace(support_ids=torch.randint(40, (6, 5), generator=g), support_labels=labels, support_readout=torch.randint(5, (6,), generator=g),
-                              query_ids=torch.randint(40, (6, 5), generator=g), query_labels=labels, query_readout=torch.randint(5, (6,), generator=g),
+    episode = SimpleNamespace(support_ids=torch.randint(40, (6, 5), generator=g), support_labels=labels,
+                              support_readout=torch.randint(5, (6,), generator=g),
+                              query_ids=torch.randint(40, (6, 5), generator=g), query_labels=labels,
+                              query_readout=torch.randint(5, (6,), generator=g),
                               class_ids=torch.tensor([7, 2, 30]))
     return backbone, MAMLHead(24, 3, cfg, vocab_size=40).double(), episode, cfg
 

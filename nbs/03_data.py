@@ -94,7 +94,8 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
             except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: document has no string 'text' field (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                raise ValueError(f"{path}:{n}: document has no string 'text' field "
+                                 f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
             yield text, f"{path}:{n}"
 
 
@@ -367,7 +368,8 @@ class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
     def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8):
         self.directory, self.row_len, self.vocab_size = Path(directory), row_len, vocab_size
-        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
+                                                                f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
@@ -438,7 +440,8 @@ with tempfile.TemporaryDirectory() as tmp:
 def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
     "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
     shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
-    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; delete them or choose another directory")
+    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
+                                                                   f"delete them or choose another directory")
     total = len(shards)
     n_files = -(-total // rows_per_file)
     data.mkdir(parents=True, exist_ok=True)
@@ -585,7 +588,8 @@ class StreamedRows:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
                                     f"(`python -m picomaml.data hub-layout`)") from e
         splits = builder.config.data_files or {}
-        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split or the dataset's file names")
+        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); "
+                                                 f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
         self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
         if self.dataset.num_shards != len(self.files):
@@ -688,10 +692,13 @@ got = torch.cat([rank1.read_range(start, 2) for start in range(2, 22, 4)])  # po
 assert torch.equal(got, full[[p for s in range(2, 22, 4) for p in (s, s + 1)]])
 assert [(i, offset) for i, offset, _ in opened] == [(0, 2), (1, 1), (2, 0), (3, 0)]  # rows 14, 15 span files 2 and 3
 assert len(rank1.cursors) <= 2
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4).read_range(0, 1), "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 4")
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=6).read_range(0, 1), "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 6")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4).read_range(0, 1),
+       "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 4")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=6).read_range(0, 1),
+       "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 6")
 raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=5).read_range(21, 3), str(hub), "has 23 rows", "21..23", "train.steps")
-raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=5).read_range(7, 1), "train-00001-of-00005.parquet", "row 2", "has 2 ids, expected 3")
+raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=5).read_range(7, 1),
+       "train-00001-of-00005.parquet", "row 2", "has 2 ids, expected 3")
 raises(lambda: StreamedRows(str(hub), 2, split="val"), "no split 'val'", "['train']", "data.eval_hub_split")
 raises(lambda: StreamedRows(f"{hub_tmp.name}/missing", 2), "missing", "data.train_hub", "hub-layout")
 assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])  # head ignores rows_per_file (20,480 here)
@@ -732,7 +739,8 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
-        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
+        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; "
+                                                            f"run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
         return Path(path)
     local = Path(os.environ.get("PICOMAML_DATA", "")) / "pretokenized" / split
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local

@@ -420,7 +420,8 @@ def grads_of(*modules):
 
 def same_grads(got, want, atol):
     "The same parameters hold a gradient, and those gradients agree to `atol`."
-    return got.keys() == want.keys() and all((g is None) == (want[k] is None) and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0)) for k, g in got.items())
+    return got.keys() == want.keys() and all((g is None) == (want[k] is None) and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0))
+                                             for k, g in got.items())
 
 
 # %% [markdown]
@@ -540,7 +541,8 @@ cfg = MAMLConfig(inner_steps=4, inner_lr=0.3, head_layers=1, head_dropout=0.0)
 torch.manual_seed(1)
 backbone, head, episode = LinearToyBackbone(), MAMLHead(4, 3, cfg).double(), toy_episode(seed=1)
 A, c = head.mlp[0].weight.detach().clone(), head.mlp[0].bias.detach().clone()
-X_S, X_Q = readout_features(backbone.emb[episode.support_ids], episode.support_readout), readout_features(backbone.emb[episode.query_ids], episode.query_readout)
+X_S, X_Q = (readout_features(backbone.emb[episode.support_ids], episode.support_readout),
+            readout_features(backbone.emb[episode.query_ids], episode.query_readout))
 W = backbone.W.detach()
 Z_S, Z_Q, Y_S, Y_Q = X_S @ W.T, X_Q @ W.T, F.one_hot(episode.support_labels, 3).double(), F.one_hot(episode.query_labels, 3).double()
 for _ in range(cfg.inner_steps):
@@ -576,7 +578,8 @@ whole_grads = grads_of(backbone, head)
 earlier = {k: torch.randn_like(p) for k, p in named.items()}  # left by a previous micro-batch
 for k, p in named.items(): p.grad = earlier[k].clone()
 halves = [slice(0, 3), slice(3, 6)]
-everyone = lambda local, rank: torch.cat([local if r == rank else support_features(backbone, episode.support_ids[part], episode.support_readout[part]) for r, part in enumerate(halves)])
+everyone = lambda local, rank: torch.cat([local if r == rank else support_features(backbone, episode.support_ids[part], episode.support_readout[part])
+                                          for r, part in enumerate(halves)])
 parts = [maml_step(backbone, head, episode, cfg, gather=lambda f, r=r: everyone(f, r), support_part=halves[r], query_part=halves[r]) for r in (0, 1)]
 assert same_grads(grads_of(backbone, head), {k: earlier[k] + (0 if g is None else g) for k, g in whole_grads.items()}, 1e-6)
 assert abs(sum(p["loss"] for p in parts) - whole["loss"]) < 1e-12 and sum(p["query_correct"] for p in parts) == whole["query_correct"]
@@ -621,7 +624,8 @@ def separable_episode(g, n_classes=20, n_way=5, k_shot=4, q_query=4, per_class=8
     labels = torch.arange(n_way)
     sup, qry = ids[:, :k_shot].reshape(-1, 1), ids[:, k_shot:].reshape(-1, 1)  # windows of one token
     return SimpleNamespace(support_ids=sup, support_labels=labels.repeat_interleave(k_shot), support_readout=torch.zeros(len(sup), dtype=torch.long),
-                           query_ids=qry, query_labels=labels.repeat_interleave(q_query), query_readout=torch.zeros(len(qry), dtype=torch.long), class_ids=classes)
+                           query_ids=qry, query_labels=labels.repeat_interleave(q_query), query_readout=torch.zeros(len(qry), dtype=torch.long),
+                           class_ids=classes)
 
 g = torch.Generator().manual_seed(0)
 prototypes = 2 * torch.randn(20, 16, generator=g)

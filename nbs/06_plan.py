@@ -504,7 +504,8 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
                                                          cfg.train.activation_checkpointing), device)
         return f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, more than {have}: {fix}"
     if best != chunk:
-        return f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: set train.chunk_rows={best} (or 0: the largest that fits)"
+        return (f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: "
+                f"set train.chunk_rows={best} (or 0: the largest that fits)")
     if need.get("episode", 0) > capacity:
         return (f"a MAML episode needs {_gib(need['episode'])}, more than {have}: lower smlmt.q_query or smlmt.window"
                 f"{'' if cfg.train.activation_checkpointing else ', or set train.activation_checkpointing=true'}")
@@ -580,14 +581,14 @@ def checkpoint_disk(cfg: Config, gpus: int) -> tuple[int, int]:
 # has the predicted size within 1 %.
 
 # %%
+from picomaml.checkpoints import write_checkpoint
+
 _maml, _van = (load_config(PRESETS_DIR / f"pico-large-{arm}.yaml") for arm in ("maml", "vanilla"))
 _tokens, _, _flops = step_cost(_van)
 assert _tokens == 2048 * 2048 and _flops == ar_flops(_van.model, 2048 * 2048, 2048)
 assert 0.5 < step_cost(_maml)[2] / _flops < 0.55
 _s, _h = wall_time(_van, _flops, 4, 312, 0.4)
 assert _s == _flops / (4 * 312e12 * 0.4) and _h > 6000 * _s / 3600 and wall_time(_van, _flops, 4, None, 0.4) == (None, None)
-
-from picomaml.checkpoints import write_checkpoint
 
 _ck = load_config(None, ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=512",
                          "model.vocab_size=4096", "train.steps=1", "checkpoint.keep_state=1"])
@@ -597,7 +598,8 @@ _opt = torch.optim.AdamW(_params)
 for _p in _params: _p.grad = torch.randn_like(_p)
 _opt.step()
 with tempfile.TemporaryDirectory() as _tmp:
-    _dir = write_checkpoint(Path(_tmp), 1, _model, _head, {"world_size": 2}, {"optimizer": _opt.state_dict(), "rng_cpu": torch.stack([torch.get_rng_state()] * 2)})
+    _dir = write_checkpoint(Path(_tmp), 1, _model, _head, {"world_size": 2},
+                            {"optimizer": _opt.state_dict(), "rng_cpu": torch.stack([torch.get_rng_state()] * 2)})
     _real = sum(f.stat().st_size for f in _dir.iterdir())
 _disk, _n = checkpoint_disk(_ck, 2)
 assert _n == 2 and abs(_disk / 2 - _real) < 0.01 * _real, (_disk / 2, _real)  # steps 0 and 1, both with state while step 1 is written
@@ -687,7 +689,8 @@ def format_plan(plan: Plan) -> str:
     gib = lambda b: f"{b / GIB:8.2f}"
     lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}"
              f"{', activation checkpointing' if plan.activation_checkpointing else ''}",
-             f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device ({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
+             f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device "
+             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
              "", f"{'memory per device':<52}{'GiB':>8}"]
     lines += [f"  {PART_LABELS[k]:<50}{gib(v)}" for k, v in plan.memory.items()]
     lines += ["", f"{'peak of each phase, with the reserve':<52}{'GiB':>8}  fits"]

@@ -359,7 +359,8 @@ assert all(0 <= r["support_acc"] <= 1 and 0 <= r["query_acc"] <= 1 and r["head_g
 assert all(math.isclose(r["loss"], r["query_loss"], rel_tol=1e-12) for r in _log)
 _head0, _head3 = (load_file(_run / f"checkpoints/step_00000{s}/head.safetensors") for s in (0, 3))
 assert all(not torch.equal(_head0[k], _head3[k]) for k in _head0)
-print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['support_acc']:.2f} query acc {r['query_acc']:.2f}" for r in _log), sep="\n")
+print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['support_acc']:.2f} query acc {r['query_acc']:.2f}" for r in _log),
+      sep="\n")
 
 # %% [markdown]
 # A failing evaluation loses nothing: here the Paloma evaluation of step 4 fails (a streamed

@@ -75,7 +75,8 @@ def devices_and_nodes(env=os.environ) -> tuple[int, int]:
     "(processes per node, nodes) of the launch this process is part of."
     if "WORLD_SIZE" in env:
         world, local = int(env["WORLD_SIZE"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-        if world % local: raise RuntimeError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: give every node the same --nproc_per_node")
+        if world % local: raise RuntimeError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: "
+                                             f"give every node the same --nproc_per_node")
         return local, world // local
     if "SLURM_NTASKS_PER_NODE" in env and "SLURM_NNODES" in env:
         return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), int(env["SLURM_NNODES"])

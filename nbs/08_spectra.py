@@ -528,8 +528,10 @@ with tempfile.TemporaryDirectory() as tmp:
                                                             "step_300": {"": other}})
     saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     try:
-        spectra_over_hub("owner/pico-maml", ["step_100", "step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", cache_dir=Path(tmp) / "cache")
-        spectra_over_hub("owner/pico-maml", ["step_300"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl", subfolder="", cache_dir=Path(tmp) / "cache")
+        spectra_over_hub("owner/pico-maml", ["step_100", "step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl",
+                         cache_dir=Path(tmp) / "cache")
+        spectra_over_hub("owner/pico-maml", ["step_300"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl",
+                         subfolder="", cache_dir=Path(tmp) / "cache")
     finally: huggingface_hub.constants.HF_HUB_OFFLINE = saved
     hub_df = read_spectra(Path(tmp) / "hub.jsonl")
     weight_norm = hub_df[(hub_df.kind == "weight") & (hub_df.layer == 0)].set_index("step").frobenius_norm

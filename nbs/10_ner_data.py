@@ -111,10 +111,12 @@ SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one me
 def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
     "Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: a blank line is missing."
     if sentence_start:
-        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; add the blank line that separates sentences before it")
+        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; "
+                              f"add the blank line that separates sentences before it")
     key = line[1:].split("=", 1)[0].strip()
     if key in SENTENCE_KEYS and key in seen:
-        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); give the sentence at line {seen[key]} its tokens or delete it")
+        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); "
+                              f"give the sentence at line {seen[key]} its tokens or delete it")
     seen[key] = n
 
 def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> tuple[str, str]:
@@ -254,7 +256,8 @@ def uner_source(cfg: NERConfig) -> Path | str:
     "The local UNER directory to read, or the Hub dataset id when there is none."
     if cfg.data_path:
         path = Path(cfg.data_path)
-        if not path.is_dir(): raise FileNotFoundError(f"ner.data_path={cfg.data_path!r} is not a directory; set it to a UNER directory or to '' for the Hub")
+        if not path.is_dir(): raise FileNotFoundError(f"ner.data_path={cfg.data_path!r} is not a directory; "
+                                                      f"set it to a UNER directory or to '' for the Hub")
         return path
     env = os.environ.get("PICOMAML_DATA")
     if env and (Path(env) / "uner").is_dir(): return Path(env) / "uner"
@@ -290,7 +293,8 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     sentences = load_hub_split(source, dataset, split) if hub else read_iob2(where)
     # an empty split would only fail much later, deep in the finetuning loop, without naming the data
     if not sentences:
-        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); restore it from a complete UNER copy or leave {dataset} out")
+        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); "
+                              f"restore it from a complete UNER copy or leave {dataset} out")
     return sentences
 
 
@@ -346,9 +350,11 @@ with tempfile.TemporaryDirectory() as tmp:
     hub_cfg = NERConfig(data_hub=str(hub))
     with mock.patch.dict(os.environ, {"PICOMAML_DATA": tmp}), mock.patch.object(datasets.config, "HF_DATASETS_CACHE", f"{tmp}/cache"):
         assert uner_source(hub_cfg) == str(hub)
-        for dataset, split, cause in [("tl_trg", "test", "StopIteration"), ("sk_snk", "train", "corresponds to no data"), ("sk_snk", "dev", "Unknown split")]:
+        for dataset, split, cause in [("tl_trg", "test", "StopIteration"), ("sk_snk", "train", "corresponds to no data"),
+                                      ("sk_snk", "dev", "Unknown split")]:
             try: load_split(dataset, split, hub_cfg); raise AssertionError(f"{dataset}/{split}: no error")
-            except UNERFormatError as e: assert str(e).startswith(f"{hub}[{dataset}/{split}]: datasets could not load this split") and cause in str(e), e
+            except UNERFormatError as e: assert (str(e).startswith(f"{hub}[{dataset}/{split}]: datasets could not load this split")
+                                                 and cause in str(e)), e
         # a split that datasets does return, but without rows
         no_rows = datasets.Dataset.from_dict({"tokens": [], "ner_tags": []}, features=datasets.Features(
             tokens=datasets.Sequence(datasets.Value("string")), ner_tags=datasets.Sequence(datasets.ClassLabel(names=list(LABELS)))))
@@ -469,7 +475,8 @@ class EncodedSplit:
 
 def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int, name: str = "") -> EncodedSplit:
     "Align every sentence of a split to sub-tokens, splitting long ones into windows."
-    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; give at least one (check the data and any cap on the number of sentences)")
+    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; "
+                                            f"give at least one (check the data and any cap on the number of sentences)")
     windows = [w for i, s in enumerate(sentences) for w in align_sentence(s, encode, max_len, i)]
     return EncodedSplit(sentences, windows, name)
 
@@ -477,7 +484,8 @@ def rejoin(split: EncodedSplit, window_preds: Sequence[Sequence]) -> list[list]:
     "Concatenate word-level predictions of each window (in `split.windows` order) back into sentences."
     out = [[None] * len(s.words) for s in split.sentences]
     for w, preds in zip(split.windows, window_preds):
-        if len(preds) != len(w.word_starts): raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, got {len(preds)} predictions")
+        if len(preds) != len(w.word_starts): raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, "
+                                                              f"got {len(preds)} predictions")
         out[w.sentence][w.first_word:w.first_word + len(preds)] = list(preds)
     missing = [i for i, o in enumerate(out) if None in o]
     if missing: raise ValueError(f"no prediction for some words of sentences {missing[:5]}")
@@ -541,7 +549,8 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
 
 
 # %%
-assert tag_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-ORG", "I-PER"]) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6), ("PER", 6, 7)]
+assert tag_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-ORG", "I-PER"]) == [("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("ORG", 5, 6),
+                                                                                  ("PER", 6, 7)]
 hand = [Sentence(["a"] * 4, ["B-PER", "O", "B-PER", "I-PER"]), Sentence(["a"] * 2, ["B-LOC", "B-PER"])]
 st = span_statistics(hand)
 assert st["PER"] == {"spans": 3, "single_token_share": 2 / 3} and st["LOC"]["spans"] == 1 and st["ORG"]["spans"] == 0

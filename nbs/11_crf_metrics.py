@@ -419,7 +419,8 @@ for _ in range(500):
     sc, counts = score(gold_r, pred_r), sentence_counts(gold_r, pred_r)
     assert counts["n"] == len(gold_r) and math.isclose(counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), (gold_r, pred_r)
     for t in ENTITY_TYPES:
-        assert (math.isnan(sc["per_tag_f1"][t]) and math.isnan(counts_f1(counts, t))) or math.isclose(counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12)
+        assert ((math.isnan(sc["per_tag_f1"][t]) and math.isnan(counts_f1(counts, t)))
+                or math.isclose(counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12))
 
 
 # %% [markdown]

@@ -515,7 +515,8 @@ lift_bb, lift_name = demo_backbone(cfg=dataclasses.replace(TINY, d_model=96, ffn
 untrained = evaluate(NERTagger(lift_bb, "linear"), lift_dev)["micro_f1"]
 tagger, h = finetune(lift_bb, lift_train, lift_dev, dataclasses.replace(NERConfig(), lr=1e-2, epochs=4, patience=4, batch_size=32), seed=0)
 print(f"backbone: {lift_name}")
-print(f"dev micro-F1 untrained {untrained:.3f} -> per epoch {np.round(h['dev_f1'], 3)}, best {h['best_dev_f1']:.3f} ({h['steps']} steps, {h['time_s']:.1f} s)")
+print(f"dev micro-F1 untrained {untrained:.3f} -> per epoch {np.round(h['dev_f1'], 3)}, "
+      f"best {h['best_dev_f1']:.3f} ({h['steps']} steps, {h['time_s']:.1f} s)")
 assert h["best_dev_f1"] > untrained + 0.05
 
 # %% [markdown]

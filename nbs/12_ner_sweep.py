@@ -211,7 +211,8 @@ def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=
         run_dir = Path(runs_dir) / name
         steps = run_steps(run_dir, entry.get("step", "final"), where) or [None]
         selector = str(entry.get("step", "final"))
-        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
+        out += [Checkpoint(name, entry["arm"], entry["size"],
+                           str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
                            step=s, selector=selector) for s in steps]
     return out
 
@@ -439,7 +440,8 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
             kept_whole = split == "test" and st.get("save_predictions") and name in PHILIPPINE  # paper 2 §4 reads these sentence by sentence
             cap = None if kept_whole else st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
+            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                               f"{name}/{split}")
             return encoded[key]
         if job.checkpoint not in loaded:
             c = job.checkpoint
@@ -520,13 +522,15 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = read_rows(out)
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     r = rows[0]
-    assert set(r["test_f1"]) == {"sk_snk", "tl_trg", "tl_ugnayan"} and len(r["loss_curve"]) == r["steps"] and r["params"] == count_parameters(tiny.cfg)
+    assert (set(r["test_f1"]) == {"sk_snk", "tl_trg", "tl_ugnayan"} and len(r["loss_curve"]) == r["steps"]
+            and r["params"] == count_parameters(tiny.cfg))
     side = json.loads((out.parent / r["predictions"]).read_text())
     tl_trg = load_split("tl_trg", "test", load_config().ner)  # saved predictions cover the whole set, not the cap of 8
     assert set(side) == {"tl_trg", "tl_ugnayan"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8
     tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe: a NaN read back is another NaN
-    assert same(r["particle_recall"]["tl_trg"], particle_recall(tl_sentences, side["tl_trg"]["pred"])) and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"}
+    assert (same(r["particle_recall"]["tl_trg"], particle_recall(tl_sentences, side["tl_trg"]["pred"]))
+            and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"})
     stats = json.loads(statistics_path(out).read_text())  # the whole splits, not the sweep's capped samples
     sk_train, tagalog = load_split("sk_snk", "train", load_config().ner), tl_trg + load_split("tl_ugnayan", "test", load_config().ner)
     assert same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}}) and len(sk_train) > 16

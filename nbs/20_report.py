@@ -265,7 +265,8 @@ _records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2", "checkpoin
                          {"pretraining_run": "hub-model", "size": "small", "arm": "vanilla", "checkpoint": "", "head": "crf",
                           "regime": "head", "dataset": "all", "test_f1": {"en_ewt": 0.1}}])
 _long = ner_long(_records)
-assert _long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.tolist()[:2] == [["large", "maml", 2, "en_ewt", 0.5, 0.45], ["large", "maml", 2, "tl_trg", 0.2, 0.1]]
+assert _long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.tolist()[:2] == [["large", "maml", 2, "en_ewt", 0.5, 0.45],
+                                                                                             ["large", "maml", 2, "tl_trg", 0.2, 0.1]]
 assert _long.checkpoint_step[0] == 6000 and np.isnan(_long.checkpoint_step[2]) and _long.loc[2, ["size", "arm"]].tolist() == ["small", "vanilla"]
 _tags = ner_long(_records, tags=True)
 assert len(_tags) == 3 and _tags.set_index(["test_set", "tag"]).f1[("en_ewt", "LOC")] == 0.4
@@ -466,7 +467,8 @@ def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
 # %%
 assert format_estimate([]) == "missing" and format_estimate([np.nan]) == "missing"
 assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 [1.0, 1.0]"
-assert format_estimate([1.0, 3.0]).startswith("2.00 [1.00, ") and format_estimate([0.5], 1, [np.linspace(-1, 2, 101)], signed=True) == "+0.5 [-0.9, +1.9]"
+assert (format_estimate([1.0, 3.0]).startswith("2.00 [1.00, ")
+        and format_estimate([0.5], 1, [np.linspace(-1, 2, 101)], signed=True) == "+0.5 [-0.9, +1.9]")
 assert "pretraining seeds" not in interval_note(1000, [42]) and "the 3 pretraining seeds" in interval_note(200, [1, 2, 3], sentences=False)
 
 

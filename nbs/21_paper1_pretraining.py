@@ -195,7 +195,8 @@ def table2() -> pd.DataFrame:
     for size in sizes:
         for arm in ("vanilla", "maml"):
             if arm not in arms: continue
-            at = [loss_and_ppl_at(metrics[metrics["name"] == r.name], table_step, loss_window) for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
+            at = [loss_and_ppl_at(metrics[metrics["name"] == r.name], table_step, loss_window)
+                  for r in runs[(runs["size"] == size) & (runs.arm == arm)].itertuples()]
             steps = sorted({int(s) for s, *_ in at})
             paper = PAPER_TABLE2.get((size, arm))
             rows.append({"model": run_name(size, arm), "step": ", ".join(map(str, steps)) or MISSING,

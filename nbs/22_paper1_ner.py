@@ -230,7 +230,8 @@ table6
 # tiny models are near 0 everywhere.
 
 # %%
-table7 = pd.DataFrame([{"model": f"{arm}_{size}", **{d: absolute_cell(in_language[in_language.test_set == d], size, arm, "head") for d in IN_LANGUAGE}}
+table7 = pd.DataFrame([{"model": f"{arm}_{size}",
+                        **{d: absolute_cell(in_language[in_language.test_set == d], size, arm, "head") for d in IN_LANGUAGE}}
                        for size in sizes for arm in ("vanilla", "maml") if arm in arms])
 save_table(table7, "p1_table7_head_only_f1", tables_dir, f"Paper 1 Table 7: in-language micro-F1 under head-only tuning. {note}")
 table7
@@ -272,7 +273,8 @@ def delta_bars(ax, data: pd.DataFrame, sizes) -> list[str]:
 
 _tags = pd.DataFrame({"size": "large", "regime": "head", "seed": 0, "tag": "PER", "dataset": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "en_ewt"],
                       "test_set": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "tl_trg"], "arm": ["maml", "vanilla"] * 2 + ["maml"],
-                      "f1": [0.5, 0.4, 0.3, 0.3, 0.9], "boot": [np.array([0.5, 0.6]), np.array([0.4, 0.4]), np.array([0.3, 0.2]), np.array([0.3, 0.3]), None]})
+                      "f1": [0.5, 0.4, 0.3, 0.3, 0.9],
+                      "boot": [np.array([0.5, 0.6]), np.array([0.4, 0.4]), np.array([0.3, 0.2]), np.array([0.3, 0.3]), None]})
 _d = tag_deltas(_tags)
 assert np.isclose(_d.delta.item(), 0.05) and np.allclose(_d.boot.item(), [0.05, 0.05]) and tag_deltas(_tags[_tags.arm == "maml"]).empty
 _fig, _ax = plt.subplots()

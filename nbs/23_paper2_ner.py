@@ -217,7 +217,8 @@ assert np.isclose(_means.loc["vanilla", "mean"], 0.2) and _means.interval.all()
 assert np.isclose(arm_gains(_toy, "f").gain.item(), (200 + 200 / 3) / 2)  # seed 0: 0.3 vs 0.1, seed 1: 0.5 vs 0.3
 _one = _toy[_toy.seed == 0].assign(f_boot=[np.array([0.2, 0.3]), np.array([0.4, 0.5]), np.array([0.1, 0.2])])  # gain replicates 200 %, 100 %
 _g = arm_gains(_one, "f")
-assert np.isclose(_g.gain.item(), 200) and np.allclose(_g[["low", "high"]].values, [[102.5, 197.5]]) and not arm_means(_toy[_toy.seed == 0], "f").interval.any()
+assert (np.isclose(_g.gain.item(), 200) and np.allclose(_g[["low", "high"]].values, [[102.5, 197.5]])
+        and not arm_means(_toy[_toy.seed == 0], "f").interval.any())
 
 # %% [markdown]
 # ## The results
@@ -228,7 +229,8 @@ runs = ner_runs(read_ner_results(paths))
 runs = runs[runs["size"].isin(sizes) & runs.arm.isin(arms) & runs.seed.isin(seeds)]
 final = final_runs(runs, head)
 params = runs.groupby("size")["params"].median().to_dict() if "params" in runs else {}  # each record's backbone parameter count
-print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) or 'no results file'}; {len(final)} at a final checkpoint with the {head} head")
+print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) or 'no results file'}; "
+      f"{len(final)} at a final checkpoint with the {head} head")
 
 
 # %% [markdown]
@@ -448,7 +450,8 @@ def checkpoint_lines(ax, sweep: pd.DataFrame, columns: dict, ylabel: str, what: 
 
 
 # %%
-sweep = sweep.assign(final_train_loss=[final_loss(c) for c in sweep.get("loss_curve", pd.Series([None] * len(sweep), index=sweep.index, dtype=object))])
+sweep = sweep.assign(final_train_loss=[final_loss(c)
+                                       for c in sweep.get("loss_curve", pd.Series([None] * len(sweep), index=sweep.index, dtype=object))])
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
 checkpoint_lines(top, sweep, {"final_train_loss": "final train loss"}, "train loss", f"loss curves of {sweep_what}")
 checkpoint_lines(bottom, sweep, {"dev_f1": f"{sweep_dataset} dev", "tagalog": "Tagalog", "cebuano": "Cebuano"}, "micro-F1", sweep_what)
@@ -515,7 +518,8 @@ def pooled(side: dict | None, test_sets) -> dict:
 
 # %%
 with tempfile.TemporaryDirectory() as _tmp:
-    Path(_tmp, "side.json").write_text(json.dumps({"tl_trg": {"words": [["si", "Juan"]], "tags": [["O", "B-PER"]], "pred": [["O", "O"]], "gold_prob": [[0.9, 0.2]]}}))
+    Path(_tmp, "side.json").write_text(json.dumps({"tl_trg": {"words": [["si", "Juan"]], "tags": [["O", "B-PER"]],
+                                                              "pred": [["O", "O"]], "gold_prob": [[0.9, 0.2]]}}))
     _side = side_outputs({"predictions": "side.json", "source": "x-results.jsonl"}, {"x-results.jsonl": _tmp})
     assert pooled(_side, TAGALOG)["gold_prob"] == [[0.9, 0.2]] and side_outputs({"predictions": None}, {}) is None
 
@@ -752,15 +756,18 @@ def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFram
         stats = zero_shot.get("+".join(sets))
         oov = stats["oov"].get(source) if stats else None
         rows.append({"language": language,
-                     "particle share of PER spans": f"{stats['particles']['share']:.3f}" if stats else f"{MISSING}: UNER statistics of {'+'.join(sets)}",
+                     "particle share of PER spans": f"{stats['particles']['share']:.3f}" if stats
+                                                    else f"{MISSING}: UNER statistics of {'+'.join(sets)}",
                      "model recall after particle": mean_sd([pooled_recall(p, sets) for p in particles]),
-                     "OOV token rate": f"{oov['oov_token_rate']:.3f}" if oov else MISSING, "OOV type rate": f"{oov['oov_type_rate']:.3f}" if oov else MISSING})
+                     "OOV token rate": f"{oov['oov_token_rate']:.3f}" if oov else MISSING,
+                     "OOV type rate": f"{oov['oov_type_rate']:.3f}" if oov else MISSING})
     return pd.DataFrame(rows)
 
 
 # %%
 _zs = {"tl_trg+tl_ugnayan": {"particles": {"share": 0.5}, "oov": {"sk_snk": {"oov_token_rate": 0.5, "oov_type_rate": 0.25}}}}
-_counts = lambda found: {"tl_trg": {"after_particle": 1, "found_after_particle": found}, "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}}
+_counts = lambda found: {"tl_trg": {"after_particle": 1, "found_after_particle": found},
+                         "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}}
 _t5 = particle_table(_zs, "sk_snk", [_counts(1), _counts(0), None]).set_index("language")
 assert _t5.loc["Tagalog"].tolist() == ["0.500", "0.500 ± 0.707 (n=2)", "0.500", "0.250"]
 assert _t5.loc["Cebuano", "particle share of PER spans"].startswith("missing") and _t5.loc["Cebuano", "OOV token rate"] == MISSING

@@ -103,7 +103,8 @@ INDICATORS = {  # output name -> (metrics.jsonl key, y-axis label, arms that log
 
 # %%
 _metrics = pd.DataFrame({"name": ["demo-maml"] * 3 + ["demo-vanilla"] * 3, "size": "demo", "arm": ["maml"] * 3 + ["vanilla"] * 3,
-                         "seed": 42, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0], "support_acc": [0.1, None, 0.3, None, None, None]})
+                         "seed": 42, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0],
+                         "support_acc": [0.1, None, 0.3, None, None, None]})
 _acc = smoothed(_metrics, "support_acc")
 assert _acc.step.tolist() == [1, 3] and _acc.support_acc.tolist() == [0.1, 0.3] and set(_acc.name) == {"demo-maml"}
 assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl").empty

@@ -174,7 +174,8 @@ for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
 _rehearse = PROFILES["rehearse"]
 assert _rehearse.grids == PAPER.grids and _rehearse.sizes == PAPER.sizes and _rehearse.family == PAPER.family
-assert "model.d_model=48" in _rehearse.size_overrides["large"] and "model.d_model=6" in _rehearse.size_overrides["tiny"] and "train.steps=3" in _rehearse.size_overrides["tiny"]
+assert ("model.d_model=48" in _rehearse.size_overrides["large"] and "model.d_model=6" in _rehearse.size_overrides["tiny"]
+        and "train.steps=3" in _rehearse.size_overrides["tiny"])
 assert "train.global_batch=64" in _rehearse.size_overrides["tiny"] and "train.global_batch=128" in _rehearse.size_overrides["small"]
 
 
@@ -281,7 +282,8 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
 assert launch_command("c.yaml", ["a.b=1"], 2)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 assert launch_command("c.yaml", [], 1)[1:] == ["-m", "picomaml.launch", "--config", "c.yaml"]
 _cmd = sweep_command("paper1", _rehearse)
-assert _cmd[_cmd.index("--out") + 1].endswith("runs/rehearse/ner/paper1-results.jsonl") and _cmd[_cmd.index("--pretraining-seeds") + 1:][:2] == ["42", "1"]
+assert (_cmd[_cmd.index("--out") + 1].endswith("runs/rehearse/ner/paper1-results.jsonl")
+        and _cmd[_cmd.index("--pretraining-seeds") + 1:][:2] == ["42", "1"])
 assert yaml.safe_load(_cmd[-1]) == SHRINK["ner"]
 
 
@@ -446,7 +448,8 @@ with tempfile.TemporaryDirectory() as tmp:
     assert threads_per_process(1)["OMP_NUM_THREADS"] == str(os.cpu_count() or 1) or "OMP_NUM_THREADS" in os.environ
     call_parallel([(f"ok{i}", [sys.executable, "-c", f"print({i})"]) for i in range(3)], 2, tmp)
     assert [(Path(tmp) / f"ok{i}.log").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
-    try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]), ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
+    try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]),
+                        ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
     except UserError as e: assert "bad failed" in str(e) and "bad.log" in str(e)
     else: raise AssertionError("a failing command was not reported")
 

@@ -46,7 +46,8 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
             except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: document has no string 'text' field (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                raise ValueError(f"{path}:{n}: document has no string 'text' field "
+                                 f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
             yield text, f"{path}:{n}"
 
 # %% ../nbs/03_data.ipynb #c6bab38d
@@ -169,7 +170,8 @@ class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
     def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8):
         self.directory, self.row_len, self.vocab_size = Path(directory), row_len, vocab_size
-        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
+                                                                f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
@@ -206,7 +208,8 @@ class ShardRows:
 def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
     "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
     shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
-    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; delete them or choose another directory")
+    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
+                                                                   f"delete them or choose another directory")
     total = len(shards)
     n_files = -(-total // rows_per_file)
     data.mkdir(parents=True, exist_ok=True)
@@ -266,7 +269,8 @@ class StreamedRows:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
                                     f"(`python -m picomaml.data hub-layout`)") from e
         splits = builder.config.data_files or {}
-        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); check data.eval_hub_split or the dataset's file names")
+        if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); "
+                                                 f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
         self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
         if self.dataset.num_shards != len(self.files):
@@ -328,7 +332,8 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
-        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
+        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; "
+                                                            f"run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
         return Path(path)
     local = Path(os.environ.get("PICOMAML_DATA", "")) / "pretokenized" / split
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local

@@ -55,10 +55,12 @@ SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one me
 def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
     "Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: a blank line is missing."
     if sentence_start:
-        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; add the blank line that separates sentences before it")
+        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; "
+                              f"add the blank line that separates sentences before it")
     key = line[1:].split("=", 1)[0].strip()
     if key in SENTENCE_KEYS and key in seen:
-        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); give the sentence at line {seen[key]} its tokens or delete it")
+        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); "
+                              f"give the sentence at line {seen[key]} its tokens or delete it")
     seen[key] = n
 
 def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> tuple[str, str]:
@@ -110,7 +112,8 @@ def uner_source(cfg: NERConfig) -> Path | str:
     "The local UNER directory to read, or the Hub dataset id when there is none."
     if cfg.data_path:
         path = Path(cfg.data_path)
-        if not path.is_dir(): raise FileNotFoundError(f"ner.data_path={cfg.data_path!r} is not a directory; set it to a UNER directory or to '' for the Hub")
+        if not path.is_dir(): raise FileNotFoundError(f"ner.data_path={cfg.data_path!r} is not a directory; "
+                                                      f"set it to a UNER directory or to '' for the Hub")
         return path
     env = os.environ.get("PICOMAML_DATA")
     if env and (Path(env) / "uner").is_dir(): return Path(env) / "uner"
@@ -144,7 +147,8 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     sentences = load_hub_split(source, dataset, split) if hub else read_iob2(where)
     # an empty split would only fail much later, deep in the finetuning loop, without naming the data
     if not sentences:
-        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); restore it from a complete UNER copy or leave {dataset} out")
+        raise UNERFormatError(f"{where}: UNER {dataset} {split} has no sentences (no token lines); "
+                              f"restore it from a complete UNER copy or leave {dataset} out")
     return sentences
 
 # %% ../nbs/10_ner_data.ipynb #249a1e34
@@ -201,7 +205,8 @@ class EncodedSplit:
 
 def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int, name: str = "") -> EncodedSplit:
     "Align every sentence of a split to sub-tokens, splitting long ones into windows."
-    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; give at least one (check the data and any cap on the number of sentences)")
+    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; "
+                                            f"give at least one (check the data and any cap on the number of sentences)")
     windows = [w for i, s in enumerate(sentences) for w in align_sentence(s, encode, max_len, i)]
     return EncodedSplit(sentences, windows, name)
 
@@ -209,7 +214,8 @@ def rejoin(split: EncodedSplit, window_preds: Sequence[Sequence]) -> list[list]:
     "Concatenate word-level predictions of each window (in `split.windows` order) back into sentences."
     out = [[None] * len(s.words) for s in split.sentences]
     for w, preds in zip(split.windows, window_preds):
-        if len(preds) != len(w.word_starts): raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, got {len(preds)} predictions")
+        if len(preds) != len(w.word_starts): raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, "
+                                                              f"got {len(preds)} predictions")
         out[w.sentence][w.first_word:w.first_word + len(preds)] = list(preds)
     missing = [i for i, o in enumerate(out) if None in o]
     if missing: raise ValueError(f"no prediction for some words of sentences {missing[:5]}")

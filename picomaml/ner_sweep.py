@@ -128,7 +128,8 @@ def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=
         run_dir = Path(runs_dir) / name
         steps = run_steps(run_dir, entry.get("step", "final"), where) or [None]
         selector = str(entry.get("step", "final"))
-        out += [Checkpoint(name, entry["arm"], entry["size"], str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
+        out += [Checkpoint(name, entry["arm"], entry["size"],
+                           str(run_dir / "checkpoints" / (step_dir_name(s) if s is not None else "<not pretrained>")),
                            step=s, selector=selector) for s in steps]
     return out
 
@@ -298,7 +299,8 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
             kept_whole = split == "test" and st.get("save_predictions") and name in PHILIPPINE  # paper 2 §4 reads these sentence by sentence
             cap = None if kept_whole else st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
             key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len, f"{name}/{split}")
+            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                               f"{name}/{split}")
             return encoded[key]
         if job.checkpoint not in loaded:
             c = job.checkpoint

@@ -213,7 +213,8 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
                                                          cfg.train.activation_checkpointing), device)
         return f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, more than {have}: {fix}"
     if best != chunk:
-        return f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: set train.chunk_rows={best} (or 0: the largest that fits)"
+        return (f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: "
+                f"set train.chunk_rows={best} (or 0: the largest that fits)")
     if need.get("episode", 0) > capacity:
         return (f"a MAML episode needs {_gib(need['episode'])}, more than {have}: lower smlmt.q_query or smlmt.window"
                 f"{'' if cfg.train.activation_checkpointing else ', or set train.activation_checkpointing=true'}")
@@ -330,7 +331,8 @@ def format_plan(plan: Plan) -> str:
     gib = lambda b: f"{b / GIB:8.2f}"
     lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}"
              f"{', activation checkpointing' if plan.activation_checkpointing else ''}",
-             f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device ({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
+             f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device "
+             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
              "", f"{'memory per device':<52}{'GiB':>8}"]
     lines += [f"  {PART_LABELS[k]:<50}{gib(v)}" for k, v in plan.memory.items()]
     lines += ["", f"{'peak of each phase, with the reserve':<52}{'GiB':>8}  fits"]

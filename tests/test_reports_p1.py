@@ -27,7 +27,8 @@ F1 = {  # (arm, regime, finetuning set) -> test-set micro-F1, chosen by hand
 
 
 def counts(f1: float) -> dict:
-    "Per-sentence counts (picomaml.crf_metrics.sentence_counts) of 20 sentences with one gold and one predicted PER each, round(20 f1) correct: F1 = f1."
+    """Per-sentence counts (picomaml.crf_metrics.sentence_counts) of 20 sentences with one gold and one predicted PER each,
+    round(20 f1) correct: F1 = f1."""
     return {"n": 20, "sentences": [[i, int(i < round(20 * f1)), 1, 1, 0, 0, 0, 0, 0, 0] for i in range(20)]}
 
 
@@ -118,7 +119,8 @@ def test_table7_and_table3_equal_a_recomputation_from_the_raw_results(filled):
     assert table6.loc[("demo", "head"), "Tagalog (TRG)"] == "n/a" and table6.loc[("demo", "head"), "Tagalog (Ugnayan)"] == "missing"
     cell = table6.loc[("demo", "full"), "Cebuano"]  # full runs kept per-sentence counts: the value and its interval
     point, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
-    assert point == pytest.approx(-20.0) and cell.startswith("-20.0 [") and low <= point <= high <= 0  # MAML's correct sentences are vanilla's minus one
+    # MAML's correct sentences are vanilla's minus one
+    assert point == pytest.approx(-20.0) and cell.startswith("-20.0 [") and low <= point <= high <= 0
     assert "[" not in table6.loc[("demo", "head"), "Cebuano"]  # no counts, one seed: no interval
     assert "Brackets: 95 % percentile interval" in (out / "tables" / "p1_table6_zero_shot_ceb_tl.md").read_text()
 

@@ -51,7 +51,8 @@ def test_empty_runs_dir_writes_every_output_marked_missing(tmp_path):
     assert all(p.is_file() and p.stat().st_size > 0 for p in figs + tables), [p.name for p in figs + tables if not p.is_file()]
     for name in P2_TABLES:
         csv = pd.read_csv(tmp_path / "tables" / f"{name}.csv", dtype=str)
-        assert csv.drop(columns=[c for c in ("size", "regime", "entity", "language") if c in csv]).map(lambda c: c.startswith("missing")).all().all(), name
+        assert (csv.drop(columns=[c for c in ("size", "regime", "entity", "language") if c in csv])
+                .map(lambda c: c.startswith("missing")).all().all()), name
     t2 = pd.read_csv(tmp_path / "tables" / "p2_table2_finetuning_speed.csv")
     assert t2["size"].tolist() == ["tiny", "tiny", "large", "large"]  # the injected sizes, not the default ["demo"]
 
@@ -88,8 +89,10 @@ def filled(tmp_path_factory):
                        "pred": [["O", "O", "B-PER", "O", "O", "O", "O"]], "gold_prob": [[0.9, 0.9, 0.6, 0.9, 0.8, 0.8, 0.99]]}}
     (ner / "side.json").write_text(json.dumps(side))
     sweep = [record("maml", "sk_snk", "head", 40, 0.3, 0.0, step=s, f1=0.1 + s / 1000, loss_curve=[2.0, 1.0, 0.5 + s / 1000],
-                    dev_f1_curve=[0.1, 0.2], dev_f1_steps=[[1, 0.1], [2, 0.15], [3, 0.2]], per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
-                    particle_recall={"tl_trg": {"after_particle": 1, "found_after_particle": 1}, "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}})
+                    dev_f1_curve=[0.1, 0.2], dev_f1_steps=[[1, 0.1], [2, 0.15], [3, 0.2]],
+                    per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
+                    particle_recall={"tl_trg": {"after_particle": 1, "found_after_particle": 1},
+                                     "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}})
              for s in (0, 20, 40)]
     (ner / "hand-results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HAND + sweep))
     (ner / "hand-results-uner-statistics.json").write_text(json.dumps(STATISTICS))
