@@ -131,7 +131,7 @@ class DataConfig:
 # ranks) is the unit of the hybrid rule: each one is drawn MAML or next-token, and it is also an
 # episode's pool; an optimizer step takes `global_batch / branch_batch` of them (8, or 4 for tiny).
 # The **memory chunk** (`chunk_rows`, per rank) is how many rows a device runs forward and backward
-# at once: a matter of memory that never changes the gradient (`06_train` tests this), chosen by the
+# at once: a matter of memory that never changes the gradient (`06_lm_loss` tests this), chosen by the
 # planner (`06_plan`) to fit the device when left at 0.
 #
 # The papers state AdamW, peak lr 3e-4, 2,500 warmup steps, cosine decay and bf16 mixed precision

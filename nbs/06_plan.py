@@ -311,7 +311,7 @@ print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 20
 # %% [markdown]
 # ## The other phases of a step
 #
-# **An episode** (`05_maml`, `06_train`): the pool is gathered on every rank as int64 rows, and the
+# **An episode** (`05_maml`, `06_collectives`): the pool is gathered on every rank as int64 rows, and the
 # vectorised episode search (`04_smlmt`) holds a few pool-sized tensors at once (the candidate grid,
 # its max-pooled spread, the taken windows); 64 bytes a pool token bounds both. This rank's share of the
 # support windows runs forward without a graph (one block's tensors alive at a time), its share of the
@@ -319,7 +319,7 @@ print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 20
 # holds logits, softmax and gradient of the support set (only the vocabulary-indexed head makes these
 # visible).
 #
-# **The optimizer step** (`06_train`): after the last backward the activations are gone; with
+# **The optimizer step** (`06_collectives`, `06_train`): after the last backward the activations are gone; with
 # several ranks `sum_gradients` concatenates every gradient into one flat float32 tensor and
 # all-reduces it in place (4 bytes a parameter, freed on return), then AdamW's `foreach` path on CUDA
 # allocates sqrt(v) for all parameters at once (4 bytes a parameter); on CPU AdamW loops over tensors,

@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from picomaml.config import Config, ConfigError, format_help, load_config, run_command
 from picomaml.train import resolve_precision, train
@@ -65,7 +66,7 @@ from picomaml.train import resolve_precision, train
 # %% [markdown]
 # ## How many processes, on how many nodes
 #
-# Fabric requires devices × num_nodes = world size (toolchain.md). torchrun exports `WORLD_SIZE` and
+# Fabric requires devices × num_nodes = world size (Lightning's `Fabric(devices, num_nodes)`). torchrun exports `WORLD_SIZE` and
 # `LOCAL_WORLD_SIZE` (processes on this node); SLURM exports `SLURM_NTASKS_PER_NODE` and
 # `SLURM_NNODES`. With neither, the run is one process.
 
@@ -109,18 +110,18 @@ def make_loggers(cfg: Config) -> list:
     if cfg.logging.tensorboard:
         if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
             raise ConfigError("logging.tensorboard=true needs the `tensorboard` package (pip install tensorboard)")
-        from lightning.fabric.loggers import TensorBoardLogger
+        from lightning.fabric.loggers import TensorBoardLogger  # deferred: imports the optional tensorboard package
         loggers.append(TensorBoardLogger(root_dir=run_dir / "tensorboard", name="", version=""))
     if cfg.logging.wandb_project:
         if not importlib.util.find_spec("wandb"):
             raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package (pip install wandb)")
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.loggers import WandbLogger  # deferred: imports the optional wandb package
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
 def make_fabric(cfg: Config, env=os.environ):
     "A Fabric for this launch: accelerator, world size and precision from the environment and `cfg`."
-    from lightning.fabric import Fabric
+    from lightning.fabric import Fabric  # deferred: a heavy import that `--help` and config errors should not wait for
     devices, num_nodes = devices_and_nodes(env)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
@@ -141,14 +142,13 @@ if not importlib.util.find_spec("tensorboard"):
 #
 # With torch 2.13 and gloo, leaving the process group to the interpreter's exit aborted about one
 # run in 27, and `barrier(); destroy_process_group()` hung in 2 of 50; a short sleep between the two
-# was clean in 45 of 45 (toolchain.md). After an error there is no barrier (the other ranks may be
+# was clean in 45 of 45 (our measurement on the 2-core CPU machine). After an error there is no barrier (the other ranks may be
 # gone): the group is destroyed and the process exits with status 1.
 
 # %%
 #| export
 def shutdown(ok: bool = True) -> None:
     "Tear the process group down: barrier and a short pause after success, directly after an error."
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()): return
     if ok:
         dist.barrier()

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -227,7 +228,6 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
     "The fixed evaluation batch (rows, seq_len + 1) from a tensor or a parquet shard/directory with `input_ids`."
     if isinstance(source, torch.Tensor): ids = source
     else:
-        import pyarrow.parquet as pq
         path = Path(source)
         shards = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         if not shards or not shards[0].is_file():
@@ -249,7 +249,6 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
 
 # %%
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 with tempfile.TemporaryDirectory() as tmp:
     pq.write_table(pa.table({"input_ids": toy_batch.tolist()}), Path(tmp) / "val-00000.parquet")
@@ -546,7 +545,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # and backward pass over 1,024 tokens (the 50,304-way output layer dominates) plus 72 small SVDs
 # (≈0.3 s) and loading the checkpoint (≈0.3 s). Measured on the 2-core machine while other jobs
 # kept its load average at 6–7: 2.4 s best and 4.8 s median per checkpoint, 39 s for a sweep over
-# 8 checkpoints; with the machine to itself (≈840 training tokens/s, toolchain.md) that is ≈2 s per
+# 8 checkpoints; with the machine to itself (≈840 training tokens/s measured there) that is ≈2 s per
 # checkpoint, ≈15 s for the demo's 8 checkpoints, about 5 % of its 5-minute run. With 2 rows a
 # checkpoint costs about 1 s. The cell below (flagged slow) repeats the measurement.
 

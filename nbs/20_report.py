@@ -496,7 +496,7 @@ assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
 # `set_style` is the one seaborn style of every figure (white grid, paper context, colour-blind
 # palette, MAML and vanilla always the same colours). `save_figure` writes `<name>.png` and
 # `<name>.pdf`; the PDF has no creation date and the PNG no software version, so an unchanged input
-# gives byte-identical files (toolchain.md). Fonts are fixed to the DejaVu family matplotlib ships.
+# gives byte-identical files (tested below). Fonts are fixed to the DejaVu family matplotlib ships.
 
 # %%
 #| export

@@ -19,7 +19,7 @@
 # > README generation without Quarto, and the checks that keep the artifact's files in step.
 #
 # nbdev renders `nbs/index.ipynb` into README.md through Quarto, which cannot be installed on the
-# machines this project is built on (toolchain.md). The README is plain Markdown anyway, so we render
+# machines this project is built on (its PyPI package downloads the binary at install time). The README is plain Markdown anyway, so we render
 # it ourselves: markdown cells as they are, code cells as fenced Python, text outputs as fenced text.
 # `make test` regenerates it and fails when the committed README differs.
 

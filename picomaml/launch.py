@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .config import Config, ConfigError, format_help, load_config, run_command
 from .train import resolve_precision, train
@@ -39,18 +40,18 @@ def make_loggers(cfg: Config) -> list:
     if cfg.logging.tensorboard:
         if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
             raise ConfigError("logging.tensorboard=true needs the `tensorboard` package (pip install tensorboard)")
-        from lightning.fabric.loggers import TensorBoardLogger
+        from lightning.fabric.loggers import TensorBoardLogger  # deferred: imports the optional tensorboard package
         loggers.append(TensorBoardLogger(root_dir=run_dir / "tensorboard", name="", version=""))
     if cfg.logging.wandb_project:
         if not importlib.util.find_spec("wandb"):
             raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package (pip install wandb)")
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.loggers import WandbLogger  # deferred: imports the optional wandb package
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
 def make_fabric(cfg: Config, env=os.environ):
     "A Fabric for this launch: accelerator, world size and precision from the environment and `cfg`."
-    from lightning.fabric import Fabric
+    from lightning.fabric import Fabric  # deferred: a heavy import that `--help` and config errors should not wait for
     devices, num_nodes = devices_and_nodes(env)
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
@@ -60,7 +61,6 @@ def make_fabric(cfg: Config, env=os.environ):
 # %% ../nbs/07_launch.ipynb #2b4e957b
 def shutdown(ok: bool = True) -> None:
     "Tear the process group down: barrier and a short pause after success, directly after an error."
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()): return
     if ok:
         dist.barrier()

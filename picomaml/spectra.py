@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -87,7 +88,6 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
     "The fixed evaluation batch (rows, seq_len + 1) from a tensor or a parquet shard/directory with `input_ids`."
     if isinstance(source, torch.Tensor): ids = source
     else:
-        import pyarrow.parquet as pq
         path = Path(source)
         shards = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         if not shards or not shards[0].is_file():

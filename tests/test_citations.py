@@ -17,8 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# built from two pieces so that this file does not name it itself
+# built from pieces so that this file does not name them itself: the working spec, and the install notes
+# kept beside it, neither of which is part of the repository
 RETIRED_SPEC = "method" + ".md"
+OUTSIDE_NOTES = ("toolchain" + ".md",)
 
 # Paper 1, "Learning Dynamics of Meta-Learning in Small Model Pretraining": 1 Introduction, 2 Related
 # Work, 3 Method (3.1 Baselines, 3.2 Task construction via SMLMT, 3.3 Optimiser, data, and monitoring,
@@ -95,6 +97,11 @@ def test_no_tracked_file_names_the_retired_spec(tracked_texts):
     naming = sorted(name for name, text in tracked_texts.items() if RETIRED_SPEC in text)
     assert not naming, (f"{naming} cite {RETIRED_SPEC}, which is not part of the repository: cite the papers' sections, "
                         "docs/settings.md, docs/released-trainer.md or the notebook that decides the matter")
+
+
+def test_no_tracked_file_cites_notes_outside_the_repository(tracked_texts):
+    naming = sorted(name for name, text in tracked_texts.items() for note in OUTSIDE_NOTES if note in text)
+    assert not naming, f"{naming} cite notes that are not part of the repository: say what was measured or cite its source"
 
 
 def test_every_cited_section_exists(tracked_texts):
