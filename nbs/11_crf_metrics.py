@@ -405,7 +405,7 @@ for _ in range(500):
 # lenient reading) and the missed ORG.
 
 # %%
-def counts_f1(counts, kind=None):
+def summed_counts_f1(counts, kind=None):
     "Micro-F1 (kind None) or one type's F1 of summed per-sentence counts; NaN for a type without spans."
     c = np.asarray([r[1:] for r in counts["sentences"]] or np.zeros((0, 9))).reshape(-1, len(ENTITY_TYPES), 3).sum(0)  # (types, 3)
     tp, n_pred, n_gold = c.sum(0) if kind is None else c[ENTITY_TYPES.index(kind)]
@@ -417,10 +417,10 @@ rng = random.Random(1)
 for _ in range(500):
     gold_r, pred_r = random_batch(rng)
     sc, counts = score(gold_r, pred_r), sentence_counts(gold_r, pred_r)
-    assert counts["n"] == len(gold_r) and math.isclose(counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), (gold_r, pred_r)
+    assert counts["n"] == len(gold_r) and math.isclose(summed_counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), (gold_r, pred_r)
     for t in ENTITY_TYPES:
-        assert ((math.isnan(sc["per_tag_f1"][t]) and math.isnan(counts_f1(counts, t)))
-                or math.isclose(counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12))
+        assert ((math.isnan(sc["per_tag_f1"][t]) and math.isnan(summed_counts_f1(counts, t)))
+                or math.isclose(summed_counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12))
 
 
 # %% [markdown]

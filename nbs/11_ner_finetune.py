@@ -501,10 +501,11 @@ for regime in ("head", "full"):
 # above the untrained head's. `demo_backbone` uses the checkpoint named by `PICOMAML_NER_BACKBONE`
 # (e.g. `../runs/demo-maml/checkpoints/step_000120`); otherwise — as in the committed run — a
 # freshly initialised PicoDecoder (d 96, 2 blocks) whose residual branches' output projections
-# (`o_proj`, `w_2`) start at zero. Why: with every weight ~N(0, 0.02), a random block's residual
-# branch (≈0.08 RMS, from a normed input) swamps the token embedding (0.02 RMS), so the states are
-# mostly a blur of the left context and no head can learn from them (dev F1 stayed near 0.02 in our
-# tries). With zero branches the states are the normed token embeddings, and the head learns which
+# (`o_proj`, `w_2`) start at zero. Why: a random block's residual branch can swamp the token
+# embedding — when the decoder started from N(0, 0.02) (now `model.init=normal`) the branch was ≈0.08
+# RMS against the embedding's 0.02 — so the states are mostly a blur of the left context and no head
+# can learn from them (dev F1 stayed near 0.02 in those tries). With zero branches the states are the
+# normed token embeddings, whatever the initialisation, and the head learns which
 # first sub-tokens start names (0.02 → about 0.12 within four epochs). The demo run's 120-step
 # checkpoint (`runs/demo-maml`, d 96, 12 blocks) does **not** pass this test yet: its head
 # predicted only O (dev F1 0.00 in all four epochs), so it is not the default.
