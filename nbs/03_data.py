@@ -38,8 +38,8 @@ import json
 import os
 import re
 import sys
-import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -207,11 +207,11 @@ assert cutter.pending == [9, 10]
 #| export
 ROW_TYPE = pa.list_(pa.int32())
 
-def write_shard(rows, path: Path) -> Path:
+def write_shard(rows, path: Path, row_group_rows: int | None = None) -> Path:
     "Write rows (lists of ids, or an Arrow list array) as a parquet file with one `input_ids` column, atomically."
     column = rows.cast(ROW_TYPE) if isinstance(rows, (pa.Array, pa.ChunkedArray)) else pa.array(rows, type=ROW_TYPE)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({"input_ids": column}), tmp)
+    pq.write_table(pa.table({"input_ids": column}), tmp, row_group_size=row_group_rows)
     os.replace(tmp, path)
     return path
 
@@ -437,7 +437,7 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 #| export
-def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print, row_group_rows: int | None = None) -> dict:
     "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
     shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
     if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
@@ -448,7 +448,7 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     names, column = [], pa.array([], ROW_TYPE)  # column: rows read but not yet written, fewer than rows_per_file
     def flush(rows):
         names.append(f"{split}-{len(names):05d}-of-{n_files:05d}.parquet")
-        write_shard(rows, data / names[-1])
+        write_shard(rows, data / names[-1], row_group_rows)
     for f in shards.files:
         for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
             column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
@@ -479,110 +479,44 @@ with tempfile.TemporaryDirectory() as tmp:
 
 
 # %% [markdown]
-# ### A streamed dataset, read file by file
+# ### A streamed dataset, read file by file and rank by rank
 #
-# `StreamedRows` reads a dataset through `datasets`' streaming — the Hub path of paper 1 §3.3's data
-# (pico-lm/pretokenized-dolma), for a Hub name and a local directory in its layout alike. A stream
-# has no random access; read from its first row, it costs every rank the whole stream (its own rows
-# and the other ranks') and a resumed run a replay of everything before its step. But the position
-# of a row fixes its file: pretokenized-dolma's files hold 20,480 rows each, and pico-train resumes
-# by opening the file its step falls in. We do that for every read: position p is row p %
-# rows_per_file of file p // rows_per_file (`data.rows_per_file`), files in the order the stream
-# reads them (sorted names, as `load_dataset_builder` lists them).
+# `StreamedRows` reads a dataset in the Hub's parquet layout, the Hub path of paper 1 §3.3's data
+# (pico-lm/pretokenized-dolma), for a Hub name and a local directory in its layout alike: `datasets`
+# lists the split's files (sorted names, as `load_dataset_builder` lists them) and opens each through
+# its own opener (`xopen`: a local path or `hf://`). A stream read from its first row would cost every
+# rank the whole stream and a resumed run a replay of everything before its step. But the position of
+# a row fixes its file: pretokenized-dolma's files hold 20,480 rows each (`data.rows_per_file`), and
+# pico-train resumes by opening the file its step falls in. Position p lies in file p // rows_per_file.
 #
-# A read therefore opens only its file. `IterableDataset.shard(num_shards=<files>, index=i,
-# contiguous=True)` keeps file i of the stream and touches no other, and `.with_format("arrow")
-# .skip(offset)` moves to the row inside it. Of what `datasets` 5.2 offers, this is the cheapest:
-# - in Arrow format `skip` drops whole record batches and slices the one it lands in, so the rows
-#   before the offset are decoded by the parquet reader (at most one file) but never become Python
-#   objects. Here a whole 20,480-row file of 2,049 ids streams in about 0.5 s as Arrow tables; as
-#   Python rows (a stream's default iteration) it takes about 10 s;
-# - `state_dict` / `load_state_dict` would restore a position only from state the interrupted run
-#   saved, and replays the file up to it the same way; the position alone already says where to go;
-# - `reshard()` (one shard per row group) could also pass over the row groups before the offset
-#   undecoded, but the files' row-group sizes are unknown (one 20,480-row group is possible) and the
-#   saving is at most one file's decoding, once per resume.
-#
-# Inside an open file an `ArrowCursor` serves the rank's requests in order: a rank asks for its
-# `rows_per_rank` rows of each branch micro-batch, and its consecutive requests are `branch_batch`
-# rows apart; the rows in between (the other ranks') pass as Arrow slices and are dropped. A parquet
-# file cannot be read in pieces smaller than its pages, so each rank still reads the bytes of the
-# file it is in; it no longer converts, checks or keeps other ranks' rows, and never opens a file
-# before the one its step needs. Each file's row count is checked against `data.rows_per_file` from
-# its parquet footer when it is first opened (a wrong value would silently shift every position);
-# the last file may hold fewer.
+# Inside a file, ranks should not read each other's rows. A branch micro-batch of B positions is split
+# into W contiguous rank shares of R = B / W; in file order, every rank's share of every micro-batch
+# would lie side by side, and since a parquet file is read by row groups (often thousands of rows),
+# each rank would decode the whole file. So within a file of F rows, holding K = F / B micro-batches,
+# position m·B + j (micro-batch m, place j) is **file row j·K + m**: place j of every micro-batch sits
+# in one contiguous run of K rows, and a rank's R places of all K micro-batches lie in one contiguous
+# region of R·K = F / W rows. A rank reads that region once, and only the row groups that overlap it,
+# when it first needs the file, and serves its K shares from memory. The layout depends on B and F
+# only, never on W, so one process and W processes read the same rows per micro-batch (the 1 = 2 ranks
+# tests rely on that), and a resumed run reads the region of its file again. F must be a multiple of B
+# (20,480 = 80 × 256); the last file may hold fewer rows, and only its whole micro-batches are used.
+# Each file's row count is checked against `data.rows_per_file` from its footer (a wrong value would
+# silently shift every position). The first rows in file order, `head`, are what evaluation reads.
 
 # %%
 #| export
-class ArrowCursor:
-    "Forward-only row ranges of a stream of Arrow tables; rows passed over are dropped as Arrow slices."
-    def __init__(self, tables: Iterator[pa.Table], position: int = 0):
-        self.tables, self.position, self.pending = tables, position, None  # `pending` holds the rows from `position` on
+def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
+    "The file row holding position `offset` of a file that holds `per_file` micro-batches of `block_rows` positions."
+    micro_batch, place = divmod(offset, block_rows)
+    return place * per_file + micro_batch
 
-    def take(self, start: int, count: int) -> pa.Table:
-        "Rows start .. start+count-1 of the stream; `start` must not lie behind the cursor."
-        if start < self.position: raise ValueError(f"the cursor is at row {self.position} and cannot go back to row {start}")
-        parts, wanted = [], count
-        while wanted:
-            if self.pending is None or not len(self.pending):
-                self.pending = next(self.tables, None)
-                if self.pending is None: raise EOFError(f"the stream ended after {self.position} rows, before row {start + wanted - 1}")
-            skip = min(start - self.position, len(self.pending))  # rows before `start`: other ranks', or before a resume point
-            parts.append(self.pending.slice(skip, wanted))
-            self.pending = self.pending.slice(skip + len(parts[-1]))
-            self.position += skip + len(parts[-1])
-            start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
-        return pa.concat_tables(parts)
-
-    def close(self):
-        "Stop the stream now (its reader's threads end here, not at interpreter teardown)."
-        if hasattr(self.tables, "close"): self.tables.close()
-        self.pending = None
-
-
-# %%
-tables = lambda: iter([pa.table({"x": [0, 1, 2]}), pa.table({"x": [3, 4]}), pa.table({"x": [5, 6, 7]})])
-cursor = ArrowCursor(tables())
-assert cursor.take(1, 3)["x"].to_pylist() == [1, 2, 3] and cursor.take(6, 1)["x"].to_pylist() == [6]  # 4 and 5 dropped
-assert cursor.take(7, 1)["x"].to_pylist() == [7] and cursor.position == 8
-raises(lambda: cursor.take(2, 1), "at row 8", "cannot go back to row 2")
-raises(lambda: ArrowCursor(tables()).take(6, 3), "ended after 8 rows, before row 8")
-assert ArrowCursor(iter([pa.table({"x": [40, 41]})]), position=40).take(41, 1)["x"].to_pylist() == [41]
-
-
-# %% [markdown]
-# A cursor over `datasets`' parquet stream holds an Arrow scanner whose threads must end while
-# pyarrow is still loaded: a scanner left to interpreter teardown (a reference cycle keeps it alive
-# past the last `del`) can abort the process with "terminate called without an active exception"
-# (huggingface/datasets#7566). So a streamed reader closes the cursors it drops, and at the latest
-# at exit closes the rest and collects the cycles.
-
-# %%
-#| export
-def close_cursors(cursors: OrderedDict) -> None:
-    "Close every cursor and collect reference cycles, so no Arrow scanner outlives pyarrow."
-    import gc  # imported here: at exit a notebook's namespace may already be cleared when this runs
-    while cursors: cursors.popitem()[1].close()
-    gc.collect()
-
-
-# %%
-def _counting():
-    yield pa.table({"x": [0, 1]}); yield pa.table({"x": [2]})
-streams = OrderedDict(a=ArrowCursor(_counting()), b=ArrowCursor(_counting()))
-streams["a"].take(0, 1)
-stream_a = streams["a"].tables
-close_cursors(streams)
-assert not streams and stream_a.gi_frame is None  # the started generator was closed, not merely dropped
-
-
-# %%
-#| export
 class StreamedRows:
-    "Row ranges of a streamed dataset, each read from the one parquet file that holds it (position // rows_per_file)."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480):
+    "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
+                 block_rows: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
@@ -592,10 +526,7 @@ class StreamedRows:
                                                  f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
         self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
-        if self.dataset.num_shards != len(self.files):
-            raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
-        self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
-        weakref.finalize(self, close_cursors, self.cursors)  # at the latest at exit, while pyarrow is still loaded
+        self.file_rows, self.region, self.rows_read = {}, (None, None), 0  # checked row counts; the region held; rows decoded
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -611,32 +542,33 @@ class StreamedRows:
             self.file_rows[i] = n
         return self.file_rows[i]
 
-    def _open(self, i: int, offset: int) -> ArrowCursor:
-        "A cursor at row `offset` of file i: only that file is opened, and the rows before `offset` are skipped as Arrow."
-        self._rows_in(i)
-        file_stream = self.dataset.shard(num_shards=len(self.files), index=i, contiguous=True).with_format("arrow")
-        return ArrowCursor(file_stream.skip(offset).iter(batch_size=1024), position=offset)
-
-    def _file_rows(self, i: int, offset: int, count: int) -> np.ndarray:
-        "Rows offset .. offset+count-1 of file i, validated, (count, row_len)."
-        cursor = self.cursors.pop(i, None)
-        if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
-        self.cursors[i] = cursor
-        if len(self.cursors) > 2: self.cursors.popitem(last=False)[1].close()  # a request spans at most two files; later ones move on
-        return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
+    def _read_file_rows(self, i: int, first: int, last: int) -> np.ndarray:
+        "Rows first .. last-1 of file i in file order, decoding only the row groups that hold them, validated."
+        from datasets.utils.file_utils import xopen
+        with xopen(self.files[i], "rb") as f:
+            parquet = pq.ParquetFile(f)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            groups = [g for g in range(parquet.num_row_groups) if starts[g] < last and starts[g + 1] > first]
+            table = parquet.read_row_groups(groups, columns=["input_ids"])
+        self.rows_read += len(table)
+        column = table.column("input_ids").slice(first - starts[groups[0]], last - first)
+        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
-        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor; the range may span files."
-        total = (len(self.files) - 1) * self.rows_per_file + self._rows_in(len(self.files) - 1)
-        if start + count > total:
-            raise IndexError(f"{self.name} ({self.split}) has {total} rows; rows {start}..{start + count - 1} are past its end: "
-                             f"lower train.steps (or the batch size), or stream a longer dataset")
-        blocks, position = [], start
-        while position < start + count:
-            i, offset = divmod(position, self.rows_per_file)
-            n = min(start + count - position, self.rows_per_file - offset)
-            blocks.append(self._file_rows(i, offset, n)); position += n
-        return torch.from_numpy(np.concatenate(blocks))  # (count, row_len)
+        "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
+        block = self.block_rows or count
+        if self.rows_per_file % block:
+            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the {block}-row micro-batch "
+                             f"(train.branch_batch, or smlmt.pool_rows for episode pools): choose one that divides it")
+        i, offset = divmod(start, self.rows_per_file)
+        if i >= len(self.files) or (offset // block + 1) * block > self._rows_in(i) // block * block:
+            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}: the run needs "
+                             f"more rows than the dataset holds; lower train.steps (or the batch size), or stream a longer dataset")
+        per_file, (micro_batch, place) = self._rows_in(i) // block, divmod(offset, block)
+        if place + count > block: raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
+        key = (i, place, count)
+        if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
+        return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
 
     def head(self, n: int) -> torch.Tensor:
         "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
@@ -646,68 +578,49 @@ class StreamedRows:
 
 
 # %% [markdown]
-# The tests stream a local directory in the Hub layout (23 rows, ids equal to their position, 5 rows
-# a file) and record, through `_open`, every file the reader opens, where it starts, and how many rows
-# `datasets` hands it (as Arrow tables). A fresh reader asked for rows 17..20 — a run resumed deep in
-# the stream — opens file 3 at row 2 and file 4 at row 0 and nothing else: rows 0..14 are never
-# opened, rows 15 and 16 are skipped inside `datasets`, and the rows equal a full sequential read.
+# Tests on a local directory in the Hub layout: 40 rows whose ids are their file-order index, files of
+# 8 rows written in row groups of 2 (`write_shard`'s `row_group_rows`), branch micro-batches of 4
+# positions. One process reading micro-batch by micro-batch and two ranks (each its own reader, as
+# in a real run) read the same rows, those of the layout above; each of the two ranks decodes half of
+# every file; a reader resumed deep in the stream reads only its file's region.
 
 # %%
-def recording(stream: StreamedRows) -> list:
-    "Record (file, offset, rows datasets yielded) for every file `stream` opens."
-    opened, open_file = [], stream._open
-    def counted(tables, record):
-        for t in tables:
-            assert isinstance(t, pa.Table)  # Arrow all the way: no Python rows
-            record[2] += len(t); yield t
-    def wrapper(i, offset):
-        cursor = open_file(i, offset); opened.append([i, offset, 0])
-        cursor.tables = counted(cursor.tables, opened[-1])
-        return cursor
-    stream._open = wrapper
-    return opened
-
 hub_tmp = tempfile.TemporaryDirectory()
 hub = Path(hub_tmp.name) / "hub"
 (Path(hub_tmp.name) / "shards").mkdir()
-write_shard([[i, i] for i in range(23)], Path(hub_tmp.name) / "shards" / "shard-00000.parquet")
-write_hub_layout(Path(hub_tmp.name) / "shards", hub, rows_per_file=5, log=lambda m: None)
-full = torch.tensor([r["input_ids"] for r in datasets.load_dataset(str(hub), split="train", streaming=True)])  # (23, 2)
+write_shard([[i, i] for i in range(40)], Path(hub_tmp.name) / "shards" / "shard-00000.parquet")
+write_hub_layout(Path(hub_tmp.name) / "shards", hub, rows_per_file=8, log=lambda m: None, row_group_rows=2)
+full = torch.tensor([r["input_ids"] for r in datasets.load_dataset(str(hub), split="train", streaming=True)])  # (40, 2), file order
+layout = lambda p: 8 * (p // 8) + streamed_file_row(p % 8, block_rows=4, per_file=2)  # position -> file-order row
 
-resumed = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)
-opened = recording(resumed)
-assert torch.equal(resumed.read_range(17, 4), full[17:21])
-assert opened == [[3, 2, 3], [4, 0, 3]]  # file 3 from its row 2 (3 rows arrive), file 4 (3 rows); files 0-2 never opened
-assert torch.equal(resumed.read_range(3, 9), full[3:12]) and opened[2:] == [[0, 3, 2], [1, 0, 5], [2, 0, 5]]  # back: reopens
+one = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4)
+assert torch.equal(torch.cat([one.read_range(s, 4) for s in range(0, 40, 4)]), full[[layout(p) for p in range(40)]])
+assert sorted(layout(p) for p in range(40)) == list(range(40)) and one.rows_read == 40  # each row once; each file read once
+ranks = [StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4) for _ in range(2)]
+two = torch.cat([ranks[r].read_range(s + 2 * r, 2) for s in range(0, 40, 4) for r in range(2)])
+assert torch.equal(two, full[[layout(p) for p in range(40)]]) and [r.rows_read for r in ranks] == [20, 20]  # half of every file each
+resumed = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4)
+assert torch.equal(resumed.read_range(26, 2), full[[layout(26), layout(27)]]) and resumed.rows_read == 4  # file 3's region of rank 1
 
 # %% [markdown]
-# One rank of two, two rows a rank (branch micro-batches of 4): every file it needs is opened once,
-# at the rank's first row in it, and the rank's rows are a strided subset of the full read. Files whose row
-# count disagrees with `data.rows_per_file`, and rows past the end, are errors that say what to set.
+# Files whose row count disagrees with `data.rows_per_file`, a micro-batch that does not divide it,
+# rows past the end, rows of another length and a missing split or dataset are errors that say what to set.
 
 # %%
-rank1 = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)
-opened = recording(rank1)
-got = torch.cat([rank1.read_range(start, 2) for start in range(2, 22, 4)])  # positions 2,3, 6,7, 10,11, ...
-assert torch.equal(got, full[[p for s in range(2, 22, 4) for p in (s, s + 1)]])
-assert [(i, offset) for i, offset, _ in opened] == [(0, 2), (1, 1), (2, 0), (3, 0)]  # rows 14, 15 span files 2 and 3
-assert len(rank1.cursors) <= 2
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4).read_range(0, 1),
-       "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 4")
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=6).read_range(0, 1),
-       "train-00000-of-00005.parquet", "holds 5 rows", "data.rows_per_file is 6")
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=5).read_range(21, 3), str(hub), "has 23 rows", "21..23", "train.steps")
-raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=5).read_range(7, 1),
-       "train-00001-of-00005.parquet", "row 2", "has 2 ids, expected 3")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4, block_rows=4).read_range(0, 1),
+       "train-00000-of-00005.parquet", "holds 8 rows", "data.rows_per_file is 4")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=3).read_range(0, 1),
+       "data.rows_per_file=8 is not a multiple of the 3-row micro-batch")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=4).read_range(40, 2), str(hub), "position 40", "train.steps")
+raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=8, block_rows=4).read_range(8, 2),
+       "train-00001-of-00005.parquet", "row 0", "has 2 ids, expected 3")
 raises(lambda: StreamedRows(str(hub), 2, split="val"), "no split 'val'", "['train']", "data.eval_hub_split")
 raises(lambda: StreamedRows(f"{hub_tmp.name}/missing", 2), "missing", "data.train_hub", "hub-layout")
-assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])  # head ignores rows_per_file (20,480 here)
+assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])  # head reads in file order, any file sizes
 assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(100), full)  # a shorter stream: all its rows
 
 # %% [markdown]
-# A process that exits in the middle of a file (every training process does) exits quietly: the
-# reader closes its streams while pyarrow is still loaded. (The file must outlast one 1,024-row
-# Arrow batch for `datasets`' parquet reader to be left open.)
+# A process that exits in the middle of a file (every training process does) exits quietly.
 
 # %%
 import subprocess
@@ -717,9 +630,10 @@ with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i % 100, 0] for i in range(3000)], Path(tmp) / "shards" / "shard-00000.parquet")
     write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", rows_per_file=2048, log=lambda m: None)
     script = (f"from picomaml.data import StreamedRows\n"
-              f"rows = StreamedRows({str(Path(tmp) / 'hub')!r}, 2, vocab_size=100, rows_per_file=2048)\nrows.read_range(5, 2)")
+              f"rows = StreamedRows({str(Path(tmp) / 'hub')!r}, 2, vocab_size=100, rows_per_file=2048, block_rows=256)\n"
+              f"rows.read_range(5, 2)\nrows.head(1500)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-assert done.returncode == 0 and "Exception ignored" not in done.stderr, done.stderr
+assert done.returncode == 0 and "Exception ignored" not in done.stderr and "terminate" not in done.stderr, done.stderr
 
 
 # %% [markdown]
@@ -746,12 +660,12 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local
     return getattr(data_cfg, f"{split}_hub")
 
-def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> ShardRows | StreamedRows:
-    "The row source of a split: local shards or a streamed dataset."
+def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None) -> ShardRows | StreamedRows:
+    "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file)
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file, block_rows)
 
 
 # %%
@@ -768,10 +682,10 @@ with tempfile.TemporaryDirectory() as tmp:
         assert len(open_rows(DataConfig(seq_len=2), "eval")) == 1
         raises(lambda: resolve_data_source(DataConfig(train_path=f"{tmp}/nope"), "train"), "data.train_path", "nope")
         # source=hub streams the *_hub datasets even with a path set and local shards present
-        hub_cfg = DataConfig(source="hub", train_path=tmp, train_hub=str(hub), eval_hub="x/y", seq_len=1, rows_per_file=5)
+        hub_cfg = DataConfig(source="hub", train_path=tmp, train_hub=str(hub), eval_hub="x/y", seq_len=1, rows_per_file=8)
         assert resolve_data_source(hub_cfg, "train") == str(hub) and resolve_data_source(hub_cfg, "eval") == "x/y"
-        streamed = open_rows(hub_cfg, "train", vocab_size=100)
-        assert isinstance(streamed, StreamedRows) and streamed.rows_per_file == 5 and torch.equal(streamed.read_range(4, 2), full[4:6])
+        streamed = open_rows(hub_cfg, "train", vocab_size=100, block_rows=4)
+        assert isinstance(streamed, StreamedRows) and streamed.rows_per_file == 8 and torch.equal(streamed.read_range(4, 2), full[[1, 3]])
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -793,8 +707,8 @@ with tempfile.TemporaryDirectory() as tmp:
 # For local shards, the data order is a seeded permutation of all rows, drawn afresh for each pass
 # over the data (pass e uses seed `seed·1,000,003 + e`), so a run longer than one epoch keeps
 # going; a global batch that straddles two passes may hold a row from each pass twice. A streamed
-# source is read in its own order (positions are stream rows; Pico shuffled pretokenized-dolma when
-# it made it, so no seed applies).
+# source is read in its files' order, laid out rank by rank inside each file (above; Pico shuffled
+# pretokenized-dolma when it made it, so no seed applies).
 
 # %%
 #| export
@@ -855,13 +769,15 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %% [markdown]
 # Streamed, a step of two ranks (each its own reader, as in a real run) reads exactly the rows one
-# process reads for the same global batch: positions [sG, (s+1)G) of the stream, in order.
+# process reads for the same global batch: positions [sG, (s+1)G) of the stream, in the layout above.
 
 # %%
-ranks = [StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=5) for _ in range(2)]
+streamed = lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=2)  # micro-batches of 2 positions
+ranks = [streamed() for _ in range(2)]
 two = torch.cat([batch_for_step(ranks[r], 2, a, r, 2, rows_per_rank=1, accum_steps=3, seed=0) for a in range(3) for r in range(2)])
-one = torch.cat([batch_for_step(ranks[0], 2, a, 0, 1, rows_per_rank=2, accum_steps=3, seed=0) for a in range(3)])
-assert torch.equal(two, full[12:18]) and torch.equal(one, full[12:18])
+one = torch.cat([batch_for_step(streamed(), 2, a, 0, 1, rows_per_rank=2, accum_steps=3, seed=0) for a in range(3)])
+expected = full[[8 * (p // 8) + streamed_file_row(p % 8, block_rows=2, per_file=4) for p in range(12, 18)]]
+assert torch.equal(two, expected) and torch.equal(one, expected)
 
 
 # %% [markdown]
@@ -869,8 +785,8 @@ assert torch.equal(two, full[12:18]) and torch.equal(one, full[12:18])
 #
 # `micro_batches` is the loop a trainer runs: every (step, micro-step, batch) of one rank from a start
 # point on. A run resumed at (step, micro-step) yields exactly what the uninterrupted run yields from
-# there — also for a streamed source, whose fresh reader opens the file of the resume position and
-# skips to it (above), instead of replaying the stream.
+# there — also for a streamed source, whose fresh reader reads the rank's region of the file of the
+# resume position (above), instead of replaying the stream.
 
 # %%
 #| export
@@ -886,14 +802,74 @@ def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, ro
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(30)], Path(tmp) / "a.parquet")
-    for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), lambda: StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=5)):
+    for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), streamed):
         kw = dict(rank=1, world_size=2, rows_per_rank=1, accum_steps=3, seed=5, end_step=3)
         uninterrupted = [(s, a, b.tolist()) for s, a, b in micro_batches(make(), **kw)]
         source = make()
-        opened = recording(source) if isinstance(source, StreamedRows) else []
         resumed = [(s, a, b.tolist()) for s, a, b in micro_batches(source, start_step=2, start_accum=1, **kw)]
         assert len(uninterrupted) == 9 and resumed == uninterrupted[7:]
-        assert not opened or [(i, offset) for i, offset, _ in opened] == [(3, 0)]  # position 15: file 3 only, no replay
+        assert getattr(source, "rows_read", 8) == 8  # positions 15 and 17: rank 1's 4-row regions of files 1 and 2, no replay
+
+
+# %% [markdown]
+# ## Reading ahead
+#
+# Reading a draw's rows (a parquet region decoded, a permutation looked up, rows validated) costs
+# milliseconds to a second, and a GPU step should not wait for it. The training loop knows which rows
+# its next draw needs (the branch draws and the positions are functions of the step), so a
+# `RowPrefetcher` reads them on one background thread while the current draw trains: `ask` starts the
+# read of a key, `take` returns it (or reads it now if it was never asked for). On a CUDA run the rows
+# land in pinned memory, so the copy to the GPU (`non_blocking=True`) overlaps with compute. The
+# sources are only ever read from the prefetcher's thread, one read at a time, so they need no locks.
+
+# %%
+#| export
+class RowPrefetcher:
+    "The rows of the next draw, read on one background thread (into pinned memory for a CUDA run) while this one trains."
+    def __init__(self, pin: bool = False):
+        self.pool, self.pending, self.pin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows"), {}, pin
+
+    def _read(self, read) -> torch.Tensor:
+        rows = read()
+        return rows.pin_memory() if self.pin else rows
+
+    def ask(self, key, read) -> None:
+        "Start reading `read()` for `key` in the background."
+        if key not in self.pending: self.pending[key] = self.pool.submit(self._read, read)
+
+    def take(self, key, read) -> torch.Tensor:
+        "The rows of `key`: the background read's (its error raised here), or `read()` now if none was asked for."
+        future = self.pending.pop(key, None)
+        return future.result() if future is not None else self._read(read)
+
+    def close(self) -> None:
+        "Drop reads nobody will take and stop the thread."
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+# %% [markdown]
+# Tests: what `take` returns equals the direct read; an asked-for read ran on the background thread
+# (and a key never asked for is read in the caller's); an error in the background read is raised by
+# `take`, in the training thread.
+
+# %%
+import threading
+
+readers = []
+def read_of(step):
+    def read():
+        readers.append(threading.current_thread().name)
+        return batch_for_step(ShardRows(hub_tmp.name + "/shards", 2, 100), step, 0, 0, 1, 4, 1, seed=3)
+    return read
+
+ahead = RowPrefetcher()
+ahead.ask(1, read_of(1))
+assert torch.equal(ahead.take(1, read_of(1)), read_of(1)()) and readers[0].startswith("rows") and readers[1] == threading.current_thread().name
+assert torch.equal(ahead.take(2, read_of(2)), read_of(2)())  # never asked for: read now
+ahead.ask(3, lambda: (_ for _ in ()).throw(OSError("shard unreadable")))
+raises(lambda: ahead.take(3, read_of(3)), "shard unreadable")
+ahead.close()
 
 
 # %% [markdown]
@@ -972,9 +948,11 @@ def main(argv: list[str] | None = None) -> dict:
     h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
     h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
     h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--row-group-rows", type=int, default=1024, help="rows per parquet row group (what a rank's read of its region decodes)")
     h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
-    if args.command == "hub-layout": return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split)
+    if args.command == "hub-layout":
+        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
 

@@ -163,12 +163,18 @@ assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4.,
 # either.
 # (Backbone dropout would break the equality, since each re-run would draw new masks; the Pico
 # decoder has none.)
+#
+# On several ranks each rank runs its part of the support windows; a tiny episode on many ranks can
+# leave a rank none. That rank does not call the backbone at all (CUDA's flash kernel has rejected an
+# empty batch) and contributes an empty (0, d) block of float32 features, the dtype the Pico decoder's
+# final norm returns.
 
 # %%
 #| export
 @torch.no_grad()
 def support_features(backbone: nn.Module, ids: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
     "Support features (S, d), computed once without a graph; the frozen backbone makes them exact for every inner step."
+    if len(ids) == 0: return torch.zeros(0, backbone.cfg.d_model, device=ids.device)  # no rows: no backbone call
     return readout_features(backbone.hidden(ids), readout)  # (S, d)
 
 
@@ -387,14 +393,14 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
                          "it must return every rank's features in episode order")
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
     support_acc = support_accuracy(head, fast, feats, episode.support_labels, episode.class_ids)
-    labels = episode.query_labels[query_part]
+    labels, (mean, std) = episode.query_labels[query_part], head_weight_stats(head, fast, episode.class_ids)
+    stats = dict(support_acc=support_acc, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
+    if len(labels) == 0: return dict(loss=0.0, query_correct=0, head_grad_norm=0.0, **stats)  # no query rows here: no backbone call
     loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
                                      episode.query_readout[query_part], labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
-    mean, std = head_weight_stats(head, fast, episode.class_ids)
-    return dict(loss=loss.item(), support_acc=support_acc, query_correct=n_correct, query_count=len(labels),
-                head_weight_mean=mean, head_weight_std=std, head_grad_norm=add_fast_grads(head, fast))
+    return dict(loss=loss.item(), query_correct=n_correct, head_grad_norm=add_fast_grads(head, fast), **stats)
 
 
 # %% [markdown]
@@ -601,6 +607,51 @@ for ep in episodes: maml_step(backbone, head, ep, cfg, loss_scale=0.5)
 assert same_grads(grads_of(backbone, head), {k: None if g is None else (g + alone[1][k]) / 2 for k, g in alone[0].items()}, 1e-6)
 try: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]); raise AssertionError
 except ValueError as e: assert "gather returned 3 support features, the episode has 6" in str(e)
+
+# %% [markdown]
+# A rank without rows: split the episode so that rank 1 holds no support and no query rows. It never
+# calls the backbone (a backbone that fails on an empty batch, as CUDA's flash kernel did, is not
+# reached), adds nothing, and the two ranks together still add what one process adds.
+
+# %%
+class RefusesEmpty(nn.Module):
+    "The backbone, refusing an empty batch as a CUDA attention kernel may."
+    def __init__(self, backbone): super().__init__(); self.inner, self.cfg = backbone, backbone.cfg
+    def hidden(self, ids):
+        if len(ids) == 0: raise RuntimeError("empty batch")
+        return self.inner.hidden(ids)
+
+for p in named.values(): p.grad = None
+refusing, all_rows, no_rows = RefusesEmpty(backbone), slice(0, 6), slice(6, 6)
+parts = [maml_step(refusing, head, episodes[0], cfg, gather=lambda f: torch.cat([f, support_features(refusing, episodes[0].support_ids[:0],
+                                                                                                        episodes[0].support_readout[:0])]),
+                   support_part=all_rows, query_part=all_rows),
+         maml_step(refusing, head, episodes[0], cfg, gather=lambda f: torch.cat([support_features(backbone, episodes[0].support_ids,
+                                                                                                  episodes[0].support_readout), f]),
+                   support_part=no_rows, query_part=no_rows)]
+assert parts[1]["query_count"] == 0 and parts[1]["loss"] == 0 and parts[1]["support_acc"] == parts[0]["support_acc"]
+assert same_grads(grads_of(backbone, head), {k: v for k, v in alone[0].items()}, 1e-6)
+
+# %% [markdown]
+# ### Under bf16 autocast
+#
+# On a GPU the step runs inside one `fabric.autocast()` region (bf16): the support pass under
+# `no_grad`, then the query pass with a graph. Autocast caches its bf16 copies of the weights within a
+# region, and a copy made under `no_grad` carries no autograd history; if the query pass reused such a
+# copy, no gradient would reach the backbone's weights. Regression test on CPU's bf16 autocast (which
+# caches like CUDA's): every backbone matrix gets a gradient, equal to the one computed with autocast's
+# cache switched off.
+
+# %%
+torch.manual_seed(5)
+bf16_backbone, bf16_head = tiny_pico().float(), MAMLHead(24, 3, cfg)
+bf16_grads = []
+for cache in (True, False):
+    for m in (bf16_backbone, bf16_head): m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache): maml_step(bf16_backbone, bf16_head, toy_episode(seed=5), cfg)
+    bf16_grads.append(grads_of(bf16_backbone))
+assert all(bf16_grads[0][k] is not None and bf16_grads[0][k].abs().sum() > 0 for k in bf16_grads[0] if ".layers." in k)
+assert same_grads(bf16_grads[0], bf16_grads[1], 0)
 
 
 # %% [markdown]

@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -295,6 +296,13 @@ with tempfile.TemporaryDirectory() as _tmp:
 #
 # With `logging.hub_repo` set, every checkpoint's weights and metadata go to a Hub model repository,
 # one branch per step, as the released Pico models are published (`revision="step_100"`).
+#
+# An upload takes as long as the uplink needs: minutes for the large model's 2.3 GB. Uploading inside
+# the checkpoint's barrier would hold every other rank at that barrier, and a slow upload outlasts the
+# process group's timeout: the job is killed. So rank 0 hands each checkpoint to `CheckpointUploads`,
+# which uploads in order on one background thread while training goes on; the launcher waits for the
+# last uploads after the process group is shut down (`07_launch`). A failed upload does not stop the
+# run (the checkpoint is on disk): it is reported with the others when the uploads are waited for.
 
 # %%
 #| export
@@ -306,6 +314,28 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     api.create_branch(repo_id, branch=name, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
                              allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+
+class CheckpointUploads:
+    "Checkpoints uploaded to a Hub repository in order, on one background thread; `wait` finishes them and reports failures."
+    def __init__(self, repo_id: str, api=None):
+        self.repo_id, self.api, self.pending = repo_id, api, []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
+
+    def submit(self, directory) -> None:
+        "Queue the upload of one checkpoint directory and return at once."
+        self.pending.append((Path(directory), self.pool.submit(upload_checkpoint, directory, self.repo_id, self.api)))
+
+    def wait(self) -> int:
+        "Finish every queued upload; UserError naming the checkpoints whose upload failed. Returns how many were uploaded."
+        failed = []
+        for directory, future in self.pending:
+            try: future.result()
+            except Exception as e: failed.append(f"{directory.name} ({type(e).__name__}: {e})")
+        self.pool.shutdown()
+        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: {'; '.join(failed[:3])}. "
+                                   f"The checkpoints are on disk; upload them with `huggingface-cli upload {self.repo_id} <checkpoint dir> "
+                                   f"checkpoints/<step> --revision <step>`")
+        return len(self.pending)
 
 
 # %% [markdown]
@@ -353,3 +383,32 @@ with tempfile.TemporaryDirectory() as _tmp:
         except NoResumableCheckpoint as e: assert "holds 4 checkpoints but none can be resumed from" in str(e) and "weights only" in str(e)
     assert len(list_checkpoints(_root)) == 4  # nothing was deleted
     assert find_resumable(Path(_tmp) / "nothing-here") is None
+
+# %% [markdown]
+# Test of the uploads, with a stand-in for the Hub client: `submit` returns before the upload is done
+# (the client takes a second here), the uploads happen in order, and `wait` reports a failed one by name.
+
+# %%
+import threading
+import time
+
+
+class SlowHub:
+    "A Hub client whose uploads take `seconds` and fail for the checkpoints named in `broken`."
+    def __init__(self, seconds=0.0, broken=()): self.seconds, self.broken, self.uploaded = seconds, set(broken), []
+    def create_repo(self, repo_id, exist_ok): pass
+    def create_branch(self, repo_id, branch, exist_ok): pass
+    def upload_folder(self, repo_id, folder_path, path_in_repo, revision, allow_patterns, commit_message):
+        time.sleep(self.seconds)
+        if revision in self.broken: raise ConnectionError("the uplink dropped")
+        self.uploaded.append((revision, threading.current_thread().name))
+
+_hub = SlowHub(seconds=1.0)
+_uploads, _started = CheckpointUploads("me/run", _hub), time.perf_counter()
+for _step in (0, 100): _uploads.submit(Path("/runs/x/checkpoints") / step_dir_name(_step))
+assert time.perf_counter() - _started < 0.5 and _uploads.wait() == 2
+assert [r for r, _ in _hub.uploaded] == ["step_000000", "step_000100"] and all(t.startswith("hub-upload") for _, t in _hub.uploaded)
+_uploads = CheckpointUploads("me/run", SlowHub(broken={"step_000100"}))
+for _step in (0, 100): _uploads.submit(Path("/runs/x/checkpoints") / step_dir_name(_step))
+try: _uploads.wait(); raise AssertionError("a failed upload went unreported")
+except UserError as e: assert "1 of 2 checkpoint uploads to me/run failed: step_000100 (ConnectionError" in str(e)

@@ -157,22 +157,38 @@ assert part_slice(5, 1, 0) == slice(0, 5)
 # The gradients of all parameters (backbone and head) are summed over ranks in one flat all-reduce
 # per optimizer step. A parameter no branch touched this step has no gradient on any rank (all ranks
 # take the same branches) and stays without one, so AdamW leaves it alone, exactly as in one process.
+# A rank can hold no rows of an episode's query part (a tiny episode on many ranks) and then skips
+# the backbone (`05_maml`: CUDA kernels reject an empty batch): its parameters have no gradient where
+# the other ranks' have one. So the ranks first agree on which parameters have a gradient anywhere (a
+# small all-reduce of flags) and the rank without one contributes zeros. `sum_over_ranks` is the same
+# flat all-reduce for any list of tensors (the spectra's gradients, `08_spectra`).
 
 # %%
 #| export
+def sum_over_ranks(fabric, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    "The elementwise sums over ranks of same-shaped tensors on every rank (one flat all-reduce); the tensors themselves with one rank."
+    if fabric.world_size == 1 or not tensors: return list(tensors)
+    flat = torch.cat([t.flatten() for t in tensors])
+    torch.distributed.all_reduce(flat)  # plain collective: sums of detached tensors need no autograd
+    return [g.view_as(t) for t, g in zip(tensors, flat.split([t.numel() for t in tensors]))]
+
 def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
-    "Replace every existing .grad by its sum over ranks (one all-reduce)."
-    with_grad = [p for p in params if p.grad is not None]
-    if fabric.world_size == 1 or not with_grad: return
-    flat = fabric.all_reduce(torch.cat([p.grad.flatten() for p in with_grad]), reduce_op="sum")
-    for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])): p.grad.copy_(g.view_as(p))
+    "Replace every .grad by its sum over ranks (a rank without one adds zeros); a parameter no rank has a gradient for keeps none."
+    if fabric.world_size == 1: return
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else "cpu")
+    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)])[0]
+    with_grad = [p for p, flag in zip(params, anywhere.tolist()) if flag]
+    for p in with_grad:
+        if p.grad is None: p.grad = torch.zeros_like(p)
+    for p, total in zip(with_grad, sum_over_ranks(fabric, [p.grad for p in with_grad])): p.grad.copy_(total)
 
 
 # %% [markdown]
 # Test on three CPU processes (gloo; forked, so they see this notebook's functions). Each rank holds
 # its `tensor_split` part of 10 rows (4, 3 and 3 rows): the gather gives every rank all 10 in order.
 # Each rank's parameter `a` has gradient rank + 1 and `b` none: after the sum, `a.grad` is 1 + 2 + 3
-# on every rank and `b` still has none. With one process both are the identity.
+# on every rank and `b` still has none. `c` has a gradient on rank 2 only (the others held no rows):
+# after the sum every rank has rank 2's. With one process all of it is the identity.
 
 # %%
 import multiprocessing
@@ -186,10 +202,12 @@ def _ranks_check(rank: int, world: int, store: str) -> None:
     fabric = SimpleNamespace(world_size=world, all_reduce=lambda t, reduce_op: (torch.distributed.all_reduce(t), t)[1])
     rows = torch.arange(20.0).view(10, 2)  # (10, 2)
     assert torch.equal(gather_parts(fabric, rows[part_slice(10, world, rank)], part_sizes(10, world)), rows)
-    a, b = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))
+    a, b, c = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.full((2, 3), rank + 1.0)
-    sum_gradients(fabric, [a, b])
-    assert torch.equal(a.grad, torch.full((2, 3), 6.0)) and b.grad is None
+    if rank == 2: c.grad = torch.tensor([5.0, 7.0])
+    sum_gradients(fabric, [a, b, c])
+    assert torch.equal(a.grad, torch.full((2, 3), 6.0)) and b.grad is None and torch.equal(c.grad, torch.tensor([5.0, 7.0]))
+    assert torch.equal(sum_over_ranks(fabric, [torch.ones(3) * rank])[0], torch.full((3,), 3.0))
     torch.distributed.destroy_process_group()
 
 with tempfile.TemporaryDirectory() as _tmp:
@@ -204,6 +222,7 @@ _one = SimpleNamespace(world_size=1)
 _x = torch.ones(3, 2)
 assert gather_parts(_one, _x, [3]) is _x
 _a = torch.nn.Parameter(torch.zeros(2)); _a.grad = torch.ones(2); sum_gradients(_one, [_a]); assert torch.equal(_a.grad, torch.ones(2))
+assert sum_over_ranks(_one, [_x])[0] is _x
 
 
 # %% [markdown]

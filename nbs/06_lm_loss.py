@@ -143,7 +143,7 @@ def next_token_backward(model: torch.nn.Module, rows: torch.Tensor, chunk_rows: 
     "Backpropagate sum-CE(rows (B, T + 1)) / denominator, `chunk_rows` rows at a time; return the summed CE."
     total = 0.0
     for chunk in rows.split(chunk_rows):  # (<= chunk_rows, T + 1)
-        chunk = chunk.to(device) if device is not None else chunk
+        chunk = chunk.to(device, non_blocking=True) if device is not None else chunk
         with autocast():  # fabric.autocast on a launched run: bf16 on GPU
             loss = next_token_loss_sum(model, chunk)
         (loss / denominator).backward()

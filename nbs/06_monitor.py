@@ -39,10 +39,12 @@ from pathlib import Path
 
 import torch
 
+from picomaml.collectives import sum_over_ranks
 from picomaml.config import Config
 from picomaml.data import eval_batches
+from picomaml.device import peak_memory_gib, reset_peak_memory
 from picomaml.lm_loss import eval_sums, perplexities
-from picomaml.spectra import record_spectra
+from picomaml.spectra import append_records, loss_gradients, select_matrices, spectrum_records
 
 # %% [markdown]
 # ## One line per optimizer step
@@ -140,25 +142,40 @@ assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel
 # %% [markdown]
 # ## Spectra
 #
-# `picomaml.spectra.record_spectra` (`08_spectra`) on the first `spectra.grad_rows` evaluation rows
-# (the fixed batch whose next-token loss gives the gradients), every `spectra.every` steps, appended
-# to `<run>/spectra.jsonl`: the singular values of `spectra.layers` in every block, weights and
-# gradients, from which effective rank is computed.
+# The spectra (`08_spectra`) of `spectra.layers` in every block, weights and the gradient of the mean
+# next-token loss over the first `spectra.grad_rows` evaluation rows, every `spectra.every` steps,
+# appended to `<run>/spectra.jsonl`. The ranks share the rows (a strided share each, `batch_rows` at a
+# time: the planner's `spectra_batch`, so the float32 pass fits the device), their gradient sums are
+# added in one all-reduce, and rank 0 computes the singular values and writes the records.
 
 # %%
 #| export
-def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path) -> None:
-    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
-    record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+def record_run_spectra(fabric, model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
+                       batch_rows: int | None = None) -> None:
+    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
+    rows, params = eval_rows[: cfg.spectra.grad_rows], select_matrices(model, cfg.spectra.layers)
+    mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
+    grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
+    grads = dict(zip(grads, sum_over_ranks(fabric, list(grads.values()))))
+    if fabric.global_rank == 0: append_records(spectrum_records(step, params, grads), run_dir / "spectra.jsonl")
 
+
+# %% [markdown]
+# Test: in groups of two rows the records are those of one pass over the whole batch (`08_spectra`).
 
 # %%
 import tempfile
 
+import numpy as np
+
+from picomaml.spectra import compute_spectra
+
 with tempfile.TemporaryDirectory() as _tmp:
-    record_run_spectra(_model, _rows, _cfg, 40, Path(_tmp))
+    record_run_spectra(_fabric, _model, _rows, _cfg, 40, Path(_tmp), batch_rows=2)
     _lines = [json.loads(l) for l in (Path(_tmp) / "spectra.jsonl").read_text().splitlines()]
     assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2  # blocks × spectra.layers × (weight, gradient)
+    _whole = compute_spectra(_model, _rows[: _cfg.spectra.grad_rows], _cfg.spectra.layers, 40)
+    assert all(np.allclose(a["singular_values"], b["singular_values"], rtol=1e-4, atol=1e-9) for a, b in zip(_lines, _whole))
 
 
 # %% [markdown]
@@ -182,15 +199,22 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool]) -> None:
-    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0."
+def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool], *,
+            spectra_batch: int | None = None) -> None:
+    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
     do_eval, do_spectra = what
     if do_eval:
+        reset_peak_memory(fabric.device)
         record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
         if fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
-    if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
+    if do_spectra:
+        reset_peak_memory(fabric.device)
+        record_run_spectra(fabric, model, eval_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": step, "spectra_peak_gib": peak}) + "\n")
 
 
 # %%

@@ -50,6 +50,7 @@ import torch
 
 from picomaml.checkpoints import scheduled_steps
 from picomaml.config import Config, ConfigError, load_config
+from picomaml.device import peak_tflops, resolve_precision
 
 # %%
 import contextlib
@@ -73,13 +74,11 @@ from picomaml.model import PicoDecoder
 # both without the output layer (features are read from the last hidden state); the head's MLP is
 # negligible and not counted. Recomputation under activation checkpointing is not model FLOPs and is
 # not counted either (it lowers the MFU a run reaches). MFU divides by a peak: dense bf16 Tensor-Core
-# FLOP/s of the GPU (A100 312e12, H100 and H200 989e12, NVIDIA's data sheets); on a CPU or an unknown
-# GPU there is no honest peak, so MFU is `null`.
+# FLOP/s of the GPU, looked up by its name (`00_device`: an H100 SXM 989e12, the PCIe card 756e12, an
+# A100 312e12, ...); on a CPU or an unknown GPU there is no honest peak, so MFU is `null`.
 
 # %%
 #| export
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s by device-name substring
-
 def _block_params(mc) -> int:
     "Matmul parameters of one decoder block: GQA projections and the SwiGLU."
     kv = mc.d_model // mc.n_heads * mc.n_kv_heads
@@ -99,8 +98,8 @@ def peak_flops(device) -> float | None:
     "Dense bf16 peak FLOP/s of a known GPU, else None (no honest peak for CPUs)."
     device = torch.device(device)
     if device.type != "cuda": return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 # %%
@@ -187,11 +186,9 @@ def block_saved_bytes(mc, tokens: int, a: int) -> int:
     swiglu = 4 * a * f  # w_0 and w_1 outputs, silu's output, their product
     return tokens * (norms + linear_inputs + attention + swiglu)
 
-def activation_bytes(cfg: Config, device: str) -> int:
-    "Bytes of a matmul's activation: 4 in float32, 2 under autocast (`auto` is bf16-mixed on CUDA only)."
-    precision = cfg.train.precision
-    if precision == "auto": precision = "bf16-mixed" if device == "cuda" else "32-true"
-    return 4 if precision == "32-true" else 2
+def activation_bytes(cfg: Config, device: str, capability: tuple | None = None) -> int:
+    "Bytes of a matmul's activation: 2 under bf16 autocast, else 4, with train.precision resolved as the launch resolves it."
+    return 2 if resolve_precision(cfg.train.precision, device, capability) == "bf16-mixed" else 4
 
 
 # %% [markdown]
@@ -228,6 +225,63 @@ for _kv, (_B, _T) in ((2, (2, 16)), (4, (3, 40))):
         assert graph_bytes(_model, _rows, _autocast) == _tail + _L * 4 * _N * _d
 
 # %% [markdown]
+# ## The attention kernel the device will use
+#
+# The counts above are those of a fused attention kernel, which keeps q, k, v, the output and a
+# float32 log-sum-exp per head and never holds the (T, T) scores. Which kernel
+# `scaled_dot_product_attention` takes depends on the device and the dtype. On CUDA the flash and
+# cuDNN kernels need fp16 or bf16, and the memory-efficient kernel does not take grouped-query heads
+# (`enable_gqa`), so a **float32** pass with GQA (the spectra's gradient pass, a run at
+# `train.precision=32-true`, any GPU below compute capability 8.0, where `auto` is float32:
+# `00_device`) falls back to the **math kernel**. It computes scores, softmax and product as ordinary
+# tensors, and its graph keeps the (rows, H, T, T) float32 softmax instead of the log-sum-exp, and k and v
+# repeated to all H heads (counted exactly below, through the saved tensors): at the papers' shapes 12 × 2,048² × 4 bytes = 201 MB per row and block, 19 GiB for 8 rows of the large
+# model's 12 blocks. On CPU the default kernel handles float32 GQA itself, which is why a CPU
+# measurement sees this term only when it forces the math kernel
+# (`torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`), as the test below and `tests/test_plan.py` do.
+#
+# Beyond what the graph keeps, the math kernel's transients were measured on CPU (float32, d 96, 12
+# heads, 2 × 1,024 tokens, L = 1, 2, 4, 8 blocks): a chunk's forward and backward peak (L + 1.8) u above
+# the fused kernel's, u the size of one block's softmax: the L softmaxes kept, and in the backward of
+# the last block the gradients of its softmax and of its scores, planned as 2u. A forward without a
+# graph (evaluation, an episode's support windows) holds the scores and the softmax of one block: 2u.
+
+# %%
+#| export
+def uses_math_attention(mc, device: str, a: int) -> bool:
+    "Whether attention takes PyTorch's math kernel: float32 activations with grouped-query heads on CUDA."
+    return device == "cuda" and a == 4 and mc.n_kv_heads != mc.n_heads
+
+def attention_probs_bytes(mc, rows: int, seq: int) -> int:
+    "Bytes of one block's float32 (rows, H, T, T) attention softmax under the math kernel."
+    return 4 * rows * mc.n_heads * seq * seq
+
+def block_kept_bytes(mc, rows: int, seq: int, a: int, math: bool = False) -> int:
+    "Bytes one block's graph keeps for rows × seq tokens, under the fused or the math attention kernel (float32)."
+    N, d_kv = rows * seq, mc.d_model // mc.n_heads * mc.n_kv_heads
+    if not math: return block_saved_bytes(mc, N, a)
+    repeated_kv = 4 * N * (mc.d_model - 2 * d_kv)  # k, v repeated to all H heads (2 · 4d, not 2 · 4d_kv), no copy of the output
+    return block_saved_bytes(mc, N, a) + attention_probs_bytes(mc, rows, seq) - 4 * mc.n_heads * N + repeated_kv
+
+
+# %% [markdown]
+# Test, the same known answer under the math kernel: the saved bytes equal the formula, for query/key-value
+# head ratios of 2 and 4, and for the Pico ratio 12/4 (at a toy width).
+
+# %%
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+for (_H, _kv, _w), (_B, _T) in (((4, 2, 24), (2, 16)), ((4, 1, 24), (3, 40)), ((12, 4, 48), (2, 24))):
+    _mc = dataclasses.replace(_toy.model, n_heads=_H, n_kv_heads=_kv, d_model=_w, ffn_hidden=4 * _w)
+    _N, _d, _L = _B * _T, _mc.d_model, _mc.n_layers
+    _model, _rows = PicoDecoder(_mc), torch.randint(0, 64, (_B, _T))
+    _tail = 8 * _N + 4 * _T * (_d // _mc.n_heads) + _N * (8 * _d + 4)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert graph_bytes(_model, _rows, contextlib.nullcontext()) == _tail + _L * block_kept_bytes(_mc, _B, _T, 4, math=True)
+assert uses_math_attention(_toy.model, "cuda", 4) and not uses_math_attention(_toy.model, "cuda", 2)
+assert not uses_math_attention(_toy.model, "cpu", 4) and not uses_math_attention(dataclasses.replace(_toy.model, n_kv_heads=4), "cuda", 4)
+
+# %% [markdown]
 # ## The peak of one next-token chunk
 #
 # `next_token_backward` runs a chunk's forward, the fused output layer + loss (`06_lm_loss`) and the
@@ -254,20 +308,21 @@ for _kv, (_B, _T) in ((2, (2, 16)), (4, (3, 40))):
 #| export
 LOSS_CHUNK = 1024  # tokens per chunk of the fused output layer + loss (`next_token_loss_sum`'s default)
 
-def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool) -> int:
+def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, math: bool = False) -> int:
     "Bytes the blocks' graphs keep for backward over rows × seq tokens: token ids, RoPE tables, every block (or its input)."
     N = rows * seq
-    blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_saved_bytes(mc, N, a))
+    blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_kept_bytes(mc, rows, seq, a, math))
     return 8 * N + 4 * seq * (mc.d_model // mc.n_heads) + blocks
 
-def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True) -> int:
+def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, math: bool = False) -> int:
     "Peak bytes above the persistent state of forward + backward over rows × seq tokens (with the fused LM loss, or a readout)."
     N, d, V, L = rows * seq, mc.d_model, mc.vocab_size, mc.n_layers
     cast = 2 if a < 4 else 0  # autocast keeps a bf16 copy of each weight it uses
-    kept, w_blocks, w_out = kept_bytes(mc, rows, seq, a, checkpointing), cast * L * _block_params(mc), cast * V * d
+    kept, w_blocks, w_out = kept_bytes(mc, rows, seq, a, checkpointing, math), cast * L * _block_params(mc), cast * V * d
     out_norm, grads = N * (8 * d + 4), N * (4 * d + 2 * a * mc.ffn_hidden)
-    last_block = block_saved_bytes(mc, N, a) - 4 * N * d + w_blocks // L if checkpointing else w_blocks
-    moments = [kept + last_block + grads]  # backward of the last block (recomputed first, with checkpointing)
+    softmax_grads = 2 * attention_probs_bytes(mc, rows, seq) if math else 0  # the math kernel's backward: d(softmax), d(scores)
+    last_block = block_kept_bytes(mc, rows, seq, a, math) - 4 * N * d + w_blocks // L if checkpointing else w_blocks
+    moments = [kept + last_block + grads + softmax_grads]  # backward of the last block (recomputed first, with checkpointing)
     if lm_loss:
         c = min(LOSS_CHUNK, N)
         previous = 4 * c * V if N > c else 0  # the last chunk's softmax lives on in `dlogits` until rebound
@@ -330,20 +385,22 @@ print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 20
 # (rows × T, V) logits as float32 with their log-softmax (8 bytes a logit; under autocast the bf16
 # logits are freed once cast).
 #
-# **Spectra** (every `spectra.every` steps on rank 0, `08_spectra`): the next-token gradients of the
-# first `spectra.grad_rows` evaluation rows, a full graph outside autocast, so in float32, plus the
-# selected weight matrices' gradients.
+# **Spectra** (every `spectra.every` steps, `08_spectra`): the mean next-token gradient of the first
+# `spectra.grad_rows` evaluation rows, accumulated over groups of `spectra.grad_batch` rows (the ranks
+# share the groups): per group a full graph outside autocast, so in float32 (under the math attention
+# kernel on CUDA), plus two sets of the selected weight matrices' gradients, the group's and the sum.
 
 # %%
 #| export
-def episode_peak_bytes(cfg: Config, gpus: int, a: int) -> int:
+def episode_peak_bytes(cfg: Config, gpus: int, a: int, math: bool = False) -> int:
     "Peak bytes of one MAML episode on a rank above the persistent state: pool, support forward, query backward, head."
     mc, sc = cfg.model, cfg.smlmt
     pool = 64 * (sc.pool_rows or cfg.train.branch_batch) * (cfg.data.seq_len + 1)
     support_rows, query_rows = -(-sc.n_way * sc.k_shot // gpus), -(-sc.n_way * sc.q_query // gpus)
     w_blocks = (2 if a < 4 else 0) * mc.n_layers * _block_params(mc)
-    support = w_blocks + block_saved_bytes(mc, support_rows * sc.window, a)  # no graph: one block at a time
-    query = chunk_peak_bytes(mc, query_rows, sc.window, a, cfg.train.activation_checkpointing, lm_loss=False)
+    scores = 2 * attention_probs_bytes(mc, support_rows, sc.window) if math else 0
+    support = w_blocks + block_saved_bytes(mc, support_rows * sc.window, a) + scores  # no graph: one block at a time
+    query = chunk_peak_bytes(mc, query_rows, sc.window, a, cfg.train.activation_checkpointing, lm_loss=False, math=math)
     n_out = mc.vocab_size if cfg.maml.head_output == "vocab" else sc.n_way
     head = 3 * 4 * sc.n_way * sc.k_shot * max(n_out, cfg.maml.head_hidden)
     return pool + max(support, query) + head
@@ -355,11 +412,12 @@ def step_transient_bytes(cfg: Config, gpus: int, device: str) -> int:
     adamw = 4 * n if device == "cuda" else 2 * 4 * max(counts["embedding"], counts["head"], cfg.model.ffn_hidden * cfg.model.d_model)
     return max(4 * n if gpus > 1 else 0, adamw)
 
-def eval_peak_bytes(cfg: Config, a: int, rows: int) -> int:
+def eval_peak_bytes(cfg: Config, a: int, rows: int, math: bool = False) -> int:
     "Peak bytes of evaluating `rows` rows per device above weights and AdamW state: bf16 weights, one block, the logits."
     mc, N = cfg.model, rows * cfg.data.seq_len
     cast = (2 if a < 4 else 0) * (mc.n_layers * _block_params(mc) + mc.vocab_size * mc.d_model)
-    return cast + max(block_saved_bytes(mc, N, a), 4 * N * mc.d_model + 8 * N * mc.vocab_size)
+    scores = 2 * attention_probs_bytes(mc, rows, cfg.data.seq_len) if math else 0  # one block's scores and softmax
+    return cast + max(block_saved_bytes(mc, N, a) + scores, 4 * N * mc.d_model + 8 * N * mc.vocab_size)
 
 def matrix_sizes(mc) -> dict:
     "Parameters of each weight matrix of a block, by the name `spectra.layers` uses."
@@ -367,11 +425,12 @@ def matrix_sizes(mc) -> dict:
     return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d, "attention.o_proj": d * d,
             "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
 
-def spectra_peak_bytes(cfg: Config, rows: int) -> int:
-    "Peak bytes of the spectra's float32 gradient pass over `rows` rows above weights and AdamW state."
+def spectra_peak_bytes(cfg: Config, rows: int, math: bool = False) -> int:
+    "Peak bytes of one group of `rows` rows of the spectra's float32 gradient pass above weights and AdamW state."
     mc, sizes = cfg.model, matrix_sizes(cfg.model)
-    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # the returned gradients
-    return chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing) + selected
+    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # one set of the selected gradients
+    chunk = chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing, math=math)
+    return chunk + 2 * selected  # the group's gradients and the running sum over groups
 
 
 # %%
@@ -432,27 +491,37 @@ assert 0 < device_memory_gb("cpu") < 1e5
 
 # %%
 #| export
-def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int) -> dict:
+def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
+                spectra_rows: int | None = None) -> dict:
     "Tensor bytes per device at the peak of each phase a run reaches: next-token chunk, episode, step, evaluation, spectra."
-    n, a = sum(param_counts(cfg).values()), activation_bytes(cfg, device)
-    state, ck = 16 * n, cfg.train.activation_checkpointing
-    phases = {"next-token chunk": state + chunk_peak_bytes(cfg.model, chunk, cfg.data.seq_len, a, ck),
+    n, a = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability)
+    state, ck, math = 16 * n, cfg.train.activation_checkpointing, uses_math_attention(cfg.model, device, a)
+    phases = {"next-token chunk": state + chunk_peak_bytes(cfg.model, chunk, cfg.data.seq_len, a, ck, math=math),
               "optimizer step": state + step_transient_bytes(cfg, gpus, device)}
-    if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a)
-    if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size)
-    if cfg.spectra.every: phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, cfg.spectra.grad_rows)
+    if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a, math)
+    if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size, math)
+    if cfg.spectra.every:
+        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows
+        phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, rows, uses_math_attention(cfg.model, device, 4))
     return phases
 
 def largest_fitting(need, upper: int, capacity: int, device: str) -> int:
     "The largest k in 1..upper whose tensors need(k) fit in `capacity` with the reserve; 0 if none does."
     return next((k for k in range(upper, 0, -1) if with_reserve(need(k), device) <= capacity), 0)
 
-def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int) -> int:
+def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int, capability: tuple | None = None) -> int:
     "Rows per memory chunk: the fewest chunks of this rank's rows that fit, evenly sized; 0 if one row does not fit."
     rows = cfg.train.branch_batch // gpus
-    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c)["next-token chunk"], rows, capacity, device)
+    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c, capability)["next-token chunk"], rows, capacity, device)
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
+
+def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
+    "Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; 0 if one row does not."
+    rows, n, math = cfg.spectra.grad_rows, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
+    if cfg.spectra.grad_batch: return min(cfg.spectra.grad_batch, rows)
+    largest = largest_fitting(lambda r: 12 * n + spectra_peak_bytes(cfg, r, math), rows, capacity, device)
+    return -(-rows // -(-rows // largest)) if largest else 0
 
 
 # %%
@@ -462,6 +531,9 @@ _c = choose_chunk(_cfg, 4, "cuda", 80 * GIB)
 assert 1 <= _c < 64 and with_reserve(phase_bytes(_cfg, 4, "cuda", _c)["next-token chunk"], "cuda") <= 80 * GIB
 assert -(-64 // _c) < -(-64 // (_c - 1))  # one row less per chunk would take more chunks
 assert choose_chunk(_cfg, 4, "cuda", 14 * GIB) == 0  # one row does not fit
+assert choose_spectra_batch(_cfg, "cuda", 80 * GIB) == 8  # the whole spectra batch in one group
+_s40 = choose_spectra_batch(_cfg, "cuda", 40 * GIB)  # the float32 softmax of 8 rows does not fit 40 GB: smaller groups
+assert 1 <= _s40 < 8 and with_reserve(phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=_s40)["spectra"], "cuda") <= 40 * GIB
 
 
 # %% [markdown]
@@ -470,7 +542,8 @@ assert choose_chunk(_cfg, 4, "cuda", 14 * GIB) == 0  # one row does not fit
 # The first phase that does not fit gives the reason, one line naming the setting to change: the
 # batch layout keys, the device memory or the model width when the persistent state alone is too
 # big, `train.activation_checkpointing` or `train.chunk_rows` for the next-token chunk, the episode's
-# shape, `eval.batch_size` or `spectra.grad_rows` (with the largest value that fits).
+# shape, `eval.batch_size` or `spectra.grad_batch` (with the largest value that fits). A chunk or a
+# spectra group that the user set and that fits is used as given.
 
 # %%
 #| export
@@ -489,19 +562,19 @@ def _gib(n: float) -> str:
     "Bytes as GiB for a message."
     return f"{n / GIB:.1f} GiB"
 
-def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict) -> str:
+def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict,
+                   capability: tuple | None = None) -> str:
     "The one-line reason the first phase that does not fit gives, naming the setting to change; '' if all fit."
     need = {name: with_reserve(b, device) for name, b in phases.items()}
     have, n = f"the {_gib(capacity)} of each device", sum(param_counts(cfg).values())
     if need["optimizer step"] > capacity:
         return (f"the float32 weights, gradients and AdamW state of {n / 1e6:.0f}M parameters with the optimizer step's temporaries "
                 f"need {_gib(need['optimizer step'])}, more than {have}: use devices with more memory (--gpu-memory-gb) or a smaller model.d_model")
-    best = chunk if need["next-token chunk"] <= capacity else choose_chunk(cfg, gpus, device, capacity)
+    best = chunk if need["next-token chunk"] <= capacity else choose_chunk(cfg, gpus, device, capacity, capability)
     if not best:
         fix = ("lower data.seq_len or use devices with more memory (--gpu-memory-gb)" if cfg.train.activation_checkpointing
                else "set train.activation_checkpointing=true")
-        one_row = with_reserve(16 * n + chunk_peak_bytes(cfg.model, 1, cfg.data.seq_len, activation_bytes(cfg, device),
-                                                         cfg.train.activation_checkpointing), device)
+        one_row = with_reserve(phase_bytes(cfg, gpus, device, 1, capability)["next-token chunk"], device)
         return f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, more than {have}: {fix}"
     if best != chunk:
         return (f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: "
@@ -509,13 +582,15 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
     if need.get("episode", 0) > capacity:
         return (f"a MAML episode needs {_gib(need['episode'])}, more than {have}: lower smlmt.q_query or smlmt.window"
                 f"{'' if cfg.train.activation_checkpointing else ', or set train.activation_checkpointing=true'}")
-    return rows_problem(cfg, device, capacity, need, have)
+    return rows_problem(cfg, device, capacity, need, have, capability)
 
-def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str) -> str:
-    "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_rows that does; '' if both fit."
-    n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device), cfg.train.activation_checkpointing
-    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r), "eval.every=0"),
-              ("spectra", "spectra.grad_rows", cfg.spectra.grad_rows, lambda r: spectra_peak_bytes(cfg, r),
+def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str, capability: tuple | None = None) -> str:
+    "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; '' if both fit."
+    n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing
+    math, spectra_math = uses_math_attention(cfg.model, device, a), uses_math_attention(cfg.model, device, 4)
+    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows
+    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math), "eval.every=0"),
+              ("spectra", "spectra.grad_batch", spectra_rows, lambda r: spectra_peak_bytes(cfg, r, spectra_math),
                "spectra.every=0" if ck else "train.activation_checkpointing=true"))
     for phase, key, rows, peak, otherwise in checks:
         if need.get(phase, 0) <= capacity: continue
@@ -621,6 +696,7 @@ class Plan:
     reason: str
     chunk_rows: int  # rows per forward/backward chunk on each device (0: none fits)
     rows_per_rank: int  # rows of one branch micro-batch on each device
+    spectra_batch: int  # rows per group of the spectra's gradient pass (0: none fits)
     memory: dict  # bytes per device: the persistent parts, the chunk's, and each phase's own peak
     phases: dict  # bytes per device at each phase's peak, reserve included
     capacity: int  # bytes per device
@@ -638,40 +714,47 @@ class Plan:
     steps: int
     activation_checkpointing: bool
     precision: str
+    attention: str  # the kernel the next-token chunks take: fused (flash on CUDA), or math (float32 with GQA on CUDA)
 
 
 # %%
 #| export
-def memory_parts(cfg: Config, gpus: int, device: str, chunk: int) -> dict:
+def memory_parts(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
+                 spectra_rows: int | None = None) -> dict:
     "Bytes per device of each part: persistent state, the chunk's kept activations and transients, each other phase's own peak."
-    counts, a, ck, T = param_counts(cfg), activation_bytes(cfg, device), cfg.train.activation_checkpointing, cfg.data.seq_len
-    n = sum(counts.values())
-    kept = kept_bytes(cfg.model, chunk, T, a, ck)
+    counts, a, ck, T = param_counts(cfg), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing, cfg.data.seq_len
+    n, math = sum(counts.values()), uses_math_attention(cfg.model, device, a)
+    kept = kept_bytes(cfg.model, chunk, T, a, ck, math)
     parts = {"weights": 4 * n, "gradients": 4 * n, "adamw": 8 * n, "activations": kept,
-             "chunk transients": chunk_peak_bytes(cfg.model, chunk, T, a, ck) - kept,
+             "chunk transients": chunk_peak_bytes(cfg.model, chunk, T, a, ck, math=math) - kept,
              "optimizer step": step_transient_bytes(cfg, gpus, device)}
-    if cfg.maml.rho > 0: parts["episode"] = episode_peak_bytes(cfg, gpus, a)
-    if cfg.eval.every: parts["evaluation"] = eval_peak_bytes(cfg, a, cfg.eval.batch_size)
-    if cfg.spectra.every: parts["spectra"] = spectra_peak_bytes(cfg, cfg.spectra.grad_rows)
+    phases = phase_bytes(cfg, gpus, device, chunk, capability, spectra_rows)
+    parts.update({name: phases[name] - (16 if name == "episode" else 12) * n for name in ("episode", "evaluation", "spectra")
+                  if name in phases})
     return parts
 
 def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | None = None, mfu: float = 0.4,
-             device: str = "cuda") -> Plan:
-    "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared)."
+             device: str = "cuda", capability: tuple | None = None) -> Plan:
+    "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared) of compute `capability`."
     capacity = int(gpu_memory_gb * GIB / (gpus if device == "cpu" else 1))
     reason = layout_problem(cfg, gpus)
     rows = 0 if reason else cfg.train.branch_batch // gpus
-    chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity))
-    tensors = phase_bytes(cfg, gpus, device, max(chunk, 1))
-    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors)
+    chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity, capability))
+    spectra = choose_spectra_batch(cfg, device, capacity) if cfg.spectra.every else 0
+    tensors = phase_bytes(cfg, gpus, device, max(chunk, 1), capability, spectra)
+    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability)
     tokens, model_tokens, flops = step_cost(cfg)
     seconds, hours = wall_time(cfg, flops, gpus, gpu_tflops, mfu)
     disk, n_ckpt = checkpoint_disk(cfg, gpus)
-    precision = "bf16-mixed" if activation_bytes(cfg, device) == 2 else "32-true"
-    phases = {name: with_reserve(b, device) for name, b in tensors.items()}
-    return Plan(not reason, reason, chunk, rows, memory_parts(cfg, gpus, device, max(chunk, 1)), phases, capacity, tokens,
-                model_tokens, flops, seconds, hours, disk, n_ckpt, gpus, device, mfu, gpu_tflops, cfg.train.steps,
-                cfg.train.activation_checkpointing, precision)
+    a = activation_bytes(cfg, device, capability)
+    return Plan(fits=not reason, reason=reason, chunk_rows=chunk, rows_per_rank=rows, spectra_batch=spectra,
+                memory=memory_parts(cfg, gpus, device, max(chunk, 1), capability, spectra),
+                phases={name: with_reserve(b, device) for name, b in tensors.items()}, capacity=capacity, tokens_per_step=tokens,
+                model_tokens_per_step=model_tokens, flops_per_step=flops, est_seconds_per_step=seconds, est_hours=hours,
+                checkpoint_disk_bytes=disk, n_checkpoints=n_ckpt, gpus=gpus, device=device, mfu=mfu, gpu_tflops=gpu_tflops,
+                steps=cfg.train.steps, activation_checkpointing=cfg.train.activation_checkpointing,
+                precision="bf16-mixed" if a == 2 else "32-true",
+                attention="math" if uses_math_attention(cfg.model, device, a) else "fused")
 
 
 # %% [markdown]
@@ -687,10 +770,12 @@ PART_LABELS = {"weights": "weights (float32)", "gradients": "gradients (float32)
 def format_plan(plan: Plan) -> str:
     "The plan as a readable table."
     gib = lambda b: f"{b / GIB:8.2f}"
-    lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}"
+    attention = "fused kernel" if plan.attention == "fused" else "math kernel (a float32 (rows, H, T, T) softmax kept per block)"
+    lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}, attention: {attention}"
              f"{', activation checkpointing' if plan.activation_checkpointing else ''}",
              f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device "
-             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
+             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)"
+             + (f"; spectra gradients {plan.spectra_batch} rows at a time" if plan.spectra_batch else ""),
              "", f"{'memory per device':<52}{'GiB':>8}"]
     lines += [f"  {PART_LABELS[k]:<50}{gib(v)}" for k, v in plan.memory.items()]
     lines += ["", f"{'peak of each phase, with the reserve':<52}{'GiB':>8}  fits"]
@@ -733,6 +818,32 @@ print(format_plan(plan_run(load_config(PRESETS_DIR / "pico-large-maml.yaml"), 4,
 
 
 # %% [markdown]
+# A float32 run on CUDA (`train.precision=32-true`, or `auto` on a GPU below compute capability 8.0)
+# is planned with the math kernel's softmax, and gets smaller chunks; on CPU float32 keeps the fused
+# kernel. The spectra pass is planned in groups that fit: the medium model on 40 GB GPUs and the large
+# one on 48 GB GPUs take their eight rows in smaller groups (one group of eight, in float32 under the
+# math kernel, would need more than the device). A chunk or spectra group the user set and that fits
+# is used as given.
+
+# %%
+_medium = load_config(PRESETS_DIR / "pico-medium-maml.yaml")
+_bf16, _v100 = plan_run(_medium, 4, 80), plan_run(_medium, 4, 80, capability=(7, 0))
+assert (_bf16.precision, _bf16.attention, _v100.precision, _v100.attention) == ("bf16-mixed", "fused", "32-true", "math")
+assert _v100.chunk_rows < _bf16.chunk_rows and plan_run(_medium, 4, 80, device="cpu").attention == "fused"
+for _preset, _memory in (("pico-medium-maml", 40), ("pico-large-maml", 48)):
+    _cfg = load_config(PRESETS_DIR / f"{_preset}.yaml")
+    _plan, _whole = plan_run(_cfg, 4, _memory), phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=8)["spectra"]
+    assert _plan.fits and _plan.spectra_batch < 8 < with_reserve(_whole, "cuda") / GIB > _memory, (_preset, _plan.reason)
+    print(f"{_preset} on 4 x {_memory} GB: chunks of {_plan.chunk_rows} rows, spectra gradients {_plan.spectra_batch} rows at a time "
+          f"(all 8 at once would need {with_reserve(_whole, 'cuda') / GIB:.0f} GiB)")
+_given = plan_run(load_config(PRESETS_DIR / "pico-medium-maml.yaml", [f"train.chunk_rows={_bf16.chunk_rows // 2}",
+                                                                      "spectra.grad_batch=2"]), 4, 80)
+assert _given.fits and (_given.chunk_rows, _given.spectra_batch) == (_bf16.chunk_rows // 2, 2)
+_too_big = plan_run(load_config(PRESETS_DIR / "pico-large-maml.yaml", ["spectra.grad_batch=8"]), 4, 48)
+assert not _too_big.fits and "spectra with spectra.grad_batch=8 needs" in _too_big.reason and "set spectra.grad_batch=" in _too_big.reason
+
+
+# %% [markdown]
 # Following the reasons leads to a plan that fits: each names a setting and a value, and applying it
 # either fits or moves the refusal to the next phase. Large on four 16 GB GPUs: the evaluation's
 # (16 × 2,048, 50,304) logits alone are 12 GiB, and the float32 spectra pass over eight rows is more.
@@ -765,6 +876,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-tflops", type=float, default=None, help="dense bf16 peak TFLOP/s per device (A100 312, H100 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the devices are")
+    p.add_argument("--compute-capability", default="8.0",
+                   help="CUDA compute capability of the GPUs (A100 8.0, H100 9.0, V100 7.0): below 8.0 `auto` precision is float32")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
@@ -776,7 +889,10 @@ def main(argv=None) -> int:
     try:
         bad = next((message for ok, message in checks if not ok), None)
         if bad: raise ConfigError(bad)
-        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.device)
+        try: capability = tuple(int(part) for part in args.compute_capability.split("."))
+        except ValueError: raise ConfigError(f"--compute-capability {args.compute_capability!r} is not a version like 8.0") from None
+        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.device,
+                        capability)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,6 @@ from picomaml.checkpoints import (
     read_checkpoint,
     read_meta,
     truncate_metrics,
-    upload_checkpoint,
     write_checkpoint,
 )
 from picomaml.collectives import gather_parts
@@ -201,12 +200,13 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
 #
 # Saving gathers every rank's RNG state to rank 0, which writes the checkpoint (weights, head and
 # metadata, plus the training state), drops the training state of checkpoints older than the newest
-# `checkpoint.keep_state`, and uploads if asked; the others wait at a barrier so nobody runs ahead
-# of a checkpoint that is still being written.
+# `checkpoint.keep_state`, and hands it to the Hub uploads if asked (`06_checkpoints`: they run on a
+# background thread, so the barrier does not wait for the uplink); the others wait at a barrier so
+# nobody runs ahead of a checkpoint that is still being written.
 
 # %%
 #| export
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, uploads=None) -> None:
     "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
@@ -214,7 +214,7 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, he
         root = run_dir / "checkpoints"
         directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
         prune_training_state(root, cfg.checkpoint.keep_state)
-        if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
+        if uploads is not None: uploads.submit(directory)
     fabric.barrier()
 
 

@@ -54,12 +54,13 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import checkpoint_due
 from picomaml.collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from picomaml.config import Config, ConfigError, ensure_writable
-from picomaml.data import batch_for_step, open_rows, read_eval_rows
+from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_rows
+from picomaml.device import cuda_capability, peak_memory_gib, reset_peak_memory
 from picomaml.lm_loss import next_token_backward
 from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder, count_parameters
 from picomaml.monitor import STATS, add_stats, monitor, monitoring_due, monitoring_missing, step_record
-from picomaml.plan import ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
+from picomaml.plan import Plan, ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
 from picomaml.resume import check_finite, confirm_if_healthy, resume_or_start, save_training_state
 from picomaml.smlmt import build_episode
 from picomaml.tokenizer import load_tokenizer
@@ -100,8 +101,9 @@ assert lr_at(100, TrainConfig(warmup_steps=10, lr=1.0, schedule="constant")) == 
 # %% [markdown]
 # ## Setting up a run
 #
-# Precision (paper 2 App. F: "BF16 Mixed"): bf16 autocast on GPU, float32 on CPU. Plain fp16 would
-# need a loss scaler around the hand-written MAML backward, so it is refused. Model and head are
+# Precision (paper 2 App. F: "BF16 Mixed"): bf16 autocast on GPUs that have bf16 tensor cores,
+# float32 on CPU and older GPUs; plain fp16 would need a loss scaler around the hand-written MAML
+# backward, so it is refused (`picomaml.device.resolve_precision`, `00_device`). Model and head are
 # initialised from `train.seed` on every rank (identical without a broadcast); AdamW steps backbone
 # and head together (paper 1 App. A: the outer update covers the backbone and the head). Its settings
 # beyond the peak lr are the configuration's, by default pico-train's `torch.optim.AdamW(params, lr)`
@@ -109,14 +111,6 @@ assert lr_at(100, TrainConfig(warmup_steps=10, lr=1.0, schedule="constant")) == 
 
 # %%
 #| export
-def resolve_precision(precision: str, accelerator: str) -> str:
-    "Fabric precision for `train.precision` on `accelerator` ('cuda' or 'cpu')."
-    if precision == "auto": return "bf16-mixed" if accelerator == "cuda" else "32-true"
-    if precision == "16-mixed":
-        raise ConfigError("train.precision=16-mixed needs a gradient scaler, which the first-order MAML backward does not "
-                          "use; set train.precision to bf16-mixed, 32-true or auto")
-    return precision
-
 def build_model(cfg: Config, device) -> tuple:
     "(backbone, MAML head, AdamW over both), identically initialised on every rank from train.seed."
     torch.manual_seed(cfg.train.seed)
@@ -127,11 +121,6 @@ def build_model(cfg: Config, device) -> tuple:
                                   eps=tc.eps, weight_decay=tc.weight_decay)
     return model, head, optimizer
 
-
-# %%
-assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "cuda") == "bf16-mixed"
-try: resolve_precision("16-mixed", "cuda"); raise AssertionError
-except ConfigError as e: assert "train.precision" in str(e)
 
 # %% [markdown]
 # Test: a paper preset (pico-tiny-maml, shrunk to two blocks and a 64-id vocabulary) starts where
@@ -161,17 +150,20 @@ assert abs(_model.embedding_proj.weight.std().item() - 0.02) < 1e-3 and _opt.def
 # %% [markdown]
 # ## The memory chunk, from the plan
 #
-# `train.chunk_rows = 0` asks the planner (`06_plan`) for the largest chunk the device fits; a set
-# value is checked the same way. A configuration that cannot fit is refused here, before the data is
-# opened or step 1 runs, with the planner's one-line reason naming the setting to change.
+# `train.chunk_rows = 0` asks the planner (`06_plan`) for the largest chunk the device fits, and
+# `spectra.grad_batch = 0` for the largest group of the spectra's float32 gradient pass; set values are
+# checked the same way and used as given. The plan is made for this device: its memory, and on CUDA
+# its compute capability (which decides bf16 or float32, and with it the attention kernel). A
+# configuration that cannot fit is refused here, before the data is opened or step 1 runs, with the
+# planner's one-line reason naming the setting to change.
 
 # %%
 #| export
-def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
-    "Rows per forward/backward chunk on this device: `train.chunk_rows`, or the planner's choice; refuses a plan that does not fit."
-    plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type)
+def memory_plan(cfg: Config, world_size: int, device: torch.device) -> Plan:
+    "The planner's plan of this run on this device (memory chunk, spectra groups); refuses a plan that does not fit."
+    plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type, capability=cuda_capability(device))
     if not plan.fits: raise ConfigError(plan.reason)
-    return cfg.train.chunk_rows or plan.chunk_rows
+    return plan
 
 
 # %% [markdown]
@@ -182,8 +174,9 @@ def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
 # `picomaml.maml.maml_step` with the support windows split over ranks (features gathered back) and the
 # query windows split (`06_collectives`).
 # A **next-token** draw (Algorithm 2) backpropagates this rank's share of the micro-batch's mean loss,
-# chunk by chunk. Both return this rank's statistics of the draw (`06_monitor` sums them over ranks).
-# Episodes also need the tokenizer's word tables (`04_smlmt`), read once when the run starts.
+# chunk by chunk. Both are given this rank's rows (read ahead by the loop) and return this rank's
+# statistics of the draw (`06_monitor` sums them over ranks). Episodes also need the tokenizer's word
+# tables (`04_smlmt`), read once when the run starts.
 
 # %%
 #| export
@@ -192,11 +185,10 @@ def episode_tables(cfg: Config) -> tuple:
     tok = load_tokenizer(cfg.data)
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
-def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: int, draw: int, accum: int, pool: tuple) -> dict:
-    "One MAML episode on the gathered pool of (step, draw); returns this rank's statistics."
-    rank, world, (rows_per_rank, seed) = fabric.global_rank, fabric.world_size, pool
-    local = batch_for_step(pool_source, step, draw, rank, world, rows_per_rank, accum, seed)  # (pool rows / world, T + 1)
-    rows = gather_parts(fabric, local.to(fabric.device), [rows_per_rank] * world)  # (pool rows, T + 1)
+def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, draw: int, accum: int) -> dict:
+    "One MAML episode on the gathered pool of (step, draw), this rank's pool rows `local`; returns this rank's statistics."
+    rank, world = fabric.global_rank, fabric.world_size
+    rows = gather_parts(fabric, local.to(fabric.device, non_blocking=True), [len(local)] * world)  # (pool rows, T + 1)
     episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
     with fabric.autocast():
@@ -209,9 +201,8 @@ def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: in
                 head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
                 flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
 
-def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int, accum: int, rows_per_rank: int, chunk_rows: int) -> dict:
-    "One next-token micro-batch: this rank's rows, `chunk_rows` at a time; returns this rank's statistics."
-    rows = batch_for_step(train_rows, step, draw, fabric.global_rank, fabric.world_size, rows_per_rank, accum, cfg.train.seed)
+def next_token_draw(fabric, cfg: Config, model, rows, accum: int, chunk_rows: int) -> dict:
+    "One next-token micro-batch on this rank's `rows` (rows per rank, T + 1), `chunk_rows` at a time; returns this rank's statistics."
     seq_len = rows.shape[1] - 1
     global_targets = cfg.train.branch_batch * seq_len  # the micro-batch's mean is over every rank's targets
     loss_sum = next_token_backward(model, rows, chunk_rows, global_targets * accum, fabric.autocast, fabric.device)
@@ -224,69 +215,85 @@ def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int
 # ## The loop
 #
 # Paper 1 App. A, Algorithms 1 and 2, one branch micro-batch at a time. Per optimizer step: set the
-# learning rate; for each draw, seed the RNG from (seed, step, draw, rank) so dropout is a function of
-# the position in the run and a resumed run repeats it exactly, and run the drawn branch. Then sum the
-# gradients over ranks, check them, clip, and step AdamW. Log the step, checkpoint it when due
-# (step 0 too, before the first step), and only then evaluate.
+# learning rate; for each draw, take its rows (read ahead on a background thread while the previous
+# draw trained: `RowPrefetcher`, `03_data`), ask for the next draw's, seed the RNG from (seed, step,
+# draw, rank) so dropout is a function of the position in the run and a resumed run repeats it exactly,
+# and run the drawn branch. Then sum the gradients over ranks, check them, clip, and step AdamW. Log
+# the step (on CUDA with its peak memory, to compare with the plan), checkpoint it when due (step 0
+# too, before the first step; rank 0 hands it to the Hub uploads when `logging.hub_repo` is set), and
+# only then evaluate.
 
 # %%
 #| export
-def train(cfg: Config, fabric, hub_api=None) -> Path:
-    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory."
+def train(cfg: Config, fabric, uploads=None) -> Path:
+    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory. `uploads`: rank 0's Hub uploads."
     tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
     accum, rows_per_rank = branch_layout(tc, world)
-    chunk_rows = memory_chunk(cfg, world, device)
+    plan = memory_plan(cfg, world, device)
     run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
     if rank == 0: ensure_writable(run_dir, "logging.runs_dir", need_bytes=16 * count_parameters(cfg.model))  # one full checkpoint
     model, head, optimizer = build_model(cfg, device)
     model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]
-    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size)
+    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size, block_rows=tc.branch_batch)
     eval_rows = read_eval_rows(cfg.data, cfg.eval.max_rows, cfg.model.vocab_size) if cfg.eval.every or cfg.spectra.every else None
+    sources = {False: (train_rows, rows_per_rank, tc.seed)}  # is an episode -> (source, rows per rank, seed of its order)
     if cfg.maml.rho > 0:
-        pool = pool_layout(cfg, world, rows_per_rank)
-        pool_source = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size)
-        tables = episode_tables(cfg)
-    peak = peak_flops(device)
+        pool_rows = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size, cfg.smlmt.pool_rows)
+        sources[True], tables = (pool_rows, *pool_layout(cfg, world, rows_per_rank)), episode_tables(cfg)
+    def read(step: int, draw: int, episode: bool):
+        "The read of this rank's rows of (step, draw): its part of the episode's pool, or of the next-token micro-batch."
+        source, rows, seed = sources[episode]
+        return lambda: batch_for_step(source, step, draw, rank, world, rows, accum, seed)
+    peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
     start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
-    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
-    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0))
+    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
+    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0),
+                  spectra_batch=plan.spectra_batch)
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses = deque(maxlen=20)
-    for step in range(start, tc.steps):
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups: group["lr"] = lr
-        started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
-        branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
-        for draw, is_episode in enumerate(branches):
-            torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
-            if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, pool_source, tables, step, draw, accum, pool))
-            else: add_stats(stats, **next_token_draw(fabric, cfg, model, train_rows, step, draw, accum, rows_per_rank, chunk_rows))
-        sum_gradients(fabric, params)
-        totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
-        totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
-        if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
-            raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
-        record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
-                  "branches": "".join("M" if b else "A" for b in branches)}
-        head_grads = [p.grad for p in head.parameters() if p.grad is not None]
-        record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
-        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
-        check_finite(record, run_dir)
-        if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
-        recent_losses.append(record["loss"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        record["tokens_per_s"] = record["tokens"] / elapsed
-        record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
-        if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
-            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
-        fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
-        if checkpoint_due(step + 1, cfg.checkpoint, tc.steps): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
-        monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1))
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    try:
+        for step in range(start, tc.steps):
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups: group["lr"] = lr
+            started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
+            reset_peak_memory(device)
+            branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
+            for draw, is_episode in enumerate(branches):
+                rows = ahead.take((step, draw), read(step, draw, is_episode))  # read while the previous draw trained
+                if draw + 1 < accum: ahead.ask((step, draw + 1), read(step, draw + 1, branches[draw + 1]))
+                elif step + 1 < tc.steps: ahead.ask((step + 1, 0), read(step + 1, 0, branch_draws(tc.seed, step + 1, accum, cfg.maml.rho)[0]))
+                torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
+                if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, rows, tables, step=step, draw=draw, accum=accum))
+                else: add_stats(stats, **next_token_draw(fabric, cfg, model, rows, accum, plan.chunk_rows))
+            sum_gradients(fabric, params)
+            totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
+            totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
+            if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
+                raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
+            record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
+                      "branches": "".join("M" if b else "A" for b in branches)}
+            head_grads = [p.grad for p in head.parameters() if p.grad is not None]
+            record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
+            check_finite(record, run_dir)
+            if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
+            recent_losses.append(record["loss"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            record["tokens_per_s"] = record["tokens"] / elapsed
+            record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
+            if (step_peak := peak_memory_gib(device)) is not None: record["peak_gib"] = step_peak
+            if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
+                with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+            fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            if checkpoint_due(step + 1, cfg.checkpoint, tc.steps):
+                save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
+            monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1), spectra_batch=plan.spectra_batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    finally: ahead.close()
     bar.close()
     return run_dir
 

@@ -54,13 +54,17 @@ import importlib.util
 import os
 import sys
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from picomaml.checkpoints import CheckpointUploads
 from picomaml.config import Config, ConfigError, format_help, load_config, run_command
-from picomaml.train import resolve_precision, train
+from picomaml.device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
+from picomaml.train import train
 
 
 # %% [markdown]
@@ -96,9 +100,15 @@ except RuntimeError as e: assert "LOCAL_WORLD_SIZE=2" in str(e)
 # %% [markdown]
 # ## The Fabric
 #
-# GPUs when there are any (NCCL), else CPU processes (gloo). Several processes use the `ddp`
-# strategy only for its process group and collectives: the training loop sums gradients itself
-# (see `picomaml.train`). Optional loggers go through Fabric: TensorBoard (`logging.tensorboard`) and
+# `train.device` says where the processes run (`00_device`). `cuda` (the paper presets) needs a usable
+# GPU for every process of the node and stops otherwise, before anything is read or written, with
+# one line naming the likely cause and the way to run on CPU anyway (`train.device=cpu`); `auto` (the
+# demo) takes the GPUs when CUDA is usable and otherwise runs CPU processes, saying so on one line;
+# `cpu` runs CPU processes. GPUs talk over NCCL, CPU processes over gloo. The precision follows
+# `train.precision` on the device's compute capability (bf16 from 8.0 on). A SLURM job that binds one
+# GPU to each task is refused with the binding that works. Several processes use the `ddp` strategy
+# only for its process group and collectives: the training loop sums gradients itself (see
+# `picomaml.train`). Optional loggers go through Fabric: TensorBoard (`logging.tensorboard`) and
 # Weights & Biases (`logging.wandb_project`); each needs its package, and asking for one that is
 # not installed is an error that says which package to install.
 
@@ -119,18 +129,56 @@ def make_loggers(cfg: Config) -> list:
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
+def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True), **facts) -> str:
+    "'cuda' or 'cpu' for `train.device` and `devices` processes on this node; a one-line error when GPUs are asked for and unusable."
+    if cfg.train.device == "cpu": return "cpu"
+    binding = slurm_binding_problem(env, facts.get("cuda", torch.cuda).device_count())
+    if binding and cfg.train.device == "cuda": raise ConfigError(binding)
+    if cfg.train.device == "cuda":
+        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env, **facts)
+    elif problem := cuda_problem(devices, env=env, **facts):
+        if env.get("RANK", env.get("SLURM_PROCID", "0")) == "0":
+            say(f"[launch] train.device=auto: no usable GPU ({problem}); running {devices} CPU process(es) in float32")
+        return "cpu"
+    return "cuda"
+
 def make_fabric(cfg: Config, env=os.environ):
     "A Fabric for this launch: accelerator, world size and precision from the environment and `cfg`."
     from lightning.fabric import Fabric  # deferred: a heavy import that `--help` and config errors should not wait for
+    from lightning.fabric.strategies import DDPStrategy
     devices, num_nodes = devices_and_nodes(env)
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    accelerator = choose_accelerator(cfg, devices, env)
+    capability = torch.cuda.get_device_capability(0) if accelerator == "cuda" else None
+    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1 else "auto"
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                  precision=resolve_precision(cfg.train.precision, accelerator), loggers=make_loggers(cfg))
+                  precision=resolve_precision(cfg.train.precision, accelerator, capability), loggers=make_loggers(cfg))
 
+
+# %% [markdown]
+# Tests, with a stand-in for `torch.cuda` (`00_device`): GPUs asked for and present; asked for on a
+# machine without them (one line, and the way to run on CPU); `auto` on a CPU machine (said, then
+# CPU); `cpu`; a SLURM job that bound one GPU to each of its four tasks.
 
 # %%
-_fabric = make_fabric(Config(), env={})
+from types import SimpleNamespace
+
+from fastcore.test import test_fail
+
+_cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
+_gpus, _none = dict(cuda_version="12.8", device_files=[Path("/dev/nvidia0")]), dict(cuda_version="12.8", device_files=[])
+_asks = {d: load_config(None, [f"train.device={d}"]) for d in ("cuda", "auto", "cpu")}
+assert choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(4), **_gpus) == "cuda"
+test_fail(lambda: choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(0), **_none),
+          contains="train.device=cuda runs on 4 CUDA GPUs, but no NVIDIA device files (/dev/nvidia0, ...): the machine, container or "
+                   "job was started without GPUs. To run on CPU anyway: train.device=cpu")
+_said = []
+assert choose_accelerator(_asks["auto"], 2, env={}, say=_said.append, cuda=_cuda(0), **_none) == "cpu" and "running 2 CPU process" in _said[0]
+assert choose_accelerator(_asks["cpu"], 4, env={}) == "cpu"
+_slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "3"}
+test_fail(lambda: choose_accelerator(_asks["cuda"], 4, env=_slurm, cuda=_cuda(1), **_gpus), contains="--gpus-per-node=4")
+
+# %%
+_fabric = make_fabric(load_config(None, ["train.device=cpu"]), env={})
 assert _fabric.world_size == 1 and make_loggers(Config()) == []
 if not importlib.util.find_spec("tensorboard"):
     try: make_loggers(load_config(None, ["logging.tensorboard=true"])); raise AssertionError
@@ -157,11 +205,52 @@ def shutdown(ok: bool = True) -> None:
 
 
 # %% [markdown]
+# ## Several nodes: one file system
+#
+# Rank 0 writes the checkpoints and every rank reads them when the run resumes, so `logging.runs_dir`
+# must be one directory that every node sees (NFS, Lustre, ...). A node-local path of the same name
+# looks the same and is not: after a relaunch each node would resume from its own files, or from
+# none. So on several nodes rank 0 writes a token into `runs_dir` at the start, every rank looks for
+# it (for up to ten seconds, for a network file system's caches), and unless all of them find it the
+# launch stops on every rank with one line naming the directory.
+
+# %%
+#| export
+def check_shared_directory(fabric, directory, nodes: int, wait_s: float = 10.0) -> None:
+    "On several nodes, ConfigError on every rank unless every rank can read the token rank 0 writes into `directory`."
+    if nodes <= 1: return
+    directory = Path(directory)
+    token = fabric.broadcast(uuid.uuid4().hex if fabric.global_rank == 0 else None, src=0)
+    path = directory / f".shared-check-{token}"
+    if fabric.global_rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+    fabric.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := path.is_file() and path.read_text() == token) and time.monotonic() < deadline: time.sleep(0.5)
+    blind = int(fabric.all_reduce(torch.tensor(0.0 if seen else 1.0, device=fabric.device), reduce_op="sum").item())
+    if fabric.global_rank == 0: path.unlink(missing_ok=True)
+    if blind: raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: {blind} of {fabric.world_size} "
+                                f"ranks cannot read the file rank 0 wrote there; put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
+
+
+# %% [markdown]
+# One node needs no check; the two-node refusal is tested with a real two-node launch on localhost whose
+# second node is given its own `runs_dir` (`tests/test_distributed.py`).
+
+# %%
+check_shared_directory(_fabric, "/nonexistent/not-checked", nodes=1)
+
+
+# %% [markdown]
 # ## The command line
 #
 # `--config` names a preset (optional: without one the papers' defaults apply); every other
 # argument is a `section.key=value` override. `--help` prints every option with its comment
 # (`picomaml.config.format_help`). Configuration errors are printed as one line, without a traceback.
+# CUDA's allocator is configured (`00_device`) before anything can touch a GPU. After training the
+# process group is shut down, and only then does rank 0 wait for its last Hub uploads
+# (`06_checkpoints`): a slow uplink cannot hold the other ranks at a collective past its timeout.
 
 # %%
 #| export
@@ -174,8 +263,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
+def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
+    "Train on a launched Fabric, shut the process group down, then finish rank 0's Hub uploads; returns the run directory."
+    uploads = CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0 else None
+    try:
+        check_shared_directory(fabric, cfg.logging.runs_dir, nodes)
+        run_dir = train(cfg, fabric, uploads)
+    except BaseException:
+        shutdown(ok=False)
+        raise
+    shutdown()
+    if uploads is not None: print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
+    return run_dir
+
 def main(argv=None) -> Path | None:
     "Entry point: parse, build the Fabric, train, shut down."
+    configure_cuda_allocator()  # before anything touches a GPU
     args = parse_args(argv)
     if args.help:
         print("usage: [torchrun ... -m | python -m] picomaml.launch [--config PRESET] [section.key=value ...]\n")
@@ -184,12 +287,7 @@ def main(argv=None) -> Path | None:
     cfg = load_config(args.config, args.overrides)
     fabric = make_fabric(cfg)
     fabric.launch()
-    try: run_dir = train(cfg, fabric)
-    except BaseException:
-        shutdown(ok=False)
-        raise
-    shutdown()
-    return run_dir
+    return run_launched(cfg, fabric, nodes=devices_and_nodes()[1])
 
 
 # %%

@@ -44,6 +44,7 @@ from torchcrf import CRF
 
 from picomaml.config import NERConfig
 from picomaml.crf_metrics import crf_marginals, crf_nll, loss_curve_metrics, micro_f1, score, viterbi
+from picomaml.device import cuda_capability, resolve_precision
 from picomaml.ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% [markdown]
@@ -175,6 +176,13 @@ class CRFTagHead(nn.Module):
 # A backbone and a head. `word_features` runs the backbone and reads the words' first sub-tokens;
 # the head's `loss`, `decode` and `marginals` work on those features, so the head-only fast path
 # can feed it cached features instead.
+#
+# The tagger lives on one device, given when it is built (by default the backbone's): backbone and
+# head are moved there, and every batch follows (the NER sweep passes the GPU it was given, `12_ner_sweep`).
+# `ner.precision` (`00_config`) decides the backbone's arithmetic: `auto` is bf16 autocast on a GPU
+# with bf16 tensor cores, float32 elsewhere (`picomaml.device.resolve_precision`). Only the backbone
+# runs under autocast; its features are cast to float32 before the head, so the linear head and the
+# CRF's forward algorithm, whose log-sum-exps bf16 would round, always compute in float32.
 
 # %%
 #| export
@@ -186,17 +194,20 @@ def feature_dim(backbone) -> int:
     with torch.no_grad(): return backbone.hidden(torch.zeros(1, 1, dtype=torch.long, device=p.device)).shape[-1]
 
 class NERTagger(nn.Module):
-    "A backbone with a `hidden(ids)` method and a linear or CRF tag head on its word features."
-    def __init__(self, backbone: nn.Module, head: str = "linear"):
+    "A backbone with a `hidden(ids)` method and a linear or CRF tag head on its word features, on one device."
+    def __init__(self, backbone: nn.Module, head: str = "linear", device=None, precision: str = "auto"):
         super().__init__()
         if head not in HEADS: raise ValueError(f"ner.head={head!r} is not one of {', '.join(HEADS)}")
-        self.backbone, self.head_kind = backbone, head
-        self.head = HEADS[head](feature_dim(backbone)).to(next(backbone.parameters()).device)
+        self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
+        self.backbone, self.head_kind = backbone.to(self.device), head
+        self.head = HEADS[head](feature_dim(backbone)).to(self.device)
+        self.precision = resolve_precision(precision, self.device.type, cuda_capability(self.device), key="ner.precision")
 
     def word_features(self, batch: Batch) -> torch.Tensor:
-        "Backbone states at the words' first sub-tokens, (B, W, d)."
-        dev = next(self.parameters()).device
-        return gather_words(self.backbone.hidden(batch.input_ids.to(dev)), batch.word_pos.to(dev))
+        "Backbone states at the words' first sub-tokens, (B, W, d), in float32."
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+            hidden = self.backbone.hidden(batch.input_ids.to(self.device, non_blocking=True))  # (B, T, d)
+        return gather_words(hidden.float(), batch.word_pos.to(self.device, non_blocking=True))
 
 
 # %% [markdown]
@@ -264,7 +275,7 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
     follows = torch.ones(len(labels), dtype=torch.bool)
     follows[starts] = torch.cat([torch.zeros(1, dtype=torch.bool),
                                  (sentence[1:] == sentence[:-1]) & (first[1:] == first[:-1] + lengths[:-1])])
-    dev = next(tagger.parameters()).device
+    dev = tagger.device
     return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev), follows.to(dev))
 
 
@@ -377,7 +388,7 @@ def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int,
 
 def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch_size: int, feats: FeatureCache | None):
     "Word features, mask and labels of each batch of an epoch: gathered from the cache, or through the backbone."
-    dev = next(tagger.parameters()).device
+    dev = tagger.device
     if feats is not None:
         order = torch.tensor(order, device=feats.lengths.device)
         yield from (feats.batch(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
@@ -390,14 +401,14 @@ def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch
 #| export
 def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
              cache: bool | None = None, train_feats: FeatureCache | None = None,
-             dev_feats: FeatureCache | None = None) -> tuple[NERTagger, dict]:
+             dev_feats: FeatureCache | None = None, device=None) -> tuple[NERTagger, dict]:
     "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."
     if cfg.regime not in ("head", "full"): raise ValueError(f"ner.regime={cfg.regime!r} is not one of head, full")
     seed, head_only = cfg.seed if seed is None else seed, cfg.regime == "head"
     cached = head_only and (cfg.cache_features if cache is None else cache)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head)
+    tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head, device, cfg.precision)
     tagger.backbone.requires_grad_(not head_only)
     tagger.train()
     if head_only: tagger.backbone.eval()

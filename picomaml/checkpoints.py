@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from .names import STEP_DIR, step_dir_name
 __all__ = ['WEIGHT_FILES', 'META_FILE', 'STATE_FILE', 'LATEST_FILE', 'file_sha256', 'write_json_atomic', 'write_checkpoint',
            'write_latest', 'CheckpointCorrupt', 'list_checkpoints', 'has_training_state', 'read_checkpoint',
            'NoResumableCheckpoint', 'find_resumable', 'read_meta', 'confirm_checkpoint', 'newest_confirmed',
-           'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'truncate_metrics', 'upload_checkpoint']
+           'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'truncate_metrics', 'upload_checkpoint',
+           'CheckpointUploads']
 
 # %% ../nbs/06_checkpoints.ipynb #ac8db3cc
 WEIGHT_FILES = ("model.safetensors", "head.safetensors")
@@ -169,3 +171,25 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     api.create_branch(repo_id, branch=name, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
                              allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+
+class CheckpointUploads:
+    "Checkpoints uploaded to a Hub repository in order, on one background thread; `wait` finishes them and reports failures."
+    def __init__(self, repo_id: str, api=None):
+        self.repo_id, self.api, self.pending = repo_id, api, []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
+
+    def submit(self, directory) -> None:
+        "Queue the upload of one checkpoint directory and return at once."
+        self.pending.append((Path(directory), self.pool.submit(upload_checkpoint, directory, self.repo_id, self.api)))
+
+    def wait(self) -> int:
+        "Finish every queued upload; UserError naming the checkpoints whose upload failed. Returns how many were uploaded."
+        failed = []
+        for directory, future in self.pending:
+            try: future.result()
+            except Exception as e: failed.append(f"{directory.name} ({type(e).__name__}: {e})")
+        self.pool.shutdown()
+        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: {'; '.join(failed[:3])}. "
+                                   f"The checkpoints are on disk; upload them with `huggingface-cli upload {self.repo_id} <checkpoint dir> "
+                                   f"checkpoints/<step> --revision <step>`")
+        return len(self.pending)

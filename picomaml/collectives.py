@@ -12,8 +12,8 @@ import torch
 from .config import Config, ConfigError
 
 # %% auto #0
-__all__ = ['branch_layout', 'mix_seed', 'branch_draws', 'part_sizes', 'part_slice', 'gather_parts', 'sum_gradients',
-           'pool_layout']
+__all__ = ['branch_layout', 'mix_seed', 'branch_draws', 'part_sizes', 'part_slice', 'gather_parts', 'sum_over_ranks',
+           'sum_gradients', 'pool_layout']
 
 # %% ../nbs/06_collectives.ipynb #67629827
 def branch_layout(tc, world_size: int) -> tuple[int, int]:
@@ -57,12 +57,22 @@ def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(gathered, sizes)])
 
 # %% ../nbs/06_collectives.ipynb #467cb305
+def sum_over_ranks(fabric, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    "The elementwise sums over ranks of same-shaped tensors on every rank (one flat all-reduce); the tensors themselves with one rank."
+    if fabric.world_size == 1 or not tensors: return list(tensors)
+    flat = torch.cat([t.flatten() for t in tensors])
+    torch.distributed.all_reduce(flat)  # plain collective: sums of detached tensors need no autograd
+    return [g.view_as(t) for t, g in zip(tensors, flat.split([t.numel() for t in tensors]))]
+
 def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
-    "Replace every existing .grad by its sum over ranks (one all-reduce)."
-    with_grad = [p for p in params if p.grad is not None]
-    if fabric.world_size == 1 or not with_grad: return
-    flat = fabric.all_reduce(torch.cat([p.grad.flatten() for p in with_grad]), reduce_op="sum")
-    for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])): p.grad.copy_(g.view_as(p))
+    "Replace every .grad by its sum over ranks (a rank without one adds zeros); a parameter no rank has a gradient for keeps none."
+    if fabric.world_size == 1: return
+    device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else "cpu")
+    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)])[0]
+    with_grad = [p for p, flag in zip(params, anywhere.tolist()) if flag]
+    for p in with_grad:
+        if p.grad is None: p.grad = torch.zeros_like(p)
+    for p, total in zip(with_grad, sum_over_ranks(fabric, [p.grad for p in with_grad])): p.grad.copy_(total)
 
 # %% ../nbs/06_collectives.ipynb #5aae193e
 def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, int]:

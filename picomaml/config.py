@@ -85,7 +85,12 @@ class TrainConfig:
     beta2: float = opt(0.999, "AdamW beta2 (PyTorch's default, as pico-train; 0.95 is the common LLM choice)", ge=0, le=0.999999)
     eps: float = opt(1e-8, "AdamW epsilon (PyTorch's default, as pico-train)", gt=0)
     grad_clip: float = opt(0.0, "max global gradient norm; 0: no clipping (pico-train and the released trainer clip nothing)", ge=0)
-    precision: str = opt("auto", "auto: bf16-mixed on GPU, 32-true on CPU", choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
+    device: str = opt("auto", "auto: the launch's GPUs when CUDA is usable, else CPU processes (said on one line); cuda: GPUs, "
+                      "or a one-line error naming why CUDA is unusable; cpu: CPU processes", choices=("auto", "cuda", "cpu"))
+    precision: str = opt("auto", "auto: bf16-mixed on GPUs of compute capability 8.0 or newer, else 32-true",
+                         choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
+    collective_timeout_s: float = opt(1800.0, "seconds a collective (NCCL, gloo) waits for the other ranks before the job fails "
+                                      "(PyTorch's default, 30 minutes)", gt=0)
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
 # %% ../nbs/00_config.ipynb #4339f97f
@@ -133,7 +138,9 @@ class EvalConfig:
 class SpectraConfig:
     every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
-    grad_rows: int = opt(8, "rows of the fixed evaluation batch whose next-token loss gives the gradients", ge=1)
+    grad_rows: int = opt(8, "rows of the fixed evaluation batch whose mean next-token loss gives the gradients", ge=1)
+    grad_batch: int = opt(0, "rows per forward/backward of the gradient pass, accumulated over grad_rows (memory only); "
+                          "0: the largest the device fits", ge=0)
 
 # %% ../nbs/00_config.ipynb #53fc2ab0
 @dataclass
@@ -151,6 +158,8 @@ class NERConfig:
     max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated", ge=2)
     seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)
     cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
+    precision: str = opt("auto", "backbone passes: auto is bf16 autocast on GPUs of compute capability 8.0 or newer, else 32-true; "
+                         "the heads and the CRF always compute in float32", choices=("auto", "bf16-mixed", "32-true"))
 
 # %% ../nbs/00_config.ipynb #5cb6f0dc
 @dataclass
@@ -286,8 +295,8 @@ def format_help(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/00_config.ipynb #eaade569
-RESUME_MAY_CHANGE = ("logging.", "eval.", "spectra.every", "checkpoint.", "train.chunk_rows", "train.activation_checkpointing",
-                     "train.steps", "ner.")
+RESUME_MAY_CHANGE = ("logging.", "eval.", "spectra.every", "spectra.grad_batch", "checkpoint.", "train.chunk_rows",
+                     "train.activation_checkpointing", "train.device", "train.collective_timeout_s", "train.steps", "ner.")
 
 def flat_config(cfg) -> dict:
     "`{'section.key': value}` of a Config or of its nested dict."

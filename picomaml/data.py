@@ -11,8 +11,8 @@ import json
 import os
 import re
 import sys
-import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -27,9 +27,9 @@ from .tokenizer import PicoTokenizer, load_tokenizer
 # %% auto #0
 __all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'MANIFEST', 'iter_jsonl_documents',
            'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
-           'list_rows', 'ShardRows', 'write_hub_layout', 'ArrowCursor', 'close_cursors', 'StreamedRows',
-           'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step',
-           'micro_batches', 'read_eval_rows', 'eval_batches', 'main']
+           'list_rows', 'ShardRows', 'write_hub_layout', 'streamed_file_row', 'StreamedRows', 'resolve_data_source',
+           'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step', 'micro_batches', 'RowPrefetcher',
+           'read_eval_rows', 'eval_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -96,11 +96,11 @@ class RowCutter:
 # %% ../nbs/03_data.ipynb #b78118c4
 ROW_TYPE = pa.list_(pa.int32())
 
-def write_shard(rows, path: Path) -> Path:
+def write_shard(rows, path: Path, row_group_rows: int | None = None) -> Path:
     "Write rows (lists of ids, or an Arrow list array) as a parquet file with one `input_ids` column, atomically."
     column = rows.cast(ROW_TYPE) if isinstance(rows, (pa.Array, pa.ChunkedArray)) else pa.array(rows, type=ROW_TYPE)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({"input_ids": column}), tmp)
+    pq.write_table(pa.table({"input_ids": column}), tmp, row_group_size=row_group_rows)
     os.replace(tmp, path)
     return path
 
@@ -205,7 +205,7 @@ class ShardRows:
         return torch.from_numpy(np.stack([self._group(k)[i - self.group_starts[k]] for k, i in zip(groups, indices)]))
 
 # %% ../nbs/03_data.ipynb #f805fadf
-def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print) -> dict:
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print, row_group_rows: int | None = None) -> dict:
     "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
     shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
     if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
@@ -216,7 +216,7 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     names, column = [], pa.array([], ROW_TYPE)  # column: rows read but not yet written, fewer than rows_per_file
     def flush(rows):
         names.append(f"{split}-{len(names):05d}-of-{n_files:05d}.parquet")
-        write_shard(rows, data / names[-1])
+        write_shard(rows, data / names[-1], row_group_rows)
     for f in shards.files:
         for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
             column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
@@ -226,44 +226,18 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
 
 # %% ../nbs/03_data.ipynb #6a506168
-class ArrowCursor:
-    "Forward-only row ranges of a stream of Arrow tables; rows passed over are dropped as Arrow slices."
-    def __init__(self, tables: Iterator[pa.Table], position: int = 0):
-        self.tables, self.position, self.pending = tables, position, None  # `pending` holds the rows from `position` on
+def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
+    "The file row holding position `offset` of a file that holds `per_file` micro-batches of `block_rows` positions."
+    micro_batch, place = divmod(offset, block_rows)
+    return place * per_file + micro_batch
 
-    def take(self, start: int, count: int) -> pa.Table:
-        "Rows start .. start+count-1 of the stream; `start` must not lie behind the cursor."
-        if start < self.position: raise ValueError(f"the cursor is at row {self.position} and cannot go back to row {start}")
-        parts, wanted = [], count
-        while wanted:
-            if self.pending is None or not len(self.pending):
-                self.pending = next(self.tables, None)
-                if self.pending is None: raise EOFError(f"the stream ended after {self.position} rows, before row {start + wanted - 1}")
-            skip = min(start - self.position, len(self.pending))  # rows before `start`: other ranks', or before a resume point
-            parts.append(self.pending.slice(skip, wanted))
-            self.pending = self.pending.slice(skip + len(parts[-1]))
-            self.position += skip + len(parts[-1])
-            start, wanted = start + len(parts[-1]), wanted - len(parts[-1])
-        return pa.concat_tables(parts)
-
-    def close(self):
-        "Stop the stream now (its reader's threads end here, not at interpreter teardown)."
-        if hasattr(self.tables, "close"): self.tables.close()
-        self.pending = None
-
-# %% ../nbs/03_data.ipynb #75aa3162
-def close_cursors(cursors: OrderedDict) -> None:
-    "Close every cursor and collect reference cycles, so no Arrow scanner outlives pyarrow."
-    import gc  # imported here: at exit a notebook's namespace may already be cleared when this runs
-    while cursors: cursors.popitem()[1].close()
-    gc.collect()
-
-# %% ../nbs/03_data.ipynb #49e34735
 class StreamedRows:
-    "Row ranges of a streamed dataset, each read from the one parquet file that holds it (position // rows_per_file)."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480):
+    "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
+                 block_rows: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
@@ -273,10 +247,7 @@ class StreamedRows:
                                                  f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
         self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
-        if self.dataset.num_shards != len(self.files):
-            raise ValueError(f"{name} ({split}) streams as {self.dataset.num_shards} shards from {len(self.files)} files; expected one shard a file")
-        self.cursors, self.file_rows = OrderedDict(), {}  # file index -> ArrowCursor (the newest two); -> checked row count
-        weakref.finalize(self, close_cursors, self.cursors)  # at the latest at exit, while pyarrow is still loaded
+        self.file_rows, self.region, self.rows_read = {}, (None, None), 0  # checked row counts; the region held; rows decoded
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -292,32 +263,33 @@ class StreamedRows:
             self.file_rows[i] = n
         return self.file_rows[i]
 
-    def _open(self, i: int, offset: int) -> ArrowCursor:
-        "A cursor at row `offset` of file i: only that file is opened, and the rows before `offset` are skipped as Arrow."
-        self._rows_in(i)
-        file_stream = self.dataset.shard(num_shards=len(self.files), index=i, contiguous=True).with_format("arrow")
-        return ArrowCursor(file_stream.skip(offset).iter(batch_size=1024), position=offset)
-
-    def _file_rows(self, i: int, offset: int, count: int) -> np.ndarray:
-        "Rows offset .. offset+count-1 of file i, validated, (count, row_len)."
-        cursor = self.cursors.pop(i, None)
-        if cursor is None or offset < cursor.position: cursor = self._open(i, offset)  # a stream never goes back: reopen
-        self.cursors[i] = cursor
-        if len(self.cursors) > 2: self.cursors.popitem(last=False)[1].close()  # a request spans at most two files; later ones move on
-        return list_rows(cursor.take(offset, count).column("input_ids"), self.row_len, self.vocab_size, self.files[i], first_row=offset)
+    def _read_file_rows(self, i: int, first: int, last: int) -> np.ndarray:
+        "Rows first .. last-1 of file i in file order, decoding only the row groups that hold them, validated."
+        from datasets.utils.file_utils import xopen
+        with xopen(self.files[i], "rb") as f:
+            parquet = pq.ParquetFile(f)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            groups = [g for g in range(parquet.num_row_groups) if starts[g] < last and starts[g + 1] > first]
+            table = parquet.read_row_groups(groups, columns=["input_ids"])
+        self.rows_read += len(table)
+        column = table.column("input_ids").slice(first - starts[groups[0]], last - first)
+        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
-        "Rows start .. start+count-1 of the stream, (count, row_len) LongTensor; the range may span files."
-        total = (len(self.files) - 1) * self.rows_per_file + self._rows_in(len(self.files) - 1)
-        if start + count > total:
-            raise IndexError(f"{self.name} ({self.split}) has {total} rows; rows {start}..{start + count - 1} are past its end: "
-                             f"lower train.steps (or the batch size), or stream a longer dataset")
-        blocks, position = [], start
-        while position < start + count:
-            i, offset = divmod(position, self.rows_per_file)
-            n = min(start + count - position, self.rows_per_file - offset)
-            blocks.append(self._file_rows(i, offset, n)); position += n
-        return torch.from_numpy(np.concatenate(blocks))  # (count, row_len)
+        "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
+        block = self.block_rows or count
+        if self.rows_per_file % block:
+            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the {block}-row micro-batch "
+                             f"(train.branch_batch, or smlmt.pool_rows for episode pools): choose one that divides it")
+        i, offset = divmod(start, self.rows_per_file)
+        if i >= len(self.files) or (offset // block + 1) * block > self._rows_in(i) // block * block:
+            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}: the run needs "
+                             f"more rows than the dataset holds; lower train.steps (or the batch size), or stream a longer dataset")
+        per_file, (micro_batch, place) = self._rows_in(i) // block, divmod(offset, block)
+        if place + count > block: raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
+        key = (i, place, count)
+        if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
+        return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
 
     def head(self, n: int) -> torch.Tensor:
         "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
@@ -339,12 +311,12 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local
     return getattr(data_cfg, f"{split}_hub")
 
-def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280) -> ShardRows | StreamedRows:
-    "The row source of a split: local shards or a streamed dataset."
+def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None) -> ShardRows | StreamedRows:
+    "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
     if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file)
+    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file, block_rows)
 
 # %% ../nbs/03_data.ipynb #26b7b4e2
 def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
@@ -384,6 +356,30 @@ def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, ro
         yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
         step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
 
+# %% ../nbs/03_data.ipynb #0c54c007
+class RowPrefetcher:
+    "The rows of the next draw, read on one background thread (into pinned memory for a CUDA run) while this one trains."
+    def __init__(self, pin: bool = False):
+        self.pool, self.pending, self.pin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows"), {}, pin
+
+    def _read(self, read) -> torch.Tensor:
+        rows = read()
+        return rows.pin_memory() if self.pin else rows
+
+    def ask(self, key, read) -> None:
+        "Start reading `read()` for `key` in the background."
+        if key not in self.pending: self.pending[key] = self.pool.submit(self._read, read)
+
+    def take(self, key, read) -> torch.Tensor:
+        "The rows of `key`: the background read's (its error raised here), or `read()` now if none was asked for."
+        future = self.pending.pop(key, None)
+        return future.result() if future is not None else self._read(read)
+
+    def close(self) -> None:
+        "Drop reads nobody will take and stop the thread."
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
 # %% ../nbs/03_data.ipynb #f768d046
 def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
     "The first `max_rows` rows of the evaluation split (0: all, local shards only), read once: (n, seq_len + 1) LongTensor."
@@ -415,9 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
     h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
     h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
     h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--row-group-rows", type=int, default=1024, help="rows per parquet row group (what a rank's read of its region decodes)")
     h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
-    if args.command == "hub-layout": return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split)
+    if args.command == "hub-layout":
+        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
 

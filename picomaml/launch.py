@@ -10,16 +10,21 @@ import importlib.util
 import os
 import sys
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .checkpoints import CheckpointUploads
 from .config import Config, ConfigError, format_help, load_config, run_command
-from .train import resolve_precision, train
+from .device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
+from .train import train
 
 # %% auto #0
-__all__ = ['devices_and_nodes', 'make_loggers', 'make_fabric', 'shutdown', 'parse_args', 'main']
+__all__ = ['devices_and_nodes', 'make_loggers', 'choose_accelerator', 'make_fabric', 'shutdown', 'check_shared_directory',
+           'parse_args', 'run_launched', 'main']
 
 # %% ../nbs/07_launch.ipynb #75479092
 def devices_and_nodes(env=os.environ) -> tuple[int, int]:
@@ -49,14 +54,29 @@ def make_loggers(cfg: Config) -> list:
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
+def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True), **facts) -> str:
+    "'cuda' or 'cpu' for `train.device` and `devices` processes on this node; a one-line error when GPUs are asked for and unusable."
+    if cfg.train.device == "cpu": return "cpu"
+    binding = slurm_binding_problem(env, facts.get("cuda", torch.cuda).device_count())
+    if binding and cfg.train.device == "cuda": raise ConfigError(binding)
+    if cfg.train.device == "cuda":
+        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env, **facts)
+    elif problem := cuda_problem(devices, env=env, **facts):
+        if env.get("RANK", env.get("SLURM_PROCID", "0")) == "0":
+            say(f"[launch] train.device=auto: no usable GPU ({problem}); running {devices} CPU process(es) in float32")
+        return "cpu"
+    return "cuda"
+
 def make_fabric(cfg: Config, env=os.environ):
     "A Fabric for this launch: accelerator, world size and precision from the environment and `cfg`."
     from lightning.fabric import Fabric  # deferred: a heavy import that `--help` and config errors should not wait for
+    from lightning.fabric.strategies import DDPStrategy
     devices, num_nodes = devices_and_nodes(env)
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    accelerator = choose_accelerator(cfg, devices, env)
+    capability = torch.cuda.get_device_capability(0) if accelerator == "cuda" else None
+    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1 else "auto"
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                  precision=resolve_precision(cfg.train.precision, accelerator), loggers=make_loggers(cfg))
+                  precision=resolve_precision(cfg.train.precision, accelerator, capability), loggers=make_loggers(cfg))
 
 # %% ../nbs/07_launch.ipynb #2b4e957b
 def shutdown(ok: bool = True) -> None:
@@ -68,6 +88,24 @@ def shutdown(ok: bool = True) -> None:
     dist.destroy_process_group()
 
 # %% ../nbs/07_launch.ipynb #090edd2f
+def check_shared_directory(fabric, directory, nodes: int, wait_s: float = 10.0) -> None:
+    "On several nodes, ConfigError on every rank unless every rank can read the token rank 0 writes into `directory`."
+    if nodes <= 1: return
+    directory = Path(directory)
+    token = fabric.broadcast(uuid.uuid4().hex if fabric.global_rank == 0 else None, src=0)
+    path = directory / f".shared-check-{token}"
+    if fabric.global_rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+    fabric.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := path.is_file() and path.read_text() == token) and time.monotonic() < deadline: time.sleep(0.5)
+    blind = int(fabric.all_reduce(torch.tensor(0.0 if seen else 1.0, device=fabric.device), reduce_op="sum").item())
+    if fabric.global_rank == 0: path.unlink(missing_ok=True)
+    if blind: raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: {blind} of {fabric.world_size} "
+                                f"ranks cannot read the file rank 0 wrote there; put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
+
+# %% ../nbs/07_launch.ipynb #b3c64604
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.launch`."
     p = argparse.ArgumentParser(prog="python -m picomaml.launch", add_help=False,
@@ -77,8 +115,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
+def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
+    "Train on a launched Fabric, shut the process group down, then finish rank 0's Hub uploads; returns the run directory."
+    uploads = CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0 else None
+    try:
+        check_shared_directory(fabric, cfg.logging.runs_dir, nodes)
+        run_dir = train(cfg, fabric, uploads)
+    except BaseException:
+        shutdown(ok=False)
+        raise
+    shutdown()
+    if uploads is not None: print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
+    return run_dir
+
 def main(argv=None) -> Path | None:
     "Entry point: parse, build the Fabric, train, shut down."
+    configure_cuda_allocator()  # before anything touches a GPU
     args = parse_args(argv)
     if args.help:
         print("usage: [torchrun ... -m | python -m] picomaml.launch [--config PRESET] [section.key=value ...]\n")
@@ -87,12 +139,7 @@ def main(argv=None) -> Path | None:
     cfg = load_config(args.config, args.overrides)
     fabric = make_fabric(cfg)
     fabric.launch()
-    try: run_dir = train(cfg, fabric)
-    except BaseException:
-        shutdown(ok=False)
-        raise
-    shutdown()
-    return run_dir
+    return run_launched(cfg, fabric, nodes=devices_and_nodes()[1])
 
 # %% ../nbs/07_launch.ipynb #394ef430
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

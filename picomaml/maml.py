@@ -60,6 +60,7 @@ def readout_features(hidden: torch.Tensor, readout: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def support_features(backbone: nn.Module, ids: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
     "Support features (S, d), computed once without a graph; the frozen backbone makes them exact for every inner step."
+    if len(ids) == 0: return torch.zeros(0, backbone.cfg.d_model, device=ids.device)  # no rows: no backbone call
     return readout_features(backbone.hidden(ids), readout)  # (S, d)
 
 # %% ../nbs/05_maml.ipynb #41f2e951
@@ -131,11 +132,11 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
                          "it must return every rank's features in episode order")
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
     support_acc = support_accuracy(head, fast, feats, episode.support_labels, episode.class_ids)
-    labels = episode.query_labels[query_part]
+    labels, (mean, std) = episode.query_labels[query_part], head_weight_stats(head, fast, episode.class_ids)
+    stats = dict(support_acc=support_acc, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
+    if len(labels) == 0: return dict(loss=0.0, query_correct=0, head_grad_norm=0.0, **stats)  # no query rows here: no backbone call
     loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
                                      episode.query_readout[query_part], labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
-    mean, std = head_weight_stats(head, fast, episode.class_ids)
-    return dict(loss=loss.item(), support_acc=support_acc, query_correct=n_correct, query_count=len(labels),
-                head_weight_mean=mean, head_weight_std=std, head_grad_norm=add_fast_grads(head, fast))
+    return dict(loss=loss.item(), query_correct=n_correct, head_grad_norm=add_fast_grads(head, fast), **stats)

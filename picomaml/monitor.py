@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .collectives import sum_over_ranks
 from .config import Config
 from .data import eval_batches
+from .device import peak_memory_gib, reset_peak_memory
 from .lm_loss import eval_sums, perplexities
-from .spectra import record_spectra
+from .spectra import append_records, loss_gradients, select_matrices, spectrum_records
 
 # %% auto #0
 __all__ = ['STATS', 'add_stats', 'step_record', 'evaluate', 'record_run_spectra', 'monitoring_due', 'monitoring_missing',
@@ -48,9 +50,14 @@ def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
     return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
 
 # %% ../nbs/06_monitor.ipynb #92e2031c
-def record_run_spectra(model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path) -> None:
-    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation batch, appended to spectra.jsonl."
-    record_spectra(model, eval_rows[: cfg.spectra.grad_rows], cfg.spectra.layers, step, run_dir / "spectra.jsonl")
+def record_run_spectra(fabric, model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
+                       batch_rows: int | None = None) -> None:
+    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
+    rows, params = eval_rows[: cfg.spectra.grad_rows], select_matrices(model, cfg.spectra.layers)
+    mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
+    grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
+    grads = dict(zip(grads, sum_over_ranks(fabric, list(grads.values()))))
+    if fabric.global_rank == 0: append_records(spectrum_records(step, params, grads), run_dir / "spectra.jsonl")
 
 # %% ../nbs/06_monitor.ipynb #ef2c8877
 def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
@@ -65,12 +72,19 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool]) -> None:
-    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0."
+def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool], *,
+            spectra_batch: int | None = None) -> None:
+    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
     do_eval, do_spectra = what
     if do_eval:
+        reset_peak_memory(fabric.device)
         record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
         if fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
-    if do_spectra and fabric.global_rank == 0: record_run_spectra(model, eval_rows, cfg, step, run_dir)
+    if do_spectra:
+        reset_peak_memory(fabric.device)
+        record_run_spectra(fabric, model, eval_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": step, "spectra_peak_gib": peak}) + "\n")

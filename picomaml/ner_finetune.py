@@ -16,6 +16,7 @@ from torchcrf import CRF
 
 from .config import NERConfig
 from .crf_metrics import crf_marginals, crf_nll, loss_curve_metrics, micro_f1, score, viterbi
+from .device import cuda_capability, resolve_precision
 from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
@@ -84,17 +85,20 @@ def feature_dim(backbone) -> int:
     with torch.no_grad(): return backbone.hidden(torch.zeros(1, 1, dtype=torch.long, device=p.device)).shape[-1]
 
 class NERTagger(nn.Module):
-    "A backbone with a `hidden(ids)` method and a linear or CRF tag head on its word features."
-    def __init__(self, backbone: nn.Module, head: str = "linear"):
+    "A backbone with a `hidden(ids)` method and a linear or CRF tag head on its word features, on one device."
+    def __init__(self, backbone: nn.Module, head: str = "linear", device=None, precision: str = "auto"):
         super().__init__()
         if head not in HEADS: raise ValueError(f"ner.head={head!r} is not one of {', '.join(HEADS)}")
-        self.backbone, self.head_kind = backbone, head
-        self.head = HEADS[head](feature_dim(backbone)).to(next(backbone.parameters()).device)
+        self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
+        self.backbone, self.head_kind = backbone.to(self.device), head
+        self.head = HEADS[head](feature_dim(backbone)).to(self.device)
+        self.precision = resolve_precision(precision, self.device.type, cuda_capability(self.device), key="ner.precision")
 
     def word_features(self, batch: Batch) -> torch.Tensor:
-        "Backbone states at the words' first sub-tokens, (B, W, d)."
-        dev = next(self.parameters()).device
-        return gather_words(self.backbone.hidden(batch.input_ids.to(dev)), batch.word_pos.to(dev))
+        "Backbone states at the words' first sub-tokens, (B, W, d), in float32."
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+            hidden = self.backbone.hidden(batch.input_ids.to(self.device, non_blocking=True))  # (B, T, d)
+        return gather_words(hidden.float(), batch.word_pos.to(self.device, non_blocking=True))
 
 # %% ../nbs/11_ner_finetune.ipynb #b6b2dfa0
 @dataclass
@@ -146,7 +150,7 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
     follows = torch.ones(len(labels), dtype=torch.bool)
     follows[starts] = torch.cat([torch.zeros(1, dtype=torch.bool),
                                  (sentence[1:] == sentence[:-1]) & (first[1:] == first[:-1] + lengths[:-1])])
-    dev = next(tagger.parameters()).device
+    dev = tagger.device
     return FeatureCache(words.to(dev), labels.to(dev), starts.to(dev), lengths.to(dev), follows.to(dev))
 
 # %% ../nbs/11_ner_finetune.ipynb #291de6e1
@@ -205,7 +209,7 @@ def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int,
 
 def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch_size: int, feats: FeatureCache | None):
     "Word features, mask and labels of each batch of an epoch: gathered from the cache, or through the backbone."
-    dev = next(tagger.parameters()).device
+    dev = tagger.device
     if feats is not None:
         order = torch.tensor(order, device=feats.lengths.device)
         yield from (feats.batch(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
@@ -216,14 +220,14 @@ def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch
 # %% ../nbs/11_ner_finetune.ipynb #3071946c
 def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
              cache: bool | None = None, train_feats: FeatureCache | None = None,
-             dev_feats: FeatureCache | None = None) -> tuple[NERTagger, dict]:
+             dev_feats: FeatureCache | None = None, device=None) -> tuple[NERTagger, dict]:
     "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."
     if cfg.regime not in ("head", "full"): raise ValueError(f"ner.regime={cfg.regime!r} is not one of head, full")
     seed, head_only = cfg.seed if seed is None else seed, cfg.regime == "head"
     cached = head_only and (cfg.cache_features if cache is None else cache)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head)
+    tagger = NERTagger(backbone if head_only else copy.deepcopy(backbone), cfg.head, device, cfg.precision)
     tagger.backbone.requires_grad_(not head_only)
     tagger.train()
     if head_only: tagger.backbone.eval()

@@ -14,18 +14,18 @@ import torch
 
 from .checkpoints import scheduled_steps
 from .config import Config, ConfigError, load_config
+from .device import peak_tflops, resolve_precision
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR',
-           'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts', 'block_saved_bytes',
-           'activation_bytes', 'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes',
-           'eval_peak_bytes', 'matrix_sizes', 'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes',
-           'largest_fitting', 'choose_chunk', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost',
-           'wall_time', 'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
+__all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR', 'RNG_STATE',
+           'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts', 'block_saved_bytes',
+           'activation_bytes', 'uses_math_attention', 'attention_probs_bytes', 'block_kept_bytes', 'kept_bytes',
+           'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes', 'eval_peak_bytes', 'matrix_sizes',
+           'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes', 'largest_fitting', 'choose_chunk',
+           'choose_spectra_batch', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost', 'wall_time',
+           'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
 
 # %% ../nbs/06_plan.ipynb #5d36dc89
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s by device-name substring
-
 def _block_params(mc) -> int:
     "Matmul parameters of one decoder block: GQA projections and the SwiGLU."
     kv = mc.d_model // mc.n_heads * mc.n_kv_heads
@@ -45,8 +45,8 @@ def peak_flops(device) -> float | None:
     "Dense bf16 peak FLOP/s of a known GPU, else None (no honest peak for CPUs)."
     device = torch.device(device)
     if device.type != "cuda": return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 # %% ../nbs/06_plan.ipynb #86b76240
 def param_counts(cfg: Config) -> dict:
@@ -69,29 +69,44 @@ def block_saved_bytes(mc, tokens: int, a: int) -> int:
     swiglu = 4 * a * f  # w_0 and w_1 outputs, silu's output, their product
     return tokens * (norms + linear_inputs + attention + swiglu)
 
-def activation_bytes(cfg: Config, device: str) -> int:
-    "Bytes of a matmul's activation: 4 in float32, 2 under autocast (`auto` is bf16-mixed on CUDA only)."
-    precision = cfg.train.precision
-    if precision == "auto": precision = "bf16-mixed" if device == "cuda" else "32-true"
-    return 4 if precision == "32-true" else 2
+def activation_bytes(cfg: Config, device: str, capability: tuple | None = None) -> int:
+    "Bytes of a matmul's activation: 2 under bf16 autocast, else 4, with train.precision resolved as the launch resolves it."
+    return 2 if resolve_precision(cfg.train.precision, device, capability) == "bf16-mixed" else 4
+
+# %% ../nbs/06_plan.ipynb #9d997eea
+def uses_math_attention(mc, device: str, a: int) -> bool:
+    "Whether attention takes PyTorch's math kernel: float32 activations with grouped-query heads on CUDA."
+    return device == "cuda" and a == 4 and mc.n_kv_heads != mc.n_heads
+
+def attention_probs_bytes(mc, rows: int, seq: int) -> int:
+    "Bytes of one block's float32 (rows, H, T, T) attention softmax under the math kernel."
+    return 4 * rows * mc.n_heads * seq * seq
+
+def block_kept_bytes(mc, rows: int, seq: int, a: int, math: bool = False) -> int:
+    "Bytes one block's graph keeps for rows × seq tokens, under the fused or the math attention kernel (float32)."
+    N, d_kv = rows * seq, mc.d_model // mc.n_heads * mc.n_kv_heads
+    if not math: return block_saved_bytes(mc, N, a)
+    repeated_kv = 4 * N * (mc.d_model - 2 * d_kv)  # k, v repeated to all H heads (2 · 4d, not 2 · 4d_kv), no copy of the output
+    return block_saved_bytes(mc, N, a) + attention_probs_bytes(mc, rows, seq) - 4 * mc.n_heads * N + repeated_kv
 
 # %% ../nbs/06_plan.ipynb #abcd7a36
 LOSS_CHUNK = 1024  # tokens per chunk of the fused output layer + loss (`next_token_loss_sum`'s default)
 
-def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool) -> int:
+def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, math: bool = False) -> int:
     "Bytes the blocks' graphs keep for backward over rows × seq tokens: token ids, RoPE tables, every block (or its input)."
     N = rows * seq
-    blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_saved_bytes(mc, N, a))
+    blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_kept_bytes(mc, rows, seq, a, math))
     return 8 * N + 4 * seq * (mc.d_model // mc.n_heads) + blocks
 
-def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True) -> int:
+def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, math: bool = False) -> int:
     "Peak bytes above the persistent state of forward + backward over rows × seq tokens (with the fused LM loss, or a readout)."
     N, d, V, L = rows * seq, mc.d_model, mc.vocab_size, mc.n_layers
     cast = 2 if a < 4 else 0  # autocast keeps a bf16 copy of each weight it uses
-    kept, w_blocks, w_out = kept_bytes(mc, rows, seq, a, checkpointing), cast * L * _block_params(mc), cast * V * d
+    kept, w_blocks, w_out = kept_bytes(mc, rows, seq, a, checkpointing, math), cast * L * _block_params(mc), cast * V * d
     out_norm, grads = N * (8 * d + 4), N * (4 * d + 2 * a * mc.ffn_hidden)
-    last_block = block_saved_bytes(mc, N, a) - 4 * N * d + w_blocks // L if checkpointing else w_blocks
-    moments = [kept + last_block + grads]  # backward of the last block (recomputed first, with checkpointing)
+    softmax_grads = 2 * attention_probs_bytes(mc, rows, seq) if math else 0  # the math kernel's backward: d(softmax), d(scores)
+    last_block = block_kept_bytes(mc, rows, seq, a, math) - 4 * N * d + w_blocks // L if checkpointing else w_blocks
+    moments = [kept + last_block + grads + softmax_grads]  # backward of the last block (recomputed first, with checkpointing)
     if lm_loss:
         c = min(LOSS_CHUNK, N)
         previous = 4 * c * V if N > c else 0  # the last chunk's softmax lives on in `dlogits` until rebound
@@ -103,14 +118,15 @@ def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_lo
     return max(moments)
 
 # %% ../nbs/06_plan.ipynb #1f6d42d8
-def episode_peak_bytes(cfg: Config, gpus: int, a: int) -> int:
+def episode_peak_bytes(cfg: Config, gpus: int, a: int, math: bool = False) -> int:
     "Peak bytes of one MAML episode on a rank above the persistent state: pool, support forward, query backward, head."
     mc, sc = cfg.model, cfg.smlmt
     pool = 64 * (sc.pool_rows or cfg.train.branch_batch) * (cfg.data.seq_len + 1)
     support_rows, query_rows = -(-sc.n_way * sc.k_shot // gpus), -(-sc.n_way * sc.q_query // gpus)
     w_blocks = (2 if a < 4 else 0) * mc.n_layers * _block_params(mc)
-    support = w_blocks + block_saved_bytes(mc, support_rows * sc.window, a)  # no graph: one block at a time
-    query = chunk_peak_bytes(mc, query_rows, sc.window, a, cfg.train.activation_checkpointing, lm_loss=False)
+    scores = 2 * attention_probs_bytes(mc, support_rows, sc.window) if math else 0
+    support = w_blocks + block_saved_bytes(mc, support_rows * sc.window, a) + scores  # no graph: one block at a time
+    query = chunk_peak_bytes(mc, query_rows, sc.window, a, cfg.train.activation_checkpointing, lm_loss=False, math=math)
     n_out = mc.vocab_size if cfg.maml.head_output == "vocab" else sc.n_way
     head = 3 * 4 * sc.n_way * sc.k_shot * max(n_out, cfg.maml.head_hidden)
     return pool + max(support, query) + head
@@ -122,11 +138,12 @@ def step_transient_bytes(cfg: Config, gpus: int, device: str) -> int:
     adamw = 4 * n if device == "cuda" else 2 * 4 * max(counts["embedding"], counts["head"], cfg.model.ffn_hidden * cfg.model.d_model)
     return max(4 * n if gpus > 1 else 0, adamw)
 
-def eval_peak_bytes(cfg: Config, a: int, rows: int) -> int:
+def eval_peak_bytes(cfg: Config, a: int, rows: int, math: bool = False) -> int:
     "Peak bytes of evaluating `rows` rows per device above weights and AdamW state: bf16 weights, one block, the logits."
     mc, N = cfg.model, rows * cfg.data.seq_len
     cast = (2 if a < 4 else 0) * (mc.n_layers * _block_params(mc) + mc.vocab_size * mc.d_model)
-    return cast + max(block_saved_bytes(mc, N, a), 4 * N * mc.d_model + 8 * N * mc.vocab_size)
+    scores = 2 * attention_probs_bytes(mc, rows, cfg.data.seq_len) if math else 0  # one block's scores and softmax
+    return cast + max(block_saved_bytes(mc, N, a) + scores, 4 * N * mc.d_model + 8 * N * mc.vocab_size)
 
 def matrix_sizes(mc) -> dict:
     "Parameters of each weight matrix of a block, by the name `spectra.layers` uses."
@@ -134,11 +151,12 @@ def matrix_sizes(mc) -> dict:
     return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d, "attention.o_proj": d * d,
             "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
 
-def spectra_peak_bytes(cfg: Config, rows: int) -> int:
-    "Peak bytes of the spectra's float32 gradient pass over `rows` rows above weights and AdamW state."
+def spectra_peak_bytes(cfg: Config, rows: int, math: bool = False) -> int:
+    "Peak bytes of one group of `rows` rows of the spectra's float32 gradient pass above weights and AdamW state."
     mc, sizes = cfg.model, matrix_sizes(cfg.model)
-    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # the returned gradients
-    return chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing) + selected
+    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # one set of the selected gradients
+    chunk = chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing, math=math)
+    return chunk + 2 * selected  # the group's gradients and the running sum over groups
 
 # %% ../nbs/06_plan.ipynb #f2d6df7d
 GIB = 2**30
@@ -160,27 +178,37 @@ def device_memory_gb(device) -> float:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
 
 # %% ../nbs/06_plan.ipynb #7ba93461
-def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int) -> dict:
+def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
+                spectra_rows: int | None = None) -> dict:
     "Tensor bytes per device at the peak of each phase a run reaches: next-token chunk, episode, step, evaluation, spectra."
-    n, a = sum(param_counts(cfg).values()), activation_bytes(cfg, device)
-    state, ck = 16 * n, cfg.train.activation_checkpointing
-    phases = {"next-token chunk": state + chunk_peak_bytes(cfg.model, chunk, cfg.data.seq_len, a, ck),
+    n, a = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability)
+    state, ck, math = 16 * n, cfg.train.activation_checkpointing, uses_math_attention(cfg.model, device, a)
+    phases = {"next-token chunk": state + chunk_peak_bytes(cfg.model, chunk, cfg.data.seq_len, a, ck, math=math),
               "optimizer step": state + step_transient_bytes(cfg, gpus, device)}
-    if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a)
-    if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size)
-    if cfg.spectra.every: phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, cfg.spectra.grad_rows)
+    if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a, math)
+    if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size, math)
+    if cfg.spectra.every:
+        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows
+        phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, rows, uses_math_attention(cfg.model, device, 4))
     return phases
 
 def largest_fitting(need, upper: int, capacity: int, device: str) -> int:
     "The largest k in 1..upper whose tensors need(k) fit in `capacity` with the reserve; 0 if none does."
     return next((k for k in range(upper, 0, -1) if with_reserve(need(k), device) <= capacity), 0)
 
-def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int) -> int:
+def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int, capability: tuple | None = None) -> int:
     "Rows per memory chunk: the fewest chunks of this rank's rows that fit, evenly sized; 0 if one row does not fit."
     rows = cfg.train.branch_batch // gpus
-    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c)["next-token chunk"], rows, capacity, device)
+    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c, capability)["next-token chunk"], rows, capacity, device)
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
+
+def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
+    "Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; 0 if one row does not."
+    rows, n, math = cfg.spectra.grad_rows, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
+    if cfg.spectra.grad_batch: return min(cfg.spectra.grad_batch, rows)
+    largest = largest_fitting(lambda r: 12 * n + spectra_peak_bytes(cfg, r, math), rows, capacity, device)
+    return -(-rows // -(-rows // largest)) if largest else 0
 
 # %% ../nbs/06_plan.ipynb #0c772585
 def layout_problem(cfg: Config, gpus: int) -> str:
@@ -198,19 +226,19 @@ def _gib(n: float) -> str:
     "Bytes as GiB for a message."
     return f"{n / GIB:.1f} GiB"
 
-def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict) -> str:
+def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict,
+                   capability: tuple | None = None) -> str:
     "The one-line reason the first phase that does not fit gives, naming the setting to change; '' if all fit."
     need = {name: with_reserve(b, device) for name, b in phases.items()}
     have, n = f"the {_gib(capacity)} of each device", sum(param_counts(cfg).values())
     if need["optimizer step"] > capacity:
         return (f"the float32 weights, gradients and AdamW state of {n / 1e6:.0f}M parameters with the optimizer step's temporaries "
                 f"need {_gib(need['optimizer step'])}, more than {have}: use devices with more memory (--gpu-memory-gb) or a smaller model.d_model")
-    best = chunk if need["next-token chunk"] <= capacity else choose_chunk(cfg, gpus, device, capacity)
+    best = chunk if need["next-token chunk"] <= capacity else choose_chunk(cfg, gpus, device, capacity, capability)
     if not best:
         fix = ("lower data.seq_len or use devices with more memory (--gpu-memory-gb)" if cfg.train.activation_checkpointing
                else "set train.activation_checkpointing=true")
-        one_row = with_reserve(16 * n + chunk_peak_bytes(cfg.model, 1, cfg.data.seq_len, activation_bytes(cfg, device),
-                                                         cfg.train.activation_checkpointing), device)
+        one_row = with_reserve(phase_bytes(cfg, gpus, device, 1, capability)["next-token chunk"], device)
         return f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, more than {have}: {fix}"
     if best != chunk:
         return (f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: "
@@ -218,13 +246,15 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
     if need.get("episode", 0) > capacity:
         return (f"a MAML episode needs {_gib(need['episode'])}, more than {have}: lower smlmt.q_query or smlmt.window"
                 f"{'' if cfg.train.activation_checkpointing else ', or set train.activation_checkpointing=true'}")
-    return rows_problem(cfg, device, capacity, need, have)
+    return rows_problem(cfg, device, capacity, need, have, capability)
 
-def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str) -> str:
-    "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_rows that does; '' if both fit."
-    n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device), cfg.train.activation_checkpointing
-    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r), "eval.every=0"),
-              ("spectra", "spectra.grad_rows", cfg.spectra.grad_rows, lambda r: spectra_peak_bytes(cfg, r),
+def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str, capability: tuple | None = None) -> str:
+    "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; '' if both fit."
+    n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing
+    math, spectra_math = uses_math_attention(cfg.model, device, a), uses_math_attention(cfg.model, device, 4)
+    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows
+    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math), "eval.every=0"),
+              ("spectra", "spectra.grad_batch", spectra_rows, lambda r: spectra_peak_bytes(cfg, r, spectra_math),
                "spectra.every=0" if ck else "train.activation_checkpointing=true"))
     for phase, key, rows, peak, otherwise in checks:
         if need.get(phase, 0) <= capacity: continue
@@ -270,6 +300,7 @@ class Plan:
     reason: str
     chunk_rows: int  # rows per forward/backward chunk on each device (0: none fits)
     rows_per_rank: int  # rows of one branch micro-batch on each device
+    spectra_batch: int  # rows per group of the spectra's gradient pass (0: none fits)
     memory: dict  # bytes per device: the persistent parts, the chunk's, and each phase's own peak
     phases: dict  # bytes per device at each phase's peak, reserve included
     capacity: int  # bytes per device
@@ -287,38 +318,45 @@ class Plan:
     steps: int
     activation_checkpointing: bool
     precision: str
+    attention: str  # the kernel the next-token chunks take: fused (flash on CUDA), or math (float32 with GQA on CUDA)
 
 # %% ../nbs/06_plan.ipynb #95c2d846
-def memory_parts(cfg: Config, gpus: int, device: str, chunk: int) -> dict:
+def memory_parts(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
+                 spectra_rows: int | None = None) -> dict:
     "Bytes per device of each part: persistent state, the chunk's kept activations and transients, each other phase's own peak."
-    counts, a, ck, T = param_counts(cfg), activation_bytes(cfg, device), cfg.train.activation_checkpointing, cfg.data.seq_len
-    n = sum(counts.values())
-    kept = kept_bytes(cfg.model, chunk, T, a, ck)
+    counts, a, ck, T = param_counts(cfg), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing, cfg.data.seq_len
+    n, math = sum(counts.values()), uses_math_attention(cfg.model, device, a)
+    kept = kept_bytes(cfg.model, chunk, T, a, ck, math)
     parts = {"weights": 4 * n, "gradients": 4 * n, "adamw": 8 * n, "activations": kept,
-             "chunk transients": chunk_peak_bytes(cfg.model, chunk, T, a, ck) - kept,
+             "chunk transients": chunk_peak_bytes(cfg.model, chunk, T, a, ck, math=math) - kept,
              "optimizer step": step_transient_bytes(cfg, gpus, device)}
-    if cfg.maml.rho > 0: parts["episode"] = episode_peak_bytes(cfg, gpus, a)
-    if cfg.eval.every: parts["evaluation"] = eval_peak_bytes(cfg, a, cfg.eval.batch_size)
-    if cfg.spectra.every: parts["spectra"] = spectra_peak_bytes(cfg, cfg.spectra.grad_rows)
+    phases = phase_bytes(cfg, gpus, device, chunk, capability, spectra_rows)
+    parts.update({name: phases[name] - (16 if name == "episode" else 12) * n for name in ("episode", "evaluation", "spectra")
+                  if name in phases})
     return parts
 
 def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | None = None, mfu: float = 0.4,
-             device: str = "cuda") -> Plan:
-    "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared)."
+             device: str = "cuda", capability: tuple | None = None) -> Plan:
+    "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared) of compute `capability`."
     capacity = int(gpu_memory_gb * GIB / (gpus if device == "cpu" else 1))
     reason = layout_problem(cfg, gpus)
     rows = 0 if reason else cfg.train.branch_batch // gpus
-    chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity))
-    tensors = phase_bytes(cfg, gpus, device, max(chunk, 1))
-    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors)
+    chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity, capability))
+    spectra = choose_spectra_batch(cfg, device, capacity) if cfg.spectra.every else 0
+    tensors = phase_bytes(cfg, gpus, device, max(chunk, 1), capability, spectra)
+    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability)
     tokens, model_tokens, flops = step_cost(cfg)
     seconds, hours = wall_time(cfg, flops, gpus, gpu_tflops, mfu)
     disk, n_ckpt = checkpoint_disk(cfg, gpus)
-    precision = "bf16-mixed" if activation_bytes(cfg, device) == 2 else "32-true"
-    phases = {name: with_reserve(b, device) for name, b in tensors.items()}
-    return Plan(not reason, reason, chunk, rows, memory_parts(cfg, gpus, device, max(chunk, 1)), phases, capacity, tokens,
-                model_tokens, flops, seconds, hours, disk, n_ckpt, gpus, device, mfu, gpu_tflops, cfg.train.steps,
-                cfg.train.activation_checkpointing, precision)
+    a = activation_bytes(cfg, device, capability)
+    return Plan(fits=not reason, reason=reason, chunk_rows=chunk, rows_per_rank=rows, spectra_batch=spectra,
+                memory=memory_parts(cfg, gpus, device, max(chunk, 1), capability, spectra),
+                phases={name: with_reserve(b, device) for name, b in tensors.items()}, capacity=capacity, tokens_per_step=tokens,
+                model_tokens_per_step=model_tokens, flops_per_step=flops, est_seconds_per_step=seconds, est_hours=hours,
+                checkpoint_disk_bytes=disk, n_checkpoints=n_ckpt, gpus=gpus, device=device, mfu=mfu, gpu_tflops=gpu_tflops,
+                steps=cfg.train.steps, activation_checkpointing=cfg.train.activation_checkpointing,
+                precision="bf16-mixed" if a == 2 else "32-true",
+                attention="math" if uses_math_attention(cfg.model, device, a) else "fused")
 
 # %% ../nbs/06_plan.ipynb #35adac3d
 PART_LABELS = {"weights": "weights (float32)", "gradients": "gradients (float32)", "adamw": "AdamW moments (float32)",
@@ -329,10 +367,12 @@ PART_LABELS = {"weights": "weights (float32)", "gradients": "gradients (float32)
 def format_plan(plan: Plan) -> str:
     "The plan as a readable table."
     gib = lambda b: f"{b / GIB:8.2f}"
-    lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}"
+    attention = "fused kernel" if plan.attention == "fused" else "math kernel (a float32 (rows, H, T, T) softmax kept per block)"
+    lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}, attention: {attention}"
              f"{', activation checkpointing' if plan.activation_checkpointing else ''}",
              f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device "
-             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)",
+             f"({-(-plan.rows_per_rank // max(plan.chunk_rows, 1))} chunks a draw)"
+             + (f"; spectra gradients {plan.spectra_batch} rows at a time" if plan.spectra_batch else ""),
              "", f"{'memory per device':<52}{'GiB':>8}"]
     lines += [f"  {PART_LABELS[k]:<50}{gib(v)}" for k, v in plan.memory.items()]
     lines += ["", f"{'peak of each phase, with the reserve':<52}{'GiB':>8}  fits"]
@@ -356,6 +396,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-tflops", type=float, default=None, help="dense bf16 peak TFLOP/s per device (A100 312, H100 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the devices are")
+    p.add_argument("--compute-capability", default="8.0",
+                   help="CUDA compute capability of the GPUs (A100 8.0, H100 9.0, V100 7.0): below 8.0 `auto` precision is float32")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
@@ -367,7 +409,10 @@ def main(argv=None) -> int:
     try:
         bad = next((message for ok, message in checks if not ok), None)
         if bad: raise ConfigError(bad)
-        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.device)
+        try: capability = tuple(int(part) for part in args.compute_capability.split("."))
+        except ValueError: raise ConfigError(f"--compute-capability {args.compute_capability!r} is not a version like 8.0") from None
+        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.device,
+                        capability)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

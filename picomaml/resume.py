@@ -24,7 +24,6 @@ from picomaml.checkpoints import (
     read_checkpoint,
     read_meta,
     truncate_metrics,
-    upload_checkpoint,
     write_checkpoint,
 )
 from .collectives import gather_parts
@@ -102,7 +101,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     return step
 
 # %% ../nbs/06_resume.ipynb #448864c2
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, hub_api=None) -> None:
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, uploads=None) -> None:
     "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
@@ -110,7 +109,7 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, he
         root = run_dir / "checkpoints"
         directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
         prune_training_state(root, cfg.checkpoint.keep_state)
-        if cfg.logging.hub_repo: upload_checkpoint(directory, cfg.logging.hub_repo, hub_api)
+        if uploads is not None: uploads.submit(directory)
     fabric.barrier()
 
 # %% ../nbs/06_resume.ipynb #f2cddd91

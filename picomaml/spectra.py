@@ -21,15 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import list_checkpoints
-from .config import SpectraConfig, ensure_writable, run_command
-from .lm_loss import next_token_loss
+from .config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
+from .device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
+from .lm_loss import next_token_loss, next_token_loss_sum
 from .model import load_pretrained
 from .names import SPECTRA_KEY
+from .plan import GIB, choose_spectra_batch, device_memory_gb
 
 # %% auto #0
 __all__ = ['spectrum_metrics', 'singular_values', 'select_matrices', 'loss_gradients', 'load_eval_batch', 'spectrum_record',
-           'append_records', 'compute_spectra', 'record_spectra', 'read_spectra', 'checkpoint_steps',
-           'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub', 'parse_args', 'main']
+           'append_records', 'spectrum_records', 'compute_spectra', 'record_spectra', 'read_spectra',
+           'checkpoint_steps', 'fitting_batch_rows', 'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders',
+           'spectra_over_hub', 'parse_args', 'main']
 
 # %% ../nbs/08_spectra.ipynb #e6decaa2
 def spectrum_metrics(s) -> dict:
@@ -72,16 +75,22 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
 # %% ../nbs/08_spectra.ipynb #f8b2cc9d
-def loss_gradients(model: torch.nn.Module, batch: torch.Tensor, params: dict) -> dict:
-    "Gradients of the next-token loss on `batch` w.r.t. `params` (a dict), leaving every `.grad` untouched."
+def loss_gradients(model: torch.nn.Module, rows: torch.Tensor, params: dict, batch_rows: int | None = None,
+                   denominator: int | None = None) -> dict:
+    "Gradients w.r.t. `params` of the summed next-token loss of `rows` (B, T + 1) / `denominator` (default: its targets); .grad untouched."
+    device, denominator = next(model.parameters()).device, denominator or rows[:, 1:].numel()
+    sums = {key: torch.zeros_like(p) for key, p in params.items()}
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(next_token_loss(model, batch), list(params.values()), allow_unused=True)
+            for group in rows.split(batch_rows or len(rows)) if len(rows) else ():  # (<= batch_rows, T + 1)
+                loss = next_token_loss_sum(model, group.to(device, non_blocking=True)) / denominator
+                for key, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+                    if g is not None: sums[key] += g
     finally:
         model.train(was_training)
-    return {key: torch.zeros_like(p) if g is None else g for (key, p), g in zip(params.items(), grads)}
+    return sums
 
 # %% ../nbs/08_spectra.ipynb #2d1e4592
 def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None) -> torch.Tensor:
@@ -124,18 +133,19 @@ def append_records(records: list, path) -> Path:
     return path
 
 # %% ../nbs/08_spectra.ipynb #e796911c
-def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int) -> list:
-    "Weight and gradient spectrum records of `layers` in every block, gradients of the LM loss on `batch`."
-    params = select_matrices(model, layers)
-    batch = batch.to(next(model.parameters()).device)
-    grads = loss_gradients(model, batch, params)
-    return [spectrum_record(step, layer, matrix, kind, tensor)
-            for (layer, matrix), weight in params.items()
+def spectrum_records(step: int, params: dict, grads: dict) -> list:
+    "Weight and gradient records of every selected matrix `{(block, name): weight}` with its gradient."
+    return [spectrum_record(step, layer, matrix, kind, tensor) for (layer, matrix), weight in params.items()
             for kind, tensor in (("weight", weight), ("gradient", grads[(layer, matrix)]))]
 
-def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path) -> list:
+def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, batch_rows: int | None = None) -> list:
+    "Weight and gradient spectrum records of `layers` in every block, gradients of the LM loss on `batch`."
+    params = select_matrices(model, layers)
+    return spectrum_records(step, params, loss_gradients(model, batch, params, batch_rows))
+
+def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path, batch_rows: int | None = None) -> list:
     "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
-    records = compute_spectra(model, batch, layers, step)
+    records = compute_spectra(model, batch, layers, step, batch_rows)
     append_records(records, path)
     return records
 
@@ -170,19 +180,28 @@ def _complete_steps(out: Path) -> set:
     counts = read_spectra(out).groupby("step").size()
     return set(counts.index[counts == counts.max()]) if len(counts) else set()
 
-def spectra_over_steps(loaders, batch, layers, out) -> Path:
-    "Append spectra for `[(step, load)]` (`load()` returns the model) to `out`, skipping steps complete there."
-    out = Path(out)
-    done = _complete_steps(out)
+def fitting_batch_rows(model: torch.nn.Module, batch: torch.Tensor, layers, device: torch.device) -> int:
+    "Rows per group of the gradient pass that fit `device` (the planner's spectra phase), at most the whole batch."
+    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
+    rows = choose_spectra_batch(cfg, device.type, int(device_memory_gb(device) * GIB))
+    if not rows: raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of {device}: "
+                                   "use a device with more memory or shorter rows (--seq-len)")
+    return rows
+
+def spectra_over_steps(loaders, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
+    "Append spectra for `[(step, load)]` (`load()` returns the model) on `device` to `out`, skipping steps complete there."
+    out, device = Path(out), torch.device(device)
+    batch, done = batch.to(device), _complete_steps(out)
     todo = [(step, load) for step, load in loaders if step not in done]
     for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)", disable=not todo):
-        record_spectra(load(), batch, layers, step, out)
+        model = load().to(device)
+        record_spectra(model, batch, layers, step, out, batch_rows or fitting_batch_rows(model, batch, layers, device))
     return out
 
-def spectra_over_checkpoints(checkpoints_dir, batch, layers, out) -> Path:
-    "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`."
+def spectra_over_checkpoints(checkpoints_dir, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
+    "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`, computed on `device`."
     loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
-    return spectra_over_steps(loaders, batch, layers, out)
+    return spectra_over_steps(loaders, batch, layers, out, device, batch_rows)
 
 # %% ../nbs/08_spectra.ipynb #994b061a
 def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "checkpoints", cache_dir=None) -> list:
@@ -195,10 +214,10 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
         loaders.append((int(match.group(1)), functools.partial(load_pretrained, repo, cache_dir=cache_dir, **where)))
     return loaders
 
-def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None,
-                     subfolder: str = "checkpoints", cache_dir=None) -> Path:
-    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`."
-    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out)
+def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, subfolder: str = "checkpoints",
+                     cache_dir=None, device="cpu", batch_rows: int | None = None) -> Path:
+    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`, computed on `device`."
+    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device, batch_rows)
 
 # %% ../nbs/08_spectra.ipynb #ee9330a8
 def parse_args(argv=None) -> argparse.Namespace:
@@ -217,20 +236,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
     p.add_argument("--layers", default=",".join(defaults.layers), help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
     p.add_argument("--out", required=True, help="spectra JSON-lines file to append to")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: this process's GPU when CUDA is usable, else the CPU")
+    p.add_argument("--batch-rows", type=int, default=0, help="rows per forward/backward of the gradient pass; 0: the largest the device fits")
     args = p.parse_args(argv)
     if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
+    if args.batch_rows < 0: p.error("--batch-rows must be 0 (the largest that fits) or positive")
     return args
 
 def main(argv=None) -> Path:
     "Entry point of `python -m picomaml.spectra`."
+    configure_cuda_allocator()
     args = parse_args(argv)
     ensure_writable(Path(args.out).parent, "--out")
+    device = resolve_device(args.device)
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    on = dict(device=device, batch_rows=args.batch_rows or None)
     if args.hub:
         names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir)
-    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out)
+        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
+    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
 

@@ -17,19 +17,19 @@ from tqdm.auto import tqdm
 from .checkpoints import checkpoint_due
 from .collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from .config import Config, ConfigError, ensure_writable
-from .data import batch_for_step, open_rows, read_eval_rows
+from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_rows
+from .device import cuda_capability, peak_memory_gib, reset_peak_memory
 from .lm_loss import next_token_backward
 from .maml import MAMLHead, maml_step
 from .model import PicoDecoder, count_parameters
 from .monitor import STATS, add_stats, monitor, monitoring_due, monitoring_missing, step_record
-from .plan import ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
+from .plan import Plan, ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
 from .resume import check_finite, confirm_if_healthy, resume_or_start, save_training_state
 from .smlmt import build_episode
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['lr_at', 'resolve_precision', 'build_model', 'memory_chunk', 'episode_tables', 'episode_draw', 'next_token_draw',
-           'train']
+__all__ = ['lr_at', 'build_model', 'memory_plan', 'episode_tables', 'episode_draw', 'next_token_draw', 'train']
 
 # %% ../nbs/06_train.ipynb #1877ea7a
 def lr_at(step: int, tc) -> float:
@@ -42,14 +42,6 @@ def lr_at(step: int, tc) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * shape)
 
 # %% ../nbs/06_train.ipynb #304ad5d7
-def resolve_precision(precision: str, accelerator: str) -> str:
-    "Fabric precision for `train.precision` on `accelerator` ('cuda' or 'cpu')."
-    if precision == "auto": return "bf16-mixed" if accelerator == "cuda" else "32-true"
-    if precision == "16-mixed":
-        raise ConfigError("train.precision=16-mixed needs a gradient scaler, which the first-order MAML backward does not "
-                          "use; set train.precision to bf16-mixed, 32-true or auto")
-    return precision
-
 def build_model(cfg: Config, device) -> tuple:
     "(backbone, MAML head, AdamW over both), identically initialised on every rank from train.seed."
     torch.manual_seed(cfg.train.seed)
@@ -61,11 +53,11 @@ def build_model(cfg: Config, device) -> tuple:
     return model, head, optimizer
 
 # %% ../nbs/06_train.ipynb #5e70268b
-def memory_chunk(cfg: Config, world_size: int, device: torch.device) -> int:
-    "Rows per forward/backward chunk on this device: `train.chunk_rows`, or the planner's choice; refuses a plan that does not fit."
-    plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type)
+def memory_plan(cfg: Config, world_size: int, device: torch.device) -> Plan:
+    "The planner's plan of this run on this device (memory chunk, spectra groups); refuses a plan that does not fit."
+    plan = plan_run(cfg, world_size, device_memory_gb(device), device=device.type, capability=cuda_capability(device))
     if not plan.fits: raise ConfigError(plan.reason)
-    return cfg.train.chunk_rows or plan.chunk_rows
+    return plan
 
 # %% ../nbs/06_train.ipynb #7bc59006
 def episode_tables(cfg: Config) -> tuple:
@@ -73,11 +65,10 @@ def episode_tables(cfg: Config) -> tuple:
     tok = load_tokenizer(cfg.data)
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
-def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: int, draw: int, accum: int, pool: tuple) -> dict:
-    "One MAML episode on the gathered pool of (step, draw); returns this rank's statistics."
-    rank, world, (rows_per_rank, seed) = fabric.global_rank, fabric.world_size, pool
-    local = batch_for_step(pool_source, step, draw, rank, world, rows_per_rank, accum, seed)  # (pool rows / world, T + 1)
-    rows = gather_parts(fabric, local.to(fabric.device), [rows_per_rank] * world)  # (pool rows, T + 1)
+def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, draw: int, accum: int) -> dict:
+    "One MAML episode on the gathered pool of (step, draw), this rank's pool rows `local`; returns this rank's statistics."
+    rank, world = fabric.global_rank, fabric.world_size
+    rows = gather_parts(fabric, local.to(fabric.device, non_blocking=True), [len(local)] * world)  # (pool rows, T + 1)
     episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
     with fabric.autocast():
@@ -90,9 +81,8 @@ def episode_draw(fabric, cfg: Config, model, head, pool_source, tables, step: in
                 head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
                 flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
 
-def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int, accum: int, rows_per_rank: int, chunk_rows: int) -> dict:
-    "One next-token micro-batch: this rank's rows, `chunk_rows` at a time; returns this rank's statistics."
-    rows = batch_for_step(train_rows, step, draw, fabric.global_rank, fabric.world_size, rows_per_rank, accum, cfg.train.seed)
+def next_token_draw(fabric, cfg: Config, model, rows, accum: int, chunk_rows: int) -> dict:
+    "One next-token micro-batch on this rank's `rows` (rows per rank, T + 1), `chunk_rows` at a time; returns this rank's statistics."
     seq_len = rows.shape[1] - 1
     global_targets = cfg.train.branch_batch * seq_len  # the micro-batch's mean is over every rank's targets
     loss_sum = next_token_backward(model, rows, chunk_rows, global_targets * accum, fabric.autocast, fabric.device)
@@ -101,61 +91,74 @@ def next_token_draw(fabric, cfg: Config, model, train_rows, step: int, draw: int
                 flops=ar_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
 
 # %% ../nbs/06_train.ipynb #5571b089
-def train(cfg: Config, fabric, hub_api=None) -> Path:
-    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory."
+def train(cfg: Config, fabric, uploads=None) -> Path:
+    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory. `uploads`: rank 0's Hub uploads."
     tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
     accum, rows_per_rank = branch_layout(tc, world)
-    chunk_rows = memory_chunk(cfg, world, device)
+    plan = memory_plan(cfg, world, device)
     run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
     if rank == 0: ensure_writable(run_dir, "logging.runs_dir", need_bytes=16 * count_parameters(cfg.model))  # one full checkpoint
     model, head, optimizer = build_model(cfg, device)
     model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]
-    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size)
+    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size, block_rows=tc.branch_batch)
     eval_rows = read_eval_rows(cfg.data, cfg.eval.max_rows, cfg.model.vocab_size) if cfg.eval.every or cfg.spectra.every else None
+    sources = {False: (train_rows, rows_per_rank, tc.seed)}  # is an episode -> (source, rows per rank, seed of its order)
     if cfg.maml.rho > 0:
-        pool = pool_layout(cfg, world, rows_per_rank)
-        pool_source = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size)
-        tables = episode_tables(cfg)
-    peak = peak_flops(device)
+        pool_rows = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size, cfg.smlmt.pool_rows)
+        sources[True], tables = (pool_rows, *pool_layout(cfg, world, rows_per_rank)), episode_tables(cfg)
+    def read(step: int, draw: int, episode: bool):
+        "The read of this rank's rows of (step, draw): its part of the episode's pool, or of the next-token micro-batch."
+        source, rows, seed = sources[episode]
+        return lambda: batch_for_step(source, step, draw, rank, world, rows, accum, seed)
+    peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
     start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
-    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, hub_api)
-    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0))
+    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
+    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0),
+                  spectra_batch=plan.spectra_batch)
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses = deque(maxlen=20)
-    for step in range(start, tc.steps):
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups: group["lr"] = lr
-        started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
-        branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
-        for draw, is_episode in enumerate(branches):
-            torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
-            if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, pool_source, tables, step, draw, accum, pool))
-            else: add_stats(stats, **next_token_draw(fabric, cfg, model, train_rows, step, draw, accum, rows_per_rank, chunk_rows))
-        sum_gradients(fabric, params)
-        totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
-        totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
-        if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
-            raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
-        record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
-                  "branches": "".join("M" if b else "A" for b in branches)}
-        head_grads = [p.grad for p in head.parameters() if p.grad is not None]
-        record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
-        record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
-        check_finite(record, run_dir)
-        if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
-        recent_losses.append(record["loss"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        record["tokens_per_s"] = record["tokens"] / elapsed
-        record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
-        if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
-            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
-        fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
-        if checkpoint_due(step + 1, cfg.checkpoint, tc.steps): save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, hub_api)
-        monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1))
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    try:
+        for step in range(start, tc.steps):
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups: group["lr"] = lr
+            started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
+            reset_peak_memory(device)
+            branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
+            for draw, is_episode in enumerate(branches):
+                rows = ahead.take((step, draw), read(step, draw, is_episode))  # read while the previous draw trained
+                if draw + 1 < accum: ahead.ask((step, draw + 1), read(step, draw + 1, branches[draw + 1]))
+                elif step + 1 < tc.steps: ahead.ask((step + 1, 0), read(step + 1, 0, branch_draws(tc.seed, step + 1, accum, cfg.maml.rho)[0]))
+                torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
+                if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, rows, tables, step=step, draw=draw, accum=accum))
+                else: add_stats(stats, **next_token_draw(fabric, cfg, model, rows, accum, plan.chunk_rows))
+            sum_gradients(fabric, params)
+            totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
+            totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
+            if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
+                raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
+            record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
+                      "branches": "".join("M" if b else "A" for b in branches)}
+            head_grads = [p.grad for p in head.parameters() if p.grad is not None]
+            record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
+            check_finite(record, run_dir)
+            if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
+            recent_losses.append(record["loss"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            record["tokens_per_s"] = record["tokens"] / elapsed
+            record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
+            if (step_peak := peak_memory_gib(device)) is not None: record["peak_gib"] = step_peak
+            if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
+                with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+            fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            if checkpoint_due(step + 1, cfg.checkpoint, tc.steps):
+                save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
+            monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1), spectra_batch=plan.spectra_batch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
+    finally: ahead.close()
     bar.close()
     return run_dir
