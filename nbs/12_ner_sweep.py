@@ -35,13 +35,20 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import os
 import random
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -53,6 +60,7 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import scheduled_steps
 from picomaml.config import apply_overrides, ensure_writable, load_config, run_command
 from picomaml.crf_metrics import score
+from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, require_cuda
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
@@ -63,10 +71,11 @@ from picomaml.tokenizer import load_tokenizer
 # %% [markdown]
 # ## The results table: atomic appends
 #
-# One row is one JSON line, written by a single `os.write` on a file opened with `O_APPEND`, then
-# `fsync`ed: concurrent writers never interleave inside a line, and a finished row survives a crash.
-# A kill during the write can still leave a torn last line; reading skips it with a warning (its
-# run is simply redone). A broken line anywhere else is an error naming the file and line.
+# One row is one JSON line, written under an exclusive lock of the file (`flock`: the sweep's worker
+# processes share one results file) on a descriptor opened with `O_APPEND`, every byte checked
+# written, then `fsync`ed: concurrent writers never interleave inside a line, and a finished row
+# survives a crash. A kill during the write can still leave a torn last line; reading skips it with a
+# warning (its run is simply redone). A broken line anywhere else is an error naming the file and line.
 
 # %%
 #| export
@@ -74,11 +83,13 @@ class SweepError(ValueError):
     "A grid or results file that cannot be used; the message names the file, key or line."
 
 def append_row(path, row: dict) -> None:
-    "Append one JSON line atomically (one write on an O_APPEND descriptor) and fsync it."
+    "Append one JSON line under an exclusive lock of the file (O_APPEND, every byte written) and fsync it."
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = memoryview((json.dumps(row, sort_keys=True) + "\n").encode())
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (json.dumps(row, sort_keys=True) + "\n").encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the other workers' rows wait; released when fd closes
+        while data: data = data[os.write(fd, data):]  # a short write continues where it stopped
         os.fsync(fd)
     finally: os.close(fd)
 
@@ -105,10 +116,12 @@ def read_rows(path) -> list[dict]:
 # %%
 #| export
 def drop_torn_tail(path) -> None:
-    "Truncate a results file after its last complete line (the sweep is the file's only writer)."
+    "Truncate a results file after its last complete line, with a warning (before any worker of a launch appends)."
     if not Path(path).exists(): return
     data = Path(path).read_bytes()
     if data and not data.endswith(b"\n"):
+        line = data.count(b"\n") + 1
+        warnings.warn(f"{path}:{line}: torn last line removed (an interrupted write); its run will be redone")
         with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
 
 
@@ -348,14 +361,15 @@ def write_side_file(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
-def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
-    "Finetune and evaluate one job; return its row."
+def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="cpu") -> dict:
+    "Finetune and evaluate one job on `device`; return its row."
     st, t0 = job_settings(job), time.perf_counter()
     cfg = dataclasses.replace(ner_cfg, head=job.head, regime=job.regime, train_sets=[job.dataset], seed=job.seed)
     shared = job.regime == "head" and cfg.cache_features
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
-    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")))
+    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")),
+                            device=device)
     tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
@@ -368,7 +382,8 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
-           "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
+           "params": count_parameters(backbone.cfg), "device": str(tagger.device), "precision": tagger.precision,
+           **result_record(hist, tests)}
     if particles: row["particle_recall"] = particles
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
@@ -420,20 +435,28 @@ assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 
 # %%
 #| export
-def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> int:
-    "Run every unfinished job of a grid file, appending rows to `out`; returns how many ran."
-    cfg, out = load_config(preset, overrides), Path(out)
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True) -> list[Job]:
+    "Every job of the grid, its checkpoints checked; `setup` (one process per launch) also writes the UNER statistics and cuts a torn tail."
     ensure_writable(out.parent, "--out")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
-    write_uner_statistics(out, jobs, cfg.ner)
+    if setup:
+        write_uner_statistics(out, jobs, cfg.ner)
+        drop_torn_tail(out)
+    return jobs
+
+def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None) -> int:
+    "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
+    cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
+    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None)
     done = {r["key"] for r in read_rows(out)}
-    drop_torn_tail(out)
-    todo = [j for j in jobs if j.key not in done][:limit]
+    todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
     encode = encode or load_tokenizer(cfg.data).encode
-    encoded, features, loaded = {}, {}, {}
-    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)"):
+    encoded, features, loaded, ran = {}, {}, {}, 0
+    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
+        if limit is not None and ran >= limit: break
+        if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
         st = job_settings(job)
         ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
@@ -446,14 +469,145 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
         if job.checkpoint not in loaded:
             c = job.checkpoint
             loaded.clear(); features.clear()
-            loaded[c] = load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)
+            loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
         backbone = loaded[job.checkpoint]
         def feats(name_split, data=data, ner_cfg=ner_cfg):
             key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
-            if key not in features: features[key] = window_features(NERTagger(backbone), data(*name_split), ner_cfg.batch_size)
+            if key not in features:
+                tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
+                features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
             return features[key]
-        append_row(out, run_job(job, backbone, ner_cfg, data, feats, out))
-    return len(todo)
+        row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
+        append_row(out, row)
+        ran += 1
+        if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
+                                     f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+    return ran
+
+
+# %% [markdown]
+# ## One worker per GPU
+#
+# The paper grids are 2 × 160 jobs, half of them full finetuning of backbones up to 570M parameters:
+# one process on one GPU of a four-GPU node would leave three idle. With several devices the command
+# starts one **worker process per device** (`--workers`, by default one per visible GPU), each running
+# the same sweep on its own device and appending to the same results file. Workers share out the jobs
+# by **claims**: before a job, a worker creates its claim file in the launch's claims directory with an
+# exclusive create (`O_EXCL`, atomic on a local or NFS file system), and skips jobs another worker
+# claimed. Each worker tries the checkpoints in its own order (the list of checkpoints rotated by its
+# index), so workers start on different backbones, load each one once and share its head-only
+# features, and only meet on a checkpoint when the others are done. Rows are appended under the
+# file's lock (above). The claims directory belongs to one launch: a relaunch (after a worker was
+# killed, or the node was lost) makes a new one and removes the old ones, so a job whose worker died
+# mid-job is not blocked: it has no row, and the relaunch runs it. A worker also exits when the
+# process that started it is gone, so a killed sweep leaves no orphan writing into the file.
+
+# %%
+#| export
+def claim(claims: Path, job: Job, worker: int) -> bool:
+    "Take `job` for `worker` unless another worker of this launch has (an exclusive create of its claim file)."
+    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError: return False
+    with os.fdopen(fd, "w") as f: f.write(f"worker {worker} on {socket.gethostname()}, pid {os.getpid()}: {job.key}\n")
+    return True
+
+def worker_order(jobs: list[Job], worker: int, workers: int) -> list[Job]:
+    "The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on different backbones."
+    groups = [list(group) for _, group in itertools.groupby(jobs, key=lambda j: j.checkpoint)]
+    first = worker * len(groups) // workers
+    return [j for group in groups[first:] + groups[:first] for j in group]
+
+
+# %%
+_ck = lambda name: Checkpoint(name, "maml", "tiny", name)
+_jobs = [Job(_ck(c), "linear", "head", d, 0, ()) for c in "abcd" for d in ("x", "y")]
+assert [j.checkpoint.run + j.dataset for j in worker_order(_jobs, 1, 2)] == ["cx", "cy", "dx", "dy", "ax", "ay", "bx", "by"]
+with tempfile.TemporaryDirectory() as _claims:
+    assert claim(_claims, _jobs[0], 0) and not claim(_claims, _jobs[0], 1) and claim(_claims, _jobs[1], 1)
+
+
+# %% [markdown]
+# Which devices: `--device auto` (the default) is every visible GPU when CUDA is usable, one worker
+# each (or `--workers N` of them), else the CPU, said on one line; `--device cuda` insists on GPUs and
+# stops with the reason when there are none (`00_device`); `--device cuda:K` is one worker on GPU K;
+# `--device cpu --workers N` runs N CPU workers, each with its share of the cores.
+
+# %%
+#| export
+def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[str]:
+    "The device of each worker for `--device` and `--workers` (0: one per visible GPU, else one)."
+    if requested not in ("auto", "cpu", "cuda") and not (requested.startswith("cuda:") and requested[5:].isdigit()):
+        raise SweepError(f"--device {requested!r} is not one of {DEVICE_CHOICES}")
+    if requested.startswith("cuda:"):
+        if workers > 1: raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
+        require_cuda(int(requested[5:]) + 1, f"--device {requested}", "--device cpu", **facts)
+        return [requested]
+    problem = "" if requested == "cpu" else cuda_problem(max(workers, 1), **facts)
+    if requested == "cuda" and problem: require_cuda(max(workers, 1), "--device cuda", "--device cpu", **facts)
+    if requested == "cpu" or problem:
+        if problem: say(f"[ner_sweep] no usable GPU ({problem}): running on the CPU")
+        return ["cpu"] * max(workers, 1)
+    return [f"cuda:{i}" for i in range(workers or facts.get("cuda", torch.cuda).device_count())]
+
+
+# %%
+from types import SimpleNamespace
+
+from fastcore.test import test_fail
+
+_cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
+_gpus = dict(env={}, cuda_version="12.8", device_files=[Path("/dev/nvidia0")])
+assert sweep_devices("auto", cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+assert sweep_devices("cuda", 2, cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1"] and sweep_devices("cuda:3", cuda=_cuda(4), **_gpus) == ["cuda:3"]
+assert sweep_devices("cpu", 2) == ["cpu", "cpu"] and sweep_devices("auto", say=lambda m: None, cuda=_cuda(0), env={}, device_files=[]) == ["cpu"]
+test_fail(lambda: sweep_devices("cuda", cuda=_cuda(0), env={}, cuda_version="12.8", device_files=[]), contains="To run on CPU anyway: --device cpu")
+test_fail(lambda: sweep_devices("gpu"), contains="--device 'gpu' is not one of")
+
+
+# %% [markdown]
+# The launch: the parent process checks the grid and the checkpoints, writes the UNER statistics and
+# cuts a torn tail once, then starts the workers (`python -m picomaml.ner_sweep ... --device D
+# --worker I,N,CLAIMS,PARENT_PID`, each logging to `<results stem>-workers/worker-I.log`), shows one
+# progress bar over the rows they append, and waits. When a worker fails, the others finish their
+# jobs; the command then stops with one line naming the worker and its log, every finished row kept.
+
+# %%
+#| export
+def fresh_claims(out: Path) -> Path:
+    "A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) are removed."
+    root = out.parent / f".{out.name}.claims"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / uuid.uuid4().hex).mkdir(parents=True)
+    return next(root.iterdir())
+
+def watch_parent(parent_pid: int) -> None:
+    "Exit this worker process when the process that started it is gone (a killed sweep leaves no orphans)."
+    def watch():
+        while os.getppid() == parent_pid: time.sleep(1)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> int:
+    "Run one sweep worker per device on the results file `out` and wait; returns how many rows they added."
+    claims, logs, before = fresh_claims(out), out.parent / f"{out.stem}-workers", len(read_rows(out))
+    logs.mkdir(parents=True, exist_ok=True)
+    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # CPU workers split the cores (unless the user set a count)
+    threads = {} if "OMP_NUM_THREADS" in os.environ or devices[0] != "cpu" else {"OMP_NUM_THREADS": cpu_share}
+    procs = [subprocess.Popen([sys.executable, "-m", "picomaml.ner_sweep", *argv, "--device", device, "--worker",
+                               f"{i},{len(devices)},{claims},{os.getpid()}"], stdout=open(logs / f"worker-{i}.log", "w"),
+                              stderr=subprocess.STDOUT, env={**os.environ, **threads}) for i, device in enumerate(devices)]
+    with tqdm(total=total, initial=before, desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1)
+            bar.update(len(read_rows(out)) - bar.n)
+        bar.update(len(read_rows(out)) - bar.n)
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+    if failed:
+        i, code = failed[0]
+        last = ((logs / f"worker-{i}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
+        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} (exit {code}): {last} "
+                         f"(its log: {logs / f'worker-{i}.log'}). The finished rows are kept: relaunch the same command to run the rest")
+    return len(read_rows(out)) - before
 
 
 # %% [markdown]
@@ -461,13 +615,15 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
 #
 # `python -m picomaml.ner_sweep --grid configs/sweeps/demo.yaml --out runs/ner/demo-results.jsonl
 # [--runs-dir runs] [--pretraining-seeds 42 1] [--grid-overrides YAML] [--config preset] [--limit N]
-# [ner.key=value ...]`.
+# [--device auto|cpu|cuda|cuda:K] [--workers N] [ner.key=value ...]`. On a GPU node the default is one
+# worker per GPU; `--device cpu` runs on the CPU anyway.
 
 # %%
 #| export
-def main(argv=None) -> None:
-    "Command-line entry point."
-    p = argparse.ArgumentParser(description="Run a NER finetuning sweep; finished rows are skipped on restart.")
+def parse_args(argv=None) -> argparse.Namespace:
+    "Arguments of `python -m picomaml.ner_sweep`."
+    p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
+                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
     p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
     p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
     p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
@@ -475,16 +631,49 @@ def main(argv=None) -> None:
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                    help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
     p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
-    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
+    if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
+    return a
+
+def worker_arguments(a: argparse.Namespace) -> list[str]:
+    "The command line of a worker: the sweep's own arguments, without its devices."
+    optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
+    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
+            *(item for key, value in optional if value is not None for item in (key, str(value))), *a.overrides]
+
+def main(argv=None) -> None:
+    "Command-line entry point: one process, or one worker process per device."
+    configure_cuda_allocator()  # before anything touches a GPU
+    a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
-                  grid_overrides=grid_overrides)
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides)
+    if a.worker:
+        index, count, claims, parent = a.worker.split(",")
+        watch_parent(int(parent))
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
+        return print(f"worker {index}: {n} runs finished", flush=True)
+    devices = sweep_devices(a.device, a.workers)
+    if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
+    else:
+        cfg, out = load_config(a.config, a.overrides), Path(a.out)
+        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides)
+        done = {r["key"] for r in read_rows(out)}
+        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
+
+
+# %%
+_args = parse_args(["--grid", "g.yaml", "--out", "r.jsonl", "--device", "cuda", "--workers", "4", "--limit", "2", "ner.lr=1e-4"])
+assert worker_arguments(_args) == ["--grid", "g.yaml", "--out", "r.jsonl", "--runs-dir", "runs", "--pretraining-seeds", "42",
+                                   "--limit", "2", "ner.lr=1e-4"]
 
 # %% [markdown]
 # ## A tiny sweep end to end
@@ -543,3 +732,31 @@ with tempfile.TemporaryDirectory() as tmp:
     try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep); raise AssertionError("ran with a missing checkpoint")
     except SweepError as e: assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
+
+
+# %% [markdown]
+# ## On a GPU: backbone, head and batches on the sweep's device
+#
+# Tested on this CPU machine with `recorded_moves` (`00_device`), under which `cuda:1` runs on the
+# CPU while every move is recorded: asked for `cuda:1`, the sweep moves each backbone there, builds
+# every head there (linear and CRF, head-only and full finetuning), and moves every batch there;
+# nothing goes to any other accelerator, and every row says where it ran. (In float32:
+# `ner.precision=32-true`, as there is no CUDA autocast to record on a CPU.)
+
+# %%
+from picomaml.device import recorded_moves
+
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    save_pretrained(tiny, tmp / "ckpt")
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4, "precision": "32-true"}, "max_train_sentences": 8,
+                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
+            "grids": [{"heads": ["linear", "crf"], "regimes": ["head", "full"], "datasets": ["sk_snk"],
+                       "runs": [{"run": "t", "arm": "maml", "size": "tiny", "checkpoint": str(tmp / "ckpt")}]}]}
+    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+    with recorded_moves("cuda:1") as moves:
+        assert run_sweep(tmp / "g.yaml", tmp / "r.jsonl", device="cuda:1") == 4
+    placed = read_rows(tmp / "r.jsonl")
+assert {"PicoDecoder", "LinearTagHead", "CRFTagHead", "Tensor"} <= {what for what, d in moves if d == torch.device("cuda", 1)}
+assert {d for _, d in moves} <= {torch.device("cuda", 1), torch.device("cpu")}
+assert {(r["device"], r["precision"]) for r in placed} == {("cuda:1", "32-true")}

@@ -55,6 +55,7 @@ import yaml
 
 from picomaml.checkpoints import LATEST_FILE
 from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
+from picomaml.device import cuda_problem, require_cuda
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 
 
@@ -86,9 +87,11 @@ class Profile:
     smoke: bool = False  # fewer bootstrap resamples in the notebooks
     phase_size: str = "demo"  # the model of paper 1 Fig. 6's phase transition (large in the paper)
     sweep_size: str = "demo"  # the model of paper 2's checkpoint sweep (medium in the paper)
+    device: str = "cpu"  # cuda: every stage on GPUs (checked before any work); cpu: CPU processes
+    ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
-                phase_size="large", sweep_size="medium")
+                phase_size="large", sweep_size="medium", device="cuda", ner_workers=0)
 
 # %% [markdown]
 # ## The rehearsal: the paper profile, shrunk by one transform
@@ -109,6 +112,10 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 # | Paloma rows evaluated | 1,024 | 16 |
 # | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 16 / 4 (a job that saves predictions keeps the whole tl and ceb test sets), 1 |
 # | pretraining seeds | any | 42 and 1 |
+# | devices | 4 GPUs: pretraining on 4 processes, NER on 4 workers (one per GPU) | CPU: 1 process a run, NER on 2 CPU workers |
+#
+# The rehearsal runs on the CPU because it says so (`device="cpu"`): the paper profile asks for GPUs
+# and stops at once, with the reason, on a machine whose CUDA is unusable (below).
 #
 # The data goes through the Hub code path: `datasets.load_dataset(<dir>, streaming=True)` on local
 # directories in the Hub datasets' layout (`picomaml.data.write_hub_layout`), made from
@@ -146,6 +153,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
               f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
     return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
+                               device="cpu", ner_workers=2,
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
                                size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
                                commits_outputs=False, smoke=True)
@@ -201,7 +209,7 @@ def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
         for arm in ARMS:
             for seed in profile.seeds:
                 name = run_name(size, arm, seed, profile.family)
-                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}"]
+                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
                 runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
     return runs
 
@@ -253,7 +261,8 @@ with tempfile.TemporaryDirectory() as tmp:
 # behaviour of its own. Several processes go through `torch.distributed.run` (torchrun) with
 # `--standalone`, which picks a free port; one process is a plain `python -m picomaml.launch`. The
 # sweep is told where the runs are and which pretraining seeds to finetune, so the grids name runs
-# by size and arm only.
+# by size and arm only, and which device to run on with how many workers (on the paper's node: four,
+# one per GPU, `12_ner_sweep`).
 
 # %%
 #| export
@@ -274,7 +283,8 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
     "The command that runs one NER grid of a profile, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
     cmd = [sys.executable, "-m", "picomaml.ner_sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
-           "--pretraining-seeds", *map(str, profile.seeds)]
+           "--pretraining-seeds", *map(str, profile.seeds), "--device", profile.device,
+           "--workers", str(profile.ner_workers or profile.nproc)]  # 0: one worker per GPU of the node
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 
@@ -468,6 +478,9 @@ with tempfile.TemporaryDirectory() as tmp:
 def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")) -> dict:
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
+    if profile.device == "cuda":
+        require_cuda(profile.nproc, f"the {profile.name} profile", f"python -m picomaml.pipeline {profile.name} --device cpu "
+                     f"(days on CPU), or make rehearse (the shrunk paper profile, minutes)")
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
     ensure_writable(profile.runs_dir, f"the {profile.name} profile's runs directory")
     if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
@@ -511,11 +524,33 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help=f"pretraining seeds, each arm once per seed (default: the profile's; {DEFAULT_SEED} is the presets' own)")
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where every stage runs (default: the profile's; paper: cuda, checked before any work)")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc)
+    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc,
+                                  device=args.device or profile.device)
     return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
+
+
+# %% [markdown]
+# The paper profile on a machine whose CUDA cannot serve four GPUs (this one, or any with
+# `CUDA_VISIBLE_DEVICES` empty) stops before any work, naming the cause and the ways to run on CPU. The
+# paper's runs ask for GPUs (`train.device=cuda`); the rehearsal's and the demo's run on the CPU because
+# they say so, and every NER grid gets the profile's device and workers.
+
+# %%
+from fastcore.test import test_fail
+
+if cuda_problem(4):
+    test_fail(lambda: main(["paper", "--nproc", "4"]), contains="the paper profile runs on 4 CUDA GPUs, but ")
+    test_fail(lambda: main(["paper", "--nproc", "4"]), contains="To run on CPU anyway: python -m picomaml.pipeline paper --device cpu")
+assert all("train.device=cuda" in o for _, o, _ in pretraining_runs(PAPER)) and all("train.device=cpu" in o for _, o, _ in demo_runs)
+assert all(load_config(p, o).train.device == "cpu" for p, o, _ in pretraining_runs(_rehearse))
+_paper_sweep, _rehearsal_sweep = sweep_command("paper1", PAPER), sweep_command("paper1", _rehearse)
+assert _paper_sweep[_paper_sweep.index("--device"):][:4] == ["--device", "cuda", "--workers", "4"]
+assert _rehearsal_sweep[_rehearsal_sweep.index("--device"):][:4] == ["--device", "cpu", "--workers", "2"]

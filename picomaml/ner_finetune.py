@@ -92,7 +92,8 @@ class NERTagger(nn.Module):
         self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.backbone, self.head_kind = backbone.to(self.device), head
         self.head = HEADS[head](feature_dim(backbone)).to(self.device)
-        self.precision = resolve_precision(precision, self.device.type, cuda_capability(self.device), key="ner.precision")
+        capability = cuda_capability(self.device) if precision != "32-true" else None  # float32 asks nothing of the device
+        self.precision = resolve_precision(precision, self.device.type, capability, key="ner.precision")
 
     def word_features(self, batch: Batch) -> torch.Tensor:
         "Backbone states at the words' first sub-tokens, (B, W, d), in float32."

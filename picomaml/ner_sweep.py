@@ -8,13 +8,20 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
 import os
 import random
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -26,6 +33,7 @@ from tqdm.auto import tqdm
 from .checkpoints import scheduled_steps
 from .config import apply_overrides, ensure_writable, load_config, run_command
 from .crf_metrics import score
+from .device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, require_cuda
 from .model import count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
@@ -36,18 +44,21 @@ from .tokenizer import load_tokenizer
 __all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
            'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints', 'Job', 'load_grid',
            'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job', 'statistics_path',
-           'write_uner_statistics', 'run_sweep', 'main']
+           'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order', 'sweep_devices', 'fresh_claims',
+           'watch_parent', 'run_workers', 'parse_args', 'worker_arguments', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
     "A grid or results file that cannot be used; the message names the file, key or line."
 
 def append_row(path, row: dict) -> None:
-    "Append one JSON line atomically (one write on an O_APPEND descriptor) and fsync it."
+    "Append one JSON line under an exclusive lock of the file (O_APPEND, every byte written) and fsync it."
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = memoryview((json.dumps(row, sort_keys=True) + "\n").encode())
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (json.dumps(row, sort_keys=True) + "\n").encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the other workers' rows wait; released when fd closes
+        while data: data = data[os.write(fd, data):]  # a short write continues where it stopped
         os.fsync(fd)
     finally: os.close(fd)
 
@@ -68,10 +79,12 @@ def read_rows(path) -> list[dict]:
 
 # %% ../nbs/12_ner_sweep.ipynb #deed6087
 def drop_torn_tail(path) -> None:
-    "Truncate a results file after its last complete line (the sweep is the file's only writer)."
+    "Truncate a results file after its last complete line, with a warning (before any worker of a launch appends)."
     if not Path(path).exists(): return
     data = Path(path).read_bytes()
     if data and not data.endswith(b"\n"):
+        line = data.count(b"\n") + 1
+        warnings.warn(f"{path}:{line}: torn last line removed (an interrupted write); its run will be redone")
         with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
 
 # %% ../nbs/12_ner_sweep.ipynb #e4702a83
@@ -229,14 +242,15 @@ def write_side_file(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
-def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
-    "Finetune and evaluate one job; return its row."
+def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="cpu") -> dict:
+    "Finetune and evaluate one job on `device`; return its row."
     st, t0 = job_settings(job), time.perf_counter()
     cfg = dataclasses.replace(ner_cfg, head=job.head, regime=job.regime, train_sets=[job.dataset], seed=job.seed)
     shared = job.regime == "head" and cfg.cache_features
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
-    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")))
+    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")),
+                            device=device)
     tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
@@ -249,7 +263,8 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path) -> dict:
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
            "head": job.head, "regime": job.regime, "dataset": job.dataset, "seed": job.seed,
-           "params": count_parameters(backbone.cfg), **result_record(hist, tests)}
+           "params": count_parameters(backbone.cfg), "device": str(tagger.device), "precision": tagger.precision,
+           **result_record(hist, tests)}
     if particles: row["particle_recall"] = particles
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
@@ -279,20 +294,28 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec
-def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> int:
-    "Run every unfinished job of a grid file, appending rows to `out`; returns how many ran."
-    cfg, out = load_config(preset, overrides), Path(out)
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True) -> list[Job]:
+    "Every job of the grid, its checkpoints checked; `setup` (one process per launch) also writes the UNER statistics and cuts a torn tail."
     ensure_writable(out.parent, "--out")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
     check_checkpoints(jobs)
-    write_uner_statistics(out, jobs, cfg.ner)
+    if setup:
+        write_uner_statistics(out, jobs, cfg.ner)
+        drop_torn_tail(out)
+    return jobs
+
+def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None) -> int:
+    "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
+    cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
+    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None)
     done = {r["key"] for r in read_rows(out)}
-    drop_torn_tail(out)
-    todo = [j for j in jobs if j.key not in done][:limit]
+    todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
     encode = encode or load_tokenizer(cfg.data).encode
-    encoded, features, loaded = {}, {}, {}
-    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)"):
+    encoded, features, loaded, ran = {}, {}, {}, 0
+    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
+        if limit is not None and ran >= limit: break
+        if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
         st = job_settings(job)
         ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
         def data(name, split, st=st, ner_cfg=ner_cfg):
@@ -305,19 +328,93 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
         if job.checkpoint not in loaded:
             c = job.checkpoint
             loaded.clear(); features.clear()
-            loaded[c] = load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)
+            loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
         backbone = loaded[job.checkpoint]
         def feats(name_split, data=data, ner_cfg=ner_cfg):
             key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
-            if key not in features: features[key] = window_features(NERTagger(backbone), data(*name_split), ner_cfg.batch_size)
+            if key not in features:
+                tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
+                features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
             return features[key]
-        append_row(out, run_job(job, backbone, ner_cfg, data, feats, out))
-    return len(todo)
+        row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
+        append_row(out, row)
+        ran += 1
+        if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
+                                     f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+    return ran
 
 # %% ../nbs/12_ner_sweep.ipynb #6e723542
-def main(argv=None) -> None:
-    "Command-line entry point."
-    p = argparse.ArgumentParser(description="Run a NER finetuning sweep; finished rows are skipped on restart.")
+def claim(claims: Path, job: Job, worker: int) -> bool:
+    "Take `job` for `worker` unless another worker of this launch has (an exclusive create of its claim file)."
+    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError: return False
+    with os.fdopen(fd, "w") as f: f.write(f"worker {worker} on {socket.gethostname()}, pid {os.getpid()}: {job.key}\n")
+    return True
+
+def worker_order(jobs: list[Job], worker: int, workers: int) -> list[Job]:
+    "The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on different backbones."
+    groups = [list(group) for _, group in itertools.groupby(jobs, key=lambda j: j.checkpoint)]
+    first = worker * len(groups) // workers
+    return [j for group in groups[first:] + groups[:first] for j in group]
+
+# %% ../nbs/12_ner_sweep.ipynb #f1c8ed14
+def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[str]:
+    "The device of each worker for `--device` and `--workers` (0: one per visible GPU, else one)."
+    if requested not in ("auto", "cpu", "cuda") and not (requested.startswith("cuda:") and requested[5:].isdigit()):
+        raise SweepError(f"--device {requested!r} is not one of {DEVICE_CHOICES}")
+    if requested.startswith("cuda:"):
+        if workers > 1: raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
+        require_cuda(int(requested[5:]) + 1, f"--device {requested}", "--device cpu", **facts)
+        return [requested]
+    problem = "" if requested == "cpu" else cuda_problem(max(workers, 1), **facts)
+    if requested == "cuda" and problem: require_cuda(max(workers, 1), "--device cuda", "--device cpu", **facts)
+    if requested == "cpu" or problem:
+        if problem: say(f"[ner_sweep] no usable GPU ({problem}): running on the CPU")
+        return ["cpu"] * max(workers, 1)
+    return [f"cuda:{i}" for i in range(workers or facts.get("cuda", torch.cuda).device_count())]
+
+# %% ../nbs/12_ner_sweep.ipynb #90f4395d
+def fresh_claims(out: Path) -> Path:
+    "A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) are removed."
+    root = out.parent / f".{out.name}.claims"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / uuid.uuid4().hex).mkdir(parents=True)
+    return next(root.iterdir())
+
+def watch_parent(parent_pid: int) -> None:
+    "Exit this worker process when the process that started it is gone (a killed sweep leaves no orphans)."
+    def watch():
+        while os.getppid() == parent_pid: time.sleep(1)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> int:
+    "Run one sweep worker per device on the results file `out` and wait; returns how many rows they added."
+    claims, logs, before = fresh_claims(out), out.parent / f"{out.stem}-workers", len(read_rows(out))
+    logs.mkdir(parents=True, exist_ok=True)
+    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # CPU workers split the cores (unless the user set a count)
+    threads = {} if "OMP_NUM_THREADS" in os.environ or devices[0] != "cpu" else {"OMP_NUM_THREADS": cpu_share}
+    procs = [subprocess.Popen([sys.executable, "-m", "picomaml.ner_sweep", *argv, "--device", device, "--worker",
+                               f"{i},{len(devices)},{claims},{os.getpid()}"], stdout=open(logs / f"worker-{i}.log", "w"),
+                              stderr=subprocess.STDOUT, env={**os.environ, **threads}) for i, device in enumerate(devices)]
+    with tqdm(total=total, initial=before, desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1)
+            bar.update(len(read_rows(out)) - bar.n)
+        bar.update(len(read_rows(out)) - bar.n)
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+    if failed:
+        i, code = failed[0]
+        last = ((logs / f"worker-{i}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
+        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} (exit {code}): {last} "
+                         f"(its log: {logs / f'worker-{i}.log'}). The finished rows are kept: relaunch the same command to run the rest")
+    return len(read_rows(out)) - before
+
+# %% ../nbs/12_ner_sweep.ipynb #1827dac3
+def parse_args(argv=None) -> argparse.Namespace:
+    "Arguments of `python -m picomaml.ner_sweep`."
+    p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
+                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
     p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
     p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
     p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
@@ -325,13 +422,40 @@ def main(argv=None) -> None:
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                    help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
     p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
-    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
+    if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
+    return a
+
+def worker_arguments(a: argparse.Namespace) -> list[str]:
+    "The command line of a worker: the sweep's own arguments, without its devices."
+    optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
+    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
+            *(item for key, value in optional if value is not None for item in (key, str(value))), *a.overrides]
+
+def main(argv=None) -> None:
+    "Command-line entry point: one process, or one worker process per device."
+    configure_cuda_allocator()  # before anything touches a GPU
+    a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    n = run_sweep(a.grid, a.out, a.config, a.overrides, a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
-                  grid_overrides=grid_overrides)
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides)
+    if a.worker:
+        index, count, claims, parent = a.worker.split(",")
+        watch_parent(int(parent))
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
+        return print(f"worker {index}: {n} runs finished", flush=True)
+    devices = sweep_devices(a.device, a.workers)
+    if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
+    else:
+        cfg, out = load_config(a.config, a.overrides), Path(a.out)
+        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides)
+        done = {r["key"] for r in read_rows(out)}
+        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

@@ -21,6 +21,7 @@ import yaml
 
 from .checkpoints import LATEST_FILE
 from .config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
+from .device import cuda_problem, require_cuda
 from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 
 # %% auto #0
@@ -49,9 +50,11 @@ class Profile:
     smoke: bool = False  # fewer bootstrap resamples in the notebooks
     phase_size: str = "demo"  # the model of paper 1 Fig. 6's phase transition (large in the paper)
     sweep_size: str = "demo"  # the model of paper 2's checkpoint sweep (medium in the paper)
+    device: str = "cpu"  # cuda: every stage on GPUs (checked before any work); cpu: CPU processes
+    ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
-                phase_size="large", sweep_size="medium")
+                phase_size="large", sweep_size="medium", device="cuda", ner_workers=0)
 
 # %% ../nbs/30_pipeline.ipynb #6b3db867
 SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=16,
@@ -81,6 +84,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
               f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
     return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
+                               device="cpu", ner_workers=2,
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
                                size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
                                commits_outputs=False, smoke=True)
@@ -110,7 +114,7 @@ def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
         for arm in ARMS:
             for seed in profile.seeds:
                 name = run_name(size, arm, seed, profile.family)
-                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}"]
+                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
                 runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
     return runs
 
@@ -139,7 +143,8 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
     "The command that runs one NER grid of a profile, appending to `<runs_dir>/ner/<grid>-results.jsonl`."
     cmd = [sys.executable, "-m", "picomaml.ner_sweep", "--grid", str(PRESETS_DIR / "sweeps" / f"{grid}.yaml"),
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
-           "--pretraining-seeds", *map(str, profile.seeds)]
+           "--pretraining-seeds", *map(str, profile.seeds), "--device", profile.device,
+           "--workers", str(profile.ner_workers or profile.nproc)]  # 0: one worker per GPU of the node
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 # %% ../nbs/30_pipeline.ipynb #a4116c7e
@@ -262,6 +267,9 @@ def save_timings(timings: dict, path) -> dict:
 def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")) -> dict:
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
+    if profile.device == "cuda":
+        require_cuda(profile.nproc, f"the {profile.name} profile", f"python -m picomaml.pipeline {profile.name} --device cpu "
+                     f"(days on CPU), or make rehearse (the shrunk paper profile, minutes)")
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
     ensure_writable(profile.runs_dir, f"the {profile.name} profile's runs directory")
     if "data" in stages and profile.data != "hub": prepare_stages(profile, timings)
@@ -292,11 +300,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help=f"pretraining seeds, each arm once per seed (default: the profile's; {DEFAULT_SEED} is the presets' own)")
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="where every stage runs (default: the profile's; paper: cuda, checked before any work)")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc)
+    profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc,
+                                  device=args.device or profile.device)
     return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

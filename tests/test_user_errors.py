@@ -106,6 +106,17 @@ MISTAKES = [
      [" set "], None),
     ("pipeline without data", lambda ws: ["picomaml.pipeline", "demo", "--stages", "data"], {"PICOMAML_DATA": "{ws}/no-data"},
      ["PICOMAML_DATA=", "is not a directory"], None),
+    # GPUs asked for where CUDA is unusable (CUDA_VISIBLE_DEVICES empty makes any machine one): one line, before any work
+    ("the paper profile without usable CUDA", lambda ws: ["picomaml.pipeline", "paper", "--nproc", "4"], {"CUDA_VISIBLE_DEVICES": ""},
+     ["the paper profile runs on 4 CUDA GPUs, but", "To run on CPU anyway", "--device cpu", "make rehearse"], None),
+    ("a paper preset without usable CUDA", lambda ws: ["picomaml.launch", "--config", "configs/pico-tiny-maml.yaml", "logging.runs_dir={ws}/gpu"],
+     {"CUDA_VISIBLE_DEVICES": ""}, ["train.device=cuda runs on 1 CUDA GPU, but", "To run on CPU anyway: train.device=cpu"], None),
+    ("NER sweep on GPUs that are not there", lambda ws: ["picomaml.ner_sweep", "--grid", "{ws}/grid.yaml", "--out", "{ws}/ner/gpu.jsonl",
+                                                         "--device", "cuda"], {"CUDA_VISIBLE_DEVICES": ""},
+     ["--device cuda runs on 1 CUDA GPU, but", "--device cpu"], None),
+    ("spectra on a GPU that is not there", lambda ws: ["picomaml.spectra", "--checkpoints", "{ws}/runs/run/checkpoints", "--batch",
+                                                       "{ws}/data/eval", "--out", "{ws}/gpu-spectra.jsonl", "--device", "cuda:0"],
+     {"CUDA_VISIBLE_DEVICES": ""}, ["--device cuda:0 runs on 1 CUDA GPU, but", "--device cpu"], "runs/run"),
 ]
 
 
@@ -118,3 +129,10 @@ def test_a_mistake_gets_one_line_and_loses_nothing(ws, name, args, env, words, k
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert all(w in errors[0] for w in words), errors[0]
     if keep: assert snapshot(ws / keep) == before, f"{keep} changed"
+
+
+def test_the_gpu_commands_offer_a_device():
+    "`--help` of the NER sweep and of the spectra command shows `--device` (and the sweep's `--workers`)."
+    sweep, spectra = run(["picomaml.ner_sweep", "--help"]), run(["picomaml.spectra", "--help"])
+    assert sweep.returncode == spectra.returncode == 0
+    assert "--device" in sweep.stdout and "--workers" in sweep.stdout and "--device" in spectra.stdout and "--batch-rows" in spectra.stdout
