@@ -108,7 +108,7 @@ def ar_two(data, runs):
 # Adam divides by sqrt(v) + eps, so a float-rounding difference in a near-zero gradient element (summation order
 # differs between 1 and 2 processes) moves that parameter by up to ~lr x (relative rounding): the tolerance of
 # 1e-5 is checked at lr 1e-3 (the papers' peak is 3e-4).
-EQUAL = ("train.lr=1e-3",)
+EQUAL = ("train.lr=1e-3", "spectra.every=3", "spectra.grad_rows=2", "spectra.grad_batch=1")
 
 
 def test_ar_steps_one_process_equals_two(data, runs, ar_two):
@@ -119,6 +119,12 @@ def test_ar_steps_one_process_equals_two(data, runs, ar_two):
     assert all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in one + two)
     assert all(abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["paloma_ppl"] - b["paloma_ppl"]) < 1e-3
                for a, b in zip(one, two) if "paloma_ppl" in a)
+    # the spectra's gradient pass shared over two ranks (groups of one row each) gives one process's spectra (groups of two)
+    spectra = [[json.loads(line) for line in (run / "spectra.jsonl").read_text().splitlines()] for run in (runs / "ar-1", ar_two)]
+    assert len(spectra[0]) == len(spectra[1]) == 2 * 3 * 2 and all(
+        (a["layer"], a["matrix"], a["kind"]) == (b["layer"], b["matrix"], b["kind"])
+        and torch.allclose(torch.tensor(a["singular_values"]), torch.tensor(b["singular_values"]), rtol=1e-3, atol=1e-8)
+        for a, b in zip(*spectra))
 
 
 def test_maml_steps_one_process_equals_two(data, runs):
@@ -239,3 +245,32 @@ def test_two_node_rendezvous_on_localhost(data, runs, ar_two):
     # two nodes of one process compute exactly what one node of two processes does
     two_nodes, one_node = weights(runs / "two-nodes", 3), weights(ar_two, 3)
     assert all(torch.equal(v, one_node[k]) for k, v in two_nodes.items())
+
+
+def test_runs_dir_must_be_shared_by_the_nodes(data, runs, tmp_path):
+    "Two nodes whose logging.runs_dir is not one directory: every rank stops at the start with one line naming it."
+    port = free_port()
+    base = tiny(data, runs, "not-shared", "maml.rho=0", "train.branch_batch=8")
+    own = [base, [*base, f"logging.runs_dir={tmp_path / 'node-1-local'}"]]  # node 1 sees a directory of its own
+    nodes = [subprocess.Popen(command(1, own[rank], ("--nnodes=2", f"--node_rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}")),
+                              cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    errors = [node.communicate(timeout=LAUNCH_TIMEOUT + 30)[1] for node in nodes]
+    assert all(n.returncode != 0 for n in nodes)
+    assert all("is not on a file system every node sees" in e for e in errors), errors[0][-2000:] + errors[1][-2000:]
+    assert not (runs / "not-shared" / "checkpoints").exists()  # stopped before any work
+
+
+# --- a slow uplink ---------------------------------------------------------------------------------------------
+
+def test_a_slow_hub_upload_does_not_time_out_the_other_rank(data, runs, tmp_path):
+    "Each upload takes 4 s, the collectives' timeout is 2 s: rank 0 uploads in the background, rank 1 never waits for it."
+    record = tmp_path / "uploads.jsonl"
+    overrides = tiny(data, runs, "slow-hub", "maml.rho=0", "train.branch_batch=8", "train.steps=2", "train.collective_timeout_s=2",
+                     "logging.hub_repo=me/slow-hub")
+    cmd = ["timeout", str(LAUNCH_TIMEOUT), sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "slow_hub_launch.py"), str(record), "4", *overrides]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT + 30)
+    assert p.returncode == 0, p.stderr[-4000:]
+    uploaded = [json.loads(line)["revision"] for line in record.read_text().splitlines()]
+    assert uploaded == ["step_000000", "step_000001", "step_000002"] and "3 checkpoints uploaded to me/slow-hub" in p.stdout
