@@ -359,6 +359,11 @@ print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 20
 # | d 384, 4 blocks, vocabulary 8,192, 2 × 1,024 tokens | 446 MB | 458 MB (+2.6 %) |
 # | d 192, 6 blocks, vocabulary 50,304, 4 × 256 tokens | 575 MB | 585 MB (+1.8 %) |
 # | d 384, 4 blocks, vocabulary 512, 8 × 512 tokens, activation checkpointing | 237 MB | 240 MB (+1.2 %) |
+# | float32 under the math attention kernel: d 96, 12/4 heads, 4 blocks, vocabulary 512, 4 × 512 tokens | 391 MB | 386 MB (−1.3 %) |
+# | a spectra group under the math kernel: d 96, 6 blocks, vocabulary 2,048, 2 × 768 tokens | 553 MB | 553 MB (+0.0 %) |
+#
+# In the last two the float32 (rows, H, T, T) softmaxes are more than half of the phase: the term a
+# CPU's default kernel never shows, measured by forcing `sdpa_kernel(SDPBackend.MATH)`.
 #
 # The 3–12 MB the measurements exceed the predictions by does not grow with the shape (the CPU BLAS's
 # and OpenMP's workspaces); the reserve covers it.

@@ -1,6 +1,9 @@
 """picomaml.plan against reality on CPU: the peak memory of real next-token chunks (forward, fused loss,
 backward through a PicoDecoder) measured as max-RSS growth in a fresh process each, within ±25 % of the
-planner's prediction; and `python -m picomaml.plan`'s exit codes."""
+planner's prediction; the same for a float32 chunk and for a group of the spectra's gradient pass under
+PyTorch's math attention kernel, the kernel float32 with grouped-query heads takes on CUDA (forced here with
+`sdpa_kernel(SDPBackend.MATH)`: on CPU the default kernel handles float32 GQA and would hide the term); and
+`python -m picomaml.plan`'s exit codes."""
 import json
 import os
 import subprocess
@@ -10,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from picomaml.config import ModelConfig
-from picomaml.plan import chunk_peak_bytes
+from picomaml.config import ModelConfig, load_config
+from picomaml.plan import attention_probs_bytes, chunk_peak_bytes, spectra_peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +56,57 @@ def measure(shape: dict) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(shape)], env=env, capture_output=True, text=True, check=True, timeout=300)
     return json.loads(out.stdout)
+
+
+# Under the math kernel: a float32 next-token chunk, or one group of the spectra's gradient pass (`loss_gradients`
+# w.r.t. the selected matrices, after zero_grad: no .grad exists). The baseline is the RSS with the model built.
+MEASURE_MATH = textwrap.dedent("""
+    import json, os, sys, torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from picomaml.config import ModelConfig
+    from picomaml.lm_loss import next_token_backward
+    from picomaml.model import PicoDecoder
+    from picomaml.spectra import loss_gradients, select_matrices
+    shape = json.loads(sys.argv[1])
+    mc = ModelConfig(**shape["model"])
+    torch.manual_seed(0)
+    model = PicoDecoder(mc)
+    rows = torch.randint(0, mc.vocab_size, (shape["rows"], shape["seq"] + 1))
+    params = select_matrices(model, shape["layers"])
+    hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    open("/proc/self/clear_refs", "w").write("5")
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with sdpa_kernel(SDPBackend.MATH):
+        if shape["phase"] == "spectra": loss_gradients(model, rows, params, shape["rows"])
+        else: next_token_backward(model, rows, shape["rows"], rows[:, 1:].numel())
+    print(json.dumps({"growth": hwm() - before}))
+""")
+
+MATH_SHAPES = {  # grouped-query heads 12 / 4 as Pico's; each predicted at >= 200 MB, the softmax term at least half of it
+    "float32 chunk, math kernel (d 96, 4 blocks, 4 x 512)": dict(model=dict(d_model=96, n_layers=4, ffn_hidden=384, vocab_size=512, max_seq_len=512),
+                                                                 rows=4, seq=512, phase="chunk", layers=[]),
+    "spectra group, math kernel (d 96, 6 blocks, 2 x 768)": dict(model=dict(d_model=96, n_layers=6, ffn_hidden=384, vocab_size=2048, max_seq_len=768),
+                                                                 rows=2, seq=768, phase="spectra",
+                                                                  layers=["attention.v_proj", "attention.o_proj", "swiglu.w_2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MATH_SHAPES))
+def test_math_kernel_phases_within_25_percent(name):
+    shape = MATH_SHAPES[name]
+    mc = ModelConfig(**shape["model"])
+    if shape["phase"] == "spectra":
+        cfg = load_config(None, [f"spectra.layers={shape['layers']}", f"data.seq_len={shape['seq']}"])
+        cfg.model = mc
+        predicted = spectra_peak_bytes(cfg, shape["rows"], math=True)
+    else: predicted = chunk_peak_bytes(mc, shape["rows"], shape["seq"], 4, False, math=True)
+    softmax = mc.n_layers * attention_probs_bytes(mc, shape["rows"], shape["seq"])
+    assert predicted >= 200e6 and softmax > predicted / 2  # the term the CPU's default kernel would hide is most of the phase
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", MEASURE_MATH, json.dumps(shape)], env=env, capture_output=True, text=True, check=True, timeout=300)
+    got = json.loads(out.stdout)["growth"]
+    print(f"{name}: predicted {predicted / 1e6:.0f} MB, measured {got / 1e6:.0f} MB ({got / predicted - 1:+.1%})")
+    assert abs(got / predicted - 1) <= 0.25
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
