@@ -1,4 +1,4 @@
-"The GPU check's dry mode (`pytest benchmarks`): the same code on CPU with tiny shapes writes a complete table."
+"The GPU check's dry mode (`pytest benchmarks`): the same code on CPU with tiny shapes covers every part of the check."
 import subprocess
 import sys
 from pathlib import Path
@@ -9,23 +9,42 @@ import gpu_check  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_writes_every_row(tmp_path):
-    "Through the shell script: eager and compiled (aot_eager) rows of the tiny size, every phase planned, none failed."
+def test_dry_run_covers_every_part(tmp_path):
+    "Through the shell script: (a) eager and compiled rows with every phase planned; (b) prepare, launch, kill, resume,"
+    " evaluation, spectra and NER jobs through the real commands; (c) two processes against one."
     out = tmp_path / "check.md"
-    subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry", "--out", str(out), "--sizes", "tiny", "--steps", "2"],
-                   cwd=ROOT, check=True, timeout=170, capture_output=True)
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry", "--out", str(out), "--sizes", "tiny", "--steps", "2"],
+                          cwd=ROOT, timeout=470, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| tiny")]
     assert [row.split(" | ")[1] for row in rows] == ["eager", "torch.compile"]
     for row in rows:
         cells = row.strip("| ").split(" | ")
-        assert cells[2] == "2 / 4" and float(cells[3]) > 0 and float(cells[5].replace(",", "")) > 0  # chunk / rows, s/step, tokens/s
-        assert all(cell.startswith("– / ") and cell.endswith(" MiB") and float(cell.split()[2]) > 0 for cell in cells[7:10])
+        assert cells[2] == "2 / 4, 2" and cells[3].startswith("32-true; training: ") and float(cells[4]) > 0
+        assert all(cell.startswith("– / ") and cell.endswith(" MiB") and float(cell.split()[2]) > 0 for cell in cells[8:13])
+    b = text.split("## (b)")[1].split("## (c)")[0]
+    assert "relaunch resumed: yes" in b and "each once" in b and "all losses finite: yes" in b and "killed (SIGKILL) at step_" in b
+    assert "| training step |" in b and "| evaluation |" in b and "| spectra |" in b
+    ner = [line for line in b.splitlines() if line.startswith(("| linear", "| crf"))]
+    assert len(ner) == 4 and all(" | cpu | bf16-mixed | " in line for line in ner)  # NER under bf16 autocast, on the device given
+    assert "2 processes (gloo) against 1" in text.split("## (c)")[1] and "within" in text.split("## (c)")[1]
 
 
 def test_error_rows_keep_the_table_shape():
     "A failed or skipped run is one row with as many cells as the others."
-    ok = {"size": "tiny", "compile": False, "chunk": 2, "rows": 4, "seconds": 1.0, "first_seconds": 2.0, "tokens_per_s": 10.0,
-          "mfu": None, "measured": dict.fromkeys(("next-token chunk", "episode", "optimizer step")), "reserved_ratio": None,
-          "predicted": dict.fromkeys(("next-token chunk", "episode", "optimizer step"), 2**20)}
+    phases = dict.fromkeys(gpu_check.PHASES)
+    ok = {"size": "tiny", "compile": False, "chunk": 2, "rows": 4, "spectra_batch": 2, "precision": "32-true",
+          "kernels": {"training": "flash", "float32": "flash"}, "seconds": 1.0, "first_seconds": 2.0, "tokens_per_s": 10.0, "mfu": None,
+          "measured": phases, "reserved_ratio": None, "predicted": dict.fromkeys(gpu_check.PHASES, 2**20)}
     lines = gpu_check.table([ok, {"size": "large", "compile": True, "error": "skipped: out of time budget"}]).splitlines()
     assert len({line.count("|") for line in lines}) == 1 and "skipped" in lines[-1]
+
+
+def test_missing_packages_are_named_in_one_line(tmp_path):
+    "An interpreter without the project's packages: one line naming them and the install command, before anything runs."
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PYTHON": str(bare / "bin" / "python"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "torch" in done.stderr and "pip install -r requirements.txt" in done.stderr

@@ -133,7 +133,7 @@ def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda lin
     "'cuda' or 'cpu' for `train.device` and `devices` processes on this node; a one-line error when GPUs are asked for and unusable."
     if cfg.train.device == "cpu": return "cpu"
     binding = slurm_binding_problem(env, facts.get("cuda", torch.cuda).device_count())
-    if binding and cfg.train.device == "cuda": raise ConfigError(binding)
+    if binding: raise ConfigError(binding)  # GPUs are there, bound so that Lightning cannot find them
     if cfg.train.device == "cuda":
         require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env, **facts)
     elif problem := cuda_problem(devices, env=env, **facts):

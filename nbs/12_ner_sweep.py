@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import scheduled_steps
 from picomaml.config import apply_overrides, ensure_writable, load_config, run_command
 from picomaml.crf_metrics import score
-from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, require_cuda
+from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
 from picomaml.model import count_parameters, load_pretrained
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
@@ -362,8 +362,9 @@ def write_side_file(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="cpu") -> dict:
-    "Finetune and evaluate one job on `device`; return its row."
+    "Finetune and evaluate one job on `device`; return its row (on CUDA with the job's peak GiB)."
     st, t0 = job_settings(job), time.perf_counter()
+    reset_peak_memory(device)
     cfg = dataclasses.replace(ner_cfg, head=job.head, regime=job.regime, train_sets=[job.dataset], seed=job.seed)
     shared = job.regime == "head" and cfg.cache_features
     feats = (lambda name: features(name)) if shared else (lambda name: None)
@@ -391,6 +392,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
         write_side_file(path, side)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
+    if (peak := peak_memory_gib(device)) is not None: row["peak_gib"] = peak
     return row
 
 

@@ -107,7 +107,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 # | depth | 12 blocks | 2 |
 # | steps, warmup, and the cadence of checkpoints, evaluation, spectra | 6,000; 2,500; every 100 | ÷ 2,000 (at least 1): 3; 1; every step |
 # | sequence length (the RoPE cache: 128, for NER windows of up to 128 sub-tokens) | 2,048 | 32 |
-# | branch micro-batch (global batch) | 256 (2,048; tiny 1,024) | 16 (128; tiny 64): still 8 draws a step, 4 for tiny |
+# | branch micro-batch (global batch) | 256 (2,048; tiny 1,024) | 32 (256; tiny 128): still 8 draws a step, 4 for tiny; 32 rows so that an episode's pool of rows from across a file holds four repeated words (16 failed one micro-batch in 256) |
 # | SMLMT episode (N-way K+Q-shot, window) | 32-way 4+4, 64 | 4-way 1+1, 8, from the branch micro-batch as in the papers |
 # | Paloma rows evaluated | 1,024 | 16 |
 # | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 16 / 4 (a job that saves predictions keeps the whole tl and ceb test sets), 1 |
@@ -126,7 +126,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 
 # %%
 #| export
-SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=16,
+SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=8,
               episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
               ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})

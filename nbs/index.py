@@ -82,25 +82,43 @@
 # three pretraining seeds (intervals over seeds in every table). Every stage skips what is done, so a
 # killed pipeline is relaunched with the same command; a run resumes from its newest checkpoint.
 #
+# Every stage runs on the GPUs. Before any work the pipeline checks that CUDA can serve four GPUs; if
+# it cannot (a CPU-only torch wheel, a driver older than the wheel, `CUDA_VISIBLE_DEVICES` empty, a
+# container started without GPUs) it stops with one line naming the likely cause (`--device cpu` runs
+# it on the CPU anyway). bf16 is used on GPUs of compute capability 8.0 or newer, float32 below. The
+# NER stage starts one worker process per GPU (`python -m picomaml.ner_sweep ... --device cuda
+# --workers 4`): the workers share the grid's jobs through claim files, each finetuning its own checkpoints on
+# its own GPU, and append to one resumable results file under its lock; a worker killed mid-job leaves
+# nothing that blocks the relaunch, which reruns that job. The spectra command takes `--device` too.
+#
 # Before renting GPUs, ask the planner (`06_plan`): it prints each phase's memory, the memory chunk it
 # will use, the time at an assumed MFU and the checkpoint disk, and exits 2 with the setting to change
 # when a configuration does not fit (the launcher refuses the same configurations before step 1).
 # Its predictions for 4 × A100-80GB (312 TFLOP/s bf16) at 40 % MFU:
 #
-# | preset | parameters | memory chunk (rows of 64 per GPU) | peak GiB per GPU | hours | checkpoints GiB |
+# | preset | parameters | memory chunk (rows of 64 per GPU) | peak GiB per GPU (phase) | hours | checkpoints GiB |
 # |---|---|---|---|---|---|
-# | pico-tiny-maml / -vanilla | 11.3M | 64 | 15.7 | 0.2 / 0.5 | 2.8 |
-# | pico-small-maml / -vanilla | 64.7M | 64 | 45.0 | 2.7 / 5.4 | 16.1 |
-# | pico-medium-maml / -vanilla | 181.2M | 32 | 47.1 | 7.7 / 15.2 | 45.2 |
-# | pico-large-maml / -vanilla | 570.0M | 22 | 69.8 | 24.3 / 47.8 | 142.3 |
+# | pico-tiny-maml / -vanilla | 11.3M | 64 | 27.3 (spectra) | 0.2 / 0.5 | 2.8 |
+# | pico-small-maml / -vanilla | 64.7M | 64 | 45.0 (next-token chunk) | 2.7 / 5.4 | 16.1 |
+# | pico-medium-maml / -vanilla | 181.2M | 32 | 47.1 (next-token chunk) | 7.7 / 15.2 | 45.2 |
+# | pico-large-maml / -vanilla | 570.0M | 22 | 69.8 (next-token chunk) | 24.3 / 47.8 | 142.3 |
 #
 # A MAML run is about half the FLOPs of its vanilla arm (an episode runs 256 windows of 64 tokens,
 # not 256 rows of 2,048). All eight runs take about 104 GPU-node hours at that MFU, and their
 # checkpoints (61 each: weights at every 100 steps, the optimizer state only in the newest two, see
 # `checkpoint.keep_state`) need about **413 GiB** of disk per pretraining seed; the NER results and
 # logs are a few GB more. `configs/pico-large-maml.yaml` does not fit 4 × 16 GB GPUs: the planner says
-# which setting to change. These numbers are a model (`06_plan` validates its activation memory on
-# CPU within 3 %); `benchmarks/gpu_check.sh` measures them on a GPU.
+# which setting to change. The spectra's gradient pass runs in float32, where PyTorch's attention on
+# CUDA takes its math kernel and keeps a (rows, 12, 2,048, 2,048) softmax per block (tiny's peak); the
+# planner counts it and runs the pass in row groups that fit (`spectra.grad_batch`). These numbers are
+# a model (`06_plan` validates it on CPU within 3 %, the math kernel's term included by forcing that
+# kernel); `benchmarks/gpu_check.sh` runs the paper path on a GPU node in at most 8 minutes and writes
+# `benchmarks/results-gpu.md`: (a) optimizer steps of every size at the planner's chunk, eager and
+# compiled, with tokens/s, MFU, each phase's peak memory against the plan and the attention kernel
+# PyTorch selected; (b) the rehearsal's shrunk paper run through the real commands on one GPU
+# (evaluation, spectra, a checkpoint killed and resumed, NER jobs), each phase's peak against the plan;
+# (c) with two GPUs, two NCCL processes against one. `bash benchmarks/gpu_check.sh --dry` runs the same
+# code on CPU, and `make test` runs it. It has not yet run on a GPU.
 #
 # `make rehearse` runs that same `paper` profile, every preset, grid, stage and notebook, with two
 # pretraining seeds and the data streamed through the Hub code path from local copies, under one
@@ -177,6 +195,7 @@
 # | notebook | concern | paper |
 # |---|---|---|
 # | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides, range checks, what a resume may change | |
+# | `00_device` | which device a process runs on: why CUDA is unusable, bf16 by compute capability, peak FLOP/s by GPU name, the CUDA allocator, SLURM GPU binding | |
 # | `00_names` | one home for sizes, arms, run names, dataset groups, checkpoint and output names | |
 # | `01_model` | the Pico decoder; safetensors/Hub checkpoints that load the released models | P1 §3.1 |
 # | `02_tokenizer` | the OLMo tokenizer, `[MASK]` = 50,280, word tables for SMLMT | P1 §3.2 |

@@ -57,7 +57,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
                 phase_size="large", sweep_size="medium", device="cuda", ner_workers=0)
 
 # %% ../nbs/30_pipeline.ipynb #6b3db867
-SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=16,
+SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=8,
               episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
               ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})

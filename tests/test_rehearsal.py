@@ -108,11 +108,11 @@ def runnable(command: str, tmp: Path) -> list[str] | None:
     from picomaml.pipeline import PROFILES
     rehearse = PROFILES["rehearse"]
     if command.startswith("python -m picomaml.pipeline paper") or command == "make paper":  # the paper's stages are the rehearsal's
-        return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--stages"]
+        return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--device", "cpu", "--stages"]  # CPU: said so
     if "picomaml.launch" in command and "--help" not in command:
         argv = shlex.split(command.replace("torchrun", "python -m torch.distributed.run"))
         large = "pico-large-maml" in command
-        extra = rehearse.overrides + rehearse.size_overrides["large"] if large else SMALL
+        extra = [*rehearse.overrides, *rehearse.size_overrides["large"], "train.device=cpu"] if large else SMALL
         return [*argv, *extra, f"logging.runs_dir={tmp}", f"logging.run_name=printed-{abs(hash(command))}"]  # one fresh run per command
     if command.startswith("python -m picomaml.ner_sweep"):
         return [*shlex.split(command.replace("runs/ner/", f"{tmp}/")), "--runs-dir", RUNS, "--limit", "2",
