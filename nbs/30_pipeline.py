@@ -184,7 +184,7 @@ _rehearse = PROFILES["rehearse"]
 assert _rehearse.grids == PAPER.grids and _rehearse.sizes == PAPER.sizes and _rehearse.family == PAPER.family
 assert ("model.d_model=48" in _rehearse.size_overrides["large"] and "model.d_model=6" in _rehearse.size_overrides["tiny"]
         and "train.steps=3" in _rehearse.size_overrides["tiny"])
-assert "train.global_batch=64" in _rehearse.size_overrides["tiny"] and "train.global_batch=128" in _rehearse.size_overrides["small"]
+assert "train.global_batch=128" in _rehearse.size_overrides["tiny"] and "train.global_batch=256" in _rehearse.size_overrides["small"]
 
 
 # %% [markdown]

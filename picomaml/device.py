@@ -103,13 +103,17 @@ def configure_cuda_allocator(env=None) -> str:
     return env[ALLOC_CONF]
 
 # %% ../nbs/00_device.ipynb #9e6d882a
+def _measurable(device) -> bool:
+    "A CUDA device whose allocator can be read (not a CUDA device named on a machine without CUDA, as in `recorded_moves`)."
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
 def reset_peak_memory(device) -> None:
     "Start a new peak-memory measurement on a CUDA device (nothing elsewhere)."
-    if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+    if _measurable(device): torch.cuda.reset_peak_memory_stats(device)
 
 def peak_memory_gib(device) -> float | None:
     "GiB allocated at the peak since the last reset on a CUDA device; None elsewhere."
-    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
+    return torch.cuda.max_memory_allocated(device) / 2**30 if _measurable(device) else None
 
 # %% ../nbs/00_device.ipynb #bc636164
 def slurm_binding_problem(env=None, visible_gpus: int | None = None) -> str:
