@@ -329,15 +329,18 @@ save_figure(fig, "p1_fig5_per", figures_dir)
 # Paper 1 Fig. 6: the large MAML model's weight PER, Paloma perplexity and query accuracy over 6,000
 # steps, with steps 2,600–3,200 shaded where "PER collapses, perplexity drops, and query accuracy
 # jumps". Instead of shading by eye we locate each curve's window of sharpest sustained change with
-# `picomaml.phases.find_phase` (nbs/09_phases: continuous three-segment fit, BIC and steepness
-# thresholds) and shade the PER window in every panel; each panel's title gives its own window, so
-# whether the three coincide is visible. "no phase" means the fit found no sharp window; too few
-# points for a fit is said as such.
+# `picomaml.phases.find_phase` (nbs/09_phases: a continuous three-segment fit of at least 5 % of the
+# steps, steeper than its surroundings, tested against block-resampled noise at the 5 % level) and
+# shade the PER window in every panel; each panel's title gives its own window and p-value, so whether
+# the three coincide is visible. The fit and the panels use the raw per-evaluation values (the
+# mean over seeds when there are several), not a rolling mean, whose smooth bumps the fit would take
+# for windows. "no phase" means no window passed; too few points for a fit is said as such.
 
 # %%
 def phase_of(curve: pd.DataFrame, y: str):
     "`(Phase | None, reason)` of one curve (seed 0 run, or the mean over seeds)."
-    mean = curve.groupby("step", as_index=False)[y].mean() if not curve.empty else curve
+    if curve.empty or y not in curve: return None, "no values"
+    mean = curve.groupby("step", as_index=False)[y].mean()
     try: return find_phase(mean.step, mean[y]), "no phase"
     except ValueError: return None, f"too few points ({len(mean)})"
 
@@ -350,13 +353,14 @@ assert phase_of(_toy_curve.head(3), "per") == (None, "too few points (3)")
 # %%
 large = lambda d: d[(d["size"] == phase_size) & (d.arm == "maml")] if not d.empty else d
 panels = [(large(mean_per(spectra, "weight")), "per", "PER (weights)", "weight spectra"),
-          (large(smoothed(metrics, "paloma_ppl")), "paloma_ppl", "Paloma perplexity", "Paloma evaluations"),
-          (large(smoothed(metrics, "query_acc", smooth)), "query_acc", "query accuracy", "episode metrics")]
+          (large(metrics), "paloma_doc_ppl", "Paloma perplexity (per-document mean)", "Paloma evaluations"),
+          (large(metrics), "query_acc", "query accuracy (after adaptation)", "episode metrics")]
 phases = [phase_of(data, y) for data, y, _, _ in panels]
 fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
 for ax, (data, y, label, what), (phase, reason) in zip(axes, panels, phases):
     curve_panel(ax, data, y, label, what, arm="maml", size=phase_size, legend=False)
-    if not data.empty: ax.set_title(f"{label}: " + (f"steps {phase.start:.0f}–{phase.end:.0f}" if phase else reason), fontsize=8)
+    if not data.empty: ax.set_title(f"{label}: " + (f"steps {phase.start:.0f}–{phase.end:.0f} (p = {phase.p_value:.2f})" if phase
+                                                       else reason), fontsize=8)
     if phases[0][0] and not data.empty: ax.axvspan(phases[0][0].start, phases[0][0].end, color="#CC79A7", alpha=0.2, linewidth=0)
 save_figure(fig, "p1_fig6_phase_transition", figures_dir)
 pd.DataFrame([{"curve": label, "phase": f"{p.start:.0f}–{p.end:.0f} (change {p.change:+.3g})" if p else reason}

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['hinge_features', 'fit_breakpoint_pairs', 'best_three_segments', 'Phase', 'find_phase', 'per_curve', 'phase_table']
+__all__ = ['hinge_features', 'fit_breakpoint_pairs', 'best_three_segments', 'Phase', 'coarse_gains', 'block_resamples',
+           'noise_p_value', 'find_phase', 'per_curve', 'phase_table']
 
 # %% ../nbs/09_phases.ipynb #353d3e9d
 def hinge_features(t: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -21,12 +22,12 @@ def hinge_features(t: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
     return np.stack([ones, ones * t, np.maximum(t - b1[:, None], 0), np.maximum(t - b2[:, None], 0)], axis=-1)
 
 def fit_breakpoint_pairs(t: np.ndarray, y: np.ndarray, b1: np.ndarray, b2: np.ndarray):
-    "Least-squares coefficients (P, 4) and residual sums of squares (P,) for each breakpoint pair."
-    X = hinge_features(t, b1, b2)  # (P, n, 4)
-    XtX, Xty = np.einsum("pni,pnj->pij", X, X), np.einsum("pni,n->pi", X, y)
-    coef = np.linalg.solve(XtX + 1e-12 * np.eye(4), Xty[..., None])[..., 0]  # (P, 4)
-    resid = y[None, :] - np.einsum("pni,pi->pn", X, coef)  # (P, n)
-    return coef, (resid ** 2).sum(axis=1)
+    "Least-squares coefficients (P, 4[, R]) and residual sums of squares (P[, R]) per breakpoint pair, of a curve y (n,) or curves (n, R)."
+    X, Y = hinge_features(t, b1, b2), y if y.ndim == 2 else y[:, None]  # (P, n, 4), (n, R)
+    XtX, XtY = np.einsum("pni,pnj->pij", X, X), np.einsum("pni,nr->pir", X, Y)  # (P, 4, 4), (P, 4, R)
+    coef = np.linalg.solve(XtX + 1e-12 * np.eye(4), XtY)  # (P, 4, R)
+    sse = np.maximum((Y ** 2).sum(0)[None, :] - np.einsum("pir,pir->pr", coef, XtY), 0)  # (P, R)
+    return (coef, sse) if y.ndim == 2 else (coef[..., 0], sse[:, 0])
 
 # %% ../nbs/09_phases.ipynb #ec247ebc
 def _search(t, y, candidates, min_points):
@@ -57,15 +58,46 @@ class Phase:
     change: float  # fitted value at `end` minus at `start`, in the curve's units
     steepness: float  # |middle slope| / max |outer slope|
     bic_gain: float  # BIC of a straight line minus BIC of the 3-segment fit
+    p_value: float  # of the gain against the block-resampled straight line
+
+def _line_fit(t, y):
+    "Least-squares line values at t of a curve (n,) or curves (n, R)."
+    X = np.stack([np.ones_like(t), t], axis=1)
+    return X @ np.linalg.lstsq(X, y, rcond=None)[0]
 
 def _line_sse(t, y):
-    X = np.stack([np.ones_like(t), t], axis=1)
-    return float(((y - X @ np.linalg.lstsq(X, y, rcond=None)[0]) ** 2).sum())
+    return float(((y - _line_fit(t, y)) ** 2).sum())
 
 # %% ../nbs/09_phases.ipynb #c4c99d75
+def coarse_gains(t: np.ndarray, Y: np.ndarray, min_points: int = 3, max_candidates: int = 60) -> np.ndarray:
+    "The gain n ln(SSE_line / SSE_3) of the best 3-segment fit on the coarse grid, for each curve (column) of Y (n, R)."
+    coarse = np.unique(t[np.linspace(0, len(t) - 1, min(len(t), max_candidates)).round().astype(int)])
+    i, j = np.triu_indices(len(coarse), k=1)
+    b1, b2 = coarse[i], coarse[j]
+    keep = ((t[None, :] <= b1[:, None]).sum(1) >= min_points) & ((t[None, :] >= b2[:, None]).sum(1) >= min_points)
+    _, sse = fit_breakpoint_pairs(t, Y, b1[keep], b2[keep])  # (P, R)
+    line = ((Y - _line_fit(t, Y)) ** 2).sum(0)  # (R,)
+    return len(t) * np.log(np.maximum(line, 1e-300) / np.maximum(sse.min(0), 1e-300))
+
+def block_resamples(residuals: np.ndarray, block: int, count: int, rng) -> np.ndarray:
+    "`count` resamples (n, count) of `residuals` (n,) made of moving blocks of `block` consecutive values."
+    n = len(residuals)
+    starts = rng.integers(0, n - block + 1, size=(count, -(-n // block)))  # (R, blocks)
+    return residuals[(starts[..., None] + np.arange(block)).reshape(count, -1)[:, :n]].T
+
+def noise_p_value(t: np.ndarray, y: np.ndarray, min_points: int, max_candidates: int, resamples: int, block: int | None, seed: int) -> float:
+    "p-value of the curve's 3-segment gain against a straight line plus block-resampled residuals."
+    line = _line_fit(t, y)
+    block = block or int(np.ceil(np.sqrt(len(t))))
+    null = line[:, None] + block_resamples(y - line, block, resamples, np.random.default_rng(seed))  # (n, R)
+    observed = coarse_gains(t, y[:, None], min_points, max_candidates)[0]
+    return float((1 + (coarse_gains(t, null, min_points, max_candidates) >= observed).sum()) / (1 + resamples))
+
+# %% ../nbs/09_phases.ipynb #2ad6b598
 def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
-               max_candidates: int = 60) -> Phase | None:
-    "The window of sharpest sustained change of a curve (continuous 3-segment fit), or None."
+               max_candidates: int = 60, min_width: float = 0.05, alpha: float = 0.05, resamples: int = 99,
+               block: int | None = None, seed: int = 0) -> Phase | None:
+    "The window of sharpest sustained change of a curve (continuous 3-segment fit, tested against the noise), or None."
     steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
     ok = np.isfinite(steps) & np.isfinite(values)
     order = np.argsort(steps[ok], kind="stable")
@@ -79,9 +111,12 @@ def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float =
     bic_gain = n * np.log(line_sse / max(sse, 1e-300)) - 4 * np.log(n)
     left, middle, right = coef[1], coef[1] + coef[2], coef[1] + coef[2] + coef[3]
     steepness = abs(middle) / max(abs(left), abs(right), 1e-300)
-    if bic_gain < min_bic_gain or steepness < min_steepness: return None
+    wide = b2 - b1 >= min_width and ((t >= b1) & (t <= b2)).sum() >= 2  # a window, with observations in it
+    if not wide or bic_gain < min_bic_gain or steepness < min_steepness: return None
+    p = noise_p_value(t, y, min_points, max_candidates, resamples, block, seed)
+    if p > alpha: return None
     to_step = lambda b: float(round(steps[0] + b * (steps[-1] - steps[0])))  # nearest whole step
-    return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain))
+    return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain), p)
 
 # %% ../nbs/09_phases.ipynb #9b6214a4
 def per_curve(spectra: pd.DataFrame, kind: str = "weight", matrix: str | None = None) -> tuple:
