@@ -140,6 +140,7 @@ def read_step(job: dict):
     def read_file():
         rows = StreamedRows(str(work / "hub"), row_len, vocab_size=50304, rows_per_file=READ_FILE_ROWS, block_rows=READ_BLOCK)
         for step in range(READ_FILE_ROWS // READ_BLOCK): batch_for_step(rows, step, 0, 1, READ_RANKS, rows_per_rank, 1, 0)
+        return rows
     return read_file, READ_FILE_ROWS // READ_RANKS * (row_len - 1)
 
 

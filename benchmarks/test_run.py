@@ -61,3 +61,9 @@ def test_plain_baseline_equals_the_fused_ar_loss():
     backbone, *_ = tiny_setup()
     rows = torch.randint(0, 40, (3, 9))
     assert torch.allclose(run.plain_next_token_loss_sum(backbone, rows), next_token_loss_sum(backbone, rows, 5), rtol=1e-6)
+
+
+def test_reading_a_draw_reads_only_the_ranks_rows():
+    "The reading benchmark's job: rank 1 of 4 decodes a quarter of its streamed file (its region), every draw served from it."
+    read_file, tokens = run.read_step({"quick": True})
+    assert read_file().rows_read == run.READ_FILE_ROWS // run.READ_RANKS and tokens == run.READ_FILE_ROWS // run.READ_RANKS * 128
