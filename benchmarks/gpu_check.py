@@ -43,7 +43,7 @@ import yaml
 from picomaml.config import load_config
 from picomaml.data import ShardRows, batch_for_step, write_shard
 from picomaml.device import cuda_capability, resolve_precision
-from picomaml.lm_loss import eval_sums, next_token_backward
+from picomaml.lm_loss import document_sums, next_token_backward
 from picomaml.maml import maml_step
 from picomaml.pipeline import PAPER, SHRINK, launch_command, pretraining_runs, shrink
 from picomaml.plan import GIB, ar_flops, device_memory_gb, episode_flops, peak_flops, phase_bytes, plan_run
@@ -142,9 +142,10 @@ def optimizer_step(cfg, parts, step: int) -> dict:
 
 def monitoring_peaks(cfg, plan, model, rows, device, autocast) -> dict:
     "Peaks of one evaluation batch (autocast, no graph) and of the spectra's float32 gradient pass in the plan's groups."
-    eval_rows = batch_for_step(rows, 0, 0, 0, 1, cfg.eval.batch_size, 1, cfg.train.seed + 2).to(device)
+    documents = batch_for_step(rows, 0, 0, 0, 1, cfg.eval.batch_size, 1, cfg.train.seed + 2).to(device)  # documents of seq_len + 1
+    lengths = torch.full((len(documents),), documents.shape[1])
     def evaluate():
-        with torch.no_grad(), autocast(): eval_sums(model.eval(), eval_rows, cfg.data.eos_id)
+        with torch.no_grad(), autocast(): document_sums(model.eval(), documents, lengths)
         model.train()
     spectra_rows = batch_for_step(rows, 0, 0, 0, 1, cfg.spectra.grad_rows, 1, cfg.train.seed + 3)
     params = select_matrices(model, cfg.spectra.layers)

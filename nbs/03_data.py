@@ -570,9 +570,10 @@ class StreamedRows:
         if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
         return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
 
-    def head(self, n: int) -> torch.Tensor:
-        "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
-        tables = list(self.dataset.with_format("arrow").take(n).iter(batch_size=1024))
+    def head(self, n: int | None = None) -> torch.Tensor:
+        "The first n rows of the stream in order (all of them if it is shorter, or n is None), (<= n, row_len) LongTensor."
+        stream = self.dataset.with_format("arrow")
+        tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
         return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
 
@@ -873,51 +874,85 @@ ahead.close()
 
 
 # %% [markdown]
-# ## Evaluation rows, read once
+# ## The evaluation split, read once
 #
-# Paloma perplexity (paper 1 §3.3, every 100 steps) is measured on the same rows each time: the
-# first `eval.max_rows` rows of the evaluation split, read once when the run starts
-# (`read_eval_rows`), so a streamed split is not streamed again at every evaluation. A streamed
-# split has no length, so `eval.max_rows = 0` (all rows) is for local shards only; a streamed split
-# shorter than `max_rows` gives what it has. Its files may hold any number of rows: it is read from
-# its first row, in order, and `data.rows_per_file` does not apply. Each rank then scores a strided
-# share of the rows (rank r of W takes rows r, r + W, …), so the ranks together score every row once.
+# Paloma perplexity (paper 1 §3.3, every 100 steps) is measured the way pico-train measures it: each
+# document of the evaluation split scored on its own, truncated at the model's 2,048 tokens, its
+# perplexity the exponential of its mean next-token cross-entropy, and the reported value the mean
+# over the documents of the whole split (pico-train's `perplexity` metric over the texts of
+# `pico-lm/pretokenized-paloma-tinsy`'s `val` split, with `max_length` 2,048 and no start token). The
+# split is stored as packed rows (documents, each followed by EOS, cut into rows of seq_len + 1 ids),
+# so `packed_documents` recovers the documents: the ids between consecutive EOS, in order, each cut to
+# `max_len` ids (the metric's truncation). The EOS is not part of a document (the metric scores a
+# text's own tokens); the unfinished document at the end, cut off by the last row, is dropped; a
+# one-token document has no target and is skipped.
+#
+# The split is read once when the run starts (`read_eval_documents`), so a streamed split is not
+# streamed again at every evaluation: all of it (`eval.max_documents = 0`, pico-train's choice), or
+# its first documents when a run bounds the evaluation on purpose (the CPU demo). The spectra's
+# gradients come from the same split's packed rows (`read_eval_rows`: its first `spectra.grad_rows`
+# rows, 0 for all). A streamed split is read from its first row, in order, and `data.rows_per_file`
+# does not apply.
 
 # %%
 #| export
+def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torch.Tensor]:
+    "The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; the unfinished last one dropped."
+    flat = rows.flatten()  # (n · (T + 1),): the token stream the rows were cut from
+    ends = torch.nonzero(flat == eos_id).flatten().tolist()
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
+
 def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all, local shards only), read once: (n, seq_len + 1) LongTensor."
+    "The first `max_rows` rows of the evaluation split (0: all of them), read once: (n, seq_len + 1) LongTensor."
     source = open_rows(data_cfg, "eval", vocab_size)
     if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
-    if not max_rows: raise ValueError(f"eval.max_rows=0 asks for every row, but {source.name} ({source.split}) is streamed and has no length; "
-                                      f"set eval.max_rows (e.g. 1024)")
-    return source.head(max_rows)
+    return source.head(max_rows or None)
 
-def eval_batches(rows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    "This rank's (<= batch_size, seq_len + 1) batches of the evaluation rows: rows rank, rank + W, ... of them."
+def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, vocab_size: int = 50280) -> list[torch.Tensor]:
+    "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
+    rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
+    while True:
+        read = read_eval_rows(data_cfg, rows, vocab_size)
+        documents = packed_documents(read, data_cfg.eos_id, max_len)
+        if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
+        rows *= 2
+
+def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
+    "This rank's batches of documents, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
     if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
-    mine = rows[rank::world_size]  # (about n / W, seq_len + 1)
-    for i in range(0, len(mine), batch_size): yield mine[i:i + batch_size]
+    mine = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))[rank::world_size]
+    for i in range(0, len(mine), batch_size):
+        chosen = [documents[j] for j in mine[i:i + batch_size]]
+        lengths = torch.tensor([len(d) for d in chosen])
+        ids = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.long)  # (B, L)
+        for row, document in enumerate(chosen): ids[row, :len(document)] = document
+        yield ids, lengths
 
 
 # %%
+_rows = torch.tensor([[5, 6, 9, 7], [9, 1, 2, 3], [4, 9, 8, 8]])  # EOS 9: documents [5 6], [7], [1 2 3 4], then [8 8] unfinished
+assert [d.tolist() for d in packed_documents(_rows, 9, max_len=10)] == [[5, 6], [1, 2, 3, 4]]  # [7] has no target
+assert [d.tolist() for d in packed_documents(_rows, 9, max_len=3)] == [[5, 6], [1, 2, 3]]  # cut to max_len, as the metric truncates
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(4)], Path(tmp) / "a.parquet")
     write_shard([[i, i] for i in range(4, 7)], Path(tmp) / "b.parquet")
-    local = DataConfig(eval_path=tmp, seq_len=1)
+    local = DataConfig(eval_path=tmp, seq_len=1, eos_id=3)
     assert read_eval_rows(local, 0, 100)[:, 0].tolist() == list(range(7))  # all, in file order (no shuffling)
     assert read_eval_rows(local, 5, 100)[:, 0].tolist() == list(range(5)) and len(read_eval_rows(local, 50, 100)) == 7
-streamed = DataConfig(source="hub", eval_hub=str(hub), eval_hub_split="train", seq_len=1)
-assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 1024, 100), full)
-raises(lambda: read_eval_rows(streamed, 0, 100), "eval.max_rows=0", str(hub), "streamed", "set eval.max_rows")
+    # ids 0 0 1 1 2 2 3 3 4 4 5 5 6 6: EOS 3 closes [0 0 1 1 2 2] and [] (too short), [4 4 5 5 6 6] is unfinished
+    assert [d.tolist() for d in read_eval_documents(local, 0, 100, 100)] == [[0, 0, 1, 1, 2, 2]]
+streamed = DataConfig(source="hub", eval_hub=str(hub), eval_hub_split="train", seq_len=1, eos_id=3)
+assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 0, 100), full)  # 0: the whole split
+assert len(read_eval_documents(streamed, 1, 100, 100)) == 1  # read until the first document is closed
 raises(lambda: read_eval_rows(DataConfig(source="hub", eval_hub=str(hub), seq_len=1), 4, 100), "no split 'val'", "data.eval_hub_split")
 
-batches = {r: list(eval_batches(full[:7], 2, rank=r, world_size=2)) for r in range(2)}
-assert [len(b) for b in batches[0]] == [2, 2] and [len(b) for b in batches[1]] == [2, 1]
-assert [b[:, 0].tolist() for b in batches[1]] == [[1, 3], [5]]
-assert sorted(i for bs in batches.values() for b in bs for i in b[:, 0].tolist()) == list(range(7))  # every row once
-assert torch.equal(torch.cat(list(eval_batches(full, 4))), full)
-raises(lambda: next(eval_batches(full, 4, rank=2, world_size=2)), "rank 2 of 2")
+_documents = [torch.arange(n) + 1 for n in (3, 5, 2, 4, 6)]
+_batches = {r: list(document_batches(_documents, 2, rank=r, world_size=2)) for r in range(2)}
+assert [lengths.tolist() for _, lengths in _batches[0]] == [[6, 4], [2]] and [lengths.tolist() for _, lengths in _batches[1]] == [[5, 3]]
+_ids, _lengths = _batches[0][0]
+assert _ids.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 0, 0]]  # right-padded; the causal model never reads the padding
+assert sorted(n for bs in _batches.values() for _, lengths in bs for n in lengths.tolist()) == [2, 3, 4, 5, 6]  # every document once
 
 
 # %% [markdown]

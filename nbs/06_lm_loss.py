@@ -166,46 +166,48 @@ assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for c in (2, 1) for a, b i
 # %% [markdown]
 # ## Paloma perplexity, two ways
 #
-# Every `eval.every` steps we report perplexity on the Paloma rows (paper 1 §3.3): **token-weighted**,
-# exp of the mean cross-entropy over all target tokens, and the **per-document mean**, the mean over
-# documents of each document's own perplexity, the figure the released trainer reported. Rows are
-# packed documents separated by EOS, so a document is a run of targets up to and including an EOS
-# (the last run of a row is cut off by the row's end and counts as a document of its own). Each rank
-# evaluates a strided shard of the rows; the four sums are all-reduced, so the result does not depend
-# on the number of ranks.
+# Every `eval.every` steps we report perplexity on the Paloma documents (paper 1 §3.3;
+# `picomaml.data.read_eval_documents`: each document on its own, cut at the model's 2,048 tokens).
+# The **per-document mean**, the mean over documents of each document's own perplexity
+# $\exp(\frac{1}{n_d - 1}\sum_t \mathrm{CE}_t)$, is what pico-train reports (its `mean_perplexity`),
+# so it is the measure to read against the papers' tables; the **token-weighted** perplexity, exp of the
+# mean cross-entropy over every target token of every document, is the usual definition and is kept
+# beside it, labelled. A batch holds whole documents right-padded to its longest: the decoder is causal,
+# so a document's positions never see the padding after it, and the padded targets are masked out. Each
+# rank scores a share of the documents; the four sums are all-reduced, so the result does not depend
+# on the number of ranks, the batch size or the order.
 
 # %%
 #| export
-def document_ids(targets: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "Index of the document each target belongs to, unique over the batch; an EOS closes its document: (B, T) -> (B, T)."
-    is_eos = (targets == eos_id).long()  # (B, T)
-    within_row = is_eos.cumsum(1) - is_eos  # (B, T): EOS counts for the next target on
-    return within_row + torch.arange(targets.shape[0], device=targets.device)[:, None] * targets.shape[1]
-
 @torch.no_grad()
-def eval_sums(model: torch.nn.Module, rows: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "[summed CE, tokens, summed per-document perplexity, documents] of rows (B, T + 1), in float64."
-    targets = rows[:, 1:]
-    ce = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1).float(), targets.flatten(), reduction="none").double()
-    doc = document_ids(targets, eos_id).flatten()  # (B·T,)
-    doc = torch.unique(doc, return_inverse=True)[1]  # dense 0..D-1
-    doc_ce = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=ce.device).index_add_(0, doc, ce)
-    doc_len = torch.bincount(doc).double()
-    return torch.stack([ce.sum(), ce.new_tensor(ce.numel()), (doc_ce / doc_len).exp().sum(), ce.new_tensor(len(doc_len))])
+def document_sums(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    "[summed CE, targets, summed per-document perplexity, documents] of right-padded documents (B, L) of `lengths`, in float64."
+    logits = model(ids[:, :-1])  # (B, L - 1, V): each document its own sequence
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).double()
+    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]  # (B, L - 1) targets
+    ce = ce * mask
+    per_document = ce.sum(1) / mask.sum(1)  # (B,) mean CE of each document
+    return torch.stack([ce.sum(), mask.sum().double(), per_document.exp().sum(), per_document.new_tensor(len(ids))])
 
 def perplexities(sums: torch.Tensor) -> dict:
-    "Token-weighted and per-document-mean perplexity from all-reduced `eval_sums`."
+    "Per-document-mean and token-weighted perplexity (and the mean CE) from all-reduced `document_sums`."
     ce_sum, tokens, doc_ppl_sum, docs = sums.tolist()
-    return {"paloma_ppl": math.exp(ce_sum / tokens), "paloma_doc_ppl": doc_ppl_sum / docs, "eval_loss": ce_sum / tokens}
+    return {"paloma_doc_ppl": doc_ppl_sum / docs, "paloma_ppl": math.exp(ce_sum / tokens), "eval_loss": ce_sum / tokens}
 
+
+# %% [markdown]
+# Tests, known answers: padded batches give each document's own perplexity (computed alone, unpadded);
+# the two measures differ as they should (a short document weighs as much as a long one in the mean
+# of perplexities, and by its tokens in the other); sums over any split of the documents add up.
 
 # %%
-_eos = 9
-assert document_ids(torch.tensor([[1, 9, 2, 3, 9, 4]]), _eos).tolist() == [[0, 0, 1, 1, 1, 2]]
-_rows = torch.tensor([[5, 1, 9, 2, 3, 9, 4], [2, 2, 2, 2, 2, 2, 2]])
-_ce = F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1), _rows[:, 1:].flatten(), reduction="none").double()
-_docs = [_ce[0:2], _ce[2:5], _ce[5:6], _ce[6:12]]  # row 0: [1 9] [2 3 9] [4]; row 1: one document
-_ppl = perplexities(eval_sums(_toy, _rows, _eos) )
-assert math.isclose(_ppl["paloma_ppl"], _ce.mean().exp().item(), rel_tol=1e-12)
-assert math.isclose(_ppl["paloma_doc_ppl"], sum(d.mean().exp().item() for d in _docs) / 4, rel_tol=1e-12)
-assert torch.allclose(eval_sums(_toy, _rows[:1], _eos) + eval_sums(_toy, _rows[1:], _eos), eval_sums(_toy, _rows, _eos))
+_documents = [torch.tensor([5, 1, 9, 2]), torch.tensor([3, 3]), torch.tensor([7, 2, 2, 2, 2, 2, 4])]
+_ids = torch.zeros(3, 7, dtype=torch.long)
+for _i, _d in enumerate(_documents): _ids[_i, :len(_d)] = _d
+_lengths = torch.tensor([len(d) for d in _documents])
+_alone = [F.cross_entropy(_toy(d[None, :-1])[0], d[1:], reduction="none").double() for d in _documents]  # each without padding
+_ppl = perplexities(document_sums(_toy, _ids, _lengths))
+assert math.isclose(_ppl["paloma_doc_ppl"], sum(ce.mean().exp().item() for ce in _alone) / 3, rel_tol=1e-6)
+assert math.isclose(_ppl["paloma_ppl"], torch.cat(_alone).mean().exp().item(), rel_tol=1e-6)
+_split = document_sums(_toy, _ids[:1, :4], _lengths[:1]) + document_sums(_toy, _ids[1:], _lengths[1:])
+assert torch.allclose(_split, document_sums(_toy, _ids, _lengths))

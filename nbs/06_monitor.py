@@ -41,9 +41,9 @@ import torch
 
 from picomaml.collectives import sum_over_ranks
 from picomaml.config import Config
-from picomaml.data import eval_batches
+from picomaml.data import document_batches
 from picomaml.device import peak_memory_gib, reset_peak_memory
-from picomaml.lm_loss import eval_sums, perplexities
+from picomaml.lm_loss import document_sums, perplexities
 from picomaml.spectra import append_records, loss_gradients, select_matrices, spectrum_records
 
 # %% [markdown]
@@ -98,25 +98,27 @@ assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype
 # %% [markdown]
 # ## Paloma evaluation, in parallel over ranks
 #
-# The evaluation rows (the first `eval.max_rows` of the split) are read once when the run starts
-# (`picomaml.data.read_eval_rows`), so a streamed split is not re-read every 100 steps; each rank
-# evaluates a strided share and the sums are all-reduced (`06_lm_loss` turns them into perplexities).
+# The evaluation documents (the whole split, or its first `eval.max_documents`) are read once when the
+# run starts (`picomaml.data.read_eval_documents`), so a streamed split is not re-read every 100 steps;
+# each rank scores a strided share of them, each document on its own, and the sums are all-reduced
+# (`06_lm_loss` turns them into perplexities: the per-document mean, pico-train's measure, and the
+# token-weighted one).
 
 # %%
 #| export
-def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
-    "Token-weighted and per-document Paloma perplexity; each rank a strided share of the rows, sums all-reduced."
+def evaluate(fabric, model, documents: list, ec) -> dict:
+    "Per-document and token-weighted Paloma perplexity; each rank a strided share of the documents, sums all-reduced."
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
-    for batch in eval_batches(eval_rows, ec.batch_size, fabric.global_rank, fabric.world_size):
-        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
+    for ids, lengths in document_batches(documents, ec.batch_size, fabric.global_rank, fabric.world_size):
+        with fabric.autocast(): sums += document_sums(model, ids.to(fabric.device, non_blocking=True), lengths)
     model.train()
     return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
 
 
 # %% [markdown]
-# Test: on a toy decoder (one CPU process), evaluating 10 rows in batches of 4 gives the perplexities
-# of all 10 rows at once, and leaves the model in training mode.
+# Test: on a toy decoder (one CPU process), evaluating 10 documents in batches of 4 gives the
+# perplexities of all 10 at once, and leaves the model in training mode.
 
 # %%
 import math
@@ -131,10 +133,11 @@ _cfg = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads
                           "eval.batch_size=4"])
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 torch.manual_seed(0)
-_model, _rows = PicoDecoder(_cfg.model), torch.randint(0, 64, (10, 17))  # rows (10, T + 1)
-_ppl = evaluate(_fabric, _model, _rows, EvalConfig(batch_size=4), eos_id=3)
+_model, _rows = PicoDecoder(_cfg.model), torch.randint(0, 64, (10, 17))  # rows (10, T + 1): the spectra's
+_documents = [torch.randint(0, 64, (n,)) for n in (5, 17, 9, 2, 12, 17, 3, 8, 16, 4)]
+_ppl = evaluate(_fabric, _model, _documents, EvalConfig(batch_size=4))
 assert _model.training
-with torch.no_grad(): _whole = perplexities(eval_sums(_model.eval(), _rows, 3))
+with torch.no_grad(): _whole = perplexities(document_sums(_model.eval(), *next(document_batches(_documents, 10))))
 _model.train()
 assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel_tol=1e-6) for k in _ppl), (_ppl, _whole)
 
@@ -143,17 +146,18 @@ assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel
 # ## Spectra
 #
 # The spectra (`08_spectra`) of `spectra.layers` in every block, weights and the gradient of the mean
-# next-token loss over the first `spectra.grad_rows` evaluation rows, every `spectra.every` steps,
+# next-token loss over the evaluation split's packed rows (all of them, or the first `spectra.grad_rows`),
+# every `spectra.every` steps and at step 0,
 # appended to `<run>/spectra.jsonl`. The ranks share the rows (a strided share each, `batch_rows` at a
 # time: the planner's `spectra_batch`, so the float32 pass fits the device), their gradient sums are
 # added in one all-reduce, and rank 0 computes the singular values and writes the records.
 
 # %%
 #| export
-def record_run_spectra(fabric, model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
+def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
                        batch_rows: int | None = None) -> None:
     "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
-    rows, params = eval_rows[: cfg.spectra.grad_rows], select_matrices(model, cfg.spectra.layers)
+    params = select_matrices(model, cfg.spectra.layers)
     mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
     grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
     grads = dict(zip(grads, sum_over_ranks(fabric, list(grads.values()))))
@@ -174,7 +178,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     record_run_spectra(_fabric, _model, _rows, _cfg, 40, Path(_tmp), batch_rows=2)
     _lines = [json.loads(l) for l in (Path(_tmp) / "spectra.jsonl").read_text().splitlines()]
     assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2  # blocks × spectra.layers × (weight, gradient)
-    _whole = compute_spectra(_model, _rows[: _cfg.spectra.grad_rows], _cfg.spectra.layers, 40)
+    _whole = compute_spectra(_model, _rows, _cfg.spectra.layers, 40)
     assert all(np.allclose(a["singular_values"], b["singular_values"], rtol=1e-4, atol=1e-9) for a, b in zip(_lines, _whole))
 
 
@@ -183,14 +187,15 @@ with tempfile.TemporaryDirectory() as _tmp:
 #
 # Evaluation and spectra run after the step's checkpoint is on disk: if they fail (a streamed
 # evaluation set that cannot be read, a full disk), the optimizer step is not lost, and the relaunch
-# resumes from that checkpoint and runs the monitoring it missed (`monitoring_missing`).
+# resumes from that checkpoint and runs the monitoring it missed (`monitoring_missing`). Both are due
+# at step 0 too, on the initial weights, as pico-train records them: the curves then start where
+# training starts.
 
 # %%
 #| export
 def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
     "(evaluate?, record spectra?) at completed optimizer step `step`."
-    return (bool(cfg.eval.every) and step > 0 and step % cfg.eval.every == 0,
-            bool(cfg.spectra.every) and step > 0 and step % cfg.spectra.every == 0)
+    return (bool(cfg.eval.every) and step % cfg.eval.every == 0, bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
 
 def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
     "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
@@ -199,27 +204,28 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool], *,
-            spectra_batch: int | None = None) -> None:
+def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bool, bool], *, documents=None,
+            spectra_rows=None, spectra_batch: int | None = None) -> None:
     "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
     do_eval, do_spectra = what
     if do_eval:
         reset_peak_memory(fabric.device)
-        record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        record = {"step": step, **evaluate(fabric, model, documents, cfg.eval)}
         if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
         if fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, model, eval_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        record_run_spectra(fabric, model, spectra_rows, cfg, step, run_dir, batch_rows=spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": step, "spectra_peak_gib": peak}) + "\n")
 
 
 # %%
 _mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])
-assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 0) == (False, False)
+assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 30) == (False, False)
+assert monitoring_due(_mcfg, 0) == (True, True) and monitoring_due(load_config(None, ["eval.every=0", "spectra.every=0"]), 0) == (False, False)
 with tempfile.TemporaryDirectory() as _tmp:
     (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
     assert monitoring_missing(_mcfg, Path(_tmp), 40) == (True, True)
@@ -234,6 +240,6 @@ with tempfile.TemporaryDirectory() as _tmp:
 with tempfile.TemporaryDirectory() as _tmp:
     (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (True, True)
-    monitor(_fabric, _cfg, Path(_tmp), _model, _rows, 40, monitoring_due(_cfg, 40))
+    monitor(_fabric, _cfg, Path(_tmp), _model, 40, monitoring_due(_cfg, 40), documents=_documents, spectra_rows=_rows)
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (False, False)
-    assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 40, **evaluate(_fabric, _model, _rows, _cfg.eval, 3)}
+    assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 40, **evaluate(_fabric, _model, _documents, _cfg.eval)}

@@ -506,7 +506,7 @@ def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int, capability: tup
     if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a, math)
     if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size, math)
     if cfg.spectra.every:
-        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows
+        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS
         phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, rows, uses_math_attention(cfg.model, device, 4))
     return phases
 
@@ -521,9 +521,11 @@ def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int, capability:
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
 
+SPECTRA_GROUP_ROWS = 64  # the largest group the spectra's pass is planned in (pico-train accumulates over groups of 8)
+
 def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
     "Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; 0 if one row does not."
-    rows, n, math = cfg.spectra.grad_rows, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
+    rows, n, math = cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
     if cfg.spectra.grad_batch: return min(cfg.spectra.grad_batch, rows)
     largest = largest_fitting(lambda r: 12 * n + spectra_peak_bytes(cfg, r, math), rows, capacity, device)
     return -(-rows // -(-rows // largest)) if largest else 0
@@ -536,9 +538,9 @@ _c = choose_chunk(_cfg, 4, "cuda", 80 * GIB)
 assert 1 <= _c < 64 and with_reserve(phase_bytes(_cfg, 4, "cuda", _c)["next-token chunk"], "cuda") <= 80 * GIB
 assert -(-64 // _c) < -(-64 // (_c - 1))  # one row less per chunk would take more chunks
 assert choose_chunk(_cfg, 4, "cuda", 14 * GIB) == 0  # one row does not fit
-assert choose_spectra_batch(_cfg, "cuda", 80 * GIB) == 8  # the whole spectra batch in one group
-_s40 = choose_spectra_batch(_cfg, "cuda", 40 * GIB)  # the float32 softmax of 8 rows does not fit 40 GB: smaller groups
-assert 1 <= _s40 < 8 and with_reserve(phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=_s40)["spectra"], "cuda") <= 40 * GIB
+_s80, _s40 = (choose_spectra_batch(_cfg, "cuda", m * GIB) for m in (80, 40))  # groups of the whole split's rows
+assert 8 <= _s80 <= SPECTRA_GROUP_ROWS and with_reserve(phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=_s80)["spectra"], "cuda") <= 80 * GIB
+assert 1 <= _s40 < 8 and with_reserve(phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=_s40)["spectra"], "cuda") <= 40 * GIB  # 8 do not fit
 
 
 # %% [markdown]
@@ -593,7 +595,7 @@ def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str,
     "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; '' if both fit."
     n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing
     math, spectra_math = uses_math_attention(cfg.model, device, a), uses_math_attention(cfg.model, device, 4)
-    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows
+    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS
     checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math), "eval.every=0"),
               ("spectra", "spectra.grad_batch", spectra_rows, lambda r: spectra_peak_bytes(cfg, r, spectra_math),
                "spectra.every=0" if ck else "train.activation_checkpointing=true"))
@@ -611,8 +613,11 @@ def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str,
 # draws; a draw is, with probability rho, an episode on the pool (support and query windows through the
 # backbone) and otherwise a next-token micro-batch. The expected tokens through the model and FLOPs
 # per step are the mixture; the trainer logs the same counts per step. Wall time is FLOPs over
-# `gpus × peak × MFU`, with the evaluations (`eval.max_rows` rows forward every `eval.every` steps)
-# added to the total.
+# `gpus × peak × MFU`, with the monitoring added to the total: every `eval.every` steps (and at step
+# 0) a forward pass over the evaluation documents, every `spectra.every` steps a forward and backward
+# pass over the spectra's rows. Where these are the whole evaluation split (`eval.max_documents`,
+# `spectra.grad_rows` = 0), whose size the configuration does not know, the estimate assumes
+# `WHOLE_SPLIT_ROWS` = 1,024 rows (or documents) of `data.seq_len` tokens.
 #
 # Checkpoints (`06_checkpoints`): every scheduled step (`checkpoint.every`, step 0, the last step,
 # the log-spaced ones) keeps float32 weights of the backbone and the head as safetensors (about 110
@@ -634,13 +639,17 @@ def step_cost(cfg: Config) -> tuple[int, float, float]:
     flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * ar_flops(mc, ar_tokens, T))
     return tc.global_batch * T, tokens, flops
 
+WHOLE_SPLIT_ROWS = 1024  # the time estimate's guess at a whole evaluation split, in rows (or documents) of data.seq_len
+
 def wall_time(cfg: Config, flops_per_step: float, gpus: int, tflops: float | None, mfu: float) -> tuple:
-    "(seconds per optimizer step, hours for the run with its evaluations) at `mfu` of `tflops` per device; Nones without a peak."
+    "(seconds per optimizer step, hours for the run with its monitoring) at `mfu` of `tflops` per device; Nones without a peak."
     if not tflops: return None, None
-    rate = gpus * tflops * 1e12 * mfu
-    evals = cfg.train.steps // cfg.eval.every if cfg.eval.every else 0
-    eval_flops = cfg.eval.max_rows * ar_flops(cfg.model, cfg.data.seq_len, cfg.data.seq_len) / 3  # forward only
-    return flops_per_step / rate, (cfg.train.steps * flops_per_step + evals * eval_flops) / rate / 3600
+    rate, T = gpus * tflops * 1e12 * mfu, cfg.data.seq_len
+    times = lambda every: cfg.train.steps // every + 1 if every else 0  # step 0 too
+    row = ar_flops(cfg.model, T, T)  # forward + backward of one row
+    monitoring = (times(cfg.eval.every) * (cfg.eval.max_documents or WHOLE_SPLIT_ROWS) * row / 3  # forward only
+                  + times(cfg.spectra.every) * (cfg.spectra.grad_rows or WHOLE_SPLIT_ROWS) * row)
+    return flops_per_step / rate, (cfg.train.steps * flops_per_step + monitoring) / rate / 3600
 
 SAFETENSORS_PER_TENSOR, STATE_PER_TENSOR, RNG_STATE = 128, 900, 5056  # bytes, measured on real checkpoints below
 
@@ -826,9 +835,9 @@ print(format_plan(plan_run(load_config(PRESETS_DIR / "pico-large-maml.yaml"), 4,
 # A float32 run on CUDA (`train.precision=32-true`, or `auto` on a GPU below compute capability 8.0)
 # is planned with the math kernel's softmax, and gets smaller chunks; on CPU float32 keeps the fused
 # kernel. The spectra pass is planned in groups that fit: the medium model on 40 GB GPUs and the large
-# one on 48 GB GPUs take their eight rows in smaller groups (one group of eight, in float32 under the
-# math kernel, would need more than the device). A chunk or spectra group the user set and that fits
-# is used as given.
+# one on 48 GB GPUs take the evaluation rows in groups of fewer than pico-train's eight (a group of
+# eight, in float32 under the math kernel, would need more than the device). A chunk or spectra group
+# the user set and that fits is used as given.
 
 # %%
 _medium = load_config(PRESETS_DIR / "pico-medium-maml.yaml")
@@ -840,7 +849,7 @@ for _preset, _memory in (("pico-medium-maml", 40), ("pico-large-maml", 48)):
     _plan, _whole = plan_run(_cfg, 4, _memory), phase_bytes(_cfg, 4, "cuda", 1, spectra_rows=8)["spectra"]
     assert _plan.fits and _plan.spectra_batch < 8 < with_reserve(_whole, "cuda") / GIB > _memory, (_preset, _plan.reason)
     print(f"{_preset} on 4 x {_memory} GB: chunks of {_plan.chunk_rows} rows, spectra gradients {_plan.spectra_batch} rows at a time "
-          f"(all 8 at once would need {with_reserve(_whole, 'cuda') / GIB:.0f} GiB)")
+          f"(8 at once would need {with_reserve(_whole, 'cuda') / GIB:.0f} GiB)")
 _given = plan_run(load_config(PRESETS_DIR / "pico-medium-maml.yaml", [f"train.chunk_rows={_bf16.chunk_rows // 2}",
                                                                       "spectra.grad_batch=2"]), 4, 80)
 assert _given.fits and (_given.chunk_rows, _given.spectra_batch) == (_bf16.chunk_rows // 2, 2)

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import checkpoint_due
 from picomaml.collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from picomaml.config import Config, ConfigError, ensure_writable
-from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_rows
+from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from picomaml.device import cuda_capability, peak_memory_gib, reset_peak_memory
 from picomaml.lm_loss import next_token_backward
 from picomaml.maml import MAMLHead, maml_step
@@ -236,7 +236,9 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]
     train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size, block_rows=tc.branch_batch)
-    eval_rows = read_eval_rows(cfg.data, cfg.eval.max_rows, cfg.model.vocab_size) if cfg.eval.every or cfg.spectra.every else None
+    vocab, evaluated = cfg.model.vocab_size, dict(spectra_batch=plan.spectra_batch)  # what monitor() evaluates on, read once
+    if cfg.eval.every: evaluated["documents"] = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
+    if cfg.spectra.every: evaluated["spectra_rows"] = read_eval_rows(cfg.data, cfg.spectra.grad_rows, vocab)
     sources = {False: (train_rows, rows_per_rank, tc.seed)}  # is an episode -> (source, rows per rank, seed of its order)
     if cfg.maml.rho > 0:
         pool_rows = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size, cfg.smlmt.pool_rows)
@@ -248,8 +250,8 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
     start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
     if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
-    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0),
-                  spectra_batch=plan.spectra_batch)
+    due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
+    monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses = deque(maxlen=20)
     try:
@@ -290,7 +292,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             if checkpoint_due(step + 1, cfg.checkpoint, tc.steps):
                 save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
-            monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1), spectra_batch=plan.spectra_batch)
+            monitor(fabric, cfg, run_dir, model, step + 1, monitoring_due(cfg, step + 1), **evaluated)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
     finally: ahead.close()
@@ -328,7 +330,7 @@ def tiny_config(runs_dir, *overrides):
         f"data.train_path={_data}/train", f"data.eval_path={_data}/eval", "data.seq_len=32", f"data.tokenizer_path={_tok.source}",
         "train.steps=8", "train.global_batch=8", "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "checkpoint.every=4",
         "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30",
-        "maml.head_hidden=16", "maml.head_layers=2", "eval.every=4", "eval.max_rows=16", "eval.batch_size=8",
+        "maml.head_hidden=16", "maml.head_layers=2", "eval.every=4", "eval.max_documents=16", "eval.batch_size=8",
         "spectra.every=0", f"logging.runs_dir={runs_dir}", "logging.progress_bar=false", *overrides])
 
 def read_metrics(run_dir):
@@ -344,6 +346,8 @@ build_episode = lambda *a, **k: (_ for _ in ()).throw(AssertionError("rho = 0 bu
 try: _run = train(tiny_config(_runs, "maml.rho=0", "logging.run_name=ar"), _fabric)
 finally: build_episode = _real_build
 _log = read_metrics(_run)
+assert "paloma_doc_ppl" in _log[0] and "loss" not in _log[0]  # step 0: the initial weights evaluated, before any step
+_log = _log[1:]
 assert [r["step"] for r in _log] == list(range(1, 9)) and all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in _log)
 assert _log[-1]["loss"] < _log[0]["loss"] - 0.3, [r["loss"] for r in _log]
 assert all(r["query_loss"] is None and r["support_acc"] is None and r["head_grad_norm"] is None for r in _log)
@@ -377,12 +381,16 @@ print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['sup
 # %%
 import picomaml.monitor
 
-_real_evaluate = picomaml.monitor.evaluate
-picomaml.monitor.evaluate = lambda *a, **k: (_ for _ in ()).throw(OSError("evaluation set unreadable"))
+_real_evaluate, _calls = picomaml.monitor.evaluate, []
+def _fails_at_step_4(*args, **kwargs):  # the second evaluation: step 0's is the first
+    _calls.append(1)
+    if len(_calls) == 2: raise OSError("evaluation set unreadable")
+    return _real_evaluate(*args, **kwargs)
+picomaml.monitor.evaluate = _fails_at_step_4
 try: train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric); raise AssertionError("the evaluation did not fail")
 except OSError: pass
 finally: picomaml.monitor.evaluate = _real_evaluate
 assert (_runs / "eval-fails" / "checkpoints" / "latest").read_text().strip() == "step_000004"
-assert [r["step"] for r in read_metrics(_runs / "eval-fails")] == [1, 2, 3, 4] and "paloma_ppl" not in read_metrics(_runs / "eval-fails")[3]
+assert [r["step"] for r in read_metrics(_runs / "eval-fails")] == [0, 1, 2, 3, 4] and "paloma_ppl" not in read_metrics(_runs / "eval-fails")[4]
 _log = read_metrics(train(tiny_config(_runs, "maml.rho=0", "logging.run_name=eval-fails"), _fabric))
-assert [r["step"] for r in _log] == list(range(1, 9)) and "paloma_ppl" in _log[3] and "paloma_ppl" in _log[7]
+assert [r["step"] for r in _log] == list(range(0, 9)) and all("paloma_ppl" in _log[s] for s in (0, 4, 8))

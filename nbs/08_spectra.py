@@ -270,7 +270,7 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
         ids = torch.tensor(out, dtype=torch.long)
     if ids.ndim != 2 or ids.shape[1] < 2: raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
     if rows is not None and ids.shape[0] < rows: raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
-    return ids[:rows, : None if seq_len is None else seq_len + 1].long()
+    return ids[: rows or None, : None if seq_len is None else seq_len + 1].long()  # rows 0: all of them
 
 
 # %%
@@ -625,7 +625,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: the usual cache)")
     p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
-    p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows)")
+    p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows; 0: all of them)")
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
     p.add_argument("--layers", default=",".join(defaults.layers), help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
     p.add_argument("--out", required=True, help="spectra JSON-lines file to append to")

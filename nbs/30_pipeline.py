@@ -109,7 +109,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 # | sequence length (the RoPE cache: 128, for NER windows of up to 128 sub-tokens) | 2,048 | 32 |
 # | branch micro-batch (global batch) | 256 (2,048; tiny 1,024) | 32 (256; tiny 128): still 8 draws a step, 4 for tiny; 32 rows so that an episode's pool of rows from across a file holds four repeated words (16 failed one micro-batch in 256) |
 # | SMLMT episode (N-way K+Q-shot, window) | 32-way 4+4, 64 | 4-way 1+1, 8, from the branch micro-batch as in the papers |
-# | Paloma rows evaluated | 1,024 | 16 |
+# | Paloma documents evaluated; rows of the spectra's gradient | the whole split, each document on its own; the whole split | the first 16 documents; the first 16 rows |
 # | NER sentences (train / each evaluation split), epochs | all, ≤ 10 | 16 / 4 (a job that saves predictions keeps the whole tl and ceb test sets), 1 |
 # | pretraining seeds | any | 42 and 1 |
 # | devices | 4 GPUs: pretraining on 4 processes, NER on 4 workers (one per GPU) | CPU: 1 process a run, NER on 2 CPU workers |
@@ -127,7 +127,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 # %%
 #| export
 SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=8,
-              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
+              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_documents=16, spectra_rows=16, rows_per_file=256,
               ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
@@ -144,7 +144,8 @@ def shrink_size(size: str) -> list[str]:
             f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
             f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
-            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}", f"eval.max_rows={s['eval_rows']}",
+            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}",
+            f"eval.max_documents={s['eval_documents']}", f"spectra.grad_rows={s['spectra_rows']}",
             *(f"smlmt.{k}={v}" for k, v in s["episode"].items())]
 
 def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
@@ -166,7 +167,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
 # %%
 #| export
 SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "checkpoint.log_spaced=false",
-                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_rows=8",
+                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_documents=8",
                    "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
 
 PROFILES = {

@@ -130,15 +130,16 @@ class MAMLConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(100, "evaluate every this many optimizer steps; 0 disables", ge=0)
-    max_rows: int = opt(1024, "Paloma rows to evaluate (the split's first); 0: all, local shards only", ge=0)
-    batch_size: int = opt(16, "evaluation rows per device per forward", ge=1)
+    max_documents: int = opt(0, "Paloma documents evaluated (the split's first), each on its own; 0: the whole split, as pico-train", ge=0)
+    batch_size: int = opt(16, "evaluation documents per device per forward", ge=1)
 
 # %% ../nbs/00_config.ipynb #2c9f322e
 @dataclass
 class SpectraConfig:
     every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
-    grad_rows: int = opt(8, "rows of the fixed evaluation batch whose mean next-token loss gives the gradients", ge=1)
+    grad_rows: int = opt(0, "rows of the evaluation split (its first) whose mean next-token loss gives the gradients; "
+                         "0: every row of the split, as pico-train's learning-dynamics gradient", ge=0)
     grad_batch: int = opt(0, "rows per forward/backward of the gradient pass, accumulated over grad_rows (memory only); "
                           "0: the largest the device fits", ge=0)
 

@@ -29,7 +29,7 @@ __all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'M
            'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
            'list_rows', 'ShardRows', 'write_hub_layout', 'streamed_file_row', 'StreamedRows', 'resolve_data_source',
            'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step', 'micro_batches', 'RowPrefetcher',
-           'read_eval_rows', 'eval_batches', 'main']
+           'packed_documents', 'read_eval_rows', 'read_eval_documents', 'document_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -291,9 +291,10 @@ class StreamedRows:
         if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
         return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
 
-    def head(self, n: int) -> torch.Tensor:
-        "The first n rows of the stream in order (all of them if it is shorter), (<= n, row_len) LongTensor; any file sizes."
-        tables = list(self.dataset.with_format("arrow").take(n).iter(batch_size=1024))
+    def head(self, n: int | None = None) -> torch.Tensor:
+        "The first n rows of the stream in order (all of them if it is shorter, or n is None), (<= n, row_len) LongTensor."
+        stream = self.dataset.with_format("arrow")
+        tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
         return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
 
@@ -381,19 +382,38 @@ class RowPrefetcher:
         self.pending.clear()
 
 # %% ../nbs/03_data.ipynb #f768d046
+def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torch.Tensor]:
+    "The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; the unfinished last one dropped."
+    flat = rows.flatten()  # (n · (T + 1),): the token stream the rows were cut from
+    ends = torch.nonzero(flat == eos_id).flatten().tolist()
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
+
 def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all, local shards only), read once: (n, seq_len + 1) LongTensor."
+    "The first `max_rows` rows of the evaluation split (0: all of them), read once: (n, seq_len + 1) LongTensor."
     source = open_rows(data_cfg, "eval", vocab_size)
     if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
-    if not max_rows: raise ValueError(f"eval.max_rows=0 asks for every row, but {source.name} ({source.split}) is streamed and has no length; "
-                                      f"set eval.max_rows (e.g. 1024)")
-    return source.head(max_rows)
+    return source.head(max_rows or None)
 
-def eval_batches(rows: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    "This rank's (<= batch_size, seq_len + 1) batches of the evaluation rows: rows rank, rank + W, ... of them."
+def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, vocab_size: int = 50280) -> list[torch.Tensor]:
+    "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
+    rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
+    while True:
+        read = read_eval_rows(data_cfg, rows, vocab_size)
+        documents = packed_documents(read, data_cfg.eos_id, max_len)
+        if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
+        rows *= 2
+
+def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
+    "This rank's batches of documents, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
     if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
-    mine = rows[rank::world_size]  # (about n / W, seq_len + 1)
-    for i in range(0, len(mine), batch_size): yield mine[i:i + batch_size]
+    mine = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))[rank::world_size]
+    for i in range(0, len(mine), batch_size):
+        chosen = [documents[j] for j in mine[i:i + batch_size]]
+        lengths = torch.tensor([len(d) for d in chosen])
+        ids = torch.zeros(len(chosen), int(lengths.max()), dtype=torch.long)  # (B, L)
+        for row, document in enumerate(chosen): ids[row, :len(document)] = document
+        yield ids, lengths
 
 # %% ../nbs/03_data.ipynb #24987081
 def main(argv: list[str] | None = None) -> dict:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['FusedLinearCrossEntropy', 'next_token_loss_sum', 'next_token_loss', 'next_token_backward', 'document_ids',
-           'eval_sums', 'perplexities']
+__all__ = ['FusedLinearCrossEntropy', 'next_token_loss_sum', 'next_token_loss', 'next_token_backward', 'document_sums',
+           'perplexities']
 
 # %% ../nbs/06_lm_loss.ipynb #702546b6
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -62,24 +62,17 @@ def next_token_backward(model: torch.nn.Module, rows: torch.Tensor, chunk_rows: 
     return total
 
 # %% ../nbs/06_lm_loss.ipynb #661cd7f4
-def document_ids(targets: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "Index of the document each target belongs to, unique over the batch; an EOS closes its document: (B, T) -> (B, T)."
-    is_eos = (targets == eos_id).long()  # (B, T)
-    within_row = is_eos.cumsum(1) - is_eos  # (B, T): EOS counts for the next target on
-    return within_row + torch.arange(targets.shape[0], device=targets.device)[:, None] * targets.shape[1]
-
 @torch.no_grad()
-def eval_sums(model: torch.nn.Module, rows: torch.Tensor, eos_id: int) -> torch.Tensor:
-    "[summed CE, tokens, summed per-document perplexity, documents] of rows (B, T + 1), in float64."
-    targets = rows[:, 1:]
-    ce = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1).float(), targets.flatten(), reduction="none").double()
-    doc = document_ids(targets, eos_id).flatten()  # (B·T,)
-    doc = torch.unique(doc, return_inverse=True)[1]  # dense 0..D-1
-    doc_ce = torch.zeros(int(doc.max()) + 1, dtype=torch.float64, device=ce.device).index_add_(0, doc, ce)
-    doc_len = torch.bincount(doc).double()
-    return torch.stack([ce.sum(), ce.new_tensor(ce.numel()), (doc_ce / doc_len).exp().sum(), ce.new_tensor(len(doc_len))])
+def document_sums(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    "[summed CE, targets, summed per-document perplexity, documents] of right-padded documents (B, L) of `lengths`, in float64."
+    logits = model(ids[:, :-1])  # (B, L - 1, V): each document its own sequence
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).double()
+    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]  # (B, L - 1) targets
+    ce = ce * mask
+    per_document = ce.sum(1) / mask.sum(1)  # (B,) mean CE of each document
+    return torch.stack([ce.sum(), mask.sum().double(), per_document.exp().sum(), per_document.new_tensor(len(ids))])
 
 def perplexities(sums: torch.Tensor) -> dict:
-    "Token-weighted and per-document-mean perplexity from all-reduced `eval_sums`."
+    "Per-document-mean and token-weighted perplexity (and the mean CE) from all-reduced `document_sums`."
     ce_sum, tokens, doc_ppl_sum, docs = sums.tolist()
-    return {"paloma_ppl": math.exp(ce_sum / tokens), "paloma_doc_ppl": doc_ppl_sum / docs, "eval_loss": ce_sum / tokens}
+    return {"paloma_doc_ppl": doc_ppl_sum / docs, "paloma_ppl": math.exp(ce_sum / tokens), "eval_loss": ce_sum / tokens}

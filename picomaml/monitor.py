@@ -12,9 +12,9 @@ import torch
 
 from .collectives import sum_over_ranks
 from .config import Config
-from .data import eval_batches
+from .data import document_batches
 from .device import peak_memory_gib, reset_peak_memory
-from .lm_loss import eval_sums, perplexities
+from .lm_loss import document_sums, perplexities
 from .spectra import append_records, loss_gradients, select_matrices, spectrum_records
 
 # %% auto #0
@@ -40,20 +40,20 @@ def step_record(totals: torch.Tensor, world_size: int) -> dict:
             "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
 
 # %% ../nbs/06_monitor.ipynb #fd36becf
-def evaluate(fabric, model, eval_rows: torch.Tensor, ec, eos_id: int) -> dict:
-    "Token-weighted and per-document Paloma perplexity; each rank a strided share of the rows, sums all-reduced."
+def evaluate(fabric, model, documents: list, ec) -> dict:
+    "Per-document and token-weighted Paloma perplexity; each rank a strided share of the documents, sums all-reduced."
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=fabric.device)
-    for batch in eval_batches(eval_rows, ec.batch_size, fabric.global_rank, fabric.world_size):
-        with fabric.autocast(): sums += eval_sums(model, batch.to(fabric.device), eos_id)
+    for ids, lengths in document_batches(documents, ec.batch_size, fabric.global_rank, fabric.world_size):
+        with fabric.autocast(): sums += document_sums(model, ids.to(fabric.device, non_blocking=True), lengths)
     model.train()
     return perplexities(fabric.all_reduce(sums, reduce_op="sum").cpu() if fabric.world_size > 1 else sums.cpu())
 
 # %% ../nbs/06_monitor.ipynb #92e2031c
-def record_run_spectra(fabric, model, eval_rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
+def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
                        batch_rows: int | None = None) -> None:
     "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
-    rows, params = eval_rows[: cfg.spectra.grad_rows], select_matrices(model, cfg.spectra.layers)
+    params = select_matrices(model, cfg.spectra.layers)
     mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
     grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
     grads = dict(zip(grads, sum_over_ranks(fabric, list(grads.values()))))
@@ -62,8 +62,7 @@ def record_run_spectra(fabric, model, eval_rows: torch.Tensor, cfg: Config, step
 # %% ../nbs/06_monitor.ipynb #ef2c8877
 def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
     "(evaluate?, record spectra?) at completed optimizer step `step`."
-    return (bool(cfg.eval.every) and step > 0 and step % cfg.eval.every == 0,
-            bool(cfg.spectra.every) and step > 0 and step % cfg.spectra.every == 0)
+    return (bool(cfg.eval.every) and step % cfg.eval.every == 0, bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
 
 def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
     "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
@@ -72,19 +71,19 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, eval_rows, step: int, what: tuple[bool, bool], *,
-            spectra_batch: int | None = None) -> None:
+def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bool, bool], *, documents=None,
+            spectra_rows=None, spectra_batch: int | None = None) -> None:
     "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
     do_eval, do_spectra = what
     if do_eval:
         reset_peak_memory(fabric.device)
-        record = {"step": step, **evaluate(fabric, model, eval_rows, cfg.eval, cfg.data.eos_id)}
+        record = {"step": step, **evaluate(fabric, model, documents, cfg.eval)}
         if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
         if fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, model, eval_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        record_run_spectra(fabric, model, spectra_rows, cfg, step, run_dir, batch_rows=spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": step, "spectra_peak_gib": peak}) + "\n")

@@ -58,7 +58,7 @@ PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper
 
 # %% ../nbs/30_pipeline.ipynb #6b3db867
 SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=8,
-              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_rows=16, rows_per_file=256,
+              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_documents=16, spectra_rows=16, rows_per_file=256,
               ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
@@ -75,7 +75,8 @@ def shrink_size(size: str) -> list[str]:
             f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
             f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
-            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}", f"eval.max_rows={s['eval_rows']}",
+            f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}",
+            f"eval.max_documents={s['eval_documents']}", f"spectra.grad_rows={s['spectra_rows']}",
             *(f"smlmt.{k}={v}" for k, v in s["episode"].items())]
 
 def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
@@ -91,7 +92,7 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
 
 # %% ../nbs/30_pipeline.ipynb #ee7f5b07
 SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "checkpoint.log_spaced=false",
-                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_rows=8",
+                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_documents=8",
                    "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
 
 PROFILES = {

@@ -17,13 +17,13 @@ from .config import Config, ConfigError, load_config
 from .device import peak_tflops, resolve_precision
 
 # %% auto #0
-__all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR', 'RNG_STATE',
-           'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts', 'block_saved_bytes',
-           'activation_bytes', 'uses_math_attention', 'attention_probs_bytes', 'block_kept_bytes', 'kept_bytes',
-           'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes', 'eval_peak_bytes', 'matrix_sizes',
-           'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes', 'largest_fitting', 'choose_chunk',
-           'choose_spectra_batch', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost', 'wall_time',
-           'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
+__all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SPECTRA_GROUP_ROWS', 'WHOLE_SPLIT_ROWS', 'SAFETENSORS_PER_TENSOR',
+           'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts',
+           'block_saved_bytes', 'activation_bytes', 'uses_math_attention', 'attention_probs_bytes', 'block_kept_bytes',
+           'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes', 'eval_peak_bytes',
+           'matrix_sizes', 'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes', 'largest_fitting',
+           'choose_chunk', 'choose_spectra_batch', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost',
+           'wall_time', 'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
 
 # %% ../nbs/06_plan.ipynb #5d36dc89
 def _block_params(mc) -> int:
@@ -188,7 +188,7 @@ def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int, capability: tup
     if cfg.maml.rho > 0: phases["episode"] = state + episode_peak_bytes(cfg, gpus, a, math)
     if cfg.eval.every: phases["evaluation"] = 12 * n + eval_peak_bytes(cfg, a, cfg.eval.batch_size, math)
     if cfg.spectra.every:
-        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows
+        rows = spectra_rows or cfg.spectra.grad_batch or cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS
         phases["spectra"] = 12 * n + spectra_peak_bytes(cfg, rows, uses_math_attention(cfg.model, device, 4))
     return phases
 
@@ -203,9 +203,11 @@ def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int, capability:
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
 
+SPECTRA_GROUP_ROWS = 64  # the largest group the spectra's pass is planned in (pico-train accumulates over groups of 8)
+
 def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
     "Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; 0 if one row does not."
-    rows, n, math = cfg.spectra.grad_rows, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
+    rows, n, math = cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
     if cfg.spectra.grad_batch: return min(cfg.spectra.grad_batch, rows)
     largest = largest_fitting(lambda r: 12 * n + spectra_peak_bytes(cfg, r, math), rows, capacity, device)
     return -(-rows // -(-rows // largest)) if largest else 0
@@ -252,7 +254,7 @@ def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str,
     "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; '' if both fit."
     n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing
     math, spectra_math = uses_math_attention(cfg.model, device, a), uses_math_attention(cfg.model, device, 4)
-    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows
+    spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS
     checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math), "eval.every=0"),
               ("spectra", "spectra.grad_batch", spectra_rows, lambda r: spectra_peak_bytes(cfg, r, spectra_math),
                "spectra.every=0" if ck else "train.activation_checkpointing=true"))
@@ -273,13 +275,17 @@ def step_cost(cfg: Config) -> tuple[int, float, float]:
     flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * ar_flops(mc, ar_tokens, T))
     return tc.global_batch * T, tokens, flops
 
+WHOLE_SPLIT_ROWS = 1024  # the time estimate's guess at a whole evaluation split, in rows (or documents) of data.seq_len
+
 def wall_time(cfg: Config, flops_per_step: float, gpus: int, tflops: float | None, mfu: float) -> tuple:
-    "(seconds per optimizer step, hours for the run with its evaluations) at `mfu` of `tflops` per device; Nones without a peak."
+    "(seconds per optimizer step, hours for the run with its monitoring) at `mfu` of `tflops` per device; Nones without a peak."
     if not tflops: return None, None
-    rate = gpus * tflops * 1e12 * mfu
-    evals = cfg.train.steps // cfg.eval.every if cfg.eval.every else 0
-    eval_flops = cfg.eval.max_rows * ar_flops(cfg.model, cfg.data.seq_len, cfg.data.seq_len) / 3  # forward only
-    return flops_per_step / rate, (cfg.train.steps * flops_per_step + evals * eval_flops) / rate / 3600
+    rate, T = gpus * tflops * 1e12 * mfu, cfg.data.seq_len
+    times = lambda every: cfg.train.steps // every + 1 if every else 0  # step 0 too
+    row = ar_flops(cfg.model, T, T)  # forward + backward of one row
+    monitoring = (times(cfg.eval.every) * (cfg.eval.max_documents or WHOLE_SPLIT_ROWS) * row / 3  # forward only
+                  + times(cfg.spectra.every) * (cfg.spectra.grad_rows or WHOLE_SPLIT_ROWS) * row)
+    return flops_per_step / rate, (cfg.train.steps * flops_per_step + monitoring) / rate / 3600
 
 SAFETENSORS_PER_TENSOR, STATE_PER_TENSOR, RNG_STATE = 128, 900, 5056  # bytes, measured on real checkpoints below
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoints import checkpoint_due
 from .collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from .config import Config, ConfigError, ensure_writable
-from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_rows
+from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from .device import cuda_capability, peak_memory_gib, reset_peak_memory
 from .lm_loss import next_token_backward
 from .maml import MAMLHead, maml_step
@@ -102,7 +102,9 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     model.activation_checkpointing = tc.activation_checkpointing
     params = [*model.parameters(), *head.parameters()]
     train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size, block_rows=tc.branch_batch)
-    eval_rows = read_eval_rows(cfg.data, cfg.eval.max_rows, cfg.model.vocab_size) if cfg.eval.every or cfg.spectra.every else None
+    vocab, evaluated = cfg.model.vocab_size, dict(spectra_batch=plan.spectra_batch)  # what monitor() evaluates on, read once
+    if cfg.eval.every: evaluated["documents"] = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
+    if cfg.spectra.every: evaluated["spectra_rows"] = read_eval_rows(cfg.data, cfg.spectra.grad_rows, vocab)
     sources = {False: (train_rows, rows_per_rank, tc.seed)}  # is an episode -> (source, rows per rank, seed of its order)
     if cfg.maml.rho > 0:
         pool_rows = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size, cfg.smlmt.pool_rows)
@@ -114,8 +116,8 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
     start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
     if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
-    else: monitor(fabric, cfg, run_dir, model, eval_rows, start, fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0),
-                  spectra_batch=plan.spectra_batch)
+    due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
+    monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses = deque(maxlen=20)
     try:
@@ -156,7 +158,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             if checkpoint_due(step + 1, cfg.checkpoint, tc.steps):
                 save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
-            monitor(fabric, cfg, run_dir, model, eval_rows, step + 1, monitoring_due(cfg, step + 1), spectra_batch=plan.spectra_batch)
+            monitor(fabric, cfg, run_dir, model, step + 1, monitoring_due(cfg, step + 1), **evaluated)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
     finally: ahead.close()

@@ -35,7 +35,7 @@ def bf16_config(data: Path, runs: Path, steps: int):
         f"train.steps={steps}", "train.global_batch=8", "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=1", "train.seed=3",
         "train.precision=bf16-mixed", "train.device=cpu", "checkpoint.every=2", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
         "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2", "eval.every=2",
-        "eval.max_rows=16", "eval.batch_size=8", "spectra.every=2", "spectra.grad_rows=4", "spectra.grad_batch=2",
+        "eval.max_documents=16", "eval.batch_size=8", "spectra.every=2", "spectra.grad_rows=4", "spectra.grad_batch=2",
         f"logging.runs_dir={runs}", "logging.run_name=bf16", "logging.progress_bar=false"])
 
 

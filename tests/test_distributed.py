@@ -51,7 +51,7 @@ def tiny(data, runs, name, *overrides):
             f"data.tokenizer_path={TOKENIZER}", "train.steps=3", "train.global_batch=8", "train.lr=1e-2",
             "train.warmup_steps=2", "checkpoint.every=1", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
             "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2",
-            "eval.every=2", "eval.max_rows=16", "eval.batch_size=8", "spectra.every=0", f"logging.runs_dir={runs}",
+            "eval.every=2", "eval.max_documents=16", "eval.batch_size=8", "spectra.every=0", f"logging.runs_dir={runs}",
             f"logging.run_name={name}", "logging.progress_bar=false", *overrides]
 
 

@@ -87,7 +87,7 @@ def is_usage_pattern(command: str) -> bool:
 
 
 RUNS = str(REHEARSE.relative_to(ROOT))
-SMALL = ["train.steps=2", "model.n_layers=2", "eval.max_rows=8", "logging.progress_bar=false"]  # a printed launch, fewer steps and blocks
+SMALL = ["train.steps=2", "model.n_layers=2", "eval.max_documents=8", "logging.progress_bar=false"]  # a printed launch, fewer steps and blocks
 COVERED = {  # printed commands another test runs (or whose exact work it runs, shrunk), by that test
     "make demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
     "python -m picomaml.pipeline demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
