@@ -48,7 +48,8 @@ def make_runs(root: Path) -> Path:
             {"step": s, "loss": 9.0 - s / 10 + offset, "ar_loss": None if (arm == "maml" and s % 2) else 9.0 - s / 10 + offset,
              "query_acc": 0.03 + s / 1000 if arm == "maml" else None, "support_acc": 0.05 if arm == "maml" else None,
              "head_w_mean": 0.0 if arm == "maml" else None, "head_w_std": 0.1 if arm == "maml" else None,
-             **({"paloma_ppl": 500.0 - s - 100 * offset} if s % 10 == 0 else {})} for s in range(1, 41)])
+             **({"paloma_ppl": 500.0 - s - 100 * offset, "paloma_doc_ppl": 510.0 - s - 100 * offset} if s % 10 == 0 else {})}
+            for s in range(1, 41)])
     records = [{"pretraining_run": f"demo-{arm}", "checkpoint": f"runs/demo-{arm}/checkpoints/step_{step:06d}", "head": "linear",
                 "regime": regime, "dataset": dataset, "dev_f1": 0.5, "test_f1": f1 if step == 40 else {k: 0.99 for k in f1},
                 "test_strict_f1": f1, "per_tag_f1": {k: {"PER": v, "LOC": v / 2, "ORG": 0.0} for k, v in f1.items()},
@@ -129,8 +130,12 @@ def test_table2_equals_a_recomputation_from_the_metrics(filled):
     out, _ = filled
     table2 = pd.read_csv(out / "tables" / "p1_table2_loss_paloma.csv", dtype=str, keep_default_na=False).set_index("model")
     maml_loss = np.mean([9.0 - s / 10 for s in (38, 40)])  # next-token steps among the last 4 (odd steps were episodes)
-    assert table2.loc["demo-maml", "train loss"] == f"{maml_loss:.2f}" and table2.loc["demo-maml", "Paloma ppl (token-weighted)"] == "460.00"
-    assert table2.loc["demo-vanilla", "step"] == "40" and table2.loc["demo-vanilla", "Paloma ppl (token-weighted)"] == "360.00"
+    objective = np.mean([9.0 - s / 10 for s in (37, 38, 39, 40)])  # the logged objective of every step
+    assert table2.loc["demo-maml", "train loss: next-token CE (language modelling)"] == f"{maml_loss:.2f}"
+    assert table2.loc["demo-maml", "train loss: logged objective (the paper's)"] == f"{objective:.2f}"
+    assert table2.loc["demo-maml", "Paloma ppl: token-weighted"] == "460.00"
+    assert table2.loc["demo-maml", "Paloma ppl: per-document mean (the paper's)"] == "470.00"
+    assert table2.loc["demo-vanilla", "step"] == "40" and table2.loc["demo-vanilla", "Paloma ppl: token-weighted"] == "360.00"
 
 
 def test_rerun_on_unchanged_inputs_is_byte_identical(filled):
