@@ -147,6 +147,18 @@ assert len(OUTPUTS) == 31 and all(stem.startswith(key + "_") for key, stem in OU
 assert output_files("p1_table2") == ["p1_table2_loss_paloma.md", "p1_table2_loss_paloma.tex", "p1_table2_loss_paloma.csv"]
 
 # %% [markdown]
+# A relative-change cell (paper 1's "(%)" tables) carries the two absolute F1 it was computed from,
+# `(F1 <maml> vs <vanilla>)`, and the mark `NEAR_ZERO_BASE` when the vanilla F1's 95 % interval
+# reaches below `NEAR_ZERO_F1`: there one entity span more or less moves the ratio by tens of percent,
+# so the report and `make compare` read such a cell by its absolute F1, not its ratio. Both live here
+# because the report notebooks write the mark and the dev tools (which import no plotting) read it.
+
+# %%
+#| export
+NEAR_ZERO_F1 = 0.02  # absolute F1: a vanilla base whose interval reaches below it is within noise of zero
+NEAR_ZERO_BASE = "base ≈ 0"
+
+# %% [markdown]
 # ## Checkpoint directories
 #
 # A run's checkpoints are `checkpoints/step_NNNNNN/` (six digits, zero-padded, so names sort by

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from picomaml.config import DataConfig, ensure_writable, run_command
+from picomaml.config import ConfigError, DataConfig, ensure_writable, run_command
 from picomaml.tokenizer import PicoTokenizer, load_tokenizer
 
 # %%
@@ -320,29 +320,33 @@ for split in ("train", "eval"):
 # expected and actual row length, an id outside the vocabulary. `check_rows` does this for one block
 # of rows given as parquet list offsets and flat values (how pyarrow hands them over); `list_rows`
 # applies it to an Arrow list column, as both the shard reader and the streamed reader get one.
+# `keep` takes the last `keep` ids of each checked row: a source whose rows are longer than a
+# training sequence (`data.row_len`; the released trainer read the last 512 ids of pretokenized-dolma's
+# 2,049-id rows) is read in its own layout and cropped as it is read, never rewritten.
 
 # %%
 #| export
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
-    "Validate a block of list rows; return it as an int64 (rows, row_len) array."
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+               keep: int | None = None) -> np.ndarray:
+    "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
     bad = np.flatnonzero(lengths != row_len)
     if len(bad):
-        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (seq_len + 1); "
-                         f"data.seq_len must match the shards")
+        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (data.row_len, or "
+                         f"data.seq_len + 1 when it is 0); data.seq_len and data.row_len must match the shards")
     values = values[offsets[0]:offsets[-1]].astype(np.int64)
     out_of_range = np.flatnonzero((values < 0) | (values >= vocab_size))
     if len(out_of_range):
         row = first_row + out_of_range[0] // row_len
         raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, outside the vocabulary 0..{vocab_size - 1}; "
                          f"were these shards made with another tokenizer?")
-    return values.reshape(-1, row_len)  # (rows, row_len)
+    return np.ascontiguousarray(values.reshape(-1, row_len)[:, row_len - (keep or row_len):])  # (rows, keep)
 
-def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
-    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, row_len) array."
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0, keep: int | None = None) -> np.ndarray:
+    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep)
 
 
 # %%
@@ -352,6 +356,8 @@ raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet",
 raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet", "row 1", "id 50280")
 column = pa.chunked_array([pa.array([[0, 1], [2, 3], [4, 5]], ROW_TYPE).slice(1), pa.array([[6, 7]], ROW_TYPE)])
 assert list_rows(column, 2, 10, "x").tolist() == [[2, 3], [4, 5], [6, 7]]
+assert list_rows(column, 2, 10, "x", keep=1).tolist() == [[3], [5], [7]]  # each row's last id
+assert check_rows(np.array([0, 5, 10]), np.arange(10), 5, 10, "x", keep=3).tolist() == [[2, 3, 4], [7, 8, 9]]
 raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7")
 
 
@@ -366,8 +372,8 @@ raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7
 #| export
 class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
-    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8):
-        self.directory, self.row_len, self.vocab_size = Path(directory), row_len, vocab_size
+    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8, keep: int | None = None):
+        self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
         if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
                                                                 f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
         self.files = sorted(self.directory.glob("*.parquet"))
@@ -391,7 +397,7 @@ class ShardRows:
             fi, g, start, _ = self.groups[k]
             column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file, keep=self.keep)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -412,7 +418,8 @@ with tempfile.TemporaryDirectory() as tmp:
     assert len(rows) == 7 and rows.rows([6, 0, 4, 5]).tolist() == [[6] * 3, [0] * 3, [4] * 3, [5] * 3]
     assert rows.rows([1]).dtype == torch.long
     raises(lambda: ShardRows(d / "missing", 3), "missing", "does not exist")
-    raises(lambda: ShardRows(d, row_len=4, vocab_size=100).rows([0]), "a.parquet", "row 0", "has 3 ids, expected 4")
+    raises(lambda: ShardRows(d, row_len=4, vocab_size=100).rows([0]), "a.parquet", "row 0", "has 3 ids, expected 4", "data.row_len")
+    assert ShardRows(d, row_len=3, vocab_size=100, keep=2).rows([6, 1]).tolist() == [[6, 6], [1, 1]]
     raises(lambda: ShardRows(d, row_len=3, vocab_size=6).rows([5]), "b.parquet", "row 1", "id 6")  # its row group is checked whole
     write_shard([[1, 2, 3], [1, 2]], d / "c.parquet")
     raises(lambda: ShardRows(d, row_len=3, vocab_size=100).rows([8]), "c.parquet", "row 1", "has 2 ids, expected 3")
@@ -513,10 +520,11 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
     def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
         self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
+        self.keep = keep  # the last ids of each row that are used; None: all
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
@@ -552,7 +560,7 @@ class StreamedRows:
             table = parquet.read_row_groups(groups, columns=["input_ids"])
         self.rows_read += len(table)
         column = table.column("input_ids").slice(first - starts[groups[0]], last - first)
-        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first)
+        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first, keep=self.keep)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
         "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
@@ -575,7 +583,8 @@ class StreamedRows:
         stream = self.dataset.with_format("arrow")
         tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
-        return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
+        ids = pa.concat_tables(tables).column("input_ids")
+        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})", keep=self.keep))
 
 
 # %% [markdown]
@@ -661,12 +670,17 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local
     return getattr(data_cfg, f"{split}_hub")
 
-def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None) -> ShardRows | StreamedRows:
+def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None,
+              crop: bool = True) -> ShardRows | StreamedRows:
     "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
-    if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
+    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1  # a longer stored row is cropped to its last ids
+    if stored < used: raise ConfigError(f"data.row_len={stored} is shorter than data.seq_len + 1 = {used}: a row must hold a whole "
+                                        f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
+    keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
+    if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file, block_rows)
+    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows, keep=keep)
 
 
 # %%
@@ -687,6 +701,11 @@ with tempfile.TemporaryDirectory() as tmp:
         assert resolve_data_source(hub_cfg, "train") == str(hub) and resolve_data_source(hub_cfg, "eval") == "x/y"
         streamed = open_rows(hub_cfg, "train", vocab_size=100, block_rows=4)
         assert isinstance(streamed, StreamedRows) and streamed.rows_per_file == 8 and torch.equal(streamed.read_range(4, 2), full[[1, 3]])
+        # the eval shard's 3-id row read as a 1-token sequence: stored rows of data.row_len 3, the last seq_len + 1 = 2 ids used
+        assert open_rows(DataConfig(seq_len=1, row_len=3), "eval").rows([0]).tolist() == [[2, 3]]
+        assert open_rows(DataConfig(seq_len=1, row_len=3), "eval", crop=False).rows([0]).tolist() == [[1, 2, 3]]
+        raises(lambda: open_rows(DataConfig(seq_len=1, row_len=4), "eval").rows([0]), "has 3 ids, expected 4", "data.row_len")
+        raises(lambda: open_rows(DataConfig(seq_len=3, row_len=2), "eval"), "data.row_len=2 is shorter than data.seq_len + 1 = 4")
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -891,8 +910,9 @@ ahead.close()
 # streamed again at every evaluation: all of it (`eval.max_documents = 0`, pico-train's choice), or
 # its first documents when a run bounds the evaluation on purpose (the CPU demo). The spectra's
 # gradients come from the same split's packed rows (`read_eval_rows`: its first `spectra.grad_rows`
-# rows, 0 for all). A streamed split is read from its first row, in order, and `data.rows_per_file`
-# does not apply.
+# rows, 0 for all, cropped like training rows when `data.row_len` is longer; the documents are always
+# read from whole rows). A streamed split is read from its first row, in order, and
+# `data.rows_per_file` does not apply.
 
 # %%
 #| export
@@ -903,9 +923,9 @@ def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torc
     starts = [0] + [e + 1 for e in ends[:-1]]
     return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
 
-def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all of them), read once: (n, seq_len + 1) LongTensor."
-    source = open_rows(data_cfg, "eval", vocab_size)
+def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280, crop: bool = True) -> torch.Tensor:
+    "The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor (crop=False: whole rows)."
+    source = open_rows(data_cfg, "eval", vocab_size, crop=crop)
     if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
     return source.head(max_rows or None)
 
@@ -913,7 +933,7 @@ def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, 
     "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
     rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
     while True:
-        read = read_eval_rows(data_cfg, rows, vocab_size)
+        read = read_eval_rows(data_cfg, rows, vocab_size, crop=False)  # documents are packed into the whole stored rows
         documents = packed_documents(read, data_cfg.eos_id, max_len)
         if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
         rows *= 2
@@ -942,6 +962,11 @@ with tempfile.TemporaryDirectory() as tmp:
     assert read_eval_rows(local, 5, 100)[:, 0].tolist() == list(range(5)) and len(read_eval_rows(local, 50, 100)) == 7
     # ids 0 0 1 1 2 2 3 3 4 4 5 5 6 6: EOS 3 closes [0 0 1 1 2 2] and [] (too short), [4 4 5 5 6 6] is unfinished
     assert [d.tolist() for d in read_eval_documents(local, 0, 100, 100)] == [[0, 0, 1, 1, 2, 2]]
+with tempfile.TemporaryDirectory() as tmp:  # rows of 3 stored ids read as 1-token sequences: the documents come from whole rows
+    write_shard([[0, 1, 3], [4, 5, 3]], Path(tmp) / "a.parquet")
+    cropped = DataConfig(eval_path=tmp, seq_len=1, row_len=3, eos_id=3)
+    assert read_eval_rows(cropped, 0, 100).tolist() == [[1, 3], [5, 3]]
+    assert [d.tolist() for d in read_eval_documents(cropped, 0, 100, 100)] == [[0, 1], [4, 5]]
 streamed = DataConfig(source="hub", eval_hub=str(hub), eval_hub_split="train", seq_len=1, eos_id=3)
 assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 0, 100), full)  # 0: the whole split
 assert len(read_eval_documents(streamed, 1, 100, 100)) == 1  # read until the first document is closed

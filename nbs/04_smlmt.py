@@ -28,11 +28,14 @@
 # when the word occurs twice in a window, masking only one would leave the answer in plain sight (on
 # the demo pool about 5 % of windows did), whereas Bansal et al. remove the word from the sentence.
 #
-# What we deliberately do **not** copy from the released trainer: it masked the *same
-# positions in every row*, clamped every non-class token to class 0 (so the query token was often one
-# of them), and built episodes per rank from per-rank data. Here every example is its own occurrence
-# with its own window, labels are exactly 0..N−1, and the episode is a pure function of the gathered
-# pool and `(seed, step)`, so every rank builds the same one.
+# What we deliberately do **not** copy from the released trainer: its masked positions were random
+# positions of the rows, not occurrences of chosen words, so its "classes" were whatever tokens sat
+# there (`docs/released-trainer.md`, departure 13). Here every example is its own occurrence with its
+# own window, labels are exactly 0..N−1, and the episode is a pure function of its pool and
+# `(seed, step)`. Two of its choices are options, for the `released-*` presets: the query set may be
+# the support set itself (`query_source = "support"`, departure 11), and each rank may build its own
+# episode from its own rows (`smlmt.episode_scope`, departure 10; the training loop's matter,
+# `06_train`); by default the episode comes from the pool gathered over ranks, identical on every rank.
 
 # %%
 #| default_exp smlmt
@@ -324,13 +327,17 @@ assert _ids.tolist() == [[99, 3, 99, 4, 99]] and _mp.tolist() == [2] and _ro.tol
 class EpisodeError(ConfigError):
     "The pool cannot supply the requested SMLMT episode; the message names the settings to change."
 
+def occurrences_needed(cfg: SMLMTConfig) -> int:
+    "Windows a class needs: K support and Q query, or only K when the query set is the support set."
+    return cfg.k_shot + (cfg.q_query if cfg.query_source == "disjoint" else 0)
+
 def too_few_words(pool_shape, cfg: SMLMTConfig, n_often: int, n_ready: int) -> EpisodeError:
-    "The error for a pool with fewer than n_way words that have k_shot + q_query free windows."
+    "The error for a pool with fewer than n_way words that have the windows a class needs."
     R, L = pool_shape
-    need = cfg.k_shot + cfg.q_query
+    need, what = occurrences_needed(cfg), "k_shot + q_query" if cfg.query_source == "disjoint" else "k_shot"
     return EpisodeError(
         f"SMLMT: a pool of {R} x {L} = {R * L:,} tokens has {n_often} eligible single-token words with >= "
-        f"k_shot + q_query = {need} occurrences, and only {n_ready} with {need} non-overlapping windows of "
+        f"{what} = {need} occurrences, and only {n_ready} with {need} non-overlapping windows of "
         f"{cfg.window} tokens; smlmt.n_way = {cfg.n_way} are needed. Give the episode more text "
         f"(raise smlmt.pool_rows or data.seq_len) or ask for less (lower smlmt.n_way, smlmt.k_shot, "
         f"smlmt.q_query or smlmt.window; lower smlmt.exclude_top or smlmt.min_word_chars).")
@@ -347,6 +354,9 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
         raise ValueError(f"pool must be a 2-D LongTensor (rows, tokens), got {tuple(pool.shape)} {pool.dtype}")
     if min(cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window) < 1 or cfg.readout not in ("last", "mask"):
         raise EpisodeError(f"smlmt.n_way, k_shot, q_query and window must be >= 1 and readout 'last' or 'mask'; got {cfg}")
+    if cfg.query_source == "support" and cfg.q_query != cfg.k_shot:
+        raise EpisodeError(f"smlmt.query_source=support makes the query set the support set, so smlmt.q_query "
+                           f"({cfg.q_query}) must equal smlmt.k_shot ({cfg.k_shot})")
     if pool.shape[1] < cfg.window:
         raise EpisodeError(f"pool rows have {pool.shape[1]} tokens, fewer than smlmt.window = {cfg.window}; "
                            f"lower smlmt.window or raise data.seq_len")
@@ -390,12 +400,12 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
                   special_ids, mask_id: int = 50280, seed: int = 0, step: int = 0) -> Episode:
     "The N-way K-shot SMLMT episode of `(seed, step)` from a pool of token rows (R, L), identical on every rank."
     check_episode_inputs(pool, cfg, word_start, alpha_len, mask_id)
-    dev, (R, L), V, need = pool.device, pool.shape, len(word_start), cfg.k_shot + cfg.q_query
+    dev, (R, L), V, need = pool.device, pool.shape, len(word_start), occurrences_needed(cfg)
     cand = candidate_mask(pool, word_start.to(dev), alpha_len.to(dev), list(special_ids) + [mask_id],
                           cfg.min_word_chars, cfg.exclude_top)
     rows, cols = cand.nonzero(as_tuple=True)                                   # (n,), (n,)
     words = pool[rows, cols]
-    often = torch.bincount(words, minlength=V)[words] >= need                 # the word occurs >= K+Q times
+    often = torch.bincount(words, minlength=V)[words] >= need                 # the word occurs >= K+Q (or K) times
     rows, cols, words = rows[often], cols[often], words[often]
     gen = episode_generator(seed, step)
     word_order = torch.randperm(V, generator=gen).to(dev)                      # (V,) class order
@@ -411,20 +421,24 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     label_of[class_ids] = torch.arange(cfg.n_way, device=dev)
     chosen = kept & (label_of[words] < cfg.n_way)
     labels, rows, cols = label_of[words[chosen]], rows[chosen], cols[chosen]
-    order = torch.argsort(labels * (len(words) + 1) + occ_order[chosen]).view(cfg.n_way, need)  # (N, K+Q)
+    order = torch.argsort(labels * (len(words) + 1) + occ_order[chosen]).view(cfg.n_way, need)  # (N, K+Q) or (N, K)
     return assemble_episode(pool, cfg, mask_id, rows[order], cols[order], class_ids)
 
 
 # %% [markdown]
-# The last step cuts the support (first K of each class) and query (the other Q) windows.
+# The last step cuts the support (first K of each class) and query (the other Q) windows. With
+# `query_source = "support"` (the released trainer's episodes, `docs/released-trainer.md`) there are
+# only K windows per class and the query set is the support set itself: the query loss is then
+# measured on the very examples the head was adapted on.
 
 # %%
 #| export
 def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids) -> Episode:
-    "An Episode from per-class occurrences rows, cols (N, K+Q): first K support, last Q query."
+    "An Episode from per-class occurrences rows, cols (N, K+Q): first K support, last Q query (or the support again)."
     N, K = len(class_ids), cfg.k_shot
     parts = {}
-    for name, sl in (("support", slice(0, K)), ("query", slice(K, None))):
+    query = slice(0, K) if cfg.query_source == "support" else slice(K, None)
+    for name, sl in (("support", slice(0, K)), ("query", query)):
         r, c = rows[:, sl].reshape(-1), cols[:, sl].reshape(-1)                # (N*K,) or (N*Q,)
         ids, readout, mask_pos = cut_windows(pool, r, c, cfg.window, mask_id, cfg.readout)
         labels = torch.arange(N, device=pool.device).repeat_interleave(rows[:, sl].shape[1])
@@ -444,10 +458,12 @@ def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids
 def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id: int) -> list[str]:
     "The invariants `ep` breaks (shapes, masks exactly on the class word, windows = pool text, disjoint windows)."
     N, K, Q, W = cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window
-    ids = torch.cat([ep.support_ids, ep.query_ids])                              # (N*(K+Q), W)
-    pos = torch.cat([ep.support_pos, ep.query_pos])                              # (N*(K+Q), 2)
-    labels = torch.cat([ep.support_labels, ep.query_labels])
-    mask_pos, readout = torch.cat([ep.support_mask_pos, ep.query_mask_pos]), torch.cat([ep.support_readout, ep.query_readout])
+    shared = cfg.query_source == "support"  # the query set is the support set: check it once, and that they are equal
+    parts = ("support",) if shared else ("support", "query")
+    ids = torch.cat([getattr(ep, f"{p}_ids") for p in parts])                    # (N*(K+Q), W) or (N*K, W)
+    pos = torch.cat([getattr(ep, f"{p}_pos") for p in parts])                    # (.., 2)
+    labels = torch.cat([getattr(ep, f"{p}_labels") for p in parts])
+    mask_pos, readout = (torch.cat([getattr(ep, f"{p}_{k}") for p in parts]) for k in ("mask_pos", "readout"))
     word = ep.class_ids[labels.clamp(0, N - 1)]                                  # (N*(K+Q),) each window's class word
     starts = pos[:, 1] - mask_pos
     text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]  # (N*(K+Q), W)
@@ -467,6 +483,8 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
         "no window shows its class word": not bool((ids == word[:, None]).any()),
         "no two windows overlap": not bool(overlap.any()),
         "readout": bool((readout == (mask_pos if cfg.readout == "mask" else W - 1)).all()),
+        "query set as configured": not shared or all(torch.equal(getattr(ep, f"support_{k}"), getattr(ep, f"query_{k}"))
+                                                     for k in ("ids", "labels", "readout", "pos")),
     }
     return [name for name, ok in checks.items() if not ok]
 
@@ -503,6 +521,22 @@ _bad = copy.deepcopy(_ep); _bad.support_labels[0] = (_bad.support_labels[0] + 1)
 assert "masked token is the class word" in episode_problems(_bad, _toy_pool, _toy_cfg, 99)
 _bad = copy.deepcopy(_ep); _bad.query_pos[0] = _bad.support_pos[0]; _bad.query_mask_pos[0] = _bad.support_mask_pos[0]
 assert "no two windows overlap" in episode_problems(_bad, _toy_pool, _toy_cfg, 99)
+
+# %% [markdown]
+# The released trainer's reading (`query_source = "support"`): K windows per class, the query set is
+# the support set, every invariant still holds; an episode whose query set differs from its support
+# set is caught, and asking for Q ≠ K is an error naming both settings.
+
+# %%
+from dataclasses import replace
+
+_released_cfg = SMLMTConfig(n_way=3, k_shot=2, q_query=2, window=5, min_word_chars=3, exclude_top=1, query_source="support")
+_rep = build_episode(_toy_pool, _released_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, mask_id=99, seed=42, step=0)
+assert episode_problems(_rep, _toy_pool, _released_cfg, 99) == [] and torch.equal(_rep.query_ids, _rep.support_ids)
+assert _rep.support_ids.shape == (6, 5) and torch.equal(_rep.query_labels, _rep.support_labels)
+assert episode_problems(_ep, _toy_pool, replace(_toy_cfg, query_source="support"), 99) == ["query set as configured"]
+_raises(lambda: build_episode(_toy_pool, replace(_released_cfg, q_query=1), _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99),
+        "smlmt.q_query (1) must equal smlmt.k_shot (2)")
 
 # %% [markdown]
 # Determinism: the same `(seed, step)` gives the identical episode; another step (or seed) another one.

@@ -63,7 +63,7 @@ from picomaml.model import PicoDecoder
 # Glorot-uniform weights and zero biases, our reading (`docs/settings.md`); `default` keeps
 # PyTorch's initialisation.
 #
-# `head_output="vocab"` reproduces the released trainer (`docs/released-trainer.md`, departure 7):
+# `head_output="vocab"` reproduces the released trainer (`docs/released-trainer.md`, departure 8):
 # its last layer has `vocab_size` outputs and an episode's class logits are the columns of its
 # `class_ids`. Only the `released` preset uses it.
 
@@ -157,7 +157,7 @@ assert torch.equal(readout_features(h, torch.tensor([2, 0])), torch.tensor([[4.,
 # $z_S$ is the same tensor at every inner step, and the inner-loop gradient needs nothing of
 # the backbone beyond its value. Computing $z_S$ once, without a graph, is therefore exact, and
 # it is the backbone forward that dominates the cost: the released trainer re-ran it for every
-# one of the ten inner steps (`docs/released-trainer.md`, departure 10). First-order MAML also never
+# one of the ten inner steps (`docs/released-trainer.md`, departure 14). First-order MAML also never
 # differentiates the support loss with respect to $\theta$ (that term appears only in second-order
 # MAML, through $\partial\phi_T/\partial\theta$), so the support forward needs no autograd graph
 # either.
@@ -704,18 +704,19 @@ accuracy
 # - **Vocabulary-indexed head.** Its last head layer had `vocab_size` outputs, with class logits read
 #   at the class ids. Reproduced by `head_output="vocab"` (the `released` preset); the papers' head
 #   has N outputs.
-# - **Class-0 clamping.** Its SMLMT labels mapped every non-class token to class 0 (the query token
-#   often among them). That is episode construction (`picomaml.smlmt`); here the labels are exactly
-#   0..N−1, one per window, and are not clamped.
+# - **Random positions, not word classes.** Its episodes masked random positions of the rows and
+#   labelled them with whatever token sat there. That is episode construction (`picomaml.smlmt`,
+#   `docs/released-trainer.md` departure 13); here the labels are exactly 0..N−1, one per window.
 # - **Inner learning rate 0.01**, not the paper's 1e-3 (`maml.inner_lr` in the `released` preset).
-# - **Head gradient.** It kept the last *support* gradient in the head's `.grad` and zeroed the
-#   head gradients accumulated by earlier micro-batches. Here the head receives the first-order
+# - **Head gradient.** Its inner-loop backward passes also added support gradients to the backbone,
+#   and it set the head's `.grad` to `None` after every inner step, discarding the head gradients
+#   earlier micro-batches had accumulated (departure 15). Here the head receives the first-order
 #   *query* gradient at phi_T, added to whatever `.grad` already holds (tested above).
-# - **Head dropout never applied** (its YAML key was silently dropped), so the `released` preset
-#   should set `maml.head_dropout=0`.
+# - **Head dropout never applied**: the key was loaded but no `Dropout` layer built (departure 7), so
+#   the `released` presets set `maml.head_dropout=0`.
 # - **Initialisation.** It applied Xavier to the head's weight matrices and left biases at PyTorch's
 #   default; here `xavier` also zeroes the biases (the Glorot convention).
-# - **Per-rank episodes and no inner-loop barrier discipline** are the training loop's matter; this
+# - **Per-rank episodes** are the training loop's matter (`smlmt.episode_scope`, `06_train`); this
 #   step only guarantees that ranks given the same gathered features and `inner_seed` run the
 #   identical inner loop, and it communicates nothing itself.
 

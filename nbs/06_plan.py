@@ -400,8 +400,9 @@ print(f"pico-large, one 2,048-token row in bf16: {chunk_peak_bytes(_large, 1, 20
 def episode_peak_bytes(cfg: Config, gpus: int, a: int, math: bool = False) -> int:
     "Peak bytes of one MAML episode on a rank above the persistent state: pool, support forward, query backward, head."
     mc, sc = cfg.model, cfg.smlmt
-    pool = 64 * (sc.pool_rows or cfg.train.branch_batch) * (cfg.data.seq_len + 1)
-    support_rows, query_rows = -(-sc.n_way * sc.k_shot // gpus), -(-sc.n_way * sc.q_query // gpus)
+    split = 1 if sc.episode_scope == "rank" else gpus  # a rank's own episode is not split over ranks; its pool is its rows
+    pool = 64 * (sc.pool_rows or cfg.train.branch_batch) // (gpus // split) * (cfg.data.seq_len + 1)
+    support_rows, query_rows = -(-sc.n_way * sc.k_shot // split), -(-sc.n_way * sc.q_query // split)
     w_blocks = (2 if a < 4 else 0) * mc.n_layers * _block_params(mc)
     scores = 2 * attention_probs_bytes(mc, support_rows, sc.window) if math else 0
     support = w_blocks + block_saved_bytes(mc, support_rows * sc.window, a) + scores  # no graph: one block at a time
@@ -629,11 +630,12 @@ def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str,
 
 # %%
 #| export
-def step_cost(cfg: Config) -> tuple[int, float, float]:
-    "(data tokens, expected tokens through the model, expected FLOPs) of one optimizer step over all devices."
+def step_cost(cfg: Config, gpus: int = 1) -> tuple[int, float, float]:
+    "(data tokens, expected tokens through the model, expected FLOPs) of one optimizer step over all `gpus` devices."
     tc, sc, mc, T = cfg.train, cfg.smlmt, cfg.model, cfg.data.seq_len
     draws, rho = tc.global_batch / tc.branch_batch, cfg.maml.rho
-    support, query = sc.n_way * sc.k_shot * sc.window, sc.n_way * sc.q_query * sc.window
+    episodes = gpus if sc.episode_scope == "rank" else 1  # episodes per MAML draw: one per rank, or one gathered
+    support, query = episodes * sc.n_way * sc.k_shot * sc.window, episodes * sc.n_way * sc.q_query * sc.window
     ar_tokens = tc.branch_batch * T
     tokens = draws * (rho * (support + query) + (1 - rho) * ar_tokens)
     flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * ar_flops(mc, ar_tokens, T))
@@ -676,6 +678,10 @@ _maml, _van = (load_config(PRESETS_DIR / f"pico-large-{arm}.yaml") for arm in ("
 _tokens, _, _flops = step_cost(_van)
 assert _tokens == 2048 * 2048 and _flops == ar_flops(_van.model, 2048 * 2048, 2048)
 assert 0.5 < step_cost(_maml)[2] / _flops < 0.55
+_per_rank = load_config(PRESETS_DIR / "pico-large-maml.yaml", ["smlmt.episode_scope=rank"])  # one episode per rank and draw
+_episode_flops = lambda cfg, gpus: step_cost(cfg, gpus)[2] - (1 - cfg.maml.rho) * _flops
+assert abs(_episode_flops(_per_rank, 4) / (4 * _episode_flops(_maml, 4)) - 1) < 1e-9 and step_cost(_maml, 4) == step_cost(_maml)
+assert episode_peak_bytes(_per_rank, 4, 2) > episode_peak_bytes(_maml, 4, 2)  # a whole episode on each rank, not a quarter
 _s, _h = wall_time(_van, _flops, 4, 312, 0.4)
 assert _s == _flops / (4 * 312e12 * 0.4) and _h > 6000 * _s / 3600 and wall_time(_van, _flops, 4, None, 0.4) == (None, None)
 
@@ -757,7 +763,7 @@ def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | N
     spectra = choose_spectra_batch(cfg, device, capacity) if cfg.spectra.every else 0
     tensors = phase_bytes(cfg, gpus, device, max(chunk, 1), capability, spectra)
     reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability)
-    tokens, model_tokens, flops = step_cost(cfg)
+    tokens, model_tokens, flops = step_cost(cfg, gpus)
     seconds, hours = wall_time(cfg, flops, gpus, gpu_tflops, mfu)
     disk, n_ckpt = checkpoint_disk(cfg, gpus)
     a = activation_bytes(cfg, device, capability)

@@ -172,7 +172,10 @@ def memory_plan(cfg: Config, world_size: int, device: torch.device) -> Plan:
 # An **episode** (paper 1 App. A, Algorithm 1) reads this rank's rows of the pool and gathers them,
 # builds the episode of (seed, draw) from the identical pool on every rank, and runs
 # `picomaml.maml.maml_step` with the support windows split over ranks (features gathered back) and the
-# query windows split (`06_collectives`).
+# query windows split (`06_collectives`). With `smlmt.episode_scope = "rank"` (the released trainer's
+# reading, `docs/released-trainer.md`) nothing is gathered: each rank builds an episode of the same
+# (seed, draw) from its own rows, adapts its own head copy on it, and the query losses of the ranks'
+# episodes are averaged (each backpropagated at 1/world, summed with the gradients).
 # A **next-token** draw (Algorithm 2) backpropagates this rank's share of the micro-batch's mean loss,
 # chunk by chunk. Both are given this rank's rows (read ahead by the loop) and return this rank's
 # statistics of the draw (`06_monitor` sums them over ranks). Episodes also need the tokenizer's word
@@ -186,17 +189,21 @@ def episode_tables(cfg: Config) -> tuple:
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
 def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, draw: int, accum: int) -> dict:
-    "One MAML episode on the gathered pool of (step, draw), this rank's pool rows `local`; returns this rank's statistics."
+    "One MAML episode of (step, draw) from this rank's pool rows `local`, gathered or on their own; returns this rank's statistics."
     rank, world = fabric.global_rank, fabric.world_size
-    rows = gather_parts(fabric, local.to(fabric.device, non_blocking=True), [len(local)] * world)  # (pool rows, T + 1)
+    own = cfg.smlmt.episode_scope == "rank"  # the released trainer: every rank its own episode, from its own rows
+    rows = local.to(fabric.device, non_blocking=True) if own else gather_parts(fabric, local.to(fabric.device, non_blocking=True),
+                                                                                [len(local)] * world)  # (pool rows, T + 1)
     episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+    share = world if own else 1  # an own episode's query loss is one of `world` averaged (a gathered one is split, then summed)
     with fabric.autocast():
-        out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
-                        support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
-                        loss_scale=1 / accum, inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
-    window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
-    return dict(loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
+        split = {} if own else dict(gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
+                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank))
+        out = maml_step(model, head, episode, cfg.maml, **split, loss_scale=1 / (accum * share),
+                        inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
+    window, my_support = episode.support_ids.shape[1], n_support if own else part_sizes(n_support, world)[rank]
+    return dict(loss=out["loss"] / (accum * share), query_loss=out["loss"] / share, n_maml=1, support_acc=out["support_acc"],
                 query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
                 head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
                 flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
@@ -372,6 +379,40 @@ _head0, _head3 = (load_file(_run / f"checkpoints/step_00000{s}/head.safetensors"
 assert all(not torch.equal(_head0[k], _head3[k]) for k in _head0)
 print(*(f"step {r['step']}: query loss {r['query_loss']:.3f} support acc {r['support_acc']:.2f} query acc {r['query_acc']:.2f}" for r in _log),
       sep="\n")
+
+# %% [markdown]
+# Episodes one per rank (`smlmt.episode_scope = "rank"`, the released trainer's reading). In one
+# process it is the gathered episode exactly (the same rows, nothing to gather): the run's weights and
+# log equal the run above. On two ranks each rank builds its own episode from its own rows and
+# gathers nothing (the stand-in fabric below has no collective at all, so a gather would fail), and
+# the two ranks' gradients and logged query loss are the average of the two one-process episodes.
+
+# %%
+_ranked = train(tiny_config(_runs, "maml.rho=1", "logging.run_name=maml-rank", "train.steps=3", "eval.every=0",
+                            "checkpoint.log_spaced=true", "smlmt.episode_scope=rank"), _fabric)
+_strip = lambda log: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in log]
+assert _strip(read_metrics(_ranked)) == _strip(read_metrics(_run))
+assert all(torch.equal(v, load_file(_ranked / "checkpoints/step_000003/model.safetensors")[k])
+           for k, v in load_file(_run / "checkpoints/step_000003/model.safetensors").items())
+
+# %%
+import contextlib
+from types import SimpleNamespace
+
+_cfg = tiny_config(_runs, "maml.rho=1", "maml.head_dropout=0", "smlmt.episode_scope=rank")
+_tables, _pools = episode_tables(_cfg), open_rows(_cfg.data, "train", _cfg.model.vocab_size).rows(range(128)).split(64)
+def _rank_grads(world: int, rank: int, local) -> tuple[dict, float]:
+    "Gradients and query loss one rank's draw leaves, on a stand-in fabric without collectives."
+    model, head, _ = build_model(_cfg, torch.device("cpu"))  # seeded by train.seed: the same start every call
+    fabric = SimpleNamespace(global_rank=rank, world_size=world, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    out = episode_draw(fabric, _cfg, model, head, local, _tables, step=0, draw=0, accum=1)
+    grads = {f"{i}.{n}": p.grad.clone() for i, m in enumerate((model, head)) for n, p in m.named_parameters() if p.grad is not None}
+    return grads, out["query_loss"]
+_alone = [_rank_grads(1, 0, pool) for pool in _pools]  # each rank's rows as a one-process episode
+_ranks = [_rank_grads(2, r, pool) for r, pool in enumerate(_pools)]
+assert all(torch.allclose(_ranks[0][0][n] + _ranks[1][0][n], (_alone[0][0][n] + _alone[1][0][n]) / 2, atol=1e-7) for n in _alone[0][0])
+assert math.isclose(_ranks[0][1] + _ranks[1][1], (_alone[0][1] + _alone[1][1]) / 2, rel_tol=1e-9)
+assert not all(torch.allclose(_alone[0][0][n], _alone[1][0][n]) for n in _alone[0][0])  # the two ranks' episodes differ
 
 # %% [markdown]
 # A failing evaluation loses nothing: here the Paloma evaluation of step 4 fails (a streamed

@@ -21,7 +21,7 @@
 #
 # Paper 1 §6 (Figures 5–6) tracks the *proportional effective rank* (PER) of attention and
 # feed-forward matrices, for the weights and for their gradients, every 100 steps (paper 1 §3.3).
-# Two departures of the released analysis are fixed here (`docs/released-trainer.md`, departure 15):
+# Two departures of the released analysis are fixed here (`docs/released-trainer.md`, departure 18):
 # gradients come from the **next-token cross-entropy loss** on a fixed evaluation batch, not from
 # `logits.mean()`, and a layer name that matches no matrix is an error instead of a silently empty
 # plot (the released "mlp" filter produced no feed-forward PER at all).
@@ -62,7 +62,7 @@ from picomaml.plan import GIB, choose_spectra_batch, device_memory_gb
 #
 # Roy & Vetterli (2007), as in pico-analyze and paper 1 §6: with $p_i = s_i / \sum_j s_j$ over the
 # singular values, the effective rank is $\mathrm{ER} = \exp(-\sum_i p_i \ln p_i)$ (natural log:
-# pico-analyze's docstring says log2 but its code uses ln; `docs/released-trainer.md`, departure 16)
+# pico-analyze's docstring says log2 but its code uses ln; `docs/released-trainer.md`, departure 19)
 # and $\mathrm{PER} = \mathrm{ER}/n$ with $n$ the number of singular values, $\min(m, n)$ for an
 # $m \times n$ matrix. Zero singular values contribute $0 \ln 0 = 0$. A zero matrix has no
 # spectrum distribution, so its ER and PER are NaN. The condition number is $s_{max}/s_{min}$,

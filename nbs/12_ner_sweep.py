@@ -376,7 +376,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
-        if name in PHILIPPINE: particles[name] = particle_recall(split.sentences, pred)
+        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles), "particles": cfg.particles}
         if st.get("save_predictions") and name in PHILIPPINE:
             side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
@@ -419,11 +419,13 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     tested = {t for j in jobs for t in (job_settings(j).get("test_sets") or TEST_SETS)}
     sources = sorted({j.dataset for j in jobs})
     languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
-    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) for l in languages):
+    current = lambda l: have["zero_shot"].get(l, {}).get("particles", {}).get("particles") == list(ner_cfg.particles)
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) and current(l)
+                                                       for l in languages):
         return
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
     zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
-    new = uner_statistics(train, zero_shot)
+    new = uner_statistics(train, zero_shot, ner_cfg.particles)
     write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 
@@ -720,12 +722,13 @@ with tempfile.TemporaryDirectory() as tmp:
     assert set(side) == {"tl_trg", "tl_ugnayan"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8
     tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe: a NaN read back is another NaN
-    assert (same(r["particle_recall"]["tl_trg"], particle_recall(tl_sentences, side["tl_trg"]["pred"]))
+    assert (same(r["particle_recall"]["tl_trg"], {**particle_recall(tl_sentences, side["tl_trg"]["pred"]), "particles": ["si", "ni"]})
             and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"})
     stats = json.loads(statistics_path(out).read_text())  # the whole splits, not the sweep's capped samples
     sk_train, tagalog = load_split("sk_snk", "train", load_config().ner), tl_trg + load_split("tl_ugnayan", "test", load_config().ner)
     assert same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}}) and len(sk_train) > 16
-    assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"] and same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"], particle_recall(tagalog))
+    assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"]
+    assert same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"], {**particle_recall(tagalog), "particles": ["si", "ni"]})
     assert stats["zero_shot"]["tl_trg+tl_ugnayan"]["oov"] == {"sk_snk": oov_rate(tagalog, sk_train)}
     assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
     assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1  # other settings: a new job

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import ARMS, DEFAULT_SEED, ENTITY_TYPES, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
+from picomaml.names import ARMS, DEFAULT_SEED, ENTITY_TYPES, NEAR_ZERO_BASE, NEAR_ZERO_F1, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %%
 import tempfile
@@ -384,6 +384,39 @@ def mean_replicates(boots) -> np.ndarray | None:
 
 
 # %% [markdown]
+# A language with several test sets (Tagalog: tl_trg and tl_ugnayan) has one micro-F1 when its
+# sentences are pooled: the spans of every sentence of every set counted together, so each entity
+# weighs the same wherever it occurs. The unweighted mean of the sets' F1s would let tl_ugnayan's two
+# PER spans weigh as much as tl_trg's nineteen. `pooled_f1` sums the stored per-sentence counts of the
+# sets, and in each bootstrap replicate their replicate sums (each set's own sentence draw, so pooled
+# scores of two runs stay paired); `tag` gives that tag's F1.
+
+# %%
+#| export
+def summed_counts(counts: dict) -> np.ndarray:
+    "The (types, 3) (correct, predicted, gold) span counts of a run's whole test set, from its per-sentence counts."
+    rows = np.asarray(counts["sentences"], dtype=float).reshape(-1, 1 + 3 * len(ENTITY_TYPES))
+    return rows[:, 1:].sum(0).reshape(len(ENTITY_TYPES), 3)
+
+def pooled_f1(counts_by_set: dict, test_sets, tag: str | None = None, n_boot: int = N_BOOT) -> tuple:
+    "(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); (NaN, None) unless every set has counts."
+    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets): return np.nan, None
+    point = counts_f1(sum(summed_counts(counts_by_set[t]) for t in test_sets), tag)
+    reps = counts_f1(sum(replicate_counts(counts_by_set[t], t, n_boot) for t in test_sets), tag)
+    return float(point), reps
+
+
+# %%
+_two = {"a": {"n": 2, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]},  # set a: one correct PER in two sentences
+        "b": {"n": 3, "sentences": [[1, 0, 1, 3, 0, 0, 0, 0, 0, 0]]}}  # set b: three gold PER, one wrong prediction
+_f1, _reps = pooled_f1(_two, ["a", "b"], n_boot=200)
+assert np.isclose(_f1, 2 * 1 / (2 + 4)) and _reps.shape == (200,)  # pooled: 1 correct of 2 predicted and 4 gold
+assert np.isclose((counts_f1(summed_counts(_two["a"])) + counts_f1(summed_counts(_two["b"]))) / 2, 0.5)  # the mean of sets: 0.5
+assert np.isnan(pooled_f1(_two, ["a", "c"])[0]) and pooled_f1(None, ["a"]) == (pooled_f1(None, ["a"])[0], None)
+assert np.isclose(pooled_f1(_two, ["a", "b"], tag="PER")[0], _f1) and np.isnan(pooled_f1(_two, ["a", "b"], tag="LOC")[0])
+
+
+# %% [markdown]
 # `bootstrap_ci` combines per-seed values with their sentence replicates: in replicate b the seeds
 # are drawn with replacement and their values *in replicate b* averaged, so every drawn seed is read
 # on the same sentence draw. A seed without replicates contributes its value to every replicate; with
@@ -489,6 +522,40 @@ def relative_change(new, base):
 # %%
 assert np.isclose(relative_change(0.55, 0.5), 10.0) and np.isnan(relative_change(0.3, 0.0)) and np.isnan(relative_change(np.nan, 0.5))
 assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
+
+# %% [markdown]
+# A relative-change table cell: from one (MAML, vanilla) pair per pretraining seed, each arm an
+# `(F1, sentence replicates or None)`, the change per seed and per replicate (paired by seed and by
+# sentence draw) combined by `format_estimate`; then, in parentheses, the two mean F1 it divides, and
+# `NEAR_ZERO_BASE` when the vanilla F1's interval reaches below `NEAR_ZERO_F1`. A vanilla F1 of 0 gives
+# "n/a" with the F1s still shown. `RELATIVE_NOTE` is the caption sentence that explains the cell.
+
+# %%
+#| export
+RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' marks a vanilla "
+                 f"F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies noise: read the absolute F1 there.")
+
+def relative_estimate(pairs) -> str:
+    "A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: change [interval] (F1 m vs v[; base ≈ 0])."
+    pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
+    if not pairs: return MISSING
+    changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
+    boots = [relative_change(m[1], v[1]) if m[1] is not None and v[1] is not None else None for m, v in pairs]
+    change = "n/a" if all(np.isnan(changes)) else format_estimate(changes, 1, boots, signed=True)
+    maml, _, _ = bootstrap_ci([m[0] for m, _ in pairs], [m[1] for m, _ in pairs])
+    vanilla, low, _ = bootstrap_ci([v[0] for _, v in pairs], [v[1] for _, v in pairs])
+    near_zero = (low if np.isfinite(low) else vanilla) < NEAR_ZERO_F1  # without replicates the point decides
+    return f"{change} (F1 {maml:.3f} vs {vanilla:.3f}{'; ' + NEAR_ZERO_BASE if near_zero else ''})"
+
+
+# %%
+assert relative_estimate([((0.3, None), (0.4, None))]) == "-25.0 (F1 0.300 vs 0.400)" and relative_estimate([]) == MISSING
+assert relative_estimate([((0.2, None), (0.0, None))]) == f"n/a (F1 0.200 vs 0.000; {NEAR_ZERO_BASE})"
+assert relative_estimate([((0.02, None), (0.01, None))]).endswith(f"(F1 0.020 vs 0.010; {NEAR_ZERO_BASE})")
+_pair = ((0.4, np.linspace(0.3, 0.5, 11)), (0.4, np.linspace(0.35, 0.45, 11)))
+assert relative_estimate([_pair]).startswith("+0.0 [") and relative_estimate([_pair]).endswith("(F1 0.400 vs 0.400)")
+_noisy_base = ((0.05, np.full(11, 0.05)), (0.03, np.linspace(0.0, 0.06, 11)))  # the base's interval reaches 0
+assert relative_estimate([_noisy_base]).endswith(f"vs 0.030; {NEAR_ZERO_BASE})")
 
 # %% [markdown]
 # ## One figure style, deterministic files

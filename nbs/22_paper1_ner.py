@@ -50,10 +50,11 @@ import pandas as pd
 from IPython.display import display
 
 from picomaml.names import ENTITY_TYPES as TAGS
-from picomaml.names import IN_LANGUAGE, OTHER, PUD
+from picomaml.names import IN_LANGUAGE, NEAR_ZERO_BASE, OTHER, PUD
 from picomaml.report import (
     MISSING,
     N_BOOT,
+    RELATIVE_NOTE,
     SIZE_COLORS,
     bootstrap_ci,
     format_estimate,
@@ -63,7 +64,7 @@ from picomaml.report import (
     missing_note,
     ner_long,
     read_ner_results,
-    relative_change,
+    relative_estimate,
     save_figure,
     save_table,
     set_style,
@@ -115,7 +116,9 @@ print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for 
 # `statistic` averages F1 over the rows of one size, arm, seed and regime that a table cell selects,
 # and its sentence replicates the same way (`mean_replicates`); `relative_cell` is the relative
 # change of MAML over vanilla in percent (the papers' "(%)"), per seed and per replicate — paired by
-# seed and by sentence draw — then combined (`format_estimate`); `absolute_cell` a plain F1.
+# seed and by sentence draw — then combined, with the two mean F1 it divides beside it and a
+# "base ≈ 0" mark where the vanilla F1 is within noise of zero (`picomaml.report.relative_estimate`);
+# `absolute_cell` a plain F1.
 
 # %%
 def statistic(rows: pd.DataFrame, size: str, arm: str, seed: int, regime: str) -> tuple[float, np.ndarray | None]:
@@ -124,14 +127,8 @@ def statistic(rows: pd.DataFrame, size: str, arm: str, seed: int, regime: str) -
     return (chosen.f1.astype(float).mean(), mean_replicates(chosen.boot)) if len(chosen) else (np.nan, None)
 
 def relative_cell(rows: pd.DataFrame, size: str, regime: str) -> str:
-    "'+x.x [low, high]' percent change of MAML over vanilla (paired by seed and sentence draw), 'missing' or 'n/a' (vanilla F1 0)."
-    pairs = [(statistic(rows, size, "maml", k, regime), statistic(rows, size, "vanilla", k, regime)) for k in seeds]
-    pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
-    if not pairs: return MISSING
-    changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
-    if all(np.isnan(changes)): return "n/a"
-    boots = [relative_change(m[1], v[1]) if m[1] is not None and v[1] is not None else None for m, v in pairs]
-    return format_estimate(changes, 1, boots, signed=True)
+    "The '(%)' cell of MAML over vanilla for one size and regime (`picomaml.report.relative_estimate`, paired by seed)."
+    return relative_estimate([(statistic(rows, size, "maml", k, regime), statistic(rows, size, "vanilla", k, regime)) for k in seeds])
 
 def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
     "F1 (3 decimals) of one size and arm over seeds with its interval, or 'missing'."
@@ -143,13 +140,14 @@ def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
 _rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"], "f1": [0.3, 0.5, 0.4, 0.4],
                       "boot": [None] * 4})
 assert statistic(_rows, "large", "maml", 42, "head") == (0.4, None) and np.isnan(statistic(_rows, "large", "maml", 42, "full")[0])
-assert relative_cell(_rows, "large", "head") == "+0.0" and relative_cell(_rows, "large", "full") == MISSING
-assert relative_cell(_rows.assign(f1=[0.2, 0.2, 0.0, 0.0]), "large", "head") == "n/a"
-assert relative_cell(_rows.assign(f1=[0.3, 0.3, 0.4, 0.4]), "large", "head") == "-25.0"
+assert relative_cell(_rows, "large", "head") == "+0.0 (F1 0.400 vs 0.400)" and relative_cell(_rows, "large", "full") == MISSING
+assert relative_cell(_rows.assign(f1=[0.2, 0.2, 0.0, 0.0]), "large", "head") == f"n/a (F1 0.200 vs 0.000; {NEAR_ZERO_BASE})"
+assert relative_cell(_rows.assign(f1=[0.3, 0.3, 0.4, 0.4]), "large", "head") == "-25.0 (F1 0.300 vs 0.400)"
 assert absolute_cell(_rows, "large", "vanilla", "head") == "0.400"
 _boots = _rows.assign(boot=[np.array([0.2, 0.4]), np.array([0.4, 0.6]), np.array([0.35, 0.45]), np.array([0.35, 0.45])])
 assert np.allclose(statistic(_boots, "large", "maml", 42, "head")[1], [0.3, 0.5])  # replicate-wise means over the rows
-assert relative_cell(_boots, "large", "head") == "+0.0 [-13.7, +10.5]" and absolute_cell(_boots, "large", "maml", "head") == "0.400 [0.305, 0.495]"
+assert relative_cell(_boots, "large", "head") == "+0.0 [-13.7, +10.5] (F1 0.400 vs 0.400)"
+assert absolute_cell(_boots, "large", "maml", "head") == "0.400 [0.305, 0.495]"
 
 # %%
 in_language = f1[(f1.dataset == f1.test_set) & f1.test_set.isin(IN_LANGUAGE)]  # finetuned and tested on the same treebank
@@ -181,7 +179,10 @@ def relative_table(rows: pd.DataFrame, columns: dict, regimes=("head", "full")) 
 table3 = relative_table(f1, {"seen": lambda r: r.test_set.isin(IN_LANGUAGE), "PUD": lambda r: r.test_set.isin(PUD),
                              "other": lambda r: r.test_set.isin(OTHER)})
 save_table(table3, "p1_table3_relative_f1_by_group", tables_dir,
-           f"Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime. {note}")
+           "Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime. Each cell: per pretraining "
+           "seed and arm, the unweighted mean of micro-F1 over every (finetuning dataset, test set) pair in the group (finetuning on each "
+           "of the nine treebanks and on all nine together; seen: their nine test sets, PUD: the six PUD sets, other: ceb_gja, tl_trg, "
+           f"tl_ugnayan) at the final checkpoint; then 100 (MAML − vanilla) / vanilla of those means, averaged over seeds. {note} {RELATIVE_NOTE}")
 table3
 
 # %% [markdown]
@@ -201,7 +202,8 @@ for number, regime, names, what in [(4, "head", FIVE_LANGUAGES, "head-only"), (5
                                     (8, "head", {d: d for d in IN_LANGUAGE}, "head-only"), (9, "full", {d: d for d in IN_LANGUAGE}, "full")]:
     table = relative_table(in_language, per_language(names), regimes=(regime,))
     save_table(table, f"p1_table{number}_relative_f1_{regime}_per_language", tables_dir,
-               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per language. {note}")
+               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per language (finetuned "
+               f"and tested on that treebank, final checkpoint, averaged over seeds). {note} {RELATIVE_NOTE}")
     display(table)
 
 # %% [markdown]
@@ -218,7 +220,8 @@ zero_shot = {"overall": lambda r: r.test_set.isin(OTHER), "Cebuano": lambda r: r
 table6 = pd.DataFrame([{"model": size, "regime": regime, **relative_table(from_english, zero_shot, (regime,)).set_index("model").loc[f"{size} (%)"]}
                        for regime in ("head", "full") for size in sizes])
 save_table(table6, "p1_table6_zero_shot_ceb_tl", tables_dir,
-           f"Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot F1 from English on Cebuano and Tagalog. {note}")
+           f"Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot micro-F1 from English (finetuned on en_ewt) on "
+           f"Cebuano and Tagalog; overall: the unweighted mean F1 of the three test sets. {note} {RELATIVE_NOTE}")
 table6
 
 # %% [markdown]

@@ -152,8 +152,9 @@
 # both papers (31 in all, listed in `00_names`) is regenerated into `figures/` and `paper_tables/`; the ones committed
 # here come from that run. `make compare` then reports, cell by cell, how a rerun's tables and figures
 # differ from the committed ones, without rerunning anything: a rerun on the same machine reproduces
-# them exactly, another CPU moves the toy run's losses by about 1 %, and a cell counts as reproduced
-# when its numbers are within 5 %.
+# them exactly; on another CPU a cell with an interval counts as reproduced when the rerun lies inside
+# the committed interval or the intervals overlap, a relative change on a near-zero F1 (marked
+# "base ≈ 0") by its absolute F1, and a bare number (a loss, a perplexity) when within 5 %.
 #
 # ![Paper 1, Figure 1 at demo scale](figures/p1_fig1_loss_paloma.png)
 #

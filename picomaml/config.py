@@ -64,6 +64,8 @@ class DataConfig:
     tokenizer_path: str = opt("", "local tokenizer.json; empty: $PICOMAML_DATA/tokenizer, else the Hub tokenizer")
     tokenizer_hub: str = opt("allenai/OLMo-7B-0724-hf", "Hub repository of the OLMo tokenizer")
     seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids", ge=1)
+    row_len: int = opt(0, "ids per stored row; 0: seq_len + 1. Longer rows are read cropped to their last seq_len + 1 ids "
+                          "(the released trainer: the last 512 of pretokenized-dolma's 2,049)", ge=0)
     eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
 
@@ -111,6 +113,10 @@ class SMLMTConfig:
     window: int = opt(64, "tokens per episode window around each occurrence", ge=2)
     readout: str = opt("last", "feature position: last window token, or the [MASK] itself", choices=("last", "mask"))
     pool_rows: int = opt(0, "rows (over all ranks) an episode draws from; 0: the branch micro-batch itself (the papers)", ge=0)
+    episode_scope: str = opt("gathered", "one episode from the pool gathered over ranks (paper 1 Algorithm 1), or one per rank "
+                                         "from its own rows (the released trainer)", choices=("gathered", "rank"))
+    query_source: str = opt("disjoint", "query windows at other occurrences than the support's (the papers), or the support "
+                                        "windows themselves (the released trainer; needs q_query = k_shot)", choices=("disjoint", "support"))
     min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
@@ -159,6 +165,8 @@ class NERConfig:
     max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated", ge=2)
     seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)
     cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
+    particles: list = opt(["si", "ni"], "case particles before a PER span that paper 2 Table 5 counts (its text names si/ni; "
+                          "[si, ni, ang, ng, sa, kay] adds the common-noun markers and kay)")
     precision: str = opt("auto", "backbone passes: auto is bf16 autocast on GPUs of compute capability 8.0 or newer, else 32-true; "
                          "the heads and the CRF always compute in float32", choices=("auto", "bf16-mixed", "32-true"))
 

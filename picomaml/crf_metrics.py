@@ -124,13 +124,14 @@ def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> f
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 # %% ../nbs/11_crf_metrics.ipynb #2e942f85
-def loss_curve_metrics(losses) -> dict:
-    "t90, normalised AUC and initial slope of a per-step loss curve (steps numbered from 1)."
+def loss_curve_metrics(losses, smooth_share: float = 0.05) -> dict:
+    "t90 (on the trailing mean over `smooth_share` of the steps), normalised AUC and initial slope of a per-step loss curve."
     y = np.asarray(losses, dtype=float)
     if len(y) < 2: raise ValueError(f"a loss curve needs at least 2 steps, got {len(y)}")
-    steps = np.arange(1, len(y) + 1)
-    target = y[0] - 0.9 * (y[0] - y[-1])
+    steps, w = np.arange(1, len(y) + 1), max(1, round(smooth_share * len(y)))
+    smoothed = np.convolve(y, np.ones(w) / w, mode="full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), w) * w  # trailing mean
+    first, last = y[:w].mean(), y[-w:].mean()
     n_fit = max(2, math.ceil(0.1 * len(y)))
-    return {"t90": int(steps[np.argmax(y <= target)]),
+    return {"t90": int(steps[np.argmax(smoothed <= first - 0.9 * (first - last))]),
             "auc": float(np.trapezoid(y, steps) / (len(y) - 1)),
-            "slope": float(np.polyfit(steps[:n_fit], y[:n_fit], 1)[0])}
+            "slope": float(np.polyfit(steps[:n_fit], y[:n_fit], 1)[0]), "final_loss": float(last)}

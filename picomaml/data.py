@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .config import DataConfig, ensure_writable, run_command
+from .config import ConfigError, DataConfig, ensure_writable, run_command
 from .tokenizer import PicoTokenizer, load_tokenizer
 
 # %% auto #0
@@ -144,32 +144,33 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     return manifest
 
 # %% ../nbs/03_data.ipynb #f24565be
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
-    "Validate a block of list rows; return it as an int64 (rows, row_len) array."
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+               keep: int | None = None) -> np.ndarray:
+    "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
     bad = np.flatnonzero(lengths != row_len)
     if len(bad):
-        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (seq_len + 1); "
-                         f"data.seq_len must match the shards")
+        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (data.row_len, or "
+                         f"data.seq_len + 1 when it is 0); data.seq_len and data.row_len must match the shards")
     values = values[offsets[0]:offsets[-1]].astype(np.int64)
     out_of_range = np.flatnonzero((values < 0) | (values >= vocab_size))
     if len(out_of_range):
         row = first_row + out_of_range[0] // row_len
         raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, outside the vocabulary 0..{vocab_size - 1}; "
                          f"were these shards made with another tokenizer?")
-    return values.reshape(-1, row_len)  # (rows, row_len)
+    return np.ascontiguousarray(values.reshape(-1, row_len)[:, row_len - (keep or row_len):])  # (rows, keep)
 
-def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0) -> np.ndarray:
-    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, row_len) array."
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0, keep: int | None = None) -> np.ndarray:
+    "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep)
 
 # %% ../nbs/03_data.ipynb #c42de9b2
 class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
-    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8):
-        self.directory, self.row_len, self.vocab_size = Path(directory), row_len, vocab_size
+    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8, keep: int | None = None):
+        self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
         if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
                                                                 f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
         self.files = sorted(self.directory.glob("*.parquet"))
@@ -193,7 +194,7 @@ class ShardRows:
             fi, g, start, _ = self.groups[k]
             column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file, keep=self.keep)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -234,10 +235,11 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
     def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
         self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
+        self.keep = keep  # the last ids of each row that are used; None: all
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
             raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
@@ -273,7 +275,7 @@ class StreamedRows:
             table = parquet.read_row_groups(groups, columns=["input_ids"])
         self.rows_read += len(table)
         column = table.column("input_ids").slice(first - starts[groups[0]], last - first)
-        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first)
+        return list_rows(column, self.row_len, self.vocab_size, self.files[i], first_row=first, keep=self.keep)
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
         "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
@@ -296,7 +298,8 @@ class StreamedRows:
         stream = self.dataset.with_format("arrow")
         tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
-        return torch.from_numpy(list_rows(pa.concat_tables(tables).column("input_ids"), self.row_len, self.vocab_size, f"{self.name} ({self.split})"))
+        ids = pa.concat_tables(tables).column("input_ids")
+        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})", keep=self.keep))
 
 # %% ../nbs/03_data.ipynb #aa54c50c
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
@@ -312,12 +315,17 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
     if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local
     return getattr(data_cfg, f"{split}_hub")
 
-def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None) -> ShardRows | StreamedRows:
+def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None,
+              crop: bool = True) -> ShardRows | StreamedRows:
     "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
-    if isinstance(source, Path): return ShardRows(source, data_cfg.seq_len + 1, vocab_size)
+    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1  # a longer stored row is cropped to its last ids
+    if stored < used: raise ConfigError(f"data.row_len={stored} is shorter than data.seq_len + 1 = {used}: a row must hold a whole "
+                                        f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
+    keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
+    if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, data_cfg.seq_len + 1, hub_split, vocab_size, data_cfg.rows_per_file, block_rows)
+    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows, keep=keep)
 
 # %% ../nbs/03_data.ipynb #26b7b4e2
 def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
@@ -389,9 +397,9 @@ def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torc
     starts = [0] + [e + 1 for e in ends[:-1]]
     return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
 
-def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all of them), read once: (n, seq_len + 1) LongTensor."
-    source = open_rows(data_cfg, "eval", vocab_size)
+def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280, crop: bool = True) -> torch.Tensor:
+    "The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor (crop=False: whole rows)."
+    source = open_rows(data_cfg, "eval", vocab_size, crop=crop)
     if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
     return source.head(max_rows or None)
 
@@ -399,7 +407,7 @@ def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, 
     "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
     rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
     while True:
-        read = read_eval_rows(data_cfg, rows, vocab_size)
+        read = read_eval_rows(data_cfg, rows, vocab_size, crop=False)  # documents are packed into the whole stored rows
         documents = packed_documents(read, data_cfg.eos_id, max_len)
         if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
         rows *= 2

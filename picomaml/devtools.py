@@ -16,9 +16,12 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from .names import NEAR_ZERO_BASE, NEAR_ZERO_F1
+
 # %% auto #0
-__all__ = ['README_BANNER', 'NUMBER', 'notebook_markdown', 'write_readme', 'requirement_pins', 'environment_pins', 'numbers',
-           'compare_cell', 'compare_tables', 'committed', 'compare_outputs', 'main']
+__all__ = ['README_BANNER', 'NUMBER', 'INTERVAL', 'ABSOLUTE_F1', 'notebook_markdown', 'write_readme', 'requirement_pins',
+           'environment_pins', 'numbers', 'interval', 'absolute_f1', 'compare_cell', 'compare_tables', 'committed',
+           'compare_outputs', 'main']
 
 # %% ../nbs/90_devtools.ipynb #5f436d37
 def _output_text(output) -> str:
@@ -74,21 +77,43 @@ def environment_pins(path) -> dict:
 
 # %% ../nbs/90_devtools.ipynb #5cf768a8
 NUMBER = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+INTERVAL = re.compile(rf"^\s*({NUMBER.pattern}) \[({NUMBER.pattern}), ({NUMBER.pattern})\]")
+ABSOLUTE_F1 = re.compile(rf"\(F1 ({NUMBER.pattern}) vs ({NUMBER.pattern})")
 
 def numbers(cell: str) -> list[float]:
     "The numbers in a table cell ('0.12 ± 0.03 (n=2)' -> [0.12, 0.03, 2.0])."
     return [float(n.replace(",", "")) for n in NUMBER.findall(cell)]
 
-def compare_cell(old: str, new: str, rtol: float) -> str | None:
-    "None if equal; else how the cell changed, with the largest relative change of its numbers."
+def interval(cell: str) -> tuple[float, float, float] | None:
+    "(mean, low, high) of a 'mean [low, high] ...' cell, else None."
+    m = INTERVAL.match(cell)
+    return tuple(numbers(g)[0] for g in m.groups()) if m else None
+
+def absolute_f1(cell: str) -> tuple[float, float] | None:
+    "The (MAML, vanilla) F1 a relative-change cell carries, else None."
+    m = ABSOLUTE_F1.search(cell)
+    return (numbers(m.group(1))[0], numbers(m.group(2))[0]) if m else None
+
+# %% ../nbs/90_devtools.ipynb #4ad63d98
+def compare_cell(old: str, new: str, rtol: float) -> tuple[str, bool] | None:
+    "None if equal; else how the cell changed and whether it counts as reproduced (by interval, absolute F1 or `rtol`)."
     if old == new: return None
+    change = f"{old!r} -> {new!r}"
+    if NEAR_ZERO_BASE in old + new and absolute_f1(old) and absolute_f1(new):
+        moved = max(abs(b - a) for a, b in zip(absolute_f1(old), absolute_f1(new)))
+        return f"{change} ({NEAR_ZERO_BASE}: F1 moved {moved:.3f}{', reproduced' if moved <= NEAR_ZERO_F1 else ''})", moved <= NEAR_ZERO_F1
+    if interval(old) and interval(new):
+        (_, low, high), (new_mean, new_low, new_high) = interval(old), interval(new)
+        inside, overlap = low <= new_mean <= high, new_low <= high and low <= new_high
+        how = "rerun inside the committed interval" if inside else "intervals overlap" if overlap else None
+        return f"{change} ({how + ', reproduced' if how else 'intervals disjoint'})", how is not None
     a, b = numbers(old), numbers(new)
-    if len(a) != len(b) or not a: return f"{old!r} -> {new!r}"
+    if len(a) != len(b) or not a: return change, False
     worst = max(abs(y - x) / max(abs(x), 1e-12) for x, y in zip(a, b))
-    return f"{old!r} -> {new!r} ({100 * worst:.2g} %{', within tolerance' if worst <= rtol else ''})"
+    return f"{change} ({100 * worst:.2g} %{', within tolerance' if worst <= rtol else ''})", worst <= rtol
 
 def compare_tables(old_csv: str, new_csv: str, rtol: float) -> list[tuple[str, str, str, bool]]:
-    "(row label, column, change, within tolerance) of every cell that differs between two CSV tables."
+    "(row label, column, change, reproduced) of every cell that differs between two CSV tables."
     old, new = list(csv.reader(old_csv.splitlines())), list(csv.reader(new_csv.splitlines()))
     if not old or not new or old[0] != new[0] or len(old) != len(new):
         return [("(table)", "(shape)", f"{len(old)} x {len(old[0]) if old else 0} -> {len(new)} x {len(new[0]) if new else 0}", False)]
@@ -96,7 +121,7 @@ def compare_tables(old_csv: str, new_csv: str, rtol: float) -> list[tuple[str, s
     for row_old, row_new in zip(old[1:], new[1:]):
         for column, a, b in zip(old[0], row_old, row_new):
             change = compare_cell(a, b, rtol)
-            if change: changes.append((" ".join(row_old[:2]), column, change, "within tolerance" in change))
+            if change: changes.append((" ".join(row_old[:2]), column, *change))
     return changes
 
 # %% ../nbs/90_devtools.ipynb #82fbe35c
@@ -128,7 +153,7 @@ def main(argv=None) -> int:
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("readme", help="regenerate README.md from nbs/index.ipynb")
     c = commands.add_parser("compare", help="how figures/ and paper_tables/ differ from the committed ones (reruns nothing)")
-    c.add_argument("--rtol", type=float, default=0.05, help="relative change of a number that still counts as reproduced")
+    c.add_argument("--rtol", type=float, default=0.05, help="relative change of a number without an interval that still counts as reproduced")
     c.add_argument("--ref", default="HEAD", help="the git revision to compare with")
     args = p.parse_args(argv)
     if args.command == "readme":
@@ -136,7 +161,7 @@ def main(argv=None) -> int:
         return 0
     lines, beyond = compare_outputs(Path(__file__).resolve().parent.parent, args.rtol, args.ref)
     print("\n".join(lines) or f"figures/ and paper_tables/ are as committed at {args.ref}")
-    print(f"{beyond} difference(s) beyond {100 * args.rtol:g} %")
+    print(f"{beyond} difference(s) not reproduced (by interval, by absolute F1 on a near-zero base, else beyond {100 * args.rtol:g} %)")
     return 1 if beyond else 0
 
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())

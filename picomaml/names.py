@@ -10,8 +10,8 @@ import re
 # %% auto #0
 __all__ = ['PAPER_SIZES', 'SIZES', 'ARMS', 'FAMILIES', 'DEFAULT_SEED', 'RUN_NAME', 'IN_LANGUAGE', 'PUD', 'TAGALOG', 'CEBUANO',
            'PHILIPPINE', 'OTHER', 'GROUPS', 'TEST_SETS', 'SOURCES', 'ENTITY_TYPES', 'OUTPUTS', 'FIGURE_SUFFIXES',
-           'TABLE_SUFFIXES', 'STEP_DIR', 'SPECTRA_KEY', 'run_name', 'parse_run_name', 'output_files', 'step_dir_name',
-           'step_of']
+           'TABLE_SUFFIXES', 'NEAR_ZERO_F1', 'NEAR_ZERO_BASE', 'STEP_DIR', 'SPECTRA_KEY', 'run_name', 'parse_run_name',
+           'output_files', 'step_dir_name', 'step_of']
 
 # %% ../nbs/00_names.ipynb #277fe122
 PAPER_SIZES = ("tiny", "small", "medium", "large")
@@ -70,6 +70,10 @@ def output_files(output: str) -> list[str]:
     "The file names an output (`p1_fig1`, `p2_table4`, ...) is written as."
     stem = OUTPUTS[output]
     return [stem + s for s in (FIGURE_SUFFIXES if "_fig" in output else TABLE_SUFFIXES)]
+
+# %% ../nbs/00_names.ipynb #559c8922
+NEAR_ZERO_F1 = 0.02  # absolute F1: a vanilla base whose interval reaches below it is within noise of zero
+NEAR_ZERO_BASE = "base ≈ 0"
 
 # %% ../nbs/00_names.ipynb #e7175b23
 STEP_DIR = re.compile(r"^step_(\d{6,})$")

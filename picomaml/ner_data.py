@@ -17,11 +17,11 @@ from .config import NERConfig
 from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
 
 # %% auto #0
-__all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'ZERO_SHOT_LANGUAGES',
-           'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment', 'parse_token_line', 'parse_iob2_lines',
-           'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split', 'load_split', 'spaced', 'encode_words',
-           'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin', 'tag_spans', 'span_statistics',
-           'particle_recall', 'oov_rate', 'uner_statistics']
+__all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'CASE_MARKERS',
+           'ZERO_SHOT_LANGUAGES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment', 'parse_token_line',
+           'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split', 'load_split', 'spaced',
+           'encode_words', 'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin', 'tag_spans',
+           'span_statistics', 'particle_recall', 'oov_rate', 'uner_statistics']
 
 # %% ../nbs/10_ner_data.ipynb #fba6c5b3
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -242,7 +242,8 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
     return stats
 
 # %% ../nbs/10_ner_data.ipynb #1779b753
-PARTICLES = ("si", "ni", "ang", "ng", "sa", "kay")
+PARTICLES = ("si", "ni")  # the personal-name case particles paper 2's text names (ner.particles)
+CASE_MARKERS = ("si", "ni", "ang", "ng", "sa", "kay")  # with the common-noun markers and kay: the wider reading
 
 def particle_recall(sentences: Sequence[Sentence], predictions: Sequence[Sequence[str]] | None = None,
                     particles: Sequence[str] = PARTICLES, kind: str = "PER") -> dict:
@@ -275,9 +276,9 @@ def oov_rate(test: Sequence[Sentence], train: Sequence[Sentence]) -> dict:
 # %% ../nbs/10_ner_data.ipynb #befe12f3
 ZERO_SHOT_LANGUAGES = {"+".join(sets): sets for sets in (TAGALOG, CEBUANO)}
 
-def uner_statistics(train_sets: dict, zero_shot: dict) -> dict:
+def uner_statistics(train_sets: dict, zero_shot: dict, particles: Sequence[str] = PARTICLES) -> dict:
     "Span statistics of each finetuning set's sentences; particle share and OOV rates (against each finetuning set) of each zero-shot language's."
     return {"finetuning": {name: {"sentences": len(s), "spans": span_statistics(s)} for name, s in train_sets.items()},
-            "zero_shot": {name: {"sentences": len(s), "particles": particle_recall(s),
+            "zero_shot": {name: {"sentences": len(s), "particles": {**particle_recall(s, particles=particles), "particles": list(particles)},
                                  "oov": {source: oov_rate(s, train) for source, train in train_sets.items()}}
                           for name, s in zero_shot.items()}}

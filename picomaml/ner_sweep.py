@@ -257,7 +257,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
-        if name in PHILIPPINE: particles[name] = particle_recall(split.sentences, pred)
+        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles), "particles": cfg.particles}
         if st.get("save_predictions") and name in PHILIPPINE:
             side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
@@ -288,11 +288,13 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     tested = {t for j in jobs for t in (job_settings(j).get("test_sets") or TEST_SETS)}
     sources = sorted({j.dataset for j in jobs})
     languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
-    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) for l in languages):
+    current = lambda l: have["zero_shot"].get(l, {}).get("particles", {}).get("particles") == list(ner_cfg.particles)
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) and current(l)
+                                                       for l in languages):
         return
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
     zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
-    new = uner_statistics(train, zero_shot)
+    new = uner_statistics(train, zero_shot, ner_cfg.particles)
     write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec

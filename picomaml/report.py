@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from .names import ARMS, DEFAULT_SEED, ENTITY_TYPES, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
+from .names import ARMS, DEFAULT_SEED, ENTITY_TYPES, NEAR_ZERO_BASE, NEAR_ZERO_F1, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
 
 # %% auto #0
-__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'N_BOOT', 'MISSING', 'ARM_COLORS', 'SIZE_COLORS', 'find_runs',
-           'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra',
-           'smoothed', 'ner_long', 'sentence_weights', 'replicate_counts', 'counts_f1', 'with_replicates',
-           'mean_replicates', 'bootstrap_ci', 'format_estimate', 'interval_note', 'relative_change', 'set_style',
-           'figure_missing', 'save_figure', 'missing_label', 'missing_note', 'latex_escape', 'markdown_table',
-           'latex_table', 'save_table']
+__all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'N_BOOT', 'MISSING', 'RELATIVE_NOTE', 'ARM_COLORS',
+           'SIZE_COLORS', 'find_runs', 'read_jsonl', 'read_metrics', 'read_run_spectra', 'read_ner_results',
+           'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long', 'sentence_weights', 'replicate_counts', 'counts_f1',
+           'with_replicates', 'mean_replicates', 'summed_counts', 'pooled_f1', 'bootstrap_ci', 'format_estimate',
+           'interval_note', 'relative_change', 'relative_estimate', 'set_style', 'figure_missing', 'save_figure',
+           'missing_label', 'missing_note', 'latex_escape', 'markdown_table', 'latex_table', 'save_table']
 
 # %% ../nbs/20_report.ipynb #52834d83
 RUN_COLUMNS = ["name", "family", "size", "arm", "seed", "path", "has_metrics", "has_spectra"]
@@ -180,6 +180,19 @@ def mean_replicates(boots) -> np.ndarray | None:
         warnings.simplefilter("ignore", RuntimeWarning)  # a replicate where every row's tag F1 is NaN stays NaN
         return np.nanmean(np.stack(boots), axis=0)
 
+# %% ../nbs/20_report.ipynb #4e09c282
+def summed_counts(counts: dict) -> np.ndarray:
+    "The (types, 3) (correct, predicted, gold) span counts of a run's whole test set, from its per-sentence counts."
+    rows = np.asarray(counts["sentences"], dtype=float).reshape(-1, 1 + 3 * len(ENTITY_TYPES))
+    return rows[:, 1:].sum(0).reshape(len(ENTITY_TYPES), 3)
+
+def pooled_f1(counts_by_set: dict, test_sets, tag: str | None = None, n_boot: int = N_BOOT) -> tuple:
+    "(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); (NaN, None) unless every set has counts."
+    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets): return np.nan, None
+    point = counts_f1(sum(summed_counts(counts_by_set[t]) for t in test_sets), tag)
+    reps = counts_f1(sum(replicate_counts(counts_by_set[t], t, n_boot) for t in test_sets), tag)
+    return float(point), reps
+
 # %% ../nbs/20_report.ipynb #fe6adc77
 def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     "`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and (given per-seed `replicates`) sentences."
@@ -223,6 +236,22 @@ def relative_change(new, base):
     new, base = np.asarray(new, dtype=float), np.asarray(base, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(base != 0, 100.0 * (new - base) / base, np.nan)
+
+# %% ../nbs/20_report.ipynb #715d6c46
+RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' marks a vanilla "
+                 f"F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies noise: read the absolute F1 there.")
+
+def relative_estimate(pairs) -> str:
+    "A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: change [interval] (F1 m vs v[; base ≈ 0])."
+    pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
+    if not pairs: return MISSING
+    changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
+    boots = [relative_change(m[1], v[1]) if m[1] is not None and v[1] is not None else None for m, v in pairs]
+    change = "n/a" if all(np.isnan(changes)) else format_estimate(changes, 1, boots, signed=True)
+    maml, _, _ = bootstrap_ci([m[0] for m, _ in pairs], [m[1] for m, _ in pairs])
+    vanilla, low, _ = bootstrap_ci([v[0] for _, v in pairs], [v[1] for _, v in pairs])
+    near_zero = (low if np.isfinite(low) else vanilla) < NEAR_ZERO_F1  # without replicates the point decides
+    return f"{change} (F1 {maml:.3f} vs {vanilla:.3f}{'; ' + NEAR_ZERO_BASE if near_zero else ''})"
 
 # %% ../nbs/20_report.ipynb #d49c09a2
 ARM_COLORS = {"maml": "#0072B2", "vanilla": "#D55E00"}

@@ -15,8 +15,8 @@ from .config import ConfigError, SMLMTConfig
 
 # %% auto #0
 __all__ = ['Episode', 'episode_generator', 'candidate_mask', 'rank_within_groups', 'window_starts', 'allocate_windows',
-           'cut_windows', 'EpisodeError', 'too_few_words', 'check_episode_inputs', 'build_episode', 'assemble_episode',
-           'episode_problems']
+           'cut_windows', 'EpisodeError', 'occurrences_needed', 'too_few_words', 'check_episode_inputs',
+           'build_episode', 'assemble_episode', 'episode_problems']
 
 # %% ../nbs/04_smlmt.ipynb #b7aef7df
 @dataclass
@@ -115,13 +115,17 @@ def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
 class EpisodeError(ConfigError):
     "The pool cannot supply the requested SMLMT episode; the message names the settings to change."
 
+def occurrences_needed(cfg: SMLMTConfig) -> int:
+    "Windows a class needs: K support and Q query, or only K when the query set is the support set."
+    return cfg.k_shot + (cfg.q_query if cfg.query_source == "disjoint" else 0)
+
 def too_few_words(pool_shape, cfg: SMLMTConfig, n_often: int, n_ready: int) -> EpisodeError:
-    "The error for a pool with fewer than n_way words that have k_shot + q_query free windows."
+    "The error for a pool with fewer than n_way words that have the windows a class needs."
     R, L = pool_shape
-    need = cfg.k_shot + cfg.q_query
+    need, what = occurrences_needed(cfg), "k_shot + q_query" if cfg.query_source == "disjoint" else "k_shot"
     return EpisodeError(
         f"SMLMT: a pool of {R} x {L} = {R * L:,} tokens has {n_often} eligible single-token words with >= "
-        f"k_shot + q_query = {need} occurrences, and only {n_ready} with {need} non-overlapping windows of "
+        f"{what} = {need} occurrences, and only {n_ready} with {need} non-overlapping windows of "
         f"{cfg.window} tokens; smlmt.n_way = {cfg.n_way} are needed. Give the episode more text "
         f"(raise smlmt.pool_rows or data.seq_len) or ask for less (lower smlmt.n_way, smlmt.k_shot, "
         f"smlmt.q_query or smlmt.window; lower smlmt.exclude_top or smlmt.min_word_chars).")
@@ -133,6 +137,9 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
         raise ValueError(f"pool must be a 2-D LongTensor (rows, tokens), got {tuple(pool.shape)} {pool.dtype}")
     if min(cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window) < 1 or cfg.readout not in ("last", "mask"):
         raise EpisodeError(f"smlmt.n_way, k_shot, q_query and window must be >= 1 and readout 'last' or 'mask'; got {cfg}")
+    if cfg.query_source == "support" and cfg.q_query != cfg.k_shot:
+        raise EpisodeError(f"smlmt.query_source=support makes the query set the support set, so smlmt.q_query "
+                           f"({cfg.q_query}) must equal smlmt.k_shot ({cfg.k_shot})")
     if pool.shape[1] < cfg.window:
         raise EpisodeError(f"pool rows have {pool.shape[1]} tokens, fewer than smlmt.window = {cfg.window}; "
                            f"lower smlmt.window or raise data.seq_len")
@@ -147,12 +154,12 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
                   special_ids, mask_id: int = 50280, seed: int = 0, step: int = 0) -> Episode:
     "The N-way K-shot SMLMT episode of `(seed, step)` from a pool of token rows (R, L), identical on every rank."
     check_episode_inputs(pool, cfg, word_start, alpha_len, mask_id)
-    dev, (R, L), V, need = pool.device, pool.shape, len(word_start), cfg.k_shot + cfg.q_query
+    dev, (R, L), V, need = pool.device, pool.shape, len(word_start), occurrences_needed(cfg)
     cand = candidate_mask(pool, word_start.to(dev), alpha_len.to(dev), list(special_ids) + [mask_id],
                           cfg.min_word_chars, cfg.exclude_top)
     rows, cols = cand.nonzero(as_tuple=True)                                   # (n,), (n,)
     words = pool[rows, cols]
-    often = torch.bincount(words, minlength=V)[words] >= need                 # the word occurs >= K+Q times
+    often = torch.bincount(words, minlength=V)[words] >= need                 # the word occurs >= K+Q (or K) times
     rows, cols, words = rows[often], cols[often], words[often]
     gen = episode_generator(seed, step)
     word_order = torch.randperm(V, generator=gen).to(dev)                      # (V,) class order
@@ -168,15 +175,16 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     label_of[class_ids] = torch.arange(cfg.n_way, device=dev)
     chosen = kept & (label_of[words] < cfg.n_way)
     labels, rows, cols = label_of[words[chosen]], rows[chosen], cols[chosen]
-    order = torch.argsort(labels * (len(words) + 1) + occ_order[chosen]).view(cfg.n_way, need)  # (N, K+Q)
+    order = torch.argsort(labels * (len(words) + 1) + occ_order[chosen]).view(cfg.n_way, need)  # (N, K+Q) or (N, K)
     return assemble_episode(pool, cfg, mask_id, rows[order], cols[order], class_ids)
 
 # %% ../nbs/04_smlmt.ipynb #7b1e1e71
 def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids) -> Episode:
-    "An Episode from per-class occurrences rows, cols (N, K+Q): first K support, last Q query."
+    "An Episode from per-class occurrences rows, cols (N, K+Q): first K support, last Q query (or the support again)."
     N, K = len(class_ids), cfg.k_shot
     parts = {}
-    for name, sl in (("support", slice(0, K)), ("query", slice(K, None))):
+    query = slice(0, K) if cfg.query_source == "support" else slice(K, None)
+    for name, sl in (("support", slice(0, K)), ("query", query)):
         r, c = rows[:, sl].reshape(-1), cols[:, sl].reshape(-1)                # (N*K,) or (N*Q,)
         ids, readout, mask_pos = cut_windows(pool, r, c, cfg.window, mask_id, cfg.readout)
         labels = torch.arange(N, device=pool.device).repeat_interleave(rows[:, sl].shape[1])
@@ -188,10 +196,12 @@ def assemble_episode(pool, cfg: SMLMTConfig, mask_id: int, rows, cols, class_ids
 def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id: int) -> list[str]:
     "The invariants `ep` breaks (shapes, masks exactly on the class word, windows = pool text, disjoint windows)."
     N, K, Q, W = cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window
-    ids = torch.cat([ep.support_ids, ep.query_ids])                              # (N*(K+Q), W)
-    pos = torch.cat([ep.support_pos, ep.query_pos])                              # (N*(K+Q), 2)
-    labels = torch.cat([ep.support_labels, ep.query_labels])
-    mask_pos, readout = torch.cat([ep.support_mask_pos, ep.query_mask_pos]), torch.cat([ep.support_readout, ep.query_readout])
+    shared = cfg.query_source == "support"  # the query set is the support set: check it once, and that they are equal
+    parts = ("support",) if shared else ("support", "query")
+    ids = torch.cat([getattr(ep, f"{p}_ids") for p in parts])                    # (N*(K+Q), W) or (N*K, W)
+    pos = torch.cat([getattr(ep, f"{p}_pos") for p in parts])                    # (.., 2)
+    labels = torch.cat([getattr(ep, f"{p}_labels") for p in parts])
+    mask_pos, readout = (torch.cat([getattr(ep, f"{p}_{k}") for p in parts]) for k in ("mask_pos", "readout"))
     word = ep.class_ids[labels.clamp(0, N - 1)]                                  # (N*(K+Q),) each window's class word
     starts = pos[:, 1] - mask_pos
     text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]  # (N*(K+Q), W)
@@ -211,5 +221,7 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
         "no window shows its class word": not bool((ids == word[:, None]).any()),
         "no two windows overlap": not bool(overlap.any()),
         "readout": bool((readout == (mask_pos if cfg.readout == "mask" else W - 1)).all()),
+        "query set as configured": not shared or all(torch.equal(getattr(ep, f"support_{k}"), getattr(ep, f"query_{k}"))
+                                                     for k in ("ids", "labels", "readout", "pos")),
     }
     return [name for name, ok in checks.items() if not ok]

@@ -66,17 +66,21 @@ def episode_tables(cfg: Config) -> tuple:
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
 def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, draw: int, accum: int) -> dict:
-    "One MAML episode on the gathered pool of (step, draw), this rank's pool rows `local`; returns this rank's statistics."
+    "One MAML episode of (step, draw) from this rank's pool rows `local`, gathered or on their own; returns this rank's statistics."
     rank, world = fabric.global_rank, fabric.world_size
-    rows = gather_parts(fabric, local.to(fabric.device, non_blocking=True), [len(local)] * world)  # (pool rows, T + 1)
+    own = cfg.smlmt.episode_scope == "rank"  # the released trainer: every rank its own episode, from its own rows
+    rows = local.to(fabric.device, non_blocking=True) if own else gather_parts(fabric, local.to(fabric.device, non_blocking=True),
+                                                                                [len(local)] * world)  # (pool rows, T + 1)
     episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
+    share = world if own else 1  # an own episode's query loss is one of `world` averaged (a gathered one is split, then summed)
     with fabric.autocast():
-        out = maml_step(model, head, episode, cfg.maml, gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
-                        support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank),
-                        loss_scale=1 / accum, inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
-    window, my_support = episode.support_ids.shape[1], part_sizes(n_support, world)[rank]
-    return dict(loss=out["loss"] / accum, query_loss=out["loss"], n_maml=1, support_acc=out["support_acc"],
+        split = {} if own else dict(gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
+                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank))
+        out = maml_step(model, head, episode, cfg.maml, **split, loss_scale=1 / (accum * share),
+                        inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
+    window, my_support = episode.support_ids.shape[1], n_support if own else part_sizes(n_support, world)[rank]
+    return dict(loss=out["loss"] / (accum * share), query_loss=out["loss"] / share, n_maml=1, support_acc=out["support_acc"],
                 query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
                 head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
                 flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))

@@ -57,9 +57,10 @@ def test_the_loop_and_a_ner_job_under_bf16_autocast(tmp_path, monkeypatch):
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     assert {b for r in steps for b in r["branches"]} == {"A", "M"}  # both branches ran under autocast
     assert all(math.isfinite(r["query_loss"]) for r in steps if r["n_maml"]) and all(math.isfinite(r["ar_loss"]) for r in steps if r["n_ar"])
-    assert [r["step"] for r in records if "paloma_ppl" in r] == [2, 4] and all(math.isfinite(r["paloma_ppl"]) for r in records if "paloma_ppl" in r)
+    evaluated = [r for r in records if "paloma_doc_ppl" in r]
+    assert [r["step"] for r in evaluated] == [0, 2, 4] and all(math.isfinite(r["paloma_doc_ppl"]) for r in evaluated)  # step 0 too
     spectra = read_spectra(run / "spectra.jsonl")
-    assert sorted(set(spectra.step)) == [2, 4] and spectra.per.notna().all()
+    assert sorted(set(spectra.step)) == [0, 2, 4] and spectra.per.notna().all()
     model = load_pretrained(run / "checkpoints" / "step_000004")
     backbone_and_head = sum(1 for _ in model.parameters()) + 4  # two head layers: weight and bias each
     assert with_grad == set(range(backbone_and_head))  # every trainable parameter had a gradient at some step
