@@ -143,15 +143,15 @@ def test_maml_steps_one_process_equals_two(data, runs):
 
 
 def test_released_episode_settings_on_two_ranks(data, runs):
-    # the released presets' episode settings: every rank builds its own episode from its 32 pool rows, its query set its
-    # support set, read at the [MASK] by the vocabulary-indexed head, on 33-id rows cropped to their last 17 ids
+    # the released presets' episode settings: every rank builds its own episode from its 64 pool rows, its query set its
+    # support set, read at the [MASK] by the vocabulary-indexed head, on 33-id rows cropped to their last 25 ids
     released = ("maml.rho=1", "maml.head_dropout=0", "smlmt.episode_scope=rank", "smlmt.query_source=support", "smlmt.readout=mask",
-                "maml.head_output=vocab", "data.seq_len=16", "data.row_len=33", "train.schedule=linear", "train.decay_steps=1000",
-                "train.branch_batch=8", *EQUAL)
+                "maml.head_output=vocab", "data.seq_len=24", "data.row_len=33", "smlmt.pool_rows=128", "train.schedule=linear",
+                "train.decay_steps=1000", "train.branch_batch=8", *EQUAL)
     launch(2, tiny(data, runs, "released-2", *released))
     launch(2, tiny(data, runs, "gathered-2", *released, "smlmt.episode_scope=gathered"))
     own, gathered = weights(runs / "released-2", 3), weights(runs / "gathered-2", 3)
-    assert any(not torch.equal(own[k], gathered[k]) for k in own)  # two episodes of 32 rows are not one of 64
+    assert any(not torch.equal(own[k], gathered[k]) for k in own)  # two episodes of 64 rows are not one of 128
     log = [r for r in metrics(runs / "released-2") if "loss" in r]
     assert len(log) == 3 and all(r["n_maml"] == 1 and 0 <= r["query_acc"] <= 1 and r["query_loss"] > 0 for r in log)
     from picomaml.config import load_config

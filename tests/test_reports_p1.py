@@ -113,13 +113,18 @@ def test_table7_and_table3_equal_a_recomputation_from_the_raw_results(filled):
     assert table7.loc["maml_demo", "sk_snk"] == "missing"
     seen = lambda arm, regime: np.mean([f1[t] for (a, r, _), f1 in F1.items() if (a, r) == (arm, regime) for t in ("en_ewt", "da_ddt")])
     table3 = pd.read_csv(out / "tables" / "p1_table3_relative_f1_by_group.csv", dtype=str, keep_default_na=False).set_index("model")
-    assert float(table3.loc["demo (%)", "seen head"]) == pytest.approx(100 * (seen("maml", "head") / seen("vanilla", "head") - 1), abs=0.05)
+    change = lambda cell: float(cell.split(" (F1 ")[0])  # a relative cell: 'change (F1 maml vs vanilla[; base ≈ 0])'
+    absolute = lambda cell: tuple(float(x) for x in cell.split(" (F1 ")[1].split(";")[0].rstrip(")").split(" vs "))
+    seen_head = table3.loc["demo (%)", "seen head"]
+    assert change(seen_head) == pytest.approx(100 * (seen("maml", "head") / seen("vanilla", "head") - 1), abs=0.05)
+    assert absolute(seen_head) == pytest.approx((seen("maml", "head"), seen("vanilla", "head")), abs=6e-4)  # 3 decimals
     pud = 100 * (np.mean([0.30, 0.10]) / np.mean([0.20, 0.10]) - 1)
-    assert float(table3.loc["demo (%)", "PUD head"]) == pytest.approx(pud, abs=0.05)
+    assert change(table3.loc["demo (%)", "PUD head"]) == pytest.approx(pud, abs=0.05)
     table6 = pd.read_csv(out / "tables" / "p1_table6_zero_shot_ceb_tl.csv", dtype=str, keep_default_na=False).set_index(["model", "regime"])
-    assert table6.loc[("demo", "head"), "Tagalog (TRG)"] == "n/a" and table6.loc[("demo", "head"), "Tagalog (Ugnayan)"] == "missing"
+    assert table6.loc[("demo", "head"), "Tagalog (TRG)"].startswith("n/a (F1 ") and "base ≈ 0" in table6.loc[("demo", "head"), "Tagalog (TRG)"]
+    assert table6.loc[("demo", "head"), "Tagalog (Ugnayan)"] == "missing"
     cell = table6.loc[("demo", "full"), "Cebuano"]  # full runs kept per-sentence counts: the value and its interval
-    point, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    point, low, high = (float(x) for x in cell.split(" (F1 ")[0].replace("[", "").replace("]", "").replace(",", "").split())
     # MAML's correct sentences are vanilla's minus one
     assert point == pytest.approx(-20.0) and cell.startswith("-20.0 [") and low <= point <= high <= 0
     assert "[" not in table6.loc[("demo", "head"), "Cebuano"]  # no counts, one seed: no interval
