@@ -54,7 +54,9 @@ from picomaml.spectra import append_records, loss_gradients, select_matrices, sp
 # step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
 # over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
 # `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
-# (phi_T on the support set), `query_acc`, `head_w_mean` / `head_w_std` (phi_T's logits layer),
+# and `support_loss` (phi_T on the support set), `query_acc`, and the same four of phi_0 — the head
+# before its inner loop — as `support_acc_phi0`, `support_loss_phi0`, `query_acc_phi0` and
+# `query_loss_phi0` (so whether the inner loop adapted is a number), `head_w_mean` / `head_w_std` (phi_T's logits layer),
 # `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
 # `tokens_per_s` and `mfu`; and at evaluation steps a second line of the same step with `eval_loss`,
 # `paloma_ppl` and `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
@@ -67,7 +69,8 @@ from picomaml.spectra import append_records, loss_gradients, select_matrices, sp
 # %%
 #| export
 STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
-         "head_w_mean", "head_w_std", "tokens", "flops")
+         "head_w_mean", "head_w_std", "tokens", "flops", "support_loss", "support_acc_phi0", "support_loss_phi0",
+         "query_correct_phi0", "query_loss_phi0")
 
 def add_stats(stats: dict, **values) -> None:
     "Add named values to this rank's statistics of the step."
@@ -78,9 +81,13 @@ def step_record(totals: torch.Tensor, world_size: int) -> dict:
     t = dict(zip(STATS, totals.tolist()))
     n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
     per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
+    query_share = lambda key: t[key] / t["query_count"] if n_maml else None  # over every query example of the step
     return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
             "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
-            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
+            "support_acc": per_episode("support_acc"), "query_acc": query_share("query_correct"),
+            "support_loss": per_episode("support_loss"), "support_acc_phi0": per_episode("support_acc_phi0"),
+            "support_loss_phi0": per_episode("support_loss_phi0"), "query_acc_phi0": query_share("query_correct_phi0"),
+            "query_loss_phi0": query_share("query_loss_phi0"),
             "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
 
 
@@ -88,11 +95,14 @@ def step_record(totals: torch.Tensor, world_size: int) -> dict:
 _stats = dict.fromkeys(STATS, 0.0)
 add_stats(_stats, loss=0.5, ar_loss=2.0, n_ar=1); add_stats(_stats, loss=0.25, n_maml=1)
 assert (_stats["loss"], _stats["ar_loss"], _stats["n_ar"], _stats["n_maml"], _stats["flops"]) == (0.75, 2.0, 1, 1, 0.0)
-_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0], dtype=torch.float64)  # 2 ranks, 1 AR + 1 episode
+# 2 ranks, 1 AR + 1 episode; phi_0: support accuracy 0.05 and loss 3.4 on each rank, 2 of 40 queries right, summed loss 136
+_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0, 1.0, 0.1, 6.8, 2, 136.0], dtype=torch.float64)
 _rec = step_record(_sums, 2)
 assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
-assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"]) == (0.75, 0.75, 0.5)
-assert step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0], dtype=torch.float64), 2)["query_acc"] is None
+assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"], _rec["support_loss"]) == (0.75, 0.75, 0.5, 0.5)
+assert (_rec["support_acc_phi0"], _rec["support_loss_phi0"], _rec["query_acc_phi0"], _rec["query_loss_phi0"]) == (0.05, 3.4, 0.05, 3.4)
+_no_episode = step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0, 0], dtype=torch.float64), 2)
+assert _no_episode["query_acc"] is None and _no_episode["query_loss_phi0"] is None
 
 
 # %% [markdown]

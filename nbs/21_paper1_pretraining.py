@@ -299,13 +299,32 @@ speedups
 # models against the step. Chance is 1/32 ≈ 3.1 % for 32-way episodes. The paper reports query
 # accuracy above 40 % for small and medium, a tiny model stuck near chance, and a late rise of the
 # large model after step 4,500 (to over 0.5 after its phase transition).
+#
+# Solid: the head after its inner loop (φ_T), what the paper plots. Dashed: the same head before it
+# (φ_0), which knows nothing of the episode's label order. The gap between the two is what the inner
+# loop adapted; where they coincide, the accuracy is not the inner loop's doing (`05_maml` measures how
+# far the papers' ten steps at 1e-3 can move the head at all).
+
+# %%
+def phi0_overlay(ax, data: pd.DataFrame, key: str, legend: bool) -> None:
+    "Draw φ_0's curve of `key` (the head before its inner loop) dashed, per size, over the φ_T curves `curve_panel` drew."
+    data = data.dropna(subset=[key]) if key in data else data.iloc[:0]
+    for size, g in data.groupby("size", sort=False):
+        mean = g.groupby("step")[key].mean()  # over seeds
+        ax.plot(mean.index, mean.values, color=SIZE_COLORS[size], linestyle="--", linewidth=0.8)
+    if legend and len(data):
+        ax.plot([], [], color="0.3", linewidth=1, label="φ_T: after the inner loop")
+        ax.plot([], [], color="0.3", linestyle="--", linewidth=0.8, label="φ_0: before it")
+        ax.legend(fontsize=7)
 
 # %%
 maml = metrics[metrics.arm == "maml"]
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
 for ax, key, label in [(top, "support_acc", "support accuracy"), (bottom, "query_acc", "query accuracy")]:
     curve_panel(ax, smoothed(maml, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is top)
+    phi0_overlay(ax, smoothed(maml, f"{key}_phi0", smooth), f"{key}_phi0", legend=ax is top)
     if ax.lines: ax.axhline(1 / 32, color="0.5", linestyle=":", linewidth=0.8)
+fig.suptitle("32-way episode accuracy of the MAML arm: φ_T (solid) and φ_0 (dashed); dotted: chance 1/32", fontsize=8)
 save_figure(fig, "p1_fig3_support_query_acc", figures_dir)
 
 # %% [markdown]

@@ -93,14 +93,18 @@ assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-v
 # 32-way query cross-entropy; what pico-train logs and the curve comparable with the paper, which for
 # the MAML arm is not a language-modelling measure) and the **next-token loss** (`ar_loss`, the same
 # measure in both arms). Figure 11 is the per-document mean Paloma perplexity, pico-train's measure.
+# Figures 12 and 13 show the episode accuracies of the adapted head (φ_T, what the paper plots) above
+# those of the same head before its inner loop (φ_0): the difference is what the inner loop adapted.
 
 # %%
 INDICATORS = {  # output name -> panels of (metrics.jsonl key, y-axis label, arms that log it, log-scale y)
     "p2_fig10_train_loss": [("loss", "train loss: logged objective\n(the paper's curve)", ("maml", "vanilla"), False),
                             ("ar_loss", "train loss: next-token CE\n(language modelling)", ("maml", "vanilla"), False)],
     "p2_fig11_paloma": [("paloma_doc_ppl", "Paloma perplexity\n(per-document mean)", ("maml", "vanilla"), True)],
-    "p2_fig12_query_acc": [("query_acc", "query accuracy", ("maml",), False)],
-    "p2_fig13_support_acc": [("support_acc", "support accuracy", ("maml",), False)],
+    "p2_fig12_query_acc": [("query_acc", "query accuracy of φ_T\n(after the inner loop)", ("maml",), False),
+                           ("query_acc_phi0", "query accuracy of φ_0\n(before it)", ("maml",), False)],
+    "p2_fig13_support_acc": [("support_acc", "support accuracy of φ_T\n(after the inner loop)", ("maml",), False),
+                             ("support_acc_phi0", "support accuracy of φ_0\n(before it)", ("maml",), False)],
     "p2_fig14_head_weight_mean": [("head_w_mean", "head weight mean", ("maml",), False)],
     "p2_fig15_head_weight_std": [("head_w_std", "head weight std", ("maml",), False)],
 }

@@ -16,7 +16,7 @@ from .config import MAMLConfig
 
 # %% auto #0
 __all__ = ['MAMLHead', 'readout_features', 'support_features', 'adapt', 'query_loss', 'add_fast_grads', 'head_weight_stats',
-           'support_accuracy', 'maml_step']
+           'head_scores', 'support_accuracy', 'maml_step']
 
 # %% ../nbs/05_maml.ipynb #b49f1de9
 class MAMLHead(nn.Module):
@@ -81,11 +81,11 @@ def adapt(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, cfg: MAMLC
 # %% ../nbs/05_maml.ipynb #7b79f22f
 def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
                readout: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor | None = None):
-    "Summed query cross-entropy under phi_T (graph through backbone and fast weights) and the number correct."
+    "Summed query cross-entropy under phi_T (graph through backbone and fast weights), the number correct, the features (detached)."
     feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
     logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-    return loss_sum, (logits.argmax(-1) == labels).sum().item()
+    return loss_sum, (logits.argmax(-1) == labels).sum().item(), feats.detach()
 
 # %% ../nbs/05_maml.ipynb #5df4868a
 def add_fast_grads(head: nn.Module, fast_weights: dict[str, torch.Tensor]) -> float:
@@ -108,14 +108,19 @@ def head_weight_stats(head: MAMLHead, fast_weights: dict[str, torch.Tensor],
 
 # %% ../nbs/05_maml.ipynb #d4013974
 @torch.no_grad()
-def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
-                     class_ids: torch.Tensor | None = None) -> float:
-    "Accuracy of phi_T on the support features (S, d), head in eval mode (no dropout, no RNG draws); its mode is restored."
+def head_scores(head: nn.Module, weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
+                class_ids: torch.Tensor | None = None) -> tuple[float, int]:
+    "(summed cross-entropy, number correct) of the head at `weights` on features (n, d), in eval mode; its mode is restored."
     was_training = head.training
     head.eval()
-    try: logits = functional_call(head, fast_weights, (feats, class_ids))  # (S, N)
+    try: logits = functional_call(head, weights, (feats, class_ids)).float()  # (n, N)
     finally: head.train(was_training)
-    return (logits.argmax(-1) == labels).float().mean().item()
+    return F.cross_entropy(logits, labels, reduction="sum").item(), int((logits.argmax(-1) == labels).sum())
+
+def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
+                     class_ids: torch.Tensor | None = None) -> float:
+    "Accuracy of phi_T on the support features (S, d), head in eval mode (no dropout, no RNG draws)."
+    return head_scores(head, fast_weights, feats, labels, class_ids)[1] / len(labels)
 
 # %% ../nbs/05_maml.ipynb #4175720d
 def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
@@ -130,13 +135,19 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
     if feats.shape[0] != n_support:
         raise ValueError(f"gather returned {feats.shape[0]} support features, the episode has {n_support}: "
                          "it must return every rank's features in episode order")
+    phi_0 = {name: p.detach() for name, p in head.named_parameters()}
+    before = head_scores(head, phi_0, feats, episode.support_labels, episode.class_ids)
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
-    support_acc = support_accuracy(head, fast, feats, episode.support_labels, episode.class_ids)
+    after = head_scores(head, fast, feats, episode.support_labels, episode.class_ids)
     labels, (mean, std) = episode.query_labels[query_part], head_weight_stats(head, fast, episode.class_ids)
-    stats = dict(support_acc=support_acc, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
-    if len(labels) == 0: return dict(loss=0.0, query_correct=0, head_grad_norm=0.0, **stats)  # no query rows here: no backbone call
-    loss_sum, n_correct = query_loss(backbone, head, fast, episode.query_ids[query_part],
-                                     episode.query_readout[query_part], labels, episode.class_ids)
+    stats = dict(support_acc=after[1] / n_support, support_loss=after[0] / n_support, support_acc_phi0=before[1] / n_support,
+                 support_loss_phi0=before[0] / n_support, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
+    if len(labels) == 0:  # no query rows here: no backbone call
+        return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0, **stats)
+    loss_sum, n_correct, query_feats = query_loss(backbone, head, fast, episode.query_ids[query_part],
+                                                  episode.query_readout[query_part], labels, episode.class_ids)
+    loss_phi0_sum, correct_phi0 = head_scores(head, phi_0, query_feats, labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
-    return dict(loss=loss.item(), query_correct=n_correct, head_grad_norm=add_fast_grads(head, fast), **stats)
+    return dict(loss=loss.item(), query_correct=n_correct, query_correct_phi0=correct_phi0, query_loss_phi0_sum=loss_phi0_sum,
+                head_grad_norm=add_fast_grads(head, fast), **stats)

@@ -23,7 +23,8 @@ __all__ = ['STATS', 'add_stats', 'step_record', 'evaluate', 'record_run_spectra'
 
 # %% ../nbs/06_monitor.ipynb #c6e72791
 STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
-         "head_w_mean", "head_w_std", "tokens", "flops")
+         "head_w_mean", "head_w_std", "tokens", "flops", "support_loss", "support_acc_phi0", "support_loss_phi0",
+         "query_correct_phi0", "query_loss_phi0")
 
 def add_stats(stats: dict, **values) -> None:
     "Add named values to this rank's statistics of the step."
@@ -34,9 +35,13 @@ def step_record(totals: torch.Tensor, world_size: int) -> dict:
     t = dict(zip(STATS, totals.tolist()))
     n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
     per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
+    query_share = lambda key: t[key] / t["query_count"] if n_maml else None  # over every query example of the step
     return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
             "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
-            "support_acc": per_episode("support_acc"), "query_acc": t["query_correct"] / t["query_count"] if n_maml else None,
+            "support_acc": per_episode("support_acc"), "query_acc": query_share("query_correct"),
+            "support_loss": per_episode("support_loss"), "support_acc_phi0": per_episode("support_acc_phi0"),
+            "support_loss_phi0": per_episode("support_loss_phi0"), "query_acc_phi0": query_share("query_correct_phi0"),
+            "query_loss_phi0": query_share("query_loss_phi0"),
             "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
 
 # %% ../nbs/06_monitor.ipynb #fd36becf

@@ -81,6 +81,8 @@ def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, 
                         inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
     window, my_support = episode.support_ids.shape[1], n_support if own else part_sizes(n_support, world)[rank]
     return dict(loss=out["loss"] / (accum * share), query_loss=out["loss"] / share, n_maml=1, support_acc=out["support_acc"],
+                support_loss=out["support_loss"], support_acc_phi0=out["support_acc_phi0"], support_loss_phi0=out["support_loss_phi0"],
+                query_correct_phi0=out["query_correct_phi0"], query_loss_phi0=out["query_loss_phi0_sum"],
                 query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
                 head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
                 flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
