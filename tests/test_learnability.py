@@ -78,8 +78,10 @@ def episode_curves(corpus: Path, name: str, *overrides) -> dict:
 
 
 def summary(name: str, c: dict) -> str:
-    return (f"{name}: query accuracy {c['query_acc'][:5].mean():.2f} (first 5 steps) -> {c['query_acc'][-10:].mean():.2f} (last 10); "
-            f"phi_0 {c['query_acc_phi0'][-10:].mean():.2f}; support {c['support_acc'][-10:].mean():.2f} (phi_0 {c['support_acc_phi0'][-10:].mean():.2f})")
+    "One line: query accuracy first and last, and the last steps' phi_0 and support accuracies."
+    last = {key: values[-10:].mean() for key, values in c.items()}
+    return (f"{name}: query accuracy {c['query_acc'][:5].mean():.2f} (first 5 steps) -> {last['query_acc']:.2f} (last 10); "
+            f"phi_0 {last['query_acc_phi0']:.2f}; support {last['support_acc']:.2f} (phi_0 {last['support_acc_phi0']:.2f})")
 
 
 def test_an_adapting_inner_loop_learns_the_planted_task(corpus):
