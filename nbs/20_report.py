@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -49,7 +52,20 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from picomaml.names import ARMS, DEFAULT_SEED, ENTITY_TYPES, NEAR_ZERO_BASE, NEAR_ZERO_F1, SIZES, SOURCES, SPECTRA_KEY, parse_run_name, step_of
+from picomaml.config import PRESETS_DIR
+from picomaml.names import (
+    ARMS,
+    DEFAULT_SEED,
+    ENTITY_TYPES,
+    NEAR_ZERO_BASE,
+    NEAR_ZERO_F1,
+    PAPER_SIZES,
+    SIZES,
+    SOURCES,
+    SPECTRA_KEY,
+    parse_run_name,
+    step_of,
+)
 
 # %%
 import tempfile
@@ -635,6 +651,139 @@ with tempfile.TemporaryDirectory() as tmp:
     assert json.loads((Path(tmp) / "figs" / "missing.json").read_text()) == {"p1_figX_demo": ["missing: pico-large-vanilla"]}
 
 # %% [markdown]
+# ## The papers' numbers beside ours
+#
+# `docs/reported_numbers.csv` holds every number the two papers report: one row per cell of their
+# results tables and per quantitative claim of their text, with the paper, table or section, row,
+# column, value or range, unit and the text as printed (`tests/test_reported_numbers.py` checks its
+# shape, and each cell against the papers' own text). `PAPER_TABLES` says, for each of our tables
+# with a counterpart in a paper, which table or claim it is, how our row names the paper's row, and
+# which of our columns is which of the paper's. `save_table` appends the paper's rows to such a
+# table, marked `paper: ` in its first column, so every regenerated table prints the paper's value
+# beside ours; the scorecard (`29_scorecard`) scores each cell through the same map.
+
+# %%
+#| export
+REPORTED_NUMBERS = PRESETS_DIR.parent / "docs" / "reported_numbers.csv"
+PAPER_ROW = "paper: "  # first-column prefix of the paper's rows in our tables
+
+@functools.cache
+def reported_numbers(path=REPORTED_NUMBERS) -> pd.DataFrame:
+    "The papers' reported numbers (one row per table cell or claim), every field a string."
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+@dataclass(frozen=True)
+class PaperTable:
+    paper: str  # "1" or "2"
+    source: str  # the paper's "Table N", or "text" (columns then map to claim keys)
+    columns: dict  # our column -> the paper's column label, or the claim's key
+    row: Callable  # our row's key cells (a tuple of str) -> the paper's row label (None: no counterpart)
+    keys: int = 1  # how many leading columns of ours name a row
+    null: float | None = None  # the value of "no effect" (0 for a change, 1 for a ratio; None: not an effect)
+    scale_free: tuple = ()  # our columns that are properties of the data, comparable at any model scale
+    unit: float = 1.0  # the paper's numbers times this are in our units (0.01: the paper's percent, our fraction)
+
+    def reported(self) -> pd.DataFrame:
+        "The paper's rows of this table (or its claims)."
+        rep = reported_numbers()
+        if self.source == "text": return rep[rep.key.isin(list(self.columns.values()))]
+        return rep[(rep.paper == self.paper) & (rep.source == self.source)]
+
+    def covers(self, record: dict, row_label) -> bool:
+        "Whether the paper's record speaks of our row (a text claim: of every size its row lists, or of all)."
+        if row_label is None: return False
+        if self.source != "text": return record["row"].lower() == row_label.lower()
+        named = re.split(r"[^a-z0-9]+", record["row"].lower())
+        return row_label.lower() in named or "all" in named
+
+# %% [markdown]
+# How our rows name the paper's: a run `pico-<size>-<arm>` is the paper's `pico-decoder-<size>` or
+# `pico-maml-decoder-<size>`; a relative row `<size> (%)` and a head-only row `<arm>_<size>` are
+# written as the paper writes them (case aside); a row of two key cells (size, regime) is the paper's
+# `<size> / <regime>`. The demo's rows (`demo-maml`, `demo (%)`) have no counterpart in the papers.
+
+# %%
+#| export
+def paper_model(key) -> str | None:
+    "The paper's model name of our run name (`pico-small-maml` -> `pico-maml-decoder-small`)."
+    run = parse_run_name(key[0])
+    if run is None or run["family"] != "pico" or run["seed"] != DEFAULT_SEED: return None
+    return f"pico-{'maml-' if run['arm'] == 'maml' else ''}decoder-{run['size']}"
+
+def same_label(key) -> str | None: return key[0] if not key[0].startswith("demo") else None
+def size_regime(key) -> str | None: return f"{key[0]} / {key[1]}" if key[0] in PAPER_SIZES else None
+def paper_size(key) -> str | None: return key[0] if key[0] in PAPER_SIZES else None
+
+_GROUPS = {"seen": "Seen", "PUD": "Test-Only (PUD)", "other": "Test-Only (Other)"}
+_LANGUAGES = ("Danish", "English", "Croatian", "Portuguese", "Swedish")
+_DATASETS = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp")
+PAPER_TABLES = {
+    "p1_table2_loss_paloma": PaperTable("1", "Table 2", {"train loss: logged objective (the paper's)": "Train Loss @6k",
+                                                         "Paloma ppl: per-document mean (the paper's)": "Paloma Perplexity @6k"},
+                                        paper_model),
+    "p1_table3_relative_f1_by_group": PaperTable("1", "Table 3", {f"{g} {r}": f"{p} / {r.title()}" for g, p in _GROUPS.items()
+                                                                  for r in ("head", "full")}, same_label, null=0.0),
+    "p1_table4_relative_f1_head_per_language": PaperTable("1", "Table 4", {c: c for c in _LANGUAGES}, same_label, null=0.0),
+    "p1_table5_relative_f1_full_per_language": PaperTable("1", "Table 5", {c: c for c in _LANGUAGES}, same_label, null=0.0),
+    "p1_table6_zero_shot_ceb_tl": PaperTable("1", "Table 6", {"overall": "Overall", **{c: c for c in ("Cebuano", "Tagalog (TRG)",
+                                                                             "Tagalog (Ugnayan)")}}, size_regime, keys=2, null=0.0),
+    "p1_table7_head_only_f1": PaperTable("1", "Table 7", {c: c for c in _DATASETS}, same_label),
+    "p1_table8_relative_f1_head_per_language": PaperTable("1", "Table 8", {c: c for c in _DATASETS}, same_label, null=0.0),
+    "p1_table9_relative_f1_full_per_language": PaperTable("1", "Table 9", {c: c for c in _DATASETS}, same_label, null=0.0),
+    "p1_text_speedup": PaperTable("1", "text", {"speed-up on the logged objective (×, the paper's loss)": "p1.text.loss-speedup"},
+                                  paper_size, null=1.0),
+    "p1_text_episode_accuracy": PaperTable("1", "text", {"query accuracy of φ_T (the paper's)": "p1.text.query-acc-small-medium",
+                                                                    "support accuracy of φ_T": "p1.text.support-acc-small-medium"},
+                                           paper_size, unit=0.01),
+    "p2_table2_finetuning_speed": PaperTable("2", "Table 2", {"Δt90": r"$\Delta t_{90}$", "Δauc": r"$\Delta \text{AUC}$",
+                                                                 "Δslope": r"$\Delta \text{slope}$"}, size_regime,
+                                             keys=2, null=0.0),
+    "p2_table4_span_statistics": PaperTable("2", "Table 4", {"spans": "# spans", "single-token %": "% single-token"}, same_label,
+                                            scale_free=("spans", "single-token %")),
+    "p2_table5_particles_oov": PaperTable("2", "Table 5", {"model recall after particle": "Particle recall",
+                                                           "OOV token rate": "OOV rate"}, same_label, scale_free=("OOV token rate",)),
+}
+
+# %% [markdown]
+# `beside_paper` appends the paper's rows to one of our tables: its row label in the first column
+# (split over the key columns where a row has two), each mapped column's cell as the paper prints
+# it, the other cells empty; a text claim's row is the sizes it speaks of (`paper: small, medium`).
+
+# %%
+#| export
+def beside_paper(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    "`df` with the paper's rows appended (first column `paper: <the paper's row>`), if `name` has a counterpart."
+    spec = PAPER_TABLES.get(name)
+    if spec is None or df.empty: return df
+    rep, keys, rows = spec.reported(), list(df.columns[:spec.keys]), []
+    for label in dict.fromkeys(rep.row):
+        row = dict.fromkeys(df.columns, "")
+        row.update(zip(keys, label.split(" / ", spec.keys - 1)))
+        row[keys[0]] = PAPER_ROW + row[keys[0]]
+        for ours, theirs in spec.columns.items():
+            hit = rep[(rep.row == label) & ((rep.key if spec.source == "text" else rep.column) == theirs)]
+            if ours in row and len(hit): row[ours] = hit.printed.iloc[0]
+        rows.append(row)
+    return pd.concat([df, pd.DataFrame(rows, columns=df.columns)], ignore_index=True)
+
+
+# %%
+_t3 = beside_paper(pd.DataFrame({"model": ["demo (%)"], "seen head": ["+1.0 [-2.0, +4.0]"], "seen full": ["+0.5"]}),
+                   "p1_table3_relative_f1_by_group")
+assert _t3.model.tolist() == ["demo (%)"] + [f"{PAPER_ROW}{s} (%)" for s in PAPER_SIZES]
+assert _t3.set_index("model").loc[f"{PAPER_ROW}tiny (%)"].tolist() == ["-8.3", "-3.0"]
+_t6 = beside_paper(pd.DataFrame({"model": ["tiny"], "regime": ["head"], "overall": ["+3.0"]}), "p1_table6_zero_shot_ceb_tl")
+assert _t6.iloc[1].tolist() == [PAPER_ROW + "tiny", "head", "-100.0%"] and len(_t6) == 9
+_speed = beside_paper(pd.DataFrame({"size": ["tiny"], "speed-up on the logged objective (×, the paper's loss)": ["1.10"]}), "p1_text_speedup")
+assert _speed.iloc[1].tolist() == [PAPER_ROW + "tiny, small, medium, large", "1.3–1.6 \\times sooner"]
+assert beside_paper(_t3, "p1_tableX") is _t3 and PAPER_TABLES["p1_table2_loss_paloma"].row(("pico-small-maml",)) == "pico-maml-decoder-small"
+assert PAPER_TABLES["p1_table2_loss_paloma"].row(("demo-maml",)) is None and PAPER_TABLES["p1_table7_head_only_f1"].row(("maml_demo",)) == "maml_demo"
+for name, spec in PAPER_TABLES.items():  # every column the map names is one the transcription has
+    rep = spec.reported()
+    assert set(spec.columns.values()) <= set(rep.key if spec.source == "text" else rep.column), name
+
+
+# %% [markdown]
 # ## Tables: Markdown, LaTeX and CSV
 #
 # `save_table` writes a DataFrame three ways. Cells are written as given (format numbers before, so
@@ -663,7 +812,8 @@ def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
                       *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}", r"\end{table}"])
 
 def save_table(df: pd.DataFrame, name: str, tables_dir, caption: str) -> list[Path]:
-    "Write `df` as `<tables_dir>/<name>.md`, `.tex` and `.csv`; return the paths."
+    "Write `df` (with the paper's rows, if `name` has a counterpart) as `<tables_dir>/<name>.md`, `.tex` and `.csv`."
+    df = beside_paper(df, name)
     out = Path(tables_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"]

@@ -69,16 +69,20 @@ n_boot = 200 if smoke else 2000
 # the seed from the name (none: seed 0), so runs are matched by (size, arm, seed), not by name.
 
 # %%
-def missing_runs(frame: pd.DataFrame, sizes, arms, seeds) -> list[str]:
-    "Labels of the (size, arm, seed) combinations asked for that have no row in `frame`."
+def missing_runs(frame: pd.DataFrame, sizes, arms, seeds, family=None) -> list[str]:
+    "Labels of the (size, arm, seed) combinations asked for that have no row in `frame` (`family`: the released runs, first seed)."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
-    return [run_name(s, a, k) for s in sizes for a in arms for k in (seeds or [DEFAULT_SEED]) if (s, a, k) not in present]
+    seeds = (seeds or [DEFAULT_SEED])[: 1 if family else None]
+    return [run_name(s, a, k, family) if s != "demo" or not family else "released runs (none in the demo: make rehearse, make paper)"
+            for s in sizes for a in arms for k in seeds if (s, a, k) not in present]
 
 
 # %%
 _frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed": [42, 2]})
 assert missing_runs(_frame, ["demo", "large"], ["maml"], [42, 2]) == ["demo-maml-seed2", "pico-large-maml"]
 assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-vanilla"]
+assert missing_runs(_frame, ["demo", "tiny"], ["maml"], [1, 2], family="released") == [
+    "released runs (none in the demo: make rehearse, make paper)", "released-tiny-maml-seed1"]
 
 # %% [markdown]
 # ## The indicators
@@ -163,22 +167,34 @@ plt.close("all")
 # `smoothing` (a parameter) is the rolling-mean window in logged steps; 1 draws the curves unedited,
 # as the paper did.
 
+# %% [markdown]
+# The episode figures (12–15) have a second column: the same indicators for the released trainer's
+# reading of the method (`released-<size>-maml`: vocabulary-indexed head read at the mask, inner lr
+# 0.01, per-rank episodes whose query set is the support set; `docs/settings.md`, "Two readings of
+# the episode branch"), which `make paper` and `make rehearse` pretrain at the first seed. The demo
+# has no released run, and says so in that column.
+
 # %%
+EPISODE_FIGURES = ("p2_fig12_query_acc", "p2_fig13_support_acc", "p2_fig14_head_weight_mean", "p2_fig15_head_weight_std")
 runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds or None)
 metrics = runs_metrics(runs)
-print(f"{len(runs)} run(s) under {runs_dir}: {', '.join(runs.name) or 'none'}")
+released = runs_metrics(find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=(seeds or [DEFAULT_SEED])[:1], families=("released",)))
+print(f"{len(runs)} run(s) under {runs_dir}: {', '.join(runs.name) or 'none'}; released reading: {released.name.nunique()} run(s)")
 
 # %%
 missing_by_figure = {}
 for name, panels in INDICATORS.items():
-    fig, axes = plt.subplots(len(panels), 1, figsize=(5.5, 3.4 * len(panels)), squeeze=False)
+    readings = [("as written", metrics)] + ([("released reading", released)] if name in EPISODE_FIGURES else [])
+    fig, axes = plt.subplots(len(panels), len(readings), figsize=(5.5 * len(readings), 3.4 * len(panels)), squeeze=False)
     missing_by_figure[name] = []
-    for ax, (key, ylabel, logged_by, log_y) in zip(axes[:, 0], panels):
-        frame = smoothed(metrics, key, smoothing)
-        missing = missing_runs(frame, sizes, [a for a in arms if a in logged_by], seeds)
-        missing_by_figure[name] += [m for m in missing if m not in missing_by_figure[name]]
-        plot_indicator(ax, frame, key, ylabel, missing, log_y, n_boot)
-        ax.set_title(f"{ylabel.replace(chr(10), ' ')} over pretraining", fontsize=9)
+    for column, (reading, data) in enumerate(readings):
+        for ax, (key, ylabel, logged_by, log_y) in zip(axes[:, column], panels):
+            frame = smoothed(data, key, smoothing)
+            missing = missing_runs(frame, sizes, [a for a in arms if a in logged_by], seeds, family=None if column == 0 else "released")
+            missing_by_figure[name] += [m for m in missing if m not in missing_by_figure[name]]
+            plot_indicator(ax, frame, key, ylabel, missing, log_y, n_boot)
+            ax.set_title(f"{reading}: {ylabel.replace(chr(10), ' ')}" if len(readings) > 1 else f"{ylabel.replace(chr(10), ' ')} over pretraining",
+                         fontsize=9)
     save_figure(fig, name, figures_dir)
 assert all((Path(figures_dir) / f"{n}.{ext}").is_file() for n in INDICATORS for ext in ("png", "pdf"))
 {name: missing or "complete" for name, missing in missing_by_figure.items()}

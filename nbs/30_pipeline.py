@@ -81,7 +81,7 @@ class Profile:
     data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
     seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
-    size_overrides: dict = field(default_factory=dict)  # size -> more section.key=value for that size's runs
+    size_overrides: dict = field(default_factory=dict)  # size (or released-<size>) -> more section.key=value for its runs
     grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.ner_sweep)
     commits_outputs: bool = False  # reports write the committed figures/ and paper_tables/ (else under runs_dir)
     smoke: bool = False  # fewer bootstrap resamples in the notebooks
@@ -89,9 +89,12 @@ class Profile:
     sweep_size: str = "demo"  # the model of paper 2's checkpoint sweep (medium in the paper)
     device: str = "cpu"  # cuda: every stage on GPUs (checked before any work); cpu: CPU processes
     ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
+    paper_scale: bool = False  # the runs are the papers' models: the scorecard compares scale-dependent numbers
+    released_arm: bool = False  # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
-                phase_size="large", sweep_size="medium", device="cuda", ner_workers=0)
+                phase_size="large", sweep_size="medium", device="cuda", ner_workers=0, paper_scale=True,
+                released_arm=True)
 
 # %% [markdown]
 # ## The rehearsal: the paper profile, shrunk by one transform
@@ -132,9 +135,9 @@ SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_l
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
 
-def shrink_size(size: str) -> list[str]:
-    "The rehearsal's overrides of one size's paper preset (width, heads, depth, steps and cadence, rows)."
-    cfg, s = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"), SHRINK
+def shrink_size(size: str, family: str = "pico") -> list[str]:
+    "The rehearsal's overrides of one size's preset (width, heads, depth, steps and cadence, rows) of a family."
+    cfg, s = load_config(PRESETS_DIR / f"{family}-{size}-maml.yaml"), SHRINK
     d = math.ceil(cfg.model.d_model / s["width_divisor"] / 6) * 6  # three heads of even width (RoPE rotates pairs)
     steps = cfg.train.steps // s["step_divisor"]
     per_step = lambda every: max(1, every // s["step_divisor"])
@@ -146,7 +149,15 @@ def shrink_size(size: str) -> list[str]:
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
             f"train.global_batch={cfg.train.global_batch // cfg.train.branch_batch * branch}",
             f"eval.max_documents={s['eval_documents']}", f"spectra.grad_rows={s['spectra_rows']}",
-            *(f"smlmt.{k}={v}" for k, v in s["episode"].items())]
+            *(f"smlmt.{k}={v}" for k, v in s["episode"].items()), *released_shrink(cfg)]
+
+def released_shrink(cfg) -> list[str]:
+    "The released reading's own settings, shrunk: rows cropped to half their ids, its decay horizon and episode pool ÷."
+    if not cfg.data.row_len: return []
+    s = SHRINK
+    return [f"data.seq_len={s['seq_len'] // 2}", f"data.row_len={s['seq_len'] + 1}",
+            f"train.decay_steps={max(1, cfg.train.decay_steps // s['step_divisor'])}",
+            f"smlmt.pool_rows={max(1, cfg.smlmt.pool_rows // s['branch_divisor'])}"]
 
 def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     "The rehearsal of `profile`: the same presets, grids, stages and notebooks under the SHRINK transform."
@@ -156,8 +167,9 @@ def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
     return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
                                device="cpu", ner_workers=2,
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
-                               size_overrides={s: shrink_size(s) for s in profile.sizes}, grid_overrides=SHRINK["ner"],
-                               commits_outputs=False, smoke=True)
+                               size_overrides={s: shrink_size(s) for s in profile.sizes}
+                               | {f"released-{s}": shrink_size(s, "released") for s in profile.sizes}, grid_overrides=SHRINK["ner"],
+                               commits_outputs=False, smoke=True, paper_scale=False)
 
 
 # %% [markdown]
@@ -205,13 +217,16 @@ def preset_path(profile: Profile, size: str, arm: str) -> Path:
 
 def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
     "Every pretraining run of a profile as (preset, overrides, run name)."
+    def run(preset, overrides_key, name, seed):
+        extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
+        return preset, profile.overrides + profile.size_overrides.get(overrides_key, []) + extra, name
     runs = []
     for size in profile.sizes:
-        for arm in ARMS:
-            for seed in profile.seeds:
-                name = run_name(size, arm, seed, profile.family)
-                extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
-                runs.append((preset_path(profile, size, arm), profile.overrides + profile.size_overrides.get(size, []) + extra, name))
+        runs += [run(preset_path(profile, size, arm), size, run_name(size, arm, seed, profile.family), seed)
+                 for arm in ARMS for seed in profile.seeds]
+        if profile.released_arm:  # the released trainer's reading of the method: its MAML arm, at the first seed
+            seed = profile.seeds[0]
+            runs.append(run(PRESETS_DIR / f"released-{size}-maml.yaml", f"released-{size}", run_name(size, "maml", seed, "released"), seed))
     return runs
 
 
@@ -220,6 +235,10 @@ demo_runs = pretraining_runs(PROFILES["demo"])
 assert [r[2] for r in demo_runs] == ["demo-maml", "demo-vanilla"]
 _seeded = dataclasses.replace(PAPER, seeds=[42, 1, 2])
 assert [r[2] for r in pretraining_runs(_seeded)][:3] == ["pico-tiny-maml", "pico-tiny-maml-seed1", "pico-tiny-maml-seed2"]
+assert [r[2] for r in pretraining_runs(_seeded)][6] == "released-tiny-maml" and len(pretraining_runs(_seeded)) == 4 * (2 * 3 + 1)
+_released = {name: load_config(p, o) for p, o, name in pretraining_runs(_rehearse) if name.startswith("released-")}
+assert sorted(_released) == [f"released-{s}-maml" for s in sorted(PAPER_SIZES)]
+assert all(c.data.row_len == 33 and c.data.seq_len == 16 and c.smlmt.episode_scope == "rank" for c in _released.values())
 for preset, overrides, name in demo_runs + pretraining_runs(_seeded) + pretraining_runs(PROFILES["smoke"]) + pretraining_runs(_rehearse):
     cfg = load_config(preset, overrides)
     assert cfg.logging.run_name == name and (cfg.maml.rho == 0) == ("-vanilla" in name)
@@ -358,7 +377,7 @@ def report_parameters(profile: Profile) -> dict:
     return dict(runs_dir=str(runs), figures_dir=str(out / "figures"), tables_dir=str(out / "paper_tables"),
                 sizes=list(profile.sizes), arms=list(ARMS), seeds=list(profile.seeds), ner_dir=str(runs / "ner"),
                 ner_results=[str(runs / "ner" / "*-results.jsonl")], smoke=profile.smoke,
-                phase_size=profile.phase_size, sweep_size=profile.sweep_size)
+                phase_size=profile.phase_size, sweep_size=profile.sweep_size, paper_scale=profile.paper_scale)
 
 
 # %%
@@ -368,7 +387,8 @@ assert report_parameters(PROFILES["demo"])["figures_dir"] == str(PRESETS_DIR.par
 assert report_parameters(_rehearse)["tables_dir"].endswith("runs/rehearse/paper_tables") and report_parameters(_rehearse)["seeds"] == [42, 1]
 for nb in analysis_notebooks():  # every notebook takes the outputs' place and the runs' selection, and a source of results
     declared = set(papermill.inspect_notebook(str(nb)))
-    assert {"figures_dir", "sizes", "seeds", "smoke"} <= declared and declared & {"runs_dir", "ner_results"}, nb.name
+    assert "sizes" in declared and declared & {"figures_dir", "tables_dir"} and declared & {"runs_dir", "ner_results", "tables_dir"}, nb.name
+assert analysis_notebooks()[-1].name == "29_scorecard.ipynb"  # last: it scores the tables the others wrote
 
 
 # %%
@@ -385,6 +405,19 @@ def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
         except papermill.PapermillExecutionError as e:
             raise UserError(f"{nb.name} failed at cell {e.exec_count} ({e.ename}: {e.evalue}); the executed copy with the "
                             f"traceback is {reports_dir / nb.name}") from None
+
+def scorecard_line(tables_dir) -> str:
+    "The reproduction scorecard's one-line summary (`29_scorecard` writes it in bold), or why there is none."
+    path = Path(tables_dir) / "scorecard.md"
+    bold = [line.strip("*") for line in path.read_text().splitlines() if line.startswith("**")] if path.exists() else []
+    return bold[0] if bold else f"no scorecard at {path}"
+
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    assert scorecard_line(tmp) == f"no scorecard at {Path(tmp) / 'scorecard.md'}"
+    (Path(tmp) / "scorecard.md").write_text("# Reproduction scorecard\n\n**Scorecard (demo runs): 3 of 9 claims reproduced**\n\nVerdicts: ...\n")
+    assert scorecard_line(tmp) == "Scorecard (demo runs): 3 of 9 claims reproduced"
 
 
 # %% [markdown]
@@ -500,6 +533,7 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
             timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))
     if "reports" in stages:
         timed("reports", timings, False, lambda: execute_reports(report_parameters(profile), Path(profile.runs_dir) / "reports"))
+        print(scorecard_line(report_parameters(profile)["tables_dir"]), flush=True)
     print(format_timings(timings))
     save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
     return timings

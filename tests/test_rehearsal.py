@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from picomaml.checkpoints import list_checkpoints
 from picomaml.config import load_config
 from picomaml.names import OUTPUTS, output_files
 from picomaml.pipeline import PROFILES
+from picomaml.report import reported_numbers
 
 ROOT = Path(__file__).resolve().parent.parent
 REHEARSE = ROOT / PROFILES["rehearse"].runs_dir
@@ -42,7 +44,7 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
     profile = PROFILES["rehearse"]
     # every pretraining run of the paper profile, for both seeds, streamed through the Hub path, with step 0 and every cadence step
     runs = sorted(p.name for p in REHEARSE.iterdir() if (p / "config.yaml").is_file())
-    assert len(runs) == len(profile.sizes) * 2 * len(profile.seeds) == 16, runs
+    assert len(runs) == len(profile.sizes) * (2 * len(profile.seeds) + 1) == 20, runs  # and the released reading, first seed
     for name in runs:
         steps = [s for s, _ in list_checkpoints(REHEARSE / name / "checkpoints")]
         assert steps == list(range(0, 4)), (name, steps)  # step 0 and every step of 3 (the cadence of 100 / 2,000, at least 1)
@@ -62,6 +64,11 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
     assert {p: p.read_bytes() for d in ("figures", "paper_tables") for p in sorted((ROOT / d).iterdir())} == committed
     assert disk_usage(REHEARSE) < 3e9
     assert "[pipeline] ner sweep paper1" in proc.stdout and "[pipeline] reports" in proc.stdout
+    # the scorecard: every reported number has a row; at the rehearsal's scale only the data's own statistics are compared
+    card = pd.read_csv(REHEARSE / "paper_tables" / "scorecard.csv", dtype=str, keep_default_na=False)
+    assert set(reported_numbers().key) <= set(card.key) and "Scorecard (tiny, small, medium, large runs): " in proc.stdout
+    compared = card[card.verdict != "not comparable"]
+    assert len(compared) and set(compared["our table"]) <= {"p2_table4_span_statistics", "p2_table5_particles_oov"}, compared
 
 
 # --- every command printed in the README or a notebook is run (or named as run by another test) -----------------

@@ -15,7 +15,8 @@ FIGURES = ["p1_fig1_loss_paloma", "p1_fig2_delta_f1_by_tag", "p1_fig3_support_qu
            "p1_fig6_phase_transition"]
 TABLES = ["p1_table2_loss_paloma", "p1_table3_relative_f1_by_group", "p1_table4_relative_f1_head_per_language",
           "p1_table5_relative_f1_full_per_language", "p1_table6_zero_shot_ceb_tl", "p1_table7_head_only_f1",
-          "p1_table8_relative_f1_head_per_language", "p1_table9_relative_f1_full_per_language", "p1_text_speedup"]
+          "p1_table8_relative_f1_head_per_language", "p1_table9_relative_f1_full_per_language", "p1_text_speedup",
+          "p1_text_episode_accuracy"]
 F1 = {  # (arm, regime, finetuning set) -> test-set micro-F1, chosen by hand
     ("maml", "head", "en_ewt"): {"en_ewt": 0.50, "da_ddt": 0.20, "de_pud": 0.30, "ceb_gja": 0.12, "tl_trg": 0.30},
     ("vanilla", "head", "en_ewt"): {"en_ewt": 0.40, "da_ddt": 0.25, "de_pud": 0.20, "ceb_gja": 0.10, "tl_trg": 0.00},
