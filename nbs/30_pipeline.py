@@ -20,8 +20,9 @@
 # > Universal NER over the checkpoints, and re-execute the analysis notebooks.
 #
 # `python -m picomaml.pipeline paper` is both papers at their scale on one node of 4 GPUs: both arms
-# × four sizes, the 160-run NER grid of paper 1, paper 2's CRF grid and its 61-checkpoint sweep, and
-# the four analysis notebooks. `rehearse` is **that same profile** under one shrink transform applied
+# × four sizes (and the released trainer's reading of the MAML arm, for the episode figures), the
+# 160-run NER grid of paper 1, paper 2's CRF grid and its 61-checkpoint sweep, the four analysis
+# notebooks, and the scorecard that scores every number the papers report against them. `rehearse` is **that same profile** under one shrink transform applied
 # by code (below), with its data read through the Hub code path from a local dataset directory; CI
 # runs it, so the paper path is exercised end to end on every change. `demo` is what `make demo` runs
 # on a CPU; `smoke` is the demo shrunk for CI.

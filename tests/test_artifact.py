@@ -4,10 +4,12 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import pytest
 from nbdev.clean import clean_nb
 
 from picomaml.devtools import README_BANNER, environment_pins, notebook_markdown, requirement_pins
+from picomaml.pipeline import scorecard_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +43,35 @@ def test_nbdev_clean_keeps_the_papermill_parameters_tag():
     nb = nbformat.from_dict(nb)
     clean_nb(nb, allowed_cell_metadata_keys=keep)
     assert nb.cells[0].metadata == {"tags": ["parameters"]}
+
+
+README_CELLS = [  # (a number the README quotes in backticks, the committed table, its row, its column)
+    ("7.18", "p1_table2_loss_paloma", "demo-vanilla", "train loss: next-token CE (language modelling)"),
+    ("7.62", "p1_table2_loss_paloma", "demo-maml", "train loss: next-token CE (language modelling)"),
+    ("5.54", "p1_table2_loss_paloma", "demo-maml", "train loss: logged objective (the paper's)"),
+    ("9643.38", "p1_table2_loss_paloma", "demo-maml", "Paloma ppl: per-document mean (the paper's)"),
+    ("6473.23", "p1_table2_loss_paloma", "demo-vanilla", "Paloma ppl: per-document mean (the paper's)"),
+    ("109.00", "p1_text_speedup", "demo", "speed-up on the logged objective (×, the paper's loss)"),
+    ("not reached", "p1_text_speedup", "demo", "speed-up on the next-token loss (×, language modelling)"),
+    ("0.019", "p1_text_episode_accuracy", "demo", "query accuracy of φ_T (the paper's)"),
+    ("0.034", "p1_text_episode_accuracy", "demo", "query accuracy of φ_0"),
+    ("0.034", "p1_text_episode_accuracy", "demo", "support accuracy of φ_T"),
+    ("0.034", "p1_text_episode_accuracy", "demo", "support accuracy of φ_0"),
+    ("0.000 [0.000, 0.000]", "p1_table7_head_only_f1", "vanilla_demo", "en_ewt"),
+    ("0.000 [0.000, 0.000]", "p1_table7_head_only_f1", "maml_demo", "en_ewt"),
+    ("-13.4 [-46.7, +31.6] (F1 0.039 vs 0.046)", "p1_table3_relative_f1_by_group", "demo (%)", "seen full"),
+    ("-69.7 [-79.1, -58.6] (F1 0.028 vs 0.092)", "p1_table3_relative_f1_by_group", "demo (%)", "other full"),
+]
+
+
+def test_readme_quotes_the_committed_outputs():
+    "Every number the README quotes from a table is that table's committed cell, and its scorecard line is the committed one."
+    readme = (ROOT / "README.md").read_text()
+    for quoted, table, row, column in README_CELLS:
+        cells = pd.read_csv(ROOT / "paper_tables" / f"{table}.csv", dtype=str, keep_default_na=False)
+        cell = cells.set_index(cells.columns[0]).loc[row, column]
+        assert cell == quoted, f"README quotes {quoted!r} for {table} [{row}, {column}], the committed table says {cell!r}"
+        assert f"`{quoted}`" in readme, f"README no longer quotes `{quoted}` ({table}): update README_CELLS with it"
+    oov = pd.read_csv(ROOT / "paper_tables" / "p2_table5_particles_oov.csv", dtype=str).set_index("language")["OOV token rate"]
+    assert f"gives {oov['Tagalog']} and {oov['Cebuano']} against" in readme
+    assert f"> {scorecard_line(ROOT / 'paper_tables')}\n" in readme, "README's scorecard line is not the committed scorecard's"
