@@ -13,7 +13,7 @@ ifeq ($(origin PICOMAML_DATA), undefined)
   endif
 endif
 
-.PHONY: venv export sync check test demo compare rehearse paper docs help
+.PHONY: venv export sync check test demo compare rehearse paper released docs help
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -65,6 +65,9 @@ rehearse: export ## the paper profile end to end under the rehearsal's shrink tr
 
 paper: export ## the papers' scale on one node of 4 GPUs (both arms x 4 sizes, the NER grids, the notebooks)
 	$(BIN)/python -m picomaml.pipeline paper --nproc 4
+
+released: export ## both papers' NER grids and notebooks over the authors' released checkpoints (Hub), on this machine's GPUs
+	$(BIN)/python -m picomaml.pipeline released
 
 # DOCS_PROFILE=smoke shows 21-24 on the smoke runs (python -m picomaml.pipeline smoke) instead of the demo's.
 DOCS_PROFILE ?= demo

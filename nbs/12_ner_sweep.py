@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import scheduled_steps
@@ -210,14 +210,15 @@ def run_steps(run_dir: Path, step, where: str) -> list[int]:
     run_cfg = load_config(run_dir / "config.yaml")
     return [run_cfg.train.steps] if step == "final" else scheduled_steps(run_cfg.checkpoint, run_cfg.train.steps)
 
-def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,)) -> list[Checkpoint]:
-    "The checkpoints of one run entry of a grid, for every pretraining seed."
+def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), released=None) -> list[Checkpoint]:
+    "The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, a ReleasedHub)."
     unknown = set(entry) - RUN_KEYS
     if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(RUN_KEYS)}")
     for key in ("arm", "size"):
         if key not in entry: raise SweepError(f"{where}: a run entry needs `{key}`")
     if entry["arm"] not in ARMS: raise SweepError(f"{where}: arm {entry['arm']!r} is not one of {', '.join(ARMS)}")
     if "hub" in entry or "checkpoint" in entry: return external_checkpoints(entry, where)
+    if released is not None: return released_checkpoints(entry, where, released)
     out = []
     for seed in pretraining_seeds:
         name = run_name(entry["size"], entry["arm"], seed, entry.get("family"))
@@ -266,7 +267,7 @@ class Job:
         settings = ",".join(f"{k}={v}" for k, v in self.settings)
         return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
-def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> list[Job]:
+def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, released=None) -> list[Job]:
     "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
     if not path.is_file(): raise SweepError(f"grid file {path} does not exist")
@@ -280,7 +281,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
         settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
-        ckpts = [c for j, r in enumerate(g.get("runs", [])) for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds)]
+        ckpts = [c for j, r in enumerate(g.get("runs", []))
+                 for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds, released)]
         for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]), g.get("regimes", ["head"]),
                                                                 g.get("datasets", ["sk_snk"]), g.get("seeds", [0])):
             jobs.append(Job(c, head, regime, dataset, seed, settings))
@@ -439,10 +441,10 @@ assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 
 # %%
 #| export
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True) -> list[Job]:
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
     "Every job of the grid, its checkpoints checked; `setup` (one process per launch) also writes the UNER statistics and cuts a torn tail."
     ensure_writable(out.parent, "--out")
-    jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
+    jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
     if setup:
         write_uner_statistics(out, jobs, cfg.ner)
@@ -450,10 +452,11 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
     return jobs
 
 def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None) -> int:
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None,
+              released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
-    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None)
+    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
     done = {r["key"] for r in read_rows(out)}
     todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
     encode = encode or load_tokenizer(cfg.data).encode
@@ -635,6 +638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                    help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
     p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
+    p.add_argument("--released", action="store_true",
+                   help="finetune the authors' released checkpoints on the Hub (pico-lm/pico-[maml-]decoder-<size>) instead of local runs")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
     p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
@@ -648,7 +653,8 @@ def worker_arguments(a: argparse.Namespace) -> list[str]:
     "The command line of a worker: the sweep's own arguments, without its devices."
     optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
     return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
-            *(item for key, value in optional if value is not None for item in (key, str(value))), *a.overrides]
+            *(item for key, value in optional if value is not None for item in (key, str(value))), *(["--released"] if a.released else []),
+            *a.overrides]
 
 def main(argv=None) -> None:
     "Command-line entry point: one process, or one worker process per device."
@@ -656,7 +662,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides)
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
+                 released=ReleasedHub(HfApi()) if a.released else None)
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
@@ -666,7 +673,7 @@ def main(argv=None) -> None:
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
     else:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
-        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides)
+        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
         done = {r["key"] for r in read_rows(out)}
         n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
@@ -737,6 +744,131 @@ with tempfile.TemporaryDirectory() as tmp:
     try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep); raise AssertionError("ran with a missing checkpoint")
     except SweepError as e: assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
+
+
+# %% [markdown]
+# ## The authors' released checkpoints
+#
+# Most readers cannot pretrain the eight models (about 104 GPU-node hours) but can finetune them.
+# With `--released` every run entry named by size and arm reads the authors' checkpoint on the Hub
+# instead of a local run: `pico-lm/pico-maml-decoder-<size>` for the MAML arm and
+# `pico-lm/pico-decoder-<size>` for the vanilla arm (`RELEASED_REPOS`). The final model is the
+# repository's `main`. The per-step checkpoints are commits: pico-train pushes each checkpoint to a
+# branch named after its run with the message "Saving HF Model -- Step N", so `step_revisions` reads
+# the branch's commit history and maps each step to the newest commit that names it. `final` is
+# `main`; `scheduled` is every step the branch holds; a step or a list of steps must be on the branch.
+# Each result row's `checkpoint` is `<repo>@<commit>`: which revision it used. The run label is the
+# one a local run of that size and arm would have (`pico-medium-maml`), so the analysis notebooks read
+# released and local results alike. `ReleasedHub` holds the Hub client (`HfApi`, or a stand-in in
+# the tests) and which branch of each repo holds the steps (`branches`; by default the repository's
+# only branch besides `main`).
+
+# %%
+#| export
+RELEASED_REPOS = {"maml": "pico-lm/pico-maml-decoder-{size}", "vanilla": "pico-lm/pico-decoder-{size}"}
+STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commit message for each checkpoint it pushes
+
+@dataclasses.dataclass
+class ReleasedHub:
+    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
+    api: object
+    branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
+
+    def branch(self, repo: str) -> str:
+        "The branch pico-train pushed the run's checkpoints to."
+        if repo in self.branches: return self.branches[repo]
+        names = [b.name for b in self.api.list_repo_refs(repo).branches if b.name != "main"]
+        if len(names) != 1:
+            raise SweepError(f"{repo} has {len(names)} branches besides main ({', '.join(names) or 'none'}): "
+                             f"name the one with the run's checkpoints (ReleasedHub.branches)")
+        return names[0]
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        "{step: commit id} of the checkpoints on the repo's branch (the newest commit that names a step)."
+        found = {}
+        for commit in self.api.list_repo_commits(repo, revision=self.branch(repo)):  # newest first
+            if m := STEP_COMMIT.search(commit.title or ""): found.setdefault(int(m[1]), commit.commit_id)
+        return dict(sorted(found.items()))
+
+def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list[Checkpoint]:
+    "The released checkpoints of a run entry named by size and arm (final: main; scheduled, a step or steps: commits)."
+    repo, step = RELEASED_REPOS[entry["arm"]].format(size=entry["size"]), entry.get("step", "final")
+    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], source=repo, hub=True, selector=str(step))
+    if step == "final": return [Checkpoint(**base, revision="main")]
+    revisions = released.step_revisions(repo)
+    steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
+    absent = [s for s in steps if s not in revisions]
+    if absent or not steps:
+        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
+                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
+    return [Checkpoint(**base, revision=revisions[s], step=s) for s in steps]
+
+
+# %% [markdown]
+# A stand-in for the Hub: `ReleaseHub` answers the two `HfApi` calls `ReleasedHub` makes from
+# commits it records, and writes each commit's files into a Hugging Face cache (the layout
+# `huggingface-cli download` leaves), so `load_pretrained` then takes its real Hub path, offline.
+
+# %%
+import types
+
+import huggingface_hub
+
+
+class ReleaseHub:
+    "Stand-in for HfApi over a Hugging Face cache: pico-train-style commits on a run branch."
+    def __init__(self, cache_dir): self.cache_dir, self.commits = Path(cache_dir), {}
+    def push(self, model, repo: str, branch: str, title: str) -> str:
+        "Commit `model` to `branch` of `repo` (and to main) with the message `title`; return the commit id."
+        commit = hashlib.sha1(f"{repo}{branch}{title}{len(self.commits.get(repo, []))}".encode()).hexdigest()
+        root = self.cache_dir / f"models--{repo.replace('/', '--')}"
+        save_pretrained(model, root / "snapshots" / commit)
+        for ref in (branch, "main"):
+            (root / "refs").mkdir(parents=True, exist_ok=True)
+            (root / "refs" / ref).write_text(commit)
+        self.commits.setdefault(repo, []).insert(0, types.SimpleNamespace(title=title, commit_id=commit))  # newest first
+        return commit
+    def list_repo_refs(self, repo):
+        branches = sorted(p.name for p in (self.cache_dir / f"models--{repo.replace('/', '--')}" / "refs").iterdir())
+        return types.SimpleNamespace(branches=[types.SimpleNamespace(name=b) for b in branches])
+    def list_repo_commits(self, repo, revision=None): return list(self.commits[repo])
+
+
+# %%
+from fastcore.test import test_fail
+
+with tempfile.TemporaryDirectory() as tmp:
+    tmp, repo, branch = Path(tmp), "pico-lm/pico-maml-decoder-tiny", "pico-maml-decoder-tiny-6000"
+    hub, steps_pushed = ReleaseHub(tmp / "hf"), {}
+    for step in (0, 100, 200, 200):  # step 200 pushed twice (a relaunch): the newer commit is the checkpoint
+        torch.manual_seed(step + len(steps_pushed))
+        steps_pushed[step] = (PicoDecoder(tiny.cfg), None)
+        steps_pushed[step] = (steps_pushed[step][0], hub.push(steps_pushed[step][0], repo, branch, f"Saving HF Model -- Step {step}"))
+    hub.push(tiny, "pico-lm/pico-decoder-tiny", "pico-decoder-tiny-6000", "Saving HF Model -- Step 6000")
+    released = ReleasedHub(hub)
+    assert released.branch(repo) == branch and released.step_revisions(repo) == {s: c for s, (_, c) in steps_pushed.items()}
+    scheduled = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", released)
+    assert [(c.run, c.step, c.name) for c in scheduled] == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()]
+    assert released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name == "pico-lm/pico-decoder-tiny@main"
+    test_fail(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
+              contains=f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8, "max_eval_sentences": 4,
+                         "test_sets": ["tl_trg"]},
+            "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
+                       "runs": [{"arm": "maml", "size": "tiny", "step": [100, 200]}, {"arm": "vanilla", "size": "tiny"}]}]}
+    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+    cache, offline = huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = str(tmp / "hf"), True
+    try:
+        assert run_sweep(tmp / "g.yaml", tmp / "r.jsonl", released=released) == 3
+        rows = {r["checkpoint"]: r for r in read_rows(tmp / "r.jsonl")}
+        loaded = load_pretrained(repo, revision=steps_pushed[200][1])
+    finally: huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = cache, offline
+    hub.push(tiny, repo, "another-run", "Saving HF Model -- Step 0")
+    test_fail(lambda: ReleasedHub(hub).branch(repo), contains=f"{repo} has 2 branches besides main (another-run, {branch})")
+assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}", "pico-lm/pico-decoder-tiny@main"])
+assert {(r["pretraining_run"], r["step"]) for r in rows.values()} == {("pico-tiny-maml", 100), ("pico-tiny-maml", 200), ("pico-tiny-vanilla", None)}
+assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), steps_pushed[200][0].state_dict().values()))
 
 
 # %% [markdown]

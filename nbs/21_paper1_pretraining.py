@@ -101,16 +101,17 @@ expected
 # A panel with nothing to draw says what is missing.
 
 # %%
-def lacking(data: pd.DataFrame, y: str, size=None, arm=None) -> list[str]:
-    "The expected runs (of one size/arm) with no logged value of `y` in `data`."
+def lacking(data: pd.DataFrame, y: str, size=None, arm=None, names=None) -> list[str]:
+    "The expected runs (of one size/arm, or `names`) with no logged value of `y` in `data`."
     present = set(data["name"][data[y].notna()]) if y in data else set()
-    chosen = expected[expected["size"].isin([size] if size else sizes) & expected.arm.isin([arm] if arm else arms)]
-    return [n for n in chosen["name"] if n not in present]
+    chosen = expected[expected["size"].isin([size] if size else sizes) & expected.arm.isin([arm] if arm else arms)]["name"]
+    return [n for n in (chosen if names is None else names) if n not in present]
 
-def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None, size=None, logy=False, legend=True) -> None:
-    "Plot `y` against step per size (hue) and arm (style); name the expected runs that lack `y` (`what`)."
+def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None, size=None, logy=False, legend=True,
+                names=None) -> None:
+    "Plot `y` against step per size (hue) and arm (style); name the expected runs (or `names`) that lack `y` (`what`)."
     ax.set_ylabel(ylabel)
-    absent = lacking(data, y, size, arm)
+    absent = lacking(data, y, size, arm, names)
     if data.empty or y not in data or data[y].dropna().empty: return missing_note(ax, f"{what} of {', '.join(absent) or 'every run'}")
     data = data.dropna(subset=[y])
     sns.lineplot(data=data, x="step", y=y, hue="size", style="arm", palette={s: SIZE_COLORS[s] for s in data["size"].unique()},
@@ -324,10 +325,11 @@ maml = metrics[metrics.arm == "maml"]
 released_runs = find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=seeds[:1], families=("released",))
 released = runs_metrics(released_runs[released_runs.has_metrics])
 fig, axes = plt.subplots(2, 2, figsize=(11, 5), sharex="col")
-for column, (reading, data) in enumerate([("as written", maml), ("released reading", released)]):
+released_names = [run_name(s, "maml", seeds[0], "released") for s in sizes if s != "demo"]
+for column, (reading, data, names) in enumerate([("as written", maml, None), ("released reading", released, released_names)]):
     for ax, key, label in [(axes[0, column], "support_acc", "support accuracy"), (axes[1, column], "query_acc", "query accuracy")]:
         if data.empty: missing_note(ax, "released runs (none in the demo: make rehearse, make paper)"); continue
-        curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is axes[0, column])
+        curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is axes[0, column], names=names)
         phi0_overlay(ax, smoothed(data, f"{key}_phi0", smooth), f"{key}_phi0", legend=ax is axes[0, column])
         if ax.lines: ax.axhline(1 / 32, color="0.5", linestyle=":", linewidth=0.8)
     axes[0, column].set_title(reading, fontsize=9)

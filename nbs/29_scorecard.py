@@ -197,11 +197,12 @@ def score(tables_dir, paper_scale: bool, reported=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 def summary(card: pd.DataFrame, sizes) -> str:
-    "One line: how many claims were reproduced, not reproduced, and not comparable."
+    "One line: how many comparisons were reproduced, not reproduced, and not comparable."
     n = card.verdict.value_counts()
     weak = card.reason.str.endswith("also no effect").sum()
-    return (f"Scorecard ({', '.join(sizes)} runs): {n.get('reproduced', 0)} of {len(card)} claims reproduced ({weak} of them with an interval "
-            f"that also holds no effect), {n.get('not reproduced', 0)} not reproduced, {n.get('not comparable', 0)} not comparable at this scale")
+    return (f"Scorecard ({', '.join(sizes)} runs): {n.get('reproduced', 0)} of {len(card)} comparisons reproduced ({weak} of them with an "
+            f"interval that also holds no effect), {n.get('not reproduced', 0)} not reproduced, {n.get('not comparable', 0)} not comparable "
+            f"at this scale; {card.key.nunique()} reported numbers, a claim about several sizes compared once per size")
 
 
 # %% [markdown]

@@ -92,6 +92,7 @@ class Profile:
     ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
     paper_scale: bool = False  # the runs are the papers' models: the scorecard compares scale-dependent numbers
     released_arm: bool = False  # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
+    released_checkpoints: bool = False  # pretrain nothing: the NER grids finetune the authors' checkpoints on the Hub
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
                 phase_size="large", sweep_size="medium", device="cuda", ner_workers=0, paper_scale=True,
@@ -185,13 +186,15 @@ SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "c
 
 PROFILES = {
     "paper": PAPER,
+    "released": dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False,
+                                    released_checkpoints=True, released_arm=False),
     "rehearse": shrink(PAPER),
     "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
     "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
 }
 
 # %%
-assert set(PROFILES) == {"paper", "rehearse", "demo", "smoke"}
+assert set(PROFILES) == {"paper", "released", "rehearse", "demo", "smoke"}
 for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
 _rehearse = PROFILES["rehearse"]
@@ -217,7 +220,8 @@ def preset_path(profile: Profile, size: str, arm: str) -> Path:
     return PRESETS_DIR / ("demo.yaml" if arm == "maml" else "demo-vanilla.yaml")
 
 def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
-    "Every pretraining run of a profile as (preset, overrides, run name)."
+    "Every pretraining run of a profile as (preset, overrides, run name); none when it finetunes the released checkpoints."
+    if profile.released_checkpoints: return []
     def run(preset, overrides_key, name, seed):
         extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
         return preset, profile.overrides + profile.size_overrides.get(overrides_key, []) + extra, name
@@ -306,6 +310,7 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
            "--pretraining-seeds", *map(str, profile.seeds), "--device", profile.device,
            "--workers", str(profile.ner_workers or profile.nproc)]  # 0: one worker per GPU of the node
+    cmd += ["--released"] if profile.released_checkpoints else []
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 
@@ -316,6 +321,8 @@ _cmd = sweep_command("paper1", _rehearse)
 assert (_cmd[_cmd.index("--out") + 1].endswith("runs/rehearse/ner/paper1-results.jsonl")
         and _cmd[_cmd.index("--pretraining-seeds") + 1:][:2] == ["42", "1"])
 assert yaml.safe_load(_cmd[-1]) == SHRINK["ner"]
+assert pretraining_runs(PROFILES["released"]) == [] and "--released" in sweep_command("paper2", PROFILES["released"])
+assert "--released" not in sweep_command("paper2", PAPER) and PROFILES["released"].grids == PAPER.grids
 
 
 # %% [markdown]
@@ -541,11 +548,23 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
 
 
 # %% [markdown]
+# ## The authors' checkpoints: `make released`
+#
+# `released` is the paper profile with its pretraining replaced by the authors' checkpoints on the
+# Hub (`picomaml.ner_sweep --released`: `pico-lm/pico-maml-decoder-<size>` and
+# `pico-lm/pico-decoder-<size>`, their `main` for the final model and the commits of the run's branch
+# for paper 2's checkpoint sweep). It runs both papers' NER grids on the GPUs of this machine (one is
+# enough: one sweep worker per GPU), the analysis notebooks and the scorecard, under `runs/released/`;
+# the pretraining figures are marked missing (the checkpoints carry no training logs). It is the way
+# to score paper 2's NER claims at the papers' scale without pretraining.
+
+# %% [markdown]
 # ## The command line
 #
 # ```sh
 # python -m picomaml.pipeline demo                        # make demo
 # python -m picomaml.pipeline paper --seeds 42 1 2        # the papers' scale on one node of 4 GPUs, three seeds
+# python -m picomaml.pipeline released                    # make released: both papers' NER grids over the authors' checkpoints
 # python -m picomaml.pipeline rehearse                    # make rehearse: the paper profile, shrunk (CI)
 # python -m picomaml.pipeline smoke                       # the demo's path in minutes (CI)
 # python -m picomaml.pipeline demo --stages reports       # only re-execute the notebooks

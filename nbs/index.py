@@ -65,6 +65,7 @@
 # make rehearse                                                    # the paper profile end to end, shrunk, on CPU
 # make docs                                                        # the site in _docs/: every notebook executed (21-24 on make demo's runs), the API
 # python -m picomaml.pipeline paper --nproc 4 --seeds 42 1 2       # everything at the papers' scale, three seeds
+# make released                                                    # the NER grids over the authors' checkpoints, one GPU
 # ```
 #
 # Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
@@ -189,14 +190,17 @@
 # `-69.7 [-79.1, -58.6] (F1 0.028 vs 0.092)` on Tagalog/Cebuano for MAML under full tuning (change in
 # percent, 95 % interval over the test sentences, then the two absolute F1). These are single-seed
 # toy numbers that show the pipeline ends in real tables, not evidence about the method; the
-# papers' NER numbers need paper-scale backbones: `make paper` on GPUs, or the released checkpoints
-# through `picomaml.model.load_pretrained` as Hub entries of the sweep grids.
+# papers' NER numbers need paper-scale backbones: `make paper` on GPUs, or the authors' released
+# checkpoints on one GPU: `make released` runs both papers' NER grids over `pico-lm/pico-maml-decoder-*`
+# and `pico-lm/pico-decoder-*` (their final models and, for paper 2's checkpoint sweep, the commits of
+# each run's branch, one per saved step; every result row names the revision it used), then the
+# notebooks and the scorecard, under `runs/released/`.
 #
 # **The scorecard.** Every run of the pipeline ends by scoring each number the two papers report
 # (`docs/reported_numbers.csv`: 456 table cells and claims of the text) against our tables, into
 # `paper_tables/scorecard.md` and `.csv` (the rule is stated there; `29_scorecard`). The demo's:
 #
-# > Scorecard (demo runs): 6 of 456 claims reproduced (0 of them with an interval that also holds no effect), 2 not reproduced, 448 not comparable at this scale
+# > Scorecard (demo runs): 6 of 456 comparisons reproduced (0 of them with an interval that also holds no effect), 2 not reproduced, 448 not comparable at this scale; 456 reported numbers, a claim about several sizes compared once per size
 #
 # At demo scale only the properties of the data can be compared: paper 2's span statistics of the
 # Slovak training set (its Table 4) are reproduced exactly, and its out-of-vocabulary rates (Table 5)

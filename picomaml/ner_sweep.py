@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
 from .checkpoints import scheduled_steps
@@ -41,11 +41,12 @@ from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, 
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'SweepError', 'append_row', 'read_rows', 'drop_torn_tail', 'Checkpoint',
-           'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints', 'Job', 'load_grid',
-           'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job', 'statistics_path',
-           'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order', 'sweep_devices', 'fresh_claims',
-           'watch_parent', 'run_workers', 'parse_args', 'worker_arguments', 'main']
+__all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'RELEASED_REPOS', 'STEP_COMMIT', 'SweepError', 'append_row', 'read_rows',
+           'drop_torn_tail', 'Checkpoint', 'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints',
+           'Job', 'load_grid', 'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job',
+           'statistics_path', 'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order',
+           'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers', 'parse_args', 'worker_arguments', 'main',
+           'ReleasedHub', 'released_checkpoints']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -127,14 +128,15 @@ def run_steps(run_dir: Path, step, where: str) -> list[int]:
     run_cfg = load_config(run_dir / "config.yaml")
     return [run_cfg.train.steps] if step == "final" else scheduled_steps(run_cfg.checkpoint, run_cfg.train.steps)
 
-def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,)) -> list[Checkpoint]:
-    "The checkpoints of one run entry of a grid, for every pretraining seed."
+def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), released=None) -> list[Checkpoint]:
+    "The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, a ReleasedHub)."
     unknown = set(entry) - RUN_KEYS
     if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(RUN_KEYS)}")
     for key in ("arm", "size"):
         if key not in entry: raise SweepError(f"{where}: a run entry needs `{key}`")
     if entry["arm"] not in ARMS: raise SweepError(f"{where}: arm {entry['arm']!r} is not one of {', '.join(ARMS)}")
     if "hub" in entry or "checkpoint" in entry: return external_checkpoints(entry, where)
+    if released is not None: return released_checkpoints(entry, where, released)
     out = []
     for seed in pretraining_seeds:
         name = run_name(entry["size"], entry["arm"], seed, entry.get("family"))
@@ -175,7 +177,7 @@ class Job:
         settings = ",".join(f"{k}={v}" for k, v in self.settings)
         return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
-def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None) -> list[Job]:
+def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, released=None) -> list[Job]:
     "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
     if not path.is_file(): raise SweepError(f"grid file {path} does not exist")
@@ -189,7 +191,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
         settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
-        ckpts = [c for j, r in enumerate(g.get("runs", [])) for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds)]
+        ckpts = [c for j, r in enumerate(g.get("runs", []))
+                 for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds, released)]
         for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]), g.get("regimes", ["head"]),
                                                                 g.get("datasets", ["sk_snk"]), g.get("seeds", [0])):
             jobs.append(Job(c, head, regime, dataset, seed, settings))
@@ -298,10 +301,10 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     write_side_file(path, {k: {**have[k], **new[k]} for k in new})
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True) -> list[Job]:
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
     "Every job of the grid, its checkpoints checked; `setup` (one process per launch) also writes the UNER statistics and cuts a torn tail."
     ensure_writable(out.parent, "--out")
-    jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides)
+    jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
     if setup:
         write_uner_statistics(out, jobs, cfg.ner)
@@ -309,10 +312,11 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
     return jobs
 
 def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None) -> int:
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None,
+              released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
-    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None)
+    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
     done = {r["key"] for r in read_rows(out)}
     todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
     encode = encode or load_tokenizer(cfg.data).encode
@@ -426,6 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                    help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
     p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
+    p.add_argument("--released", action="store_true",
+                   help="finetune the authors' released checkpoints on the Hub (pico-lm/pico-[maml-]decoder-<size>) instead of local runs")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
     p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
@@ -439,7 +445,8 @@ def worker_arguments(a: argparse.Namespace) -> list[str]:
     "The command line of a worker: the sweep's own arguments, without its devices."
     optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
     return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
-            *(item for key, value in optional if value is not None for item in (key, str(value))), *a.overrides]
+            *(item for key, value in optional if value is not None for item in (key, str(value))), *(["--released"] if a.released else []),
+            *a.overrides]
 
 def main(argv=None) -> None:
     "Command-line entry point: one process, or one worker process per device."
@@ -447,7 +454,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides)
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
+                 released=ReleasedHub(HfApi()) if a.released else None)
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
@@ -457,9 +465,48 @@ def main(argv=None) -> None:
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
     else:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
-        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides)
+        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
         done = {r["key"] for r in read_rows(out)}
         n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
+
+# %% ../nbs/12_ner_sweep.ipynb #5cf58368
+RELEASED_REPOS = {"maml": "pico-lm/pico-maml-decoder-{size}", "vanilla": "pico-lm/pico-decoder-{size}"}
+STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commit message for each checkpoint it pushes
+
+@dataclasses.dataclass
+class ReleasedHub:
+    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
+    api: object
+    branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
+
+    def branch(self, repo: str) -> str:
+        "The branch pico-train pushed the run's checkpoints to."
+        if repo in self.branches: return self.branches[repo]
+        names = [b.name for b in self.api.list_repo_refs(repo).branches if b.name != "main"]
+        if len(names) != 1:
+            raise SweepError(f"{repo} has {len(names)} branches besides main ({', '.join(names) or 'none'}): "
+                             f"name the one with the run's checkpoints (ReleasedHub.branches)")
+        return names[0]
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        "{step: commit id} of the checkpoints on the repo's branch (the newest commit that names a step)."
+        found = {}
+        for commit in self.api.list_repo_commits(repo, revision=self.branch(repo)):  # newest first
+            if m := STEP_COMMIT.search(commit.title or ""): found.setdefault(int(m[1]), commit.commit_id)
+        return dict(sorted(found.items()))
+
+def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list[Checkpoint]:
+    "The released checkpoints of a run entry named by size and arm (final: main; scheduled, a step or steps: commits)."
+    repo, step = RELEASED_REPOS[entry["arm"]].format(size=entry["size"]), entry.get("step", "final")
+    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], source=repo, hub=True, selector=str(step))
+    if step == "final": return [Checkpoint(**base, revision="main")]
+    revisions = released.step_revisions(repo)
+    steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
+    absent = [s for s in steps if s not in revisions]
+    if absent or not steps:
+        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
+                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
+    return [Checkpoint(**base, revision=revisions[s], step=s) for s in steps]

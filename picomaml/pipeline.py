@@ -55,6 +55,7 @@ class Profile:
     ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
     paper_scale: bool = False  # the runs are the papers' models: the scorecard compares scale-dependent numbers
     released_arm: bool = False  # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
+    released_checkpoints: bool = False  # pretrain nothing: the NER grids finetune the authors' checkpoints on the Hub
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
                 phase_size="large", sweep_size="medium", device="cuda", ner_workers=0, paper_scale=True,
@@ -110,6 +111,8 @@ SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "c
 
 PROFILES = {
     "paper": PAPER,
+    "released": dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False,
+                                    released_checkpoints=True, released_arm=False),
     "rehearse": shrink(PAPER),
     "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
     "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
@@ -122,7 +125,8 @@ def preset_path(profile: Profile, size: str, arm: str) -> Path:
     return PRESETS_DIR / ("demo.yaml" if arm == "maml" else "demo-vanilla.yaml")
 
 def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
-    "Every pretraining run of a profile as (preset, overrides, run name)."
+    "Every pretraining run of a profile as (preset, overrides, run name); none when it finetunes the released checkpoints."
+    if profile.released_checkpoints: return []
     def run(preset, overrides_key, name, seed):
         extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
         return preset, profile.overrides + profile.size_overrides.get(overrides_key, []) + extra, name
@@ -162,6 +166,7 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
            "--pretraining-seeds", *map(str, profile.seeds), "--device", profile.device,
            "--workers", str(profile.ner_workers or profile.nproc)]  # 0: one worker per GPU of the node
+    cmd += ["--released"] if profile.released_checkpoints else []
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 # %% ../nbs/30_pipeline.ipynb #a4116c7e

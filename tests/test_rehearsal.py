@@ -116,6 +116,8 @@ def runnable(command: str, tmp: Path) -> list[str] | None:
     rehearse = PROFILES["rehearse"]
     if command.startswith("python -m picomaml.pipeline paper") or command == "make paper":  # the paper's stages are the rehearsal's
         return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--device", "cpu", "--stages"]  # CPU: said so
+    if command in ("python -m picomaml.pipeline released", "make released"):  # its sweep: 12_ner_sweep, through a stand-in Hub
+        return ["python", "-m", "picomaml.pipeline", "released", "--device", "cpu", "--stages"]
     if "picomaml.launch" in command and "--help" not in command:
         argv = shlex.split(command.replace("torchrun", "python -m torch.distributed.run"))
         large = "pico-large-maml" in command
