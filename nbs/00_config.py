@@ -57,9 +57,9 @@ import yaml
 
 # %%
 #| export
-def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None):
-    "A dataclass field with a default, a help comment, optional allowed values and numeric bounds."
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None, name: bool = False):
+    "A dataclass field with a default, a help comment, optional allowed values, numeric bounds, or `name`: one directory name."
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "name": name}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -296,7 +296,7 @@ class NERConfig:
 @dataclass
 class LoggingConfig:
     runs_dir: str = opt("runs", "parent directory of run directories")
-    run_name: str = opt("pico-maml", "this run's directory under runs_dir")
+    run_name: str = opt("pico-maml", "this run's directory under runs_dir (one name: no '/', not '..')", name=True)
     log_every: int = opt(1, "write a metrics line every this many optimizer steps", ge=1)
     progress_bar: bool = opt(True, "a progress bar on rank 0")
     wandb_project: str = opt("", "log to this Weights & Biases project; empty: off")
@@ -349,6 +349,9 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     if want is float and isinstance(value, int) and not isinstance(value, bool): value, ok = float(value), True
     if not ok:
         raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__})")
+    if f.metadata.get("name") and (value in ("", ".", "..") or "/" in value or "\\" in value):
+        raise ConfigError(f"{key}={value!r} must be one directory name (no '/', not '..'): the run is written to "
+                          f"<logging.runs_dir>/<{key.split('.')[-1]}>, and a path would put it elsewhere")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -369,6 +372,11 @@ assert coerce_value("train.lr", 3, _f["lr"]) == 3.0
 for bad in ("fast", True):
     try: coerce_value("train.steps", bad, _f["steps"]); raise AssertionError("accepted a bad value")
     except ConfigError as e: assert "train.steps: expected int" in str(e)
+_name = {f.name: f for f in dataclasses.fields(LoggingConfig)}["run_name"]
+assert coerce_value("logging.run_name", "pico-tiny-maml-seed1", _name) == "pico-tiny-maml-seed1"
+for bad in ("../elsewhere", "a/b", "..", ""):
+    try: coerce_value("logging.run_name", bad, _name); raise AssertionError(f"accepted run name {bad!r}")
+    except ConfigError as e: assert "must be one directory name" in str(e)
 try: coerce_value("train.schedule", "cosin", _f["schedule"]); raise AssertionError
 except ConfigError as e: assert "'cosine'" in str(e)
 _m = {f.name: f for f in dataclasses.fields(MAMLConfig)}
@@ -594,6 +602,15 @@ def run_command(main, argv=None):
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message: message += f": {e.filename}"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+def local_data_dir() -> Path | None:
+    "`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, never a silent fall-back."
+    env = os.environ.get("PICOMAML_DATA")
+    if not env: return None
+    if not Path(env).is_dir():
+        raise ConfigError(f"PICOMAML_DATA={env} is not a directory: point it at a directory with pretokenized/, tokenizer/ and uner/ "
+                          f"(see the README, 'Where data comes from'), or unset it to read the Hub")
+    return Path(env)
 
 def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
     "Create `directory` if needed and check it takes a file (and `need_bytes` more), else ConfigError naming `setting`."

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from picomaml.config import ConfigError, DataConfig, ensure_writable, run_command
+from picomaml.config import ConfigError, DataConfig, ensure_writable, local_data_dir, run_command
 from picomaml.tokenizer import PicoTokenizer, load_tokenizer
 
 # %%
@@ -666,8 +666,8 @@ def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
         if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; "
                                                             f"run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
         return Path(path)
-    local = Path(os.environ.get("PICOMAML_DATA", "")) / "pretokenized" / split
-    if os.environ.get("PICOMAML_DATA") and local.is_dir(): return local
+    env = local_data_dir()
+    if env and (env / "pretokenized" / split).is_dir(): return env / "pretokenized" / split
     return getattr(data_cfg, f"{split}_hub")
 
 def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_rows: int | None = None,
@@ -1011,6 +1011,8 @@ def main(argv: list[str] | None = None) -> dict:
     h.add_argument("--row-group-rows", type=int, default=1024, help="rows per parquet row group (what a rank's read of its region decodes)")
     h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
+    for key, low in {"seq_len": 1, "rows_per_shard": 1, "max_documents": 0, "rows_per_file": 1, "row_group_rows": 1}.items():
+        if getattr(args, key, low) < low: raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
     if args.command == "hub-layout":
         return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))

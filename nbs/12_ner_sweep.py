@@ -618,6 +618,86 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
 
 
 # %% [markdown]
+# ## The authors' released checkpoints
+#
+# Most readers cannot pretrain the eight models (about 104 GPU-node hours) but can finetune them.
+# With `--released` every run entry named by size and arm reads the authors' checkpoint on the Hub
+# instead of a local run: `pico-lm/pico-maml-decoder-<size>` for the MAML arm and
+# `pico-lm/pico-decoder-<size>` for the vanilla arm (`RELEASED_REPOS`). The final model is the
+# repository's `main`. The per-step checkpoints are commits: pico-train pushes each checkpoint to a
+# branch named after its run with the message "Saving HF Model -- Step N", so `step_revisions` reads
+# the branch's commit history and maps each step to the newest commit that names it. `final` is
+# `main`; `scheduled` is every step the branch holds; a step or a list of steps must be on the branch.
+# Each result row's `checkpoint` is `<repo>@<commit>`: which revision it used. A compute node without
+# the Hub reads a local mirror instead (`--released DIR`, `ReleasedMirror`): `DIR/<repo>/` holds the
+# final model and `DIR/<repo>/step_<N>/` each step, as `huggingface-cli download <repo> --local-dir
+# DIR/<repo>` and, with the commit of step N from the branch's history, `--revision <commit>
+# --local-dir DIR/<repo>/step_<N>` write them; rows then name the directory they read. The run label is the
+# one a local run of that size and arm would have (`pico-medium-maml`), so the analysis notebooks read
+# released and local results alike. `ReleasedHub` holds the Hub client (`HfApi`, or a stand-in in
+# the tests) and which branch of each repo holds the steps (`branches`; by default the repository's
+# only branch besides `main`).
+
+# %%
+#| export
+RELEASED_REPOS = {"maml": "pico-lm/pico-maml-decoder-{size}", "vanilla": "pico-lm/pico-decoder-{size}"}
+STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commit message for each checkpoint it pushes
+
+@dataclasses.dataclass
+class ReleasedHub:
+    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
+    api: object
+    branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
+
+    def branch(self, repo: str) -> str:
+        "The branch pico-train pushed the run's checkpoints to."
+        if repo in self.branches: return self.branches[repo]
+        names = [b.name for b in self.api.list_repo_refs(repo).branches if b.name != "main"]
+        if len(names) != 1:
+            raise SweepError(f"{repo} has {len(names)} branches besides main ({', '.join(names) or 'none'}): "
+                             f"name the one with the run's checkpoints (ReleasedHub.branches)")
+        return names[0]
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        "{step: commit id} of the checkpoints on the repo's branch (the newest commit that names a step)."
+        found = {}
+        for commit in self.api.list_repo_commits(repo, revision=self.branch(repo)):  # newest first
+            if m := STEP_COMMIT.search(commit.title or ""): found.setdefault(int(m[1]), commit.commit_id)
+        return dict(sorted(found.items()))
+
+    def source(self, repo: str, revision: str) -> dict:
+        "Where a checkpoint of `repo` at `revision` is read from."
+        return dict(source=repo, revision=revision, hub=True)
+
+@dataclasses.dataclass
+class ReleasedMirror:
+    "The released checkpoints copied to a local directory: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
+    root: Path
+
+    def branch(self, repo: str) -> str: return f"the local mirror {Path(self.root) / repo}"
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        "{step: directory name} of the step checkpoints the mirror holds."
+        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*")) if (s := step_of(p.name)) is not None}
+
+    def source(self, repo: str, revision: str) -> dict:
+        return dict(source=str(Path(self.root) / repo / ("" if revision == "main" else revision)))
+
+def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list[Checkpoint]:
+    "The released checkpoints of a run entry named by size and arm (final: main; scheduled, a step or steps: commits)."
+    repo, step = RELEASED_REPOS[entry["arm"]].format(size=entry["size"]), entry.get("step", "final")
+    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], selector=str(step))
+    if step == "final": return [Checkpoint(**base, **released.source(repo, "main"))]
+    revisions = released.step_revisions(repo)
+    steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
+    absent = [s for s in steps if s not in revisions]
+    if absent or not steps:
+        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
+                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
+    return [Checkpoint(**base, **released.source(repo, revisions[s]), step=s) for s in steps]
+
+
+# %% [markdown]
 # ## Command line
 #
 # `python -m picomaml.ner_sweep --grid configs/sweeps/demo.yaml --out runs/ner/demo-results.jsonl
@@ -638,8 +718,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
                    help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
     p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
-    p.add_argument("--released", action="store_true",
-                   help="finetune the authors' released checkpoints on the Hub (pico-lm/pico-[maml-]decoder-<size>) instead of local runs")
+    p.add_argument("--released", nargs="?", const="hub", default=None, metavar="MIRROR",
+                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) instead of local runs: from the "
+                        "Hub, or from MIRROR, a local directory holding <repo>/ (main) and <repo>/step_<N>/")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
     p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
@@ -647,14 +728,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
     if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
+    if a.limit is not None and a.limit < 0: raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
     return a
 
 def worker_arguments(a: argparse.Namespace) -> list[str]:
     "The command line of a worker: the sweep's own arguments, without its devices."
     optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
     return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
-            *(item for key, value in optional if value is not None for item in (key, str(value))), *(["--released"] if a.released else []),
-            *a.overrides]
+            *(item for key, value in optional if value is not None for item in (key, str(value))),
+            *(["--released", a.released] if a.released else []), *a.overrides]
 
 def main(argv=None) -> None:
     "Command-line entry point: one process, or one worker process per device."
@@ -663,7 +745,7 @@ def main(argv=None) -> None:
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
     sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
-                 released=ReleasedHub(HfApi()) if a.released else None)
+                 released=None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub" else ReleasedMirror(Path(a.released)))
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
@@ -747,64 +829,8 @@ rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
 
 
 # %% [markdown]
-# ## The authors' released checkpoints
+# ### Tests: the released checkpoints through a stand-in Hub
 #
-# Most readers cannot pretrain the eight models (about 104 GPU-node hours) but can finetune them.
-# With `--released` every run entry named by size and arm reads the authors' checkpoint on the Hub
-# instead of a local run: `pico-lm/pico-maml-decoder-<size>` for the MAML arm and
-# `pico-lm/pico-decoder-<size>` for the vanilla arm (`RELEASED_REPOS`). The final model is the
-# repository's `main`. The per-step checkpoints are commits: pico-train pushes each checkpoint to a
-# branch named after its run with the message "Saving HF Model -- Step N", so `step_revisions` reads
-# the branch's commit history and maps each step to the newest commit that names it. `final` is
-# `main`; `scheduled` is every step the branch holds; a step or a list of steps must be on the branch.
-# Each result row's `checkpoint` is `<repo>@<commit>`: which revision it used. The run label is the
-# one a local run of that size and arm would have (`pico-medium-maml`), so the analysis notebooks read
-# released and local results alike. `ReleasedHub` holds the Hub client (`HfApi`, or a stand-in in
-# the tests) and which branch of each repo holds the steps (`branches`; by default the repository's
-# only branch besides `main`).
-
-# %%
-#| export
-RELEASED_REPOS = {"maml": "pico-lm/pico-maml-decoder-{size}", "vanilla": "pico-lm/pico-decoder-{size}"}
-STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commit message for each checkpoint it pushes
-
-@dataclasses.dataclass
-class ReleasedHub:
-    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
-    api: object
-    branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
-
-    def branch(self, repo: str) -> str:
-        "The branch pico-train pushed the run's checkpoints to."
-        if repo in self.branches: return self.branches[repo]
-        names = [b.name for b in self.api.list_repo_refs(repo).branches if b.name != "main"]
-        if len(names) != 1:
-            raise SweepError(f"{repo} has {len(names)} branches besides main ({', '.join(names) or 'none'}): "
-                             f"name the one with the run's checkpoints (ReleasedHub.branches)")
-        return names[0]
-
-    def step_revisions(self, repo: str) -> dict[int, str]:
-        "{step: commit id} of the checkpoints on the repo's branch (the newest commit that names a step)."
-        found = {}
-        for commit in self.api.list_repo_commits(repo, revision=self.branch(repo)):  # newest first
-            if m := STEP_COMMIT.search(commit.title or ""): found.setdefault(int(m[1]), commit.commit_id)
-        return dict(sorted(found.items()))
-
-def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list[Checkpoint]:
-    "The released checkpoints of a run entry named by size and arm (final: main; scheduled, a step or steps: commits)."
-    repo, step = RELEASED_REPOS[entry["arm"]].format(size=entry["size"]), entry.get("step", "final")
-    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], source=repo, hub=True, selector=str(step))
-    if step == "final": return [Checkpoint(**base, revision="main")]
-    revisions = released.step_revisions(repo)
-    steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
-    absent = [s for s in steps if s not in revisions]
-    if absent or not steps:
-        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
-                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
-    return [Checkpoint(**base, revision=revisions[s], step=s) for s in steps]
-
-
-# %% [markdown]
 # A stand-in for the Hub: `ReleaseHub` answers the two `HfApi` calls `ReleasedHub` makes from
 # commits it records, and writes each commit's files into a Hugging Face cache (the layout
 # `huggingface-cli download` leaves), so `load_pretrained` then takes its real Hub path, offline.
@@ -869,6 +895,21 @@ with tempfile.TemporaryDirectory() as tmp:
 assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}", "pico-lm/pico-decoder-tiny@main"])
 assert {(r["pretraining_run"], r["step"]) for r in rows.values()} == {("pico-tiny-maml", 100), ("pico-tiny-maml", 200), ("pico-tiny-vanilla", None)}
 assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), steps_pushed[200][0].state_dict().values()))
+
+# %% [markdown]
+# The local mirror: the same entries read `<root>/<repo>/` and its `step_<N>/` directories.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    mirror = ReleasedMirror(Path(tmp))
+    for step in (0, 100): save_pretrained(tiny, Path(tmp) / "pico-lm/pico-maml-decoder-tiny" / step_dir_name(step))
+    save_pretrained(tiny, Path(tmp) / "pico-lm/pico-maml-decoder-tiny")
+    local = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", mirror)
+    assert [(c.step, c.source, c.hub) for c in local] == [(s, f"{tmp}/pico-lm/pico-maml-decoder-tiny/{step_dir_name(s)}", False) for s in (0, 100)]
+    final = released_checkpoints({"arm": "maml", "size": "tiny"}, "g", mirror)[0]
+    assert final.source == f"{tmp}/pico-lm/pico-maml-decoder-tiny" and check_checkpoints([Job(final, "linear", "head", "sk_snk", 0, ())]) is None
+    test_fail(lambda: released_checkpoints({"arm": "vanilla", "size": "tiny", "step": [100]}, "g", mirror),
+              contains=f"pico-lm/pico-decoder-tiny (branch the local mirror {tmp}/pico-lm/pico-decoder-tiny) has no checkpoint of step(s) [100]")
 
 
 # %% [markdown]

@@ -22,12 +22,12 @@ __all__ = ['RESUME_MAY_CHANGE', 'USER_ERRORS', 'PRESETS_DIR', 'opt', 'ModelConfi
            'CheckpointConfig', 'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig',
            'Config', 'ConfigError', 'coerce_value', 'apply_overrides', 'read_preset', 'parse_override', 'load_config',
            'config_dict', 'save_config', 'format_help', 'flat_config', 'config_changes', 'UserError', 'run_command',
-           'ensure_writable']
+           'local_data_dir', 'ensure_writable']
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
-def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None):
-    "A dataclass field with a default, a help comment, optional allowed values and numeric bounds."
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None, name: bool = False):
+    "A dataclass field with a default, a help comment, optional allowed values, numeric bounds, or `name`: one directory name."
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "name": name}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -174,7 +174,7 @@ class NERConfig:
 @dataclass
 class LoggingConfig:
     runs_dir: str = opt("runs", "parent directory of run directories")
-    run_name: str = opt("pico-maml", "this run's directory under runs_dir")
+    run_name: str = opt("pico-maml", "this run's directory under runs_dir (one name: no '/', not '..')", name=True)
     log_every: int = opt(1, "write a metrics line every this many optimizer steps", ge=1)
     progress_bar: bool = opt(True, "a progress bar on rank 0")
     wandb_project: str = opt("", "log to this Weights & Biases project; empty: off")
@@ -211,6 +211,9 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     if want is float and isinstance(value, int) and not isinstance(value, bool): value, ok = float(value), True
     if not ok:
         raise ConfigError(f"{key}: expected {want.__name__}, got {value!r} ({type(value).__name__})")
+    if f.metadata.get("name") and (value in ("", ".", "..") or "/" in value or "\\" in value):
+        raise ConfigError(f"{key}={value!r} must be one directory name (no '/', not '..'): the run is written to "
+                          f"<logging.runs_dir>/<{key.split('.')[-1]}>, and a path would put it elsewhere")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -334,6 +337,15 @@ def run_command(main, argv=None):
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message: message += f": {e.filename}"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+def local_data_dir() -> Path | None:
+    "`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, never a silent fall-back."
+    env = os.environ.get("PICOMAML_DATA")
+    if not env: return None
+    if not Path(env).is_dir():
+        raise ConfigError(f"PICOMAML_DATA={env} is not a directory: point it at a directory with pretokenized/, tokenizer/ and uner/ "
+                          f"(see the README, 'Where data comes from'), or unset it to read the Hub")
+    return Path(env)
 
 def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
     "Create `directory` if needed and check it takes a file (and `need_bytes` more), else ConfigError naming `setting`."

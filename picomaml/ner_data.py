@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import NERConfig
+from .config import NERConfig, local_data_dir
 from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
 
 # %% auto #0
@@ -115,8 +115,8 @@ def uner_source(cfg: NERConfig) -> Path | str:
         if not path.is_dir(): raise FileNotFoundError(f"ner.data_path={cfg.data_path!r} is not a directory; "
                                                       f"set it to a UNER directory or to '' for the Hub")
         return path
-    env = os.environ.get("PICOMAML_DATA")
-    if env and (Path(env) / "uner").is_dir(): return Path(env) / "uner"
+    env = local_data_dir()
+    if env and (env / "uner").is_dir(): return env / "uner"
     return cfg.data_hub
 
 def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:

@@ -45,8 +45,8 @@ __all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'RELEASED_REPOS', 'STEP_COMM
            'drop_torn_tail', 'Checkpoint', 'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints',
            'Job', 'load_grid', 'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job',
            'statistics_path', 'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order',
-           'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers', 'parse_args', 'worker_arguments', 'main',
-           'ReleasedHub', 'released_checkpoints']
+           'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers', 'ReleasedHub', 'ReleasedMirror',
+           'released_checkpoints', 'parse_args', 'worker_arguments', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -418,60 +418,6 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
                          f"(its log: {logs / f'worker-{i}.log'}). The finished rows are kept: relaunch the same command to run the rest")
     return len(read_rows(out)) - before
 
-# %% ../nbs/12_ner_sweep.ipynb #1827dac3
-def parse_args(argv=None) -> argparse.Namespace:
-    "Arguments of `python -m picomaml.ner_sweep`."
-    p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
-                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
-    p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
-    p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
-    p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
-    p.add_argument("--runs-dir", default="runs", help="where the pretraining runs of the grid's run entries live")
-    p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
-                   help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
-    p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
-    p.add_argument("--released", action="store_true",
-                   help="finetune the authors' released checkpoints on the Hub (pico-lm/pico-[maml-]decoder-<size>) instead of local runs")
-    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
-    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
-    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
-    p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
-    a = p.parse_args(argv)
-    if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
-    return a
-
-def worker_arguments(a: argparse.Namespace) -> list[str]:
-    "The command line of a worker: the sweep's own arguments, without its devices."
-    optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
-    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
-            *(item for key, value in optional if value is not None for item in (key, str(value))), *(["--released"] if a.released else []),
-            *a.overrides]
-
-def main(argv=None) -> None:
-    "Command-line entry point: one process, or one worker process per device."
-    configure_cuda_allocator()  # before anything touches a GPU
-    a = parse_args(argv)
-    try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
-    except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
-                 released=ReleasedHub(HfApi()) if a.released else None)
-    if a.worker:
-        index, count, claims, parent = a.worker.split(",")
-        watch_parent(int(parent))
-        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
-        return print(f"worker {index}: {n} runs finished", flush=True)
-    devices = sweep_devices(a.device, a.workers)
-    if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
-    else:
-        cfg, out = load_config(a.config, a.overrides), Path(a.out)
-        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
-        done = {r["key"] for r in read_rows(out)}
-        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
-    print(f"{n} runs finished; results in {a.out}")
-
-if __name__ == "__main__" and "__file__" in globals(): run_command(main)
-
 # %% ../nbs/12_ner_sweep.ipynb #5cf58368
 RELEASED_REPOS = {"maml": "pico-lm/pico-maml-decoder-{size}", "vanilla": "pico-lm/pico-decoder-{size}"}
 STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commit message for each checkpoint it pushes
@@ -498,15 +444,89 @@ class ReleasedHub:
             if m := STEP_COMMIT.search(commit.title or ""): found.setdefault(int(m[1]), commit.commit_id)
         return dict(sorted(found.items()))
 
+    def source(self, repo: str, revision: str) -> dict:
+        "Where a checkpoint of `repo` at `revision` is read from."
+        return dict(source=repo, revision=revision, hub=True)
+
+@dataclasses.dataclass
+class ReleasedMirror:
+    "The released checkpoints copied to a local directory: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
+    root: Path
+
+    def branch(self, repo: str) -> str: return f"the local mirror {Path(self.root) / repo}"
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        "{step: directory name} of the step checkpoints the mirror holds."
+        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*")) if (s := step_of(p.name)) is not None}
+
+    def source(self, repo: str, revision: str) -> dict:
+        return dict(source=str(Path(self.root) / repo / ("" if revision == "main" else revision)))
+
 def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list[Checkpoint]:
     "The released checkpoints of a run entry named by size and arm (final: main; scheduled, a step or steps: commits)."
     repo, step = RELEASED_REPOS[entry["arm"]].format(size=entry["size"]), entry.get("step", "final")
-    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], source=repo, hub=True, selector=str(step))
-    if step == "final": return [Checkpoint(**base, revision="main")]
+    base = dict(run=run_name(entry["size"], entry["arm"]), arm=entry["arm"], size=entry["size"], selector=str(step))
+    if step == "final": return [Checkpoint(**base, **released.source(repo, "main"))]
     revisions = released.step_revisions(repo)
     steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
     absent = [s for s in steps if s not in revisions]
     if absent or not steps:
         raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
                          f"its steps: {', '.join(map(str, revisions)) or 'none'}")
-    return [Checkpoint(**base, revision=revisions[s], step=s) for s in steps]
+    return [Checkpoint(**base, **released.source(repo, revisions[s]), step=s) for s in steps]
+
+# %% ../nbs/12_ner_sweep.ipynb #1827dac3
+def parse_args(argv=None) -> argparse.Namespace:
+    "Arguments of `python -m picomaml.ner_sweep`."
+    p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
+                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
+    p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
+    p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
+    p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
+    p.add_argument("--runs-dir", default="runs", help="where the pretraining runs of the grid's run entries live")
+    p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
+                   help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
+    p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
+    p.add_argument("--released", nargs="?", const="hub", default=None, metavar="MIRROR",
+                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) instead of local runs: from the "
+                        "Hub, or from MIRROR, a local directory holding <repo>/ (main) and <repo>/step_<N>/")
+    p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
+    p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
+    a = p.parse_args(argv)
+    if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
+    if a.limit is not None and a.limit < 0: raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
+    return a
+
+def worker_arguments(a: argparse.Namespace) -> list[str]:
+    "The command line of a worker: the sweep's own arguments, without its devices."
+    optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
+    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
+            *(item for key, value in optional if value is not None for item in (key, str(value))),
+            *(["--released", a.released] if a.released else []), *a.overrides]
+
+def main(argv=None) -> None:
+    "Command-line entry point: one process, or one worker process per device."
+    configure_cuda_allocator()  # before anything touches a GPU
+    a = parse_args(argv)
+    try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
+    except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
+                 released=None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub" else ReleasedMirror(Path(a.released)))
+    if a.worker:
+        index, count, claims, parent = a.worker.split(",")
+        watch_parent(int(parent))
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
+        return print(f"worker {index}: {n} runs finished", flush=True)
+    devices = sweep_devices(a.device, a.workers)
+    if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
+    else:
+        cfg, out = load_config(a.config, a.overrides), Path(a.out)
+        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
+        done = {r["key"] for r in read_rows(out)}
+        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
+    print(f"{n} runs finished; results in {a.out}")
+
+if __name__ == "__main__" and "__file__" in globals(): run_command(main)

@@ -55,7 +55,7 @@ class Profile:
     ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
     paper_scale: bool = False  # the runs are the papers' models: the scorecard compares scale-dependent numbers
     released_arm: bool = False  # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
-    released_checkpoints: bool = False  # pretrain nothing: the NER grids finetune the authors' checkpoints on the Hub
+    released_checkpoints: str = ""  # pretrain nothing: the NER grids finetune the authors' checkpoints ("hub", or a local mirror)
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
                 phase_size="large", sweep_size="medium", device="cuda", ner_workers=0, paper_scale=True,
@@ -112,7 +112,7 @@ SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "c
 PROFILES = {
     "paper": PAPER,
     "released": dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False,
-                                    released_checkpoints=True, released_arm=False),
+                                    released_checkpoints="hub", released_arm=False),
     "rehearse": shrink(PAPER),
     "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
     "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
@@ -166,7 +166,7 @@ def sweep_command(grid: str, profile: Profile) -> list[str]:
            "--out", str(Path(profile.runs_dir) / "ner" / f"{grid}-results.jsonl"), "--runs-dir", profile.runs_dir,
            "--pretraining-seeds", *map(str, profile.seeds), "--device", profile.device,
            "--workers", str(profile.ner_workers or profile.nproc)]  # 0: one worker per GPU of the node
-    cmd += ["--released"] if profile.released_checkpoints else []
+    cmd += ["--released", profile.released_checkpoints] if profile.released_checkpoints else []
     return cmd + (["--grid-overrides", json.dumps(profile.grid_overrides)] if profile.grid_overrides else [])
 
 # %% ../nbs/30_pipeline.ipynb #a4116c7e
@@ -331,12 +331,17 @@ def main(argv=None) -> dict:
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="where every stage runs (default: the profile's; paper: cuda, checked before any work)")
+    p.add_argument("--released-mirror", default=None, metavar="DIR",
+                   help="released profile: read the authors' checkpoints from DIR (<repo>/, <repo>/step_<N>/) instead of the Hub")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
+    if args.released_mirror and not profile.released_checkpoints: p.error("--released-mirror applies to the released profile")
     profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc,
-                                  device=args.device or profile.device)
+                                  device=args.device or profile.device,
+                                  released_checkpoints=str(Path(args.released_mirror).resolve()) if args.released_mirror
+                                  else profile.released_checkpoints)
     return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

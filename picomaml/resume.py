@@ -93,6 +93,10 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
         if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
             torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
         step = meta["step"]
+    if step > cfg.train.steps:  # every rank read the same checkpoint: all raise, before config.yaml is rewritten
+        raise ConfigError(f"train.steps={cfg.train.steps} is below step {step}, which {run_dir} resumes from: nothing would be trained. "
+                          f"Raise train.steps, resume from an earlier checkpoint (checkpoint.resume_from=step_...), or choose another "
+                          f"logging.run_name")
     if fabric.global_rank == 0:
         start_run_directory(cfg, run_dir, step, changes)
         if name: print(f"[{cfg.logging.run_name}] resuming from {root / name} (step {step} of {cfg.train.steps})"

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from huggingface_hub import hf_hub_download
 from tokenizers import Tokenizer
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, local_data_dir
 
 # %% auto #0
 __all__ = ['LOCAL_TOKENIZER_NAME', 'APOSTROPHES', 'resolve_tokenizer_path', 'plain_text_tokenizer', 'PicoTokenizer',
@@ -33,8 +33,8 @@ def resolve_tokenizer_path(data_cfg: DataConfig) -> Path | str:
             raise FileNotFoundError(f"data.tokenizer_path: {path} does not exist; point it at a tokenizer.json "
                                     f"(or a directory with one), or leave it empty to use $PICOMAML_DATA or the Hub")
         return path
-    if os.environ.get("PICOMAML_DATA"):
-        path = Path(os.environ["PICOMAML_DATA"]) / "tokenizer" / LOCAL_TOKENIZER_NAME
+    if env := local_data_dir():
+        path = env / "tokenizer" / LOCAL_TOKENIZER_NAME
         if path.is_file(): return path
     return data_cfg.tokenizer_hub
 
