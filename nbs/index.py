@@ -123,7 +123,8 @@
 #
 # `make rehearse` runs that same `paper` profile, every preset, grid, stage and notebook, with two
 # pretraining seeds and the data streamed through the Hub code path from local copies, under one
-# shrink transform applied by code (`30_pipeline`): about 6 minutes and 1.2 GB on two CPU cores.
+# shrink transform applied by code (`30_pipeline`): about 11 minutes and 2.2 GB on two CPU cores (2026-12-02;
+# its 20 pretraining runs, the released reading's four included, take 6 of them).
 # `make test` runs it, so the path `make paper` takes is exercised on every change.
 
 # %% [markdown]
