@@ -133,9 +133,9 @@ def verdict(ours: str, record: dict, spec: PaperTable, comparable: bool) -> tupl
     claimed = claimed and (claimed[0] * spec.unit, claimed[1] * spec.unit)
     if claimed is None: return "not comparable", "the paper prints N/A"
     if NEAR_ZERO_BASE in str(ours): return "not comparable", "our vanilla F1 is about zero: the relative change is of nothing"
+    if not comparable: return "not comparable", "our runs are of another scale"
     if str(ours).strip() == "not reached": return "not reproduced", "MAML never reached the vanilla arm's final loss"
     if interval is None: return "not comparable", f"our cell is {ours!r}" if ours else "our cell is empty"
-    if not comparable: return "not comparable", "our runs are of another scale"
     _, low, high = interval
     if claimed[1] < low or claimed[0] > high: return "not reproduced", "our interval excludes the paper's value"
     weak = spec.null is not None and low <= spec.null <= high and claimed != (spec.null, spec.null)
@@ -151,6 +151,7 @@ assert verdict("+4.0 [+2.0, +6.0]", _rec("-8.3"), _change, True)[0] == "not repr
 assert verdict("+4.0 [+2.0, +6.0]", _rec("+4.8"), _change, False) == ("not comparable", "our runs are of another scale")
 assert verdict("2.25 [1.50, 3.00]", _rec(low="1.3", high="1.6"), _change, True)[0] == "reproduced"
 assert verdict("not reached", _rec(low="1.3", high="1.6"), _change, True)[0] == "not reproduced"
+assert verdict("not reached", _rec(low="1.3", high="1.6"), _change, False)[0] == "not comparable"  # a rehearsal's outcome says nothing
 assert verdict(f"n/a (F1 0.2 vs 0.0; {NEAR_ZERO_BASE})", _rec("151.1"), _change, True)[0] == "not comparable"
 _percent = PaperTable("1", "text", {}, lambda key: key[0], unit=0.01)  # the paper's "above 40 %", our fractions
 assert verdict("0.450 [0.400, 0.500]", _rec(low="40"), _percent, True)[0] == "reproduced"
