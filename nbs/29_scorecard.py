@@ -177,22 +177,23 @@ def our_cells(spec: PaperTable, path: Path) -> list[tuple]:
     keys = lambda r: tuple(r[: spec.keys])
     return [(spec.row(keys(r)), " / ".join(keys(r)), dict(zip(df.columns, r))) for r in ours.itertuples(index=False)]
 
-def score(tables_dir, paper_scale: bool, reported=None) -> pd.DataFrame:
+def score(tables_dir, paper_scale: bool) -> pd.DataFrame:
     "The scorecard: one row per reported number (and per our row that a text claim covers)."
-    reported, rows, scored = reported_numbers() if reported is None else reported, [], set()
+    rows, scored = [], set()
     for name, spec in PAPER_TABLES.items():
         cells = our_cells(spec, Path(tables_dir) / f"{name}.csv")
         for record in spec.reported().to_dict("records"):
-            columns = [c for c, theirs in spec.columns.items() if theirs == (record["key"] if spec.source == "text" else record["column"])]
+            theirs = record["key"] if spec.source == "text" else record["column"]
+            column = next((c for c, label in spec.columns.items() if label == theirs), None)
+            if column is None: continue  # a column of the paper's table that no output of ours measures
+            scored.add(record["key"])
             mine = [(ours, values) for label, ours, values in cells if spec.covers(record, label)]
-            for column in columns[:1]:
-                for ours, values in mine or [(None, {})]:
-                    cell = values.get(column, "") if ours else ""
-                    comparable = paper_scale or column in spec.scale_free
-                    v, why = verdict(cell, record, spec, comparable) if ours else ("not comparable", "we have no run of this row")
-                    rows.append({**record, "our table": name, "our row": ours or "", "ours": cell, "verdict": v, "reason": why})
-                scored.add(record["key"])
-    unscored = reported[~reported.key.isin(scored)].to_dict("records")
+            if not mine: rows.append({**record, "our table": name, "our row": "", "ours": "", "verdict": "not comparable",
+                                      "reason": "we have no run of this row"})
+            for ours, values in mine:
+                v, why = verdict(values.get(column, ""), record, spec, paper_scale or column in spec.scale_free)
+                rows.append({**record, "our table": name, "our row": ours, "ours": values.get(column, ""), "verdict": v, "reason": why})
+    unscored = reported_numbers()[~reported_numbers().key.isin(scored)].to_dict("records")
     rows += [{**r, "our table": "", "our row": "", "ours": "", "verdict": "not comparable", "reason": "no output of the artifact measures it"}
              for r in unscored]
     return pd.DataFrame(rows)
