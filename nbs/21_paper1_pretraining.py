@@ -44,11 +44,13 @@ smoke = False  # fewer bootstrap resamples in the seed bands
 # %%
 import os
 import tempfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+import yaml
 
 from picomaml.names import run_name
 from picomaml.phases import find_phase
@@ -292,7 +294,7 @@ speedups
 # ## Figure 3: support and query accuracy
 #
 # Paper 1 Fig. 3: support accuracy (after the ten inner steps) and query accuracy of the MAML
-# models against the step. Chance is 1/32 ≈ 3.1 % for 32-way episodes. The paper reports query
+# models against the step. Chance is 1/32 ≈ 3.1 % for the papers' 32-way episodes. The paper reports query
 # accuracy above 40 % for small and medium, a tiny model stuck near chance, and a late rise of the
 # large model after step 4,500 (to over 0.5 after its phase transition).
 #
@@ -314,6 +316,24 @@ def phi0_overlay(ax, data: pd.DataFrame, key: str, legend: bool) -> None:
         ax.legend(fontsize=7)
 
 # %% [markdown]
+# Chance is 1/N for N-way episodes: N is read from the runs' saved `config.yaml` (32 in the papers,
+# 4 in the rehearsal's shrunk episodes), so the dotted line is the chance of the runs drawn.
+
+# %%
+def episode_ways(run_dirs) -> int | None:
+    "The N of the N-way episodes of these runs (their saved config.yaml), or None when none is saved or they differ."
+    ways = {yaml.safe_load((Path(d) / "config.yaml").read_text())["smlmt"]["n_way"] for d in run_dirs if (Path(d) / "config.yaml").is_file()}
+    return ways.pop() if len(ways) == 1 else None
+
+# %%
+with tempfile.TemporaryDirectory() as _tmp:
+    for _name, _n in (("a", 32), ("b", 32), ("c", 4)):
+        (Path(_tmp) / _name).mkdir()
+        (Path(_tmp) / _name / "config.yaml").write_text(yaml.safe_dump({"smlmt": {"n_way": _n}}))
+    assert episode_ways([Path(_tmp) / "a", Path(_tmp) / "b"]) == 32 and episode_ways([Path(_tmp) / "a", Path(_tmp) / "c"]) is None
+    assert episode_ways([Path(_tmp) / "none"]) is None
+
+# %% [markdown]
 # Left, the method as the papers write it (the runs above); right, the released trainer's reading
 # (`released-<size>-maml`, pretrained by `make paper` and `make rehearse` at the first seed:
 # vocabulary-indexed head read at the mask, inner lr 0.01, per-rank episodes whose query set is the
@@ -326,14 +346,16 @@ released_runs = find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=seeds[:1],
 released = runs_metrics(released_runs[released_runs.has_metrics])
 fig, axes = plt.subplots(2, 2, figsize=(11, 5), sharex="col")
 released_names = [run_name(s, "maml", seeds[0], "released") for s in sizes if s != "demo"]
-for column, (reading, data, names) in enumerate([("as written", maml, None), ("released reading", released, released_names)]):
+readings = [("as written", maml, None, runs[runs.arm == "maml"].path), ("released reading", released, released_names, released_runs.path)]
+for column, (reading, data, names, run_dirs) in enumerate(readings):
+    ways = episode_ways(run_dirs)
     for ax, key, label in [(axes[0, column], "support_acc", "support accuracy"), (axes[1, column], "query_acc", "query accuracy")]:
-        if data.empty: missing_note(ax, "released runs (none in the demo: make rehearse, make paper)"); continue
+        if data.empty: missing_note(ax, "released runs (make rehearse and make paper pretrain them)"); continue
         curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is axes[0, column], names=names)
         phi0_overlay(ax, smoothed(data, f"{key}_phi0", smooth), f"{key}_phi0", legend=ax is axes[0, column])
-        if ax.lines: ax.axhline(1 / 32, color="0.5", linestyle=":", linewidth=0.8)
-    axes[0, column].set_title(reading, fontsize=9)
-fig.suptitle("32-way episode accuracy of the MAML arm: φ_T (solid) and φ_0 (dashed); dotted: chance 1/32", fontsize=8)
+        if ax.lines and ways: ax.axhline(1 / ways, color="0.5", linestyle=":", linewidth=0.8)
+    axes[0, column].set_title(f"{reading}{f', {ways}-way episodes' if ways else ''}", fontsize=9)
+fig.suptitle("Episode accuracy of the MAML arm (32-way in the papers): φ_T (solid) and φ_0 (dashed); dotted: chance 1/N", fontsize=8)
 save_figure(fig, "p1_fig3_support_query_acc", figures_dir)
 
 # %% [markdown]

@@ -631,8 +631,12 @@ assert _d.delta[0] == 0 and np.isclose(_d.delta[1], np.log(0.2 / 0.8)) and surpr
 
 # %%
 def last_record(arm: str):
-    "The sweep configuration's record of `arm` at its pretraining run's last checkpoint (None if absent)."
+    "The sweep configuration's record of `arm` at its last checkpoint: the sweep's last step, else the final model (None if absent)."
     rows = sweep_runs(runs, sweep_size, sweep_dataset, sweep_regime, head, arm)
+    if not len(rows):  # a final model without a step: the authors' released `main`
+        saved = runs["predictions"].notna() if "predictions" in runs else False
+        rows = runs[(runs["size"] == sweep_size) & (runs.dataset == sweep_dataset) & (runs.regime == sweep_regime)
+                    & (runs["head"] == head) & (runs.arm == arm) & saved]
     return rows.iloc[-1].to_dict() if len(rows) else None
 
 case_sides = {arm: side_outputs(r, result_dirs) if (r := last_record(arm)) else None for arm in ("maml", "vanilla")}

@@ -161,8 +161,11 @@ def released_shrink(cfg) -> list[str]:
             f"train.decay_steps={max(1, cfg.train.decay_steps // s['step_divisor'])}",
             f"smlmt.pool_rows={max(1, cfg.smlmt.pool_rows // s['branch_divisor'])}"]
 
-def shrink(profile: Profile, runs_dir: str = "runs/rehearse") -> Profile:
+def shrink(profile: Profile, runs_dir: str = "runs/rehearse", name: str = "rehearse") -> Profile:
     "The rehearsal of `profile`: the same presets, grids, stages and notebooks under the SHRINK transform."
+    if profile.released_checkpoints:  # nothing to pretrain: only the NER grids and the notebooks shrink
+        return dataclasses.replace(profile, name=name, runs_dir=runs_dir, device="cpu", ner_workers=2, grid_overrides=SHRINK["ner"],
+                                   smoke=True, paper_scale=False)
     data = Path(runs_dir).resolve() / REHEARSAL_DATA
     source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
               f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
@@ -184,17 +187,19 @@ SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "c
                    "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_documents=8",
                    "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
 
+RELEASED = dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False, released_checkpoints="hub",
+                               released_arm=False)
 PROFILES = {
     "paper": PAPER,
-    "released": dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False,
-                                    released_checkpoints="hub", released_arm=False),
+    "released": RELEASED,
     "rehearse": shrink(PAPER),
+    "rehearse-released": shrink(RELEASED, "runs/rehearse-released", "rehearse-released"),
     "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
     "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
 }
 
 # %%
-assert set(PROFILES) == {"paper", "released", "rehearse", "demo", "smoke"}
+assert set(PROFILES) == {"paper", "released", "rehearse", "rehearse-released", "demo", "smoke"}
 for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
 _rehearse = PROFILES["rehearse"]
@@ -556,7 +561,11 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
 # for paper 2's checkpoint sweep). It runs both papers' NER grids on the GPUs of this machine (one is
 # enough: one sweep worker per GPU), the analysis notebooks and the scorecard, under `runs/released/`;
 # the pretraining figures are marked missing (the checkpoints carry no training logs). It is the way
-# to score paper 2's NER claims at the papers' scale without pretraining.
+# to score paper 2's NER claims at the papers' scale without pretraining. `--plan` prints what each
+# grid reads and computes and its hours on one GPU, from the papers' checkpoint schedule, without the
+# Hub (`picomaml.ner_sweep --plan`). `rehearse-released` is the same profile under the rehearsal's
+# shrink of the NER grids, on CPU, for a mirror given with `--released-mirror` (`make test` builds
+# one of the eight models at the rehearsal's sizes, `tests/test_released.py`).
 
 # %% [markdown]
 # ## The command line
@@ -565,6 +574,7 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
 # python -m picomaml.pipeline demo                        # make demo
 # python -m picomaml.pipeline paper --seeds 42 1 2        # the papers' scale on one node of 4 GPUs, three seeds
 # python -m picomaml.pipeline released                    # make released: both papers' NER grids over the authors' checkpoints
+# python -m picomaml.pipeline released --plan             # what make released reads and computes, and its hours on one GPU
 # python -m picomaml.pipeline rehearse                    # make rehearse: the paper profile, shrunk (CI)
 # python -m picomaml.pipeline smoke                       # the demo's path in minutes (CI)
 # python -m picomaml.pipeline demo --stages reports       # only re-execute the notebooks
@@ -583,6 +593,8 @@ def main(argv=None) -> dict:
                    help="where every stage runs (default: the profile's; paper: cuda, checked before any work)")
     p.add_argument("--released-mirror", default=None, metavar="DIR",
                    help="released profile: read the authors' checkpoints from DIR (<repo>/, <repo>/step_<N>/) instead of the Hub")
+    p.add_argument("--plan", action="store_true",
+                   help="print what each NER grid reads and computes, and its hours on one GPU (picomaml.ner_sweep --plan); run nothing")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
@@ -592,6 +604,10 @@ def main(argv=None) -> dict:
                                   device=args.device or profile.device,
                                   released_checkpoints=str(Path(args.released_mirror).resolve()) if args.released_mirror
                                   else profile.released_checkpoints)
+    if args.plan:
+        os.chdir(PRESETS_DIR.parent)  # the sweep's paths are relative to the repository root, as in run_pipeline
+        for grid in profile.grids: call(sweep_command(grid, profile) + ["--plan"])
+        return {}
     return run_pipeline(profile, args.stages)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

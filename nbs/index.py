@@ -66,6 +66,7 @@
 # make docs                                                        # the site in _docs/: every notebook executed (21-24 on make demo's runs), the API
 # python -m picomaml.pipeline paper --nproc 4 --seeds 42 1 2       # everything at the papers' scale, three seeds
 # make released                                                    # the NER grids over the authors' checkpoints, one GPU
+# python -m picomaml.pipeline released --plan                      # what make released reads and computes (no Hub, no GPU)
 # ```
 #
 # Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
@@ -195,7 +196,14 @@
 # checkpoints on one GPU: `make released` runs both papers' NER grids over `pico-lm/pico-maml-decoder-*`
 # and `pico-lm/pico-decoder-*` (their final models and, for paper 2's checkpoint sweep, the commits of
 # each run's branch, one per saved step; every result row names the revision it used), then the
-# notebooks and the scorecard, under `runs/released/`.
+# notebooks and the scorecard, under `runs/released/`. What it costs, before it runs
+# (`python -m picomaml.pipeline released --plan`, from the papers' checkpoint schedule and the UNER
+# splits): paper 1's grid is 160 jobs on 8 checkpoints (6.6 GB of weights to read), paper 2's 222
+# jobs on 69 (50.8 GB: the medium run's 61 steps); their backbone passes are at most 0.8 and 1.5 hours
+# on one H100 at an assumed 10 % MFU, and the head-only jobs add 0.55 and 0.88 million head optimizer
+# steps, which FLOPs do not measure (not yet timed on a GPU). `make test` runs the whole profile
+# shrunk (`pipeline rehearse-released`, about 3 minutes) over a local mirror of eight small models
+# in the release layout.
 #
 # **The scorecard.** Every run of the pipeline ends by scoring each number the two papers report
 # (`docs/reported_numbers.csv`: 456 table cells and claims of the text) against our tables, into

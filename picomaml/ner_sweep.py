@@ -31,22 +31,25 @@ from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
 from .checkpoints import scheduled_steps
-from .config import apply_overrides, ensure_writable, load_config, run_command
+from .config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
 from .crf_metrics import score
 from .device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
-from .model import count_parameters, load_pretrained
+from .model import config_from_json, count_parameters, load_pretrained
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, load_split, particle_recall, uner_statistics
+from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
 from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
+from .plan import episode_flops
 from .tokenizer import load_tokenizer
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'RELEASED_REPOS', 'STEP_COMMIT', 'SweepError', 'append_row', 'read_rows',
            'drop_torn_tail', 'Checkpoint', 'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints',
-           'Job', 'load_grid', 'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'write_side_file', 'run_job',
-           'statistics_path', 'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order',
-           'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers', 'ReleasedHub', 'ReleasedMirror',
-           'released_checkpoints', 'parse_args', 'worker_arguments', 'main']
+           'Job', 'load_grid', 'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'job_ner_config',
+           'split_cap', 'write_side_file', 'run_job', 'statistics_path', 'write_uner_statistics', 'sweep_jobs',
+           'run_sweep', 'claim', 'worker_order', 'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers',
+           'ReleasedHub', 'ReleasedMirror', 'released_checkpoints', 'SplitSize', 'split_size', 'pass_flops', 'GridCost',
+           'job_tests', 'grid_cost', 'PlannedRelease', 'checkpoint_model', 'plan_grid', 'format_grid_cost',
+           'parse_args', 'worker_arguments', 'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
@@ -238,6 +241,16 @@ def capped(sentences: list, cap: int | None, seed: int = 0) -> list:
     keep = sorted(random.Random(seed).sample(range(len(sentences)), cap))
     return [sentences[i] for i in keep]
 
+def job_ner_config(job: Job, cfg, grid) -> NERConfig:
+    "The NER settings a job runs under: the config's `ner` section with the grid's `ner` overrides."
+    return apply_overrides(copy.deepcopy(cfg), {"ner": job_settings(job).get("ner", {})}, str(grid)).ner
+
+def split_cap(job: Job, name: str, split: str) -> int | None:
+    "How many sentences of a split a job reads (None: all): the grid's caps, except the test sets it saves predictions of."
+    st = job_settings(job)
+    if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None  # paper 2 §4 reads these sentence by sentence
+    return st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
+
 def write_side_file(path: Path, data: dict) -> None:
     "Write a JSON side file atomically (temporary file, then rename)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,11 +337,9 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
     for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
         if limit is not None and ran >= limit: break
         if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
-        st = job_settings(job)
-        ner_cfg = apply_overrides(copy.deepcopy(cfg), {"ner": st.get("ner", {})}, str(grid)).ner
-        def data(name, split, st=st, ner_cfg=ner_cfg):
-            kept_whole = split == "test" and st.get("save_predictions") and name in PHILIPPINE  # paper 2 §4 reads these sentence by sentence
-            cap = None if kept_whole else st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
+        ner_cfg = job_ner_config(job, cfg, grid)
+        def data(name, split, job=job, ner_cfg=ner_cfg):
+            cap = split_cap(job, name, split)
             key = (name, split, cap, ner_cfg.max_len)
             if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
                                                                f"{name}/{split}")
@@ -475,6 +486,96 @@ def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list
                          f"its steps: {', '.join(map(str, revisions)) or 'none'}")
     return [Checkpoint(**base, **released.source(repo, revisions[s]), step=s) for s in steps]
 
+# %% ../nbs/12_ner_sweep.ipynb #44c18214
+@dataclasses.dataclass(frozen=True)
+class SplitSize:
+    "Sentences and backbone sub-tokens of one split as a job reads it (under the grid's caps)."
+    sentences: int
+    tokens: int
+
+def split_size(name: str, split: str, cap: int | None, ner_cfg: NERConfig, encode, sample: int = 256) -> SplitSize:
+    "The size of a split under a cap: its words counted, the sub-tokens per word measured on a seeded sample of sentences."
+    sentences = capped(load_split(name, split, ner_cfg), cap)
+    probe = capped(sentences, sample, seed=1)
+    per_word = sum(len(t) for s in probe for t in encode_words(s.words, encode)) / max(1, sum(len(s.words) for s in probe))
+    return SplitSize(len(sentences), round(per_word * sum(len(s.words) for s in sentences)))
+
+def pass_flops(mc, size: SplitSize, backward: bool = False) -> float:
+    "FLOPs of one backbone pass over a split (forward, or forward and backward) in windows of its mean length."
+    window = size.tokens / max(1, size.sentences)
+    return episode_flops(mc, 0, size.tokens, window) if backward else episode_flops(mc, size.tokens, 0, window)
+
+# %% ../nbs/12_ner_sweep.ipynb #94689df4
+@dataclasses.dataclass
+class GridCost:
+    "What a grid's jobs read and compute, at most."
+    jobs: int
+    checkpoints: int
+    checkpoint_bytes: int  # float32 weights of the distinct checkpoints
+    flops: float  # backbone FLOPs: the head-only jobs' shared feature passes and full finetuning at `ner.epochs` epochs
+    head_steps: int  # optimizer steps of the head-only jobs' heads, at `ner.epochs` epochs
+
+def job_tests(job: Job) -> list[str]:
+    "The test sets a job evaluates."
+    return job_settings(job).get("test_sets") or list(TEST_SETS)
+
+def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
+    "The cost of `jobs`: ner_of(job) -> NERConfig, size_of(job, name, split) -> SplitSize, model_of(checkpoint) -> ModelConfig."
+    shared, flops, head_steps = set(), 0.0, 0
+    for job in jobs:
+        ner, mc = ner_of(job), model_of(job.checkpoint)
+        train, dev = size_of(job, job.dataset, "train"), size_of(job, job.dataset, "dev")
+        steps = -(-train.sentences // ner.batch_size)  # an epoch's optimizer steps
+        reads = [(job.dataset, "train"), (job.dataset, "dev"), *((t, "test") for t in job_tests(job))]
+        if job.regime == "head":
+            head_steps += ner.epochs * steps
+            for name, split in reads:  # one shared pass per checkpoint and split as this job reads it
+                key = (job.checkpoint, name, split, size_of(job, name, split))
+                if key not in shared: shared.add(key); flops += pass_flops(mc, key[-1])
+            continue
+        dev_passes = 1 + (steps // ner.dev_every if ner.dev_every else 0)
+        flops += ner.epochs * (pass_flops(mc, train, backward=True) + dev_passes * pass_flops(mc, dev))
+        flops += sum(pass_flops(mc, size_of(job, t, "test")) for t in job_tests(job))
+    checkpoints = dict.fromkeys(j.checkpoint for j in jobs)
+    return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops, head_steps)
+
+# %% ../nbs/12_ner_sweep.ipynb #8643be4c
+@dataclasses.dataclass
+class PlannedRelease:
+    "The released checkpoints as the papers schedule them (every checkpoint step of the size's preset), for a plan without the Hub."
+    def branch(self, repo: str) -> str: return "the papers' checkpoint schedule"
+
+    def step_revisions(self, repo: str) -> dict[int, str]:
+        cfg = load_config(PRESETS_DIR / f"pico-{repo.rsplit('-', 1)[1]}-maml.yaml")
+        return {s: step_dir_name(s) for s in scheduled_steps(cfg.checkpoint, cfg.train.steps)}
+
+    def source(self, repo: str, revision: str) -> dict: return dict(source=repo, revision=revision, hub=True)
+
+def checkpoint_model(c: Checkpoint):
+    "The ModelConfig of a checkpoint: its config.json when local, else the papers' preset of its size (or the Hub's config.json)."
+    if not c.hub: return config_from_json(json.loads((Path(c.source) / "config.json").read_text()), str(Path(c.source) / "config.json"))
+    preset = PRESETS_DIR / f"pico-{c.size}-maml.yaml"
+    if preset.is_file(): return load_config(preset).model
+    path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
+    return config_from_json(json.loads(Path(path).read_text()), f"{c.name}/config.json")
+
+def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides=None, *, released=None) -> GridCost:
+    "The cost of every job of a grid file (done or not), its splits measured on the data the sweep reads."
+    jobs, encode, sizes = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released), load_tokenizer(cfg.data).encode, {}
+    def size_of(job, name, split):
+        key = (name, split, split_cap(job, name, split))
+        if key not in sizes: sizes[key] = split_size(*key, cfg.ner, encode)
+        return sizes[key]
+    return grid_cost(jobs, lambda job: job_ner_config(job, cfg, grid), size_of, checkpoint_model)
+
+def format_grid_cost(grid, cost: GridCost, tflops: float, mfu: float) -> str:
+    "Three lines: what a grid reads, its backbone FLOPs and hours on one GPU, its head-only steps."
+    hours = cost.flops / (tflops * 1e12 * mfu) / 3600
+    return (f"{grid}: {cost.jobs:,} jobs on {cost.checkpoints} checkpoints ({cost.checkpoint_bytes / 1e9:.1f} GB of float32 weights to read)\n"
+            f"  backbone: {cost.flops:.2e} FLOPs at most, {hours:.1f} h on one GPU at {mfu:.0%} MFU of {tflops:g} TFLOP/s "
+            f"(divide by the GPUs: one worker each)\n"
+            f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most (the head's time, not in the FLOPs)")
+
 # %% ../nbs/12_ner_sweep.ipynb #1827dac3
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.ner_sweep`."
@@ -490,6 +591,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--released", nargs="?", const="hub", default=None, metavar="MIRROR",
                    help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) instead of local runs: from the "
                         "Hub, or from MIRROR, a local directory holding <repo>/ (main) and <repo>/step_<N>/")
+    p.add_argument("--plan", action="store_true", help="print what the grid reads and computes, and its hours on one GPU; run nothing")
+    p.add_argument("--gpu-tflops", type=float, default=989, help="--plan: dense bf16 peak TFLOP/s of one GPU (H100 989, A100 312)")
+    p.add_argument("--mfu", type=float, default=0.1, help="--plan: model FLOPs utilisation of finetuning (a guess: measure yours)")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
     p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
@@ -497,6 +601,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
     if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
+    if a.gpu_tflops <= 0 or not 0 < a.mfu <= 1: raise SweepError(f"--gpu-tflops must be positive and --mfu in (0, 1]; got {a.gpu_tflops}, {a.mfu}")
     if a.limit is not None and a.limit < 0: raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
     return a
 
@@ -515,6 +620,10 @@ def main(argv=None) -> None:
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
     sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
                  released=None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub" else ReleasedMirror(Path(a.released)))
+    if a.plan:
+        released = PlannedRelease() if a.released == "hub" else sweep["released"]
+        cost = plan_grid(a.grid, load_config(a.config, a.overrides), a.runs_dir, a.pretraining_seeds, grid_overrides, released=released)
+        return print(format_grid_cost(a.grid, cost, a.gpu_tflops, a.mfu), flush=True)
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
