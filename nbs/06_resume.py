@@ -38,7 +38,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import statistics
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -257,6 +260,85 @@ with tempfile.TemporaryDirectory() as _tmp:
     assert _s.keys() == _s2.keys() and all(torch.equal(_s[i][k], _s2[i][k]) for i in _s for k in ("exp_avg", "exp_avg_sq"))
     try: resume_or_start(_fabric, load_config(None, [*_tiny, "checkpoint.resume=false"]), _run, *_objects(1)); raise AssertionError
     except ConfigError as e: assert "checkpoint.resume=false" in str(e)
+
+
+# %% [markdown]
+# ## Preemption: a signal saves the step in hand
+#
+# A cluster stops a job with a signal first and SIGKILL later: SLURM sends SIGTERM (or what
+# `--signal` names, e.g. `--signal=USR1@120` two minutes ahead) before it preempts a job or ends it
+# at its time limit, then SIGKILL after `KillWait` (30 s by default). Dying on the signal would lose
+# up to `checkpoint.every - 1` optimizer steps each time. Instead `PreemptionFlag` notes SIGTERM and
+# SIGUSR1; at the end of every optimizer step all ranks agree whether any of them was signalled (one
+# all-reduce of one number, so they stop at the same step even when only one rank got the signal);
+# if so, rank 0 checkpoints that step with its training state (unless the schedule just did), and
+# every process exits with status 75 (`PREEMPTED_EXIT`, sysexits' `EX_TEMPFAIL`: try again). The
+# relaunch of the same command resumes there, so no completed optimizer step is lost; the time from
+# the signal to the exit is the rest of the step in hand plus one checkpoint write. A repeated signal
+# is noted, not obeyed: under `torchrun` the workers get the group's SIGTERM and torchrun's own
+# forward of it, and torchrun SIGKILLs its workers 30 s after it forwards, so `--signal` must leave
+# more than a step and a checkpoint write before that (`07_launch`, "On a cluster").
+
+# %%
+#| export
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: the run saved its state on a preemption signal; relaunch (requeue) it
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+class PreemptionFlag:
+    "Notes a preemption signal instead of dying, so the loop can save the step in hand; `restore()` puts the old handlers back."
+    def __init__(self, signals=PREEMPTION_SIGNALS):
+        self.received = None  # the first signal's name
+        on_main = threading.current_thread() is threading.main_thread()  # handlers can only be installed there
+        self.previous = {s: signal.signal(s, self.note) for s in signals} if on_main else {}
+
+    def note(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+
+def preemption_agreed(fabric, flag: PreemptionFlag) -> bool:
+    "Whether any rank was signalled; every rank gets the same answer (a sum over ranks), so all stop after the same step."
+    noted = torch.tensor([float(flag.received is not None)], device=fabric.device)
+    return (fabric.all_reduce(noted, reduce_op="sum") if fabric.world_size > 1 else noted).item() > 0
+
+class Preempted(SystemExit):
+    "A run that saved step `step` on a preemption signal: exits with PREEMPTED_EXIT for a requeue script."
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT)
+        self.step = step
+
+def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, saved: bool, uploads=None) -> None:
+    "Checkpoint `step` (unless `saved`), say so on rank 0 and raise Preempted."
+    if not saved: save_training_state(fabric, cfg, run_dir, step, model, head, optimizer, uploads)
+    if fabric.global_rank == 0:
+        print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
+              f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+    raise Preempted(step)
+
+
+# %% [markdown]
+# Test: the flag notes a signal (here raised in this process) instead of ending it, keeps the first
+# of two, and gives the old handler back; the stop checkpoints the step with its training state and
+# exits with status 75.
+
+# %%
+import os
+
+_before = signal.getsignal(signal.SIGTERM)
+_flag = PreemptionFlag()
+assert _flag.received is None and not preemption_agreed(_fabric, _flag)
+os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM)
+assert _flag.received == "SIGUSR1" and preemption_agreed(_fabric, _flag)
+_flag.restore()
+assert signal.getsignal(signal.SIGTERM) == _before
+with tempfile.TemporaryDirectory() as _tmp:
+    _run = Path(_tmp) / "run"
+    _model, _head, _opt = _objects(0)
+    resume_or_start(_fabric, _cfg, _run, _model, _head, _opt)
+    try: stop_for_preemption(_fabric, _cfg, _run, 5, _model, _head, _opt, saved=False); raise AssertionError("no exit")
+    except Preempted as e: assert e.code == PREEMPTED_EXIT == 75 and e.step == 5
+    assert has_training_state(_run / "checkpoints" / "step_000005")
 
 
 # %% [markdown]

@@ -61,7 +61,15 @@ from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder, count_parameters
 from picomaml.monitor import STATS, add_stats, monitor, monitoring_due, monitoring_missing, step_record
 from picomaml.plan import Plan, ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
-from picomaml.resume import check_finite, confirm_if_healthy, resume_or_start, save_training_state
+from picomaml.resume import (
+    PreemptionFlag,
+    check_finite,
+    confirm_if_healthy,
+    preemption_agreed,
+    resume_or_start,
+    save_training_state,
+    stop_for_preemption,
+)
 from picomaml.smlmt import build_episode
 from picomaml.tokenizer import load_tokenizer
 
@@ -229,8 +237,8 @@ def next_token_draw(fabric, cfg: Config, model, rows, accum: int, chunk_rows: in
 # draw, rank) so dropout is a function of the position in the run and a resumed run repeats it exactly,
 # and run the drawn branch. Then sum the gradients over ranks, check them, clip, and step AdamW. Log
 # the step (on CUDA with its peak memory, to compare with the plan), checkpoint it when due (step 0
-# too, before the first step; rank 0 hands it to the Hub uploads when `logging.hub_repo` is set), and
-# only then evaluate.
+# too, before the first step; rank 0 hands it to the Hub uploads when `logging.hub_repo` is set), stop
+# with that step saved if any rank got a preemption signal (`06_resume`), and only then evaluate.
 
 # %%
 #| export
@@ -262,7 +270,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
     monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
     bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
-    recent_losses = deque(maxlen=20)
+    recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
     try:
         for step in range(start, tc.steps):
             lr = lr_at(step, tc)
@@ -299,12 +307,16 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
                 with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
-            if checkpoint_due(step + 1, cfg.checkpoint, tc.steps):
-                save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
+            saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
+            if saved: save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
+            if step + 1 < tc.steps and preemption_agreed(fabric, preemption):  # any rank signalled: keep this step, exit for a requeue
+                stop_for_preemption(fabric, cfg, run_dir, step + 1, model, head, optimizer, saved, uploads)
             monitor(fabric, cfg, run_dir, model, step + 1, monitoring_due(cfg, step + 1), **evaluated)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
-    finally: ahead.close()
+    finally:
+        ahead.close()
+        preemption.restore()
     bar.close()
     return run_dir
 

@@ -243,6 +243,21 @@ check_shared_directory(_fabric, "/nonexistent/not-checked", nodes=1)
 
 
 # %% [markdown]
+# ## On a cluster: preemption and requeue
+#
+# A preempted or timed-out job gets a signal before it is killed. The loop (`06_train`, `06_resume`)
+# notes SIGTERM and SIGUSR1, finishes the optimizer step in hand, checkpoints it on rank 0 once every
+# rank agrees, and exits with status 75 (`picomaml.resume.PREEMPTED_EXIT`), so a job script can tell
+# "saved, run me again" from a failure (1, or 2 for a user error) and from success (0). Under SLURM,
+# ask for the signal early enough for a step and a checkpoint write, start the ranks with `srun`
+# (each task gets the signal; srun's exit status is the tasks'), and requeue on 75: the relaunch
+# resumes from that checkpoint. `docs/cluster.md` has the job script, what `torchrun` does with the
+# signal (it forwards it and kills its workers 30 s later), and the shared file system's rules.
+# `tests/test_distributed.py` sends SIGTERM to one rank of a running two-process launch and checks
+# that both stop after the same step, the step is saved and the relaunch ends bitwise where an
+# uninterrupted run does.
+
+# %% [markdown]
 # ## The command line
 #
 # `--config` names a preset (optional: without one the papers' defaults apply); every other

@@ -350,7 +350,7 @@ readings = [("as written", maml, None, runs[runs.arm == "maml"].path), ("release
 for column, (reading, data, names, run_dirs) in enumerate(readings):
     ways = episode_ways(run_dirs)
     for ax, key, label in [(axes[0, column], "support_acc", "support accuracy"), (axes[1, column], "query_acc", "query accuracy")]:
-        if data.empty: missing_note(ax, "released runs (make rehearse and make paper pretrain them)"); continue
+        if data.empty: missing_note(ax, "released runs (none in the demo: make rehearse, make paper)"); continue
         curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is axes[0, column], names=names)
         phi0_overlay(ax, smoothed(data, f"{key}_phi0", smooth), f"{key}_phi0", legend=ax is axes[0, column])
         if ax.lines and ways: ax.axhline(1 / ways, color="0.5", linestyle=":", linewidth=0.8)

@@ -73,7 +73,7 @@ def missing_runs(frame: pd.DataFrame, sizes, arms, seeds, family=None) -> list[s
     "Labels of the (size, arm, seed) combinations asked for that have no row in `frame` (`family`: the released runs, first seed)."
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
     seeds = (seeds or [DEFAULT_SEED])[: 1 if family else None]
-    return [run_name(s, a, k, family) if s != "demo" or not family else "released runs (make rehearse and make paper pretrain them)"
+    return [run_name(s, a, k, family) if s != "demo" or not family else "released runs (none in the demo: make rehearse, make paper)"
             for s in sizes for a in arms for k in seeds if (s, a, k) not in present]
 
 
@@ -82,7 +82,7 @@ _frame = pd.DataFrame({"size": ["demo", "large"], "arm": ["maml", "maml"], "seed
 assert missing_runs(_frame, ["demo", "large"], ["maml"], [42, 2]) == ["demo-maml-seed2", "pico-large-maml"]
 assert missing_runs(_frame.iloc[:0], ["tiny"], ["vanilla"], []) == ["pico-tiny-vanilla"]
 assert missing_runs(_frame, ["demo", "tiny"], ["maml"], [1, 2], family="released") == [
-    "released runs (make rehearse and make paper pretrain them)", "released-tiny-maml-seed1"]
+    "released runs (none in the demo: make rehearse, make paper)", "released-tiny-maml-seed1"]
 
 # %% [markdown]
 # ## The indicators

@@ -71,7 +71,9 @@
 #
 # Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
 # node, or `srun python -m picomaml.launch ...` under SLURM (see `07_launch`). Runs resume from their
-# latest valid checkpoint by default.
+# latest valid checkpoint by default. A run that gets SIGTERM (a preemption, a time limit) saves the
+# step in hand and exits with status 75 for a requeue: `docs/cluster.md` has the
+# SLURM job script, what torchrun does with the signal, and what a shared file system must provide.
 
 # %% [markdown]
 # ## Running the papers at scale

@@ -8,7 +8,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import statistics
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -32,8 +35,9 @@ from .model import load_checked
 from .names import step_dir_name
 
 # %% auto #0
-__all__ = ['EXPLODING', 'check_resume_config', 'choose_checkpoint', 'start_run_directory', 'resume_or_start',
-           'save_training_state', 'check_finite', 'confirm_if_healthy']
+__all__ = ['PREEMPTED_EXIT', 'PREEMPTION_SIGNALS', 'EXPLODING', 'check_resume_config', 'choose_checkpoint', 'start_run_directory',
+           'resume_or_start', 'save_training_state', 'PreemptionFlag', 'preemption_agreed', 'Preempted',
+           'stop_for_preemption', 'check_finite', 'confirm_if_healthy']
 
 # %% ../nbs/06_resume.ipynb #6e43821c
 def check_resume_config(cfg: Config, run_dir: Path) -> dict:
@@ -115,6 +119,42 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, he
         prune_training_state(root, cfg.checkpoint.keep_state)
         if uploads is not None: uploads.submit(directory)
     fabric.barrier()
+
+# %% ../nbs/06_resume.ipynb #67a0f91f
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: the run saved its state on a preemption signal; relaunch (requeue) it
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+class PreemptionFlag:
+    "Notes a preemption signal instead of dying, so the loop can save the step in hand; `restore()` puts the old handlers back."
+    def __init__(self, signals=PREEMPTION_SIGNALS):
+        self.received = None  # the first signal's name
+        on_main = threading.current_thread() is threading.main_thread()  # handlers can only be installed there
+        self.previous = {s: signal.signal(s, self.note) for s in signals} if on_main else {}
+
+    def note(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+
+def preemption_agreed(fabric, flag: PreemptionFlag) -> bool:
+    "Whether any rank was signalled; every rank gets the same answer (a sum over ranks), so all stop after the same step."
+    noted = torch.tensor([float(flag.received is not None)], device=fabric.device)
+    return (fabric.all_reduce(noted, reduce_op="sum") if fabric.world_size > 1 else noted).item() > 0
+
+class Preempted(SystemExit):
+    "A run that saved step `step` on a preemption signal: exits with PREEMPTED_EXIT for a requeue script."
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT)
+        self.step = step
+
+def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, saved: bool, uploads=None) -> None:
+    "Checkpoint `step` (unless `saved`), say so on rank 0 and raise Preempted."
+    if not saved: save_training_state(fabric, cfg, run_dir, step, model, head, optimizer, uploads)
+    if fabric.global_rank == 0:
+        print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
+              f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
+    raise Preempted(step)
 
 # %% ../nbs/06_resume.ipynb #f2cddd91
 def check_finite(record: dict, run_dir: Path) -> None:

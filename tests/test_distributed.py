@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -196,6 +197,54 @@ def test_kill_9_and_resume_is_bitwise_identical(data, runs, hybrid):
     resumed = weights(runs / "killed", 8)
     assert all(torch.equal(final[k], resumed[k]) for k in final), f"weights differ after a kill at step {kill_after}"
     assert metrics(runs / "killed") == metrics(hybrid), f"metrics differ after a kill at step {kill_after}"
+
+
+def rank_process(launcher: subprocess.Popen, rank: int, deadline: float) -> psutil.Process:
+    "The training process of `rank` under a launch (torchrun's worker, or the one python process of a plain launch)."
+    while time.time() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try: environ, cmdline = child.environ(), child.cmdline()
+            except psutil.Error: continue
+            if "picomaml.launch" in cmdline and environ.get("RANK", "0") == str(rank) and "torch.distributed.run" not in cmdline:
+                return child
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never started")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_the_step_in_hand_and_the_relaunch_loses_nothing(data, runs, hybrid, nproc):
+    """SLURM's SIGTERM before a preemption, sent to the last rank only: every rank stops after the same step, rank 0
+    checkpoints it though none was scheduled, the processes exit 75, and the relaunch ends where the uninterrupted run does."""
+    signal_after = random.randint(1, 5)  # optimizer steps logged before the signal
+    name = f"preempted-{nproc}"
+    overrides = tiny(data, runs, name, *HYBRID, "checkpoint.every=100")  # scheduled: step 0 and the last step only
+    errors, launcher = runs / f"{name}.err", ("--standalone",) if nproc > 1 else ()  # one process: plain python, its own status
+    with open(errors, "w") as err:
+        proc = subprocess.Popen(command(nproc, overrides, launcher), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        log, deadline = runs / name / "metrics.jsonl", time.time() + LAUNCH_TIMEOUT
+        target = rank_process(proc, nproc - 1, deadline)
+        while proc.poll() is None and time.time() < deadline:
+            if log.exists() and sum('"loss"' in line for line in log.read_text().splitlines()) >= signal_after: break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before the signal at step {signal_after}"
+        target.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        proc.wait(timeout=60)
+    stderr = errors.read_text()
+    assert (proc.returncode == 75) if nproc == 1 else ("exitcode  : 75" in stderr and proc.returncode != 0), stderr[-3000:]
+    assert time.time() - signalled < 30  # the step in hand and one checkpoint: within torchrun's 30 s to its SIGKILL
+    trained = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
+    stopped = trained[-1]
+    assert stopped >= signal_after and stopped < 8, (stopped, signal_after)
+    assert (runs / name / "checkpoints" / f"step_{stopped:06d}" / "training_state.pt").is_file(), "the step in hand was not saved"
+    assert f"a preemption signal after step {stopped}:" in stderr and stderr.count("[preempted]") == 1  # rank 0 says it, once
+    launch(nproc, overrides, extra_torchrun=launcher)
+    assert [r["step"] for r in metrics(runs / name) if "loss" in r] == list(range(1, 9))  # every step once: none lost, none repeated
+    if nproc == 2:  # the uninterrupted run is two processes too: bitwise the same
+        final, resumed = weights(hybrid, 8), weights(runs / name, 8)
+        assert all(torch.equal(final[k], resumed[k]) for k in final), f"weights differ after SIGTERM at step {stopped}"
+        assert metrics(runs / name) == metrics(hybrid)
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(data, runs, hybrid):
