@@ -46,6 +46,8 @@ from pathlib import Path
 
 import yaml
 
+from picomaml.runlog import write_text_atomic
+
 
 # %% [markdown]
 # ## One option, one comment
@@ -493,11 +495,10 @@ def config_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 def save_config(cfg: Config, path) -> Path:
-    "Write the resolved configuration as YAML."
+    "Write the resolved configuration as YAML, atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
 
 # %%

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from picomaml.config import UserError
 from picomaml.model import save_pretrained
 from picomaml.names import STEP_DIR, step_dir_name
+from picomaml.runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic
 
 # %% [markdown]
 # ## The layout
@@ -55,6 +56,8 @@ from picomaml.names import STEP_DIR, step_dir_name
 # <runs_dir>/<run_name>/config.yaml                  resolved configuration
 #                       metrics.jsonl                one JSON line per optimizer step (+ one per evaluation)
 #                       spectra.jsonl                singular values and PER, every spectra.every steps
+#                       config_history.jsonl         settings changed on a resume, with the step they took effect
+#                       .lock                        host and pid of the launch writing the run (empty when none)
 #                       checkpoints/step_000100/     model.safetensors + config.json   the decoder (Hugging Face format)
 #                                                    head.safetensors                  the MAML head
 #                                                    checkpoint.json                   step, data position, world size, SHA-256 of the files
@@ -76,6 +79,7 @@ from picomaml.names import STEP_DIR, step_dir_name
 #| export
 WEIGHT_FILES = ("model.safetensors", "head.safetensors")
 META_FILE, STATE_FILE, LATEST_FILE = "checkpoint.json", "training_state.pt", "latest"
+LOCK_FILE = ".lock"  # in the run directory: held by the one launch that writes it (00_runlog)
 
 def file_sha256(path) -> str:
     "Hex SHA-256 of a file."
@@ -84,12 +88,12 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
     return digest.hexdigest()
 
-def write_json_atomic(path, data: dict) -> None:
-    "Write JSON to `path` through a temporary file and a rename."
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
+def state_bytes(state) -> int:
+    "Bytes of the tensors in a (nested) state: what writing it to disk needs, near enough."
+    if isinstance(state, torch.Tensor): return state.numel() * state.element_size()
+    if isinstance(state, dict): return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)): return sum(state_bytes(v) for v in state)
+    return 0
 
 # %% [markdown]
 # ## Writing
@@ -97,7 +101,9 @@ def write_json_atomic(path, data: dict) -> None:
 # A checkpoint is written into a temporary directory and renamed into place, then `latest` is
 # replaced by a rename too: a crash at any moment leaves either the old or the new checkpoint
 # complete, never a half-written one under a `step_` name. Only `checkpoint.json` is written last
-# inside the temporary directory, and it carries the digests of the other files.
+# inside the temporary directory, and it carries the digests of the other files. A disk that fills
+# up part-way removes the temporary directory and ends in one line (`00_runlog`'s `OutOfSpace`)
+# naming the checkpoint and the space it needs; the checkpoints before it are untouched.
 
 # %%
 #| export
@@ -106,11 +112,18 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
     root, name = Path(root), step_dir_name(step)
     tmp, final = root / f".tmp_{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
-    if training_state is not None: torch.save(training_state, tmp / STATE_FILE)
-    files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
-    write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
+    try:
+        save_pretrained(model, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
+        if training_state is not None:
+            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)  # a Python file: its OSError says why it failed
+        files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
+        write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if space_cause(e):
+            raise out_of_space(final, state_bytes([model.state_dict(), head.state_dict(), training_state]), e) from None
+        raise
     shutil.rmtree(final, ignore_errors=True)  # a step re-reached after falling back past a corrupt checkpoint
     os.replace(tmp, final)
     write_latest(root, name)
@@ -118,8 +131,7 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
 
 def write_latest(root, name: str) -> None:
     "Point `<root>/latest` at checkpoint directory `name` (atomically)."
-    (Path(root) / "latest.tmp").write_text(name + "\n")
-    os.replace(Path(root) / "latest.tmp", Path(root) / LATEST_FILE)
+    write_text_atomic(Path(root) / LATEST_FILE, name + "\n")
 
 
 # %% [markdown]
@@ -262,36 +274,6 @@ assert scheduled_steps(CheckpointConfig(every=100), 250) == [0, 100, 200, 250]
 
 
 # %% [markdown]
-# ## The metrics log agrees with the checkpoint
-#
-# A resumed run continues from its checkpoint's step, so the lines of later steps written before a
-# crash are dropped, and so is a torn last line.
-
-# %%
-#| export
-def truncate_metrics(path, last_step: int) -> None:
-    "Keep only the complete lines of metrics file `path` whose step is at most `last_step`."
-    path = Path(path)
-    if not path.exists(): return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try: record = json.loads(line)
-        except json.JSONDecodeError: continue
-        if line.endswith("\n") and record["step"] <= last_step: kept.append(line)
-    path.write_text("".join(kept))
-
-
-# %%
-import tempfile
-
-with tempfile.TemporaryDirectory() as _tmp:
-    _m = Path(_tmp) / "metrics.jsonl"
-    _m.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    truncate_metrics(_m, 2)
-    assert _m.read_text() == '{"step": 1}\n{"step": 2}\n'
-
-
-# %% [markdown]
 # ## Uploading to the Hub
 #
 # With `logging.hub_repo` set, every checkpoint's weights and metadata go to a Hub model repository,
@@ -347,6 +329,8 @@ class CheckpointUploads:
 # and when no checkpoint can be resumed from it refuses instead of starting over.
 
 # %%
+import tempfile
+
 from picomaml.config import MAMLConfig, ModelConfig
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder, load_checked, load_pretrained
@@ -383,6 +367,37 @@ with tempfile.TemporaryDirectory() as _tmp:
         except NoResumableCheckpoint as e: assert "holds 4 checkpoints but none can be resumed from" in str(e) and "weights only" in str(e)
     assert len(list_checkpoints(_root)) == 4  # nothing was deleted
     assert find_resumable(Path(_tmp) / "nothing-here") is None
+
+# %% [markdown]
+# A disk that fills up while a checkpoint is written: a file-size limit (in a child process, since
+# it cannot be raised again) that the first checkpoint fits under and the next one's optimizer state
+# does not. The error names the checkpoint and its size, no temporary directory is left, and the
+# checkpoint before it, which `latest` still points at, is intact.
+
+# %%
+import dataclasses
+import subprocess
+import sys
+
+with tempfile.TemporaryDirectory() as _tmp:
+    _root = Path(_tmp) / "checkpoints"
+    write_checkpoint(_root, 1, _model, _head, {"world_size": 1})
+    _limit = max(f.stat().st_size for f in (_root / "step_000001").iterdir()) + 1000
+    _child = subprocess.run([sys.executable, "-c", f"""
+import resource, signal, sys, torch
+from picomaml.checkpoints import write_checkpoint
+from picomaml.config import MAMLConfig, ModelConfig
+from picomaml.maml import MAMLHead
+from picomaml.model import PicoDecoder
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({_limit}, resource.RLIM_INFINITY))
+model = PicoDecoder(ModelConfig(**{dataclasses.asdict(_tiny)!r}))
+state = {{"moments": torch.zeros(4 * {_limit})}}
+try: write_checkpoint({str(_root)!r}, 2, model, MAMLHead(24, 3, MAMLConfig(head_layers=2, head_hidden=8)), {{}}, state)
+except OSError as e: sys.exit(str(e))"""], capture_output=True, text=True)
+    assert f"{_root / 'step_000002'}: file too large while writing it (needs about" in _child.stderr, _child.stderr
+    assert sorted(p.name for p in _root.iterdir()) == ["latest", "step_000001"] and (_root / "latest").read_text() == "step_000001\n"
+    assert read_checkpoint(_root / "step_000001")[2]["step"] == 1
 
 # %% [markdown]
 # Test of the uploads, with a stand-in for the Hub client: `submit` returns before the upload is done

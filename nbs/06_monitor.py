@@ -34,7 +34,6 @@
 #| export
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -44,7 +43,8 @@ from picomaml.config import Config
 from picomaml.data import document_batches
 from picomaml.device import peak_memory_gib, reset_peak_memory
 from picomaml.lm_loss import document_sums, perplexities
-from picomaml.spectra import append_records, loss_gradients, select_matrices, spectrum_records
+from picomaml.runlog import append_records, logged_steps
+from picomaml.spectra import loss_gradients, select_matrices, spectrum_records
 
 # %% [markdown]
 # ## One line per optimizer step
@@ -171,13 +171,14 @@ def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int
     mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
     grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
     grads = dict(zip(grads, sum_over_ranks(fabric, list(grads.values()))))
-    if fabric.global_rank == 0: append_records(spectrum_records(step, params, grads), run_dir / "spectra.jsonl")
+    if fabric.global_rank == 0: append_records(run_dir / "spectra.jsonl", spectrum_records(step, params, grads))
 
 
 # %% [markdown]
 # Test: in groups of two rows the records are those of one pass over the whole batch (`08_spectra`).
 
 # %%
+import json
 import tempfile
 
 import numpy as np
@@ -210,9 +211,8 @@ def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
 def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
     "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
     want_eval, want_spectra = monitoring_due(cfg, step)
-    logged = lambda path, key: path.is_file() and any(f'"step": {step},' in l and key in l for l in path.read_text().splitlines())
-    return (want_eval and not logged(run_dir / "metrics.jsonl", "paloma_ppl"),
-            want_spectra and not logged(run_dir / "spectra.jsonl", '"per"'))
+    return (want_eval and step not in logged_steps(run_dir / "metrics.jsonl", "paloma_ppl"),
+            want_spectra and step not in logged_steps(run_dir / "spectra.jsonl", "per"))
 
 def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bool, bool], *, documents=None,
             spectra_rows=None, spectra_batch: int | None = None) -> None:
@@ -223,13 +223,13 @@ def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bo
         record = {"step": step, **evaluate(fabric, model, documents, cfg.eval)}
         if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
         if fabric.global_rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+            append_records(run_dir / "metrics.jsonl", [record])
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
         record_run_spectra(fabric, model, spectra_rows, cfg, step, run_dir, batch_rows=spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": step, "spectra_peak_gib": peak}) + "\n")
+            append_records(run_dir / "metrics.jsonl", [{"step": step, "spectra_peak_gib": peak}])
 
 
 # %%

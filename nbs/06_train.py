@@ -42,7 +42,6 @@
 #| export
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -51,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from picomaml.checkpoints import checkpoint_due
+from picomaml.checkpoints import LOCK_FILE, checkpoint_due
 from picomaml.collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from picomaml.config import Config, ConfigError, ensure_writable
 from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
@@ -70,6 +69,7 @@ from picomaml.resume import (
     save_training_state,
     stop_for_preemption,
 )
+from picomaml.runlog import append_records, release_lock
 from picomaml.smlmt import build_episode
 from picomaml.tokenizer import load_tokenizer
 
@@ -265,13 +265,13 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
         source, rows, seed = sources[episode]
         return lambda: batch_for_step(source, step, draw, rank, world, rows, accum, seed)
     peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
-    start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
-    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
-    due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
-    monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
-    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
     try:
+        start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)  # rank 0 holds the run directory's lock from here
+        if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
+        due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
+        monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
+        bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
         for step in range(start, tc.steps):
             lr = lr_at(step, tc)
             for group in optimizer.param_groups: group["lr"] = lr
@@ -305,7 +305,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
             if (step_peak := peak_memory_gib(device)) is not None: record["peak_gib"] = step_peak
             if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
-                with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+                append_records(run_dir / "metrics.jsonl", [record])
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
             if saved: save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
@@ -317,6 +317,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     finally:
         ahead.close()
         preemption.restore()
+        release_lock(run_dir / LOCK_FILE)
     bar.close()
     return run_dir
 
@@ -337,6 +338,7 @@ from safetensors.torch import load_file
 
 from picomaml.config import load_config
 from picomaml.data import prepare
+from picomaml.runlog import read_records
 
 SHARED = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
 _tok = load_tokenizer(load_config(None, [f"data.tokenizer_path={SHARED}/tokenizer/olmo-7b-0724-tokenizer.json"]).data)
@@ -357,7 +359,7 @@ def tiny_config(runs_dir, *overrides):
 def read_metrics(run_dir):
     "A run's metrics, the lines of one step (training, then evaluation) merged."
     merged = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines(): merged.setdefault(json.loads(line)["step"], {}).update(json.loads(line))
+    for record in read_records(Path(run_dir) / "metrics.jsonl"): merged.setdefault(record["step"], {}).update(record)
     return [merged[step] for step in sorted(merged)]
 
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")

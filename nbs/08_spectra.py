@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -55,6 +53,7 @@ from picomaml.lm_loss import next_token_loss, next_token_loss_sum
 from picomaml.model import load_pretrained
 from picomaml.names import SPECTRA_KEY
 from picomaml.plan import GIB, choose_spectra_batch, device_memory_gb
+from picomaml.runlog import append_records, exclusive_lock, lock_file_of, read_records
 
 
 # %% [markdown]
@@ -293,8 +292,9 @@ assert load_eval_batch(toy_batch, rows=2).shape == (2, 9)
 # the metrics and the singular values themselves (7 significant digits, float32 precision). JSON
 # lines are appendable during training, and a crash mid-write damages at most the last line:
 # the writer starts a new line if the file does not end with one, and the reader skips lines that
-# are not complete JSON (with a warning naming the file and line). A step recorded twice (a run
-# resumed from an earlier checkpoint) keeps its last record.
+# are not complete JSON (with a warning naming the file and line): `00_runlog`'s `append_records`
+# and `read_records`. A step recorded twice (a run resumed from an earlier checkpoint) keeps its last
+# record.
 
 # %%
 #| export
@@ -303,16 +303,6 @@ def spectrum_record(step: int, layer: int, matrix: str, kind: str, tensor: torch
     s = singular_values(tensor)
     return {"step": int(step), "layer": int(layer), "matrix": matrix, "kind": kind, "shape": list(tensor.shape),
             **spectrum_metrics(s), "singular_values": [float(f"{v:.7g}") for v in s]}
-
-def append_records(records: list, path) -> Path:
-    "Append records as JSON lines in one write, starting on a fresh line after a torn one."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    text = ("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in records)
-    with open(path, "a") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    return path
 
 
 # %% [markdown]
@@ -337,7 +327,7 @@ def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: i
 def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path, batch_rows: int | None = None) -> list:
     "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
     records = compute_spectra(model, batch, layers, step, batch_rows)
-    append_records(records, path)
+    append_records(path, records)
     return records
 
 
@@ -394,24 +384,19 @@ def read_spectra(path) -> pd.DataFrame:
     "The records of a spectra JSON-lines file as a DataFrame sorted by step, layer, matrix, kind."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"spectra file {path} does not exist")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{path}:{number}: skipping an incomplete spectra record (a write interrupted by a crash?)")
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(read_records(path))
     if df.empty: return pd.DataFrame(columns=SPECTRA_KEY)
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 
 # %%
+import json
+
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "spectra.jsonl"
-    append_records(records, path)
+    append_records(path, records)
     with open(path, "a") as f: f.write(json.dumps(records[0])[:40])  # a crash in the middle of a record
-    append_records(records[:1], path)  # the run resumes and records again
+    append_records(path, records[:1])  # the run resumes and records again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         df = read_spectra(path)
@@ -645,10 +630,11 @@ def main(argv=None) -> Path:
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     on = dict(device=device, batch_rows=args.batch_rows or None)
-    if args.hub:
-        names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
-    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
+    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
+        if args.hub:
+            names = [name.strip() for name in args.revisions.split(",") if name.strip()]
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
+        else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
 

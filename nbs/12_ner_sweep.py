@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -50,6 +49,7 @@ import threading
 import time
 import uuid
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -66,83 +66,69 @@ from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, 
 from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
 from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from picomaml.plan import episode_flops
+from picomaml.runlog import append_records, drop_torn_tail, exclusive_lock, lock_file_of, write_json_atomic
 from picomaml.tokenizer import load_tokenizer
 
 
 # %% [markdown]
-# ## The results table: atomic appends
+# ## The results table
 #
-# One row is one JSON line, written under an exclusive lock of the file (`flock`: the sweep's worker
-# processes share one results file) on a descriptor opened with `O_APPEND`, every byte checked
-# written, then `fsync`ed: concurrent writers never interleave inside a line, and a finished row
-# survives a crash. A kill during the write can still leave a torn last line; reading skips it with a
-# warning (its run is simply redone). A broken line anywhere else is an error naming the file and line.
+# One row is one JSON line, appended through `00_runlog`'s `append_records`: under an exclusive lock
+# of the file (the sweep's worker processes share one results file), every byte checked written,
+# then `fsync`ed, so concurrent workers never interleave inside a line, a finished row survives a
+# crash, and a full disk cuts the file back to its last whole row. A kill during the write can still
+# leave a torn last line; reading skips it with a warning (its run is simply redone), and a launch
+# cuts it off before it appends (`drop_torn_tail`). A broken line anywhere else is an error naming
+# the file and line. A job recorded twice (two sweeps that ran on one file before the file had a
+# lock) keeps its first row, with a warning.
 
 # %%
 #| export
 class SweepError(ValueError):
     "A grid or results file that cannot be used; the message names the file, key or line."
 
-def append_row(path, row: dict) -> None:
-    "Append one JSON line under an exclusive lock of the file (O_APPEND, every byte written) and fsync it."
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview((json.dumps(row, sort_keys=True) + "\n").encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # the other workers' rows wait; released when fd closes
-        while data: data = data[os.write(fd, data):]  # a short write continues where it stopped
-        os.fsync(fd)
-    finally: os.close(fd)
-
 def read_rows(path) -> list[dict]:
-    "Rows of a results file; a torn last line is skipped with a warning."
+    "Rows of a results file, the first of each job key; a torn last line is skipped with a warning."
     if not Path(path).exists(): return []
     lines = Path(path).read_text().split("\n")
-    rows = []
+    rows, repeated = {}, 0
     for n, line in enumerate(lines, 1):
         if not line.strip(): continue
-        try: rows.append(json.loads(line))
+        try: row = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines) and lines[-1]:
                 warnings.warn(f"{path}:{n}: torn last line ignored (an interrupted write); its run will be redone")
                 continue
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
-    return rows
-
-
-# %% [markdown]
-# Before a sweep appends, it cuts a torn tail off the file: otherwise the next row would be glued
-# onto the fragment and both lost.
-
-# %%
-#| export
-def drop_torn_tail(path) -> None:
-    "Truncate a results file after its last complete line, with a warning (before any worker of a launch appends)."
-    if not Path(path).exists(): return
-    data = Path(path).read_bytes()
-    if data and not data.endswith(b"\n"):
-        line = data.count(b"\n") + 1
-        warnings.warn(f"{path}:{line}: torn last line removed (an interrupted write); its run will be redone")
-        with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
+        repeated += row.get("key") in rows
+        rows.setdefault(row.get("key", n), row)
+    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); the first of each is kept")
+    return list(rows.values())
 
 
 # %%
 import tempfile
 
+from fastcore.test import test_fail
+
 with tempfile.TemporaryDirectory() as tmp:
     table = Path(tmp) / "r.jsonl"
-    append_row(table, {"key": "a"}); append_row(table, {"key": "b"})
+    append_records(table, [{"key": "a"}]); append_records(table, [{"key": "b"}])
     assert [r["key"] for r in read_rows(table)] == ["a", "b"]
     with open(table, "a") as f: f.write('{"key": "c", "dev_f')  # a write killed half-way
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert [r["key"] for r in read_rows(table)] == ["a", "b"]
     assert "r.jsonl:3: torn last line" in str(caught[0].message)
-    drop_torn_tail(table); append_row(table, {"key": "c"})
+    drop_torn_tail(table); append_records(table, [{"key": "c"}])
     assert [r["key"] for r in read_rows(table)] == ["a", "b", "c"]
+    append_records(table, [{"key": "b", "dev_f1": 0.5}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_rows(table) == [{"key": "a"}, {"key": "b"}, {"key": "c"}]
+    assert "1 rows repeat a job already recorded" in str(caught[0].message)
     table.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
-    try: read_rows(table); raise AssertionError("accepted a broken middle line")
-    except SweepError as e: assert "r.jsonl:2:" in str(e)
+    test_fail(lambda: read_rows(table), contains="r.jsonl:2: not a JSON row")
 
 # %% [markdown]
 # ## Grid files
@@ -367,12 +353,6 @@ def split_cap(job: Job, name: str, split: str) -> int | None:
     if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None  # paper 2 §4 reads these sentence by sentence
     return st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
 
-def write_side_file(path: Path, data: dict) -> None:
-    "Write a JSON side file atomically (temporary file, then rename)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="cpu") -> dict:
     "Finetune and evaluate one job on `device`; return its row (on CUDA with the job's peak GiB)."
@@ -402,7 +382,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
-        write_side_file(path, side)
+        write_json_atomic(path, side, indent=None)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
     if (peak := peak_memory_gib(device)) is not None: row["peak_gib"] = peak
@@ -439,7 +419,7 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
     zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
     new = uner_statistics(train, zero_shot, ner_cfg.particles)
-    write_side_file(path, {k: {**have[k], **new[k]} for k in new})
+    write_json_atomic(path, {k: {**have[k], **new[k]} for k in new}, indent=None)
 
 
 # %%
@@ -467,38 +447,40 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
               released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
-    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
-    done = {r["key"] for r in read_rows(out)}
-    todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
-    encode = encode or load_tokenizer(cfg.data).encode
-    encoded, features, loaded, ran = {}, {}, {}, 0
-    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
-        if limit is not None and ran >= limit: break
-        if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
-        ner_cfg = job_ner_config(job, cfg, grid)
-        def data(name, split, job=job, ner_cfg=ner_cfg):
-            cap = split_cap(job, name, split)
-            key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
-                                                               f"{name}/{split}")
-            return encoded[key]
-        if job.checkpoint not in loaded:
-            c = job.checkpoint
-            loaded.clear(); features.clear()
-            loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
-        backbone = loaded[job.checkpoint]
-        def feats(name_split, data=data, ner_cfg=ner_cfg):
-            key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
-            if key not in features:
-                tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
-                features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
-            return features[key]
-        row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
-        append_row(out, row)
-        ran += 1
-        if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
-                                     f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
-    return ran
+    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")  # its workers append under it
+    with lock:
+        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
+        done = {r["key"] for r in read_rows(out)}
+        todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
+        encode = encode or load_tokenizer(cfg.data).encode
+        encoded, features, loaded, ran = {}, {}, {}, 0
+        for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
+            if limit is not None and ran >= limit: break
+            if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
+            ner_cfg = job_ner_config(job, cfg, grid)
+            def data(name, split, job=job, ner_cfg=ner_cfg):
+                cap = split_cap(job, name, split)
+                key = (name, split, cap, ner_cfg.max_len)
+                if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                                   f"{name}/{split}")
+                return encoded[key]
+            if job.checkpoint not in loaded:
+                c = job.checkpoint
+                loaded.clear(); features.clear()
+                loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
+            backbone = loaded[job.checkpoint]
+            def feats(name_split, data=data, ner_cfg=ner_cfg):
+                key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
+                if key not in features:
+                    tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
+                    features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
+                return features[key]
+            row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
+            append_records(out, [row], sort_keys=True)
+            ran += 1
+            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
+                                         f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+        return ran
 
 
 # %% [markdown]
@@ -926,9 +908,10 @@ def main(argv=None) -> None:
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
     else:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
-        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
-        done = {r["key"] for r in read_rows(out)}
-        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
+        with exclusive_lock(lock_file_of(out), f"results file {out}"):  # the workers append under the launch's lock
+            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
+            done = {r["key"] for r in read_rows(out)}
+            n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

@@ -66,6 +66,7 @@ from picomaml.names import (
     parse_run_name,
     step_of,
 )
+from picomaml.runlog import read_records
 
 # %%
 import tempfile
@@ -118,28 +119,17 @@ assert _none.empty and list(_none.columns) == RUN_COLUMNS and list(_none[_none.h
 # %% [markdown]
 # ## Readers
 #
-# A JSON-lines file written by a run that crashed can end in a torn line. The readers skip an
-# unparsable line with a warning naming the file and line. A step's metrics can span two lines (the
+# A JSON-lines file written by a run that crashed can end in a torn line. The readers (`00_runlog`'s
+# `read_records`) skip an unparsable line with a warning naming the file and line. A step's metrics can span two lines (the
 # training record, then the evaluation written after that step's checkpoint), so `read_metrics`
 # merges the lines of a step, a later value of a key winning. A missing file reads as an empty table.
 
 # %%
 #| export
-def read_jsonl(path) -> list[dict]:
-    "The records of a JSON-lines file, skipping (with a warning) lines that do not parse; [] if absent."
-    path, records = Path(path), []
-    if not path.is_file(): return records
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: records.append(json.loads(line))
-            except json.JSONDecodeError: warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)")
-    return records
-
 def read_metrics(run_dir) -> pd.DataFrame:
     "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (its lines merged, later values winning)."
     merged = {}
-    for record in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+    for record in read_records(Path(run_dir) / "metrics.jsonl"):
         if "step" in record: merged.setdefault(record["step"], {}).update(record)
     if not merged: return pd.DataFrame(columns=["step"])
     return pd.DataFrame([merged[step] for step in sorted(merged)])
@@ -170,15 +160,20 @@ with tempfile.TemporaryDirectory() as tmp:
 #| export
 def read_run_spectra(run_dir) -> pd.DataFrame:
     "A run's `spectra.jsonl` as a DataFrame (step, layer, matrix, kind, per, ...); empty if absent."
-    df = pd.DataFrame(read_jsonl(Path(run_dir) / "spectra.jsonl"))
+    df = pd.DataFrame(read_records(Path(run_dir) / "spectra.jsonl"))
     if df.empty: return pd.DataFrame(columns=SPECTRA_KEY + ["per"])
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 def read_ner_results(paths) -> pd.DataFrame:
     "The NER sweep records of one or more JSON-lines files, with the file name in `source`; empty if none."
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
-    return pd.DataFrame(rows)
+    rows = [{**r, "source": Path(p).name} for p in paths for r in read_records(p)]
+    df = pd.DataFrame(rows)
+    if "key" in df and (repeated := df.duplicated(["source", "key"])).any():  # two sweeps that once ran on one file
+        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already recorded; "
+                      f"the first of each is kept")
+        df = df[~repeated].reset_index(drop=True)
+    return df
 
 
 # %%
@@ -187,6 +182,11 @@ with tempfile.TemporaryDirectory() as tmp:
     ner = read_ner_results([Path(tmp) / "a-results.jsonl", Path(tmp) / "absent.jsonl"])
     assert len(ner) == 1 and ner.source[0] == "a-results.jsonl" and ner.test_f1[0] == {"sk_snk": 0.8}
     assert read_ner_results(Path(tmp) / "absent.jsonl").empty and read_run_spectra(tmp).empty
+    (Path(tmp) / "b-results.jsonl").write_text("".join(json.dumps({"key": k, "dev_f1": f}) + "\n" for k, f in [("j1", 0.5), ("j1", 0.6)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_ner_results(Path(tmp) / "b-results.jsonl").dev_f1.tolist() == [0.5]
+    assert "b-results.jsonl: 1 rows repeat a job already recorded" in str(caught[0].message)
 
 # %% [markdown]
 # `runs_metrics` and `runs_spectra` stack the outputs of the runs `find_runs` found into one long

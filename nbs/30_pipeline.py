@@ -58,6 +58,7 @@ from picomaml.checkpoints import LATEST_FILE
 from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from picomaml.device import cuda_problem, require_cuda
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
+from picomaml.runlog import write_text_atomic
 
 
 # %% [markdown]
@@ -496,7 +497,7 @@ def save_timings(timings: dict, path) -> dict:
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update({k: v for k, v in timings.items() if v is not None})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(merged, indent=1) + "\n")
     return merged
 
 

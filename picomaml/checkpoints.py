@@ -19,17 +19,19 @@ from safetensors.torch import load_file, save_file
 from .config import UserError
 from .model import save_pretrained
 from .names import STEP_DIR, step_dir_name
+from .runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic
 
 # %% auto #0
-__all__ = ['WEIGHT_FILES', 'META_FILE', 'STATE_FILE', 'LATEST_FILE', 'file_sha256', 'write_json_atomic', 'write_checkpoint',
-           'write_latest', 'CheckpointCorrupt', 'list_checkpoints', 'has_training_state', 'read_checkpoint',
-           'NoResumableCheckpoint', 'find_resumable', 'read_meta', 'confirm_checkpoint', 'newest_confirmed',
-           'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'truncate_metrics', 'upload_checkpoint',
+__all__ = ['WEIGHT_FILES', 'META_FILE', 'STATE_FILE', 'LATEST_FILE', 'LOCK_FILE', 'file_sha256', 'state_bytes',
+           'write_checkpoint', 'write_latest', 'CheckpointCorrupt', 'list_checkpoints', 'has_training_state',
+           'read_checkpoint', 'NoResumableCheckpoint', 'find_resumable', 'read_meta', 'confirm_checkpoint',
+           'newest_confirmed', 'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'upload_checkpoint',
            'CheckpointUploads']
 
 # %% ../nbs/06_checkpoints.ipynb #ac8db3cc
 WEIGHT_FILES = ("model.safetensors", "head.safetensors")
 META_FILE, STATE_FILE, LATEST_FILE = "checkpoint.json", "training_state.pt", "latest"
+LOCK_FILE = ".lock"  # in the run directory: held by the one launch that writes it (00_runlog)
 
 def file_sha256(path) -> str:
     "Hex SHA-256 of a file."
@@ -38,11 +40,12 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
     return digest.hexdigest()
 
-def write_json_atomic(path, data: dict) -> None:
-    "Write JSON to `path` through a temporary file and a rename."
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def state_bytes(state) -> int:
+    "Bytes of the tensors in a (nested) state: what writing it to disk needs, near enough."
+    if isinstance(state, torch.Tensor): return state.numel() * state.element_size()
+    if isinstance(state, dict): return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)): return sum(state_bytes(v) for v in state)
+    return 0
 
 # %% ../nbs/06_checkpoints.ipynb #2680d89a
 def write_checkpoint(root, step: int, model, head, meta: dict, training_state: dict | None = None) -> Path:
@@ -50,11 +53,18 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
     root, name = Path(root), step_dir_name(step)
     tmp, final = root / f".tmp_{name}", root / name
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
-    if training_state is not None: torch.save(training_state, tmp / STATE_FILE)
-    files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
-    write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
+    try:
+        save_pretrained(model, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
+        if training_state is not None:
+            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)  # a Python file: its OSError says why it failed
+        files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
+        write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if space_cause(e):
+            raise out_of_space(final, state_bytes([model.state_dict(), head.state_dict(), training_state]), e) from None
+        raise
     shutil.rmtree(final, ignore_errors=True)  # a step re-reached after falling back past a corrupt checkpoint
     os.replace(tmp, final)
     write_latest(root, name)
@@ -62,8 +72,7 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
 
 def write_latest(root, name: str) -> None:
     "Point `<root>/latest` at checkpoint directory `name` (atomically)."
-    (Path(root) / "latest.tmp").write_text(name + "\n")
-    os.replace(Path(root) / "latest.tmp", Path(root) / LATEST_FILE)
+    write_text_atomic(Path(root) / LATEST_FILE, name + "\n")
 
 # %% ../nbs/06_checkpoints.ipynb #3e9f1178
 class CheckpointCorrupt(UserError):
@@ -149,18 +158,6 @@ def checkpoint_due(step: int, cc, total_steps: int) -> bool:
 def scheduled_steps(cc, total_steps: int) -> list[int]:
     "Every step that a run of `total_steps` checkpoints, in order."
     return [s for s in range(total_steps + 1) if checkpoint_due(s, cc, total_steps)]
-
-# %% ../nbs/06_checkpoints.ipynb #b82708ce
-def truncate_metrics(path, last_step: int) -> None:
-    "Keep only the complete lines of metrics file `path` whose step is at most `last_step`."
-    path = Path(path)
-    if not path.exists(): return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try: record = json.loads(line)
-        except json.JSONDecodeError: continue
-        if line.endswith("\n") and record["step"] <= last_step: kept.append(line)
-    path.write_text("".join(kept))
 
 # %% ../nbs/06_checkpoints.ipynb #2c9d1bcb
 def upload_checkpoint(directory, repo_id: str, api=None):

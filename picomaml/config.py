@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from .runlog import write_text_atomic
+
 # %% auto #0
 __all__ = ['RESUME_MAY_CHANGE', 'USER_ERRORS', 'PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig',
            'CheckpointConfig', 'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig',
@@ -286,11 +288,10 @@ def config_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 def save_config(cfg: Config, path) -> Path:
-    "Write the resolved configuration as YAML."
+    "Write the resolved configuration as YAML, atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
 # %% ../nbs/00_config.ipynb #6ee79e7e
 def format_help(cfg: Config | None = None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -23,6 +22,7 @@ import threading
 import time
 import uuid
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,57 +39,40 @@ from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir
 from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
 from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from .plan import episode_flops
+from .runlog import append_records, drop_torn_tail, exclusive_lock, lock_file_of, write_json_atomic
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'RELEASED_REPOS', 'STEP_COMMIT', 'SweepError', 'append_row', 'read_rows',
-           'drop_torn_tail', 'Checkpoint', 'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints',
-           'Job', 'load_grid', 'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'job_ner_config',
-           'split_cap', 'write_side_file', 'run_job', 'statistics_path', 'write_uner_statistics', 'sweep_jobs',
-           'run_sweep', 'claim', 'worker_order', 'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers',
-           'ReleasedHub', 'ReleasedMirror', 'released_checkpoints', 'SplitSize', 'split_size', 'pass_flops', 'GridCost',
-           'job_tests', 'grid_cost', 'PlannedRelease', 'checkpoint_model', 'plan_grid', 'format_grid_cost',
-           'parse_args', 'worker_arguments', 'main']
+__all__ = ['GRID_KEYS', 'SETTING_KEYS', 'RUN_KEYS', 'RELEASED_REPOS', 'STEP_COMMIT', 'SweepError', 'read_rows', 'Checkpoint',
+           'expand_steps', 'run_steps', 'run_checkpoints', 'external_checkpoints', 'Job', 'load_grid',
+           'check_checkpoints', 'uncovered', 'job_settings', 'capped', 'job_ner_config', 'split_cap', 'run_job',
+           'statistics_path', 'write_uner_statistics', 'sweep_jobs', 'run_sweep', 'claim', 'worker_order',
+           'sweep_devices', 'fresh_claims', 'watch_parent', 'run_workers', 'ReleasedHub', 'ReleasedMirror',
+           'released_checkpoints', 'SplitSize', 'split_size', 'pass_flops', 'GridCost', 'job_tests', 'grid_cost',
+           'PlannedRelease', 'checkpoint_model', 'plan_grid', 'format_grid_cost', 'parse_args', 'worker_arguments',
+           'main']
 
 # %% ../nbs/12_ner_sweep.ipynb #28a7bed9
 class SweepError(ValueError):
     "A grid or results file that cannot be used; the message names the file, key or line."
 
-def append_row(path, row: dict) -> None:
-    "Append one JSON line under an exclusive lock of the file (O_APPEND, every byte written) and fsync it."
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    data = memoryview((json.dumps(row, sort_keys=True) + "\n").encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # the other workers' rows wait; released when fd closes
-        while data: data = data[os.write(fd, data):]  # a short write continues where it stopped
-        os.fsync(fd)
-    finally: os.close(fd)
-
 def read_rows(path) -> list[dict]:
-    "Rows of a results file; a torn last line is skipped with a warning."
+    "Rows of a results file, the first of each job key; a torn last line is skipped with a warning."
     if not Path(path).exists(): return []
     lines = Path(path).read_text().split("\n")
-    rows = []
+    rows, repeated = {}, 0
     for n, line in enumerate(lines, 1):
         if not line.strip(): continue
-        try: rows.append(json.loads(line))
+        try: row = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines) and lines[-1]:
                 warnings.warn(f"{path}:{n}: torn last line ignored (an interrupted write); its run will be redone")
                 continue
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
-    return rows
-
-# %% ../nbs/12_ner_sweep.ipynb #deed6087
-def drop_torn_tail(path) -> None:
-    "Truncate a results file after its last complete line, with a warning (before any worker of a launch appends)."
-    if not Path(path).exists(): return
-    data = Path(path).read_bytes()
-    if data and not data.endswith(b"\n"):
-        line = data.count(b"\n") + 1
-        warnings.warn(f"{path}:{line}: torn last line removed (an interrupted write); its run will be redone")
-        with open(path, "r+b") as f: f.truncate(data.rfind(b"\n") + 1)
+        repeated += row.get("key") in rows
+        rows.setdefault(row.get("key", n), row)
+    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); the first of each is kept")
+    return list(rows.values())
 
 # %% ../nbs/12_ner_sweep.ipynb #e4702a83
 GRID_KEYS = {"name", "heads", "regimes", "datasets", "seeds", "runs", "ner", "test_sets", "save_predictions",
@@ -251,12 +234,6 @@ def split_cap(job: Job, name: str, split: str) -> int | None:
     if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None  # paper 2 §4 reads these sentence by sentence
     return st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
 
-def write_side_file(path: Path, data: dict) -> None:
-    "Write a JSON side file atomically (temporary file, then rename)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="cpu") -> dict:
     "Finetune and evaluate one job on `device`; return its row (on CUDA with the job's peak GiB)."
@@ -286,7 +263,7 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
     if side:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
         path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
-        write_side_file(path, side)
+        write_json_atomic(path, side, indent=None)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
     if (peak := peak_memory_gib(device)) is not None: row["peak_gib"] = peak
@@ -311,7 +288,7 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
     zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
     new = uner_statistics(train, zero_shot, ner_cfg.particles)
-    write_side_file(path, {k: {**have[k], **new[k]} for k in new})
+    write_json_atomic(path, {k: {**have[k], **new[k]} for k in new}, indent=None)
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec
 def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
@@ -329,38 +306,40 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
               released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
-    jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
-    done = {r["key"] for r in read_rows(out)}
-    todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
-    encode = encode or load_tokenizer(cfg.data).encode
-    encoded, features, loaded, ran = {}, {}, {}, 0
-    for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
-        if limit is not None and ran >= limit: break
-        if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
-        ner_cfg = job_ner_config(job, cfg, grid)
-        def data(name, split, job=job, ner_cfg=ner_cfg):
-            cap = split_cap(job, name, split)
-            key = (name, split, cap, ner_cfg.max_len)
-            if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
-                                                               f"{name}/{split}")
-            return encoded[key]
-        if job.checkpoint not in loaded:
-            c = job.checkpoint
-            loaded.clear(); features.clear()
-            loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
-        backbone = loaded[job.checkpoint]
-        def feats(name_split, data=data, ner_cfg=ner_cfg):
-            key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
-            if key not in features:
-                tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
-                features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
-            return features[key]
-        row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
-        append_row(out, row)
-        ran += 1
-        if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
-                                     f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
-    return ran
+    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")  # its workers append under it
+    with lock:
+        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
+        done = {r["key"] for r in read_rows(out)}
+        todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
+        encode = encode or load_tokenizer(cfg.data).encode
+        encoded, features, loaded, ran = {}, {}, {}, 0
+        for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
+            if limit is not None and ran >= limit: break
+            if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
+            ner_cfg = job_ner_config(job, cfg, grid)
+            def data(name, split, job=job, ner_cfg=ner_cfg):
+                cap = split_cap(job, name, split)
+                key = (name, split, cap, ner_cfg.max_len)
+                if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                                   f"{name}/{split}")
+                return encoded[key]
+            if job.checkpoint not in loaded:
+                c = job.checkpoint
+                loaded.clear(); features.clear()
+                loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
+            backbone = loaded[job.checkpoint]
+            def feats(name_split, data=data, ner_cfg=ner_cfg):
+                key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
+                if key not in features:
+                    tagger = NERTagger(backbone, device=device, precision=ner_cfg.precision)
+                    features[key] = window_features(tagger, data(*name_split), ner_cfg.batch_size)
+                return features[key]
+            row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
+            append_records(out, [row], sort_keys=True)
+            ran += 1
+            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
+                                         f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+        return ran
 
 # %% ../nbs/12_ner_sweep.ipynb #6e723542
 def claim(claims: Path, job: Job, worker: int) -> bool:
@@ -633,9 +612,10 @@ def main(argv=None) -> None:
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
     else:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
-        jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
-        done = {r["key"] for r in read_rows(out)}
-        n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
+        with exclusive_lock(lock_file_of(out), f"results file {out}"):  # the workers append under the launch's lock
+            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
+            done = {r["key"] for r in read_rows(out)}
+            n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

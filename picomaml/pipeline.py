@@ -23,6 +23,7 @@ from .checkpoints import LATEST_FILE
 from .config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from .device import cuda_problem, require_cuda
 from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
+from .runlog import write_text_atomic
 
 # %% auto #0
 __all__ = ['PAPER', 'SHRINK', 'REHEARSAL_DATA', 'SMOKE_OVERRIDES', 'RELEASED', 'PROFILES', 'NBS_DIR', 'Profile', 'shrink_size',
@@ -293,7 +294,7 @@ def save_timings(timings: dict, path) -> dict:
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update({k: v for k, v in timings.items() if v is not None})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(merged, indent=1) + "\n")
     return merged
 
 # %% ../nbs/30_pipeline.ipynb #b2a963d2

@@ -34,10 +34,11 @@ from picomaml.names import (
     parse_run_name,
     step_of,
 )
+from .runlog import read_records
 
 # %% auto #0
 __all__ = ['RUN_COLUMNS', 'RUN_KEYS', 'NER_COLUMNS', 'NER_READS', 'N_BOOT', 'MISSING', 'RELATIVE_NOTE', 'ARM_COLORS',
-           'SIZE_COLORS', 'REPORTED_NUMBERS', 'PAPER_ROW', 'PAPER_TABLES', 'find_runs', 'read_jsonl', 'read_metrics',
+           'SIZE_COLORS', 'REPORTED_NUMBERS', 'PAPER_ROW', 'PAPER_TABLES', 'find_runs', 'read_metrics',
            'read_run_spectra', 'read_ner_results', 'runs_metrics', 'runs_spectra', 'smoothed', 'ner_long',
            'sentence_weights', 'replicate_counts', 'counts_f1', 'with_replicates', 'mean_replicates', 'summed_counts',
            'pooled_f1', 'bootstrap_ci', 'format_estimate', 'interval_note', 'relative_change', 'relative_estimate',
@@ -62,21 +63,10 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
     return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
 
 # %% ../nbs/20_report.ipynb #fc83673a
-def read_jsonl(path) -> list[dict]:
-    "The records of a JSON-lines file, skipping (with a warning) lines that do not parse; [] if absent."
-    path, records = Path(path), []
-    if not path.is_file(): return records
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: records.append(json.loads(line))
-            except json.JSONDecodeError: warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)")
-    return records
-
 def read_metrics(run_dir) -> pd.DataFrame:
     "A run's `metrics.jsonl` as a DataFrame, one row per optimizer step (its lines merged, later values winning)."
     merged = {}
-    for record in read_jsonl(Path(run_dir) / "metrics.jsonl"):
+    for record in read_records(Path(run_dir) / "metrics.jsonl"):
         if "step" in record: merged.setdefault(record["step"], {}).update(record)
     if not merged: return pd.DataFrame(columns=["step"])
     return pd.DataFrame([merged[step] for step in sorted(merged)])
@@ -84,15 +74,20 @@ def read_metrics(run_dir) -> pd.DataFrame:
 # %% ../nbs/20_report.ipynb #599576f8
 def read_run_spectra(run_dir) -> pd.DataFrame:
     "A run's `spectra.jsonl` as a DataFrame (step, layer, matrix, kind, per, ...); empty if absent."
-    df = pd.DataFrame(read_jsonl(Path(run_dir) / "spectra.jsonl"))
+    df = pd.DataFrame(read_records(Path(run_dir) / "spectra.jsonl"))
     if df.empty: return pd.DataFrame(columns=SPECTRA_KEY + ["per"])
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
 def read_ner_results(paths) -> pd.DataFrame:
     "The NER sweep records of one or more JSON-lines files, with the file name in `source`; empty if none."
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    rows = [{**r, "source": Path(p).name} for p in paths for r in read_jsonl(p)]
-    return pd.DataFrame(rows)
+    rows = [{**r, "source": Path(p).name} for p in paths for r in read_records(p)]
+    df = pd.DataFrame(rows)
+    if "key" in df and (repeated := df.duplicated(["source", "key"])).any():  # two sweeps that once ran on one file
+        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already recorded; "
+                      f"the first of each is kept")
+        df = df[~repeated].reset_index(drop=True)
+    return df
 
 # %% ../nbs/20_report.ipynb #bf45c753
 RUN_KEYS = ["name", "size", "arm", "seed"]

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from picomaml.checkpoints import (
+    LOCK_FILE,
     NoResumableCheckpoint,
     confirm_checkpoint,
     find_resumable,
@@ -26,13 +26,13 @@ from picomaml.checkpoints import (
     prune_training_state,
     read_checkpoint,
     read_meta,
-    truncate_metrics,
     write_checkpoint,
 )
 from .collectives import gather_parts
 from .config import Config, ConfigError, config_changes, load_config, save_config
 from .model import load_checked
 from .names import step_dir_name
+from .runlog import RunBusy, append_records, take_lock, truncate_after
 
 # %% auto #0
 __all__ = ['PREEMPTED_EXIT', 'PREEMPTION_SIGNALS', 'EXPLODING', 'check_resume_config', 'choose_checkpoint', 'start_run_directory',
@@ -67,11 +67,10 @@ def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) ->
     "Write config.yaml, record accepted configuration changes, cut the metrics log back to `step`."
     run_dir.mkdir(parents=True, exist_ok=True)
     if changes:
-        with open(run_dir / "config_history.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+        append_records(run_dir / "config_history.jsonl", [{"step": step, "changes": {k: list(v) for k, v in changes.items()}}])
     # resume_from is an instruction for this launch, not a property of the run: the saved configuration does not keep it
     save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")), run_dir / "config.yaml")
-    truncate_metrics(run_dir / "metrics.jsonl", step)
+    truncate_after(run_dir / "metrics.jsonl", step)
 
 # %% ../nbs/06_resume.ipynb #5419cf6d
 def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
@@ -82,9 +81,11 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
         raise ConfigError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: set checkpoint.resume=true to "
                           f"continue that run, or choose another logging.run_name")
     found, changes, problem = None, {}, ""
-    if fabric.global_rank == 0 and has_ckpts:
-        try: changes, found = check_resume_config(cfg, run_dir), choose_checkpoint(cfg, root)
-        except (ConfigError, NoResumableCheckpoint) as e: problem = str(e)
+    if fabric.global_rank == 0:
+        try:
+            take_lock(run_dir / LOCK_FILE, f"run directory {run_dir}")  # one launch per run directory, until train() ends
+            if has_ckpts: changes, found = check_resume_config(cfg, run_dir), choose_checkpoint(cfg, root)
+        except (ConfigError, NoResumableCheckpoint, RunBusy) as e: problem = str(e)
     name, problem = fabric.broadcast((found[0].name if found else "", problem), src=0)
     if problem: raise ConfigError(problem)
     step = 0

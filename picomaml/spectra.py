@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -27,12 +25,13 @@ from .lm_loss import next_token_loss, next_token_loss_sum
 from .model import load_pretrained
 from .names import SPECTRA_KEY
 from .plan import GIB, choose_spectra_batch, device_memory_gb
+from .runlog import append_records, exclusive_lock, lock_file_of, read_records
 
 # %% auto #0
 __all__ = ['spectrum_metrics', 'singular_values', 'select_matrices', 'loss_gradients', 'load_eval_batch', 'spectrum_record',
-           'append_records', 'spectrum_records', 'compute_spectra', 'record_spectra', 'read_spectra',
-           'checkpoint_steps', 'fitting_batch_rows', 'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders',
-           'spectra_over_hub', 'parse_args', 'main']
+           'spectrum_records', 'compute_spectra', 'record_spectra', 'read_spectra', 'checkpoint_steps',
+           'fitting_batch_rows', 'spectra_over_steps', 'spectra_over_checkpoints', 'hub_loaders', 'spectra_over_hub',
+           'parse_args', 'main']
 
 # %% ../nbs/08_spectra.ipynb #e6decaa2
 def spectrum_metrics(s) -> dict:
@@ -122,16 +121,6 @@ def spectrum_record(step: int, layer: int, matrix: str, kind: str, tensor: torch
     return {"step": int(step), "layer": int(layer), "matrix": matrix, "kind": kind, "shape": list(tensor.shape),
             **spectrum_metrics(s), "singular_values": [float(f"{v:.7g}") for v in s]}
 
-def append_records(records: list, path) -> Path:
-    "Append records as JSON lines in one write, starting on a fresh line after a torn one."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-    text = ("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in records)
-    with open(path, "a") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    return path
-
 # %% ../nbs/08_spectra.ipynb #e796911c
 def spectrum_records(step: int, params: dict, grads: dict) -> list:
     "Weight and gradient records of every selected matrix `{(block, name): weight}` with its gradient."
@@ -146,7 +135,7 @@ def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: i
 def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path, batch_rows: int | None = None) -> list:
     "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
     records = compute_spectra(model, batch, layers, step, batch_rows)
-    append_records(records, path)
+    append_records(path, records)
     return records
 
 # %% ../nbs/08_spectra.ipynb #544d15f2
@@ -154,14 +143,7 @@ def read_spectra(path) -> pd.DataFrame:
     "The records of a spectra JSON-lines file as a DataFrame sorted by step, layer, matrix, kind."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"spectra file {path} does not exist")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{path}:{number}: skipping an incomplete spectra record (a write interrupted by a crash?)")
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(read_records(path))
     if df.empty: return pd.DataFrame(columns=SPECTRA_KEY)
     return df.drop_duplicates(SPECTRA_KEY, keep="last").sort_values(SPECTRA_KEY, ignore_index=True)
 
@@ -252,10 +234,11 @@ def main(argv=None) -> Path:
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     on = dict(device=device, batch_rows=args.batch_rows or None)
-    if args.hub:
-        names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-        out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
-    else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
+    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
+        if args.hub:
+            names = [name.strip() for name in args.revisions.split(",") if name.strip()]
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
+        else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
 

@@ -5,7 +5,6 @@
 # %% ../nbs/06_train.ipynb #3f970fbe
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import checkpoint_due
+from .checkpoints import LOCK_FILE, checkpoint_due
 from .collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
 from .config import Config, ConfigError, ensure_writable
 from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
@@ -33,6 +32,7 @@ from picomaml.resume import (
     save_training_state,
     stop_for_preemption,
 )
+from .runlog import append_records, release_lock
 from .smlmt import build_episode
 from .tokenizer import load_tokenizer
 
@@ -128,13 +128,13 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
         source, rows, seed = sources[episode]
         return lambda: batch_for_step(source, step, draw, rank, world, rows, accum, seed)
     peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
-    start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)
-    if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
-    due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
-    monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
-    bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
     recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
     try:
+        start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)  # rank 0 holds the run directory's lock from here
+        if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
+        due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
+        monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
+        bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
         for step in range(start, tc.steps):
             lr = lr_at(step, tc)
             for group in optimizer.param_groups: group["lr"] = lr
@@ -168,7 +168,7 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
             if (step_peak := peak_memory_gib(device)) is not None: record["peak_gib"] = step_peak
             if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
-                with open(run_dir / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
+                append_records(run_dir / "metrics.jsonl", [record])
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
             if saved: save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
@@ -180,5 +180,6 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     finally:
         ahead.close()
         preemption.restore()
+        release_lock(run_dir / LOCK_FILE)
     bar.close()
     return run_dir

@@ -1,49 +1,20 @@
 """Issue 12: every mistake a user can make with the real commands (`launch`, `sweep`, `spectra`, `data`, `pipeline`,
 `plan`) ends with one line `error: ...` that names what is wrong, where and what to do (exit status 2, no traceback),
 and nothing already on disk is lost. One table, one row per mistake."""
-import hashlib
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PICOMAML_DATA", ROOT.parent / "shared" / "data"))
-TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
+from commands import SHARED, TOKENIZER, prepare_rows, run, snapshot, tiny
 
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"local data {SHARED} not found (set PICOMAML_DATA)")
-
-
-def tiny(ws, name="run", *more):
-    "A seconds-long run on the prepared rows of the workspace."
-    return ["model.d_model=24", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48", "model.max_seq_len=32",
-            f"data.train_path={ws}/data/train", f"data.eval_path={ws}/data/eval", "data.seq_len=32", f"data.tokenizer_path={TOKENIZER}",
-            "train.steps=2", "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1", "checkpoint.every=1", "maml.rho=0",
-            "eval.every=0", "spectra.every=0", f"logging.runs_dir={ws}/runs", f"logging.run_name={name}", "logging.progress_bar=false", *more]
-
-
-def run(args, env=None, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PICOMAML_DATA": str(SHARED), **(env or {})}
-    env.pop("PICOMAML_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def snapshot(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     "A workspace: prepared rows, one finished run, a corrupt copy, a copy of another width, a broken UNER set, a grid."
     ws = tmp_path_factory.mktemp("mistakes")
-    for split, pattern in (("train", "corpus/train/c4-sample.01.json.gz"), ("eval", "corpus/eval/c4_100_domains_*.jsonl.gz")):
-        files = sorted(str(p) for p in SHARED.glob(pattern))
-        assert run(["picomaml.data", "prepare", "--src", *files, "--out", str(ws / "data" / split), "--seq-len", "32",
-                    "--tokenizer", str(TOKENIZER), "--max-documents", "40"]).returncode == 0
+    prepare_rows(ws)
     done = run(["picomaml.launch", *tiny(ws)])
     assert done.returncode == 0, done.stderr[-3000:]
     shutil.copytree(ws / "runs" / "run", ws / "runs" / "corrupt")
