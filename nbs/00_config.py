@@ -354,6 +354,8 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     if f.metadata.get("name") and (value in ("", ".", "..") or "/" in value or "\\" in value):
         raise ConfigError(f"{key}={value!r} must be one directory name (no '/', not '..'): the run is written to "
                           f"<logging.runs_dir>/<{key.split('.')[-1]}>, and a path would put it elsewhere")
+    if f.metadata.get("name") and len(value.encode()) > 255:  # NAME_MAX of Linux and macOS file systems
+        raise ConfigError(f"{key} is {len(value.encode())} bytes long: a directory name may have at most 255; choose a shorter one")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -368,6 +370,8 @@ def coerce_value(key: str, value, f: dataclasses.Field):
 _BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
 
 # %%
+from fastcore.test import test_fail
+
 _f = {f.name: f for f in dataclasses.fields(TrainConfig)}
 assert coerce_value("train.lr", "1e-3", _f["lr"]) == 1e-3
 assert coerce_value("train.lr", 3, _f["lr"]) == 3.0
@@ -379,6 +383,7 @@ assert coerce_value("logging.run_name", "pico-tiny-maml-seed1", _name) == "pico-
 for bad in ("../elsewhere", "a/b", "..", ""):
     try: coerce_value("logging.run_name", bad, _name); raise AssertionError(f"accepted run name {bad!r}")
     except ConfigError as e: assert "must be one directory name" in str(e)
+test_fail(lambda: coerce_value("logging.run_name", "x" * 256, _name), contains="logging.run_name is 256 bytes long")
 try: coerce_value("train.schedule", "cosin", _f["schedule"]); raise AssertionError
 except ConfigError as e: assert "'cosine'" in str(e)
 _m = {f.name: f for f in dataclasses.fields(MAMLConfig)}
@@ -413,7 +418,8 @@ def apply_overrides(cfg: Config, overrides: dict, source: str = "") -> Config:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
             if key not in fields: raise _unknown("key", f"{sec}.{key}", [f"{sec}.{k}" for k in fields], where)
-            setattr(obj, key, coerce_value(f"{sec}.{key}", value, fields[key]))
+            try: setattr(obj, key, coerce_value(f"{sec}.{key}", value, fields[key]))
+            except ConfigError as e: raise ConfigError(f"{e} (set{where})") from None  # which file holds the bad value
     return cfg
 
 
@@ -506,6 +512,8 @@ with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(None, ["model.d_model=96", "maml.rho=0", "train.lr=1e-3", "spectra.layers=[attention.q_proj]"])
     assert (cfg.model.d_model, cfg.maml.rho, cfg.train.lr) == (96, 0.0, 1e-3)
     assert load_config(save_config(cfg, Path(tmp) / "config.yaml")) == cfg
+    (Path(tmp) / "config.yaml").write_text((Path(tmp) / "config.yaml").read_text().replace("rho: 0.0", "rho: 5.0"))
+    test_fail(lambda: load_config(Path(tmp) / "config.yaml"), contains=f"maml.rho=5.0 is out of range: it must be >= 0 and <= 1 (set in {tmp}")
     (Path(tmp) / "base.yaml").write_text("train: {steps: 10, lr: 1.0e-3}\n")
     (Path(tmp) / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 20}\n")
     child = load_config(Path(tmp) / "child.yaml")

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from picomaml.config import ConfigError, DataConfig, ensure_writable, local_data_dir, run_command
+from picomaml.runlog import write_json_atomic
 from picomaml.tokenizer import PicoTokenizer, load_tokenizer
 
 # %%
@@ -230,19 +231,30 @@ with tempfile.TemporaryDirectory() as tmp:
 # Tokenize every source file in order (documents in file order, no shuffling: the loader shuffles
 # rows), write shards of `rows_per_shard` rows as `shard-00000.parquet`, … and finally
 # `manifest.json` (also atomic; its presence means the directory is complete). An output directory
-# that already holds shards or a manifest is refused rather than mixed.
+# that already holds shards or a manifest is refused rather than mixed. While it writes, `prepare`
+# keeps a `.preparing` marker in the directory: shards beside a marker and no manifest are an
+# interrupted `prepare`, which training refuses to read and the next `prepare` of that directory
+# (a relaunched pipeline) removes and does again.
 
 # %%
 #| export
-MANIFEST = "manifest.json"
+MANIFEST, PREPARING = "manifest.json", ".preparing"
+
+def unfinished(directory) -> bool:
+    "Whether `directory` holds an interrupted prepare's output (its marker, no manifest)."
+    return (Path(directory) / PREPARING).exists() and not (Path(directory) / MANIFEST).exists()
 
 def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192,
             max_documents: int = 0, log=print) -> dict:
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
+    if unfinished(out):
+        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; preparing it again")
+        for shard in out.glob("*.parquet"): shard.unlink()
     if out.exists() and (any(out.glob("*.parquet")) or (out / MANIFEST).exists()):
         raise FileExistsError(f"--out {out} already holds shards or a manifest; delete it or choose another directory")
     ensure_writable(out, "--out")
+    (out / PREPARING).write_text("shards being written; no manifest yet\n")
     cutter, pending, shards, sources = RowCutter(seq_len + 1), [], [], []
     def flush(rows):
         shards.append({"file": f"shard-{len(shards):05d}.parquet", "rows": len(rows)})
@@ -267,8 +279,8 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len, "row_len": seq_len + 1,
                 "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs, "tokens": n_tokens,
                 "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending), "sources": sources, "shards": shards}
-    (out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-    os.replace(out / (MANIFEST + ".tmp"), out / MANIFEST)
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / PREPARING).unlink()
     log(f"[prepare] wrote {manifest['rows']} rows of {seq_len + 1} ids in {len(shards)} shards to {out}")
     return manifest
 
@@ -288,6 +300,10 @@ with tempfile.TemporaryDirectory() as tmp:
     saved_manifest = json.loads((Path(tmp) / "c4" / MANIFEST).read_text())
     assert sorted(os.listdir(Path(tmp) / "c4")) == [MANIFEST] + [s["file"] for s in manifest["shards"]]
     raises(lambda: prepare(c4_files, Path(tmp) / "c4", 63, tokenizer), "already holds shards")
+    (Path(tmp) / "c4" / MANIFEST).unlink(); (Path(tmp) / "c4" / PREPARING).write_text("")  # as a prepare killed before its manifest
+    said = []
+    assert prepare(c4_files, Path(tmp) / "c4", seq_len=63, tokenizer=tokenizer, rows_per_shard=100, log=said.append) == manifest
+    assert "preparing it again" in said[0] and not (Path(tmp) / "c4" / PREPARING).exists()
 assert saved_manifest == manifest and manifest["documents"] == len(source_docs) == 30
 assert len(stream) == manifest["rows"] * 64 == manifest["tokens"] - manifest["dropped_tail_tokens"]
 assert [s["rows"] for s in manifest["shards"]][:-1] == [100] * (len(manifest["shards"]) - 1)
@@ -376,11 +392,15 @@ class ShardRows:
         self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
         if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
                                                                 f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if unfinished(self.directory): raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
+                                                        f"again (the same command, or the pipeline's data stage, redoes it)")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
         for fi, f in enumerate(self.files):
-            parquet = pq.ParquetFile(f)
+            try: parquet = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as e:  # pyarrow names no file: "Parquet magic bytes not found in footer..."
+                raise ValueError(f"{f}: not a readable parquet shard ({e}); delete it or re-run prepare") from None
             meta, columns = parquet.metadata, parquet.schema_arrow.names
             if meta.num_rows == 0: raise ValueError(f"{f}: empty shard (0 rows); delete it or re-run prepare")
             if "input_ids" not in columns: raise ValueError(f"{f}: no 'input_ids' column (columns: {columns})")
@@ -429,6 +449,11 @@ with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: ShardRows(d, row_len=3), "c.parquet", "no 'input_ids' column", "tokens")
     (d / "empty").mkdir()
     raises(lambda: ShardRows(d / "empty", 3), "empty", "no *.parquet")
+    (d / "c.parquet").write_bytes(b"PAR1 torn")
+    raises(lambda: ShardRows(d, row_len=3), "c.parquet: not a readable parquet shard", "Parquet magic bytes not found")
+    (d / "c.parquet").unlink()
+    (d / PREPARING).write_text("")  # shards of a prepare killed before its manifest
+    raises(lambda: ShardRows(d, row_len=3), f"{d} is an interrupted `prepare`", "prepare it again")
 
 
 # %% [markdown]

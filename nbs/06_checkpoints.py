@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from picomaml.config import UserError
-from picomaml.model import save_pretrained
+from picomaml.model import load_pretrained, save_pretrained
 from picomaml.names import STEP_DIR, step_dir_name
 from picomaml.runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic
 
@@ -331,9 +331,11 @@ class CheckpointUploads:
 # %%
 import tempfile
 
+from fastcore.test import test_fail
+
 from picomaml.config import MAMLConfig, ModelConfig
 from picomaml.maml import MAMLHead
-from picomaml.model import PicoDecoder, load_checked, load_pretrained
+from picomaml.model import PicoDecoder, load_checked
 
 _tiny = ModelConfig(d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=64, max_seq_len=32)
 torch.manual_seed(0)
@@ -367,6 +369,58 @@ with tempfile.TemporaryDirectory() as _tmp:
         except NoResumableCheckpoint as e: assert "holds 4 checkpoints but none can be resumed from" in str(e) and "weights only" in str(e)
     assert len(list_checkpoints(_root)) == 4  # nothing was deleted
     assert find_resumable(Path(_tmp) / "nothing-here") is None
+
+# %% [markdown]
+# ## Every reader verifies
+#
+# A checkpoint is read long after it was written, by the NER sweep, the spectra and the pipeline, and
+# a damaged one must not be finetuned and its rows recorded as done (a relaunch would skip them).
+# `load_backbone` is how every one of them loads a decoder: a local checkpoint's weights are checked
+# against the digests its `checkpoint.json` records (once per process: a grid finetunes one
+# checkpoint many times), and a decoder with a NaN or infinite weight is refused, wherever it came
+# from (a Hub checkpoint has no digests to check, but its weights can still be non-finite).
+
+# %%
+#| export
+_VERIFIED: set[Path] = set()  # checkpoint directories this process has verified
+
+def verify_checkpoint(directory) -> None:
+    "Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); CheckpointCorrupt if one fails."
+    directory = Path(directory).resolve()
+    if directory in _VERIFIED or not (directory / META_FILE).is_file(): return
+    digests = read_meta(directory).get("sha256", {})
+    for name in (n for n in WEIGHT_FILES if n in digests):
+        if not (directory / name).is_file() or file_sha256(directory / name) != digests[name]:
+            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: the file is damaged "
+                                    f"or was replaced; restore it, or leave this checkpoint out")
+    _VERIFIED.add(directory)
+
+def load_backbone(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None):
+    "A checkpoint's decoder (local directory or Hub repo), verified against its digests; CheckpointCorrupt if a weight is not finite."
+    if revision is None and Path(source).is_dir(): verify_checkpoint(Path(source) / (subfolder or ""))
+    model = load_pretrained(source, revision, subfolder, cache_dir)
+    if bad := [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]:
+        where = f"{source}" + (f" (revision {revision})" if revision else "") + (f"/{subfolder}" if subfolder else "")
+        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); a diverged or damaged "
+                                f"checkpoint cannot be finetuned or analysed: use an earlier step")
+    return model
+
+# %% [markdown]
+# A flipped byte and a NaN weight, each refused by name; a verified checkpoint is not hashed again.
+
+# %%
+with tempfile.TemporaryDirectory() as _tmp:
+    _root = Path(_tmp) / "checkpoints"
+    _good = write_checkpoint(_root, 1, _model, _head, {"world_size": 1})
+    assert torch.equal(load_backbone(_good).embedding_proj.weight, _model.embedding_proj.weight) and _good.resolve() in _VERIFIED
+    _flipped = write_checkpoint(_root, 2, _model, _head, {"world_size": 1})
+    _blob = bytearray((_flipped / "model.safetensors").read_bytes()); _blob[-5] ^= 1
+    (_flipped / "model.safetensors").write_bytes(bytes(_blob))
+    test_fail(lambda: load_backbone(_flipped), contains="step_000002/model.safetensors fails its SHA-256 check")
+    _broken = PicoDecoder(_tiny)
+    with torch.no_grad(): _broken.layers[0].attention.q_proj.weight[0, 0] = float("nan")
+    _nan = write_checkpoint(_root, 3, _broken, _head, {"world_size": 1})
+    test_fail(lambda: load_backbone(_nan), contains="1 weight tensors hold NaN or infinite values (first: layers.0.attention.q_proj.weight)")
 
 # %% [markdown]
 # A disk that fills up while a checkpoint is written: a file-size limit (in a child process, since

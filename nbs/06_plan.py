@@ -555,15 +555,18 @@ assert 1 <= _s40 < 8 and with_reserve(phase_bytes(_cfg, 4, "cuda", 1, spectra_ro
 
 # %%
 #| export
+PROCESS_COUNT = "torchrun's --nproc_per_node times its --nnodes; the planner's --gpus"  # the two commands that set it
+
 def layout_problem(cfg: Config, gpus: int) -> str:
     "Why `gpus` ranks cannot split the batches evenly (naming the keys), or ''."
     tc, pool = cfg.train, cfg.smlmt.pool_rows
     if tc.global_batch % tc.branch_batch:
         return f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch}; change one of them"
     if tc.branch_batch % gpus:
-        return f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} GPUs, so each holds the same rows; change it or --gpus"
+        return (f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} processes (one per GPU), so each holds the same "
+                f"rows; change it, or the process count ({PROCESS_COUNT})")
     if cfg.maml.rho > 0 and pool % gpus:
-        return f"smlmt.pool_rows={pool} must be a multiple of the {gpus} GPUs; change it or --gpus"
+        return f"smlmt.pool_rows={pool} must be a multiple of the {gpus} processes (one per GPU); change it, or the process count ({PROCESS_COUNT})"
     return ""
 
 def _gib(n: float) -> str:

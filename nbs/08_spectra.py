@@ -46,11 +46,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from picomaml.checkpoints import list_checkpoints
+from picomaml.checkpoints import list_checkpoints, load_backbone
 from picomaml.config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
 from picomaml.lm_loss import next_token_loss, next_token_loss_sum
-from picomaml.model import load_pretrained
 from picomaml.names import SPECTRA_KEY
 from picomaml.plan import GIB, choose_spectra_batch, device_memory_gb
 from picomaml.runlog import append_records, exclusive_lock, lock_file_of, read_records
@@ -409,8 +408,9 @@ assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_valu
 # ## After the fact: a directory of checkpoints
 #
 # The project's checkpoint layout is `<run_dir>/checkpoints/step_000100/{model.safetensors,config.json,...}`
-# (`06_checkpoints` owns it). Every listed checkpoint is loaded with `picomaml.model.load_pretrained`
-# (safetensors only), in step order; a step directory without weights is skipped with a warning.
+# (`06_checkpoints` owns it). Every listed checkpoint is loaded with `picomaml.checkpoints.load_backbone`
+# (safetensors only, its digests verified, non-finite weights refused), in step order; a step
+# directory without weights is skipped with a warning.
 # Steps already complete in `out` (as many records as the fullest step there) are skipped, so an
 # interrupted sweep resumes where it stopped.
 
@@ -423,6 +423,9 @@ def checkpoint_steps(checkpoints_dir) -> list:
     found = list_checkpoints(root)
     for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
         if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
+    if not found and (root / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, --checkpoints {root / 'checkpoints'}")
+    if not found: raise FileNotFoundError(f"{root} holds no checkpoints (step_NNNNNN directories with model.safetensors + config.json)")
     return found
 
 def _complete_steps(out: Path) -> set:
@@ -450,7 +453,7 @@ def spectra_over_steps(loaders, batch, layers, out, device="cpu", batch_rows: in
 
 def spectra_over_checkpoints(checkpoints_dir, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
     "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`, computed on `device`."
-    loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
+    loaders = [(step, functools.partial(load_backbone, d)) for step, d in checkpoint_steps(checkpoints_dir)]
     return spectra_over_steps(loaders, batch, layers, out, device, batch_rows)
 
 
@@ -490,7 +493,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # every checkpoint as a folder `checkpoints/step_N/` on the `main` branch (with `model.safetensors`,
 # `config.json`, the tokenizer, and a multi-GB `fabric_state/` optimizer dump), not as separate git
 # revisions. So by default a "revision" names a checkpoint folder (`step_100`) and `branch` is the
-# git revision of the repository; `load_pretrained` downloads only that folder's `config.json` and
+# git revision of the repository; `load_backbone` downloads only that folder's `config.json` and
 # `model.safetensors`. With `subfolder=""` the names are git revisions instead (branches, tags or
 # commits holding a checkpoint at the repository root). The step is the number the name ends with.
 # A local directory of the same layout stands in for the repository.
@@ -504,7 +507,7 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
         match = re.search(r"(\d+)$", name)
         if not match: raise ValueError(f"revision {name!r} does not end in a step number (expected e.g. step_100)")
         where = dict(subfolder=f"{subfolder}/{name}", revision=branch) if subfolder else dict(revision=name)
-        loaders.append((int(match.group(1)), functools.partial(load_pretrained, repo, cache_dir=cache_dir, **where)))
+        loaders.append((int(match.group(1)), functools.partial(load_backbone, repo, cache_dir=cache_dir, **where)))
     return loaders
 
 def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, subfolder: str = "checkpoints",

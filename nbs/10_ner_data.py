@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,30 @@ def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> 
     if not cols[1].strip(): raise UNERFormatError(f"{where}: empty token in column 2; every token line needs its word")
     return cols[1], normalise_tag(cols[2], where)
 
+def iob2_tags(tags: list[str]) -> tuple[list[str], list[int]]:
+    "A sentence's tags in IOB2: an I-X that starts an entity (first, after O or after another type) becomes B-X; and those positions."
+    fixed, changed = [], []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and (i == 0 or fixed[-1][2:] != tag[2:]):
+            tag = "B-" + tag[2:]
+            changed.append(i)
+        fixed.append(tag)
+    return fixed, changed
+
+def iob2_sentences(sentences: list[Sentence], name: str) -> list[Sentence]:
+    "The sentences of `name` with IOB1-style entity starts converted to IOB2, and a warning naming the first if there were any."
+    converted, first, count = [], None, 0
+    for s in sentences:
+        tags, changed = iob2_tags(s.tags)
+        if changed and first is None: first = f"{s.source}, word {changed[0] + 1}"
+        count += len(changed)
+        converted.append(Sentence(s.words, tags, s.source))
+    if count: warnings.warn(f"{name}: {count} entities start with I- (IOB1 style; the first in the sentence at {first}): read as B-, "
+                            f"the IOB2 start of an entity, as seqeval's IOB2 conversion does", stacklevel=2)
+    return converted
+
 def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
-    "Parse the lines of a UNER IOB2 file called `name` into sentences."
+    "Parse the lines of a UNER IOB2 file called `name` into sentences (IOB1-style entity starts converted, with a warning)."
     sentences, words, tags, start, seen = [], [], [], 0, {}
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
@@ -145,7 +168,7 @@ def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
             words.append(word)
             tags.append(tag)
     if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
-    return sentences
+    return iob2_sentences(sentences, name)
 
 def decode_utf8(data: bytes, name: str) -> str:
     "The text of file `name` from its UTF-8 bytes, without a leading byte-order mark; other bytes are an error naming line and offset."
@@ -188,6 +211,21 @@ for line_no, bad, msg in [(4, "2\twent\tO\t-", "5 tab-separated"), (5, "3\tto\tB
     broken = toy[:line_no - 1] + [bad] + toy[line_no:]
     try: parse_iob2_lines(broken, "toy.iob2"); raise AssertionError("accepted a malformed file")
     except UNERFormatError as e: assert f"toy.iob2:{line_no}:" in str(e) and msg in str(e), e
+
+# %% [markdown]
+# Some UNER files (12 tags in `da_ddt`, `hr_set` and `sr_set`) start an entity with `I-`, as the
+# older IOB1 scheme does; the 7-label set is IOB2, where every entity starts with `B-`. Read as
+# seqeval reads IOB1: an `I-X` that follows `O` or another type, or opens the sentence, starts an
+# entity, so it becomes `B-X`; a continuation `I-X` after `B-X` or `I-X` stays. The file (or Hub
+# split) is named once, with the count and the first place; the Hub's copy is converted the same way.
+
+# %%
+assert iob2_tags(["I-PER", "I-PER", "O", "I-LOC", "B-ORG", "I-LOC"]) == (["B-PER", "I-PER", "O", "B-LOC", "B-ORG", "B-LOC"], [0, 3, 5])
+with warnings.catch_warnings(record=True) as _caught:
+    warnings.simplefilter("always")
+    _iob1 = parse_iob2_lines(toy[:5] + ["4\tNitra\tI-LOC\t-\t-"] + toy[6:], "iob1.iob2")
+assert _iob1[0].tags == sents[0].tags and len(_caught) == 1
+assert "iob1.iob2: 1 entities start with I- (IOB1 style; the first in the sentence at iob1.iob2:3, word 4): read as B-" in str(_caught[0].message)
 
 # %% [markdown]
 # The same through a real file on disk: the error names the path and the line.
@@ -274,8 +312,8 @@ def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
         raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or absent; "
                               "set ner.data_path to a local UNER copy or choose another dataset") from e
     names = ds.features["ner_tags"].feature.names
-    return [Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]], f"{where} row {i}")
-            for i, r in enumerate(ds)]
+    return iob2_sentences([Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]],
+                                    f"{where} row {i}") for i, r in enumerate(ds)], where)
 
 
 # %%

@@ -57,7 +57,7 @@ import yaml
 from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
-from picomaml.checkpoints import scheduled_steps
+from picomaml.checkpoints import LATEST_FILE, load_backbone, scheduled_steps
 from picomaml.config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
 from picomaml.crf_metrics import score
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
@@ -254,6 +254,8 @@ class Job:
         settings = ",".join(f"{k}={v}" for k, v in self.settings)
         return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
+GRID_CHOICES = {f"{f.name}s": f.metadata["choices"] for f in dataclasses.fields(NERConfig) if f.name in ("head", "regime")}
+
 def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, released=None) -> list[Job]:
     "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
@@ -267,6 +269,9 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
         for key, value in (grid_overrides or {}).items(): g[key] = {**g.get(key, {}), **value} if key == "ner" else value
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
+        for key, allowed in GRID_CHOICES.items():  # the whole grid, before its first job runs
+            if bad := [v for v in g.get(key, []) if v not in allowed]:
+                raise SweepError(f"{where}.{key}: {bad[0]!r} is not one of {', '.join(allowed)}; nothing was run")
         settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
         ckpts = [c for j, r in enumerate(g.get("runs", []))
                  for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds, released)]
@@ -281,6 +286,10 @@ def check_checkpoints(jobs: list[Job]) -> None:
     missing = []
     for c in dict.fromkeys(j.checkpoint for j in jobs):
         if not c.hub:
+            if (Path(c.source) / "checkpoints").is_dir():
+                latest = Path(c.source) / "checkpoints" / LATEST_FILE
+                example = Path(c.source) / "checkpoints" / (latest.read_text().strip() if latest.is_file() else "step_NNNNNN")
+                raise SweepError(f"checkpoint {c.source} is a run directory, not a checkpoint: name one of its checkpoints, e.g. {example}")
             if not all((Path(c.source) / f).is_file() for f in ("config.json", "model.safetensors")): missing.append(c.source)
             continue
         try: hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
@@ -430,13 +439,34 @@ assert any(x.startswith("da") for x in _sample) and any(x.startswith("sk") for x
 assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 
 
+# %% [markdown]
+# Before the first job runs, every job's windows are checked against the positions its checkpoint
+# was trained with: `ner.max_len` sub-tokens must fit the backbone's `max_seq_len`, which a trained
+# model cannot be given more of, so the grid or the command line has to ask for shorter windows.
+
+# %%
+#| export
+def trained_positions(c: Checkpoint) -> int:
+    "The max_seq_len a checkpoint was trained with, from its config.json (a Hub checkpoint's is fetched, and cached)."
+    path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision) if c.hub else Path(c.source) / "config.json"
+    return config_from_json(json.loads(Path(path).read_text()), str(path)).max_seq_len
+
+def check_windows(jobs: list[Job], cfg, grid) -> None:
+    "SweepError naming the first job whose ner.max_len exceeds its checkpoint's max_seq_len, before any job runs."
+    positions = {c: trained_positions(c) for c in dict.fromkeys(j.checkpoint for j in jobs)}
+    for job in jobs:
+        if (max_len := job_ner_config(job, cfg, grid).max_len) > (trained := positions[job.checkpoint]):
+            raise SweepError(f"ner.max_len={max_len} is longer than the {trained} positions checkpoint {job.checkpoint.source} was trained "
+                             f"with (its model.max_seq_len): set ner.max_len={trained} or lower, in the grid's `ner` or on the command "
+                             f"line; nothing was run")
+
 # %%
 #| export
 def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
-    "Every job of the grid, its checkpoints checked; `setup` (one process per launch) also writes the UNER statistics and cuts a torn tail."
-    ensure_writable(out.parent, "--out")
+    "Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the UNER statistics, cuts a torn tail."
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
+    check_windows(jobs, cfg, grid)
     if setup:
         write_uner_statistics(out, jobs, cfg.ner)
         drop_torn_tail(out)
@@ -447,6 +477,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
               released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
+    if worker is None: ensure_writable(out.parent, "--out")  # before its lock file is made there
     lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")  # its workers append under it
     with lock:
         jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
@@ -467,7 +498,7 @@ def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, en
             if job.checkpoint not in loaded:
                 c = job.checkpoint
                 loaded.clear(); features.clear()
-                loaded[c] = (load_pretrained(c.source, c.revision, c.subfolder) if c.hub else load_pretrained(c.source)).to(device)
+                loaded[c] = (load_backbone(c.source, c.revision, c.subfolder) if c.hub else load_backbone(c.source)).to(device)  # verified
             backbone = loaded[job.checkpoint]
             def feats(name_split, data=data, ner_cfg=ner_cfg):
                 key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
@@ -908,6 +939,7 @@ def main(argv=None) -> None:
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
     else:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
+        ensure_writable(out.parent, "--out")
         with exclusive_lock(lock_file_of(out), f"results file {out}"):  # the workers append under the launch's lock
             jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
             done = {r["key"] for r in read_rows(out)}
@@ -979,6 +1011,16 @@ with tempfile.TemporaryDirectory() as tmp:
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep); raise AssertionError("ran with a missing checkpoint")
     except SweepError as e: assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
+    grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]  # the run, not a checkpoint
+    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+    test_fail(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), contains=f"{run} is a run directory, not a checkpoint")
+    grid["grids"][0]["heads"] = ["linear", "crff"]
+    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+    test_fail(lambda: load_grid(tmp / "g.yaml", **sweep), contains="g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
+    grid["grids"][0].update(heads=["linear"], runs=[{"arm": "maml", "size": "tiny", "step": "final"}])
+    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+    test_fail(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
+              contains="ner.max_len=256 is longer than the 128 positions checkpoint")
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
 
 

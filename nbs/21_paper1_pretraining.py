@@ -24,7 +24,7 @@
 # panel or table cell; no number is ever filled in. The defaults read the CPU demo (`make demo`:
 # `runs/demo-maml`, `runs/demo-vanilla`) and write under `runs/reports/` (only the pipeline writes the
 # committed `figures/` and `paper_tables/`); the paper-scale call, run from the repository root, is
-# `papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y '{sizes: [tiny, small, medium, large], seeds: [42, 1, 2], table_step: 6000, phase_size: large}'`
+# `mkdir -p runs/reports && papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y '{sizes: [tiny, small, medium, large], seeds: [42, 1, 2], table_step: 6000, phase_size: large}'`
 # (lists go through `-y`, YAML; papermill's `-p` would pass them as strings).
 
 # %% tags=["parameters"]

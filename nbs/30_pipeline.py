@@ -54,7 +54,7 @@ from pathlib import Path
 import papermill
 import yaml
 
-from picomaml.checkpoints import LATEST_FILE
+from picomaml.checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
 from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from picomaml.device import cuda_problem, require_cuda
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
@@ -258,20 +258,38 @@ for preset, overrides, name in demo_runs + pretraining_runs(_seeded) + pretraini
 # %% [markdown]
 # ## Is a stage done?
 #
-# A run is finished when its `checkpoints/latest` names the configured last step. Prepared data is
-# there when its manifest is.
+# A run is finished when its `checkpoints/latest` names the configured last step and that checkpoint
+# is there and passes its digests (`picomaml.checkpoints.verify_checkpoint`): a final checkpoint
+# deleted or damaged since is said so, and the run is relaunched, which resumes from its newest good
+# checkpoint and writes the final one again. Prepared data is there when its manifest is.
 
 # %%
 #| export
 def run_finished(preset, overrides) -> bool:
-    "True when the run's latest checkpoint is its final step."
+    "True when the run's latest checkpoint is its final step, and that checkpoint is there and verifies."
     cfg = load_config(preset, overrides)
-    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / LATEST_FILE
-    return latest.is_file() and latest.read_text().strip() == step_dir_name(cfg.train.steps)
+    root = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints"
+    final = root / step_dir_name(cfg.train.steps)
+    if not ((root / LATEST_FILE).is_file() and (root / LATEST_FILE).read_text().strip() == final.name): return False
+    try:
+        if final not in [d for _, d in list_checkpoints(root)]: raise CheckpointCorrupt(f"{final}, which {root / LATEST_FILE} names, is gone")
+        verify_checkpoint(final)
+        return True
+    except CheckpointCorrupt as e:
+        print(f"[pipeline] {e}: training {cfg.logging.run_name} again from its newest good checkpoint", flush=True)
+        return False
 
 
 # %%
+import contextlib
+import io
 import tempfile
+
+import torch
+
+from picomaml.checkpoints import write_checkpoint
+from picomaml.config import ModelConfig
+from picomaml.model import PicoDecoder
 
 with tempfile.TemporaryDirectory() as tmp:
     preset, overrides, name = pretraining_runs(PROFILES["demo"])[0]
@@ -282,6 +300,14 @@ with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / name / "checkpoints" / "latest").write_text(f"step_{steps - 1:06d}\n")
     assert not run_finished(preset, overrides)
     (Path(tmp) / name / "checkpoints" / "latest").write_text(f"step_{steps:06d}\n")
+    with contextlib.redirect_stdout(io.StringIO()) as said: assert not run_finished(preset, overrides)  # latest alone is not enough
+    assert f"step_{steps:06d}, which" in said.getvalue() and "is gone" in said.getvalue()
+    tiny = PicoDecoder(ModelConfig(d_model=24, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=64, max_seq_len=32))
+    final = write_checkpoint(Path(tmp) / name / "checkpoints", steps, tiny, torch.nn.Linear(2, 2), {})
+    (final / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    with contextlib.redirect_stdout(io.StringIO()) as said: assert not run_finished(preset, overrides)
+    assert "fails its SHA-256 check" in said.getvalue()
+    write_checkpoint(Path(tmp) / name / "checkpoints", steps, tiny, torch.nn.Linear(2, 2), {})
     assert run_finished(preset, overrides)
 
 

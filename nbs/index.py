@@ -60,7 +60,7 @@
 # python -m picomaml.launch --help                                # every option with its comment
 # python -m picomaml.ner_sweep --grid configs/sweeps/paper1.yaml --out runs/ner/paper1-results.jsonl
 # python -m picomaml.spectra --checkpoints runs/pico-large-maml/checkpoints --batch data/pretokenized/eval --out spectra.jsonl
-# papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y 'sizes: [tiny, small, medium, large]'
+# mkdir -p runs/reports && papermill nbs/21_paper1_pretraining.ipynb runs/reports/21.ipynb --cwd nbs -y 'sizes: [tiny, small, medium, large]'
 # python -m picomaml.plan --config configs/pico-large-maml.yaml --gpus 4 --gpu-memory-gb 80 --gpu-tflops 312   # will it fit?
 # make rehearse                                                    # the paper profile end to end, shrunk, on CPU
 # make docs                                                        # the site in _docs/: every notebook executed (21-24 on make demo's runs), the API
@@ -232,6 +232,7 @@
 # | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides, range checks, what a resume may change | |
 # | `00_device` | which device a process runs on: why CUDA is unusable, bf16 by compute capability, peak FLOP/s by GPU name, the CUDA allocator, SLURM GPU binding | |
 # | `00_names` | one home for sizes, arms, run names, dataset groups, checkpoint and output names | |
+# | `00_runlog` | the one writer of every run file: durable, checked appends; torn-line reader; atomic replacement; full-disk errors; one writer per run directory and results file | |
 # | `01_model` | the Pico decoder; safetensors/Hub checkpoints that load the released models | P1 §3.1 |
 # | `02_tokenizer` | the OLMo tokenizer, `[MASK]` = 50,280, word tables for SMLMT | P1 §3.2 |
 # | `03_data` | `prepare` raw text into Pico's parquet rows; deterministic sharding and exact resume | P1 §3.3 |

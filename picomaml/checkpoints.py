@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import UserError
-from .model import save_pretrained
+from .model import load_pretrained, save_pretrained
 from .names import STEP_DIR, step_dir_name
 from .runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic
 
@@ -26,7 +26,7 @@ __all__ = ['WEIGHT_FILES', 'META_FILE', 'STATE_FILE', 'LATEST_FILE', 'LOCK_FILE'
            'write_checkpoint', 'write_latest', 'CheckpointCorrupt', 'list_checkpoints', 'has_training_state',
            'read_checkpoint', 'NoResumableCheckpoint', 'find_resumable', 'read_meta', 'confirm_checkpoint',
            'newest_confirmed', 'prune_training_state', 'checkpoint_due', 'scheduled_steps', 'upload_checkpoint',
-           'CheckpointUploads']
+           'CheckpointUploads', 'verify_checkpoint', 'load_backbone']
 
 # %% ../nbs/06_checkpoints.ipynb #ac8db3cc
 WEIGHT_FILES = ("model.safetensors", "head.safetensors")
@@ -190,3 +190,27 @@ class CheckpointUploads:
                                    f"The checkpoints are on disk; upload them with `huggingface-cli upload {self.repo_id} <checkpoint dir> "
                                    f"checkpoints/<step> --revision <step>`")
         return len(self.pending)
+
+# %% ../nbs/06_checkpoints.ipynb #832985ef
+_VERIFIED: set[Path] = set()  # checkpoint directories this process has verified
+
+def verify_checkpoint(directory) -> None:
+    "Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); CheckpointCorrupt if one fails."
+    directory = Path(directory).resolve()
+    if directory in _VERIFIED or not (directory / META_FILE).is_file(): return
+    digests = read_meta(directory).get("sha256", {})
+    for name in (n for n in WEIGHT_FILES if n in digests):
+        if not (directory / name).is_file() or file_sha256(directory / name) != digests[name]:
+            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: the file is damaged "
+                                    f"or was replaced; restore it, or leave this checkpoint out")
+    _VERIFIED.add(directory)
+
+def load_backbone(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None):
+    "A checkpoint's decoder (local directory or Hub repo), verified against its digests; CheckpointCorrupt if a weight is not finite."
+    if revision is None and Path(source).is_dir(): verify_checkpoint(Path(source) / (subfolder or ""))
+    model = load_pretrained(source, revision, subfolder, cache_dir)
+    if bad := [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]:
+        where = f"{source}" + (f" (revision {revision})" if revision else "") + (f"/{subfolder}" if subfolder else "")
+        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); a diverged or damaged "
+                                f"checkpoint cannot be finetuned or analysed: use an earlier step")
+    return model

@@ -216,6 +216,8 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     if f.metadata.get("name") and (value in ("", ".", "..") or "/" in value or "\\" in value):
         raise ConfigError(f"{key}={value!r} must be one directory name (no '/', not '..'): the run is written to "
                           f"<logging.runs_dir>/<{key.split('.')[-1]}>, and a path would put it elsewhere")
+    if f.metadata.get("name") and len(value.encode()) > 255:  # NAME_MAX of Linux and macOS file systems
+        raise ConfigError(f"{key} is {len(value.encode())} bytes long: a directory name may have at most 255; choose a shorter one")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -246,7 +248,8 @@ def apply_overrides(cfg: Config, overrides: dict, source: str = "") -> Config:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
             if key not in fields: raise _unknown("key", f"{sec}.{key}", [f"{sec}.{k}" for k in fields], where)
-            setattr(obj, key, coerce_value(f"{sec}.{key}", value, fields[key]))
+            try: setattr(obj, key, coerce_value(f"{sec}.{key}", value, fields[key]))
+            except ConfigError as e: raise ConfigError(f"{e} (set{where})") from None  # which file holds the bad value
     return cfg
 
 # %% ../nbs/00_config.ipynb #e5a65895

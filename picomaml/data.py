@@ -22,14 +22,16 @@ import pyarrow.parquet as pq
 import torch
 
 from .config import ConfigError, DataConfig, ensure_writable, local_data_dir, run_command
+from .runlog import write_json_atomic
 from .tokenizer import PicoTokenizer, load_tokenizer
 
 # %% auto #0
-__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'MANIFEST', 'iter_jsonl_documents',
-           'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'prepare', 'check_rows',
-           'list_rows', 'ShardRows', 'write_hub_layout', 'streamed_file_row', 'StreamedRows', 'resolve_data_source',
-           'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step', 'micro_batches', 'RowPrefetcher',
-           'packed_documents', 'read_eval_rows', 'read_eval_documents', 'document_batches', 'main']
+__all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'MANIFEST', 'PREPARING', 'iter_jsonl_documents',
+           'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'unfinished', 'prepare',
+           'check_rows', 'list_rows', 'ShardRows', 'write_hub_layout', 'streamed_file_row', 'StreamedRows',
+           'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step',
+           'micro_batches', 'RowPrefetcher', 'packed_documents', 'read_eval_rows', 'read_eval_documents',
+           'document_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -105,15 +107,23 @@ def write_shard(rows, path: Path, row_group_rows: int | None = None) -> Path:
     return path
 
 # %% ../nbs/03_data.ipynb #7167184a
-MANIFEST = "manifest.json"
+MANIFEST, PREPARING = "manifest.json", ".preparing"
+
+def unfinished(directory) -> bool:
+    "Whether `directory` holds an interrupted prepare's output (its marker, no manifest)."
+    return (Path(directory) / PREPARING).exists() and not (Path(directory) / MANIFEST).exists()
 
 def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192,
             max_documents: int = 0, log=print) -> dict:
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
+    if unfinished(out):
+        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; preparing it again")
+        for shard in out.glob("*.parquet"): shard.unlink()
     if out.exists() and (any(out.glob("*.parquet")) or (out / MANIFEST).exists()):
         raise FileExistsError(f"--out {out} already holds shards or a manifest; delete it or choose another directory")
     ensure_writable(out, "--out")
+    (out / PREPARING).write_text("shards being written; no manifest yet\n")
     cutter, pending, shards, sources = RowCutter(seq_len + 1), [], [], []
     def flush(rows):
         shards.append({"file": f"shard-{len(shards):05d}.parquet", "rows": len(rows)})
@@ -138,8 +148,8 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len, "row_len": seq_len + 1,
                 "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs, "tokens": n_tokens,
                 "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending), "sources": sources, "shards": shards}
-    (out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-    os.replace(out / (MANIFEST + ".tmp"), out / MANIFEST)
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / PREPARING).unlink()
     log(f"[prepare] wrote {manifest['rows']} rows of {seq_len + 1} ids in {len(shards)} shards to {out}")
     return manifest
 
@@ -173,11 +183,15 @@ class ShardRows:
         self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
         if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
                                                                 f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if unfinished(self.directory): raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
+                                                        f"again (the same command, or the pipeline's data stage, redoes it)")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
         for fi, f in enumerate(self.files):
-            parquet = pq.ParquetFile(f)
+            try: parquet = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as e:  # pyarrow names no file: "Parquet magic bytes not found in footer..."
+                raise ValueError(f"{f}: not a readable parquet shard ({e}); delete it or re-run prepare") from None
             meta, columns = parquet.metadata, parquet.schema_arrow.names
             if meta.num_rows == 0: raise ValueError(f"{f}: empty shard (0 rows); delete it or re-run prepare")
             if "input_ids" not in columns: raise ValueError(f"{f}: no 'input_ids' column (columns: {columns})")

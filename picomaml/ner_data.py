@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,9 @@ from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST
 # %% auto #0
 __all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'CASE_MARKERS',
            'ZERO_SHOT_LANGUAGES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment', 'parse_token_line',
-           'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source', 'load_hub_split', 'load_split', 'spaced',
-           'encode_words', 'Window', 'align_sentence', 'EncodedSplit', 'encode_split', 'rejoin', 'tag_spans',
-           'span_statistics', 'particle_recall', 'oov_rate', 'uner_statistics']
+           'iob2_tags', 'iob2_sentences', 'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source',
+           'load_hub_split', 'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence', 'EncodedSplit',
+           'encode_split', 'rejoin', 'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate', 'uner_statistics']
 
 # %% ../nbs/10_ner_data.ipynb #fba6c5b3
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -74,8 +75,30 @@ def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> 
     if not cols[1].strip(): raise UNERFormatError(f"{where}: empty token in column 2; every token line needs its word")
     return cols[1], normalise_tag(cols[2], where)
 
+def iob2_tags(tags: list[str]) -> tuple[list[str], list[int]]:
+    "A sentence's tags in IOB2: an I-X that starts an entity (first, after O or after another type) becomes B-X; and those positions."
+    fixed, changed = [], []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and (i == 0 or fixed[-1][2:] != tag[2:]):
+            tag = "B-" + tag[2:]
+            changed.append(i)
+        fixed.append(tag)
+    return fixed, changed
+
+def iob2_sentences(sentences: list[Sentence], name: str) -> list[Sentence]:
+    "The sentences of `name` with IOB1-style entity starts converted to IOB2, and a warning naming the first if there were any."
+    converted, first, count = [], None, 0
+    for s in sentences:
+        tags, changed = iob2_tags(s.tags)
+        if changed and first is None: first = f"{s.source}, word {changed[0] + 1}"
+        count += len(changed)
+        converted.append(Sentence(s.words, tags, s.source))
+    if count: warnings.warn(f"{name}: {count} entities start with I- (IOB1 style; the first in the sentence at {first}): read as B-, "
+                            f"the IOB2 start of an entity, as seqeval's IOB2 conversion does", stacklevel=2)
+    return converted
+
 def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
-    "Parse the lines of a UNER IOB2 file called `name` into sentences."
+    "Parse the lines of a UNER IOB2 file called `name` into sentences (IOB1-style entity starts converted, with a warning)."
     sentences, words, tags, start, seen = [], [], [], 0, {}
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
@@ -89,7 +112,7 @@ def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
             words.append(word)
             tags.append(tag)
     if words: sentences.append(Sentence(words, tags, f"{name}:{start}"))
-    return sentences
+    return iob2_sentences(sentences, name)
 
 def decode_utf8(data: bytes, name: str) -> str:
     "The text of file `name` from its UTF-8 bytes, without a leading byte-order mark; other bytes are an error naming line and offset."
@@ -130,8 +153,8 @@ def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
         raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or absent; "
                               "set ner.data_path to a local UNER copy or choose another dataset") from e
     names = ds.features["ner_tags"].feature.names
-    return [Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]], f"{where} row {i}")
-            for i, r in enumerate(ds)]
+    return iob2_sentences([Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]],
+                                    f"{where} row {i}") for i, r in enumerate(ds)], where)
 
 # %% ../nbs/10_ner_data.ipynb #f9f4122d
 def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:

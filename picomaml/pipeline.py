@@ -19,7 +19,7 @@ from pathlib import Path
 import papermill
 import yaml
 
-from .checkpoints import LATEST_FILE
+from .checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
 from .config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
 from .device import cuda_problem, require_cuda
 from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
@@ -147,10 +147,18 @@ def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
 
 # %% ../nbs/30_pipeline.ipynb #38cdddc0
 def run_finished(preset, overrides) -> bool:
-    "True when the run's latest checkpoint is its final step."
+    "True when the run's latest checkpoint is its final step, and that checkpoint is there and verifies."
     cfg = load_config(preset, overrides)
-    latest = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints" / LATEST_FILE
-    return latest.is_file() and latest.read_text().strip() == step_dir_name(cfg.train.steps)
+    root = Path(cfg.logging.runs_dir) / cfg.logging.run_name / "checkpoints"
+    final = root / step_dir_name(cfg.train.steps)
+    if not ((root / LATEST_FILE).is_file() and (root / LATEST_FILE).read_text().strip() == final.name): return False
+    try:
+        if final not in [d for _, d in list_checkpoints(root)]: raise CheckpointCorrupt(f"{final}, which {root / LATEST_FILE} names, is gone")
+        verify_checkpoint(final)
+        return True
+    except CheckpointCorrupt as e:
+        print(f"[pipeline] {e}: training {cfg.logging.run_name} again from its newest good checkpoint", flush=True)
+        return False
 
 # %% ../nbs/30_pipeline.ipynb #5555a544
 def launch_command(preset, overrides, nproc: int) -> list[str]:

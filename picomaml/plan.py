@@ -17,13 +17,14 @@ from .config import Config, ConfigError, load_config
 from .device import peak_tflops, resolve_precision
 
 # %% auto #0
-__all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SPECTRA_GROUP_ROWS', 'WHOLE_SPLIT_ROWS', 'SAFETENSORS_PER_TENSOR',
-           'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops', 'peak_flops', 'param_counts',
-           'block_saved_bytes', 'activation_bytes', 'uses_math_attention', 'attention_probs_bytes', 'block_kept_bytes',
-           'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes', 'step_transient_bytes', 'eval_peak_bytes',
-           'matrix_sizes', 'spectra_peak_bytes', 'with_reserve', 'device_memory_gb', 'phase_bytes', 'largest_fitting',
-           'choose_chunk', 'choose_spectra_batch', 'layout_problem', 'memory_problem', 'rows_problem', 'step_cost',
-           'wall_time', 'checkpoint_disk', 'Plan', 'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
+__all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SPECTRA_GROUP_ROWS', 'PROCESS_COUNT', 'WHOLE_SPLIT_ROWS',
+           'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops',
+           'peak_flops', 'param_counts', 'block_saved_bytes', 'activation_bytes', 'uses_math_attention',
+           'attention_probs_bytes', 'block_kept_bytes', 'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes',
+           'step_transient_bytes', 'eval_peak_bytes', 'matrix_sizes', 'spectra_peak_bytes', 'with_reserve',
+           'device_memory_gb', 'phase_bytes', 'largest_fitting', 'choose_chunk', 'choose_spectra_batch',
+           'layout_problem', 'memory_problem', 'rows_problem', 'step_cost', 'wall_time', 'checkpoint_disk', 'Plan',
+           'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
 
 # %% ../nbs/06_plan.ipynb #5d36dc89
 def _block_params(mc) -> int:
@@ -214,15 +215,18 @@ def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
     return -(-rows // -(-rows // largest)) if largest else 0
 
 # %% ../nbs/06_plan.ipynb #0c772585
+PROCESS_COUNT = "torchrun's --nproc_per_node times its --nnodes; the planner's --gpus"  # the two commands that set it
+
 def layout_problem(cfg: Config, gpus: int) -> str:
     "Why `gpus` ranks cannot split the batches evenly (naming the keys), or ''."
     tc, pool = cfg.train, cfg.smlmt.pool_rows
     if tc.global_batch % tc.branch_batch:
         return f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch}; change one of them"
     if tc.branch_batch % gpus:
-        return f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} GPUs, so each holds the same rows; change it or --gpus"
+        return (f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} processes (one per GPU), so each holds the same "
+                f"rows; change it, or the process count ({PROCESS_COUNT})")
     if cfg.maml.rho > 0 and pool % gpus:
-        return f"smlmt.pool_rows={pool} must be a multiple of the {gpus} GPUs; change it or --gpus"
+        return f"smlmt.pool_rows={pool} must be a multiple of the {gpus} processes (one per GPU); change it, or the process count ({PROCESS_COUNT})"
     return ""
 
 def _gib(n: float) -> str:

@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import list_checkpoints
+from .checkpoints import list_checkpoints, load_backbone
 from .config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
 from .device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
 from .lm_loss import next_token_loss, next_token_loss_sum
-from .model import load_pretrained
 from .names import SPECTRA_KEY
 from .plan import GIB, choose_spectra_batch, device_memory_gb
 from .runlog import append_records, exclusive_lock, lock_file_of, read_records
@@ -155,6 +154,9 @@ def checkpoint_steps(checkpoints_dir) -> list:
     found = list_checkpoints(root)
     for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
         if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
+    if not found and (root / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, --checkpoints {root / 'checkpoints'}")
+    if not found: raise FileNotFoundError(f"{root} holds no checkpoints (step_NNNNNN directories with model.safetensors + config.json)")
     return found
 
 def _complete_steps(out: Path) -> set:
@@ -182,7 +184,7 @@ def spectra_over_steps(loaders, batch, layers, out, device="cpu", batch_rows: in
 
 def spectra_over_checkpoints(checkpoints_dir, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
     "Append the spectra of every checkpoint under `<run_dir>/checkpoints` to `out`, computed on `device`."
-    loaders = [(step, functools.partial(load_pretrained, d)) for step, d in checkpoint_steps(checkpoints_dir)]
+    loaders = [(step, functools.partial(load_backbone, d)) for step, d in checkpoint_steps(checkpoints_dir)]
     return spectra_over_steps(loaders, batch, layers, out, device, batch_rows)
 
 # %% ../nbs/08_spectra.ipynb #994b061a
@@ -193,7 +195,7 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
         match = re.search(r"(\d+)$", name)
         if not match: raise ValueError(f"revision {name!r} does not end in a step number (expected e.g. step_100)")
         where = dict(subfolder=f"{subfolder}/{name}", revision=branch) if subfolder else dict(revision=name)
-        loaders.append((int(match.group(1)), functools.partial(load_pretrained, repo, cache_dir=cache_dir, **where)))
+        loaders.append((int(match.group(1)), functools.partial(load_backbone, repo, cache_dir=cache_dir, **where)))
     return loaders
 
 def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, subfolder: str = "checkpoints",

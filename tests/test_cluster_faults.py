@@ -14,9 +14,10 @@ import time
 import pytest
 import yaml
 from commands import SHARED, TOKENIZER, command, prepare_rows, run, snapshot, tiny
+from safetensors.torch import load_file, save_file
 
-from picomaml.checkpoints import read_checkpoint
-from picomaml.runlog import lock_file_of, read_records
+from picomaml.checkpoints import file_sha256, read_checkpoint, read_meta
+from picomaml.runlog import lock_file_of, read_records, write_json_atomic
 
 pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"local data {SHARED} not found (set PICOMAML_DATA)")
 
@@ -32,11 +33,22 @@ def ws(tmp_path_factory):
                        "max_eval_sentences": 4,
                        "runs": [{"run": "run", "arm": "vanilla", "size": "tiny", "checkpoint": str(ws / "runs/run/checkpoints/step_000002")}]}]}
     (ws / "grid.yaml").write_text(yaml.safe_dump(grid))
+    for bad in ("flipped", "nan"):  # copies of the run whose last checkpoint has a flipped byte, or a NaN weight (with digests to match)
+        shutil.copytree(ws / "runs/run", ws / "runs" / bad)
+        (ws / f"grid-{bad}.yaml").write_text(yaml.safe_dump(grid).replace("runs/run/checkpoints", f"runs/{bad}/checkpoints"))
+    flipped = ws / "runs/flipped/checkpoints/step_000002/model.safetensors"
+    blob = bytearray(flipped.read_bytes()); blob[-3] ^= 1; flipped.write_bytes(bytes(blob))
+    nan = ws / "runs/nan/checkpoints/step_000002/model.safetensors"
+    tensors = load_file(nan)
+    tensors[next(iter(tensors))][0, 0] = float("nan")
+    save_file(tensors, nan, metadata={"format": "pt"})
+    meta = read_meta(nan.parent)
+    write_json_atomic(nan.parent / "checkpoint.json", {**meta, "sha256": {**meta["sha256"], "model.safetensors": file_sha256(nan)}})
     return ws
 
 
-def sweep(ws, out, *more):
-    return ["picomaml.ner_sweep", "--grid", str(ws / "grid.yaml"), "--out", str(out), *more, f"data.tokenizer_path={TOKENIZER}", "ner.max_len=32"]
+def sweep(ws, out, *more, grid="grid.yaml"):
+    return ["picomaml.ner_sweep", "--grid", str(ws / grid), "--out", str(out), *more, f"data.tokenizer_path={TOKENIZER}", "ner.max_len=32"]
 
 
 def error_line(proc) -> str:
@@ -124,3 +136,27 @@ def test_a_full_disk_during_a_sweep_keeps_every_earlier_row(ws):
     finished = run(sweep(ws, out))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert sorted(r["seed"] for r in read_records(out)) == [1, 2]
+
+
+def spectra(ws, run):
+    return ["picomaml.spectra", "--checkpoints", str(ws / "runs" / run / "checkpoints"), "--batch", str(ws / "data/eval"), "--rows", "4",
+            "--layers", "attention.q_proj", "--out", str(ws / f"spectra-{run}.jsonl")]
+
+
+# (which reader, its command, what the one line names)
+BAD_CHECKPOINTS = [
+    ("sweep, a flipped byte", lambda ws: sweep(ws, ws / "ner/flipped.jsonl", grid="grid-flipped.yaml"),
+     "runs/flipped/checkpoints/step_000002/model.safetensors fails its SHA-256 check"),
+    ("sweep, a NaN weight", lambda ws: sweep(ws, ws / "ner/nan.jsonl", grid="grid-nan.yaml"),
+     "runs/nan/checkpoints/step_000002: 1 weight tensors hold NaN or infinite values"),
+    ("spectra, a flipped byte", lambda ws: spectra(ws, "flipped"), "step_000002/model.safetensors fails its SHA-256 check"),
+    ("spectra, a NaN weight", lambda ws: spectra(ws, "nan"), "step_000002: 1 weight tensors hold NaN or infinite values"),
+]
+
+
+@pytest.mark.parametrize("reader,args,named", BAD_CHECKPOINTS, ids=[b[0] for b in BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_is_refused_by_every_reader(ws, reader, args, named):
+    refused = run(args(ws))
+    assert named in error_line(refused)
+    if reader.startswith("sweep"): assert not read_records(args(ws)[4]), "a row of a bad checkpoint was recorded as done"
+    else: assert sorted({r["step"] for r in read_records(args(ws)[-1])}) == [0, 1]  # the good steps before it are kept

@@ -77,7 +77,8 @@ def printed_commands() -> dict:
     "Commands in ```sh blocks and `inline` spans of the README and the notebooks' prose -> where they are printed."
     def commands(text):
         found = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S) for line in block.splitlines()]
-        found += [span.strip() for span in re.findall(r"`((?:python -m picomaml|make |torchrun|papermill|srun )[^`]*)`", text)]
+        found += [span.strip() for span in re.findall(r"`((?:python -m picomaml|make |torchrun|papermill|mkdir -p runs/reports|srun )[^`]*)`",
+                                                      text)]
         return [c for c in found if c]
     where = {}
     for c in commands((ROOT / "README.md").read_text()): where.setdefault(c, set()).add("README.md")
@@ -129,8 +130,8 @@ def runnable(command: str, tmp: Path) -> list[str] | None:
     if command.startswith("python -m picomaml.spectra"):
         return shlex.split(command.replace("runs/", f"{RUNS}/").replace("data/pretokenized/eval", f"{RUNS}/shards/eval")
                            .replace("--out spectra.jsonl", f"--out {tmp}/spectra.jsonl"))
-    if command.startswith("papermill"):
-        return shlex.split(command.replace("runs/reports/", f"{tmp}/"))
+    if command.startswith("mkdir -p runs/reports && papermill"):  # the folder papermill writes into, made first (a fresh clone has none)
+        return shlex.split(command.split("&& ", 1)[1].replace("runs/reports/", f"{tmp}/"))
     if command.startswith(("python -m picomaml.plan", "python -m picomaml.launch --help", "python -m picomaml.devtools readme",
                            "python -m picomaml.pipeline released --plan")):  # the release's plan needs no Hub and no GPU
         return shlex.split(command)

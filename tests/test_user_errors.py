@@ -30,8 +30,21 @@ def ws(tmp_path_factory):
     (uner / "sk_snk-ud-train.iob2").write_text("\n".join(lines) + "\n")
     grid = {"grids": [{"heads": ["linear"], "datasets": ["sk_snk"], "test_sets": ["sk_snk"], "max_train_sentences": 4, "max_eval_sentences": 4,
                        "runs": [{"run": "run", "arm": "vanilla", "size": "tiny", "checkpoint": str(ws / "runs/run/checkpoints/step_000002")}]}]}
+    (ws / "grid-long.yaml").write_text(yaml.safe_dump(grid))  # windows of ner.max_len's default, 512 sub-tokens
+    grid["grids"][0]["ner"] = {"max_len": 32}  # the tiny run's positions
     (ws / "grid.yaml").write_text(yaml.safe_dump(grid))
     (ws / "broken.yaml").write_text("grids: [{heads: [linear\n")
+    for name, change in (("rundir", {"checkpoint": str(ws / "runs/run")}), ("badhead", {"heads": ["linear", "crff"]})):
+        bad = yaml.safe_load(yaml.safe_dump(grid))
+        bad["grids"][0].update(change) if "heads" in change else bad["grids"][0]["runs"][0].update(change)
+        (ws / f"grid-{name}.yaml").write_text(yaml.safe_dump(bad))
+    shutil.copytree(ws / "runs" / "run", ws / "runs" / "badcfg")  # a value out of range in the run's own config.yaml
+    (ws / "runs/badcfg/config.yaml").write_text((ws / "runs/badcfg/config.yaml").read_text().replace("rho: 0.0", "rho: 5.0"))
+    shutil.copytree(ws / "data/train", ws / "data/garbled")
+    next(iter(sorted((ws / "data/garbled").glob("*.parquet")))).write_bytes(b"PAR1 not a parquet file")
+    shutil.copytree(ws / "data/train", ws / "data/unfinished")  # as a prepare killed before its manifest leaves it
+    (ws / "data/unfinished/manifest.json").unlink()
+    (ws / "data/unfinished/.preparing").write_text("")
     (ws / "empty-data").mkdir()
     return ws
 
@@ -86,6 +99,25 @@ MISTAKES = [
     ("PICOMAML_DATA that is a file", lambda ws: ["picomaml.ner_sweep", "--grid", "{ws}/grid.yaml", "--out", "{ws}/ner/nodata.jsonl",
                                                  f"data.tokenizer_path={TOKENIZER}"], {"PICOMAML_DATA": "{ws}/grid.yaml"},
      ["PICOMAML_DATA=", "grid.yaml is not a directory", "unset it to read the Hub"], None),
+    ("a bad value in the run's own config.yaml", lambda ws: ["picomaml.launch", *tiny(ws, "badcfg")], {},
+     ["maml.rho=5.0 is out of range", "(set in", "runs/badcfg/config.yaml)"], "runs/badcfg"),
+    ("a run name too long for a directory", lambda ws: ["picomaml.launch", *tiny(ws, "x" * 300)], {}, ["logging.run_name is 300 bytes long"], None),
+    ("a run directory where a checkpoint belongs", lambda ws: ["picomaml.ner_sweep", "--grid", "{ws}/grid-rundir.yaml", "--out",
+                                                               "{ws}/ner/rundir.jsonl", f"data.tokenizer_path={TOKENIZER}"], {},
+     ["runs/run is a run directory, not a checkpoint", "runs/run/checkpoints/step_000002"], "runs/run"),
+    ("spectra of a run directory", lambda ws: ["picomaml.spectra", "--checkpoints", "{ws}/runs/run", "--batch", "{ws}/data/eval",
+                                               "--out", "{ws}/rundir-spectra.jsonl"], {},
+     ["runs/run is a run directory", "runs/run/checkpoints"], None),
+    ("a grid with an unknown head", lambda ws: ["picomaml.ner_sweep", "--grid", "{ws}/grid-badhead.yaml", "--out", "{ws}/ner/badhead.jsonl",
+                                                f"data.tokenizer_path={TOKENIZER}"], {},
+     ["'crff' is not one of linear, crf", "nothing was run"], None),
+    ("windows longer than the checkpoint's positions", lambda ws: ["picomaml.ner_sweep", "--grid", "{ws}/grid-long.yaml", "--out",
+                                                                   "{ws}/ner/long.jsonl", f"data.tokenizer_path={TOKENIZER}"], {},
+     ["ner.max_len=512 is longer than the 32 positions checkpoint", "set ner.max_len=32 or lower"], None),
+    ("a shard that is not parquet", lambda ws: ["picomaml.launch", *tiny(ws, "garbled", "data.train_path={ws}/data/garbled")], {},
+     ["shard-00000.parquet: not a readable parquet shard"], "data/garbled"),
+    ("the shards of an interrupted prepare", lambda ws: ["picomaml.launch", *tiny(ws, "unfinished", "data.train_path={ws}/data/unfinished")],
+     {}, ["data/unfinished is an interrupted `prepare`", "prepare it again"], "data/unfinished"),
     ("pipeline without data", lambda ws: ["picomaml.pipeline", "demo", "--stages", "data"], {"PICOMAML_DATA": "{ws}/no-data"},
      ["PICOMAML_DATA=", "is not a directory"], None),
     # GPUs asked for where CUDA is unusable (CUDA_VISIBLE_DEVICES empty makes any machine one): one line, before any work
