@@ -122,12 +122,13 @@ def optimizer_step(cfg, parts, step: int) -> dict:
     tc, pool_rows, rows_per_rank = cfg.train, cfg.smlmt.pool_rows, cfg.train.branch_batch // PAPER_GPUS
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync(); start = time.perf_counter()
-    batch = batch_for_step(rows, step, 0, 0, 1, rows_per_rank, 2, tc.seed)
+    batch = batch_for_step(rows, step, 0, 0, 1, rows_per_rank=rows_per_rank, accum_steps=2, seed=tc.seed)
     with using_blocks(model, blocks):
         _, ar = phase_peak(device, lambda: next_token_backward(model, batch, tc.chunk_rows, 2 * batch[:, 1:].numel(), autocast, device))
-    pool = batch_for_step(rows, step, 1, 0, 1, pool_rows, 2, tc.seed + 1).to(device)
+    pool = batch_for_step(rows, step, 1, 0, 1, rows_per_rank=pool_rows, accum_steps=2, seed=tc.seed + 1).to(device)
     def episode_draw():
-        episode = build_episode(pool, cfg.smlmt, *(t.to(device) for t in tables[:2]), tables[2], cfg.data.mask_id, tc.seed, 2 * step + 1)
+        episode = build_episode(pool, cfg.smlmt, *(t.to(device) for t in tables[:2]), tables[2], cfg.data.mask_id, seed=tc.seed,
+                                step=2 * step + 1)
         with autocast(): maml_step(model, head, episode, cfg.maml, loss_scale=0.5, inner_seed=step)
         return episode
     episode, ep = phase_peak(device, episode_draw)
@@ -142,12 +143,13 @@ def optimizer_step(cfg, parts, step: int) -> dict:
 
 def monitoring_peaks(cfg, plan, model, rows, device, autocast) -> dict:
     "Peaks of one evaluation batch (autocast, no graph) and of the spectra's float32 gradient pass in the plan's groups."
-    documents = batch_for_step(rows, 0, 0, 0, 1, cfg.eval.batch_size, 1, cfg.train.seed + 2).to(device)  # documents of seq_len + 1
+    documents = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=cfg.eval.batch_size, accum_steps=1,
+                               seed=cfg.train.seed + 2).to(device)  # documents of seq_len + 1
     lengths = torch.full((len(documents),), documents.shape[1])
     def evaluate():
         with torch.no_grad(), autocast(): document_sums(model.eval(), documents, lengths)
         model.train()
-    spectra_rows = batch_for_step(rows, 0, 0, 0, 1, cfg.spectra.grad_rows, 1, cfg.train.seed + 3)
+    spectra_rows = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=cfg.spectra.grad_rows, accum_steps=1, seed=cfg.train.seed + 3)
     params = select_matrices(model, cfg.spectra.layers)
     return {"evaluation": phase_peak(device, evaluate)[1],
             "spectra": phase_peak(device, lambda: loss_gradients(model, spectra_rows, params, plan.spectra_batch))[1]}
@@ -168,7 +170,7 @@ def run_one(spec: dict) -> dict:
     parts = (model, head, optimizer, blocks, rows, synthetic_tables(cfg), device, autocast)
     steps = [optimizer_step(cfg, parts, step) for step in range(spec["steps"])]
     monitoring = monitoring_peaks(cfg, plan, model, rows, device, autocast)
-    probe = batch_for_step(rows, 0, 0, 0, 1, 1, 1, cfg.train.seed)[:, :-1].to(device)
+    probe = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=1, accum_steps=1, seed=cfg.train.seed)[:, :-1].to(device)
     kernels = {"autocast" if bf16 else "training": attention_kernel(model, probe, autocast),
                "float32": attention_kernel(model, probe, contextlib.nullcontext)}
     timed, T, window, on_gpu = steps[1:], cfg.data.seq_len, cfg.smlmt.window, device.type == "cuda"

@@ -86,7 +86,7 @@ def setup(size: str, quick: bool, device):
     pool = ShardRows(train_dir, cfg.data.seq_len + 1, cfg.model.vocab_size).rows(range(cfg.smlmt.pool_rows))  # (R, 129)
     word_start, alpha_len, special = episode_tables(cfg)
     make_episode = lambda: build_episode(pool.to(device), cfg.smlmt, word_start.to(device), alpha_len.to(device), special,
-                                         cfg.data.mask_id, cfg.train.seed, 0)
+                                         cfg.data.mask_id, seed=cfg.train.seed, step=0)
     episode = make_episode()
     tokens = episode.support_ids.numel() + episode.query_ids.numel()
     ar_rows = pool[: tokens // cfg.data.seq_len].to(device)  # (tokens / T, T + 1): the episode's token count
@@ -139,7 +139,8 @@ def read_step(job: dict):
     rows_per_rank = READ_BLOCK // READ_RANKS
     def read_file():
         rows = StreamedRows(str(work / "hub"), row_len, vocab_size=50304, rows_per_file=READ_FILE_ROWS, block_rows=READ_BLOCK)
-        for step in range(READ_FILE_ROWS // READ_BLOCK): batch_for_step(rows, step, 0, 1, READ_RANKS, rows_per_rank, 1, 0)
+        for step in range(READ_FILE_ROWS // READ_BLOCK):
+            batch_for_step(rows, step, 0, 1, READ_RANKS, rows_per_rank=rows_per_rank, accum_steps=1, seed=0)
         return rows
     return read_file, READ_FILE_ROWS // READ_RANKS * (row_len - 1)
 

@@ -59,7 +59,7 @@ from picomaml.runlog import write_text_atomic
 
 # %%
 #| export
-def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None, name: bool = False):
+def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, name: bool = False):
     "A dataclass field with a default, a help comment, optional allowed values, numeric bounds, or `name`: one directory name."
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "name": name}
     if isinstance(default, (list, dict)):
@@ -370,26 +370,23 @@ def coerce_value(key: str, value, f: dataclasses.Field):
 _BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
 
 # %%
-from fastcore.test import test_fail
+from picomaml.devtools import raises
 
 _f = {f.name: f for f in dataclasses.fields(TrainConfig)}
 assert coerce_value("train.lr", "1e-3", _f["lr"]) == 1e-3
 assert coerce_value("train.lr", 3, _f["lr"]) == 3.0
 for bad in ("fast", True):
-    try: coerce_value("train.steps", bad, _f["steps"]); raise AssertionError("accepted a bad value")
-    except ConfigError as e: assert "train.steps: expected int" in str(e)
+    raises(lambda: coerce_value("train.steps", bad, _f["steps"]), "train.steps: expected int", kind=ConfigError)
 _name = {f.name: f for f in dataclasses.fields(LoggingConfig)}["run_name"]
 assert coerce_value("logging.run_name", "pico-tiny-maml-seed1", _name) == "pico-tiny-maml-seed1"
 for bad in ("../elsewhere", "a/b", "..", ""):
-    try: coerce_value("logging.run_name", bad, _name); raise AssertionError(f"accepted run name {bad!r}")
-    except ConfigError as e: assert "must be one directory name" in str(e)
-test_fail(lambda: coerce_value("logging.run_name", "x" * 256, _name), contains="logging.run_name is 256 bytes long")
-try: coerce_value("train.schedule", "cosin", _f["schedule"]); raise AssertionError
-except ConfigError as e: assert "'cosine'" in str(e)
+    raises(lambda: coerce_value("logging.run_name", bad, _name), "must be one directory name", kind=ConfigError)
+raises(lambda: coerce_value("logging.run_name", "x" * 256, _name), "logging.run_name is 256 bytes long")
+raises(lambda: coerce_value("train.schedule", "cosin", _f["schedule"]), "'cosine'", kind=ConfigError)
 _m = {f.name: f for f in dataclasses.fields(MAMLConfig)}
 for key, field_, bad in (("maml.rho", _m["rho"], 1.5), ("maml.rho", _m["rho"], -0.1), ("train.lr", _f["lr"], -1e-3), ("train.lr", _f["lr"], 0.0)):
-    try: coerce_value(key, bad, field_); raise AssertionError(f"{key}={bad} accepted")
-    except ConfigError as e: assert str(e).startswith(f"{key}={bad!r} is out of range"), e
+    e = raises(lambda: coerce_value(key, bad, field_), kind=ConfigError)
+    assert str(e).startswith(f"{key}={bad!r} is out of range"), e
 assert coerce_value("maml.rho", 1, _m["rho"]) == 1.0 and coerce_value("maml.rho", 0, _m["rho"]) == 0.0
 
 
@@ -426,10 +423,9 @@ def apply_overrides(cfg: Config, overrides: dict, source: str = "") -> Config:
 # %%
 cfg = apply_overrides(Config(), {"model": {"d_model": 96, "ffn_hidden": 384}, "maml": {"rho": 0}})
 assert (cfg.model.d_model, cfg.maml.rho) == (96, 0.0)
-try: apply_overrides(Config(), {"maml": {"head_droput": 0.0}}, "x.yaml"); raise AssertionError
-except ConfigError as e: assert "maml.head_droput" in str(e) and "x.yaml" in str(e) and "maml.head_dropout" in str(e)
-try: apply_overrides(Config(), {"optim": {"lr": 1}}); raise AssertionError
-except ConfigError as e: assert "unknown section 'optim'" in str(e) and "train" in str(e)
+raises(lambda: apply_overrides(Config(), {"maml": {"head_droput": 0.0}}, "x.yaml"),
+       "maml.head_droput", "x.yaml", "maml.head_dropout", kind=ConfigError)
+raises(lambda: apply_overrides(Config(), {"optim": {"lr": 1}}), "unknown section 'optim'", "train", kind=ConfigError)
 
 
 # %% [markdown]
@@ -513,14 +509,13 @@ with tempfile.TemporaryDirectory() as tmp:
     assert (cfg.model.d_model, cfg.maml.rho, cfg.train.lr) == (96, 0.0, 1e-3)
     assert load_config(save_config(cfg, Path(tmp) / "config.yaml")) == cfg
     (Path(tmp) / "config.yaml").write_text((Path(tmp) / "config.yaml").read_text().replace("rho: 0.0", "rho: 5.0"))
-    test_fail(lambda: load_config(Path(tmp) / "config.yaml"), contains=f"maml.rho=5.0 is out of range: it must be >= 0 and <= 1 (set in {tmp}")
+    raises(lambda: load_config(Path(tmp) / "config.yaml"), f"maml.rho=5.0 is out of range: it must be >= 0 and <= 1 (set in {tmp}")
     (Path(tmp) / "base.yaml").write_text("train: {steps: 10, lr: 1.0e-3}\n")
     (Path(tmp) / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 20}\n")
     child = load_config(Path(tmp) / "child.yaml")
     assert (child.train.steps, child.train.lr) == (20, 1e-3)
     (Path(tmp) / "bad.yaml").write_text("train: [1, 2\n")
-    try: load_config(Path(tmp) / "bad.yaml"); raise AssertionError
-    except ConfigError as e: assert "bad.yaml" in str(e)
+    raises(lambda: load_config(Path(tmp) / "bad.yaml"), "bad.yaml", kind=ConfigError)
 
 
 # %%
@@ -643,22 +638,20 @@ import stat
 
 def _fails(): raise ConfigError("train.lr=-1.0 is out of range:\n it must be > 0")
 with contextlib.redirect_stderr(io.StringIO()) as _err:
-    try: run_command(lambda argv: _fails()); raise AssertionError("no exit")
-    except SystemExit as e: assert e.code == 2
+    e = raises(lambda: run_command(lambda argv: _fails()), kind=SystemExit)
+    assert e.code == 2
 assert _err.getvalue() == "error: train.lr=-1.0 is out of range: it must be > 0\n"
-try: run_command(lambda argv: 1 / 0); raise AssertionError("a bug lost its traceback")
-except ZeroDivisionError: pass
+raises(lambda: run_command(lambda argv: 1 / 0), kind=ZeroDivisionError)  # a bug keeps its traceback
 with tempfile.TemporaryDirectory() as _tmp:
     assert ensure_writable(Path(_tmp) / "runs", "logging.runs_dir").is_dir()
     os.chmod(_tmp, stat.S_IRUSR | stat.S_IXUSR)
     try:
         if os.access(_tmp, os.W_OK): print("(running as a user who can write anywhere: the read-only case is not checkable here)")
         else:
-            try: ensure_writable(Path(_tmp) / "other", "logging.runs_dir"); raise AssertionError("wrote into a read-only directory")
-            except ConfigError as e: assert str(e).startswith("logging.runs_dir: cannot write to")
+            e = raises(lambda: ensure_writable(Path(_tmp) / "other", "logging.runs_dir"), kind=ConfigError)
+            assert str(e).startswith("logging.runs_dir: cannot write to")
     finally: os.chmod(_tmp, stat.S_IRWXU)
-    try: ensure_writable(_tmp, "sweep --out", need_bytes=2**60); raise AssertionError("accepted an exabyte")
-    except ConfigError as e: assert "GiB free but needs" in str(e)
+    raises(lambda: ensure_writable(_tmp, "sweep --out", need_bytes=2**60), "GiB free but needs", kind=ConfigError)
 
 # %% [markdown]
 # ## The presets in `configs/`

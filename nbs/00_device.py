@@ -48,7 +48,6 @@ from picomaml.config import ConfigError
 # %%
 import types
 
-from fastcore.test import test_fail
 
 # %% [markdown]
 # ## Is CUDA usable, and if not, why?
@@ -90,6 +89,9 @@ def require_cuda(min_devices: int, what: str, cpu_way: str, **facts) -> None:
 # Tests, with stand-ins for `torch.cuda`: each cause is named, and a machine with enough GPUs has none.
 
 # %%
+from picomaml.devtools import raises
+
+
 def fake_cuda(available=True, count=4, init_error=None):
     "A stand-in for torch.cuda with `count` devices, or none, and the error its init raises."
     def init():
@@ -104,10 +106,9 @@ assert "started without GPUs" in cuda_problem(1, env={}, cuda=fake_cuda(False), 
 _old = "The NVIDIA driver on your system is too old (found version 11040)."
 assert "too old (found version 11040)" in cuda_problem(1, env={}, cuda=fake_cuda(False, init_error=_old), **_gpu)
 assert cuda_problem(4, env={}, cuda=fake_cuda(count=2), **_gpu) == "only 2 GPUs visible, 4 needed"
-test_fail(lambda: require_cuda(4, "the paper profile", "--device cpu", env={}, cuda=fake_cuda(count=1), **_gpu),
-          contains="the paper profile runs on 4 CUDA GPUs, but only 1 GPU visible, 4 needed. To run on CPU anyway: --device cpu")
+raises(lambda: require_cuda(4, "the paper profile", "--device cpu", env={}, cuda=fake_cuda(count=1), **_gpu),
+          "the paper profile runs on 4 CUDA GPUs, but only 1 GPU visible, 4 needed. To run on CPU anyway: --device cpu")
 print("this machine:", cuda_problem() or "CUDA is usable")
-
 
 # %% [markdown]
 # ## Which device a command uses
@@ -143,9 +144,8 @@ assert resolve_device("auto", env={"LOCAL_RANK": "2"}, cuda=fake_cuda(), **_gpu)
 assert resolve_device("auto", env={}, say=_said.append, cuda=fake_cuda(False), cuda_version="12.8", device_files=[]) == torch.device("cpu")
 assert _said and _said[0].startswith("[device] no usable GPU (no NVIDIA device files")
 assert resolve_device("cuda:3", env={}, cuda=fake_cuda(), **_gpu) == torch.device("cuda", 3)
-test_fail(lambda: resolve_device("cuda:3", env={}, cuda=fake_cuda(count=2), **_gpu), contains="only 2 GPUs visible, 4 needed")
-test_fail(lambda: resolve_device("gpu"), contains="--device 'gpu' is not one of auto, cpu, cuda or cuda:K")
-
+raises(lambda: resolve_device("cuda:3", env={}, cuda=fake_cuda(count=2), **_gpu), "only 2 GPUs visible, 4 needed")
+raises(lambda: resolve_device("gpu"), "--device 'gpu' is not one of auto, cpu, cuda or cuda:K")
 
 # %% [markdown]
 # ## Precision by compute capability
@@ -182,10 +182,9 @@ def cuda_capability(device) -> tuple | None:
 # %%
 assert resolve_precision("auto", "cpu") == "32-true" and resolve_precision("auto", "cuda", (9, 0)) == "bf16-mixed"
 assert resolve_precision("auto", "cuda", (7, 0)) == "32-true" and resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-test_fail(lambda: resolve_precision("bf16-mixed", "cuda", (7, 5)), contains="compute capability 8.0 or newer (Ampere); this one has 7.5")
-test_fail(lambda: resolve_precision("16-mixed", "cuda", (9, 0)), contains="gradient scaler")
+raises(lambda: resolve_precision("bf16-mixed", "cuda", (7, 5)), "compute capability 8.0 or newer (Ampere); this one has 7.5")
+raises(lambda: resolve_precision("16-mixed", "cuda", (9, 0)), "gradient scaler")
 assert cuda_capability("cpu") is None
-
 
 # %% [markdown]
 # ## Peak FLOP/s by device name
@@ -216,7 +215,6 @@ assert peak_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_tflops("NVIDIA H100 
 assert peak_tflops("NVIDIA H100 NVL") == 835 and peak_tflops("NVIDIA H200") == 989
 assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and peak_tflops("NVIDIA L40S") == 362 and peak_tflops("NVIDIA L4") == 121
 assert peak_tflops("NVIDIA A10G") == 70 and peak_tflops("Tesla V100-SXM2-16GB") is None
-
 
 # %% [markdown]
 # ## The CUDA allocator

@@ -62,8 +62,6 @@ import subprocess
 import sys
 import tempfile
 
-from fastcore.test import test_fail
-
 _tmp = Path(tempfile.mkdtemp())
 
 # %% [markdown]
@@ -119,8 +117,10 @@ def write_all(fd: int, data: bytes, path) -> None:
 # `/dev/full` is the kernel's full disk: every write to it fails with `ENOSPC`.
 
 # %%
+from picomaml.devtools import raises
+
 _fd = os.open("/dev/full", os.O_WRONLY)
-test_fail(lambda: write_all(_fd, b"x" * 2500, "/dev/full"), contains="/dev/full: no space left on device while writing it (needs about 2.5 kB")
+raises(lambda: write_all(_fd, b"x" * 2500, "/dev/full"), "/dev/full: no space left on device while writing it (needs about 2.5 kB")
 os.close(_fd)
 assert space_cause(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")) == "File too large"
 assert space_cause(RuntimeError("unexpected pos 576 vs 534")) is None
@@ -346,7 +346,7 @@ _lock = _tmp / "run" / ".lock"
 _holder = subprocess.Popen([sys.executable, "-c", f"from picomaml.runlog import take_lock; take_lock({str(_lock)!r}, 'x'); "
                             "print('held', flush=True); import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
 assert _holder.stdout.readline() == "held\n"
-test_fail(lambda: take_lock(_lock, "run directory runs/x"), contains=f"run directory runs/x is in use by {socket.gethostname()} pid {_holder.pid}")
+raises(lambda: take_lock(_lock, "run directory runs/x"), f"run directory runs/x is in use by {socket.gethostname()} pid {_holder.pid}")
 _holder.kill(); _holder.wait(); _holder.stdout.close()
 with warnings.catch_warnings(record=True) as _w:
     warnings.simplefilter("always")

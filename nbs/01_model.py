@@ -35,12 +35,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -336,6 +335,8 @@ class PicoDecoder(nn.Module):
 # Tests: shapes, `forward` is `de_embedding_proj ∘ hidden`, and a bad config.
 
 # %%
+from picomaml.devtools import raises
+
 torch.manual_seed(0)
 model = PicoDecoder(tiny).eval()
 ids = torch.randint(0, tiny.vocab_size, (2, 10))
@@ -343,8 +344,7 @@ logits = model(ids)
 assert logits.shape == (2, 10, tiny.vocab_size) and model.hidden(ids).shape == (2, 10, tiny.d_model)
 assert torch.equal(logits, model.de_embedding_proj(model.hidden(ids)))
 assert model.cfg is tiny and model.embedding_proj.weight.data_ptr() != model.de_embedding_proj.weight.data_ptr()
-try: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)); raise AssertionError("accepted 4 heads over 3 kv heads")
-except ConfigError as e: assert "model.n_kv_heads=3" in str(e)
+raises(lambda: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)), "model.n_kv_heads=3", kind=ConfigError)
 
 
 # %% [markdown]
@@ -399,8 +399,7 @@ for recompute in (False, True):
 model.activation_checkpointing = False
 assert len(_grads[0]) == len(_grads[1]) > 0 and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*_grads))
 assert model.hidden(_ids[:0]).shape == (0, 10, tiny.d_model)
-try: model(torch.zeros(1, 33, dtype=torch.long)); raise AssertionError("accepted 33 > max_seq_len tokens")
-except ValueError as e: assert "model.max_seq_len=32" in str(e)
+raises(lambda: model(torch.zeros(1, 33, dtype=torch.long)), "model.max_seq_len=32", kind=ValueError)
 
 # %% [markdown]
 # **Causality.** Changing token t never changes the logits at positions before t (and does change
@@ -531,8 +530,7 @@ released_cfg = {"architectures": ["PicoDecoderHF"], "auto_map": {"AutoConfig": "
 assert config_from_json(released_cfg) == dataclasses.replace(tiny, vocab_size=50281, max_seq_len=2048)
 assert config_from_json(config_to_json(tiny)) == tiny
 assert config_from_json({**released_cfg, "attention_n_kv_heads": None}).n_kv_heads == 4
-try: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config.json"); raise AssertionError
-except CheckpointError as e: assert "x/config.json" in str(e) and "d_model" in str(e)
+raises(lambda: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config.json"), "x/config.json", "d_model", kind=CheckpointError)
 
 
 # %% [markdown]
@@ -608,30 +606,13 @@ def load_pretrained(source, revision: str | None = None, subfolder: str | None =
 
 
 # %% [markdown]
-# `push_to_hub` saves to a temporary directory and uploads it with `HfApi.upload_folder`, creating
-# the repo and, for a `revision`, the branch first; `subfolder` puts the files under that path in the
-# repo. `api` defaults to `HfApi(token=token)`; tests pass a local stand-in.
-
-# %%
-#| export
-def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, subfolder: str | None = None,
-                token: str | None = None, private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
-    "Upload config.json + model.safetensors to Hub repo `repo_id`, on branch `revision` if given."
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision not in (None, "main"): api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, revision=revision,
-                                 commit_message=commit_message)
-
-
-# %% [markdown]
 # ### Tests: round trips
 #
 # A local directory round-trips bitwise, config included.
 
 # %%
+import tempfile
+
 tmp = Path(tempfile.mkdtemp())
 torch.manual_seed(1)
 model = PicoDecoder(tiny)
@@ -674,19 +655,23 @@ class hub_offline:
 
 # %%
 hub = LocalHub(tmp / "hf-cache")
-push_to_hub(model, "picomaml/pico-test", api=hub)
+def upload(model, repo_id, revision=None, subfolder=None):
+    "Upload a model as the released checkpoints are laid out (training uploads through picomaml.checkpoints.upload_checkpoint)."
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder)
+        hub.upload_folder(repo_id, folder, path_in_repo=subfolder, revision=revision)
+
+upload(model, "picomaml/pico-test")
 torch.manual_seed(2)
 later = PicoDecoder(tiny)
-push_to_hub(later, "picomaml/pico-test", revision="step-100", api=hub)
-push_to_hub(later, "picomaml/pico-test", subfolder="checkpoints/step_100", api=hub)
-assert hub.calls[-4:-2] == [("create_branch", "picomaml/pico-test", "step-100"),
-                            ("upload_folder", "picomaml/pico-test", "step-100", None)]
+upload(later, "picomaml/pico-test", revision="step-100")
+upload(later, "picomaml/pico-test", subfolder="checkpoints/step_100")
 with hub_offline():
     from_main = load_pretrained("picomaml/pico-test", cache_dir=tmp / "hf-cache")
     from_branch = load_pretrained("picomaml/pico-test", revision="step-100", cache_dir=tmp / "hf-cache")
     from_subfolder = load_pretrained("picomaml/pico-test", subfolder="checkpoints/step_100", cache_dir=tmp / "hf-cache")
-    try: load_pretrained("picomaml/no-such-model", cache_dir=tmp / "hf-cache"); raise AssertionError
-    except FileNotFoundError as e: assert "picomaml/no-such-model" in str(e) and "config.json" in str(e)
+    raises(lambda: load_pretrained("picomaml/no-such-model", cache_dir=tmp / "hf-cache"),
+           "picomaml/no-such-model", "config.json", kind=FileNotFoundError)
 assert all(torch.equal(v, from_main.state_dict()[k]) for k, v in model.state_dict().items())
 assert all(torch.equal(v, from_branch.state_dict()[k]) for k, v in later.state_dict().items())
 assert all(torch.equal(v, from_subfolder.state_dict()[k]) for k, v in later.state_dict().items())
@@ -705,18 +690,16 @@ assert torch.equal(load_pretrained(snapshot, subfolder="checkpoints/step_100").e
 # %%
 save_pretrained(PicoDecoder(dataclasses.replace(tiny, d_model=32, ffn_hidden=128)), tmp / "wide")
 (tmp / "wide/config.json").write_text((tmp / "tiny/config.json").read_text())
-try: load_pretrained(tmp / "wide"); raise AssertionError("loaded d-32 weights into a d-24 model")
-except CheckpointError as e: assert "embedding_proj.weight has shape (64, 32)" in str(e) and "(64, 24)" in str(e)
+raises(lambda: load_pretrained(tmp / "wide"), "embedding_proj.weight has shape (64, 32)", "(64, 24)", kind=CheckpointError)
 
 (tmp / "gpt").mkdir()
 (tmp / "gpt/config.json").write_text((tmp / "tiny/config.json").read_text())
 save_file({"transformer.wte.weight": torch.zeros(64, 24)}, tmp / "gpt/model.safetensors")
-try: load_pretrained(tmp / "gpt"); raise AssertionError
-except CheckpointError as e: assert "transformer.wte.weight" in str(e) and "de_embedding_proj.weight" in str(e)
+raises(lambda: load_pretrained(tmp / "gpt"), "transformer.wte.weight", "de_embedding_proj.weight", kind=CheckpointError)
 
 (tmp / "tiny/model.safetensors").rename(tmp / "tiny/weights.bin")
-try: load_pretrained(tmp / "tiny"); raise AssertionError
-except FileNotFoundError as e: assert str(tmp / "tiny/model.safetensors") in str(e)
+e = raises(lambda: load_pretrained(tmp / "tiny"), kind=FileNotFoundError)
+assert str(tmp / "tiny/model.safetensors") in str(e)
 
 # %% [markdown]
 # A checkpoint exactly as the released MAML repositories store it: config.json with the HF extras

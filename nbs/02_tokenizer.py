@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from pathlib import Path
 
 import torch
@@ -80,6 +79,8 @@ def resolve_tokenizer_path(data_cfg: DataConfig) -> Path | str:
 
 
 # %%
+from picomaml.devtools import raises
+
 with tempfile.TemporaryDirectory() as tmp:
     saved = os.environ.pop("PICOMAML_DATA", None)
     try:
@@ -89,10 +90,9 @@ with tempfile.TemporaryDirectory() as tmp:
         os.environ["PICOMAML_DATA"] = str(SHARED_TOKENIZER.parent.parent)
         assert resolve_tokenizer_path(DataConfig()) == SHARED_TOKENIZER
         assert resolve_tokenizer_path(DataConfig(tokenizer_path=str(SHARED_TOKENIZER))) == SHARED_TOKENIZER
-        try: resolve_tokenizer_path(DataConfig(tokenizer_path=f"{tmp}/missing.json")); raise AssertionError("accepted a missing file")
-        except FileNotFoundError as e: assert "missing.json" in str(e) and "data.tokenizer_path" in str(e)
-        try: resolve_tokenizer_path(DataConfig(tokenizer_path=tmp)); raise AssertionError("accepted a directory without tokenizer.json")
-        except FileNotFoundError as e: assert f"{tmp}/tokenizer.json" in str(e)
+        raises(lambda: resolve_tokenizer_path(DataConfig(tokenizer_path=f"{tmp}/missing.json")),
+               "missing.json", "data.tokenizer_path", kind=FileNotFoundError)
+        raises(lambda: resolve_tokenizer_path(DataConfig(tokenizer_path=tmp)), f"{tmp}/tokenizer.json", kind=FileNotFoundError)
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -191,16 +191,16 @@ hello, world = tokenizer.encode("Hello world")
 assert tokenizer.decode([hello, tokenizer.mask_id, world]) == "Hello[MASK] world"
 assert tokenizer.decode(torch.tensor([tokenizer.mask_id, tokenizer.eos_id])) == "[MASK]<|endoftext|>"
 assert tokenizer.id_to_token(world) == "Ġworld" and tokenizer.id_to_token(tokenizer.mask_id) == "[MASK]"
-try: tokenizer.decode([50290]); raise AssertionError("decoded an id without a token")
-except ValueError as e: assert "50290" in str(e)
-try: PicoTokenizer(Tokenizer.from_file(str(SHARED_TOKENIZER)), mask_id=50279); raise AssertionError
-except ValueError as e: assert "data.mask_id=50279" in str(e)
+raises(lambda: tokenizer.decode([50290]), "50290", kind=ValueError)
+raises(lambda: PicoTokenizer(Tokenizer.from_file(str(SHARED_TOKENIZER)), mask_id=50279), "data.mask_id=50279", kind=ValueError)
 
 # %% [markdown]
 # Unicode text comes back exactly when it is already NFC: the tokenizer's normalizer composes
 # characters (NFC), the only change a round trip can make.
 
 # %%
+import unicodedata
+
 decomposed = "cafe\u0301"  # e + combining acute
 assert tokenizer.decode(tokenizer.encode(decomposed)) == unicodedata.normalize("NFC", decomposed) == "caf\u00e9"
 
@@ -237,8 +237,7 @@ tokenizer = load_tokenizer(DataConfig(tokenizer_path=str(SHARED_TOKENIZER)))
 assert tokenizer.encode("Hello world") == [12092, 1533]
 with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / "tokenizer.json").write_text("{not json")
-    try: load_tokenizer(DataConfig(tokenizer_path=tmp)); raise AssertionError("loaded a broken file")
-    except ValueError as e: assert f"{tmp}/tokenizer.json" in str(e)
+    raises(lambda: load_tokenizer(DataConfig(tokenizer_path=tmp)), f"{tmp}/tokenizer.json", kind=ValueError)
 
 # %% [markdown]
 # The Hub path is tested offline: a Hub cache directory laid out as `huggingface_hub` writes it

@@ -37,7 +37,6 @@ import gzip
 import json
 import os
 import re
-import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,13 +57,6 @@ import tempfile
 SHARED_DATA = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
 tokenizer = load_tokenizer(DataConfig(tokenizer_path=str(SHARED_DATA / "tokenizer" / "olmo-7b-0724-tokenizer.json")))
 
-def raises(fn, *needles):
-    "Run `fn`, require an exception whose message contains every needle; return the message."
-    try: fn()
-    except Exception as e:
-        assert all(n in str(e) for n in needles), f"{type(e).__name__}: {e} lacks {needles}"
-        return str(e)
-    raise AssertionError(f"no error; expected one mentioning {needles}")
 
 
 # %% [markdown]
@@ -101,6 +93,8 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
 
 
 # %%
+from picomaml.devtools import raises
+
 with tempfile.TemporaryDirectory() as tmp:
     good = Path(tmp) / "a.jsonl.gz"
     with gzip.open(good, "wt") as f: f.write('{"text": "first"}\n\n{"text": "second\\nline", "url": "x"}\n')
@@ -244,7 +238,7 @@ def unfinished(directory) -> bool:
     "Whether `directory` holds an interrupted prepare's output (its marker, no manifest)."
     return (Path(directory) / PREPARING).exists() and not (Path(directory) / MANIFEST).exists()
 
-def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192,
+def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192, *,
             max_documents: int = 0, log=print) -> dict:
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
@@ -342,7 +336,7 @@ for split in ("train", "eval"):
 
 # %%
 #| export
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0, *,
                keep: int | None = None) -> np.ndarray:
     "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
@@ -362,7 +356,7 @@ def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int 
     "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep=keep)
 
 
 # %%
@@ -544,7 +538,7 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480, *,
                  block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
@@ -659,6 +653,7 @@ assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(100), full)  #
 
 # %%
 import subprocess
+import sys
 
 with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / "shards").mkdir()
@@ -705,7 +700,7 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_r
     keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
     if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows, keep=keep)
+    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows=block_rows, keep=keep)
 
 
 # %%
@@ -781,7 +776,7 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
         _PERMUTATIONS[key] = torch.randperm(n_rows, generator=generator)
     return _PERMUTATIONS[key]
 
-def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int,
+def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int, *,
                    rows_per_rank: int, accum_steps: int, seed: int) -> torch.Tensor:
     "The (rows_per_rank, seq_len + 1) rows of one rank's branch micro-batch, identical however the run got there."
     start = micro_batch_start(step, accum_index, rank, world_size, rows_per_rank, accum_steps)
@@ -824,35 +819,22 @@ one = torch.cat([batch_for_step(streamed(), 2, a, 0, 1, rows_per_rank=2, accum_s
 expected = full[[8 * (p // 8) + streamed_file_row(p % 8, block_rows=2, per_file=4) for p in range(12, 18)]]
 assert torch.equal(two, expected) and torch.equal(one, expected)
 
-
 # %% [markdown]
 # ## Resuming
 #
-# `micro_batches` is the loop a trainer runs: every (step, micro-step, batch) of one rank from a start
-# point on. A run resumed at (step, micro-step) yields exactly what the uninterrupted run yields from
-# there — also for a streamed source, whose fresh reader reads the rank's region of the file of the
-# resume position (above), instead of replaying the stream.
-
-# %%
-#| export
-def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, rows_per_rank: int, accum_steps: int,
-                  seed: int, start_step: int = 0, start_accum: int = 0, end_step: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    "Yield (step, micro-step, (rows_per_rank, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
-    step, accum = start_step, start_accum
-    while end_step is None or step < end_step:
-        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
-        step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
-
+# A trainer reads every (step, micro-step) of one rank in order from its start point. A run resumed
+# at (step, micro-step) reads exactly what the uninterrupted run reads from there — also for a
+# streamed source, whose fresh reader reads the rank's region of the file of the resume position
+# (above), instead of replaying the stream.
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(30)], Path(tmp) / "a.parquet")
+    positions = [(step, accum) for step in range(3) for accum in range(3)]  # 3 steps of 3 micro-batches
     for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), streamed):
-        kw = dict(rank=1, world_size=2, rows_per_rank=1, accum_steps=3, seed=5, end_step=3)
-        uninterrupted = [(s, a, b.tolist()) for s, a, b in micro_batches(make(), **kw)]
-        source = make()
-        resumed = [(s, a, b.tolist()) for s, a, b in micro_batches(source, start_step=2, start_accum=1, **kw)]
-        assert len(uninterrupted) == 9 and resumed == uninterrupted[7:]
+        read = lambda source, at: [batch_for_step(source, s, a, 1, 2, rows_per_rank=1, accum_steps=3, seed=5).tolist() for s, a in at]
+        uninterrupted, source = read(make(), positions), make()
+        assert read(source, positions[7:]) == uninterrupted[7:]  # resumed at step 2, micro-step 1
         assert getattr(source, "rows_read", 8) == 8  # positions 15 and 17: rank 1's 4-row regions of files 1 and 2, no replay
 
 
@@ -905,7 +887,7 @@ readers = []
 def read_of(step):
     def read():
         readers.append(threading.current_thread().name)
-        return batch_for_step(ShardRows(hub_tmp.name + "/shards", 2, 100), step, 0, 0, 1, 4, 1, seed=3)
+        return batch_for_step(ShardRows(hub_tmp.name + "/shards", 2, 100), step, 0, 0, 1, rows_per_rank=4, accum_steps=1, seed=3)
     return read
 
 ahead = RowPrefetcher()
@@ -1041,7 +1023,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "hub-layout":
         return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
-    return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
+    return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, max_documents=args.max_documents)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 

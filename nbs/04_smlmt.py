@@ -241,7 +241,7 @@ assert window_starts(torch.tensor([0, 5, 9]), row_len=10, window=4).tolist() == 
 
 # %%
 #| export
-def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_starts: int,
+def allocate_windows(rows, starts, words, priority, *, need: int, n_rows: int, n_starts: int,
                      window: int, n_vocab: int) -> torch.Tensor:
     "(n,) bool: non-overlapping windows, at most `need` per word, chosen greedily by distinct `priority`."
     flat, prio = rows * n_starts + starts, priority.double()              # (n,) exact below 2**53
@@ -274,7 +274,8 @@ def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_st
 
 # %%
 _s = torch.tensor([0, 2, 5, 9]); _r = torch.zeros(4, dtype=torch.long); _wd = torch.tensor([7, 8, 9, 6])
-_alloc = lambda prio, words=_wd, need=1: allocate_windows(_r, _s, words, torch.tensor(prio), need, 1, 10, 4, 10).tolist()
+_alloc = lambda prio, words=_wd, need=1: allocate_windows(_r, _s, words, torch.tensor(prio), need=need, n_rows=1, n_starts=10, window=4,
+                                                                              n_vocab=10).tolist()
 assert _alloc([1, 9, 2, 3]) == [False, True, False, True]
 assert _alloc([5, 1, 4, 3]) == [True, False, True, True]
 assert _alloc([5, 1, 4, 3], words=torch.tensor([7, 8, 7, 6])) == [True, False, False, True]
@@ -368,17 +369,14 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
 
 
 # %%
-def _raises(fn, *words):
-    try: fn()
-    except (ValueError, ConfigError) as e:
-        assert all(w in str(e) for w in words), str(e); return
-    raise AssertionError(f"no error; expected one naming {words}")
+from picomaml.devtools import raises
+
 _tiny = SMLMTConfig(n_way=2, k_shot=1, q_query=1, window=3, min_word_chars=3, exclude_top=0)
 _ok = torch.tensor([_w("cat sky dog sun")])
-_raises(lambda: check_episode_inputs(_ok[0], _tiny, *_args[:2], 99), "2-D")
-_raises(lambda: check_episode_inputs(_ok[:, :2], _tiny, *_args[:2], 99), "smlmt.window", "data.seq_len")
-_raises(lambda: check_episode_inputs(_ok + 100, _tiny, *_args[:2], 99), "tables have 21/21")
-_raises(lambda: check_episode_inputs(_ok, _tiny, *_args[:2], _tid["sky"]), "data.mask_id")
+raises(lambda: check_episode_inputs(_ok[0], _tiny, *_args[:2], 99), "2-D")
+raises(lambda: check_episode_inputs(_ok[:, :2], _tiny, *_args[:2], 99), "smlmt.window", "data.seq_len")
+raises(lambda: check_episode_inputs(_ok + 100, _tiny, *_args[:2], 99), "tables have 21/21")
+raises(lambda: check_episode_inputs(_ok, _tiny, *_args[:2], _tid["sky"]), "data.mask_id")
 check_episode_inputs(_ok, _tiny, *_args[:2], 99)
 
 
@@ -397,7 +395,7 @@ check_episode_inputs(_ok, _tiny, *_args[:2], 99)
 # %%
 #| export
 def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor, alpha_len: torch.Tensor,
-                  special_ids, mask_id: int = 50280, seed: int = 0, step: int = 0) -> Episode:
+                  special_ids, mask_id: int = 50280, *, seed: int = 0, step: int = 0) -> Episode:
     "The N-way K-shot SMLMT episode of `(seed, step)` from a pool of token rows (R, L), identical on every rank."
     check_episode_inputs(pool, cfg, word_start, alpha_len, mask_id)
     dev, (R, L), V, need = pool.device, pool.shape, len(word_start), occurrences_needed(cfg)
@@ -412,7 +410,7 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     occ_order = torch.randperm(len(words), generator=gen).to(dev)              # (n,) occurrence order
     priority = (V - word_order[words]) * (len(words) + 1) + occ_order
     starts = window_starts(cols, L, cfg.window)
-    kept = allocate_windows(rows, starts, words, priority, need, R, L - cfg.window + 1, cfg.window, V)
+    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1, window=cfg.window, n_vocab=V)
     ready_words = (torch.bincount(words[kept], minlength=V) == need).nonzero().squeeze(1)  # words with K+Q windows
     if len(ready_words) < cfg.n_way:
         raise too_few_words((R, L), cfg, len(words.unique()), len(ready_words))
@@ -535,7 +533,7 @@ _rep = build_episode(_toy_pool, _released_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, 
 assert episode_problems(_rep, _toy_pool, _released_cfg, 99) == [] and torch.equal(_rep.query_ids, _rep.support_ids)
 assert _rep.support_ids.shape == (6, 5) and torch.equal(_rep.query_labels, _rep.support_labels)
 assert episode_problems(_ep, _toy_pool, replace(_toy_cfg, query_source="support"), 99) == ["query set as configured"]
-_raises(lambda: build_episode(_toy_pool, replace(_released_cfg, q_query=1), _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99),
+raises(lambda: build_episode(_toy_pool, replace(_released_cfg, q_query=1), _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99),
         "smlmt.q_query (1) must equal smlmt.k_shot (2)")
 
 # %% [markdown]
@@ -568,9 +566,9 @@ assert all(not (_support_occ(e) & set(map(tuple, e.query_pos.tolist()))) for e i
 # Too small a pool: the error names the pool size, the eligible-word counts and the settings.
 
 # %%
-_raises(lambda: _build(cfg=SMLMTConfig(**{**vars(_toy_cfg), "n_way": 12})),
+raises(lambda: _build(cfg=SMLMTConfig(**{**vars(_toy_cfg), "n_way": 12})),
         "8 x 40 = 320 tokens", "smlmt.n_way = 12", "smlmt.pool_rows", "data.seq_len", "smlmt.exclude_top", "smlmt.min_word_chars")
-_raises(lambda: build_episode(_toy_pool[:1, :6], _toy_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99), "1 x 6 = 6 tokens")
+raises(lambda: build_episode(_toy_pool[:1, :6], _toy_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99), "1 x 6 = 6 tokens")
 
 # %% [markdown]
 # ## A real episode from C4
@@ -635,7 +633,7 @@ for _step in range(3):
 print(f"windows with several masks: {sum(_several)} of {len(_several)}")
 assert sum(_several) > 0
 print(sorted(tok.decode([i]).strip() for i in _ep.class_ids))
-_raises(lambda: build_episode(_pool[:, :128], _cfg, WORD_START, ALPHA_LEN, SPECIAL, tok.mask_id),
+raises(lambda: build_episode(_pool[:, :128], _cfg, WORD_START, ALPHA_LEN, SPECIAL, tok.mask_id),
         "64 x 128 = 8,192 tokens", "smlmt.n_way = 32")
 
 # %% [markdown]

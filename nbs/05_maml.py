@@ -117,12 +117,13 @@ assert head(torch.randn(7, 24)).shape == (7, 5) and head.logits_layer == "mlp.9"
 # The vocabulary-indexed head's class logits are exactly the class-id columns of its full output.
 
 # %%
+from picomaml.devtools import raises
+
 vocab_head = MAMLHead(24, 3, MAMLConfig(head_output="vocab", head_layers=2, head_dropout=0.0), vocab_size=50)
 x, class_ids = torch.randn(4, 24), torch.tensor([7, 2, 41])
 assert torch.equal(vocab_head(x, class_ids), vocab_head.mlp(x)[:, [7, 2, 41]])
 for bad in (lambda: MAMLHead(24, 3, MAMLConfig(head_output="vocab")), lambda: vocab_head(x)):
-    try: bad(); raise AssertionError("accepted a vocabulary head without vocab_size/class_ids")
-    except ValueError as e: assert "vocab" in str(e)
+    raises(lambda: bad(), "vocab", kind=ValueError)
 
 
 # %% [markdown]
@@ -255,7 +256,7 @@ assert not all(torch.equal(a[k], c[k]) for k in a)
 # %%
 #| export
 def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
-               readout: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor | None = None):
+               readout: torch.Tensor, labels: torch.Tensor, *, class_ids: torch.Tensor | None = None):
     "Summed query cross-entropy under phi_T (graph through backbone and fast weights), the number correct, the features (detached)."
     feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
     logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
@@ -390,7 +391,7 @@ assert torch.equal(torch.get_rng_state(), rng) and acc_head.training and all(m.t
 
 # %%
 #| export
-def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
+def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig, *,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None, support_part=None, query_part=None,
               loss_scale: float = 1.0, inner_seed: int | None = None) -> dict:
     "One first-order MAML episode: cached inner loop, query loss, backward; head left at phi_0, grads accumulated."
@@ -412,7 +413,7 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
     if len(labels) == 0:  # no query rows here: no backbone call
         return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0, **stats)
     loss_sum, n_correct, query_feats = query_loss(backbone, head, fast, episode.query_ids[query_part],
-                                                  episode.query_readout[query_part], labels, episode.class_ids)
+                                                  episode.query_readout[query_part], labels, class_ids=episode.class_ids)
     loss_phi0_sum, correct_phi0 = head_scores(head, phi_0, query_feats, labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
@@ -523,7 +524,7 @@ for m in (backbone, head): m.zero_grad(set_to_none=True)
 torch.manual_seed(9)
 feats = support_features(backbone, episode.support_ids, episode.support_readout)
 fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=3)
-loss_sum, _, _ = query_loss(backbone, head, fast, episode.query_ids, episode.query_readout, episode.query_labels, episode.class_ids)
+loss_sum, _, _ = query_loss(backbone, head, fast, episode.query_ids, episode.query_readout, episode.query_labels, class_ids=episode.class_ids)
 (loss_sum / len(episode.query_labels)).backward()
 add_fast_grads(head, fast)
 assert out["loss"] == (loss_sum / len(episode.query_labels)).item() and same_grads(measured, grads_of(backbone, head), 0)
@@ -622,8 +623,8 @@ for ep in episodes:
 for p in named.values(): p.grad = None
 for ep in episodes: maml_step(backbone, head, ep, cfg, loss_scale=0.5)
 assert same_grads(grads_of(backbone, head), {k: None if g is None else (g + alone[1][k]) / 2 for k, g in alone[0].items()}, 1e-6)
-try: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]); raise AssertionError
-except ValueError as e: assert "gather returned 3 support features, the episode has 6" in str(e)
+raises(lambda: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]),
+       "gather returned 3 support features, the episode has 6", kind=ValueError)
 
 # %% [markdown]
 # A rank without rows: split the episode so that rank 1 holds no support and no query rows. It never

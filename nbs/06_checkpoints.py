@@ -95,6 +95,7 @@ def state_bytes(state) -> int:
     if isinstance(state, (list, tuple)): return sum(state_bytes(v) for v in state)
     return 0
 
+
 # %% [markdown]
 # ## Writing
 #
@@ -331,9 +332,8 @@ class CheckpointUploads:
 # %%
 import tempfile
 
-from fastcore.test import test_fail
-
 from picomaml.config import MAMLConfig, ModelConfig
+from picomaml.devtools import raises
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder, load_checked
 
@@ -365,8 +365,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     for _torn in ("step_000002", "step_000000"): (_root / _torn / STATE_FILE).write_bytes(b"torn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try: find_resumable(_root); raise AssertionError("resumed from nothing")
-        except NoResumableCheckpoint as e: assert "holds 4 checkpoints but none can be resumed from" in str(e) and "weights only" in str(e)
+        raises(lambda: find_resumable(_root), "holds 4 checkpoints but none can be resumed from", "weights only", kind=NoResumableCheckpoint)
     assert len(list_checkpoints(_root)) == 4  # nothing was deleted
     assert find_resumable(Path(_tmp) / "nothing-here") is None
 
@@ -405,6 +404,7 @@ def load_backbone(source, revision: str | None = None, subfolder: str | None = N
                                 f"checkpoint cannot be finetuned or analysed: use an earlier step")
     return model
 
+
 # %% [markdown]
 # A flipped byte and a NaN weight, each refused by name; a verified checkpoint is not hashed again.
 
@@ -416,11 +416,11 @@ with tempfile.TemporaryDirectory() as _tmp:
     _flipped = write_checkpoint(_root, 2, _model, _head, {"world_size": 1})
     _blob = bytearray((_flipped / "model.safetensors").read_bytes()); _blob[-5] ^= 1
     (_flipped / "model.safetensors").write_bytes(bytes(_blob))
-    test_fail(lambda: load_backbone(_flipped), contains="step_000002/model.safetensors fails its SHA-256 check")
+    raises(lambda: load_backbone(_flipped), "step_000002/model.safetensors fails its SHA-256 check")
     _broken = PicoDecoder(_tiny)
     with torch.no_grad(): _broken.layers[0].attention.q_proj.weight[0, 0] = float("nan")
     _nan = write_checkpoint(_root, 3, _broken, _head, {"world_size": 1})
-    test_fail(lambda: load_backbone(_nan), contains="1 weight tensors hold NaN or infinite values (first: layers.0.attention.q_proj.weight)")
+    raises(lambda: load_backbone(_nan), "1 weight tensors hold NaN or infinite values (first: layers.0.attention.q_proj.weight)")
 
 # %% [markdown]
 # A disk that fills up while a checkpoint is written: a file-size limit (in a child process, since
@@ -479,5 +479,4 @@ assert time.perf_counter() - _started < 0.5 and _uploads.wait() == 2
 assert [r for r, _ in _hub.uploaded] == ["step_000000", "step_000100"] and all(t.startswith("hub-upload") for _, t in _hub.uploaded)
 _uploads = CheckpointUploads("me/run", SlowHub(broken={"step_000100"}))
 for _step in (0, 100): _uploads.submit(Path("/runs/x/checkpoints") / step_dir_name(_step))
-try: _uploads.wait(); raise AssertionError("a failed upload went unreported")
-except UserError as e: assert "1 of 2 checkpoint uploads to me/run failed: step_000100 (ConnectionError" in str(e)
+raises(lambda: _uploads.wait(), "1 of 2 checkpoint uploads to me/run failed: step_000100 (ConnectionError", kind=UserError)

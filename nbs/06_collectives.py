@@ -78,14 +78,15 @@ def branch_layout(tc, world_size: int) -> tuple[int, int]:
 
 # %%
 from picomaml.config import TrainConfig
+from picomaml.devtools import raises
 
 assert branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 4) == (8, 64)  # the papers on 4 GPUs
 assert branch_layout(TrainConfig(global_batch=1024, branch_batch=256), 4) == (4, 64)  # tiny
 assert branch_layout(TrainConfig(global_batch=16, branch_batch=16), 2) == (1, 8)  # the CPU demo
 for _bad, _key in ((TrainConfig(global_batch=2048, branch_batch=300), "train.global_batch=2048"),
                    (TrainConfig(global_batch=2048, branch_batch=256), "train.branch_batch=256")):
-    try: branch_layout(_bad, 3 if _key.startswith("train.branch") else 4); raise AssertionError(_key)
-    except ConfigError as e: assert _key in str(e)
+    e = raises(lambda: branch_layout(_bad, 3 if _key.startswith("train.branch") else 4), kind=ConfigError)
+    assert _key in str(e)
 
 
 # %% [markdown]
@@ -253,5 +254,4 @@ from picomaml.config import load_config
 
 assert pool_layout(load_config(None, ["smlmt.pool_rows=0"]), 4, 64) == (64, 42)
 assert pool_layout(load_config(None, ["smlmt.pool_rows=512"]), 2, 8)[0] == 256
-try: pool_layout(load_config(None, ["smlmt.pool_rows=63"]), 2, 8); raise AssertionError
-except ConfigError as e: assert "smlmt.pool_rows=63" in str(e)
+raises(lambda: pool_layout(load_config(None, ["smlmt.pool_rows=63"]), 2, 8), "smlmt.pool_rows=63", kind=ConfigError)

@@ -107,11 +107,13 @@ def choose_checkpoint(cfg: Config, root: Path):
 # %%
 import tempfile
 
+from picomaml.devtools import raises
+
 with tempfile.TemporaryDirectory() as _tmp:
     save_config(load_config(None, ["maml.rho=0.5"]), Path(_tmp) / "config.yaml")
     assert check_resume_config(load_config(None, ["maml.rho=0.5", "eval.every=10"]), Path(_tmp)) == {"eval.every": (100, 10)}
-    try: check_resume_config(load_config(None, ["maml.rho=0", "train.lr=0.1"]), Path(_tmp)); raise AssertionError("accepted rho 0.5 -> 0")
-    except ConfigError as e: assert all(t in str(e) for t in ("maml.rho: 0.5 -> 0.0", "train.lr: 0.0003 -> 0.1", "checkpoint.resume_from"))
+    e = raises(lambda: check_resume_config(load_config(None, ["maml.rho=0", "train.lr=0.1"]), Path(_tmp)), kind=ConfigError)
+    assert all(t in str(e) for t in ("maml.rho: 0.5 -> 0.0", "train.lr: 0.0003 -> 0.1", "checkpoint.resume_from"))
     assert "train.lr" in check_resume_config(load_config(None, ["train.lr=0.1", "checkpoint.resume_from=step_000002"]), Path(_tmp))
 
 # %% [markdown]
@@ -132,8 +134,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     for _step in (0, 2, 4): write_checkpoint(_root, _step, _model, _head, {"world_size": 1}, None if _step == 0 else {"step": _step})
     assert choose_checkpoint(_cfg, _root)[0].name == "step_000004"
     assert choose_checkpoint(load_config(None, [*_tiny, 'checkpoint.resume_from="2"']), _root)[0].name == "step_000002"
-    try: choose_checkpoint(load_config(None, [*_tiny, "checkpoint.resume_from=step_000000"]), _root); raise AssertionError
-    except ConfigError as e: assert "those with one: step_000002, step_000004" in str(e)
+    raises(lambda: choose_checkpoint(load_config(None, [*_tiny, "checkpoint.resume_from=step_000000"]), _root),
+           "those with one: step_000002, step_000004", kind=ConfigError)
 
 
 # %% [markdown]
@@ -216,7 +218,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
 
 # %%
 #| export
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, uploads=None) -> None:
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, *, model, head, optimizer, uploads=None) -> None:
     "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
@@ -250,7 +252,7 @@ with tempfile.TemporaryDirectory() as _tmp:
     assert resume_or_start(_fabric, _cfg, _run, _model, _head, _opt) == 0 and (_run / "config.yaml").is_file()
     for _p in [*_model.parameters(), *_head.parameters()]: _p.grad = torch.randn_like(_p)
     _opt.step()
-    save_training_state(_fabric, _cfg, _run, 3, _model, _head, _opt)
+    save_training_state(_fabric, _cfg, _run, 3, model=_model, head=_head, optimizer=_opt)
     _next = torch.rand(5)  # what the run draws after the checkpoint
     _meta = read_meta(_run / "checkpoints/step_000003")
     assert (_meta["step"], _meta["data_position"], _meta["world_size"]) == (3, 3 * _cfg.train.global_batch, 1)
@@ -261,9 +263,8 @@ with tempfile.TemporaryDirectory() as _tmp:
                                                  [*_model2.state_dict().values(), *_head2.state_dict().values()]))
     _s, _s2 = _opt.state_dict()["state"], _opt2.state_dict()["state"]
     assert _s.keys() == _s2.keys() and all(torch.equal(_s[i][k], _s2[i][k]) for i in _s for k in ("exp_avg", "exp_avg_sq"))
-    try: resume_or_start(_fabric, load_config(None, [*_tiny, "checkpoint.resume=false"]), _run, *_objects(1)); raise AssertionError
-    except ConfigError as e: assert "checkpoint.resume=false" in str(e)
-
+    raises(lambda: resume_or_start(_fabric, load_config(None, [*_tiny, "checkpoint.resume=false"]), _run, *_objects(1)),
+           "checkpoint.resume=false", kind=ConfigError)
 
 # %% [markdown]
 # ## Preemption: a signal saves the step in hand
@@ -311,9 +312,9 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT)
         self.step = step
 
-def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, saved: bool, uploads=None) -> None:
-    "Checkpoint `step` (unless `saved`), say so on rank 0 and raise Preempted."
-    if not saved: save_training_state(fabric, cfg, run_dir, step, model, head, optimizer, uploads)
+def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, *, saved: bool, **state) -> None:
+    "Checkpoint `step` (unless `saved`; `state`: save_training_state's model, head, optimizer, uploads), say so on rank 0, raise Preempted."
+    if not saved: save_training_state(fabric, cfg, run_dir, step, **state)
     if fabric.global_rank == 0:
         print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
               f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
@@ -339,8 +340,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     _run = Path(_tmp) / "run"
     _model, _head, _opt = _objects(0)
     resume_or_start(_fabric, _cfg, _run, _model, _head, _opt)
-    try: stop_for_preemption(_fabric, _cfg, _run, 5, _model, _head, _opt, saved=False); raise AssertionError("no exit")
-    except Preempted as e: assert e.code == PREEMPTED_EXIT == 75 and e.step == 5
+    e = raises(lambda: stop_for_preemption(_fabric, _cfg, _run, 5, saved=False, model=_model, head=_head, optimizer=_opt), kind=Preempted)
+    assert e.code == PREEMPTED_EXIT == 75 and e.step == 5
     assert has_training_state(_run / "checkpoints" / "step_000005")
 
 
@@ -379,8 +380,8 @@ def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None
 
 
 # %%
-try: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")); raise AssertionError
-except FloatingPointError as e: assert "step 7: loss is nan" in str(e) and "No checkpoint with training state is known good" in str(e)
+raises(lambda: check_finite({"step": 7, "loss": float("nan"), "grad_norm": 1.0}, Path("/nonexistent")),
+       "step 7: loss is nan", "No checkpoint with training state is known good", kind=FloatingPointError)
 check_finite({"step": 7, "loss": 1.0, "grad_norm": 2.0}, Path("/nonexistent"))
 
 # %% [markdown]
@@ -396,5 +397,5 @@ with tempfile.TemporaryDirectory() as _tmp:
     confirm_if_healthy(_root, 2, 44.0, [4.0, 4.0, 3.0])
     confirm_if_healthy(_root, 4, float("nan"), [4.0, 4.0, 3.0])
     assert [read_meta(_root / step_dir_name(s)).get("confirmed", False) for s in (0, 2, 4)] == [True, False, False]
-    try: check_finite({"step": 5, "loss": 2.0, "grad_norm": float("inf")}, Path(_tmp)); raise AssertionError
-    except FloatingPointError as e: assert "grad_norm is inf" in str(e) and "checkpoint.resume_from=step_000000" in str(e) and "loss 4 " in str(e)
+    raises(lambda: check_finite({"step": 5, "loss": 2.0, "grad_norm": float("inf")}, Path(_tmp)),
+           "grad_norm is inf", "checkpoint.resume_from=step_000000", "loss 4 ", kind=FloatingPointError)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 import uuid
 from datetime import timedelta
@@ -89,12 +88,13 @@ def devices_and_nodes(env=os.environ) -> tuple[int, int]:
 
 
 # %%
+from picomaml.devtools import raises
+
 assert devices_and_nodes({}) == (1, 1)
 assert devices_and_nodes({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == (2, 1)
 assert devices_and_nodes({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}) == (4, 2)
 assert devices_and_nodes({"SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_NNODES": "2"}) == (4, 2)
-try: devices_and_nodes({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2"}); raise AssertionError
-except RuntimeError as e: assert "LOCAL_WORLD_SIZE=2" in str(e)
+raises(lambda: devices_and_nodes({"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2"}), "LOCAL_WORLD_SIZE=2", kind=RuntimeError)
 
 
 # %% [markdown]
@@ -162,27 +162,24 @@ def make_fabric(cfg: Config, env=os.environ):
 # %%
 from types import SimpleNamespace
 
-from fastcore.test import test_fail
-
 _cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
 _gpus, _none = dict(cuda_version="12.8", device_files=[Path("/dev/nvidia0")]), dict(cuda_version="12.8", device_files=[])
 _asks = {d: load_config(None, [f"train.device={d}"]) for d in ("cuda", "auto", "cpu")}
 assert choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(4), **_gpus) == "cuda"
-test_fail(lambda: choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(0), **_none),
-          contains="train.device=cuda runs on 4 CUDA GPUs, but no NVIDIA device files (/dev/nvidia0, ...): the machine, container or "
+raises(lambda: choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(0), **_none),
+          "train.device=cuda runs on 4 CUDA GPUs, but no NVIDIA device files (/dev/nvidia0, ...): the machine, container or "
                    "job was started without GPUs. To run on CPU anyway: train.device=cpu")
 _said = []
 assert choose_accelerator(_asks["auto"], 2, env={}, say=_said.append, cuda=_cuda(0), **_none) == "cpu" and "running 2 CPU process" in _said[0]
 assert choose_accelerator(_asks["cpu"], 4, env={}) == "cpu"
 _slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "3"}
-test_fail(lambda: choose_accelerator(_asks["cuda"], 4, env=_slurm, cuda=_cuda(1), **_gpus), contains="--gpus-per-node=4")
+raises(lambda: choose_accelerator(_asks["cuda"], 4, env=_slurm, cuda=_cuda(1), **_gpus), "--gpus-per-node=4")
 
 # %%
 _fabric = make_fabric(load_config(None, ["train.device=cpu"]), env={})
 assert _fabric.world_size == 1 and make_loggers(Config()) == []
 if not importlib.util.find_spec("tensorboard"):
-    try: make_loggers(load_config(None, ["logging.tensorboard=true"])); raise AssertionError
-    except ConfigError as e: assert "pip install tensorboard" in str(e)
+    raises(lambda: make_loggers(load_config(None, ["logging.tensorboard=true"])), "pip install tensorboard", kind=ConfigError)
 
 
 # %% [markdown]
@@ -346,9 +343,9 @@ with contextlib.redirect_stdout(io.StringIO()) as _plan, contextlib.redirect_std
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312"]) == 0
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "16"]) == 2
 assert _err.getvalue().startswith("error: ") and " set " in _err.getvalue() and " h for 6,000 steps" in _plan.getvalue()
-try: main(["--config", str(PRESETS_DIR / "demo.yaml"), "model.d_model=12288", "model.ffn_hidden=49152",
-           f"logging.runs_dir={tempfile.mkdtemp()}"]); raise AssertionError("launched a model that cannot fit")
-except ConfigError as e: assert "model.d_model" in str(e) or "memory" in str(e)
+_e = raises(lambda: main(["--config", str(PRESETS_DIR / "demo.yaml"), "model.d_model=12288", "model.ffn_hidden=49152",
+                          f"logging.runs_dir={tempfile.mkdtemp()}"]), kind=ConfigError)  # a model that cannot fit is not launched
+assert "model.d_model" in str(_e) or "memory" in str(_e)
 print(_plan.getvalue()[:1500])
 
 # %% [markdown]
@@ -361,6 +358,7 @@ print(_plan.getvalue()[:1500])
 # %%
 #| slow
 import subprocess
+import sys
 
 CONFIG = "configs/demo.yaml"
 n_proc = torch.cuda.device_count() or 2

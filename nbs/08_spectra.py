@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from picomaml.checkpoints import list_checkpoints, load_backbone
 from picomaml.config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
-from picomaml.lm_loss import next_token_loss, next_token_loss_sum
+from picomaml.lm_loss import next_token_loss_sum
 from picomaml.names import SPECTRA_KEY
 from picomaml.plan import GIB, choose_spectra_batch, device_memory_gb
 from picomaml.runlog import append_records, exclusive_lock, lock_file_of, read_records
@@ -172,13 +172,14 @@ toy = PicoDecoder(ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, f
 toy_batch = torch.randint(0, 64, (3, 9))  # (B, T + 1): inputs ids[:, :-1], targets ids[:, 1:]
 
 # %%
+from picomaml.devtools import raises
+
 chosen = select_matrices(toy, ["attention.v_proj", "swiglu.w_2"])
 assert list(chosen) == [(0, "attention.v_proj"), (0, "swiglu.w_2"), (1, "attention.v_proj"), (1, "swiglu.w_2")]
 assert chosen[(1, "swiglu.w_2")] is toy.layers[1].swiglu.w_2.weight
 wrapped = nn.Module(); wrapped._forward_module = toy  # how Fabric names a wrapped model's parameters
 assert select_matrices(wrapped, ["attention.q_proj"]).keys() == select_matrices(toy, ["attention.q_proj"]).keys()
-try: select_matrices(toy, ["mlp"]); raise AssertionError("the released 'mlp' filter must not pass silently")
-except ValueError as e: assert "'mlp'" in str(e) and "swiglu.w_2" in str(e)
+raises(lambda: select_matrices(toy, ["mlp"]), "'mlp'", "swiglu.w_2", kind=ValueError)
 
 
 # %% [markdown]
@@ -225,6 +226,8 @@ def loss_gradients(model: torch.nn.Module, rows: torch.Tensor, params: dict, bat
 # denominator add up to it; no rows give zeros.
 
 # %%
+from picomaml.lm_loss import next_token_loss
+
 params = select_matrices(toy, ["attention.o_proj"])
 grads = loss_gradients(toy, toy_batch, params)
 reference = copy.deepcopy(toy)
@@ -279,8 +282,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert torch.equal(load_eval_batch(tmp, rows=2), toy_batch[:2])
     assert torch.equal(load_eval_batch(Path(tmp) / "val-00000.parquet", rows=3, seq_len=4), toy_batch[:, :5])
     pq.write_table(pa.table({"text": ["a"]}), Path(tmp) / "bad.parquet")
-    try: load_eval_batch(Path(tmp) / "bad.parquet"); raise AssertionError
-    except ValueError as e: assert "bad.parquet" in str(e) and "input_ids" in str(e)
+    raises(lambda: load_eval_batch(Path(tmp) / "bad.parquet"), "bad.parquet", "input_ids", kind=ValueError)
 assert load_eval_batch(toy_batch, rows=2).shape == (2, 9)
 
 
@@ -510,7 +512,7 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
         loaders.append((int(match.group(1)), functools.partial(load_backbone, repo, cache_dir=cache_dir, **where)))
     return loaders
 
-def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, subfolder: str = "checkpoints",
+def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, *, subfolder: str = "checkpoints",
                      cache_dir=None, device="cpu", batch_rows: int | None = None) -> Path:
     "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`, computed on `device`."
     return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device, batch_rows)
@@ -542,8 +544,7 @@ with tempfile.TemporaryDirectory() as tmp:
     assert set(hub_df.step) == {100} and len(hub_df) == 2 * 2
     expected = pd.DataFrame(compute_spectra(toy, toy_batch, ["swiglu.w_2"], 100)).sort_values(SPECTRA_KEY)
     assert np.allclose(hub_df.per, expected.per, rtol=1e-5)
-    try: spectra_over_hub(local, ["step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl"); raise AssertionError
-    except FileNotFoundError as e: assert "step_200" in str(e)
+    raises(lambda: spectra_over_hub(local, ["step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl"), "step_200", kind=FileNotFoundError)
 
     other = copy.deepcopy(toy)
     with torch.no_grad(): other.layers[0].swiglu.w_2.weight.mul_(3)
@@ -636,7 +637,7 @@ def main(argv=None) -> Path:
     with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
         if args.hub:
             names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder, cache_dir=args.cache_dir, **on)
         else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out

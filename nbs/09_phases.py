@@ -188,7 +188,8 @@ def block_resamples(residuals: np.ndarray, block: int, count: int, rng) -> np.nd
     starts = rng.integers(0, n - block + 1, size=(count, -(-n // block)))  # (R, blocks)
     return residuals[(starts[..., None] + np.arange(block)).reshape(count, -1)[:, :n]].T
 
-def noise_p_value(t: np.ndarray, y: np.ndarray, min_points: int, max_candidates: int, resamples: int, block: int | None, seed: int) -> float:
+def noise_p_value(t: np.ndarray, y: np.ndarray, *, min_points: int, max_candidates: int, resamples: int, block: int | None,
+                  seed: int) -> float:
     "p-value of the curve's 3-segment gain against a straight line plus block-resampled residuals."
     line = _line_fit(t, y)
     block = block or int(np.ceil(np.sqrt(len(t))))
@@ -199,7 +200,7 @@ def noise_p_value(t: np.ndarray, y: np.ndarray, min_points: int, max_candidates:
 
 # %%
 #| export
-def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
+def find_phase(steps, values, *, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
                max_candidates: int = 60, min_width: float = 0.05, alpha: float = 0.05, resamples: int = 99,
                block: int | None = None, seed: int = 0) -> Phase | None:
     "The window of sharpest sustained change of a curve (continuous 3-segment fit, tested against the noise), or None."
@@ -218,7 +219,7 @@ def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float =
     steepness = abs(middle) / max(abs(left), abs(right), 1e-300)
     wide = b2 - b1 >= min_width and ((t >= b1) & (t <= b2)).sum() >= 2  # a window, with observations in it
     if not wide or bic_gain < min_bic_gain or steepness < min_steepness: return None
-    p = noise_p_value(t, y, min_points, max_candidates, resamples, block, seed)
+    p = noise_p_value(t, y, min_points=min_points, max_candidates=max_candidates, resamples=resamples, block=block, seed=seed)
     if p > alpha: return None
     to_step = lambda b: float(round(steps[0] + b * (steps[-1] - steps[0])))  # nearest whole step
     return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain), p)
@@ -274,6 +275,8 @@ assert phase.start < 2900 < phase.end and phase.end - phase.start <= 800 and 0.4
 # at or below 10 % (measured: 5 %) and only ever removes phases.
 
 # %%
+from picomaml.devtools import raises
+
 steps = np.arange(0, 6001, 100.0)
 assert find_phase(steps, 2.0 - 1e-4 * steps) is None
 rng = np.random.default_rng(3)
@@ -294,8 +297,7 @@ rates = {"independent noise": reported([rng.normal(size=steps.size) for _ in ran
 tested, screened = reported(wander), reported(wander, alpha=1.0)
 assert max(rates.values()) <= 0.05 and tested.mean() <= 0.10 and not (tested & ~screened).any(), (rates, tested.mean())
 print({k: f"{v:.0%}" for k, v in rates.items()}, f"AR(1) wander: {tested.mean():.0%} (screens alone: {screened.mean():.0%})")
-try: find_phase([1, 2, 3], [1, 2, 3]); raise AssertionError
-except ValueError as e: assert "at least 8" in str(e)
+raises(lambda: find_phase([1, 2, 3], [1, 2, 3]), "at least 8", kind=ValueError)
 assert find_phase(steps, np.where(steps == 4200, 1.0, 0.0) + 1e-3 * rng.normal(size=steps.size)) is None  # a one-point blip is no window
 
 

@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 import warnings
 from collections import Counter
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from picomaml.config import NERConfig, local_data_dir
-from picomaml.names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
+from picomaml.names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, PUD, TAGALOG, TEST_SETS
 
 # %% [markdown]
 # ## Labels and dataset groups
@@ -101,9 +100,10 @@ def normalise_tag(tag: str, where: str) -> str:
 
 
 # %%
+from picomaml.devtools import raises
+
 assert normalise_tag("B-OTH", "x") == "O" and normalise_tag("I-O", "x") == "O" and normalise_tag("B-PER", "x") == "B-PER"
-try: normalise_tag("B-MISC", "f.iob2:3"); raise AssertionError("accepted B-MISC")
-except UNERFormatError as e: assert "f.iob2:3" in str(e) and "B-MISC" in str(e)
+raises(lambda: normalise_tag("B-MISC", "f.iob2:3"), "f.iob2:3", "B-MISC", kind=UNERFormatError)
 
 # %%
 #| export
@@ -209,8 +209,8 @@ assert sents[0].tags == ["B-PER", "O", "O", "B-LOC", "O"] and sents[1].tags == [
 assert sents[0].source == "toy.iob2:3" and sents[1].source == "toy.iob2:10"
 for line_no, bad, msg in [(4, "2\twent\tO\t-", "5 tab-separated"), (5, "3\tto\tB-MISC\t-\t-", "B-MISC")]:
     broken = toy[:line_no - 1] + [bad] + toy[line_no:]
-    try: parse_iob2_lines(broken, "toy.iob2"); raise AssertionError("accepted a malformed file")
-    except UNERFormatError as e: assert f"toy.iob2:{line_no}:" in str(e) and msg in str(e), e
+    e = raises(lambda: parse_iob2_lines(broken, "toy.iob2"), kind=UNERFormatError)
+    assert f"toy.iob2:{line_no}:" in str(e) and msg in str(e), e
 
 # %% [markdown]
 # Some UNER files (12 tags in `da_ddt`, `hr_set` and `sr_set`) start an entity with `I-`, as the
@@ -237,8 +237,7 @@ import tempfile
 with tempfile.TemporaryDirectory() as tmp:
     bad = Path(tmp) / "bad-ud-test.iob2"
     bad.write_text("\n".join(toy[:6] + ["5\t.\tO"]) + "\n")
-    try: read_iob2(bad); raise AssertionError("accepted a malformed file")
-    except UNERFormatError as e: assert f"{bad}:7:" in str(e)
+    raises(lambda: read_iob2(bad), f"{bad}:7:", kind=UNERFormatError)
 
 # %% [markdown]
 # Each way a file can be broken, as a file on disk: the error is a `UNERFormatError` whose one-line
@@ -266,9 +265,8 @@ with tempfile.TemporaryDirectory() as tmp:
     for stem, content, line_no, words in bad_files:
         path = Path(tmp) / f"{stem}-ud-test.iob2"
         path.write_bytes(content if isinstance(content, bytes) else ("\n".join(content) + "\n").encode())
-        try: read_iob2(path); raise AssertionError(f"{stem}: accepted a broken file")
-        except UNERFormatError as e:
-            assert type(e) is UNERFormatError and str(e).startswith(f"{path}:{line_no}: ") and words in str(e) and "\n" not in str(e), (stem, e)
+        e = raises(lambda: read_iob2(path), words, kind=UNERFormatError)
+        assert type(e) is UNERFormatError and str(e).startswith(f"{path}:{line_no}: ") and "\n" not in str(e), (stem, e)
 
 # %% [markdown]
 # A UTF-8 byte-order mark at the start (and Windows line ends) read like the plain file.
@@ -341,6 +339,8 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
 # The Tagalog TRG test set is the smallest file; all 18 test sets load and every tag is one of the seven.
 
 # %%
+import os
+
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 ner_cfg = NERConfig()
 assert uner_source(ner_cfg) == Path(os.environ["PICOMAML_DATA"]) / "uner"
@@ -348,8 +348,7 @@ tl = load_split("tl_trg", "test", ner_cfg)
 assert len(tl) > 100 and tl[0].words == ["Gumising", "ang", "bata", "."]
 tests = {d: load_split(d, "test", ner_cfg) for d in TEST_SETS}
 assert all(set(t for s in v for t in s.tags) <= set(LABELS) for v in tests.values())
-try: load_split("tl_trg", "train", ner_cfg); raise AssertionError
-except ValueError as e: assert "only a test split" in str(e)
+raises(lambda: load_split("tl_trg", "train", ner_cfg), "only a test split", kind=ValueError)
 {d: len(v) for d, v in tests.items()}
 
 # %% [markdown]
@@ -367,8 +366,8 @@ with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "uner" / "tl_trg" / "tl_trg-ud-test.iob2"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
-        try: load_split("tl_trg", "test", NERConfig(data_path=str(Path(tmp) / "uner"))); raise AssertionError("accepted an empty split")
-        except UNERFormatError as e: assert str(e).startswith(f"{path}: UNER tl_trg test has no sentences"), e
+        e = raises(lambda: load_split("tl_trg", "test", NERConfig(data_path=str(Path(tmp) / "uner"))), kind=UNERFormatError)
+        assert str(e).startswith(f"{path}: UNER tl_trg test has no sentences"), e
 
 # %%
 import datasets
@@ -390,15 +389,15 @@ with tempfile.TemporaryDirectory() as tmp:
         assert uner_source(hub_cfg) == str(hub)
         for dataset, split, cause in [("tl_trg", "test", "StopIteration"), ("sk_snk", "train", "corresponds to no data"),
                                       ("sk_snk", "dev", "Unknown split")]:
-            try: load_split(dataset, split, hub_cfg); raise AssertionError(f"{dataset}/{split}: no error")
-            except UNERFormatError as e: assert (str(e).startswith(f"{hub}[{dataset}/{split}]: datasets could not load this split")
+            e = raises(lambda: load_split(dataset, split, hub_cfg), kind=UNERFormatError)
+            assert (str(e).startswith(f"{hub}[{dataset}/{split}]: datasets could not load this split")
                                                  and cause in str(e)), e
         # a split that datasets does return, but without rows
         no_rows = datasets.Dataset.from_dict({"tokens": [], "ner_tags": []}, features=datasets.Features(
             tokens=datasets.Sequence(datasets.Value("string")), ner_tags=datasets.Sequence(datasets.ClassLabel(names=list(LABELS)))))
         with mock.patch.object(datasets, "load_dataset", return_value=no_rows):
-            try: load_split("tl_trg", "test", hub_cfg); raise AssertionError("accepted an empty Hub split")
-            except UNERFormatError as e: assert str(e).startswith(f"{hub}[tl_trg/test]: UNER tl_trg test has no sentences"), e
+            e = raises(lambda: load_split("tl_trg", "test", hub_cfg), kind=UNERFormatError)
+            assert str(e).startswith(f"{hub}[tl_trg/test]: UNER tl_trg test has no sentences"), e
 
 
 # %% [markdown]
@@ -489,8 +488,7 @@ assert sum(l != IGNORE_INDEX for l in win.labels) == len(s.words)
 parts = align_sentence(s, encode, max_len=4)
 assert all(len(p.input_ids) <= 4 for p in parts) and [p.first_word for p in parts] == [0, 3, 4]
 assert sum((p.input_ids for p in parts), []) == win.input_ids
-try: align_sentence(s, encode, max_len=3); raise AssertionError
-except ValueError as e: assert "hand:1" in str(e) and "Bratislava" in str(e)
+raises(lambda: align_sentence(s, encode, max_len=3), "hand:1", "Bratislava", kind=ValueError)
 
 
 # %% [markdown]
@@ -536,8 +534,8 @@ enc = encode_split([s, long], encode, max_len=6)
 assert enc.n_split == 2 and len({w.sentence for w in enc.windows}) == 2
 gold_as_preds = [[LABELS[w.labels[i]] for i in w.word_starts] for w in enc.windows]
 assert rejoin(enc, gold_as_preds) == [s.tags, long.tags]
-try: encode_split([], encode, 64, "tl_trg/test"); raise AssertionError("encoded an empty split")
-except UNERFormatError as e: assert str(e).startswith("tl_trg/test: no sentences"), e
+e = raises(lambda: encode_split([], encode, 64, "tl_trg/test"), kind=UNERFormatError)
+assert str(e).startswith("tl_trg/test: no sentences"), e
 
 # %% [markdown]
 # On real data: how many sentences of each training set are longer than the papers' 512 sub-tokens
@@ -655,6 +653,8 @@ assert pr["recall_after_particle"] == 2 / 3 and pr["recall_elsewhere"] == 1.0  #
 assert pr["found_after_particle"] == 2
 
 # %%
+from picomaml.names import OTHER
+
 for d in OTHER: print(d, particle_recall(tests[d]))
 
 

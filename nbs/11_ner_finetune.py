@@ -45,7 +45,7 @@ from torchcrf import CRF
 from picomaml.config import NERConfig
 from picomaml.crf_metrics import crf_marginals, crf_nll, loss_curve_metrics, micro_f1, score, viterbi
 from picomaml.device import cuda_capability, resolve_precision
-from picomaml.ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
+from picomaml.ner_data import LABELS, EncodedSplit, Window, rejoin
 
 # %% [markdown]
 # ## Batches of windows
@@ -87,6 +87,8 @@ def gather_words(hidden: torch.Tensor, word_pos: torch.Tensor) -> torch.Tensor:
 
 
 # %%
+from picomaml.ner_data import IGNORE_INDEX
+
 w1 = Window([5, 6, 7, 8], [1, IGNORE_INDEX, 0, 5], [0, 2, 3], 0, 0)
 w2 = Window([9, 10], [2, IGNORE_INDEX], [0], 1, 0)
 b = collate([w1, w2])
@@ -400,7 +402,7 @@ def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch
 
 # %%
 #| export
-def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
+def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None, *,
              cache: bool | None = None, train_feats: FeatureCache | None = None,
              dev_feats: FeatureCache | None = None, device=None) -> tuple[NERTagger, dict]:
     "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."

@@ -61,7 +61,7 @@ from picomaml.checkpoints import LATEST_FILE, load_backbone, scheduled_steps
 from picomaml.config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
 from picomaml.crf_metrics import score
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
-from picomaml.model import config_from_json, count_parameters, load_pretrained
+from picomaml.model import config_from_json, count_parameters
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
 from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
@@ -109,7 +109,7 @@ def read_rows(path) -> list[dict]:
 # %%
 import tempfile
 
-from fastcore.test import test_fail
+from picomaml.devtools import raises
 
 with tempfile.TemporaryDirectory() as tmp:
     table = Path(tmp) / "r.jsonl"
@@ -128,7 +128,7 @@ with tempfile.TemporaryDirectory() as tmp:
         assert read_rows(table) == [{"key": "a"}, {"key": "b"}, {"key": "c"}]
     assert "1 rows repeat a job already recorded" in str(caught[0].message)
     table.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
-    test_fail(lambda: read_rows(table), contains="r.jsonl:2: not a JSON row")
+    raises(lambda: read_rows(table), "r.jsonl:2: not a JSON row")
 
 # %% [markdown]
 # ## Grid files
@@ -460,9 +460,10 @@ def check_windows(jobs: list[Job], cfg, grid) -> None:
                              f"with (its model.max_seq_len): set ner.max_len={trained} or lower, in the grid's `ner` or on the command "
                              f"line; nothing was run")
 
+
 # %%
 #| export
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True, released=None) -> list[Job]:
     "Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the UNER statistics, cuts a torn tail."
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
@@ -472,8 +473,8 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
         drop_torn_tail(out)
     return jobs
 
-def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None,
+def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None, encode=None, runs_dir="runs",
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu", worker: tuple | None = None,
               released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
@@ -582,15 +583,13 @@ def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[
 # %%
 from types import SimpleNamespace
 
-from fastcore.test import test_fail
-
 _cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
 _gpus = dict(env={}, cuda_version="12.8", device_files=[Path("/dev/nvidia0")])
 assert sweep_devices("auto", cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
 assert sweep_devices("cuda", 2, cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1"] and sweep_devices("cuda:3", cuda=_cuda(4), **_gpus) == ["cuda:3"]
 assert sweep_devices("cpu", 2) == ["cpu", "cpu"] and sweep_devices("auto", say=lambda m: None, cuda=_cuda(0), env={}, device_files=[]) == ["cpu"]
-test_fail(lambda: sweep_devices("cuda", cuda=_cuda(0), env={}, cuda_version="12.8", device_files=[]), contains="To run on CPU anyway: --device cpu")
-test_fail(lambda: sweep_devices("gpu"), contains="--device 'gpu' is not one of")
+raises(lambda: sweep_devices("cuda", cuda=_cuda(0), env={}, cuda_version="12.8", device_files=[]), "To run on CPU anyway: --device cpu")
+raises(lambda: sweep_devices("gpu"), "--device 'gpu' is not one of")
 
 
 # %% [markdown]
@@ -755,6 +754,7 @@ def pass_flops(mc, size: SplitSize, backward: bool = False) -> float:
     window = size.tokens / max(1, size.sentences)
     return episode_flops(mc, 0, size.tokens, window) if backward else episode_flops(mc, size.tokens, 0, window)
 
+
 # %%
 #| export
 @dataclasses.dataclass
@@ -790,6 +790,7 @@ def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
     checkpoints = dict.fromkeys(j.checkpoint for j in jobs)
     return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops, head_steps)
 
+
 # %% [markdown]
 # Known answers on a toy grid: two head-only jobs (both heads) on one checkpoint share one forward pass
 # over each split; a full-finetuning job pays forward and backward over train and a dev pass each epoch,
@@ -817,6 +818,7 @@ _encode = load_tokenizer(DataConfig()).encode
 _sk = capped(load_split("sk_snk", "train", NERConfig()), 100)
 _size = split_size("sk_snk", "train", 100, NERConfig(), _encode)
 assert _size == SplitSize(100, sum(len(t) for s in _sk for t in encode_words(s.words, _encode)))
+
 
 # %% [markdown]
 # `plan_grid` prices a grid file as the sweep would run it. For the authors' checkpoints it needs no
@@ -864,6 +866,7 @@ def format_grid_cost(grid, cost: GridCost, tflops: float, mfu: float) -> str:
             f"(divide by the GPUs: one worker each)\n"
             f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most (the head's time, not in the FLOPs)")
 
+
 # %%
 _planned = PlannedRelease()
 assert list(_planned.step_revisions("pico-lm/pico-decoder-medium"))[:3] == [0, 100, 200]
@@ -872,6 +875,7 @@ _medium = released_checkpoints({"arm": "maml", "size": "medium", "step": "schedu
 assert len(_medium) == len(_planned.step_revisions("pico-lm/pico-maml-decoder-medium")) and checkpoint_model(_medium[0]).d_model == 768
 _line = format_grid_cost("g", GridCost(3, 1, 4e9, 989e12 * 0.1 * 3600, 12), 989, 0.1)
 assert "3 jobs on 1 checkpoints (4.0 GB" in _line and "1.0 h on one GPU at 10% MFU of 989 TFLOP/s" in _line and "12 optimizer" in _line
+
 
 # %% [markdown]
 # ## Command line
@@ -948,7 +952,6 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 
-
 # %%
 _args = parse_args(["--grid", "g.yaml", "--out", "r.jsonl", "--device", "cuda", "--workers", "4", "--limit", "2", "ner.lr=1e-4"])
 assert worker_arguments(_args) == ["--grid", "g.yaml", "--out", "r.jsonl", "--runs-dir", "runs", "--pretraining-seeds", "42",
@@ -1009,20 +1012,19 @@ with tempfile.TemporaryDirectory() as tmp:
     assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1  # other settings: a new job
     grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    try: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep); raise AssertionError("ran with a missing checkpoint")
-    except SweepError as e: assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
+    e = raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), kind=SweepError)
+    assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
     grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]  # the run, not a checkpoint
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    test_fail(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), contains=f"{run} is a run directory, not a checkpoint")
+    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), f"{run} is a run directory, not a checkpoint")
     grid["grids"][0]["heads"] = ["linear", "crff"]
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    test_fail(lambda: load_grid(tmp / "g.yaml", **sweep), contains="g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
+    raises(lambda: load_grid(tmp / "g.yaml", **sweep), "g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
     grid["grids"][0].update(heads=["linear"], runs=[{"arm": "maml", "size": "tiny", "step": "final"}])
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    test_fail(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
-              contains="ner.max_len=256 is longer than the 128 positions checkpoint")
+    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
+              "ner.max_len=256 is longer than the 128 positions checkpoint")
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
-
 
 # %% [markdown]
 # ### Tests: the released checkpoints through a stand-in Hub
@@ -1057,7 +1059,7 @@ class ReleaseHub:
 
 
 # %%
-from fastcore.test import test_fail
+from picomaml.model import load_pretrained
 
 with tempfile.TemporaryDirectory() as tmp:
     tmp, repo, branch = Path(tmp), "pico-lm/pico-maml-decoder-tiny", "pico-maml-decoder-tiny-6000"
@@ -1072,8 +1074,8 @@ with tempfile.TemporaryDirectory() as tmp:
     scheduled = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", released)
     assert [(c.run, c.step, c.name) for c in scheduled] == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()]
     assert released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name == "pico-lm/pico-decoder-tiny@main"
-    test_fail(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
-              contains=f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
+    raises(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
+              f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
     grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8, "max_eval_sentences": 4,
                          "test_sets": ["tl_trg"]},
             "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
@@ -1087,7 +1089,7 @@ with tempfile.TemporaryDirectory() as tmp:
         loaded = load_pretrained(repo, revision=steps_pushed[200][1])
     finally: huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = cache, offline
     hub.push(tiny, repo, "another-run", "Saving HF Model -- Step 0")
-    test_fail(lambda: ReleasedHub(hub).branch(repo), contains=f"{repo} has 2 branches besides main (another-run, {branch})")
+    raises(lambda: ReleasedHub(hub).branch(repo), f"{repo} has 2 branches besides main (another-run, {branch})")
 assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}", "pico-lm/pico-decoder-tiny@main"])
 assert {(r["pretraining_run"], r["step"]) for r in rows.values()} == {("pico-tiny-maml", 100), ("pico-tiny-maml", 200), ("pico-tiny-vanilla", None)}
 assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), steps_pushed[200][0].state_dict().values()))
@@ -1104,9 +1106,8 @@ with tempfile.TemporaryDirectory() as tmp:
     assert [(c.step, c.source, c.hub) for c in local] == [(s, f"{tmp}/pico-lm/pico-maml-decoder-tiny/{step_dir_name(s)}", False) for s in (0, 100)]
     final = released_checkpoints({"arm": "maml", "size": "tiny"}, "g", mirror)[0]
     assert final.source == f"{tmp}/pico-lm/pico-maml-decoder-tiny" and check_checkpoints([Job(final, "linear", "head", "sk_snk", 0, ())]) is None
-    test_fail(lambda: released_checkpoints({"arm": "vanilla", "size": "tiny", "step": [100]}, "g", mirror),
-              contains=f"pico-lm/pico-decoder-tiny (branch the local mirror {tmp}/pico-lm/pico-decoder-tiny) has no checkpoint of step(s) [100]")
-
+    raises(lambda: released_checkpoints({"arm": "vanilla", "size": "tiny", "step": [100]}, "g", mirror),
+              f"pico-lm/pico-decoder-tiny (branch the local mirror {tmp}/pico-lm/pico-decoder-tiny) has no checkpoint of step(s) [100]")
 
 # %% [markdown]
 # ## On a GPU: backbone, head and batches on the sweep's device

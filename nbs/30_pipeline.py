@@ -52,11 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import papermill
-import yaml
 
 from picomaml.checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
 from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
-from picomaml.device import cuda_problem, require_cuda
+from picomaml.device import require_cuda
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 from picomaml.runlog import write_text_atomic
 
@@ -200,6 +199,8 @@ PROFILES = {
 }
 
 # %%
+import yaml
+
 assert set(PROFILES) == {"paper", "released", "rehearse", "rehearse-released", "demo", "smoke"}
 for p in PROFILES.values():
     for g in p.grids: assert (PRESETS_DIR / "sweeps" / f"{g}.yaml").is_file(), g
@@ -528,14 +529,14 @@ def save_timings(timings: dict, path) -> dict:
 
 
 # %%
+from picomaml.devtools import raises
+
 with tempfile.TemporaryDirectory() as tmp:
     assert threads_per_process(1)["OMP_NUM_THREADS"] == str(os.cpu_count() or 1) or "OMP_NUM_THREADS" in os.environ
     call_parallel([(f"ok{i}", [sys.executable, "-c", f"print({i})"]) for i in range(3)], 2, tmp)
     assert [(Path(tmp) / f"ok{i}.log").read_text() for i in range(3)] == ["0\n", "1\n", "2\n"]
-    try: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]),
-                        ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp)
-    except UserError as e: assert "bad failed" in str(e) and "bad.log" in str(e)
-    else: raise AssertionError("a failing command was not reported")
+    raises(lambda: call_parallel([("bad", [sys.executable, "-c", "raise SystemExit(3)"]),
+                                  ("slow", [sys.executable, "-c", "import time; time.sleep(30)"])], 2, tmp), "bad failed", "bad.log", kind=UserError)
 
 # %%
 _t = {}
@@ -639,7 +640,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 
-
 # %% [markdown]
 # The paper profile on a machine whose CUDA cannot serve four GPUs (this one, or any with
 # `CUDA_VISIBLE_DEVICES` empty) stops before any work, naming the cause and the ways to run on CPU. The
@@ -647,11 +647,11 @@ if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 # they say so, and every NER grid gets the profile's device and workers.
 
 # %%
-from fastcore.test import test_fail
+from picomaml.device import cuda_problem
 
 if cuda_problem(4):
-    test_fail(lambda: main(["paper", "--nproc", "4"]), contains="the paper profile runs on 4 CUDA GPUs, but ")
-    test_fail(lambda: main(["paper", "--nproc", "4"]), contains="To run on CPU anyway: python -m picomaml.pipeline paper --device cpu")
+    raises(lambda: main(["paper", "--nproc", "4"]), "the paper profile runs on 4 CUDA GPUs, but ")
+    raises(lambda: main(["paper", "--nproc", "4"]), "To run on CPU anyway: python -m picomaml.pipeline paper --device cpu")
 assert all("train.device=cuda" in o for _, o, _ in pretraining_runs(PAPER)) and all("train.device=cpu" in o for _, o, _ in demo_runs)
 assert all(load_config(p, o).train.device == "cpu" for p, o, _ in pretraining_runs(_rehearse))
 _paper_sweep, _rehearsal_sweep = sweep_command("paper1", PAPER), sweep_command("paper1", _rehearse)

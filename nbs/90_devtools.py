@@ -43,6 +43,31 @@ import yaml
 
 from picomaml.names import NEAR_ZERO_BASE, NEAR_ZERO_F1
 
+# %% [markdown]
+# ## Expected errors
+#
+# Every notebook tests its error messages the same way: `raises(fn, *needles)` calls `fn` and
+# requires an exception (of `kind`) whose message holds every needle, so a test says in one line what
+# goes wrong and what the user is told. It returns the exception for anything else worth checking.
+
+# %%
+#| export
+def raises(fn, *needles: str, kind: type | tuple = Exception) -> BaseException:
+    "Call `fn`; require it to raise `kind` with every needle in its message; return the exception."
+    try: fn()
+    except kind as e:
+        missing = [n for n in needles if n not in str(e)]
+        assert not missing, f"{type(e).__name__}: {e}\n lacks {missing}"
+        return e
+    raise AssertionError(f"no {getattr(kind, '__name__', kind)} raised; expected one naming {needles}")
+
+# %%
+assert str(raises(lambda: int("x"), "invalid literal", "'x'", kind=ValueError)).startswith("invalid literal")
+for wrong in (lambda: raises(lambda: 1), lambda: raises(lambda: int("x"), "no such words"), lambda: raises(lambda: int("x"), kind=KeyError)):
+    try: wrong(); failed = False
+    except (AssertionError, ValueError): failed = True
+    assert failed  # no error, a message without the needle, an error of another kind: each fails the test
+
 
 # %%
 #| export

@@ -27,7 +27,7 @@ __all__ = ['RESUME_MAY_CHANGE', 'USER_ERRORS', 'PRESETS_DIR', 'opt', 'ModelConfi
            'local_data_dir', 'ensure_writable']
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
-def opt(default, help: str, choices: tuple | None = None, ge=None, gt=None, le=None, name: bool = False):
+def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, name: bool = False):
     "A dataclass field with a default, a help comment, optional allowed values, numeric bounds, or `name`: one directory name."
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "name": name}
     if isinstance(default, (list, dict)):

@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import re
-import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +29,7 @@ __all__ = ['JSONL_SUFFIXES', 'TEXT_SUFFIXES', 'WIKITEXT_ARTICLE', 'ROW_TYPE', 'M
            'iter_text_documents', 'source_files', 'iter_documents', 'RowCutter', 'write_shard', 'unfinished', 'prepare',
            'check_rows', 'list_rows', 'ShardRows', 'write_hub_layout', 'streamed_file_row', 'StreamedRows',
            'resolve_data_source', 'open_rows', 'micro_batch_start', 'epoch_permutation', 'batch_for_step',
-           'micro_batches', 'RowPrefetcher', 'packed_documents', 'read_eval_rows', 'read_eval_documents',
-           'document_batches', 'main']
+           'RowPrefetcher', 'packed_documents', 'read_eval_rows', 'read_eval_documents', 'document_batches', 'main']
 
 # %% ../nbs/03_data.ipynb #5186430c
 JSONL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -113,7 +111,7 @@ def unfinished(directory) -> bool:
     "Whether `directory` holds an interrupted prepare's output (its marker, no manifest)."
     return (Path(directory) / PREPARING).exists() and not (Path(directory) / MANIFEST).exists()
 
-def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192,
+def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: int = 8192, *,
             max_documents: int = 0, log=print) -> dict:
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
@@ -154,7 +152,7 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     return manifest
 
 # %% ../nbs/03_data.ipynb #f24565be
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0, *,
                keep: int | None = None) -> np.ndarray:
     "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
@@ -174,7 +172,7 @@ def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int 
     "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep=keep)
 
 # %% ../nbs/03_data.ipynb #c42de9b2
 class ShardRows:
@@ -248,7 +246,7 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480,
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480, *,
                  block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
         self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
@@ -339,7 +337,7 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_r
     keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
     if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
-    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows, keep=keep)
+    return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows=block_rows, keep=keep)
 
 # %% ../nbs/03_data.ipynb #26b7b4e2
 def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
@@ -360,7 +358,7 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
         _PERMUTATIONS[key] = torch.randperm(n_rows, generator=generator)
     return _PERMUTATIONS[key]
 
-def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int,
+def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, rank: int, world_size: int, *,
                    rows_per_rank: int, accum_steps: int, seed: int) -> torch.Tensor:
     "The (rows_per_rank, seq_len + 1) rows of one rank's branch micro-batch, identical however the run got there."
     start = micro_batch_start(step, accum_index, rank, world_size, rows_per_rank, accum_steps)
@@ -369,15 +367,6 @@ def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, 
     n = len(rows)
     indices = [int(epoch_permutation(n, seed, int(p) // n)[int(p) % n]) for p in positions]
     return rows.rows(indices)  # (B, seq_len + 1)
-
-# %% ../nbs/03_data.ipynb #1f8212a8
-def micro_batches(rows: ShardRows | StreamedRows, rank: int, world_size: int, rows_per_rank: int, accum_steps: int,
-                  seed: int, start_step: int = 0, start_accum: int = 0, end_step: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    "Yield (step, micro-step, (rows_per_rank, seq_len + 1) rows) for one rank, from (start_step, start_accum) on."
-    step, accum = start_step, start_accum
-    while end_step is None or step < end_step:
-        yield step, accum, batch_for_step(rows, step, accum, rank, world_size, rows_per_rank, accum_steps, seed)
-        step, accum = (step, accum + 1) if accum + 1 < accum_steps else (step + 1, 0)
 
 # %% ../nbs/03_data.ipynb #0c54c007
 class RowPrefetcher:
@@ -461,6 +450,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.command == "hub-layout":
         return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
-    return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, args.max_documents)
+    return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, max_documents=args.max_documents)
 
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)

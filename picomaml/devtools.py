@@ -19,9 +19,19 @@ import yaml
 from .names import NEAR_ZERO_BASE, NEAR_ZERO_F1
 
 # %% auto #0
-__all__ = ['README_BANNER', 'NUMBER', 'INTERVAL', 'ABSOLUTE_F1', 'notebook_markdown', 'write_readme', 'requirement_pins',
-           'environment_pins', 'numbers', 'interval', 'absolute_f1', 'compare_cell', 'compare_tables', 'committed',
-           'compare_outputs', 'main']
+__all__ = ['README_BANNER', 'NUMBER', 'INTERVAL', 'ABSOLUTE_F1', 'raises', 'notebook_markdown', 'write_readme',
+           'requirement_pins', 'environment_pins', 'numbers', 'interval', 'absolute_f1', 'compare_cell',
+           'compare_tables', 'committed', 'compare_outputs', 'main']
+
+# %% ../nbs/90_devtools.ipynb #2e79d588
+def raises(fn, *needles: str, kind: type | tuple = Exception) -> BaseException:
+    "Call `fn`; require it to raise `kind` with every needle in its message; return the exception."
+    try: fn()
+    except kind as e:
+        missing = [n for n in needles if n not in str(e)]
+        assert not missing, f"{type(e).__name__}: {e}\n lacks {missing}"
+        return e
+    raise AssertionError(f"no {getattr(kind, '__name__', kind)} raised; expected one naming {needles}")
 
 # %% ../nbs/90_devtools.ipynb #5f436d37
 def _output_text(output) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
 import uuid
 from datetime import timedelta

@@ -80,7 +80,7 @@ def adapt(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, cfg: MAMLC
 
 # %% ../nbs/05_maml.ipynb #7b79f22f
 def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
-               readout: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor | None = None):
+               readout: torch.Tensor, labels: torch.Tensor, *, class_ids: torch.Tensor | None = None):
     "Summed query cross-entropy under phi_T (graph through backbone and fast weights), the number correct, the features (detached)."
     feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
     logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
@@ -123,7 +123,7 @@ def support_accuracy(head: nn.Module, fast_weights: dict[str, torch.Tensor], fea
     return head_scores(head, fast_weights, feats, labels, class_ids)[1] / len(labels)
 
 # %% ../nbs/05_maml.ipynb #4175720d
-def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
+def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig, *,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None, support_part=None, query_part=None,
               loss_scale: float = 1.0, inner_seed: int | None = None) -> dict:
     "One first-order MAML episode: cached inner loop, query loss, backward; head left at phi_0, grads accumulated."
@@ -145,7 +145,7 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig,
     if len(labels) == 0:  # no query rows here: no backbone call
         return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0, **stats)
     loss_sum, n_correct, query_feats = query_loss(backbone, head, fast, episode.query_ids[query_part],
-                                                  episode.query_readout[query_part], labels, episode.class_ids)
+                                                  episode.query_readout[query_part], labels, class_ids=episode.class_ids)
     loss_phi0_sum, correct_phi0 = head_scores(head, phi_0, query_feats, labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,7 +22,7 @@ from .config import ConfigError, ModelConfig
 __all__ = ['CONFIG_KEYS', 'REQUIRED_KEYS', 'HF_PREFIX', 'RMSNorm', 'rope_angles', 'apply_rope', 'Attention', 'SwiGLU',
            'PicoDecoderBlock', 'check_model_config', 'init_normal', 'PicoDecoder', 'count_parameters',
            'parameter_groups', 'model_summary', 'CheckpointError', 'config_to_json', 'config_from_json', 'load_checked',
-           'save_pretrained', 'load_local', 'load_pretrained', 'push_to_hub']
+           'save_pretrained', 'load_local', 'load_pretrained']
 
 # %% ../nbs/01_model.ipynb #4b5519c4
 class RMSNorm(nn.Module):
@@ -249,15 +248,3 @@ def load_pretrained(source, revision: str | None = None, subfolder: str | None =
             raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} (revision "
                                     f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)
-
-# %% ../nbs/01_model.ipynb #568eb7be
-def push_to_hub(model: PicoDecoder, repo_id: str, revision: str | None = None, subfolder: str | None = None,
-                token: str | None = None, private: bool | None = None, commit_message: str = "Upload Pico decoder", api=None):
-    "Upload config.json + model.safetensors to Hub repo `repo_id`, on branch `revision` if given."
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision not in (None, "main"): api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        return api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, revision=revision,
-                                 commit_message=commit_message)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 import warnings
 from collections import Counter
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import NERConfig, local_data_dir
-from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, OTHER, PUD, TAGALOG, TEST_SETS
+from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, PUD, TAGALOG, TEST_SETS
 
 # %% auto #0
 __all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'CASE_MARKERS',

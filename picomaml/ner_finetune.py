@@ -17,7 +17,7 @@ from torchcrf import CRF
 from .config import NERConfig
 from .crf_metrics import crf_marginals, crf_nll, loss_curve_metrics, micro_f1, score, viterbi
 from .device import cuda_capability, resolve_precision
-from .ner_data import IGNORE_INDEX, LABELS, EncodedSplit, Window, rejoin
+from .ner_data import LABELS, EncodedSplit, Window, rejoin
 
 # %% auto #0
 __all__ = ['PAD_ID', 'HEADS', 'Batch', 'collate', 'gather_words', 'LinearTagHead', 'CRFTagHead', 'feature_dim', 'NERTagger',
@@ -219,7 +219,7 @@ def epoch_inputs(tagger: NERTagger, train: EncodedSplit, order: list[int], batch
         yield tagger.word_features(batch), batch.word_mask.to(dev), batch.word_labels.to(dev)
 
 # %% ../nbs/11_ner_finetune.ipynb #3071946c
-def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None,
+def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: NERConfig, seed: int | None = None, *,
              cache: bool | None = None, train_feats: FeatureCache | None = None,
              dev_feats: FeatureCache | None = None, device=None) -> tuple[NERTagger, dict]:
     "Finetune a fresh `cfg.head` on `train` under `cfg.regime`, early-stopping on dev micro-F1."

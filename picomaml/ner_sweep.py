@@ -34,7 +34,7 @@ from .checkpoints import LATEST_FILE, load_backbone, scheduled_steps
 from .config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
 from .crf_metrics import score
 from .device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
-from .model import config_from_json, count_parameters, load_pretrained
+from .model import config_from_json, count_parameters
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
 from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
 from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
@@ -315,7 +315,7 @@ def check_windows(jobs: list[Job], cfg, grid) -> None:
                              f"line; nothing was run")
 
 # %% ../nbs/12_ner_sweep.ipynb #74d8d82e
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, setup: bool = True, *, released=None) -> list[Job]:
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True, released=None) -> list[Job]:
     "Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the UNER statistics, cuts a torn tail."
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
@@ -325,8 +325,8 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
         drop_torn_tail(out)
     return jobs
 
-def run_sweep(grid, out, preset=None, overrides=(), limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, device="cpu", worker: tuple | None = None,
+def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None, encode=None, runs_dir="runs",
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu", worker: tuple | None = None,
               released=None) -> int:
     "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)

@@ -85,7 +85,8 @@ def block_resamples(residuals: np.ndarray, block: int, count: int, rng) -> np.nd
     starts = rng.integers(0, n - block + 1, size=(count, -(-n // block)))  # (R, blocks)
     return residuals[(starts[..., None] + np.arange(block)).reshape(count, -1)[:, :n]].T
 
-def noise_p_value(t: np.ndarray, y: np.ndarray, min_points: int, max_candidates: int, resamples: int, block: int | None, seed: int) -> float:
+def noise_p_value(t: np.ndarray, y: np.ndarray, *, min_points: int, max_candidates: int, resamples: int, block: int | None,
+                  seed: int) -> float:
     "p-value of the curve's 3-segment gain against a straight line plus block-resampled residuals."
     line = _line_fit(t, y)
     block = block or int(np.ceil(np.sqrt(len(t))))
@@ -94,7 +95,7 @@ def noise_p_value(t: np.ndarray, y: np.ndarray, min_points: int, max_candidates:
     return float((1 + (coarse_gains(t, null, min_points, max_candidates) >= observed).sum()) / (1 + resamples))
 
 # %% ../nbs/09_phases.ipynb #2ad6b598
-def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
+def find_phase(steps, values, *, min_bic_gain: float = 10.0, min_steepness: float = 3.0, min_points: int = 3,
                max_candidates: int = 60, min_width: float = 0.05, alpha: float = 0.05, resamples: int = 99,
                block: int | None = None, seed: int = 0) -> Phase | None:
     "The window of sharpest sustained change of a curve (continuous 3-segment fit, tested against the noise), or None."
@@ -113,7 +114,7 @@ def find_phase(steps, values, min_bic_gain: float = 10.0, min_steepness: float =
     steepness = abs(middle) / max(abs(left), abs(right), 1e-300)
     wide = b2 - b1 >= min_width and ((t >= b1) & (t <= b2)).sum() >= 2  # a window, with observations in it
     if not wide or bic_gain < min_bic_gain or steepness < min_steepness: return None
-    p = noise_p_value(t, y, min_points, max_candidates, resamples, block, seed)
+    p = noise_p_value(t, y, min_points=min_points, max_candidates=max_candidates, resamples=resamples, block=block, seed=seed)
     if p > alpha: return None
     to_step = lambda b: float(round(steps[0] + b * (steps[-1] - steps[0])))  # nearest whole step
     return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain), p)

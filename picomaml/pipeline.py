@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import papermill
-import yaml
 
 from .checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
 from .config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
-from .device import cuda_problem, require_cuda
+from .device import require_cuda
 from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 from .runlog import write_text_atomic
 

@@ -99,7 +99,7 @@ def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, math: bool 
     blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_kept_bytes(mc, rows, seq, a, math))
     return 8 * N + 4 * seq * (mc.d_model // mc.n_heads) + blocks
 
-def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, math: bool = False) -> int:
+def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, *, math: bool = False) -> int:
     "Peak bytes above the persistent state of forward + backward over rows × seq tokens (with the fused LM loss, or a readout)."
     N, d, V, L = rows * seq, mc.d_model, mc.vocab_size, mc.n_layers
     cast = 2 if a < 4 else 0  # autocast keeps a bf16 copy of each weight it uses
@@ -233,7 +233,7 @@ def _gib(n: float) -> str:
     "Bytes as GiB for a message."
     return f"{n / GIB:.1f} GiB"
 
-def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict,
+def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: int, phases: dict, *,
                    capability: tuple | None = None) -> str:
     "The one-line reason the first phase that does not fit gives, naming the setting to change; '' if all fit."
     need = {name: with_reserve(b, device) for name, b in phases.items()}
@@ -347,7 +347,7 @@ def memory_parts(cfg: Config, gpus: int, device: str, chunk: int, capability: tu
                   if name in phases})
     return parts
 
-def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | None = None, mfu: float = 0.4,
+def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | None = None, mfu: float = 0.4, *,
              device: str = "cuda", capability: tuple | None = None) -> Plan:
     "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared) of compute `capability`."
     capacity = int(gpu_memory_gb * GIB / (gpus if device == "cpu" else 1))
@@ -356,7 +356,7 @@ def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | N
     chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity, capability))
     spectra = choose_spectra_batch(cfg, device, capacity) if cfg.spectra.every else 0
     tensors = phase_bytes(cfg, gpus, device, max(chunk, 1), capability, spectra)
-    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability)
+    reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability=capability)
     tokens, model_tokens, flops = step_cost(cfg, gpus)
     seconds, hours = wall_time(cfg, flops, gpus, gpu_tflops, mfu)
     disk, n_ckpt = checkpoint_disk(cfg, gpus)
@@ -423,8 +423,8 @@ def main(argv=None) -> int:
         if bad: raise ConfigError(bad)
         try: capability = tuple(int(part) for part in args.compute_capability.split("."))
         except ValueError: raise ConfigError(f"--compute-capability {args.compute_capability!r} is not a version like 8.0") from None
-        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu, args.device,
-                        capability)
+        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu,
+                        device=args.device, capability=capability)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,7 +110,7 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     return step
 
 # %% ../nbs/06_resume.ipynb #448864c2
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, uploads=None) -> None:
+def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, *, model, head, optimizer, uploads=None) -> None:
     "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
@@ -149,9 +149,9 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT)
         self.step = step
 
-def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, model, head, optimizer, saved: bool, uploads=None) -> None:
-    "Checkpoint `step` (unless `saved`), say so on rank 0 and raise Preempted."
-    if not saved: save_training_state(fabric, cfg, run_dir, step, model, head, optimizer, uploads)
+def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, *, saved: bool, **state) -> None:
+    "Checkpoint `step` (unless `saved`; `state`: save_training_state's model, head, optimizer, uploads), say so on rank 0, raise Preempted."
+    if not saved: save_training_state(fabric, cfg, run_dir, step, **state)
     if fabric.global_rank == 0:
         print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
               f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)

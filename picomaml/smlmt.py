@@ -79,7 +79,7 @@ def window_starts(cols: torch.Tensor, row_len: int, window: int) -> torch.Tensor
     return (cols - window // 2).clamp(0, row_len - window)
 
 # %% ../nbs/04_smlmt.ipynb #e4aac458
-def allocate_windows(rows, starts, words, priority, need: int, n_rows: int, n_starts: int,
+def allocate_windows(rows, starts, words, priority, *, need: int, n_rows: int, n_starts: int,
                      window: int, n_vocab: int) -> torch.Tensor:
     "(n,) bool: non-overlapping windows, at most `need` per word, chosen greedily by distinct `priority`."
     flat, prio = rows * n_starts + starts, priority.double()              # (n,) exact below 2**53
@@ -151,7 +151,7 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
 
 # %% ../nbs/04_smlmt.ipynb #4a0aea5c
 def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor, alpha_len: torch.Tensor,
-                  special_ids, mask_id: int = 50280, seed: int = 0, step: int = 0) -> Episode:
+                  special_ids, mask_id: int = 50280, *, seed: int = 0, step: int = 0) -> Episode:
     "The N-way K-shot SMLMT episode of `(seed, step)` from a pool of token rows (R, L), identical on every rank."
     check_episode_inputs(pool, cfg, word_start, alpha_len, mask_id)
     dev, (R, L), V, need = pool.device, pool.shape, len(word_start), occurrences_needed(cfg)
@@ -166,7 +166,7 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     occ_order = torch.randperm(len(words), generator=gen).to(dev)              # (n,) occurrence order
     priority = (V - word_order[words]) * (len(words) + 1) + occ_order
     starts = window_starts(cols, L, cfg.window)
-    kept = allocate_windows(rows, starts, words, priority, need, R, L - cfg.window + 1, cfg.window, V)
+    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1, window=cfg.window, n_vocab=V)
     ready_words = (torch.bincount(words[kept], minlength=V) == need).nonzero().squeeze(1)  # words with K+Q windows
     if len(ready_words) < cfg.n_way:
         raise too_few_words((R, L), cfg, len(words.unique()), len(ready_words))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoints import list_checkpoints, load_backbone
 from .config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
 from .device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
-from .lm_loss import next_token_loss, next_token_loss_sum
+from .lm_loss import next_token_loss_sum
 from .names import SPECTRA_KEY
 from .plan import GIB, choose_spectra_batch, device_memory_gb
 from .runlog import append_records, exclusive_lock, lock_file_of, read_records
@@ -198,7 +198,7 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
         loaders.append((int(match.group(1)), functools.partial(load_backbone, repo, cache_dir=cache_dir, **where)))
     return loaders
 
-def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, subfolder: str = "checkpoints",
+def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, *, subfolder: str = "checkpoints",
                      cache_dir=None, device="cpu", batch_rows: int | None = None) -> Path:
     "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`, computed on `device`."
     return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device, batch_rows)
@@ -239,7 +239,7 @@ def main(argv=None) -> Path:
     with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
         if args.hub:
             names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, args.subfolder, args.cache_dir, **on)
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder, cache_dir=args.cache_dir, **on)
         else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out

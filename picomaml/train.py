@@ -79,7 +79,7 @@ def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, 
     own = cfg.smlmt.episode_scope == "rank"  # the released trainer: every rank its own episode, from its own rows
     rows = local.to(fabric.device, non_blocking=True) if own else gather_parts(fabric, local.to(fabric.device, non_blocking=True),
                                                                                 [len(local)] * world)  # (pool rows, T + 1)
-    episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, cfg.train.seed, step * accum + draw)
+    episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, seed=cfg.train.seed, step=step * accum + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
     share = world if own else 1  # an own episode's query loss is one of `world` averaged (a gathered one is split, then summed)
     with fabric.autocast():
@@ -126,12 +126,13 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
     def read(step: int, draw: int, episode: bool):
         "The read of this rank's rows of (step, draw): its part of the episode's pool, or of the next-token micro-batch."
         source, rows, seed = sources[episode]
-        return lambda: batch_for_step(source, step, draw, rank, world, rows, accum, seed)
+        return lambda: batch_for_step(source, step, draw, rank, world, rows_per_rank=rows, accum_steps=accum, seed=seed)
     peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
     recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
     try:
         start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)  # rank 0 holds the run directory's lock from here
-        if start == 0: save_training_state(fabric, cfg, run_dir, 0, model, head, optimizer, uploads)
+        state = dict(model=model, head=head, optimizer=optimizer, uploads=uploads)  # what a checkpoint saves
+        if start == 0: save_training_state(fabric, cfg, run_dir, 0, **state)
         due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
         monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
         bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
@@ -171,9 +172,9 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
                 append_records(run_dir / "metrics.jsonl", [record])
             fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
             saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
-            if saved: save_training_state(fabric, cfg, run_dir, step + 1, model, head, optimizer, uploads)
+            if saved: save_training_state(fabric, cfg, run_dir, step + 1, **state)
             if step + 1 < tc.steps and preemption_agreed(fabric, preemption):  # any rank signalled: keep this step, exit for a requeue
-                stop_for_preemption(fabric, cfg, run_dir, step + 1, model, head, optimizer, saved, uploads)
+                stop_for_preemption(fabric, cfg, run_dir, step + 1, saved=saved, **state)
             monitor(fabric, cfg, run_dir, model, step + 1, monitoring_due(cfg, step + 1), **evaluated)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])

@@ -1,4 +1,5 @@
 """The artifact's own consistency: pins, notebook pairs, README, nbdev settings."""
+import ast
 import configparser
 from pathlib import Path
 
@@ -75,3 +76,14 @@ def test_readme_quotes_the_committed_outputs():
     oov = pd.read_csv(ROOT / "paper_tables" / "p2_table5_particles_oov.csv", dtype=str).set_index("language")["OOV token rate"]
     assert f"gives {oov['Tagalog']} and {oov['Cebuano']} against" in readme
     assert f"> {scorecard_line(ROOT / 'paper_tables')}\n" in readme, "README's scorecard line is not the committed scorecard's"
+
+
+def test_no_function_takes_more_than_six_positional_parameters():
+    "Issue 20: past six, a call reads as a row of unnamed values; the rest are keyword-only (`*`)."
+    crowded = []
+    for path in sorted((ROOT / "picomaml").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(names) > 6: crowded.append(f"{path.name}: {node.name}({', '.join(names)})")
+    assert not crowded, crowded

@@ -58,3 +58,12 @@ def test_smoke_pipeline_writes_every_output_and_tables_are_stable():
     log = run_pipeline()  # everything done: only the sweep check and the notebooks run again
     assert "pretrain demo-maml: already done, skipped" in log and "0 runs finished" in log
     assert outputs(tables, P1_TABLES + P2_TABLES, [".md", ".tex", ".csv"]) == first
+
+    checkpoints = SMOKE / "demo-maml" / "checkpoints"  # issue 21: `latest` alone does not make a run finished
+    final = checkpoints / (checkpoints / "latest").read_text().strip()
+    weights = (final / "model.safetensors").read_bytes()
+    shutil.rmtree(final)
+    log = run_pipeline("--stages", "pretrain")
+    named = lambda p: p.relative_to(ROOT)  # the profile's runs_dir, runs/smoke, is relative to the repository root
+    assert f"{named(final)}, which {named(checkpoints / 'latest')} names, is gone: training demo-maml again" in log, log[-3000:]
+    assert (final / "model.safetensors").read_bytes() == weights  # resumed and trained again, bitwise

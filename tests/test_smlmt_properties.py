@@ -56,14 +56,14 @@ def test_candidate_mask_matches_the_rules(pool, min_chars, exclude_top):
 @given(pool=pools, cfg=configs, seed=st.integers(0, 1000), step=st.integers(0, 1000))
 def test_episode_invariants_or_clear_error(pool, cfg, seed, step):
     if pool.shape[1] < cfg.window:
-        try: build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed, step)
+        try: build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed=seed, step=step)
         except EpisodeError as e: assert "smlmt.window" in str(e) and "data.seq_len" in str(e); return
         raise AssertionError("rows shorter than the window were accepted")
     need = cfg.k_shot + cfg.q_query
     cand = reference_candidates(pool, cfg.min_word_chars, cfg.exclude_top)
     frequent_words = int((torch.bincount(pool[cand], minlength=len(TOKENS)) >= need).sum())
     try:
-        ep = build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed, step)
+        ep = build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed=seed, step=step)
     except EpisodeError as e:
         R, L = pool.shape
         assert f"{R} x {L} = {R * L:,} tokens" in str(e) and f"smlmt.n_way = {cfg.n_way}" in str(e)
@@ -72,7 +72,7 @@ def test_episode_invariants_or_clear_error(pool, cfg, seed, step):
     assert episode_problems(ep, pool, cfg, MASK) == []
     every = torch.cat([ep.support_pos, ep.query_pos])
     assert bool(cand[every[:, 0], every[:, 1]].all())  # every masked occurrence is an eligible one
-    again = build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed, step)
+    again = build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed=seed, step=step)
     assert all(torch.equal(getattr(ep, f.name), getattr(again, f.name)) for f in fields(Episode))
 
 
@@ -82,7 +82,7 @@ def test_steps_give_different_episodes(seed):
     pool = torch.randint(0, len(TOKENS), (8, 60), generator=torch.Generator().manual_seed(seed))
     pool[pool == 0] = 2
     cfg = SMLMTConfig(n_way=3, k_shot=2, q_query=1, window=4, exclude_top=1)
-    eps = [build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed, step) for step in range(4)]
+    eps = [build_episode(pool, cfg, WORD_START, ALPHA_LEN, SPECIAL, MASK, seed=seed, step=step) for step in range(4)]
     keys = {(tuple(e.class_ids.tolist()), tuple(map(tuple, e.support_pos.tolist()))) for e in eps}
     assert len(keys) > 1
 
@@ -131,7 +131,7 @@ def test_real_rows_hold_what_the_rules_guard_against(real):
     glued = [(r, c) for r, row in enumerate(real.rows.tolist()) for c in range(len(row) - 1)
              if word[row[c]] and glued_to_next(real.texts, row, c)]
     assert len(glued) > 100  # " won" + "’t", " She" + "'s", " Fox" + "6", ... occur: the tests below are not vacuous
-    ep = build_episode(real.rows[:512], real.cfg, real.ws, real.al, [real.tok.eos_id], real.tok.mask_id, 0, 0)
+    ep = build_episode(real.rows[:512], real.cfg, real.ws, real.al, [real.tok.eos_id], real.tok.mask_id, seed=0, step=0)
     ids = torch.cat([ep.support_ids, ep.query_ids])
     assert bool(((ids == real.tok.mask_id).sum(1) > 1).any())  # some windows hold their class word twice
 
@@ -141,7 +141,7 @@ def test_real_rows_hold_what_the_rules_guard_against(real):
 @given(offset=st.integers(0, 10**6), step=st.integers(0, 10**6))
 def test_real_episodes_never_leak_and_never_split_a_word(real, offset, step):
     pool = real.rows.roll(offset % len(real.rows), 0)[:512]                      # (512, 129) a demo-sized pool
-    ep = build_episode(pool, real.cfg, real.ws, real.al, [real.tok.eos_id], real.tok.mask_id, 0, step)
+    ep = build_episode(pool, real.cfg, real.ws, real.al, [real.tok.eos_id], real.tok.mask_id, seed=0, step=step)
     assert episode_problems(ep, pool, real.cfg, real.tok.mask_id) == []
     for ids, labels in ((ep.support_ids, ep.support_labels), (ep.query_ids, ep.query_labels)):
         assert not bool((ids == ep.class_ids[labels][:, None]).any())          # leak rate 0: the answer is never in the window
