@@ -72,8 +72,11 @@
 # Several nodes: the same `torchrun` with `--nnodes`, `--node_rank` and `--rdzv-endpoint` on each
 # node, or `srun python -m picomaml.launch ...` under SLURM (see `07_launch`). Runs resume from their
 # latest valid checkpoint by default. A run that gets SIGTERM (a preemption, a time limit) saves the
-# step in hand and exits with status 75 for a requeue: `docs/cluster.md` has the
-# SLURM job script, what torchrun does with the signal, and what a shared file system must provide.
+# step in hand and exits with status 75 for a requeue. A second launch on a run directory or a
+# results file that is in use is refused with the holder's host and pid, a full disk ends in one
+# line naming the file and loses nothing written before, and every reader checks a checkpoint's
+# digests before it trusts it. `docs/cluster.md` has the SLURM job script, what torchrun does with
+# the signal, what a shared file system must provide, the locks and the checks.
 
 # %% [markdown]
 # ## Running the papers at scale
