@@ -153,6 +153,15 @@ def execute_module(src: str, dst: str, skip_flags: list, key: str) -> tuple[str,
     return src.name, time.perf_counter() - start, None
 
 
+def notebook_relative(params: dict) -> dict:
+    "The parameters with every path inside the repository written relative to nbs/, where the notebooks run (the page shows them)."
+    def relative(value):
+        if isinstance(value, list): return [relative(v) for v in value]
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(ROOT): return os.path.relpath(value, NBS)
+        return value
+    return {k: relative(v) for k, v in params.items()}
+
+
 def execute_analysis(src: str, dst: str, params: dict, out_prefix: str, key: str) -> tuple[str, float, str | None]:
     "Execute an analysis notebook with papermill and `params`, a hidden first cell showing what it saves."
     import nbformat
@@ -311,7 +320,7 @@ def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "
     for stem in analysis_stems:
         src, dst = NBS / f"{stem}.ipynb", executed / f"{stem}.ipynb"
         nb_out = outputs / stem
-        nb_params = {**params, "figures_dir": str(nb_out / "figures"), "tables_dir": str(nb_out / "tables")}
+        nb_params = notebook_relative({**params, "figures_dir": str(nb_out / "figures"), "tables_dir": str(nb_out / "tables")})
         key = digest(src.read_bytes(), pkg, SHOW_OUTPUTS, json.dumps(nb_params, sort_keys=True), runs_key)
         if not force and cached(dst, key) and nb_out.is_dir():
             reused.append(stem)

@@ -14,7 +14,7 @@ author = _meta["author"]
 copyright = _meta["copyright"]
 release = version = _meta["version"]
 
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx-mathjax-offline"]  # math without a CDN
 exclude_patterns = ["_outputs", "**.ipynb_checkpoints", "jupyter_execute"]
 
 # notebooks arrive executed (execnb with nbdev_test's flags, papermill for 21-24): never run them here

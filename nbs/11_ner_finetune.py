@@ -649,46 +649,7 @@ assert mean_gold(tagger) > mean_gold(NERTagger(lift_bb, "linear"))
 # | head-only, cached features | CRF | 6.3 | 2.42 |
 # | head-only, backbone every epoch | CRF | 41.4 | 15.9 |
 #
-# (Those first measurements, before the changes below, used two intra-op threads on a shared
-# 2-core machine, and the linear run was the first finetune of its process, so it also paid the
-# one-off `torch._dynamo` import of the first AdamW, about 1 s.)
-#
-# **Profile.** cProfile and direct timings of the ten head epochs alone (features given) found two
-# costs. (1) Per-epoch dev scoring through seqeval: three passes over 1,060 sentences of strings
-# (default, strict, per-tag report), 138 ms (linear) and 154 ms (CRF) per epoch for a head that tags
-# most words as entities; with ten epochs that is ~0.35 of a backbone pass. It now runs on tensors
-# (`dev_micro_f1`: one batched decode of the cached dev features, `micro_f1`'s span keys), 4.5 and
-# 9 ms per epoch, with the same F1 (`==`, tested above); seqeval still gives every reported score.
-# (2) pytorch-crf's likelihood, a Python loop over the words forward and backward, was about three
-# quarters of a CRF step; `crf_nll`'s tree of ⌈log₂ W⌉ matrix products makes the step about 3×
-# cheaper, with pytorch-crf's loss and gradients to 1e-5 (tested in `11_crf_metrics`; the runs below
-# end on the same best dev F1, epoch and last loss to every printed digit). Batching from the packed cache (one
-# gather, 0.07 ms) and the AdamW steps were small.
-#
-# **After**, measured with the code before (commit 00784e6) and after in one process, interleaved,
-# one intra-op thread (two threads on the loaded shared machine measured thread contention, not the
-# code: one backbone pass took 42 s instead of 4), the minimum over two repeats; the features are
-# computed once, so a cached finetune costs one pass plus the head epochs. Both versions end on the
-# same best dev F1, best epoch and last loss (to every printed digit).
-#
-# | 1,000 sk_snk train + 1,060 dev windows, 10 epochs, 1 thread | head | head epochs (s) | cached finetune × one pass |
-# |---|---|---|---|
-# | one backbone pass over train + dev: 3.59 s | – | – | 1.00 |
-# | before | linear | 1.74 | 1.48 |
-# | after | linear | 0.34 | **1.09** |
-# | before | CRF | 3.90 | 2.09 |
-# | after | CRF | 1.31 | **1.36** |
-#
-# Both heads now meet the 1.5× target. The scorer saved ~1.4 s in both (the heads of this random
-# backbone tag ~80 % of dev words as entities, which keeps seqeval busy), the CRF likelihood a
-# further ~1.2 s.
-#
-# **The log-space products.** The table's CRF row multiplied probabilities; that returned NaN once
-# transition scores spanned more than ~90 nats (`11_crf_metrics`), and the tree now multiplies in log
-# space, K³ exponentials per product instead of one K×K matmul. Measured like the table (one
-# process, interleaved, one thread, minimum over three repeats) but on a shared machine under load
-# (one backbone pass took 15.7 s instead of 3.6 s), the ten CRF head epochs took 3.55 s with the
-# probability-space products and 4.21 s with the log-space ones (×1.19), ending on the same best dev
-# F1, best epoch and last loss. Scaling the table's 1.31 s by that ratio gives ≈ 1.56 s, a cached CRF
-# finetune of ≈ 1.43× one pass: still within the target, though we have not re-measured it on an
-# idle machine.
+# That was the first measurement. Both heads meet the 1.5× target since two changes: dev scoring
+# on tensors (`dev_micro_f1`) instead of seqeval strings every epoch, and `crf_nll`'s tree of matrix
+# products instead of pytorch-crf's loop over words (`11_crf_metrics`). How they were found and measured, before and after, is in
+# `benchmarks/README.md` ("Head-only NER finetuning").

@@ -171,6 +171,7 @@ PAGE_FACTS = """(async () => {
     img.loading = "eager";
     if (!img.complete) await new Promise(done => { img.onload = img.onerror = done; setTimeout(done, 10000); });
   }
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
   const nav = performance.getEntriesByType("navigation")[0];
   return {
     status: nav ? nav.responseStatus : null,
@@ -179,6 +180,9 @@ PAGE_FACTS = """(async () => {
     images: images.map(i => ({alt: i.alt, src: i.currentSrc || i.src, shown: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll("a[href]")].map(a => a.href),
     tables: document.querySelectorAll("article table").length,
+    math: document.querySelectorAll("span.math, div.math").length,
+    rawMath: [...document.querySelectorAll("span.math, div.math")].filter(e => !e.querySelector("mjx-container"))
+      .map(e => e.textContent.slice(0, 40)),
     failed: performance.getEntriesByType("resource").filter(r => r.responseStatus >= 400).map(r => r.name),
   };
 })()"""
@@ -228,6 +232,7 @@ def test_make_docs_site_in_headless_chromium(site):
             problems += [f"{page}: script error {e.get('exception', {}).get('description', e.get('text'))}" for e in errors]
             problems += [f"{page}: could not load {name}" for name in f["failed"]]
             problems += [f"{page}: image not displayed: {img['src']}" for img in f["images"] if not img["shown"]]
+            problems += [f"{page}: math not rendered (MathJax did not load?): {m}" for m in f["rawMath"][:3]]
             for link in f["links"]:
                 target = site_file(site, base, link)
                 if target is None:
@@ -270,6 +275,10 @@ def test_make_docs_site_in_headless_chromium(site):
     for nb, caption in TABLES.items():
         f = facts[f"{nb}.html"]
         assert f["tables"] >= 1 and caption in f["text"], f"{nb}: no rendered table ({caption})"
+    # the math of the method's notebooks is typeset by the site's own MathJax (no CDN: the page was read offline)
+    assert facts["05_maml.html"]["math"] > 0 and not facts["05_maml.html"]["rawMath"]
+    # the analysis pages' parameters name the run outputs relative to the notebooks, not the build machine's paths
+    assert all(str(ROOT) not in facts[f"{nb}.html"]["text"] for nb in FIGURES), "an absolute path of the build machine on a page"
     # a page that was not executed says so
     assert "did not execute this notebook" in facts["01_model.html"]["text"]
 
