@@ -34,6 +34,7 @@
 #| export
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -51,58 +52,82 @@ from picomaml.spectra import loss_gradients, select_matrices, spectrum_records
 #
 # One JSON line per optimizer step in `metrics.jsonl` (paper 1 §3.3 and Figs. 1, 3, 4):
 # `step` (optimizer steps completed), `loss` (the objective the optimizer saw: the mean over the
-# step's micro-batches of their next-token or query loss), `ar_loss` and `query_loss` (their means
-# over the step's AR and episode micro-batches; `null` when there were none), `n_ar` / `n_maml` and
-# `branches` (the branch sequence, `A`/`M`), `lr`, `grad_norm` (before clipping), `support_acc`
-# and `support_loss` (phi_T on the support set), `query_acc`, and the same four of phi_0 — the head
-# before its inner loop — as `support_acc_phi0`, `support_loss_phi0`, `query_acc_phi0` and
-# `query_loss_phi0` (so whether the inner loop adapted is a number), `head_w_mean` / `head_w_std` (phi_T's logits layer),
-# `head_grad_norm` (the head's summed gradient), `tokens` (AR tokens plus episode window tokens),
-# `tokens_per_s` and `mfu`; and at evaluation steps a second line of the same step with `eval_loss`,
-# `paloma_ppl` and `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
+# step's draws of their next-token or query loss), `next_token_loss` and `query_loss` (their means
+# over the step's next-token draws and episodes; `null` when there were none), `n_next_token` /
+# `n_maml` and `branches` (the branch sequence: `N` a next-token draw, `M` an episode), `lr`,
+# `grad_norm` (before clipping), `support_acc` and `support_loss` (phi_T on the support set),
+# `query_acc`, and the same four of phi_0 — the head before its inner loop — as `support_acc_phi0`,
+# `support_loss_phi0`, `query_acc_phi0` and `query_loss_phi0` (so whether the inner loop adapted is a
+# number), `head_weight_mean` / `head_weight_std` (phi_T's logits layer), `head_grad_norm` (the head's
+# summed gradient), `tokens` (next-token tokens plus episode window tokens), `tokens_per_s` and `mfu`;
+# and at evaluation steps a second line of the same step with `eval_loss`, `paloma_ppl` and
+# `paloma_doc_ppl`, written after that step's checkpoint (readers merge the lines of a step).
 # `tokens_per_s` and `mfu` are wall-clock measurements: everything else is a deterministic function of
 # the configuration, so a resumed run's log equals an uninterrupted run's once those two are removed.
 #
-# The step's statistics are accumulated per rank in one float64 vector and all-reduced once; every
-# entry is a sum over ranks, then turned into the logged means by `step_record`.
+# Each draw returns this rank's `StepStats`; the step adds them up, all-reduces them as one float64
+# vector (every field a sum over ranks), and `step_record` turns the sums into the logged means.
 
 # %%
 #| export
-STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
-         "head_w_mean", "head_w_std", "tokens", "flops", "support_loss", "support_acc_phi0", "support_loss_phi0",
-         "query_correct_phi0", "query_loss_phi0")
+@dataclass
+class StepStats:
+    "One rank's sums over the draws of an optimizer step: all-reduced as one vector, logged as means by `step_record`."
+    loss: float = 0.0  # this rank's share of the step's objective
+    next_token_loss: float = 0.0  # the next-token draws' mean losses, summed over draws
+    query_loss: float = 0.0  # the episodes' query losses, summed (this rank's share of each)
+    n_next_token: float = 0.0  # next-token draws (each rank counts every one)
+    n_maml: float = 0.0  # episodes (each rank counts every one)
+    support_acc: float = 0.0  # phi_T's support accuracy, summed over episodes
+    support_loss: float = 0.0  # phi_T's support loss, summed over episodes
+    query_correct: float = 0.0  # phi_T's correct query predictions on this rank
+    query_count: float = 0.0  # query examples on this rank
+    support_acc_phi0: float = 0.0  # the same four of phi_0, the head before its inner loop
+    support_loss_phi0: float = 0.0
+    query_correct_phi0: float = 0.0
+    query_loss_phi0: float = 0.0  # summed over this rank's query examples
+    head_weight_mean: float = 0.0  # phi_T's logits layer, summed over episodes
+    head_weight_std: float = 0.0
+    tokens: float = 0.0  # tokens through the model on this rank
+    flops: float = 0.0  # model FLOPs on this rank
 
-def add_stats(stats: dict, **values) -> None:
-    "Add named values to this rank's statistics of the step."
-    for key, value in values.items(): stats[key] += value
+    def __add__(self, other: StepStats) -> StepStats:
+        return StepStats(*(a + b for a, b in zip(self.as_list(), other.as_list())))
 
-def step_record(totals: torch.Tensor, world_size: int) -> dict:
-    "Logged means from the all-reduced per-rank sums of STATS."
-    t = dict(zip(STATS, totals.tolist()))
-    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
+    def as_list(self) -> list[float]:
+        "The fields in order, as plain floats (for the one all-reduce)."
+        return [float(getattr(self, f.name)) for f in fields(self)]
+
+def step_record(totals: StepStats, world_size: int) -> dict:
+    "Logged means from the all-reduced per-rank sums of a step's statistics."
+    t = asdict(totals)
+    n_next_token, n_maml = round(t["n_next_token"] / world_size), round(t["n_maml"] / world_size)
     per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
     query_share = lambda key: t[key] / t["query_count"] if n_maml else None  # over every query example of the step
-    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
-            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
+    return {"loss": t["loss"], "next_token_loss": t["next_token_loss"] / n_next_token if n_next_token else None,
+            "query_loss": per_episode("query_loss", 1), "n_next_token": n_next_token, "n_maml": n_maml,
             "support_acc": per_episode("support_acc"), "query_acc": query_share("query_correct"),
             "support_loss": per_episode("support_loss"), "support_acc_phi0": per_episode("support_acc_phi0"),
             "support_loss_phi0": per_episode("support_loss_phi0"), "query_acc_phi0": query_share("query_correct_phi0"),
-            "query_loss_phi0": query_share("query_loss_phi0"),
-            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
+            "query_loss_phi0": query_share("query_loss_phi0"), "head_weight_mean": per_episode("head_weight_mean"),
+            "head_weight_std": per_episode("head_weight_std"), "tokens": round(t["tokens"])}
 
 
 # %%
-_stats = dict.fromkeys(STATS, 0.0)
-add_stats(_stats, loss=0.5, ar_loss=2.0, n_ar=1); add_stats(_stats, loss=0.25, n_maml=1)
-assert (_stats["loss"], _stats["ar_loss"], _stats["n_ar"], _stats["n_maml"], _stats["flops"]) == (0.75, 2.0, 1, 1, 0.0)
-# 2 ranks, 1 AR + 1 episode; phi_0: support accuracy 0.05 and loss 3.4 on each rank, 2 of 40 queries right, summed loss 136
-_sums = torch.tensor([2.0, 3.0, 0.9, 2, 2, 1.5, 30, 40, 0.2, 1.0, 1000, 0, 1.0, 0.1, 6.8, 2, 136.0], dtype=torch.float64)
+_stats = StepStats(loss=0.5, next_token_loss=2.0, n_next_token=1) + StepStats(loss=0.25, n_maml=1)
+assert (_stats.loss, _stats.next_token_loss, _stats.n_next_token, _stats.n_maml, _stats.flops) == (0.75, 2.0, 1, 1, 0.0)
+# 2 ranks, 1 next-token draw + 1 episode; phi_0: support accuracy 0.05 and loss 3.4 on each rank, 2 of 40 queries right,
+# summed loss 136
+_sums = StepStats(loss=2.0, next_token_loss=3.0, query_loss=0.9, n_next_token=2, n_maml=2, support_acc=1.5,
+                  support_loss=1.0, query_correct=30, query_count=40, support_acc_phi0=0.1, support_loss_phi0=6.8,
+                  query_correct_phi0=2, query_loss_phi0=136.0, head_weight_mean=0.2, head_weight_std=1.0, tokens=1000)
 _rec = step_record(_sums, 2)
-assert (_rec["n_ar"], _rec["n_maml"], _rec["ar_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
-assert (_rec["support_acc"], _rec["query_acc"], _rec["head_w_std"], _rec["support_loss"]) == (0.75, 0.75, 0.5, 0.5)
+assert (_rec["n_next_token"], _rec["n_maml"], _rec["next_token_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
+assert (_rec["support_acc"], _rec["query_acc"], _rec["head_weight_std"], _rec["support_loss"]) == (0.75, 0.75, 0.5, 0.5)
 assert (_rec["support_acc_phi0"], _rec["support_loss_phi0"], _rec["query_acc_phi0"], _rec["query_loss_phi0"]) == (0.05, 3.4, 0.05, 3.4)
-_no_episode = step_record(torch.tensor([1.0, 2.0, 0, 4, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0, 0], dtype=torch.float64), 2)
-assert _no_episode["query_acc"] is None and _no_episode["query_loss_phi0"] is None
+assert StepStats(*_sums.as_list()) == _sums  # the all-reduced vector reads back field by field
+_no_episode = step_record(StepStats(loss=1.0, next_token_loss=2.0, n_next_token=4, tokens=10), 2)
+assert _no_episode["query_acc"] is None and _no_episode["query_loss_phi0"] is None and _no_episode["next_token_loss"] == 1.0
 
 
 # %% [markdown]
@@ -214,22 +239,21 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and step not in logged_steps(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and step not in logged_steps(run_dir / "spectra.jsonl", "per"))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bool, bool], *, documents=None,
-            spectra_rows=None, spectra_batch: int | None = None) -> None:
-    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
-    do_eval, do_spectra = what
+def monitor(run, step: int, due: tuple[bool, bool]) -> None:
+    "Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; rank 0 appends them (on CUDA: each one's peak GiB)."
+    fabric, metrics = run.fabric, run.run_dir / "metrics.jsonl"
+    do_eval, do_spectra = due
     if do_eval:
         reset_peak_memory(fabric.device)
-        record = {"step": step, **evaluate(fabric, model, documents, cfg.eval)}
+        record = {"step": step, **evaluate(fabric, run.model, run.documents, run.cfg.eval)}
         if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
-        if fabric.global_rank == 0:
-            append_records(run_dir / "metrics.jsonl", [record])
+        if fabric.global_rank == 0: append_records(metrics, [record])
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, model, spectra_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir, batch_rows=run.layout.spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
-            append_records(run_dir / "metrics.jsonl", [{"step": step, "spectra_peak_gib": peak}])
+            append_records(metrics, [{"step": step, "spectra_peak_gib": peak}])
 
 
 # %%
@@ -247,9 +271,13 @@ with tempfile.TemporaryDirectory() as _tmp:
 # for, so a relaunch after it finds nothing missing.
 
 # %%
+from picomaml.layout import Run, StepLayout
+
 with tempfile.TemporaryDirectory() as _tmp:
     (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (True, True)
-    monitor(_fabric, _cfg, Path(_tmp), _model, 40, monitoring_due(_cfg, 40), documents=_documents, spectra_rows=_rows)
+    _run = Run(cfg=_cfg, fabric=_fabric, model=_model, head=None, optimizer=None, run_dir=Path(_tmp), documents=_documents,
+               spectra_rows=_rows, layout=StepLayout(draws=1, rows_per_rank=10, chunk_rows=10, pool_rows=10, pool_seed=0, spectra_batch=4))
+    monitor(_run, 40, monitoring_due(_cfg, 40))
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (False, False)
     assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 40, **evaluate(_fabric, _model, _documents, _cfg.eval)}

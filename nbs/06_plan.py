@@ -84,7 +84,7 @@ def _block_params(mc) -> int:
     kv = mc.d_model // mc.n_heads * mc.n_kv_heads
     return 2 * mc.d_model * mc.d_model + 2 * mc.d_model * kv + 3 * mc.d_model * mc.ffn_hidden
 
-def ar_flops(mc, tokens: int, seq_len: int) -> float:
+def next_token_flops(mc, tokens: int, seq_len: int) -> float:
     "Forward + backward FLOPs of `tokens` next-token positions in sequences of `seq_len`."
     n_matmul = mc.n_layers * _block_params(mc) + mc.d_model * mc.vocab_size  # blocks + output layer
     return tokens * (6 * n_matmul + 12 * mc.n_layers * mc.d_model * seq_len)
@@ -108,7 +108,7 @@ assert _block_params(_mc) == 2 * 96 * 96 + 2 * 96 * 32 + 3 * 96 * 384
 _tiny_params = 11_282_784  # paper 1 §3.1's tiny model, counted in 01_model: 12 blocks + norms + two embeddings
 _matmul = _mc.n_layers * _block_params(_mc) + 96 * 50304
 assert _tiny_params - _matmul - 96 * 50304 == 12 * 2 * 96 + 96  # the rest: RMSNorm gains and the input embedding
-assert ar_flops(_mc, 1, 0) == 6 * _matmul and episode_flops(_mc, 3, 0, 0) == episode_flops(_mc, 0, 1, 0)
+assert next_token_flops(_mc, 1, 0) == 6 * _matmul and episode_flops(_mc, 3, 0, 0) == episode_flops(_mc, 0, 1, 0)
 assert peak_flops(torch.device("cpu")) is None and peak_flops("cpu") is None
 
 
@@ -639,9 +639,9 @@ def step_cost(cfg: Config, gpus: int = 1) -> tuple[int, float, float]:
     draws, rho = tc.global_batch / tc.branch_batch, cfg.maml.rho
     episodes = gpus if sc.episode_scope == "rank" else 1  # episodes per MAML draw: one per rank, or one gathered
     support, query = episodes * sc.n_way * sc.k_shot * sc.window, episodes * sc.n_way * sc.q_query * sc.window
-    ar_tokens = tc.branch_batch * T
-    tokens = draws * (rho * (support + query) + (1 - rho) * ar_tokens)
-    flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * ar_flops(mc, ar_tokens, T))
+    next_token_tokens = tc.branch_batch * T
+    tokens = draws * (rho * (support + query) + (1 - rho) * next_token_tokens)
+    flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * next_token_flops(mc, next_token_tokens, T))
     return tc.global_batch * T, tokens, flops
 
 WHOLE_SPLIT_ROWS = 1024  # the time estimate's guess at a whole evaluation split, in rows (or documents) of data.seq_len
@@ -651,7 +651,7 @@ def wall_time(cfg: Config, flops_per_step: float, gpus: int, tflops: float | Non
     if not tflops: return None, None
     rate, T = gpus * tflops * 1e12 * mfu, cfg.data.seq_len
     times = lambda every: cfg.train.steps // every + 1 if every else 0  # step 0 too
-    row = ar_flops(cfg.model, T, T)  # forward + backward of one row
+    row = next_token_flops(cfg.model, T, T)  # forward + backward of one row
     monitoring = (times(cfg.eval.every) * (cfg.eval.max_documents or WHOLE_SPLIT_ROWS) * row / 3  # forward only
                   + times(cfg.spectra.every) * (cfg.spectra.grad_rows or WHOLE_SPLIT_ROWS) * row)
     return flops_per_step / rate, (cfg.train.steps * flops_per_step + monitoring) / rate / 3600
@@ -679,7 +679,7 @@ from picomaml.checkpoints import write_checkpoint
 
 _maml, _van = (load_config(PRESETS_DIR / f"pico-large-{arm}.yaml") for arm in ("maml", "vanilla"))
 _tokens, _, _flops = step_cost(_van)
-assert _tokens == 2048 * 2048 and _flops == ar_flops(_van.model, 2048 * 2048, 2048)
+assert _tokens == 2048 * 2048 and _flops == next_token_flops(_van.model, 2048 * 2048, 2048)
 assert 0.5 < step_cost(_maml)[2] / _flops < 0.55
 _per_rank = load_config(PRESETS_DIR / "pico-large-maml.yaml", ["smlmt.episode_scope=rank"])  # one episode per rank and draw
 _episode_flops = lambda cfg, gpus: step_cost(cfg, gpus)[2] - (1 - cfg.maml.rho) * _flops

@@ -170,8 +170,9 @@ with tempfile.TemporaryDirectory() as _tmp:
 
 # %%
 #| export
-def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
-    "Load the chosen checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
+def resume_or_start(run) -> int:
+    "Load the chosen checkpoint into `run`'s model, head, optimizer and RNG if resuming; return the step to start from."
+    fabric, cfg, run_dir = run.fabric, run.cfg, run.run_dir
     root = run_dir / "checkpoints"
     has_ckpts = any(root.glob("step_*"))
     if has_ckpts and not cfg.checkpoint.resume:
@@ -188,10 +189,10 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     step = 0
     if name:
         weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
-        load_checked(model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
+        load_checked(run.model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
                      f"{run_dir / 'config.yaml'})")
-        head.load_state_dict(head_weights)
-        optimizer.load_state_dict(state["optimizer"])
+        run.head.load_state_dict(head_weights)
+        run.optimizer.load_state_dict(state["optimizer"])
         if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
             torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
         step = meta["step"]
@@ -218,15 +219,16 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
 
 # %%
 #| export
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, *, model, head, optimizer, uploads=None) -> None:
-    "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+def save_training_state(run, step: int) -> None:
+    "Checkpoint `run` at `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+    fabric, cfg = run.fabric, run.cfg
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
         meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size, "run_name": cfg.logging.run_name}
-        root = run_dir / "checkpoints"
-        directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
+        root = run.run_dir / "checkpoints"
+        directory = write_checkpoint(root, step, run.model, run.head, meta, {"optimizer": run.optimizer.state_dict(), "rng_cpu": rng})
         prune_training_state(root, cfg.checkpoint.keep_state)
-        if uploads is not None: uploads.submit(directory)
+        if run.uploads is not None: run.uploads.submit(directory)
     fabric.barrier()
 
 
@@ -238,32 +240,37 @@ def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, *, model,
 # %%
 from lightning.fabric import Fabric
 
+from picomaml.layout import Run
+
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 
-def _objects(seed: int):
-    "A toy model, head and AdamW, initialised from `seed`."
+def _toy_run(seed: int, run_dir: Path, cfg=_cfg) -> Run:
+    "A run of a toy model, head and AdamW, initialised from `seed`."
     torch.manual_seed(seed)
-    model, head = PicoDecoder(_cfg.model), MAMLHead(24, 4, _cfg.maml, 64)
-    return model, head, torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
+    model, head = PicoDecoder(cfg.model), MAMLHead(24, 4, cfg.maml, 64)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
+    return Run(cfg=cfg, fabric=_fabric, model=model, head=head, optimizer=optimizer, run_dir=run_dir)
 
 with tempfile.TemporaryDirectory() as _tmp:
     _run = Path(_tmp) / "run"
-    _model, _head, _opt = _objects(0)
-    assert resume_or_start(_fabric, _cfg, _run, _model, _head, _opt) == 0 and (_run / "config.yaml").is_file()
-    for _p in [*_model.parameters(), *_head.parameters()]: _p.grad = torch.randn_like(_p)
+    _first = _toy_run(0, _run)
+    _model, _head, _opt = _first.model, _first.head, _first.optimizer
+    assert resume_or_start(_first) == 0 and (_run / "config.yaml").is_file()
+    for _p in _first.params: _p.grad = torch.randn_like(_p)
     _opt.step()
-    save_training_state(_fabric, _cfg, _run, 3, model=_model, head=_head, optimizer=_opt)
+    save_training_state(_first, 3)
     _next = torch.rand(5)  # what the run draws after the checkpoint
     _meta = read_meta(_run / "checkpoints/step_000003")
     assert (_meta["step"], _meta["data_position"], _meta["world_size"]) == (3, 3 * _cfg.train.global_batch, 1)
-    _model2, _head2, _opt2 = _objects(1)
-    assert resume_or_start(_fabric, _cfg, _run, _model2, _head2, _opt2) == 3
+    _second = _toy_run(1, _run)
+    _model2, _head2, _opt2 = _second.model, _second.head, _second.optimizer
+    assert resume_or_start(_second) == 3
     assert torch.equal(torch.rand(5), _next)
     assert all(torch.equal(a, b) for a, b in zip([*_model.state_dict().values(), *_head.state_dict().values()],
                                                  [*_model2.state_dict().values(), *_head2.state_dict().values()]))
     _s, _s2 = _opt.state_dict()["state"], _opt2.state_dict()["state"]
     assert _s.keys() == _s2.keys() and all(torch.equal(_s[i][k], _s2[i][k]) for i in _s for k in ("exp_avg", "exp_avg_sq"))
-    raises(lambda: resume_or_start(_fabric, load_config(None, [*_tiny, "checkpoint.resume=false"]), _run, *_objects(1)),
+    raises(lambda: resume_or_start(_toy_run(1, _run, load_config(None, [*_tiny, "checkpoint.resume=false"]))),
            "checkpoint.resume=false", kind=ConfigError)
 
 # %% [markdown]
@@ -312,10 +319,11 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT)
         self.step = step
 
-def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, *, saved: bool, **state) -> None:
-    "Checkpoint `step` (unless `saved`; `state`: save_training_state's model, head, optimizer, uploads), say so on rank 0, raise Preempted."
-    if not saved: save_training_state(fabric, cfg, run_dir, step, **state)
-    if fabric.global_rank == 0:
+def stop_for_preemption(run, step: int, *, saved: bool) -> None:
+    "Checkpoint `run` at `step` (unless already `saved`), say so on rank 0, raise Preempted."
+    run_dir = run.run_dir
+    if not saved: save_training_state(run, step)
+    if run.fabric.global_rank == 0:
         print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
               f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
     raise Preempted(step)
@@ -338,9 +346,9 @@ _flag.restore()
 assert signal.getsignal(signal.SIGTERM) == _before
 with tempfile.TemporaryDirectory() as _tmp:
     _run = Path(_tmp) / "run"
-    _model, _head, _opt = _objects(0)
-    resume_or_start(_fabric, _cfg, _run, _model, _head, _opt)
-    e = raises(lambda: stop_for_preemption(_fabric, _cfg, _run, 5, saved=False, model=_model, head=_head, optimizer=_opt), kind=Preempted)
+    _stopped = _toy_run(0, _run)
+    resume_or_start(_stopped)
+    e = raises(lambda: stop_for_preemption(_stopped, 5, saved=False), kind=Preempted)
     assert e.code == PREEMPTED_EXIT == 75 and e.step == 5
     assert has_training_state(_run / "checkpoints" / "step_000005")
 

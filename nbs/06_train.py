@@ -51,15 +51,16 @@ import torch
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import LOCK_FILE, checkpoint_due
-from picomaml.collectives import branch_draws, branch_layout, gather_parts, mix_seed, part_sizes, part_slice, pool_layout, sum_gradients
+from picomaml.collectives import branch_draws, gather_parts, mix_seed, part_sizes, part_slice, sum_gradients
 from picomaml.config import Config, ConfigError, ensure_writable
 from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from picomaml.device import cuda_capability, peak_memory_gib, reset_peak_memory
+from picomaml.layout import Run, step_layout
 from picomaml.lm_loss import next_token_backward
 from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder, count_parameters
-from picomaml.monitor import STATS, add_stats, monitor, monitoring_due, monitoring_missing, step_record
-from picomaml.plan import Plan, ar_flops, device_memory_gb, episode_flops, peak_flops, plan_run
+from picomaml.monitor import StepStats, monitor, monitoring_due, monitoring_missing, step_record
+from picomaml.plan import Plan, device_memory_gb, episode_flops, next_token_flops, peak_flops, plan_run
 from picomaml.resume import (
     PreemptionFlag,
     check_finite,
@@ -196,131 +197,225 @@ def episode_tables(cfg: Config) -> tuple:
     tok = load_tokenizer(cfg.data)
     return tok.word_start_table(), tok.alpha_len_table(), [tok.eos_id]
 
-def episode_draw(fabric, cfg: Config, model, head, local, tables, *, step: int, draw: int, accum: int) -> dict:
-    "One MAML episode of (step, draw) from this rank's pool rows `local`, gathered or on their own; returns this rank's statistics."
+def episode_draw(run: Run, step: int, draw: int, rows: torch.Tensor) -> StepStats:
+    "One MAML episode of (step, draw) from this rank's pool `rows`, gathered or on their own; this rank's statistics."
+    fabric, cfg, draws = run.fabric, run.cfg, run.layout.draws
     rank, world = fabric.global_rank, fabric.world_size
     own = cfg.smlmt.episode_scope == "rank"  # the released trainer: every rank its own episode, from its own rows
-    rows = local.to(fabric.device, non_blocking=True) if own else gather_parts(fabric, local.to(fabric.device, non_blocking=True),
-                                                                                [len(local)] * world)  # (pool rows, T + 1)
-    episode = build_episode(rows, cfg.smlmt, *tables, cfg.data.mask_id, seed=cfg.train.seed, step=step * accum + draw)
+    rows = rows.to(fabric.device, non_blocking=True)
+    pool = rows if own else gather_parts(fabric, rows, [len(rows)] * world)  # (pool rows, T + 1)
+    episode = build_episode(pool, cfg.smlmt, *run.tables, cfg.data.mask_id, seed=cfg.train.seed, step=step * draws + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
-    share = world if own else 1  # an own episode's query loss is one of `world` averaged (a gathered one is split, then summed)
+    # an own episode's query loss is one of `world` averaged; a gathered one is split over ranks, then summed
+    share = world if own else 1
     with fabric.autocast():
         split = {} if own else dict(gather=lambda f: gather_parts(fabric, f, part_sizes(n_support, world)),
-                                    support_part=part_slice(n_support, world, rank), query_part=part_slice(n_query, world, rank))
-        out = maml_step(model, head, episode, cfg.maml, **split, loss_scale=1 / (accum * share),
+                                    support_part=part_slice(n_support, world, rank),
+                                    query_part=part_slice(n_query, world, rank))
+        out = maml_step(run.model, run.head, episode, cfg.maml, **split, loss_scale=1 / (draws * share),
                         inner_seed=mix_seed(cfg.train.seed, step, draw, "inner"))
     window, my_support = episode.support_ids.shape[1], n_support if own else part_sizes(n_support, world)[rank]
-    return dict(loss=out["loss"] / (accum * share), query_loss=out["loss"] / share, n_maml=1, support_acc=out["support_acc"],
-                support_loss=out["support_loss"], support_acc_phi0=out["support_acc_phi0"], support_loss_phi0=out["support_loss_phi0"],
-                query_correct_phi0=out["query_correct_phi0"], query_loss_phi0=out["query_loss_phi0_sum"],
-                query_correct=out["query_correct"], query_count=out["query_count"], head_w_mean=out["head_weight_mean"],
-                head_w_std=out["head_weight_std"], tokens=(my_support + out["query_count"]) * window,
-                flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
+    return StepStats(loss=out["loss"] / (draws * share), query_loss=out["loss"] / share, n_maml=1,
+                     support_acc=out["support_acc"], support_loss=out["support_loss"],
+                     support_acc_phi0=out["support_acc_phi0"], support_loss_phi0=out["support_loss_phi0"],
+                     query_correct=out["query_correct"], query_count=out["query_count"],
+                     query_correct_phi0=out["query_correct_phi0"], query_loss_phi0=out["query_loss_phi0_sum"],
+                     head_weight_mean=out["head_weight_mean"], head_weight_std=out["head_weight_std"],
+                     tokens=(my_support + out["query_count"]) * window,
+                     flops=episode_flops(cfg.model, my_support * window, out["query_count"] * window, window))
 
-def next_token_draw(fabric, cfg: Config, model, rows, accum: int, chunk_rows: int) -> dict:
-    "One next-token micro-batch on this rank's `rows` (rows per rank, T + 1), `chunk_rows` at a time; returns this rank's statistics."
+def next_token_draw(run: Run, rows: torch.Tensor) -> StepStats:
+    "One next-token draw on this rank's `rows` (rows per rank, T + 1), in memory chunks; this rank's statistics."
+    fabric, cfg, draws = run.fabric, run.cfg, run.layout.draws
     seq_len = rows.shape[1] - 1
-    global_targets = cfg.train.branch_batch * seq_len  # the micro-batch's mean is over every rank's targets
-    loss_sum = next_token_backward(model, rows, chunk_rows, global_targets * accum, fabric.autocast, fabric.device)
+    global_targets = cfg.train.branch_batch * seq_len  # the draw's mean is over every rank's targets
+    loss_sum = next_token_backward(run.model, rows, run.layout.chunk_rows, global_targets * draws, fabric.autocast, fabric.device)
     share = loss_sum / global_targets
-    return dict(loss=share / accum, ar_loss=share, n_ar=1, tokens=rows.shape[0] * seq_len,
-                flops=ar_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
+    return StepStats(loss=share / draws, next_token_loss=share, n_next_token=1, tokens=rows.shape[0] * seq_len,
+                     flops=next_token_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
+
+
+# %% [markdown]
+# ## Setting up the run
+#
+# Algorithm 1, line 1 ("Initialize model f_theta, head h_phi, outer optimizer"), and what the loop
+# reads on every step: the memory plan and the step layout (`06_layout`), the run directory (rank 0
+# checks that one full checkpoint fits on its disk), the row sources of the two branches (the
+# next-token stream; the episode pool, the same stream or `smlmt.pool_rows` rows of a second order),
+# the tokenizer's word tables, and the evaluation sets.
+
+# %%
+#| export
+def start_run(cfg: Config, fabric, uploads=None) -> Run:
+    "The run of `cfg` on a launched Fabric: plan, layout, model, head, AdamW, row sources, word tables and evaluation sets."
+    plan = memory_plan(cfg, fabric.world_size, fabric.device)
+    run_dir, vocab = Path(cfg.logging.runs_dir) / cfg.logging.run_name, cfg.model.vocab_size
+    if fabric.global_rank == 0:  # room for one full checkpoint before anything is trained
+        ensure_writable(run_dir, "logging.runs_dir", need_bytes=16 * count_parameters(cfg.model))
+    model, head, optimizer = build_model(cfg, fabric.device)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    run = Run(cfg=cfg, fabric=fabric, model=model, head=head, optimizer=optimizer, run_dir=run_dir,
+              layout=step_layout(cfg, fabric.world_size, plan), uploads=uploads)
+    run.sources[False] = open_rows(cfg.data, "train", vocab, block_rows=cfg.train.branch_batch)
+    if cfg.maml.rho > 0:
+        run.sources[True] = run.sources[False] if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", vocab, cfg.smlmt.pool_rows)
+        run.tables = episode_tables(cfg)
+    if cfg.eval.every: run.documents = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
+    if cfg.spectra.every: run.spectra_rows = read_eval_rows(cfg.data, cfg.spectra.grad_rows, vocab)
+    return run
+
+
+# %% [markdown]
+# ## The draws of one step
+#
+# Lines 4–19 of Algorithm 1 for one optimizer step. The branch of every draw is one shared Bernoulli
+# draw of (seed, step) (`06_collectives`: every rank computes the same one, so nothing is broadcast).
+# Each draw's rows are read ahead on a background thread while the previous draw trains
+# (`RowPrefetcher`, `03_data`); before the draw runs, the RNG is seeded from (seed, step, draw, rank),
+# so dropout is a function of the position in the run and a resumed run repeats it exactly. Each
+# draw backpropagates at `1 / draws` and returns this rank's `StepStats` (`06_monitor`).
+
+# %%
+#| export
+def step_branches(run: Run, step: int) -> list[bool]:
+    "The branch of each draw of `step`: True an episode (probability rho), False a next-token draw; the same on every rank."
+    return branch_draws(run.cfg.train.seed, step, run.layout.draws, run.cfg.maml.rho)
+
+def rows_reader(run: Run, step: int, draw: int, episode: bool):
+    "The read of this rank's rows of (step, draw): its part of the episode's pool, or of the next-token draw."
+    layout, rank, world = run.layout, run.fabric.global_rank, run.fabric.world_size
+    rows, seed = (layout.pool_rows, layout.pool_seed) if episode else (layout.rows_per_rank, run.cfg.train.seed)
+    return lambda: batch_for_step(run.sources[episode], step, draw, rank, world, rows_per_rank=rows,
+                                  accum_steps=layout.draws, seed=seed)
+
+def take_rows(run: Run, ahead: RowPrefetcher, step: int, draw: int, branches: list[bool]) -> torch.Tensor:
+    "This draw's rows, read while the previous draw trained; asks for the next draw's (the next step's first after the last)."
+    rows = ahead.take((step, draw), rows_reader(run, step, draw, branches[draw]))
+    if draw + 1 < len(branches): ahead.ask((step, draw + 1), rows_reader(run, step, draw + 1, branches[draw + 1]))
+    elif step + 1 < run.cfg.train.steps: ahead.ask((step + 1, 0), rows_reader(run, step + 1, 0, step_branches(run, step + 1)[0]))
+    return rows
+
+def accumulate_draws(run: Run, ahead: RowPrefetcher, step: int) -> tuple[StepStats, list[bool]]:
+    "Every draw of `step` backpropagated (an episode or a next-token loss); this rank's summed statistics and the branches."
+    branches, stats = step_branches(run, step), StepStats()
+    for draw, is_episode in enumerate(branches):
+        rows = take_rows(run, ahead, step, draw, branches)
+        torch.manual_seed(mix_seed(run.cfg.train.seed, step, draw, run.fabric.global_rank))
+        stats += episode_draw(run, step, draw, rows) if is_episode else next_token_draw(run, rows)
+    return stats, branches
+
+
+# %% [markdown]
+# ## The outer update
+#
+# After the last draw (Algorithm 1, lines 20–22: "OptimizerStep(); SchedulerStep(); ZeroGrad();
+# AggregateMetrics"): the step's statistics are summed over ranks in one all-reduce, together with
+# every rank's branches (a rank that drew differently would silently train another objective, so it
+# is an error); the gradients are clipped (`train.grad_clip`, off in the papers; the norm is logged
+# either way), checked for NaN (`06_resume`: stop before a bad step reaches a checkpoint), and
+# AdamW steps backbone and head together.
+
+# %%
+#| export
+def step_totals(run: Run, step: int, stats: StepStats, branches: list[bool]) -> StepStats:
+    "This step's statistics summed over ranks; an error if the ranks drew different branches."
+    fabric, world = run.fabric, run.fabric.world_size
+    totals = torch.tensor(stats.as_list() + [float(b) for b in branches], dtype=torch.float64, device=fabric.device)
+    totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu().tolist()
+    n = len(totals) - len(branches)
+    if any(v not in (0, world) for v in totals[n:]):
+        raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[n:]}; the branch draw must be shared")
+    return StepStats(*totals[:n])
+
+def outer_update(run: Run, step: int, record: dict, recent_losses: deque) -> None:
+    "Clip, check and take the AdamW step of `step`, adding the gradient norms to its `record`."
+    head_grads = [p.grad for p in run.head.parameters() if p.grad is not None]
+    record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+    clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
+    record["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.params, clip).item()
+    check_finite(record, run.run_dir)
+    if run.fabric.global_rank == 0: confirm_if_healthy(run.run_dir / "checkpoints", step, record["loss"], list(recent_losses))
+    recent_losses.append(record["loss"])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# %% [markdown]
+# ## The step's record
+#
+# The logged line of the step (`06_monitor`) with its learning rate and branches, and two wall-clock
+# measures: tokens per second and the model FLOP utilisation against the device's peak (none on
+# CPU); on CUDA also the step's peak memory, to compare with the plan. Rank 0 appends it every
+# `logging.log_every` steps and at the last; every rank hands it to Fabric's loggers.
+
+# %%
+#| export
+def log_step(run: Run, step: int, record: dict, totals: StepStats, started: float) -> None:
+    "Add the step's throughput to its record and write it (rank 0, every logging.log_every steps and at the last)."
+    fabric, peak = run.fabric, peak_flops(run.fabric.device)
+    elapsed = time.perf_counter() - started
+    record["tokens_per_s"] = record["tokens"] / elapsed
+    record["mfu"] = totals.flops / elapsed / (peak * fabric.world_size) if peak else None
+    if (step_peak := peak_memory_gib(fabric.device)) is not None: record["peak_gib"] = step_peak
+    if fabric.global_rank == 0 and ((step + 1) % run.cfg.logging.log_every == 0 or step + 1 == run.cfg.train.steps):
+        append_records(run.run_dir / "metrics.jsonl", [record])
+    fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
 
 
 # %% [markdown]
 # ## The loop
 #
-# Paper 1 App. A, Algorithms 1 and 2, one branch micro-batch at a time. Per optimizer step: set the
-# learning rate; for each draw, take its rows (read ahead on a background thread while the previous
-# draw trained: `RowPrefetcher`, `03_data`), ask for the next draw's, seed the RNG from (seed, step,
-# draw, rank) so dropout is a function of the position in the run and a resumed run repeats it exactly,
-# and run the drawn branch. Then sum the gradients over ranks, check them, clip, and step AdamW. Log
-# the step (on CUDA with its peak memory, to compare with the plan), checkpoint it when due (step 0
-# too, before the first step; rank 0 hands it to the Hub uploads when `logging.hub_repo` is set), stop
-# with that step saved if any rank got a preemption signal (`06_resume`), and only then evaluate.
+# Paper 1 App. A, Algorithm 1 (Algorithm 2 is its rho = 0 case), one optimizer step at a time, as
+# nanoGPT's `train.py` reads. Before the first step: resume or start (`06_resume`: a relaunch
+# continues its newest good checkpoint; rank 0 holds the run directory's lock from here), checkpoint
+# step 0, and evaluate the initial weights. After every step: log it, checkpoint it when due (rank 0
+# hands it to the Hub uploads when `logging.hub_repo` is set), stop with that step saved if any rank
+# got a preemption signal, and only then evaluate, so a failing evaluation never loses a step.
 
 # %%
 #| export
 def train(cfg: Config, fabric, uploads=None) -> Path:
     "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory. `uploads`: rank 0's Hub uploads."
-    tc, rank, world, device = cfg.train, fabric.global_rank, fabric.world_size, fabric.device
-    accum, rows_per_rank = branch_layout(tc, world)
-    plan = memory_plan(cfg, world, device)
-    run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
-    if rank == 0: ensure_writable(run_dir, "logging.runs_dir", need_bytes=16 * count_parameters(cfg.model))  # one full checkpoint
-    model, head, optimizer = build_model(cfg, device)
-    model.activation_checkpointing = tc.activation_checkpointing
-    params = [*model.parameters(), *head.parameters()]
-    train_rows = open_rows(cfg.data, "train", cfg.model.vocab_size, block_rows=tc.branch_batch)
-    vocab, evaluated = cfg.model.vocab_size, dict(spectra_batch=plan.spectra_batch)  # what monitor() evaluates on, read once
-    if cfg.eval.every: evaluated["documents"] = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
-    if cfg.spectra.every: evaluated["spectra_rows"] = read_eval_rows(cfg.data, cfg.spectra.grad_rows, vocab)
-    sources = {False: (train_rows, rows_per_rank, tc.seed)}  # is an episode -> (source, rows per rank, seed of its order)
-    if cfg.maml.rho > 0:
-        pool_rows = train_rows if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", cfg.model.vocab_size, cfg.smlmt.pool_rows)
-        sources[True], tables = (pool_rows, *pool_layout(cfg, world, rows_per_rank)), episode_tables(cfg)
-    def read(step: int, draw: int, episode: bool):
-        "The read of this rank's rows of (step, draw): its part of the episode's pool, or of the next-token micro-batch."
-        source, rows, seed = sources[episode]
-        return lambda: batch_for_step(source, step, draw, rank, world, rows_per_rank=rows, accum_steps=accum, seed=seed)
-    peak, ahead = peak_flops(device), RowPrefetcher(pin=device.type == "cuda")
+    tc, run = cfg.train, start_run(cfg, fabric, uploads)
+    ahead = RowPrefetcher(pin=fabric.device.type == "cuda")
     recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
     try:
-        start = resume_or_start(fabric, cfg, run_dir, model, head, optimizer)  # rank 0 holds the run directory's lock from here
-        state = dict(model=model, head=head, optimizer=optimizer, uploads=uploads)  # what a checkpoint saves
-        if start == 0: save_training_state(fabric, cfg, run_dir, 0, **state)
-        due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run_dir, start), src=0)
-        monitor(fabric, cfg, run_dir, model, start, due, **evaluated)  # step 0 evaluated on the initial weights
-        bar = tqdm(total=tc.steps, initial=start, disable=rank != 0 or not cfg.logging.progress_bar, desc=cfg.logging.run_name)
+        start = resume_or_start(run)
+        if start == 0: save_training_state(run, 0)
+        # step 0: the initial weights evaluated; a relaunch runs what its last launch missed
+        due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run.run_dir, start), src=0)
+        monitor(run, start, due)
+        bar = tqdm(total=tc.steps, initial=start, disable=fabric.global_rank != 0 or not cfg.logging.progress_bar,
+                   desc=cfg.logging.run_name)
         for step in range(start, tc.steps):
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups: group["lr"] = lr
-            started, stats = time.perf_counter(), dict.fromkeys(STATS, 0.0)
-            reset_peak_memory(device)
-            branches = branch_draws(tc.seed, step, accum, cfg.maml.rho)
-            for draw, is_episode in enumerate(branches):
-                rows = ahead.take((step, draw), read(step, draw, is_episode))  # read while the previous draw trained
-                if draw + 1 < accum: ahead.ask((step, draw + 1), read(step, draw + 1, branches[draw + 1]))
-                elif step + 1 < tc.steps: ahead.ask((step + 1, 0), read(step + 1, 0, branch_draws(tc.seed, step + 1, accum, cfg.maml.rho)[0]))
-                torch.manual_seed(mix_seed(tc.seed, step, draw, rank))
-                if is_episode: add_stats(stats, **episode_draw(fabric, cfg, model, head, rows, tables, step=step, draw=draw, accum=accum))
-                else: add_stats(stats, **next_token_draw(fabric, cfg, model, rows, accum, plan.chunk_rows))
-            sum_gradients(fabric, params)
-            totals = torch.tensor([stats[k] for k in STATS] + [float(b) for b in branches], dtype=torch.float64, device=device)
-            totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu()
-            if any(v not in (0, world) for v in totals[len(STATS):].tolist()):
-                raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[len(STATS):].tolist()}; the branch draw must be shared")
-            record = {"step": step + 1, **step_record(totals[: len(STATS)], world), "lr": lr,
-                      "branches": "".join("M" if b else "A" for b in branches)}
-            head_grads = [p.grad for p in head.parameters() if p.grad is not None]
-            record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf).item()
-            check_finite(record, run_dir)
-            if rank == 0: confirm_if_healthy(run_dir / "checkpoints", step, record["loss"], list(recent_losses))
-            recent_losses.append(record["loss"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            record["tokens_per_s"] = record["tokens"] / elapsed
-            record["mfu"] = totals[STATS.index("flops")].item() / elapsed / (peak * world) if peak else None
-            if (step_peak := peak_memory_gib(device)) is not None: record["peak_gib"] = step_peak
-            if rank == 0 and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == tc.steps):
-                append_records(run_dir / "metrics.jsonl", [record])
-            fabric.log_dict({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+            # the learning rate of this step: warmup, then cosine (or linear) decay
+            started, lr = time.perf_counter(), lr_at(step, tc)
+            for group in run.optimizer.param_groups: group["lr"] = lr
+            reset_peak_memory(fabric.device)
+            # every draw: an SMLMT episode with probability rho, else a next-token loss; backward at 1 / draws
+            stats, branches = accumulate_draws(run, ahead, step)
+            # one all-reduce of the gradients: each rank's loss was its share of the global objective
+            sum_gradients(fabric, run.params)
+            totals = step_totals(run, step, stats, branches)
+            record = {"step": step + 1, **step_record(totals, fabric.world_size), "lr": lr,
+                      "branches": "".join("M" if b else "N" for b in branches)}
+            # clip, NaN and divergence checks, AdamW over backbone and head
+            outer_update(run, step, record, recent_losses)
+            log_step(run, step, record, totals, started)
+            # checkpoint when due; on a preemption signal save this step and exit for a requeue
             saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
-            if saved: save_training_state(fabric, cfg, run_dir, step + 1, **state)
-            if step + 1 < tc.steps and preemption_agreed(fabric, preemption):  # any rank signalled: keep this step, exit for a requeue
-                stop_for_preemption(fabric, cfg, run_dir, step + 1, saved=saved, **state)
-            monitor(fabric, cfg, run_dir, model, step + 1, monitoring_due(cfg, step + 1), **evaluated)
+            if saved: save_training_state(run, step + 1)
+            if step + 1 < tc.steps and preemption_agreed(fabric, preemption): stop_for_preemption(run, step + 1, saved=saved)
+            # Paloma and spectra after the checkpoint, so a failing evaluation loses no step
+            monitor(run, step + 1, monitoring_due(cfg, step + 1))
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", branches=record["branches"])
     finally:
         ahead.close()
         preemption.restore()
-        release_lock(run_dir / LOCK_FILE)
+        release_lock(run.run_dir / LOCK_FILE)
     bar.close()
-    return run_dir
+    return run.run_dir
 
 
 # %% [markdown]
@@ -372,7 +467,7 @@ finally: build_episode = _real_build
 _log = read_metrics(_run)
 assert "paloma_doc_ppl" in _log[0] and "loss" not in _log[0]  # step 0: the initial weights evaluated, before any step
 _log = _log[1:]
-assert [r["step"] for r in _log] == list(range(1, 9)) and all(r["n_maml"] == 0 and r["n_ar"] == 2 for r in _log)
+assert [r["step"] for r in _log] == list(range(1, 9)) and all(r["n_maml"] == 0 and r["n_next_token"] == 2 for r in _log)
 assert _log[-1]["loss"] < _log[0]["loss"] - 0.3, [r["loss"] for r in _log]
 assert all(r["query_loss"] is None and r["support_acc"] is None and r["head_grad_norm"] is None for r in _log)
 assert _log[3]["paloma_ppl"] > _log[7]["paloma_ppl"] and "paloma_doc_ppl" in _log[7] and "paloma_ppl" not in _log[4]
@@ -389,7 +484,7 @@ print(*(f"step {r['step']}: loss {r['loss']:.3f} lr {r['lr']:.4f} {r['tokens_per
 _run = train(tiny_config(_runs, "maml.rho=1", "logging.run_name=maml", "train.steps=3", "eval.every=0",
                          "checkpoint.log_spaced=true"), _fabric)
 _log = read_metrics(_run)
-assert all(r["n_ar"] == 0 and r["n_maml"] == 2 and r["branches"] == "MM" and r["ar_loss"] is None for r in _log)
+assert all(r["n_next_token"] == 0 and r["n_maml"] == 2 and r["branches"] == "MM" and r["next_token_loss"] is None for r in _log)
 assert all(0 <= r["support_acc"] <= 1 and 0 <= r["query_acc"] <= 1 and r["head_grad_norm"] > 0 for r in _log)
 assert all(math.isclose(r["loss"], r["query_loss"], rel_tol=1e-12) for r in _log)
 _head0, _head3 = (load_file(_run / f"checkpoints/step_00000{s}/head.safetensors") for s in (0, 3))
@@ -416,15 +511,19 @@ assert all(torch.equal(v, load_file(_ranked / "checkpoints/step_000003/model.saf
 import contextlib
 from types import SimpleNamespace
 
+from picomaml.layout import StepLayout
+
 _cfg = tiny_config(_runs, "maml.rho=1", "maml.head_dropout=0", "smlmt.episode_scope=rank")
 _tables, _pools = episode_tables(_cfg), open_rows(_cfg.data, "train", _cfg.model.vocab_size).rows(range(128)).split(64)
 def _rank_grads(world: int, rank: int, local) -> tuple[dict, float]:
     "Gradients and query loss one rank's draw leaves, on a stand-in fabric without collectives."
-    model, head, _ = build_model(_cfg, torch.device("cpu"))  # seeded by train.seed: the same start every call
+    model, head, optimizer = build_model(_cfg, torch.device("cpu"))  # seeded by train.seed: the same start every call
     fabric = SimpleNamespace(global_rank=rank, world_size=world, device=torch.device("cpu"), autocast=contextlib.nullcontext)
-    out = episode_draw(fabric, _cfg, model, head, local, _tables, step=0, draw=0, accum=1)
+    layout = StepLayout(draws=1, rows_per_rank=len(local), chunk_rows=len(local), pool_rows=len(local), pool_seed=0, spectra_batch=0)
+    run = Run(cfg=_cfg, fabric=fabric, model=model, head=head, optimizer=optimizer, run_dir=_runs, layout=layout, tables=_tables)
+    out = episode_draw(run, 0, 0, local)
     grads = {f"{i}.{n}": p.grad.clone() for i, m in enumerate((model, head)) for n, p in m.named_parameters() if p.grad is not None}
-    return grads, out["query_loss"]
+    return grads, out.query_loss
 _alone = [_rank_grads(1, 0, pool) for pool in _pools]  # each rank's rows as a one-process episode
 _ranks = [_rank_grads(2, r, pool) for r, pool in enumerate(_pools)]
 assert all(torch.allclose(_ranks[0][0][n] + _ranks[1][0][n], (_alone[0][0][n] + _alone[1][0][n]) / 2, atol=1e-7) for n in _alone[0][0])

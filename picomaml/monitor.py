@@ -5,6 +5,7 @@
 # %% ../nbs/06_monitor.ipynb #3b6e9d6c
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,31 +19,50 @@ from .runlog import append_records, logged_steps
 from .spectra import loss_gradients, select_matrices, spectrum_records
 
 # %% auto #0
-__all__ = ['STATS', 'add_stats', 'step_record', 'evaluate', 'record_run_spectra', 'monitoring_due', 'monitoring_missing',
-           'monitor']
+__all__ = ['StepStats', 'step_record', 'evaluate', 'record_run_spectra', 'monitoring_due', 'monitoring_missing', 'monitor']
 
 # %% ../nbs/06_monitor.ipynb #c6e72791
-STATS = ("loss", "ar_loss", "query_loss", "n_ar", "n_maml", "support_acc", "query_correct", "query_count",
-         "head_w_mean", "head_w_std", "tokens", "flops", "support_loss", "support_acc_phi0", "support_loss_phi0",
-         "query_correct_phi0", "query_loss_phi0")
+@dataclass
+class StepStats:
+    "One rank's sums over the draws of an optimizer step: all-reduced as one vector, logged as means by `step_record`."
+    loss: float = 0.0  # this rank's share of the step's objective
+    next_token_loss: float = 0.0  # the next-token draws' mean losses, summed over draws
+    query_loss: float = 0.0  # the episodes' query losses, summed (this rank's share of each)
+    n_next_token: float = 0.0  # next-token draws (each rank counts every one)
+    n_maml: float = 0.0  # episodes (each rank counts every one)
+    support_acc: float = 0.0  # phi_T's support accuracy, summed over episodes
+    support_loss: float = 0.0  # phi_T's support loss, summed over episodes
+    query_correct: float = 0.0  # phi_T's correct query predictions on this rank
+    query_count: float = 0.0  # query examples on this rank
+    support_acc_phi0: float = 0.0  # the same four of phi_0, the head before its inner loop
+    support_loss_phi0: float = 0.0
+    query_correct_phi0: float = 0.0
+    query_loss_phi0: float = 0.0  # summed over this rank's query examples
+    head_weight_mean: float = 0.0  # phi_T's logits layer, summed over episodes
+    head_weight_std: float = 0.0
+    tokens: float = 0.0  # tokens through the model on this rank
+    flops: float = 0.0  # model FLOPs on this rank
 
-def add_stats(stats: dict, **values) -> None:
-    "Add named values to this rank's statistics of the step."
-    for key, value in values.items(): stats[key] += value
+    def __add__(self, other: StepStats) -> StepStats:
+        return StepStats(*(a + b for a, b in zip(self.as_list(), other.as_list())))
 
-def step_record(totals: torch.Tensor, world_size: int) -> dict:
-    "Logged means from the all-reduced per-rank sums of STATS."
-    t = dict(zip(STATS, totals.tolist()))
-    n_ar, n_maml = round(t["n_ar"] / world_size), round(t["n_maml"] / world_size)
+    def as_list(self) -> list[float]:
+        "The fields in order, as plain floats (for the one all-reduce)."
+        return [float(getattr(self, f.name)) for f in fields(self)]
+
+def step_record(totals: StepStats, world_size: int) -> dict:
+    "Logged means from the all-reduced per-rank sums of a step's statistics."
+    t = asdict(totals)
+    n_next_token, n_maml = round(t["n_next_token"] / world_size), round(t["n_maml"] / world_size)
     per_episode = lambda key, ranks=world_size: t[key] / ranks / n_maml if n_maml else None  # same value on every rank
     query_share = lambda key: t[key] / t["query_count"] if n_maml else None  # over every query example of the step
-    return {"loss": t["loss"], "ar_loss": t["ar_loss"] / n_ar if n_ar else None,
-            "query_loss": per_episode("query_loss", 1), "n_ar": n_ar, "n_maml": n_maml,
+    return {"loss": t["loss"], "next_token_loss": t["next_token_loss"] / n_next_token if n_next_token else None,
+            "query_loss": per_episode("query_loss", 1), "n_next_token": n_next_token, "n_maml": n_maml,
             "support_acc": per_episode("support_acc"), "query_acc": query_share("query_correct"),
             "support_loss": per_episode("support_loss"), "support_acc_phi0": per_episode("support_acc_phi0"),
             "support_loss_phi0": per_episode("support_loss_phi0"), "query_acc_phi0": query_share("query_correct_phi0"),
-            "query_loss_phi0": query_share("query_loss_phi0"),
-            "head_w_mean": per_episode("head_w_mean"), "head_w_std": per_episode("head_w_std"), "tokens": round(t["tokens"])}
+            "query_loss_phi0": query_share("query_loss_phi0"), "head_weight_mean": per_episode("head_weight_mean"),
+            "head_weight_std": per_episode("head_weight_std"), "tokens": round(t["tokens"])}
 
 # %% ../nbs/06_monitor.ipynb #fd36becf
 def evaluate(fabric, model, documents: list, ec) -> dict:
@@ -75,19 +95,18 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
     return (want_eval and step not in logged_steps(run_dir / "metrics.jsonl", "paloma_ppl"),
             want_spectra and step not in logged_steps(run_dir / "spectra.jsonl", "per"))
 
-def monitor(fabric, cfg: Config, run_dir: Path, model, step: int, what: tuple[bool, bool], *, documents=None,
-            spectra_rows=None, spectra_batch: int | None = None) -> None:
-    "Evaluate and/or record spectra at `step`, appending an evaluation line to metrics.jsonl on rank 0 (on CUDA: each one's peak GiB)."
-    do_eval, do_spectra = what
+def monitor(run, step: int, due: tuple[bool, bool]) -> None:
+    "Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; rank 0 appends them (on CUDA: each one's peak GiB)."
+    fabric, metrics = run.fabric, run.run_dir / "metrics.jsonl"
+    do_eval, do_spectra = due
     if do_eval:
         reset_peak_memory(fabric.device)
-        record = {"step": step, **evaluate(fabric, model, documents, cfg.eval)}
+        record = {"step": step, **evaluate(fabric, run.model, run.documents, run.cfg.eval)}
         if (peak := peak_memory_gib(fabric.device)) is not None: record["eval_peak_gib"] = peak
-        if fabric.global_rank == 0:
-            append_records(run_dir / "metrics.jsonl", [record])
+        if fabric.global_rank == 0: append_records(metrics, [record])
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, model, spectra_rows, cfg, step, run_dir, batch_rows=spectra_batch)
+        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir, batch_rows=run.layout.spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
-            append_records(run_dir / "metrics.jsonl", [{"step": step, "spectra_peak_gib": peak}])
+            append_records(metrics, [{"step": step, "spectra_peak_gib": peak}])

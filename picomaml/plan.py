@@ -18,11 +18,11 @@ from .device import peak_tflops, resolve_precision
 
 # %% auto #0
 __all__ = ['LOSS_CHUNK', 'GIB', 'RESERVE', 'FRAGMENTATION', 'SPECTRA_GROUP_ROWS', 'PROCESS_COUNT', 'WHOLE_SPLIT_ROWS',
-           'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'ar_flops', 'episode_flops',
-           'peak_flops', 'param_counts', 'block_saved_bytes', 'activation_bytes', 'uses_math_attention',
-           'attention_probs_bytes', 'block_kept_bytes', 'kept_bytes', 'chunk_peak_bytes', 'episode_peak_bytes',
-           'step_transient_bytes', 'eval_peak_bytes', 'matrix_sizes', 'spectra_peak_bytes', 'with_reserve',
-           'device_memory_gb', 'phase_bytes', 'largest_fitting', 'choose_chunk', 'choose_spectra_batch',
+           'SAFETENSORS_PER_TENSOR', 'STATE_PER_TENSOR', 'RNG_STATE', 'PART_LABELS', 'next_token_flops',
+           'episode_flops', 'peak_flops', 'param_counts', 'block_saved_bytes', 'activation_bytes',
+           'uses_math_attention', 'attention_probs_bytes', 'block_kept_bytes', 'kept_bytes', 'chunk_peak_bytes',
+           'episode_peak_bytes', 'step_transient_bytes', 'eval_peak_bytes', 'matrix_sizes', 'spectra_peak_bytes',
+           'with_reserve', 'device_memory_gb', 'phase_bytes', 'largest_fitting', 'choose_chunk', 'choose_spectra_batch',
            'layout_problem', 'memory_problem', 'rows_problem', 'step_cost', 'wall_time', 'checkpoint_disk', 'Plan',
            'memory_parts', 'plan_run', 'format_plan', 'parse_args', 'main']
 
@@ -32,7 +32,7 @@ def _block_params(mc) -> int:
     kv = mc.d_model // mc.n_heads * mc.n_kv_heads
     return 2 * mc.d_model * mc.d_model + 2 * mc.d_model * kv + 3 * mc.d_model * mc.ffn_hidden
 
-def ar_flops(mc, tokens: int, seq_len: int) -> float:
+def next_token_flops(mc, tokens: int, seq_len: int) -> float:
     "Forward + backward FLOPs of `tokens` next-token positions in sequences of `seq_len`."
     n_matmul = mc.n_layers * _block_params(mc) + mc.d_model * mc.vocab_size  # blocks + output layer
     return tokens * (6 * n_matmul + 12 * mc.n_layers * mc.d_model * seq_len)
@@ -276,9 +276,9 @@ def step_cost(cfg: Config, gpus: int = 1) -> tuple[int, float, float]:
     draws, rho = tc.global_batch / tc.branch_batch, cfg.maml.rho
     episodes = gpus if sc.episode_scope == "rank" else 1  # episodes per MAML draw: one per rank, or one gathered
     support, query = episodes * sc.n_way * sc.k_shot * sc.window, episodes * sc.n_way * sc.q_query * sc.window
-    ar_tokens = tc.branch_batch * T
-    tokens = draws * (rho * (support + query) + (1 - rho) * ar_tokens)
-    flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * ar_flops(mc, ar_tokens, T))
+    next_token_tokens = tc.branch_batch * T
+    tokens = draws * (rho * (support + query) + (1 - rho) * next_token_tokens)
+    flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * next_token_flops(mc, next_token_tokens, T))
     return tc.global_batch * T, tokens, flops
 
 WHOLE_SPLIT_ROWS = 1024  # the time estimate's guess at a whole evaluation split, in rows (or documents) of data.seq_len
@@ -288,7 +288,7 @@ def wall_time(cfg: Config, flops_per_step: float, gpus: int, tflops: float | Non
     if not tflops: return None, None
     rate, T = gpus * tflops * 1e12 * mfu, cfg.data.seq_len
     times = lambda every: cfg.train.steps // every + 1 if every else 0  # step 0 too
-    row = ar_flops(cfg.model, T, T)  # forward + backward of one row
+    row = next_token_flops(cfg.model, T, T)  # forward + backward of one row
     monitoring = (times(cfg.eval.every) * (cfg.eval.max_documents or WHOLE_SPLIT_ROWS) * row / 3  # forward only
                   + times(cfg.spectra.every) * (cfg.spectra.grad_rows or WHOLE_SPLIT_ROWS) * row)
     return flops_per_step / rate, (cfg.train.steps * flops_per_step + monitoring) / rate / 3600

@@ -73,8 +73,9 @@ def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) ->
     truncate_after(run_dir / "metrics.jsonl", step)
 
 # %% ../nbs/06_resume.ipynb #5419cf6d
-def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) -> int:
-    "Load the chosen checkpoint into model/head/optimizer/RNG if resuming; return the step to start from."
+def resume_or_start(run) -> int:
+    "Load the chosen checkpoint into `run`'s model, head, optimizer and RNG if resuming; return the step to start from."
+    fabric, cfg, run_dir = run.fabric, run.cfg, run.run_dir
     root = run_dir / "checkpoints"
     has_ckpts = any(root.glob("step_*"))
     if has_ckpts and not cfg.checkpoint.resume:
@@ -91,10 +92,10 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     step = 0
     if name:
         weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
-        load_checked(model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
+        load_checked(run.model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
                      f"{run_dir / 'config.yaml'})")
-        head.load_state_dict(head_weights)
-        optimizer.load_state_dict(state["optimizer"])
+        run.head.load_state_dict(head_weights)
+        run.optimizer.load_state_dict(state["optimizer"])
         if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
             torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
         step = meta["step"]
@@ -110,15 +111,16 @@ def resume_or_start(fabric, cfg: Config, run_dir: Path, model, head, optimizer) 
     return step
 
 # %% ../nbs/06_resume.ipynb #448864c2
-def save_training_state(fabric, cfg: Config, run_dir: Path, step: int, *, model, head, optimizer, uploads=None) -> None:
-    "Checkpoint `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+def save_training_state(run, step: int) -> None:
+    "Checkpoint `run` at `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
+    fabric, cfg = run.fabric, run.cfg
     rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
     if fabric.global_rank == 0:
         meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size, "run_name": cfg.logging.run_name}
-        root = run_dir / "checkpoints"
-        directory = write_checkpoint(root, step, model, head, meta, {"optimizer": optimizer.state_dict(), "rng_cpu": rng})
+        root = run.run_dir / "checkpoints"
+        directory = write_checkpoint(root, step, run.model, run.head, meta, {"optimizer": run.optimizer.state_dict(), "rng_cpu": rng})
         prune_training_state(root, cfg.checkpoint.keep_state)
-        if uploads is not None: uploads.submit(directory)
+        if run.uploads is not None: run.uploads.submit(directory)
     fabric.barrier()
 
 # %% ../nbs/06_resume.ipynb #67a0f91f
@@ -149,10 +151,11 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT)
         self.step = step
 
-def stop_for_preemption(fabric, cfg: Config, run_dir: Path, step: int, *, saved: bool, **state) -> None:
-    "Checkpoint `step` (unless `saved`; `state`: save_training_state's model, head, optimizer, uploads), say so on rank 0, raise Preempted."
-    if not saved: save_training_state(fabric, cfg, run_dir, step, **state)
-    if fabric.global_rank == 0:
+def stop_for_preemption(run, step: int, *, saved: bool) -> None:
+    "Checkpoint `run` at `step` (unless already `saved`), say so on rank 0, raise Preempted."
+    run_dir = run.run_dir
+    if not saved: save_training_state(run, step)
+    if run.fabric.global_rank == 0:
         print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
               f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
     raise Preempted(step)
