@@ -37,9 +37,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import shutil
-import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +75,30 @@ def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, l
 # (N(0, 0.02), the GPT-2/LLaMA convention) remains an option. Every setting the papers leave unstated
 # is listed, with its source, in `docs/settings.md`.
 
+# Every section is made checked: `Section.__post_init__` checks each value against its field (type,
+# choices, bounds: `check_value`, below) and then the section's own rules between its keys, so a
+# `TrainConfig(global_batch=100)` built in code fails as `train.global_batch=100` on the command line
+# does, and no module downstream needs to check a range again.
+
+# %%
+#| export
+class Section:
+    "Base of the config sections: made checked (every value, then the section's `rules`); its key is its class name's stem."
+    def __post_init__(self): check_section(self)
+
+    def rules(self) -> str:
+        "Why this section's values cannot go together (naming the keys and what to change), or ''."
+        return ""
+
+def section_key(section) -> str:
+    "The section's name in `section.key=value`: ModelConfig -> model, SMLMTConfig -> smlmt."
+    return type(section).__name__.removesuffix("Config").lower()
+
+
 # %%
 #| export
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     d_model: int = opt(768, "hidden size d (tiny 96, small 384, medium 768, large 1536)", ge=1)
     n_layers: int = opt(12, "decoder blocks", ge=1)
     n_heads: int = opt(12, "query heads of grouped-query attention", ge=1)
@@ -96,6 +113,14 @@ class ModelConfig:
                     choices=("pytorch", "normal"))
     init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
+    def rules(self) -> str:
+        if self.d_model % self.n_heads: return f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+        if self.n_heads % self.n_kv_heads:
+            return f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
+        if (self.d_model // self.n_heads) % 2:
+            return f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} must be even for RoPE"
+        return ""
+
 
 # %% [markdown]
 # **data** — pretokenized rows in Pico's format (paper 1 §3.3: Dolma "already tokenised and chunked
@@ -108,7 +133,7 @@ class ModelConfig:
 # %%
 #| export
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     source: str = opt("auto", "auto: local path, else $PICOMAML_DATA, else the Hub; hub: always stream `*_hub`",
                       choices=("auto", "hub"))
     train_path: str = opt("", "local directory of parquet shards for pretraining; empty: the Hub dataset `train_hub`")
@@ -125,6 +150,12 @@ class DataConfig:
                           "(the released trainer: the last 512 of pretokenized-dolma's 2,049)", ge=0)
     eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
+
+    def rules(self) -> str:
+        if 0 < self.row_len <= self.seq_len:
+            return (f"data.row_len={self.row_len} is shorter than data.seq_len + 1 = {self.seq_len + 1}: a row must hold a whole "
+                    f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
+        return ""
 
 
 # %% [markdown]
@@ -148,7 +179,7 @@ class DataConfig:
 # %%
 #| export
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     steps: int = opt(6000, "optimizer steps", ge=1)
     global_batch: int = opt(2048, "sequences per optimizer step, over all ranks (1,024 for tiny)", ge=1)
     branch_batch: int = opt(256, "sequences of one hybrid draw over all ranks: a next-token micro-batch or an episode's pool", ge=1)
@@ -172,6 +203,12 @@ class TrainConfig:
                                       "(PyTorch's default, 30 minutes)", gt=0)
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
+    def rules(self) -> str:
+        if self.global_batch % self.branch_batch:
+            return (f"train.global_batch={self.global_batch} must be a multiple of train.branch_batch={self.branch_batch} "
+                    f"(paper: 2048 = 8 × 256); change one of them")
+        return ""
+
 
 # %% [markdown]
 # **checkpoint** — what a run keeps (paper 2 App. F, Table 6: every 100 steps). Every scheduled step
@@ -184,7 +221,7 @@ class TrainConfig:
 # %%
 #| export
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = opt(100, "write a checkpoint every this many optimizer steps (step 0 and the last step always)", ge=1)
     log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
     keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
@@ -200,7 +237,7 @@ class CheckpointConfig:
 # %%
 #| export
 @dataclass
-class SMLMTConfig:
+class SMLMTConfig(Section):
     n_way: int = opt(32, "classes (masked words) per episode", ge=2)
     k_shot: int = opt(4, "support windows per class", ge=1)
     q_query: int = opt(4, "query windows per class, disjoint from the support windows", ge=1)
@@ -214,6 +251,12 @@ class SMLMTConfig:
     min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
+    def rules(self) -> str:
+        if self.query_source == "support" and self.q_query != self.k_shot:
+            return (f"smlmt.query_source=support makes the query set the support set, so smlmt.q_query "
+                    f"({self.q_query}) must equal smlmt.k_shot ({self.k_shot})")
+        return ""
+
 
 # %% [markdown]
 # **maml** — the first-order MAML hybrid step (paper 2 §2.3 and App. F, Table 6; paper 1 App. A,
@@ -223,7 +266,7 @@ class SMLMTConfig:
 # %%
 #| export
 @dataclass
-class MAMLConfig:
+class MAMLConfig(Section):
     rho: float = opt(0.5, "probability that a micro-batch is a MAML episode (0: vanilla)", ge=0, le=1)
     inner_steps: int = opt(10, "inner-loop SGD steps T on the support loss", ge=0)
     inner_lr: float = opt(1e-3, "inner-loop learning rate alpha (the released trainer used 0.01)", ge=0)
@@ -242,7 +285,7 @@ class MAMLConfig:
 # %%
 #| export
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     every: int = opt(100, "evaluate every this many optimizer steps; 0 disables", ge=0)
     max_documents: int = opt(0, "Paloma documents evaluated (the split's first), each on its own; 0: the whole split, as pico-train", ge=0)
     batch_size: int = opt(16, "evaluation documents per device per forward", ge=1)
@@ -255,7 +298,7 @@ class EvalConfig:
 # %%
 #| export
 @dataclass
-class SpectraConfig:
+class SpectraConfig(Section):
     every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
     grad_rows: int = opt(0, "rows of the evaluation split (its first) whose mean next-token loss gives the gradients; "
@@ -270,7 +313,7 @@ class SpectraConfig:
 # %%
 #| export
 @dataclass
-class NERConfig:
+class NERConfig(Section):
     data_path: str = opt("", "local UNER directory (<dataset>/<dataset>-ud-<split>.iob2); empty: $PICOMAML_DATA/uner, else the Hub")
     data_hub: str = opt("universalner/universal_ner", "Hub dataset of Universal NER")
     head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)", choices=("linear", "crf"))
@@ -296,7 +339,7 @@ class NERConfig:
 # %%
 #| export
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     runs_dir: str = opt("runs", "parent directory of run directories")
     run_name: str = opt("pico-maml", "this run's directory under runs_dir (one name: no '/', not '..')", name=True)
     log_every: int = opt(1, "write a metrics line every this many optimizer steps", ge=1)
@@ -321,11 +364,7 @@ class Config:
     ner: NERConfig = field(default_factory=NERConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-
-# %%
-cfg = Config()
-assert cfg.model.d_model == 768 and cfg.maml.rho == 0.5 and cfg.smlmt.n_way == 32
-assert cfg.spectra.layers is not Config().spectra.layers  # list defaults are not shared between configs
+    def __post_init__(self): check_config(self)
 
 
 # %% [markdown]
@@ -388,6 +427,53 @@ for key, field_, bad in (("maml.rho", _m["rho"], 1.5), ("maml.rho", _m["rho"], -
     e = raises(lambda: coerce_value(key, bad, field_), kind=ConfigError)
     assert str(e).startswith(f"{key}={bad!r} is out of range"), e
 assert coerce_value("maml.rho", 1, _m["rho"]) == 1.0 and coerce_value("maml.rho", 0, _m["rho"]) == 0.0
+
+
+# %% [markdown]
+# ## Checking a section and the whole configuration
+#
+# A section is checked when it is made (`Section.__post_init__`): every value as above, then its own
+# rules (the model's head shapes, the batch that must split into branch micro-batches, a query set
+# that is the support set). The `Config` then checks the rules that span sections: an episode's
+# window must fit in a training row. Overrides set one value at a time (`d_model` before `n_heads`
+# may pass through a shape that does not divide), so `load_config` checks the rules once more when
+# every override is in, and the error names the keys to change.
+
+# %%
+#| export
+def check_section(section: Section) -> None:
+    "Check every value of `section` (type, choices, bounds), then its rules; ConfigError naming the key."
+    key = section_key(section)
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, coerce_value(f"{key}.{f.name}", getattr(section, f.name), f))
+    if problem := section.rules(): raise ConfigError(problem)
+
+def config_rules(cfg: Config) -> str:
+    "Why values of different sections cannot go together, or ''."
+    if cfg.maml.rho > 0 and cfg.smlmt.window > cfg.data.seq_len + 1:
+        return (f"smlmt.window={cfg.smlmt.window} is longer than a training row (data.seq_len + 1 = {cfg.data.seq_len + 1}); "
+                f"lower smlmt.window or raise data.seq_len")
+    return ""
+
+def check_config(cfg: Config) -> None:
+    "Every section's rules, then the rules across sections; ConfigError naming the keys."
+    for f in dataclasses.fields(cfg):
+        if problem := getattr(cfg, f.name).rules(): raise ConfigError(problem)
+    if problem := config_rules(cfg): raise ConfigError(problem)
+
+
+# %%
+cfg = Config()
+assert cfg.model.d_model == 768 and cfg.maml.rho == 0.5 and cfg.smlmt.n_way == 32
+assert cfg.spectra.layers is not Config().spectra.layers  # list defaults are not shared between configs
+assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)  # made like an override: an int read as a float
+raises(lambda: MAMLConfig(rho=1.5), "maml.rho=1.5 is out of range", kind=ConfigError)
+raises(lambda: TrainConfig(global_batch=100, branch_batch=64), "train.global_batch=100 must be a multiple", kind=ConfigError)
+raises(lambda: ModelConfig(d_model=100, n_heads=12), "model.d_model=100 is not divisible by model.n_heads=12", kind=ConfigError)
+raises(lambda: SMLMTConfig(query_source="support", q_query=2), "smlmt.q_query (2) must equal smlmt.k_shot (4)", kind=ConfigError)
+raises(lambda: DataConfig(seq_len=511, row_len=500), "data.row_len=500 is shorter", kind=ConfigError)
+raises(lambda: Config(smlmt=SMLMTConfig(window=64), data=DataConfig(seq_len=32)), "smlmt.window=64", kind=ConfigError)
+assert Config(smlmt=SMLMTConfig(window=64), data=DataConfig(seq_len=32), maml=MAMLConfig(rho=0)).data.seq_len == 32  # no episodes
 
 
 # %% [markdown]
@@ -490,6 +576,7 @@ def load_config(preset=None, overrides: typing.Sequence[str] = ()) -> Config:
     cfg = Config()
     if preset: apply_overrides(cfg, read_preset(preset), str(preset))
     for arg in overrides: apply_overrides(cfg, parse_override(arg), "the command line")
+    check_config(cfg)  # the rules between keys, once every value is in
     return cfg
 
 def config_dict(cfg: Config) -> dict:
@@ -504,6 +591,8 @@ def save_config(cfg: Config, path) -> Path:
 
 
 # %%
+import tempfile
+
 with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(None, ["model.d_model=96", "maml.rho=0", "train.lr=1e-3", "spectra.layers=[attention.q_proj]"])
     assert (cfg.model.d_model, cfg.maml.rho, cfg.train.lr) == (96, 0.0, 1e-3)
@@ -581,32 +670,14 @@ assert config_changes(config_dict(_old), _old) == ({}, {})  # a saved config.yam
 
 
 # %% [markdown]
-# ## One line for a user's mistake
+# ## Where local data lives
 #
-# Every command (`launch`, `sweep`, `spectra`, `data`, `pipeline`, `plan`) runs its `main` through
-# `run_command`. A mistake a user can make and fix (a setting, a missing or unreadable file, data in
-# the wrong format, a full or read-only disk, a diverged run) ends the command with one line,
-# `error: <what is wrong, where, what to do>`, and exit status 2; the messages are written where the
-# error is found, so they can name the key or file. Anything else is a bug and keeps its traceback,
-# as does every error when `PICOMAML_TRACEBACK=1`.
+# `$PICOMAML_DATA` names a local directory of the Hub's formats (pretokenized rows, the tokenizer,
+# Universal NER) that every reader prefers to the Hub; set to anything but a directory, it is an
+# error rather than a silent fall-back to the network.
 
 # %%
 #| export
-class UserError(RuntimeError):
-    "A failure the user can fix (a corrupt or unresumable run directory, a diverged run); the message says how."
-
-USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)  # ValueError covers ConfigError and the format errors
-
-def run_command(main, argv=None):
-    "Run a command's `main(argv)`; a user error ends it with one line `error: ...` and exit status 2."
-    try: return main(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("PICOMAML_TRACEBACK"): raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in message: message += f": {e.filename}"
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
 def local_data_dir() -> Path | None:
     "`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, never a silent fall-back."
     env = os.environ.get("PICOMAML_DATA")
@@ -616,42 +687,18 @@ def local_data_dir() -> Path | None:
                           f"(see the README, 'Where data comes from'), or unset it to read the Hub")
     return Path(env)
 
-def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
-    "Create `directory` if needed and check it takes a file (and `need_bytes` more), else ConfigError naming `setting`."
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"): pass
-    except OSError as e: raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); choose a writable directory") from None
-    free = shutil.disk_usage(directory).free
-    if free < need_bytes:
-        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free but needs {need_bytes / 2**30:.1f} GiB; "
-                          f"free some space or choose another directory")
-    return directory
-
 
 # %%
-import contextlib
-import io
-import stat
-
-
-def _fails(): raise ConfigError("train.lr=-1.0 is out of range:\n it must be > 0")
-with contextlib.redirect_stderr(io.StringIO()) as _err:
-    e = raises(lambda: run_command(lambda argv: _fails()), kind=SystemExit)
-    assert e.code == 2
-assert _err.getvalue() == "error: train.lr=-1.0 is out of range: it must be > 0\n"
-raises(lambda: run_command(lambda argv: 1 / 0), kind=ZeroDivisionError)  # a bug keeps its traceback
 with tempfile.TemporaryDirectory() as _tmp:
-    assert ensure_writable(Path(_tmp) / "runs", "logging.runs_dir").is_dir()
-    os.chmod(_tmp, stat.S_IRUSR | stat.S_IXUSR)
+    _before = os.environ.get("PICOMAML_DATA")
     try:
-        if os.access(_tmp, os.W_OK): print("(running as a user who can write anywhere: the read-only case is not checkable here)")
-        else:
-            e = raises(lambda: ensure_writable(Path(_tmp) / "other", "logging.runs_dir"), kind=ConfigError)
-            assert str(e).startswith("logging.runs_dir: cannot write to")
-    finally: os.chmod(_tmp, stat.S_IRWXU)
-    raises(lambda: ensure_writable(_tmp, "sweep --out", need_bytes=2**60), "GiB free but needs", kind=ConfigError)
+        os.environ["PICOMAML_DATA"] = _tmp
+        assert local_data_dir() == Path(_tmp)
+        os.environ["PICOMAML_DATA"] = str(Path(_tmp) / "missing")
+        raises(local_data_dir, "is not a directory", kind=ConfigError)
+    finally:
+        if _before is None: os.environ.pop("PICOMAML_DATA", None)
+        else: os.environ["PICOMAML_DATA"] = _before
 
 # %% [markdown]
 # ## The presets in `configs/`

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from picomaml.config import UserError
+from picomaml.cli import UserError
 from picomaml.model import load_pretrained, save_pretrained
 from picomaml.names import STEP_DIR, step_dir_name
 from picomaml.runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic

@@ -51,8 +51,9 @@ import torch
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import LOCK_FILE, checkpoint_due
+from picomaml.cli import ensure_writable
 from picomaml.collectives import branch_draws, gather_parts, mix_seed, part_sizes, part_slice, sum_gradients
-from picomaml.config import Config, ConfigError, ensure_writable
+from picomaml.config import Config, ConfigError
 from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from picomaml.device import cuda_capability, peak_memory_gib, reset_peak_memory
 from picomaml.layout import Run, step_layout

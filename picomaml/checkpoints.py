@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import UserError
+from .cli import UserError
 from .model import load_pretrained, save_pretrained
 from .names import STEP_DIR, step_dir_name
 from .runlog import out_of_space, space_cause, write_json_atomic, write_text_atomic

@@ -18,9 +18,7 @@ __all__ = ['branch_layout', 'mix_seed', 'branch_draws', 'part_sizes', 'part_slic
 # %% ../nbs/06_collectives.ipynb #67629827
 def branch_layout(tc, world_size: int) -> tuple[int, int]:
     "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); an error naming the keys if uneven."
-    if tc.global_batch % tc.branch_batch:
-        raise ConfigError(f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch} "
-                          f"(paper: 2048 = 8 × 256); change one of them")
+    # that global_batch splits into branch micro-batches is TrainConfig's rule (00_config); the world size is the launch's
     if tc.branch_batch % world_size:
         raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, so each "
                           f"rank holds the same number of rows; change it or the number of processes")

@@ -8,9 +8,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import shutil
-import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +17,11 @@ import yaml
 from .runlog import write_text_atomic
 
 # %% auto #0
-__all__ = ['RESUME_MAY_CHANGE', 'USER_ERRORS', 'PRESETS_DIR', 'opt', 'ModelConfig', 'DataConfig', 'TrainConfig',
+__all__ = ['RESUME_MAY_CHANGE', 'PRESETS_DIR', 'opt', 'Section', 'section_key', 'ModelConfig', 'DataConfig', 'TrainConfig',
            'CheckpointConfig', 'SMLMTConfig', 'MAMLConfig', 'EvalConfig', 'SpectraConfig', 'NERConfig', 'LoggingConfig',
-           'Config', 'ConfigError', 'coerce_value', 'apply_overrides', 'read_preset', 'parse_override', 'load_config',
-           'config_dict', 'save_config', 'format_help', 'flat_config', 'config_changes', 'UserError', 'run_command',
-           'local_data_dir', 'ensure_writable']
+           'Config', 'ConfigError', 'coerce_value', 'check_section', 'config_rules', 'check_config', 'apply_overrides',
+           'read_preset', 'parse_override', 'load_config', 'config_dict', 'save_config', 'format_help', 'flat_config',
+           'config_changes', 'local_data_dir']
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
 def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, name: bool = False):
@@ -35,8 +32,21 @@ def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, l
     return field(default=default, metadata=meta)
 
 # %% ../nbs/00_config.ipynb #b27aac89
+class Section:
+    "Base of the config sections: made checked (every value, then the section's `rules`); its key is its class name's stem."
+    def __post_init__(self): check_section(self)
+
+    def rules(self) -> str:
+        "Why this section's values cannot go together (naming the keys and what to change), or ''."
+        return ""
+
+def section_key(section) -> str:
+    "The section's name in `section.key=value`: ModelConfig -> model, SMLMTConfig -> smlmt."
+    return type(section).__name__.removesuffix("Config").lower()
+
+# %% ../nbs/00_config.ipynb #b836429e
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     d_model: int = opt(768, "hidden size d (tiny 96, small 384, medium 768, large 1536)", ge=1)
     n_layers: int = opt(12, "decoder blocks", ge=1)
     n_heads: int = opt(12, "query heads of grouped-query attention", ge=1)
@@ -51,9 +61,17 @@ class ModelConfig:
                     choices=("pytorch", "normal"))
     init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
 
+    def rules(self) -> str:
+        if self.d_model % self.n_heads: return f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+        if self.n_heads % self.n_kv_heads:
+            return f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
+        if (self.d_model // self.n_heads) % 2:
+            return f"head dim model.d_model/model.n_heads={self.d_model // self.n_heads} must be even for RoPE"
+        return ""
+
 # %% ../nbs/00_config.ipynb #eeab01a0
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     source: str = opt("auto", "auto: local path, else $PICOMAML_DATA, else the Hub; hub: always stream `*_hub`",
                       choices=("auto", "hub"))
     train_path: str = opt("", "local directory of parquet shards for pretraining; empty: the Hub dataset `train_hub`")
@@ -71,9 +89,15 @@ class DataConfig:
     eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
 
+    def rules(self) -> str:
+        if 0 < self.row_len <= self.seq_len:
+            return (f"data.row_len={self.row_len} is shorter than data.seq_len + 1 = {self.seq_len + 1}: a row must hold a whole "
+                    f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
+        return ""
+
 # %% ../nbs/00_config.ipynb #4f87b766
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     steps: int = opt(6000, "optimizer steps", ge=1)
     global_batch: int = opt(2048, "sequences per optimizer step, over all ranks (1,024 for tiny)", ge=1)
     branch_batch: int = opt(256, "sequences of one hybrid draw over all ranks: a next-token micro-batch or an episode's pool", ge=1)
@@ -97,9 +121,15 @@ class TrainConfig:
                                       "(PyTorch's default, 30 minutes)", gt=0)
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
+    def rules(self) -> str:
+        if self.global_batch % self.branch_batch:
+            return (f"train.global_batch={self.global_batch} must be a multiple of train.branch_batch={self.branch_batch} "
+                    f"(paper: 2048 = 8 × 256); change one of them")
+        return ""
+
 # %% ../nbs/00_config.ipynb #4339f97f
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = opt(100, "write a checkpoint every this many optimizer steps (step 0 and the last step always)", ge=1)
     log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
     keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
@@ -108,7 +138,7 @@ class CheckpointConfig:
 
 # %% ../nbs/00_config.ipynb #ea1561eb
 @dataclass
-class SMLMTConfig:
+class SMLMTConfig(Section):
     n_way: int = opt(32, "classes (masked words) per episode", ge=2)
     k_shot: int = opt(4, "support windows per class", ge=1)
     q_query: int = opt(4, "query windows per class, disjoint from the support windows", ge=1)
@@ -122,9 +152,15 @@ class SMLMTConfig:
     min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
+    def rules(self) -> str:
+        if self.query_source == "support" and self.q_query != self.k_shot:
+            return (f"smlmt.query_source=support makes the query set the support set, so smlmt.q_query "
+                    f"({self.q_query}) must equal smlmt.k_shot ({self.k_shot})")
+        return ""
+
 # %% ../nbs/00_config.ipynb #55926dcf
 @dataclass
-class MAMLConfig:
+class MAMLConfig(Section):
     rho: float = opt(0.5, "probability that a micro-batch is a MAML episode (0: vanilla)", ge=0, le=1)
     inner_steps: int = opt(10, "inner-loop SGD steps T on the support loss", ge=0)
     inner_lr: float = opt(1e-3, "inner-loop learning rate alpha (the released trainer used 0.01)", ge=0)
@@ -136,14 +172,14 @@ class MAMLConfig:
 
 # %% ../nbs/00_config.ipynb #c8ebcaeb
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     every: int = opt(100, "evaluate every this many optimizer steps; 0 disables", ge=0)
     max_documents: int = opt(0, "Paloma documents evaluated (the split's first), each on its own; 0: the whole split, as pico-train", ge=0)
     batch_size: int = opt(16, "evaluation documents per device per forward", ge=1)
 
 # %% ../nbs/00_config.ipynb #2c9f322e
 @dataclass
-class SpectraConfig:
+class SpectraConfig(Section):
     every: int = opt(100, "record spectra every this many optimizer steps; 0 disables", ge=0)
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
     grad_rows: int = opt(0, "rows of the evaluation split (its first) whose mean next-token loss gives the gradients; "
@@ -153,7 +189,7 @@ class SpectraConfig:
 
 # %% ../nbs/00_config.ipynb #53fc2ab0
 @dataclass
-class NERConfig:
+class NERConfig(Section):
     data_path: str = opt("", "local UNER directory (<dataset>/<dataset>-ud-<split>.iob2); empty: $PICOMAML_DATA/uner, else the Hub")
     data_hub: str = opt("universalner/universal_ner", "Hub dataset of Universal NER")
     head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)", choices=("linear", "crf"))
@@ -174,7 +210,7 @@ class NERConfig:
 
 # %% ../nbs/00_config.ipynb #5cb6f0dc
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     runs_dir: str = opt("runs", "parent directory of run directories")
     run_name: str = opt("pico-maml", "this run's directory under runs_dir (one name: no '/', not '..')", name=True)
     log_every: int = opt(1, "write a metrics line every this many optimizer steps", ge=1)
@@ -196,6 +232,8 @@ class Config:
     spectra: SpectraConfig = field(default_factory=SpectraConfig)
     ner: NERConfig = field(default_factory=NERConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self): check_config(self)
 
 # %% ../nbs/00_config.ipynb #210071e6
 class ConfigError(ValueError):
@@ -230,6 +268,27 @@ def coerce_value(key: str, value, f: dataclasses.Field):
     return value
 
 _BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<="}
+
+# %% ../nbs/00_config.ipynb #584a14f8
+def check_section(section: Section) -> None:
+    "Check every value of `section` (type, choices, bounds), then its rules; ConfigError naming the key."
+    key = section_key(section)
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, coerce_value(f"{key}.{f.name}", getattr(section, f.name), f))
+    if problem := section.rules(): raise ConfigError(problem)
+
+def config_rules(cfg: Config) -> str:
+    "Why values of different sections cannot go together, or ''."
+    if cfg.maml.rho > 0 and cfg.smlmt.window > cfg.data.seq_len + 1:
+        return (f"smlmt.window={cfg.smlmt.window} is longer than a training row (data.seq_len + 1 = {cfg.data.seq_len + 1}); "
+                f"lower smlmt.window or raise data.seq_len")
+    return ""
+
+def check_config(cfg: Config) -> None:
+    "Every section's rules, then the rules across sections; ConfigError naming the keys."
+    for f in dataclasses.fields(cfg):
+        if problem := getattr(cfg, f.name).rules(): raise ConfigError(problem)
+    if problem := config_rules(cfg): raise ConfigError(problem)
 
 # %% ../nbs/00_config.ipynb #aa98768c
 def _unknown(kind: str, name: str, valid: list[str], where: str) -> ConfigError:
@@ -284,6 +343,7 @@ def load_config(preset=None, overrides: typing.Sequence[str] = ()) -> Config:
     cfg = Config()
     if preset: apply_overrides(cfg, read_preset(preset), str(preset))
     for arg in overrides: apply_overrides(cfg, parse_override(arg), "the command line")
+    check_config(cfg)  # the rules between keys, once every value is in
     return cfg
 
 def config_dict(cfg: Config) -> dict:
@@ -327,21 +387,6 @@ def config_changes(old, new) -> tuple[dict, dict]:
     return {k: v for k, v in changed.items() if k not in safe}, safe
 
 # %% ../nbs/00_config.ipynb #b6a60f8d
-class UserError(RuntimeError):
-    "A failure the user can fix (a corrupt or unresumable run directory, a diverged run); the message says how."
-
-USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)  # ValueError covers ConfigError and the format errors
-
-def run_command(main, argv=None):
-    "Run a command's `main(argv)`; a user error ends it with one line `error: ...` and exit status 2."
-    try: return main(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("PICOMAML_TRACEBACK"): raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in message: message += f": {e.filename}"
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
 def local_data_dir() -> Path | None:
     "`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, never a silent fall-back."
     env = os.environ.get("PICOMAML_DATA")
@@ -350,19 +395,6 @@ def local_data_dir() -> Path | None:
         raise ConfigError(f"PICOMAML_DATA={env} is not a directory: point it at a directory with pretokenized/, tokenizer/ and uner/ "
                           f"(see the README, 'Where data comes from'), or unset it to read the Hub")
     return Path(env)
-
-def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
-    "Create `directory` if needed and check it takes a file (and `need_bytes` more), else ConfigError naming `setting`."
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"): pass
-    except OSError as e: raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); choose a writable directory") from None
-    free = shutil.disk_usage(directory).free
-    if free < need_bytes:
-        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free but needs {need_bytes / 2**30:.1f} GiB; "
-                          f"free some space or choose another directory")
-    return directory
 
 # %% ../nbs/00_config.ipynb #90907087
 # the exported module sits in picomaml/, the notebook runs in nbs/: both find configs/ one level up

@@ -219,9 +219,7 @@ PROCESS_COUNT = "torchrun's --nproc_per_node times its --nnodes; the planner's -
 
 def layout_problem(cfg: Config, gpus: int) -> str:
     "Why `gpus` ranks cannot split the batches evenly (naming the keys), or ''."
-    tc, pool = cfg.train, cfg.smlmt.pool_rows
-    if tc.global_batch % tc.branch_batch:
-        return f"train.global_batch={tc.global_batch} must be a multiple of train.branch_batch={tc.branch_batch}; change one of them"
+    tc, pool = cfg.train, cfg.smlmt.pool_rows  # global_batch splits into branch micro-batches: TrainConfig's rule (00_config)
     if tc.branch_batch % gpus:
         return (f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} processes (one per GPU), so each holds the same "
                 f"rows; change it, or the process count ({PROCESS_COUNT})")

@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import LOCK_FILE, checkpoint_due
+from .cli import ensure_writable
 from .collectives import branch_draws, gather_parts, mix_seed, part_sizes, part_slice, sum_gradients
-from .config import Config, ConfigError, ensure_writable
+from .config import Config, ConfigError
 from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from .device import cuda_capability, peak_memory_gib, reset_peak_memory
 from .layout import Run, step_layout
