@@ -46,7 +46,7 @@ from picomaml.device import cuda_capability, resolve_precision
 from picomaml.lm_loss import document_sums, next_token_backward
 from picomaml.maml import maml_step
 from picomaml.pipeline import PAPER, SHRINK, launch_command, pretraining_runs, shrink
-from picomaml.plan import GIB, ar_flops, device_memory_gb, episode_flops, peak_flops, phase_bytes, plan_run
+from picomaml.plan import GIB, device_memory_gb, episode_flops, next_token_flops, peak_flops, phase_bytes, plan_run
 from picomaml.smlmt import build_episode
 from picomaml.spectra import loss_gradients, select_matrices
 from picomaml.train import build_model
@@ -176,7 +176,7 @@ def run_one(spec: dict) -> dict:
     timed, T, window, on_gpu = steps[1:], cfg.data.seq_len, cfg.smlmt.window, device.type == "cuda"
     seconds = sum(s["seconds"] for s in timed) / len(timed)
     ar_tokens, (support, query) = plan.rows_per_rank * T, (timed[-1]["support_tokens"], timed[-1]["query_tokens"])
-    flops = ar_flops(cfg.model, ar_tokens, T) + episode_flops(cfg.model, support, query, window)
+    flops = next_token_flops(cfg.model, ar_tokens, T) + episode_flops(cfg.model, support, query, window)
     peak = peak_flops(device)
     measured = {k: max((s["peaks"][k] for s in timed), default=None) if on_gpu else None for k in timed[0]["peaks"]}
     measured.update({k: v if on_gpu else None for k, v in monitoring.items()})

@@ -97,7 +97,7 @@ def step_and_count(job: dict, device):
     "(one-step callable, tokens, FLOPs or None) of a model measurement."
     from picomaml.lm_loss import next_token_loss_sum
     from picomaml.maml import MAMLHead, maml_step
-    from picomaml.plan import ar_flops, episode_flops
+    from picomaml.plan import episode_flops, next_token_flops
     cfg, model, head, episode, ar_rows, make_episode = setup(job["size"], job["quick"], device)
     ep_tokens, window = episode.support_ids.numel() + episode.query_ids.numel(), episode.support_ids.shape[1]
     ar_tokens, T = ar_rows[:, 1:].numel(), ar_rows.shape[1] - 1
@@ -105,7 +105,7 @@ def step_and_count(job: dict, device):
     case = job["case"]
     if case in ("ar", "ar-plain"):
         loss_fn = next_token_loss_sum if case == "ar" else plain_next_token_loss_sum
-        return lambda: (loss_fn(model, ar_rows).backward(), zero()), ar_tokens, ar_flops(cfg.model, ar_tokens, T)
+        return lambda: (loss_fn(model, ar_rows).backward(), zero()), ar_tokens, next_token_flops(cfg.model, ar_tokens, T)
     if case == "maml":
         flops = episode_flops(cfg.model, episode.support_ids.numel(), episode.query_ids.numel(), window)
         return lambda: (maml_step(model, head, episode, cfg.maml, inner_seed=0), zero()), ep_tokens, flops

@@ -319,7 +319,7 @@ class NERConfig(Section):
     head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)", choices=("linear", "crf"))
     regime: str = opt("head", "head: backbone frozen; full: every weight trains", choices=("head", "full"))
     train_sets: list = opt(["sk_snk"], "finetuning sources; `all` is the nine training sets together")
-    lr: float = opt(3e-5, "AdamW learning rate", gt=0)
+    lr: float = opt(3e-5, "AdamW learning rate (0: nothing trains, as the early-stopping test uses)", ge=0)
     epochs: int = opt(10, "at most this many epochs", ge=1)
     patience: int = opt(2, "stop after this many epochs without a better dev micro-F1", ge=1)
     dev_every: int = opt(100, "also score dev micro-F1 every this many optimizer steps (a step-wise learning curve); 0: per epoch only", ge=0)

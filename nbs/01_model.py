@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from picomaml.config import ConfigError, ModelConfig
+from picomaml.config import ModelConfig
 
 # %%
 import dataclasses
@@ -267,21 +267,6 @@ class PicoDecoderBlock(nn.Module):
 
 
 # %% [markdown]
-# A configuration that cannot build a model is caught here with the key to change.
-
-# %%
-#| export
-def check_model_config(cfg: ModelConfig) -> None:
-    "Raise ConfigError naming the model.* key when the shapes cannot fit together."
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ConfigError(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}")
-    if (cfg.d_model // cfg.n_heads) % 2:
-        raise ConfigError(f"head dim model.d_model/model.n_heads={cfg.d_model // cfg.n_heads} must be even for RoPE")
-
-
-# %% [markdown]
 # **Initialisation.** Neither paper states one, and paper 1 §3.1 keeps "the design choices and
 # hyperparameter choices of the original Pico decoder models", so by default (`model.init=pytorch`)
 # we do what pico-train does: nothing. Each module keeps the values PyTorch gave it when it was built:
@@ -305,7 +290,6 @@ class PicoDecoder(nn.Module):
     "The Pico decoder: embedding, n_layers pre-norm GQA/SwiGLU blocks, output norm, untied output projection."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        check_model_config(cfg)
         self.cfg = cfg
         self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(PicoDecoderBlock(cfg) for _ in range(cfg.n_layers))
@@ -335,6 +319,7 @@ class PicoDecoder(nn.Module):
 # Tests: shapes, `forward` is `de_embedding_proj ∘ hidden`, and a bad config.
 
 # %%
+from picomaml.config import ConfigError
 from picomaml.devtools import raises
 
 torch.manual_seed(0)
@@ -344,6 +329,7 @@ logits = model(ids)
 assert logits.shape == (2, 10, tiny.vocab_size) and model.hidden(ids).shape == (2, 10, tiny.d_model)
 assert torch.equal(logits, model.de_embedding_proj(model.hidden(ids)))
 assert model.cfg is tiny and model.embedding_proj.weight.data_ptr() != model.de_embedding_proj.weight.data_ptr()
+# shapes that cannot fit are refused when the ModelConfig is made (00_config), before any module is built
 raises(lambda: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)), "model.n_kv_heads=3", kind=ConfigError)
 
 

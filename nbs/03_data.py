@@ -47,7 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from picomaml.config import ConfigError, DataConfig, ensure_writable, local_data_dir, run_command
+from picomaml.cli import ensure_writable, run_command
+from picomaml.config import ConfigError, DataConfig, local_data_dir
 from picomaml.runlog import write_json_atomic
 from picomaml.tokenizer import PicoTokenizer, load_tokenizer
 
@@ -695,8 +696,6 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_r
     "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
     stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1  # a longer stored row is cropped to its last ids
-    if stored < used: raise ConfigError(f"data.row_len={stored} is shorter than data.seq_len + 1 = {used}: a row must hold a whole "
-                                        f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
     keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
     if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"

@@ -61,7 +61,8 @@ import torch
 import torch.distributed as dist
 
 from picomaml.checkpoints import CheckpointUploads
-from picomaml.config import Config, ConfigError, format_help, load_config, run_command
+from picomaml.cli import run_command
+from picomaml.config import Config, ConfigError, format_help, load_config
 from picomaml.device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
 from picomaml.train import train
 

@@ -47,7 +47,8 @@ import torch
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import list_checkpoints, load_backbone
-from picomaml.config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
+from picomaml.cli import ensure_writable, run_command
+from picomaml.config import Config, ConfigError, DataConfig, MAMLConfig, SpectraConfig
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
 from picomaml.lm_loss import next_token_loss_sum
 from picomaml.names import SPECTRA_KEY
@@ -437,7 +438,8 @@ def _complete_steps(out: Path) -> set:
 
 def fitting_batch_rows(model: torch.nn.Module, batch: torch.Tensor, layers, device: torch.device) -> int:
     "Rows per group of the gradient pass that fit `device` (the planner's spectra phase), at most the whole batch."
-    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
+    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),  # no episodes: a gradient pass
+                 spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
     rows = choose_spectra_batch(cfg, device.type, int(device_memory_gb(device) * GIB))
     if not rows: raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of {device}: "
                                    "use a device with more memory or shorter rows (--seq-len)")

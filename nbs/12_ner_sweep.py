@@ -58,7 +58,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
 from picomaml.checkpoints import LATEST_FILE, load_backbone, scheduled_steps
-from picomaml.config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
+from picomaml.cli import ensure_writable, run_command
+from picomaml.config import PRESETS_DIR, NERConfig, apply_overrides, load_config
 from picomaml.crf_metrics import score
 from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
 from picomaml.model import config_from_json, count_parameters

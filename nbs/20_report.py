@@ -191,7 +191,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # %% [markdown]
 # `runs_metrics` and `runs_spectra` stack the outputs of the runs `find_runs` found into one long
 # table, each row tagged with its run's name, size, arm and seed, ready for seaborn's `hue`/`style`.
-# `smoothed` is the rolling mean of one metric per run over its logged (non-null) steps: `ar_loss`
+# `smoothed` is the rolling mean of one metric per run over its logged (non-null) steps: `next_token_loss`
 # exists only on next-token steps and the episode metrics only on MAML steps.
 
 # %%
@@ -223,13 +223,14 @@ def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
 with tempfile.TemporaryDirectory() as tmp:
     for name, losses in [("demo-maml", [None, 4.0, 2.0, None]), ("demo-vanilla", [5.0, 4.0, 3.0, 2.0])]:
         (Path(tmp) / name).mkdir()
-        (Path(tmp) / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "ar_loss": v}) + "\n" for i, v in enumerate(losses)))
+        lines = (json.dumps({"step": i + 1, "next_token_loss": v}) + "\n" for i, v in enumerate(losses))
+        (Path(tmp) / name / "metrics.jsonl").write_text("".join(lines))
     (Path(tmp) / "pico-tiny-maml").mkdir()  # a run that has not logged yet
     stacked = runs_metrics(find_runs(tmp))
     assert len(stacked) == 8 and set(stacked.name) == {"demo-maml", "demo-vanilla"} and set(stacked["size"]) == {"demo"}
-    curve = smoothed(stacked, "ar_loss", window=2)
-    assert curve[curve.name == "demo-maml"].ar_loss.tolist() == [4.0, 3.0] and curve[curve.name == "demo-maml"].step.tolist() == [2, 3]
-    assert curve[curve.name == "demo-vanilla"].ar_loss.tolist() == [5.0, 4.5, 3.5, 2.5]
+    curve = smoothed(stacked, "next_token_loss", window=2)
+    assert curve[curve.name == "demo-maml"].next_token_loss.tolist() == [4.0, 3.0] and curve[curve.name == "demo-maml"].step.tolist() == [2, 3]
+    assert curve[curve.name == "demo-vanilla"].next_token_loss.tolist() == [5.0, 4.5, 3.5, 2.5]
     assert smoothed(stacked, "paloma_ppl").empty and runs_spectra(find_runs(tmp)).empty
 assert runs_metrics(find_runs("/nonexistent")).empty
 

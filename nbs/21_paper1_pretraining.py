@@ -148,7 +148,7 @@ plt.close(fig)
 #   MAML "train loss" is below the vanilla arm's at every size while its Paloma perplexity is worse,
 #   and tiny's 4.44 ≈ (5.41 + ln 32) / 2. It is the curve comparable with the paper, and it does not
 #   measure language modelling for the MAML arm;
-# - **the next-token loss** (`ar_loss`): the cross-entropy of the next-token draws only, the same
+# - **the next-token loss** (`next_token_loss`): the cross-entropy of the next-token draws only, the same
 #   measure in both arms: how well the model predicts text.
 #
 # The Paloma panel is the per-document mean perplexity (pico-train's measure, the paper's). The paper
@@ -160,7 +160,7 @@ plt.close(fig)
 fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
 curve_panel(top, smoothed(metrics, "loss", smooth), "loss", "train loss:\nlogged objective", "training losses")
 top.set_title("logged objective (next-token or 32-way query CE per draw): the paper's curve", fontsize=8)
-curve_panel(middle, smoothed(metrics, "ar_loss", smooth), "ar_loss", "train loss:\nnext-token CE", "next-token losses", legend=False)
+curve_panel(middle, smoothed(metrics, "next_token_loss", smooth), "next_token_loss", "train loss:\nnext-token CE", "next-token losses", legend=False)
 middle.set_title("next-token cross-entropy of the next-token draws: language modelling", fontsize=8)
 curve_panel(bottom, smoothed(metrics, "paloma_doc_ppl"), "paloma_doc_ppl", "Paloma perplexity\n(per-document mean)", "Paloma evaluations",
             logy=True, legend=False)
@@ -171,7 +171,7 @@ save_figure(fig, "p1_fig1_loss_paloma", figures_dir)
 #
 # For every size and arm: the training loss, two ways (each the mean over the `loss_window` steps ending
 # at the step, since a single step's loss is a few micro-batches'): the **logged objective** (`loss`,
-# comparable with the paper's column, see Figure 1) and the **next-token loss** (`ar_loss`, the
+# comparable with the paper's column, see Figure 1) and the **next-token loss** (`next_token_loss`, the
 # language-modelling measure, comparable between arms); and the Paloma perplexity evaluated at exactly
 # that step, two ways. The paper's numbers are pico-train's
 # **per-document mean** perplexity (each document's own perplexity, averaged over documents;
@@ -185,10 +185,10 @@ save_figure(fig, "p1_fig1_loss_paloma", figures_dir)
 # %%
 PPL_KEYS = ("paloma_doc_ppl", "paloma_ppl")  # per-document mean (the paper's measure), token-weighted
 
-LOSS_KEYS = ("loss", "ar_loss")  # the logged objective (the paper's), the next-token loss
+LOSS_KEYS = ("loss", "next_token_loss")  # the logged objective (the paper's), the next-token loss
 
 def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple:
-    "`(step, mean objective and mean ar_loss over the `window` steps ending at step, per-document and token-weighted Paloma at step)`."
+    "`(step, mean objective and mean next_token_loss over the `window` steps ending at step, per-document and token-weighted Paloma at step)`."
     step = run.step.max() if step is None else step
     if run.empty or run.step.max() < step: return (step, np.nan, np.nan, np.nan, np.nan)
     window = run[(run.step > step - window) & (run.step <= step)]
@@ -198,7 +198,7 @@ def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple:
 
 
 # %%
-_toy = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [9.0, 3.4, 3.0, 1.0], "ar_loss": [9.0, np.nan, 3.0, 1.0],
+_toy = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [9.0, 3.4, 3.0, 1.0], "next_token_loss": [9.0, np.nan, 3.0, 1.0],
                      "paloma_ppl": [np.nan, 50.0, np.nan, 20.0], "paloma_doc_ppl": [np.nan, 60.0, np.nan, 25.0]})
 assert loss_and_ppl_at(_toy, None, 2) == (4, 2.0, 2.0, 25.0, 20.0) and loss_and_ppl_at(_toy, 2, 2)[1:] == (6.2, 9.0, 60.0, 50.0)
 assert loss_and_ppl_at(_toy, None, 10)[2] == np.mean([9.0, 3.0, 1.0])  # next-token steps only
@@ -251,7 +251,7 @@ def steps_to(curve: pd.DataFrame, key: str, level: float) -> float:
     hit = curve.step[curve[key].astype(float) <= level]
     return float(hit.iloc[0]) if len(hit) else np.nan
 
-def speedup(vanilla: pd.DataFrame, maml: pd.DataFrame, key: str = "ar_loss") -> float:
+def speedup(vanilla: pd.DataFrame, maml: pd.DataFrame, key: str = "next_token_loss") -> float:
     "T_vanilla / T_MAML to the vanilla arm's final smoothed `key` (NaN if MAML never reaches it)."
     if vanilla.empty or maml.empty: return np.nan
     target = float(vanilla[key].iloc[-1])
@@ -259,9 +259,9 @@ def speedup(vanilla: pd.DataFrame, maml: pd.DataFrame, key: str = "ar_loss") -> 
 
 
 # %%
-_v = pd.DataFrame({"step": [100, 200, 300, 400], "ar_loss": [6.0, 5.0, 4.5, 4.0]})
-assert speedup(_v, pd.DataFrame({"step": [100, 200, 300, 400], "ar_loss": [5.5, 4.2, 3.9, 3.5]})) == 400 / 300
-assert np.isnan(speedup(_v, pd.DataFrame({"step": [100, 200], "ar_loss": [7.0, 6.5]})))
+_v = pd.DataFrame({"step": [100, 200, 300, 400], "next_token_loss": [6.0, 5.0, 4.5, 4.0]})
+assert speedup(_v, pd.DataFrame({"step": [100, 200, 300, 400], "next_token_loss": [5.5, 4.2, 3.9, 3.5]})) == 400 / 300
+assert np.isnan(speedup(_v, pd.DataFrame({"step": [100, 200], "next_token_loss": [7.0, 6.5]})))
 
 
 # %%
@@ -278,7 +278,7 @@ def speedup_table() -> pd.DataFrame:
     "Per size: MAML's speed-up to the vanilla loss on both losses (mean ± 95 % bootstrap half-width over seeds)."
     rows = []
     for size in sizes:
-        (objective, paired, missed), (next_token, _, missed_nt) = speedup_cell("loss", size), speedup_cell("ar_loss", size)
+        (objective, paired, missed), (next_token, _, missed_nt) = speedup_cell("loss", size), speedup_cell("next_token_loss", size)
         rows.append({"size": size, "seeds": paired, "speed-up on the logged objective (×, the paper's loss)": objective,
                      "speed-up on the next-token loss (×, language modelling)": next_token,
                      "seeds not reaching it (objective, next-token)": f"{missed}, {missed_nt}"})
@@ -403,8 +403,8 @@ episodes
 
 # %%
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-curve_panel(top, smoothed(maml, "head_w_std", smooth), "head_w_std", "head weight std", "head statistics", arm="maml")
-curve_panel(bottom, smoothed(maml, "head_w_mean", smooth), "head_w_mean", "head weight mean", "head statistics", arm="maml", legend=False)
+curve_panel(top, smoothed(maml, "head_weight_std", smooth), "head_weight_std", "head weight std", "head statistics", arm="maml")
+curve_panel(bottom, smoothed(maml, "head_weight_mean", smooth), "head_weight_mean", "head weight mean", "head statistics", arm="maml", legend=False)
 save_figure(fig, "p1_fig4_head_weights", figures_dir)
 
 

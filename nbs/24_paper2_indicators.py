@@ -95,7 +95,7 @@ assert missing_runs(_frame, ["demo", "tiny"], ["maml"], [1, 2], family="released
 # Figure 10's "training loss" is drawn both ways (paper 1's Figure 1 and Table 2 say more): the
 # **logged objective** (`loss`: the mean of the loss each of a step's draws trained on, next-token or
 # 32-way query cross-entropy; what pico-train logs and the curve comparable with the paper, which for
-# the MAML arm is not a language-modelling measure) and the **next-token loss** (`ar_loss`, the same
+# the MAML arm is not a language-modelling measure) and the **next-token loss** (`next_token_loss`, the same
 # measure in both arms). Figure 11 is the per-document mean Paloma perplexity, pico-train's measure.
 # Figures 12 and 13 show the episode accuracies of the adapted head (φ_T, what the paper plots) above
 # those of the same head before its inner loop (φ_0): the difference is what the inner loop adapted.
@@ -103,14 +103,14 @@ assert missing_runs(_frame, ["demo", "tiny"], ["maml"], [1, 2], family="released
 # %%
 INDICATORS = {  # output name -> panels of (metrics.jsonl key, y-axis label, arms that log it, log-scale y)
     "p2_fig10_train_loss": [("loss", "train loss: logged objective\n(the paper's curve)", ("maml", "vanilla"), False),
-                            ("ar_loss", "train loss: next-token CE\n(language modelling)", ("maml", "vanilla"), False)],
+                            ("next_token_loss", "train loss: next-token CE\n(language modelling)", ("maml", "vanilla"), False)],
     "p2_fig11_paloma": [("paloma_doc_ppl", "Paloma perplexity\n(per-document mean)", ("maml", "vanilla"), True)],
     "p2_fig12_query_acc": [("query_acc", "query accuracy of φ_T\n(after the inner loop)", ("maml",), False),
                            ("query_acc_phi0", "query accuracy of φ_0\n(before it)", ("maml",), False)],
     "p2_fig13_support_acc": [("support_acc", "support accuracy of φ_T\n(after the inner loop)", ("maml",), False),
                              ("support_acc_phi0", "support accuracy of φ_0\n(before it)", ("maml",), False)],
-    "p2_fig14_head_weight_mean": [("head_w_mean", "head weight mean", ("maml",), False)],
-    "p2_fig15_head_weight_std": [("head_w_std", "head weight std", ("maml",), False)],
+    "p2_fig14_head_weight_mean": [("head_weight_mean", "head weight mean", ("maml",), False)],
+    "p2_fig15_head_weight_std": [("head_weight_std", "head weight std", ("maml",), False)],
 }
 
 # %% [markdown]
@@ -219,7 +219,7 @@ def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
 
 # %%
 _final = final_values(_metrics).set_index("arm")
-assert np.isnan(_final.loc["maml", "ar_loss"]) and "paloma_doc_ppl" in _final  # a key the toy runs never logged
+assert np.isnan(_final.loc["maml", "next_token_loss"]) and "paloma_doc_ppl" in _final  # a key the toy runs never logged
 assert _final.loc["maml", "loss"] == 3.0 and _final.loc["maml", "support_acc"] == 0.3 and _final.loc["vanilla", "loss"] == 4.0
 assert np.isnan(_final.loc["vanilla", "query_acc"]) and _final.seeds.tolist() == [1, 1]
 assert final_values(metrics.iloc[:0]).empty

@@ -54,7 +54,8 @@ from pathlib import Path
 import papermill
 
 from picomaml.checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
-from picomaml.config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
+from picomaml.cli import UserError, ensure_writable, run_command
+from picomaml.config import PRESETS_DIR, ConfigError, load_config
 from picomaml.device import require_cuda
 from picomaml.names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 from picomaml.runlog import write_text_atomic

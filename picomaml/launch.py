@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import CheckpointUploads
-from .config import Config, ConfigError, format_help, load_config, run_command
+from .cli import run_command
+from .config import Config, ConfigError, format_help, load_config
 from .device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
 from .train import train
 

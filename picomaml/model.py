@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'REQUIRED_KEYS', 'HF_PREFIX', 'RMSNorm', 'rope_angles', 'apply_rope', 'Attention', 'SwiGLU',
-           'PicoDecoderBlock', 'check_model_config', 'init_normal', 'PicoDecoder', 'count_parameters',
-           'parameter_groups', 'model_summary', 'CheckpointError', 'config_to_json', 'config_from_json', 'load_checked',
-           'save_pretrained', 'load_local', 'load_pretrained']
+           'PicoDecoderBlock', 'init_normal', 'PicoDecoder', 'count_parameters', 'parameter_groups', 'model_summary',
+           'CheckpointError', 'config_to_json', 'config_from_json', 'load_checked', 'save_pretrained', 'load_local',
+           'load_pretrained']
 
 # %% ../nbs/01_model.ipynb #4b5519c4
 class RMSNorm(nn.Module):
@@ -98,16 +98,6 @@ class PicoDecoderBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, d)
         return h + self.swiglu(self.swiglu_norm(h))
 
-# %% ../nbs/01_model.ipynb #1eb9fc65
-def check_model_config(cfg: ModelConfig) -> None:
-    "Raise ConfigError naming the model.* key when the shapes cannot fit together."
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ConfigError(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.n_kv_heads}")
-    if (cfg.d_model // cfg.n_heads) % 2:
-        raise ConfigError(f"head dim model.d_model/model.n_heads={cfg.d_model // cfg.n_heads} must be even for RoPE")
-
 # %% ../nbs/01_model.ipynb #b4166593
 def init_normal(model: nn.Module, std: float = 0.02) -> None:
     "Linear and embedding weights ~ N(0, std); RMSNorm gains = 1."
@@ -120,7 +110,6 @@ class PicoDecoder(nn.Module):
     "The Pico decoder: embedding, n_layers pre-norm GQA/SwiGLU blocks, output norm, untied output projection."
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        check_model_config(cfg)
         self.cfg = cfg
         self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(PicoDecoderBlock(cfg) for _ in range(cfg.n_layers))

@@ -31,7 +31,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from tqdm.auto import tqdm
 
 from .checkpoints import LATEST_FILE, load_backbone, scheduled_steps
-from .config import PRESETS_DIR, NERConfig, apply_overrides, ensure_writable, load_config, run_command
+from .cli import ensure_writable, run_command
+from .config import PRESETS_DIR, NERConfig, apply_overrides, load_config
 from .crf_metrics import score
 from .device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
 from .model import config_from_json, count_parameters

@@ -19,7 +19,8 @@ from pathlib import Path
 import papermill
 
 from .checkpoints import LATEST_FILE, CheckpointCorrupt, list_checkpoints, verify_checkpoint
-from .config import PRESETS_DIR, ConfigError, UserError, ensure_writable, load_config, run_command
+from .cli import UserError, ensure_writable, run_command
+from .config import PRESETS_DIR, ConfigError, load_config
 from .device import require_cuda
 from .names import ARMS, DEFAULT_SEED, PAPER_SIZES, run_name, step_dir_name
 from .runlog import write_text_atomic

@@ -135,11 +135,6 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
     "Raise a clear error for a pool, config or token table that cannot make an episode."
     if pool.dim() != 2 or pool.dtype != torch.long:
         raise ValueError(f"pool must be a 2-D LongTensor (rows, tokens), got {tuple(pool.shape)} {pool.dtype}")
-    if min(cfg.n_way, cfg.k_shot, cfg.q_query, cfg.window) < 1 or cfg.readout not in ("last", "mask"):
-        raise EpisodeError(f"smlmt.n_way, k_shot, q_query and window must be >= 1 and readout 'last' or 'mask'; got {cfg}")
-    if cfg.query_source == "support" and cfg.q_query != cfg.k_shot:
-        raise EpisodeError(f"smlmt.query_source=support makes the query set the support set, so smlmt.q_query "
-                           f"({cfg.q_query}) must equal smlmt.k_shot ({cfg.k_shot})")
     if pool.shape[1] < cfg.window:
         raise EpisodeError(f"pool rows have {pool.shape[1]} tokens, fewer than smlmt.window = {cfg.window}; "
                            f"lower smlmt.window or raise data.seq_len")

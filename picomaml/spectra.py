@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import list_checkpoints, load_backbone
-from .config import Config, ConfigError, DataConfig, SpectraConfig, ensure_writable, run_command
+from .cli import ensure_writable, run_command
+from .config import Config, ConfigError, DataConfig, MAMLConfig, SpectraConfig
 from .device import DEVICE_CHOICES, configure_cuda_allocator, resolve_device
 from .lm_loss import next_token_loss_sum
 from .names import SPECTRA_KEY
@@ -166,7 +167,8 @@ def _complete_steps(out: Path) -> set:
 
 def fitting_batch_rows(model: torch.nn.Module, batch: torch.Tensor, layers, device: torch.device) -> int:
     "Rows per group of the gradient pass that fit `device` (the planner's spectra phase), at most the whole batch."
-    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
+    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),  # no episodes: a gradient pass
+                 spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
     rows = choose_spectra_batch(cfg, device.type, int(device_memory_gb(device) * GIB))
     if not rows: raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of {device}: "
                                    "use a device with more memory or shorter rows (--seq-len)")

@@ -6,7 +6,7 @@ import time
 
 import huggingface_hub
 
-from picomaml.config import run_command
+from picomaml.cli import run_command
 from picomaml.launch import main
 
 record, seconds = sys.argv[1], float(sys.argv[2])

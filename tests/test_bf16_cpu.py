@@ -55,8 +55,9 @@ def test_the_loop_and_a_ner_job_under_bf16_autocast(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
-    assert {b for r in steps for b in r["branches"]} == {"A", "M"}  # both branches ran under autocast
-    assert all(math.isfinite(r["query_loss"]) for r in steps if r["n_maml"]) and all(math.isfinite(r["ar_loss"]) for r in steps if r["n_ar"])
+    assert {b for r in steps for b in r["branches"]} == {"N", "M"}  # both branches ran under autocast
+    assert all(math.isfinite(r["query_loss"]) for r in steps if r["n_maml"])
+    assert all(math.isfinite(r["next_token_loss"]) for r in steps if r["n_next_token"])
     evaluated = [r for r in records if "paloma_doc_ppl" in r]
     assert [r["step"] for r in evaluated] == [0, 2, 4] and all(math.isfinite(r["paloma_doc_ppl"]) for r in evaluated)  # step 0 too
     spectra = read_spectra(run / "spectra.jsonl")

@@ -117,7 +117,7 @@ def test_ar_steps_one_process_equals_two(data, runs, ar_two):
     launch(1, tiny(data, runs, "ar-1", "maml.rho=0", "train.branch_batch=8", "train.chunk_rows=4", *EQUAL), extra_torchrun=())
     assert_close(weights(runs / "ar-1", 3), weights(ar_two, 3))
     one, two = metrics(runs / "ar-1"), metrics(ar_two)
-    assert all(r["n_maml"] == 0 and r["n_ar"] == 1 for r in one + two if "loss" in r)  # step 0: an evaluation only
+    assert all(r["n_maml"] == 0 and r["n_next_token"] == 1 for r in one + two if "loss" in r)  # step 0: an evaluation only
     assert all(abs(a.get("loss", 0) - b.get("loss", 0)) < 1e-5 and abs(a["paloma_ppl"] - b["paloma_ppl"]) < 1e-3
                for a, b in zip(one, two) if "paloma_ppl" in a)
     # the spectra's gradient pass shared over two ranks (groups of one row each) gives one process's spectra (groups of two);
@@ -137,9 +137,9 @@ def test_maml_steps_one_process_equals_two(data, runs):
     launch(2, tiny(data, runs, "maml-2", *common, "train.branch_batch=8"))
     assert_close(weights(runs / "maml-1", 3), weights(runs / "maml-2", 3))
     one, two = metrics(runs / "maml-1"), metrics(runs / "maml-2")
-    assert all(r["n_ar"] == 0 and r["n_maml"] == 1 and r["branches"] == "M" for r in one + two if "loss" in r)
+    assert all(r["n_next_token"] == 0 and r["n_maml"] == 1 and r["branches"] == "M" for r in one + two if "loss" in r)
     for a, b in zip(*([r for r in run if "loss" in r] for run in (one, two))):  # step 0 is an evaluation only
-        for key in ("loss", "support_acc", "query_acc", "head_w_mean", "head_w_std", "head_grad_norm"):
+        for key in ("loss", "support_acc", "query_acc", "head_weight_mean", "head_weight_std", "head_grad_norm"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
 
 
@@ -175,8 +175,8 @@ def hybrid(data, runs):
 def test_every_rank_takes_the_same_branches(hybrid):
     # the loop all-reduces each micro-step's branch and raises if ranks disagree; the run finished, with both branches
     log = metrics(hybrid)
-    assert {c for r in log if "loss" in r for c in r["branches"]} == {"A", "M"}  # step 0 is an evaluation only
-    assert all(r["n_maml"] == r["branches"].count("M") and r["n_ar"] == r["branches"].count("A") for r in log if "loss" in r)
+    assert {c for r in log if "loss" in r for c in r["branches"]} == {"N", "M"}  # step 0 is an evaluation only
+    assert all(r["n_maml"] == r["branches"].count("M") and r["n_next_token"] == r["branches"].count("N") for r in log if "loss" in r)
 
 
 def test_kill_9_and_resume_is_bitwise_identical(data, runs, hybrid):

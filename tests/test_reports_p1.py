@@ -46,9 +46,9 @@ def make_runs(root: Path) -> Path:
     """A runs directory with the demo arms' metrics and a NER results file of known values."""
     for arm, offset in [("maml", 0.0), ("vanilla", 1.0)]:
         write_jsonl(root / f"demo-{arm}" / "metrics.jsonl", [
-            {"step": s, "loss": 9.0 - s / 10 + offset, "ar_loss": None if (arm == "maml" and s % 2) else 9.0 - s / 10 + offset,
+            {"step": s, "loss": 9.0 - s / 10 + offset, "next_token_loss": None if (arm == "maml" and s % 2) else 9.0 - s / 10 + offset,
              "query_acc": 0.03 + s / 1000 if arm == "maml" else None, "support_acc": 0.05 if arm == "maml" else None,
-             "head_w_mean": 0.0 if arm == "maml" else None, "head_w_std": 0.1 if arm == "maml" else None,
+             "head_weight_mean": 0.0 if arm == "maml" else None, "head_weight_std": 0.1 if arm == "maml" else None,
              **({"paloma_ppl": 500.0 - s - 100 * offset, "paloma_doc_ppl": 510.0 - s - 100 * offset} if s % 10 == 0 else {})}
             for s in range(1, 41)])
     records = [{"pretraining_run": f"demo-{arm}", "checkpoint": f"runs/demo-{arm}/checkpoints/step_{step:06d}", "head": "linear",

@@ -40,8 +40,8 @@ def reference_candidates(pool, min_chars, exclude_top):
 
 pools = st.tuples(st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1)).map(
     lambda s: torch.randint(0, len(TOKENS), s[:2], generator=torch.Generator().manual_seed(s[2])))
-configs = st.builds(SMLMTConfig, n_way=st.integers(1, 4), k_shot=st.integers(1, 3), q_query=st.integers(1, 3),
-                    window=st.integers(1, 8), readout=st.sampled_from(["last", "mask"]),
+configs = st.builds(SMLMTConfig, n_way=st.integers(2, 4), k_shot=st.integers(1, 3), q_query=st.integers(1, 3),
+                    window=st.integers(2, 8), readout=st.sampled_from(["last", "mask"]),
                     min_word_chars=st.integers(1, 4), exclude_top=st.integers(0, 4))
 
 
