@@ -84,7 +84,8 @@ def episode_draw(run: Run, step: int, draw: int, rows: torch.Tensor) -> StepStat
     own = cfg.smlmt.episode_scope == "rank"  # the released trainer: every rank its own episode, from its own rows
     rows = rows.to(fabric.device, non_blocking=True)
     pool = rows if own else gather_parts(fabric, rows, [len(rows)] * world)  # (pool rows, T + 1)
-    episode = build_episode(pool, cfg.smlmt, *run.tables, cfg.data.mask_id, seed=cfg.train.seed, step=step * draws + draw)
+    episode = build_episode(pool, cfg.smlmt, *run.tables, cfg.data.mask_id, seed=cfg.train.seed,
+                            step=step * draws + draw)
     n_support, n_query = len(episode.support_labels), len(episode.query_labels)
     # an own episode's query loss is one of `world` averaged; a gathered one is split over ranks, then summed
     share = world if own else 1
@@ -109,14 +110,15 @@ def next_token_draw(run: Run, rows: torch.Tensor) -> StepStats:
     fabric, cfg, draws = run.fabric, run.cfg, run.layout.draws
     seq_len = rows.shape[1] - 1
     global_targets = cfg.train.branch_batch * seq_len  # the draw's mean is over every rank's targets
-    loss_sum = next_token_backward(run.model, rows, run.layout.chunk_rows, global_targets * draws, fabric.autocast, fabric.device)
+    loss_sum = next_token_backward(run.model, rows, run.layout.chunk_rows, global_targets * draws, fabric.autocast,
+                                   fabric.device)
     share = loss_sum / global_targets
     return StepStats(loss=share / draws, next_token_loss=share, n_next_token=1, tokens=rows.shape[0] * seq_len,
                      flops=next_token_flops(cfg.model, rows.shape[0] * seq_len, seq_len))
 
 # %% ../nbs/06_train.ipynb #5571b089
 def start_run(cfg: Config, fabric, uploads=None) -> Run:
-    "The run of `cfg` on a launched Fabric: plan, layout, model, head, AdamW, row sources, word tables and evaluation sets."
+    "The run of `cfg` on a launched Fabric: plan, layout, modules, AdamW, row sources, word tables, evaluation sets."
     plan = memory_plan(cfg, fabric.world_size, fabric.device)
     run_dir, vocab = Path(cfg.logging.runs_dir) / cfg.logging.run_name, cfg.model.vocab_size
     if fabric.global_rank == 0:  # room for one full checkpoint before anything is trained
@@ -127,15 +129,17 @@ def start_run(cfg: Config, fabric, uploads=None) -> Run:
               layout=step_layout(cfg, fabric.world_size, plan), uploads=uploads)
     run.sources[False] = open_rows(cfg.data, "train", vocab, block_rows=cfg.train.branch_batch)
     if cfg.maml.rho > 0:
-        run.sources[True] = run.sources[False] if cfg.smlmt.pool_rows == 0 else open_rows(cfg.data, "train", vocab, cfg.smlmt.pool_rows)
+        pool_rows = cfg.smlmt.pool_rows
+        run.sources[True] = run.sources[False] if pool_rows == 0 else open_rows(cfg.data, "train", vocab, pool_rows)
         run.tables = episode_tables(cfg)
-    if cfg.eval.every: run.documents = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
+    if cfg.eval.every:
+        run.documents = read_eval_documents(cfg.data, cfg.eval.max_documents, cfg.model.max_seq_len, vocab)
     if cfg.spectra.every: run.spectra_rows = read_eval_rows(cfg.data, cfg.spectra.grad_rows, vocab)
     return run
 
 # %% ../nbs/06_train.ipynb #e5569407
 def step_branches(run: Run, step: int) -> list[bool]:
-    "The branch of each draw of `step`: True an episode (probability rho), False a next-token draw; the same on every rank."
+    "The branch of each draw of `step`: True an episode (probability rho), else a next-token draw; equal on all ranks."
     return branch_draws(run.cfg.train.seed, step, run.layout.draws, run.cfg.maml.rho)
 
 def rows_reader(run: Run, step: int, draw: int, episode: bool):
@@ -146,14 +150,15 @@ def rows_reader(run: Run, step: int, draw: int, episode: bool):
                                   accum_steps=layout.draws, seed=seed)
 
 def take_rows(run: Run, ahead: RowPrefetcher, step: int, draw: int, branches: list[bool]) -> torch.Tensor:
-    "This draw's rows, read while the previous draw trained; asks for the next draw's (the next step's first after the last)."
+    "This draw's rows, read while the previous draw trained; asks for the next draw's (or the next step's first)."
     rows = ahead.take((step, draw), rows_reader(run, step, draw, branches[draw]))
     if draw + 1 < len(branches): ahead.ask((step, draw + 1), rows_reader(run, step, draw + 1, branches[draw + 1]))
-    elif step + 1 < run.cfg.train.steps: ahead.ask((step + 1, 0), rows_reader(run, step + 1, 0, step_branches(run, step + 1)[0]))
+    elif step + 1 < run.cfg.train.steps:
+        ahead.ask((step + 1, 0), rows_reader(run, step + 1, 0, step_branches(run, step + 1)[0]))
     return rows
 
 def accumulate_draws(run: Run, ahead: RowPrefetcher, step: int) -> tuple[StepStats, list[bool]]:
-    "Every draw of `step` backpropagated (an episode or a next-token loss); this rank's summed statistics and the branches."
+    "Every draw of `step` backpropagated (an episode or a next-token loss); this rank's statistics and the branches."
     branches, stats = step_branches(run, step), StepStats()
     for draw, is_episode in enumerate(branches):
         rows = take_rows(run, ahead, step, draw, branches)
@@ -169,17 +174,20 @@ def step_totals(run: Run, step: int, stats: StepStats, branches: list[bool]) -> 
     totals = (fabric.all_reduce(totals, reduce_op="sum") if world > 1 else totals).cpu().tolist()
     n = len(totals) - len(branches)
     if any(v not in (0, world) for v in totals[n:]):
-        raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[n:]}; the branch draw must be shared")
+        raise RuntimeError(f"step {step + 1}: ranks took different branches {totals[n:]}; "
+                           f"the branch draw must be shared")
     return StepStats(*totals[:n])
 
 def outer_update(run: Run, step: int, record: dict, recent_losses: deque) -> None:
     "Clip, check and take the AdamW step of `step`, adding the gradient norms to its `record`."
     head_grads = [p.grad for p in run.head.parameters() if p.grad is not None]
-    record["head_grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item() if head_grads else None
+    record["head_grad_norm"] = (torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])).item()
+                                if head_grads else None)
     clip = run.cfg.train.grad_clip if run.cfg.train.grad_clip > 0 else math.inf
     record["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.params, clip).item()
     check_finite(record, run.run_dir)
-    if run.fabric.global_rank == 0: confirm_if_healthy(run.run_dir / "checkpoints", step, record["loss"], list(recent_losses))
+    if run.fabric.global_rank == 0:
+        confirm_if_healthy(run.run_dir / "checkpoints", step, record["loss"], list(recent_losses))
     recent_losses.append(record["loss"])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -198,15 +206,17 @@ def log_step(run: Run, step: int, record: dict, totals: StepStats, started: floa
 
 # %% ../nbs/06_train.ipynb #39c4f567
 def train(cfg: Config, fabric, uploads=None) -> Path:
-    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); returns the run directory. `uploads`: rank 0's Hub uploads."
+    "Pretrain under `cfg` on a launched Fabric (Algorithms 1 and 2); the run directory. `uploads`: rank 0's to the Hub."
     tc, run = cfg.train, start_run(cfg, fabric, uploads)
     ahead = RowPrefetcher(pin=fabric.device.type == "cuda")
-    recent_losses, preemption = deque(maxlen=20), PreemptionFlag()  # SIGTERM/SIGUSR1 from now on: save the step in hand, exit 75
+    # from here on, SIGTERM/SIGUSR1 save the step in hand and exit 75
+    recent_losses, preemption = deque(maxlen=20), PreemptionFlag()
     try:
         start = resume_or_start(run)
         if start == 0: save_training_state(run, 0)
         # step 0: the initial weights evaluated; a relaunch runs what its last launch missed
-        due = monitoring_due(cfg, 0) if start == 0 else fabric.broadcast(monitoring_missing(cfg, run.run_dir, start), src=0)
+        if start == 0: due = monitoring_due(cfg, 0)
+        else: due = fabric.broadcast(monitoring_missing(cfg, run.run_dir, start), src=0)
         monitor(run, start, due)
         bar = tqdm(total=tc.steps, initial=start, disable=fabric.global_rank != 0 or not cfg.logging.progress_bar,
                    desc=cfg.logging.run_name)
@@ -228,7 +238,8 @@ def train(cfg: Config, fabric, uploads=None) -> Path:
             # checkpoint when due; on a preemption signal save this step and exit for a requeue
             saved = checkpoint_due(step + 1, cfg.checkpoint, tc.steps)
             if saved: save_training_state(run, step + 1)
-            if step + 1 < tc.steps and preemption_agreed(fabric, preemption): stop_for_preemption(run, step + 1, saved=saved)
+            if step + 1 < tc.steps and preemption_agreed(fabric, preemption):
+                stop_for_preemption(run, step + 1, saved=saved)
             # Paloma and spectra after the checkpoint, so a failing evaluation loses no step
             monitor(run, step + 1, monitoring_due(cfg, step + 1))
             bar.update(1)
