@@ -450,6 +450,7 @@ from safetensors.torch import load_file
 
 from picomaml.config import load_config
 from picomaml.data import prepare
+from picomaml.devtools import tiny_run
 from picomaml.runlog import read_records
 
 SHARED = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data"))
@@ -459,14 +460,10 @@ for _split, _files in (("train", "c4-sample.0[12].json.gz"), ("eval", "c4_100_do
     prepare(sorted((SHARED / "corpus" / _split).glob(_files)), _data / _split, 32, _tok, log=lambda m: None)
 
 def tiny_config(runs_dir, *overrides):
-    "A seconds-long configuration on the prepared rows."
-    return load_config(None, [
-        "model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96", "model.max_seq_len=32",
-        f"data.train_path={_data}/train", f"data.eval_path={_data}/eval", "data.seq_len=32", f"data.tokenizer_path={_tok.source}",
-        "train.steps=8", "train.global_batch=8", "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "checkpoint.every=4",
-        "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30",
-        "maml.head_hidden=16", "maml.head_layers=2", "eval.every=4", "eval.max_documents=16", "eval.batch_size=8",
-        "spectra.every=0", f"logging.runs_dir={runs_dir}", "logging.progress_bar=false", *overrides])
+    "A seconds-long configuration on the prepared rows (the shared tiny model and episode, `90_devtools`)."
+    return load_config(None, tiny_run(_data, runs_dir, "run", _tok.source, "train.steps=8", "train.global_batch=8",
+                                      "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "checkpoint.every=4",
+                                      "eval.every=4", *overrides))
 
 def read_metrics(run_dir):
     "A run's metrics, the lines of one step (training, then evaluation) merged."

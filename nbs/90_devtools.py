@@ -69,6 +69,37 @@ for wrong in (lambda: raises(lambda: 1), lambda: raises(lambda: int("x"), "no su
     assert failed  # no error, a message without the needle, an error of another kind: each fails the test
 
 
+# %% [markdown]
+# ## One tiny configuration for the tests
+#
+# The notebooks' and the command-line tests' seconds-long runs share one model and one episode:
+# a two-block decoder of width 24 (4 query and 2 key/value heads, 32 positions), a 4-way 2-shot
+# episode of 12-token windows from a 64-row pool, and a two-layer head of width 16. `tiny_run` adds
+# the data, tokenizer and run directory of a run on 33-id rows prepared by `picomaml.data prepare`;
+# each test appends what it is about (later overrides win).
+
+# %%
+#| export
+TINY_MODEL = ("model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
+              "model.max_seq_len=32")
+TINY_EPISODE = ("smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64",
+                "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2")
+
+def tiny_run(data, runs, name: str, tokenizer, *more: str) -> list[str]:
+    "Overrides of a seconds-long run on the 33-id rows of `data`/{train,eval}: the tiny model and episode, then `more`."
+    return [*TINY_MODEL, f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
+            f"data.tokenizer_path={tokenizer}", *TINY_EPISODE, "eval.max_documents=16", "eval.batch_size=8", "spectra.every=0",
+            f"logging.runs_dir={runs}", f"logging.run_name={name}", "logging.progress_bar=false", *more]
+
+
+# %%
+from picomaml.config import load_config
+
+_tiny = load_config(None, tiny_run("d", "r", "x", "tok.json", "model.n_layers=1", "smlmt.n_way=8"))
+assert (_tiny.model.d_model, _tiny.model.n_layers, _tiny.smlmt.n_way, _tiny.smlmt.k_shot) == (24, 1, 8, 2)
+assert (_tiny.data.train_path, _tiny.logging.runs_dir, _tiny.logging.run_name) == ("d/train", "r", "x")
+
+
 # %%
 #| export
 def _output_text(output) -> str:

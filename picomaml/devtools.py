@@ -19,9 +19,9 @@ import yaml
 from .names import NEAR_ZERO_BASE, NEAR_ZERO_F1
 
 # %% auto #0
-__all__ = ['README_BANNER', 'NUMBER', 'INTERVAL', 'ABSOLUTE_F1', 'raises', 'notebook_markdown', 'write_readme',
-           'requirement_pins', 'environment_pins', 'numbers', 'interval', 'absolute_f1', 'compare_cell',
-           'compare_tables', 'committed', 'compare_outputs', 'main']
+__all__ = ['TINY_MODEL', 'TINY_EPISODE', 'README_BANNER', 'NUMBER', 'INTERVAL', 'ABSOLUTE_F1', 'raises', 'tiny_run',
+           'notebook_markdown', 'write_readme', 'requirement_pins', 'environment_pins', 'numbers', 'interval',
+           'absolute_f1', 'compare_cell', 'compare_tables', 'committed', 'compare_outputs', 'main']
 
 # %% ../nbs/90_devtools.ipynb #2e79d588
 def raises(fn, *needles: str, kind: type | tuple = Exception) -> BaseException:
@@ -32,6 +32,18 @@ def raises(fn, *needles: str, kind: type | tuple = Exception) -> BaseException:
         assert not missing, f"{type(e).__name__}: {e}\n lacks {missing}"
         return e
     raise AssertionError(f"no {getattr(kind, '__name__', kind)} raised; expected one naming {needles}")
+
+# %% ../nbs/90_devtools.ipynb #389152bd
+TINY_MODEL = ("model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
+              "model.max_seq_len=32")
+TINY_EPISODE = ("smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=12", "smlmt.pool_rows=64",
+                "smlmt.exclude_top=30", "maml.head_hidden=16", "maml.head_layers=2")
+
+def tiny_run(data, runs, name: str, tokenizer, *more: str) -> list[str]:
+    "Overrides of a seconds-long run on the 33-id rows of `data`/{train,eval}: the tiny model and episode, then `more`."
+    return [*TINY_MODEL, f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
+            f"data.tokenizer_path={tokenizer}", *TINY_EPISODE, "eval.max_documents=16", "eval.batch_size=8", "spectra.every=0",
+            f"logging.runs_dir={runs}", f"logging.run_name={name}", "logging.progress_bar=false", *more]
 
 # %% ../nbs/90_devtools.ipynb #5f436d37
 def _output_text(output) -> str:
