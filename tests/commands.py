@@ -6,17 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from picomaml.devtools import tiny_run
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PICOMAML_DATA", ROOT.parent / "shared" / "data"))
 TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
 
 
 def tiny(ws, name="run", *more):
-    "A seconds-long run on the prepared rows of the workspace."
-    return ["model.d_model=24", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48", "model.max_seq_len=32",
-            f"data.train_path={ws}/data/train", f"data.eval_path={ws}/data/eval", "data.seq_len=32", f"data.tokenizer_path={TOKENIZER}",
-            "train.steps=2", "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1", "checkpoint.every=1", "maml.rho=0",
-            "eval.every=0", "spectra.every=0", f"logging.runs_dir={ws}/runs", f"logging.run_name={name}", "logging.progress_bar=false", *more]
+    "A seconds-long run on the prepared rows of the workspace: the shared tiny configuration, one layer, two steps."
+    return tiny_run(ws / "data", ws / "runs", name, TOKENIZER, "model.n_layers=1", "model.ffn_hidden=48", "train.steps=2",
+                    "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1", "checkpoint.every=1", "maml.rho=0",
+                    "eval.every=0", *more)
 
 
 def command(args, env=None, cwd=ROOT, **popen):
