@@ -15,13 +15,13 @@ TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
 
 def tiny(ws, name="run", *more):
     "A seconds-long run on the prepared rows of the workspace: the shared tiny configuration, one layer, two steps."
-    return tiny_run(ws / "data", ws / "runs", name, TOKENIZER, "model.n_layers=1", "model.ffn_hidden=48", "train.steps=2",
-                    "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1", "checkpoint.every=1", "maml.rho=0",
-                    "eval.every=0", *more)
+    return tiny_run(ws / "data", ws / "runs", name, TOKENIZER, "model.n_layers=1", "model.ffn_hidden=48",
+                    "train.steps=2", "train.global_batch=4", "train.branch_batch=4", "train.warmup_steps=1",
+                    "checkpoint.every=1", "maml.rho=0", "eval.every=0", *more)
 
 
 def command(args, env=None, cwd=ROOT, **popen):
-    "The argv and keywords that run `python -m <args>` as a user would (offline, with the local data, no tracebacks asked for)."
+    "The argv and keywords that run `python -m <args>` as a user would: offline, the local data, no tracebacks asked for."
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PICOMAML_DATA": str(SHARED), **(env or {})}
     env.pop("PICOMAML_TRACEBACK", None)
     return [sys.executable, "-m", *args], dict(cwd=cwd, env=env, text=True, **popen)
@@ -35,7 +35,8 @@ def run(args, env=None, cwd=ROOT, **popen):
 
 def prepare_rows(ws):
     "Prepared train and eval rows of 32 tokens under `ws/data` (a small share of the local corpus)."
-    for split, pattern in (("train", "corpus/train/c4-sample.01.json.gz"), ("eval", "corpus/eval/c4_100_domains_*.jsonl.gz")):
+    for split, pattern in (("train", "corpus/train/c4-sample.01.json.gz"),
+                           ("eval", "corpus/eval/c4_100_domains_*.jsonl.gz")):
         files = sorted(str(p) for p in SHARED.glob(pattern))
         done = run(["picomaml.data", "prepare", "--src", *files, "--out", str(ws / "data" / split), "--seq-len", "32",
                     "--tokenizer", str(TOKENIZER), "--max-documents", "40"])
@@ -44,4 +45,5 @@ def prepare_rows(ws):
 
 def snapshot(directory: Path) -> dict:
     "`{relative path: SHA-256}` of every file under `directory`."
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
