@@ -61,10 +61,24 @@ from picomaml.checkpoints import LATEST_FILE, load_backbone, scheduled_steps
 from picomaml.cli import ensure_writable, run_command
 from picomaml.config import PRESETS_DIR, NERConfig, apply_overrides, load_config
 from picomaml.crf_metrics import score
-from picomaml.device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
+from picomaml.device import (
+    DEVICE_CHOICES,
+    configure_cuda_allocator,
+    cuda_problem,
+    peak_memory_gib,
+    require_cuda,
+    reset_peak_memory,
+)
 from picomaml.model import config_from_json, count_parameters
 from picomaml.names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from picomaml.ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
+from picomaml.ner_data import (
+    ZERO_SHOT_LANGUAGES,
+    encode_split,
+    encode_words,
+    load_split,
+    particle_recall,
+    uner_statistics,
+)
 from picomaml.ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from picomaml.plan import episode_flops
 from picomaml.runlog import append_records, drop_torn_tail, exclusive_lock, lock_file_of, write_json_atomic
@@ -103,7 +117,8 @@ def read_rows(path) -> list[dict]:
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
         repeated += row.get("key") in rows
         rows.setdefault(row.get("key", n), row)
-    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); the first of each is kept")
+    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); "
+                               "the first of each is kept")
     return list(rows.values())
 
 
@@ -153,7 +168,8 @@ with tempfile.TemporaryDirectory() as tmp:
 #| export
 GRID_KEYS = {"name", "heads", "regimes", "datasets", "seeds", "runs", "ner", "test_sets", "save_predictions",
              "max_train_sentences", "max_eval_sentences"}
-SETTING_KEYS = GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"}  # what changes a job's output besides its coordinates
+# what changes a job's output besides its coordinates
+SETTING_KEYS = GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"}
 RUN_KEYS = {"run", "family", "arm", "size", "step", "checkpoint", "hub", "revision", "subfolder", "steps"}
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +187,8 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.source + (f"@{self.revision}" if self.revision else "") + (f"/{self.subfolder}" if self.subfolder else "")
+        return (self.source + (f"@{self.revision}" if self.revision else "")
+                + (f"/{self.subfolder}" if self.subfolder else ""))
 
 def expand_steps(steps, where: str) -> list:
     "A list of steps, or range(start, stop + 1, every) of a {start, stop, every} mapping."
@@ -193,13 +210,16 @@ def run_steps(run_dir: Path, step, where: str) -> list[int]:
     "The checkpoint steps `step` (final | scheduled | int | list) selects for the run in `run_dir`."
     if isinstance(step, int) and not isinstance(step, bool): return [step]
     if isinstance(step, list): return [int(s) for s in step]
-    if step not in ("final", "scheduled"): raise SweepError(f"{where}: step {step!r} is not final, scheduled, a step or a list of steps")
+    if step not in ("final", "scheduled"):
+        raise SweepError(f"{where}: step {step!r} is not final, scheduled, a step or a list of steps")
     if not (run_dir / "config.yaml").is_file(): return []
     run_cfg = load_config(run_dir / "config.yaml")
     return [run_cfg.train.steps] if step == "final" else scheduled_steps(run_cfg.checkpoint, run_cfg.train.steps)
 
-def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), released=None) -> list[Checkpoint]:
-    "The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, a ReleasedHub)."
+def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,),
+                    released=None) -> list[Checkpoint]:
+    ("The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, "
+     "a ReleasedHub).")
     unknown = set(entry) - RUN_KEYS
     if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(RUN_KEYS)}")
     for key in ("arm", "size"):
@@ -226,9 +246,10 @@ def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
     steps = expand_steps(entry["steps"], where) if "steps" in entry else [None]
     fill = lambda v, step: v.format(step=step) if isinstance(v, str) and step is not None else v
     if "checkpoint" in entry:
-        return [Checkpoint(**base, source=fill(entry["checkpoint"], s), step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
-    return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s), subfolder=fill(entry.get("subfolder"), s),
-                       step=s, hub=True) for s in steps]
+        return [Checkpoint(**base, source=fill(entry["checkpoint"], s),
+                           step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
+    return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s),
+                       subfolder=fill(entry.get("subfolder"), s), step=s, hub=True) for s in steps]
 
 
 # %% [markdown]
@@ -255,9 +276,11 @@ class Job:
         settings = ",".join(f"{k}={v}" for k, v in self.settings)
         return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
-GRID_CHOICES = {f"{f.name}s": f.metadata["choices"] for f in dataclasses.fields(NERConfig) if f.name in ("head", "regime")}
+GRID_CHOICES = {f"{f.name}s": f.metadata["choices"] for f in dataclasses.fields(NERConfig)
+                if f.name in ("head", "regime")}
 
-def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, released=None) -> list[Job]:
+def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *,
+              released=None) -> list[Job]:
     "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
     if not path.is_file(): raise SweepError(f"grid file {path} does not exist")
@@ -267,7 +290,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
     for i, grid in enumerate(spec.get("grids", [])):
         where = f"{path}: grids[{i}]"
         g = {**defaults, **grid}
-        for key, value in (grid_overrides or {}).items(): g[key] = {**g.get(key, {}), **value} if key == "ner" else value
+        for key, value in (grid_overrides or {}).items():
+            g[key] = {**g.get(key, {}), **value} if key == "ner" else value
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
         for key, allowed in GRID_CHOICES.items():  # the whole grid, before its first job runs
@@ -276,7 +300,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
         settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
         ckpts = [c for j, r in enumerate(g.get("runs", []))
                  for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds, released)]
-        for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]), g.get("regimes", ["head"]),
+        for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]),
+                                                                g.get("regimes", ["head"]),
                                                                 g.get("datasets", ["sk_snk"]), g.get("seeds", [0])):
             jobs.append(Job(c, head, regime, dataset, seed, settings))
     if not jobs: raise SweepError(f"{path}: the grid has no jobs (no `grids`, or a grid without runs)")
@@ -289,16 +314,20 @@ def check_checkpoints(jobs: list[Job]) -> None:
         if not c.hub:
             if (Path(c.source) / "checkpoints").is_dir():
                 latest = Path(c.source) / "checkpoints" / LATEST_FILE
-                example = Path(c.source) / "checkpoints" / (latest.read_text().strip() if latest.is_file() else "step_NNNNNN")
-                raise SweepError(f"checkpoint {c.source} is a run directory, not a checkpoint: name one of its checkpoints, e.g. {example}")
-            if not all((Path(c.source) / f).is_file() for f in ("config.json", "model.safetensors")): missing.append(c.source)
+                example = Path(c.source) / "checkpoints" / (latest.read_text().strip() if latest.is_file()
+                                                            else "step_NNNNNN")
+                raise SweepError(f"checkpoint {c.source} is a run directory, not a checkpoint: "
+                                 f"name one of its checkpoints, e.g. {example}")
+            if not all((Path(c.source) / f).is_file() for f in ("config.json", "model.safetensors")):
+                missing.append(c.source)
             continue
         try: hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
         except Exception as e: missing.append(f"{c.name} (Hub: {type(e).__name__})")
     if missing:
-        raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): {', '.join(missing[:4])}"
-                         f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
-                         f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
+        raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}. Pretrain those runs first "
+                         "(python -m picomaml.pipeline <profile> --stages pretrain, or python -m picomaml.launch "
+                         "--config configs/<preset>.yaml), or fix the grid's runs")
 
 
 # %% [markdown]
@@ -312,17 +341,20 @@ def check_checkpoints(jobs: list[Job]) -> None:
 
 # %%
 #| export
-def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico", sweep_size: str = "medium") -> list[str]:
+def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico",
+              sweep_size: str = "medium") -> list[str]:
     "Every cell the reads ask for that no job produces, as 'notebook: run head regime dataset step'."
-    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector, job_settings(j).get("save_predictions", False))
-            for j in jobs}
+    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector,
+             job_settings(j).get("save_predictions", False)) for j in jobs}
     gaps = []
     for read in reads:
         for size in (sizes if read["sizes"] == "all" else [sweep_size]):
             for arm, seed, regime, dataset in itertools.product(read["arms"], seeds, read["regimes"], read["datasets"]):
                 name = run_name(size, arm, seed, family)
-                wanted = [(name, read["head"], regime, dataset, read["step"], p) for p in ((True,) if read.get("predictions") else (True, False))]
-                if not have & set(wanted): gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
+                wanted = [(name, read["head"], regime, dataset, read["step"], p)
+                          for p in ((True,) if read.get("predictions") else (True, False))]
+                if not have & set(wanted):
+                    gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
     return gaps
 
 
@@ -358,9 +390,10 @@ def job_ner_config(job: Job, cfg, grid) -> NERConfig:
     return apply_overrides(copy.deepcopy(cfg), {"ner": job_settings(job).get("ner", {})}, str(grid)).ner
 
 def split_cap(job: Job, name: str, split: str) -> int | None:
-    "How many sentences of a split a job reads (None: all): the grid's caps, except the test sets it saves predictions of."
+    "How many sentences of a split a job reads (None: all): the grid's caps, except test sets it saves predictions of."
     st = job_settings(job)
-    if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None  # paper 2 §4 reads these sentence by sentence
+    # paper 2 §4 reads these sentence by sentence
+    if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None
     return st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
 
 
@@ -372,16 +405,18 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
     shared = job.regime == "head" and cfg.cache_features
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
-    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")),
-                            device=device)
+    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")),
+                            dev_feats=feats((job.dataset, "dev")), device=device)
     tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
-        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles), "particles": cfg.particles}
+        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles),
+                                                  "particles": cfg.particles}
         if st.get("save_predictions") and name in PHILIPPINE:
-            side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
+            side[name] = {"words": [s.words for s in split.sentences],
+                          "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
@@ -390,8 +425,10 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
            **result_record(hist, tests)}
     if particles: row["particle_recall"] = particles
     if side:
-        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
-        path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_",
+                          f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
+        path = (out.parent / f"{out.stem}-predictions"
+                / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json")
         write_json_atomic(path, side, indent=None)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
@@ -423,11 +460,12 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     sources = sorted({j.dataset for j in jobs})
     languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
     current = lambda l: have["zero_shot"].get(l, {}).get("particles", {}).get("particles") == list(ner_cfg.particles)
-    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) and current(l)
-                                                       for l in languages):
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {}))
+                                                       and current(l) for l in languages):
         return
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
-    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
+    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)]
+                 for name in languages}
     new = uner_statistics(train, zero_shot, ner_cfg.particles)
     write_json_atomic(path, {k: {**have[k], **new[k]} for k in new}, indent=None)
 
@@ -449,7 +487,8 @@ assert capped(_pool, None) is _pool and capped(_pool, 500) is _pool
 #| export
 def trained_positions(c: Checkpoint) -> int:
     "The max_seq_len a checkpoint was trained with, from its config.json (a Hub checkpoint's is fetched, and cached)."
-    path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision) if c.hub else Path(c.source) / "config.json"
+    path = (hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision) if c.hub
+            else Path(c.source) / "config.json")
     return config_from_json(json.loads(Path(path).read_text()), str(path)).max_seq_len
 
 def check_windows(jobs: list[Job], cfg, grid) -> None:
@@ -457,15 +496,18 @@ def check_windows(jobs: list[Job], cfg, grid) -> None:
     positions = {c: trained_positions(c) for c in dict.fromkeys(j.checkpoint for j in jobs)}
     for job in jobs:
         if (max_len := job_ner_config(job, cfg, grid).max_len) > (trained := positions[job.checkpoint]):
-            raise SweepError(f"ner.max_len={max_len} is longer than the {trained} positions checkpoint {job.checkpoint.source} was trained "
-                             f"with (its model.max_seq_len): set ner.max_len={trained} or lower, in the grid's `ner` or on the command "
-                             f"line; nothing was run")
+            raise SweepError(f"ner.max_len={max_len} is longer than the {trained} positions checkpoint "
+                             f"{job.checkpoint.source} was trained with (its model.max_seq_len): "
+                             f"set ner.max_len={trained} or lower, in the grid's `ner` or on the command line; "
+                             "nothing was run")
 
 
 # %%
 #| export
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True, released=None) -> list[Job]:
-    "Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the UNER statistics, cuts a torn tail."
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True,
+               released=None) -> list[Job]:
+    ("Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the "
+     "UNER statistics, cuts a torn tail.")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
     check_windows(jobs, cfg, grid)
@@ -475,32 +517,38 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
     return jobs
 
 def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu", worker: tuple | None = None,
-              released=None) -> int:
-    "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu",
+              worker: tuple | None = None, released=None) -> int:
+    ("Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. "
+     "`worker`: (index, count, claims).")
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
     if worker is None: ensure_writable(out.parent, "--out")  # before its lock file is made there
-    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")  # its workers append under it
+    # its workers append under it
+    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")
     with lock:
-        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
+        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None,
+                          released=released)
         done = {r["key"] for r in read_rows(out)}
         todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
         encode = encode or load_tokenizer(cfg.data).encode
         encoded, features, loaded, ran = {}, {}, {}, 0
         for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
             if limit is not None and ran >= limit: break
-            if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
+            # another worker of this launch has it
+            if worker is not None and not claim(worker[2], job, worker[0]): continue
             ner_cfg = job_ner_config(job, cfg, grid)
             def data(name, split, job=job, ner_cfg=ner_cfg):
                 cap = split_cap(job, name, split)
                 key = (name, split, cap, ner_cfg.max_len)
-                if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
-                                                                   f"{name}/{split}")
+                if key not in encoded:
+                    encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                f"{name}/{split}")
                 return encoded[key]
             if job.checkpoint not in loaded:
                 c = job.checkpoint
                 loaded.clear(); features.clear()
-                loaded[c] = (load_backbone(c.source, c.revision, c.subfolder) if c.hub else load_backbone(c.source)).to(device)  # verified
+                loaded[c] = (load_backbone(c.source, c.revision, c.subfolder) if c.hub
+                             else load_backbone(c.source)).to(device)  # verified
             backbone = loaded[job.checkpoint]
             def feats(name_split, data=data, ner_cfg=ner_cfg):
                 key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
@@ -511,8 +559,9 @@ def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None,
             row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
             append_records(out, [row], sort_keys=True)
             ran += 1
-            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
-                                         f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} "
+                                         f"{job.regime} {job.dataset}: dev F1 {row['dev_f1']:.3f}, "
+                                         f"{row['seconds']:.0f} s", flush=True)
         return ran
 
 
@@ -537,13 +586,15 @@ def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None,
 #| export
 def claim(claims: Path, job: Job, worker: int) -> bool:
     "Take `job` for `worker` unless another worker of this launch has (an exclusive create of its claim file)."
-    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(),
+                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError: return False
     with os.fdopen(fd, "w") as f: f.write(f"worker {worker} on {socket.gethostname()}, pid {os.getpid()}: {job.key}\n")
     return True
 
 def worker_order(jobs: list[Job], worker: int, workers: int) -> list[Job]:
-    "The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on different backbones."
+    ("The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on "
+     "different backbones.")
     groups = [list(group) for _, group in itertools.groupby(jobs, key=lambda j: j.checkpoint)]
     first = worker * len(groups) // workers
     return [j for group in groups[first:] + groups[:first] for j in group]
@@ -552,7 +603,8 @@ def worker_order(jobs: list[Job], worker: int, workers: int) -> list[Job]:
 # %%
 _ck = lambda name: Checkpoint(name, "maml", "tiny", name)
 _jobs = [Job(_ck(c), "linear", "head", d, 0, ()) for c in "abcd" for d in ("x", "y")]
-assert [j.checkpoint.run + j.dataset for j in worker_order(_jobs, 1, 2)] == ["cx", "cy", "dx", "dy", "ax", "ay", "bx", "by"]
+assert ([j.checkpoint.run + j.dataset for j in worker_order(_jobs, 1, 2)]
+        == ["cx", "cy", "dx", "dy", "ax", "ay", "bx", "by"])
 with tempfile.TemporaryDirectory() as _claims:
     assert claim(_claims, _jobs[0], 0) and not claim(_claims, _jobs[0], 1) and claim(_claims, _jobs[1], 1)
 
@@ -570,7 +622,8 @@ def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[
     if requested not in ("auto", "cpu", "cuda") and not (requested.startswith("cuda:") and requested[5:].isdigit()):
         raise SweepError(f"--device {requested!r} is not one of {DEVICE_CHOICES}")
     if requested.startswith("cuda:"):
-        if workers > 1: raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
+        if workers > 1:
+            raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
         require_cuda(int(requested[5:]) + 1, f"--device {requested}", "--device cpu", **facts)
         return [requested]
     problem = "" if requested == "cpu" else cuda_problem(max(workers, 1), **facts)
@@ -587,9 +640,12 @@ from types import SimpleNamespace
 _cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
 _gpus = dict(env={}, cuda_version="12.8", device_files=[Path("/dev/nvidia0")])
 assert sweep_devices("auto", cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-assert sweep_devices("cuda", 2, cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1"] and sweep_devices("cuda:3", cuda=_cuda(4), **_gpus) == ["cuda:3"]
-assert sweep_devices("cpu", 2) == ["cpu", "cpu"] and sweep_devices("auto", say=lambda m: None, cuda=_cuda(0), env={}, device_files=[]) == ["cpu"]
-raises(lambda: sweep_devices("cuda", cuda=_cuda(0), env={}, cuda_version="12.8", device_files=[]), "To run on CPU anyway: --device cpu")
+assert (sweep_devices("cuda", 2, cuda=_cuda(4), **_gpus) == ["cuda:0", "cuda:1"]
+        and sweep_devices("cuda:3", cuda=_cuda(4), **_gpus) == ["cuda:3"])
+assert (sweep_devices("cpu", 2) == ["cpu", "cpu"]
+        and sweep_devices("auto", say=lambda m: None, cuda=_cuda(0), env={}, device_files=[]) == ["cpu"])
+raises(lambda: sweep_devices("cuda", cuda=_cuda(0), env={}, cuda_version="12.8", device_files=[]),
+       "To run on CPU anyway: --device cpu")
 raises(lambda: sweep_devices("gpu"), "--device 'gpu' is not one of")
 
 
@@ -603,7 +659,8 @@ raises(lambda: sweep_devices("gpu"), "--device 'gpu' is not one of")
 # %%
 #| export
 def fresh_claims(out: Path) -> Path:
-    "A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) are removed."
+    ("A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) "
+     "are removed.")
     root = out.parent / f".{out.name}.claims"
     shutil.rmtree(root, ignore_errors=True)
     (root / uuid.uuid4().hex).mkdir(parents=True)
@@ -620,12 +677,15 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
     "Run one sweep worker per device on the results file `out` and wait; returns how many rows they added."
     claims, logs, before = fresh_claims(out), out.parent / f"{out.stem}-workers", len(read_rows(out))
     logs.mkdir(parents=True, exist_ok=True)
-    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # CPU workers split the cores (unless the user set a count)
+    # CPU workers split the cores (unless the user set a count)
+    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))
     threads = {} if "OMP_NUM_THREADS" in os.environ or devices[0] != "cpu" else {"OMP_NUM_THREADS": cpu_share}
     procs = [subprocess.Popen([sys.executable, "-m", "picomaml.ner_sweep", *argv, "--device", device, "--worker",
-                               f"{i},{len(devices)},{claims},{os.getpid()}"], stdout=open(logs / f"worker-{i}.log", "w"),
-                              stderr=subprocess.STDOUT, env={**os.environ, **threads}) for i, device in enumerate(devices)]
-    with tqdm(total=total, initial=before, desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
+                               f"{i},{len(devices)},{claims},{os.getpid()}"],
+                              stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, **threads}) for i, device in enumerate(devices)]
+    with tqdm(total=total, initial=before,
+              desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
         while any(p.poll() is None for p in procs):
             time.sleep(1)
             bar.update(len(read_rows(out)) - bar.n)
@@ -634,8 +694,9 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
     if failed:
         i, code = failed[0]
         last = ((logs / f"worker-{i}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
-        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} (exit {code}): {last} "
-                         f"(its log: {logs / f'worker-{i}.log'}). The finished rows are kept: relaunch the same command to run the rest")
+        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} "
+                         f"(exit {code}): {last} (its log: {logs / f'worker-{i}.log'}). The finished rows are kept: "
+                         "relaunch the same command to run the rest")
     return len(read_rows(out)) - before
 
 
@@ -667,7 +728,7 @@ STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commi
 
 @dataclasses.dataclass
 class ReleasedHub:
-    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
+    "The authors' released checkpoints: a Hub client (HfApi or a stand-in), the branch of each repo holding its steps."
     api: object
     branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
 
@@ -693,14 +754,15 @@ class ReleasedHub:
 
 @dataclasses.dataclass
 class ReleasedMirror:
-    "The released checkpoints copied to a local directory: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
+    "The released checkpoints copied locally: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
     root: Path
 
     def branch(self, repo: str) -> str: return f"the local mirror {Path(self.root) / repo}"
 
     def step_revisions(self, repo: str) -> dict[int, str]:
         "{step: directory name} of the step checkpoints the mirror holds."
-        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*")) if (s := step_of(p.name)) is not None}
+        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*"))
+                if (s := step_of(p.name)) is not None}
 
     def source(self, repo: str, revision: str) -> dict:
         return dict(source=str(Path(self.root) / repo / ("" if revision == "main" else revision)))
@@ -714,8 +776,8 @@ def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list
     steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
     absent = [s for s in steps if s not in revisions]
     if absent or not steps:
-        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
-                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
+        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) "
+                         f"{absent or step}; its steps: {', '.join(map(str, revisions)) or 'none'}")
     return [Checkpoint(**base, **released.source(repo, revisions[s]), step=s) for s in steps]
 
 
@@ -744,10 +806,11 @@ class SplitSize:
     tokens: int
 
 def split_size(name: str, split: str, cap: int | None, ner_cfg: NERConfig, encode, sample: int = 256) -> SplitSize:
-    "The size of a split under a cap: its words counted, the sub-tokens per word measured on a seeded sample of sentences."
+    "A split's size under a cap: its words counted, sub-tokens per word measured on a seeded sample of sentences."
     sentences = capped(load_split(name, split, ner_cfg), cap)
     probe = capped(sentences, sample, seed=1)
-    per_word = sum(len(t) for s in probe for t in encode_words(s.words, encode)) / max(1, sum(len(s.words) for s in probe))
+    per_word = (sum(len(t) for s in probe for t in encode_words(s.words, encode))
+                / max(1, sum(len(s.words) for s in probe)))
     return SplitSize(len(sentences), round(per_word * sum(len(s.words) for s in sentences)))
 
 def pass_flops(mc, size: SplitSize, backward: bool = False) -> float:
@@ -772,7 +835,8 @@ def job_tests(job: Job) -> list[str]:
     return job_settings(job).get("test_sets") or list(TEST_SETS)
 
 def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
-    "The cost of `jobs`: ner_of(job) -> NERConfig, size_of(job, name, split) -> SplitSize, model_of(checkpoint) -> ModelConfig."
+    ("The cost of `jobs`: ner_of(job) -> NERConfig, size_of(job, name, split) -> SplitSize, "
+     "model_of(checkpoint) -> ModelConfig.")
     shared, flops, head_steps = set(), 0.0, 0
     for job in jobs:
         ner, mc = ner_of(job), model_of(job.checkpoint)
@@ -789,7 +853,8 @@ def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
         flops += ner.epochs * (pass_flops(mc, train, backward=True) + dev_passes * pass_flops(mc, dev))
         flops += sum(pass_flops(mc, size_of(job, t, "test")) for t in job_tests(job))
     checkpoints = dict.fromkeys(j.checkpoint for j in jobs)
-    return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops, head_steps)
+    return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops,
+                    head_steps)
 
 
 # %% [markdown]
@@ -804,15 +869,19 @@ from picomaml.plan import _block_params
 _mc = ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128)
 _ck = Checkpoint("r", "maml", "tiny", "/ckpt")
 _settings = (("test_sets", json.dumps(["tl_trg"])),)
-_toy = [Job(_ck, head, regime, "sk_snk", 0, _settings) for head, regime in (("linear", "head"), ("crf", "head"), ("linear", "full"))]
+_toy = [Job(_ck, head, regime, "sk_snk", 0, _settings)
+        for head, regime in (("linear", "head"), ("crf", "head"), ("linear", "full"))]
 _sizes = {"train": SplitSize(10, 100), "dev": SplitSize(4, 40), "test": SplitSize(2, 20)}
 _ner = dataclasses.replace(NERConfig(), batch_size=4, epochs=2, dev_every=0)
 _cost = grid_cost(_toy, lambda job: _ner, lambda job, name, split: _sizes[split], lambda c: _mc)
 _forward = lambda tokens: tokens * (2 * _block_params(_mc) + 4 * 32 * 10)  # windows of 10 sub-tokens, one block
 assert _cost.flops == _forward(100 + 40 + 20) + 2 * (3 * _forward(100) + _forward(40)) + _forward(20)
-assert (_cost.jobs, _cost.checkpoints, _cost.head_steps) == (3, 1, 2 * 2 * 3) and _cost.checkpoint_bytes == 4 * count_parameters(_mc)
-_with_dev_every = grid_cost(_toy[2:], lambda job: dataclasses.replace(_ner, dev_every=1), lambda job, name, split: _sizes[split], lambda c: _mc)
-assert _with_dev_every.flops == 2 * (3 * _forward(100) + 4 * _forward(40)) + _forward(20)  # 3 steps an epoch: 3 more dev passes
+assert ((_cost.jobs, _cost.checkpoints, _cost.head_steps) == (3, 1, 2 * 2 * 3)
+        and _cost.checkpoint_bytes == 4 * count_parameters(_mc))
+_with_dev_every = grid_cost(_toy[2:], lambda job: dataclasses.replace(_ner, dev_every=1),
+                            lambda job, name, split: _sizes[split], lambda c: _mc)
+# 3 steps an epoch: 3 more dev passes
+assert _with_dev_every.flops == 2 * (3 * _forward(100) + 4 * _forward(40)) + _forward(20)
 
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
 _encode = load_tokenizer(DataConfig()).encode
@@ -833,7 +902,8 @@ assert _size == SplitSize(100, sum(len(t) for s in _sk for t in encode_words(s.w
 #| export
 @dataclasses.dataclass
 class PlannedRelease:
-    "The released checkpoints as the papers schedule them (every checkpoint step of the size's preset), for a plan without the Hub."
+    ("The released checkpoints as the papers schedule them (every checkpoint step of the size's preset), "
+     "for a plan without the Hub.")
     def branch(self, repo: str) -> str: return "the papers' checkpoint schedule"
 
     def step_revisions(self, repo: str) -> dict[int, str]:
@@ -843,16 +913,20 @@ class PlannedRelease:
     def source(self, repo: str, revision: str) -> dict: return dict(source=repo, revision=revision, hub=True)
 
 def checkpoint_model(c: Checkpoint):
-    "The ModelConfig of a checkpoint: its config.json when local, else the papers' preset of its size (or the Hub's config.json)."
-    if not c.hub: return config_from_json(json.loads((Path(c.source) / "config.json").read_text()), str(Path(c.source) / "config.json"))
+    ("The ModelConfig of a checkpoint: its config.json when local, else the papers' preset of its size "
+     "(or the Hub's config.json).")
+    if not c.hub: return config_from_json(json.loads((Path(c.source) / "config.json").read_text()),
+                                          str(Path(c.source) / "config.json"))
     preset = PRESETS_DIR / f"pico-{c.size}-maml.yaml"
     if preset.is_file(): return load_config(preset).model
     path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
     return config_from_json(json.loads(Path(path).read_text()), f"{c.name}/config.json")
 
-def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides=None, *, released=None) -> GridCost:
+def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides=None, *,
+              released=None) -> GridCost:
     "The cost of every job of a grid file (done or not), its splits measured on the data the sweep reads."
-    jobs, encode, sizes = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released), load_tokenizer(cfg.data).encode, {}
+    jobs, encode, sizes = (load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released),
+                           load_tokenizer(cfg.data).encode, {})
     def size_of(job, name, split):
         key = (name, split, split_cap(job, name, split))
         if key not in sizes: sizes[key] = split_size(*key, cfg.ner, encode)
@@ -862,10 +936,12 @@ def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), gri
 def format_grid_cost(grid, cost: GridCost, tflops: float, mfu: float) -> str:
     "Three lines: what a grid reads, its backbone FLOPs and hours on one GPU, its head-only steps."
     hours = cost.flops / (tflops * 1e12 * mfu) / 3600
-    return (f"{grid}: {cost.jobs:,} jobs on {cost.checkpoints} checkpoints ({cost.checkpoint_bytes / 1e9:.1f} GB of float32 weights to read)\n"
-            f"  backbone: {cost.flops:.2e} FLOPs at most, {hours:.1f} h on one GPU at {mfu:.0%} MFU of {tflops:g} TFLOP/s "
-            f"(divide by the GPUs: one worker each)\n"
-            f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most (the head's time, not in the FLOPs)")
+    return (f"{grid}: {cost.jobs:,} jobs on {cost.checkpoints} checkpoints "
+            f"({cost.checkpoint_bytes / 1e9:.1f} GB of float32 weights to read)\n"
+            f"  backbone: {cost.flops:.2e} FLOPs at most, {hours:.1f} h on one GPU at {mfu:.0%} MFU of {tflops:g} "
+            f"TFLOP/s (divide by the GPUs: one worker each)\n"
+            f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most "
+            "(the head's time, not in the FLOPs)")
 
 
 # %%
@@ -873,9 +949,11 @@ _planned = PlannedRelease()
 assert list(_planned.step_revisions("pico-lm/pico-decoder-medium"))[:3] == [0, 100, 200]
 assert max(_planned.step_revisions("pico-lm/pico-decoder-medium")) == 6000
 _medium = released_checkpoints({"arm": "maml", "size": "medium", "step": "scheduled"}, "g", _planned)
-assert len(_medium) == len(_planned.step_revisions("pico-lm/pico-maml-decoder-medium")) and checkpoint_model(_medium[0]).d_model == 768
+assert (len(_medium) == len(_planned.step_revisions("pico-lm/pico-maml-decoder-medium"))
+        and checkpoint_model(_medium[0]).d_model == 768)
 _line = format_grid_cost("g", GridCost(3, 1, 4e9, 989e12 * 0.1 * 3600, 12), 989, 0.1)
-assert "3 jobs on 1 checkpoints (4.0 GB" in _line and "1.0 h on one GPU at 10% MFU of 989 TFLOP/s" in _line and "12 optimizer" in _line
+assert ("3 jobs on 1 checkpoints (4.0 GB" in _line and "1.0 h on one GPU at 10% MFU of 989 TFLOP/s" in _line
+        and "12 optimizer" in _line)
 
 
 # %% [markdown]
@@ -891,35 +969,48 @@ assert "3 jobs on 1 checkpoints (4.0 GB" in _line and "1.0 h on one GPU at 10% M
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.ner_sweep`."
     p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
-                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
+                                description="Run a NER finetuning sweep on the GPUs given (one worker each); "
+                                            "finished rows are skipped on restart.")
     p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
     p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
     p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
     p.add_argument("--runs-dir", default="runs", help="where the pretraining runs of the grid's run entries live")
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
-                   help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
-    p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
+                   help="pretraining seeds of the runs to finetune "
+                        f"(run names carry -seed<k> unless k = {DEFAULT_SEED})")
+    p.add_argument("--grid-overrides", default="",
+                   help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
     p.add_argument("--released", nargs="?", const="hub", default=None, metavar="MIRROR",
-                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) instead of local runs: from the "
-                        "Hub, or from MIRROR, a local directory holding <repo>/ (main) and <repo>/step_<N>/")
-    p.add_argument("--plan", action="store_true", help="print what the grid reads and computes, and its hours on one GPU; run nothing")
-    p.add_argument("--gpu-tflops", type=float, default=989, help="--plan: dense bf16 peak TFLOP/s of one GPU (H100 989, A100 312)")
-    p.add_argument("--mfu", type=float, default=0.1, help="--plan: model FLOPs utilisation of finetuning (a guess: measure yours)")
+                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) "
+                        "instead of local runs: from the Hub, or from MIRROR, a local directory holding "
+                        "<repo>/ (main) and <repo>/step_<N>/")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the grid reads and computes, and its hours on one GPU; run nothing")
+    p.add_argument("--gpu-tflops", type=float, default=989,
+                   help="--plan: dense bf16 peak TFLOP/s of one GPU (H100 989, A100 312)")
+    p.add_argument("--mfu", type=float, default=0.1,
+                   help="--plan: model FLOPs utilisation of finetuning (a guess: measure yours)")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
-    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
-    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes, one per device (0: one per visible GPU, one on CPU)")
+    # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
     if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
-    if a.gpu_tflops <= 0 or not 0 < a.mfu <= 1: raise SweepError(f"--gpu-tflops must be positive and --mfu in (0, 1]; got {a.gpu_tflops}, {a.mfu}")
-    if a.limit is not None and a.limit < 0: raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
+    if a.gpu_tflops <= 0 or not 0 < a.mfu <= 1:
+        raise SweepError(f"--gpu-tflops must be positive and --mfu in (0, 1]; got {a.gpu_tflops}, {a.mfu}")
+    if a.limit is not None and a.limit < 0:
+        raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
     return a
 
 def worker_arguments(a: argparse.Namespace) -> list[str]:
     "The command line of a worker: the sweep's own arguments, without its devices."
     optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
-    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
+    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir),
+            "--pretraining-seeds", *map(str, a.pretraining_seeds),
             *(item for key, value in optional if value is not None for item in (key, str(value))),
             *(["--released", a.released] if a.released else []), *a.overrides]
 
@@ -929,16 +1020,20 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
-                 released=None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub" else ReleasedMirror(Path(a.released)))
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
+                 grid_overrides=grid_overrides,
+                 released=(None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub"
+                           else ReleasedMirror(Path(a.released))))
     if a.plan:
         released = PlannedRelease() if a.released == "hub" else sweep["released"]
-        cost = plan_grid(a.grid, load_config(a.config, a.overrides), a.runs_dir, a.pretraining_seeds, grid_overrides, released=released)
+        cost = plan_grid(a.grid, load_config(a.config, a.overrides), a.runs_dir, a.pretraining_seeds, grid_overrides,
+                         released=released)
         return print(format_grid_cost(a.grid, cost, a.gpu_tflops, a.mfu), flush=True)
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
-        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device,
+                      worker=(int(index), int(count), Path(claims)), **sweep)
         return print(f"worker {index}: {n} runs finished", flush=True)
     devices = sweep_devices(a.device, a.workers)
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
@@ -946,7 +1041,8 @@ def main(argv=None) -> None:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
         ensure_writable(out.parent, "--out")
         with exclusive_lock(lock_file_of(out), f"results file {out}"):  # the workers append under the launch's lock
-            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
+            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides,
+                              released=sweep["released"])
             done = {r["key"] for r in read_rows(out)}
             n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")
@@ -954,9 +1050,10 @@ def main(argv=None) -> None:
 if __name__ == "__main__" and "__file__" in globals(): run_command(main)
 
 # %%
-_args = parse_args(["--grid", "g.yaml", "--out", "r.jsonl", "--device", "cuda", "--workers", "4", "--limit", "2", "ner.lr=1e-4"])
-assert worker_arguments(_args) == ["--grid", "g.yaml", "--out", "r.jsonl", "--runs-dir", "runs", "--pretraining-seeds", "42",
-                                   "--limit", "2", "ner.lr=1e-4"]
+_args = parse_args(["--grid", "g.yaml", "--out", "r.jsonl", "--device", "cuda", "--workers", "4", "--limit", "2",
+                    "ner.lr=1e-4"])
+assert worker_arguments(_args) == ["--grid", "g.yaml", "--out", "r.jsonl", "--runs-dir", "runs",
+                                   "--pretraining-seeds", "42", "--limit", "2", "ner.lr=1e-4"]
 
 # %% [markdown]
 # ## A tiny sweep end to end
@@ -979,15 +1076,18 @@ with tempfile.TemporaryDirectory() as tmp:
     run = tmp / "runs" / run_name("tiny", "maml", 7)
     save_config(load_config(None, ["train.steps=100", "checkpoint.every=100"]), run / "config.yaml")
     for step in (0, 100): save_pretrained(tiny, run / f"checkpoints/step_{step:06d}")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16, "max_eval_sentences": 8,
-                         "test_sets": ["sk_snk", "tl_trg", "tl_ugnayan"], "save_predictions": True},
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16,
+                         "max_eval_sentences": 8, "test_sets": ["sk_snk", "tl_trg", "tl_ugnayan"],
+                         "save_predictions": True},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"],
                        "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}]}]}
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     sweep = dict(runs_dir=tmp / "runs", pretraining_seeds=[7])
     jobs = load_grid(tmp / "g.yaml", **sweep)
-    assert len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100] and {j.checkpoint.run for j in jobs} == {"pico-tiny-maml-seed7"}
-    assert [c.step for c in run_checkpoints({"arm": "maml", "size": "tiny"}, "x", tmp / "runs", [7])] == [100]  # step: final
+    assert (len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100]
+            and {j.checkpoint.run for j in jobs} == {"pico-tiny-maml-seed7"})
+    # step: final
+    assert [c.step for c in run_checkpoints({"arm": "maml", "size": "tiny"}, "x", tmp / "runs", [7])] == [100]
     out = tmp / "results.jsonl"
     assert run_sweep(tmp / "g.yaml", out, limit=3, **sweep) == 3 and len(read_rows(out)) == 3
     assert run_sweep(tmp / "g.yaml", out, **sweep) == 1
@@ -998,29 +1098,39 @@ with tempfile.TemporaryDirectory() as tmp:
             and r["params"] == count_parameters(tiny.cfg))
     side = json.loads((out.parent / r["predictions"]).read_text())
     tl_trg = load_split("tl_trg", "test", load_config().ner)  # saved predictions cover the whole set, not the cap of 8
-    assert set(side) == {"tl_trg", "tl_ugnayan"} and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8
+    assert (set(side) == {"tl_trg", "tl_ugnayan"}
+            and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8)
     tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe: a NaN read back is another NaN
-    assert (same(r["particle_recall"]["tl_trg"], {**particle_recall(tl_sentences, side["tl_trg"]["pred"]), "particles": ["si", "ni"]})
+    # NaN-safe: a NaN read back is another NaN
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert (same(r["particle_recall"]["tl_trg"],
+                 {**particle_recall(tl_sentences, side["tl_trg"]["pred"]), "particles": ["si", "ni"]})
             and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"})
     stats = json.loads(statistics_path(out).read_text())  # the whole splits, not the sweep's capped samples
-    sk_train, tagalog = load_split("sk_snk", "train", load_config().ner), tl_trg + load_split("tl_ugnayan", "test", load_config().ner)
-    assert same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}}) and len(sk_train) > 16
+    sk_train, tagalog = (load_split("sk_snk", "train", load_config().ner),
+                         tl_trg + load_split("tl_ugnayan", "test", load_config().ner))
+    assert (same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}})
+            and len(sk_train) > 16)
     assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"]
-    assert same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"], {**particle_recall(tagalog), "particles": ["si", "ni"]})
+    assert same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"],
+                {**particle_recall(tagalog), "particles": ["si", "ni"]})
     assert stats["zero_shot"]["tl_trg+tl_ugnayan"]["oov"] == {"sk_snk": oov_rate(tagalog, sk_train)}
     assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
-    assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1  # other settings: a new job
+    # other settings: a new job
+    assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1
     grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     e = raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), kind=SweepError)
     assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
-    grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]  # the run, not a checkpoint
+    # the run, not a checkpoint
+    grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), f"{run} is a run directory, not a checkpoint")
+    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep),
+           f"{run} is a run directory, not a checkpoint")
     grid["grids"][0]["heads"] = ["linear", "crff"]
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    raises(lambda: load_grid(tmp / "g.yaml", **sweep), "g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
+    raises(lambda: load_grid(tmp / "g.yaml", **sweep),
+           "g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
     grid["grids"][0].update(heads=["linear"], runs=[{"arm": "maml", "size": "tiny", "step": "final"}])
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
@@ -1051,7 +1161,8 @@ class ReleaseHub:
         for ref in (branch, "main"):
             (root / "refs").mkdir(parents=True, exist_ok=True)
             (root / "refs" / ref).write_text(commit)
-        self.commits.setdefault(repo, []).insert(0, types.SimpleNamespace(title=title, commit_id=commit))  # newest first
+        # newest first
+        self.commits.setdefault(repo, []).insert(0, types.SimpleNamespace(title=title, commit_id=commit))
         return commit
     def list_repo_refs(self, repo):
         branches = sorted(p.name for p in (self.cache_dir / f"models--{repo.replace('/', '--')}" / "refs").iterdir())
@@ -1068,19 +1179,24 @@ with tempfile.TemporaryDirectory() as tmp:
     for step in (0, 100, 200, 200):  # step 200 pushed twice (a relaunch): the newer commit is the checkpoint
         torch.manual_seed(step + len(steps_pushed))
         steps_pushed[step] = (PicoDecoder(tiny.cfg), None)
-        steps_pushed[step] = (steps_pushed[step][0], hub.push(steps_pushed[step][0], repo, branch, f"Saving HF Model -- Step {step}"))
+        steps_pushed[step] = (steps_pushed[step][0],
+                              hub.push(steps_pushed[step][0], repo, branch, f"Saving HF Model -- Step {step}"))
     hub.push(tiny, "pico-lm/pico-decoder-tiny", "pico-decoder-tiny-6000", "Saving HF Model -- Step 6000")
     released = ReleasedHub(hub)
-    assert released.branch(repo) == branch and released.step_revisions(repo) == {s: c for s, (_, c) in steps_pushed.items()}
+    assert (released.branch(repo) == branch
+            and released.step_revisions(repo) == {s: c for s, (_, c) in steps_pushed.items()})
     scheduled = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", released)
-    assert [(c.run, c.step, c.name) for c in scheduled] == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()]
-    assert released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name == "pico-lm/pico-decoder-tiny@main"
+    assert ([(c.run, c.step, c.name) for c in scheduled]
+            == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()])
+    assert (released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name
+            == "pico-lm/pico-decoder-tiny@main")
     raises(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
               f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8, "max_eval_sentences": 4,
-                         "test_sets": ["tl_trg"]},
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
+                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
             "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
-                       "runs": [{"arm": "maml", "size": "tiny", "step": [100, 200]}, {"arm": "vanilla", "size": "tiny"}]}]}
+                       "runs": [{"arm": "maml", "size": "tiny", "step": [100, 200]},
+                                {"arm": "vanilla", "size": "tiny"}]}]}
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     cache, offline = huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE
     huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = str(tmp / "hf"), True
@@ -1091,8 +1207,10 @@ with tempfile.TemporaryDirectory() as tmp:
     finally: huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = cache, offline
     hub.push(tiny, repo, "another-run", "Saving HF Model -- Step 0")
     raises(lambda: ReleasedHub(hub).branch(repo), f"{repo} has 2 branches besides main (another-run, {branch})")
-assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}", "pico-lm/pico-decoder-tiny@main"])
-assert {(r["pretraining_run"], r["step"]) for r in rows.values()} == {("pico-tiny-maml", 100), ("pico-tiny-maml", 200), ("pico-tiny-vanilla", None)}
+assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}",
+                               "pico-lm/pico-decoder-tiny@main"])
+assert ({(r["pretraining_run"], r["step"]) for r in rows.values()}
+        == {("pico-tiny-maml", 100), ("pico-tiny-maml", 200), ("pico-tiny-vanilla", None)})
 assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), steps_pushed[200][0].state_dict().values()))
 
 # %% [markdown]
@@ -1104,11 +1222,14 @@ with tempfile.TemporaryDirectory() as tmp:
     for step in (0, 100): save_pretrained(tiny, Path(tmp) / "pico-lm/pico-maml-decoder-tiny" / step_dir_name(step))
     save_pretrained(tiny, Path(tmp) / "pico-lm/pico-maml-decoder-tiny")
     local = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", mirror)
-    assert [(c.step, c.source, c.hub) for c in local] == [(s, f"{tmp}/pico-lm/pico-maml-decoder-tiny/{step_dir_name(s)}", False) for s in (0, 100)]
+    assert ([(c.step, c.source, c.hub) for c in local]
+            == [(s, f"{tmp}/pico-lm/pico-maml-decoder-tiny/{step_dir_name(s)}", False) for s in (0, 100)])
     final = released_checkpoints({"arm": "maml", "size": "tiny"}, "g", mirror)[0]
-    assert final.source == f"{tmp}/pico-lm/pico-maml-decoder-tiny" and check_checkpoints([Job(final, "linear", "head", "sk_snk", 0, ())]) is None
+    assert (final.source == f"{tmp}/pico-lm/pico-maml-decoder-tiny"
+            and check_checkpoints([Job(final, "linear", "head", "sk_snk", 0, ())]) is None)
     raises(lambda: released_checkpoints({"arm": "vanilla", "size": "tiny", "step": [100]}, "g", mirror),
-              f"pico-lm/pico-decoder-tiny (branch the local mirror {tmp}/pico-lm/pico-decoder-tiny) has no checkpoint of step(s) [100]")
+              f"pico-lm/pico-decoder-tiny (branch the local mirror {tmp}/pico-lm/pico-decoder-tiny) "
+              "has no checkpoint of step(s) [100]")
 
 # %% [markdown]
 # ## On a GPU: backbone, head and batches on the sweep's device
@@ -1125,14 +1246,15 @@ from picomaml.device import recorded_moves
 with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
     save_pretrained(tiny, tmp / "ckpt")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4, "precision": "32-true"}, "max_train_sentences": 8,
-                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4, "precision": "32-true"},
+                         "max_train_sentences": 8, "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head", "full"], "datasets": ["sk_snk"],
                        "runs": [{"run": "t", "arm": "maml", "size": "tiny", "checkpoint": str(tmp / "ckpt")}]}]}
     (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
     with recorded_moves("cuda:1") as moves:
         assert run_sweep(tmp / "g.yaml", tmp / "r.jsonl", device="cuda:1") == 4
     placed = read_rows(tmp / "r.jsonl")
-assert {"PicoDecoder", "LinearTagHead", "CRFTagHead", "Tensor"} <= {what for what, d in moves if d == torch.device("cuda", 1)}
+assert ({"PicoDecoder", "LinearTagHead", "CRFTagHead", "Tensor"}
+        <= {what for what, d in moves if d == torch.device("cuda", 1)})
 assert {d for _, d in moves} <= {torch.device("cuda", 1), torch.device("cpu")}
 assert {(r["device"], r["precision"]) for r in placed} == {("cuda:1", "32-true")}
