@@ -94,21 +94,26 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         info = parse_run_name(path.name) if path.is_dir() else None
         if info is None or (families and info["family"] not in families): continue
-        if (sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms) or (seeds and info["seed"] not in seeds): continue
+        if ((sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms)
+                or (seeds and info["seed"] not in seeds)): continue
         rows.append({"name": path.name, **info, "path": path, "has_metrics": (path / "metrics.jsonl").is_file(),
                      "has_spectra": (path / "spectra.jsonl").is_file()})
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})  # typed even when empty
+    # typed even when empty
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})
     order = {s: i for i, s in enumerate(SIZES)}
-    return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
+    return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c,
+                            ignore_index=True)
 
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
-    for name in ["pico-large-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "demo-maml", "ner", "released-tiny-maml"]:
+    for name in ["pico-large-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "demo-maml", "ner",
+                 "released-tiny-maml"]:
         (Path(tmp) / name).mkdir()
     (Path(tmp) / "demo-maml" / "metrics.jsonl").write_text("")
     runs = find_runs(tmp)
-    assert runs.name.tolist() == ["demo-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "pico-large-maml"]  # seeds 1 < 42
+    # seeds 1 < 42
+    assert runs.name.tolist() == ["demo-maml", "pico-tiny-vanilla-seed1", "pico-tiny-vanilla", "pico-large-maml"]
     assert runs.has_metrics.tolist() == [True, False, False, False] and not runs.has_spectra.any()
     assert find_runs(tmp, sizes=["tiny"], seeds=[1]).name.tolist() == ["pico-tiny-vanilla-seed1"]
     assert find_runs(tmp, families=["released"]).name.tolist() == ["released-tiny-maml"]
@@ -142,7 +147,8 @@ with tempfile.TemporaryDirectory() as tmp:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = read_metrics(tmp)
-    assert m.step.tolist() == [1, 2] and m.loss.tolist() == [5.0, 3.5] and np.isnan(m.paloma_ppl[0]) and m.paloma_ppl[1] == 40.0
+    assert (m.step.tolist() == [1, 2] and m.loss.tolist() == [5.0, 3.5] and np.isnan(m.paloma_ppl[0])
+            and m.paloma_ppl[1] == 40.0)
     (Path(tmp) / "metrics.jsonl").write_text('{"step": 5, "loss": 2.0}\n{"step": 5, "paloma_ppl": 30.0}\n')
     assert read_metrics(tmp)[["loss", "paloma_ppl"]].values.tolist() == [[2.0, 30.0]]  # training line + evaluation line
     assert any("metrics.jsonl:4" in str(w.message) for w in caught)
@@ -170,8 +176,8 @@ def read_ner_results(paths) -> pd.DataFrame:
     rows = [{**r, "source": Path(p).name} for p in paths for r in read_records(p)]
     df = pd.DataFrame(rows)
     if "key" in df and (repeated := df.duplicated(["source", "key"])).any():  # two sweeps that once ran on one file
-        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already recorded; "
-                      f"the first of each is kept")
+        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already "
+                      f"recorded; the first of each is kept")
         df = df[~repeated].reset_index(drop=True)
     return df
 
@@ -182,7 +188,8 @@ with tempfile.TemporaryDirectory() as tmp:
     ner = read_ner_results([Path(tmp) / "a-results.jsonl", Path(tmp) / "absent.jsonl"])
     assert len(ner) == 1 and ner.source[0] == "a-results.jsonl" and ner.test_f1[0] == {"sk_snk": 0.8}
     assert read_ner_results(Path(tmp) / "absent.jsonl").empty and read_run_spectra(tmp).empty
-    (Path(tmp) / "b-results.jsonl").write_text("".join(json.dumps({"key": k, "dev_f1": f}) + "\n" for k, f in [("j1", 0.5), ("j1", 0.6)]))
+    (Path(tmp) / "b-results.jsonl").write_text("".join(json.dumps({"key": k, "dev_f1": f}) + "\n"
+                                                       for k, f in [("j1", 0.5), ("j1", 0.6)]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert read_ner_results(Path(tmp) / "b-results.jsonl").dev_f1.tolist() == [0.5]
@@ -229,7 +236,8 @@ with tempfile.TemporaryDirectory() as tmp:
     stacked = runs_metrics(find_runs(tmp))
     assert len(stacked) == 8 and set(stacked.name) == {"demo-maml", "demo-vanilla"} and set(stacked["size"]) == {"demo"}
     curve = smoothed(stacked, "next_token_loss", window=2)
-    assert curve[curve.name == "demo-maml"].next_token_loss.tolist() == [4.0, 3.0] and curve[curve.name == "demo-maml"].step.tolist() == [2, 3]
+    assert (curve[curve.name == "demo-maml"].next_token_loss.tolist() == [4.0, 3.0]
+            and curve[curve.name == "demo-maml"].step.tolist() == [2, 3])
     assert curve[curve.name == "demo-vanilla"].next_token_loss.tolist() == [5.0, 4.5, 3.5, 2.5]
     assert smoothed(stacked, "paloma_ppl").empty and runs_spectra(find_runs(tmp)).empty
 assert runs_metrics(find_runs("/nonexistent")).empty
@@ -246,7 +254,8 @@ assert runs_metrics(find_runs("/nonexistent")).empty
 
 # %%
 #| export
-NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime",
+               "dataset", "test_set"]
 
 def _checkpoint_step(checkpoint) -> float:
     step = step_of(checkpoint)
@@ -257,37 +266,44 @@ def _field(record: dict, key: str, default=None):
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
-    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; and the run's `counts` there."
+    ("NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; "
+     "and the run's `counts` there.")
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
         info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": DEFAULT_SEED}
-        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm")},
+        base = {"pretraining_run": name, "family": info["family"],
+                **{k: _field(r, k, info[k]) for k in ("size", "arm")},
                 "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
         strict, per_tag, counts = (_field(r, k, {}) for k in ("test_strict_f1", "per_tag_f1", "sentence_counts"))
         for test_set, f1 in _field(r, "test_f1", {}).items():
             c = counts.get(test_set)
-            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c} for tag, v in per_tag.get(test_set, {}).items()]
-            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan), "counts": c})
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c}
+                              for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan),
+                               "counts": c})
     return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]) + ["counts"])
 
 
 # %%
-_records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2", "checkpoint": "runs/pico-large-maml/checkpoints/step_006000",
-                          "head": "linear", "regime": "full", "dataset": "en_ewt", "test_f1": {"en_ewt": 0.5, "tl_trg": 0.2},
+_records = pd.DataFrame([{"pretraining_run": "pico-large-maml-seed2",
+                          "checkpoint": "runs/pico-large-maml/checkpoints/step_006000", "head": "linear",
+                          "regime": "full", "dataset": "en_ewt", "test_f1": {"en_ewt": 0.5, "tl_trg": 0.2},
                           "test_strict_f1": {"en_ewt": 0.45, "tl_trg": 0.1},
                           "per_tag_f1": {"en_ewt": {"PER": 0.6, "LOC": 0.4}, "tl_trg": {"PER": 0.3}}},
-                         {"pretraining_run": "hub-model", "size": "small", "arm": "vanilla", "checkpoint": "", "head": "crf",
-                          "regime": "head", "dataset": "all", "test_f1": {"en_ewt": 0.1}}])
+                         {"pretraining_run": "hub-model", "size": "small", "arm": "vanilla", "checkpoint": "",
+                          "head": "crf", "regime": "head", "dataset": "all", "test_f1": {"en_ewt": 0.1}}])
 _long = ner_long(_records)
-assert _long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.tolist()[:2] == [["large", "maml", 2, "en_ewt", 0.5, 0.45],
-                                                                                             ["large", "maml", 2, "tl_trg", 0.2, 0.1]]
-assert _long.checkpoint_step[0] == 6000 and np.isnan(_long.checkpoint_step[2]) and _long.loc[2, ["size", "arm"]].tolist() == ["small", "vanilla"]
+assert (_long[["size", "arm", "seed", "test_set", "f1", "strict_f1"]].values.tolist()[:2]
+        == [["large", "maml", 2, "en_ewt", 0.5, 0.45], ["large", "maml", 2, "tl_trg", 0.2, 0.1]])
+assert (_long.checkpoint_step[0] == 6000 and np.isnan(_long.checkpoint_step[2])
+        and _long.loc[2, ["size", "arm"]].tolist() == ["small", "vanilla"])
 _tags = ner_long(_records, tags=True)
 assert len(_tags) == 3 and _tags.set_index(["test_set", "tag"]).f1[("en_ewt", "LOC")] == 0.4
-assert ner_long(pd.DataFrame()).empty and list(ner_long(pd.DataFrame(), tags=True).columns)[-3:] == ["tag", "f1", "counts"]
+assert (ner_long(pd.DataFrame()).empty
+        and list(ner_long(pd.DataFrame(), tags=True).columns)[-3:] == ["tag", "f1", "counts"])
 assert _long.counts.isna().all()  # these records kept no per-sentence counts
 
 # %% [markdown]
@@ -300,8 +316,8 @@ assert _long.counts.isna().all()  # these records kept no per-sentence counts
 # %%
 #| export
 NER_READS = [
-    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"), datasets=SOURCES,
-         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"),
+         datasets=SOURCES, sizes="all", arms=ARMS, step="final"),
     dict(notebook="23_paper2_ner", outputs="Figs. 1-3, Table 2", head="crf", regimes=("head", "full"), datasets=SOURCES,
          sizes="all", arms=ARMS, step="final"),
     dict(notebook="23_paper2_ner", outputs="Figs. 4-7, Table 5", head="crf", regimes=("head",), datasets=("sk_snk",),
@@ -339,15 +355,19 @@ N_BOOT = 1000  # bootstrap replicates of every interval (the notebooks' `smoke` 
 
 @functools.lru_cache(maxsize=64)
 def sentence_weights(test_set: str, n: int, n_boot: int = N_BOOT) -> np.ndarray:
-    "How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): one fixed draw per test set and n."
+    ("How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): "
+     "one fixed draw per test set and n.")
     rng = np.random.default_rng([zlib.crc32(test_set.encode()), n, n_boot])
     return rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float32)
 
 def replicate_counts(counts: dict, test_set: str, n_boot: int = N_BOOT) -> np.ndarray:
     "Summed (correct, predicted, gold) spans per entity type in each replicate of a run's test set: (n_boot, types, 3)."
-    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))  # (m, 10): index, counts
-    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]  # (n_boot, m)
-    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)  # whole numbers: float32 sums are exact
+    # (m, 10): index, counts
+    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))
+    # (n_boot, m)
+    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]
+    # whole numbers: float32 sums are exact
+    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)
 
 def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
     "F1 of (..., types, 3) span counts: micro over the types (0 without spans), or one type's (NaN without spans)."
@@ -366,11 +386,14 @@ def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
 _w = sentence_weights("tl_trg", 5, 200)
 assert _w.shape == (200, 5) and (_w.sum(1) == 5).all() and len({tuple(r) for r in _w}) > 50
 assert (_w == sentence_weights("tl_trg", 5, 200)).all() and not (_w == sentence_weights("ceb_gja", 5, 200)).all()
-_counts = {"n": 3, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0, 0, 1]]}  # (PER, LOC, ORG) x (tp, pred, gold)
+# (PER, LOC, ORG) x (tp, pred, gold)
+_counts = {"n": 3, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0, 0, 0, 0, 1]]}
 _total = np.asarray([r[1:] for r in _counts["sentences"]], float).reshape(-1, 3, 3).sum(0)
-assert counts_f1(_total) == 2 / 3 and counts_f1(_total, "PER") == 1 and counts_f1(_total, "ORG") == 0 and np.isnan(counts_f1(_total, "LOC"))
+assert (counts_f1(_total) == 2 / 3 and counts_f1(_total, "PER") == 1 and counts_f1(_total, "ORG") == 0
+        and np.isnan(counts_f1(_total, "LOC")))
 _reps = counts_f1(replicate_counts(_counts, "x", 500))  # (500,)
-assert _reps.shape == (500,) and set(np.round(_reps, 6)) <= {0.0, round(2 / 3, 6), 1.0, 0.5, 0.8}  # some resamples drop a sentence
+# some resamples drop a sentence
+assert _reps.shape == (500,) and set(np.round(_reps, 6)) <= {0.0, round(2 / 3, 6), 1.0, 0.5, 0.8}
 
 
 # %% [markdown]
@@ -416,8 +439,10 @@ def summed_counts(counts: dict) -> np.ndarray:
     return rows[:, 1:].sum(0).reshape(len(ENTITY_TYPES), 3)
 
 def pooled_f1(counts_by_set: dict, test_sets, tag: str | None = None, n_boot: int = N_BOOT) -> tuple:
-    "(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); (NaN, None) unless every set has counts."
-    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets): return np.nan, None
+    ("(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); "
+     "(NaN, None) unless every set has counts.")
+    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets):
+        return np.nan, None
     point = counts_f1(sum(summed_counts(counts_by_set[t]) for t in test_sets), tag)
     reps = counts_f1(sum(replicate_counts(counts_by_set[t], t, n_boot) for t in test_sets), tag)
     return float(point), reps
@@ -428,9 +453,11 @@ _two = {"a": {"n": 2, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]},  # set a: 
         "b": {"n": 3, "sentences": [[1, 0, 1, 3, 0, 0, 0, 0, 0, 0]]}}  # set b: three gold PER, one wrong prediction
 _f1, _reps = pooled_f1(_two, ["a", "b"], n_boot=200)
 assert np.isclose(_f1, 2 * 1 / (2 + 4)) and _reps.shape == (200,)  # pooled: 1 correct of 2 predicted and 4 gold
-assert np.isclose((counts_f1(summed_counts(_two["a"])) + counts_f1(summed_counts(_two["b"]))) / 2, 0.5)  # the mean of sets: 0.5
+# the mean of sets: 0.5
+assert np.isclose((counts_f1(summed_counts(_two["a"])) + counts_f1(summed_counts(_two["b"]))) / 2, 0.5)
 assert np.isnan(pooled_f1(_two, ["a", "c"])[0]) and pooled_f1(None, ["a"]) == (pooled_f1(None, ["a"])[0], None)
-assert np.isclose(pooled_f1(_two, ["a", "b"], tag="PER")[0], _f1) and np.isnan(pooled_f1(_two, ["a", "b"], tag="LOC")[0])
+assert (np.isclose(pooled_f1(_two, ["a", "b"], tag="PER")[0], _f1)
+        and np.isnan(pooled_f1(_two, ["a", "b"], tag="LOC")[0]))
 
 
 # %% [markdown]
@@ -443,7 +470,8 @@ assert np.isclose(pooled_f1(_two, ["a", "b"], tag="PER")[0], _f1) and np.isnan(p
 # %%
 #| export
 def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    "`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and (given per-seed `replicates`) sentences."
+    ("`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and "
+     "(given per-seed `replicates`) sentences.")
     x = np.asarray(values, dtype=float)
     reps = list(replicates) if replicates is not None else [None] * len(x)
     keep = np.isfinite(x)
@@ -451,8 +479,10 @@ def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) ->
     if x.size == 0: return (np.nan, np.nan, np.nan)
     if x.size == 1 and reps[0] is None: return (float(x[0]),) * 3
     n_boot = next((len(r) for r in reps if r is not None), N_BOOT)
-    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])  # (seeds, n_boot)
-    drawn = np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1 else np.zeros((1, n_boot), int)
+    # (seeds, n_boot)
+    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])
+    drawn = (np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1
+             else np.zeros((1, n_boot), int))
     means = table[drawn, np.arange(n_boot)].mean(0)  # (n_boot,)
     means = means[np.isfinite(means)]
     if means.size == 0: return (float(x.mean()), np.nan, np.nan)
@@ -482,10 +512,13 @@ _rng = np.random.default_rng(0)
 _gold = _rng.integers(0, 3, 400)  # gold PER spans per sentence
 _vanilla = np.minimum(_gold, _rng.integers(0, 3, 400))  # correct ones
 _maml = np.minimum(_gold, _vanilla + (np.arange(400) % 10 == 0))
-_as_counts = lambda tp: {"n": 400, "sentences": [[i, t, g, g, 0, 0, 0, 0, 0, 0] for i, (t, g) in enumerate(zip(tp, _gold)) if g]}
-_f1 = {arm: counts_f1(replicate_counts(_as_counts(tp), "toy", 1000)) for arm, tp in (("maml", _maml), ("vanilla", _vanilla))}
+_as_counts = lambda tp: {"n": 400, "sentences": [[i, t, g, g, 0, 0, 0, 0, 0, 0]
+                                                 for i, (t, g) in enumerate(zip(tp, _gold)) if g]}
+_f1 = {arm: counts_f1(replicate_counts(_as_counts(tp), "toy", 1000))
+       for arm, tp in (("maml", _maml), ("vanilla", _vanilla))}
 _diff = bootstrap_ci([0.0], [_f1["maml"] - _f1["vanilla"]])
-assert 0 < _diff[1] and _diff[2] - _diff[1] < (bootstrap_ci([0.0], [_f1["maml"]])[2] - bootstrap_ci([0.0], [_f1["maml"]])[1]) / 2
+assert 0 < _diff[1] and _diff[2] - _diff[1] < (bootstrap_ci([0.0], [_f1["maml"]])[2]
+                                               - bootstrap_ci([0.0], [_f1["maml"]])[1]) / 2
 
 # %% [markdown]
 # A table cell is `MISSING` when there is nothing to report, the value when it has no interval (one
@@ -507,7 +540,8 @@ def format_estimate(values, digits: int = 2, replicates=None, signed: bool = Fal
 
 def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
     "How a table's intervals were computed, for its caption."
-    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"] if sentences else []) + \
+    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"]
+            if sentences else []) + \
            ([f"the {len(seeds)} pretraining seeds"] if len(seeds) > 1 else [])
     if not over: return "One pretraining seed: no intervals."
     return (f"Brackets: 95 % percentile interval of a {n_boot:,}-replicate bootstrap resampling {' and '.join(over)}"
@@ -519,7 +553,8 @@ assert format_estimate([]) == "missing" and format_estimate([np.nan]) == "missin
 assert format_estimate([3.14159]) == "3.14" and format_estimate([1.0, 1.0], digits=1) == "1.0 [1.0, 1.0]"
 assert (format_estimate([1.0, 3.0]).startswith("2.00 [1.00, ")
         and format_estimate([0.5], 1, [np.linspace(-1, 2, 101)], signed=True) == "+0.5 [-0.9, +1.9]")
-assert "pretraining seeds" not in interval_note(1000, [42]) and "the 3 pretraining seeds" in interval_note(200, [1, 2, 3], sentences=False)
+assert ("pretraining seeds" not in interval_note(1000, [42])
+        and "the 3 pretraining seeds" in interval_note(200, [1, 2, 3], sentences=False))
 
 
 # %% [markdown]
@@ -537,7 +572,8 @@ def relative_change(new, base):
 
 
 # %%
-assert np.isclose(relative_change(0.55, 0.5), 10.0) and np.isnan(relative_change(0.3, 0.0)) and np.isnan(relative_change(np.nan, 0.5))
+assert (np.isclose(relative_change(0.55, 0.5), 10.0) and np.isnan(relative_change(0.3, 0.0))
+        and np.isnan(relative_change(np.nan, 0.5)))
 assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
 
 # %% [markdown]
@@ -549,11 +585,13 @@ assert np.allclose(relative_change([0.4, 0.6], [0.5, 0.5]), [-20.0, 20.0])
 
 # %%
 #| export
-RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' marks a vanilla "
-                 f"F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies noise: read the absolute F1 there.")
+RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' "
+                 f"marks a vanilla F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies "
+                 f"noise: read the absolute F1 there.")
 
 def relative_estimate(pairs) -> str:
-    "A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: change [interval] (F1 m vs v[; base ≈ 0])."
+    ("A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: "
+     "change [interval] (F1 m vs v[; base ≈ 0]).")
     pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
     if not pairs: return MISSING
     changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
@@ -566,7 +604,8 @@ def relative_estimate(pairs) -> str:
 
 
 # %%
-assert relative_estimate([((0.3, None), (0.4, None))]) == "-25.0 (F1 0.300 vs 0.400)" and relative_estimate([]) == MISSING
+assert (relative_estimate([((0.3, None), (0.4, None))]) == "-25.0 (F1 0.300 vs 0.400)"
+        and relative_estimate([]) == MISSING)
 assert relative_estimate([((0.2, None), (0.0, None))]) == f"n/a (F1 0.200 vs 0.000; {NEAR_ZERO_BASE})"
 assert relative_estimate([((0.02, None), (0.01, None))]).endswith(f"(F1 0.020 vs 0.010; {NEAR_ZERO_BASE})")
 _pair = ((0.4, np.linspace(0.3, 0.5, 11)), (0.4, np.linspace(0.35, 0.45, 11)))
@@ -600,7 +639,8 @@ def figure_missing(fig) -> list[str]:
     return sorted({t for t in texts if t.startswith(f"{MISSING}:")})
 
 def save_figure(fig, name: str, figures_dir) -> list[Path]:
-    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, return the paths."
+    ("Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, "
+     "return the paths.")
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
@@ -627,7 +667,8 @@ def missing_label(items) -> str:
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
     ax.text(0.5, 0.5, missing_label(what), ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
-    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
+    # not set_xticks: that would empty a shared axis
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
     ax.grid(False)
 
 
@@ -648,8 +689,10 @@ with tempfile.TemporaryDirectory() as tmp:
     first = [p.read_bytes() for p in save_figure(fig, "p1_figX_demo", Path(tmp) / "figs")]
     again = [p.read_bytes() for p in save_figure(_demo_figure()[0], "p1_figX_demo", Path(tmp) / "figs")]
     assert first == again and first[0][:4] == b"\x89PNG" and first[1][:5] == b"%PDF-"
-    assert sorted(p.name for p in (Path(tmp) / "figs").iterdir()) == ["missing.json", "p1_figX_demo.pdf", "p1_figX_demo.png"]
-    assert json.loads((Path(tmp) / "figs" / "missing.json").read_text()) == {"p1_figX_demo": ["missing: pico-large-vanilla"]}
+    assert sorted(p.name for p in (Path(tmp) / "figs").iterdir()) == ["missing.json", "p1_figX_demo.pdf",
+                                                                      "p1_figX_demo.png"]
+    assert (json.loads((Path(tmp) / "figs" / "missing.json").read_text())
+            == {"p1_figX_demo": ["missing: pico-large-vanilla"]})
 
 # %% [markdown]
 # ## The papers' numbers beside ours
@@ -719,30 +762,42 @@ _GROUPS = {"seen": "Seen", "PUD": "Test-Only (PUD)", "other": "Test-Only (Other)
 _LANGUAGES = ("Danish", "English", "Croatian", "Portuguese", "Swedish")
 _DATASETS = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp")
 PAPER_TABLES = {
-    "p1_table2_loss_paloma": PaperTable("1", "Table 2", {"train loss: logged objective (the paper's)": "Train Loss @6k",
-                                                         "Paloma ppl: per-document mean (the paper's)": "Paloma Perplexity @6k"},
+    "p1_table2_loss_paloma": PaperTable("1", "Table 2",
+                                        {"train loss: logged objective (the paper's)": "Train Loss @6k",
+                                         "Paloma ppl: per-document mean (the paper's)": "Paloma Perplexity @6k"},
                                         paper_model),
-    "p1_table3_relative_f1_by_group": PaperTable("1", "Table 3", {f"{g} {r}": f"{p} / {r.title()}" for g, p in _GROUPS.items()
-                                                                  for r in ("head", "full")}, same_label, null=0.0),
-    "p1_table4_relative_f1_head_per_language": PaperTable("1", "Table 4", {c: c for c in _LANGUAGES}, same_label, null=0.0),
-    "p1_table5_relative_f1_full_per_language": PaperTable("1", "Table 5", {c: c for c in _LANGUAGES}, same_label, null=0.0),
-    "p1_table6_zero_shot_ceb_tl": PaperTable("1", "Table 6", {"overall": "Overall", **{c: c for c in ("Cebuano", "Tagalog (TRG)",
-                                                                             "Tagalog (Ugnayan)")}}, size_regime, keys=2, null=0.0),
+    "p1_table3_relative_f1_by_group": PaperTable("1", "Table 3",
+                                                 {f"{g} {r}": f"{p} / {r.title()}" for g, p in _GROUPS.items()
+                                                  for r in ("head", "full")}, same_label, null=0.0),
+    "p1_table4_relative_f1_head_per_language": PaperTable("1", "Table 4", {c: c for c in _LANGUAGES}, same_label,
+                                                          null=0.0),
+    "p1_table5_relative_f1_full_per_language": PaperTable("1", "Table 5", {c: c for c in _LANGUAGES}, same_label,
+                                                          null=0.0),
+    "p1_table6_zero_shot_ceb_tl": PaperTable("1", "Table 6",
+                                             {"overall": "Overall",
+                                              **{c: c for c in ("Cebuano", "Tagalog (TRG)", "Tagalog (Ugnayan)")}},
+                                             size_regime, keys=2, null=0.0),
     "p1_table7_head_only_f1": PaperTable("1", "Table 7", {c: c for c in _DATASETS}, same_label),
-    "p1_table8_relative_f1_head_per_language": PaperTable("1", "Table 8", {c: c for c in _DATASETS}, same_label, null=0.0),
-    "p1_table9_relative_f1_full_per_language": PaperTable("1", "Table 9", {c: c for c in _DATASETS}, same_label, null=0.0),
-    "p1_text_speedup": PaperTable("1", "text", {"speed-up on the logged objective (×, the paper's loss)": "p1.text.loss-speedup"},
+    "p1_table8_relative_f1_head_per_language": PaperTable("1", "Table 8", {c: c for c in _DATASETS}, same_label,
+                                                          null=0.0),
+    "p1_table9_relative_f1_full_per_language": PaperTable("1", "Table 9", {c: c for c in _DATASETS}, same_label,
+                                                          null=0.0),
+    "p1_text_speedup": PaperTable("1", "text",
+                                  {"speed-up on the logged objective (×, the paper's loss)": "p1.text.loss-speedup"},
                                   paper_size, null=1.0),
-    "p1_text_episode_accuracy": PaperTable("1", "text", {"query accuracy of φ_T (the paper's)": "p1.text.query-acc-small-medium",
-                                                                    "support accuracy of φ_T": "p1.text.support-acc-small-medium"},
+    "p1_text_episode_accuracy": PaperTable("1", "text",
+                                           {"query accuracy of φ_T (the paper's)": "p1.text.query-acc-small-medium",
+                                            "support accuracy of φ_T": "p1.text.support-acc-small-medium"},
                                            paper_size, unit=0.01),
-    "p2_table2_finetuning_speed": PaperTable("2", "Table 2", {"Δt90": r"$\Delta t_{90}$", "Δauc": r"$\Delta \text{AUC}$",
-                                                                 "Δslope": r"$\Delta \text{slope}$"}, size_regime,
+    "p2_table2_finetuning_speed": PaperTable("2", "Table 2",
+                                             {"Δt90": r"$\Delta t_{90}$", "Δauc": r"$\Delta \text{AUC}$",
+                                              "Δslope": r"$\Delta \text{slope}$"}, size_regime,
                                              keys=2, null=0.0),
-    "p2_table4_span_statistics": PaperTable("2", "Table 4", {"spans": "# spans", "single-token %": "% single-token"}, same_label,
-                                            scale_free=("spans", "single-token %")),
+    "p2_table4_span_statistics": PaperTable("2", "Table 4", {"spans": "# spans", "single-token %": "% single-token"},
+                                            same_label, scale_free=("spans", "single-token %")),
     "p2_table5_particles_oov": PaperTable("2", "Table 5", {"model recall after particle": "Particle recall",
-                                                           "OOV token rate": "OOV rate"}, same_label, scale_free=("OOV token rate",)),
+                                                           "OOV token rate": "OOV rate"}, same_label,
+                                          scale_free=("OOV token rate",)),
 }
 
 # %% [markdown]
@@ -773,12 +828,17 @@ _t3 = beside_paper(pd.DataFrame({"model": ["demo (%)"], "seen head": ["+1.0 [-2.
                    "p1_table3_relative_f1_by_group")
 assert _t3.model.tolist() == ["demo (%)"] + [f"{PAPER_ROW}{s} (%)" for s in PAPER_SIZES]
 assert _t3.set_index("model").loc[f"{PAPER_ROW}tiny (%)"].tolist() == ["-8.3", "-3.0"]
-_t6 = beside_paper(pd.DataFrame({"model": ["tiny"], "regime": ["head"], "overall": ["+3.0"]}), "p1_table6_zero_shot_ceb_tl")
+_t6 = beside_paper(pd.DataFrame({"model": ["tiny"], "regime": ["head"], "overall": ["+3.0"]}),
+                   "p1_table6_zero_shot_ceb_tl")
 assert _t6.iloc[1].tolist() == [PAPER_ROW + "tiny", "head", "-100.0%"] and len(_t6) == 9
-_speed = beside_paper(pd.DataFrame({"size": ["tiny"], "speed-up on the logged objective (×, the paper's loss)": ["1.10"]}), "p1_text_speedup")
+_speed = beside_paper(pd.DataFrame({"size": ["tiny"],
+                                    "speed-up on the logged objective (×, the paper's loss)": ["1.10"]}),
+                      "p1_text_speedup")
 assert _speed.iloc[1].tolist() == [PAPER_ROW + "tiny, small, medium, large", "1.3–1.6 \\times sooner"]
-assert beside_paper(_t3, "p1_tableX") is _t3 and PAPER_TABLES["p1_table2_loss_paloma"].row(("pico-small-maml",)) == "pico-maml-decoder-small"
-assert PAPER_TABLES["p1_table2_loss_paloma"].row(("demo-maml",)) is None and PAPER_TABLES["p1_table7_head_only_f1"].row(("maml_demo",)) == "maml_demo"
+assert (beside_paper(_t3, "p1_tableX") is _t3
+        and PAPER_TABLES["p1_table2_loss_paloma"].row(("pico-small-maml",)) == "pico-maml-decoder-small")
+assert (PAPER_TABLES["p1_table2_loss_paloma"].row(("demo-maml",)) is None
+        and PAPER_TABLES["p1_table7_head_only_f1"].row(("maml_demo",)) == "maml_demo")
 for name, spec in PAPER_TABLES.items():  # every column the map names is one the transcription has
     rep = spec.reported()
     assert set(spec.columns.values()) <= set(rep.key if spec.source == "text" else rep.column), name
@@ -803,13 +863,15 @@ def latex_escape(text) -> str:
 def markdown_table(df: pd.DataFrame) -> str:
     "A pipe table of `df` (columns as header, cells as strings)."
     cells = lambda row: "| " + " | ".join(str(c).replace("|", r"\|") for c in row) + " |"
-    return "\n".join([cells(df.columns), "|" + "---|" * len(df.columns), *(cells(r) for r in df.itertuples(index=False))])
+    return "\n".join([cells(df.columns), "|" + "---|" * len(df.columns),
+                      *(cells(r) for r in df.itertuples(index=False))])
 
 def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
     "A booktabs `table` float of `df` with a caption and label."
     row = lambda cells: " & ".join(latex_escape(c) for c in cells) + r" \\"
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{tab:{label}}}",
-                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", row(df.columns), r"\midrule",
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
+                      rf"\label{{tab:{label}}}", rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule",
+                      row(df.columns), r"\midrule",
                       *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}", r"\end{table}"])
 
 def save_table(df: pd.DataFrame, name: str, tables_dir, caption: str) -> list[Path]:

@@ -89,7 +89,8 @@ n_boot = 100 if smoke else 1000
 # %%
 runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds)
 runs = runs[runs.has_metrics]
-expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in arms for k in seeds], columns=["size", "arm", "seed", "name"])
+expected = pd.DataFrame([(s, a, k, run_name(s, a, k)) for s in sizes for a in arms for k in seeds],
+                        columns=["size", "arm", "seed", "name"])
 expected["found"] = expected["name"].isin(runs["name"])
 metrics, spectra = runs_metrics(runs), runs_spectra(runs)
 expected
@@ -106,7 +107,8 @@ expected
 def lacking(data: pd.DataFrame, y: str, size=None, arm=None, names=None) -> list[str]:
     "The expected runs (of one size/arm, or `names`) with no logged value of `y` in `data`."
     present = set(data["name"][data[y].notna()]) if y in data else set()
-    chosen = expected[expected["size"].isin([size] if size else sizes) & expected.arm.isin([arm] if arm else arms)]["name"]
+    chosen = expected[expected["size"].isin([size] if size else sizes)
+                      & expected.arm.isin([arm] if arm else arms)]["name"]
     return [n for n in (chosen if names is None else names) if n not in present]
 
 def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None, size=None, logy=False, legend=True,
@@ -114,26 +116,33 @@ def curve_panel(ax, data: pd.DataFrame, y: str, ylabel: str, what: str, arm=None
     "Plot `y` against step per size (hue) and arm (style); name the expected runs (or `names`) that lack `y` (`what`)."
     ax.set_ylabel(ylabel)
     absent = lacking(data, y, size, arm, names)
-    if data.empty or y not in data or data[y].dropna().empty: return missing_note(ax, f"{what} of {', '.join(absent) or 'every run'}")
+    if data.empty or y not in data or data[y].dropna().empty:
+        return missing_note(ax, f"{what} of {', '.join(absent) or 'every run'}")
     data = data.dropna(subset=[y])
-    sns.lineplot(data=data, x="step", y=y, hue="size", style="arm", palette={s: SIZE_COLORS[s] for s in data["size"].unique()},
-                 hue_order=[s for s in sizes if s in set(data["size"])], style_order=[a for a in ("maml", "vanilla") if a in set(data.arm)],
+    sns.lineplot(data=data, x="step", y=y, hue="size", style="arm",
+                 palette={s: SIZE_COLORS[s] for s in data["size"].unique()},
+                 hue_order=[s for s in sizes if s in set(data["size"])],
+                 style_order=[a for a in ("maml", "vanilla") if a in set(data.arm)],
                  errorbar=("ci", 95), n_boot=n_boot, seed=0, ax=ax, linewidth=1, legend=legend,
-                 marker="o" if data.groupby("name").size().max() <= 60 else None, markersize=3)  # sparse curves: show the points
-    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+                 # sparse curves: show the points
+                 marker="o" if data.groupby("name").size().max() <= 60 else None, markersize=3)
+    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6,
+                       color="0.35")
     if logy: ax.set_yscale("log")
     ax.set_xlabel("step")
 
 
 # %%
 _first = expected.iloc[0]  # whatever runs the parameters ask for: the check holds for any of them
-_data = pd.DataFrame({"name": _first["name"], "step": [1, 2], "size": _first["size"], "arm": _first.arm, "loss": [np.nan, 3.0]})
+_data = pd.DataFrame({"name": _first["name"], "step": [1, 2], "size": _first["size"], "arm": _first.arm,
+                      "loss": [np.nan, 3.0]})
 fig, (ax_none, ax_some) = plt.subplots(2, 1)
 curve_panel(ax_none, _data.assign(loss=np.nan), "loss", "loss", "metrics")
 curve_panel(ax_some, _data, "loss", "loss", "metrics", arm=_first.arm)
 assert ax_none.texts[0].get_text() == f"missing: metrics of {', '.join(expected['name'])}"
 _others = [n for n in expected["name"][expected.arm == _first.arm] if n != _first["name"]]
-assert len(ax_some.lines[0].get_xdata()) == 1 and [t.get_text() for t in ax_some.texts] == ([f"missing: {', '.join(_others)}"] if _others else [])
+assert (len(ax_some.lines[0].get_xdata()) == 1
+        and [t.get_text() for t in ax_some.texts] == ([f"missing: {', '.join(_others)}"] if _others else []))
 plt.close(fig)
 
 # %% [markdown]
@@ -160,10 +169,11 @@ plt.close(fig)
 fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
 curve_panel(top, smoothed(metrics, "loss", smooth), "loss", "train loss:\nlogged objective", "training losses")
 top.set_title("logged objective (next-token or 32-way query CE per draw): the paper's curve", fontsize=8)
-curve_panel(middle, smoothed(metrics, "next_token_loss", smooth), "next_token_loss", "train loss:\nnext-token CE", "next-token losses", legend=False)
+curve_panel(middle, smoothed(metrics, "next_token_loss", smooth), "next_token_loss", "train loss:\nnext-token CE",
+            "next-token losses", legend=False)
 middle.set_title("next-token cross-entropy of the next-token draws: language modelling", fontsize=8)
-curve_panel(bottom, smoothed(metrics, "paloma_doc_ppl"), "paloma_doc_ppl", "Paloma perplexity\n(per-document mean)", "Paloma evaluations",
-            logy=True, legend=False)
+curve_panel(bottom, smoothed(metrics, "paloma_doc_ppl"), "paloma_doc_ppl", "Paloma perplexity\n(per-document mean)",
+            "Paloma evaluations", logy=True, legend=False)
 save_figure(fig, "p1_fig1_loss_paloma", figures_dir)
 
 # %% [markdown]
@@ -188,11 +198,13 @@ PPL_KEYS = ("paloma_doc_ppl", "paloma_ppl")  # per-document mean (the paper's me
 LOSS_KEYS = ("loss", "next_token_loss")  # the logged objective (the paper's), the next-token loss
 
 def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple:
-    "`(step, mean objective and mean next_token_loss over the `window` steps ending at step, per-document and token-weighted Paloma at step)`."
+    ("`(step, mean objective and mean next_token_loss over the `window` steps ending at step, "
+     "per-document and token-weighted Paloma at step)`.")
     step = run.step.max() if step is None else step
     if run.empty or run.step.max() < step: return (step, np.nan, np.nan, np.nan, np.nan)
     window = run[(run.step > step - window) & (run.step <= step)]
-    losses = [window[k].astype(float).mean() if k in window else np.nan for k in LOSS_KEYS]  # NaN-skipping: logged steps only
+    # NaN-skipping: logged steps only
+    losses = [window[k].astype(float).mean() if k in window else np.nan for k in LOSS_KEYS]
     at = lambda key: run.loc[run.step == step, key].astype(float).dropna() if key in run else pd.Series(dtype=float)
     return (step, *losses, *(at(k).iloc[0] if len(at(k)) else np.nan for k in PPL_KEYS))
 
@@ -200,7 +212,8 @@ def loss_and_ppl_at(run: pd.DataFrame, step, window: int) -> tuple:
 # %%
 _toy = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [9.0, 3.4, 3.0, 1.0], "next_token_loss": [9.0, np.nan, 3.0, 1.0],
                      "paloma_ppl": [np.nan, 50.0, np.nan, 20.0], "paloma_doc_ppl": [np.nan, 60.0, np.nan, 25.0]})
-assert loss_and_ppl_at(_toy, None, 2) == (4, 2.0, 2.0, 25.0, 20.0) and loss_and_ppl_at(_toy, 2, 2)[1:] == (6.2, 9.0, 60.0, 50.0)
+assert (loss_and_ppl_at(_toy, None, 2) == (4, 2.0, 2.0, 25.0, 20.0)
+        and loss_and_ppl_at(_toy, 2, 2)[1:] == (6.2, 9.0, 60.0, 50.0))
 assert loss_and_ppl_at(_toy, None, 10)[2] == np.mean([9.0, 3.0, 1.0])  # next-token steps only
 assert np.isnan(loss_and_ppl_at(_toy, 3, 2)[3]) and np.isnan(loss_and_ppl_at(_toy, 5, 2)[1])
 
@@ -224,10 +237,10 @@ def table2() -> pd.DataFrame:
 
 table = table2()
 save_table(table, "p1_table2_loss_paloma", tables_dir,
-           "Paper 1 Table 2 at the final step: the training loss as logged (the mean of the loss each draw trained on, next-token or "
-           "32-way query; comparable with the paper's column) and as next-token cross-entropy (language modelling, comparable between "
-           "arms), each the mean over the last 10 logged steps; Paloma perplexity as the mean of per-document perplexities (pico-train's "
-           "measure, the paper's) and token-weighted")
+           "Paper 1 Table 2 at the final step: the training loss as logged (the mean of the loss each draw trained "
+           "on, next-token or 32-way query; comparable with the paper's column) and as next-token cross-entropy "
+           "(language modelling, comparable between arms), each the mean over the last 10 logged steps; Paloma "
+           "perplexity as the mean of per-document perplexities (pico-train's measure, the paper's) and token-weighted")
 table
 
 
@@ -266,28 +279,34 @@ assert np.isnan(speedup(_v, pd.DataFrame({"step": [100, 200], "next_token_loss":
 
 # %%
 def speedup_cell(key: str, size: str) -> tuple:
-    "(cell, seeds paired, seeds not reaching it) of MAML's speed-up to the vanilla arm's final smoothed `key`, paired by seed."
+    ("(cell, seeds paired, seeds not reaching it) of MAML's speed-up to the vanilla arm's final smoothed `key`, "
+     "paired by seed.")
     curves = smoothed(metrics, key, loss_window)
-    pairs = [(curves[curves["name"] == run_name(size, "vanilla", k)], curves[curves["name"] == run_name(size, "maml", k)]) for k in seeds]
+    pairs = [(curves[curves["name"] == run_name(size, "vanilla", k)],
+              curves[curves["name"] == run_name(size, "maml", k)]) for k in seeds]
     pairs = [(v, m) for v, m in pairs if not v.empty and not m.empty]
     ratios = [speedup(v, m, key) for v, m in pairs]
     reached = [r for r in ratios if np.isfinite(r)]
-    return format_estimate(reached) if reached else ("not reached" if pairs else MISSING), len(pairs), sum(not np.isfinite(r) for r in ratios)
+    return (format_estimate(reached) if reached else ("not reached" if pairs else MISSING), len(pairs),
+            sum(not np.isfinite(r) for r in ratios))
 
 def speedup_table() -> pd.DataFrame:
     "Per size: MAML's speed-up to the vanilla loss on both losses (mean ± 95 % bootstrap half-width over seeds)."
     rows = []
     for size in sizes:
-        (objective, paired, missed), (next_token, _, missed_nt) = speedup_cell("loss", size), speedup_cell("next_token_loss", size)
-        rows.append({"size": size, "seeds": paired, "speed-up on the logged objective (×, the paper's loss)": objective,
+        (objective, paired, missed), (next_token, _, missed_nt) = (speedup_cell("loss", size),
+                                                                   speedup_cell("next_token_loss", size))
+        rows.append({"size": size, "seeds": paired,
+                     "speed-up on the logged objective (×, the paper's loss)": objective,
                      "speed-up on the next-token loss (×, language modelling)": next_token,
                      "seeds not reaching it (objective, next-token)": f"{missed}, {missed_nt}"})
     return pd.DataFrame(rows)
 
 speedups = speedup_table()
 save_table(speedups, "p1_text_speedup", tables_dir,
-           "Paper 1 §4: steps for the vanilla arm to reach its final training loss over the steps MAML takes to reach it, on the logged "
-           "objective (the paper's loss, which for MAML includes the 32-way query losses) and on the next-token loss (paper: 1.3-1.6x)")
+           "Paper 1 §4: steps for the vanilla arm to reach its final training loss over the steps MAML takes to reach "
+           "it, on the logged objective (the paper's loss, which for MAML includes the 32-way query losses) and on "
+           "the next-token loss (paper: 1.3-1.6x)")
 speedups
 
 # %% [markdown]
@@ -305,7 +324,8 @@ speedups
 
 # %%
 def phi0_overlay(ax, data: pd.DataFrame, key: str, legend: bool) -> None:
-    "Draw φ_0's curve of `key` (the head before its inner loop) dashed, per size, over the φ_T curves `curve_panel` drew."
+    ("Draw φ_0's curve of `key` (the head before its inner loop) dashed, per size, "
+     "over the φ_T curves `curve_panel` drew.")
     data = data.dropna(subset=[key]) if key in data else data.iloc[:0]
     for size, g in data.groupby("size", sort=False):
         mean = g.groupby("step")[key].mean()  # over seeds
@@ -322,7 +342,8 @@ def phi0_overlay(ax, data: pd.DataFrame, key: str, legend: bool) -> None:
 # %%
 def episode_ways(run_dirs) -> int | None:
     "The N of the N-way episodes of these runs (their saved config.yaml), or None when none is saved or they differ."
-    ways = {yaml.safe_load((Path(d) / "config.yaml").read_text())["smlmt"]["n_way"] for d in run_dirs if (Path(d) / "config.yaml").is_file()}
+    ways = {yaml.safe_load((Path(d) / "config.yaml").read_text())["smlmt"]["n_way"]
+            for d in run_dirs if (Path(d) / "config.yaml").is_file()}
     return ways.pop() if len(ways) == 1 else None
 
 # %%
@@ -330,7 +351,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     for _name, _n in (("a", 32), ("b", 32), ("c", 4)):
         (Path(_tmp) / _name).mkdir()
         (Path(_tmp) / _name / "config.yaml").write_text(yaml.safe_dump({"smlmt": {"n_way": _n}}))
-    assert episode_ways([Path(_tmp) / "a", Path(_tmp) / "b"]) == 32 and episode_ways([Path(_tmp) / "a", Path(_tmp) / "c"]) is None
+    assert (episode_ways([Path(_tmp) / "a", Path(_tmp) / "b"]) == 32
+            and episode_ways([Path(_tmp) / "a", Path(_tmp) / "c"]) is None)
     assert episode_ways([Path(_tmp) / "none"]) is None
 
 # %% [markdown]
@@ -346,16 +368,21 @@ released_runs = find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=seeds[:1],
 released = runs_metrics(released_runs[released_runs.has_metrics])
 fig, axes = plt.subplots(2, 2, figsize=(11, 5), sharex="col")
 released_names = [run_name(s, "maml", seeds[0], "released") for s in sizes if s != "demo"]
-readings = [("as written", maml, None, runs[runs.arm == "maml"].path), ("released reading", released, released_names, released_runs.path)]
+readings = [("as written", maml, None, runs[runs.arm == "maml"].path),
+            ("released reading", released, released_names, released_runs.path)]
 for column, (reading, data, names, run_dirs) in enumerate(readings):
     ways = episode_ways(run_dirs)
-    for ax, key, label in [(axes[0, column], "support_acc", "support accuracy"), (axes[1, column], "query_acc", "query accuracy")]:
-        if data.empty: missing_note(ax, "released runs (none in the demo: make rehearse, make paper)"); continue
-        curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml", legend=ax is axes[0, column], names=names)
+    for ax, key, label in [(axes[0, column], "support_acc", "support accuracy"),
+                           (axes[1, column], "query_acc", "query accuracy")]:
+        if data.empty:
+            missing_note(ax, "released runs (none in the demo: make rehearse, make paper)"); continue
+        curve_panel(ax, smoothed(data, key, smooth), key, label, "episode metrics", arm="maml",
+                    legend=ax is axes[0, column], names=names)
         phi0_overlay(ax, smoothed(data, f"{key}_phi0", smooth), f"{key}_phi0", legend=ax is axes[0, column])
         if ax.lines and ways: ax.axhline(1 / ways, color="0.5", linestyle=":", linewidth=0.8)
     axes[0, column].set_title(f"{reading}{f', {ways}-way episodes' if ways else ''}", fontsize=9)
-fig.suptitle("Episode accuracy of the MAML arm (32-way in the papers): φ_T (solid) and φ_0 (dashed); dotted: chance 1/N", fontsize=8)
+fig.suptitle("Episode accuracy of the MAML arm (32-way in the papers): φ_T (solid) and φ_0 (dashed); "
+             "dotted: chance 1/N", fontsize=8)
 save_figure(fig, "p1_fig3_support_query_acc", figures_dir)
 
 # %% [markdown]
@@ -378,8 +405,9 @@ def episode_table() -> pd.DataFrame:
     rows = []
     for size in sizes:
         runs_of = [maml[maml["name"] == run_name(size, "maml", k)] for k in seeds]
-        rows.append({"size": size, **{label: format_estimate([final_mean(r, key, loss_window) for r in runs_of], digits=3)
-                                      for label, key in EPISODE_KEYS.items()}})
+        rows.append({"size": size,
+                     **{label: format_estimate([final_mean(r, key, loss_window) for r in runs_of], digits=3)
+                        for label, key in EPISODE_KEYS.items()}})
     return pd.DataFrame(rows)
 
 
@@ -390,8 +418,9 @@ assert final_mean(_curve, "query_acc", 2) == 0.3 and np.isnan(final_mean(_curve,
 # %%
 episodes = episode_table()
 save_table(episodes, "p1_text_episode_accuracy", tables_dir,
-           f"Paper 1 Fig. 3 at the end of training: the MAML arm's 32-way query and support accuracy of the adapted head (φ_T) and "
-           f"of the head before its inner loop (φ_0), each the mean over the last {loss_window} logged steps (chance 1/32 ≈ 0.031)")
+           f"Paper 1 Fig. 3 at the end of training: the MAML arm's 32-way query and support accuracy of the adapted "
+           f"head (φ_T) and of the head before its inner loop (φ_0), each the mean over the last {loss_window} logged "
+           f"steps (chance 1/32 ≈ 0.031)")
 episodes
 
 # %% [markdown]
@@ -403,8 +432,10 @@ episodes
 
 # %%
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-curve_panel(top, smoothed(maml, "head_weight_std", smooth), "head_weight_std", "head weight std", "head statistics", arm="maml")
-curve_panel(bottom, smoothed(maml, "head_weight_mean", smooth), "head_weight_mean", "head weight mean", "head statistics", arm="maml", legend=False)
+curve_panel(top, smoothed(maml, "head_weight_std", smooth), "head_weight_std", "head weight std", "head statistics",
+            arm="maml")
+curve_panel(bottom, smoothed(maml, "head_weight_mean", smooth), "head_weight_mean", "head weight mean",
+            "head statistics", arm="maml", legend=False)
 save_figure(fig, "p1_fig4_head_weights", figures_dir)
 
 
@@ -420,7 +451,8 @@ save_figure(fig, "p1_fig4_head_weights", figures_dir)
 # %%
 def mean_per(spectra: pd.DataFrame, kind: str) -> pd.DataFrame:
     "Per run and step: the mean PER over blocks of the `per_matrices` of one kind (weight|gradient)."
-    if spectra.empty or "per" not in spectra: return pd.DataFrame(columns=["name", "size", "arm", "seed", "step", "per"])
+    if spectra.empty or "per" not in spectra:
+        return pd.DataFrame(columns=["name", "size", "arm", "seed", "step", "per"])
     chosen = spectra[(spectra.kind == kind) & spectra.matrix.isin(per_matrices)]
     return chosen.groupby(["name", "size", "arm", "seed", "step"], as_index=False).per.mean()
 
@@ -460,7 +492,9 @@ def phase_of(curve: pd.DataFrame, y: str):
     except ValueError: return None, f"too few points ({len(mean)})"
 
 _steps = np.arange(0, 6000, 100.0)
-_toy_curve = pd.DataFrame({"step": _steps, "per": np.where(_steps < 2600, 0.8, np.where(_steps > 3200, 0.5, 0.8 - 0.3 * (_steps - 2600) / 600))})
+_toy_curve = pd.DataFrame({"step": _steps,
+                           "per": np.where(_steps < 2600, 0.8,
+                                           np.where(_steps > 3200, 0.5, 0.8 - 0.3 * (_steps - 2600) / 600))})
 _phase, _ = phase_of(_toy_curve, "per")
 assert abs(_phase.start - 2600) <= 100 and abs(_phase.end - 3200) <= 100
 assert phase_of(_toy_curve.head(3), "per") == (None, "too few points (3)")
@@ -474,9 +508,11 @@ phases = [phase_of(data, y) for data, y, _, _ in panels]
 fig, axes = plt.subplots(3, 1, figsize=(6, 6), sharex=True)
 for ax, (data, y, label, what), (phase, reason) in zip(axes, panels, phases):
     curve_panel(ax, data, y, label, what, arm="maml", size=phase_size, legend=False)
-    if not data.empty: ax.set_title(f"{label}: " + (f"steps {phase.start:.0f}–{phase.end:.0f} (p = {phase.p_value:.2f})" if phase
-                                                       else reason), fontsize=8)
-    if phases[0][0] and not data.empty: ax.axvspan(phases[0][0].start, phases[0][0].end, color="#CC79A7", alpha=0.2, linewidth=0)
+    if not data.empty:
+        ax.set_title(f"{label}: " + (f"steps {phase.start:.0f}–{phase.end:.0f} (p = {phase.p_value:.2f})" if phase
+                                     else reason), fontsize=8)
+    if phases[0][0] and not data.empty: ax.axvspan(phases[0][0].start, phases[0][0].end, color="#CC79A7", alpha=0.2,
+                                                   linewidth=0)
 save_figure(fig, "p1_fig6_phase_transition", figures_dir)
 pd.DataFrame([{"curve": label, "phase": f"{p.start:.0f}–{p.end:.0f} (change {p.change:+.3g})" if p else reason}
               for (_, _, label, _), (p, reason) in zip(panels, phases)])

@@ -107,7 +107,8 @@ def select(long: pd.DataFrame) -> pd.DataFrame:
     return final_checkpoint(chosen)
 f1, tag_f1 = (with_replicates(select(ner_long(records, tags=t)), n_boot) for t in (False, True))
 note = interval_note(n_boot, seeds)
-print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for paper 1, {f1.boot.notna().sum()} with per-sentence counts")
+print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for paper 1, "
+      f"{f1.boot.notna().sum()} with per-sentence counts")
 
 
 # %% [markdown]
@@ -122,13 +123,16 @@ print(f"{len(records)} records from {paths}; {len(f1)} (run, test set) rows for 
 
 # %%
 def statistic(rows: pd.DataFrame, size: str, arm: str, seed: int, regime: str) -> tuple[float, np.ndarray | None]:
-    "Mean F1 over the rows of one size, arm, seed and regime (NaN if none), and its sentence replicates (None without)."
+    ("Mean F1 over the rows of one size, arm, seed and regime (NaN if none), "
+     "and its sentence replicates (None without).")
     chosen = rows[(rows["size"] == size) & (rows.arm == arm) & (rows.seed == seed) & (rows.regime == regime)]
     return (chosen.f1.astype(float).mean(), mean_replicates(chosen.boot)) if len(chosen) else (np.nan, None)
 
 def relative_cell(rows: pd.DataFrame, size: str, regime: str) -> str:
-    "The '(%)' cell of MAML over vanilla for one size and regime (`picomaml.report.relative_estimate`, paired by seed)."
-    return relative_estimate([(statistic(rows, size, "maml", k, regime), statistic(rows, size, "vanilla", k, regime)) for k in seeds])
+    ("The '(%)' cell of MAML over vanilla for one size and regime "
+     "(`picomaml.report.relative_estimate`, paired by seed).")
+    return relative_estimate([(statistic(rows, size, "maml", k, regime), statistic(rows, size, "vanilla", k, regime))
+                              for k in seeds])
 
 def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
     "F1 (3 decimals) of one size and arm over seeds with its interval, or 'missing'."
@@ -137,11 +141,14 @@ def absolute_cell(rows: pd.DataFrame, size: str, arm: str, regime: str) -> str:
 
 
 # %%
-_rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"], "f1": [0.3, 0.5, 0.4, 0.4],
-                      "boot": [None] * 4})
-assert statistic(_rows, "large", "maml", 42, "head") == (0.4, None) and np.isnan(statistic(_rows, "large", "maml", 42, "full")[0])
-assert relative_cell(_rows, "large", "head") == "+0.0 (F1 0.400 vs 0.400)" and relative_cell(_rows, "large", "full") == MISSING
-assert relative_cell(_rows.assign(f1=[0.2, 0.2, 0.0, 0.0]), "large", "head") == f"n/a (F1 0.200 vs 0.000; {NEAR_ZERO_BASE})"
+_rows = pd.DataFrame({"size": "large", "seed": 42, "regime": "head", "arm": ["maml", "maml", "vanilla", "vanilla"],
+                      "f1": [0.3, 0.5, 0.4, 0.4], "boot": [None] * 4})
+assert (statistic(_rows, "large", "maml", 42, "head") == (0.4, None)
+        and np.isnan(statistic(_rows, "large", "maml", 42, "full")[0]))
+assert (relative_cell(_rows, "large", "head") == "+0.0 (F1 0.400 vs 0.400)"
+        and relative_cell(_rows, "large", "full") == MISSING)
+assert (relative_cell(_rows.assign(f1=[0.2, 0.2, 0.0, 0.0]), "large", "head")
+        == f"n/a (F1 0.200 vs 0.000; {NEAR_ZERO_BASE})")
 assert relative_cell(_rows.assign(f1=[0.3, 0.3, 0.4, 0.4]), "large", "head") == "-25.0 (F1 0.300 vs 0.400)"
 assert absolute_cell(_rows, "large", "vanilla", "head") == "0.400"
 _boots = _rows.assign(boot=[np.array([0.2, 0.4]), np.array([0.4, 0.6]), np.array([0.35, 0.45]), np.array([0.35, 0.45])])
@@ -150,7 +157,8 @@ assert relative_cell(_boots, "large", "head") == "+0.0 [-13.7, +10.5] (F1 0.400 
 assert absolute_cell(_boots, "large", "maml", "head") == "0.400 [0.305, 0.495]"
 
 # %%
-in_language = f1[(f1.dataset == f1.test_set) & f1.test_set.isin(IN_LANGUAGE)]  # finetuned and tested on the same treebank
+# finetuned and tested on the same treebank
+in_language = f1[(f1.dataset == f1.test_set) & f1.test_set.isin(IN_LANGUAGE)]
 from_english = f1[(f1.dataset == "en_ewt") & f1.test_set.isin(OTHER)]  # zero-shot from English
 
 def relative_table(rows: pd.DataFrame, columns: dict, regimes=("head", "full")) -> pd.DataFrame:
@@ -179,10 +187,11 @@ def relative_table(rows: pd.DataFrame, columns: dict, regimes=("head", "full")) 
 table3 = relative_table(f1, {"seen": lambda r: r.test_set.isin(IN_LANGUAGE), "PUD": lambda r: r.test_set.isin(PUD),
                              "other": lambda r: r.test_set.isin(OTHER)})
 save_table(table3, "p1_table3_relative_f1_by_group", tables_dir,
-           "Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime. Each cell: per pretraining "
-           "seed and arm, the unweighted mean of micro-F1 over every (finetuning dataset, test set) pair in the group (finetuning on each "
-           "of the nine treebanks and on all nine together; seen: their nine test sets, PUD: the six PUD sets, other: ceb_gja, tl_trg, "
-           f"tl_ugnayan) at the final checkpoint; then 100 (MAML − vanilla) / vanilla of those means, averaged over seeds. {note} {RELATIVE_NOTE}")
+           "Paper 1 Table 3: relative micro-F1 change (%) of MAML over vanilla by evaluation group and regime. Each "
+           "cell: per pretraining seed and arm, the unweighted mean of micro-F1 over every (finetuning dataset, test "
+           "set) pair in the group (finetuning on each of the nine treebanks and on all nine together; seen: their "
+           "nine test sets, PUD: the six PUD sets, other: ceb_gja, tl_trg, tl_ugnayan) at the final checkpoint; then "
+           f"100 (MAML − vanilla) / vanilla of those means, averaged over seeds. {note} {RELATIVE_NOTE}")
 table3
 
 # %% [markdown]
@@ -196,14 +205,17 @@ table3
 # +1.3, +2.8, +3.4, +5.0.
 
 # %%
-FIVE_LANGUAGES = {"Danish": "da_ddt", "English": "en_ewt", "Croatian": "hr_set", "Portuguese": "pt_bosque", "Swedish": "sv_talbanken"}
+FIVE_LANGUAGES = {"Danish": "da_ddt", "English": "en_ewt", "Croatian": "hr_set", "Portuguese": "pt_bosque",
+                  "Swedish": "sv_talbanken"}
 per_language = lambda names: {name: (lambda r, d=d: r.test_set == d) for name, d in names.items()}
 for number, regime, names, what in [(4, "head", FIVE_LANGUAGES, "head-only"), (5, "full", FIVE_LANGUAGES, "full"),
-                                    (8, "head", {d: d for d in IN_LANGUAGE}, "head-only"), (9, "full", {d: d for d in IN_LANGUAGE}, "full")]:
+                                    (8, "head", {d: d for d in IN_LANGUAGE}, "head-only"),
+                                    (9, "full", {d: d for d in IN_LANGUAGE}, "full")]:
     table = relative_table(in_language, per_language(names), regimes=(regime,))
     save_table(table, f"p1_table{number}_relative_f1_{regime}_per_language", tables_dir,
-               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per language (finetuned "
-               f"and tested on that treebank, final checkpoint, averaged over seeds). {note} {RELATIVE_NOTE}")
+               f"Paper 1 Table {number}: relative micro-F1 change (%) of MAML over vanilla, {what} tuning, per "
+               f"language (finetuned and tested on that treebank, final checkpoint, averaged over seeds). {note} "
+               f"{RELATIVE_NOTE}")
     display(table)
 
 # %% [markdown]
@@ -216,12 +228,15 @@ for number, regime, names, what in [(4, "head", FIVE_LANGUAGES, "head-only"), (5
 
 # %%
 zero_shot = {"overall": lambda r: r.test_set.isin(OTHER), "Cebuano": lambda r: r.test_set == "ceb_gja",
-             "Tagalog (TRG)": lambda r: r.test_set == "tl_trg", "Tagalog (Ugnayan)": lambda r: r.test_set == "tl_ugnayan"}
-table6 = pd.DataFrame([{"model": size, "regime": regime, **relative_table(from_english, zero_shot, (regime,)).set_index("model").loc[f"{size} (%)"]}
+             "Tagalog (TRG)": lambda r: r.test_set == "tl_trg",
+             "Tagalog (Ugnayan)": lambda r: r.test_set == "tl_ugnayan"}
+table6 = pd.DataFrame([{"model": size, "regime": regime,
+                        **relative_table(from_english, zero_shot, (regime,)).set_index("model").loc[f"{size} (%)"]}
                        for regime in ("head", "full") for size in sizes])
 save_table(table6, "p1_table6_zero_shot_ceb_tl", tables_dir,
-           f"Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot micro-F1 from English (finetuned on en_ewt) on "
-           f"Cebuano and Tagalog; overall: the unweighted mean F1 of the three test sets. {note} {RELATIVE_NOTE}")
+           f"Paper 1 Table 6: relative change (%) of MAML over vanilla in zero-shot micro-F1 from English (finetuned "
+           f"on en_ewt) on Cebuano and Tagalog; overall: the unweighted mean F1 of the three test sets. {note} "
+           f"{RELATIVE_NOTE}")
 table6
 
 # %% [markdown]
@@ -234,9 +249,11 @@ table6
 
 # %%
 table7 = pd.DataFrame([{"model": f"{arm}_{size}",
-                        **{d: absolute_cell(in_language[in_language.test_set == d], size, arm, "head") for d in IN_LANGUAGE}}
+                        **{d: absolute_cell(in_language[in_language.test_set == d], size, arm, "head")
+                           for d in IN_LANGUAGE}}
                        for size in sizes for arm in ("vanilla", "maml") if arm in arms])
-save_table(table7, "p1_table7_head_only_f1", tables_dir, f"Paper 1 Table 7: in-language micro-F1 under head-only tuning. {note}")
+save_table(table7, "p1_table7_head_only_f1", tables_dir,
+           f"Paper 1 Table 7: in-language micro-F1 under head-only tuning. {note}")
 table7
 
 
@@ -251,35 +268,41 @@ table7
 
 # %%
 def tag_deltas(tags: pd.DataFrame) -> pd.DataFrame:
-    "Per size, regime, seed and tag: mean in-language F1 of MAML minus that of vanilla, and its sentence replicates."
+    "Per size, regime, seed and tag: mean in-language F1 of MAML minus vanilla's, and its sentence replicates."
     rows = tags[(tags.dataset == tags.test_set) & tags.test_set.isin(IN_LANGUAGE) & tags.tag.isin(TAGS)]
     out = []
     for (size, regime, seed, tag), g in rows.groupby(["size", "regime", "seed", "tag"]):
         arms = [g[(g.arm == arm) & g.f1.notna()] for arm in ("maml", "vanilla")]
         if any(a.empty for a in arms): continue
         boots = [mean_replicates(a.boot) for a in arms]
-        out.append({"size": size, "regime": regime, "seed": seed, "tag": tag, "delta": arms[0].f1.mean() - arms[1].f1.mean(),
+        out.append({"size": size, "regime": regime, "seed": seed, "tag": tag,
+                    "delta": arms[0].f1.mean() - arms[1].f1.mean(),
                     "boot": None if any(b is None for b in boots) else boots[0] - boots[1]})
     return pd.DataFrame(out, columns=["size", "regime", "seed", "tag", "delta", "boot"])
 
 def delta_bars(ax, data: pd.DataFrame, sizes) -> list[str]:
-    "Bars of mean ΔF1 per tag (x) and size with their 95 % intervals over seeds and sentences; returns the sizes without bars."
+    ("Bars of mean ΔF1 per tag (x) and size with their 95 % intervals over seeds and sentences; "
+     "returns the sizes without bars.")
     present = [s for s in sizes if s in set(data["size"])]
     width = 0.8 / max(len(present), 1)
     for i, size in enumerate(present):
         cells = [data[(data["size"] == size) & (data.tag == tag)] for tag in TAGS]
         mean, low, high = np.array([bootstrap_ci(c.delta, c.boot) for c in cells]).T  # (tags,) each
-        ax.bar(np.arange(len(TAGS)) - 0.4 + width * (i + 0.5), mean, width, yerr=[mean - low, high - mean], capsize=2,
-               color=SIZE_COLORS[size], label=size)
+        ax.bar(np.arange(len(TAGS)) - 0.4 + width * (i + 0.5), mean, width, yerr=[mean - low, high - mean],
+               capsize=2, color=SIZE_COLORS[size], label=size)
     ax.set_xticks(range(len(TAGS)), TAGS)
     return [s for s in sizes if s not in present]
 
-_tags = pd.DataFrame({"size": "large", "regime": "head", "seed": 0, "tag": "PER", "dataset": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "en_ewt"],
-                      "test_set": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "tl_trg"], "arm": ["maml", "vanilla"] * 2 + ["maml"],
+_tags = pd.DataFrame({"size": "large", "regime": "head", "seed": 0, "tag": "PER",
+                      "dataset": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "en_ewt"],
+                      "test_set": ["en_ewt", "en_ewt", "da_ddt", "da_ddt", "tl_trg"],
+                      "arm": ["maml", "vanilla"] * 2 + ["maml"],
                       "f1": [0.5, 0.4, 0.3, 0.3, 0.9],
-                      "boot": [np.array([0.5, 0.6]), np.array([0.4, 0.4]), np.array([0.3, 0.2]), np.array([0.3, 0.3]), None]})
+                      "boot": [np.array([0.5, 0.6]), np.array([0.4, 0.4]), np.array([0.3, 0.2]), np.array([0.3, 0.3]),
+                               None]})
 _d = tag_deltas(_tags)
-assert np.isclose(_d.delta.item(), 0.05) and np.allclose(_d.boot.item(), [0.05, 0.05]) and tag_deltas(_tags[_tags.arm == "maml"]).empty
+assert (np.isclose(_d.delta.item(), 0.05) and np.allclose(_d.boot.item(), [0.05, 0.05])
+        and tag_deltas(_tags[_tags.arm == "maml"]).empty)
 _fig, _ax = plt.subplots()
 assert delta_bars(_ax, _d, ["tiny", "large"]) == ["tiny"] and np.isclose(_ax.patches[0].get_height(), 0.05)
 plt.close(_fig)
@@ -297,6 +320,7 @@ for ax, regime in zip(axes, ("head", "full")):
     ax.axhline(0, color="0.3", linewidth=0.8)
     ax.set_ylabel("ΔF1 (MAML − vanilla)")
     ax.legend(title="size", fontsize=7)
-    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6, color="0.35")
+    if absent: ax.text(0.99, 0.02, missing_label(absent), ha="right", va="bottom", transform=ax.transAxes, fontsize=6,
+                       color="0.35")
 fig.suptitle("Bars: mean over seeds; error bars: 95 % bootstrap over seeds and test sentences, paired", fontsize=7)
 save_figure(fig, "p1_fig2_delta_f1_by_tag", figures_dir)

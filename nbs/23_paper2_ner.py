@@ -111,16 +111,20 @@ COORDS = [c for c in NER_COLUMNS if c != "test_set"]
 SCORES = {"zero_shot": PHILIPPINE, "tagalog": TAGALOG, "cebuano": CEBUANO}
 
 def ner_runs(results: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
-    "One row per NER record: coordinates, `f1:<test set>`, zero-shot/Tagalog/Cebuano F1 and their `_boot` replicates, the record's fields."
-    if results.empty or "test_f1" not in results: return pd.DataFrame(columns=COORDS + [*SCORES, *(f"{k}_boot" for k in SCORES)])
+    ("One row per NER record: coordinates, `f1:<test set>`, zero-shot/Tagalog/Cebuano F1 and their `_boot` replicates, "
+     "the record's fields.")
+    if results.empty or "test_f1" not in results:
+        return pd.DataFrame(columns=COORDS + [*SCORES, *(f"{k}_boot" for k in SCORES)])
     results = results.reset_index(drop=True)
     long = with_replicates(ner_long(results), n_boot)
     long["record"] = np.repeat(results.index, [len(t) if isinstance(t, dict) else 0 for t in results.test_f1])
     f1 = long.pivot(index="record", columns="test_set", values="f1").add_prefix("f1:")
     runs = long.groupby("record")[COORDS].first().join(f1)
-    counts = results.sentence_counts if "sentence_counts" in results else pd.Series([None] * len(results), index=results.index)
+    counts = (results.sentence_counts if "sentence_counts" in results
+              else pd.Series([None] * len(results), index=results.index))
     for score, sets in SCORES.items():
-        mean = runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets) else np.nan
+        mean = (runs[[f"f1:{s}" for s in sets]].mean(axis=1, skipna=False) if all(f"f1:{s}" in runs for s in sets)
+                else np.nan)
         pooled = {r: pooled_f1(counts[r], sets, n_boot=n_boot) for r in runs.index}  # r: the record
         runs[score] = pd.Series({r: f1 if np.isfinite(f1) else np.nan for r, (f1, _) in pooled.items()}).fillna(mean)
         runs[f"{score}_boot"] = pd.Series({r: reps for r, (_, reps) in pooled.items()}, dtype=object)
@@ -132,23 +136,28 @@ def ner_runs(results: pd.DataFrame, n_boot: int = N_BOOT) -> pd.DataFrame:
 
 # %%
 _records = pd.DataFrame([
-    {"pretraining_run": "pico-tiny-maml", "checkpoint": "step_000060", "head": "crf", "regime": "head", "dataset": "sk_snk",
-     "test_f1": {"sk_snk": 0.5, "tl_trg": 0.2, "tl_ugnayan": 0.4, "ceb_gja": 0.3}, "t90": 10, "dev_f1": 0.45},
-    {"pretraining_run": "pico-tiny-vanilla-seed1", "checkpoint": "step_000060", "head": "crf", "regime": "full", "dataset": "all",
-     "test_f1": {"tl_trg": 0.1, "ceb_gja": 0.2}, "t90": 12, "dev_f1": 0.4}])
+    {"pretraining_run": "pico-tiny-maml", "checkpoint": "step_000060", "head": "crf", "regime": "head",
+     "dataset": "sk_snk", "test_f1": {"sk_snk": 0.5, "tl_trg": 0.2, "tl_ugnayan": 0.4, "ceb_gja": 0.3}, "t90": 10,
+     "dev_f1": 0.45},
+    {"pretraining_run": "pico-tiny-vanilla-seed1", "checkpoint": "step_000060", "head": "crf", "regime": "full",
+     "dataset": "all", "test_f1": {"tl_trg": 0.1, "ceb_gja": 0.2}, "t90": 12, "dev_f1": 0.4}])
 _runs = ner_runs(_records)
 assert np.isclose(_runs.zero_shot[0], 0.3) and np.isclose(_runs.tagalog[0], 0.3) and _runs.cebuano[0] == 0.3
 assert np.isnan(_runs.zero_shot[1]) and np.isnan(_runs.tagalog[1]) and _runs.cebuano[1] == 0.2
-assert _runs[["arm", "seed", "checkpoint_step", "t90"]].values.tolist() == [["maml", 42, 60.0, 10], ["vanilla", 1, 60.0, 12]]
+assert _runs[["arm", "seed", "checkpoint_step", "t90"]].values.tolist() == [["maml", 42, 60.0, 10],
+                                                                            ["vanilla", 1, 60.0, 12]]
 assert ner_runs(pd.DataFrame()).empty and _runs.zero_shot_boot.isna().all()  # no per-sentence counts in these records
 _counts = {"n": 2, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0]]}  # sentence 0: one correct PER; sentence 1: no spans
 _with = ner_runs(_records.assign(sentence_counts=[{t: _counts for t in PHILIPPINE}, None]), n_boot=50)
 assert _with.zero_shot_boot[0].shape == (50,) and _with.zero_shot_boot[1] is None
-assert _with.zero_shot[0] == 1.0 and set(np.unique(_with.zero_shot_boot[0])) <= {0.0, 1.0}  # pooled: one correct PER in each set
-_uneven = {"tl_trg": {"n": 3, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [2, 0, 1, 2, 0, 0, 0, 0, 0, 0]]},
+# pooled: one correct PER in each set
+assert _with.zero_shot[0] == 1.0 and set(np.unique(_with.zero_shot_boot[0])) <= {0.0, 1.0}
+_uneven = {"tl_trg": {"n": 3, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+                                            [2, 0, 1, 2, 0, 0, 0, 0, 0, 0]]},
            "tl_ugnayan": {"n": 1, "sentences": [[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]]}, "ceb_gja": _counts}
 _pooled = ner_runs(_records.iloc[:1].assign(sentence_counts=[_uneven]), n_boot=20)
-assert np.isclose(_pooled.tagalog[0], 2 * 2 / (3 + 5)) and not np.isclose(_pooled.tagalog[0], 0.3)  # not the mean of the sets' 0.2 and 0.4
+# not the mean of the sets' 0.2 and 0.4
+assert np.isclose(_pooled.tagalog[0], 2 * 2 / (3 + 5)) and not np.isclose(_pooled.tagalog[0], 0.3)
 
 # %% [markdown]
 # ## The final checkpoint, matched arms
@@ -180,7 +189,8 @@ def matched(runs: pd.DataFrame, value: str) -> pd.DataFrame:
 _grid = ner_runs(pd.DataFrame([
     {"pretraining_run": f"pico-tiny-{a}", "checkpoint": f"step_{s:06d}", "head": "crf", "regime": "head", "dataset": d,
      "test_f1": {t: f for t in PHILIPPINE}}
-    for a, s, d, f in [("maml", 30, "sk_snk", 0.9), ("maml", 60, "sk_snk", 0.3), ("vanilla", 60, "sk_snk", 0.2), ("maml", 60, "en_ewt", 0.5)]]))
+    for a, s, d, f in [("maml", 30, "sk_snk", 0.9), ("maml", 60, "sk_snk", 0.3), ("vanilla", 60, "sk_snk", 0.2),
+                       ("maml", 60, "en_ewt", 0.5)]]))
 _final = final_runs(_grid, "crf")
 assert sorted(_final.zero_shot.round(6).tolist()) == [0.2, 0.3, 0.5]
 assert matched(_final, "zero_shot").dataset.tolist() == ["sk_snk", "sk_snk"] and final_runs(_grid, "linear").empty
@@ -197,34 +207,44 @@ assert matched(_final, "zero_shot").dataset.tolist() == ["sk_snk", "sk_snk"] and
 # %%
 def per_seed(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
     "Per `by`, arm and seed: the mean of `value` over the runs and of its `<value>_boot` replicates (None without)."
-    rows = [dict(zip([*by, "arm", "seed"], key), point=g[value].mean(), boot=mean_replicates(g.get(f"{value}_boot", [None])))
+    rows = [dict(zip([*by, "arm", "seed"], key), point=g[value].mean(),
+                 boot=mean_replicates(g.get(f"{value}_boot", [None])))
             for key, g in runs.groupby([*by, "arm", "seed"])]
     return pd.DataFrame(rows, columns=[*by, "arm", "seed", "point", "boot"])
 
 def arm_means(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
-    "Per `by` and arm: mean over seeds, 95 % interval low/high (over seeds and sentences), seed count, and whether it is an interval."
-    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g.point, g.boot))), seeds=len(g),
-                 interval=len(g) > 1 or g.boot.notna().any()) for key, g in per_seed(runs, value, by).groupby([*by, "arm"])]
+    ("Per `by` and arm: mean over seeds, 95 % interval low/high (over seeds and sentences), seed count, "
+     "and whether it is an interval.")
+    rows = [dict(zip([*by, "arm"], key), **dict(zip(("mean", "low", "high"), bootstrap_ci(g.point, g.boot))),
+                 seeds=len(g), interval=len(g) > 1 or g.boot.notna().any())
+            for key, g in per_seed(runs, value, by).groupby([*by, "arm"])]
     return pd.DataFrame(rows, columns=[*by, "arm", "mean", "low", "high", "seeds", "interval"])
 
 def arm_gains(runs: pd.DataFrame, value: str, by=("size",)) -> pd.DataFrame:
     "Per `by`: MAML's relative gain over vanilla (%) averaged over seeds, and its paired 95 % interval."
     wide = per_seed(runs, value, by).pivot(index=[*by, "seed"], columns="arm")
     rows = []
-    for key, g in (wide.groupby(level=list(by)) if len(wide) and {"maml", "vanilla"} <= set(wide.columns.get_level_values(1)) else []):
+    for key, g in (wide.groupby(level=list(by))
+                   if len(wide) and {"maml", "vanilla"} <= set(wide.columns.get_level_values(1)) else []):
         gains = relative_change(g[("point", "maml")], g[("point", "vanilla")])
-        boots = [relative_change(m, v) if m is not None and v is not None else None for m, v in zip(g[("boot", "maml")], g[("boot", "vanilla")])]
-        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), **dict(zip(("gain", "low", "high"), bootstrap_ci(gains, boots)))))
+        boots = [relative_change(m, v) if m is not None and v is not None else None
+                 for m, v in zip(g[("boot", "maml")], g[("boot", "vanilla")])]
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)),
+                         **dict(zip(("gain", "low", "high"), bootstrap_ci(gains, boots)))))
     return pd.DataFrame(rows, columns=[*by, "gain", "low", "high"])
 
 
 # %%
-_toy = pd.DataFrame({"size": "tiny", "arm": ["maml"] * 4 + ["vanilla"] * 2, "seed": [0, 0, 1, 1, 0, 1], "f": [0.2, 0.4, 0.5, 0.5, 0.1, 0.3]})
+_toy = pd.DataFrame({"size": "tiny", "arm": ["maml"] * 4 + ["vanilla"] * 2, "seed": [0, 0, 1, 1, 0, 1],
+                     "f": [0.2, 0.4, 0.5, 0.5, 0.1, 0.3]})
 _means = arm_means(_toy, "f").set_index("arm")
-assert np.isclose(_means.loc["maml", "mean"], 0.4) and _means.loc["maml", "seeds"] == 2 and _means.loc["maml", "low"] >= 0.3
+assert (np.isclose(_means.loc["maml", "mean"], 0.4) and _means.loc["maml", "seeds"] == 2
+        and _means.loc["maml", "low"] >= 0.3)
 assert np.isclose(_means.loc["vanilla", "mean"], 0.2) and _means.interval.all()
-assert np.isclose(arm_gains(_toy, "f").gain.item(), (200 + 200 / 3) / 2)  # seed 0: 0.3 vs 0.1, seed 1: 0.5 vs 0.3
-_one = _toy[_toy.seed == 0].assign(f_boot=[np.array([0.2, 0.3]), np.array([0.4, 0.5]), np.array([0.1, 0.2])])  # gain replicates 200 %, 100 %
+# seed 0: 0.3 vs 0.1, seed 1: 0.5 vs 0.3
+assert np.isclose(arm_gains(_toy, "f").gain.item(), (200 + 200 / 3) / 2)
+# gain replicates 200 %, 100 %
+_one = _toy[_toy.seed == 0].assign(f_boot=[np.array([0.2, 0.3]), np.array([0.4, 0.5]), np.array([0.1, 0.2])])
 _g = arm_gains(_one, "f")
 assert (np.isclose(_g.gain.item(), 200) and np.allclose(_g[["low", "high"]].values, [[102.5, 197.5]])
         and not arm_means(_toy[_toy.seed == 0], "f").interval.any())
@@ -233,11 +253,13 @@ assert (np.isclose(_g.gain.item(), 200) and np.allclose(_g[["low", "high"]].valu
 # ## The results
 
 # %%
-paths = [Path(f) for pattern in ner_results for f in sorted(glob.glob(pattern))] or sorted(Path(ner_dir).glob("*-results.jsonl"))
+paths = ([Path(f) for pattern in ner_results for f in sorted(glob.glob(pattern))]
+         or sorted(Path(ner_dir).glob("*-results.jsonl")))
 runs = ner_runs(read_ner_results(paths))
 runs = runs[runs["size"].isin(sizes) & runs.arm.isin(arms) & runs.seed.isin(seeds)]
 final = final_runs(runs, head)
-params = runs.groupby("size")["params"].median().to_dict() if "params" in runs else {}  # each record's backbone parameter count
+# each record's backbone parameter count
+params = runs.groupby("size")["params"].median().to_dict() if "params" in runs else {}
 print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) or 'no results file'}; "
       f"{len(final)} at a final checkpoint with the {head} head")
 
@@ -252,15 +274,18 @@ print(f"{len(runs)} finetuning record(s) from {', '.join(p.name for p in paths) 
 
 # %%
 def size_label(size: str, params: dict) -> str:
-    "A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' (the bare size without one)."
+    ("A size with its backbone's parameter count from the records' `params`, e.g. 'tiny\\n11.3M' "
+     "(the bare size without one).")
     return f"{size}\n{params[size] / 1e6:.1f}M" if np.isfinite(params.get(size, np.nan)) else size
 
 def errors(rows: pd.DataFrame, value: str = "mean"):
     "The (2, n) error-bar lengths below and above `value` of rows with low/high, or None if no row has an interval."
-    return np.vstack([rows[value] - rows.low, rows.high - rows[value]]) if rows.get("interval", pd.Series([True])).any() else None
+    return (np.vstack([rows[value] - rows.low, rows.high - rows[value]])
+            if rows.get("interval", pd.Series([True])).any() else None)
 
 def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.DataFrame | None = None) -> list[str]:
-    "Bars of MAML and vanilla per size (95 % intervals), and the relative gain (with its interval) on a twin axis; returns missing sizes."
+    ("Bars of MAML and vanilla per size (95 % intervals), and the relative gain (with its interval) on a twin axis; "
+     "returns missing sizes.")
     table = means.set_index(["size", "arm"])
     present = [s for s in sizes if all((s, a) in table.index for a in ("maml", "vanilla"))]
     missing = [s for s in sizes if s not in present]
@@ -275,7 +300,8 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.
     if gains is not None:
         g = gains.set_index("size").reindex(present)
         twin = ax.twinx()
-        twin.errorbar(x, g.gain, yerr=errors(g.assign(interval=np.isfinite(g.low)), "gain"), fmt="k-o", capsize=2, label="relative gain")
+        twin.errorbar(x, g.gain, yerr=errors(g.assign(interval=np.isfinite(g.low)), "gain"), fmt="k-o", capsize=2,
+                      label="relative gain")
         twin.axhline(0, color="0.6", lw=0.8)
         twin.set_ylabel("MAML relative gain (%)")
         twin.grid(False)
@@ -286,9 +312,11 @@ def arm_bars(ax, means: pd.DataFrame, sizes, what: str, params: dict, gains: pd.
 # %%
 _fig, _ax = plt.subplots()
 _two = pd.DataFrame({"size": "tiny", "arm": ["maml", "vanilla"], "seed": 0, "f": [0.3, 0.2]})
-assert arm_bars(_ax, arm_means(_two, "f"), ["tiny", "large"], "F1", {"tiny": 11.3e6}, arm_gains(_two, "f")) == ["large"] and len(_ax.patches) == 2
+assert (arm_bars(_ax, arm_means(_two, "f"), ["tiny", "large"], "F1", {"tiny": 11.3e6}, arm_gains(_two, "f"))
+        == ["large"] and len(_ax.patches) == 2)
 assert _ax.get_xticklabels()[0].get_text() == "tiny\n11.3M" and size_label("large", {}) == "large"
-assert np.isclose(_fig.axes[1].lines[0].get_ydata()[0], 50.0) and not _ax.containers[0].errorbar  # one seed, no counts: no bars
+# one seed, no counts: no bars
+assert np.isclose(_fig.axes[1].lines[0].get_ydata()[0], 50.0) and not _ax.containers[0].errorbar
 plt.close("all")
 
 INTERVALS = "error bars: 95 % bootstrap over test sentences (paired between arms) and pretraining seeds"
@@ -296,7 +324,8 @@ INTERVALS = "error bars: 95 % bootstrap over test sentences (paired between arms
 # %%
 scale = matched(final, "zero_shot")
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
-arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)", params, arm_gains(scale, "zero_shot"))
+arm_bars(ax, arm_means(scale, "zero_shot"), sizes, f"zero-shot F1 ({head} head, both arms)", params,
+         arm_gains(scale, "zero_shot"))
 ax.set(ylabel="zero-shot micro-F1 (ceb, tl)", title=f"Scale curve\n{INTERVALS}")
 ax.title.set_fontsize(8)
 ax.legend(loc="upper left")
@@ -314,7 +343,8 @@ arm_means(scale, "zero_shot")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-regime_means, regime_gains = arm_means(scale, "zero_shot", by=("regime", "size")), arm_gains(scale, "zero_shot", by=("regime", "size"))
+regime_means, regime_gains = (arm_means(scale, "zero_shot", by=("regime", "size")),
+                              arm_gains(scale, "zero_shot", by=("regime", "size")))
 for ax, regime in zip(axes, ("head", "full")):
     arm_bars(ax, regime_means[regime_means.regime == regime], sizes, f"{regime} finetuning results", params,
              regime_gains[regime_gains.regime == regime])
@@ -339,7 +369,8 @@ def source_panel(ax, means: pd.DataFrame, sizes, source: str) -> None:
     if means.empty: missing_note(ax, f"{source} results")
     for arm, g in means.groupby("arm"):
         g = g.set_index("size").reindex(sizes)
-        ax.errorbar(range(len(g)), g["mean"], yerr=errors(g.dropna(subset=["mean"])) if g["mean"].notna().any() else None,
+        ax.errorbar(range(len(g)), g["mean"],
+                    yerr=errors(g.dropna(subset=["mean"])) if g["mean"].notna().any() else None,
                     color=ARM_COLORS[arm], marker="o", label=arm, capsize=2)
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_title(source)
@@ -374,8 +405,10 @@ by_source.pivot_table(index=["dataset", "size"], columns="arm", values="mean")
 # %%
 def sweep_runs(runs: pd.DataFrame, size: str, dataset: str, regime: str, head: str, arm: str = "maml") -> pd.DataFrame:
     "The checkpoint sweep's records, one per checkpoint step, sorted by step."
-    sel = runs[(runs["size"] == size) & (runs.dataset == dataset) & (runs.regime == regime) & (runs["head"] == head) & (runs.arm == arm)]
-    return sel.dropna(subset=["checkpoint_step"]).drop_duplicates(["seed", "checkpoint_step"], keep="last").sort_values(["checkpoint_step", "seed"])
+    sel = runs[(runs["size"] == size) & (runs.dataset == dataset) & (runs.regime == regime) & (runs["head"] == head)
+               & (runs.arm == arm)]
+    return (sel.dropna(subset=["checkpoint_step"]).drop_duplicates(["seed", "checkpoint_step"], keep="last")
+            .sort_values(["checkpoint_step", "seed"]))
 
 def as_curve(value):
     "(steps, values) of a record's curve: a list of values (steps 1, 2, …) or of [step, value] pairs; None if absent."
@@ -392,9 +425,11 @@ def curve_band(curves) -> pd.DataFrame:
 
 # %%
 _band = curve_band([as_curve([4.0, 2.0, 1.0]), as_curve([3.0, 1.0]), as_curve([5.0, 3.0, 2.0])])
-assert _band["median"].tolist() == [4.0, 2.0, 1.5] and _band.q25[0] == 3.5 and _band.q75[0] == 4.5 and curve_band([]).empty
+assert (_band["median"].tolist() == [4.0, 2.0, 1.5] and _band.q25[0] == 3.5 and _band.q75[0] == 4.5
+        and curve_band([]).empty)
 _steps = curve_band([as_curve([[100, 0.1], [200, 0.3]]), as_curve([[100, 0.2], [150, 0.2], [200, 0.4]])])
-assert _steps.step.tolist() == [100, 150, 200] and np.allclose(_steps["median"], [0.15, 0.2, 0.35]) and as_curve(None) is None
+assert (_steps.step.tolist() == [100, 150, 200] and np.allclose(_steps["median"], [0.15, 0.2, 0.35])
+        and as_curve(None) is None)
 
 # %%
 sweep = sweep_runs(runs, sweep_size, sweep_dataset, sweep_regime, head)
@@ -419,7 +454,8 @@ def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
         missing_note(ax, what)
         return
     colors = plt.get_cmap("viridis_r")(np.linspace(0.1, 1, len(curves)))
-    for (x, y), color in zip(curves, colors): ax.plot(x, y, color=color, lw=0.6, alpha=0.5, marker="." if len(x) < 3 else None)
+    for (x, y), color in zip(curves, colors):
+        ax.plot(x, y, color=color, lw=0.6, alpha=0.5, marker="." if len(x) < 3 else None)
     band = curve_band(curves)
     ax.fill_between(band.step, band.q25, band.q75, color="0.2", alpha=0.2, label="IQR")
     ax.plot(band.step, band["median"], color="black", lw=2, label="median")
@@ -431,7 +467,8 @@ def fan(ax, curves, steps, xlabel: str, ylabel: str, what: str) -> None:
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5))
 curves = lambda key: [as_curve(c) for c in sweep.get(key, pd.Series(dtype=object))]
 fan(top, curves("loss_curve"), sweep.checkpoint_step, "finetuning step", "train loss", f"loss curves of {sweep_what}")
-fan(bottom, curves("dev_f1_steps"), sweep.checkpoint_step, "finetuning step", f"{sweep_dataset} dev micro-F1", f"step-wise dev F1 of {sweep_what}")
+fan(bottom, curves("dev_f1_steps"), sweep.checkpoint_step, "finetuning step", f"{sweep_dataset} dev micro-F1",
+    f"step-wise dev F1 of {sweep_what}")
 fig.suptitle(f"Learning curves ({sweep_size}, {sweep_regime}-only, {sweep_dataset})")
 save_figure(fig, "p2_fig4_learning_curve_fan", figures_dir)
 
@@ -471,13 +508,17 @@ def checkpoint_lines(ax, sweep: pd.DataFrame, columns: dict, ylabel: str, what: 
 # %%
 assert final_loss([4.0, 3.0, 2.0, 1.0], 2) == 1.5 and final_loss([2.0], 1) == 2.0 and np.isnan(final_loss(None, 3))
 _none = pd.Series([None] * len(sweep), index=sweep.index, dtype=object)
-sweep = sweep.assign(final_train_loss=[final_loss(c, e) for c, e in zip(sweep.get("loss_curve", _none), sweep.get("epochs", _none))])
+sweep = sweep.assign(final_train_loss=[final_loss(c, e)
+                                       for c, e in zip(sweep.get("loss_curve", _none), sweep.get("epochs", _none))])
 fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
-checkpoint_lines(top, sweep, {"final_train_loss": "last epoch's mean train loss"}, "train loss", f"loss curves of {sweep_what}")
-checkpoint_lines(bottom, sweep, {"dev_f1": f"{sweep_dataset} dev", "tagalog": "Tagalog", "cebuano": "Cebuano"}, "micro-F1", sweep_what)
+checkpoint_lines(top, sweep, {"final_train_loss": "last epoch's mean train loss"}, "train loss",
+                 f"loss curves of {sweep_what}")
+checkpoint_lines(bottom, sweep, {"dev_f1": f"{sweep_dataset} dev", "tagalog": "Tagalog", "cebuano": "Cebuano"},
+                 "micro-F1", sweep_what)
 fig.suptitle("Final metrics vs. pretraining checkpoint")
 save_figure(fig, "p2_fig5_checkpoint_metrics", figures_dir)
-sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].reset_index(drop=True) if len(sweep) else "missing: sweep"
+(sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].reset_index(drop=True) if len(sweep)
+ else "missing: sweep")
 
 
 # %% [markdown]
@@ -489,21 +530,25 @@ sweep[["checkpoint_step", "final_train_loss", "dev_f1", "tagalog", "cebuano"]].r
 
 # %%
 def tag_f1(sweep: pd.DataFrame, test_sets) -> pd.DataFrame:
-    "Per record of `sweep` and tag: F1 over the pooled sentences of `test_sets` (without counts: their mean where defined)."
+    ("Per record of `sweep` and tag: F1 over the pooled sentences of `test_sets` "
+     "(without counts: their mean where defined).")
     rows, none = [], pd.Series([None] * len(sweep), dtype=object, index=sweep.index)
     for per_tag, counts in zip(sweep.get("per_tag_f1", none), sweep.get("sentence_counts", none)):
         per_tag = per_tag if isinstance(per_tag, dict) else {}
         vals = {t: [per_tag[s].get(t, np.nan) for s in test_sets if s in per_tag] for t in TAGS}
         mean = {t: np.nanmean(v) if np.isfinite(v).any() else np.nan for t, v in vals.items()}
         pooled = {t: pooled_f1(counts, test_sets, tag=t, n_boot=1)[0] for t in TAGS}
-        rows.append({t: pooled[t] if isinstance(counts, dict) and all(s in counts for s in test_sets) else mean[t] for t in TAGS})
+        rows.append({t: pooled[t] if isinstance(counts, dict) and all(s in counts for s in test_sets) else mean[t]
+                     for t in TAGS})
     return pd.DataFrame(rows, columns=list(TAGS), index=sweep.index)
 
 
 # %%
-_pt = pd.DataFrame({"per_tag_f1": [{"tl_trg": {"PER": 0.6, "LOC": 0.0, "ORG": np.nan}, "tl_ugnayan": {"PER": 0.4, "LOC": np.nan, "ORG": np.nan}}]})
+_pt = pd.DataFrame({"per_tag_f1": [{"tl_trg": {"PER": 0.6, "LOC": 0.0, "ORG": np.nan},
+                                    "tl_ugnayan": {"PER": 0.4, "LOC": np.nan, "ORG": np.nan}}]})
 assert tag_f1(_pt, TAGALOG).iloc[0].fillna(-1).tolist() == [0.5, 0.0, -1] and np.isnan(tag_f1(_pt, CEBUANO).PER[0])
-assert np.isclose(tag_f1(_pt.assign(sentence_counts=[_uneven]), TAGALOG).PER[0], 0.5)  # pooled: 2 correct, 3 predicted, 5 gold
+# pooled: 2 correct, 3 predicted, 5 gold
+assert np.isclose(tag_f1(_pt.assign(sentence_counts=[_uneven]), TAGALOG).PER[0], 0.5)
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
@@ -564,9 +609,11 @@ sweep_sides = [side_outputs(r, result_dirs) for r in sweep.to_dict("records")]
 # %%
 def confidence_grid(sides: list, steps, test_sets, entities: bool, top: int = 10) -> pd.DataFrame:
     "Rows: the `top` most frequent (entity / non-entity) words; columns: checkpoint steps; cells: mean p(gold tag)."
-    first = pooled(next((s for s in sides if s is not None), None), test_sets)  # every checkpoint saw the same test words
+    # every checkpoint saw the same test words
+    first = pooled(next((s for s in sides if s is not None), None), test_sets)
     is_word = lambda w: any(c.isalnum() for c in w)  # not punctuation only
-    counts = Counter(w for words, tags in zip(first["words"], first["tags"]) for w, t in zip(words, tags) if (t != "O") == entities and is_word(w))
+    counts = Counter(w for words, tags in zip(first["words"], first["tags"]) for w, t in zip(words, tags)
+                     if (t != "O") == entities and is_word(w))
     cells = defaultdict(list)
     for side, step in zip(sides, steps):
         data = pooled(side, test_sets)
@@ -575,12 +622,15 @@ def confidence_grid(sides: list, steps, test_sets, entities: bool, top: int = 10
                 if (t != "O") == entities: cells[(w, int(step))].append(p)
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
     cols = sorted({int(s) for side, s in zip(sides, steps) if side is not None})
-    return pd.DataFrame([[np.mean(cells[(w, s)]) if cells[(w, s)] else np.nan for s in cols] for w in words], index=words, columns=cols)
+    return pd.DataFrame([[np.mean(cells[(w, s)]) if cells[(w, s)] else np.nan for s in cols] for w in words],
+                        index=words, columns=cols)
 
 
 # %%
-_sides = [{"tl_trg": {"words": [["ang", "Maria", "ang", ".", "."]], "tags": [["O", "B-PER", "O", "O", "O"]], "gold_prob": [[0.8, 0.2, 0.6, 1, 1]]}},
-          {"tl_trg": {"words": [["ang", "Maria", "ang", ".", "."]], "tags": [["O", "B-PER", "O", "O", "O"]], "gold_prob": [[0.9, 0.5, 0.9, 1, 1]]}}]
+_sides = [{"tl_trg": {"words": [["ang", "Maria", "ang", ".", "."]], "tags": [["O", "B-PER", "O", "O", "O"]],
+                      "gold_prob": [[0.8, 0.2, 0.6, 1, 1]]}},
+          {"tl_trg": {"words": [["ang", "Maria", "ang", ".", "."]], "tags": [["O", "B-PER", "O", "O", "O"]],
+                      "gold_prob": [[0.9, 0.5, 0.9, 1, 1]]}}]
 _grid7 = confidence_grid(_sides, [0, 100], TAGALOG, entities=False)
 assert _grid7.index.tolist() == ["ang"] and np.allclose(_grid7.loc["ang"].tolist(), [0.7, 0.9])
 assert confidence_grid(_sides, [0, 100], TAGALOG, entities=True).loc["Maria", 100] == 0.5
@@ -588,8 +638,10 @@ assert confidence_grid([None], [0], TAGALOG, True).empty
 
 # %%
 fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-for ax, (language, sets, entities, letter) in zip(axes.flat, [("Tagalog", TAGALOG, True, "a"), ("Tagalog", TAGALOG, False, "b"),
-                                                              ("Cebuano", CEBUANO, True, "c"), ("Cebuano", CEBUANO, False, "d")]):
+for ax, (language, sets, entities, letter) in zip(axes.flat, [("Tagalog", TAGALOG, True, "a"),
+                                                              ("Tagalog", TAGALOG, False, "b"),
+                                                              ("Cebuano", CEBUANO, True, "c"),
+                                                              ("Cebuano", CEBUANO, False, "d")]):
     kind = "entities" if entities else "non-entities"
     grid = confidence_grid(sweep_sides, sweep.checkpoint_step, sets, entities) if len(sweep) else pd.DataFrame()
     if grid.empty: missing_note(ax, f"gold-tag probabilities on {language} ({sweep_what})")
@@ -631,7 +683,8 @@ assert _d.delta[0] == 0 and np.isclose(_d.delta[1], np.log(0.2 / 0.8)) and surpr
 
 # %%
 def last_record(arm: str):
-    "The sweep configuration's record of `arm` at its last checkpoint: the sweep's last step, else the final model (None if absent)."
+    ("The sweep configuration's record of `arm` at its last checkpoint: the sweep's last step, "
+     "else the final model (None if absent).")
     rows = sweep_runs(runs, sweep_size, sweep_dataset, sweep_regime, head, arm)
     if not len(rows):  # a final model without a step: the authors' released `main`
         saved = runs["predictions"].notna() if "predictions" in runs else False
@@ -643,9 +696,11 @@ case_sides = {arm: side_outputs(r, result_dirs) if (r := last_record(arm)) else 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
 for ax, sentence, letter in zip(axes, CASE_SENTENCES, "ab"):
     delta = surprisal_delta(*(sentence_probs(case_sides[arm], sentence) for arm in ("maml", "vanilla")))
-    if delta is None: missing_note(ax, f"gold-tag probabilities of both arms on tl_trg ({sweep_size}, {sweep_regime}-only, {sweep_dataset})")
+    if delta is None: missing_note(ax, f"gold-tag probabilities of both arms on tl_trg "
+                                       f"({sweep_size}, {sweep_regime}-only, {sweep_dataset})")
     else:
-        ax.bar(range(len(delta)), delta.delta, color=[ARM_COLORS["maml"] if d < 0 else ARM_COLORS["vanilla"] for d in delta.delta])
+        ax.bar(range(len(delta)), delta.delta,
+               color=[ARM_COLORS["maml"] if d < 0 else ARM_COLORS["vanilla"] for d in delta.delta])
         ax.set_xticks(range(len(delta)), delta.word)
         ax.axhline(0, color="0.3", lw=0.8)
     ax.set(title=f"({letter}) {sentence}", ylabel="Δ surprisal (MAML − vanilla)")
@@ -673,11 +728,13 @@ def speed_deltas(final: pd.DataFrame) -> pd.DataFrame:
     rows = final[final.dataset.isin(IN_LANGUAGE)]
     rows = matched(rows, "t90") if len(rows) and all(k in rows for k in SPEED) else rows.iloc[:0]
     if rows.empty: return pd.DataFrame(columns=["size", "regime", "seed", "dataset", *SPEED])
-    wide = rows.pivot_table(index=["size", "regime", "seed", "dataset"], columns="arm", values=list(SPEED), aggfunc="mean")
+    wide = rows.pivot_table(index=["size", "regime", "seed", "dataset"], columns="arm", values=list(SPEED),
+                            aggfunc="mean")
     return pd.DataFrame({k: wide[(k, "maml")] - wide[(k, "vanilla")] for k in SPEED}).dropna().reset_index()
 
 def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
-    "Table 2: one row per (size, regime) asked for, each Δ the mean over (task, seed) pairs with its bootstrap interval, or 'missing'."
+    ("Table 2: one row per (size, regime) asked for, each Δ the mean over (task, seed) pairs "
+     "with its bootstrap interval, or 'missing'.")
     digits = {"t90": 1, "auc": 3, "slope": 6}
     rows = []
     for size in sizes:
@@ -692,18 +749,22 @@ def speed_table(deltas: pd.DataFrame, sizes) -> pd.DataFrame:
 _speed = ner_runs(pd.DataFrame([
     {"pretraining_run": f"pico-tiny-{a}", "checkpoint": "step_000060", "head": "crf", "regime": "full", "dataset": d,
      "test_f1": {"tl_trg": 0.1}, "t90": t, "auc": 1.0, "slope": -0.1}
-    for a, d, t in [("maml", "sk_snk", 100), ("vanilla", "sk_snk", 150), ("maml", "en_ewt", 80), ("vanilla", "en_ewt", 90), ("maml", "da_ddt", 1)]]))
+    for a, d, t in [("maml", "sk_snk", 100), ("vanilla", "sk_snk", 150), ("maml", "en_ewt", 80),
+                    ("vanilla", "en_ewt", 90), ("maml", "da_ddt", 1)]]))
 _t2 = speed_table(speed_deltas(final_runs(_speed, "crf")), ["tiny", "large"]).set_index(["size", "regime"])
-assert _t2.loc[("tiny", "full"), "Δt90"].startswith("-30.0 [-50.0, -10.0]") and _t2.loc[("tiny", "full"), "tasks"] == "2"  # no vanilla da_ddt
+# no vanilla da_ddt
+assert (_t2.loc[("tiny", "full"), "Δt90"].startswith("-30.0 [-50.0, -10.0]")
+        and _t2.loc[("tiny", "full"), "tasks"] == "2")
 assert _t2.loc[("tiny", "full"), "Δauc"] == "0.000 [0.000, 0.000]" and (_t2.loc[("large", "head")] == MISSING).all()
 assert speed_deltas(final_runs(_speed[_speed.arm == "maml"], "crf")).empty  # in-language records of one arm only
 
 # %%
 table2 = speed_table(speed_deltas(final), sizes)
 save_table(table2, "p2_table2_finetuning_speed", tables_dir,
-           f"Finetuning convergence speed, Δ (MAML − vanilla) averaged over the in-language tasks ({head} head, final checkpoint): t90 "
-           f"is read on the loss curve's trailing mean over 5 % of its steps, between the means of its first and last 5 %; AUC is the "
-           f"mean loss; slope the fit over the first 10 % of steps. Brackets: 95 % bootstrap interval resampling the (task, seed) pairs.")
+           f"Finetuning convergence speed, Δ (MAML − vanilla) averaged over the in-language tasks ({head} head, final "
+           f"checkpoint): t90 is read on the loss curve's trailing mean over 5 % of its steps, between the means of "
+           f"its first and last 5 %; AUC is the mean loss; slope the fit over the first 10 % of steps. Brackets: 95 % "
+           f"bootstrap interval resampling the (task, seed) pairs.")
 table2
 
 
@@ -735,24 +796,29 @@ def span_table(stats: dict | None, what: str) -> pd.DataFrame:
     if stats is None: return pd.DataFrame({"entity": TAGS, "spans": f"{MISSING}: {what}", "single-token %": MISSING})
     spans = stats["spans"]
     return pd.DataFrame({"entity": TAGS, "spans": [f"{spans[t]['spans']:,}" for t in TAGS],
-                         "single-token %": [f"{100 * spans[t]['single_token_share']:.1f}" if spans[t]["spans"] else MISSING for t in TAGS]})
+                         "single-token %": [f"{100 * spans[t]['single_token_share']:.1f}" if spans[t]["spans"]
+                                            else MISSING for t in TAGS]})
 
 
 # %%
-_stats4 = {"sentences": 2, "spans": {"PER": {"spans": 2, "single_token_share": 0.5}, "LOC": {"spans": 1, "single_token_share": 1.0},
+_stats4 = {"sentences": 2, "spans": {"PER": {"spans": 2, "single_token_share": 0.5},
+                                     "LOC": {"spans": 1, "single_token_share": 1.0},
                                      "ORG": {"spans": 0, "single_token_share": np.nan}}}
 assert span_table(_stats4, "x").values.tolist() == [["PER", "2", "50.0"], ["LOC", "1", "100.0"], ["ORG", "0", MISSING]]
 assert span_table(None, "sk_snk statistics").spans[0] == "missing: sk_snk statistics"
 with tempfile.TemporaryDirectory() as _tmp:
-    Path(_tmp, "a-results-uner-statistics.json").write_text(json.dumps({"finetuning": {"sk_snk": _stats4}, "zero_shot": {}}))
+    Path(_tmp, "a-results-uner-statistics.json").write_text(json.dumps({"finetuning": {"sk_snk": _stats4},
+                                                                         "zero_shot": {}}))
     _read = read_statistics([Path(_tmp, "a-results.jsonl"), Path(_tmp, "b-results.jsonl")])  # b has no statistics file
-    assert json.dumps(_read) == json.dumps({"finetuning": {"sk_snk": _stats4}, "zero_shot": {}})  # NaN read back is another NaN object
+    # NaN read back is another NaN object
+    assert json.dumps(_read) == json.dumps({"finetuning": {"sk_snk": _stats4}, "zero_shot": {}})
 
 # %%
 statistics = read_statistics(paths)
 statistics_what = f"UNER statistics of {sweep_dataset} (the NER sweep writes <results>-uner-statistics.json)"
 table4 = span_table(statistics["finetuning"].get(sweep_dataset), statistics_what)
-save_table(table4, "p2_table4_span_statistics", tables_dir, f"Span statistics of the {sweep_dataset} finetuning set (whole train split)")
+save_table(table4, "p2_table4_span_statistics", tables_dir,
+           f"Span statistics of the {sweep_dataset} finetuning set (whole train split)")
 table4
 
 # %% [markdown]
@@ -776,7 +842,8 @@ def mean_sd(values, digits: int = 3) -> str:
     "'mean ± s.d. (n=k)' of the finite values, or 'missing'."
     x = np.asarray(values, float)
     x = x[np.isfinite(x)]
-    return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if x.size > 1 else 0:.{digits}f} (n={x.size})" if x.size else MISSING
+    return (f"{x.mean():.{digits}f} ± {x.std(ddof=1) if x.size > 1 else 0:.{digits}f} (n={x.size})" if x.size
+            else MISSING)
 
 def pooled_recall(record_particles, test_sets) -> float:
     "A record's recall of particle-preceded PER spans over `test_sets` pooled (NaN unless it scored them all)."
@@ -785,7 +852,8 @@ def pooled_recall(record_particles, test_sets) -> float:
     return sum(c["found_after_particle"] for c in counts) / sum(c["after_particle"] for c in counts)
 
 def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFrame:
-    "Table 5: per language, particle share of PER spans, model recall after particles (over records), OOV rates against `source`."
+    ("Table 5: per language, particle share of PER spans, model recall after particles (over records), "
+     "OOV rates against `source`.")
     rows = []
     for language, sets in LANGUAGES:
         stats = zero_shot.get("+".join(sets))
@@ -800,21 +868,27 @@ def particle_table(zero_shot: dict, source: str, particles: list) -> pd.DataFram
 
 
 # %%
-_zs = {"tl_trg+tl_ugnayan": {"particles": {"share": 0.5}, "oov": {"sk_snk": {"oov_token_rate": 0.5, "oov_type_rate": 0.25}}}}
+_zs = {"tl_trg+tl_ugnayan": {"particles": {"share": 0.5},
+                             "oov": {"sk_snk": {"oov_token_rate": 0.5, "oov_type_rate": 0.25}}}}
 _counts = lambda found: {"tl_trg": {"after_particle": 1, "found_after_particle": found},
                          "tl_ugnayan": {"after_particle": 0, "found_after_particle": 0}}
 _t5 = particle_table(_zs, "sk_snk", [_counts(1), _counts(0), None]).set_index("language")
 assert _t5.loc["Tagalog"].tolist() == ["0.500", "0.500 ± 0.707 (n=2)", "0.500", "0.250"]
-assert _t5.loc["Cebuano", "particle share of PER spans"].startswith("missing") and _t5.loc["Cebuano", "OOV token rate"] == MISSING
-assert particle_table(_zs, "en_ewt", []).loc[0, "OOV token rate"] == MISSING and np.isnan(pooled_recall({"tl_trg": _counts(1)["tl_trg"]}, TAGALOG))
+assert (_t5.loc["Cebuano", "particle share of PER spans"].startswith("missing")
+        and _t5.loc["Cebuano", "OOV token rate"] == MISSING)
+assert (particle_table(_zs, "en_ewt", []).loc[0, "OOV token rate"] == MISSING
+        and np.isnan(pooled_recall({"tl_trg": _counts(1)["tl_trg"]}, TAGALOG)))
 
 # %%
-table5 = particle_table(statistics["zero_shot"], sweep_dataset, sweep.get("particle_recall", pd.Series(dtype=object)).tolist())
-_particles = next((z["particles"].get("particles") for z in statistics["zero_shot"].values() if "particles" in z), None) or ["si", "ni"]
+table5 = particle_table(statistics["zero_shot"], sweep_dataset,
+                        sweep.get("particle_recall", pd.Series(dtype=object)).tolist())
+_particles = next((z["particles"].get("particles") for z in statistics["zero_shot"].values()
+                   if "particles" in z), None) or ["si", "ni"]
 save_table(table5, "p2_table5_particles_oov", tables_dir,
-           f"Particle-preceded PER spans (the share of gold PER spans right after {'/'.join(_particles)}) and the OOV rate (the share of "
-           f"test word tokens, and of distinct words, never seen in the {sweep_dataset} train split) on the zero-shot test sets; model recall "
-           f"over the checkpoint sweep. Paper 2 defines neither: its 0.113/0.058 and 0.523/0.534 are not reproduced by these definitions")
+           f"Particle-preceded PER spans (the share of gold PER spans right after {'/'.join(_particles)}) and the OOV "
+           f"rate (the share of test word tokens, and of distinct words, never seen in the {sweep_dataset} train "
+           f"split) on the zero-shot test sets; model recall over the checkpoint sweep. Paper 2 defines neither: its "
+           f"0.113/0.058 and 0.523/0.534 are not reproduced by these definitions")
 table5
 
 # %% [markdown]

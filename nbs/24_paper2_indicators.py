@@ -28,7 +28,8 @@
 
 # %% tags=["parameters"]
 runs_dir = "../runs"  # pretraining run directories <runs_dir>/<run_name>/
-figures_dir = "../runs/reports/figures"  # PNG and PDF; the pipeline passes ../figures when it regenerates the committed outputs
+# PNG and PDF; the pipeline passes ../figures when it regenerates the committed outputs
+figures_dir = "../runs/reports/figures"
 sizes = ["demo"]  # paper: ["tiny", "small", "medium", "large"]
 arms = ["maml", "vanilla"]
 seeds = [42]  # pretraining seeds: 42 is the presets' own (runs without a suffix), k runs <name>-seed<k>
@@ -47,7 +48,17 @@ import pandas as pd
 import seaborn as sns
 
 from picomaml.names import DEFAULT_SEED, SIZES, run_name
-from picomaml.report import ARM_COLORS, SIZE_COLORS, find_runs, missing_label, missing_note, runs_metrics, save_figure, set_style, smoothed
+from picomaml.report import (
+    ARM_COLORS,
+    SIZE_COLORS,
+    find_runs,
+    missing_label,
+    missing_note,
+    runs_metrics,
+    save_figure,
+    set_style,
+    smoothed,
+)
 
 # %% [markdown]
 # Under `nbdev_test` (which sets `IN_TEST`) the notebook runs with its defaults in-process; it then
@@ -70,10 +81,12 @@ n_boot = 200 if smoke else 2000
 
 # %%
 def missing_runs(frame: pd.DataFrame, sizes, arms, seeds, family=None) -> list[str]:
-    "Labels of the (size, arm, seed) combinations asked for that have no row in `frame` (`family`: the released runs, first seed)."
+    ("Labels of the (size, arm, seed) combinations asked for that have no row in `frame` "
+     "(`family`: the released runs, first seed).")
     present = set(zip(frame["size"], frame["arm"], frame["seed"].astype(int))) if len(frame) else set()
     seeds = (seeds or [DEFAULT_SEED])[: 1 if family else None]
-    return [run_name(s, a, k, family) if s != "demo" or not family else "released runs (none in the demo: make rehearse, make paper)"
+    return [run_name(s, a, k, family) if s != "demo" or not family
+            else "released runs (none in the demo: make rehearse, make paper)"
             for s in sizes for a in arms for k in seeds if (s, a, k) not in present]
 
 
@@ -103,7 +116,8 @@ assert missing_runs(_frame, ["demo", "tiny"], ["maml"], [1, 2], family="released
 # %%
 INDICATORS = {  # output name -> panels of (metrics.jsonl key, y-axis label, arms that log it, log-scale y)
     "p2_fig10_train_loss": [("loss", "train loss: logged objective\n(the paper's curve)", ("maml", "vanilla"), False),
-                            ("next_token_loss", "train loss: next-token CE\n(language modelling)", ("maml", "vanilla"), False)],
+                            ("next_token_loss", "train loss: next-token CE\n(language modelling)", ("maml", "vanilla"),
+                             False)],
     "p2_fig11_paloma": [("paloma_doc_ppl", "Paloma perplexity\n(per-document mean)", ("maml", "vanilla"), True)],
     "p2_fig12_query_acc": [("query_acc", "query accuracy of φ_T\n(after the inner loop)", ("maml",), False),
                            ("query_acc_phi0", "query accuracy of φ_0\n(before it)", ("maml",), False)],
@@ -117,7 +131,8 @@ INDICATORS = {  # output name -> panels of (metrics.jsonl key, y-axis label, arm
 # A toy run pair: the MAML run logs support accuracy on steps 1 and 3 only, the vanilla run never.
 
 # %%
-_metrics = pd.DataFrame({"name": ["demo-maml"] * 3 + ["demo-vanilla"] * 3, "size": "demo", "arm": ["maml"] * 3 + ["vanilla"] * 3,
+_metrics = pd.DataFrame({"name": ["demo-maml"] * 3 + ["demo-vanilla"] * 3, "size": "demo",
+                         "arm": ["maml"] * 3 + ["vanilla"] * 3,
                          "seed": 42, "step": [1, 2, 3] * 2, "loss": [5.0, 4.0, 3.0, 5.5, 4.5, 4.0],
                          "support_acc": [0.1, None, 0.3, None, None, None]})
 _acc = smoothed(_metrics, "support_acc")
@@ -134,7 +149,8 @@ assert len(smoothed(_metrics, "loss")) == 6 and smoothed(_metrics, "paloma_ppl")
 # axes as "missing: …"; with no data at all the panel is a "missing" note.
 
 # %%
-def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list[str], log_y: bool = False, n_boot: int = 2000) -> None:
+def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list[str], log_y: bool = False,
+                   n_boot: int = 2000) -> None:
     "Draw metric `key` of `frame` (from `smoothed`) on `ax`, listing the `missing` runs under it."
     if frame.empty:
         missing_note(ax, ", ".join(missing) or "no runs asked for")
@@ -142,10 +158,12 @@ def plot_indicator(ax, frame: pd.DataFrame, key: str, ylabel: str, missing: list
     sizes = [s for s in SIZES if s in set(frame["size"])]
     several_seeds = frame.groupby(["size", "arm"]).name.nunique().max() > 1
     sns.lineplot(frame, x="step", y=key, hue="size", hue_order=sizes, palette=SIZE_COLORS, style="arm",
-                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)], errorbar=("ci", 95) if several_seeds else None,
+                 style_order=[a for a in ARM_COLORS if a in set(frame.arm)],
+                 errorbar=("ci", 95) if several_seeds else None,
                  n_boot=n_boot, seed=0, ax=ax)
     ax.set(xlabel="pretraining step", ylabel=ylabel, yscale="log" if log_y else "linear")
-    if missing: ax.annotate(textwrap.fill(missing_label(missing), 110), (0, -0.2), xycoords="axes fraction", va="top", fontsize=6, color="0.35")
+    if missing: ax.annotate(textwrap.fill(missing_label(missing), 110), (0, -0.2), xycoords="axes fraction", va="top",
+                            fontsize=6, color="0.35")
 
 
 # %%
@@ -175,25 +193,31 @@ plt.close("all")
 # has no released run, and says so in that column.
 
 # %%
-EPISODE_FIGURES = ("p2_fig12_query_acc", "p2_fig13_support_acc", "p2_fig14_head_weight_mean", "p2_fig15_head_weight_std")
+EPISODE_FIGURES = ("p2_fig12_query_acc", "p2_fig13_support_acc", "p2_fig14_head_weight_mean",
+                   "p2_fig15_head_weight_std")
 runs = find_runs(runs_dir, sizes=sizes, arms=arms, seeds=seeds or None)
 metrics = runs_metrics(runs)
-released = runs_metrics(find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=(seeds or [DEFAULT_SEED])[:1], families=("released",)))
-print(f"{len(runs)} run(s) under {runs_dir}: {', '.join(runs.name) or 'none'}; released reading: {released.name.nunique()} run(s)")
+released = runs_metrics(find_runs(runs_dir, sizes=sizes, arms=["maml"], seeds=(seeds or [DEFAULT_SEED])[:1],
+                                   families=("released",)))
+print(f"{len(runs)} run(s) under {runs_dir}: {', '.join(runs.name) or 'none'}; "
+      f"released reading: {released.name.nunique()} run(s)")
 
 # %%
 missing_by_figure = {}
 for name, panels in INDICATORS.items():
     readings = [("as written", metrics)] + ([("released reading", released)] if name in EPISODE_FIGURES else [])
-    fig, axes = plt.subplots(len(panels), len(readings), figsize=(5.5 * len(readings), 3.4 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(readings), figsize=(5.5 * len(readings), 3.4 * len(panels)),
+                             squeeze=False)
     missing_by_figure[name] = []
     for column, (reading, data) in enumerate(readings):
         for ax, (key, ylabel, logged_by, log_y) in zip(axes[:, column], panels):
             frame = smoothed(data, key, smoothing)
-            missing = missing_runs(frame, sizes, [a for a in arms if a in logged_by], seeds, family=None if column == 0 else "released")
+            missing = missing_runs(frame, sizes, [a for a in arms if a in logged_by], seeds,
+                                   family=None if column == 0 else "released")
             missing_by_figure[name] += [m for m in missing if m not in missing_by_figure[name]]
             plot_indicator(ax, frame, key, ylabel, missing, log_y, n_boot)
-            ax.set_title(f"{reading}: {ylabel.replace(chr(10), ' ')}" if len(readings) > 1 else f"{ylabel.replace(chr(10), ' ')} over pretraining",
+            ax.set_title(f"{reading}: {ylabel.replace(chr(10), ' ')}" if len(readings) > 1
+                         else f"{ylabel.replace(chr(10), ' ')} over pretraining",
                          fontsize=9)
     save_figure(fig, name, figures_dir)
 assert all((Path(figures_dir) / f"{n}.{ext}").is_file() for n in INDICATORS for ext in ("png", "pdf"))
@@ -213,14 +237,16 @@ def final_values(metrics: pd.DataFrame) -> pd.DataFrame:
     last = pd.DataFrame({key: smoothed(metrics, key).groupby("name")[key].last() for key in keys},
                         index=pd.Index(metrics.name.unique(), name="name"))
     runs = metrics.groupby("name")[["size", "arm"]].first()
-    table = runs.join(last).groupby(["size", "arm"], sort=False).agg(seeds=("arm", "size"), **{k: (k, "mean") for k in keys})
+    table = runs.join(last).groupby(["size", "arm"], sort=False).agg(seeds=("arm", "size"),
+                                                                     **{k: (k, "mean") for k in keys})
     return table.reset_index()
 
 
 # %%
 _final = final_values(_metrics).set_index("arm")
 assert np.isnan(_final.loc["maml", "next_token_loss"]) and "paloma_doc_ppl" in _final  # a key the toy runs never logged
-assert _final.loc["maml", "loss"] == 3.0 and _final.loc["maml", "support_acc"] == 0.3 and _final.loc["vanilla", "loss"] == 4.0
+assert (_final.loc["maml", "loss"] == 3.0 and _final.loc["maml", "support_acc"] == 0.3
+        and _final.loc["vanilla", "loss"] == 4.0)
 assert np.isnan(_final.loc["vanilla", "query_acc"]) and _final.seeds.tolist() == [1, 1]
 assert final_values(metrics.iloc[:0]).empty
 
