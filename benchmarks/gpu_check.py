@@ -56,9 +56,9 @@ SIZES = ("tiny", "small", "medium", "large")
 PAPER_GPUS = 4  # the papers' node: the planner's chunk for one of its four ranks
 GPU_DATA = ["smlmt.pool_rows=256"]  # one gathered branch micro-batch of the paper: the episode's pool
 DRY_DATA = ["model.n_layers=2", "model.vocab_size=512", "model.max_seq_len=64", "data.seq_len=64", "data.eos_id=509",
-            "data.mask_id=510", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16", "smlmt.pool_rows=32",
-            "smlmt.exclude_top=10", "maml.head_hidden=16", "train.branch_batch=16", "train.chunk_rows=2", "eval.batch_size=2",
-            "spectra.grad_rows=4", "spectra.grad_batch=2"]
+            "data.mask_id=510", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16",
+            "smlmt.pool_rows=32", "smlmt.exclude_top=10", "maml.head_hidden=16", "train.branch_batch=16",
+            "train.chunk_rows=2", "eval.batch_size=2", "spectra.grad_rows=4", "spectra.grad_batch=2"]
 DRY_WIDTH = {"tiny": 24, "small": 48, "medium": 96, "large": 192}
 WORDS = {False: (1000, 3000), True: (100, 300)}  # synthetic token ids (GPU, dry): clear of EOS and [MASK]
 PHASES = ("next-token chunk", "episode", "optimizer step", "evaluation", "spectra")
@@ -69,10 +69,12 @@ REHEARSAL_SIZE = "small"
 
 def check_config(size: str, dry: bool, data_dir, device: torch.device):
     "(config, plan) of configs/pico-<size>-maml.yaml for one rank of the papers' four-GPU run on this device."
-    shrink_width = [f"model.d_model={DRY_WIDTH[size]}", f"model.ffn_hidden={4 * DRY_WIDTH[size]}", *DRY_DATA] if dry else GPU_DATA
-    cfg = load_config(ROOT / "configs" / f"pico-{size}-maml.yaml", [*shrink_width, f"data.train_path={data_dir}", f"train.device={device.type}"])
-    plan = plan_run(cfg, PAPER_GPUS, device_memory_gb(device) * (PAPER_GPUS if device.type == "cpu" else 1), device=device.type,
-                    capability=cuda_capability(device))
+    shrink_width = [f"model.d_model={DRY_WIDTH[size]}", f"model.ffn_hidden={4 * DRY_WIDTH[size]}",
+                    *DRY_DATA] if dry else GPU_DATA
+    cfg = load_config(ROOT / "configs" / f"pico-{size}-maml.yaml",
+                      [*shrink_width, f"data.train_path={data_dir}", f"train.device={device.type}"])
+    plan = plan_run(cfg, PAPER_GPUS, device_memory_gb(device) * (PAPER_GPUS if device.type == "cpu" else 1),
+                    device=device.type, capability=cuda_capability(device))
     return cfg, plan
 
 
@@ -112,7 +114,8 @@ def attention_kernel(model, ids, autocast) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad(), autocast():
         model.hidden(ids)
     ops = " ".join(e.name for e in prof.events() if "scaled_dot_product" in e.name)
-    return next((name for key, name in (("cudnn", "cuDNN"), ("flash", "flash"), ("efficient", "memory-efficient"), ("math", "math"))
+    return next((name for key, name in (("cudnn", "cuDNN"), ("flash", "flash"), ("efficient", "memory-efficient"),
+                                        ("math", "math"))
                  if key in ops), ops or "none")
 
 
@@ -124,11 +127,12 @@ def optimizer_step(cfg, parts, step: int) -> dict:
     sync(); start = time.perf_counter()
     batch = batch_for_step(rows, step, 0, 0, 1, rows_per_rank=rows_per_rank, accum_steps=2, seed=tc.seed)
     with using_blocks(model, blocks):
-        _, ar = phase_peak(device, lambda: next_token_backward(model, batch, tc.chunk_rows, 2 * batch[:, 1:].numel(), autocast, device))
+        _, ar = phase_peak(device, lambda: next_token_backward(model, batch, tc.chunk_rows, 2 * batch[:, 1:].numel(),
+                                                               autocast, device))
     pool = batch_for_step(rows, step, 1, 0, 1, rows_per_rank=pool_rows, accum_steps=2, seed=tc.seed + 1).to(device)
     def episode_draw():
-        episode = build_episode(pool, cfg.smlmt, *(t.to(device) for t in tables[:2]), tables[2], cfg.data.mask_id, seed=tc.seed,
-                                step=2 * step + 1)
+        episode = build_episode(pool, cfg.smlmt, *(t.to(device) for t in tables[:2]), tables[2], cfg.data.mask_id,
+                                seed=tc.seed, step=2 * step + 1)
         with autocast(): maml_step(model, head, episode, cfg.maml, loss_scale=0.5, inner_seed=step)
         return episode
     episode, ep = phase_peak(device, episode_draw)
@@ -137,19 +141,22 @@ def optimizer_step(cfg, parts, step: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
     _, st = phase_peak(device, update)
     sync()
-    return {"seconds": time.perf_counter() - start, "peaks": {"next-token chunk": ar, "episode": ep, "optimizer step": st},
+    return {"seconds": time.perf_counter() - start,
+            "peaks": {"next-token chunk": ar, "episode": ep, "optimizer step": st},
             "support_tokens": episode.support_ids.numel(), "query_tokens": episode.query_ids.numel()}
 
 
 def monitoring_peaks(cfg, plan, model, rows, device, autocast) -> dict:
-    "Peaks of one evaluation batch (autocast, no graph) and of the spectra's float32 gradient pass in the plan's groups."
+    ("Peaks of one evaluation batch (autocast, no graph) and of the spectra's float32 gradient pass "
+     "in the plan's groups.")
     documents = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=cfg.eval.batch_size, accum_steps=1,
                                seed=cfg.train.seed + 2).to(device)  # documents of seq_len + 1
     lengths = torch.full((len(documents),), documents.shape[1])
     def evaluate():
         with torch.no_grad(), autocast(): document_sums(model.eval(), documents, lengths)
         model.train()
-    spectra_rows = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=cfg.spectra.grad_rows, accum_steps=1, seed=cfg.train.seed + 3)
+    spectra_rows = batch_for_step(rows, 0, 0, 0, 1, rows_per_rank=cfg.spectra.grad_rows, accum_steps=1,
+                                  seed=cfg.train.seed + 3)
     params = select_matrices(model, cfg.spectra.layers)
     return {"evaluation": phase_peak(device, evaluate)[1],
             "spectra": phase_peak(device, lambda: loss_gradients(model, spectra_rows, params, plan.spectra_batch))[1]}
@@ -164,7 +171,8 @@ def run_one(spec: dict) -> dict:
     precision = resolve_precision(cfg.train.precision, device.type, cuda_capability(device))
     rows = ShardRows(cfg.data.train_path, cfg.data.seq_len + 1, cfg.model.vocab_size)
     model, head, optimizer = build_model(cfg, device)  # backbone, head and AdamW exactly as the trainer builds them
-    blocks = torch.nn.ModuleList(torch.compile(b, backend=spec["backend"]) for b in model.layers) if spec["compile"] else model.layers
+    blocks = torch.nn.ModuleList(torch.compile(b, backend=spec["backend"]) for b in model.layers) \
+        if spec["compile"] else model.layers
     bf16 = precision == "bf16-mixed"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     parts = (model, head, optimizer, blocks, rows, synthetic_tables(cfg), device, autocast)
@@ -184,7 +192,8 @@ def run_one(spec: dict) -> dict:
     predicted = phase_bytes(cfg, PAPER_GPUS, device.type, plan.chunk_rows, cuda_capability(device), plan.spectra_batch)
     return {"size": spec["size"], "compile": spec["compile"], "chunk": plan.chunk_rows, "rows": plan.rows_per_rank,
             "spectra_batch": plan.spectra_batch, "precision": precision, "kernels": kernels,
-            "seconds": seconds, "first_seconds": steps[0]["seconds"], "tokens_per_s": (ar_tokens + support + query) / seconds,
+            "seconds": seconds, "first_seconds": steps[0]["seconds"],
+            "tokens_per_s": (ar_tokens + support + query) / seconds,
             "mfu": flops / seconds / peak if peak else None, "measured": {k: v and v[0] for k, v in measured.items()},
             "predicted": predicted, "reserved_ratio": largest[1] / largest[0] if largest else None,
             "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "torch": torch.__version__}
@@ -193,7 +202,8 @@ def run_one(spec: dict) -> dict:
 def run_in_process(spec: dict, timeout: float) -> dict:
     "run_one in a fresh interpreter; a failure or timeout comes back as {'error': ...}."
     try:
-        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                             timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
     if out.returncode:
@@ -212,7 +222,8 @@ def gib_pair(measured, predicted) -> str:
 
 def table(results: list) -> str:
     "Markdown table of the (a) results."
-    lines = ["| size | mode | chunk / rows, spectra group | precision, attention kernel | s / step | first step s | tokens/s | MFU % | "
+    lines = ["| size | mode | chunk / rows, spectra group | precision, attention kernel | s / step | first step s | "
+             "tokens/s | MFU % | "
              + " | ".join(f"{p} GiB: measured / planned (ratio)" for p in PHASES) + " | reserved / allocated |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|"]
     for r in results:
@@ -222,7 +233,8 @@ def table(results: list) -> str:
         mfu = f"{100 * r['mfu']:.1f}" if r["mfu"] else "–"
         reserved = f"{r['reserved_ratio']:.2f}" if r["reserved_ratio"] else "–"
         kernels = ", ".join(f"{k}: {v}" for k, v in r["kernels"].items())
-        lines.append(f"| {r['size']} | {mode} | {r['chunk']} / {r['rows']}, {r['spectra_batch']} | {r['precision']}; {kernels} | "
+        lines.append(f"| {r['size']} | {mode} | {r['chunk']} / {r['rows']}, {r['spectra_batch']} | "
+                     f"{r['precision']}; {kernels} | "
                      f"{r['seconds']:.3f} | {r['first_seconds']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      + " | ".join(gib_pair(r["measured"][p], r["predicted"][p]) for p in PHASES) + f" | {reserved} |")
     return "\n".join(lines)
@@ -233,13 +245,16 @@ def table(results: list) -> str:
 def local_data() -> Path | None:
     "The local data directory ($PICOMAML_DATA, else ../shared/data beside the clone), or None."
     for candidate in (os.environ.get("PICOMAML_DATA"), ROOT.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "tokenizer").is_dir() and (Path(candidate) / "uner").is_dir(): return Path(candidate)
+        if candidate and (Path(candidate) / "tokenizer").is_dir() and (Path(candidate) / "uner").is_dir():
+            return Path(candidate)
     return None
 
 
 def rehearsal_run(device: str, dry: bool, work: Path, steps: int, runs_dir: Path | None = None):
-    "(profile, preset, overrides, run directory) of the rehearsal's shrunk MAML run of REHEARSAL_SIZE on `device`, `steps` steps."
-    profile = dataclasses.replace(shrink(PAPER, runs_dir=str(work / "rehearse")), sizes=[REHEARSAL_SIZE], seeds=[42], device=device)
+    ("(profile, preset, overrides, run directory) of the rehearsal's shrunk MAML run of REHEARSAL_SIZE "
+     "on `device`, `steps` steps.")
+    profile = dataclasses.replace(shrink(PAPER, runs_dir=str(work / "rehearse")), sizes=[REHEARSAL_SIZE], seeds=[42],
+                                  device=device)
     preset, overrides, name = next(run for run in pretraining_runs(profile) if run[2].endswith("-maml"))
     runs_dir = runs_dir or Path(profile.runs_dir)
     extra = [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 4)}", f"logging.runs_dir={runs_dir}"]
@@ -253,10 +268,12 @@ def run_command(cmd: list, env: dict, timeout: float) -> subprocess.CompletedPro
 
 def kill_after_first_checkpoint(cmd: list, env: dict, run_dir: Path, timeout: float) -> str:
     "Start a launch and SIGKILL it once its step-1 checkpoint is on disk; how it ended."
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and not (run_dir / "checkpoints" / "step_000001").is_dir() and time.monotonic() < deadline: time.sleep(0.02)
+    while proc.poll() is None and not (run_dir / "checkpoints" / "step_000001").is_dir() \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
     if proc.poll() is not None: return f"finished before it could be killed (exit {proc.returncode})"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -264,7 +281,8 @@ def kill_after_first_checkpoint(cmd: list, env: dict, run_dir: Path, timeout: fl
 
 
 def rehearsal_check(device: str, dry: bool, work: Path, timeout: float) -> dict:
-    "(b): prepare, launch, kill, resume, NER on `device` through the real commands; every phase's peak against the plan."
+    ("(b): prepare, launch, kill, resume, NER on `device` through the real commands; "
+     "every phase's peak against the plan.")
     from picomaml.pipeline import prepare_stages  # runs the real `prepare` and `hub-layout` commands
     data = local_data()
     if data is None: return {"error": "skipped: no local data ($PICOMAML_DATA with corpus/, tokenizer/ and uner/)"}
@@ -276,32 +294,39 @@ def rehearsal_check(device: str, dry: bool, work: Path, timeout: float) -> dict:
     cmd = launch_command(preset, overrides, 1)
     killed = kill_after_first_checkpoint(cmd, env, run_dir, timeout / 3)
     resumed = run_command(cmd, env, timeout / 3)
-    if resumed.returncode: return {"error": f"the relaunch failed: {(resumed.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+    if resumed.returncode:
+        return {"error": f"the relaunch failed: {(resumed.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cfg = load_config(preset, overrides)
     torch_device = torch.device("cuda" if device == "cuda" else "cpu")
-    plan = plan_run(cfg, 1, device_memory_gb(torch_device), device=torch_device.type, capability=cuda_capability(torch_device))
+    plan = plan_run(cfg, 1, device_memory_gb(torch_device), device=torch_device.type,
+                    capability=cuda_capability(torch_device))
     tensors = phase_bytes(cfg, 1, torch_device.type, plan.chunk_rows, cuda_capability(torch_device), plan.spectra_batch)
-    ner_settings = {**SHRINK["ner"]["ner"], **({"precision": "bf16-mixed"} if dry else {})}  # dry: the NER jobs' bf16 path on CPU
+    # dry: the NER jobs' bf16 path on CPU
+    ner_settings = {**SHRINK["ner"]["ner"], **({"precision": "bf16-mixed"} if dry else {})}
     grid = {"defaults": {**SHRINK["ner"], "test_sets": ["sk_snk", "tl_trg"], "ner": ner_settings},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head", "full"], "datasets": ["sk_snk"],
                        "runs": [{"size": REHEARSAL_SIZE, "arm": "maml", "step": "final"}]}]}
     (work / "grid.yaml").write_text(yaml.safe_dump(grid))
-    ner = run_command([sys.executable, "-m", "picomaml.ner_sweep", "--grid", work / "grid.yaml", "--out", work / "ner.jsonl",
-                       "--runs-dir", profile.runs_dir, "--device", device, "--workers", "1"], env, timeout / 3)
+    ner = run_command([sys.executable, "-m", "picomaml.ner_sweep", "--grid", work / "grid.yaml", "--out",
+                       work / "ner.jsonl", "--runs-dir", profile.runs_dir, "--device", device, "--workers", "1"],
+                      env, timeout / 3)
     if ner.returncode: return {"error": f"the NER sweep failed: {(ner.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
     rows = [json.loads(line) for line in (work / "ner.jsonl").read_text().splitlines()]
-    return {"killed": killed, "resumed": "resuming from" in resumed.stdout, "steps": sorted({r["step"] for r in records if "loss" in r}),
-            "evaluations": sum("paloma_ppl" in r for r in records), "spectra_steps": len({json.loads(line)["step"] for line in
-                                                                                         (run_dir / "spectra.jsonl").read_text().splitlines()}),
+    return {"killed": killed, "resumed": "resuming from" in resumed.stdout,
+            "steps": sorted({r["step"] for r in records if "loss" in r}),
+            "evaluations": sum("paloma_ppl" in r for r in records),
+            "spectra_steps": len({json.loads(line)["step"]
+                                  for line in (run_dir / "spectra.jsonl").read_text().splitlines()}),
             "finite": all(math.isfinite(r["loss"]) for r in records if "loss" in r), "train_steps": cfg.train.steps,
             "peaks": {"training step": max((r.get("peak_gib") or 0) for r in records) or None,
                       "evaluation": max((r.get("eval_peak_gib") or 0) for r in records) or None,
                       "spectra": max((r.get("spectra_peak_gib") or 0) for r in records) or None},
-            "planned": {"training step": max(tensors[p] for p in ("next-token chunk", "episode", "optimizer step")) / GIB,
+            "planned": {"training step": max(tensors[p] for p in ("next-token chunk", "episode",
+                                                                  "optimizer step")) / GIB,
                         "evaluation": tensors["evaluation"] / GIB, "spectra": tensors["spectra"] / GIB},
-            "ner": [{"job": f"{r['head']} {r['regime']}", "device": r["device"], "precision": r["precision"], "dev_f1": r["dev_f1"],
-                     "peak_gib": r.get("peak_gib"), "seconds": r["seconds"]} for r in rows],
+            "ner": [{"job": f"{r['head']} {r['regime']}", "device": r["device"], "precision": r["precision"],
+                     "dev_f1": r["dev_f1"], "peak_gib": r.get("peak_gib"), "seconds": r["seconds"]} for r in rows],
             "seconds": time.monotonic() - started}
 
 
@@ -309,14 +334,18 @@ def rehearsal_table(b: dict) -> str:
     "Markdown of the (b) results."
     if "error" in b: return f"(b) {b['error']}"
     ok = lambda flag: "yes" if flag else "**no**"
-    lines = [f"Launch {b['killed']}; relaunch resumed: {ok(b['resumed'])}; steps logged: {b['steps'][0]}–{b['steps'][-1]} of "
-             f"{b['train_steps']} ({ok(b['steps'] == list(range(1, b['train_steps'] + 1)))} each once), all losses finite: {ok(b['finite'])}; "
+    lines = [f"Launch {b['killed']}; relaunch resumed: {ok(b['resumed'])}; "
+             f"steps logged: {b['steps'][0]}–{b['steps'][-1]} of "
+             f"{b['train_steps']} ({ok(b['steps'] == list(range(1, b['train_steps'] + 1)))} each once), "
+             f"all losses finite: {ok(b['finite'])}; "
              f"{b['evaluations']} evaluations, spectra at {b['spectra_steps']} steps; {b['seconds']:.0f} s in all.", "",
-             "| phase | peak GiB measured | planned GiB (tensors; the plan adds 10 % and a fixed reserve) |", "|---|---|---|"]
+             "| phase | peak GiB measured | planned GiB (tensors; the plan adds 10 % and a fixed reserve) |",
+             "|---|---|---|"]
     gib = lambda value: "–" if value is None else f"{value:.2f}"
     lines += [f"| {k} | {gib(b['peaks'][k])} | {b['planned'][k]:.2f} |" for k in b["planned"]]
     lines += ["", "| NER job | device | precision | dev micro-F1 | peak GiB | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {j['job']} | {j['device']} | {j['precision']} | {j['dev_f1']:.3f} | {gib(j['peak_gib'])} | {j['seconds']:.1f} |"
+    lines += [f"| {j['job']} | {j['device']} | {j['precision']} | {j['dev_f1']:.3f} | {gib(j['peak_gib'])} | "
+              f"{j['seconds']:.1f} |"
               for j in b["ner"]]
     return "\n".join(lines)
 
@@ -324,7 +353,8 @@ def rehearsal_table(b: dict) -> str:
 # --- (c) two processes against one ---------------------------------------------------------------------------------
 
 def two_against_one(device: str, dry: bool, work: Path, timeout: float) -> dict:
-    "(c): the shrunk run on two processes and on one; the largest difference of a final weight against AdamW's lr bound."
+    ("(c): the shrunk run on two processes and on one; "
+     "the largest difference of a final weight against AdamW's lr bound.")
     from safetensors.torch import load_file
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     finals = []
@@ -332,29 +362,36 @@ def two_against_one(device: str, dry: bool, work: Path, timeout: float) -> dict:
         _, preset, overrides, run_dir = rehearsal_run(device, dry, work, steps=3, runs_dir=work / f"nproc-{nproc}")
         overrides.append("maml.head_dropout=0")  # a query row's dropout mask depends on the rank that holds it
         done = run_command(launch_command(preset, overrides, nproc), env, timeout / 2)
-        if done.returncode: return {"error": f"{nproc} processes failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+        if done.returncode:
+            return {"error": f"{nproc} processes failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
         finals.append(load_file(run_dir / "checkpoints" / "step_000003" / "model.safetensors"))
     worst = max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[1])
     bound = 3 * load_config(preset, overrides).train.lr  # AdamW moves a weight by about lr per step
-    return {"backend": "nccl" if device == "cuda" else "gloo", "max_abs_difference": worst, "bound": bound, "within": worst <= bound}
+    return {"backend": "nccl" if device == "cuda" else "gloo", "max_abs_difference": worst, "bound": bound,
+            "within": worst <= bound}
 
 
 def two_table(c: dict) -> str:
     if "error" in c: return f"(c) {c['error']}"
-    return (f"2 processes ({c['backend']}) against 1, the final weights after 3 steps: largest difference {c['max_abs_difference']:.2e}, "
+    return (f"2 processes ({c['backend']}) against 1, the final weights after 3 steps: largest difference "
+            f"{c['max_abs_difference']:.2e}, "
             f"bound {c['bound']:.1e} (3 steps × lr): {'within' if c['within'] else '**outside**'}.")
 
 
 # --- the check -----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="GPU check of the paper path against the planner (see the module docstring).")
-    p.add_argument("--dry", action="store_true", help="CPU, tiny shapes: checks the script and the code paths, not the numbers")
-    p.add_argument("--out", default=None, help="Markdown file to write (default: benchmarks/results-gpu.md; --dry: a temporary file)")
+    p = argparse.ArgumentParser(
+        description="GPU check of the paper path against the planner (see the module docstring).")
+    p.add_argument("--dry", action="store_true",
+                   help="CPU, tiny shapes: checks the script and the code paths, not the numbers")
+    p.add_argument("--out", default=None,
+                   help="Markdown file to write (default: benchmarks/results-gpu.md; --dry: a temporary file)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per (a) run, the first a warm-up")
     p.add_argument("--budget", type=float, default=450, help="seconds after which no further run starts")
-    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; --dry: aot_eager, no C++ build)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default: inductor; --dry: aot_eager, no C++ build)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -365,9 +402,11 @@ def main(argv=None) -> Path:
     args, start = parse_args(argv), time.monotonic()
     if args.steps < 2: sys.exit("error: --steps must be at least 2 (the first is a warm-up)")
     device = "cpu" if args.dry else "cuda"
-    if device == "cuda" and not torch.cuda.is_available(): sys.exit("error: no CUDA device; use --dry to check the script on CPU")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; use --dry to check the script on CPU")
     backend = args.compile_backend or ("aot_eager" if args.dry else "inductor")
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) / "results-gpu-dry.md" if args.dry else ROOT / "benchmarks" / "results-gpu.md")
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) / "results-gpu-dry.md" if args.dry
+                                           else ROOT / "benchmarks" / "results-gpu.md")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     left = lambda: args.budget - (time.monotonic() - start)
     b = rehearsal_check(device, args.dry, work, timeout=min(240, left()))
@@ -380,17 +419,21 @@ def main(argv=None) -> Path:
     results = []
     for compiled in (False,) if args.no_compile else (False, True):
         for size in args.sizes:
-            spec = {"size": size, "compile": compiled, "backend": backend, "device": device, "steps": args.steps, "dry": args.dry,
-                    "data": str(data)}
-            results.append(run_in_process(spec, left()) if left() > 10 else {**spec, "error": "skipped: out of time budget"})
+            spec = {"size": size, "compile": compiled, "backend": backend, "device": device, "steps": args.steps,
+                    "dry": args.dry, "data": str(data)}
+            results.append(run_in_process(spec, left()) if left() > 10
+                           else {**spec, "error": "skipped: out of time budget"})
             print(table(results[-1:]).splitlines()[-1], flush=True)
     device_name = next((r["device"] for r in results if "device" in r), device)
-    text = (f"# GPU check\n\n{device_name}, torch {torch.__version__}, `bash benchmarks/gpu_check.sh {' '.join(argv or sys.argv[1:])}`, "
+    text = (f"# GPU check\n\n{device_name}, torch {torch.__version__}, "
+            f"`bash benchmarks/gpu_check.sh {' '.join(argv or sys.argv[1:])}`, "
             f"{time.monotonic() - start:.0f} s\n\n"
-            f"## (a) Paper-scale steps: one rank of four, the planner's chunk on this device\n\nTimed: {args.steps - 1} optimizer "
+            f"## (a) Paper-scale steps: one rank of four, the planner's chunk on this device\n\n"
+            f"Timed: {args.steps - 1} optimizer "
             f"step(s) after a warm-up; then one evaluation batch and the spectra's gradient pass. Planned: tensors, as "
             f"`picomaml.plan.phase_bytes`.\n\n{table(results)}\n\n"
-            f"## (b) The rehearsal's shrunk paper profile on one device, through the real commands\n\n{rehearsal_table(b)}\n\n"
+            f"## (b) The rehearsal's shrunk paper profile on one device, through the real commands\n\n"
+            f"{rehearsal_table(b)}\n\n"
             f"## (c) Two processes against one\n\n{two_table(c)}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -33,7 +33,8 @@ QUICK = ["smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"
 
 # --- the released trainer's episode: a benchmark baseline, NOT part of the package ----------------------
 
-def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps: int = 10, every_position: bool = True) -> float:
+def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps: int = 10,
+                           every_position: bool = True) -> float:
     """BASELINE ONLY. An episode the way the released trainer ran it (docs/released-trainer.md, departures
     7, 9, 10 and 11): the backbone re-run, with a graph, for each of the inner steps; the head's last layer
     spans the whole vocabulary and is read at the class ids; the head is evaluated at every window
@@ -44,7 +45,8 @@ def released_style_episode(backbone, head, episode, inner_lr: float, inner_steps
     vocabulary head)."""
     def loss_of(ids, readout, labels):
         hidden = backbone.hidden(ids)  # (B, W, d), with a graph, at every inner step
-        if not every_position: return F.cross_entropy(head(readout_features(hidden, readout), episode.class_ids), labels)
+        if not every_position:
+            return F.cross_entropy(head(readout_features(hidden, readout), episode.class_ids), labels)
         logits = head.mlp(hidden)[..., episode.class_ids]  # (B, W, N) from (B, W, vocab)
         targets = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)  # (B, W): class 0 ...
         targets[torch.arange(len(ids)), readout] = labels  # ... except the readout position
@@ -80,13 +82,16 @@ def setup(size: str, quick: bool, device):
     train_dir = ROOT / "data" / "pretokenized" / "train"
     if not (train_dir / "manifest.json").is_file():
         sys.exit(f"{train_dir} is missing: prepare the rows first (`make demo` does, or "
-                 f"`python -m picomaml.data prepare --src $PICOMAML_DATA/corpus/train --out {train_dir} --seq-len 128`, same for eval)")
-    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.train_path={train_dir}", *SIZES[size], *(QUICK if quick else [])])
+                 f"`python -m picomaml.data prepare --src $PICOMAML_DATA/corpus/train --out {train_dir} "
+                 f"--seq-len 128`, same for eval)")
+    cfg = load_config(ROOT / "configs" / "demo.yaml",
+                      [f"data.train_path={train_dir}", *SIZES[size], *(QUICK if quick else [])])
     model, head, _ = build_model(cfg, device)
-    pool = ShardRows(train_dir, cfg.data.seq_len + 1, cfg.model.vocab_size).rows(range(cfg.smlmt.pool_rows))  # (R, 129)
+    # (R, 129)
+    pool = ShardRows(train_dir, cfg.data.seq_len + 1, cfg.model.vocab_size).rows(range(cfg.smlmt.pool_rows))
     word_start, alpha_len, special = episode_tables(cfg)
-    make_episode = lambda: build_episode(pool.to(device), cfg.smlmt, word_start.to(device), alpha_len.to(device), special,
-                                         cfg.data.mask_id, seed=cfg.train.seed, step=0)
+    make_episode = lambda: build_episode(pool.to(device), cfg.smlmt, word_start.to(device), alpha_len.to(device),
+                                         special, cfg.data.mask_id, seed=cfg.train.seed, step=0)
     episode = make_episode()
     tokens = episode.support_ids.numel() + episode.query_ids.numel()
     ar_rows = pool[: tokens // cfg.data.seq_len].to(device)  # (tokens / T, T + 1): the episode's token count
@@ -105,15 +110,18 @@ def step_and_count(job: dict, device):
     case = job["case"]
     if case in ("ar", "ar-plain"):
         loss_fn = next_token_loss_sum if case == "ar" else plain_next_token_loss_sum
-        return lambda: (loss_fn(model, ar_rows).backward(), zero()), ar_tokens, next_token_flops(cfg.model, ar_tokens, T)
+        return (lambda: (loss_fn(model, ar_rows).backward(), zero()), ar_tokens,
+                next_token_flops(cfg.model, ar_tokens, T))
     if case == "maml":
         flops = episode_flops(cfg.model, episode.support_ids.numel(), episode.query_ids.numel(), window)
         return lambda: (maml_step(model, head, episode, cfg.maml, inner_seed=0), zero()), ep_tokens, flops
     if case in ("released", "released-readout"):
-        released = dataclasses.replace(cfg.maml, head_output="vocab", head_dropout=0.0, inner_lr=0.01)  # configs/released-*.yaml
+        # configs/released-*.yaml
+        released = dataclasses.replace(cfg.maml, head_output="vocab", head_dropout=0.0, inner_lr=0.01)
         vocab_head = MAMLHead(cfg.model.d_model, cfg.smlmt.n_way, released, cfg.model.vocab_size).to(device)
         every_position = case == "released"
-        return lambda: (released_style_episode(model, vocab_head, episode, released.inner_lr, released.inner_steps, every_position),
+        return lambda: (released_style_episode(model, vocab_head, episode, released.inner_lr, released.inner_steps,
+                                               every_position),
                         zero(), vocab_head.zero_grad()), ep_tokens, None
     if case == "episode-build":
         return make_episode, ep_tokens, None
@@ -126,7 +134,8 @@ READ_FILE_ROWS, READ_BLOCK, READ_RANKS = 1024, 256, 4  # a streamed file, the pa
 
 
 def read_step(job: dict):
-    "(callable, tokens): rank 1 of 4 reading every draw of one streamed file (a fresh reader: its region's decode included)."
+    ("(callable, tokens): rank 1 of 4 reading every draw of one streamed file "
+     "(a fresh reader: its region's decode included).")
     import tempfile
 
     from picomaml.data import StreamedRows, batch_for_step, write_hub_layout, write_shard
@@ -138,7 +147,8 @@ def read_step(job: dict):
     write_hub_layout(work / "shards", work / "hub", READ_FILE_ROWS, log=lambda m: None, row_group_rows=128)
     rows_per_rank = READ_BLOCK // READ_RANKS
     def read_file():
-        rows = StreamedRows(str(work / "hub"), row_len, vocab_size=50304, rows_per_file=READ_FILE_ROWS, block_rows=READ_BLOCK)
+        rows = StreamedRows(str(work / "hub"), row_len, vocab_size=50304, rows_per_file=READ_FILE_ROWS,
+                            block_rows=READ_BLOCK)
         for step in range(READ_FILE_ROWS // READ_BLOCK):
             batch_for_step(rows, step, 0, 1, READ_RANKS, rows_per_rank=rows_per_rank, accum_steps=1, seed=0)
         return rows
@@ -195,7 +205,8 @@ def measure(job: dict) -> dict:
 
 def run_job(job: dict) -> dict:
     "Measure `job` in a fresh Python process (its own peak memory); stop naming the job if it fails."
-    proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(job)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(job)], capture_output=True, text=True,
+                          cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"benchmark {job} failed:\n{proc.stderr[-3000:]}")
     print(f"  {job['size']:<5} {job['case']:<14} done", file=sys.stderr, flush=True)
@@ -220,7 +231,8 @@ def demo_rows() -> list[str]:
     path = ROOT / "runs" / "timings-demo.json"
     if not path.is_file(): return ["| – | `make demo` | – | not run | – | – | – | – | – |"]
     stages = json.loads(path.read_text())
-    rows = [f"| – | `make demo`: {stage} | – | {sec:.1f} | – | – | – | – | – |" for stage, sec in stages.items()]
+    rows = [f"| – | `make demo`: {stage} | – | {sec:.1f} | – | – | – | – | – |"
+            for stage, sec in stages.items()]
     return rows + [f"| – | `make demo`: total | – | {sum(stages.values()):.1f} | – | – | – | – | – |"]
 
 
@@ -228,41 +240,50 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(SIZES))
     p.add_argument("--quick", action="store_true", help="toy shapes, one repeat: checks the script, not the numbers")
-    p.add_argument("--baseline", action="store_true", help="also time the AR step before §3's fused output layer + loss")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the AR step before §3's fused output layer + loss")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per model measurement (median)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure: return print(json.dumps(measure(json.loads(args.measure))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    name = torch.cuda.get_device_name() if device == "cuda" else \
+        f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     repeats = 1 if args.quick else args.repeats
     job = lambda size, case, **kw: run_job({"size": size, "case": case, "quick": args.quick, "repeats": repeats, **kw})
-    lines = [f"picomaml benchmarks on {name}{' (--quick: toy shapes)' if args.quick else ''}; median of {repeats}, seconds per call\n",
-             "| size | measurement | tokens | seconds | tokens/s | peak MiB | MFU % | ratio | target |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"picomaml benchmarks on {name}{' (--quick: toy shapes)' if args.quick else ''}; "
+             f"median of {repeats}, seconds per call\n",
+             "| size | measurement | tokens | seconds | tokens/s | peak MiB | MFU % | ratio | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         ar, maml = job(size, "ar"), job(size, "maml")
-        released = run_job({"size": size, "case": "released", "quick": args.quick, "repeats": 1})  # one call: it is the slowest
+        # one call: it is the slowest
+        released = run_job({"size": size, "case": "released", "quick": args.quick, "repeats": 1})
         lines.append(row(size, "AR micro-batch (fwd + bwd)", ar, "1.00 × AR"))
         if args.baseline:
             plain = job(size, "ar-plain")
             lines.append(row(size, "AR micro-batch, --baseline: plain (B,T,V) logits + CE", plain,
                              f"{plain['seconds'] / ar['seconds']:.2f} × AR"))
-        lines.append(row(size, "MAML micro-batch, cached support features", maml, f"{maml['seconds'] / ar['seconds']:.2f} × AR",
+        lines.append(row(size, "MAML micro-batch, cached support features", maml,
+                         f"{maml['seconds'] / ar['seconds']:.2f} × AR",
                          f"≤ 1.5 × AR: {verdict(maml['seconds'] <= 1.5 * ar['seconds'])}"))
         lines.append(row(size, "released-style episode (BASELINE: backbone 10× re-run, vocab head)", released,
-                         f"{released['seconds'] / maml['seconds']:.1f} × MAML", f"≥ 4 × MAML: {verdict(released['seconds'] >= 4 * maml['seconds'])}"))
+                         f"{released['seconds'] / maml['seconds']:.1f} × MAML",
+                         f"≥ 4 × MAML: {verdict(released['seconds'] >= 4 * maml['seconds'])}"))
         readout = run_job({"size": size, "case": "released-readout", "quick": args.quick, "repeats": 1})
         lines.append(row(size, "… the same, vocab head read at the readout only (lower bound)", readout,
                          f"{readout['seconds'] / maml['seconds']:.1f} × MAML"))
         build, forward = job(size, "episode-build"), job(size, "forward")
         lines.append(row(size, "forward pass of the AR micro-batch (no grad)", forward, "1.00 × fwd"))
-        lines.append(row(size, "building the SMLMT episode from the pool", build, f"{build['seconds'] / forward['seconds']:.2f} × fwd"))
+        lines.append(row(size, "building the SMLMT episode from the pool", build,
+                         f"{build['seconds'] / forward['seconds']:.2f} × fwd"))
     spectra = job("tiny", "spectra")
     lines.append(row("tiny", "spectra of one checkpoint (weights + gradients)", spectra))
     for head in ("linear", "crf"):
         cached, recomputed = (job("tiny", "ner", head=head, cached=c) for c in (True, False))
         epochs = "2 epochs" if args.quick else "10 epochs"
-        lines.append(row("tiny", f"NER head-only {head}, {epochs}: backbone every epoch", recomputed, "1.00 × recompute"))
+        lines.append(row("tiny", f"NER head-only {head}, {epochs}: backbone every epoch", recomputed,
+                         "1.00 × recompute"))
         lines.append(row("tiny", f"NER head-only {head}, {epochs}: feature cache", cached,
                          f"{recomputed['seconds'] / cached['seconds']:.1f} × faster",
                          f"≥ 5 ×: {verdict(recomputed['seconds'] >= 5 * cached['seconds'])}"))
@@ -271,10 +292,13 @@ def main(argv=None):
     from picomaml.config import PRESETS_DIR, load_config
     from picomaml.plan import plan_run
     cfg = load_config(PRESETS_DIR / "pico-small-vanilla.yaml")
-    planned = plan_run(cfg, 4, 80, 312, 0.4).est_seconds_per_step / (cfg.train.global_batch // cfg.train.branch_batch)  # one draw
+    # one draw
+    planned = plan_run(cfg, 4, 80, 312, 0.4).est_seconds_per_step / (cfg.train.global_batch // cfg.train.branch_batch)
     per_draw = {**read, "seconds": read["seconds"] / draws, "tokens": read["tokens"] // draws}
-    lines.append(row("–", f"reading one draw's rows for one rank of four (batch_for_step, streamed, {READ_BLOCK // READ_RANKS} rows)", per_draw,
-                     f"{per_draw['seconds'] / planned:.3f} × a planned draw of pico-small-vanilla (4 × A100, 40 % MFU: {planned:.2f} s)",
+    lines.append(row("–", f"reading one draw's rows for one rank of four (batch_for_step, streamed, "
+                          f"{READ_BLOCK // READ_RANKS} rows)", per_draw,
+                     f"{per_draw['seconds'] / planned:.3f} × a planned draw of pico-small-vanilla "
+                     f"(4 × A100, 40 % MFU: {planned:.2f} s)",
                      f"≤ 0.1 × (hidden by the read-ahead): {verdict(per_draw['seconds'] <= 0.1 * planned)}"))
     lines += demo_rows()
     table = "\n".join(lines)

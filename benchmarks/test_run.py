@@ -17,7 +17,8 @@ from picomaml.model import PicoDecoder
 def tiny_setup():
     "A 2-block float64 Pico decoder, a vocabulary-indexed head (no dropout) and a 3-way 2+2-shot episode."
     torch.manual_seed(0)
-    backbone = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16)).double()
+    backbone = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40,
+                                       max_seq_len=16)).double()
     cfg = MAMLConfig(head_output="vocab", head_dropout=0.0, inner_lr=0.5, head_layers=3, head_hidden=16)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(2)
@@ -60,10 +61,13 @@ def test_released_style_every_position_is_a_different_loss():
 def test_plain_baseline_equals_the_fused_ar_loss():
     backbone, *_ = tiny_setup()
     rows = torch.randint(0, 40, (3, 9))
-    assert torch.allclose(run.plain_next_token_loss_sum(backbone, rows), next_token_loss_sum(backbone, rows, 5), rtol=1e-6)
+    assert torch.allclose(run.plain_next_token_loss_sum(backbone, rows), next_token_loss_sum(backbone, rows, 5),
+                          rtol=1e-6)
 
 
 def test_reading_a_draw_reads_only_the_ranks_rows():
-    "The reading benchmark's job: rank 1 of 4 decodes a quarter of its streamed file (its region), every draw served from it."
+    ("The reading benchmark's job: rank 1 of 4 decodes a quarter of its streamed file (its region), "
+     "every draw served from it.")
     read_file, tokens = run.read_step({"quick": True})
-    assert read_file().rows_read == run.READ_FILE_ROWS // run.READ_RANKS and tokens == run.READ_FILE_ROWS // run.READ_RANKS * 128
+    assert (read_file().rows_read == run.READ_FILE_ROWS // run.READ_RANKS
+            and tokens == run.READ_FILE_ROWS // run.READ_RANKS * 128)

@@ -1,5 +1,6 @@
-"""`python -m picomaml.launch` with a stand-in Hub client whose every upload takes longer than the run's collective timeout
-(tests/test_distributed.py). Usage, under torchrun: slow_hub_launch.py RECORD_FILE SECONDS [launch arguments ...]."""
+"""`python -m picomaml.launch` with a stand-in Hub client whose every upload takes longer than the run's collective
+timeout (tests/test_distributed.py). Usage, under torchrun:
+slow_hub_launch.py RECORD_FILE SECONDS [launch arguments ...]."""
 import json
 import sys
 import time

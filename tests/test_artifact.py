@@ -66,16 +66,20 @@ README_CELLS = [  # (a number the README quotes in backticks, the committed tabl
 
 
 def test_readme_quotes_the_committed_outputs():
-    "Every number the README quotes from a table is that table's committed cell, and its scorecard line is the committed one."
+    ("Every number the README quotes from a table is that table's committed cell, "
+     "and its scorecard line is the committed one.")
     readme = (ROOT / "README.md").read_text()
     for quoted, table, row, column in README_CELLS:
         cells = pd.read_csv(ROOT / "paper_tables" / f"{table}.csv", dtype=str, keep_default_na=False)
         cell = cells.set_index(cells.columns[0]).loc[row, column]
-        assert cell == quoted, f"README quotes {quoted!r} for {table} [{row}, {column}], the committed table says {cell!r}"
+        assert cell == quoted, (f"README quotes {quoted!r} for {table} [{row}, {column}], "
+                                f"the committed table says {cell!r}")
         assert f"`{quoted}`" in readme, f"README no longer quotes `{quoted}` ({table}): update README_CELLS with it"
-    oov = pd.read_csv(ROOT / "paper_tables" / "p2_table5_particles_oov.csv", dtype=str).set_index("language")["OOV token rate"]
+    oov = pd.read_csv(ROOT / "paper_tables" / "p2_table5_particles_oov.csv",
+                      dtype=str).set_index("language")["OOV token rate"]
     assert f"gives {oov['Tagalog']} and {oov['Cebuano']} against" in readme
-    assert f"> {scorecard_line(ROOT / 'paper_tables')}\n" in readme, "README's scorecard line is not the committed scorecard's"
+    assert f"> {scorecard_line(ROOT / 'paper_tables')}\n" in readme, \
+        "README's scorecard line is not the committed scorecard's"
 
 
 def test_no_function_takes_more_than_six_positional_parameters():

@@ -29,13 +29,16 @@ def ws(tmp_path_factory):
     prepare_rows(ws)
     done = run(["picomaml.launch", *tiny(ws)])
     assert done.returncode == 0, done.stderr[-3000:]
-    grid = {"grids": [{"heads": ["linear"], "datasets": ["sk_snk"], "seeds": [1, 2], "test_sets": ["sk_snk"], "max_train_sentences": 4,
-                       "max_eval_sentences": 4,
-                       "runs": [{"run": "run", "arm": "vanilla", "size": "tiny", "checkpoint": str(ws / "runs/run/checkpoints/step_000002")}]}]}
+    grid = {"grids": [{"heads": ["linear"], "datasets": ["sk_snk"], "seeds": [1, 2], "test_sets": ["sk_snk"],
+                       "max_train_sentences": 4, "max_eval_sentences": 4,
+                       "runs": [{"run": "run", "arm": "vanilla", "size": "tiny",
+                                 "checkpoint": str(ws / "runs/run/checkpoints/step_000002")}]}]}
     (ws / "grid.yaml").write_text(yaml.safe_dump(grid))
-    for bad in ("flipped", "nan"):  # copies of the run whose last checkpoint has a flipped byte, or a NaN weight (with digests to match)
+    # copies of the run whose last checkpoint has a flipped byte, or a NaN weight (with digests to match)
+    for bad in ("flipped", "nan"):
         shutil.copytree(ws / "runs/run", ws / "runs" / bad)
-        (ws / f"grid-{bad}.yaml").write_text(yaml.safe_dump(grid).replace("runs/run/checkpoints", f"runs/{bad}/checkpoints"))
+        (ws / f"grid-{bad}.yaml").write_text(yaml.safe_dump(grid).replace("runs/run/checkpoints",
+                                                                          f"runs/{bad}/checkpoints"))
     flipped = ws / "runs/flipped/checkpoints/step_000002/model.safetensors"
     blob = bytearray(flipped.read_bytes()); blob[-3] ^= 1; flipped.write_bytes(bytes(blob))
     nan = ws / "runs/nan/checkpoints/step_000002/model.safetensors"
@@ -43,12 +46,14 @@ def ws(tmp_path_factory):
     tensors[next(iter(tensors))][0, 0] = float("nan")
     save_file(tensors, nan, metadata={"format": "pt"})
     meta = read_meta(nan.parent)
-    write_json_atomic(nan.parent / "checkpoint.json", {**meta, "sha256": {**meta["sha256"], "model.safetensors": file_sha256(nan)}})
+    write_json_atomic(nan.parent / "checkpoint.json",
+                      {**meta, "sha256": {**meta["sha256"], "model.safetensors": file_sha256(nan)}})
     return ws
 
 
 def sweep(ws, out, *more, grid="grid.yaml"):
-    return ["picomaml.ner_sweep", "--grid", str(ws / grid), "--out", str(out), *more, f"data.tokenizer_path={TOKENIZER}", "ner.max_len=32"]
+    return ["picomaml.ner_sweep", "--grid", str(ws / grid), "--out", str(out), *more,
+            f"data.tokenizer_path={TOKENIZER}", "ner.max_len=32"]
 
 
 def error_line(proc) -> str:
@@ -63,7 +68,8 @@ def frozen_holder(ws, args, lock, log):
     argv, kw = command(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     proc, deadline = subprocess.Popen(argv, **kw), time.monotonic() + 120
     while not (lock.is_file() and lock.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, f"the holder ended or never locked: {log.read_text()[-2000:]}"
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            f"the holder ended or never locked: {log.read_text()[-2000:]}"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGSTOP)
     return proc
@@ -77,7 +83,8 @@ def kill(proc) -> None:
 # (what is written twice, the holder's command, the second command, the holder's lock, what the refusal names)
 TWO_WRITERS = [
     ("run directory", lambda ws: ["picomaml.launch", *tiny(ws, "busy", "train.steps=100000")],
-     lambda ws: ["picomaml.launch", *tiny(ws, "busy")], lambda ws: ws / "runs/busy/.lock", lambda ws: f"run directory {ws}/runs/busy"),
+     lambda ws: ["picomaml.launch", *tiny(ws, "busy")], lambda ws: ws / "runs/busy/.lock",
+     lambda ws: f"run directory {ws}/runs/busy"),
     ("results file", lambda ws: sweep(ws, ws / "ner/busy.jsonl"), lambda ws: sweep(ws, ws / "ner/busy.jsonl"),
      lambda ws: lock_file_of(ws / "ner/busy.jsonl"), lambda ws: f"results file {ws}/ner/busy.jsonl"),
 ]
@@ -102,9 +109,11 @@ def test_a_second_writer_is_refused_and_takes_over_from_a_dead_one(ws, what, hol
 
 
 def file_size_limit(limit: int):
-    "A preexec_fn: files of this process may not grow past `limit` bytes (writes past it fail with EFBIG, like a full disk)."
+    ("A preexec_fn: files of this process may not grow past `limit` bytes "
+     "(writes past it fail with EFBIG, like a full disk).")
     def limited():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel's default for SIGXFSZ kills; ignored, the write fails instead
+        # the kernel's default for SIGXFSZ kills; ignored, the write fails instead
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     return limited
 
@@ -112,12 +121,15 @@ def file_size_limit(limit: int):
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(ws):
     shutil.copytree(ws / "runs/run", ws / "runs/full")
     checkpoints = ws / "runs/full/checkpoints"
-    weights = lambda: {f: d for f, d in snapshot(checkpoints / "step_000002").items() if f != "checkpoint.json"}  # its meta gains "confirmed"
+    # its meta gains "confirmed"
+    weights = lambda: {f: d for f, d in snapshot(checkpoints / "step_000002").items() if f != "checkpoint.json"}
     good = weights()
-    limit = (checkpoints / "step_000002" / "training_state.pt").stat().st_size - 1  # the weights still fit, the optimizer state no longer
+    # the weights still fit, the optimizer state no longer
+    limit = (checkpoints / "step_000002" / "training_state.pt").stat().st_size - 1
     failed = run(["picomaml.launch", *tiny(ws, "full", "train.steps=4")], preexec_fn=file_size_limit(limit))
     assert f"{checkpoints / 'step_000003'}: file too large while writing it (needs about" in error_line(failed)
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000000", "step_000001", "step_000002"]  # no temporary dir
+    # no temporary dir
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000000", "step_000001", "step_000002"]
     assert (checkpoints / "latest").read_text() == "step_000002\n" and weights() == good
     assert read_checkpoint(checkpoints / "step_000002")[2]["step"] == 2
     relaunched = run(["picomaml.launch", *tiny(ws, "full", "train.steps=4")])
@@ -139,8 +151,9 @@ def test_a_full_disk_during_a_sweep_keeps_every_earlier_row(ws):
 
 
 def spectra(ws, run):
-    return ["picomaml.spectra", "--checkpoints", str(ws / "runs" / run / "checkpoints"), "--batch", str(ws / "data/eval"), "--rows", "4",
-            "--layers", "attention.q_proj", "--out", str(ws / f"spectra-{run}.jsonl")]
+    return ["picomaml.spectra", "--checkpoints", str(ws / "runs" / run / "checkpoints"),
+            "--batch", str(ws / "data/eval"), "--rows", "4", "--layers", "attention.q_proj",
+            "--out", str(ws / f"spectra-{run}.jsonl")]
 
 
 # (which reader, its command, what the one line names)
@@ -149,8 +162,10 @@ BAD_CHECKPOINTS = [
      "runs/flipped/checkpoints/step_000002/model.safetensors fails its SHA-256 check"),
     ("sweep, a NaN weight", lambda ws: sweep(ws, ws / "ner/nan.jsonl", grid="grid-nan.yaml"),
      "runs/nan/checkpoints/step_000002: 1 weight tensors hold NaN or infinite values"),
-    ("spectra, a flipped byte", lambda ws: spectra(ws, "flipped"), "step_000002/model.safetensors fails its SHA-256 check"),
-    ("spectra, a NaN weight", lambda ws: spectra(ws, "nan"), "step_000002: 1 weight tensors hold NaN or infinite values"),
+    ("spectra, a flipped byte", lambda ws: spectra(ws, "flipped"),
+     "step_000002/model.safetensors fails its SHA-256 check"),
+    ("spectra, a NaN weight", lambda ws: spectra(ws, "nan"),
+     "step_000002: 1 weight tensors hold NaN or infinite values"),
 ]
 
 
@@ -158,5 +173,6 @@ BAD_CHECKPOINTS = [
 def test_a_bad_checkpoint_is_refused_by_every_reader(ws, reader, args, named):
     refused = run(args(ws))
     assert named in error_line(refused)
-    if reader.startswith("sweep"): assert not read_records(args(ws)[4]), "a row of a bad checkpoint was recorded as done"
+    if reader.startswith("sweep"):
+        assert not read_records(args(ws)[4]), "a row of a bad checkpoint was recorded as done"
     else: assert sorted({r["step"] for r in read_records(args(ws)[-1])}) == [0, 1]  # the good steps before it are kept

@@ -65,5 +65,6 @@ def test_smoke_pipeline_writes_every_output_and_tables_are_stable():
     shutil.rmtree(final)
     log = run_pipeline("--stages", "pretrain")
     named = lambda p: p.relative_to(ROOT)  # the profile's runs_dir, runs/smoke, is relative to the repository root
-    assert f"{named(final)}, which {named(checkpoints / 'latest')} names, is gone: training demo-maml again" in log, log[-3000:]
+    assert f"{named(final)}, which {named(checkpoints / 'latest')} names, is gone: training demo-maml again" in log, \
+        log[-3000:]
     assert (final / "model.safetensors").read_bytes() == weights  # resumed and trained again, bitwise

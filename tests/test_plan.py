@@ -41,20 +41,25 @@ MEASURE = textwrap.dedent("""
 """)
 
 SHAPES = {  # each predicted at >= 200 MB, a few seconds on two cores
-    "blocks and loss (d 384, 4 blocks, 2 x 1024)": dict(model=dict(d_model=384, n_layers=4, ffn_hidden=1536, vocab_size=8192, max_seq_len=1024),
+    "blocks and loss (d 384, 4 blocks, 2 x 1024)": dict(model=dict(d_model=384, n_layers=4, ffn_hidden=1536,
+                                                                   vocab_size=8192, max_seq_len=1024),
                                                         rows=2, seq=1024, checkpointing=False),
-    "full vocabulary (d 192, 6 blocks, 4 x 256)": dict(model=dict(d_model=192, n_layers=6, ffn_hidden=768, vocab_size=50304, max_seq_len=256),
+    "full vocabulary (d 192, 6 blocks, 4 x 256)": dict(model=dict(d_model=192, n_layers=6, ffn_hidden=768,
+                                                                  vocab_size=50304, max_seq_len=256),
                                                        rows=4, seq=256, checkpointing=False),
-    "activation checkpointing (d 384, 4 blocks, 8 x 512)": dict(model=dict(d_model=384, n_layers=4, ffn_hidden=1536, vocab_size=512, max_seq_len=512),
+    "activation checkpointing (d 384, 4 blocks, 8 x 512)": dict(model=dict(d_model=384, n_layers=4, ffn_hidden=1536,
+                                                                           vocab_size=512, max_seq_len=512),
                                                                 rows=8, seq=512, checkpointing=True),
 }
 
 
 def measure(shape: dict) -> dict:
-    "Peak RSS growth of one chunk in a fresh process. MALLOC_MMAP_THRESHOLD_: every block above 64 KiB is its own mapping,"
+    ("Peak RSS growth of one chunk in a fresh process. MALLOC_MMAP_THRESHOLD_: every block above 64 KiB is its "
+     "own mapping,")
     " returned to the OS when freed, so RSS follows the live tensors instead of glibc's retained heap."
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(shape)], env=env, capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(shape)], env=env, capture_output=True, text=True,
+                         check=True, timeout=300)
     return json.loads(out.stdout)
 
 
@@ -82,12 +87,16 @@ MEASURE_MATH = textwrap.dedent("""
     print(json.dumps({"growth": hwm() - before}))
 """)
 
-MATH_SHAPES = {  # grouped-query heads 12 / 4 as Pico's; each predicted at >= 200 MB, the softmax term at least half of it
-    "float32 chunk, math kernel (d 96, 4 blocks, 4 x 512)": dict(model=dict(d_model=96, n_layers=4, ffn_hidden=384, vocab_size=512, max_seq_len=512),
+# grouped-query heads 12 / 4 as Pico's; each predicted at >= 200 MB, the softmax term at least half of it
+MATH_SHAPES = {
+    "float32 chunk, math kernel (d 96, 4 blocks, 4 x 512)": dict(model=dict(d_model=96, n_layers=4, ffn_hidden=384,
+                                                                            vocab_size=512, max_seq_len=512),
                                                                  rows=4, seq=512, phase="chunk", layers=[]),
-    "spectra group, math kernel (d 96, 6 blocks, 2 x 768)": dict(model=dict(d_model=96, n_layers=6, ffn_hidden=384, vocab_size=2048, max_seq_len=768),
+    "spectra group, math kernel (d 96, 6 blocks, 2 x 768)": dict(model=dict(d_model=96, n_layers=6, ffn_hidden=384,
+                                                                            vocab_size=2048, max_seq_len=768),
                                                                  rows=2, seq=768, phase="spectra",
-                                                                  layers=["attention.v_proj", "attention.o_proj", "swiglu.w_2"]),
+                                                                 layers=["attention.v_proj", "attention.o_proj",
+                                                                         "swiglu.w_2"]),
 }
 
 
@@ -101,9 +110,11 @@ def test_math_kernel_phases_within_25_percent(name):
         predicted = spectra_peak_bytes(cfg, shape["rows"], math=True)
     else: predicted = chunk_peak_bytes(mc, shape["rows"], shape["seq"], 4, False, math=True)
     softmax = mc.n_layers * attention_probs_bytes(mc, shape["rows"], shape["seq"])
-    assert predicted >= 200e6 and softmax > predicted / 2  # the term the CPU's default kernel would hide is most of the phase
+    # the term the CPU's default kernel would hide is most of the phase
+    assert predicted >= 200e6 and softmax > predicted / 2
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", MEASURE_MATH, json.dumps(shape)], env=env, capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", MEASURE_MATH, json.dumps(shape)], env=env, capture_output=True,
+                         text=True, check=True, timeout=300)
     got = json.loads(out.stdout)["growth"]
     print(f"{name}: predicted {predicted / 1e6:.0f} MB, measured {got / 1e6:.0f} MB ({got / predicted - 1:+.1%})")
     assert abs(got / predicted - 1) <= 0.25
@@ -116,7 +127,8 @@ def test_chunk_peak_within_25_percent(name):
     assert predicted >= 200e6
     got = measure(shape)
     assert got["earlier_peak_above"] < 0.05 * got["growth"]  # the peak is the chunk's, not the set-up's
-    print(f"{name}: predicted {predicted / 1e6:.0f} MB, measured {got['growth'] / 1e6:.0f} MB ({got['growth'] / predicted - 1:+.1%})")
+    print(f"{name}: predicted {predicted / 1e6:.0f} MB, measured {got['growth'] / 1e6:.0f} MB "
+          f"({got['growth'] / predicted - 1:+.1%})")
     assert abs(got["growth"] / predicted - 1) <= 0.25
 
 
@@ -126,9 +138,11 @@ def plan_cli(*args):
 
 
 def test_cli_fits_and_refuses():
-    ok = plan_cli("--config", "configs/pico-medium-maml.yaml", "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312", "--mfu", "0.4")
+    ok = plan_cli("--config", "configs/pico-medium-maml.yaml", "--gpus", "4", "--gpu-memory-gb", "80",
+                  "--gpu-tflops", "312", "--mfu", "0.4")
     assert ok.returncode == 0 and "memory chunk:" in ok.stdout and ok.stderr == ""
     refused = plan_cli("--config", "configs/pico-large-maml.yaml", "--gpus", "4", "--gpu-memory-gb", "16")
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: ") and " set " in refused.stderr
+    assert (refused.returncode == 2 and refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: ")
+            and " set " in refused.stderr)
     bad = plan_cli("--config", "configs/no-such.yaml", "--gpus", "4", "--gpu-memory-gb", "80")
     assert bad.returncode == 2 and bad.stderr == "error: config file configs/no-such.yaml does not exist\n"

@@ -38,16 +38,19 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
     shutil.rmtree(REHEARSE, ignore_errors=True)
     committed = {p: p.read_bytes() for d in ("figures", "paper_tables") for p in sorted((ROOT / d).iterdir())}
     env = {**os.environ, "PICOMAML_DATA": shared_data(), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "picomaml.pipeline", "rehearse"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "picomaml.pipeline", "rehearse"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     profile = PROFILES["rehearse"]
-    # every pretraining run of the paper profile, for both seeds, streamed through the Hub path, with step 0 and every cadence step
+    # every pretraining run of the paper profile, for both seeds, streamed through the Hub path, with step 0 and every
+    # cadence step
     runs = sorted(p.name for p in REHEARSE.iterdir() if (p / "config.yaml").is_file())
-    assert len(runs) == len(profile.sizes) * (2 * len(profile.seeds) + 1) == 20, runs  # and the released reading, first seed
+    # and the released reading, first seed
+    assert len(runs) == len(profile.sizes) * (2 * len(profile.seeds) + 1) == 20, runs
     for name in runs:
         steps = [s for s, _ in list_checkpoints(REHEARSE / name / "checkpoints")]
-        assert steps == list(range(0, 4)), (name, steps)  # step 0 and every step of 3 (the cadence of 100 / 2,000, at least 1)
+        # step 0 and every step of 3 (the cadence of 100 / 2,000, at least 1)
+        assert steps == list(range(0, 4)), (name, steps)
         assert len(list((REHEARSE / name / "checkpoints").glob("*/training_state.pt"))) == 2  # checkpoint.keep_state
         run_cfg = load_config(REHEARSE / name / "config.yaml")
         assert run_cfg.data.source == "hub" and Path(run_cfg.data.train_hub).parent == REHEARSE / "hub"
@@ -59,16 +62,20 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
     tables = {p.name: p.read_text() for p in (REHEARSE / "paper_tables").glob("*.md")}
     missing = [name for name, text in tables.items() if "missing" in text]
     assert not missing, f"tables with missing cells: {missing}"
-    panels = {name: notes for name, notes in json.loads((REHEARSE / "figures" / "missing.json").read_text()).items() if notes}
+    panels = {name: notes for name, notes in json.loads((REHEARSE / "figures" / "missing.json").read_text()).items()
+              if notes}
     assert not panels, f"figure panels marked missing: {panels}"
     assert {p: p.read_bytes() for d in ("figures", "paper_tables") for p in sorted((ROOT / d).iterdir())} == committed
     assert disk_usage(REHEARSE) < 3e9
     assert "[pipeline] ner sweep paper1" in proc.stdout and "[pipeline] reports" in proc.stdout
-    # the scorecard: every reported number has a row; at the rehearsal's scale only the data's own statistics are compared
+    # the scorecard: every reported number has a row; at the rehearsal's scale only the data's own statistics are
+    # compared
     card = pd.read_csv(REHEARSE / "paper_tables" / "scorecard.csv", dtype=str, keep_default_na=False)
-    assert set(reported_numbers().key) <= set(card.key) and "Scorecard (tiny, small, medium, large runs): " in proc.stdout
+    assert (set(reported_numbers().key) <= set(card.key)
+            and "Scorecard (tiny, small, medium, large runs): " in proc.stdout)
     compared = card[card.verdict != "not comparable"]
-    assert len(compared) and set(compared["our table"]) <= {"p2_table4_span_statistics", "p2_table5_particles_oov"}, compared
+    assert len(compared) and set(compared["our table"]) <= {"p2_table4_span_statistics",
+                                                            "p2_table5_particles_oov"}, compared
 
 
 # --- every command printed in the README or a notebook is run (or named as run by another test) -----------------
@@ -76,34 +83,42 @@ def test_rehearsal_runs_the_paper_profile_and_fills_every_output():
 def printed_commands() -> dict:
     "Commands in ```sh blocks and `inline` spans of the README and the notebooks' prose -> where they are printed."
     def commands(text):
-        found = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S) for line in block.splitlines()]
-        found += [span.strip() for span in re.findall(r"`((?:python -m picomaml|make |torchrun|papermill|mkdir -p runs/reports|srun )[^`]*)`",
-                                                      text)]
+        found = [line.split("  #")[0].strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+                 for line in block.splitlines()]
+        found += [span.strip() for span in re.findall(
+            r"`((?:python -m picomaml|make |torchrun|papermill|mkdir -p runs/reports|srun )[^`]*)`", text)]
         return [c for c in found if c]
     where = {}
     for c in commands((ROOT / "README.md").read_text()): where.setdefault(c, set()).add("README.md")
     for nb in sorted((ROOT / "nbs").glob("*.py")):
-        prose = "\n".join(l[2:] if l.startswith("# ") else l[1:] if l.startswith("#") else "" for l in nb.read_text().splitlines())
+        prose = "\n".join(l[2:] if l.startswith("# ") else l[1:] if l.startswith("#") else ""
+                          for l in nb.read_text().splitlines())
         for c in commands(prose): where.setdefault(c, set()).add(nb.name)
     return where
 
 
 def is_usage_pattern(command: str) -> bool:
-    "A command with placeholders (`--config X`, `[--seeds ...]`, `HOST0`) or a bare program name is a usage pattern, not a command."
+    ("A command with placeholders (`--config X`, `[--seeds ...]`, `HOST0`) or a bare program name "
+     "is a usage pattern, not a command.")
     return ("[" in command or "..." in command or re.search(r"\s(X|C|N|M|T|F|HOST0:\d+)(\s|$)", command) is not None
-            or command in ("torchrun", "python -m picomaml.launch", "python -m picomaml.plan", "python -m picomaml.pipeline paper"))
+            or command in ("torchrun", "python -m picomaml.launch", "python -m picomaml.plan",
+                           "python -m picomaml.pipeline paper"))
 
 
 RUNS = str(REHEARSE.relative_to(ROOT))
-SMALL = ["train.steps=2", "model.n_layers=2", "eval.max_documents=8", "logging.progress_bar=false"]  # a printed launch, fewer steps and blocks
+# a printed launch, fewer steps and blocks
+SMALL = ["train.steps=2", "model.n_layers=2", "eval.max_documents=8", "logging.progress_bar=false"]
 COVERED = {  # printed commands another test runs (or whose exact work it runs, shrunk), by that test
     "make demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
-    "python -m picomaml.pipeline demo": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
-    "python -m picomaml.pipeline smoke": "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "python -m picomaml.pipeline demo":
+        "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
+    "python -m picomaml.pipeline smoke":
+        "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
     "python -m picomaml.pipeline demo --stages reports":
         "tests/test_pipeline_smoke.py::test_smoke_pipeline_writes_every_output_and_tables_are_stable",
     "make rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
-    "python -m picomaml.pipeline rehearse": "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
+    "python -m picomaml.pipeline rehearse":
+        "tests/test_rehearsal.py::test_rehearsal_runs_the_paper_profile_and_fills_every_output",
     "make test": ".ci/run",
     "make docs": "tests/test_docs.py::test_make_docs_site_in_headless_chromium",
     "make sync": "Makefile check (run by make test): the same nbdev_clean, nbdev_export and README steps",
@@ -112,28 +127,35 @@ COVERED = {  # printed commands another test runs (or whose exact work it runs, 
 
 
 def runnable(command: str, tmp: Path) -> list[str] | None:
-    "The argv a printed command is run with here: as printed, with the rehearsal's runs standing in for the paper's, shrunk where noted."
+    ("The argv a printed command is run with here: as printed, with the rehearsal's runs standing in for the paper's, "
+     "shrunk where noted.")
     from picomaml.pipeline import PROFILES
     rehearse = PROFILES["rehearse"]
-    if command.startswith("python -m picomaml.pipeline paper") or command == "make paper":  # the paper's stages are the rehearsal's
-        return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--device", "cpu", "--stages"]  # CPU: said so
-    if command in ("python -m picomaml.pipeline released", "make released"):  # its sweep: 12_ner_sweep, through a stand-in Hub
+    # the paper's stages are the rehearsal's
+    if command.startswith("python -m picomaml.pipeline paper") or command == "make paper":
+        # CPU: said so
+        return ["python", "-m", "picomaml.pipeline", "paper", *command.split()[4:], "--device", "cpu", "--stages"]
+    # its sweep: 12_ner_sweep, through a stand-in Hub
+    if command in ("python -m picomaml.pipeline released", "make released"):
         return ["python", "-m", "picomaml.pipeline", "released", "--device", "cpu", "--stages"]
     if "picomaml.launch" in command and "--help" not in command:
         argv = shlex.split(command.replace("torchrun", "python -m torch.distributed.run"))
         large = "pico-large-maml" in command
         extra = [*rehearse.overrides, *rehearse.size_overrides["large"], "train.device=cpu"] if large else SMALL
-        return [*argv, *extra, f"logging.runs_dir={tmp}", f"logging.run_name=printed-{abs(hash(command))}"]  # one fresh run per command
+        # one fresh run per command
+        return [*argv, *extra, f"logging.runs_dir={tmp}", f"logging.run_name=printed-{abs(hash(command))}"]
     if command.startswith("python -m picomaml.ner_sweep"):
         return [*shlex.split(command.replace("runs/ner/", f"{tmp}/")), "--runs-dir", RUNS, "--limit", "2",
                 "--grid-overrides", json.dumps(rehearse.grid_overrides)]
     if command.startswith("python -m picomaml.spectra"):
         return shlex.split(command.replace("runs/", f"{RUNS}/").replace("data/pretokenized/eval", f"{RUNS}/shards/eval")
                            .replace("--out spectra.jsonl", f"--out {tmp}/spectra.jsonl"))
-    if command.startswith("mkdir -p runs/reports && papermill"):  # the folder papermill writes into, made first (a fresh clone has none)
+    # the folder papermill writes into, made first (a fresh clone has none)
+    if command.startswith("mkdir -p runs/reports && papermill"):
         return shlex.split(command.split("&& ", 1)[1].replace("runs/reports/", f"{tmp}/"))
-    if command.startswith(("python -m picomaml.plan", "python -m picomaml.launch --help", "python -m picomaml.devtools readme",
-                           "python -m picomaml.pipeline released --plan")):  # the release's plan needs no Hub and no GPU
+    # the release's plan needs no Hub and no GPU
+    if command.startswith(("python -m picomaml.plan", "python -m picomaml.launch --help",
+                           "python -m picomaml.devtools readme", "python -m picomaml.pipeline released --plan")):
         return shlex.split(command)
     if command == "make compare":
         return ["python", "-m", "picomaml.devtools", "compare"]
@@ -151,13 +173,18 @@ def test_every_printed_command_runs(tmp_path):
         if is_usage_pattern(command): continue
         if command in COVERED:
             path, _, name = COVERED[command].partition("::")
-            assert not name or f"def {name}(" in (ROOT / path).read_text(), f"{command}: {COVERED[command]} does not exist"
+            assert not name or f"def {name}(" in (ROOT / path).read_text(), \
+                f"{command}: {COVERED[command]} does not exist"
             continue
         argv = runnable(command, tmp_path)
         if argv is None: unaccounted.append(f"{command} ({', '.join(sorted(where))})"); continue
-        argv = [sys.executable, "-m", "papermill", *argv[1:]] if argv[0] == "papermill" else [sys.executable if a == "python" else a for a in argv]
+        argv = [sys.executable, "-m", "papermill", *argv[1:]] if argv[0] == "papermill" else \
+            [sys.executable if a == "python" else a for a in argv]
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # ranks' one-line errors, before torchrun's report
-        if proc.returncode != 0: failed.append(f"{command} ({', '.join(sorted(where))}): {errors[:1] or (proc.stderr or proc.stdout)[-800:]}")
+        # ranks' one-line errors, before torchrun's report
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        if proc.returncode != 0:
+            failed.append(f"{command} ({', '.join(sorted(where))}): "
+                          f"{errors[:1] or (proc.stderr or proc.stdout)[-800:]}")
     assert not unaccounted, f"printed commands no test runs: {unaccounted}"
     assert not failed, "\n\n".join(failed)

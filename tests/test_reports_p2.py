@@ -31,8 +31,10 @@ def kernel_env():
 def execute(name, out_dir, **parameters):
     out = Path(out_dir) / "executed"
     out.mkdir(parents=True, exist_ok=True)
-    declared = papermill.inspect_notebook(str(NBS / name))  # as the pipeline does: each notebook gets the parameters it declares
-    papermill.execute_notebook(str(NBS / name), str(out / name), parameters={k: v for k, v in parameters.items() if k in declared},
+    # as the pipeline does: each notebook gets the parameters it declares
+    declared = papermill.inspect_notebook(str(NBS / name))
+    papermill.execute_notebook(str(NBS / name), str(out / name),
+                               parameters={k: v for k, v in parameters.items() if k in declared},
                                kernel_name="python3", cwd=str(NBS), progress_bar=False)
     return out / name
 
@@ -44,12 +46,13 @@ def outputs(tmp):
 
 
 def test_empty_runs_dir_writes_every_output_marked_missing(tmp_path):
-    params = dict(runs_dir=str(tmp_path / "runs"), ner_dir=str(tmp_path / "runs" / "ner"), figures_dir=str(tmp_path / "figures"),
-                  tables_dir=str(tmp_path / "tables"), sizes=["tiny", "large"])
+    params = dict(runs_dir=str(tmp_path / "runs"), ner_dir=str(tmp_path / "runs" / "ner"),
+                  figures_dir=str(tmp_path / "figures"), tables_dir=str(tmp_path / "tables"), sizes=["tiny", "large"])
     for nb in ("23_paper2_ner.ipynb", "24_paper2_indicators.ipynb"):
         execute(nb, tmp_path, **params)
     figs, tables = outputs(tmp_path)
-    assert all(p.is_file() and p.stat().st_size > 0 for p in figs + tables), [p.name for p in figs + tables if not p.is_file()]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in figs + tables), \
+        [p.name for p in figs + tables if not p.is_file()]
     for name in P2_TABLES:
         csv = pd.read_csv(tmp_path / "tables" / f"{name}.csv", dtype=str)
         csv = csv[~csv.iloc[:, 0].str.startswith(PAPER_ROW)]  # our rows; the paper's follow them
@@ -57,30 +60,37 @@ def test_empty_runs_dir_writes_every_output_marked_missing(tmp_path):
                 .map(lambda c: c.startswith("missing")).all().all()), name
     t2 = pd.read_csv(tmp_path / "tables" / "p2_table2_finetuning_speed.csv")
     assert t2["size"].tolist()[:4] == ["tiny", "tiny", "large", "large"]  # the injected sizes, not the default ["demo"]
-    assert t2["size"].tolist()[4:] == [PAPER_ROW + s for s in ("large", "large", "medium", "medium", "small", "small", "tiny", "tiny")]
+    assert t2["size"].tolist()[4:] == [PAPER_ROW + s for s in ("large", "large", "medium", "medium", "small", "small",
+                                                               "tiny", "tiny")]
 
 
 def record(arm, dataset, regime, t90, auc, slope, step=60, f1=0.2, **extra):
     return {"pretraining_run": f"pico-tiny-{arm}", "checkpoint": f"step_{step:06d}", "head": "crf", "regime": regime,
-            "dataset": dataset, "dev_f1": 0.5, "test_f1": {s: f1 for s in PH}, "t90": t90, "auc": auc, "slope": slope, **extra}
+            "dataset": dataset, "dev_f1": 0.5, "test_f1": {s: f1 for s in PH}, "t90": t90, "auc": auc, "slope": slope,
+            **extra}
 
 
 # Hand-written results: Table 2's full-finetuning row for tiny is the mean over sk_snk and en_ewt of
 # MAML − vanilla: t90 ((100 − 150) + (80 − 90)) / 2 = −30, AUC ((0.5 − 0.6) + (0.7 − 0.4)) / 2 = 0.1,
 # slope ((−0.2 + 0.1) + (−0.1 + 0.1)) / 2 = −0.05. da_ddt has no vanilla run: it must not count.
-COUNTS = {s: {"n": 4, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [3, 0, 1, 1, 0, 0, 0, 0, 0, 0]]} for s in PH}  # F1 0.5 on each set
-HAND = [record("maml", "sk_snk", "full", 100, 0.5, -0.2, f1=0.5, sentence_counts=COUNTS), record("vanilla", "sk_snk", "full", 150, 0.6, -0.1),
+# F1 0.5 on each set
+COUNTS = {s: {"n": 4, "sentences": [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [3, 0, 1, 1, 0, 0, 0, 0, 0, 0]]} for s in PH}
+HAND = [record("maml", "sk_snk", "full", 100, 0.5, -0.2, f1=0.5, sentence_counts=COUNTS),
+        record("vanilla", "sk_snk", "full", 150, 0.6, -0.1),
         record("maml", "en_ewt", "full", 80, 0.7, -0.1), record("vanilla", "en_ewt", "full", 90, 0.4, -0.1),
         record("maml", "da_ddt", "full", 1, 9.0, 9.0),
         record("maml", "sk_snk", "head", 40, 0.3, 0.0), record("vanilla", "sk_snk", "head", 20, 0.2, 0.0)]
 
 
 # The sweep's UNER statistics (picomaml.ner_data.uner_statistics) with paper 2's numbers.
-STATISTICS = {"finetuning": {"sk_snk": {"sentences": 8483, "spans": {"PER": {"spans": 2277, "single_token_share": 0.876},
-                                                                     "LOC": {"spans": 277, "single_token_share": 0.751},
-                                                                     "ORG": {"spans": 153, "single_token_share": 0.569}}}},
-              "zero_shot": {"tl_trg+tl_ugnayan": {"particles": {"share": 0.113}, "oov": {"sk_snk": {"oov_token_rate": 0.523, "oov_type_rate": 0.6}}},
-                            "ceb_gja": {"particles": {"share": 0.058}, "oov": {"sk_snk": {"oov_token_rate": 0.534, "oov_type_rate": 0.6}}}}}
+STATISTICS = {"finetuning": {"sk_snk": {"sentences": 8483,
+                                        "spans": {"PER": {"spans": 2277, "single_token_share": 0.876},
+                                                  "LOC": {"spans": 277, "single_token_share": 0.751},
+                                                  "ORG": {"spans": 153, "single_token_share": 0.569}}}},
+              "zero_shot": {"tl_trg+tl_ugnayan": {"particles": {"share": 0.113},
+                                                  "oov": {"sk_snk": {"oov_token_rate": 0.523, "oov_type_rate": 0.6}}},
+                            "ceb_gja": {"particles": {"share": 0.058},
+                                        "oov": {"sk_snk": {"oov_token_rate": 0.534, "oov_type_rate": 0.6}}}}}
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +98,13 @@ def filled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("p2")
     ner = tmp / "runs" / "ner"
     ner.mkdir(parents=True)
-    side = {"tl_trg": {"words": [["Inahit", "ni", "John", "ang", "sarili", "niya", "."]], "tags": [["O", "O", "B-PER", "O", "O", "O", "O"]],
-                       "pred": [["O", "O", "B-PER", "O", "O", "O", "O"]], "gold_prob": [[0.9, 0.9, 0.6, 0.9, 0.8, 0.8, 0.99]]}}
+    side = {"tl_trg": {"words": [["Inahit", "ni", "John", "ang", "sarili", "niya", "."]],
+                       "tags": [["O", "O", "B-PER", "O", "O", "O", "O"]],
+                       "pred": [["O", "O", "B-PER", "O", "O", "O", "O"]],
+                       "gold_prob": [[0.9, 0.9, 0.6, 0.9, 0.8, 0.8, 0.99]]}}
     (ner / "side.json").write_text(json.dumps(side))
-    sweep = [record("maml", "sk_snk", "head", 40, 0.3, 0.0, step=s, f1=0.1 + s / 1000, loss_curve=[2.0, 1.0, 0.5 + s / 1000],
+    sweep = [record("maml", "sk_snk", "head", 40, 0.3, 0.0, step=s, f1=0.1 + s / 1000,
+                    loss_curve=[2.0, 1.0, 0.5 + s / 1000],
                     dev_f1_curve=[0.1, 0.2], dev_f1_steps=[[1, 0.1], [2, 0.15], [3, 0.2]],
                     per_tag_f1={t: {"PER": 0.5, "LOC": 0.0, "ORG": 0.0} for t in PH}, predictions="side.json",
                     particle_recall={"tl_trg": {"after_particle": 1, "found_after_particle": 1},
@@ -101,7 +114,8 @@ def filled(tmp_path_factory):
     (ner / "hand-results-uner-statistics.json").write_text(json.dumps(STATISTICS))
     run = tmp / "runs" / "pico-tiny-maml"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10, "query_acc": s / 100}) + "\n" for s in range(1, 11)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10, "query_acc": s / 100}) + "\n"
+                                                for s in range(1, 11)))
     params = dict(runs_dir=str(tmp / "runs"), ner_dir=str(ner), sizes=["tiny"], sweep_size="tiny", smoke=True)
     digests = []
     for rerun in range(2):
@@ -133,8 +147,10 @@ def test_filled_outputs_use_the_results(filled):
     tmp, _ = filled
     assert "checkpoint sweep: 4 record(s)" in (tmp / "executed" / "23_paper2_ner.ipynb").read_text()
     t5 = pd.read_csv(tmp / "tables" / "p2_table5_particles_oov.csv", dtype=str).set_index("language")
-    assert t5.loc["Tagalog", "model recall after particle"] == "1.000 ± 0.000 (n=3)"  # "ni John" found by the 3 sweep records
+    # "ni John" found by the 3 sweep records
+    assert t5.loc["Tagalog", "model recall after particle"] == "1.000 ± 0.000 (n=3)"
     assert t5.loc["Cebuano", "model recall after particle"] == "missing"  # the records have no ceb_gja counts
-    assert t5.loc["Tagalog", "OOV token rate"] == "0.523" and t5.loc["Cebuano", "particle share of PER spans"] == "0.058"
+    assert (t5.loc["Tagalog", "OOV token rate"] == "0.523"
+            and t5.loc["Cebuano", "particle share of PER spans"] == "0.058")
     t4 = pd.read_csv(tmp / "tables" / "p2_table4_span_statistics.csv", dtype=str).set_index("entity")
     assert t4.loc["PER"].tolist() == ["2,277", "87.6"]  # from the statistics file, not the UNER data
