@@ -33,7 +33,7 @@ MEASURE = textwrap.dedent("""
     next_token_backward(model, torch.randint(0, mc.vocab_size, (1, 9)), 1, 1.0)
     rows = torch.randint(0, mc.vocab_size, (shape["rows"], shape["seq"] + 1))
     hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak: a forked child can inherit its parent's high-water mark
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (a fork inherits its parent's high-water mark)
     peak_before = hwm()
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     next_token_backward(model, rows, shape["rows"], rows[:, 1:].numel())
