@@ -34,10 +34,24 @@ from .checkpoints import LATEST_FILE, load_backbone, scheduled_steps
 from .cli import ensure_writable, run_command
 from .config import PRESETS_DIR, NERConfig, apply_overrides, load_config
 from .crf_metrics import score
-from .device import DEVICE_CHOICES, configure_cuda_allocator, cuda_problem, peak_memory_gib, require_cuda, reset_peak_memory
+from picomaml.device import (
+    DEVICE_CHOICES,
+    configure_cuda_allocator,
+    cuda_problem,
+    peak_memory_gib,
+    require_cuda,
+    reset_peak_memory,
+)
 from .model import config_from_json, count_parameters
 from .names import ARMS, DEFAULT_SEED, PHILIPPINE, TEST_SETS, run_name, step_dir_name, step_of
-from .ner_data import ZERO_SHOT_LANGUAGES, encode_split, encode_words, load_split, particle_recall, uner_statistics
+from picomaml.ner_data import (
+    ZERO_SHOT_LANGUAGES,
+    encode_split,
+    encode_words,
+    load_split,
+    particle_recall,
+    uner_statistics,
+)
 from .ner_finetune import NERTagger, finetune, gold_tag_probabilities, predict, result_record, window_features
 from .plan import episode_flops
 from .runlog import append_records, drop_torn_tail, exclusive_lock, lock_file_of, write_json_atomic
@@ -72,13 +86,15 @@ def read_rows(path) -> list[dict]:
             raise SweepError(f"{path}:{n}: not a JSON row ({e}); fix or delete that line") from e
         repeated += row.get("key") in rows
         rows.setdefault(row.get("key", n), row)
-    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); the first of each is kept")
+    if repeated: warnings.warn(f"{path}: {repeated} rows repeat a job already recorded (two sweeps on one file?); "
+                               "the first of each is kept")
     return list(rows.values())
 
 # %% ../nbs/12_ner_sweep.ipynb #e4702a83
 GRID_KEYS = {"name", "heads", "regimes", "datasets", "seeds", "runs", "ner", "test_sets", "save_predictions",
              "max_train_sentences", "max_eval_sentences"}
-SETTING_KEYS = GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"}  # what changes a job's output besides its coordinates
+# what changes a job's output besides its coordinates
+SETTING_KEYS = GRID_KEYS - {"name", "heads", "regimes", "datasets", "seeds", "runs"}
 RUN_KEYS = {"run", "family", "arm", "size", "step", "checkpoint", "hub", "revision", "subfolder", "steps"}
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +112,8 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.source + (f"@{self.revision}" if self.revision else "") + (f"/{self.subfolder}" if self.subfolder else "")
+        return (self.source + (f"@{self.revision}" if self.revision else "")
+                + (f"/{self.subfolder}" if self.subfolder else ""))
 
 def expand_steps(steps, where: str) -> list:
     "A list of steps, or range(start, stop + 1, every) of a {start, stop, every} mapping."
@@ -110,13 +127,16 @@ def run_steps(run_dir: Path, step, where: str) -> list[int]:
     "The checkpoint steps `step` (final | scheduled | int | list) selects for the run in `run_dir`."
     if isinstance(step, int) and not isinstance(step, bool): return [step]
     if isinstance(step, list): return [int(s) for s in step]
-    if step not in ("final", "scheduled"): raise SweepError(f"{where}: step {step!r} is not final, scheduled, a step or a list of steps")
+    if step not in ("final", "scheduled"):
+        raise SweepError(f"{where}: step {step!r} is not final, scheduled, a step or a list of steps")
     if not (run_dir / "config.yaml").is_file(): return []
     run_cfg = load_config(run_dir / "config.yaml")
     return [run_cfg.train.steps] if step == "final" else scheduled_steps(run_cfg.checkpoint, run_cfg.train.steps)
 
-def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), released=None) -> list[Checkpoint]:
-    "The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, a ReleasedHub)."
+def run_checkpoints(entry: dict, where: str, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,),
+                    released=None) -> list[Checkpoint]:
+    ("The checkpoints of one run entry of a grid, for every pretraining seed (or the authors' release: `released`, "
+     "a ReleasedHub).")
     unknown = set(entry) - RUN_KEYS
     if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(RUN_KEYS)}")
     for key in ("arm", "size"):
@@ -143,9 +163,10 @@ def external_checkpoints(entry: dict, where: str) -> list[Checkpoint]:
     steps = expand_steps(entry["steps"], where) if "steps" in entry else [None]
     fill = lambda v, step: v.format(step=step) if isinstance(v, str) and step is not None else v
     if "checkpoint" in entry:
-        return [Checkpoint(**base, source=fill(entry["checkpoint"], s), step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
-    return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s), subfolder=fill(entry.get("subfolder"), s),
-                       step=s, hub=True) for s in steps]
+        return [Checkpoint(**base, source=fill(entry["checkpoint"], s),
+                           step=s if s is not None else step_of(entry["checkpoint"])) for s in steps]
+    return [Checkpoint(**base, source=entry["hub"], revision=fill(entry.get("revision"), s),
+                       subfolder=fill(entry.get("subfolder"), s), step=s, hub=True) for s in steps]
 
 # %% ../nbs/12_ner_sweep.ipynb #cbf84e1c
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +185,11 @@ class Job:
         settings = ",".join(f"{k}={v}" for k, v in self.settings)
         return "|".join(map(str, (c.run, c.name, self.head, self.regime, self.dataset, self.seed, settings)))
 
-GRID_CHOICES = {f"{f.name}s": f.metadata["choices"] for f in dataclasses.fields(NERConfig) if f.name in ("head", "regime")}
+GRID_CHOICES = {f"{f.name}s": f.metadata["choices"] for f in dataclasses.fields(NERConfig)
+                if f.name in ("head", "regime")}
 
-def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *, released=None) -> list[Job]:
+def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, *,
+              released=None) -> list[Job]:
     "Every job of a grid file, checkpoints expanded for each pretraining seed, in checkpoint order."
     path = Path(path)
     if not path.is_file(): raise SweepError(f"grid file {path} does not exist")
@@ -176,7 +199,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
     for i, grid in enumerate(spec.get("grids", [])):
         where = f"{path}: grids[{i}]"
         g = {**defaults, **grid}
-        for key, value in (grid_overrides or {}).items(): g[key] = {**g.get(key, {}), **value} if key == "ner" else value
+        for key, value in (grid_overrides or {}).items():
+            g[key] = {**g.get(key, {}), **value} if key == "ner" else value
         unknown = set(g) - GRID_KEYS
         if unknown: raise SweepError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GRID_KEYS)}")
         for key, allowed in GRID_CHOICES.items():  # the whole grid, before its first job runs
@@ -185,7 +209,8 @@ def load_grid(path, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_ove
         settings = tuple(sorted((k, json.dumps(g[k], sort_keys=True)) for k in SETTING_KEYS if k in g))
         ckpts = [c for j, r in enumerate(g.get("runs", []))
                  for c in run_checkpoints(r, f"{where}.runs[{j}]", runs_dir, pretraining_seeds, released)]
-        for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]), g.get("regimes", ["head"]),
+        for c, head, regime, dataset, seed in itertools.product(ckpts, g.get("heads", ["linear"]),
+                                                                g.get("regimes", ["head"]),
                                                                 g.get("datasets", ["sk_snk"]), g.get("seeds", [0])):
             jobs.append(Job(c, head, regime, dataset, seed, settings))
     if not jobs: raise SweepError(f"{path}: the grid has no jobs (no `grids`, or a grid without runs)")
@@ -198,29 +223,36 @@ def check_checkpoints(jobs: list[Job]) -> None:
         if not c.hub:
             if (Path(c.source) / "checkpoints").is_dir():
                 latest = Path(c.source) / "checkpoints" / LATEST_FILE
-                example = Path(c.source) / "checkpoints" / (latest.read_text().strip() if latest.is_file() else "step_NNNNNN")
-                raise SweepError(f"checkpoint {c.source} is a run directory, not a checkpoint: name one of its checkpoints, e.g. {example}")
-            if not all((Path(c.source) / f).is_file() for f in ("config.json", "model.safetensors")): missing.append(c.source)
+                example = Path(c.source) / "checkpoints" / (latest.read_text().strip() if latest.is_file()
+                                                            else "step_NNNNNN")
+                raise SweepError(f"checkpoint {c.source} is a run directory, not a checkpoint: "
+                                 f"name one of its checkpoints, e.g. {example}")
+            if not all((Path(c.source) / f).is_file() for f in ("config.json", "model.safetensors")):
+                missing.append(c.source)
             continue
         try: hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
         except Exception as e: missing.append(f"{c.name} (Hub: {type(e).__name__})")
     if missing:
-        raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): {', '.join(missing[:4])}"
-                         f"{', ...' if len(missing) > 4 else ''}. Pretrain those runs first (python -m picomaml.pipeline <profile> "
-                         f"--stages pretrain, or python -m picomaml.launch --config configs/<preset>.yaml), or fix the grid's runs")
+        raise SweepError(f"{len(missing)} missing checkpoint(s) (each needs config.json + model.safetensors): "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}. Pretrain those runs first "
+                         "(python -m picomaml.pipeline <profile> --stages pretrain, or python -m picomaml.launch "
+                         "--config configs/<preset>.yaml), or fix the grid's runs")
 
 # %% ../nbs/12_ner_sweep.ipynb #ec990e47
-def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico", sweep_size: str = "medium") -> list[str]:
+def uncovered(jobs: list[Job], reads: list[dict], sizes, seeds, family: str = "pico",
+              sweep_size: str = "medium") -> list[str]:
     "Every cell the reads ask for that no job produces, as 'notebook: run head regime dataset step'."
-    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector, job_settings(j).get("save_predictions", False))
-            for j in jobs}
+    have = {(j.checkpoint.run, j.head, j.regime, j.dataset, j.checkpoint.selector,
+             job_settings(j).get("save_predictions", False)) for j in jobs}
     gaps = []
     for read in reads:
         for size in (sizes if read["sizes"] == "all" else [sweep_size]):
             for arm, seed, regime, dataset in itertools.product(read["arms"], seeds, read["regimes"], read["datasets"]):
                 name = run_name(size, arm, seed, family)
-                wanted = [(name, read["head"], regime, dataset, read["step"], p) for p in ((True,) if read.get("predictions") else (True, False))]
-                if not have & set(wanted): gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
+                wanted = [(name, read["head"], regime, dataset, read["step"], p)
+                          for p in ((True,) if read.get("predictions") else (True, False))]
+                if not have & set(wanted):
+                    gaps.append(f"{read['notebook']}: {name} {read['head']} {regime} {dataset} {read['step']}")
     return gaps
 
 # %% ../nbs/12_ner_sweep.ipynb #b35c9606
@@ -239,9 +271,10 @@ def job_ner_config(job: Job, cfg, grid) -> NERConfig:
     return apply_overrides(copy.deepcopy(cfg), {"ner": job_settings(job).get("ner", {})}, str(grid)).ner
 
 def split_cap(job: Job, name: str, split: str) -> int | None:
-    "How many sentences of a split a job reads (None: all): the grid's caps, except the test sets it saves predictions of."
+    "How many sentences of a split a job reads (None: all): the grid's caps, except test sets it saves predictions of."
     st = job_settings(job)
-    if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None  # paper 2 §4 reads these sentence by sentence
+    # paper 2 §4 reads these sentence by sentence
+    if split == "test" and st.get("save_predictions") and name in PHILIPPINE: return None
     return st.get("max_train_sentences" if split == "train" else "max_eval_sentences")
 
 
@@ -253,16 +286,18 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
     shared = job.regime == "head" and cfg.cache_features
     feats = (lambda name: features(name)) if shared else (lambda name: None)
     train, dev = data(job.dataset, "train"), data(job.dataset, "dev")
-    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")), dev_feats=feats((job.dataset, "dev")),
-                            device=device)
+    tagger, hist = finetune(backbone, train, dev, cfg, train_feats=feats((job.dataset, "train")),
+                            dev_feats=feats((job.dataset, "dev")), device=device)
     tests, side, particles = {}, {}, {}
     for name in st.get("test_sets") or list(TEST_SETS):
         split = data(name, "test")
         pred = predict(tagger, split, feats((name, "test")), cfg.batch_size)
         tests[name] = score([s.tags for s in split.sentences], pred)
-        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles), "particles": cfg.particles}
+        if name in PHILIPPINE: particles[name] = {**particle_recall(split.sentences, pred, particles=cfg.particles),
+                                                  "particles": cfg.particles}
         if st.get("save_predictions") and name in PHILIPPINE:
-            side[name] = {"words": [s.words for s in split.sentences], "tags": [s.tags for s in split.sentences], "pred": pred,
+            side[name] = {"words": [s.words for s in split.sentences],
+                          "tags": [s.tags for s in split.sentences], "pred": pred,
                           "gold_prob": gold_tag_probabilities(tagger, split, feats((name, "test")), cfg.batch_size)}
     c = job.checkpoint
     row = {"key": job.key, "pretraining_run": c.run, "arm": c.arm, "size": c.size, "checkpoint": c.name, "step": c.step,
@@ -271,8 +306,10 @@ def run_job(job: Job, backbone, ner_cfg, data, features, out: Path, *, device="c
            **result_record(hist, tests)}
     if particles: row["particle_recall"] = particles
     if side:
-        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
-        path = out.parent / f"{out.stem}-predictions" / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json"
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_",
+                          f"{c.run}-{c.step}-{job.head}-{job.regime}-{job.dataset}-{job.seed}")
+        path = (out.parent / f"{out.stem}-predictions"
+                / f"{readable}-{hashlib.sha1(job.key.encode()).hexdigest()[:10]}.json")
         write_json_atomic(path, side, indent=None)
         row["predictions"] = str(path.relative_to(out.parent))  # relative to the results file, wherever it moves
     row["seconds"] = time.perf_counter() - t0
@@ -292,18 +329,20 @@ def write_uner_statistics(out, jobs: list[Job], ner_cfg) -> None:
     sources = sorted({j.dataset for j in jobs})
     languages = [name for name, sets in ZERO_SHOT_LANGUAGES.items() if set(sets) <= tested]
     current = lambda l: have["zero_shot"].get(l, {}).get("particles", {}).get("particles") == list(ner_cfg.particles)
-    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {})) and current(l)
-                                                       for l in languages):
+    if set(sources) <= set(have["finetuning"]) and all(set(sources) <= set(have["zero_shot"].get(l, {}).get("oov", {}))
+                                                       and current(l) for l in languages):
         return
     train = {d: load_split(d, "train", ner_cfg) for d in sources}
-    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)] for name in languages}
+    zero_shot = {name: [s for t in ZERO_SHOT_LANGUAGES[name] for s in load_split(t, "test", ner_cfg)]
+                 for name in languages}
     new = uner_statistics(train, zero_shot, ner_cfg.particles)
     write_json_atomic(path, {k: {**have[k], **new[k]} for k in new}, indent=None)
 
 # %% ../nbs/12_ner_sweep.ipynb #4c0985ec
 def trained_positions(c: Checkpoint) -> int:
     "The max_seq_len a checkpoint was trained with, from its config.json (a Hub checkpoint's is fetched, and cached)."
-    path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision) if c.hub else Path(c.source) / "config.json"
+    path = (hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision) if c.hub
+            else Path(c.source) / "config.json")
     return config_from_json(json.loads(Path(path).read_text()), str(path)).max_seq_len
 
 def check_windows(jobs: list[Job], cfg, grid) -> None:
@@ -311,13 +350,16 @@ def check_windows(jobs: list[Job], cfg, grid) -> None:
     positions = {c: trained_positions(c) for c in dict.fromkeys(j.checkpoint for j in jobs)}
     for job in jobs:
         if (max_len := job_ner_config(job, cfg, grid).max_len) > (trained := positions[job.checkpoint]):
-            raise SweepError(f"ner.max_len={max_len} is longer than the {trained} positions checkpoint {job.checkpoint.source} was trained "
-                             f"with (its model.max_seq_len): set ner.max_len={trained} or lower, in the grid's `ner` or on the command "
-                             f"line; nothing was run")
+            raise SweepError(f"ner.max_len={max_len} is longer than the {trained} positions checkpoint "
+                             f"{job.checkpoint.source} was trained with (its model.max_seq_len): "
+                             f"set ner.max_len={trained} or lower, in the grid's `ner` or on the command line; "
+                             "nothing was run")
 
 # %% ../nbs/12_ner_sweep.ipynb #74d8d82e
-def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True, released=None) -> list[Job]:
-    "Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the UNER statistics, cuts a torn tail."
+def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides, *, setup: bool = True,
+               released=None) -> list[Job]:
+    ("Every job of the grid, its checkpoints and windows checked; `setup` (one process per launch) also writes the "
+     "UNER statistics, cuts a torn tail.")
     jobs = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released)
     check_checkpoints(jobs)
     check_windows(jobs, cfg, grid)
@@ -327,32 +369,38 @@ def sweep_jobs(grid, out: Path, cfg, runs_dir, pretraining_seeds, grid_overrides
     return jobs
 
 def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None, encode=None, runs_dir="runs",
-              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu", worker: tuple | None = None,
-              released=None) -> int:
-    "Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. `worker`: (index, count, claims)."
+              pretraining_seeds=(DEFAULT_SEED,), grid_overrides: dict | None = None, device="cpu",
+              worker: tuple | None = None, released=None) -> int:
+    ("Run every unfinished job of a grid file on `device`, appending rows to `out`; returns how many ran. "
+     "`worker`: (index, count, claims).")
     cfg, out, device = load_config(preset, overrides), Path(out), torch.device(device)
     if worker is None: ensure_writable(out.parent, "--out")  # before its lock file is made there
-    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")  # its workers append under it
+    # its workers append under it
+    lock = nullcontext() if worker else exclusive_lock(lock_file_of(out), f"results file {out}")
     with lock:
-        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None, released=released)
+        jobs = sweep_jobs(grid, out, cfg, runs_dir, pretraining_seeds, grid_overrides, setup=worker is None,
+                          released=released)
         done = {r["key"] for r in read_rows(out)}
         todo = [j for j in (jobs if worker is None else worker_order(jobs, *worker[:2])) if j.key not in done]
         encode = encode or load_tokenizer(cfg.data).encode
         encoded, features, loaded, ran = {}, {}, {}, 0
         for job in tqdm(todo, desc=f"NER sweep ({len(done)} of {len(jobs)} done)", disable=worker is not None):
             if limit is not None and ran >= limit: break
-            if worker is not None and not claim(worker[2], job, worker[0]): continue  # another worker of this launch has it
+            # another worker of this launch has it
+            if worker is not None and not claim(worker[2], job, worker[0]): continue
             ner_cfg = job_ner_config(job, cfg, grid)
             def data(name, split, job=job, ner_cfg=ner_cfg):
                 cap = split_cap(job, name, split)
                 key = (name, split, cap, ner_cfg.max_len)
-                if key not in encoded: encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
-                                                                   f"{name}/{split}")
+                if key not in encoded:
+                    encoded[key] = encode_split(capped(load_split(name, split, ner_cfg), cap), encode, ner_cfg.max_len,
+                                                f"{name}/{split}")
                 return encoded[key]
             if job.checkpoint not in loaded:
                 c = job.checkpoint
                 loaded.clear(); features.clear()
-                loaded[c] = (load_backbone(c.source, c.revision, c.subfolder) if c.hub else load_backbone(c.source)).to(device)  # verified
+                loaded[c] = (load_backbone(c.source, c.revision, c.subfolder) if c.hub
+                             else load_backbone(c.source)).to(device)  # verified
             backbone = loaded[job.checkpoint]
             def feats(name_split, data=data, ner_cfg=ner_cfg):
                 key = (*name_split, data(*name_split).name, len(data(*name_split).windows))
@@ -363,20 +411,23 @@ def run_sweep(grid, out, preset=None, overrides=(), *, limit: int | None = None,
             row = run_job(job, backbone, ner_cfg, data, feats, out, device=device)
             append_records(out, [row], sort_keys=True)
             ran += 1
-            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} {job.regime} {job.dataset}: "
-                                         f"dev F1 {row['dev_f1']:.3f}, {row['seconds']:.0f} s", flush=True)
+            if worker is not None: print(f"[worker {worker[0]} on {device}] {job.key.split('|', 1)[0]} {job.head} "
+                                         f"{job.regime} {job.dataset}: dev F1 {row['dev_f1']:.3f}, "
+                                         f"{row['seconds']:.0f} s", flush=True)
         return ran
 
 # %% ../nbs/12_ner_sweep.ipynb #6e723542
 def claim(claims: Path, job: Job, worker: int) -> bool:
     "Take `job` for `worker` unless another worker of this launch has (an exclusive create of its claim file)."
-    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try: fd = os.open(Path(claims) / hashlib.sha1(job.key.encode()).hexdigest(),
+                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError: return False
     with os.fdopen(fd, "w") as f: f.write(f"worker {worker} on {socket.gethostname()}, pid {os.getpid()}: {job.key}\n")
     return True
 
 def worker_order(jobs: list[Job], worker: int, workers: int) -> list[Job]:
-    "The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on different backbones."
+    ("The jobs in the order worker `worker` of `workers` tries them: the checkpoints rotated so workers start on "
+     "different backbones.")
     groups = [list(group) for _, group in itertools.groupby(jobs, key=lambda j: j.checkpoint)]
     first = worker * len(groups) // workers
     return [j for group in groups[first:] + groups[:first] for j in group]
@@ -387,7 +438,8 @@ def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[
     if requested not in ("auto", "cpu", "cuda") and not (requested.startswith("cuda:") and requested[5:].isdigit()):
         raise SweepError(f"--device {requested!r} is not one of {DEVICE_CHOICES}")
     if requested.startswith("cuda:"):
-        if workers > 1: raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
+        if workers > 1:
+            raise SweepError(f"--device {requested} is one GPU: give --device cuda --workers {workers} for several")
         require_cuda(int(requested[5:]) + 1, f"--device {requested}", "--device cpu", **facts)
         return [requested]
     problem = "" if requested == "cpu" else cuda_problem(max(workers, 1), **facts)
@@ -399,7 +451,8 @@ def sweep_devices(requested: str, workers: int = 0, say=print, **facts) -> list[
 
 # %% ../nbs/12_ner_sweep.ipynb #90f4395d
 def fresh_claims(out: Path) -> Path:
-    "A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) are removed."
+    ("A new claims directory for this launch beside `out`; the claims of earlier launches (dead or finished workers) "
+     "are removed.")
     root = out.parent / f".{out.name}.claims"
     shutil.rmtree(root, ignore_errors=True)
     (root / uuid.uuid4().hex).mkdir(parents=True)
@@ -416,12 +469,15 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
     "Run one sweep worker per device on the results file `out` and wait; returns how many rows they added."
     claims, logs, before = fresh_claims(out), out.parent / f"{out.stem}-workers", len(read_rows(out))
     logs.mkdir(parents=True, exist_ok=True)
-    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))  # CPU workers split the cores (unless the user set a count)
+    # CPU workers split the cores (unless the user set a count)
+    cpu_share = str(max(1, (os.cpu_count() or 1) // len(devices)))
     threads = {} if "OMP_NUM_THREADS" in os.environ or devices[0] != "cpu" else {"OMP_NUM_THREADS": cpu_share}
     procs = [subprocess.Popen([sys.executable, "-m", "picomaml.ner_sweep", *argv, "--device", device, "--worker",
-                               f"{i},{len(devices)},{claims},{os.getpid()}"], stdout=open(logs / f"worker-{i}.log", "w"),
-                              stderr=subprocess.STDOUT, env={**os.environ, **threads}) for i, device in enumerate(devices)]
-    with tqdm(total=total, initial=before, desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
+                               f"{i},{len(devices)},{claims},{os.getpid()}"],
+                              stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, **threads}) for i, device in enumerate(devices)]
+    with tqdm(total=total, initial=before,
+              desc=f"NER sweep, {len(devices)} workers ({', '.join(dict.fromkeys(devices))})") as bar:
         while any(p.poll() is None for p in procs):
             time.sleep(1)
             bar.update(len(read_rows(out)) - bar.n)
@@ -430,8 +486,9 @@ def run_workers(argv: list[str], devices: list[str], out: Path, total: int) -> i
     if failed:
         i, code = failed[0]
         last = ((logs / f"worker-{i}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
-        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} (exit {code}): {last} "
-                         f"(its log: {logs / f'worker-{i}.log'}). The finished rows are kept: relaunch the same command to run the rest")
+        raise SweepError(f"{len(failed)} of {len(devices)} NER workers failed; worker {i} on {devices[i]} "
+                         f"(exit {code}): {last} (its log: {logs / f'worker-{i}.log'}). The finished rows are kept: "
+                         "relaunch the same command to run the rest")
     return len(read_rows(out)) - before
 
 # %% ../nbs/12_ner_sweep.ipynb #5cf58368
@@ -440,7 +497,7 @@ STEP_COMMIT = re.compile(r"Saving HF Model -- Step (\d+)")  # pico-train's commi
 
 @dataclasses.dataclass
 class ReleasedHub:
-    "The authors' released checkpoints: a Hub client (HfApi or a stand-in) and the branch of each repo that holds its steps."
+    "The authors' released checkpoints: a Hub client (HfApi or a stand-in), the branch of each repo holding its steps."
     api: object
     branches: dict = dataclasses.field(default_factory=dict)  # repo -> branch (default: its only branch besides main)
 
@@ -466,14 +523,15 @@ class ReleasedHub:
 
 @dataclasses.dataclass
 class ReleasedMirror:
-    "The released checkpoints copied to a local directory: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
+    "The released checkpoints copied locally: `<root>/<repo>/` (main) and `<root>/<repo>/step_<N>/` (each step)."
     root: Path
 
     def branch(self, repo: str) -> str: return f"the local mirror {Path(self.root) / repo}"
 
     def step_revisions(self, repo: str) -> dict[int, str]:
         "{step: directory name} of the step checkpoints the mirror holds."
-        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*")) if (s := step_of(p.name)) is not None}
+        return {s: p.name for p in sorted((Path(self.root) / repo).glob("step_*"))
+                if (s := step_of(p.name)) is not None}
 
     def source(self, repo: str, revision: str) -> dict:
         return dict(source=str(Path(self.root) / repo / ("" if revision == "main" else revision)))
@@ -487,8 +545,8 @@ def released_checkpoints(entry: dict, where: str, released: ReleasedHub) -> list
     steps = list(revisions) if step == "scheduled" else run_steps(Path(), step, where)
     absent = [s for s in steps if s not in revisions]
     if absent or not steps:
-        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) {absent or step}; "
-                         f"its steps: {', '.join(map(str, revisions)) or 'none'}")
+        raise SweepError(f"{where}: {repo} (branch {released.branch(repo)}) has no checkpoint of step(s) "
+                         f"{absent or step}; its steps: {', '.join(map(str, revisions)) or 'none'}")
     return [Checkpoint(**base, **released.source(repo, revisions[s]), step=s) for s in steps]
 
 # %% ../nbs/12_ner_sweep.ipynb #44c18214
@@ -499,10 +557,11 @@ class SplitSize:
     tokens: int
 
 def split_size(name: str, split: str, cap: int | None, ner_cfg: NERConfig, encode, sample: int = 256) -> SplitSize:
-    "The size of a split under a cap: its words counted, the sub-tokens per word measured on a seeded sample of sentences."
+    "A split's size under a cap: its words counted, sub-tokens per word measured on a seeded sample of sentences."
     sentences = capped(load_split(name, split, ner_cfg), cap)
     probe = capped(sentences, sample, seed=1)
-    per_word = sum(len(t) for s in probe for t in encode_words(s.words, encode)) / max(1, sum(len(s.words) for s in probe))
+    per_word = (sum(len(t) for s in probe for t in encode_words(s.words, encode))
+                / max(1, sum(len(s.words) for s in probe)))
     return SplitSize(len(sentences), round(per_word * sum(len(s.words) for s in sentences)))
 
 def pass_flops(mc, size: SplitSize, backward: bool = False) -> float:
@@ -525,7 +584,8 @@ def job_tests(job: Job) -> list[str]:
     return job_settings(job).get("test_sets") or list(TEST_SETS)
 
 def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
-    "The cost of `jobs`: ner_of(job) -> NERConfig, size_of(job, name, split) -> SplitSize, model_of(checkpoint) -> ModelConfig."
+    ("The cost of `jobs`: ner_of(job) -> NERConfig, size_of(job, name, split) -> SplitSize, "
+     "model_of(checkpoint) -> ModelConfig.")
     shared, flops, head_steps = set(), 0.0, 0
     for job in jobs:
         ner, mc = ner_of(job), model_of(job.checkpoint)
@@ -542,12 +602,14 @@ def grid_cost(jobs: list[Job], ner_of, size_of, model_of) -> GridCost:
         flops += ner.epochs * (pass_flops(mc, train, backward=True) + dev_passes * pass_flops(mc, dev))
         flops += sum(pass_flops(mc, size_of(job, t, "test")) for t in job_tests(job))
     checkpoints = dict.fromkeys(j.checkpoint for j in jobs)
-    return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops, head_steps)
+    return GridCost(len(jobs), len(checkpoints), sum(4 * count_parameters(model_of(c)) for c in checkpoints), flops,
+                    head_steps)
 
 # %% ../nbs/12_ner_sweep.ipynb #8643be4c
 @dataclasses.dataclass
 class PlannedRelease:
-    "The released checkpoints as the papers schedule them (every checkpoint step of the size's preset), for a plan without the Hub."
+    ("The released checkpoints as the papers schedule them (every checkpoint step of the size's preset), "
+     "for a plan without the Hub.")
     def branch(self, repo: str) -> str: return "the papers' checkpoint schedule"
 
     def step_revisions(self, repo: str) -> dict[int, str]:
@@ -557,16 +619,20 @@ class PlannedRelease:
     def source(self, repo: str, revision: str) -> dict: return dict(source=repo, revision=revision, hub=True)
 
 def checkpoint_model(c: Checkpoint):
-    "The ModelConfig of a checkpoint: its config.json when local, else the papers' preset of its size (or the Hub's config.json)."
-    if not c.hub: return config_from_json(json.loads((Path(c.source) / "config.json").read_text()), str(Path(c.source) / "config.json"))
+    ("The ModelConfig of a checkpoint: its config.json when local, else the papers' preset of its size "
+     "(or the Hub's config.json).")
+    if not c.hub: return config_from_json(json.loads((Path(c.source) / "config.json").read_text()),
+                                          str(Path(c.source) / "config.json"))
     preset = PRESETS_DIR / f"pico-{c.size}-maml.yaml"
     if preset.is_file(): return load_config(preset).model
     path = hf_hub_download(c.source, "config.json", subfolder=c.subfolder, revision=c.revision)
     return config_from_json(json.loads(Path(path).read_text()), f"{c.name}/config.json")
 
-def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides=None, *, released=None) -> GridCost:
+def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), grid_overrides=None, *,
+              released=None) -> GridCost:
     "The cost of every job of a grid file (done or not), its splits measured on the data the sweep reads."
-    jobs, encode, sizes = load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released), load_tokenizer(cfg.data).encode, {}
+    jobs, encode, sizes = (load_grid(grid, runs_dir, pretraining_seeds, grid_overrides, released=released),
+                           load_tokenizer(cfg.data).encode, {})
     def size_of(job, name, split):
         key = (name, split, split_cap(job, name, split))
         if key not in sizes: sizes[key] = split_size(*key, cfg.ner, encode)
@@ -576,44 +642,59 @@ def plan_grid(grid, cfg, runs_dir="runs", pretraining_seeds=(DEFAULT_SEED,), gri
 def format_grid_cost(grid, cost: GridCost, tflops: float, mfu: float) -> str:
     "Three lines: what a grid reads, its backbone FLOPs and hours on one GPU, its head-only steps."
     hours = cost.flops / (tflops * 1e12 * mfu) / 3600
-    return (f"{grid}: {cost.jobs:,} jobs on {cost.checkpoints} checkpoints ({cost.checkpoint_bytes / 1e9:.1f} GB of float32 weights to read)\n"
-            f"  backbone: {cost.flops:.2e} FLOPs at most, {hours:.1f} h on one GPU at {mfu:.0%} MFU of {tflops:g} TFLOP/s "
-            f"(divide by the GPUs: one worker each)\n"
-            f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most (the head's time, not in the FLOPs)")
+    return (f"{grid}: {cost.jobs:,} jobs on {cost.checkpoints} checkpoints "
+            f"({cost.checkpoint_bytes / 1e9:.1f} GB of float32 weights to read)\n"
+            f"  backbone: {cost.flops:.2e} FLOPs at most, {hours:.1f} h on one GPU at {mfu:.0%} MFU of {tflops:g} "
+            f"TFLOP/s (divide by the GPUs: one worker each)\n"
+            f"  heads: {cost.head_steps:,} optimizer steps of head-only jobs at most "
+            "(the head's time, not in the FLOPs)")
 
 # %% ../nbs/12_ner_sweep.ipynb #1827dac3
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.ner_sweep`."
     p = argparse.ArgumentParser(prog="python -m picomaml.ner_sweep",
-                                description="Run a NER finetuning sweep on the GPUs given (one worker each); finished rows are skipped on restart.")
+                                description="Run a NER finetuning sweep on the GPUs given (one worker each); "
+                                            "finished rows are skipped on restart.")
     p.add_argument("--grid", required=True, help="grid file, e.g. configs/sweeps/demo.yaml")
     p.add_argument("--out", required=True, help="results table (JSON lines), e.g. runs/ner/demo-results.jsonl")
     p.add_argument("--config", default=None, help="Config preset (configs/*.yaml) for data and ner defaults")
     p.add_argument("--runs-dir", default="runs", help="where the pretraining runs of the grid's run entries live")
     p.add_argument("--pretraining-seeds", type=int, nargs="+", default=[DEFAULT_SEED],
-                   help=f"pretraining seeds of the runs to finetune (run names carry -seed<k> unless k = {DEFAULT_SEED})")
-    p.add_argument("--grid-overrides", default="", help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
+                   help="pretraining seeds of the runs to finetune "
+                        f"(run names carry -seed<k> unless k = {DEFAULT_SEED})")
+    p.add_argument("--grid-overrides", default="",
+                   help="YAML mapping applied over every grid, e.g. '{max_train_sentences: 8}'")
     p.add_argument("--released", nargs="?", const="hub", default=None, metavar="MIRROR",
-                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) instead of local runs: from the "
-                        "Hub, or from MIRROR, a local directory holding <repo>/ (main) and <repo>/step_<N>/")
-    p.add_argument("--plan", action="store_true", help="print what the grid reads and computes, and its hours on one GPU; run nothing")
-    p.add_argument("--gpu-tflops", type=float, default=989, help="--plan: dense bf16 peak TFLOP/s of one GPU (H100 989, A100 312)")
-    p.add_argument("--mfu", type=float, default=0.1, help="--plan: model FLOPs utilisation of finetuning (a guess: measure yours)")
+                   help="finetune the authors' released checkpoints (pico-lm/pico-[maml-]decoder-<size>) "
+                        "instead of local runs: from the Hub, or from MIRROR, a local directory holding "
+                        "<repo>/ (main) and <repo>/step_<N>/")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the grid reads and computes, and its hours on one GPU; run nothing")
+    p.add_argument("--gpu-tflops", type=float, default=989,
+                   help="--plan: dense bf16 peak TFLOP/s of one GPU (H100 989, A100 312)")
+    p.add_argument("--mfu", type=float, default=0.1,
+                   help="--plan: model FLOPs utilisation of finetuning (a guess: measure yours)")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished jobs (per worker)")
-    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
-    p.add_argument("--workers", type=int, default=0, help="worker processes, one per device (0: one per visible GPU, one on CPU)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_CHOICES}; auto: every visible GPU when CUDA is usable, else the CPU")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes, one per device (0: one per visible GPU, one on CPU)")
+    # INDEX,COUNT,CLAIMS,PARENT_PID: set by the parent for its workers
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as ner.lr=1e-4")
     a = p.parse_args(argv)
     if a.workers < 0: p.error("--workers must be 0 (one per visible GPU) or positive")
-    if a.gpu_tflops <= 0 or not 0 < a.mfu <= 1: raise SweepError(f"--gpu-tflops must be positive and --mfu in (0, 1]; got {a.gpu_tflops}, {a.mfu}")
-    if a.limit is not None and a.limit < 0: raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
+    if a.gpu_tflops <= 0 or not 0 < a.mfu <= 1:
+        raise SweepError(f"--gpu-tflops must be positive and --mfu in (0, 1]; got {a.gpu_tflops}, {a.mfu}")
+    if a.limit is not None and a.limit < 0:
+        raise SweepError(f"--limit {a.limit}: must be 0 or more (how many unfinished jobs to run)")
     return a
 
 def worker_arguments(a: argparse.Namespace) -> list[str]:
     "The command line of a worker: the sweep's own arguments, without its devices."
     optional = [("--config", a.config), ("--grid-overrides", a.grid_overrides or None), ("--limit", a.limit)]
-    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir), "--pretraining-seeds", *map(str, a.pretraining_seeds),
+    return ["--grid", str(a.grid), "--out", str(a.out), "--runs-dir", str(a.runs_dir),
+            "--pretraining-seeds", *map(str, a.pretraining_seeds),
             *(item for key, value in optional if value is not None for item in (key, str(value))),
             *(["--released", a.released] if a.released else []), *a.overrides]
 
@@ -623,16 +704,20 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     try: grid_overrides = yaml.safe_load(a.grid_overrides) if a.grid_overrides else None
     except yaml.YAMLError as e: raise SweepError(f"--grid-overrides is not valid YAML: {e}") from None
-    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds, grid_overrides=grid_overrides,
-                 released=None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub" else ReleasedMirror(Path(a.released)))
+    sweep = dict(limit=a.limit, runs_dir=a.runs_dir, pretraining_seeds=a.pretraining_seeds,
+                 grid_overrides=grid_overrides,
+                 released=(None if a.released is None else ReleasedHub(HfApi()) if a.released == "hub"
+                           else ReleasedMirror(Path(a.released))))
     if a.plan:
         released = PlannedRelease() if a.released == "hub" else sweep["released"]
-        cost = plan_grid(a.grid, load_config(a.config, a.overrides), a.runs_dir, a.pretraining_seeds, grid_overrides, released=released)
+        cost = plan_grid(a.grid, load_config(a.config, a.overrides), a.runs_dir, a.pretraining_seeds, grid_overrides,
+                         released=released)
         return print(format_grid_cost(a.grid, cost, a.gpu_tflops, a.mfu), flush=True)
     if a.worker:
         index, count, claims, parent = a.worker.split(",")
         watch_parent(int(parent))
-        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device, worker=(int(index), int(count), Path(claims)), **sweep)
+        n = run_sweep(a.grid, a.out, a.config, a.overrides, device=a.device,
+                      worker=(int(index), int(count), Path(claims)), **sweep)
         return print(f"worker {index}: {n} runs finished", flush=True)
     devices = sweep_devices(a.device, a.workers)
     if len(devices) == 1: n = run_sweep(a.grid, a.out, a.config, a.overrides, device=devices[0], **sweep)
@@ -640,7 +725,8 @@ def main(argv=None) -> None:
         cfg, out = load_config(a.config, a.overrides), Path(a.out)
         ensure_writable(out.parent, "--out")
         with exclusive_lock(lock_file_of(out), f"results file {out}"):  # the workers append under the launch's lock
-            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides, released=sweep["released"])
+            jobs = sweep_jobs(a.grid, out, cfg, a.runs_dir, a.pretraining_seeds, grid_overrides,
+                              released=sweep["released"])
             done = {r["key"] for r in read_rows(out)}
             n = run_workers(worker_arguments(a), devices, out, len(jobs)) if any(j.key not in done for j in jobs) else 0
     print(f"{n} runs finished; results in {a.out}")

@@ -55,12 +55,15 @@ def find_runs(runs_dir, sizes=None, arms=None, seeds=None, families=("pico", "de
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         info = parse_run_name(path.name) if path.is_dir() else None
         if info is None or (families and info["family"] not in families): continue
-        if (sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms) or (seeds and info["seed"] not in seeds): continue
+        if ((sizes and info["size"] not in sizes) or (arms and info["arm"] not in arms)
+                or (seeds and info["seed"] not in seeds)): continue
         rows.append({"name": path.name, **info, "path": path, "has_metrics": (path / "metrics.jsonl").is_file(),
                      "has_spectra": (path / "spectra.jsonl").is_file()})
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})  # typed even when empty
+    # typed even when empty
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"seed": int, "has_metrics": bool, "has_spectra": bool})
     order = {s: i for i, s in enumerate(SIZES)}
-    return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c, ignore_index=True)
+    return runs.sort_values(["size", "arm", "seed"], key=lambda c: c.map(order) if c.name == "size" else c,
+                            ignore_index=True)
 
 # %% ../nbs/20_report.ipynb #fc83673a
 def read_metrics(run_dir) -> pd.DataFrame:
@@ -84,8 +87,8 @@ def read_ner_results(paths) -> pd.DataFrame:
     rows = [{**r, "source": Path(p).name} for p in paths for r in read_records(p)]
     df = pd.DataFrame(rows)
     if "key" in df and (repeated := df.duplicated(["source", "key"])).any():  # two sweeps that once ran on one file
-        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already recorded; "
-                      f"the first of each is kept")
+        warnings.warn(f"{', '.join(sorted(df.source[repeated].unique()))}: {repeated.sum()} rows repeat a job already "
+                      f"recorded; the first of each is kept")
         df = df[~repeated].reset_index(drop=True)
     return df
 
@@ -113,7 +116,8 @@ def smoothed(metrics: pd.DataFrame, key: str, window: int = 1) -> pd.DataFrame:
     return rows
 
 # %% ../nbs/20_report.ipynb #574b49c7
-NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime", "dataset", "test_set"]
+NER_COLUMNS = ["pretraining_run", "family", "size", "arm", "seed", "ner_seed", "checkpoint_step", "head", "regime",
+               "dataset", "test_set"]
 
 def _checkpoint_step(checkpoint) -> float:
     step = step_of(checkpoint)
@@ -124,26 +128,30 @@ def _field(record: dict, key: str, default=None):
     return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 def ner_long(results: pd.DataFrame, tags: bool = False) -> pd.DataFrame:
-    "NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; and the run's `counts` there."
+    ("NER records flattened to one row per (run, test set) with `f1`, `strict_f1`; or per tag with `f1`; "
+     "and the run's `counts` there.")
     rows = []
     for r in results.to_dict("records"):
         name = str(_field(r, "pretraining_run", ""))
         info = parse_run_name(name) or {"family": "", "size": "", "arm": "", "seed": DEFAULT_SEED}
-        base = {"pretraining_run": name, "family": info["family"], **{k: _field(r, k, info[k]) for k in ("size", "arm")},
+        base = {"pretraining_run": name, "family": info["family"],
+                **{k: _field(r, k, info[k]) for k in ("size", "arm")},
                 "seed": info["seed"], "ner_seed": _field(r, "seed", 0),  # a record's own `seed` is its finetuning seed
                 "checkpoint_step": float(_field(r, "step", _checkpoint_step(_field(r, "checkpoint", "")))),
                 **{k: _field(r, k) for k in ("head", "regime", "dataset")}}
         strict, per_tag, counts = (_field(r, k, {}) for k in ("test_strict_f1", "per_tag_f1", "sentence_counts"))
         for test_set, f1 in _field(r, "test_f1", {}).items():
             c = counts.get(test_set)
-            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c} for tag, v in per_tag.get(test_set, {}).items()]
-            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan), "counts": c})
+            if tags: rows += [{**base, "test_set": test_set, "tag": tag, "f1": v, "counts": c}
+                              for tag, v in per_tag.get(test_set, {}).items()]
+            else: rows.append({**base, "test_set": test_set, "f1": f1, "strict_f1": strict.get(test_set, np.nan),
+                               "counts": c})
     return pd.DataFrame(rows, columns=NER_COLUMNS + (["tag", "f1"] if tags else ["f1", "strict_f1"]) + ["counts"])
 
 # %% ../nbs/20_report.ipynb #2ffc5bb7
 NER_READS = [
-    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"), datasets=SOURCES,
-         sizes="all", arms=ARMS, step="final"),
+    dict(notebook="22_paper1_ner", outputs="Tables 3-9, Fig. 2", head="linear", regimes=("head", "full"),
+         datasets=SOURCES, sizes="all", arms=ARMS, step="final"),
     dict(notebook="23_paper2_ner", outputs="Figs. 1-3, Table 2", head="crf", regimes=("head", "full"), datasets=SOURCES,
          sizes="all", arms=ARMS, step="final"),
     dict(notebook="23_paper2_ner", outputs="Figs. 4-7, Table 5", head="crf", regimes=("head",), datasets=("sk_snk",),
@@ -157,15 +165,19 @@ N_BOOT = 1000  # bootstrap replicates of every interval (the notebooks' `smoke` 
 
 @functools.lru_cache(maxsize=64)
 def sentence_weights(test_set: str, n: int, n_boot: int = N_BOOT) -> np.ndarray:
-    "How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): one fixed draw per test set and n."
+    ("How often each of a test set's n sentences is drawn in each replicate, (n_boot, n): "
+     "one fixed draw per test set and n.")
     rng = np.random.default_rng([zlib.crc32(test_set.encode()), n, n_boot])
     return rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float32)
 
 def replicate_counts(counts: dict, test_set: str, n_boot: int = N_BOOT) -> np.ndarray:
     "Summed (correct, predicted, gold) spans per entity type in each replicate of a run's test set: (n_boot, types, 3)."
-    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))  # (m, 10): index, counts
-    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]  # (n_boot, m)
-    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)  # whole numbers: float32 sums are exact
+    # (m, 10): index, counts
+    rows = np.asarray(counts["sentences"], dtype=np.float32).reshape(-1, 1 + 3 * len(ENTITY_TYPES))
+    # (n_boot, m)
+    drawn = sentence_weights(test_set, counts["n"], n_boot)[:, rows[:, 0].astype(int)]
+    # whole numbers: float32 sums are exact
+    return (drawn @ rows[:, 1:]).astype(float).reshape(n_boot, len(ENTITY_TYPES), 3)
 
 def counts_f1(counts: np.ndarray, tag: str | None = None) -> np.ndarray:
     "F1 of (..., types, 3) span counts: micro over the types (0 without spans), or one type's (NaN without spans)."
@@ -200,15 +212,18 @@ def summed_counts(counts: dict) -> np.ndarray:
     return rows[:, 1:].sum(0).reshape(len(ENTITY_TYPES), 3)
 
 def pooled_f1(counts_by_set: dict, test_sets, tag: str | None = None, n_boot: int = N_BOOT) -> tuple:
-    "(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); (NaN, None) unless every set has counts."
-    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets): return np.nan, None
+    ("(F1, replicates) of a run over the pooled sentences of `test_sets` (micro, or `tag`'s); "
+     "(NaN, None) unless every set has counts.")
+    if not isinstance(counts_by_set, dict) or not all(isinstance(counts_by_set.get(t), dict) for t in test_sets):
+        return np.nan, None
     point = counts_f1(sum(summed_counts(counts_by_set[t]) for t in test_sets), tag)
     reps = counts_f1(sum(replicate_counts(counts_by_set[t], t, n_boot) for t in test_sets), tag)
     return float(point), reps
 
 # %% ../nbs/20_report.ipynb #fe6adc77
 def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    "`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and (given per-seed `replicates`) sentences."
+    ("`(mean, low, high)`: the mean of per-seed `values`, and the percentile interval resampling seeds and "
+     "(given per-seed `replicates`) sentences.")
     x = np.asarray(values, dtype=float)
     reps = list(replicates) if replicates is not None else [None] * len(x)
     keep = np.isfinite(x)
@@ -216,8 +231,10 @@ def bootstrap_ci(values, replicates=None, level: float = 0.95, seed: int = 0) ->
     if x.size == 0: return (np.nan, np.nan, np.nan)
     if x.size == 1 and reps[0] is None: return (float(x[0]),) * 3
     n_boot = next((len(r) for r in reps if r is not None), N_BOOT)
-    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])  # (seeds, n_boot)
-    drawn = np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1 else np.zeros((1, n_boot), int)
+    # (seeds, n_boot)
+    table = np.stack([np.full(n_boot, v) if r is None else np.asarray(r, float) for v, r in zip(x, reps)])
+    drawn = (np.random.default_rng(seed).integers(0, x.size, (x.size, n_boot)) if x.size > 1
+             else np.zeros((1, n_boot), int))
     means = table[drawn, np.arange(n_boot)].mean(0)  # (n_boot,)
     means = means[np.isfinite(means)]
     if means.size == 0: return (float(x.mean()), np.nan, np.nan)
@@ -237,7 +254,8 @@ def format_estimate(values, digits: int = 2, replicates=None, signed: bool = Fal
 
 def interval_note(n_boot: int, seeds, sentences: bool = True) -> str:
     "How a table's intervals were computed, for its caption."
-    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"] if sentences else []) + \
+    over = (["test sentences (one draw per test set, shared by every run scored on it, so differences are paired)"]
+            if sentences else []) + \
            ([f"the {len(seeds)} pretraining seeds"] if len(seeds) > 1 else [])
     if not over: return "One pretraining seed: no intervals."
     return (f"Brackets: 95 % percentile interval of a {n_boot:,}-replicate bootstrap resampling {' and '.join(over)}"
@@ -251,11 +269,13 @@ def relative_change(new, base):
         return np.where(base != 0, 100.0 * (new - base) / base, np.nan)
 
 # %% ../nbs/20_report.ipynb #715d6c46
-RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' marks a vanilla "
-                 f"F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies noise: read the absolute F1 there.")
+RELATIVE_NOTE = (f"In parentheses: the mean F1 of MAML and of vanilla that the change divides; '{NEAR_ZERO_BASE}' "
+                 f"marks a vanilla F1 whose 95 % interval reaches below {NEAR_ZERO_F1}, where the ratio amplifies "
+                 f"noise: read the absolute F1 there.")
 
 def relative_estimate(pairs) -> str:
-    "A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: change [interval] (F1 m vs v[; base ≈ 0])."
+    ("A '(%)' cell from (MAML, vanilla) pairs of (F1, replicates or None), one per seed: "
+     "change [interval] (F1 m vs v[; base ≈ 0]).")
     pairs = [(m, v) for m, v in pairs if np.isfinite(m[0]) and np.isfinite(v[0])]
     if not pairs: return MISSING
     changes = [float(relative_change(m[0], v[0])) for m, v in pairs]
@@ -283,7 +303,8 @@ def figure_missing(fig) -> list[str]:
     return sorted({t for t in texts if t.startswith(f"{MISSING}:")})
 
 def save_figure(fig, name: str, figures_dir) -> list[Path]:
-    "Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, return the paths."
+    ("Write `fig` as `<figures_dir>/<name>.png` and `.pdf` (byte-stable), record its missing notes, close it, "
+     "return the paths.")
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
@@ -303,7 +324,8 @@ def missing_label(items) -> str:
 def missing_note(ax, what: str) -> None:
     "Mark an axes panel as missing: a centred 'missing: <what>' note."
     ax.text(0.5, 0.5, missing_label(what), ha="center", va="center", transform=ax.transAxes, color="0.35", wrap=True)
-    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # not set_xticks: that would empty a shared axis
+    # not set_xticks: that would empty a shared axis
+    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)
     ax.grid(False)
 
 # %% ../nbs/20_report.ipynb #a5879473
@@ -354,30 +376,42 @@ _GROUPS = {"seen": "Seen", "PUD": "Test-Only (PUD)", "other": "Test-Only (Other)
 _LANGUAGES = ("Danish", "English", "Croatian", "Portuguese", "Swedish")
 _DATASETS = ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp")
 PAPER_TABLES = {
-    "p1_table2_loss_paloma": PaperTable("1", "Table 2", {"train loss: logged objective (the paper's)": "Train Loss @6k",
-                                                         "Paloma ppl: per-document mean (the paper's)": "Paloma Perplexity @6k"},
+    "p1_table2_loss_paloma": PaperTable("1", "Table 2",
+                                        {"train loss: logged objective (the paper's)": "Train Loss @6k",
+                                         "Paloma ppl: per-document mean (the paper's)": "Paloma Perplexity @6k"},
                                         paper_model),
-    "p1_table3_relative_f1_by_group": PaperTable("1", "Table 3", {f"{g} {r}": f"{p} / {r.title()}" for g, p in _GROUPS.items()
-                                                                  for r in ("head", "full")}, same_label, null=0.0),
-    "p1_table4_relative_f1_head_per_language": PaperTable("1", "Table 4", {c: c for c in _LANGUAGES}, same_label, null=0.0),
-    "p1_table5_relative_f1_full_per_language": PaperTable("1", "Table 5", {c: c for c in _LANGUAGES}, same_label, null=0.0),
-    "p1_table6_zero_shot_ceb_tl": PaperTable("1", "Table 6", {"overall": "Overall", **{c: c for c in ("Cebuano", "Tagalog (TRG)",
-                                                                             "Tagalog (Ugnayan)")}}, size_regime, keys=2, null=0.0),
+    "p1_table3_relative_f1_by_group": PaperTable("1", "Table 3",
+                                                 {f"{g} {r}": f"{p} / {r.title()}" for g, p in _GROUPS.items()
+                                                  for r in ("head", "full")}, same_label, null=0.0),
+    "p1_table4_relative_f1_head_per_language": PaperTable("1", "Table 4", {c: c for c in _LANGUAGES}, same_label,
+                                                          null=0.0),
+    "p1_table5_relative_f1_full_per_language": PaperTable("1", "Table 5", {c: c for c in _LANGUAGES}, same_label,
+                                                          null=0.0),
+    "p1_table6_zero_shot_ceb_tl": PaperTable("1", "Table 6",
+                                             {"overall": "Overall",
+                                              **{c: c for c in ("Cebuano", "Tagalog (TRG)", "Tagalog (Ugnayan)")}},
+                                             size_regime, keys=2, null=0.0),
     "p1_table7_head_only_f1": PaperTable("1", "Table 7", {c: c for c in _DATASETS}, same_label),
-    "p1_table8_relative_f1_head_per_language": PaperTable("1", "Table 8", {c: c for c in _DATASETS}, same_label, null=0.0),
-    "p1_table9_relative_f1_full_per_language": PaperTable("1", "Table 9", {c: c for c in _DATASETS}, same_label, null=0.0),
-    "p1_text_speedup": PaperTable("1", "text", {"speed-up on the logged objective (×, the paper's loss)": "p1.text.loss-speedup"},
+    "p1_table8_relative_f1_head_per_language": PaperTable("1", "Table 8", {c: c for c in _DATASETS}, same_label,
+                                                          null=0.0),
+    "p1_table9_relative_f1_full_per_language": PaperTable("1", "Table 9", {c: c for c in _DATASETS}, same_label,
+                                                          null=0.0),
+    "p1_text_speedup": PaperTable("1", "text",
+                                  {"speed-up on the logged objective (×, the paper's loss)": "p1.text.loss-speedup"},
                                   paper_size, null=1.0),
-    "p1_text_episode_accuracy": PaperTable("1", "text", {"query accuracy of φ_T (the paper's)": "p1.text.query-acc-small-medium",
-                                                                    "support accuracy of φ_T": "p1.text.support-acc-small-medium"},
+    "p1_text_episode_accuracy": PaperTable("1", "text",
+                                           {"query accuracy of φ_T (the paper's)": "p1.text.query-acc-small-medium",
+                                            "support accuracy of φ_T": "p1.text.support-acc-small-medium"},
                                            paper_size, unit=0.01),
-    "p2_table2_finetuning_speed": PaperTable("2", "Table 2", {"Δt90": r"$\Delta t_{90}$", "Δauc": r"$\Delta \text{AUC}$",
-                                                                 "Δslope": r"$\Delta \text{slope}$"}, size_regime,
+    "p2_table2_finetuning_speed": PaperTable("2", "Table 2",
+                                             {"Δt90": r"$\Delta t_{90}$", "Δauc": r"$\Delta \text{AUC}$",
+                                              "Δslope": r"$\Delta \text{slope}$"}, size_regime,
                                              keys=2, null=0.0),
-    "p2_table4_span_statistics": PaperTable("2", "Table 4", {"spans": "# spans", "single-token %": "% single-token"}, same_label,
-                                            scale_free=("spans", "single-token %")),
+    "p2_table4_span_statistics": PaperTable("2", "Table 4", {"spans": "# spans", "single-token %": "% single-token"},
+                                            same_label, scale_free=("spans", "single-token %")),
     "p2_table5_particles_oov": PaperTable("2", "Table 5", {"model recall after particle": "Particle recall",
-                                                           "OOV token rate": "OOV rate"}, same_label, scale_free=("OOV token rate",)),
+                                                           "OOV token rate": "OOV rate"}, same_label,
+                                          scale_free=("OOV token rate",)),
 }
 
 # %% ../nbs/20_report.ipynb #16929da4
@@ -407,13 +441,15 @@ def latex_escape(text) -> str:
 def markdown_table(df: pd.DataFrame) -> str:
     "A pipe table of `df` (columns as header, cells as strings)."
     cells = lambda row: "| " + " | ".join(str(c).replace("|", r"\|") for c in row) + " |"
-    return "\n".join([cells(df.columns), "|" + "---|" * len(df.columns), *(cells(r) for r in df.itertuples(index=False))])
+    return "\n".join([cells(df.columns), "|" + "---|" * len(df.columns),
+                      *(cells(r) for r in df.itertuples(index=False))])
 
 def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
     "A booktabs `table` float of `df` with a caption and label."
     row = lambda cells: " & ".join(latex_escape(c) for c in cells) + r" \\"
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}", rf"\label{{tab:{label}}}",
-                      rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule", row(df.columns), r"\midrule",
+    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
+                      rf"\label{{tab:{label}}}", rf"\begin{{tabular}}{{{'l' * len(df.columns)}}}", r"\toprule",
+                      row(df.columns), r"\midrule",
                       *(row(r) for r in df.itertuples(index=False)), r"\bottomrule", r"\end{tabular}", r"\end{table}"])
 
 def save_table(df: pd.DataFrame, name: str, tables_dir, caption: str) -> list[Path]:
