@@ -1069,73 +1069,95 @@ from picomaml.model import PicoDecoder, save_pretrained
 from picomaml.ner_data import Sentence, oov_rate, span_statistics
 
 os.environ.setdefault("PICOMAML_DATA", str(Path("../../shared/data").resolve()))
-with tempfile.TemporaryDirectory() as tmp:
-    tmp = Path(tmp)
-    torch.manual_seed(0)
-    tiny = PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128))
-    run = tmp / "runs" / run_name("tiny", "maml", 7)
-    save_config(load_config(None, ["train.steps=100", "checkpoint.every=100"]), run / "config.yaml")
-    for step in (0, 100): save_pretrained(tiny, run / f"checkpoints/step_{step:06d}")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16,
-                         "max_eval_sentences": 8, "test_sets": ["sk_snk", "tl_trg", "tl_ugnayan"],
-                         "save_predictions": True},
-            "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"],
-                       "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}]}]}
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    sweep = dict(runs_dir=tmp / "runs", pretraining_seeds=[7])
-    jobs = load_grid(tmp / "g.yaml", **sweep)
-    assert (len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100]
-            and {j.checkpoint.run for j in jobs} == {"pico-tiny-maml-seed7"})
-    # step: final
-    assert [c.step for c in run_checkpoints({"arm": "maml", "size": "tiny"}, "x", tmp / "runs", [7])] == [100]
-    out = tmp / "results.jsonl"
-    assert run_sweep(tmp / "g.yaml", out, limit=3, **sweep) == 3 and len(read_rows(out)) == 3
-    assert run_sweep(tmp / "g.yaml", out, **sweep) == 1
-    rows = read_rows(out)
-    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
-    r = rows[0]
-    assert (set(r["test_f1"]) == {"sk_snk", "tl_trg", "tl_ugnayan"} and len(r["loss_curve"]) == r["steps"]
-            and r["params"] == count_parameters(tiny.cfg))
-    side = json.loads((out.parent / r["predictions"]).read_text())
-    tl_trg = load_split("tl_trg", "test", load_config().ner)  # saved predictions cover the whole set, not the cap of 8
-    assert (set(side) == {"tl_trg", "tl_ugnayan"}
-            and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8)
-    tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
-    # NaN-safe: a NaN read back is another NaN
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    assert (same(r["particle_recall"]["tl_trg"],
-                 {**particle_recall(tl_sentences, side["tl_trg"]["pred"]), "particles": ["si", "ni"]})
-            and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"})
-    stats = json.loads(statistics_path(out).read_text())  # the whole splits, not the sweep's capped samples
-    sk_train, tagalog = (load_split("sk_snk", "train", load_config().ner),
-                         tl_trg + load_split("tl_ugnayan", "test", load_config().ner))
-    assert (same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}})
-            and len(sk_train) > 16)
-    assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"]
-    assert same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"],
-                {**particle_recall(tagalog), "particles": ["si", "ni"]})
-    assert stats["zero_shot"]["tl_trg+tl_ugnayan"]["oov"] == {"sk_snk": oov_rate(tagalog, sk_train)}
-    assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
-    # other settings: a new job
-    assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1
-    grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    e = raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), kind=SweepError)
-    assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
-    # the run, not a checkpoint
-    grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep),
-           f"{run} is a run directory, not a checkpoint")
-    grid["grids"][0]["heads"] = ["linear", "crff"]
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    raises(lambda: load_grid(tmp / "g.yaml", **sweep),
-           "g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
-    grid["grids"][0].update(heads=["linear"], runs=[{"arm": "maml", "size": "tiny", "step": "final"}])
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
-              "ner.max_len=256 is longer than the 128 positions checkpoint")
+_sweep_dir = tempfile.TemporaryDirectory()
+tmp = Path(_sweep_dir.name)
+torch.manual_seed(0)
+tiny = PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128))
+run = tmp / "runs" / run_name("tiny", "maml", 7)
+save_config(load_config(None, ["train.steps=100", "checkpoint.every=100"]), run / "config.yaml")
+for step in (0, 100): save_pretrained(tiny, run / f"checkpoints/step_{step:06d}")
+grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "lr": 1e-2, "batch_size": 4}, "max_train_sentences": 16,
+                     "max_eval_sentences": 8, "test_sets": ["sk_snk", "tl_trg", "tl_ugnayan"],
+                     "save_predictions": True},
+        "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"],
+                   "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}]}]}
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+sweep = dict(runs_dir=tmp / "runs", pretraining_seeds=[7])
+jobs = load_grid(tmp / "g.yaml", **sweep)
+assert (len(jobs) == 4 and sorted({j.checkpoint.step for j in jobs}) == [0, 100]
+        and {j.checkpoint.run for j in jobs} == {"pico-tiny-maml-seed7"})
+# step: final
+assert [c.step for c in run_checkpoints({"arm": "maml", "size": "tiny"}, "x", tmp / "runs", [7])] == [100]
+
+# %% [markdown]
+# A sweep stopped after three jobs, then restarted: the restart runs the fourth only, and each row
+# carries its F1 on every test set, its loss curve and the backbone's size.
+
+# %%
+out = tmp / "results.jsonl"
+assert run_sweep(tmp / "g.yaml", out, limit=3, **sweep) == 3 and len(read_rows(out)) == 3
+assert run_sweep(tmp / "g.yaml", out, **sweep) == 1
+rows = read_rows(out)
+assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+r = rows[0]
+assert (set(r["test_f1"]) == {"sk_snk", "tl_trg", "tl_ugnayan"} and len(r["loss_curve"]) == r["steps"]
+        and r["params"] == count_parameters(tiny.cfg))
 rows[0]["key"], rows[0]["dev_f1"], rows[0]["t90"]
+
+# %% [markdown]
+# The saved predictions cover each Philippine test set whole (not the cap of 8 sentences), and the
+# row's particle recall is the one recomputed from them.
+
+# %%
+side = json.loads((out.parent / r["predictions"]).read_text())
+tl_trg = load_split("tl_trg", "test", load_config().ner)
+assert (set(side) == {"tl_trg", "tl_ugnayan"}
+        and len(side["tl_trg"]["pred"]) == len(side["tl_trg"]["words"]) == len(tl_trg) > 8)
+tl_sentences = [Sentence(w, t) for w, t in zip(side["tl_trg"]["words"], side["tl_trg"]["tags"])]
+# NaN-safe: a NaN read back is another NaN
+same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+assert (same(r["particle_recall"]["tl_trg"],
+             {**particle_recall(tl_sentences, side["tl_trg"]["pred"]), "particles": ["si", "ni"]})
+        and set(r["particle_recall"]) == {"tl_trg", "tl_ugnayan"})
+assert all(0 < p < 1 for p in side["tl_trg"]["gold_prob"][0])
+
+# %% [markdown]
+# The statistics file describes the whole splits, not the sweep's capped samples.
+
+# %%
+stats = json.loads(statistics_path(out).read_text())
+sk_train, tagalog = (load_split("sk_snk", "train", load_config().ner),
+                     tl_trg + load_split("tl_ugnayan", "test", load_config().ner))
+assert (same(stats["finetuning"], {"sk_snk": {"sentences": len(sk_train), "spans": span_statistics(sk_train)}})
+        and len(sk_train) > 16)
+assert list(stats["zero_shot"]) == ["tl_trg+tl_ugnayan"]
+assert same(stats["zero_shot"]["tl_trg+tl_ugnayan"]["particles"],
+            {**particle_recall(tagalog), "particles": ["si", "ni"]})
+assert stats["zero_shot"]["tl_trg+tl_ugnayan"]["oov"] == {"sk_snk": oov_rate(tagalog, sk_train)}
+
+# %% [markdown]
+# Other settings make a new job; a missing run, a run directory given as a checkpoint, a misspelt
+# head and a window longer than the checkpoint's positions each fail before anything runs.
+
+# %%
+#| hide
+assert run_sweep(tmp / "g.yaml", out, grid_overrides={"max_train_sentences": 8}, limit=1, **sweep) == 1
+grid["grids"][0]["runs"].append({"arm": "vanilla", "size": "tiny", "step": "final"})
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+e = raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), kind=SweepError)
+assert "pico-tiny-vanilla-seed7" in str(e) and "--stages pretrain" in str(e) and not (tmp / "other.jsonl").exists()
+grid["grids"][0]["runs"] = [{"run": "mine", "arm": "maml", "size": "tiny", "checkpoint": str(run)}]
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", **sweep), f"{run} is a run directory, not a checkpoint")
+grid["grids"][0]["heads"] = ["linear", "crff"]
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+raises(lambda: load_grid(tmp / "g.yaml", **sweep),
+       "g.yaml: grids[0].heads: 'crff' is not one of linear, crf; nothing was run")
+grid["grids"][0].update(heads=["linear"], runs=[{"arm": "maml", "size": "tiny", "step": "final"}])
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+raises(lambda: run_sweep(tmp / "g.yaml", tmp / "other.jsonl", grid_overrides={"ner": {"max_len": 256}}, **sweep),
+       "ner.max_len=256 is longer than the 128 positions checkpoint")
+_sweep_dir.cleanup()
 
 # %% [markdown]
 # ### Tests: the released checkpoints through a stand-in Hub
@@ -1173,40 +1195,48 @@ class ReleaseHub:
 # %%
 from picomaml.model import load_pretrained
 
-with tempfile.TemporaryDirectory() as tmp:
-    tmp, repo, branch = Path(tmp), "pico-lm/pico-maml-decoder-tiny", "pico-maml-decoder-tiny-6000"
-    hub, steps_pushed = ReleaseHub(tmp / "hf"), {}
-    for step in (0, 100, 200, 200):  # step 200 pushed twice (a relaunch): the newer commit is the checkpoint
-        torch.manual_seed(step + len(steps_pushed))
-        steps_pushed[step] = (PicoDecoder(tiny.cfg), None)
-        steps_pushed[step] = (steps_pushed[step][0],
-                              hub.push(steps_pushed[step][0], repo, branch, f"Saving HF Model -- Step {step}"))
-    hub.push(tiny, "pico-lm/pico-decoder-tiny", "pico-decoder-tiny-6000", "Saving HF Model -- Step 6000")
-    released = ReleasedHub(hub)
-    assert (released.branch(repo) == branch
-            and released.step_revisions(repo) == {s: c for s, (_, c) in steps_pushed.items()})
-    scheduled = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", released)
-    assert ([(c.run, c.step, c.name) for c in scheduled]
-            == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()])
-    assert (released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name
-            == "pico-lm/pico-decoder-tiny@main")
-    raises(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
-              f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
-                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
-            "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
-                       "runs": [{"arm": "maml", "size": "tiny", "step": [100, 200]},
-                                {"arm": "vanilla", "size": "tiny"}]}]}
-    (tmp / "g.yaml").write_text(yaml.safe_dump(grid))
-    cache, offline = huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE
-    huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = str(tmp / "hf"), True
-    try:
-        assert run_sweep(tmp / "g.yaml", tmp / "r.jsonl", released=released) == 3
-        rows = {r["checkpoint"]: r for r in read_rows(tmp / "r.jsonl")}
-        loaded = load_pretrained(repo, revision=steps_pushed[200][1])
-    finally: huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = cache, offline
-    hub.push(tiny, repo, "another-run", "Saving HF Model -- Step 0")
-    raises(lambda: ReleasedHub(hub).branch(repo), f"{repo} has 2 branches besides main (another-run, {branch})")
+_hub_dir = tempfile.TemporaryDirectory()
+tmp, repo, branch = Path(_hub_dir.name), "pico-lm/pico-maml-decoder-tiny", "pico-maml-decoder-tiny-6000"
+hub, steps_pushed = ReleaseHub(tmp / "hf"), {}
+for step in (0, 100, 200, 200):  # step 200 pushed twice (a relaunch): the newer commit is the checkpoint
+    torch.manual_seed(step + len(steps_pushed))
+    steps_pushed[step] = (PicoDecoder(tiny.cfg), None)
+    steps_pushed[step] = (steps_pushed[step][0],
+                          hub.push(steps_pushed[step][0], repo, branch, f"Saving HF Model -- Step {step}"))
+hub.push(tiny, "pico-lm/pico-decoder-tiny", "pico-decoder-tiny-6000", "Saving HF Model -- Step 6000")
+released = ReleasedHub(hub)
+assert (released.branch(repo) == branch
+        and released.step_revisions(repo) == {s: c for s, (_, c) in steps_pushed.items()})
+scheduled = released_checkpoints({"arm": "maml", "size": "tiny", "step": "scheduled"}, "g", released)
+assert ([(c.run, c.step, c.name) for c in scheduled]
+        == [("pico-tiny-maml", s, f"{repo}@{c}") for s, (_, c) in steps_pushed.items()])
+assert (released_checkpoints({"arm": "vanilla", "size": "tiny"}, "g", released)[0].name
+        == "pico-lm/pico-decoder-tiny@main")
+raises(lambda: released_checkpoints({"arm": "maml", "size": "tiny", "step": [300]}, "g", released),
+       f"{repo} (branch {branch}) has no checkpoint of step(s) [300]; its steps: 0, 100, 200")
+
+# %% [markdown]
+# A sweep over two of those steps and the vanilla model's main branch, offline through the cache:
+# one row per checkpoint, each named by its commit and traced to its pretraining run and step, and
+# the weights loaded for step 200 are the newer commit's. A repo with a second run branch is refused.
+
+# %%
+grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
+                     "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
+        "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
+                   "runs": [{"arm": "maml", "size": "tiny", "step": [100, 200]},
+                            {"arm": "vanilla", "size": "tiny"}]}]}
+(tmp / "g.yaml").write_text(yaml.safe_dump(grid))
+cache, offline = huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE
+huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = str(tmp / "hf"), True
+try:
+    assert run_sweep(tmp / "g.yaml", tmp / "r.jsonl", released=released) == 3
+    rows = {r["checkpoint"]: r for r in read_rows(tmp / "r.jsonl")}
+    loaded = load_pretrained(repo, revision=steps_pushed[200][1])
+finally: huggingface_hub.constants.HF_HUB_CACHE, huggingface_hub.constants.HF_HUB_OFFLINE = cache, offline
+hub.push(tiny, repo, "another-run", "Saving HF Model -- Step 0")
+raises(lambda: ReleasedHub(hub).branch(repo), f"{repo} has 2 branches besides main (another-run, {branch})")
+_hub_dir.cleanup()
 assert sorted(rows) == sorted([f"{repo}@{steps_pushed[100][1]}", f"{repo}@{steps_pushed[200][1]}",
                                "pico-lm/pico-decoder-tiny@main"])
 assert ({(r["pretraining_run"], r["step"]) for r in rows.values()}
