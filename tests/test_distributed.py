@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from picomaml.devtools import tiny_run
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PICOMAML_DATA", ROOT.parent / "shared" / "data"))
 TOKENIZER = SHARED / "tokenizer" / "olmo-7b-0724-tokenizer.json"
@@ -48,14 +50,9 @@ def runs(tmp_path_factory):
 
 
 def tiny(data, runs, name, *overrides):
-    "Command-line overrides of a seconds-long run."
-    return ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
-            "model.max_seq_len=32", f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
-            f"data.tokenizer_path={TOKENIZER}", "train.steps=3", "train.global_batch=8", "train.lr=1e-2",
-            "train.warmup_steps=2", "checkpoint.every=1", "smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2",
-            "smlmt.window=12", "smlmt.pool_rows=64", "smlmt.exclude_top=30", "maml.head_hidden=16",
-            "maml.head_layers=2", "eval.every=2", "eval.max_documents=16", "eval.batch_size=8", "spectra.every=0",
-            f"logging.runs_dir={runs}", f"logging.run_name={name}", "logging.progress_bar=false", *overrides]
+    "Command-line overrides of a seconds-long run: the shared tiny run, three steps of 8 rows, evaluated every 2."
+    return tiny_run(data, runs, name, TOKENIZER, "train.steps=3", "train.global_batch=8", "train.lr=1e-2",
+                    "train.warmup_steps=2", "checkpoint.every=1", "eval.every=2", *overrides)
 
 
 def command(nproc, overrides, extra_torchrun=("--standalone",)):
