@@ -21,7 +21,7 @@ def tiny(ws, name="run", *more):
 
 
 def command(args, env=None, cwd=ROOT, **popen):
-    "The argv and keywords that run `python -m <args>` as a user would: offline, the local data, no tracebacks asked for."
+    "The argv and keywords that run `python -m <args>` as a user would: offline, on the local data, no traceback."
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PICOMAML_DATA": str(SHARED), **(env or {})}
     env.pop("PICOMAML_TRACEBACK", None)
     return [sys.executable, "-m", *args], dict(cwd=cwd, env=env, text=True, **popen)
