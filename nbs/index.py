@@ -233,6 +233,7 @@
 # | notebook | concern | paper |
 # |---|---|---|
 # | `00_config` | nested dataclass configuration, presets, `section.key=value` overrides, range checks, what a resume may change | |
+# | `00_cli` | command-line errors: one `error: ...` line and exit status 2 for every mistake a user can fix; output directories checked before any work | |
 # | `00_device` | which device a process runs on: why CUDA is unusable, bf16 by compute capability, peak FLOP/s by GPU name, the CUDA allocator, SLURM GPU binding | |
 # | `00_names` | one home for sizes, arms, run names, dataset groups, checkpoint and output names | |
 # | `00_runlog` | the one writer of every run file: durable, checked appends; torn-line reader; atomic replacement; full-disk errors; one writer per run directory and results file | |
@@ -243,6 +244,7 @@
 # | `05_maml` | the first-order MAML head step on cached support features | P1 §3, App. A |
 # | `06_checkpoints` | the run directory: atomic checkpoints, digests, optimizer state of the newest few, resume lookup | P2 §4.1, App. F |
 # | `06_collectives` | how ranks share a step: branch micro-batches and rows per rank, the shared branch draw, gathered pools and support features, one gradient sum | P1 App. A.1; P2 App. C.1 |
+# | `06_layout` | the frozen layout of a step (draws, rows per rank, memory chunk, episode pools) and the run object the loop's pieces take | P1 App. A |
 # | `06_lm_loss` | the fused next-token loss, memory chunks with the same gradient, Paloma perplexities | P1 App. A, §3.3 |
 # | `06_monitor` | the `metrics.jsonl` record of each step, Paloma evaluation over ranks, spectra, and when each is due | P1 §3.3 |
 # | `06_plan` | the resource planner: memory per phase, the memory chunk, FLOPs, wall time, checkpoint disk | |
@@ -258,6 +260,7 @@
 # | `20_report` | shared readers, styles and writers of the analysis notebooks | |
 # | `21_paper1_pretraining`, `22_paper1_ner` | every table and figure of paper 1 | P1 |
 # | `23_paper2_ner`, `24_paper2_indicators` | every generated table and figure of paper 2 | P2 |
+# | `29_scorecard` | the reproduction scorecard: each number the papers report beside ours, its interval and a verdict | |
 # | `30_pipeline` | `make demo` / `make paper` / `make rehearse`: every stage, skipped when done, timed | |
 # | `90_devtools` | README generation and the artifact's consistency checks | |
 #

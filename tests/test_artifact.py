@@ -35,6 +35,13 @@ def test_readme_is_generated_from_index():
     assert (ROOT / "README.md").read_text() == expected, "README.md is stale: run `make sync`"
 
 
+def test_index_table_names_every_notebook():
+    "The index's table of notebooks has a row for each notebook (its first cell names it in backquotes)."
+    rows = [line for line in (ROOT / "nbs" / "index.py").read_text().splitlines() if line.startswith("# | `")]
+    listed = {name for row in rows for name in row.split("|")[1].strip().strip("`").split("`, `")}
+    assert listed == {p.stem for p in (ROOT / "nbs").glob("*.py")} - {"index"}
+
+
 def test_nbdev_clean_keeps_the_papermill_parameters_tag():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "settings.ini")
