@@ -147,17 +147,19 @@ def execute_module(src: str, dst: str, skip_flags: list, key: str) -> tuple[str,
     if error:
         return src.name, time.perf_counter() - start, error
     # what the page shows: no directive-only cells (`#| default_exp`), no `#|hide` cells
-    nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and ("hide" in c.directives_ or not c.source.strip()))]
+    nb.cells = [c for c in nb.cells
+                if not (c.cell_type == "code" and ("hide" in c.directives_ or not c.source.strip()))]
     nb.metadata[KEY] = key
     write_nb(nb, dst)
     return src.name, time.perf_counter() - start, None
 
 
 def notebook_relative(params: dict) -> dict:
-    "The parameters with every path inside the repository written relative to nbs/, where the notebooks run (the page shows them)."
+    "The parameters with every in-repository path made relative to nbs/, where the notebooks run (shown on the page)."
     def relative(value):
         if isinstance(value, list): return [relative(v) for v in value]
-        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(ROOT): return os.path.relpath(value, NBS)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(ROOT):
+            return os.path.relpath(value, NBS)
         return value
     return {k: relative(v) for k, v in params.items()}
 
@@ -170,7 +172,8 @@ def execute_analysis(src: str, dst: str, params: dict, out_prefix: str, key: str
     os.environ.pop("IN_TEST", None)  # set by execute_module in this worker: 21-24 would write to a temporary folder
     src, dst, start = Path(src), Path(dst), time.perf_counter()
     nb = nbformat.read(src, as_version=4)
-    hook = nbformat.v4.new_code_cell(SHOW_OUTPUTS.format(prefix=out_prefix), metadata={"tags": ["remove-cell"]}, id="docs-show-outputs")
+    hook = nbformat.v4.new_code_cell(SHOW_OUTPUTS.format(prefix=out_prefix), metadata={"tags": ["remove-cell"]},
+                                     id="docs-show-outputs")
     nb.cells.insert(0, hook)
     staged = dst.with_suffix(".in.ipynb")
     nbformat.write(nb, staged)
@@ -179,7 +182,8 @@ def execute_analysis(src: str, dst: str, params: dict, out_prefix: str, key: str
         papermill.execute_notebook(str(staged), str(dst), kernel_name="python3", cwd=str(NBS), progress_bar=False,
                                    parameters={k: v for k, v in params.items() if k in declared})
     except papermill.PapermillExecutionError as e:
-        return src.name, time.perf_counter() - start, f"cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {dst})"
+        return (src.name, time.perf_counter() - start,
+                f"cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {dst})")
     finally:
         staged.unlink(missing_ok=True)
     set_key(dst, key)
@@ -245,7 +249,8 @@ def assemble(src: Path, executed: Path, outputs: Path, module_stems: list, analy
         if stem == "index":
             nb["cells"].append(markdown_cell("docs-toctree", site_toctrees(module_stems, analysis_stems)))
         (src / f"{stem}.ipynb").write_text(json.dumps(nb, ensure_ascii=False), encoding="utf-8")
-    shutil.copytree(ROOT / "figures", src / "figures", ignore=shutil.ignore_patterns("*.pdf"))  # the index shows the committed ones
+    # the index shows the committed ones
+    shutil.copytree(ROOT / "figures", src / "figures", ignore=shutil.ignore_patterns("*.pdf"))
     if outputs.exists():
         shutil.copytree(outputs, src / "_outputs")
     by_module = module_notebooks()
@@ -279,21 +284,24 @@ def profile_runs(profile_name: str):
     profile = PROFILES[profile_name]
     params = report_parameters(profile)
     runs = Path(params["runs_dir"])
-    run_dirs = [runs / run_name(size, arm, seed, profile.family) for size in profile.sizes for arm in ARMS for seed in profile.seeds]
+    run_dirs = [runs / run_name(size, arm, seed, profile.family)
+                for size in profile.sizes for arm in ARMS for seed in profile.seeds]
     missing = [str(d.relative_to(ROOT)) for d in run_dirs if not (d / "metrics.jsonl").is_file()]
     ner = sorted((runs / "ner").glob("*-results.jsonl"))
     if not ner:
         missing.append(str((runs / "ner").relative_to(ROOT)) + "/*-results.jsonl")
     if missing:
         hint = ("run `make demo` first (or show the smoke runs: `python -m picomaml.pipeline smoke`, then "
-                "`make docs DOCS_PROFILE=smoke`)" if profile_name == "demo" else f"run `python -m picomaml.pipeline {profile_name}` first")
+                "`make docs DOCS_PROFILE=smoke`)" if profile_name == "demo"
+                else f"run `python -m picomaml.pipeline {profile_name}` first")
         raise DocsError(f"the analysis notebooks 21-24 are executed on the {profile_name} runs, and "
                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
                         f"{'is' if len(missing) == 1 else 'are'} missing: {hint}")
     return profile, params, run_dirs + [runs / "ner"]
 
 
-def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "_proc" / "docs", jobs=2, force=False) -> Path:
+def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "_proc" / "docs", jobs=2,
+          force=False) -> Path:
     start = time.perf_counter()
     out, work = Path(out).resolve(), Path(work).resolve()
     profile, params, run_files = profile_runs(profile_name)
@@ -320,7 +328,8 @@ def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "
     for stem in analysis_stems:
         src, dst = NBS / f"{stem}.ipynb", executed / f"{stem}.ipynb"
         nb_out = outputs / stem
-        nb_params = notebook_relative({**params, "figures_dir": str(nb_out / "figures"), "tables_dir": str(nb_out / "tables")})
+        nb_params = notebook_relative({**params, "figures_dir": str(nb_out / "figures"),
+                                       "tables_dir": str(nb_out / "tables")})
         key = digest(src.read_bytes(), pkg, SHOW_OUTPUTS, json.dumps(nb_params, sort_keys=True), runs_key)
         if not force and cached(dst, key) and nb_out.is_dir():
             reused.append(stem)
@@ -349,11 +358,13 @@ def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "
     if failures:
         for name, error in failures:
             print(f"--- {name} ---\n{error}", file=sys.stderr)
-        raise DocsError(f"{len(failures)} notebook(s) failed to execute: {', '.join(n for n, _ in failures)} (tracebacks above)")
+        raise DocsError(f"{len(failures)} notebook(s) failed to execute: {', '.join(n for n, _ in failures)} "
+                        "(tracebacks above)")
 
     profile_line = (f"Executed by `make docs` on the `{profile_name}` profile's runs "
                     f"(`{Path(params['runs_dir']).relative_to(ROOT)}/`, the NER results in its `ner/`)"
-                    + (", with the pipeline's smoke settings (few steps, few bootstrap resamples)." if profile.smoke else "."))
+                    + (", with the pipeline's smoke settings (few steps, few bootstrap resamples)."
+                       if profile.smoke else "."))
     src = work / "src"
     assemble(src, executed, outputs, module_stems, analysis_stems, not_executed, profile_line)
 
@@ -369,7 +380,8 @@ def build(profile_name="demo", execute=("*",), out=ROOT / "_docs", work=ROOT / "
     n_warn = sum(1 for line in warnings.read_text().splitlines() if "WARNING" in line) if warnings.exists() else 0
     pages = len(list(out.rglob("*.html")))
     print(f"docs: rendered {pages} pages into {os.path.relpath(out)}/ in {time.perf_counter() - sphinx_start:.0f} s "
-          f"({n_warn} Sphinx warnings, listed in {os.path.relpath(warnings)}); total {time.perf_counter() - start:.0f} s; "
+          f"({n_warn} Sphinx warnings, listed in {os.path.relpath(warnings)}); "
+          f"total {time.perf_counter() - start:.0f} s; "
           f"open {os.path.relpath(out)}/index.html", flush=True)
     return out
 

@@ -63,7 +63,13 @@ import torch.distributed as dist
 from picomaml.checkpoints import CheckpointUploads
 from picomaml.cli import run_command
 from picomaml.config import Config, ConfigError, format_help, load_config
-from picomaml.device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
+from picomaml.device import (
+    configure_cuda_allocator,
+    cuda_problem,
+    require_cuda,
+    resolve_precision,
+    slurm_binding_problem,
+)
 from picomaml.train import train
 
 
@@ -125,18 +131,21 @@ def make_loggers(cfg: Config) -> list:
         loggers.append(TensorBoardLogger(root_dir=run_dir / "tensorboard", name="", version=""))
     if cfg.logging.wandb_project:
         if not importlib.util.find_spec("wandb"):
-            raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package (pip install wandb)")
+            raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package "
+                              "(pip install wandb)")
         from lightning.pytorch.loggers import WandbLogger  # deferred: imports the optional wandb package
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
-def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True), **facts) -> str:
-    "'cuda' or 'cpu' for `train.device` and `devices` processes on this node; a one-line error when GPUs are asked for and unusable."
+def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True),
+                       **facts) -> str:
+    "'cuda' or 'cpu' for `train.device` and `devices` local processes; a one-line error if GPUs asked for are unusable."
     if cfg.train.device == "cpu": return "cpu"
     binding = slurm_binding_problem(env, facts.get("cuda", torch.cuda).device_count())
     if binding: raise ConfigError(binding)  # GPUs are there, bound so that Lightning cannot find them
     if cfg.train.device == "cuda":
-        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env, **facts)
+        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env,
+                     **facts)
     elif problem := cuda_problem(devices, env=env, **facts):
         if env.get("RANK", env.get("SLURM_PROCID", "0")) == "0":
             say(f"[launch] train.device=auto: no usable GPU ({problem}); running {devices} CPU process(es) in float32")
@@ -150,7 +159,8 @@ def make_fabric(cfg: Config, env=os.environ):
     devices, num_nodes = devices_and_nodes(env)
     accelerator = choose_accelerator(cfg, devices, env)
     capability = torch.cuda.get_device_capability(0) if accelerator == "cuda" else None
-    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1 else "auto"
+    strategy = (DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1
+                else "auto")
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                   precision=resolve_precision(cfg.train.precision, accelerator, capability), loggers=make_loggers(cfg))
 
@@ -164,14 +174,17 @@ def make_fabric(cfg: Config, env=os.environ):
 from types import SimpleNamespace
 
 _cuda = lambda n: SimpleNamespace(is_available=lambda: n > 0, device_count=lambda: n, init=lambda: None)
-_gpus, _none = dict(cuda_version="12.8", device_files=[Path("/dev/nvidia0")]), dict(cuda_version="12.8", device_files=[])
+_gpus, _none = (dict(cuda_version="12.8", device_files=[Path("/dev/nvidia0")]),
+                dict(cuda_version="12.8", device_files=[]))
 _asks = {d: load_config(None, [f"train.device={d}"]) for d in ("cuda", "auto", "cpu")}
 assert choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(4), **_gpus) == "cuda"
 raises(lambda: choose_accelerator(_asks["cuda"], 4, env={}, cuda=_cuda(0), **_none),
-          "train.device=cuda runs on 4 CUDA GPUs, but no NVIDIA device files (/dev/nvidia0, ...): the machine, container or "
+          "train.device=cuda runs on 4 CUDA GPUs, but no NVIDIA device files (/dev/nvidia0, ...): "
+          "the machine, container or "
                    "job was started without GPUs. To run on CPU anyway: train.device=cpu")
 _said = []
-assert choose_accelerator(_asks["auto"], 2, env={}, say=_said.append, cuda=_cuda(0), **_none) == "cpu" and "running 2 CPU process" in _said[0]
+assert (choose_accelerator(_asks["auto"], 2, env={}, say=_said.append, cuda=_cuda(0), **_none) == "cpu"
+        and "running 2 CPU process" in _said[0])
 assert choose_accelerator(_asks["cpu"], 4, env={}) == "cpu"
 _slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "4", "CUDA_VISIBLE_DEVICES": "3"}
 raises(lambda: choose_accelerator(_asks["cuda"], 4, env=_slurm, cuda=_cuda(1), **_gpus), "--gpus-per-node=4")
@@ -180,7 +193,8 @@ raises(lambda: choose_accelerator(_asks["cuda"], 4, env=_slurm, cuda=_cuda(1), *
 _fabric = make_fabric(load_config(None, ["train.device=cpu"]), env={})
 assert _fabric.world_size == 1 and make_loggers(Config()) == []
 if not importlib.util.find_spec("tensorboard"):
-    raises(lambda: make_loggers(load_config(None, ["logging.tensorboard=true"])), "pip install tensorboard", kind=ConfigError)
+    raises(lambda: make_loggers(load_config(None, ["logging.tensorboard=true"])), "pip install tensorboard",
+           kind=ConfigError)
 
 
 # %% [markdown]
@@ -228,8 +242,11 @@ def check_shared_directory(fabric, directory, nodes: int, wait_s: float = 10.0) 
     while not (seen := path.is_file() and path.read_text() == token) and time.monotonic() < deadline: time.sleep(0.5)
     blind = int(fabric.all_reduce(torch.tensor(0.0 if seen else 1.0, device=fabric.device), reduce_op="sum").item())
     if fabric.global_rank == 0: path.unlink(missing_ok=True)
-    if blind: raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: {blind} of {fabric.world_size} "
-                                f"ranks cannot read the file rank 0 wrote there; put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
+    if blind:
+        raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: "
+                          f"{blind} of {fabric.world_size} "
+                          f"ranks cannot read the file rank 0 wrote there; "
+                          f"put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
 
 
 # %% [markdown]
@@ -277,8 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
-    "Train on a launched Fabric, shut the process group down, then finish rank 0's Hub uploads; returns the run directory."
-    uploads = CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0 else None
+    "Train on a launched Fabric, shut the process group down, finish rank 0's Hub uploads; returns the run directory."
+    uploads = (CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0
+               else None)
     try:
         check_shared_directory(fabric, cfg.logging.runs_dir, nodes)
         run_dir = train(cfg, fabric, uploads)
@@ -286,7 +304,8 @@ def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
         shutdown(ok=False)
         raise
     shutdown()
-    if uploads is not None: print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
+    if uploads is not None:
+        print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
     return run_dir
 
 def main(argv=None) -> Path | None:
@@ -344,8 +363,9 @@ with contextlib.redirect_stdout(io.StringIO()) as _plan, contextlib.redirect_std
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "80", "--gpu-tflops", "312"]) == 0
     assert plan_main(["--config", _large, "--gpus", "4", "--gpu-memory-gb", "16"]) == 2
 assert _err.getvalue().startswith("error: ") and " set " in _err.getvalue() and " h for 6,000 steps" in _plan.getvalue()
+# a model that cannot fit is not launched
 _e = raises(lambda: main(["--config", str(PRESETS_DIR / "demo.yaml"), "model.d_model=12288", "model.ffn_hidden=49152",
-                          f"logging.runs_dir={tempfile.mkdtemp()}"]), kind=ConfigError)  # a model that cannot fit is not launched
+                          f"logging.runs_dir={tempfile.mkdtemp()}"]), kind=ConfigError)
 assert "model.d_model" in str(_e) or "memory" in str(_e)
 print(_plan.getvalue()[:1500])
 

@@ -72,7 +72,8 @@ def our_interval(cell: str) -> tuple | None:
     "(mean, low, high) of one of our cells, or None if it holds no number."
     cell = str(cell).strip()
     if m := re.match(rf"^{_NUMBER} \[{_NUMBER}, {_NUMBER}\]", cell): return tuple(number(g) for g in m.groups())
-    if m := re.match(rf"^{_NUMBER} ± {_NUMBER}", cell): return (number(m[1]), number(m[1]) - number(m[2]), number(m[1]) + number(m[2]))
+    if m := re.match(rf"^{_NUMBER} ± {_NUMBER}", cell):
+        return (number(m[1]), number(m[1]) - number(m[2]), number(m[1]) + number(m[2]))
     if re.fullmatch(_NUMBER + r" ?%?", cell):
         value = number(cell.rstrip("% "))
         return (value, value - abs(value) * TOLERANCE, value + abs(value) * TOLERANCE)
@@ -121,10 +122,14 @@ assert paper_range({"value": "", "low": "40", "high": ""}) == (40.0, np.inf) and
 #   measures the claim.
 
 # %%
-RULE = ("Verdicts: reproduced = the paper's value (or range) lies in, or overlaps, our interval (a 95 % bootstrap interval over "
-        f"seeds and test sentences; a bare number of ours is taken as exact to {TOLERANCE:.0%}); not reproduced = our interval "
-        "excludes it (or MAML never reached the loss it reaches sooner in the paper); not comparable = our runs are of another "
-        "scale, we have no run of that size, our cell holds no number or its vanilla F1 is about zero, the paper prints N/A, or no "
+RULE = ("Verdicts: reproduced = the paper's value (or range) lies in, or overlaps, our interval "
+        "(a 95 % bootstrap interval over "
+        f"seeds and test sentences; a bare number of ours is taken as exact to {TOLERANCE:.0%}); "
+        "not reproduced = our interval "
+        "excludes it (or MAML never reached the loss it reaches sooner in the paper); "
+        "not comparable = our runs are of another "
+        "scale, we have no run of that size, our cell holds no number or its vanilla F1 is about zero, "
+        "the paper prints N/A, or no "
         "output of the artifact measures the claim.")
 
 def verdict(ours: str, record: dict, spec: PaperTable, comparable: bool) -> tuple[str, str]:
@@ -132,7 +137,8 @@ def verdict(ours: str, record: dict, spec: PaperTable, comparable: bool) -> tupl
     claimed, interval = paper_range(record), our_interval(ours)
     claimed = claimed and (claimed[0] * spec.unit, claimed[1] * spec.unit)
     if claimed is None: return "not comparable", "the paper prints N/A"
-    if NEAR_ZERO_BASE in str(ours): return "not comparable", "our vanilla F1 is about zero: the relative change is of nothing"
+    if NEAR_ZERO_BASE in str(ours):
+        return "not comparable", "our vanilla F1 is about zero: the relative change is of nothing"
     if not comparable: return "not comparable", "our runs are of another scale"
     if str(ours).strip() == "not reached": return "not reproduced", "MAML never reached the vanilla arm's final loss"
     if interval is None: return "not comparable", f"our cell is {ours!r}" if ours else "our cell is empty"
@@ -145,18 +151,22 @@ def verdict(ours: str, record: dict, spec: PaperTable, comparable: bool) -> tupl
 # %%
 _change = PaperTable("1", "Table 3", {}, lambda key: key[0], null=0.0)
 _rec = lambda value="", low="", high="": {"value": value, "low": low, "high": high}
-assert verdict("-13.4 [-46.7, +31.6]", _rec("-8.3"), _change, True) == ("reproduced", "our interval holds the paper's value and also no effect")
-assert verdict("+4.0 [+2.0, +6.0]", _rec("+4.8"), _change, True) == ("reproduced", "our interval holds the paper's value")
+assert verdict("-13.4 [-46.7, +31.6]", _rec("-8.3"), _change, True) == (
+    "reproduced", "our interval holds the paper's value and also no effect")
+assert verdict("+4.0 [+2.0, +6.0]", _rec("+4.8"), _change, True) == (
+    "reproduced", "our interval holds the paper's value")
 assert verdict("+4.0 [+2.0, +6.0]", _rec("-8.3"), _change, True)[0] == "not reproduced"
 assert verdict("+4.0 [+2.0, +6.0]", _rec("+4.8"), _change, False) == ("not comparable", "our runs are of another scale")
 assert verdict("2.25 [1.50, 3.00]", _rec(low="1.3", high="1.6"), _change, True)[0] == "reproduced"
 assert verdict("not reached", _rec(low="1.3", high="1.6"), _change, True)[0] == "not reproduced"
-assert verdict("not reached", _rec(low="1.3", high="1.6"), _change, False)[0] == "not comparable"  # a rehearsal's outcome says nothing
+# a rehearsal's outcome says nothing
+assert verdict("not reached", _rec(low="1.3", high="1.6"), _change, False)[0] == "not comparable"
 assert verdict(f"n/a (F1 0.2 vs 0.0; {NEAR_ZERO_BASE})", _rec("151.1"), _change, True)[0] == "not comparable"
 _percent = PaperTable("1", "text", {}, lambda key: key[0], unit=0.01)  # the paper's "above 40 %", our fractions
 assert verdict("0.450 [0.400, 0.500]", _rec(low="40"), _percent, True)[0] == "reproduced"
 assert verdict("0.031", _rec(low="40"), _percent, True)[0] == "not reproduced"
-assert verdict("87.6", _rec("87.6"), _change, False)[0] == "not comparable" and verdict("5.0", _rec(), _change, True)[0] == "not comparable"
+assert (verdict("87.6", _rec("87.6"), _change, False)[0] == "not comparable"
+        and verdict("5.0", _rec(), _change, True)[0] == "not comparable")
 
 # %% [markdown]
 # ## Every reported number, scored
@@ -188,13 +198,16 @@ def score(tables_dir, paper_scale: bool) -> pd.DataFrame:
             if column is None: continue  # a column of the paper's table that no output of ours measures
             scored.add(record["key"])
             mine = [(ours, values) for label, ours, values in cells if spec.covers(record, label)]
-            if not mine: rows.append({**record, "our table": name, "our row": "", "ours": "", "verdict": "not comparable",
-                                      "reason": "we have no run of this row"})
+            if not mine:
+                rows.append({**record, "our table": name, "our row": "", "ours": "", "verdict": "not comparable",
+                             "reason": "we have no run of this row"})
             for ours, values in mine:
                 v, why = verdict(values.get(column, ""), record, spec, paper_scale or column in spec.scale_free)
-                rows.append({**record, "our table": name, "our row": ours, "ours": values.get(column, ""), "verdict": v, "reason": why})
+                rows.append({**record, "our table": name, "our row": ours, "ours": values.get(column, ""), "verdict": v,
+                             "reason": why})
     unscored = reported_numbers()[~reported_numbers().key.isin(scored)].to_dict("records")
-    rows += [{**r, "our table": "", "our row": "", "ours": "", "verdict": "not comparable", "reason": "no output of the artifact measures it"}
+    rows += [{**r, "our table": "", "our row": "", "ours": "", "verdict": "not comparable",
+              "reason": "no output of the artifact measures it"}
              for r in unscored]
     return pd.DataFrame(rows)
 
@@ -202,8 +215,10 @@ def summary(card: pd.DataFrame, sizes) -> str:
     "One line: how many comparisons were reproduced, not reproduced, and not comparable."
     n = card.verdict.value_counts()
     weak = card.reason.str.endswith("also no effect").sum()
-    return (f"Scorecard ({', '.join(sizes)} runs): {n.get('reproduced', 0)} of {len(card)} comparisons reproduced ({weak} of them with an "
-            f"interval that also holds no effect), {n.get('not reproduced', 0)} not reproduced, {n.get('not comparable', 0)} not comparable "
+    return (f"Scorecard ({', '.join(sizes)} runs): {n.get('reproduced', 0)} of {len(card)} comparisons reproduced "
+            f"({weak} of them with an "
+            f"interval that also holds no effect), {n.get('not reproduced', 0)} not reproduced, "
+            f"{n.get('not comparable', 0)} not comparable "
             f"at this scale; {card.key.nunique()} reported numbers, a claim about several sizes compared once per size")
 
 
@@ -213,17 +228,21 @@ def summary(card: pd.DataFrame, sizes) -> str:
 
 # %%
 with tempfile.TemporaryDirectory() as tmp:
-    toy = pd.DataFrame({"model": ["tiny (%)", "demo (%)", PAPER_ROW + "tiny (%)"], "seen head": ["-9.0 [-12.0, -6.0]", "+1.0", "-8.3"],
-                        "seen full": ["+5.0 [+4.0, +6.0]", "+1.0", "-3.0"], "PUD head": [MISSING] * 3, "PUD full": ["n/a"] * 3,
+    toy = pd.DataFrame({"model": ["tiny (%)", "demo (%)", PAPER_ROW + "tiny (%)"],
+                        "seen head": ["-9.0 [-12.0, -6.0]", "+1.0", "-8.3"],
+                        "seen full": ["+5.0 [+4.0, +6.0]", "+1.0", "-3.0"], "PUD head": [MISSING] * 3,
+                        "PUD full": ["n/a"] * 3,
                         "other head": ["+0.0 [-50.0, +50.0]"] * 3, "other full": ["+1.0"] * 3})
     toy.to_csv(Path(tmp) / "p1_table3_relative_f1_by_group.csv", index=False)
     _card = score(tmp, paper_scale=True).set_index("key")
-    assert _card.loc["p1.t3.tiny.seen-head", "verdict"] == "reproduced" and _card.loc["p1.t3.tiny.seen-full", "verdict"] == "not reproduced"
+    assert (_card.loc["p1.t3.tiny.seen-head", "verdict"] == "reproduced"
+            and _card.loc["p1.t3.tiny.seen-full", "verdict"] == "not reproduced")
     assert _card.loc["p1.t3.tiny.test-only-pud-head", "verdict"] == "not comparable"
     assert _card.loc["p1.t3.small.seen-head", "reason"] == "we have no run of this row"
     assert _card.loc["p1.t3.tiny.test-only-other-head", "reason"].endswith("also no effect") and _card.index.is_unique
     assert set(reported_numbers().key) <= set(_card.index) and len(_card) == len(reported_numbers())
-    assert (score(tmp, paper_scale=False).set_index("key").loc["p1.t3.tiny.seen-head", "reason"]) == "our runs are of another scale"
+    assert (score(tmp, paper_scale=False).set_index("key")
+            .loc["p1.t3.tiny.seen-head", "reason"]) == "our runs are of another scale"
 
 # %% [markdown]
 # ## The scorecard of these runs
@@ -231,7 +250,8 @@ with tempfile.TemporaryDirectory() as tmp:
 # %%
 card = score(tables_dir, paper_scale)
 line = summary(card, sizes)
-columns = ["key", "paper", "source", "row", "column", "printed", "unit", "our table", "our row", "ours", "verdict", "reason"]
+columns = ["key", "paper", "source", "row", "column", "printed", "unit", "our table", "our row", "ours", "verdict",
+           "reason"]
 out = Path(scorecard_dir)
 out.mkdir(parents=True, exist_ok=True)
 shown = card[columns].rename(columns={"printed": "paper's value"})

@@ -95,13 +95,15 @@ def test_the_parser_reads_every_form_in_use():
 
 def test_no_tracked_file_names_the_retired_spec(tracked_texts):
     naming = sorted(name for name, text in tracked_texts.items() if RETIRED_SPEC in text)
-    assert not naming, (f"{naming} cite {RETIRED_SPEC}, which is not part of the repository: cite the papers' sections, "
+    assert not naming, (f"{naming} cite {RETIRED_SPEC}, which is not part of the repository: "
+                        "cite the papers' sections, "
                         "docs/settings.md, docs/released-trainer.md or the notebook that decides the matter")
 
 
 def test_no_tracked_file_cites_notes_outside_the_repository(tracked_texts):
     naming = sorted(name for name, text in tracked_texts.items() for note in OUTSIDE_NOTES if note in text)
-    assert not naming, f"{naming} cite notes that are not part of the repository: say what was measured or cite its source"
+    assert not naming, (f"{naming} cite notes that are not part of the repository: "
+                        "say what was measured or cite its source")
 
 
 def test_every_cited_section_exists(tracked_texts):

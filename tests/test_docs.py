@@ -43,7 +43,8 @@ FIGURES = {"21_paper1_pretraining": [f"p1_fig{i}_" for i in (1, 3, 4, 5, 6)],
 TABLES = {"21_paper1_pretraining": "Table 2", "22_paper1_ner": "Table 3", "23_paper2_ner": "Table 2"}
 
 pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
-                                reason=f"needs headless Chromium at {CHROMIUM} (Debian: apt-get install chromium; CI's .ci/run installs it)")
+                                reason=f"needs headless Chromium at {CHROMIUM} "
+                                       "(Debian: apt-get install chromium; CI's .ci/run installs it)")
 
 
 def shared_data() -> str | None:
@@ -143,7 +144,8 @@ class Chromium:
         return errors
 
     def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True, awaitPromise=True)
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
+                           awaitPromise=True)
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"]["value"]
 
@@ -194,7 +196,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def serve(directory: Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(QuietHandler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
@@ -229,7 +232,8 @@ def test_make_docs_site_in_headless_chromium(site):
             f = facts[page] = browser.evaluate(PAGE_FACTS)
             if f["status"] != 200:
                 problems.append(f"{page}: HTTP status {f['status']}")
-            problems += [f"{page}: script error {e.get('exception', {}).get('description', e.get('text'))}" for e in errors]
+            problems += [f"{page}: script error {e.get('exception', {}).get('description', e.get('text'))}"
+                         for e in errors]
             problems += [f"{page}: could not load {name}" for name in f["failed"]]
             problems += [f"{page}: image not displayed: {img['src']}" for img in f["images"] if not img["shown"]]
             problems += [f"{page}: math not rendered (MathJax did not load?): {m}" for m in f["rawMath"][:3]]
@@ -239,7 +243,8 @@ def test_make_docs_site_in_headless_chromium(site):
                     continue
                 if not target.is_file():
                     problems.append(f"{page}: broken link {link}")
-                elif (fragment := urlsplit(link).fragment) and target.suffix == ".html" and unquote(fragment) not in anchors(target):
+                elif ((fragment := urlsplit(link).fragment) and target.suffix == ".html"
+                      and unquote(fragment) not in anchors(target)):
                     problems.append(f"{page}: link to a missing anchor {link}")
             if page.endswith(".html") and not page.startswith(("_modules/", "genindex", "search", "py-modindex")):
                 if len(f["text"]) < 200:
@@ -259,13 +264,15 @@ def test_make_docs_site_in_headless_chromium(site):
     index = facts["index.html"]
     assert "picomaml" in index["title"] and "Two commands" in index["text"] and "make docs" in index["text"]
     linked = {site_file(site, base, link) for link in index["links"]} - {None}
-    assert {site / f"{nb}.html" for nb in notebooks if nb != "index"} | {site / "api" / f"{m}.html" for m in modules} <= linked
+    assert ({site / f"{nb}.html" for nb in notebooks if nb != "index"}
+            | {site / "api" / f"{m}.html" for m in modules} <= linked)
     # the API pages come from the docstrings
     assert "load_config" in facts["api/config.html"]["text"] and "run_name" in facts["api/names.html"]["text"]
     # the analysis notebooks: every figure displayed, as a PNG file of the site; their tables rendered
     for nb, prefixes in FIGURES.items():
         f = facts[f"{nb}.html"]
-        assert "Executed by `make docs`" in f["text"] or "Executed by make docs" in f["text"], f"{nb}: no note on which runs"
+        assert "Executed by `make docs`" in f["text"] or "Executed by make docs" in f["text"], \
+            f"{nb}: no note on which runs"
         for prefix in prefixes:
             shown = [img for img in f["images"] if img["alt"].startswith(prefix)]
             assert shown, f"{nb}: no figure {prefix}* on the page"
@@ -278,7 +285,8 @@ def test_make_docs_site_in_headless_chromium(site):
     # the math of the method's notebooks is typeset by the site's own MathJax (no CDN: the page was read offline)
     assert facts["05_maml.html"]["math"] > 0 and not facts["05_maml.html"]["rawMath"]
     # the analysis pages' parameters name the run outputs relative to the notebooks, not the build machine's paths
-    assert all(str(ROOT) not in facts[f"{nb}.html"]["text"] for nb in FIGURES), "an absolute path of the build machine on a page"
+    assert all(str(ROOT) not in facts[f"{nb}.html"]["text"] for nb in FIGURES), \
+        "an absolute path of the build machine on a page"
     # a page that was not executed says so
     assert "did not execute this notebook" in facts["01_model.html"]["text"]
 

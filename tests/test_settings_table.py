@@ -16,7 +16,8 @@ KEY = re.compile(rf"`((?:{'|'.join(SECTIONS)})\.\w+)`")
 def fields_by_key() -> dict:
     "`{'section.key': dataclasses.Field}` of the configuration."
     cfg = Config()
-    return {f"{sec.name}.{f.name}": f for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))}
+    return {f"{sec.name}.{f.name}": f
+            for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))}
 
 
 def keyed_rows(text: str) -> list[tuple[str, str]]:
@@ -39,12 +40,15 @@ def test_listed_defaults_are_the_configs():
         literal = re.search(r"`([^`]*)`", cell)
         assert literal, f"{DOC.name}: the row of {key} states no default in backticks"
         listed = coerce_value(key, yaml.safe_load(literal.group(1)), fields[key])
-        assert listed == defaults[key], f"{DOC.name} says {key} defaults to {listed!r}; the configuration says {defaults[key]!r}"
+        assert listed == defaults[key], (f"{DOC.name} says {key} defaults to {listed!r}; "
+                                         f"the configuration says {defaults[key]!r}")
 
 
 def test_every_key_is_accounted_for():
     text = DOC.read_text()
     mentioned, keys = set(KEY.findall(text)), set(flat_config(Config()))
     assert mentioned <= keys, f"{DOC.name} names keys the configuration does not have: {sorted(mentioned - keys)}"
-    assert keys <= mentioned, (f"{DOC.name} does not mention {sorted(keys - mentioned)}: add each to the table of unstated "
-                               "settings (with its source), the table of stated ones, or the list of settings that cannot change a result")
+    assert keys <= mentioned, (f"{DOC.name} does not mention {sorted(keys - mentioned)}: "
+                               "add each to the table of unstated "
+                               "settings (with its source), the table of stated ones, "
+                               "or the list of settings that cannot change a result")
