@@ -85,7 +85,8 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
         for n, line in enumerate(f, 1):
             if not line.strip(): continue
             try: record = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{n}: document has no string 'text' field "
@@ -137,13 +138,15 @@ def source_files(src) -> list[Path]:
     for item in ([src] if isinstance(src, (str, Path)) else src):
         item = Path(item)
         if not item.exists(): raise FileNotFoundError(f"--src {item} does not exist")
-        found = sorted(p for p in item.iterdir() if p.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES)) if item.is_dir() else [item]
+        found = sorted(p for p in item.iterdir()
+                       if p.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES)) if item.is_dir() else [item]
         if item.is_dir() and not found:
             raise FileNotFoundError(f"--src {item} holds no {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} files")
         files += found
     for f in files:
         if not f.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
-            raise ValueError(f"--src {f}: unknown document format; use JSON lines ({', '.join(JSONL_SUFFIXES)}) or .txt")
+            raise ValueError(f"--src {f}: unknown document format; use JSON lines ({', '.join(JSONL_SUFFIXES)}) "
+                             f"or .txt")
     return files
 
 def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
@@ -218,7 +221,8 @@ with tempfile.TemporaryDirectory() as tmp:
     assert pq.read_table(shard)["input_ids"].to_pylist() == [[1, 2, 3], [4, 5, 6]]
     assert sorted(os.listdir(tmp)) == ["s.parquet"]
     arrow = write_shard(pa.array([[7, 8], [9, 10]], type=pa.list_(pa.int64())), Path(tmp) / "a.parquet")
-    assert pq.read_table(arrow).schema.field("input_ids").type == ROW_TYPE and pq.read_table(arrow)["input_ids"].to_pylist() == [[7, 8], [9, 10]]
+    assert (pq.read_table(arrow).schema.field("input_ids").type == ROW_TYPE
+            and pq.read_table(arrow)["input_ids"].to_pylist() == [[7, 8], [9, 10]])
 
 # %% [markdown]
 # ## `prepare`
@@ -244,7 +248,8 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
     if unfinished(out):
-        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; preparing it again")
+        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; "
+            f"preparing it again")
         for shard in out.glob("*.parquet"): shard.unlink()
     if out.exists() and (any(out.glob("*.parquet")) or (out / MANIFEST).exists()):
         raise FileExistsError(f"--out {out} already holds shards or a manifest; delete it or choose another directory")
@@ -264,16 +269,20 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
                 pending += cutter.add(ids + [tokenizer.eos_id])
                 file_tokens += len(ids) + 1
             while len(pending) >= rows_per_shard: flush(pending[:rows_per_shard]); pending = pending[rows_per_shard:]
-            if len(docs) > 256: log(f"[prepare] {path.name}: {min(start + 256, len(docs))} of {len(docs)} documents tokenized")
+            if len(docs) > 256:
+                log(f"[prepare] {path.name}: {min(start + 256, len(docs))} of {len(docs)} documents tokenized")
         n_docs, n_tokens = n_docs + len(docs), n_tokens + file_tokens
         sources.append({"path": str(path), "documents": len(docs), "tokens": file_tokens})
-        log(f"[prepare] {path.name}: {len(docs)} documents, {file_tokens} tokens; total {n_docs} documents, {n_tokens} tokens")
+        log(f"[prepare] {path.name}: {len(docs)} documents, {file_tokens} tokens; "
+            f"total {n_docs} documents, {n_tokens} tokens")
         if max_documents and n_docs >= max_documents: break
     if pending: flush(pending)
-    if not shards: raise ValueError(f"--src {src}: {n_tokens} tokens make no complete row of {seq_len + 1}; lower --seq-len or add documents")
-    manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len, "row_len": seq_len + 1,
-                "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs, "tokens": n_tokens,
-                "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending), "sources": sources, "shards": shards}
+    if not shards: raise ValueError(f"--src {src}: {n_tokens} tokens make no complete row of {seq_len + 1}; "
+                                    f"lower --seq-len or add documents")
+    manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len,
+                "row_len": seq_len + 1, "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs,
+                "tokens": n_tokens, "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending),
+                "sources": sources, "shards": shards}
     write_json_atomic(out / MANIFEST, manifest)
     (out / PREPARING).unlink()
     log(f"[prepare] wrote {manifest['rows']} rows of {seq_len + 1} ids in {len(shards)} shards to {out}")
@@ -290,14 +299,18 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
 c4_files = sorted((SHARED_DATA / "corpus" / "train").glob("c4-sample.0[123].json.gz"))
 source_docs = [text for f in c4_files for text, _ in iter_documents(f)]
 with tempfile.TemporaryDirectory() as tmp:
-    manifest = prepare(c4_files, Path(tmp) / "c4", seq_len=63, tokenizer=tokenizer, rows_per_shard=100, log=lambda m: None)
-    stream = np.concatenate([np.concatenate(pq.read_table(Path(tmp) / "c4" / s["file"])["input_ids"].to_numpy()) for s in manifest["shards"]])
+    manifest = prepare(c4_files, Path(tmp) / "c4", seq_len=63, tokenizer=tokenizer, rows_per_shard=100,
+                       log=lambda m: None)
+    stream = np.concatenate([np.concatenate(pq.read_table(Path(tmp) / "c4" / s["file"])["input_ids"].to_numpy())
+                             for s in manifest["shards"]])
     saved_manifest = json.loads((Path(tmp) / "c4" / MANIFEST).read_text())
     assert sorted(os.listdir(Path(tmp) / "c4")) == [MANIFEST] + [s["file"] for s in manifest["shards"]]
     raises(lambda: prepare(c4_files, Path(tmp) / "c4", 63, tokenizer), "already holds shards")
-    (Path(tmp) / "c4" / MANIFEST).unlink(); (Path(tmp) / "c4" / PREPARING).write_text("")  # as a prepare killed before its manifest
+    # as a prepare killed before its manifest
+    (Path(tmp) / "c4" / MANIFEST).unlink(); (Path(tmp) / "c4" / PREPARING).write_text("")
     said = []
-    assert prepare(c4_files, Path(tmp) / "c4", seq_len=63, tokenizer=tokenizer, rows_per_shard=100, log=said.append) == manifest
+    assert prepare(c4_files, Path(tmp) / "c4", seq_len=63, tokenizer=tokenizer, rows_per_shard=100,
+                   log=said.append) == manifest
     assert "preparing it again" in said[0] and not (Path(tmp) / "c4" / PREPARING).exists()
 assert saved_manifest == manifest and manifest["documents"] == len(source_docs) == 30
 assert len(stream) == manifest["rows"] * 64 == manifest["tokens"] - manifest["dropped_tail_tokens"]
@@ -318,10 +331,12 @@ print(f"{manifest['tokens']} tokens -> {manifest['rows']} rows in {len(manifest[
 for split in ("train", "eval"):
     with tempfile.TemporaryDirectory() as tmp:
         manifest = prepare(SHARED_DATA / "corpus" / split, tmp, seq_len=128, tokenizer=tokenizer, log=lambda m: None)
-        stream = np.concatenate([np.concatenate(pq.read_table(Path(tmp) / s["file"])["input_ids"].to_numpy()) for s in manifest["shards"]])
+        stream = np.concatenate([np.concatenate(pq.read_table(Path(tmp) / s["file"])["input_ids"].to_numpy())
+                                 for s in manifest["shards"]])
     docs = [text for f in source_files(SHARED_DATA / "corpus" / split) for text, _ in iter_documents(f)]
     ends = np.flatnonzero(stream == tokenizer.eos_id)
-    assert [tokenizer.decode(p[:-1]) for p in np.split(stream, ends + 1)[:len(ends)]] == docs[:len(ends)] and len(ends) == len(docs) - 1
+    assert ([tokenizer.decode(p[:-1]) for p in np.split(stream, ends + 1)[:len(ends)]] == docs[:len(ends)]
+            and len(ends) == len(docs) - 1)
 
 
 # %% [markdown]
@@ -337,34 +352,39 @@ for split in ("train", "eval"):
 
 # %%
 #| export
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0, *,
-               keep: int | None = None) -> np.ndarray:
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+               *, keep: int | None = None) -> np.ndarray:
     "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
     bad = np.flatnonzero(lengths != row_len)
     if len(bad):
-        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (data.row_len, or "
-                         f"data.seq_len + 1 when it is 0); data.seq_len and data.row_len must match the shards")
+        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} "
+                         f"(data.row_len, or data.seq_len + 1 when it is 0); "
+                         f"data.seq_len and data.row_len must match the shards")
     values = values[offsets[0]:offsets[-1]].astype(np.int64)
     out_of_range = np.flatnonzero((values < 0) | (values >= vocab_size))
     if len(out_of_range):
         row = first_row + out_of_range[0] // row_len
-        raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, outside the vocabulary 0..{vocab_size - 1}; "
-                         f"were these shards made with another tokenizer?")
+        raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, "
+                         f"outside the vocabulary 0..{vocab_size - 1}; were these shards made with another tokenizer?")
     return np.ascontiguousarray(values.reshape(-1, row_len)[:, row_len - (keep or row_len):])  # (rows, keep)
 
-def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0, keep: int | None = None) -> np.ndarray:
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+              keep: int | None = None) -> np.ndarray:
     "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep=keep)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row,
+                      keep=keep)
 
 
 # %%
 block = check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 5, 6]), 3, 10, "x.parquet")
 assert block.shape == (2, 3) and block.dtype == np.int64
-raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet", first_row=7), "x.parquet", "row 8", "has 2 ids, expected 3")
-raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet", "row 1", "id 50280")
+raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet", first_row=7), "x.parquet", "row 8",
+       "has 2 ids, expected 3")
+raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet",
+       "row 1", "id 50280")
 column = pa.chunked_array([pa.array([[0, 1], [2, 3], [4, 5]], ROW_TYPE).slice(1), pa.array([[6, 7]], ROW_TYPE)])
 assert list_rows(column, 2, 10, "x").tolist() == [[2, 3], [4, 5], [6, 7]]
 assert list_rows(column, 2, 10, "x", keep=1).tolist() == [[3], [5], [7]]  # each row's last id
@@ -383,18 +403,22 @@ raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7
 #| export
 class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
-    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8, keep: int | None = None):
+    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8,
+                 keep: int | None = None):
         self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
-        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
-                                                                f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
-        if unfinished(self.directory): raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
-                                                        f"again (the same command, or the pipeline's data stage, redoes it)")
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
+                                    f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if unfinished(self.directory):
+            raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
+                             f"again (the same command, or the pipeline's data stage, redoes it)")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
         for fi, f in enumerate(self.files):
             try: parquet = pq.ParquetFile(f)
-            except (pa.ArrowException, OSError) as e:  # pyarrow names no file: "Parquet magic bytes not found in footer..."
+            # pyarrow names no file: "Parquet magic bytes not found in footer..."
+            except (pa.ArrowException, OSError) as e:
                 raise ValueError(f"{f}: not a readable parquet shard ({e}); delete it or re-run prepare") from None
             meta, columns = parquet.metadata, parquet.schema_arrow.names
             if meta.num_rows == 0: raise ValueError(f"{f}: empty shard (0 rows); delete it or re-run prepare")
@@ -412,7 +436,8 @@ class ShardRows:
             fi, g, start, _ = self.groups[k]
             column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file, keep=self.keep)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]),
+                                      first_row=first_in_file, keep=self.keep)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -433,9 +458,11 @@ with tempfile.TemporaryDirectory() as tmp:
     assert len(rows) == 7 and rows.rows([6, 0, 4, 5]).tolist() == [[6] * 3, [0] * 3, [4] * 3, [5] * 3]
     assert rows.rows([1]).dtype == torch.long
     raises(lambda: ShardRows(d / "missing", 3), "missing", "does not exist")
-    raises(lambda: ShardRows(d, row_len=4, vocab_size=100).rows([0]), "a.parquet", "row 0", "has 3 ids, expected 4", "data.row_len")
+    raises(lambda: ShardRows(d, row_len=4, vocab_size=100).rows([0]), "a.parquet", "row 0", "has 3 ids, expected 4",
+           "data.row_len")
     assert ShardRows(d, row_len=3, vocab_size=100, keep=2).rows([6, 1]).tolist() == [[6, 6], [1, 1]]
-    raises(lambda: ShardRows(d, row_len=3, vocab_size=6).rows([5]), "b.parquet", "row 1", "id 6")  # its row group is checked whole
+    # its row group is checked whole
+    raises(lambda: ShardRows(d, row_len=3, vocab_size=6).rows([5]), "b.parquet", "row 1", "id 6")
     write_shard([[1, 2, 3], [1, 2]], d / "c.parquet")
     raises(lambda: ShardRows(d, row_len=3, vocab_size=100).rows([8]), "c.parquet", "row 1", "has 2 ids, expected 3")
     write_shard([], d / "c.parquet")
@@ -464,11 +491,15 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 #| export
-def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print, row_group_rows: int | None = None) -> dict:
-    "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
-    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
-    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
-                                                                   f"delete them or choose another directory")
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print,
+                     row_group_rows: int | None = None) -> dict:
+    ("Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of "
+     "`rows_per_file` rows.")
+    # row_len unused: only the files, their columns and counts
+    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"
+    if any(data.glob(f"{split}-*.parquet")):
+        raise FileExistsError(f"--out {out} already holds {split} files under data/; "
+                              f"delete them or choose another directory")
     total = len(shards)
     n_files = -(-total // rows_per_file)
     data.mkdir(parents=True, exist_ok=True)
@@ -479,7 +510,8 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     for f in shards.files:
         for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
             column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
-            while len(column) >= rows_per_file: flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
+            while len(column) >= rows_per_file:
+                flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
     if len(column): flush(column)
     log(f"[hub-layout] wrote {total} rows in {n_files} files of {rows_per_file} rows to {data}")
     return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
@@ -539,22 +571,25 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480, *,
-                 block_rows: int | None = None, keep: int | None = None):
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280,
+                 rows_per_file: int = 20480, *, block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
-        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = (name, split, row_len, vocab_size,
+                                                                                    rows_per_file)
         self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
         self.keep = keep  # the last ids of each row that are used; None: all
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
-            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
-                                    f"(`python -m picomaml.data hub-layout`)") from e
+            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory "
+                                    f"in its layout (`python -m picomaml.data hub-layout`)") from e
         splits = builder.config.data_files or {}
         if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); "
                                                  f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
-        self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
-        self.file_rows, self.region, self.rows_read = {}, (None, None), 0  # checked row counts; the region held; rows decoded
+        # what load_dataset(name, split=split, streaming=True) returns
+        self.dataset = builder.as_streaming_dataset(split=split)
+        # checked row counts; the region held; rows decoded
+        self.file_rows, self.region, self.rows_read = {}, (None, None), 0
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -563,10 +598,12 @@ class StreamedRows:
             with xopen(self.files[i], "rb") as f:
                 parquet = pq.ParquetFile(f)
                 n, columns = parquet.metadata.num_rows, parquet.schema_arrow.names
-            if "input_ids" not in columns: raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
+            if "input_ids" not in columns:
+                raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
             if n > self.rows_per_file or (n < self.rows_per_file and i < len(self.files) - 1) or n == 0:
-                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: set it to the rows of "
-                                 f"each file of {self.name} (all files but the last hold exactly that many)")
+                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: "
+                                 f"set it to the rows of each file of {self.name} (all files but the last hold "
+                                 f"exactly that many)")
             self.file_rows[i] = n
         return self.file_rows[i]
 
@@ -586,25 +623,31 @@ class StreamedRows:
         "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
         block = self.block_rows or count
         if self.rows_per_file % block:
-            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the {block}-row micro-batch "
-                             f"(train.branch_batch, or smlmt.pool_rows for episode pools): choose one that divides it")
+            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the "
+                             f"{block}-row micro-batch (train.branch_batch, or smlmt.pool_rows for episode pools): "
+                             f"choose one that divides it")
         i, offset = divmod(start, self.rows_per_file)
         if i >= len(self.files) or (offset // block + 1) * block > self._rows_in(i) // block * block:
-            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}: the run needs "
-                             f"more rows than the dataset holds; lower train.steps (or the batch size), or stream a longer dataset")
+            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}"
+                             f": the run needs more rows than the dataset holds; lower train.steps "
+                             f"(or the batch size), or stream a longer dataset")
         per_file, (micro_batch, place) = self._rows_in(i) // block, divmod(offset, block)
-        if place + count > block: raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
+        if place + count > block:
+            raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
         key = (i, place, count)
-        if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
-        return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
+        if self.region[0] != key:
+            self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
+        # (count, row_len): places place.., of this micro-batch
+        return torch.from_numpy(self.region[1][micro_batch::per_file])
 
     def head(self, n: int | None = None) -> torch.Tensor:
-        "The first n rows of the stream in order (all of them if it is shorter, or n is None), (<= n, row_len) LongTensor."
+        "The first n rows of the stream in order (all if it is shorter, or n is None), (<= n, row_len) LongTensor."
         stream = self.dataset.with_format("arrow")
         tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
         ids = pa.concat_tables(tables).column("input_ids")
-        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})", keep=self.keep))
+        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})",
+                                          keep=self.keep))
 
 
 # %% [markdown]
@@ -620,17 +663,21 @@ hub = Path(hub_tmp.name) / "hub"
 (Path(hub_tmp.name) / "shards").mkdir()
 write_shard([[i, i] for i in range(40)], Path(hub_tmp.name) / "shards" / "shard-00000.parquet")
 write_hub_layout(Path(hub_tmp.name) / "shards", hub, rows_per_file=8, log=lambda m: None, row_group_rows=2)
-full = torch.tensor([r["input_ids"] for r in datasets.load_dataset(str(hub), split="train", streaming=True)])  # (40, 2), file order
+# (40, 2), file order
+full = torch.tensor([r["input_ids"] for r in datasets.load_dataset(str(hub), split="train", streaming=True)])
 layout = lambda p: 8 * (p // 8) + streamed_file_row(p % 8, block_rows=4, per_file=2)  # position -> file-order row
 
 one = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4)
 assert torch.equal(torch.cat([one.read_range(s, 4) for s in range(0, 40, 4)]), full[[layout(p) for p in range(40)]])
-assert sorted(layout(p) for p in range(40)) == list(range(40)) and one.rows_read == 40  # each row once; each file read once
+# each row once; each file read once
+assert sorted(layout(p) for p in range(40)) == list(range(40)) and one.rows_read == 40
 ranks = [StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4) for _ in range(2)]
 two = torch.cat([ranks[r].read_range(s + 2 * r, 2) for s in range(0, 40, 4) for r in range(2)])
-assert torch.equal(two, full[[layout(p) for p in range(40)]]) and [r.rows_read for r in ranks] == [20, 20]  # half of every file each
+# half of every file each
+assert torch.equal(two, full[[layout(p) for p in range(40)]]) and [r.rows_read for r in ranks] == [20, 20]
 resumed = StreamedRows(str(hub), row_len=2, vocab_size=100, rows_per_file=8, block_rows=4)
-assert torch.equal(resumed.read_range(26, 2), full[[layout(26), layout(27)]]) and resumed.rows_read == 4  # file 3's region of rank 1
+# file 3's region of rank 1
+assert torch.equal(resumed.read_range(26, 2), full[[layout(26), layout(27)]]) and resumed.rows_read == 4
 
 # %% [markdown]
 # Files whose row count disagrees with `data.rows_per_file`, a micro-batch that does not divide it,
@@ -641,12 +688,14 @@ raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4, block_
        "train-00000-of-00005.parquet", "holds 8 rows", "data.rows_per_file is 4")
 raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=3).read_range(0, 1),
        "data.rows_per_file=8 is not a multiple of the 3-row micro-batch")
-raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=4).read_range(40, 2), str(hub), "position 40", "train.steps")
+raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=4).read_range(40, 2),
+       str(hub), "position 40", "train.steps")
 raises(lambda: StreamedRows(str(hub), 3, vocab_size=100, rows_per_file=8, block_rows=4).read_range(8, 2),
        "train-00001-of-00005.parquet", "row 0", "has 2 ids, expected 3")
 raises(lambda: StreamedRows(str(hub), 2, split="val"), "no split 'val'", "['train']", "data.eval_hub_split")
 raises(lambda: StreamedRows(f"{hub_tmp.name}/missing", 2), "missing", "data.train_hub", "hub-layout")
-assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])  # head reads in file order, any file sizes
+# head reads in file order, any file sizes
+assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(7), full[:7])
 assert torch.equal(StreamedRows(str(hub), 2, vocab_size=100).head(100), full)  # a shorter stream: all its rows
 
 # %% [markdown]
@@ -661,9 +710,11 @@ with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i % 100, 0] for i in range(3000)], Path(tmp) / "shards" / "shard-00000.parquet")
     write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", rows_per_file=2048, log=lambda m: None)
     script = (f"from picomaml.data import StreamedRows\n"
-              f"rows = StreamedRows({str(Path(tmp) / 'hub')!r}, 2, vocab_size=100, rows_per_file=2048, block_rows=256)\n"
+              f"rows = StreamedRows({str(Path(tmp) / 'hub')!r}, 2, vocab_size=100, "
+              f"rows_per_file=2048, block_rows=256)\n"
               f"rows.read_range(5, 2)\nrows.head(1500)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 assert done.returncode == 0 and "Exception ignored" not in done.stderr and "terminate" not in done.stderr, done.stderr
 
 
@@ -679,13 +730,14 @@ assert done.returncode == 0 and "Exception ignored" not in done.stderr and "term
 # %%
 #| export
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
-    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for split 'train' or 'eval'."
+    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for 'train' or 'eval'."
     if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
-        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; "
-                                                            f"run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run "
+                                    f"`python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
         return Path(path)
     env = local_data_dir()
     if env and (env / "pretokenized" / split).is_dir(): return env / "pretokenized" / split
@@ -695,7 +747,8 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_r
               crop: bool = True) -> ShardRows | StreamedRows:
     "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
-    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1  # a longer stored row is cropped to its last ids
+    # a longer stored row is cropped to its last ids
+    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1
     keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
     if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
@@ -716,15 +769,20 @@ with tempfile.TemporaryDirectory() as tmp:
         assert len(open_rows(DataConfig(seq_len=2), "eval")) == 1
         raises(lambda: resolve_data_source(DataConfig(train_path=f"{tmp}/nope"), "train"), "data.train_path", "nope")
         # source=hub streams the *_hub datasets even with a path set and local shards present
-        hub_cfg = DataConfig(source="hub", train_path=tmp, train_hub=str(hub), eval_hub="x/y", seq_len=1, rows_per_file=8)
+        hub_cfg = DataConfig(source="hub", train_path=tmp, train_hub=str(hub), eval_hub="x/y", seq_len=1,
+                             rows_per_file=8)
         assert resolve_data_source(hub_cfg, "train") == str(hub) and resolve_data_source(hub_cfg, "eval") == "x/y"
         streamed = open_rows(hub_cfg, "train", vocab_size=100, block_rows=4)
-        assert isinstance(streamed, StreamedRows) and streamed.rows_per_file == 8 and torch.equal(streamed.read_range(4, 2), full[[1, 3]])
-        # the eval shard's 3-id row read as a 1-token sequence: stored rows of data.row_len 3, the last seq_len + 1 = 2 ids used
+        assert (isinstance(streamed, StreamedRows) and streamed.rows_per_file == 8
+                and torch.equal(streamed.read_range(4, 2), full[[1, 3]]))
+        # the eval shard's 3-id row read as a 1-token sequence: stored rows of data.row_len 3,
+        # the last seq_len + 1 = 2 ids used
         assert open_rows(DataConfig(seq_len=1, row_len=3), "eval").rows([0]).tolist() == [[2, 3]]
         assert open_rows(DataConfig(seq_len=1, row_len=3), "eval", crop=False).rows([0]).tolist() == [[1, 2, 3]]
-        raises(lambda: open_rows(DataConfig(seq_len=1, row_len=4), "eval").rows([0]), "has 3 ids, expected 4", "data.row_len")
-        raises(lambda: open_rows(DataConfig(seq_len=3, row_len=2), "eval"), "data.row_len=2 is shorter than data.seq_len + 1 = 4")
+        raises(lambda: open_rows(DataConfig(seq_len=1, row_len=4), "eval").rows([0]), "has 3 ids, expected 4",
+               "data.row_len")
+        raises(lambda: open_rows(DataConfig(seq_len=3, row_len=2), "eval"),
+               "data.row_len=2 is shorter than data.seq_len + 1 = 4")
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -751,7 +809,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 #| export
-def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
+def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int,
+                      accum_steps: int) -> int:
     "First data-order position of micro-step `accum_index` of `rank` at optimizer step `step`."
     if not (0 <= rank < world_size and 0 <= accum_index < accum_steps):
         raise ValueError(f"rank {rank} of {world_size} / micro-step {accum_index} of {accum_steps} is out of range")
@@ -759,7 +818,8 @@ def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, r
 
 
 # %%
-starts = {(a, r): micro_batch_start(3, a, r, world_size=2, rows_per_rank=4, accum_steps=2) for a in range(2) for r in range(2)}
+starts = {(a, r): micro_batch_start(3, a, r, world_size=2, rows_per_rank=4, accum_steps=2)
+          for a in range(2) for r in range(2)}
 assert sorted(starts.values()) == [48, 52, 56, 60] and starts[(1, 0)] == 56  # G = 16: step 3 owns [48, 64)
 
 # %%
@@ -800,9 +860,11 @@ with tempfile.TemporaryDirectory() as tmp:
         assert len(set(flat)) == len(flat) == 8
         epoch_ids += flat
     assert sorted(epoch_ids[:24]) == list(range(24)) and sorted(epoch_ids[24:]) == list(range(24))
-    assert epoch_ids[:24] != epoch_ids[24:] and epoch_ids[:24] != list(range(24))  # reshuffled each epoch, not in file order
+    # reshuffled each epoch, not in file order
+    assert epoch_ids[:24] != epoch_ids[24:] and epoch_ids[:24] != list(range(24))
     # the same global batch of 8 split as 1 rank × 4 micro-steps reads the same rows
-    single = [i for a in range(4) for i in batch_for_step(rows, 3, a, 0, 1, rows_per_rank=2, accum_steps=4, seed=7)[:, 0].tolist()]
+    single = [i for a in range(4)
+              for i in batch_for_step(rows, 3, a, 0, 1, rows_per_rank=2, accum_steps=4, seed=7)[:, 0].tolist()]
     assert sorted(single) == sorted(epoch_ids[24:32])
     assert epoch_permutation(20, 7, 0).tolist() != epoch_permutation(20, 8, 0).tolist()  # the seed matters
 
@@ -811,9 +873,11 @@ with tempfile.TemporaryDirectory() as tmp:
 # process reads for the same global batch: positions [sG, (s+1)G) of the stream, in the layout above.
 
 # %%
-streamed = lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=2)  # micro-batches of 2 positions
+# micro-batches of 2 positions
+streamed = lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=2)
 ranks = [streamed() for _ in range(2)]
-two = torch.cat([batch_for_step(ranks[r], 2, a, r, 2, rows_per_rank=1, accum_steps=3, seed=0) for a in range(3) for r in range(2)])
+two = torch.cat([batch_for_step(ranks[r], 2, a, r, 2, rows_per_rank=1, accum_steps=3, seed=0)
+                 for a in range(3) for r in range(2)])
 one = torch.cat([batch_for_step(streamed(), 2, a, 0, 1, rows_per_rank=2, accum_steps=3, seed=0) for a in range(3)])
 expected = full[[8 * (p // 8) + streamed_file_row(p % 8, block_rows=2, per_file=4) for p in range(12, 18)]]
 assert torch.equal(two, expected) and torch.equal(one, expected)
@@ -831,10 +895,12 @@ with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(30)], Path(tmp) / "a.parquet")
     positions = [(step, accum) for step in range(3) for accum in range(3)]  # 3 steps of 3 micro-batches
     for make in (lambda: ShardRows(tmp, row_len=2, vocab_size=100), streamed):
-        read = lambda source, at: [batch_for_step(source, s, a, 1, 2, rows_per_rank=1, accum_steps=3, seed=5).tolist() for s, a in at]
+        read = lambda source, at: [batch_for_step(source, s, a, 1, 2, rows_per_rank=1, accum_steps=3, seed=5).tolist()
+                                   for s, a in at]
         uninterrupted, source = read(make(), positions), make()
         assert read(source, positions[7:]) == uninterrupted[7:]  # resumed at step 2, micro-step 1
-        assert getattr(source, "rows_read", 8) == 8  # positions 15 and 17: rank 1's 4-row regions of files 1 and 2, no replay
+        # positions 15 and 17: rank 1's 4-row regions of files 1 and 2, no replay
+        assert getattr(source, "rows_read", 8) == 8
 
 
 # %% [markdown]
@@ -851,7 +917,7 @@ with tempfile.TemporaryDirectory() as tmp:
 # %%
 #| export
 class RowPrefetcher:
-    "The rows of the next draw, read on one background thread (into pinned memory for a CUDA run) while this one trains."
+    "The rows of the next draw, read on a background thread (into pinned memory for a CUDA run) while this one trains."
     def __init__(self, pin: bool = False):
         self.pool, self.pending, self.pin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows"), {}, pin
 
@@ -886,12 +952,14 @@ readers = []
 def read_of(step):
     def read():
         readers.append(threading.current_thread().name)
-        return batch_for_step(ShardRows(hub_tmp.name + "/shards", 2, 100), step, 0, 0, 1, rows_per_rank=4, accum_steps=1, seed=3)
+        return batch_for_step(ShardRows(hub_tmp.name + "/shards", 2, 100), step, 0, 0, 1, rows_per_rank=4,
+                              accum_steps=1, seed=3)
     return read
 
 ahead = RowPrefetcher()
 ahead.ask(1, read_of(1))
-assert torch.equal(ahead.take(1, read_of(1)), read_of(1)()) and readers[0].startswith("rows") and readers[1] == threading.current_thread().name
+assert (torch.equal(ahead.take(1, read_of(1)), read_of(1)()) and readers[0].startswith("rows")
+        and readers[1] == threading.current_thread().name)
 assert torch.equal(ahead.take(2, read_of(2)), read_of(2)())  # never asked for: read now
 ahead.ask(3, lambda: (_ for _ in ()).throw(OSError("shard unreadable")))
 raises(lambda: ahead.take(3, read_of(3)), "shard unreadable")
@@ -923,19 +991,23 @@ ahead.close()
 # %%
 #| export
 def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torch.Tensor]:
-    "The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; the unfinished last one dropped."
+    ("The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; "
+     "the unfinished last one dropped.")
     flat = rows.flatten()  # (n · (T + 1),): the token stream the rows were cut from
     ends = torch.nonzero(flat == eos_id).flatten().tolist()
     starts = [0] + [e + 1 for e in ends[:-1]]
     return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
 
 def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280, crop: bool = True) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor (crop=False: whole rows)."
+    ("The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor "
+     "(crop=False: whole rows).")
     source = open_rows(data_cfg, "eval", vocab_size, crop=crop)
-    if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
+    if isinstance(source, ShardRows):
+        return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
     return source.head(max_rows or None)
 
-def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, vocab_size: int = 50280) -> list[torch.Tensor]:
+def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int,
+                        vocab_size: int = 50280) -> list[torch.Tensor]:
     "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
     rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
     while True:
@@ -944,8 +1016,9 @@ def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, 
         if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
         rows *= 2
 
-def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
-    "This rank's batches of documents, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
+def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple]:
+    "This rank's document batches, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
     if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
     mine = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))[rank::world_size]
     for i in range(0, len(mine), batch_size):
@@ -957,9 +1030,11 @@ def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int =
 
 
 # %%
-_rows = torch.tensor([[5, 6, 9, 7], [9, 1, 2, 3], [4, 9, 8, 8]])  # EOS 9: documents [5 6], [7], [1 2 3 4], then [8 8] unfinished
+# EOS 9: documents [5 6], [7], [1 2 3 4], then [8 8] unfinished
+_rows = torch.tensor([[5, 6, 9, 7], [9, 1, 2, 3], [4, 9, 8, 8]])
 assert [d.tolist() for d in packed_documents(_rows, 9, max_len=10)] == [[5, 6], [1, 2, 3, 4]]  # [7] has no target
-assert [d.tolist() for d in packed_documents(_rows, 9, max_len=3)] == [[5, 6], [1, 2, 3]]  # cut to max_len, as the metric truncates
+# cut to max_len, as the metric truncates
+assert [d.tolist() for d in packed_documents(_rows, 9, max_len=3)] == [[5, 6], [1, 2, 3]]
 with tempfile.TemporaryDirectory() as tmp:
     write_shard([[i, i] for i in range(4)], Path(tmp) / "a.parquet")
     write_shard([[i, i] for i in range(4, 7)], Path(tmp) / "b.parquet")
@@ -968,22 +1043,28 @@ with tempfile.TemporaryDirectory() as tmp:
     assert read_eval_rows(local, 5, 100)[:, 0].tolist() == list(range(5)) and len(read_eval_rows(local, 50, 100)) == 7
     # ids 0 0 1 1 2 2 3 3 4 4 5 5 6 6: EOS 3 closes [0 0 1 1 2 2] and [] (too short), [4 4 5 5 6 6] is unfinished
     assert [d.tolist() for d in read_eval_documents(local, 0, 100, 100)] == [[0, 0, 1, 1, 2, 2]]
-with tempfile.TemporaryDirectory() as tmp:  # rows of 3 stored ids read as 1-token sequences: the documents come from whole rows
+# rows of 3 stored ids read as 1-token sequences: the documents come from whole rows
+with tempfile.TemporaryDirectory() as tmp:
     write_shard([[0, 1, 3], [4, 5, 3]], Path(tmp) / "a.parquet")
     cropped = DataConfig(eval_path=tmp, seq_len=1, row_len=3, eos_id=3)
     assert read_eval_rows(cropped, 0, 100).tolist() == [[1, 3], [5, 3]]
     assert [d.tolist() for d in read_eval_documents(cropped, 0, 100, 100)] == [[0, 1], [4, 5]]
 streamed = DataConfig(source="hub", eval_hub=str(hub), eval_hub_split="train", seq_len=1, eos_id=3)
-assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 0, 100), full)  # 0: the whole split
+# 0: the whole split
+assert torch.equal(read_eval_rows(streamed, 9, 100), full[:9]) and torch.equal(read_eval_rows(streamed, 0, 100), full)
 assert len(read_eval_documents(streamed, 1, 100, 100)) == 1  # read until the first document is closed
-raises(lambda: read_eval_rows(DataConfig(source="hub", eval_hub=str(hub), seq_len=1), 4, 100), "no split 'val'", "data.eval_hub_split")
+raises(lambda: read_eval_rows(DataConfig(source="hub", eval_hub=str(hub), seq_len=1), 4, 100), "no split 'val'",
+       "data.eval_hub_split")
 
 _documents = [torch.arange(n) + 1 for n in (3, 5, 2, 4, 6)]
 _batches = {r: list(document_batches(_documents, 2, rank=r, world_size=2)) for r in range(2)}
-assert [lengths.tolist() for _, lengths in _batches[0]] == [[6, 4], [2]] and [lengths.tolist() for _, lengths in _batches[1]] == [[5, 3]]
+assert ([lengths.tolist() for _, lengths in _batches[0]] == [[6, 4], [2]]
+        and [lengths.tolist() for _, lengths in _batches[1]] == [[5, 3]])
 _ids, _lengths = _batches[0][0]
-assert _ids.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 0, 0]]  # right-padded; the causal model never reads the padding
-assert sorted(n for bs in _batches.values() for _, lengths in bs for n in lengths.tolist()) == [2, 3, 4, 5, 6]  # every document once
+# right-padded; the causal model never reads the padding
+assert _ids.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 0, 0]]
+# every document once
+assert sorted(n for bs in _batches.values() for _, lengths in bs for n in lengths.tolist()) == [2, 3, 4, 5, 6]
 
 
 # %% [markdown]
@@ -1004,23 +1085,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m picomaml.data", description="Pico pretokenized data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenize documents into parquet shards of seq_len + 1 ids")
-    p.add_argument("--src", nargs="+", required=True, help="directories or files of JSON lines (.json/.jsonl[.gz], `text` field) or .txt")
+    p.add_argument("--src", nargs="+", required=True,
+                   help="directories or files of JSON lines (.json/.jsonl[.gz], `text` field) or .txt")
     p.add_argument("--out", required=True, help="output directory (must not already hold shards)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence; rows hold seq_len + 1 ids")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: $PICOMAML_DATA/tokenizer, else the Hub)")
     p.add_argument("--rows-per-shard", type=int, default=8192, help="rows per parquet shard")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0: all)")
-    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout (data/<split>-NNNNN-of-NNNNN.parquet)")
+    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout "
+                                               "(data/<split>-NNNNN-of-NNNNN.parquet)")
     h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
     h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
-    h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
-    h.add_argument("--row-group-rows", type=int, default=1024, help="rows per parquet row group (what a rank's read of its region decodes)")
-    h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
+    h.add_argument("--rows-per-file", type=int, default=20480,
+                   help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--row-group-rows", type=int, default=1024,
+                   help="rows per parquet row group (what a rank's read of its region decodes)")
+    h.add_argument("--split", default="train",
+                   help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
-    for key, low in {"seq_len": 1, "rows_per_shard": 1, "max_documents": 0, "rows_per_file": 1, "row_group_rows": 1}.items():
-        if getattr(args, key, low) < low: raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
+    for key, low in {"seq_len": 1, "rows_per_shard": 1, "max_documents": 0, "rows_per_file": 1,
+                     "row_group_rows": 1}.items():
+        if getattr(args, key, low) < low:
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
     if args.command == "hub-layout":
-        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
+        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split,
+                                row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, max_documents=args.max_documents)
 
@@ -1031,7 +1120,8 @@ with tempfile.TemporaryDirectory() as tmp:
     m = main(["prepare", "--src", str(SHARED_DATA / "corpus" / "eval"), "--out", f"{tmp}/eval", "--seq-len", "128",
               "--tokenizer", tokenizer.source, "--max-documents", "3"])
     assert m["documents"] == 3 and len(ShardRows(f"{tmp}/eval", 129)) == m["rows"]
-    layout = main(["hub-layout", "--shards", f"{tmp}/eval", "--out", f"{tmp}/hub", "--rows-per-file", "16", "--split", "val"])
+    layout = main(["hub-layout", "--shards", f"{tmp}/eval", "--out", f"{tmp}/hub", "--rows-per-file", "16",
+                   "--split", "val"])
     assert layout["rows"] == m["rows"] and len(layout["files"]) == -(-m["rows"] // 16)
     cfg = DataConfig(source="hub", eval_hub=f"{tmp}/hub", seq_len=128)
     assert torch.equal(read_eval_rows(cfg, m["rows"]), ShardRows(f"{tmp}/eval", 129).rows(range(m["rows"])))
