@@ -118,7 +118,8 @@ assert abs(m["condition_number"] - 4) < 1e-6 and abs(m["frobenius_norm"] - math.
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
     "Singular values (descending, float64 numpy) of a 2-D tensor; min(m, n) of them."
     if matrix.ndim != 2: raise ValueError(f"expected a matrix, got a tensor of shape {tuple(matrix.shape)}")
-    return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64 else torch.float64)).double().cpu().numpy()
+    return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64
+                                                   else torch.float64)).double().cpu().numpy()
 
 
 # %%
@@ -150,7 +151,8 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
     available = sorted({layer for _, layer in found})
     for layer in layers:
         if layer not in available:
-            raise ValueError(f"spectra.layers entry {layer!r} matches no matrix `layers.N.{layer}.weight` of the model; "
+            raise ValueError(f"spectra.layers entry {layer!r} matches no matrix `layers.N.{layer}.weight` of "
+                             "the model; "
                              f"valid names: {', '.join(available) or 'none (no layers.N.*.weight parameters)'}")
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
@@ -169,7 +171,8 @@ from picomaml.config import ModelConfig
 from picomaml.model import PicoDecoder, save_pretrained
 
 torch.manual_seed(0)
-toy = PicoDecoder(ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=32, vocab_size=64, max_seq_len=32))
+toy = PicoDecoder(ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=32, vocab_size=64,
+                              max_seq_len=32))
 toy_batch = torch.randint(0, 64, (3, 9))  # (B, T + 1): inputs ids[:, :-1], targets ids[:, 1:]
 
 # %%
@@ -205,7 +208,8 @@ raises(lambda: select_matrices(toy, ["mlp"]), "'mlp'", "swiglu.w_2", kind=ValueE
 #| export
 def loss_gradients(model: torch.nn.Module, rows: torch.Tensor, params: dict, batch_rows: int | None = None,
                    denominator: int | None = None) -> dict:
-    "Gradients w.r.t. `params` of the summed next-token loss of `rows` (B, T + 1) / `denominator` (default: its targets); .grad untouched."
+    ("Gradients w.r.t. `params` of the summed next-token loss of `rows` (B, T + 1) / `denominator` "
+     "(default: its targets); .grad untouched.")
     device, denominator = next(model.parameters()).device, denominator or rows[:, 1:].numel()
     sums = {key: torch.zeros_like(p) for key, p in params.items()}
     was_training = model.training
@@ -233,13 +237,15 @@ params = select_matrices(toy, ["attention.o_proj"])
 grads = loss_gradients(toy, toy_batch, params)
 reference = copy.deepcopy(toy)
 next_token_loss(reference, toy_batch).backward()  # the ordinary backward pass is the reference
-assert all(torch.allclose(grads[(i, "attention.o_proj")], reference.layers[i].attention.o_proj.weight.grad, atol=1e-6) for i in (0, 1))
+assert all(torch.allclose(grads[(i, "attention.o_proj")], reference.layers[i].attention.o_proj.weight.grad, atol=1e-6)
+           for i in (0, 1))
 assert all(p.grad is None for p in toy.parameters())
 for group in (1, 2, 3):
     assert all(torch.allclose(g, grads[k], atol=1e-6) for k, g in loss_gradients(toy, toy_batch, params, group).items())
 shares = [loss_gradients(toy, toy_batch[r::2], params, 1, denominator=toy_batch[:, 1:].numel()) for r in (0, 1)]
 assert all(torch.allclose(shares[0][k] + shares[1][k], grads[k], atol=1e-6) for k in grads)
-assert all(torch.equal(g, torch.zeros_like(g)) for g in loss_gradients(toy, toy_batch[:0], params, 2, denominator=10).values())
+assert all(torch.equal(g, torch.zeros_like(g))
+           for g in loss_gradients(toy, toy_batch[:0], params, 2, denominator=10).values())
 
 
 # %% [markdown]
@@ -259,19 +265,23 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
         path = Path(source)
         shards = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         if not shards or not shards[0].is_file():
-            raise FileNotFoundError(f"evaluation batch {path}: no parquet shard found (expected a .parquet file or a directory of them)")
+            raise FileNotFoundError(f"evaluation batch {path}: no parquet shard found "
+                                    "(expected a .parquet file or a directory of them)")
         table, out = None, []
         for shard in shards:
             table = pq.read_table(shard)
             if "input_ids" not in table.column_names:
-                raise ValueError(f"{shard} has no `input_ids` column (columns: {table.column_names}); expected pretokenized rows")
+                raise ValueError(f"{shard} has no `input_ids` column (columns: {table.column_names}); "
+                                 "expected pretokenized rows")
             out += table.column("input_ids").to_pylist()[: (rows or len(table)) - len(out)]
             if rows and len(out) >= rows: break
         lengths = {len(r) for r in out}
         if len(lengths) != 1: raise ValueError(f"{path}: `input_ids` rows have different lengths {sorted(lengths)[:5]}")
         ids = torch.tensor(out, dtype=torch.long)
-    if ids.ndim != 2 or ids.shape[1] < 2: raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
-    if rows is not None and ids.shape[0] < rows: raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
+    if rows is not None and ids.shape[0] < rows:
+        raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
     return ids[: rows or None, : None if seq_len is None else seq_len + 1].long()  # rows 0: all of them
 
 
@@ -321,12 +331,14 @@ def spectrum_records(step: int, params: dict, grads: dict) -> list:
     return [spectrum_record(step, layer, matrix, kind, tensor) for (layer, matrix), weight in params.items()
             for kind, tensor in (("weight", weight), ("gradient", grads[(layer, matrix)]))]
 
-def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, batch_rows: int | None = None) -> list:
+def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int,
+                    batch_rows: int | None = None) -> list:
     "Weight and gradient spectrum records of `layers` in every block, gradients of the LM loss on `batch`."
     params = select_matrices(model, layers)
     return spectrum_records(step, params, loss_gradients(model, batch, params, batch_rows))
 
-def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path, batch_rows: int | None = None) -> list:
+def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path,
+                   batch_rows: int | None = None) -> list:
     "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
     records = compute_spectra(model, batch, layers, step, batch_rows)
     append_records(path, records)
@@ -358,7 +370,8 @@ assert len(r["singular_values"]) == 8  # min(8, 16)
 
 # %%
 def gradient_svs(records, layer, matrix):
-    return np.array(next(r["singular_values"] for r in records if (r["layer"], r["matrix"], r["kind"]) == (layer, matrix, "gradient")))
+    return np.array(next(r["singular_values"] for r in records
+                         if (r["layer"], r["matrix"], r["kind"]) == (layer, matrix, "gradient")))
 
 reference = copy.deepcopy(toy)
 next_token_loss(reference, toy_batch).backward()
@@ -420,15 +433,20 @@ assert np.allclose(df.per, [spectrum_metrics(s)["per"] for s in df.singular_valu
 # %%
 #| export
 def checkpoint_steps(checkpoints_dir) -> list:
-    "`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` (`picomaml.checkpoints.list_checkpoints`), by step."
+    ("`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` "
+     "(`picomaml.checkpoints.list_checkpoints`), by step.")
     root = Path(checkpoints_dir)
-    if not root.is_dir(): raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
     found = list_checkpoints(root)
     for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
         if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
     if not found and (root / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, --checkpoints {root / 'checkpoints'}")
-    if not found: raise FileNotFoundError(f"{root} holds no checkpoints (step_NNNNNN directories with model.safetensors + config.json)")
+        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, "
+                                f"--checkpoints {root / 'checkpoints'}")
+    if not found:
+        raise FileNotFoundError(f"{root} holds no checkpoints "
+                                "(step_NNNNNN directories with model.safetensors + config.json)")
     return found
 
 def _complete_steps(out: Path) -> set:
@@ -438,19 +456,22 @@ def _complete_steps(out: Path) -> set:
 
 def fitting_batch_rows(model: torch.nn.Module, batch: torch.Tensor, layers, device: torch.device) -> int:
     "Rows per group of the gradient pass that fit `device` (the planner's spectra phase), at most the whole batch."
-    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),  # no episodes: a gradient pass
+    # no episodes: a gradient pass
+    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),
                  spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
     rows = choose_spectra_batch(cfg, device.type, int(device_memory_gb(device) * GIB))
-    if not rows: raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of {device}: "
-                                   "use a device with more memory or shorter rows (--seq-len)")
+    if not rows:
+        raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of "
+                          f"{device}: use a device with more memory or shorter rows (--seq-len)")
     return rows
 
 def spectra_over_steps(loaders, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
-    "Append spectra for `[(step, load)]` (`load()` returns the model) on `device` to `out`, skipping steps complete there."
+    "Append spectra for `[(step, load)]` (`load()` returns the model) on `device` to `out`, skipping steps done there."
     out, device = Path(out), torch.device(device)
     batch, done = batch.to(device), _complete_steps(out)
     todo = [(step, load) for step, load in loaders if step not in done]
-    for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)", disable=not todo):
+    for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)",
+                           disable=not todo):
         model = load().to(device)
         record_spectra(model, batch, layers, step, out, batch_rows or fitting_batch_rows(model, batch, layers, device))
     return out
@@ -516,8 +537,9 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
 
 def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, *, subfolder: str = "checkpoints",
                      cache_dir=None, device="cpu", batch_rows: int | None = None) -> Path:
-    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`, computed on `device`."
-    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device, batch_rows)
+    "Append the spectra of checkpoints `names` of a Hub repository (or local directory) to `out`, computed on `device`."
+    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device,
+                              batch_rows)
 
 
 # %% [markdown]
@@ -534,7 +556,8 @@ def fake_hub_cache(cache, repo_id, files_by_ref: dict):
     root = Path(cache) / f"models--{repo_id.replace('/', '--')}"
     for n, (ref, checkpoints) in enumerate(files_by_ref.items()):
         commit = f"{n + 1:040x}"
-        for path_in_repo, model in checkpoints.items(): save_pretrained(model, root / "snapshots" / commit / path_in_repo)
+        for path_in_repo, model in checkpoints.items():
+            save_pretrained(model, root / "snapshots" / commit / path_in_repo)
         (root / "refs").mkdir(parents=True, exist_ok=True)
         (root / "refs" / ref).write_text(commit)
 
@@ -546,23 +569,25 @@ with tempfile.TemporaryDirectory() as tmp:
     assert set(hub_df.step) == {100} and len(hub_df) == 2 * 2
     expected = pd.DataFrame(compute_spectra(toy, toy_batch, ["swiglu.w_2"], 100)).sort_values(SPECTRA_KEY)
     assert np.allclose(hub_df.per, expected.per, rtol=1e-5)
-    raises(lambda: spectra_over_hub(local, ["step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl"), "step_200", kind=FileNotFoundError)
+    raises(lambda: spectra_over_hub(local, ["step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "local.jsonl"),
+           "step_200", kind=FileNotFoundError)
 
     other = copy.deepcopy(toy)
     with torch.no_grad(): other.layers[0].swiglu.w_2.weight.mul_(3)
-    fake_hub_cache(Path(tmp) / "cache", "owner/pico-maml", {"main": {"checkpoints/step_100": toy, "checkpoints/step_200": other},
-                                                            "step_300": {"": other}})
+    fake_hub_cache(Path(tmp) / "cache", "owner/pico-maml",
+                   {"main": {"checkpoints/step_100": toy, "checkpoints/step_200": other}, "step_300": {"": other}})
     saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     try:
-        spectra_over_hub("owner/pico-maml", ["step_100", "step_200"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl",
-                         cache_dir=Path(tmp) / "cache")
+        spectra_over_hub("owner/pico-maml", ["step_100", "step_200"], toy_batch, ["swiglu.w_2"],
+                         Path(tmp) / "hub.jsonl", cache_dir=Path(tmp) / "cache")
         spectra_over_hub("owner/pico-maml", ["step_300"], toy_batch, ["swiglu.w_2"], Path(tmp) / "hub.jsonl",
                          subfolder="", cache_dir=Path(tmp) / "cache")
     finally: huggingface_hub.constants.HF_HUB_OFFLINE = saved
     hub_df = read_spectra(Path(tmp) / "hub.jsonl")
     weight_norm = hub_df[(hub_df.kind == "weight") & (hub_df.layer == 0)].set_index("step").frobenius_norm
     assert sorted(weight_norm.index) == [100, 200, 300]
-    assert np.isclose(weight_norm[200], 3 * weight_norm[100], rtol=1e-5) and np.isclose(weight_norm[300], weight_norm[200])
+    assert (np.isclose(weight_norm[200], 3 * weight_norm[100], rtol=1e-5)
+            and np.isclose(weight_norm[300], weight_norm[200]))
 
 # %% [markdown]
 # ## What it costs
@@ -607,21 +632,27 @@ with tempfile.TemporaryDirectory() as tmp:
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.spectra`."
     defaults = SpectraConfig()
-    p = argparse.ArgumentParser(prog="python -m picomaml.spectra", description="Weight and next-token-gradient spectra of checkpoints.")
+    p = argparse.ArgumentParser(prog="python -m picomaml.spectra",
+                                description="Weight and next-token-gradient spectra of checkpoints.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", help="a run's checkpoints directory (step_N/ folders)")
     src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout)")
     p.add_argument("--revisions", default="", help="comma-separated checkpoint names, e.g. step_100,step_200")
-    p.add_argument("--subfolder", default="checkpoints", help="folder of the checkpoints in the repository; empty: revisions are git revisions")
+    p.add_argument("--subfolder", default="checkpoints",
+                   help="folder of the checkpoints in the repository; empty: revisions are git revisions")
     p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: the usual cache)")
     p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
-    p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows; 0: all of them)")
+    p.add_argument("--rows", type=int, default=defaults.grad_rows,
+                   help="rows of the batch (spectra.grad_rows; 0: all of them)")
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
-    p.add_argument("--layers", default=",".join(defaults.layers), help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
+    p.add_argument("--layers", default=",".join(defaults.layers),
+                   help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
     p.add_argument("--out", required=True, help="spectra JSON-lines file to append to")
-    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: this process's GPU when CUDA is usable, else the CPU")
-    p.add_argument("--batch-rows", type=int, default=0, help="rows per forward/backward of the gradient pass; 0: the largest the device fits")
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_CHOICES}; auto: this process's GPU when CUDA is usable, else the CPU")
+    p.add_argument("--batch-rows", type=int, default=0,
+                   help="rows per forward/backward of the gradient pass; 0: the largest the device fits")
     args = p.parse_args(argv)
     if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
     if args.batch_rows < 0: p.error("--batch-rows must be 0 (the largest that fits) or positive")
@@ -636,10 +667,12 @@ def main(argv=None) -> Path:
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     on = dict(device=device, batch_rows=args.batch_rows or None)
-    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
+    # a second launch on one --out would record every step twice
+    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):
         if args.hub:
             names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder, cache_dir=args.cache_dir, **on)
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder,
+                                   cache_dir=args.cache_dir, **on)
         else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out
@@ -654,7 +687,8 @@ with tempfile.TemporaryDirectory() as tmp:
     cli = read_spectra(out)
     direct = pd.DataFrame(compute_spectra(toy, toy_batch, ["attention.q_proj"], 50)).sort_values(SPECTRA_KEY)
     assert set(cli.step) == {50} and np.allclose(cli.per, direct.per, rtol=1e-5)
-assert parse_args(["--checkpoints", "c", "--batch", "b", "--out", "o"]).layers == "attention.v_proj,attention.o_proj,swiglu.w_2"
+assert (parse_args(["--checkpoints", "c", "--batch", "b", "--out", "o"]).layers
+        == "attention.v_proj,attention.o_proj,swiglu.w_2")
 
 # %% [markdown]
 # On a GPU machine the device is the GPU: each checkpoint's model and the batch move to the device
@@ -667,10 +701,12 @@ from picomaml.device import recorded_moves
 with tempfile.TemporaryDirectory() as tmp:
     save_pretrained(toy, Path(tmp) / "checkpoints" / "step_000010")
     with recorded_moves("cuda:1") as moves:
-        spectra_over_checkpoints(Path(tmp) / "checkpoints", toy_batch, ["swiglu.w_2"], Path(tmp) / "s.jsonl", device="cuda:1", batch_rows=2)
+        spectra_over_checkpoints(Path(tmp) / "checkpoints", toy_batch, ["swiglu.w_2"], Path(tmp) / "s.jsonl",
+                                 device="cuda:1", batch_rows=2)
 assert ("PicoDecoder", torch.device("cuda", 1)) in moves and ("Tensor", torch.device("cuda", 1)) in moves
 assert {d for _, d in moves} <= {torch.device("cuda", 1), torch.device("cpu")}
-assert fitting_batch_rows(toy, toy_batch, ["swiglu.w_2"], torch.device("cpu")) == len(toy_batch)  # three rows fit in this machine's RAM
+# three rows fit in this machine's RAM
+assert fitting_batch_rows(toy, toy_batch, ["swiglu.w_2"], torch.device("cpu")) == len(toy_batch)
 
 # %%
 #| export
