@@ -183,7 +183,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d); no -1: B may be 0
+        # (B, T, d); no -1: B may be 0
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 # %% [markdown]
@@ -296,13 +297,15 @@ class PicoDecoder(nn.Module):
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
-        if cfg.init == "normal": init_normal(self, cfg.init_std)  # pytorch: the modules keep their construction-time values
+        # pytorch: the modules keep their construction-time values
+        if cfg.init == "normal": init_normal(self, cfg.init_std)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         "Final output_norm-ed hidden states (B, T, d) of token ids (B, T)."
         T = input_ids.shape[-1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; raise it or shorten the input")
+            raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; "
+                             f"raise it or shorten the input")
         cos, sin = rope_angles(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, input_ids.device)
         h = self.embedding_proj(input_ids)  # (B, T, d)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
@@ -343,7 +346,8 @@ raises(lambda: PicoDecoder(dataclasses.replace(tiny, n_kv_heads=3)), "model.n_kv
 def default_modules(cfg: ModelConfig) -> list[nn.Module]:
     "Plain torch modules with the decoder's weight shapes, built in its construction order."
     d, hd, ffn = cfg.d_model, cfg.d_model // cfg.n_heads, cfg.ffn_hidden
-    block = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd), (cfg.n_heads * hd, d), (d, ffn), (d, ffn), (ffn, d)]
+    block = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd), (cfg.n_heads * hd, d),
+             (d, ffn), (d, ffn), (ffn, d)]
     modules = [nn.Embedding(cfg.vocab_size, d)]  # built first, as in the decoder: construction order fixes the draws
     modules += [nn.Linear(i, o, bias=False) for _ in range(cfg.n_layers) for i, o in block]
     return modules + [nn.Linear(d, cfg.vocab_size, bias=False)]
@@ -353,7 +357,8 @@ reference = default_modules(tiny)
 weights = [p for n, p in model.named_parameters() if "norm" not in n]
 assert len(weights) == len(reference) == 2 + 7 * tiny.n_layers
 assert all(torch.equal(w, m.weight) for w, m in zip(weights, reference))
-assert abs(model.embedding_proj.weight.std().item() - 1) < 0.05 and abs(model.embedding_proj.weight.mean().item()) < 0.05
+assert (abs(model.embedding_proj.weight.std().item() - 1) < 0.05
+        and abs(model.embedding_proj.weight.mean().item()) < 0.05)
 for m in model.modules():
     if isinstance(m, nn.Linear): assert 0.95 / m.in_features ** 0.5 < m.weight.abs().max() <= 1 / m.in_features ** 0.5
 assert all(torch.equal(p, torch.ones_like(p)) for n, p in model.named_parameters() if "norm" in n)
@@ -516,7 +521,8 @@ released_cfg = {"architectures": ["PicoDecoderHF"], "auto_map": {"AutoConfig": "
 assert config_from_json(released_cfg) == dataclasses.replace(tiny, vocab_size=50281, max_seq_len=2048)
 assert config_from_json(config_to_json(tiny)) == tiny
 assert config_from_json({**released_cfg, "attention_n_kv_heads": None}).n_kv_heads == 4
-raises(lambda: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config.json"), "x/config.json", "d_model", kind=CheckpointError)
+raises(lambda: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config.json"), "x/config.json", "d_model",
+       kind=CheckpointError)
 
 
 # %% [markdown]
@@ -525,8 +531,9 @@ raises(lambda: config_from_json({"hidden_size": 24, "vocab_size": 64}, "x/config
 
 # %%
 #| export
-def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str, shapes_from: str = "its config.json") -> PicoDecoder:
-    "Copy `tensors` (keys with or without `pico_decoder.`) into `model` (shaped by `shapes_from`), or raise CheckpointError."
+def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str,
+                 shapes_from: str = "its config.json") -> PicoDecoder:
+    "Copy `tensors` (`pico_decoder.`-prefixed or not) into `model` (shaped by `shapes_from`), or raise CheckpointError."
     tensors = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
@@ -562,9 +569,11 @@ def load_local(directory) -> PicoDecoder:
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: a checkpoint directory needs config.json and model.safetensors")
+            raise FileNotFoundError(f"{directory / name} not found: a checkpoint directory needs config.json and "
+                                    f"model.safetensors")
     try: data = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
     model = PicoDecoder(config_from_json(data, str(directory / "config.json")))
     return load_checked(model, load_file(directory / "model.safetensors"), str(directory / "model.safetensors"))
 
@@ -580,14 +589,18 @@ def load_local(directory) -> PicoDecoder:
 def load_pretrained(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None) -> PicoDecoder:
     "PicoDecoder from a local directory or a Hub repo id (config.json + model.safetensors only)."
     if Path(source).is_dir():
-        if revision is not None: raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
+        if revision is not None:
+            raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
         return load_local(Path(source) / (subfolder or ""))
     paths = []
     for name in ("config.json", "model.safetensors"):
-        try: paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        try:
+            paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision,
+                                         cache_dir=cache_dir))
         except (HfHubHTTPError, EntryNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} (revision "
-                                    f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
+                                    f"{revision or 'main'}, "
+                                    f"subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)
 
 
@@ -635,14 +648,15 @@ class LocalHub:
 
 class hub_offline:
     "Context manager: huggingface_hub answers from the cache only (as with HF_HUB_OFFLINE=1)."
-    def __enter__(self): self.saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
+    def __enter__(self):
+        self.saved, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
     def __exit__(self, *exc): huggingface_hub.constants.HF_HUB_OFFLINE = self.saved
 
 
 # %%
 hub = LocalHub(tmp / "hf-cache")
 def upload(model, repo_id, revision=None, subfolder=None):
-    "Upload a model as the released checkpoints are laid out (training uploads through picomaml.checkpoints.upload_checkpoint)."
+    "Upload a model in the released checkpoints' layout (training uploads via picomaml.checkpoints.upload_checkpoint)."
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder)
         hub.upload_folder(repo_id, folder, path_in_repo=subfolder, revision=revision)
@@ -663,8 +677,10 @@ assert all(torch.equal(v, from_branch.state_dict()[k]) for k, v in later.state_d
 assert all(torch.equal(v, from_subfolder.state_dict()[k]) for k, v in later.state_dict().items())
 cached_repo = tmp / "hf-cache/models--picomaml--pico-test"
 snapshot = cached_repo / "snapshots" / (cached_repo / "refs/main").read_text()
-assert all(torch.equal(a, b) for a, b in zip(load_pretrained(snapshot).state_dict().values(), from_main.state_dict().values()))
-assert torch.equal(load_pretrained(snapshot, subfolder="checkpoints/step_100").embedding_proj.weight, later.embedding_proj.weight)
+assert all(torch.equal(a, b)
+           for a, b in zip(load_pretrained(snapshot).state_dict().values(), from_main.state_dict().values()))
+assert torch.equal(load_pretrained(snapshot, subfolder="checkpoints/step_100").embedding_proj.weight,
+                   later.embedding_proj.weight)
 
 # %% [markdown]
 # ### Tests: checkpoints of other models and the released format
@@ -676,7 +692,8 @@ assert torch.equal(load_pretrained(snapshot, subfolder="checkpoints/step_100").e
 # %%
 save_pretrained(PicoDecoder(dataclasses.replace(tiny, d_model=32, ffn_hidden=128)), tmp / "wide")
 (tmp / "wide/config.json").write_text((tmp / "tiny/config.json").read_text())
-raises(lambda: load_pretrained(tmp / "wide"), "embedding_proj.weight has shape (64, 32)", "(64, 24)", kind=CheckpointError)
+raises(lambda: load_pretrained(tmp / "wide"), "embedding_proj.weight has shape (64, 32)", "(64, 24)",
+       kind=CheckpointError)
 
 (tmp / "gpt").mkdir()
 (tmp / "gpt/config.json").write_text((tmp / "tiny/config.json").read_text())

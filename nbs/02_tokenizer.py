@@ -46,7 +46,8 @@ from picomaml.config import ConfigError, DataConfig, local_data_dir
 # %%
 import tempfile
 
-SHARED_TOKENIZER = Path(os.environ.get("PICOMAML_DATA", "/work/shared/data")) / "tokenizer" / "olmo-7b-0724-tokenizer.json"
+SHARED_TOKENIZER = (Path(os.environ.get("PICOMAML_DATA", "/work/shared/data")) / "tokenizer"
+                    / "olmo-7b-0724-tokenizer.json")
 
 # %% [markdown]
 # ## Where the tokenizer comes from
@@ -92,7 +93,8 @@ with tempfile.TemporaryDirectory() as tmp:
         assert resolve_tokenizer_path(DataConfig(tokenizer_path=str(SHARED_TOKENIZER))) == SHARED_TOKENIZER
         raises(lambda: resolve_tokenizer_path(DataConfig(tokenizer_path=f"{tmp}/missing.json")),
                "missing.json", "data.tokenizer_path", kind=FileNotFoundError)
-        raises(lambda: resolve_tokenizer_path(DataConfig(tokenizer_path=tmp)), f"{tmp}/tokenizer.json", kind=FileNotFoundError)
+        raises(lambda: resolve_tokenizer_path(DataConfig(tokenizer_path=tmp)), f"{tmp}/tokenizer.json",
+               kind=FileNotFoundError)
     finally:
         if saved is None: os.environ.pop("PICOMAML_DATA", None)
         else: os.environ["PICOMAML_DATA"] = saved
@@ -122,7 +124,8 @@ def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
 _raw = Tokenizer.from_file(str(SHARED_TOKENIZER))
 _plain = plain_text_tokenizer(_raw)
 assert _raw.encode("a<|endoftext|>b").ids == [66, 50279, 67]  # what we avoid
-assert 50279 not in _plain.encode("a<|endoftext|>b").ids and _plain.decode(_plain.encode("a<|endoftext|>b").ids) == "a<|endoftext|>b"
+assert (50279 not in _plain.encode("a<|endoftext|>b").ids
+        and _plain.decode(_plain.encode("a<|endoftext|>b").ids) == "a<|endoftext|>b")
 assert _plain.encode("Hello  world").ids == _raw.encode("Hello  world").ids  # ordinary text unchanged
 
 
@@ -142,7 +145,8 @@ class PicoTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)  # 50,280 real ids
         self.eos_id, self.mask_id = eos_id, mask_id
         if tok.id_to_token(eos_id) != "<|endoftext|>":
-            raise ValueError(f"data.eos_id={eos_id} is {tok.id_to_token(eos_id)!r} in {source or 'the tokenizer'}, not '<|endoftext|>'")
+            raise ValueError(f"data.eos_id={eos_id} is {tok.id_to_token(eos_id)!r} in {source or 'the tokenizer'}, "
+                             f"not '<|endoftext|>'")
         if mask_id < self.vocab_size:
             raise ValueError(f"data.mask_id={mask_id} is the real token {tok.id_to_token(mask_id)!r}; "
                              f"use a padded id >= {self.vocab_size} (50280 for Pico)")
@@ -159,7 +163,8 @@ class PicoTokenizer:
         "The vocabulary string of id `i` (byte-level: `Ġ` marks a leading space)."
         if i == self.mask_id: return "[MASK]"
         token = self.tok.id_to_token(i) if 0 <= i < self.vocab_size else None
-        if token is None: raise ValueError(f"id {i} has no token (vocabulary 0..{self.vocab_size - 1}, [MASK] {self.mask_id})")
+        if token is None:
+            raise ValueError(f"id {i} has no token (vocabulary 0..{self.vocab_size - 1}, [MASK] {self.mask_id})")
         return token
 
     def decode(self, ids) -> str:
@@ -173,7 +178,9 @@ class PicoTokenizer:
             pieces.append(self.tok.decode(run, skip_special_tokens=False)); run = []
         return "[MASK]".join(pieces)
 
-    def __repr__(self): return f"PicoTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id}, source={self.source!r})"
+    def __repr__(self):
+        return (f"PicoTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id}, "
+                f"source={self.source!r})")
 
 
 # %%
@@ -192,7 +199,8 @@ assert tokenizer.decode([hello, tokenizer.mask_id, world]) == "Hello[MASK] world
 assert tokenizer.decode(torch.tensor([tokenizer.mask_id, tokenizer.eos_id])) == "[MASK]<|endoftext|>"
 assert tokenizer.id_to_token(world) == "Ġworld" and tokenizer.id_to_token(tokenizer.mask_id) == "[MASK]"
 raises(lambda: tokenizer.decode([50290]), "50290", kind=ValueError)
-raises(lambda: PicoTokenizer(Tokenizer.from_file(str(SHARED_TOKENIZER)), mask_id=50279), "data.mask_id=50279", kind=ValueError)
+raises(lambda: PicoTokenizer(Tokenizer.from_file(str(SHARED_TOKENIZER)), mask_id=50279), "data.mask_id=50279",
+       kind=ValueError)
 
 # %% [markdown]
 # Unicode text comes back exactly when it is already NFC: the tokenizer's normalizer composes
@@ -222,7 +230,8 @@ def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = N
         except Exception as e:  # offline, unreachable, gated: say where else a tokenizer could come from
             local = os.environ.get("PICOMAML_DATA")
             raise ConfigError(f"no tokenizer: data.tokenizer_path is empty, PICOMAML_DATA={local or '(unset)'} has no "
-                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched ({type(e).__name__}); "
+                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched "
+                              f"({type(e).__name__}); "
                               f"set data.tokenizer_path or PICOMAML_DATA, or allow Hub access") from None
     else:
         path = source
@@ -312,7 +321,8 @@ def alpha_len_table(self: PicoTokenizer) -> torch.Tensor:
 
 # %%
 word_start, alpha_len = tokenizer.word_start_table(), tokenizer.alpha_len_table()
-assert word_start.shape == alpha_len.shape == (50280,) and word_start.dtype == torch.bool and alpha_len.dtype == torch.long
+assert (word_start.shape == alpha_len.shape == (50280,) and word_start.dtype == torch.bool
+        and alpha_len.dtype == torch.long)
 ids = tokenizer.encode("The Paris lobster's claws, end.\nNew")
 table = {tokenizer.id_to_token(i): (bool(word_start[i]), int(alpha_len[i])) for i in ids}
 assert table["The"] == (False, 3)       # first word of a text: no leading space, so not a word start
@@ -323,8 +333,10 @@ assert table[","] == (True, 0) and table["."] == (True, 0) and table["Ċ"] == (T
 starts_of = lambda text: [(tokenizer.id_to_token(i), bool(word_start[i])) for i in tokenizer.encode(text)]
 assert starts_of(" won’t She's Fox6") == [("Ġwon", True), ("âĢĻ", False), ("t", False), ("ĠShe", True), ("'s", False),
                                          ("ĠFox", True), ("6", False)]   # âĢĻ is ’ in byte-level spelling
-assert starts_of(" dogs' bowls 'cat', cat-like") == [("Ġdogs", True), ("'", False), ("Ġbowls", True), ("Ġ'", True), ("cat", False),
-                                                     ("',", False), ("Ġcat", True), ("-", True), ("like", False)]
+assert starts_of(" dogs' bowls 'cat', cat-like") == [("Ġdogs", True), ("'", False), ("Ġbowls", True), ("Ġ'", True),
+                                                     ("cat", False), ("',", False), ("Ġcat", True), ("-", True),
+                                                     ("like", False)]
+
 assert [ok for _, ok in starts_of("日本語")] == [False, False, False]  # 日本 + two byte pieces of 語 (U+FFFD alone)
 assert all(not word_start[i] for i, t in enumerate(tokenizer.token_texts()) if t.startswith(tuple(APOSTROPHES)))
 for special in (tokenizer.eos_id, 1, 0):  # <|endoftext|>, <|padding|>, |||IP_ADDRESS|||

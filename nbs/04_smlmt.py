@@ -139,14 +139,16 @@ assert not torch.equal(_draw(42, 7), _draw(42, 8)) and not torch.equal(_draw(1, 
 # %%
 _toy_tokens = ["<|padding|>", "<|endoftext|>", "Ġthe", "Ġcat", "Ġdog", "Ġrun", "ning", ",", ".",
                "Ġox", "Ġmat", "Ġsun", "Ġ42", "Ġsky", "Ġbird", "Ġfish", "Ġtree", "Ġrock", "'t", "'", "6"]
-_glued = lambda t: any(c.isalnum() for c in t) or t.startswith("'")                               # continues the word before
+# continues the word before
+_glued = lambda t: any(c.isalnum() for c in t) or t.startswith("'")
 _TOY_WORD_START = torch.tensor([t.startswith(("Ġ", "<|")) or not _glued(t) for t in _toy_tokens])  # (V,)
 _TOY_ALPHA_LEN = torch.tensor([len(t.lstrip("Ġ")) if t.lstrip("Ġ").isalpha() else 0
                                for t in _toy_tokens])                                             # (V,)
 _TOY_SPECIAL = [0, 1]
 _tid = {t.lstrip("Ġ"): i for i, t in enumerate(_toy_tokens)}
 assert _TOY_ALPHA_LEN[_tid["cat"]] == 3 and _TOY_ALPHA_LEN[_tid["42"]] == 0 and not _TOY_WORD_START[_tid["ning"]]
-assert _TOY_WORD_START[_tid[","]] and not _TOY_WORD_START[_tid["'t"]] and not _TOY_WORD_START[_tid["'"]] and not _TOY_WORD_START[_tid["6"]]
+assert (_TOY_WORD_START[_tid[","]] and not _TOY_WORD_START[_tid["'t"]] and not _TOY_WORD_START[_tid["'"]]
+        and not _TOY_WORD_START[_tid["6"]])
 
 
 # %%
@@ -161,7 +163,8 @@ def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torc
     frequent = torch.zeros_like(special)
     frequent[counts.argsort(descending=True, stable=True)[:exclude_top]] = True
     word_ok = word_start & (alpha_len >= min_word_chars) & ~special & ~frequent          # (V,)
-    ends_word = word_start | special                                                     # (V,) a boundary lies before it
+    # (V,) a boundary lies before it
+    ends_word = word_start | special
     cand = torch.zeros_like(pool, dtype=torch.bool)                                      # (R, L)
     cand[:, :-1] = word_ok[pool[:, :-1]] & ends_word[pool[:, 1:]]
     return cand
@@ -179,7 +182,8 @@ assert _got[5] and not _got[0] and _got[1] and _got[7]
 assert not candidate_mask(torch.tensor([_w("cat cat")]), *_args, 3, 0)[0, 1]  # the last column never
 _row = torch.tensor([_w("cat 't dog ' sun 6 sky ' fish , tree <|endoftext|> rock")])
 #                            cat   't     dog   '      sun   6      sky   '      fish  ,      tree  EOS    rock(last)
-assert candidate_mask(_row, *_args, 3, 0)[0].tolist() == [False, False, False, False, False, False, False, False, True, False, True, False, False]
+assert candidate_mask(_row, *_args, 3, 0)[0].tolist() == [False, False, False, False, False, False, False, False, True,
+                                                          False, True, False, False]
 
 
 # %% [markdown]
@@ -274,8 +278,8 @@ def allocate_windows(rows, starts, words, priority, *, need: int, n_rows: int, n
 
 # %%
 _s = torch.tensor([0, 2, 5, 9]); _r = torch.zeros(4, dtype=torch.long); _wd = torch.tensor([7, 8, 9, 6])
-_alloc = lambda prio, words=_wd, need=1: allocate_windows(_r, _s, words, torch.tensor(prio), need=need, n_rows=1, n_starts=10, window=4,
-                                                                              n_vocab=10).tolist()
+_alloc = lambda prio, words=_wd, need=1: allocate_windows(_r, _s, words, torch.tensor(prio), need=need, n_rows=1,
+                                                          n_starts=10, window=4, n_vocab=10).tolist()
 assert _alloc([1, 9, 2, 3]) == [False, True, False, True]
 assert _alloc([5, 1, 4, 3]) == [True, False, True, True]
 assert _alloc([5, 1, 4, 3], words=torch.tensor([7, 8, 7, 6])) == [True, False, False, True]
@@ -310,10 +314,12 @@ def cut_windows(pool, rows, cols, window: int, mask_id: int, readout: str):
 _pool = torch.arange(20).view(2, 10)
 _ids, _ro, _mp = cut_windows(_pool, torch.tensor([0, 1, 1]), torch.tensor([1, 5, 9]), 4, 99, "last")
 assert _ids.tolist() == [[0, 99, 2, 3], [13, 14, 99, 16], [16, 17, 18, 99]] and _mp.tolist() == [1, 2, 3]
-assert _ro.tolist() == [3, 3, 3] and cut_windows(_pool, torch.tensor([1]), torch.tensor([5]), 4, 99, "mask")[1].tolist() == [2]
+assert (_ro.tolist() == [3, 3, 3]
+        and cut_windows(_pool, torch.tensor([1]), torch.tensor([5]), 4, 99, "mask")[1].tolist() == [2])
 _pool = torch.tensor([[7, 3, 7, 4, 7, 5, 7]])                                 # the word 7 four times
 _ids, _ro, _mp = cut_windows(_pool, torch.tensor([0]), torch.tensor([2]), 5, 99, "mask")
-assert _ids.tolist() == [[99, 3, 99, 4, 99]] and _mp.tolist() == [2] and _ro.tolist() == [2]  # all masked, the centre read
+# all masked, the centre read
+assert _ids.tolist() == [[99, 3, 99, 4, 99]] and _mp.tolist() == [2] and _ro.tolist() == [2]
 
 
 # %% [markdown]
@@ -358,9 +364,11 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
                            f"lower smlmt.window or raise data.seq_len")
     if len(word_start) != len(alpha_len) or int(pool.max()) >= len(word_start) or int(pool.min()) < 0:
         raise ValueError(f"pool ids span {int(pool.min())}..{int(pool.max())} but the word_start/alpha_len tables have "
-                         f"{len(word_start)}/{len(alpha_len)} entries; build both from the tokenizer that made the pool")
+                         f"{len(word_start)}/{len(alpha_len)} entries; "
+                         f"build both from the tokenizer that made the pool")
     if bool((pool == mask_id).any()):
-        raise ValueError(f"pool already holds the [MASK] id {mask_id} (data.mask_id); it must be an id no text produces")
+        raise ValueError(f"pool already holds the [MASK] id {mask_id} (data.mask_id); "
+                         f"it must be an id no text produces")
 
 
 # %%
@@ -405,7 +413,8 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     occ_order = torch.randperm(len(words), generator=gen).to(dev)              # (n,) occurrence order
     priority = (V - word_order[words]) * (len(words) + 1) + occ_order
     starts = window_starts(cols, L, cfg.window)
-    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1, window=cfg.window, n_vocab=V)
+    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1,
+                            window=cfg.window, n_vocab=V)
     ready_words = (torch.bincount(words[kept], minlength=V) == need).nonzero().squeeze(1)  # words with K+Q windows
     if len(ready_words) < cfg.n_way:
         raise too_few_words((R, L), cfg, len(words.unique()), len(ready_words))
@@ -459,12 +468,15 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
     mask_pos, readout = (torch.cat([getattr(ep, f"{p}_{k}") for p in parts]) for k in ("mask_pos", "readout"))
     word = ep.class_ids[labels.clamp(0, N - 1)]                                  # (N*(K+Q),) each window's class word
     starts = pos[:, 1] - mask_pos
-    text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]  # (N*(K+Q), W)
+    # (N*(K+Q), W)
+    text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]
     masked = ids == mask_id
     same_row = pos[:, None, 0] == pos[None, :, 0]
-    overlap = same_row & ((starts[:, None] - starts[None, :]).abs() < W) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
+    overlap = same_row & ((starts[:, None] - starts[None, :]).abs() < W) & ~torch.eye(len(ids), dtype=torch.bool,
+                                                                                      device=ids.device)
     checks = {
-        "shapes": ep.support_ids.shape == (N * K, W) and ep.query_ids.shape == (N * Q, W) and ep.class_ids.shape == (N,),
+        "shapes": ep.support_ids.shape == (N * K, W) and ep.query_ids.shape == (N * Q, W)
+            and ep.class_ids.shape == (N,),
         "labels 0..N-1, K and Q per class": bool((ep.support_labels.bincount(minlength=N) == K).all())
             and bool((ep.query_labels.bincount(minlength=N) == Q).all()),
         "distinct classes": len(ep.class_ids.unique()) == N,
@@ -507,7 +519,8 @@ import copy
 _i = next(i for i, w in enumerate(_ep.support_ids) if (w != 99).any())       # a window with a token left
 _j = int((_ep.support_ids[_i] != 99).nonzero()[0])
 _bad = copy.deepcopy(_ep); _bad.support_ids[_i, _j] = 99
-assert episode_problems(_bad, _toy_pool, _toy_cfg, 99) == ["[MASK] on every occurrence of the class word and nowhere else"]
+assert episode_problems(_bad, _toy_pool, _toy_cfg, 99) == [
+    "[MASK] on every occurrence of the class word and nowhere else"]
 _bad = copy.deepcopy(_ep); _bad.support_ids[0, _bad.support_mask_pos[0]] = _bad.class_ids[_bad.support_labels[0]]
 assert {"no window shows its class word", "[MASK] at mask_pos"} <= set(episode_problems(_bad, _toy_pool, _toy_cfg, 99))
 _bad = copy.deepcopy(_ep); _bad.support_labels[0] = (_bad.support_labels[0] + 1) % 3
@@ -523,12 +536,16 @@ assert "no two windows overlap" in episode_problems(_bad, _toy_pool, _toy_cfg, 9
 # %%
 from dataclasses import replace
 
-_released_cfg = SMLMTConfig(n_way=3, k_shot=2, q_query=2, window=5, min_word_chars=3, exclude_top=1, query_source="support")
-_rep = build_episode(_toy_pool, _released_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, mask_id=99, seed=42, step=0)
+_released_cfg = SMLMTConfig(n_way=3, k_shot=2, q_query=2, window=5, min_word_chars=3, exclude_top=1,
+                            query_source="support")
+_rep = build_episode(_toy_pool, _released_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, mask_id=99, seed=42,
+                     step=0)
 assert episode_problems(_rep, _toy_pool, _released_cfg, 99) == [] and torch.equal(_rep.query_ids, _rep.support_ids)
 assert _rep.support_ids.shape == (6, 5) and torch.equal(_rep.query_labels, _rep.support_labels)
-assert "query set as configured" in episode_problems(_ep, _toy_pool, replace(_toy_cfg, query_source="support", q_query=2), 99)
-raises(lambda: build_episode(_toy_pool, replace(_released_cfg, q_query=1), _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99),
+assert "query set as configured" in episode_problems(_ep, _toy_pool,
+                                                     replace(_toy_cfg, query_source="support", q_query=2), 99)
+raises(lambda: build_episode(_toy_pool, replace(_released_cfg, q_query=1), _TOY_WORD_START, _TOY_ALPHA_LEN,
+                             _TOY_SPECIAL, 99),
         "smlmt.q_query (1) must equal smlmt.k_shot (2)")
 
 # %% [markdown]
@@ -562,8 +579,11 @@ assert all(not (_support_occ(e) & set(map(tuple, e.query_pos.tolist()))) for e i
 
 # %%
 raises(lambda: _build(cfg=SMLMTConfig(**{**vars(_toy_cfg), "n_way": 12})),
-        "8 x 40 = 320 tokens", "smlmt.n_way = 12", "smlmt.pool_rows", "data.seq_len", "smlmt.exclude_top", "smlmt.min_word_chars")
-raises(lambda: build_episode(_toy_pool[:1, :6], _toy_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99), "1 x 6 = 6 tokens")
+        "8 x 40 = 320 tokens", "smlmt.n_way = 12", "smlmt.pool_rows", "data.seq_len", "smlmt.exclude_top",
+       "smlmt.min_word_chars")
+raises(lambda: build_episode(_toy_pool[:1, :6], _toy_cfg, _TOY_WORD_START, _TOY_ALPHA_LEN, _TOY_SPECIAL, 99),
+       "1 x 6 = 6 tokens")
+
 
 # %% [markdown]
 # ## A real episode from C4

@@ -225,7 +225,8 @@ residual = 0.5 - F.one_hot(labels, 2).float()  # (S, N): softmax(0) - onehot
 assert torch.allclose(fast["mlp.0.weight"], -0.5 * residual.T @ feats / 3)
 assert torch.allclose(fast["mlp.0.bias"], -0.5 * residual.mean(0))
 assert torch.equal(one.mlp[0].weight, torch.zeros(2, 3)) and all(w.is_leaf and w.requires_grad for w in fast.values())
-assert all(torch.equal(w, p) for w, p in zip(adapt(one, feats, labels, MAMLConfig(inner_steps=0)).values(), one.parameters()))
+assert all(torch.equal(w, p)
+           for w, p in zip(adapt(one, feats, labels, MAMLConfig(inner_steps=0)).values(), one.parameters()))
 
 # %% [markdown]
 # With dropout on, the same `seed` gives the same phi_T (as every rank needs), and the caller's RNG
@@ -257,7 +258,7 @@ assert not all(torch.equal(a[k], c[k]) for k in a)
 #| export
 def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
                readout: torch.Tensor, labels: torch.Tensor, *, class_ids: torch.Tensor | None = None):
-    "Summed query cross-entropy under phi_T (graph through backbone and fast weights), the number correct, the features (detached)."
+    "Summed query CE under phi_T (graph through backbone and fast weights), the number correct, features (detached)."
     feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
     logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
@@ -358,7 +359,7 @@ assert (mean, std) == (w_classes.mean().item(), w_classes.std().item())
 @torch.no_grad()
 def head_scores(head: nn.Module, weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
                 class_ids: torch.Tensor | None = None) -> tuple[float, int]:
-    "(summed cross-entropy, number correct) of the head at `weights` on features (n, d), in eval mode; its mode is restored."
+    "(summed CE, number correct) of the head at `weights` on features (n, d), in eval mode; its mode is restored."
     was_training = head.training
     head.eval()
     try: logits = functional_call(head, weights, (feats, class_ids)).float()  # (n, N)
@@ -381,11 +382,13 @@ acc_head = MAMLHead(3, 2, MAMLConfig(head_layers=3, head_hidden=16, head_dropout
 acc_phi = {name: p.detach() for name, p in acc_head.named_parameters()}
 acc_feats, acc_labels = torch.randn(40, 3), torch.randint(2, (40,))
 with torch.no_grad():
-    noisy = {(functional_call(acc_head, acc_phi, (acc_feats,)).argmax(-1) == acc_labels).float().mean().item() for _ in range(20)}
+    noisy = {(functional_call(acc_head, acc_phi, (acc_feats,)).argmax(-1) == acc_labels).float().mean().item()
+             for _ in range(20)}
     clean = (functional_call(acc_head.eval(), acc_phi, (acc_feats,)).argmax(-1) == acc_labels).float().mean().item()
 acc_head.train()
 rng = torch.get_rng_state()
-assert len(noisy) > 1 and all(abs(support_accuracy(acc_head, acc_phi, acc_feats, acc_labels) - clean) < 1e-6 for _ in range(3))
+assert len(noisy) > 1 and all(abs(support_accuracy(acc_head, acc_phi, acc_feats, acc_labels) - clean) < 1e-6
+                              for _ in range(3))
 assert torch.equal(torch.get_rng_state(), rng) and acc_head.training and all(m.training for m in acc_head.modules())
 
 
@@ -408,17 +411,20 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig, *,
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
     after = head_scores(head, fast, feats, episode.support_labels, episode.class_ids)
     labels, (mean, std) = episode.query_labels[query_part], head_weight_stats(head, fast, episode.class_ids)
-    stats = dict(support_acc=after[1] / n_support, support_loss=after[0] / n_support, support_acc_phi0=before[1] / n_support,
-                 support_loss_phi0=before[0] / n_support, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
+    stats = dict(support_acc=after[1] / n_support, support_loss=after[0] / n_support,
+                 support_acc_phi0=before[1] / n_support, support_loss_phi0=before[0] / n_support,
+                 query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
     if len(labels) == 0:  # no query rows here: no backbone call
-        return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0, **stats)
+        return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0,
+                    **stats)
     loss_sum, n_correct, query_feats = query_loss(backbone, head, fast, episode.query_ids[query_part],
-                                                  episode.query_readout[query_part], labels, class_ids=episode.class_ids)
+                                                  episode.query_readout[query_part], labels,
+                                                  class_ids=episode.class_ids)
     loss_phi0_sum, correct_phi0 = head_scores(head, phi_0, query_feats, labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
-    return dict(loss=loss.item(), query_correct=n_correct, query_correct_phi0=correct_phi0, query_loss_phi0_sum=loss_phi0_sum,
-                head_grad_norm=add_fast_grads(head, fast), **stats)
+    return dict(loss=loss.item(), query_correct=n_correct, query_correct_phi0=correct_phi0,
+                query_loss_phi0_sum=loss_phi0_sum, head_grad_norm=add_fast_grads(head, fast), **stats)
 
 
 # %% [markdown]
@@ -433,18 +439,22 @@ def toy_episode(n_way=3, k_shot=2, q_query=2, window=5, vocab=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     s, q = n_way * k_shot, n_way * q_query
     return SimpleNamespace(
-        support_ids=torch.randint(vocab, (s, window), generator=g), support_labels=torch.arange(n_way).repeat_interleave(k_shot),
+        support_ids=torch.randint(vocab, (s, window), generator=g),
+        support_labels=torch.arange(n_way).repeat_interleave(k_shot),
         support_readout=torch.randint(window, (s,), generator=g),
-        query_ids=torch.randint(vocab, (q, window), generator=g), query_labels=torch.arange(n_way).repeat_interleave(q_query),
+        query_ids=torch.randint(vocab, (q, window), generator=g),
+        query_labels=torch.arange(n_way).repeat_interleave(q_query),
         query_readout=torch.randint(window, (q,), generator=g), class_ids=torch.randperm(vocab, generator=g)[:n_way])
 
 def grads_of(*modules):
     "Every parameter's .grad, cloned, keyed by module index and name (None where nothing reached it)."
-    return {f"{i}.{n}": None if p.grad is None else p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+    return {f"{i}.{n}": None if p.grad is None else p.grad.clone()
+            for i, m in enumerate(modules) for n, p in m.named_parameters()}
 
 def same_grads(got, want, atol):
     "The same parameters hold a gradient, and those gradients agree to `atol`."
-    return got.keys() == want.keys() and all((g is None) == (want[k] is None) and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0))
+    return got.keys() == want.keys() and all((g is None) == (want[k] is None)
+                                             and (g is None or torch.allclose(g, want[k], atol=atol, rtol=0))
                                              for k, g in got.items())
 
 
@@ -465,7 +475,8 @@ def maml_step_recompute(backbone, head, episode, cfg):
         feats = readout_features(backbone.hidden(episode.support_ids), episode.support_readout)
         loss = F.cross_entropy(head(feats, episode.class_ids), episode.support_labels)
         with torch.no_grad():
-            for p, g in zip(head.parameters(), torch.autograd.grad(loss, list(head.parameters()))): p -= cfg.inner_lr * g
+            for p, g in zip(head.parameters(), torch.autograd.grad(loss, list(head.parameters()))):
+                p -= cfg.inner_lr * g
     phi_T = [p.detach().clone() for p in head.parameters()]
     feats = readout_features(backbone.hidden(episode.query_ids), episode.query_readout)
     loss = F.cross_entropy(head(feats, episode.class_ids), episode.query_labels)
@@ -484,12 +495,14 @@ def maml_step_recompute(backbone, head, episode, cfg):
 # %%
 def tiny_pico():
     "A 2-block float64 Pico decoder over a 40-token vocabulary."
-    return PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16)).double()
+    return PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40,
+                                   max_seq_len=16)).double()
 
 
 # %%
 for head_output in ("classes", "vocab"):
-    cfg = MAMLConfig(inner_steps=10, inner_lr=0.5, head_layers=3, head_hidden=16, head_dropout=0.0, head_output=head_output)
+    cfg = MAMLConfig(inner_steps=10, inner_lr=0.5, head_layers=3, head_hidden=16, head_dropout=0.0,
+                     head_output=head_output)
     torch.manual_seed(0)
     backbone, head = tiny_pico(), MAMLHead(24, 3, cfg, vocab_size=40).double()
     episode = toy_episode()
@@ -497,7 +510,8 @@ for head_output in ("classes", "vocab"):
     ref_loss, ref_phi_T = maml_step_recompute(backbone, head, episode, cfg)
     ref_grads = grads_of(backbone, head)
     for m in (backbone, head): m.zero_grad(set_to_none=True)
-    fast = adapt(head, support_features(backbone, episode.support_ids, episode.support_readout), episode.support_labels, cfg, episode.class_ids)
+    fast = adapt(head, support_features(backbone, episode.support_ids, episode.support_readout), episode.support_labels,
+                 cfg, episode.class_ids)
     out = maml_step(backbone, head, episode, cfg)
     assert all(torch.allclose(w, r, atol=1e-6, rtol=0) for w, r in zip(fast.values(), ref_phi_T))
     assert not torch.allclose(ref_phi_T[0], phi_0[0], atol=1e-2)  # the inner loop really moved the head
@@ -524,10 +538,12 @@ for m in (backbone, head): m.zero_grad(set_to_none=True)
 torch.manual_seed(9)
 feats = support_features(backbone, episode.support_ids, episode.support_readout)
 fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=3)
-loss_sum, _, _ = query_loss(backbone, head, fast, episode.query_ids, episode.query_readout, episode.query_labels, class_ids=episode.class_ids)
+loss_sum, _, _ = query_loss(backbone, head, fast, episode.query_ids, episode.query_readout, episode.query_labels,
+                            class_ids=episode.class_ids)
 (loss_sum / len(episode.query_labels)).backward()
 add_fast_grads(head, fast)
-assert out["loss"] == (loss_sum / len(episode.query_labels)).item() and same_grads(measured, grads_of(backbone, head), 0)
+assert (out["loss"] == (loss_sum / len(episode.query_labels)).item()
+        and same_grads(measured, grads_of(backbone, head), 0))
 with torch.no_grad():
     eval_acc = (functional_call(head.eval(), fast, (feats,)).argmax(-1) == episode.support_labels).float().mean().item()
 head.train()
@@ -568,7 +584,8 @@ A, c = head.mlp[0].weight.detach().clone(), head.mlp[0].bias.detach().clone()
 X_S, X_Q = (readout_features(backbone.emb[episode.support_ids], episode.support_readout),
             readout_features(backbone.emb[episode.query_ids], episode.query_readout))
 W = backbone.W.detach()
-Z_S, Z_Q, Y_S, Y_Q = X_S @ W.T, X_Q @ W.T, F.one_hot(episode.support_labels, 3).double(), F.one_hot(episode.query_labels, 3).double()
+Z_S, Z_Q, Y_S, Y_Q = (X_S @ W.T, X_Q @ W.T, F.one_hot(episode.support_labels, 3).double(),
+                      F.one_hot(episode.query_labels, 3).double())
 for _ in range(cfg.inner_steps):
     R = torch.softmax(Z_S @ A.T + c, -1) - Y_S  # (S, N)
     A, c = A - cfg.inner_lr * R.T @ Z_S / len(R), c - cfg.inner_lr * R.mean(0)
@@ -602,11 +619,15 @@ whole_grads = grads_of(backbone, head)
 earlier = {k: torch.randn_like(p) for k, p in named.items()}  # left by a previous micro-batch
 for k, p in named.items(): p.grad = earlier[k].clone()
 halves = [slice(0, 3), slice(3, 6)]
-everyone = lambda local, rank: torch.cat([local if r == rank else support_features(backbone, episode.support_ids[part], episode.support_readout[part])
+everyone = lambda local, rank: torch.cat([local if r == rank else support_features(backbone, episode.support_ids[part],
+                                                                                  episode.support_readout[part])
                                           for r, part in enumerate(halves)])
-parts = [maml_step(backbone, head, episode, cfg, gather=lambda f, r=r: everyone(f, r), support_part=halves[r], query_part=halves[r]) for r in (0, 1)]
-assert same_grads(grads_of(backbone, head), {k: earlier[k] + (0 if g is None else g) for k, g in whole_grads.items()}, 1e-6)
-assert abs(sum(p["loss"] for p in parts) - whole["loss"]) < 1e-12 and sum(p["query_correct"] for p in parts) == whole["query_correct"]
+parts = [maml_step(backbone, head, episode, cfg, gather=lambda f, r=r: everyone(f, r), support_part=halves[r],
+                   query_part=halves[r]) for r in (0, 1)]
+assert same_grads(grads_of(backbone, head), {k: earlier[k] + (0 if g is None else g) for k, g in whole_grads.items()},
+                  1e-6)
+assert (abs(sum(p["loss"] for p in parts) - whole["loss"]) < 1e-12
+        and sum(p["query_correct"] for p in parts) == whole["query_correct"])
 assert parts[0]["support_acc"] == parts[1]["support_acc"] == whole["support_acc"]
 assert all(torch.equal(p, p0) for p, p0 in zip(head.parameters(), phi_0))
 
@@ -622,7 +643,8 @@ for ep in episodes:
     maml_step(backbone, head, ep, cfg); alone.append(grads_of(backbone, head))
 for p in named.values(): p.grad = None
 for ep in episodes: maml_step(backbone, head, ep, cfg, loss_scale=0.5)
-assert same_grads(grads_of(backbone, head), {k: None if g is None else (g + alone[1][k]) / 2 for k, g in alone[0].items()}, 1e-6)
+assert same_grads(grads_of(backbone, head),
+                  {k: None if g is None else (g + alone[1][k]) / 2 for k, g in alone[0].items()}, 1e-6)
 raises(lambda: maml_step(backbone, head, episodes[0], cfg, gather=lambda f: f, support_part=halves[0]),
        "gather returned 3 support features, the episode has 6", kind=ValueError)
 
@@ -641,11 +663,13 @@ class RefusesEmpty(nn.Module):
 
 for p in named.values(): p.grad = None
 refusing, all_rows, no_rows = RefusesEmpty(backbone), slice(0, 6), slice(6, 6)
-parts = [maml_step(refusing, head, episodes[0], cfg, gather=lambda f: torch.cat([f, support_features(refusing, episodes[0].support_ids[:0],
-                                                                                                        episodes[0].support_readout[:0])]),
+parts = [maml_step(refusing, head, episodes[0], cfg,
+                   gather=lambda f: torch.cat([f, support_features(refusing, episodes[0].support_ids[:0],
+                                                                   episodes[0].support_readout[:0])]),
                    support_part=all_rows, query_part=all_rows),
-         maml_step(refusing, head, episodes[0], cfg, gather=lambda f: torch.cat([support_features(backbone, episodes[0].support_ids,
-                                                                                                  episodes[0].support_readout), f]),
+         maml_step(refusing, head, episodes[0], cfg,
+                   gather=lambda f: torch.cat([support_features(backbone, episodes[0].support_ids,
+                                                                episodes[0].support_readout), f]),
                    support_part=no_rows, query_part=no_rows)]
 assert parts[1]["query_count"] == 0 and parts[1]["loss"] == 0 and parts[1]["support_acc"] == parts[0]["support_acc"]
 assert same_grads(grads_of(backbone, head), {k: v for k, v in alone[0].items()}, 1e-6)
@@ -666,7 +690,8 @@ bf16_backbone, bf16_head = tiny_pico().float(), MAMLHead(24, 3, cfg)
 bf16_grads = []
 for cache in (True, False):
     for m in (bf16_backbone, bf16_head): m.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache): maml_step(bf16_backbone, bf16_head, toy_episode(seed=5), cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+        maml_step(bf16_backbone, bf16_head, toy_episode(seed=5), cfg)
     bf16_grads.append(grads_of(bf16_backbone))
 assert all(bf16_grads[0][k] is not None and bf16_grads[0][k].abs().sum() > 0 for k in bf16_grads[0] if ".layers." in k)
 assert same_grads(bf16_grads[0], bf16_grads[1], 0)
@@ -692,9 +717,10 @@ def separable_episode(g, n_classes=20, n_way=5, k_shot=4, q_query=4, per_class=8
     ids = classes[:, None] * per_class + order[None, :k_shot + q_query]  # (N, K+Q) distinct examples
     labels = torch.arange(n_way)
     sup, qry = ids[:, :k_shot].reshape(-1, 1), ids[:, k_shot:].reshape(-1, 1)  # windows of one token
-    return SimpleNamespace(support_ids=sup, support_labels=labels.repeat_interleave(k_shot), support_readout=torch.zeros(len(sup), dtype=torch.long),
-                           query_ids=qry, query_labels=labels.repeat_interleave(q_query), query_readout=torch.zeros(len(qry), dtype=torch.long),
-                           class_ids=classes)
+    return SimpleNamespace(support_ids=sup, support_labels=labels.repeat_interleave(k_shot),
+                           support_readout=torch.zeros(len(sup), dtype=torch.long),
+                           query_ids=qry, query_labels=labels.repeat_interleave(q_query),
+                           query_readout=torch.zeros(len(qry), dtype=torch.long), class_ids=classes)
 
 g = torch.Generator().manual_seed(0)
 prototypes = 2 * torch.randn(20, 16, generator=g)
@@ -722,7 +748,8 @@ from dataclasses import replace
 cfg = MAMLConfig(inner_steps=10, inner_lr=0.5, head_layers=2, head_hidden=32, head_dropout=0.0)
 outs = [maml_step(table, head, separable_episode(torch.Generator().manual_seed(i)), cfg) for i in range(50)]
 mean_of = lambda key: sum(o[key] for o in outs) / len(outs)
-assert mean_of("support_acc_phi0") < 0.35 < 0.9 < mean_of("support_acc") and mean_of("support_loss") < mean_of("support_loss_phi0")
+assert (mean_of("support_acc_phi0") < 0.35 < 0.9 < mean_of("support_acc")
+        and mean_of("support_loss") < mean_of("support_loss_phi0"))
 assert sum(o["query_correct_phi0"] for o in outs) / sum(o["query_count"] for o in outs) < 0.35
 still = maml_step(table, head, separable_episode(torch.Generator().manual_seed(0)), replace(cfg, inner_steps=0))
 assert still["support_acc"] == still["support_acc_phi0"] and still["query_correct"] == still["query_correct_phi0"]
@@ -739,25 +766,30 @@ assert abs(still["loss"] * still["query_count"] - still["query_loss_phi0_sum"]) 
 # 1/32 ≈ 0.03). The papers' setting is α = 1e-3, T = 10; the released trainer's α = 0.01.
 
 # %%
-def adaptation_table(lrs=(1e-3, 1e-2, 1e-1, 1.0), steps=(10, 100), scales=(1.0, 10.0), head_output="classes", episodes=10):
+def adaptation_table(lrs=(1e-3, 1e-2, 1e-1, 1.0), steps=(10, 100), scales=(1.0, 10.0), head_output="classes",
+                     episodes=10):
     "Mean support accuracy of phi_T on separable 32-way 4-shot features, per (inner lr, inner steps, feature scale)."
     g = torch.Generator().manual_seed(0)
     protos = torch.randn(64, 96, generator=g)
     rows = {}
     for scale in scales:
-        table = FeatureTable(scale * (protos[:, None] + 0.1 * torch.randn(64, 8, 96, generator=g)).flatten(0, 1))  # (512, 96)
+        # (512, 96)
+        table = FeatureTable(scale * (protos[:, None] + 0.1 * torch.randn(64, 8, 96, generator=g)).flatten(0, 1))
         for lr in lrs:
             for t in steps:
                 cfg = MAMLConfig(inner_steps=t, inner_lr=lr, head_dropout=0.0, head_output=head_output)
                 head = MAMLHead(96, 32, cfg, vocab_size=256)
-                eps = [separable_episode(torch.Generator().manual_seed(i), n_classes=64, n_way=32, k_shot=4, q_query=4) for i in range(episodes)]
+                eps = [separable_episode(torch.Generator().manual_seed(i), n_classes=64, n_way=32, k_shot=4, q_query=4)
+                       for i in range(episodes)]
                 rows[(lr, t, scale)] = sum(maml_step(table, head, e, cfg)["support_acc"] for e in eps) / episodes
     return rows
 
 known = adaptation_table()
-assert known[(1e-3, 10, 1.0)] < 0.1 < 0.8 < known[(1e-1, 10, 1.0)] and known[(1e-2, 10, 1.0)] < 0.3 and known[(1e-2, 10, 10.0)] > 0.9
+assert (known[(1e-3, 10, 1.0)] < 0.1 < 0.8 < known[(1e-1, 10, 1.0)] and known[(1e-2, 10, 1.0)] < 0.3
+        and known[(1e-2, 10, 10.0)] > 0.9)
 print("| inner lr | T | support acc (scale 1) | support acc (scale 10) |\n|---|---|---|---|")
-print("\n".join(f"| {lr:g} | {t} | {known[(lr, t, 1.0)]:.2f} | {known[(lr, t, 10.0)]:.2f} |" for lr in (1e-3, 1e-2, 1e-1, 1.0) for t in (10, 100)))
+print("\n".join(f"| {lr:g} | {t} | {known[(lr, t, 1.0)]:.2f} | {known[(lr, t, 10.0)]:.2f} |"
+                for lr in (1e-3, 1e-2, 1e-1, 1.0) for t in (10, 100)))
 
 # %% [markdown]
 # Measured (2 cores, 2026-12-01): at scale 1, α = 1e-3 gives 0.03 after 10 steps (chance) and 0.07
@@ -839,6 +871,8 @@ rows = []
 for head_output in ("classes", "vocab"):
     cfg = MAMLConfig(head_output=head_output)
     bench_head = MAMLHead(96, 32, cfg, vocab_size=50304)
-    cached, recomputed = (time_step(step, bench_backbone, bench_head, bench_episode, cfg) for step in (maml_step, maml_step_recompute))
+    cached, recomputed = (time_step(step, bench_backbone, bench_head, bench_episode, cfg)
+                          for step in (maml_step, maml_step_recompute))
     rows.append(f"| {head_output} | {cached:.1f} s | {recomputed:.1f} s | {recomputed / cached:.1f}× |")
-print("\n".join(["| head | cached support features | backbone re-run every inner step | ratio |", "|---|---|---|---|", *rows]))
+print("\n".join(["| head | cached support features | backbone re-run every inner step | ratio |", "|---|---|---|---|",
+                 *rows]))

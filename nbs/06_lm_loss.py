@@ -101,7 +101,8 @@ from picomaml.config import ModelConfig
 from picomaml.model import PicoDecoder
 
 torch.manual_seed(0)
-_toy = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40, max_seq_len=16))
+_toy = PicoDecoder(ModelConfig(d_model=24, n_layers=2, n_heads=6, n_kv_heads=2, ffn_hidden=48, vocab_size=40,
+                               max_seq_len=16))
 _rows = torch.randint(0, 40, (4, 7))  # (B, T + 1): 24 targets
 
 def _loss_and_grads(loss_fn, scale=1.0):
@@ -113,11 +114,14 @@ def _loss_and_grads(loss_fn, scale=1.0):
 
 _plain = lambda: F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1).float(), _rows[:, 1:].flatten(), reduction="sum")
 for _chunk, _scale in ((6, 1.0), (5, 0.25), (1024, 1.0)):
-    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain, _scale), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, _chunk), _scale)
+    (_want, _want_g), (_got, _got_g) = (_loss_and_grads(_plain, _scale),
+                                        _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, _chunk), _scale))
     assert abs(_got - _want) < 1e-4 * abs(_want)
-    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(_got_g, _want_g))  # float32 rounding of O(1) gradients
+    # float32 rounding of O(1) gradients
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(_got_g, _want_g))
 with torch.autocast("cpu", dtype=torch.bfloat16):  # the GPU path's precision: same loss, gradients to bf16 rounding
-    (_want, _want_g), (_got, _got_g) = _loss_and_grads(_plain), _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, 5))
+    (_want, _want_g), (_got, _got_g) = (_loss_and_grads(_plain),
+                                        _loss_and_grads(lambda: next_token_loss_sum(_toy, _rows, 5)))
 assert abs(_got - _want) < 1e-3 * abs(_want)
 assert all((g - w).abs().max() <= 1e-2 * w.abs().max() for g, w in zip(_got_g, _want_g))
 _mean = F.cross_entropy(_toy(_rows[:, :-1]).flatten(0, 1), _rows[:, 1:].flatten())
@@ -181,10 +185,12 @@ assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for c in (2, 1) for a, b i
 #| export
 @torch.no_grad()
 def document_sums(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    "[summed CE, targets, summed per-document perplexity, documents] of right-padded documents (B, L) of `lengths`, in float64."
+    "[summed CE, targets, summed per-document ppl, documents] of right-padded documents (B, L) of `lengths` in float64."
     logits = model(ids[:, :-1])  # (B, L - 1, V): each document its own sequence
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).double()
-    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]  # (B, L - 1) targets
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
+                         reduction="none").view(len(ids), -1).double()
+    # (B, L - 1) targets
+    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]
     ce = ce * mask
     per_document = ce.sum(1) / mask.sum(1)  # (B,) mean CE of each document
     return torch.stack([ce.sum(), mask.sum().double(), per_document.exp().sum(), per_document.new_tensor(len(ids))])
@@ -205,7 +211,9 @@ _documents = [torch.tensor([5, 1, 9, 2]), torch.tensor([3, 3]), torch.tensor([7,
 _ids = torch.zeros(3, 7, dtype=torch.long)
 for _i, _d in enumerate(_documents): _ids[_i, :len(_d)] = _d
 _lengths = torch.tensor([len(d) for d in _documents])
-_alone = [F.cross_entropy(_toy(d[None, :-1])[0], d[1:], reduction="none").double() for d in _documents]  # each without padding
+# each without padding
+_alone = [F.cross_entropy(_toy(d[None, :-1])[0], d[1:], reduction="none").double() for d in _documents]
+
 _ppl = perplexities(document_sums(_toy, _ids, _lengths))
 assert math.isclose(_ppl["paloma_doc_ppl"], sum(ce.mean().exp().item() for ce in _alone) / 3, rel_tol=1e-6)
 assert math.isclose(_ppl["paloma_ppl"], torch.cat(_alone).mean().exp().item(), rel_tol=1e-6)

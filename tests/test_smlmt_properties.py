@@ -1,4 +1,4 @@
-"""Property tests of the SMLMT episode sampler: random pools over a toy byte-level vocabulary, and real C4/Dolma rows."""
+"""Property tests of the SMLMT episode sampler: random pools over a toy byte-level vocabulary and real C4/Dolma rows."""
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -116,7 +116,7 @@ def real(tmp_path_factory):
 
 
 def glued_to_next(texts, row, c):
-    "The token at row[c] is not a whole word: what follows continues it (letter, digit, byte piece) or is an apostrophe clitic."
+    "row[c] is not a whole word: what follows continues it (letter, digit, byte piece) or is an apostrophe clitic."
     nxt = texts[row[c + 1]]
     if nxt[:1].isspace() or nxt == "<|endoftext|>": return False
     if nxt[:1].isalnum() or "\ufffd" in nxt: return True
@@ -144,7 +144,8 @@ def test_real_episodes_never_leak_and_never_split_a_word(real, offset, step):
     ep = build_episode(pool, real.cfg, real.ws, real.al, [real.tok.eos_id], real.tok.mask_id, seed=0, step=step)
     assert episode_problems(ep, pool, real.cfg, real.tok.mask_id) == []
     for ids, labels in ((ep.support_ids, ep.support_labels), (ep.query_ids, ep.query_labels)):
-        assert not bool((ids == ep.class_ids[labels][:, None]).any())          # leak rate 0: the answer is never in the window
+        # leak rate 0: the answer is never in the window
+        assert not bool((ids == ep.class_ids[labels][:, None]).any())
     split = [real.tok.decode(pool[r, c:c + 3]) for r, c in torch.cat([ep.support_pos, ep.query_pos]).tolist()
              if glued_to_next(real.texts, pool[r].tolist(), c)]
     assert split == []                                                         # no class word is a piece of "won't"
@@ -155,5 +156,7 @@ def test_real_candidates_are_whole_words(real):
     for pool in real.rows.split(512):
         cand = candidate_mask(pool, real.ws, real.al, [real.tok.eos_id, 1, real.tok.mask_id], real.cfg.min_word_chars,
                               real.cfg.exclude_top)
-        split = [real.tok.decode(pool[r, c:c + 3]) for r, c in cand.nonzero().tolist() if glued_to_next(real.texts, pool[r].tolist(), c)]
+        split = [real.tok.decode(pool[r, c:c + 3]) for r, c in cand.nonzero().tolist()
+                 if glued_to_next(real.texts, pool[r].tolist(), c)]
+
         assert split == []
