@@ -25,7 +25,8 @@ __all__ = ['RESUME_MAY_CHANGE', 'PRESETS_DIR', 'opt', 'Section', 'section_key', 
 
 # %% ../nbs/00_config.ipynb #72eb4f2b
 def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, name: bool = False):
-    "A dataclass field with a default, a help comment, optional allowed values, numeric bounds, or `name`: one directory name."
+    ("A dataclass field with a default, a help comment, optional allowed values, numeric bounds, "
+     "or `name`: one directory name.")
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "name": name}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -33,7 +34,8 @@ def opt(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, l
 
 # %% ../nbs/00_config.ipynb #b27aac89
 class Section:
-    "Base of the config sections: made checked (every value, then the section's `rules`); its key is its class name's stem."
+    ("Base of the config sections: made checked (every value, then the section's `rules`); "
+     "its key is its class name's stem.")
     def __post_init__(self): check_section(self)
 
     def rules(self) -> str:
@@ -57,12 +59,15 @@ class ModelConfig(Section):
     rope_theta: float = opt(10000.0, "RoPE base frequency", gt=0)
     norm_eps: float = opt(1e-6, "RMSNorm epsilon (computed in float32)", gt=0)
     init: str = opt("pytorch", "weight initialisation. pytorch: PyTorch's module defaults, as pico-train (nn.Linear "
-                    "U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Embedding N(0, 1)); normal: every linear and embedding weight N(0, init_std)",
+                    "U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nn.Embedding N(0, 1)); normal: every linear and embedding "
+                    "weight N(0, init_std)",
                     choices=("pytorch", "normal"))
-    init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch", gt=0)
+    init_std: float = opt(0.02, "standard deviation of init=normal (the GPT-2/LLaMA value); unused by init=pytorch",
+                          gt=0)
 
     def rules(self) -> str:
-        if self.d_model % self.n_heads: return f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+        if self.d_model % self.n_heads:
+            return f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
         if self.n_heads % self.n_kv_heads:
             return f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
         if (self.d_model // self.n_heads) % 2:
@@ -75,23 +80,27 @@ class DataConfig(Section):
     source: str = opt("auto", "auto: local path, else $PICOMAML_DATA, else the Hub; hub: always stream `*_hub`",
                       choices=("auto", "hub"))
     train_path: str = opt("", "local directory of parquet shards for pretraining; empty: the Hub dataset `train_hub`")
-    train_hub: str = opt("pico-lm/pretokenized-dolma", "Hub dataset (or a local directory in its layout) of pretraining rows")
+    train_hub: str = opt("pico-lm/pretokenized-dolma",
+                         "Hub dataset (or a local directory in its layout) of pretraining rows")
     rows_per_file: int = opt(20480, "rows in each parquet file of a streamed dataset (pretokenized-dolma: 20,480); "
                              "a row's file is its position // rows_per_file, so a resumed run opens that file", ge=1)
-    eval_path: str = opt("", "local directory of parquet shards for Paloma evaluation; empty: the Hub dataset `eval_hub`")
-    eval_hub: str = opt("pico-lm/pretokenized-paloma-tinsy", "Hub dataset (or a local directory in its layout) of Paloma rows")
+    eval_path: str = opt("", "local directory of parquet shards for Paloma evaluation; "
+                             "empty: the Hub dataset `eval_hub`")
+    eval_hub: str = opt("pico-lm/pretokenized-paloma-tinsy",
+                        "Hub dataset (or a local directory in its layout) of Paloma rows")
     eval_hub_split: str = opt("val", "split of `eval_hub` to stream")
     tokenizer_path: str = opt("", "local tokenizer.json; empty: $PICOMAML_DATA/tokenizer, else the Hub tokenizer")
     tokenizer_hub: str = opt("allenai/OLMo-7B-0724-hf", "Hub repository of the OLMo tokenizer")
     seq_len: int = opt(2048, "tokens per training sequence; shard rows hold seq_len + 1 ids", ge=1)
-    row_len: int = opt(0, "ids per stored row; 0: seq_len + 1. Longer rows are read cropped to their last seq_len + 1 ids "
-                          "(the released trainer: the last 512 of pretokenized-dolma's 2,049)", ge=0)
+    row_len: int = opt(0, "ids per stored row; 0: seq_len + 1. Longer rows are read cropped to their last "
+                          "seq_len + 1 ids (the released trainer: the last 512 of pretokenized-dolma's 2,049)", ge=0)
     eos_id: int = opt(50279, "end-of-document id of the OLMo tokenizer", ge=0)
     mask_id: int = opt(50280, "[MASK] id: the first free padded embedding row (no vocabulary resize)", ge=0)
 
     def rules(self) -> str:
         if 0 < self.row_len <= self.seq_len:
-            return (f"data.row_len={self.row_len} is shorter than data.seq_len + 1 = {self.seq_len + 1}: a row must hold a whole "
+            return (f"data.row_len={self.row_len} is shorter than data.seq_len + 1 = {self.seq_len + 1}: "
+                    f"a row must hold a whole "
                     f"training sequence and its last target; set data.row_len to the ids of each stored row, or 0")
         return ""
 
@@ -100,9 +109,12 @@ class DataConfig(Section):
 class TrainConfig(Section):
     steps: int = opt(6000, "optimizer steps", ge=1)
     global_batch: int = opt(2048, "sequences per optimizer step, over all ranks (1,024 for tiny)", ge=1)
-    branch_batch: int = opt(256, "sequences of one hybrid draw over all ranks: a next-token micro-batch or an episode's pool", ge=1)
-    chunk_rows: int = opt(0, "rows each rank runs forward/backward at once (memory only); 0: the largest the device fits", ge=0)
-    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, ~1/3 more compute")
+    branch_batch: int = opt(256, "sequences of one hybrid draw over all ranks: a next-token micro-batch or "
+                                 "an episode's pool", ge=1)
+    chunk_rows: int = opt(0, "rows each rank runs forward/backward at once (memory only); "
+                             "0: the largest the device fits", ge=0)
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward: "
+                                                "less memory, ~1/3 more compute")
     lr: float = opt(3e-4, "peak AdamW learning rate", gt=0)
     warmup_steps: int = opt(2500, "linear warmup steps", ge=0)
     schedule: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
@@ -110,20 +122,24 @@ class TrainConfig(Section):
     min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
     weight_decay: float = opt(0.01, "AdamW weight decay (torch.optim.AdamW's default, as pico-train)", ge=0)
     beta1: float = opt(0.9, "AdamW beta1 (PyTorch's default, as pico-train)", ge=0, le=0.999999)
-    beta2: float = opt(0.999, "AdamW beta2 (PyTorch's default, as pico-train; 0.95 is the common LLM choice)", ge=0, le=0.999999)
+    beta2: float = opt(0.999, "AdamW beta2 (PyTorch's default, as pico-train; 0.95 is the common LLM choice)",
+                       ge=0, le=0.999999)
     eps: float = opt(1e-8, "AdamW epsilon (PyTorch's default, as pico-train)", gt=0)
-    grad_clip: float = opt(0.0, "max global gradient norm; 0: no clipping (pico-train and the released trainer clip nothing)", ge=0)
-    device: str = opt("auto", "auto: the launch's GPUs when CUDA is usable, else CPU processes (said on one line); cuda: GPUs, "
-                      "or a one-line error naming why CUDA is unusable; cpu: CPU processes", choices=("auto", "cuda", "cpu"))
+    grad_clip: float = opt(0.0, "max global gradient norm; 0: no clipping "
+                                "(pico-train and the released trainer clip nothing)", ge=0)
+    device: str = opt("auto", "auto: the launch's GPUs when CUDA is usable, else CPU processes (said on one line); "
+                      "cuda: GPUs, or a one-line error naming why CUDA is unusable; cpu: CPU processes",
+                      choices=("auto", "cuda", "cpu"))
     precision: str = opt("auto", "auto: bf16-mixed on GPUs of compute capability 8.0 or newer, else 32-true",
                          choices=("auto", "bf16-mixed", "32-true", "16-mixed"))
-    collective_timeout_s: float = opt(1800.0, "seconds a collective (NCCL, gloo) waits for the other ranks before the job fails "
-                                      "(PyTorch's default, 30 minutes)", gt=0)
+    collective_timeout_s: float = opt(1800.0, "seconds a collective (NCCL, gloo) waits for the other ranks "
+                                      "before the job fails (PyTorch's default, 30 minutes)", gt=0)
     seed: int = opt(42, "seed of data order, episodes, branch draws and initialisation", ge=0)
 
     def rules(self) -> str:
         if self.global_batch % self.branch_batch:
-            return (f"train.global_batch={self.global_batch} must be a multiple of train.branch_batch={self.branch_batch} "
+            return (f"train.global_batch={self.global_batch} must be a multiple of "
+                    f"train.branch_batch={self.branch_batch} "
                     f"(paper: 2048 = 8 × 256); change one of them")
         return ""
 
@@ -132,9 +148,11 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     every: int = opt(100, "write a checkpoint every this many optimizer steps (step 0 and the last step always)", ge=1)
     log_spaced: bool = opt(False, "also checkpoint at steps 1, 2, 4, 8, ... (as Pythia)")
-    keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; older ones keep weights", ge=1)
+    keep_state: int = opt(2, "newest checkpoints that keep the optimizer and RNG state for resuming; "
+                             "older ones keep weights", ge=1)
     resume: bool = opt(True, "resume from the run directory's newest valid checkpoint")
-    resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; later steps are redone")
+    resume_from: str = opt("", "resume from this checkpoint (e.g. step_000400) instead of the newest; "
+                               "later steps are redone")
 
 # %% ../nbs/00_config.ipynb #ea1561eb
 @dataclass
@@ -144,11 +162,14 @@ class SMLMTConfig(Section):
     q_query: int = opt(4, "query windows per class, disjoint from the support windows", ge=1)
     window: int = opt(64, "tokens per episode window around each occurrence", ge=2)
     readout: str = opt("last", "feature position: last window token, or the [MASK] itself", choices=("last", "mask"))
-    pool_rows: int = opt(0, "rows (over all ranks) an episode draws from; 0: the branch micro-batch itself (the papers)", ge=0)
-    episode_scope: str = opt("gathered", "one episode from the pool gathered over ranks (paper 1 Algorithm 1), or one per rank "
-                                         "from its own rows (the released trainer)", choices=("gathered", "rank"))
-    query_source: str = opt("disjoint", "query windows at other occurrences than the support's (the papers), or the support "
-                                        "windows themselves (the released trainer; needs q_query = k_shot)", choices=("disjoint", "support"))
+    pool_rows: int = opt(0, "rows (over all ranks) an episode draws from; 0: the branch micro-batch itself "
+                            "(the papers)", ge=0)
+    episode_scope: str = opt("gathered", "one episode from the pool gathered over ranks (paper 1 Algorithm 1), "
+                                         "or one per rank from its own rows (the released trainer)",
+                             choices=("gathered", "rank"))
+    query_source: str = opt("disjoint", "query windows at other occurrences than the support's (the papers), "
+                                        "or the support windows themselves (the released trainer; "
+                                        "needs q_query = k_shot)", choices=("disjoint", "support"))
     min_word_chars: int = opt(3, "shortest eligible class word, in characters", ge=1)
     exclude_top: int = opt(100, "the most frequent ids of the pool (stop words) are never classes", ge=0)
 
@@ -168,13 +189,15 @@ class MAMLConfig(Section):
     head_hidden: int = opt(128, "hidden width of the MLP head", ge=1)
     head_dropout: float = opt(0.1, "dropout in the MLP head (never applied by the released trainer)", ge=0, le=0.999999)
     head_init: str = opt("xavier", "initialisation of the head's linear layers", choices=("xavier", "default"))
-    head_output: str = opt("classes", "N-way outputs, or the released trainer's vocabulary-indexed head", choices=("classes", "vocab"))
+    head_output: str = opt("classes", "N-way outputs, or the released trainer's vocabulary-indexed head",
+                           choices=("classes", "vocab"))
 
 # %% ../nbs/00_config.ipynb #c8ebcaeb
 @dataclass
 class EvalConfig(Section):
     every: int = opt(100, "evaluate every this many optimizer steps; 0 disables", ge=0)
-    max_documents: int = opt(0, "Paloma documents evaluated (the split's first), each on its own; 0: the whole split, as pico-train", ge=0)
+    max_documents: int = opt(0, "Paloma documents evaluated (the split's first), each on its own; "
+                                "0: the whole split, as pico-train", ge=0)
     batch_size: int = opt(16, "evaluation documents per device per forward", ge=1)
 
 # %% ../nbs/00_config.ipynb #2c9f322e
@@ -184,28 +207,33 @@ class SpectraConfig(Section):
     layers: list = opt(["attention.v_proj", "attention.o_proj", "swiglu.w_2"], "matrices analysed in every block")
     grad_rows: int = opt(0, "rows of the evaluation split (its first) whose mean next-token loss gives the gradients; "
                          "0: every row of the split, as pico-train's learning-dynamics gradient", ge=0)
-    grad_batch: int = opt(0, "rows per forward/backward of the gradient pass, accumulated over grad_rows (memory only); "
-                          "0: the largest the device fits", ge=0)
+    grad_batch: int = opt(0, "rows per forward/backward of the gradient pass, accumulated over grad_rows "
+                          "(memory only); 0: the largest the device fits", ge=0)
 
 # %% ../nbs/00_config.ipynb #53fc2ab0
 @dataclass
 class NERConfig(Section):
-    data_path: str = opt("", "local UNER directory (<dataset>/<dataset>-ud-<split>.iob2); empty: $PICOMAML_DATA/uner, else the Hub")
+    data_path: str = opt("", "local UNER directory (<dataset>/<dataset>-ud-<split>.iob2); "
+                             "empty: $PICOMAML_DATA/uner, else the Hub")
     data_hub: str = opt("universalner/universal_ner", "Hub dataset of Universal NER")
-    head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)", choices=("linear", "crf"))
+    head: str = opt("linear", "token classifier: linear (paper 1) or linear-chain CRF (paper 2)",
+                    choices=("linear", "crf"))
     regime: str = opt("head", "head: backbone frozen; full: every weight trains", choices=("head", "full"))
     train_sets: list = opt(["sk_snk"], "finetuning sources; `all` is the nine training sets together")
     lr: float = opt(3e-5, "AdamW learning rate (0: nothing trains, as the early-stopping test uses)", ge=0)
     epochs: int = opt(10, "at most this many epochs", ge=1)
     patience: int = opt(2, "stop after this many epochs without a better dev micro-F1", ge=1)
-    dev_every: int = opt(100, "also score dev micro-F1 every this many optimizer steps (a step-wise learning curve); 0: per epoch only", ge=0)
+    dev_every: int = opt(100, "also score dev micro-F1 every this many optimizer steps (a step-wise learning curve); "
+                              "0: per epoch only", ge=0)
     batch_size: int = opt(16, "sentences per step", ge=1)
     max_len: int = opt(512, "sub-tokens per window; longer sentences are split, never truncated", ge=2)
     seed: int = opt(0, "seed of the head initialisation and the batch order", ge=0)
     cache_features: bool = opt(True, "head-only: compute the frozen backbone's features once and train on the cache")
-    particles: list = opt(["si", "ni"], "case particles before a PER span that paper 2 Table 5 counts (its text names si/ni; "
+    particles: list = opt(["si", "ni"], "case particles before a PER span that paper 2 Table 5 counts "
+                          "(its text names si/ni; "
                           "[si, ni, ang, ng, sa, kay] adds the common-noun markers and kay)")
-    precision: str = opt("auto", "backbone passes: auto is bf16 autocast on GPUs of compute capability 8.0 or newer, else 32-true; "
+    precision: str = opt("auto", "backbone passes: auto is bf16 autocast on GPUs of compute capability 8.0 or newer, "
+                         "else 32-true; "
                          "the heads and the CRF always compute in float32", choices=("auto", "bf16-mixed", "32-true"))
 
 # %% ../nbs/00_config.ipynb #5cb6f0dc
@@ -255,11 +283,13 @@ def coerce_value(key: str, value, f: dataclasses.Field):
         raise ConfigError(f"{key}={value!r} must be one directory name (no '/', not '..'): the run is written to "
                           f"<logging.runs_dir>/<{key.split('.')[-1]}>, and a path would put it elsewhere")
     if f.metadata.get("name") and len(value.encode()) > 255:  # NAME_MAX of Linux and macOS file systems
-        raise ConfigError(f"{key} is {len(value.encode())} bytes long: a directory name may have at most 255; choose a shorter one")
+        raise ConfigError(f"{key} is {len(value.encode())} bytes long: a directory name may have at most 255; "
+                          f"choose a shorter one")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-    bounds = [(name, limit) for name, limit in (("ge", f.metadata.get("ge")), ("gt", f.metadata.get("gt")), ("le", f.metadata.get("le")))
+    bounds = [(name, limit) for name, limit in (("ge", f.metadata.get("ge")), ("gt", f.metadata.get("gt")),
+                                                ("le", f.metadata.get("le")))
               if limit is not None]
     for name, limit in bounds:
         if not {"ge": value >= limit, "gt": value > limit, "le": value <= limit}[name]:
@@ -280,7 +310,8 @@ def check_section(section: Section) -> None:
 def config_rules(cfg: Config) -> str:
     "Why values of different sections cannot go together, or ''."
     if cfg.maml.rho > 0 and cfg.smlmt.window > cfg.data.seq_len + 1:
-        return (f"smlmt.window={cfg.smlmt.window} is longer than a training row (data.seq_len + 1 = {cfg.data.seq_len + 1}); "
+        return (f"smlmt.window={cfg.smlmt.window} is longer than a training row "
+                f"(data.seq_len + 1 = {cfg.data.seq_len + 1}); "
                 f"lower smlmt.window or raise data.seq_len")
     return ""
 
@@ -372,7 +403,8 @@ def format_help(cfg: Config | None = None) -> str:
 
 # %% ../nbs/00_config.ipynb #eaade569
 RESUME_MAY_CHANGE = ("logging.", "eval.", "spectra.every", "spectra.grad_batch", "checkpoint.", "train.chunk_rows",
-                     "train.activation_checkpointing", "train.device", "train.collective_timeout_s", "train.steps", "ner.")
+                     "train.activation_checkpointing", "train.device", "train.collective_timeout_s", "train.steps",
+                     "ner.")
 
 def flat_config(cfg) -> dict:
     "`{'section.key': value}` of a Config or of its nested dict."
@@ -388,14 +420,17 @@ def config_changes(old, new) -> tuple[dict, dict]:
 
 # %% ../nbs/00_config.ipynb #b6a60f8d
 def local_data_dir() -> Path | None:
-    "`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, never a silent fall-back."
+    ("`$PICOMAML_DATA` as a directory, None when unset; set to anything but a directory is an error, "
+     "never a silent fall-back.")
     env = os.environ.get("PICOMAML_DATA")
     if not env: return None
     if not Path(env).is_dir():
-        raise ConfigError(f"PICOMAML_DATA={env} is not a directory: point it at a directory with pretokenized/, tokenizer/ and uner/ "
+        raise ConfigError(f"PICOMAML_DATA={env} is not a directory: point it at a directory with pretokenized/, "
+                          f"tokenizer/ and uner/ "
                           f"(see the README, 'Where data comes from'), or unset it to read the Hub")
     return Path(env)
 
 # %% ../nbs/00_config.ipynb #90907087
 # the exported module sits in picomaml/, the notebook runs in nbs/: both find configs/ one level up
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" if "__file__" in globals() else Path("../configs").resolve()
+PRESETS_DIR = (Path(__file__).resolve().parent.parent / "configs" if "__file__" in globals()
+               else Path("../configs").resolve())

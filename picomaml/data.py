@@ -44,7 +44,8 @@ def iter_jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
         for n, line in enumerate(f, 1):
             if not line.strip(): continue
             try: record = json.loads(line)
-            except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); fix or remove the line") from e
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{n}: document has no string 'text' field "
@@ -68,13 +69,15 @@ def source_files(src) -> list[Path]:
     for item in ([src] if isinstance(src, (str, Path)) else src):
         item = Path(item)
         if not item.exists(): raise FileNotFoundError(f"--src {item} does not exist")
-        found = sorted(p for p in item.iterdir() if p.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES)) if item.is_dir() else [item]
+        found = sorted(p for p in item.iterdir()
+                       if p.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES)) if item.is_dir() else [item]
         if item.is_dir() and not found:
             raise FileNotFoundError(f"--src {item} holds no {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} files")
         files += found
     for f in files:
         if not f.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
-            raise ValueError(f"--src {f}: unknown document format; use JSON lines ({', '.join(JSONL_SUFFIXES)}) or .txt")
+            raise ValueError(f"--src {f}: unknown document format; use JSON lines ({', '.join(JSONL_SUFFIXES)}) "
+                             f"or .txt")
     return files
 
 def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
@@ -117,7 +120,8 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
     "Pretokenize documents from `src` into parquet shards of seq_len + 1 ids under `out`; return the manifest."
     out = Path(out)
     if unfinished(out):
-        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; preparing it again")
+        log(f"[prepare] {out}: an interrupted prepare left {len(list(out.glob('*.parquet')))} shards and no manifest; "
+            f"preparing it again")
         for shard in out.glob("*.parquet"): shard.unlink()
     if out.exists() and (any(out.glob("*.parquet")) or (out / MANIFEST).exists()):
         raise FileExistsError(f"--out {out} already holds shards or a manifest; delete it or choose another directory")
@@ -137,59 +141,70 @@ def prepare(src, out, seq_len: int, tokenizer: PicoTokenizer, rows_per_shard: in
                 pending += cutter.add(ids + [tokenizer.eos_id])
                 file_tokens += len(ids) + 1
             while len(pending) >= rows_per_shard: flush(pending[:rows_per_shard]); pending = pending[rows_per_shard:]
-            if len(docs) > 256: log(f"[prepare] {path.name}: {min(start + 256, len(docs))} of {len(docs)} documents tokenized")
+            if len(docs) > 256:
+                log(f"[prepare] {path.name}: {min(start + 256, len(docs))} of {len(docs)} documents tokenized")
         n_docs, n_tokens = n_docs + len(docs), n_tokens + file_tokens
         sources.append({"path": str(path), "documents": len(docs), "tokens": file_tokens})
-        log(f"[prepare] {path.name}: {len(docs)} documents, {file_tokens} tokens; total {n_docs} documents, {n_tokens} tokens")
+        log(f"[prepare] {path.name}: {len(docs)} documents, {file_tokens} tokens; "
+            f"total {n_docs} documents, {n_tokens} tokens")
         if max_documents and n_docs >= max_documents: break
     if pending: flush(pending)
-    if not shards: raise ValueError(f"--src {src}: {n_tokens} tokens make no complete row of {seq_len + 1}; lower --seq-len or add documents")
-    manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len, "row_len": seq_len + 1,
-                "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs, "tokens": n_tokens,
-                "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending), "sources": sources, "shards": shards}
+    if not shards: raise ValueError(f"--src {src}: {n_tokens} tokens make no complete row of {seq_len + 1}; "
+                                    f"lower --seq-len or add documents")
+    manifest = {"format": "pico pretokenized rows (parquet, input_ids of seq_len + 1)", "seq_len": seq_len,
+                "row_len": seq_len + 1, "tokenizer": tokenizer.source, "eos_id": tokenizer.eos_id, "documents": n_docs,
+                "tokens": n_tokens, "rows": sum(s["rows"] for s in shards), "dropped_tail_tokens": len(cutter.pending),
+                "sources": sources, "shards": shards}
     write_json_atomic(out / MANIFEST, manifest)
     (out / PREPARING).unlink()
     log(f"[prepare] wrote {manifest['rows']} rows of {seq_len + 1} ids in {len(shards)} shards to {out}")
     return manifest
 
 # %% ../nbs/03_data.ipynb #f24565be
-def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0, *,
-               keep: int | None = None) -> np.ndarray:
+def check_rows(offsets: np.ndarray, values: np.ndarray, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+               *, keep: int | None = None) -> np.ndarray:
     "Validate a block of list rows; return it as an int64 (rows, keep or row_len) array of each row's last `keep` ids."
     lengths = np.diff(offsets)
     bad = np.flatnonzero(lengths != row_len)
     if len(bad):
-        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} (data.row_len, or "
-                         f"data.seq_len + 1 when it is 0); data.seq_len and data.row_len must match the shards")
+        raise ValueError(f"{where}: row {first_row + bad[0]} has {lengths[bad[0]]} ids, expected {row_len} "
+                         f"(data.row_len, or data.seq_len + 1 when it is 0); "
+                         f"data.seq_len and data.row_len must match the shards")
     values = values[offsets[0]:offsets[-1]].astype(np.int64)
     out_of_range = np.flatnonzero((values < 0) | (values >= vocab_size))
     if len(out_of_range):
         row = first_row + out_of_range[0] // row_len
-        raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, outside the vocabulary 0..{vocab_size - 1}; "
-                         f"were these shards made with another tokenizer?")
+        raise ValueError(f"{where}: row {row} holds id {values[out_of_range[0]]}, "
+                         f"outside the vocabulary 0..{vocab_size - 1}; were these shards made with another tokenizer?")
     return np.ascontiguousarray(values.reshape(-1, row_len)[:, row_len - (keep or row_len):])  # (rows, keep)
 
-def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0, keep: int | None = None) -> np.ndarray:
+def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int = 0,
+              keep: int | None = None) -> np.ndarray:
     "An Arrow list column of ids (array or chunked) as a validated int64 (rows, keep or row_len) array."
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     # a sliced list array keeps its parent's values; its offsets say which of them are its rows
-    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row, keep=keep)
+    return check_rows(column.offsets.to_numpy(), column.values.to_numpy(), row_len, vocab_size, where, first_row,
+                      keep=keep)
 
 # %% ../nbs/03_data.ipynb #c42de9b2
 class ShardRows:
     "Random access to the rows of a local directory of Pico parquet shards."
-    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8, keep: int | None = None):
+    def __init__(self, directory, row_len: int, vocab_size: int = 50280, cached_groups: int = 8,
+                 keep: int | None = None):
         self.directory, self.row_len, self.vocab_size, self.keep = Path(directory), row_len, vocab_size, keep
-        if not self.directory.is_dir(): raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
-                                                                f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
-        if unfinished(self.directory): raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
-                                                        f"again (the same command, or the pipeline's data stage, redoes it)")
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"shard directory {self.directory} does not exist; "
+                                    f"run `python -m picomaml.data prepare` or set data.train_path/eval_path")
+        if unfinished(self.directory):
+            raise ValueError(f"{self.directory} is an interrupted `prepare` (shards, no {MANIFEST}): prepare it "
+                             f"again (the same command, or the pipeline's data stage, redoes it)")
         self.files = sorted(self.directory.glob("*.parquet"))
         if not self.files: raise FileNotFoundError(f"{self.directory} holds no *.parquet shards")
         self.groups = []  # (file index, row group, first global row, rows)
         for fi, f in enumerate(self.files):
             try: parquet = pq.ParquetFile(f)
-            except (pa.ArrowException, OSError) as e:  # pyarrow names no file: "Parquet magic bytes not found in footer..."
+            # pyarrow names no file: "Parquet magic bytes not found in footer..."
+            except (pa.ArrowException, OSError) as e:
                 raise ValueError(f"{f}: not a readable parquet shard ({e}); delete it or re-run prepare") from None
             meta, columns = parquet.metadata, parquet.schema_arrow.names
             if meta.num_rows == 0: raise ValueError(f"{f}: empty shard (0 rows); delete it or re-run prepare")
@@ -207,7 +222,8 @@ class ShardRows:
             fi, g, start, _ = self.groups[k]
             column = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=["input_ids"])["input_ids"]
             first_in_file = start - min(s for f, _, s, _ in self.groups if f == fi)
-            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]), first_row=first_in_file, keep=self.keep)
+            self.cache[k] = list_rows(column, self.row_len, self.vocab_size, str(self.files[fi]),
+                                      first_row=first_in_file, keep=self.keep)
             if len(self.cache) > self.cached_groups: self.cache.popitem(last=False)
         self.cache.move_to_end(k)
         return self.cache[k]
@@ -219,11 +235,15 @@ class ShardRows:
         return torch.from_numpy(np.stack([self._group(k)[i - self.group_starts[k]] for k, i in zip(groups, indices)]))
 
 # %% ../nbs/03_data.ipynb #f805fadf
-def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print, row_group_rows: int | None = None) -> dict:
-    "Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of `rows_per_file` rows."
-    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"  # row_len unused: only the files, their columns and counts
-    if any(data.glob(f"{split}-*.parquet")): raise FileExistsError(f"--out {out} already holds {split} files under data/; "
-                                                                   f"delete them or choose another directory")
+def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=print,
+                     row_group_rows: int | None = None) -> dict:
+    ("Copy the rows of a shard directory, in order, into `out`/data/<split>-NNNNN-of-NNNNN.parquet files of "
+     "`rows_per_file` rows.")
+    # row_len unused: only the files, their columns and counts
+    shards, data = ShardRows(shards, row_len=0), Path(out) / "data"
+    if any(data.glob(f"{split}-*.parquet")):
+        raise FileExistsError(f"--out {out} already holds {split} files under data/; "
+                              f"delete them or choose another directory")
     total = len(shards)
     n_files = -(-total // rows_per_file)
     data.mkdir(parents=True, exist_ok=True)
@@ -234,7 +254,8 @@ def write_hub_layout(shards, out, rows_per_file: int, split: str = "train", log=
     for f in shards.files:
         for batch in pq.ParquetFile(f).iter_batches(columns=["input_ids"]):
             column = pa.concat_arrays([column, batch.column(0).cast(ROW_TYPE)])
-            while len(column) >= rows_per_file: flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
+            while len(column) >= rows_per_file:
+                flush(column.slice(0, rows_per_file)); column = column.slice(rows_per_file)
     if len(column): flush(column)
     log(f"[hub-layout] wrote {total} rows in {n_files} files of {rows_per_file} rows to {data}")
     return {"split": split, "rows": total, "rows_per_file": rows_per_file, "files": [f"data/{n}" for n in names]}
@@ -247,22 +268,25 @@ def streamed_file_row(offset: int, block_rows: int, per_file: int) -> int:
 
 class StreamedRows:
     "Rows of a streamed dataset; each rank reads, once per file, only the region of the file that holds its rows."
-    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280, rows_per_file: int = 20480, *,
-                 block_rows: int | None = None, keep: int | None = None):
+    def __init__(self, name: str, row_len: int, split: str = "train", vocab_size: int = 50280,
+                 rows_per_file: int = 20480, *, block_rows: int | None = None, keep: int | None = None):
         import datasets  # heavy import, needed only for streaming
-        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = name, split, row_len, vocab_size, rows_per_file
+        self.name, self.split, self.row_len, self.vocab_size, self.rows_per_file = (name, split, row_len, vocab_size,
+                                                                                    rows_per_file)
         self.block_rows = block_rows  # positions of one branch micro-batch (or episode pool); None: each read is one
         self.keep = keep  # the last ids of each row that are used; None: all
         try: builder = datasets.load_dataset_builder(name)
         except OSError as e:
-            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory in its layout "
-                                    f"(`python -m picomaml.data hub-layout`)") from e
+            raise FileNotFoundError(f"{name}: {e}; set data.train_hub/eval_hub to a Hub dataset or a local directory "
+                                    f"in its layout (`python -m picomaml.data hub-layout`)") from e
         splits = builder.config.data_files or {}
         if split not in splits: raise ValueError(f"{name} has no split {split!r} (it has {sorted(splits)}); "
                                                  f"check data.eval_hub_split or the dataset's file names")
         self.files = list(splits[split])  # in the order the stream reads them
-        self.dataset = builder.as_streaming_dataset(split=split)  # what load_dataset(name, split=split, streaming=True) returns
-        self.file_rows, self.region, self.rows_read = {}, (None, None), 0  # checked row counts; the region held; rows decoded
+        # what load_dataset(name, split=split, streaming=True) returns
+        self.dataset = builder.as_streaming_dataset(split=split)
+        # checked row counts; the region held; rows decoded
+        self.file_rows, self.region, self.rows_read = {}, (None, None), 0
 
     def _rows_in(self, i: int) -> int:
         "Rows of file i from its parquet footer, checked against data.rows_per_file (the last file may hold fewer)."
@@ -271,10 +295,12 @@ class StreamedRows:
             with xopen(self.files[i], "rb") as f:
                 parquet = pq.ParquetFile(f)
                 n, columns = parquet.metadata.num_rows, parquet.schema_arrow.names
-            if "input_ids" not in columns: raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
+            if "input_ids" not in columns:
+                raise ValueError(f"{self.files[i]}: no 'input_ids' column (columns: {columns})")
             if n > self.rows_per_file or (n < self.rows_per_file and i < len(self.files) - 1) or n == 0:
-                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: set it to the rows of "
-                                 f"each file of {self.name} (all files but the last hold exactly that many)")
+                raise ValueError(f"{self.files[i]} holds {n} rows but data.rows_per_file is {self.rows_per_file}: "
+                                 f"set it to the rows of each file of {self.name} (all files but the last hold "
+                                 f"exactly that many)")
             self.file_rows[i] = n
         return self.file_rows[i]
 
@@ -294,35 +320,42 @@ class StreamedRows:
         "Rows of positions start .. start+count-1, one rank's share of one micro-batch, (count, row_len) LongTensor."
         block = self.block_rows or count
         if self.rows_per_file % block:
-            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the {block}-row micro-batch "
-                             f"(train.branch_batch, or smlmt.pool_rows for episode pools): choose one that divides it")
+            raise ValueError(f"data.rows_per_file={self.rows_per_file} is not a multiple of the "
+                             f"{block}-row micro-batch (train.branch_batch, or smlmt.pool_rows for episode pools): "
+                             f"choose one that divides it")
         i, offset = divmod(start, self.rows_per_file)
         if i >= len(self.files) or (offset // block + 1) * block > self._rows_in(i) // block * block:
-            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}: the run needs "
-                             f"more rows than the dataset holds; lower train.steps (or the batch size), or stream a longer dataset")
+            raise IndexError(f"{self.name} ({self.split}) has no whole micro-batch of {block} rows at position {start}"
+                             f": the run needs more rows than the dataset holds; lower train.steps "
+                             f"(or the batch size), or stream a longer dataset")
         per_file, (micro_batch, place) = self._rows_in(i) // block, divmod(offset, block)
-        if place + count > block: raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
+        if place + count > block:
+            raise ValueError(f"positions {start}..{start + count - 1} span two {block}-row micro-batches")
         key = (i, place, count)
-        if self.region[0] != key: self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
-        return torch.from_numpy(self.region[1][micro_batch::per_file])  # (count, row_len): places place.., of this micro-batch
+        if self.region[0] != key:
+            self.region = (key, self._read_file_rows(i, place * per_file, (place + count) * per_file))
+        # (count, row_len): places place.., of this micro-batch
+        return torch.from_numpy(self.region[1][micro_batch::per_file])
 
     def head(self, n: int | None = None) -> torch.Tensor:
-        "The first n rows of the stream in order (all of them if it is shorter, or n is None), (<= n, row_len) LongTensor."
+        "The first n rows of the stream in order (all if it is shorter, or n is None), (<= n, row_len) LongTensor."
         stream = self.dataset.with_format("arrow")
         tables = list((stream if n is None else stream.take(n)).iter(batch_size=1024))
         if not tables: raise ValueError(f"{self.name} ({self.split}) holds no rows")
         ids = pa.concat_tables(tables).column("input_ids")
-        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})", keep=self.keep))
+        return torch.from_numpy(list_rows(ids, self.row_len, self.vocab_size, f"{self.name} ({self.split})",
+                                          keep=self.keep))
 
 # %% ../nbs/03_data.ipynb #aa54c50c
 def resolve_data_source(data_cfg: DataConfig, split: str) -> Path | str:
-    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for split 'train' or 'eval'."
+    "A local shard directory (Path) or a streamed dataset, Hub name or local Hub layout (str), for 'train' or 'eval'."
     if split not in ("train", "eval"): raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if data_cfg.source == "hub": return getattr(data_cfg, f"{split}_hub")
     path = getattr(data_cfg, f"{split}_path")
     if path:
-        if not Path(path).is_dir(): raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; "
-                                                            f"run `python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"data.{split}_path: {path} is not a directory; run "
+                                    f"`python -m picomaml.data prepare --out {path} ...` or leave it empty for the Hub")
         return Path(path)
     env = local_data_dir()
     if env and (env / "pretokenized" / split).is_dir(): return env / "pretokenized" / split
@@ -332,14 +365,16 @@ def open_rows(data_cfg: DataConfig, split: str, vocab_size: int = 50280, block_r
               crop: bool = True) -> ShardRows | StreamedRows:
     "The row source of a split: local shards, or a streamed dataset read in micro-batches of `block_rows` positions."
     source = resolve_data_source(data_cfg, split)
-    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1  # a longer stored row is cropped to its last ids
+    # a longer stored row is cropped to its last ids
+    stored, used = data_cfg.row_len or data_cfg.seq_len + 1, data_cfg.seq_len + 1
     keep = used if crop else None  # crop=False: whole stored rows (the documents they pack)
     if isinstance(source, Path): return ShardRows(source, stored, vocab_size, keep=keep)
     hub_split = data_cfg.eval_hub_split if split == "eval" else "train"
     return StreamedRows(source, stored, hub_split, vocab_size, data_cfg.rows_per_file, block_rows=block_rows, keep=keep)
 
 # %% ../nbs/03_data.ipynb #26b7b4e2
-def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int, accum_steps: int) -> int:
+def micro_batch_start(step: int, accum_index: int, rank: int, world_size: int, rows_per_rank: int,
+                      accum_steps: int) -> int:
     "First data-order position of micro-step `accum_index` of `rank` at optimizer step `step`."
     if not (0 <= rank < world_size and 0 <= accum_index < accum_steps):
         raise ValueError(f"rank {rank} of {world_size} / micro-step {accum_index} of {accum_steps} is out of range")
@@ -369,7 +404,7 @@ def batch_for_step(rows: ShardRows | StreamedRows, step: int, accum_index: int, 
 
 # %% ../nbs/03_data.ipynb #0c54c007
 class RowPrefetcher:
-    "The rows of the next draw, read on one background thread (into pinned memory for a CUDA run) while this one trains."
+    "The rows of the next draw, read on a background thread (into pinned memory for a CUDA run) while this one trains."
     def __init__(self, pin: bool = False):
         self.pool, self.pending, self.pin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows"), {}, pin
 
@@ -393,19 +428,23 @@ class RowPrefetcher:
 
 # %% ../nbs/03_data.ipynb #f768d046
 def packed_documents(rows: torch.Tensor, eos_id: int, max_len: int) -> list[torch.Tensor]:
-    "The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; the unfinished last one dropped."
+    ("The documents of packed rows (n, T + 1), in order: the ids before each EOS, cut to `max_len`; "
+     "the unfinished last one dropped.")
     flat = rows.flatten()  # (n · (T + 1),): the token stream the rows were cut from
     ends = torch.nonzero(flat == eos_id).flatten().tolist()
     starts = [0] + [e + 1 for e in ends[:-1]]
     return [flat[s:e][:max_len] for s, e in zip(starts, ends) if e - s >= 2]  # one token has no next-token target
 
 def read_eval_rows(data_cfg: DataConfig, max_rows: int, vocab_size: int = 50280, crop: bool = True) -> torch.Tensor:
-    "The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor (crop=False: whole rows)."
+    ("The first `max_rows` rows of the evaluation split (0: all), read once: (n, seq_len + 1) LongTensor "
+     "(crop=False: whole rows).")
     source = open_rows(data_cfg, "eval", vocab_size, crop=crop)
-    if isinstance(source, ShardRows): return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
+    if isinstance(source, ShardRows):
+        return source.rows(np.arange(min(max_rows, len(source)) if max_rows else len(source)))
     return source.head(max_rows or None)
 
-def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, vocab_size: int = 50280) -> list[torch.Tensor]:
+def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int,
+                        vocab_size: int = 50280) -> list[torch.Tensor]:
     "The first `max_documents` documents of the evaluation split (0: every one), each cut to `max_len` ids, read once."
     rows = 0 if not max_documents else max_documents  # a first guess at the rows that hold them; doubled until they do
     while True:
@@ -414,8 +453,9 @@ def read_eval_documents(data_cfg: DataConfig, max_documents: int, max_len: int, 
         if not rows or len(documents) >= max_documents or len(read) < rows: return documents[:max_documents or None]
         rows *= 2
 
-def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple]:
-    "This rank's batches of documents, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
+def document_batches(documents: list[torch.Tensor], batch_size: int, rank: int = 0,
+                     world_size: int = 1) -> Iterator[tuple]:
+    "This rank's document batches, longest first, strided over ranks: (ids (B, L) right-padded with 0, lengths (B,))."
     if not 0 <= rank < world_size: raise ValueError(f"rank {rank} of {world_size} is out of range")
     mine = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))[rank::world_size]
     for i in range(0, len(mine), batch_size):
@@ -431,23 +471,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m picomaml.data", description="Pico pretokenized data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenize documents into parquet shards of seq_len + 1 ids")
-    p.add_argument("--src", nargs="+", required=True, help="directories or files of JSON lines (.json/.jsonl[.gz], `text` field) or .txt")
+    p.add_argument("--src", nargs="+", required=True,
+                   help="directories or files of JSON lines (.json/.jsonl[.gz], `text` field) or .txt")
     p.add_argument("--out", required=True, help="output directory (must not already hold shards)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence; rows hold seq_len + 1 ids")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: $PICOMAML_DATA/tokenizer, else the Hub)")
     p.add_argument("--rows-per-shard", type=int, default=8192, help="rows per parquet shard")
     p.add_argument("--max-documents", type=int, default=0, help="stop after this many documents (0: all)")
-    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout (data/<split>-NNNNN-of-NNNNN.parquet)")
+    h = commands.add_parser("hub-layout", help="copy prepared shards into a local directory in the Hub layout "
+                                               "(data/<split>-NNNNN-of-NNNNN.parquet)")
     h.add_argument("--shards", required=True, help="directory of shards made by `prepare`")
     h.add_argument("--out", required=True, help="output directory; files go under <out>/data/")
-    h.add_argument("--rows-per-file", type=int, default=20480, help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
-    h.add_argument("--row-group-rows", type=int, default=1024, help="rows per parquet row group (what a rank's read of its region decodes)")
-    h.add_argument("--split", default="train", help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
+    h.add_argument("--rows-per-file", type=int, default=20480,
+                   help="rows per file (data.rows_per_file; pretokenized-dolma: 20,480)")
+    h.add_argument("--row-group-rows", type=int, default=1024,
+                   help="rows per parquet row group (what a rank's read of its region decodes)")
+    h.add_argument("--split", default="train",
+                   help="split name in the file names (train; the evaluation split: data.eval_hub_split)")
     args = parser.parse_args(argv)
-    for key, low in {"seq_len": 1, "rows_per_shard": 1, "max_documents": 0, "rows_per_file": 1, "row_group_rows": 1}.items():
-        if getattr(args, key, low) < low: raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
+    for key, low in {"seq_len": 1, "rows_per_shard": 1, "max_documents": 0, "rows_per_file": 1,
+                     "row_group_rows": 1}.items():
+        if getattr(args, key, low) < low:
+            raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be at least {low}")
     if args.command == "hub-layout":
-        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split, row_group_rows=args.row_group_rows)
+        return write_hub_layout(args.shards, args.out, args.rows_per_file, args.split,
+                                row_group_rows=args.row_group_rows)
     tokenizer = load_tokenizer(DataConfig(tokenizer_path=args.tokenizer))
     return prepare(args.src, args.out, args.seq_len, tokenizer, args.rows_per_shard, max_documents=args.max_documents)
 

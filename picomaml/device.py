@@ -23,13 +23,15 @@ def cuda_problem(min_devices: int = 1, env=None, cuda=torch.cuda, cuda_version=N
     "Why this process cannot use `min_devices` CUDA GPUs, as one clause naming the likely cause; '' when it can."
     env = os.environ if env is None else env
     cuda_version = torch.version.cuda if cuda_version is None else cuda_version
-    if not cuda_version: return f"torch {torch.__version__} is a CPU-only build (install the CUDA wheel of torch on the GPU machine)"
+    if not cuda_version:
+        return f"torch {torch.__version__} is a CPU-only build (install the CUDA wheel of torch on the GPU machine)"
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process"
     if not cuda.is_available():
         files = sorted(Path("/dev").glob("nvidia[0-9]*")) if device_files is None else device_files
-        if not files: return "no NVIDIA device files (/dev/nvidia0, ...): the machine, container or job was started without GPUs"
+        if not files:
+            return "no NVIDIA device files (/dev/nvidia0, ...): the machine, container or job was started without GPUs"
         try: cuda.init()
         except Exception as e: return f"CUDA does not initialise: {' '.join(str(e).split())[:200]}"
         return "torch.cuda.is_available() is False although the driver initialises"
@@ -38,21 +40,24 @@ def cuda_problem(min_devices: int = 1, env=None, cuda=torch.cuda, cuda_version=N
     return ""
 
 def require_cuda(min_devices: int, what: str, cpu_way: str, **facts) -> None:
-    "Raise ConfigError (one line: what needs GPUs, the likely cause, how to run on CPU anyway) unless CUDA serves `min_devices`."
+    ("Raise ConfigError (one line: what needs GPUs, the likely cause, how to run on CPU anyway) "
+     "unless CUDA serves `min_devices`.")
     problem = cuda_problem(min_devices, **facts)
-    if problem: raise ConfigError(f"{what} runs on {min_devices} CUDA GPU{'s' if min_devices > 1 else ''}, but {problem}. "
-                                  f"To run on CPU anyway: {cpu_way}")
+    if problem:
+        raise ConfigError(f"{what} runs on {min_devices} CUDA GPU{'s' if min_devices > 1 else ''}, but {problem}. "
+                          f"To run on CPU anyway: {cpu_way}")
 
 # %% ../nbs/00_device.ipynb #2307748f
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:K"
 
 def resolve_device(requested: str = "auto", env=None, say=print, **facts) -> torch.device:
-    "The torch.device of `--device` (auto | cpu | cuda | cuda:K), with a one-line error when a GPU is asked for and unusable."
+    "The torch.device of `--device` (auto | cpu | cuda | cuda:K); a one-line error if a GPU is asked for and unusable."
     env = os.environ if env is None else env
     if requested == "cpu": return torch.device("cpu")
     if requested == "auto":
         problem = cuda_problem(1, env=env, **facts)
-        if not problem: return torch.device("cuda", int(env.get("LOCAL_RANK", 0)) % facts.get("cuda", torch.cuda).device_count())
+        if not problem:
+            return torch.device("cuda", int(env.get("LOCAL_RANK", 0)) % facts.get("cuda", torch.cuda).device_count())
         say(f"[device] no usable GPU ({problem}): running on the CPU")
         return torch.device("cpu")
     if not (requested == "cuda" or (requested.startswith("cuda:") and requested[5:].isdigit())):
@@ -64,8 +69,10 @@ def resolve_device(requested: str = "auto", env=None, say=print, **facts) -> tor
 # %% ../nbs/00_device.ipynb #9f794b48
 BF16_CAPABILITY = (8, 0)  # compute capability of the first GPUs with bf16 tensor cores (Ampere)
 
-def resolve_precision(precision: str, accelerator: str, capability: tuple | None = None, key: str = "train.precision") -> str:
-    "The precision (`bf16-mixed` or `32-true`) that setting `key`=`precision` means on `accelerator` ('cuda' or 'cpu') of `capability`."
+def resolve_precision(precision: str, accelerator: str, capability: tuple | None = None,
+                      key: str = "train.precision") -> str:
+    ("The precision (`bf16-mixed` or `32-true`) that setting `key`=`precision` means on `accelerator` "
+     "('cuda' or 'cpu') of `capability`.")
     if precision == "16-mixed":
         raise ConfigError(f"{key}=16-mixed needs a gradient scaler, which the first-order MAML backward does not "
                           f"use; set {key} to bf16-mixed, 32-true or auto")
@@ -99,12 +106,13 @@ def configure_cuda_allocator(env=None) -> str:
     "Add expandable_segments:True to PYTORCH_CUDA_ALLOC_CONF (unless the user set it); return the value."
     env = os.environ if env is None else env
     current = env.get(ALLOC_CONF, "")
-    if "expandable_segments" not in current: env[ALLOC_CONF] = ",".join(filter(None, [current, "expandable_segments:True"]))
+    if "expandable_segments" not in current:
+        env[ALLOC_CONF] = ",".join(filter(None, [current, "expandable_segments:True"]))
     return env[ALLOC_CONF]
 
 # %% ../nbs/00_device.ipynb #9e6d882a
 def _measurable(device) -> bool:
-    "A CUDA device whose allocator can be read (not a CUDA device named on a machine without CUDA, as in `recorded_moves`)."
+    "A CUDA device whose allocator can be read (not one named on a machine without CUDA, as in `recorded_moves`)."
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 def reset_peak_memory(device) -> None:
@@ -124,8 +132,10 @@ def slurm_binding_problem(env=None, visible_gpus: int | None = None) -> str:
     visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
     if tasks <= 1 or visible == 0 or visible >= tasks: return ""
     return (f"SLURM started {tasks} tasks on this node but each sees {visible} GPU{'s' if visible > 1 else ''} "
-            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '?')}, as --gpus-per-task=1 binds them): give every task "
-            f"the node's GPUs (#SBATCH --ntasks-per-node={tasks} --gpus-per-node={tasks}, no --gpus-per-task), or start one "
+            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '?')}, as --gpus-per-task=1 binds them): "
+            f"give every task "
+            f"the node's GPUs (#SBATCH --ntasks-per-node={tasks} --gpus-per-node={tasks}, no --gpus-per-task), "
+            f"or start one "
             f"torchrun per node (srun --ntasks-per-node=1 torchrun --nproc_per_node={tasks} -m picomaml.launch ...)")
 
 # %% ../nbs/00_device.ipynb #28cf73e5
@@ -136,7 +146,8 @@ def _requested_device(args, kwargs):
 
 @contextlib.contextmanager
 def recorded_moves(stand_in: str = "cuda:1"):
-    "Record (what, device) of every Module.to / Tensor.to inside; moves to `stand_in` run on the CPU, so CUDA paths run here."
+    ("Record (what, device) of every Module.to / Tensor.to inside; moves to `stand_in` run on the CPU, "
+     "so CUDA paths run here.")
     moves, stand_in, inside = [], torch.device(stand_in), []  # `inside`: a Module.to moving its own tensors is one move
     real = {torch.nn.Module: torch.nn.Module.to, torch.Tensor: torch.Tensor.to}
     def recording(kind):
@@ -145,7 +156,8 @@ def recorded_moves(stand_in: str = "cuda:1"):
             if device is not None and not inside:
                 moves.append((type(self).__name__ if kind is torch.nn.Module else "Tensor", device))
             if device == stand_in:
-                args, kwargs = (("cpu", *args[1:]), kwargs) if "device" not in kwargs else (args, {**kwargs, "device": "cpu"})
+                args, kwargs = ((("cpu", *args[1:]), kwargs) if "device" not in kwargs
+                                else (args, {**kwargs, "device": "cpu"}))
             inside.append(kind)
             try: return real[kind](self, *args, **kwargs)
             finally: inside.pop()

@@ -42,7 +42,8 @@ TINY_EPISODE = ("smlmt.n_way=4", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.win
 def tiny_run(data, runs, name: str, tokenizer, *more: str) -> list[str]:
     "Overrides of a seconds-long run on the 33-id rows of `data`/{train,eval}: the tiny model and episode, then `more`."
     return [*TINY_MODEL, f"data.train_path={data}/train", f"data.eval_path={data}/eval", "data.seq_len=32",
-            f"data.tokenizer_path={tokenizer}", *TINY_EPISODE, "eval.max_documents=16", "eval.batch_size=8", "spectra.every=0",
+            f"data.tokenizer_path={tokenizer}", *TINY_EPISODE, "eval.max_documents=16", "eval.batch_size=8",
+            "spectra.every=0",
             f"logging.runs_dir={runs}", f"logging.run_name={name}", "logging.progress_bar=false", *more]
 
 # %% ../nbs/90_devtools.ipynb #5f436d37
@@ -68,7 +69,8 @@ def notebook_markdown(nb_path) -> str:
     return "\n\n".join(parts) + "\n"
 
 # %% ../nbs/90_devtools.ipynb #38991a5d
-README_BANNER = "<!-- Generated from nbs/index.ipynb by `python -m picomaml.devtools readme`; edit the notebook, not this file. -->\n\n"
+README_BANNER = ("<!-- Generated from nbs/index.ipynb by `python -m picomaml.devtools readme`; "
+                 "edit the notebook, not this file. -->\n\n")
 
 def write_readme(root=".") -> Path:
     "Regenerate README.md from nbs/index.ipynb under `root`."
@@ -123,7 +125,8 @@ def compare_cell(old: str, new: str, rtol: float) -> tuple[str, bool] | None:
     change = f"{old!r} -> {new!r}"
     if NEAR_ZERO_BASE in old + new and absolute_f1(old) and absolute_f1(new):
         moved = max(abs(b - a) for a, b in zip(absolute_f1(old), absolute_f1(new)))
-        return f"{change} ({NEAR_ZERO_BASE}: F1 moved {moved:.3f}{', reproduced' if moved <= NEAR_ZERO_F1 else ''})", moved <= NEAR_ZERO_F1
+        return (f"{change} ({NEAR_ZERO_BASE}: F1 moved {moved:.3f}{', reproduced' if moved <= NEAR_ZERO_F1 else ''})",
+                moved <= NEAR_ZERO_F1)
     if interval(old) and interval(new):
         (_, low, high), (new_mean, new_low, new_high) = interval(old), interval(new)
         inside, overlap = low <= new_mean <= high, new_low <= high and low <= new_high
@@ -138,7 +141,8 @@ def compare_tables(old_csv: str, new_csv: str, rtol: float) -> list[tuple[str, s
     "(row label, column, change, reproduced) of every cell that differs between two CSV tables."
     old, new = list(csv.reader(old_csv.splitlines())), list(csv.reader(new_csv.splitlines()))
     if not old or not new or old[0] != new[0] or len(old) != len(new):
-        return [("(table)", "(shape)", f"{len(old)} x {len(old[0]) if old else 0} -> {len(new)} x {len(new[0]) if new else 0}", False)]
+        return [("(table)", "(shape)",
+                 f"{len(old)} x {len(old[0]) if old else 0} -> {len(new)} x {len(new[0]) if new else 0}", False)]
     changes = []
     for row_old, row_new in zip(old[1:], new[1:]):
         for column, a, b in zip(old[0], row_old, row_new):
@@ -157,15 +161,18 @@ def compare_outputs(root=".", rtol: float = 0.05, ref: str = "HEAD") -> tuple[li
     root, lines, beyond = Path(root).resolve(), [], 0
     for path in sorted((root / "paper_tables").glob("*.csv")):
         before = committed(path, root, ref)
-        changes = [("(new file)", "", "", False)] if before is None else compare_tables(before.decode(), path.read_text(), rtol)
+        changes = ([("(new file)", "", "", False)] if before is None
+                   else compare_tables(before.decode(), path.read_text(), rtol))
         lines += [f"{path.name}: {row} | {column}: {change or 'not committed'}" for row, column, change, _ in changes]
         beyond += sum(not ok for *_, ok in changes)
-    missing_now = json.loads((root / "figures" / "missing.json").read_text()) if (root / "figures" / "missing.json").is_file() else {}
+    missing_now = (json.loads((root / "figures" / "missing.json").read_text())
+                   if (root / "figures" / "missing.json").is_file() else {})
     missing_then = json.loads(committed(root / "figures" / "missing.json", root, ref) or b"{}")
     for path in sorted((root / "figures").glob("*.png")):
         if path.read_bytes() != committed(path, root, ref): lines.append(f"{path.name}: redrawn (pixels differ)")
         if missing_now.get(path.stem) != missing_then.get(path.stem):
-            lines.append(f"{path.name}: missing notes {missing_then.get(path.stem)} -> {missing_now.get(path.stem)}"); beyond += 1
+            lines.append(f"{path.name}: missing notes {missing_then.get(path.stem)} -> {missing_now.get(path.stem)}")
+            beyond += 1
     return lines, beyond
 
 # %% ../nbs/90_devtools.ipynb #da880e96
@@ -174,8 +181,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m picomaml.devtools")
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("readme", help="regenerate README.md from nbs/index.ipynb")
-    c = commands.add_parser("compare", help="how figures/ and paper_tables/ differ from the committed ones (reruns nothing)")
-    c.add_argument("--rtol", type=float, default=0.05, help="relative change of a number without an interval that still counts as reproduced")
+    c = commands.add_parser("compare",
+                            help="how figures/ and paper_tables/ differ from the committed ones (reruns nothing)")
+    c.add_argument("--rtol", type=float, default=0.05,
+                   help="relative change of a number without an interval that still counts as reproduced")
     c.add_argument("--ref", default="HEAD", help="the git revision to compare with")
     args = p.parse_args(argv)
     if args.command == "readme":
@@ -183,7 +192,8 @@ def main(argv=None) -> int:
         return 0
     lines, beyond = compare_outputs(Path(__file__).resolve().parent.parent, args.rtol, args.ref)
     print("\n".join(lines) or f"figures/ and paper_tables/ are as committed at {args.ref}")
-    print(f"{beyond} difference(s) not reproduced (by interval, by absolute F1 on a near-zero base, else beyond {100 * args.rtol:g} %)")
+    print(f"{beyond} difference(s) not reproduced (by interval, by absolute F1 on a near-zero base, "
+          f"else beyond {100 * args.rtol:g} %)")
     return 1 if beyond else 0
 
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())

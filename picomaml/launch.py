@@ -19,7 +19,13 @@ import torch.distributed as dist
 from .checkpoints import CheckpointUploads
 from .cli import run_command
 from .config import Config, ConfigError, format_help, load_config
-from .device import configure_cuda_allocator, cuda_problem, require_cuda, resolve_precision, slurm_binding_problem
+from picomaml.device import (
+    configure_cuda_allocator,
+    cuda_problem,
+    require_cuda,
+    resolve_precision,
+    slurm_binding_problem,
+)
 from .train import train
 
 # %% auto #0
@@ -49,18 +55,21 @@ def make_loggers(cfg: Config) -> list:
         loggers.append(TensorBoardLogger(root_dir=run_dir / "tensorboard", name="", version=""))
     if cfg.logging.wandb_project:
         if not importlib.util.find_spec("wandb"):
-            raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package (pip install wandb)")
+            raise ConfigError(f"logging.wandb_project={cfg.logging.wandb_project!r} needs the `wandb` package "
+                              "(pip install wandb)")
         from lightning.pytorch.loggers import WandbLogger  # deferred: imports the optional wandb package
         loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.logging.run_name, save_dir=str(run_dir)))
     return loggers
 
-def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True), **facts) -> str:
-    "'cuda' or 'cpu' for `train.device` and `devices` processes on this node; a one-line error when GPUs are asked for and unusable."
+def choose_accelerator(cfg: Config, devices: int, env=os.environ, say=lambda line: print(line, flush=True),
+                       **facts) -> str:
+    "'cuda' or 'cpu' for `train.device` and `devices` local processes; a one-line error if GPUs asked for are unusable."
     if cfg.train.device == "cpu": return "cpu"
     binding = slurm_binding_problem(env, facts.get("cuda", torch.cuda).device_count())
     if binding: raise ConfigError(binding)  # GPUs are there, bound so that Lightning cannot find them
     if cfg.train.device == "cuda":
-        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env, **facts)
+        require_cuda(devices, "train.device=cuda", "train.device=cpu (or the `auto` of configs/demo.yaml)", env=env,
+                     **facts)
     elif problem := cuda_problem(devices, env=env, **facts):
         if env.get("RANK", env.get("SLURM_PROCID", "0")) == "0":
             say(f"[launch] train.device=auto: no usable GPU ({problem}); running {devices} CPU process(es) in float32")
@@ -74,7 +83,8 @@ def make_fabric(cfg: Config, env=os.environ):
     devices, num_nodes = devices_and_nodes(env)
     accelerator = choose_accelerator(cfg, devices, env)
     capability = torch.cuda.get_device_capability(0) if accelerator == "cuda" else None
-    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1 else "auto"
+    strategy = (DDPStrategy(timeout=timedelta(seconds=cfg.train.collective_timeout_s)) if devices * num_nodes > 1
+                else "auto")
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                   precision=resolve_precision(cfg.train.precision, accelerator, capability), loggers=make_loggers(cfg))
 
@@ -102,8 +112,11 @@ def check_shared_directory(fabric, directory, nodes: int, wait_s: float = 10.0) 
     while not (seen := path.is_file() and path.read_text() == token) and time.monotonic() < deadline: time.sleep(0.5)
     blind = int(fabric.all_reduce(torch.tensor(0.0 if seen else 1.0, device=fabric.device), reduce_op="sum").item())
     if fabric.global_rank == 0: path.unlink(missing_ok=True)
-    if blind: raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: {blind} of {fabric.world_size} "
-                                f"ranks cannot read the file rank 0 wrote there; put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
+    if blind:
+        raise ConfigError(f"logging.runs_dir={directory} is not on a file system every node sees: "
+                          f"{blind} of {fabric.world_size} "
+                          f"ranks cannot read the file rank 0 wrote there; "
+                          f"put logging.runs_dir on a shared file system (NFS, Lustre, ...)")
 
 # %% ../nbs/07_launch.ipynb #b3c64604
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,8 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
-    "Train on a launched Fabric, shut the process group down, then finish rank 0's Hub uploads; returns the run directory."
-    uploads = CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0 else None
+    "Train on a launched Fabric, shut the process group down, finish rank 0's Hub uploads; returns the run directory."
+    uploads = (CheckpointUploads(cfg.logging.hub_repo, hub_api) if cfg.logging.hub_repo and fabric.global_rank == 0
+               else None)
     try:
         check_shared_directory(fabric, cfg.logging.runs_dir, nodes)
         run_dir = train(cfg, fabric, uploads)
@@ -125,7 +139,8 @@ def run_launched(cfg: Config, fabric, nodes: int = 1, hub_api=None) -> Path:
         shutdown(ok=False)
         raise
     shutdown()
-    if uploads is not None: print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
+    if uploads is not None:
+        print(f"[launch] {uploads.wait()} checkpoints uploaded to {cfg.logging.hub_repo}", flush=True)
     return run_dir
 
 def main(argv=None) -> Path | None:

@@ -64,10 +64,12 @@ def next_token_backward(model: torch.nn.Module, rows: torch.Tensor, chunk_rows: 
 # %% ../nbs/06_lm_loss.ipynb #661cd7f4
 @torch.no_grad()
 def document_sums(model: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    "[summed CE, targets, summed per-document perplexity, documents] of right-padded documents (B, L) of `lengths`, in float64."
+    "[summed CE, targets, summed per-document ppl, documents] of right-padded documents (B, L) of `lengths` in float64."
     logits = model(ids[:, :-1])  # (B, L - 1, V): each document its own sequence
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).double()
-    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]  # (B, L - 1) targets
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
+                         reduction="none").view(len(ids), -1).double()
+    # (B, L - 1) targets
+    mask = torch.arange(ids.shape[1] - 1, device=ids.device)[None, :] < (lengths.to(ids.device) - 1)[:, None]
     ce = ce * mask
     per_document = ce.sum(1) / mask.sum(1)  # (B,) mean CE of each document
     return torch.stack([ce.sum(), mask.sum().double(), per_document.exp().sum(), per_document.new_tensor(len(ids))])

@@ -81,7 +81,7 @@ def adapt(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, cfg: MAMLC
 # %% ../nbs/05_maml.ipynb #7b79f22f
 def query_loss(backbone: nn.Module, head: nn.Module, fast_weights: dict[str, torch.Tensor], ids: torch.Tensor,
                readout: torch.Tensor, labels: torch.Tensor, *, class_ids: torch.Tensor | None = None):
-    "Summed query cross-entropy under phi_T (graph through backbone and fast weights), the number correct, the features (detached)."
+    "Summed query CE under phi_T (graph through backbone and fast weights), the number correct, features (detached)."
     feats = readout_features(backbone.hidden(ids), readout)  # (Q, d), with a graph to theta
     logits = functional_call(head, fast_weights, (feats, class_ids))  # (Q, N)
     loss_sum = F.cross_entropy(logits, labels, reduction="sum")
@@ -110,7 +110,7 @@ def head_weight_stats(head: MAMLHead, fast_weights: dict[str, torch.Tensor],
 @torch.no_grad()
 def head_scores(head: nn.Module, weights: dict[str, torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
                 class_ids: torch.Tensor | None = None) -> tuple[float, int]:
-    "(summed cross-entropy, number correct) of the head at `weights` on features (n, d), in eval mode; its mode is restored."
+    "(summed CE, number correct) of the head at `weights` on features (n, d), in eval mode; its mode is restored."
     was_training = head.training
     head.eval()
     try: logits = functional_call(head, weights, (feats, class_ids)).float()  # (n, N)
@@ -140,14 +140,17 @@ def maml_step(backbone: nn.Module, head: MAMLHead, episode, cfg: MAMLConfig, *,
     fast = adapt(head, feats, episode.support_labels, cfg, episode.class_ids, seed=inner_seed)
     after = head_scores(head, fast, feats, episode.support_labels, episode.class_ids)
     labels, (mean, std) = episode.query_labels[query_part], head_weight_stats(head, fast, episode.class_ids)
-    stats = dict(support_acc=after[1] / n_support, support_loss=after[0] / n_support, support_acc_phi0=before[1] / n_support,
-                 support_loss_phi0=before[0] / n_support, query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
+    stats = dict(support_acc=after[1] / n_support, support_loss=after[0] / n_support,
+                 support_acc_phi0=before[1] / n_support, support_loss_phi0=before[0] / n_support,
+                 query_count=len(labels), head_weight_mean=mean, head_weight_std=std)
     if len(labels) == 0:  # no query rows here: no backbone call
-        return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0, **stats)
+        return dict(loss=0.0, query_correct=0, query_correct_phi0=0, query_loss_phi0_sum=0.0, head_grad_norm=0.0,
+                    **stats)
     loss_sum, n_correct, query_feats = query_loss(backbone, head, fast, episode.query_ids[query_part],
-                                                  episode.query_readout[query_part], labels, class_ids=episode.class_ids)
+                                                  episode.query_readout[query_part], labels,
+                                                  class_ids=episode.class_ids)
     loss_phi0_sum, correct_phi0 = head_scores(head, phi_0, query_feats, labels, episode.class_ids)
     loss = loss_sum / n_query  # mean over ALL the episode's query examples (see above)
     (loss * loss_scale).backward()
-    return dict(loss=loss.item(), query_correct=n_correct, query_correct_phi0=correct_phi0, query_loss_phi0_sum=loss_phi0_sum,
-                head_grad_norm=add_fast_grads(head, fast), **stats)
+    return dict(loss=loss.item(), query_correct=n_correct, query_correct_phi0=correct_phi0,
+                query_loss_phi0_sum=loss_phi0_sum, head_grad_norm=add_fast_grads(head, fast), **stats)

@@ -70,7 +70,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d); no -1: B may be 0
+        # (B, T, d); no -1: B may be 0
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 # %% ../nbs/01_model.ipynb #a392f23a
 class SwiGLU(nn.Module):
@@ -116,13 +117,15 @@ class PicoDecoder(nn.Module):
         self.output_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.de_embedding_proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # train.activation_checkpointing: recompute each block in backward
-        if cfg.init == "normal": init_normal(self, cfg.init_std)  # pytorch: the modules keep their construction-time values
+        # pytorch: the modules keep their construction-time values
+        if cfg.init == "normal": init_normal(self, cfg.init_std)
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         "Final output_norm-ed hidden states (B, T, d) of token ids (B, T)."
         T = input_ids.shape[-1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; raise it or shorten the input")
+            raise ValueError(f"{T} tokens exceed model.max_seq_len={self.cfg.max_seq_len}; "
+                             f"raise it or shorten the input")
         cos, sin = rope_angles(T, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, input_ids.device)
         h = self.embedding_proj(input_ids)  # (B, T, d)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
@@ -188,8 +191,9 @@ def config_from_json(data: dict, where: str = "config.json") -> ModelConfig:
     return ModelConfig(**values)
 
 # %% ../nbs/01_model.ipynb #9a915b3f
-def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str, shapes_from: str = "its config.json") -> PicoDecoder:
-    "Copy `tensors` (keys with or without `pico_decoder.`) into `model` (shaped by `shapes_from`), or raise CheckpointError."
+def load_checked(model: PicoDecoder, tensors: dict[str, torch.Tensor], where: str,
+                 shapes_from: str = "its config.json") -> PicoDecoder:
+    "Copy `tensors` (`pico_decoder.`-prefixed or not) into `model` (shaped by `shapes_from`), or raise CheckpointError."
     tensors = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
@@ -218,9 +222,11 @@ def load_local(directory) -> PicoDecoder:
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: a checkpoint directory needs config.json and model.safetensors")
+            raise FileNotFoundError(f"{directory / name} not found: a checkpoint directory needs config.json and "
+                                    f"model.safetensors")
     try: data = json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
     model = PicoDecoder(config_from_json(data, str(directory / "config.json")))
     return load_checked(model, load_file(directory / "model.safetensors"), str(directory / "model.safetensors"))
 
@@ -228,12 +234,16 @@ def load_local(directory) -> PicoDecoder:
 def load_pretrained(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None) -> PicoDecoder:
     "PicoDecoder from a local directory or a Hub repo id (config.json + model.safetensors only)."
     if Path(source).is_dir():
-        if revision is not None: raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
+        if revision is not None:
+            raise ValueError(f"{source} is a local directory; revision={revision!r} applies only to Hub repos")
         return load_local(Path(source) / (subfolder or ""))
     paths = []
     for name in ("config.json", "model.safetensors"):
-        try: paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        try:
+            paths.append(hf_hub_download(str(source), name, subfolder=subfolder, revision=revision,
+                                         cache_dir=cache_dir))
         except (HfHubHTTPError, EntryNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"{source!r} is no local directory, and {name} of Hub repo {source!r} (revision "
-                                    f"{revision or 'main'}, subfolder {subfolder or '/'}) could not be fetched: {e}") from e
+                                    f"{revision or 'main'}, "
+                                    f"subfolder {subfolder or '/'}) could not be fetched: {e}") from e
     return load_local(Path(paths[0]).parent)

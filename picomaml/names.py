@@ -33,7 +33,8 @@ def run_name(size: str, arm: str, seed: int = DEFAULT_SEED, family: str | None =
 def parse_run_name(name: str) -> dict | None:
     "`{family, size, arm, seed}` of a run directory name, or None if it is not a run name."
     m = RUN_NAME.match(name)
-    if m is None or (m["family"] == "demo") == (m["size"] is not None): return None  # demo has no size; the others need one
+    # demo has no size; the others need one
+    if m is None or (m["family"] == "demo") == (m["size"] is not None): return None
     seed = int(m["seed"]) if m["seed"] else DEFAULT_SEED
     if m["seed"] and seed == DEFAULT_SEED: return None  # `-seed42` would be a second name for the unsuffixed run
     return {"family": m["family"], "size": m["size"] or "demo", "arm": m["arm"], "seed": seed}
@@ -58,11 +59,13 @@ OUTPUTS = {
     "p1_table6": "p1_table6_zero_shot_ceb_tl", "p1_table7": "p1_table7_head_only_f1",
     "p1_table8": "p1_table8_relative_f1_head_per_language", "p1_table9": "p1_table9_relative_f1_full_per_language",
     "p2_fig1": "p2_fig1_scale_curve", "p2_fig2": "p2_fig2_regime", "p2_fig3": "p2_fig3_zero_shot_by_language",
-    "p2_fig4": "p2_fig4_learning_curve_fan", "p2_fig5": "p2_fig5_checkpoint_metrics", "p2_fig6": "p2_fig6_per_entity_f1",
+    "p2_fig4": "p2_fig4_learning_curve_fan", "p2_fig5": "p2_fig5_checkpoint_metrics",
+    "p2_fig6": "p2_fig6_per_entity_f1",
     "p2_fig7": "p2_fig7_token_confidence", "p2_fig9": "p2_fig9_case_studies", "p2_fig10": "p2_fig10_train_loss",
     "p2_fig11": "p2_fig11_paloma", "p2_fig12": "p2_fig12_query_acc", "p2_fig13": "p2_fig13_support_acc",
     "p2_fig14": "p2_fig14_head_weight_mean", "p2_fig15": "p2_fig15_head_weight_std",
-    "p2_table2": "p2_table2_finetuning_speed", "p2_table4": "p2_table4_span_statistics", "p2_table5": "p2_table5_particles_oov",
+    "p2_table2": "p2_table2_finetuning_speed", "p2_table4": "p2_table4_span_statistics",
+    "p2_table5": "p2_table5_particles_oov",
 }
 FIGURE_SUFFIXES, TABLE_SUFFIXES = (".png", ".pdf"), (".md", ".tex", ".csv")
 

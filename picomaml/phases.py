@@ -22,7 +22,7 @@ def hinge_features(t: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
     return np.stack([ones, ones * t, np.maximum(t - b1[:, None], 0), np.maximum(t - b2[:, None], 0)], axis=-1)
 
 def fit_breakpoint_pairs(t: np.ndarray, y: np.ndarray, b1: np.ndarray, b2: np.ndarray):
-    "Least-squares coefficients (P, 4[, R]) and residual sums of squares (P[, R]) per breakpoint pair, of a curve y (n,) or curves (n, R)."
+    "Least-squares coefficients (P, 4[, R]) and residual sums of squares (P[, R]) per breakpoint pair of y (n[, R])."
     X, Y = hinge_features(t, b1, b2), y if y.ndim == 2 else y[:, None]  # (P, n, 4), (n, R)
     XtX, XtY = np.einsum("pni,pnj->pij", X, X), np.einsum("pni,nr->pir", X, Y)  # (P, 4, 4), (P, 4, R)
     coef = np.linalg.solve(XtX + 1e-12 * np.eye(4), XtY)  # (P, 4, R)
@@ -85,7 +85,8 @@ def block_resamples(residuals: np.ndarray, block: int, count: int, rng) -> np.nd
     starts = rng.integers(0, n - block + 1, size=(count, -(-n // block)))  # (R, blocks)
     return residuals[(starts[..., None] + np.arange(block)).reshape(count, -1)[:, :n]].T
 
-def noise_p_value(t: np.ndarray, y: np.ndarray, *, min_points: int, max_candidates: int, resamples: int, block: int | None,
+def noise_p_value(t: np.ndarray, y: np.ndarray, *, min_points: int, max_candidates: int, resamples: int,
+                  block: int | None,
                   seed: int) -> float:
     "p-value of the curve's 3-segment gain against a straight line plus block-resampled residuals."
     line = _line_fit(t, y)
@@ -114,7 +115,8 @@ def find_phase(steps, values, *, min_bic_gain: float = 10.0, min_steepness: floa
     steepness = abs(middle) / max(abs(left), abs(right), 1e-300)
     wide = b2 - b1 >= min_width and ((t >= b1) & (t <= b2)).sum() >= 2  # a window, with observations in it
     if not wide or bic_gain < min_bic_gain or steepness < min_steepness: return None
-    p = noise_p_value(t, y, min_points=min_points, max_candidates=max_candidates, resamples=resamples, block=block, seed=seed)
+    p = noise_p_value(t, y, min_points=min_points, max_candidates=max_candidates, resamples=resamples, block=block,
+                      seed=seed)
     if p > alpha: return None
     to_step = lambda b: float(round(steps[0] + b * (steps[-1] - steps[0])))  # nearest whole step
     return Phase(to_step(b1), to_step(b2), float(middle * (b2 - b1)), float(steepness), float(bic_gain), p)
@@ -123,7 +125,8 @@ def find_phase(steps, values, *, min_bic_gain: float = 10.0, min_steepness: floa
 def per_curve(spectra: pd.DataFrame, kind: str = "weight", matrix: str | None = None) -> tuple:
     "(steps, mean PER over blocks) from spectra records of one kind (and optionally one matrix)."
     rows = spectra[(spectra.kind == kind) & ((spectra.matrix == matrix) if matrix else True)]
-    if rows.empty: raise ValueError(f"no spectra records with kind={kind!r}" + (f" and matrix={matrix!r}" if matrix else ""))
+    if rows.empty:
+        raise ValueError(f"no spectra records with kind={kind!r}" + (f" and matrix={matrix!r}" if matrix else ""))
     mean = rows.groupby("step").per.mean()
     return mean.index.to_numpy(dtype=float), mean.to_numpy()
 

@@ -46,7 +46,8 @@ class Profile:
     data: str = "hub"  # hub: the presets' own data; local: prepare $PICOMAML_DATA/corpus; hub-layout: the rehearsal's
     seq_len: int = 128  # rows of prepared local data hold seq_len + 1 ids
     overrides: list = field(default_factory=list)  # section.key=value for every pretraining run
-    size_overrides: dict = field(default_factory=dict)  # size (or released-<size>) -> more section.key=value for its runs
+    # size (or released-<size>) -> more section.key=value for its runs
+    size_overrides: dict = field(default_factory=dict)
     grid_overrides: dict = field(default_factory=dict)  # applied over every NER grid (picomaml.ner_sweep)
     commits_outputs: bool = False  # reports write the committed figures/ and paper_tables/ (else under runs_dir)
     smoke: bool = False  # fewer bootstrap resamples in the notebooks
@@ -55,17 +56,21 @@ class Profile:
     device: str = "cpu"  # cuda: every stage on GPUs (checked before any work); cpu: CPU processes
     ner_workers: int = 1  # NER sweep worker processes (0: one per GPU of the node)
     paper_scale: bool = False  # the runs are the papers' models: the scorecard compares scale-dependent numbers
-    released_arm: bool = False  # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
-    released_checkpoints: str = ""  # pretrain nothing: the NER grids finetune the authors' checkpoints ("hub", or a local mirror)
+    # also pretrain released-<size>-maml (the released trainer's reading), first seed, for the episode figures
+    released_arm: bool = False
+    # pretrain nothing: the NER grids finetune the authors' checkpoints ("hub", or a local mirror)
+    released_checkpoints: str = ""
 
 PAPER = Profile("paper", "runs", list(PAPER_SIZES), "pico", 4, ["paper1", "paper2"], commits_outputs=True,
                 phase_size="large", sweep_size="medium", device="cuda", ner_workers=0, paper_scale=True,
                 released_arm=True)
 
 # %% ../nbs/30_pipeline.ipynb #6b3db867
-SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128, branch_divisor=8,
-              episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20), eval_documents=16, spectra_rows=16, rows_per_file=256,
-              ner=dict(max_train_sentences=16, max_eval_sentences=4, ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
+SHRINK = dict(width_divisor=32, heads=(3, 1), layers=2, step_divisor=2000, seq_len=32, ner_max_len=128,
+              branch_divisor=8, episode=dict(n_way=4, k_shot=1, q_query=1, window=8, exclude_top=20),
+              eval_documents=16, spectra_rows=16, rows_per_file=256,
+              ner=dict(max_train_sentences=16, max_eval_sentences=4,
+                       ner=dict(epochs=1, patience=1, max_len=128, batch_size=8)),
               seeds=[DEFAULT_SEED, 1], documents={"train": 300, "eval": 20})
 REHEARSAL_DATA = "hub"  # under the rehearsal's runs_dir: hub/pretokenized-dolma, hub/pretokenized-paloma
 
@@ -76,8 +81,9 @@ def shrink_size(size: str, family: str = "pico") -> list[str]:
     steps = cfg.train.steps // s["step_divisor"]
     per_step = lambda every: max(1, every // s["step_divisor"])
     branch = cfg.train.branch_batch // s["branch_divisor"]
-    return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}", f"model.n_kv_heads={s['heads'][1]}",
-            f"model.n_layers={s['layers']}", f"model.max_seq_len={s['ner_max_len']}", f"data.seq_len={s['seq_len']}",
+    return [f"model.d_model={d}", f"model.ffn_hidden={4 * d}", f"model.n_heads={s['heads'][0]}",
+            f"model.n_kv_heads={s['heads'][1]}", f"model.n_layers={s['layers']}",
+            f"model.max_seq_len={s['ner_max_len']}", f"data.seq_len={s['seq_len']}",
             f"train.steps={steps}", f"train.warmup_steps={max(1, cfg.train.warmup_steps // s['step_divisor'])}",
             f"checkpoint.every={per_step(cfg.checkpoint.every)}", f"eval.every={per_step(cfg.eval.every)}",
             f"spectra.every={per_step(cfg.spectra.every)}", f"train.branch_batch={branch}",
@@ -86,7 +92,7 @@ def shrink_size(size: str, family: str = "pico") -> list[str]:
             *(f"smlmt.{k}={v}" for k, v in s["episode"].items()), *released_shrink(cfg)]
 
 def released_shrink(cfg) -> list[str]:
-    "The released reading's own settings, shrunk: rows cropped to half their ids, its decay horizon and episode pool ÷."
+    "The released reading's settings, shrunk: rows cropped to half their ids, its decay horizon and episode pool ÷."
     if not cfg.data.row_len: return []
     s = SHRINK
     return [f"data.seq_len={s['seq_len'] // 2}", f"data.row_len={s['seq_len'] + 1}",
@@ -96,32 +102,35 @@ def released_shrink(cfg) -> list[str]:
 def shrink(profile: Profile, runs_dir: str = "runs/rehearse", name: str = "rehearse") -> Profile:
     "The rehearsal of `profile`: the same presets, grids, stages and notebooks under the SHRINK transform."
     if profile.released_checkpoints:  # nothing to pretrain: only the NER grids and the notebooks shrink
-        return dataclasses.replace(profile, name=name, runs_dir=runs_dir, device="cpu", ner_workers=2, grid_overrides=SHRINK["ner"],
-                                   smoke=True, paper_scale=False)
+        return dataclasses.replace(profile, name=name, runs_dir=runs_dir, device="cpu", ner_workers=2,
+                                   grid_overrides=SHRINK["ner"], smoke=True, paper_scale=False)
     data = Path(runs_dir).resolve() / REHEARSAL_DATA
-    source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}", f"data.eval_hub={data / 'pretokenized-paloma'}",
-              f"data.rows_per_file={SHRINK['rows_per_file']}", "logging.progress_bar=false"]
-    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2, seeds=list(SHRINK["seeds"]), data="hub-layout",
-                               device="cpu", ner_workers=2,
+    source = ["data.source=hub", f"data.train_hub={data / 'pretokenized-dolma'}",
+              f"data.eval_hub={data / 'pretokenized-paloma'}", f"data.rows_per_file={SHRINK['rows_per_file']}",
+              "logging.progress_bar=false"]
+    return dataclasses.replace(profile, name="rehearse", runs_dir=runs_dir, nproc=1, jobs=2,
+                               seeds=list(SHRINK["seeds"]), data="hub-layout", device="cpu", ner_workers=2,
                                seq_len=SHRINK["seq_len"], overrides=profile.overrides + source,
                                size_overrides={s: shrink_size(s) for s in profile.sizes}
-                               | {f"released-{s}": shrink_size(s, "released") for s in profile.sizes}, grid_overrides=SHRINK["ner"],
-                               commits_outputs=False, smoke=True, paper_scale=False)
+                               | {f"released-{s}": shrink_size(s, "released") for s in profile.sizes},
+                               grid_overrides=SHRINK["ner"], commits_outputs=False, smoke=True, paper_scale=False)
 
 # %% ../nbs/30_pipeline.ipynb #ee7f5b07
 SMOKE_OVERRIDES = ["model.n_layers=2", "train.steps=4", "checkpoint.every=2", "checkpoint.log_spaced=false",
-                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2", "eval.max_documents=8",
-                   "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2", "smlmt.q_query=2", "smlmt.window=16"]
+                   "train.global_batch=4", "train.branch_batch=2", "train.warmup_steps=1", "eval.every=2",
+                   "eval.max_documents=8", "spectra.every=2", "spectra.grad_rows=2", "smlmt.n_way=8", "smlmt.k_shot=2",
+                   "smlmt.q_query=2", "smlmt.window=16"]
 
-RELEASED = dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False, released_checkpoints="hub",
-                               released_arm=False)
+RELEASED = dataclasses.replace(PAPER, name="released", runs_dir="runs/released", nproc=1, commits_outputs=False,
+                               released_checkpoints="hub", released_arm=False)
 PROFILES = {
     "paper": PAPER,
     "released": RELEASED,
     "rehearse": shrink(PAPER),
     "rehearse-released": shrink(RELEASED, "runs/rehearse-released", "rehearse-released"),
     "demo": Profile("demo", "runs", ["demo"], "demo", 2, ["demo"], data="local", commits_outputs=True),
-    "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES, smoke=True),
+    "smoke": Profile("smoke", "runs/smoke", ["demo"], "demo", 1, ["smoke"], data="local", overrides=SMOKE_OVERRIDES,
+                     smoke=True),
 }
 
 # %% ../nbs/30_pipeline.ipynb #d70ab3ca
@@ -131,10 +140,11 @@ def preset_path(profile: Profile, size: str, arm: str) -> Path:
     return PRESETS_DIR / ("demo.yaml" if arm == "maml" else "demo-vanilla.yaml")
 
 def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
-    "Every pretraining run of a profile as (preset, overrides, run name); none when it finetunes the released checkpoints."
+    "A profile's pretraining runs as (preset, overrides, run name); none when it finetunes the released checkpoints."
     if profile.released_checkpoints: return []
     def run(preset, overrides_key, name, seed):
-        extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}", f"train.device={profile.device}"]
+        extra = [f"logging.runs_dir={profile.runs_dir}", f"logging.run_name={name}", f"train.seed={seed}",
+                 f"train.device={profile.device}"]
         return preset, profile.overrides + profile.size_overrides.get(overrides_key, []) + extra, name
     runs = []
     for size in profile.sizes:
@@ -142,7 +152,8 @@ def pretraining_runs(profile: Profile) -> list[tuple[Path, list, str]]:
                  for arm in ARMS for seed in profile.seeds]
         if profile.released_arm:  # the released trainer's reading of the method: its MAML arm, at the first seed
             seed = profile.seeds[0]
-            runs.append(run(PRESETS_DIR / f"released-{size}-maml.yaml", f"released-{size}", run_name(size, "maml", seed, "released"), seed))
+            runs.append(run(PRESETS_DIR / f"released-{size}-maml.yaml", f"released-{size}",
+                            run_name(size, "maml", seed, "released"), seed))
     return runs
 
 # %% ../nbs/30_pipeline.ipynb #38cdddc0
@@ -153,7 +164,8 @@ def run_finished(preset, overrides) -> bool:
     final = root / step_dir_name(cfg.train.steps)
     if not ((root / LATEST_FILE).is_file() and (root / LATEST_FILE).read_text().strip() == final.name): return False
     try:
-        if final not in [d for _, d in list_checkpoints(root)]: raise CheckpointCorrupt(f"{final}, which {root / LATEST_FILE} names, is gone")
+        if final not in [d for _, d in list_checkpoints(root)]:
+            raise CheckpointCorrupt(f"{final}, which {root / LATEST_FILE} names, is gone")
         verify_checkpoint(final)
         return True
     except CheckpointCorrupt as e:
@@ -171,7 +183,8 @@ def launch_command(preset, overrides, nproc: int) -> list[str]:
 
 def prepare_command(src, out, seq_len: int, max_documents: int = 0) -> list[str]:
     "The command that pretokenizes raw documents into shards."
-    cmd = [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out), "--seq-len", str(seq_len)]
+    cmd = [sys.executable, "-m", "picomaml.data", "prepare", "--src", str(src), "--out", str(out),
+           "--seq-len", str(seq_len)]
     return cmd + (["--max-documents", str(max_documents)] if max_documents else [])
 
 def sweep_command(grid: str, profile: Profile) -> list[str]:
@@ -188,8 +201,9 @@ def need_shared_data() -> Path:
     "$PICOMAML_DATA as a Path; a one-line error saying what to set when it is missing."
     data = os.environ.get("PICOMAML_DATA")
     if not data or not Path(data).is_dir():
-        raise ConfigError(f"PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with corpus/train, "
-                          "corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the `paper` profile (Hub data)")
+        raise ConfigError(f"PICOMAML_DATA={data or '(unset)'} is not a directory: point it at a directory with "
+                          "corpus/train, corpus/eval and tokenizer/ (the Makefile uses ../shared/data), or use the "
+                          "`paper` profile (Hub data)")
     return Path(data)
 
 def prepare_stages(profile: Profile, timings: dict) -> None:
@@ -201,7 +215,8 @@ def prepare_stages(profile: Profile, timings: dict) -> None:
     for split in ("train", "eval"):
         out = root / split
         timed(f"prepare {split}", timings, (out / "manifest.json").is_file(),
-              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len, 0 if local else SHRINK["documents"][split])))
+              lambda: call(prepare_command(data / "corpus" / split, out, profile.seq_len,
+                                           0 if local else SHRINK["documents"][split])))
         if not local:
             name, hub_split = hub_names[split]
             layout = Path(profile.runs_dir).resolve() / REHEARSAL_DATA / name
@@ -235,10 +250,11 @@ def execute_reports(params: dict, reports_dir, notebooks=None) -> None:
         declared = papermill.inspect_notebook(str(nb))
         print(f"  executing {nb.name}", flush=True)
         try: papermill.execute_notebook(str(nb), str(reports_dir / nb.name), kernel_name="python3", cwd=str(nb.parent),
-                                        parameters={k: v for k, v in params.items() if k in declared}, progress_bar=False)
+                                        parameters={k: v for k, v in params.items() if k in declared},
+                                        progress_bar=False)
         except papermill.PapermillExecutionError as e:
-            raise UserError(f"{nb.name} failed at cell {e.exec_count} ({e.ename}: {e.evalue}); the executed copy with the "
-                            f"traceback is {reports_dir / nb.name}") from None
+            raise UserError(f"{nb.name} failed at cell {e.exec_count} ({e.ename}: {e.evalue}); the executed copy "
+                            f"with the traceback is {reports_dir / nb.name}") from None
 
 def scorecard_line(tables_dir) -> str:
     "The reproduction scorecard's one-line summary (`29_scorecard` writes it in bold), or why there is none."
@@ -261,7 +277,8 @@ def timed(name: str, timings: dict, done: bool, action) -> None:
 def threads_per_process(processes: int) -> dict:
     "OMP_NUM_THREADS for `processes` concurrent processes on this machine's cores (unless the user set it)."
     if "OMP_NUM_THREADS" in os.environ: return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}  # no oversubscription, the same count every run
+    # no oversubscription, the same count every run
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 def call(cmd: list[str], env: dict | None = None) -> None:
     "Run a command (with `env` added to the environment); a failure stops the pipeline naming the command."
@@ -287,7 +304,8 @@ def call_parallel(named: list[tuple[str, list[str]]], jobs: int, log_dir) -> Non
             if proc.returncode != 0:
                 for _, _, other_log, other in running: other.kill(); other.wait(); other_log.close()
                 tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-                raise UserError(f"the pipeline stopped: {name} failed ({tail[0]}); its output is in {log_dir / f'{name}.log'}")
+                raise UserError(f"the pipeline stopped: {name} failed ({tail[0]}); its output is in "
+                                f"{log_dir / f'{name}.log'}")
             print(f"  [{name}] done", flush=True)
 
 def format_timings(timings: dict) -> str:
@@ -310,7 +328,8 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
     "Run a profile's stages in order, skipping what is done; returns the stage timings."
     timings = {}
     if profile.device == "cuda":
-        require_cuda(profile.nproc, f"the {profile.name} profile", f"python -m picomaml.pipeline {profile.name} --device cpu "
+        require_cuda(profile.nproc, f"the {profile.name} profile",
+                     f"python -m picomaml.pipeline {profile.name} --device cpu "
                      f"(days on CPU), or make rehearse (the shrunk paper profile, minutes)")
     os.chdir(PRESETS_DIR.parent)  # presets, data/ and runs/ are relative to the repository root
     ensure_writable(profile.runs_dir, f"the {profile.name} profile's runs directory")
@@ -321,7 +340,8 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
             finished = run_finished(preset, overrides)
             if profile.jobs == 1 or finished:
                 timed(f"pretrain {name}", timings, finished,
-                      lambda: call(launch_command(preset, overrides, profile.nproc), threads_per_process(profile.nproc)))
+                      lambda: call(launch_command(preset, overrides, profile.nproc),
+                                   threads_per_process(profile.nproc)))
             else: todo.append((name, launch_command(preset, overrides, profile.nproc)))
         if todo: timed(f"pretrain {len(todo)} runs, {profile.jobs} at a time", timings, False,
                        lambda: call_parallel(todo, profile.jobs, Path(profile.runs_dir) / "logs"))
@@ -329,7 +349,8 @@ def run_pipeline(profile: Profile, stages=("data", "pretrain", "ner", "reports")
         for grid in profile.grids:
             timed(f"ner sweep {grid}", timings, False, lambda: call(sweep_command(grid, profile)))
     if "reports" in stages:
-        timed("reports", timings, False, lambda: execute_reports(report_parameters(profile), Path(profile.runs_dir) / "reports"))
+        timed("reports", timings, False,
+              lambda: execute_reports(report_parameters(profile), Path(profile.runs_dir) / "reports"))
         print(scorecard_line(report_parameters(profile)["tables_dir"]), flush=True)
     print(format_timings(timings))
     save_timings(timings, Path(profile.runs_dir) / f"timings-{profile.name}.json")
@@ -341,19 +362,23 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m picomaml.pipeline", description=__doc__)
     p.add_argument("profile", choices=sorted(PROFILES))
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help=f"pretraining seeds, each arm once per seed (default: the profile's; {DEFAULT_SEED} is the presets' own)")
+                   help=f"pretraining seeds, each arm once per seed "
+                        f"(default: the profile's; {DEFAULT_SEED} is the presets' own)")
     p.add_argument("--nproc", type=int, default=None, help="processes per pretraining run (default: the profile's)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="where every stage runs (default: the profile's; paper: cuda, checked before any work)")
     p.add_argument("--released-mirror", default=None, metavar="DIR",
-                   help="released profile: read the authors' checkpoints from DIR (<repo>/, <repo>/step_<N>/) instead of the Hub")
+                   help="released profile: read the authors' checkpoints from DIR (<repo>/, <repo>/step_<N>/) "
+                        "instead of the Hub")
     p.add_argument("--plan", action="store_true",
-                   help="print what each NER grid reads and computes, and its hours on one GPU (picomaml.ner_sweep --plan); run nothing")
+                   help="print what each NER grid reads and computes, and its hours on one GPU "
+                        "(picomaml.ner_sweep --plan); run nothing")
     p.add_argument("--stages", nargs="*", default=["data", "pretrain", "ner", "reports"],
                    choices=["data", "pretrain", "ner", "reports"])
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
-    if args.released_mirror and not profile.released_checkpoints: p.error("--released-mirror applies to the released profile")
+    if args.released_mirror and not profile.released_checkpoints:
+        p.error("--released-mirror applies to the released profile")
     profile = dataclasses.replace(profile, seeds=args.seeds or profile.seeds, nproc=args.nproc or profile.nproc,
                                   device=args.device or profile.device,
                                   released_checkpoints=str(Path(args.released_mirror).resolve()) if args.released_mirror

@@ -71,7 +71,8 @@ def block_saved_bytes(mc, tokens: int, a: int) -> int:
     return tokens * (norms + linear_inputs + attention + swiglu)
 
 def activation_bytes(cfg: Config, device: str, capability: tuple | None = None) -> int:
-    "Bytes of a matmul's activation: 2 under bf16 autocast, else 4, with train.precision resolved as the launch resolves it."
+    ("Bytes of a matmul's activation: 2 under bf16 autocast, else 4, with train.precision resolved as the launch "
+     "resolves it.")
     return 2 if resolve_precision(cfg.train.precision, device, capability) == "bf16-mixed" else 4
 
 # %% ../nbs/06_plan.ipynb #9d997eea
@@ -87,33 +88,41 @@ def block_kept_bytes(mc, rows: int, seq: int, a: int, math: bool = False) -> int
     "Bytes one block's graph keeps for rows × seq tokens, under the fused or the math attention kernel (float32)."
     N, d_kv = rows * seq, mc.d_model // mc.n_heads * mc.n_kv_heads
     if not math: return block_saved_bytes(mc, N, a)
-    repeated_kv = 4 * N * (mc.d_model - 2 * d_kv)  # k, v repeated to all H heads (2 · 4d, not 2 · 4d_kv), no copy of the output
+    # k, v repeated to all H heads (2 · 4d, not 2 · 4d_kv), no copy of the output
+    repeated_kv = 4 * N * (mc.d_model - 2 * d_kv)
     return block_saved_bytes(mc, N, a) + attention_probs_bytes(mc, rows, seq) - 4 * mc.n_heads * N + repeated_kv
 
 # %% ../nbs/06_plan.ipynb #abcd7a36
 LOSS_CHUNK = 1024  # tokens per chunk of the fused output layer + loss (`next_token_loss_sum`'s default)
 
 def kept_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, math: bool = False) -> int:
-    "Bytes the blocks' graphs keep for backward over rows × seq tokens: token ids, RoPE tables, every block (or its input)."
+    ("Bytes the blocks' graphs keep for backward over rows × seq tokens: token ids, RoPE tables, "
+     "every block (or its input).")
     N = rows * seq
     blocks = mc.n_layers * (4 * N * mc.d_model if checkpointing else block_kept_bytes(mc, rows, seq, a, math))
     return 8 * N + 4 * seq * (mc.d_model // mc.n_heads) + blocks
 
-def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, *, math: bool = False) -> int:
-    "Peak bytes above the persistent state of forward + backward over rows × seq tokens (with the fused LM loss, or a readout)."
+def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_loss: bool = True, *,
+                     math: bool = False) -> int:
+    ("Peak bytes above the persistent state of forward + backward over rows × seq tokens "
+     "(with the fused LM loss, or a readout).")
     N, d, V, L = rows * seq, mc.d_model, mc.vocab_size, mc.n_layers
     cast = 2 if a < 4 else 0  # autocast keeps a bf16 copy of each weight it uses
-    kept, w_blocks, w_out = kept_bytes(mc, rows, seq, a, checkpointing, math), cast * L * _block_params(mc), cast * V * d
+    kept, w_blocks, w_out = (kept_bytes(mc, rows, seq, a, checkpointing, math), cast * L * _block_params(mc),
+                             cast * V * d)
     out_norm, grads = N * (8 * d + 4), N * (4 * d + 2 * a * mc.ffn_hidden)
-    softmax_grads = 2 * attention_probs_bytes(mc, rows, seq) if math else 0  # the math kernel's backward: d(softmax), d(scores)
+    # the math kernel's backward: d(softmax), d(scores)
+    softmax_grads = 2 * attention_probs_bytes(mc, rows, seq) if math else 0
     last_block = block_kept_bytes(mc, rows, seq, a, math) - 4 * N * d + w_blocks // L if checkpointing else w_blocks
-    moments = [kept + last_block + grads + softmax_grads]  # backward of the last block (recomputed first, with checkpointing)
+    # backward of the last block (recomputed first, with checkpointing)
+    moments = [kept + last_block + grads + softmax_grads]
     if lm_loss:
         c = min(LOSS_CHUNK, N)
         previous = 4 * c * V if N > c else 0  # the last chunk's softmax lives on in `dlogits` until rebound
         logits = 4 * c * V + max(4 * c * V + previous, cast * c * V + a * V * d)
         moments.append(kept + w_blocks + w_out + out_norm + 4 * N * d + 4 * V * d + logits)  # fused loss, forward
-        moments.append(kept + (0 if checkpointing else w_blocks) + out_norm + 2 * (4 * N * d + 4 * V * d))  # its backward
+        # its backward
+        moments.append(kept + (0 if checkpointing else w_blocks) + out_norm + 2 * (4 * N * d + 4 * V * d))
     else:
         moments.append(kept + w_blocks + out_norm)  # end of the forward: features for the readout
     return max(moments)
@@ -122,7 +131,8 @@ def chunk_peak_bytes(mc, rows: int, seq: int, a: int, checkpointing: bool, lm_lo
 def episode_peak_bytes(cfg: Config, gpus: int, a: int, math: bool = False) -> int:
     "Peak bytes of one MAML episode on a rank above the persistent state: pool, support forward, query backward, head."
     mc, sc = cfg.model, cfg.smlmt
-    split = 1 if sc.episode_scope == "rank" else gpus  # a rank's own episode is not split over ranks; its pool is its rows
+    # a rank's own episode is not split over ranks; its pool is its rows
+    split = 1 if sc.episode_scope == "rank" else gpus
     pool = 64 * (sc.pool_rows or cfg.train.branch_batch) // (gpus // split) * (cfg.data.seq_len + 1)
     support_rows, query_rows = -(-sc.n_way * sc.k_shot // split), -(-sc.n_way * sc.q_query // split)
     w_blocks = (2 if a < 4 else 0) * mc.n_layers * _block_params(mc)
@@ -137,11 +147,13 @@ def step_transient_bytes(cfg: Config, gpus: int, device: str) -> int:
     "Bytes the optimizer step adds: the flat all-reduce copy (several ranks), then AdamW's sqrt(v) temporaries."
     counts = param_counts(cfg)
     n = sum(counts.values())
-    adamw = 4 * n if device == "cuda" else 2 * 4 * max(counts["embedding"], counts["head"], cfg.model.ffn_hidden * cfg.model.d_model)
+    adamw = 4 * n if device == "cuda" else 2 * 4 * max(counts["embedding"], counts["head"],
+                                                       cfg.model.ffn_hidden * cfg.model.d_model)
     return max(4 * n if gpus > 1 else 0, adamw)
 
 def eval_peak_bytes(cfg: Config, a: int, rows: int, math: bool = False) -> int:
-    "Peak bytes of evaluating `rows` rows per device above weights and AdamW state: bf16 weights, one block, the logits."
+    ("Peak bytes of evaluating `rows` rows per device above weights and AdamW state: bf16 weights, one block, "
+     "the logits.")
     mc, N = cfg.model, rows * cfg.data.seq_len
     cast = (2 if a < 4 else 0) * (mc.n_layers * _block_params(mc) + mc.vocab_size * mc.d_model)
     scores = 2 * attention_probs_bytes(mc, rows, cfg.data.seq_len) if math else 0  # one block's scores and softmax
@@ -150,13 +162,14 @@ def eval_peak_bytes(cfg: Config, a: int, rows: int, math: bool = False) -> int:
 def matrix_sizes(mc) -> dict:
     "Parameters of each weight matrix of a block, by the name `spectra.layers` uses."
     d, kv, f = mc.d_model, mc.d_model // mc.n_heads * mc.n_kv_heads, mc.ffn_hidden
-    return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d, "attention.o_proj": d * d,
-            "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
+    return {"attention.q_proj": d * d, "attention.k_proj": kv * d, "attention.v_proj": kv * d,
+            "attention.o_proj": d * d, "swiglu.w_0": f * d, "swiglu.w_1": f * d, "swiglu.w_2": f * d}
 
 def spectra_peak_bytes(cfg: Config, rows: int, math: bool = False) -> int:
     "Peak bytes of one group of `rows` rows of the spectra's float32 gradient pass above weights and AdamW state."
     mc, sizes = cfg.model, matrix_sizes(cfg.model)
-    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)  # one set of the selected gradients
+    # one set of the selected gradients
+    selected = 4 * mc.n_layers * sum(sizes.get(name, 0) for name in cfg.spectra.layers)
     chunk = chunk_peak_bytes(mc, rows, cfg.data.seq_len, 4, cfg.train.activation_checkpointing, math=math)
     return chunk + 2 * selected  # the group's gradients and the running sum over groups
 
@@ -182,7 +195,8 @@ def device_memory_gb(device) -> float:
 # %% ../nbs/06_plan.ipynb #7ba93461
 def phase_bytes(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
                 spectra_rows: int | None = None) -> dict:
-    "Tensor bytes per device at the peak of each phase a run reaches: next-token chunk, episode, step, evaluation, spectra."
+    ("Tensor bytes per device at the peak of each phase a run reaches: next-token chunk, episode, step, evaluation, "
+     "spectra.")
     n, a = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability)
     state, ck, math = 16 * n, cfg.train.activation_checkpointing, uses_math_attention(cfg.model, device, a)
     phases = {"next-token chunk": state + chunk_peak_bytes(cfg.model, chunk, cfg.data.seq_len, a, ck, math=math),
@@ -201,15 +215,18 @@ def largest_fitting(need, upper: int, capacity: int, device: str) -> int:
 def choose_chunk(cfg: Config, gpus: int, device: str, capacity: int, capability: tuple | None = None) -> int:
     "Rows per memory chunk: the fewest chunks of this rank's rows that fit, evenly sized; 0 if one row does not fit."
     rows = cfg.train.branch_batch // gpus
-    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c, capability)["next-token chunk"], rows, capacity, device)
+    largest = largest_fitting(lambda c: phase_bytes(cfg, gpus, device, c, capability)["next-token chunk"],
+                              rows, capacity, device)
     if not largest: return 0
     return -(-rows // -(-rows // largest))  # e.g. 64 rows, 21 fit: 4 chunks of 16
 
 SPECTRA_GROUP_ROWS = 64  # the largest group the spectra's pass is planned in (pico-train accumulates over groups of 8)
 
 def choose_spectra_batch(cfg: Config, device: str, capacity: int) -> int:
-    "Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; 0 if one row does not."
-    rows, n, math = cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS, sum(param_counts(cfg).values()), uses_math_attention(cfg.model, device, 4)
+    ("Rows per group of the spectra's gradient pass: spectra.grad_batch, else the fewest even groups that fit; "
+     "0 if one row does not.")
+    rows, n, math = (cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS, sum(param_counts(cfg).values()),
+                     uses_math_attention(cfg.model, device, 4))
     if cfg.spectra.grad_batch: return min(cfg.spectra.grad_batch, rows)
     largest = largest_fitting(lambda r: 12 * n + spectra_peak_bytes(cfg, r, math), rows, capacity, device)
     return -(-rows // -(-rows // largest)) if largest else 0
@@ -219,12 +236,14 @@ PROCESS_COUNT = "torchrun's --nproc_per_node times its --nnodes; the planner's -
 
 def layout_problem(cfg: Config, gpus: int) -> str:
     "Why `gpus` ranks cannot split the batches evenly (naming the keys), or ''."
-    tc, pool = cfg.train, cfg.smlmt.pool_rows  # global_batch splits into branch micro-batches: TrainConfig's rule (00_config)
+    # global_batch splits into branch micro-batches: TrainConfig's rule (00_config)
+    tc, pool = cfg.train, cfg.smlmt.pool_rows
     if tc.branch_batch % gpus:
-        return (f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} processes (one per GPU), so each holds the same "
-                f"rows; change it, or the process count ({PROCESS_COUNT})")
+        return (f"train.branch_batch={tc.branch_batch} must be a multiple of the {gpus} processes (one per GPU), "
+                f"so each holds the same rows; change it, or the process count ({PROCESS_COUNT})")
     if cfg.maml.rho > 0 and pool % gpus:
-        return f"smlmt.pool_rows={pool} must be a multiple of the {gpus} processes (one per GPU); change it, or the process count ({PROCESS_COUNT})"
+        return (f"smlmt.pool_rows={pool} must be a multiple of the {gpus} processes (one per GPU); change it, "
+                f"or the process count ({PROCESS_COUNT})")
     return ""
 
 def _gib(n: float) -> str:
@@ -237,14 +256,16 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
     need = {name: with_reserve(b, device) for name, b in phases.items()}
     have, n = f"the {_gib(capacity)} of each device", sum(param_counts(cfg).values())
     if need["optimizer step"] > capacity:
-        return (f"the float32 weights, gradients and AdamW state of {n / 1e6:.0f}M parameters with the optimizer step's temporaries "
-                f"need {_gib(need['optimizer step'])}, more than {have}: use devices with more memory (--gpu-memory-gb) or a smaller model.d_model")
+        return (f"the float32 weights, gradients and AdamW state of {n / 1e6:.0f}M parameters with the optimizer "
+                f"step's temporaries need {_gib(need['optimizer step'])}, more than {have}: use devices with more "
+                f"memory (--gpu-memory-gb) or a smaller model.d_model")
     best = chunk if need["next-token chunk"] <= capacity else choose_chunk(cfg, gpus, device, capacity, capability)
     if not best:
-        fix = ("lower data.seq_len or use devices with more memory (--gpu-memory-gb)" if cfg.train.activation_checkpointing
-               else "set train.activation_checkpointing=true")
+        fix = ("lower data.seq_len or use devices with more memory (--gpu-memory-gb)"
+               if cfg.train.activation_checkpointing else "set train.activation_checkpointing=true")
         one_row = with_reserve(phase_bytes(cfg, gpus, device, 1, capability)["next-token chunk"], device)
-        return f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, more than {have}: {fix}"
+        return (f"one row of data.seq_len={cfg.data.seq_len} tokens needs {_gib(one_row)} with the persistent state, "
+                f"more than {have}: {fix}")
     if best != chunk:
         return (f"train.chunk_rows={cfg.train.chunk_rows} needs {_gib(need['next-token chunk'])}, more than {have}: "
                 f"set train.chunk_rows={best} (or 0: the largest that fits)")
@@ -253,18 +274,23 @@ def memory_problem(cfg: Config, gpus: int, device: str, capacity: int, chunk: in
                 f"{'' if cfg.train.activation_checkpointing else ', or set train.activation_checkpointing=true'}")
     return rows_problem(cfg, device, capacity, need, have, capability)
 
-def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str, capability: tuple | None = None) -> str:
-    "The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; '' if both fit."
-    n, a, ck = sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing
+def rows_problem(cfg: Config, device: str, capacity: int, need: dict, have: str,
+                 capability: tuple | None = None) -> str:
+    ("The reason evaluation or spectra do not fit, with the largest eval.batch_size / spectra.grad_batch that does; "
+     "'' if both fit.")
+    n, a, ck = (sum(param_counts(cfg).values()), activation_bytes(cfg, device, capability),
+                cfg.train.activation_checkpointing)
     math, spectra_math = uses_math_attention(cfg.model, device, a), uses_math_attention(cfg.model, device, 4)
     spectra_rows = cfg.spectra.grad_batch or cfg.spectra.grad_rows or SPECTRA_GROUP_ROWS
-    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math), "eval.every=0"),
+    checks = (("evaluation", "eval.batch_size", cfg.eval.batch_size, lambda r: eval_peak_bytes(cfg, a, r, math),
+               "eval.every=0"),
               ("spectra", "spectra.grad_batch", spectra_rows, lambda r: spectra_peak_bytes(cfg, r, spectra_math),
                "spectra.every=0" if ck else "train.activation_checkpointing=true"))
     for phase, key, rows, peak, otherwise in checks:
         if need.get(phase, 0) <= capacity: continue
         best = largest_fitting(lambda r: 12 * n + peak(r), rows, capacity, device)
-        return f"{phase} with {key}={rows} needs {_gib(need[phase])}, more than {have}: set {f'{key}={best}' if best else otherwise}"
+        return (f"{phase} with {key}={rows} needs {_gib(need[phase])}, more than {have}: "
+                f"set {f'{key}={best}' if best else otherwise}")
     return ""
 
 # %% ../nbs/06_plan.ipynb #d16db0d7
@@ -276,13 +302,15 @@ def step_cost(cfg: Config, gpus: int = 1) -> tuple[int, float, float]:
     support, query = episodes * sc.n_way * sc.k_shot * sc.window, episodes * sc.n_way * sc.q_query * sc.window
     next_token_tokens = tc.branch_batch * T
     tokens = draws * (rho * (support + query) + (1 - rho) * next_token_tokens)
-    flops = draws * (rho * episode_flops(mc, support, query, sc.window) + (1 - rho) * next_token_flops(mc, next_token_tokens, T))
+    flops = draws * (rho * episode_flops(mc, support, query, sc.window)
+                     + (1 - rho) * next_token_flops(mc, next_token_tokens, T))
     return tc.global_batch * T, tokens, flops
 
 WHOLE_SPLIT_ROWS = 1024  # the time estimate's guess at a whole evaluation split, in rows (or documents) of data.seq_len
 
 def wall_time(cfg: Config, flops_per_step: float, gpus: int, tflops: float | None, mfu: float) -> tuple:
-    "(seconds per optimizer step, hours for the run with its monitoring) at `mfu` of `tflops` per device; Nones without a peak."
+    ("(seconds per optimizer step, hours for the run with its monitoring) at `mfu` of `tflops` per device; "
+     "Nones without a peak.")
     if not tflops: return None, None
     rate, T = gpus * tflops * 1e12 * mfu, cfg.data.seq_len
     times = lambda every: cfg.train.steps // every + 1 if every else 0  # step 0 too
@@ -333,25 +361,29 @@ class Plan:
 # %% ../nbs/06_plan.ipynb #95c2d846
 def memory_parts(cfg: Config, gpus: int, device: str, chunk: int, capability: tuple | None = None,
                  spectra_rows: int | None = None) -> dict:
-    "Bytes per device of each part: persistent state, the chunk's kept activations and transients, each other phase's own peak."
-    counts, a, ck, T = param_counts(cfg), activation_bytes(cfg, device, capability), cfg.train.activation_checkpointing, cfg.data.seq_len
+    ("Bytes per device of each part: persistent state, the chunk's kept activations and transients, "
+     "each other phase's own peak.")
+    counts, a, ck, T = (param_counts(cfg), activation_bytes(cfg, device, capability),
+                        cfg.train.activation_checkpointing, cfg.data.seq_len)
     n, math = sum(counts.values()), uses_math_attention(cfg.model, device, a)
     kept = kept_bytes(cfg.model, chunk, T, a, ck, math)
     parts = {"weights": 4 * n, "gradients": 4 * n, "adamw": 8 * n, "activations": kept,
              "chunk transients": chunk_peak_bytes(cfg.model, chunk, T, a, ck, math=math) - kept,
              "optimizer step": step_transient_bytes(cfg, gpus, device)}
     phases = phase_bytes(cfg, gpus, device, chunk, capability, spectra_rows)
-    parts.update({name: phases[name] - (16 if name == "episode" else 12) * n for name in ("episode", "evaluation", "spectra")
-                  if name in phases})
+    parts.update({name: phases[name] - (16 if name == "episode" else 12) * n
+                  for name in ("episode", "evaluation", "spectra") if name in phases})
     return parts
 
 def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | None = None, mfu: float = 0.4, *,
              device: str = "cuda", capability: tuple | None = None) -> Plan:
-    "The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared) of compute `capability`."
+    ("The resource plan of `cfg` on `gpus` devices of `gpu_memory_gb` GiB (on CPU: the machine's RAM, shared) "
+     "of compute `capability`.")
     capacity = int(gpu_memory_gb * GIB / (gpus if device == "cpu" else 1))
     reason = layout_problem(cfg, gpus)
     rows = 0 if reason else cfg.train.branch_batch // gpus
-    chunk = min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows else (rows and choose_chunk(cfg, gpus, device, capacity, capability))
+    chunk = (min(cfg.train.chunk_rows, rows) if cfg.train.chunk_rows
+             else (rows and choose_chunk(cfg, gpus, device, capacity, capability)))
     spectra = choose_spectra_batch(cfg, device, capacity) if cfg.spectra.every else 0
     tensors = phase_bytes(cfg, gpus, device, max(chunk, 1), capability, spectra)
     reason = reason or memory_problem(cfg, gpus, device, capacity, chunk, tensors, capability=capability)
@@ -361,23 +393,26 @@ def plan_run(cfg: Config, gpus: int, gpu_memory_gb: float, gpu_tflops: float | N
     a = activation_bytes(cfg, device, capability)
     return Plan(fits=not reason, reason=reason, chunk_rows=chunk, rows_per_rank=rows, spectra_batch=spectra,
                 memory=memory_parts(cfg, gpus, device, max(chunk, 1), capability, spectra),
-                phases={name: with_reserve(b, device) for name, b in tensors.items()}, capacity=capacity, tokens_per_step=tokens,
-                model_tokens_per_step=model_tokens, flops_per_step=flops, est_seconds_per_step=seconds, est_hours=hours,
-                checkpoint_disk_bytes=disk, n_checkpoints=n_ckpt, gpus=gpus, device=device, mfu=mfu, gpu_tflops=gpu_tflops,
+                phases={name: with_reserve(b, device) for name, b in tensors.items()}, capacity=capacity,
+                tokens_per_step=tokens, model_tokens_per_step=model_tokens, flops_per_step=flops,
+                est_seconds_per_step=seconds, est_hours=hours, checkpoint_disk_bytes=disk, n_checkpoints=n_ckpt,
+                gpus=gpus, device=device, mfu=mfu, gpu_tflops=gpu_tflops,
                 steps=cfg.train.steps, activation_checkpointing=cfg.train.activation_checkpointing,
                 precision="bf16-mixed" if a == 2 else "32-true",
                 attention="math" if uses_math_attention(cfg.model, device, a) else "fused")
 
 # %% ../nbs/06_plan.ipynb #35adac3d
 PART_LABELS = {"weights": "weights (float32)", "gradients": "gradients (float32)", "adamw": "AdamW moments (float32)",
-               "activations": "activations kept by one chunk", "chunk transients": "chunk transients (bf16 weights, loss, backward)",
+               "activations": "activations kept by one chunk",
+               "chunk transients": "chunk transients (bf16 weights, loss, backward)",
                "optimizer step": "optimizer step temporaries", "episode": "MAML episode (pool, support, query, head)",
                "evaluation": "evaluation (bf16 weights, logits)", "spectra": "spectra gradient pass (float32)"}
 
 def format_plan(plan: Plan) -> str:
     "The plan as a readable table."
     gib = lambda b: f"{b / GIB:8.2f}"
-    attention = "fused kernel" if plan.attention == "fused" else "math kernel (a float32 (rows, H, T, T) softmax kept per block)"
+    attention = ("fused kernel" if plan.attention == "fused"
+                 else "math kernel (a float32 (rows, H, T, T) softmax kept per block)")
     lines = [f"{plan.gpus} × {plan.device} of {plan.capacity / GIB:.1f} GiB, {plan.precision}, attention: {attention}"
              f"{', activation checkpointing' if plan.activation_checkpointing else ''}",
              f"memory chunk: {plan.chunk_rows} of {plan.rows_per_rank} rows per device "
@@ -387,11 +422,12 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  {PART_LABELS[k]:<50}{gib(v)}" for k, v in plan.memory.items()]
     lines += ["", f"{'peak of each phase, with the reserve':<52}{'GiB':>8}  fits"]
     lines += [f"  {k:<50}{gib(v)}  {'yes' if v <= plan.capacity else 'NO'}" for k, v in plan.phases.items()]
-    lines += ["", f"per optimizer step: {plan.tokens_per_step:,} data tokens, {plan.model_tokens_per_step:,.0f} tokens through "
-              f"the model (expected), {plan.flops_per_step:.3g} FLOPs"]
+    lines += ["", f"per optimizer step: {plan.tokens_per_step:,} data tokens, {plan.model_tokens_per_step:,.0f} tokens "
+              f"through the model (expected), {plan.flops_per_step:.3g} FLOPs"]
     if plan.est_seconds_per_step is not None:
-        lines.append(f"time at {plan.mfu:.0%} MFU of {plan.gpu_tflops:g} TFLOP/s per device: {plan.est_seconds_per_step:.2f} s a step, "
-                     f"{plan.est_hours:.1f} h for {plan.steps:,} steps with evaluations")
+        lines.append(f"time at {plan.mfu:.0%} MFU of {plan.gpu_tflops:g} TFLOP/s per device: "
+                     f"{plan.est_seconds_per_step:.2f} s a step, {plan.est_hours:.1f} h for {plan.steps:,} steps "
+                     f"with evaluations")
     lines.append(f"checkpoints: {plan.n_checkpoints}, {plan.checkpoint_disk_bytes / GIB:.1f} GiB on disk at most")
     if not plan.fits: lines.append(f"does not fit: {plan.reason}")
     return "\n".join(lines)
@@ -399,30 +435,37 @@ def format_plan(plan: Plan) -> str:
 # %% ../nbs/06_plan.ipynb #92ca5ecf
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.plan`."
-    p = argparse.ArgumentParser(prog="python -m picomaml.plan", description="Memory, chunk, FLOPs, time and disk of a run.")
+    p = argparse.ArgumentParser(prog="python -m picomaml.plan",
+                                description="Memory, chunk, FLOPs, time and disk of a run.")
     p.add_argument("--config", default=None, help="YAML preset, e.g. configs/pico-large-maml.yaml")
     p.add_argument("--gpus", type=int, required=True, help="devices (ranks) of the run")
-    p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory per device in GiB (on CPU: the machine's)")
-    p.add_argument("--gpu-tflops", type=float, default=None, help="dense bf16 peak TFLOP/s per device (A100 312, H100 989)")
+    p.add_argument("--gpu-memory-gb", type=float, required=True,
+                   help="memory per device in GiB (on CPU: the machine's)")
+    p.add_argument("--gpu-tflops", type=float, default=None,
+                   help="dense bf16 peak TFLOP/s per device (A100 312, H100 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the devices are")
     p.add_argument("--compute-capability", default="8.0",
-                   help="CUDA compute capability of the GPUs (A100 8.0, H100 9.0, V100 7.0): below 8.0 `auto` precision is float32")
+                   help="CUDA compute capability of the GPUs (A100 8.0, H100 9.0, V100 7.0): "
+                        "below 8.0 `auto` precision is float32")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
 def main(argv=None) -> int:
     "Print the plan; 0 when the run fits, 2 with one line naming the setting to change when it does not."
     args = parse_args(argv)
-    checks = ((args.gpus >= 1, "--gpus must be at least 1"), (args.gpu_memory_gb > 0, "--gpu-memory-gb must be positive"),
-              (0 < args.mfu <= 1, "--mfu must be in (0, 1]"), (args.gpu_tflops is None or args.gpu_tflops > 0, "--gpu-tflops must be positive"))
+    checks = ((args.gpus >= 1, "--gpus must be at least 1"),
+              (args.gpu_memory_gb > 0, "--gpu-memory-gb must be positive"),
+              (0 < args.mfu <= 1, "--mfu must be in (0, 1]"),
+              (args.gpu_tflops is None or args.gpu_tflops > 0, "--gpu-tflops must be positive"))
     try:
         bad = next((message for ok, message in checks if not ok), None)
         if bad: raise ConfigError(bad)
         try: capability = tuple(int(part) for part in args.compute_capability.split("."))
-        except ValueError: raise ConfigError(f"--compute-capability {args.compute_capability!r} is not a version like 8.0") from None
-        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops, args.mfu,
-                        device=args.device, capability=capability)
+        except ValueError:
+            raise ConfigError(f"--compute-capability {args.compute_capability!r} is not a version like 8.0") from None
+        plan = plan_run(load_config(args.config, args.overrides), args.gpus, args.gpu_memory_gb, args.gpu_tflops,
+                        args.mfu, device=args.device, capability=capability)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

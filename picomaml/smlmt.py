@@ -55,7 +55,8 @@ def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torc
     frequent = torch.zeros_like(special)
     frequent[counts.argsort(descending=True, stable=True)[:exclude_top]] = True
     word_ok = word_start & (alpha_len >= min_word_chars) & ~special & ~frequent          # (V,)
-    ends_word = word_start | special                                                     # (V,) a boundary lies before it
+    # (V,) a boundary lies before it
+    ends_word = word_start | special
     cand = torch.zeros_like(pool, dtype=torch.bool)                                      # (R, L)
     cand[:, :-1] = word_ok[pool[:, :-1]] & ends_word[pool[:, 1:]]
     return cand
@@ -140,9 +141,11 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
                            f"lower smlmt.window or raise data.seq_len")
     if len(word_start) != len(alpha_len) or int(pool.max()) >= len(word_start) or int(pool.min()) < 0:
         raise ValueError(f"pool ids span {int(pool.min())}..{int(pool.max())} but the word_start/alpha_len tables have "
-                         f"{len(word_start)}/{len(alpha_len)} entries; build both from the tokenizer that made the pool")
+                         f"{len(word_start)}/{len(alpha_len)} entries; "
+                         f"build both from the tokenizer that made the pool")
     if bool((pool == mask_id).any()):
-        raise ValueError(f"pool already holds the [MASK] id {mask_id} (data.mask_id); it must be an id no text produces")
+        raise ValueError(f"pool already holds the [MASK] id {mask_id} (data.mask_id); "
+                         f"it must be an id no text produces")
 
 # %% ../nbs/04_smlmt.ipynb #4a0aea5c
 def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor, alpha_len: torch.Tensor,
@@ -161,7 +164,8 @@ def build_episode(pool: torch.Tensor, cfg: SMLMTConfig, word_start: torch.Tensor
     occ_order = torch.randperm(len(words), generator=gen).to(dev)              # (n,) occurrence order
     priority = (V - word_order[words]) * (len(words) + 1) + occ_order
     starts = window_starts(cols, L, cfg.window)
-    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1, window=cfg.window, n_vocab=V)
+    kept = allocate_windows(rows, starts, words, priority, need=need, n_rows=R, n_starts=L - cfg.window + 1,
+                            window=cfg.window, n_vocab=V)
     ready_words = (torch.bincount(words[kept], minlength=V) == need).nonzero().squeeze(1)  # words with K+Q windows
     if len(ready_words) < cfg.n_way:
         raise too_few_words((R, L), cfg, len(words.unique()), len(ready_words))
@@ -199,12 +203,15 @@ def episode_problems(ep: Episode, pool: torch.Tensor, cfg: SMLMTConfig, mask_id:
     mask_pos, readout = (torch.cat([getattr(ep, f"{p}_{k}") for p in parts]) for k in ("mask_pos", "readout"))
     word = ep.class_ids[labels.clamp(0, N - 1)]                                  # (N*(K+Q),) each window's class word
     starts = pos[:, 1] - mask_pos
-    text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]  # (N*(K+Q), W)
+    # (N*(K+Q), W)
+    text = pool[pos[:, None, 0], (starts[:, None] + torch.arange(W, device=ids.device)).clamp(0, pool.shape[1] - 1)]
     masked = ids == mask_id
     same_row = pos[:, None, 0] == pos[None, :, 0]
-    overlap = same_row & ((starts[:, None] - starts[None, :]).abs() < W) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
+    overlap = same_row & ((starts[:, None] - starts[None, :]).abs() < W) & ~torch.eye(len(ids), dtype=torch.bool,
+                                                                                      device=ids.device)
     checks = {
-        "shapes": ep.support_ids.shape == (N * K, W) and ep.query_ids.shape == (N * Q, W) and ep.class_ids.shape == (N,),
+        "shapes": ep.support_ids.shape == (N * K, W) and ep.query_ids.shape == (N * Q, W)
+            and ep.class_ids.shape == (N,),
         "labels 0..N-1, K and Q per class": bool((ep.support_labels.bincount(minlength=N) == K).all())
             and bool((ep.query_labels.bincount(minlength=N) == Q).all()),
         "distinct classes": len(ep.class_ids.unique()) == N,

@@ -55,7 +55,8 @@ def spectrum_metrics(s) -> dict:
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
     "Singular values (descending, float64 numpy) of a 2-D tensor; min(m, n) of them."
     if matrix.ndim != 2: raise ValueError(f"expected a matrix, got a tensor of shape {tuple(matrix.shape)}")
-    return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64 else torch.float64)).double().cpu().numpy()
+    return torch.linalg.svdvals(matrix.detach().to(torch.float32 if matrix.dtype != torch.float64
+                                                   else torch.float64)).double().cpu().numpy()
 
 # %% ../nbs/08_spectra.ipynb #31b3ef64
 _BLOCK_MATRIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
@@ -69,14 +70,16 @@ def select_matrices(model: torch.nn.Module, layers) -> dict:
     available = sorted({layer for _, layer in found})
     for layer in layers:
         if layer not in available:
-            raise ValueError(f"spectra.layers entry {layer!r} matches no matrix `layers.N.{layer}.weight` of the model; "
+            raise ValueError(f"spectra.layers entry {layer!r} matches no matrix `layers.N.{layer}.weight` of "
+                             "the model; "
                              f"valid names: {', '.join(available) or 'none (no layers.N.*.weight parameters)'}")
     return {key: found[key] for key in sorted(found) if key[1] in layers}
 
 # %% ../nbs/08_spectra.ipynb #f8b2cc9d
 def loss_gradients(model: torch.nn.Module, rows: torch.Tensor, params: dict, batch_rows: int | None = None,
                    denominator: int | None = None) -> dict:
-    "Gradients w.r.t. `params` of the summed next-token loss of `rows` (B, T + 1) / `denominator` (default: its targets); .grad untouched."
+    ("Gradients w.r.t. `params` of the summed next-token loss of `rows` (B, T + 1) / `denominator` "
+     "(default: its targets); .grad untouched.")
     device, denominator = next(model.parameters()).device, denominator or rows[:, 1:].numel()
     sums = {key: torch.zeros_like(p) for key, p in params.items()}
     was_training = model.training
@@ -99,19 +102,23 @@ def load_eval_batch(source, rows: int | None = None, seq_len: int | None = None)
         path = Path(source)
         shards = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
         if not shards or not shards[0].is_file():
-            raise FileNotFoundError(f"evaluation batch {path}: no parquet shard found (expected a .parquet file or a directory of them)")
+            raise FileNotFoundError(f"evaluation batch {path}: no parquet shard found "
+                                    "(expected a .parquet file or a directory of them)")
         table, out = None, []
         for shard in shards:
             table = pq.read_table(shard)
             if "input_ids" not in table.column_names:
-                raise ValueError(f"{shard} has no `input_ids` column (columns: {table.column_names}); expected pretokenized rows")
+                raise ValueError(f"{shard} has no `input_ids` column (columns: {table.column_names}); "
+                                 "expected pretokenized rows")
             out += table.column("input_ids").to_pylist()[: (rows or len(table)) - len(out)]
             if rows and len(out) >= rows: break
         lengths = {len(r) for r in out}
         if len(lengths) != 1: raise ValueError(f"{path}: `input_ids` rows have different lengths {sorted(lengths)[:5]}")
         ids = torch.tensor(out, dtype=torch.long)
-    if ids.ndim != 2 or ids.shape[1] < 2: raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
-    if rows is not None and ids.shape[0] < rows: raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise ValueError(f"evaluation batch must be (rows, seq_len + 1) ids, got {tuple(ids.shape)}")
+    if rows is not None and ids.shape[0] < rows:
+        raise ValueError(f"evaluation batch has {ids.shape[0]} rows, {rows} requested (spectra.grad_rows)")
     return ids[: rows or None, : None if seq_len is None else seq_len + 1].long()  # rows 0: all of them
 
 # %% ../nbs/08_spectra.ipynb #55e75209
@@ -127,12 +134,14 @@ def spectrum_records(step: int, params: dict, grads: dict) -> list:
     return [spectrum_record(step, layer, matrix, kind, tensor) for (layer, matrix), weight in params.items()
             for kind, tensor in (("weight", weight), ("gradient", grads[(layer, matrix)]))]
 
-def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, batch_rows: int | None = None) -> list:
+def compute_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int,
+                    batch_rows: int | None = None) -> list:
     "Weight and gradient spectrum records of `layers` in every block, gradients of the LM loss on `batch`."
     params = select_matrices(model, layers)
     return spectrum_records(step, params, loss_gradients(model, batch, params, batch_rows))
 
-def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path, batch_rows: int | None = None) -> list:
+def record_spectra(model: torch.nn.Module, batch: torch.Tensor, layers, step: int, path,
+                   batch_rows: int | None = None) -> list:
     "Compute the spectra of `layers` at `step` and append them to the JSON-lines file `path`."
     records = compute_spectra(model, batch, layers, step, batch_rows)
     append_records(path, records)
@@ -149,15 +158,20 @@ def read_spectra(path) -> pd.DataFrame:
 
 # %% ../nbs/08_spectra.ipynb #e837084b
 def checkpoint_steps(checkpoints_dir) -> list:
-    "`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` (`picomaml.checkpoints.list_checkpoints`), by step."
+    ("`[(step, directory)]` of the loadable checkpoints under `checkpoints_dir` "
+     "(`picomaml.checkpoints.list_checkpoints`), by step.")
     root = Path(checkpoints_dir)
-    if not root.is_dir(): raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist (expected <run_dir>/checkpoints)")
     found = list_checkpoints(root)
     for d in sorted(set(root.glob("step_*")) - {d for _, d in found}):
         if d.is_dir(): warnings.warn(f"{d}: no model.safetensors + config.json (an unfinished save?); skipped")
     if not found and (root / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, --checkpoints {root / 'checkpoints'}")
-    if not found: raise FileNotFoundError(f"{root} holds no checkpoints (step_NNNNNN directories with model.safetensors + config.json)")
+        raise FileNotFoundError(f"{root} is a run directory: give its checkpoints, "
+                                f"--checkpoints {root / 'checkpoints'}")
+    if not found:
+        raise FileNotFoundError(f"{root} holds no checkpoints "
+                                "(step_NNNNNN directories with model.safetensors + config.json)")
     return found
 
 def _complete_steps(out: Path) -> set:
@@ -167,19 +181,22 @@ def _complete_steps(out: Path) -> set:
 
 def fitting_batch_rows(model: torch.nn.Module, batch: torch.Tensor, layers, device: torch.device) -> int:
     "Rows per group of the gradient pass that fit `device` (the planner's spectra phase), at most the whole batch."
-    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),  # no episodes: a gradient pass
+    # no episodes: a gradient pass
+    cfg = Config(model=model.cfg, data=DataConfig(seq_len=batch.shape[1] - 1), maml=MAMLConfig(rho=0),
                  spectra=SpectraConfig(layers=list(layers), grad_rows=len(batch)))
     rows = choose_spectra_batch(cfg, device.type, int(device_memory_gb(device) * GIB))
-    if not rows: raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of {device}: "
-                                   "use a device with more memory or shorter rows (--seq-len)")
+    if not rows:
+        raise ConfigError(f"the gradient of one row of {batch.shape[1] - 1} tokens does not fit in the memory of "
+                          f"{device}: use a device with more memory or shorter rows (--seq-len)")
     return rows
 
 def spectra_over_steps(loaders, batch, layers, out, device="cpu", batch_rows: int | None = None) -> Path:
-    "Append spectra for `[(step, load)]` (`load()` returns the model) on `device` to `out`, skipping steps complete there."
+    "Append spectra for `[(step, load)]` (`load()` returns the model) on `device` to `out`, skipping steps done there."
     out, device = Path(out), torch.device(device)
     batch, done = batch.to(device), _complete_steps(out)
     todo = [(step, load) for step, load in loaders if step not in done]
-    for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)", disable=not todo):
+    for step, load in tqdm(todo, desc=f"spectra ({len(loaders) - len(todo)} of {len(loaders)} steps done)",
+                           disable=not todo):
         model = load().to(device)
         record_spectra(model, batch, layers, step, out, batch_rows or fitting_batch_rows(model, batch, layers, device))
     return out
@@ -202,28 +219,35 @@ def hub_loaders(repo: str, names, branch: str | None = None, subfolder: str = "c
 
 def spectra_over_hub(repo: str, names, batch, layers, out, branch: str | None = None, *, subfolder: str = "checkpoints",
                      cache_dir=None, device="cpu", batch_rows: int | None = None) -> Path:
-    "Append the spectra of checkpoints `names` of a Hub repository (or a local directory) to `out`, computed on `device`."
-    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device, batch_rows)
+    "Append the spectra of checkpoints `names` of a Hub repository (or local directory) to `out`, computed on `device`."
+    return spectra_over_steps(hub_loaders(repo, names, branch, subfolder, cache_dir), batch, layers, out, device,
+                              batch_rows)
 
 # %% ../nbs/08_spectra.ipynb #ee9330a8
 def parse_args(argv=None) -> argparse.Namespace:
     "Arguments of `python -m picomaml.spectra`."
     defaults = SpectraConfig()
-    p = argparse.ArgumentParser(prog="python -m picomaml.spectra", description="Weight and next-token-gradient spectra of checkpoints.")
+    p = argparse.ArgumentParser(prog="python -m picomaml.spectra",
+                                description="Weight and next-token-gradient spectra of checkpoints.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", help="a run's checkpoints directory (step_N/ folders)")
     src.add_argument("--hub", help="Hub model repository (or a local directory of the same layout)")
     p.add_argument("--revisions", default="", help="comma-separated checkpoint names, e.g. step_100,step_200")
-    p.add_argument("--subfolder", default="checkpoints", help="folder of the checkpoints in the repository; empty: revisions are git revisions")
+    p.add_argument("--subfolder", default="checkpoints",
+                   help="folder of the checkpoints in the repository; empty: revisions are git revisions")
     p.add_argument("--branch", default=None, help="git revision of the Hub repository (default: main)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: the usual cache)")
     p.add_argument("--batch", required=True, help="parquet shard (or directory of shards) with `input_ids` rows")
-    p.add_argument("--rows", type=int, default=defaults.grad_rows, help="rows of the batch (spectra.grad_rows; 0: all of them)")
+    p.add_argument("--rows", type=int, default=defaults.grad_rows,
+                   help="rows of the batch (spectra.grad_rows; 0: all of them)")
     p.add_argument("--seq-len", type=int, default=None, help="cut rows to seq_len + 1 ids (the run's data.seq_len)")
-    p.add_argument("--layers", default=",".join(defaults.layers), help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
+    p.add_argument("--layers", default=",".join(defaults.layers),
+                   help="comma-separated matrices, e.g. attention.v_proj,swiglu.w_2")
     p.add_argument("--out", required=True, help="spectra JSON-lines file to append to")
-    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES}; auto: this process's GPU when CUDA is usable, else the CPU")
-    p.add_argument("--batch-rows", type=int, default=0, help="rows per forward/backward of the gradient pass; 0: the largest the device fits")
+    p.add_argument("--device", default="auto",
+                   help=f"{DEVICE_CHOICES}; auto: this process's GPU when CUDA is usable, else the CPU")
+    p.add_argument("--batch-rows", type=int, default=0,
+                   help="rows per forward/backward of the gradient pass; 0: the largest the device fits")
     args = p.parse_args(argv)
     if args.hub and not args.revisions: p.error("--hub needs --revisions (e.g. step_100,step_200)")
     if args.batch_rows < 0: p.error("--batch-rows must be 0 (the largest that fits) or positive")
@@ -238,10 +262,12 @@ def main(argv=None) -> Path:
     batch = load_eval_batch(args.batch, args.rows, args.seq_len)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     on = dict(device=device, batch_rows=args.batch_rows or None)
-    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):  # a second launch on one --out would record every step twice
+    # a second launch on one --out would record every step twice
+    with exclusive_lock(lock_file_of(args.out), f"spectra file {args.out}"):
         if args.hub:
             names = [name.strip() for name in args.revisions.split(",") if name.strip()]
-            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder, cache_dir=args.cache_dir, **on)
+            out = spectra_over_hub(args.hub, names, batch, layers, args.out, args.branch, subfolder=args.subfolder,
+                                   cache_dir=args.cache_dir, **on)
         else: out = spectra_over_checkpoints(args.checkpoints, batch, layers, args.out, **on)
     print(f"spectra of {read_spectra(out).step.nunique()} steps in {out}")
     return out

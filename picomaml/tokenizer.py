@@ -52,7 +52,8 @@ class PicoTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)  # 50,280 real ids
         self.eos_id, self.mask_id = eos_id, mask_id
         if tok.id_to_token(eos_id) != "<|endoftext|>":
-            raise ValueError(f"data.eos_id={eos_id} is {tok.id_to_token(eos_id)!r} in {source or 'the tokenizer'}, not '<|endoftext|>'")
+            raise ValueError(f"data.eos_id={eos_id} is {tok.id_to_token(eos_id)!r} in {source or 'the tokenizer'}, "
+                             f"not '<|endoftext|>'")
         if mask_id < self.vocab_size:
             raise ValueError(f"data.mask_id={mask_id} is the real token {tok.id_to_token(mask_id)!r}; "
                              f"use a padded id >= {self.vocab_size} (50280 for Pico)")
@@ -69,7 +70,8 @@ class PicoTokenizer:
         "The vocabulary string of id `i` (byte-level: `Ġ` marks a leading space)."
         if i == self.mask_id: return "[MASK]"
         token = self.tok.id_to_token(i) if 0 <= i < self.vocab_size else None
-        if token is None: raise ValueError(f"id {i} has no token (vocabulary 0..{self.vocab_size - 1}, [MASK] {self.mask_id})")
+        if token is None:
+            raise ValueError(f"id {i} has no token (vocabulary 0..{self.vocab_size - 1}, [MASK] {self.mask_id})")
         return token
 
     def decode(self, ids) -> str:
@@ -83,7 +85,9 @@ class PicoTokenizer:
             pieces.append(self.tok.decode(run, skip_special_tokens=False)); run = []
         return "[MASK]".join(pieces)
 
-    def __repr__(self): return f"PicoTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id}, source={self.source!r})"
+    def __repr__(self):
+        return (f"PicoTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id}, "
+                f"source={self.source!r})")
 
 # %% ../nbs/02_tokenizer.ipynb #729e2b88
 def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = None) -> PicoTokenizer:
@@ -95,7 +99,8 @@ def load_tokenizer(data_cfg: DataConfig | None = None, cache_dir: str | None = N
         except Exception as e:  # offline, unreachable, gated: say where else a tokenizer could come from
             local = os.environ.get("PICOMAML_DATA")
             raise ConfigError(f"no tokenizer: data.tokenizer_path is empty, PICOMAML_DATA={local or '(unset)'} has no "
-                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched ({type(e).__name__}); "
+                              f"tokenizer/{LOCAL_TOKENIZER_NAME}, and the Hub's {source} could not be fetched "
+                              f"({type(e).__name__}); "
                               f"set data.tokenizer_path or PICOMAML_DATA, or allow Hub access") from None
     else:
         path = source
