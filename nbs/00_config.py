@@ -634,13 +634,18 @@ with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(None, ["model.d_model=96", "maml.rho=0", "train.lr=1e-3", "spectra.layers=[attention.q_proj]"])
     assert (cfg.model.d_model, cfg.maml.rho, cfg.train.lr) == (96, 0.0, 1e-3)
     assert load_config(save_config(cfg, Path(tmp) / "config.yaml")) == cfg
-    (Path(tmp) / "config.yaml").write_text((Path(tmp) / "config.yaml").read_text().replace("rho: 0.0", "rho: 5.0"))
-    raises(lambda: load_config(Path(tmp) / "config.yaml"),
-           f"maml.rho=5.0 is out of range: it must be >= 0 and <= 1 (set in {tmp}")
     (Path(tmp) / "base.yaml").write_text("train: {steps: 10, lr: 1.0e-3}\n")
     (Path(tmp) / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 20}\n")
     child = load_config(Path(tmp) / "child.yaml")
     assert (child.train.steps, child.train.lr) == (20, 1e-3)
+
+# %%
+#| hide
+with tempfile.TemporaryDirectory() as tmp:
+    save_config(cfg, Path(tmp) / "config.yaml")
+    (Path(tmp) / "config.yaml").write_text((Path(tmp) / "config.yaml").read_text().replace("rho: 0.0", "rho: 5.0"))
+    raises(lambda: load_config(Path(tmp) / "config.yaml"),
+           f"maml.rho=5.0 is out of range: it must be >= 0 and <= 1 (set in {tmp}")
     (Path(tmp) / "bad.yaml").write_text("train: [1, 2\n")
     raises(lambda: load_config(Path(tmp) / "bad.yaml"), "bad.yaml", kind=ConfigError)
 

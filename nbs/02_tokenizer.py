@@ -80,6 +80,7 @@ def resolve_tokenizer_path(data_cfg: DataConfig) -> Path | str:
 
 
 # %%
+#| hide
 from picomaml.devtools import raises
 
 with tempfile.TemporaryDirectory() as tmp:

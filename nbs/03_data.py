@@ -684,6 +684,7 @@ assert torch.equal(resumed.read_range(26, 2), full[[layout(26), layout(27)]]) an
 # rows past the end, rows of another length and a missing split or dataset are errors that say what to set.
 
 # %%
+#| hide
 raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=4, block_rows=4).read_range(0, 1),
        "train-00000-of-00005.parquet", "holds 8 rows", "data.rows_per_file is 4")
 raises(lambda: StreamedRows(str(hub), 2, vocab_size=100, rows_per_file=8, block_rows=3).read_range(0, 1),

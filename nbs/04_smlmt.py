@@ -372,6 +372,7 @@ def check_episode_inputs(pool, cfg: SMLMTConfig, word_start, alpha_len, mask_id:
 
 
 # %%
+#| hide
 from picomaml.devtools import raises
 
 _tiny = SMLMTConfig(n_way=2, k_shot=1, q_query=1, window=3, min_word_chars=3, exclude_top=0)
@@ -578,6 +579,7 @@ assert all(not (_support_occ(e) & set(map(tuple, e.query_pos.tolist()))) for e i
 # Too small a pool: the error names the pool size, the eligible-word counts and the settings.
 
 # %%
+#| hide
 raises(lambda: _build(cfg=SMLMTConfig(**{**vars(_toy_cfg), "n_way": 12})),
         "8 x 40 = 320 tokens", "smlmt.n_way = 12", "smlmt.pool_rows", "data.seq_len", "smlmt.exclude_top",
        "smlmt.min_word_chars")
