@@ -136,8 +136,10 @@ def param_counts(cfg: Config) -> dict:
 # backbone is the 11,282,784 parameters that `01_model` counts (paper 1's "11M").
 
 # %%
-_toy = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                          "model.ffn_hidden=96", "model.vocab_size=64", "model.max_seq_len=64", "smlmt.n_way=5",
+from picomaml.devtools import TINY_MODEL
+
+# the shared tiny model over 64 ids and 64 positions, a 5-way head 16 wide
+_toy = load_config(None, [*TINY_MODEL, "model.vocab_size=64", "model.max_seq_len=64", "smlmt.n_way=5",
                           "maml.head_hidden=16"])
 for _out in ("classes", "vocab"):
     _toy.maml.head_output = _out
