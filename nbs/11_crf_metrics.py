@@ -101,7 +101,8 @@ def crf_nll(crf: CRF, em: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) 
     "Negative log-likelihood of the tag paths per word (pytorch-crf's token_mean): (B, W, K), (B, W), (B, W)."
     m = mask.to(em.dtype)
     last = tags.gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)  # (B,) tag at each window's last word
-    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last] + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
+    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last]
+            + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
             + (crf.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1))  # (B,) score of the gold path
     return (crf_log_partition(crf, em, mask) - gold).sum() / m.sum()
 
@@ -117,7 +118,8 @@ K = len(LABELS)
 
 def grads(loss, params):
     "Gradients of `loss`, zeros for parameters it does not use (the transitions of one-word windows)."
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+    return [torch.zeros_like(p) if g is None else g
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
 
 def ragged(B, W, generator=None):
     "A (B, W) mask of windows of random lengths 1 … W, the first one full."
@@ -157,7 +159,8 @@ torch.manual_seed(1)
 crf_bio = CRF(K, batch_first=True)
 penalty_a, penalty_s = bio_forbidden()
 with torch.no_grad():
-    crf_bio.transitions.copy_(penalty_a + torch.randn(K, K)); crf_bio.start_transitions.copy_(penalty_s + torch.randn(K))
+    crf_bio.transitions.copy_(penalty_a + torch.randn(K, K))
+    crf_bio.start_transitions.copy_(penalty_s + torch.randn(K))
     crf_bio.end_transitions.normal_()
 crf_bio64 = CRF(K, batch_first=True).double()
 crf_bio64.load_state_dict({k: v.double() for k, v in crf_bio.state_dict().items()})
@@ -166,7 +169,8 @@ for scale in (3.0, 30.0, 60.0, 100.0):
         em, mask = scale * torch.randn(6, W, K), ragged(6, W)
         ours = crf_log_partition(crf_bio, em, mask)
         ref = crf_bio64._compute_normalizer(em.double().transpose(0, 1), mask.transpose(0, 1))  # pytorch-crf in float64
-        assert torch.isfinite(ours).all() and torch.allclose(ours.double(), ref, rtol=1e-6, atol=1e-4), (scale, W, ours, ref)
+        assert torch.isfinite(ours).all() and torch.allclose(ours.double(), ref, rtol=1e-6, atol=1e-4), \
+            (scale, W, ours, ref)
 em = (60 * torch.randn(6, 64, K)).requires_grad_()
 mask, tags = ragged(6, 64), torch.zeros(6, 64, dtype=torch.long)  # all O: a path without forbidden transitions
 g_ours = grads(crf_nll(crf_bio, em, tags, mask), [em, *crf_bio.parameters()])
@@ -255,7 +259,8 @@ for crf, scale in ((crf_ref, 1.0), (crf_bio, 30.0)):
         seqs = list(itertools.product(range(K), repeat=n))
         scores = torch.stack([sequence_score(crf, em[b].double(), s) for s in seqs]).double()  # (K^n,)
         assert list(seqs[scores.argmax()]) == best[b, :n].tolist()
-        assert torch.allclose(crf_log_partition(crf, em[b:b + 1, :n], mask[b:b + 1, :n]).double(), scores.logsumexp(0), rtol=1e-6)
+        assert torch.allclose(crf_log_partition(crf, em[b:b + 1, :n], mask[b:b + 1, :n]).double(), scores.logsumexp(0),
+                              rtol=1e-6)
         probs = (scores - scores.logsumexp(0)).exp()
         for t in range(n):
             brute = torch.stack([probs[[s[t] == j for s in seqs]].sum() for j in range(K)])
@@ -297,12 +302,13 @@ assert [row[:n].tolist() for row, n in zip(best, mask.sum(1).tolist())] == crf_r
 # %%
 #| export
 def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "The sentence count n and, per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
+    "Sentence count n; per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
     rows = []
     for i, (g, p) in enumerate(zip(gold, pred)):
         gold_spans, pred_spans = set(tag_spans(g)), set(tag_spans(p))
         per_type = lambda spans, t: sum(s[0] == t for s in spans)
-        counts = [c for t in ENTITY_TYPES for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
+        counts = [c for t in ENTITY_TYPES
+                  for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
         if any(counts): rows.append([i, *counts])
     return {"n": len(gold), "sentences": rows}
 
@@ -310,7 +316,7 @@ def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
 # %%
 #| export
 def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and their per-sentence counts."
+    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and per-sentence counts."
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     return {"micro_f1": f1_score(gold, pred, zero_division=0),
             "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
@@ -388,7 +394,8 @@ def packed(sentences):
 def random_batch(rng):
     "Random gold sentences (some empty, some all O) and predictions that corrupt 30 % of their tags."
     o_share = rng.choice([0.0, 0.5, 0.8, 1.0])
-    gold = [[rng.choice(LABELS[1:]) if rng.random() > o_share else "O" for _ in range(rng.randint(0, 9))] for _ in range(rng.randint(1, 6))]
+    gold = [[rng.choice(LABELS[1:]) if rng.random() > o_share else "O" for _ in range(rng.randint(0, 9))]
+            for _ in range(rng.randint(1, 6))]
     return gold, [[rng.choice(LABELS) if rng.random() < 0.3 else t for t in s] for s in gold]
 
 assert micro_f1(packed(gold)[0], *packed(pred)) == f1_score(gold, pred) and abs(f1_score(gold, pred) - 4 / 7) < 1e-12
@@ -407,7 +414,8 @@ for _ in range(500):
 # %%
 def summed_counts_f1(counts, kind=None):
     "Micro-F1 (kind None) or one type's F1 of summed per-sentence counts; NaN for a type without spans."
-    c = np.asarray([r[1:] for r in counts["sentences"]] or np.zeros((0, 9))).reshape(-1, len(ENTITY_TYPES), 3).sum(0)  # (types, 3)
+    # (types, 3)
+    c = np.asarray([r[1:] for r in counts["sentences"]] or np.zeros((0, 9))).reshape(-1, len(ENTITY_TYPES), 3).sum(0)
     tp, n_pred, n_gold = c.sum(0) if kind is None else c[ENTITY_TYPES.index(kind)]
     return 2 * tp / (n_pred + n_gold) if n_pred + n_gold else (0.0 if kind is None else math.nan)
 
@@ -417,7 +425,8 @@ rng = random.Random(1)
 for _ in range(500):
     gold_r, pred_r = random_batch(rng)
     sc, counts = score(gold_r, pred_r), sentence_counts(gold_r, pred_r)
-    assert counts["n"] == len(gold_r) and math.isclose(summed_counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), (gold_r, pred_r)
+    assert counts["n"] == len(gold_r) and math.isclose(summed_counts_f1(counts), sc["micro_f1"], rel_tol=1e-12), \
+        (gold_r, pred_r)
     for t in ENTITY_TYPES:
         assert ((math.isnan(sc["per_tag_f1"][t]) and math.isnan(summed_counts_f1(counts, t)))
                 or math.isclose(summed_counts_f1(counts, t), sc["per_tag_f1"][t], rel_tol=1e-12))
@@ -440,11 +449,12 @@ for _ in range(500):
 # %%
 #| export
 def loss_curve_metrics(losses, smooth_share: float = 0.05) -> dict:
-    "t90 (on the trailing mean over `smooth_share` of the steps), normalised AUC and initial slope of a per-step loss curve."
+    "t90 (of the trailing mean over `smooth_share` of steps), normalised AUC, initial slope of a per-step loss curve."
     y = np.asarray(losses, dtype=float)
     if len(y) < 2: raise ValueError(f"a loss curve needs at least 2 steps, got {len(y)}")
     steps, w = np.arange(1, len(y) + 1), max(1, round(smooth_share * len(y)))
-    smoothed = np.convolve(y, np.ones(w) / w, mode="full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), w) * w  # trailing mean
+    # trailing mean
+    smoothed = np.convolve(y, np.ones(w) / w, mode="full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), w) * w
     first, last = y[:w].mean(), y[-w:].mean()
     n_fit = max(2, math.ceil(0.1 * len(y)))
     return {"t90": int(steps[np.argmax(smoothed <= first - 0.9 * (first - last))]),
@@ -453,7 +463,8 @@ def loss_curve_metrics(losses, smooth_share: float = 0.05) -> dict:
 
 
 # %%
-curve = loss_curve_metrics([8.0, 6.0, 4.0, 2.0, 1.0, 0.0])  # six steps: w = 1, the raw curve; target 0.8 first reached at step 6
+# six steps: w = 1, the raw curve; target 0.8 first reached at step 6
+curve = loss_curve_metrics([8.0, 6.0, 4.0, 2.0, 1.0, 0.0])
 assert curve["t90"] == 6 and abs(curve["auc"] - (7 + 5 + 3 + 1.5 + 0.5) / 5) < 1e-12 and abs(curve["slope"] + 2) < 1e-9
 line = loss_curve_metrics(3.0 - 0.25 * np.arange(40))  # 40 steps: the slope is fitted over the first 4
 assert abs(line["slope"] + 0.25) < 1e-9 and abs(line["auc"] - (3.0 - 0.25 * 39 / 2)) < 1e-12
@@ -476,7 +487,8 @@ for _seed in range(20):
     _m = loss_curve_metrics(_noisy)
     _t90.append(_m["t90"]); _final.append(_m["final_loss"])
 _clean_t90 = loss_curve_metrics(_clean, smooth_share=1 / 200)["t90"]
-assert np.std(_t90) < 0.6 * np.std(_raw_t90) and abs(np.mean(_t90) - _clean_t90) < 5 < 20 < abs(np.mean(_raw_t90) - _clean_t90)
+assert np.std(_t90) < 0.6 * np.std(_raw_t90) and \
+    abs(np.mean(_t90) - _clean_t90) < 5 < 20 < abs(np.mean(_raw_t90) - _clean_t90)
 assert abs(np.mean(_final) - _clean[-10:].mean()) < 0.05
-print(f"t90 over 20 noise draws: raw {np.mean(_raw_t90):.0f} ± {np.std(_raw_t90):.0f}, smoothed {np.mean(_t90):.0f} ± {np.std(_t90):.0f} "
-      f"(noise-free {_clean_t90})")
+print(f"t90 over 20 noise draws: raw {np.mean(_raw_t90):.0f} ± {np.std(_raw_t90):.0f}, "
+      f"smoothed {np.mean(_t90):.0f} ± {np.std(_t90):.0f} (noise-free {_clean_t90})")

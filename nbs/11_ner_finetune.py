@@ -203,7 +203,8 @@ class NERTagger(nn.Module):
         self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.backbone, self.head_kind = backbone.to(self.device), head
         self.head = HEADS[head](feature_dim(backbone)).to(self.device)
-        capability = cuda_capability(self.device) if precision != "32-true" else None  # float32 asks nothing of the device
+        # float32 asks nothing of the device
+        capability = cuda_capability(self.device) if precision != "32-true" else None
         self.precision = resolve_precision(precision, self.device.type, capability, key="ner.precision")
 
     def word_features(self, batch: Batch) -> torch.Tensor:
@@ -289,7 +290,8 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
 cache_tagger = NERTagger(bb, "linear")
 cache = window_features(cache_tagger, EncodedSplit([], [w2, w1]), batch_size=1)
 x, m, y = cache.batch(torch.tensor([1, 0]))
-assert x.shape == (2, 3, 48) and m.tolist() == [[True] * 3, [True, False, False]] and y.tolist() == [[1, 0, 5], [2, 0, 0]]
+assert x.shape == (2, 3, 48) and m.tolist() == [[True] * 3, [True, False, False]] and \
+    y.tolist() == [[1, 0, 5], [2, 0, 0]]
 assert cache.follows.tolist() == [False, False, True, True]  # two sentences; words within each follow
 joined = window_features(cache_tagger, EncodedSplit([], [w1, Window([9], [2], [0], 0, 3)]))
 assert joined.follows.tolist() == [False, True, True, True]  # the second window continues sentence 0 at word 3
@@ -334,7 +336,8 @@ def window_outputs(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache |
     decoded = [t.tolist() for t in tags.cpu().split(sizes)]
     return (decoded, list(probs.cpu().split(sizes))) if marginals else decoded
 
-def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[str]]:
+def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
+            batch_size: int = 16) -> list[list[str]]:
     "Predicted IOB2 tags of every sentence of a split."
     return rejoin(split, [[LABELS[t] for t in d] for d in window_outputs(tagger, split, feats, batch_size)])
 
@@ -379,8 +382,9 @@ def train_step(tagger: NERTagger, opt, x, mask, labels) -> torch.Tensor:
     opt.step()
     return loss.detach()
 
-def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int, score_dev) -> tuple[list[float], list[list]]:
-    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at the epoch's end."
+def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int,
+                score_dev) -> tuple[list[float], list[list]]:
+    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at epoch end."
     losses, curve = [], []
     for step, batch in enumerate(inputs, first_step + 1):
         losses.append(train_step(tagger, opt, *batch))
@@ -420,7 +424,8 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
         dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
     opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
     score_dev = lambda: dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size))
-    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None
+    gen, history, best, best_state = (torch.Generator().manual_seed(seed),
+                                      {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train.windows), generator=gen).tolist()
         inputs = epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)
@@ -474,7 +479,8 @@ for head_kind in ("linear", "crf"):
     fast, h_fast = finetune(bb, small_train, small_dev, cfg_q, seed=1, cache=True)
     slow, h_slow = finetune(bb, small_train, small_dev, cfg_q, seed=1, cache=False)
     assert np.allclose(h_fast["loss"], h_slow["loss"], atol=1e-5) and h_fast["dev_f1"] == h_slow["dev_f1"]
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast.head.state_dict().values(), slow.head.state_dict().values()))
+    assert all(torch.allclose(a, b, atol=1e-5)
+               for a, b in zip(fast.head.state_dict().values(), slow.head.state_dict().values()))
     assert h_fast["loss"][-1] < h_fast["loss"][0]
     shared, h_shared = finetune(bb, small_train, small_dev, cfg_q, seed=1, train_feats=feats_train, dev_feats=feats_dev)
     assert h_shared["loss"] == h_fast["loss"] and h_shared["dev_f1"] == h_fast["dev_f1"]
@@ -506,9 +512,12 @@ assert h["steps"] == 3 * math.ceil(len(small_train.windows) / quick.batch_size)
 # %%
 per_epoch = math.ceil(len(small_train.windows) / quick.batch_size)
 for regime in ("head", "full"):
-    runs = {k: finetune(bb, small_train, small_dev, dataclasses.replace(quick, regime=regime, dev_every=k), seed=1)[1] for k in (0, 4)}
-    assert per_epoch == 7 and [s for s, _ in runs[4]["dev_f1_steps"]] == [4, 7, 8, 12, 14] and [s for s, _ in runs[0]["dev_f1_steps"]] == [7, 14]
-    assert runs[4]["loss"] == runs[0]["loss"] and runs[4]["dev_f1"] == runs[0]["dev_f1"] == [f for s, f in runs[4]["dev_f1_steps"] if s % 7 == 0]
+    runs = {k: finetune(bb, small_train, small_dev, dataclasses.replace(quick, regime=regime, dev_every=k), seed=1)[1]
+            for k in (0, 4)}
+    assert per_epoch == 7 and [s for s, _ in runs[4]["dev_f1_steps"]] == [4, 7, 8, 12, 14] and \
+        [s for s, _ in runs[0]["dev_f1_steps"]] == [7, 14]
+    assert runs[4]["loss"] == runs[0]["loss"] and \
+        runs[4]["dev_f1"] == runs[0]["dev_f1"] == [f for s, f in runs[4]["dev_f1_steps"] if s % 7 == 0]
 
 # %% [markdown]
 # **Finetuning learns**: a short head-only finetune on 1,000 sk_snk sentences lifts dev micro-F1 well
@@ -528,7 +537,8 @@ for regime in ("head", "full"):
 lift_train, lift_dev = encode_split(sk_train[:1000], encode, 64), encode_split(sk_dev[:300], encode, 64)
 lift_bb, lift_name = demo_backbone(cfg=dataclasses.replace(TINY, d_model=96, ffn_hidden=192))
 untrained = evaluate(NERTagger(lift_bb, "linear"), lift_dev)["micro_f1"]
-tagger, h = finetune(lift_bb, lift_train, lift_dev, dataclasses.replace(NERConfig(), lr=1e-2, epochs=4, patience=4, batch_size=32), seed=0)
+tagger, h = finetune(lift_bb, lift_train, lift_dev,
+                     dataclasses.replace(NERConfig(), lr=1e-2, epochs=4, patience=4, batch_size=32), seed=0)
 print(f"backbone: {lift_name}")
 print(f"dev micro-F1 untrained {untrained:.3f} -> per epoch {np.round(h['dev_f1'], 3)}, "
       f"best {h['best_dev_f1']:.3f} ({h['steps']} steps, {h['time_s']:.1f} s)")
@@ -549,8 +559,10 @@ demo_ckpts = Path("../runs/demo-vanilla/checkpoints")
 demo_bb = load_pretrained(demo_ckpts / (demo_ckpts / "latest").read_text().strip())
 full_train, full_dev = encode_split(sk_train[:500], encode, 128), encode_split(sk_dev[:200], encode, 128)
 untrained = evaluate(NERTagger(demo_bb, "linear"), full_dev)["micro_f1"]
-tagger, h = finetune(demo_bb, full_train, full_dev, dataclasses.replace(NERConfig(), regime="full", lr=1e-3, epochs=4, patience=4), seed=0)
-print(f"demo vanilla, full finetuning: dev micro-F1 untrained {untrained:.3f} -> per epoch {np.round(h['dev_f1'], 3)} ({h['time_s']:.0f} s)")
+tagger, h = finetune(demo_bb, full_train, full_dev,
+                     dataclasses.replace(NERConfig(), regime="full", lr=1e-3, epochs=4, patience=4), seed=0)
+print(f"demo vanilla, full finetuning: dev micro-F1 untrained {untrained:.3f} -> per epoch {np.round(h['dev_f1'], 3)} "
+      f"({h['time_s']:.0f} s)")
 assert h["best_dev_f1"] > untrained + 0.03
 
 # %% [markdown]
@@ -578,8 +590,8 @@ assert dev_micro_f1(tagger, window_features(tagger, split_dev)) == evaluate(tagg
 #| export
 def result_record(history: dict, tests: dict[str, dict]) -> dict:
     "The results of one finetuning run: dev F1 and its curve, test scores per test set, loss-curve speed and curve."
-    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"], "dev_f1_steps": history["dev_f1_steps"],
-            "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
+    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"],
+            "dev_f1_steps": history["dev_f1_steps"], "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
             "sentence_counts": {k: v["sentence_counts"] for k, v in tests.items()},
@@ -591,10 +603,12 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
 # The record of the finetune above on three test sets (the Slovak one and the two Tagalog ones):
 
 # %%
-tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 64) for d in ("sk_snk", "tl_trg", "tl_ugnayan")}
+tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 64)
+              for d in ("sk_snk", "tl_trg", "tl_ugnayan")}
 record = result_record(h, {d: evaluate(tagger, split) for d, split in tiny_tests.items()})
 assert set(record["test_f1"]) == set(tiny_tests) and len(record["loss_curve"]) == record["steps"] == h["steps"]
-assert record["dev_f1"] == max(record["dev_f1_curve"]) and 1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
+assert record["dev_f1"] == max(record["dev_f1_curve"]) and \
+    1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
 assert record["sentence_counts"]["tl_trg"]["n"] == len(tiny_tests["tl_trg"].sentences)
 {k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve", "sentence_counts")}
 
@@ -609,10 +623,12 @@ assert record["sentence_counts"]["tl_trg"]["n"] == len(tiny_tests["tl_trg"].sent
 
 # %%
 #| export
-def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[float]]:
+def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
+                           batch_size: int = 16) -> list[list[float]]:
     "p(gold tag) of every word of every sentence."
     _, marginals = window_outputs(tagger, split, feats, batch_size, marginals=True)
-    per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
+    per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)]
+                  for m, w in zip(marginals, split.windows)]
     return rejoin(split, per_window)
 
 
@@ -624,11 +640,13 @@ def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: Featur
 # %%
 from picomaml.ner_data import Sentence
 
-case = encode_split([Sentence(["Malapit", "kay", "Maria", "si", "Juan"], ["O", "O", "B-PER", "O", "B-PER"], "case:1")], encode, 64)
+case = encode_split([Sentence(["Malapit", "kay", "Maria", "si", "Juan"], ["O", "O", "B-PER", "O", "B-PER"], "case:1")],
+                    encode, 64)
 crf_tagger, _ = finetune(bb, small_train, small_dev, dataclasses.replace(quick, head="crf"), seed=1)
 probs = gold_tag_probabilities(crf_tagger, case)
 _, marg = window_outputs(crf_tagger, case, marginals=True)
-assert np.allclose(probs[0], [marg[0][i, LABELS.index(t)].item() for i, t in enumerate(case.sentences[0].tags)], atol=1e-6)
+assert np.allclose(probs[0], [marg[0][i, LABELS.index(t)].item() for i, t in enumerate(case.sentences[0].tags)],
+                   atol=1e-6)
 assert all(0 < p < 1 for p in probs[0]) and np.allclose(marg[0].sum(-1), 1, atol=1e-5)
 mean_gold = lambda t: np.mean([p for row in gold_tag_probabilities(t, lift_dev) for p in row])
 assert mean_gold(tagger) > mean_gold(NERTagger(lift_bb, "linear"))

@@ -1,7 +1,8 @@
-"""Issue 19.6: `ner_sweep --released MIRROR` finetunes the authors' released checkpoints from a local mirror in the release
-layout (`<repo>/` the final model, `<repo>/step_<N>/` each step), through the real command, resumable, with one-line errors;
-and `make released` is the paper profile's NER and report stages over them: its sweep commands, its plan, and the whole
-profile shrunk (`pipeline rehearse-released`) over a mirror of the papers' eight models at the rehearsal's sizes."""
+"""Issue 19.6: `ner_sweep --released MIRROR` finetunes the authors' released checkpoints from a local mirror in the
+release layout (`<repo>/` the final model, `<repo>/step_<N>/` each step), through the real command, resumable, with
+one-line errors; and `make released` is the paper profile's NER and report stages over them: its sweep commands, its
+plan, and the whole profile shrunk (`pipeline rehearse-released`) over a mirror of the papers' eight models at the
+rehearsal's sizes."""
 import json
 import os
 import shutil
@@ -32,10 +33,11 @@ def mirror(tmp_path):
     for repo, steps in (("pico-lm/pico-maml-decoder-tiny", (0, 100)), ("pico-lm/pico-decoder-tiny", ())):
         save_pretrained(model, tmp_path / "mirror" / repo)
         for step in steps: save_pretrained(model, tmp_path / "mirror" / repo / step_dir_name(step))
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8, "max_eval_sentences": 4,
-                         "test_sets": ["tl_trg"]},
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
+                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
             "grids": [{"heads": ["linear"], "regimes": ["head"], "datasets": ["sk_snk"],
-                       "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"}, {"arm": "vanilla", "size": "tiny"}]}]}
+                       "runs": [{"arm": "maml", "size": "tiny", "step": "scheduled"},
+                                {"arm": "vanilla", "size": "tiny"}]}]}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
     return tmp_path
 
@@ -78,11 +80,12 @@ def test_make_released_is_the_paper_grids_over_the_release():
     for grid in released.grids:
         cmd = sweep_command(grid, released)
         assert cmd[cmd.index("--released") + 1] == "hub" and cmd[cmd.index("--device") + 1] == "cuda"
-    assert "released:" in (ROOT / "Makefile").read_text() and "python -m picomaml.pipeline released" in (ROOT / "Makefile").read_text()
+    assert "released:" in (ROOT / "Makefile").read_text() and \
+        "python -m picomaml.pipeline released" in (ROOT / "Makefile").read_text()
 
 
 def release_mirror(root: Path, sizes) -> Path:
-    "The papers' eight models at the rehearsal's sizes in the release layout: <repo>/ (main), and each scheduled step of the MAML arm."
+    "The papers' eight models at the rehearsal's sizes, release layout: <repo>/ (main), and each scheduled MAML step."
     for size in sizes:
         cfg = load_config(PRESETS_DIR / f"pico-{size}-maml.yaml", shrink_size(size))
         for arm, repo in RELEASED_REPOS.items():
@@ -94,15 +97,16 @@ def release_mirror(root: Path, sizes) -> Path:
     return root
 
 
-PRETRAINING_OUTPUTS = {"p1_fig1_loss_paloma", "p1_fig3_support_query_acc", "p1_fig4_head_weights", "p1_fig5_per", "p1_fig6_phase_transition",
-                       "p2_fig10_train_loss", "p2_fig11_paloma", "p2_fig12_query_acc", "p2_fig13_support_acc", "p2_fig14_head_weight_mean",
-                       "p2_fig15_head_weight_std", "p1_table2_loss_paloma", "p1_text_episode_accuracy", "p1_text_speedup"}
+PRETRAINING_OUTPUTS = {"p1_fig1_loss_paloma", "p1_fig3_support_query_acc", "p1_fig4_head_weights", "p1_fig5_per",
+                       "p1_fig6_phase_transition", "p2_fig10_train_loss", "p2_fig11_paloma", "p2_fig12_query_acc",
+                       "p2_fig13_support_acc", "p2_fig14_head_weight_mean", "p2_fig15_head_weight_std",
+                       "p1_table2_loss_paloma", "p1_text_episode_accuracy", "p1_text_speedup"}
 
 
 @pytest.mark.skipif(not Path(DATA).is_dir(), reason="needs ../shared/data or PICOMAML_DATA")
 def test_make_released_shrunk_through_a_release_mirror(tmp_path):
-    """The released profile end to end, shrunk: its plan, both papers' NER grids over the mirror, every NER figure and table
-    filled, the pretraining outputs (the release carries no training logs) marked missing, and the scorecard."""
+    """The released profile end to end, shrunk: its plan, both papers' NER grids over the mirror, every NER figure and
+    table filled, the pretraining outputs (the release carries no training logs) marked missing, and the scorecard."""
     profile = PROFILES["rehearse-released"]
     mirror, runs = release_mirror(tmp_path / "mirror", profile.sizes), ROOT / profile.runs_dir
     shutil.rmtree(runs, ignore_errors=True)
@@ -110,15 +114,18 @@ def test_make_released_shrunk_through_a_release_mirror(tmp_path):
     command = [sys.executable, "-m", "picomaml.pipeline", "rehearse-released", "--released-mirror", str(mirror)]
     plan = subprocess.run([*command, "--plan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0 and not runs.exists(), plan.stderr[-2000:]  # a plan runs nothing
-    assert "paper1.yaml: 160 jobs on 8 checkpoints" in plan.stdout and "paper2.yaml: 165 jobs on 12 checkpoints" in plan.stdout, plan.stdout
+    assert "paper1.yaml: 160 jobs on 8 checkpoints" in plan.stdout and \
+        "paper2.yaml: 165 jobs on 12 checkpoints" in plan.stdout, plan.stdout
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for grid in ("paper1", "paper2") for line in (runs / "ner" / f"{grid}-results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for grid in ("paper1", "paper2")
+            for line in (runs / "ner" / f"{grid}-results.jsonl").read_text().splitlines()]
     assert len(rows) == 325 and all(r["checkpoint"].startswith(str(mirror)) for r in rows)
     steps = sorted({r["step"] for r in rows if r["size"] == "medium" and r["arm"] == "maml" and r["step"] is not None})
     assert steps == [0, 1, 2, 3]  # paper 2's checkpoint sweep: every step the mirror holds
     missing = {name for name, notes in json.loads((runs / "figures" / "missing.json").read_text()).items() if notes}
-    missing |= {p.stem for p in (runs / "paper_tables").glob("*.md") if "missing" in p.read_text() and p.stem != "scorecard"}
+    missing |= {p.stem for p in (runs / "paper_tables").glob("*.md")
+                if "missing" in p.read_text() and p.stem != "scorecard"}
     assert missing == PRETRAINING_OUTPUTS, missing ^ PRETRAINING_OUTPUTS
     card = pd.read_csv(runs / "paper_tables" / "scorecard.csv", dtype=str, keep_default_na=False)
     ner = card[card["our table"].str.match(r"p1_table[3-9]|p2_table")]

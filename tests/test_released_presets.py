@@ -49,15 +49,17 @@ def test_every_departure_of_the_preset_is_documented(size):
     released = flat_config(load_config(PRESETS_DIR / f"released-{size}-maml.yaml"))
     paper = flat_config(load_config(PRESETS_DIR / f"pico-{size}-maml.yaml"))
     changed = {k for k in released if released[k] != paper[k]} - {"logging.run_name"}
-    assert changed and changed <= set(documented(size)), f"released-{size}-maml changes {sorted(changed - set(documented(size)))} undocumented"
+    assert changed and changed <= set(documented(size)), (f"released-{size}-maml changes "
+                                                          f"{sorted(changed - set(documented(size)))} undocumented")
 
 
 def test_the_released_arm_is_a_small_share_of_a_paper_run():
-    "docs/settings.md: the planner puts a released run at under 10 % of the FLOPs of the same size's as-written MAML run."
+    "docs/settings.md: the planner puts a released run under 10 % of the FLOPs of the same size's as-written MAML run."
     shares = {}
     for size in PAPER_SIZES:
         released, paper = (load_config(PRESETS_DIR / f"{family}-{size}-maml.yaml") for family in ("released", "pico"))
         assert released.train.steps == paper.train.steps
         shares[size] = step_cost(released, 4)[2] / step_cost(paper, 4)[2]
     assert all(0.03 < share < 0.10 for share in shares.values()), shares
-    assert [round(100 * shares[s], 1) for s in PAPER_SIZES] == [5.6, 5.8, 7.4, 8.8]  # the numbers docs/settings.md quotes
+    # the numbers docs/settings.md quotes
+    assert [round(100 * shares[s], 1) for s in PAPER_SIZES] == [5.6, 5.8, 7.4, 8.8]

@@ -22,7 +22,8 @@ def sweep_cli(grid, out, *extra, env_extra=None):
 
 def test_killed_sweep_resumes(tmp_path):
     torch.manual_seed(0)
-    save_pretrained(PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128)), tmp_path / "ckpt")
+    save_pretrained(PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                            max_seq_len=128)), tmp_path / "ckpt")
     grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
                          "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
             "grids": [{"heads": ["linear", "crf"], "regimes": ["head"], "datasets": ["sk_snk"], "seeds": [0, 1],
@@ -49,9 +50,10 @@ def test_missing_checkpoint_is_named(tmp_path):
 def test_two_workers_write_what_one_writes(tmp_path):
     "Two CPU workers on one results file: every job once, the same rows (as a set of keys and values) as one process."
     torch.manual_seed(0)
-    save_pretrained(PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=128)), tmp_path / "ckpt")
-    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8, "max_eval_sentences": 4,
-                         "test_sets": ["tl_trg"]},
+    save_pretrained(PicoDecoder(ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                            max_seq_len=128)), tmp_path / "ckpt")
+    grid = {"defaults": {"ner": {"epochs": 1, "max_len": 64, "batch_size": 4}, "max_train_sentences": 8,
+                         "max_eval_sentences": 4, "test_sets": ["tl_trg"]},
             "grids": [{"heads": [head], "regimes": [regime], "datasets": ["sk_snk"],
                        "runs": [{"run": "t", "arm": "maml", "size": "tiny", "checkpoint": str(tmp_path / "ckpt")},
                                 {"run": "u", "arm": "vanilla", "size": "tiny", "checkpoint": str(tmp_path / "ckpt")}]}
@@ -60,15 +62,18 @@ def test_two_workers_write_what_one_writes(tmp_path):
     one_thread = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
     one = sweep_cli(tmp_path / "g.yaml", tmp_path / "one.jsonl", "--device", "cpu", env_extra=one_thread)
     assert one.returncode == 0, one.stderr
-    stale = tmp_path / ".two.jsonl.claims" / "an-earlier-launch"  # what a killed launch leaves: claims of jobs that never finished
+    # what a killed launch leaves: claims of jobs that never finished
+    stale = tmp_path / ".two.jsonl.claims" / "an-earlier-launch"
     stale.mkdir(parents=True)
     first_key = json.loads((tmp_path / "one.jsonl").read_text().splitlines()[0])["key"]
     (stale / hashlib.sha1(first_key.encode()).hexdigest()).write_text("worker 0, killed\n")
-    two = sweep_cli(tmp_path / "g.yaml", tmp_path / "two.jsonl", "--device", "cpu", "--workers", "2", env_extra=one_thread)
+    two = sweep_cli(tmp_path / "g.yaml", tmp_path / "two.jsonl", "--device", "cpu", "--workers", "2",
+                    env_extra=one_thread)
     assert two.returncode == 0, two.stderr
     assert "4 runs finished" in two.stdout and "2 workers" in two.stderr
     wall_clock = {"seconds"}
-    rows = lambda name: sorted(json.dumps({k: v for k, v in json.loads(l).items() if k not in wall_clock}, sort_keys=True)
+    rows = lambda name: sorted(json.dumps({k: v for k, v in json.loads(l).items() if k not in wall_clock},
+                                          sort_keys=True)
                                for l in (tmp_path / name).read_text().splitlines())
     assert len(rows("two.jsonl")) == 4 and rows("two.jsonl") == rows("one.jsonl")
     logs = sorted((tmp_path / "two-workers").glob("worker-*.log"))
