@@ -43,7 +43,8 @@ def crf_nll(crf: CRF, em: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) 
     "Negative log-likelihood of the tag paths per word (pytorch-crf's token_mean): (B, W, K), (B, W), (B, W)."
     m = mask.to(em.dtype)
     last = tags.gather(1, mask.sum(1, keepdim=True) - 1).squeeze(1)  # (B,) tag at each window's last word
-    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last] + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
+    gold = (crf.start_transitions[tags[:, 0]] + crf.end_transitions[last]
+            + (em.gather(2, tags[..., None]).squeeze(2) * m).sum(1)
             + (crf.transitions[tags[:, :-1], tags[:, 1:]] * m[:, 1:]).sum(1))  # (B,) score of the gold path
     return (crf_log_partition(crf, em, mask) - gold).sum() / m.sum()
 
@@ -83,18 +84,19 @@ def crf_marginals(crf: CRF, em: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 # %% ../nbs/11_crf_metrics.ipynb #4a2295be
 def sentence_counts(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "The sentence count n and, per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
+    "Sentence count n; per sentence with a span, [index, (correct, predicted, gold) spans of each of PER, LOC, ORG]."
     rows = []
     for i, (g, p) in enumerate(zip(gold, pred)):
         gold_spans, pred_spans = set(tag_spans(g)), set(tag_spans(p))
         per_type = lambda spans, t: sum(s[0] == t for s in spans)
-        counts = [c for t in ENTITY_TYPES for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
+        counts = [c for t in ENTITY_TYPES
+                  for c in (per_type(gold_spans & pred_spans, t), per_type(pred_spans, t), per_type(gold_spans, t))]
         if any(counts): rows.append([i, *counts])
     return {"n": len(gold), "sentences": rows}
 
 # %% ../nbs/11_crf_metrics.ipynb #6fa27364
 def score(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and their per-sentence counts."
+    "seqeval micro-F1 (default and strict IOB2) and per-tag F1 of predicted tag sequences, and per-sentence counts."
     report = classification_report(gold, pred, output_dict=True, zero_division=0)
     return {"micro_f1": f1_score(gold, pred, zero_division=0),
             "strict_micro_f1": f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0),
@@ -125,11 +127,12 @@ def micro_f1(gold: torch.Tensor, pred: torch.Tensor, follows: torch.Tensor) -> f
 
 # %% ../nbs/11_crf_metrics.ipynb #2e942f85
 def loss_curve_metrics(losses, smooth_share: float = 0.05) -> dict:
-    "t90 (on the trailing mean over `smooth_share` of the steps), normalised AUC and initial slope of a per-step loss curve."
+    "t90 (of the trailing mean over `smooth_share` of steps), normalised AUC, initial slope of a per-step loss curve."
     y = np.asarray(losses, dtype=float)
     if len(y) < 2: raise ValueError(f"a loss curve needs at least 2 steps, got {len(y)}")
     steps, w = np.arange(1, len(y) + 1), max(1, round(smooth_share * len(y)))
-    smoothed = np.convolve(y, np.ones(w) / w, mode="full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), w) * w  # trailing mean
+    # trailing mean
+    smoothed = np.convolve(y, np.ones(w) / w, mode="full")[: len(y)] / np.minimum(np.arange(1, len(y) + 1), w) * w
     first, last = y[:w].mean(), y[-w:].mean()
     n_fit = max(2, math.ceil(0.1 * len(y)))
     return {"t90": int(steps[np.argmax(smoothed <= first - 0.9 * (first - last))]),

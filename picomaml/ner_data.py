@@ -53,29 +53,31 @@ def normalise_tag(tag: str, where: str) -> str:
 SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one means a blank line is missing
 
 def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
-    "Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: a blank line is missing."
+    "Reject comment line `n` of `name` after tokens or repeating a `sent_id`/`text`: a blank line is missing."
     if sentence_start:
-        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line {sentence_start}; "
-                              f"add the blank line that separates sentences before it")
+        raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line "
+                              f"{sentence_start}; add the blank line that separates sentences before it")
     key = line[1:].split("=", 1)[0].strip()
     if key in SENTENCE_KEYS and key in seen:
-        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line {seen[key]}); "
-                              f"give the sentence at line {seen[key]} its tokens or delete it")
+        raise UNERFormatError(f"{name}:{n}: second '# {key}' before this sentence's tokens (first at line "
+                              f"{seen[key]}); give the sentence at line {seen[key]} its tokens or delete it")
     seen[key] = n
 
 def parse_token_line(line: str, where: str, index: int, sentence_start: int) -> tuple[str, str]:
     "Word and normalised tag of a token line at `where`, which must be token `index` of its sentence."
     cols = line.split("\t")
     if len(cols) != 5:
-        raise UNERFormatError(f"{where}: expected 5 tab-separated columns (index token tag xner annotator), got {len(cols)}: {line!r}")
+        raise UNERFormatError(f"{where}: expected 5 tab-separated columns (index token tag xner annotator), "
+                              f"got {len(cols)}: {line!r}")
     if cols[0] != str(index):
-        raise UNERFormatError(f"{where}: token index {cols[0]!r} where {index} was expected in the sentence at line {sentence_start}; "
+        raise UNERFormatError(f"{where}: token index {cols[0]!r} where {index} was expected in the sentence at line "
+                              f"{sentence_start}; "
                               "add the blank line that ends the previous sentence, or number the tokens 1, 2, ...")
     if not cols[1].strip(): raise UNERFormatError(f"{where}: empty token in column 2; every token line needs its word")
     return cols[1], normalise_tag(cols[2], where)
 
 def iob2_tags(tags: list[str]) -> tuple[list[str], list[int]]:
-    "A sentence's tags in IOB2: an I-X that starts an entity (first, after O or after another type) becomes B-X; and those positions."
+    "A sentence's IOB2 tags: an I-X starting an entity (first, after O or another type) becomes B-X; those positions."
     fixed, changed = [], []
     for i, tag in enumerate(tags):
         if tag.startswith("I-") and (i == 0 or fixed[-1][2:] != tag[2:]):
@@ -85,19 +87,20 @@ def iob2_tags(tags: list[str]) -> tuple[list[str], list[int]]:
     return fixed, changed
 
 def iob2_sentences(sentences: list[Sentence], name: str) -> list[Sentence]:
-    "The sentences of `name` with IOB1-style entity starts converted to IOB2, and a warning naming the first if there were any."
+    "The sentences of `name` with IOB1-style entity starts converted to IOB2, and a warning naming the first if any."
     converted, first, count = [], None, 0
     for s in sentences:
         tags, changed = iob2_tags(s.tags)
         if changed and first is None: first = f"{s.source}, word {changed[0] + 1}"
         count += len(changed)
         converted.append(Sentence(s.words, tags, s.source))
-    if count: warnings.warn(f"{name}: {count} entities start with I- (IOB1 style; the first in the sentence at {first}): read as B-, "
+    if count: warnings.warn(f"{name}: {count} entities start with I- (IOB1 style; the first in the sentence at "
+                            f"{first}): read as B-, "
                             f"the IOB2 start of an entity, as seqeval's IOB2 conversion does", stacklevel=2)
     return converted
 
 def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
-    "Parse the lines of a UNER IOB2 file called `name` into sentences (IOB1-style entity starts converted, with a warning)."
+    "Parse the lines of UNER IOB2 file `name` into sentences (IOB1-style entity starts converted, with a warning)."
     sentences, words, tags, start, seen = [], [], [], 0, {}
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
@@ -114,11 +117,12 @@ def parse_iob2_lines(lines: Sequence[str], name: str) -> list[Sentence]:
     return iob2_sentences(sentences, name)
 
 def decode_utf8(data: bytes, name: str) -> str:
-    "The text of file `name` from its UTF-8 bytes, without a leading byte-order mark; other bytes are an error naming line and offset."
+    "The text of file `name` from UTF-8 bytes, minus a leading BOM; other bytes are an error naming line and offset."
     try: text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
-        raise UNERFormatError(f"{name}:{line}: byte 0x{data[e.start]:02x} at byte offset {e.start} (column {column}) is not UTF-8; "
+        raise UNERFormatError(f"{name}:{line}: byte 0x{data[e.start]:02x} at byte offset {e.start} "
+                              f"(column {column}) is not UTF-8; "
                               "re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t UTF-8") from None
     return text.removeprefix("\ufeff")
 
@@ -145,14 +149,16 @@ def load_hub_split(hub_id: str, dataset: str, split: str) -> list[Sentence]:
     "One split of one dataset from the Hub (`datasets.load_dataset`), tags mapped to the 7-label set."
     import datasets  # deferred: a heavy import that only Hub loading needs
     where = f"{hub_id}[{dataset}/{split}]"
-    # the except clause lists how datasets answers an empty or absent split, naming neither (a bare StopIteration when it is the only split)
+    # the except clause lists how datasets answers an empty or absent split, naming neither (a bare StopIteration when
+    # it is the only split)
     try: ds = datasets.load_dataset(hub_id, dataset, split={"dev": "validation"}.get(split, split))
     except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
         detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-        raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or absent; "
-                              "set ner.data_path to a local UNER copy or choose another dataset") from e
+        raise UNERFormatError(f"{where}: datasets could not load this split ({detail}), as happens when it is empty or "
+                              "absent; set ner.data_path to a local UNER copy or choose another dataset") from e
     names = ds.features["ner_tags"].feature.names
-    return iob2_sentences([Sentence(list(r["tokens"]), [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]],
+    return iob2_sentences([Sentence(list(r["tokens"]),
+                                    [normalise_tag(names[t], f"{where} row {i}") for t in r["ner_tags"]],
                                     f"{where} row {i}") for i, r in enumerate(ds)], where)
 
 # %% ../nbs/10_ner_data.ipynb #f9f4122d
@@ -160,7 +166,8 @@ def load_split(dataset: str, split: str, cfg: NERConfig) -> list[Sentence]:
     "Sentences of `dataset` (`all`: the nine training sets together) and `split` from the configured source."
     if split not in SPLITS: raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if dataset == "all": return [s for d in IN_LANGUAGE for s in load_split(d, split, cfg)]
-    if dataset not in TEST_SETS: raise ValueError(f"unknown UNER dataset {dataset!r}; valid: all, {', '.join(TEST_SETS)}")
+    if dataset not in TEST_SETS:
+        raise ValueError(f"unknown UNER dataset {dataset!r}; valid: all, {', '.join(TEST_SETS)}")
     if split != "test" and dataset not in IN_LANGUAGE:
         raise ValueError(f"{dataset} has only a test split (it is in the {'PUD' if dataset in PUD else 'other'} group)")
     source = uner_source(cfg)
@@ -196,13 +203,15 @@ class Window:
     sentence: int  # index of the sentence in its split
     first_word: int  # index of the window's first word in that sentence
 
-def align_sentence(sentence: Sentence, encode: Callable[[str], list[int]], max_len: int, index: int = 0) -> list[Window]:
+def align_sentence(sentence: Sentence, encode: Callable[[str], list[int]], max_len: int,
+                   index: int = 0) -> list[Window]:
     "Encode a sentence and split it at word boundaries into windows of at most `max_len` sub-tokens."
     pieces = encode_words(sentence.words, encode)
     windows, ids, labels, starts, first = [], [], [], [], 0
     for w, (p, tag) in enumerate(zip(pieces, sentence.tags)):
         if len(p) > max_len:
-            raise ValueError(f"{sentence.source}: word {w} ({sentence.words[w]!r}) has {len(p)} sub-tokens, more than ner.max_len={max_len}")
+            raise ValueError(f"{sentence.source}: word {w} ({sentence.words[w]!r}) has {len(p)} sub-tokens, "
+                             f"more than ner.max_len={max_len}")
         if len(ids) + len(p) > max_len:
             windows.append(Window(ids, labels, starts, index, first))
             ids, labels, starts, first = [], [], [], w
@@ -225,10 +234,12 @@ class EncodedSplit:
         "Number of sentences longer than the context, i.e. split over several windows."
         return len({w.sentence for w in self.windows if w.first_word > 0})
 
-def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int, name: str = "") -> EncodedSplit:
+def encode_split(sentences: list[Sentence], encode: Callable[[str], list[int]], max_len: int,
+                 name: str = "") -> EncodedSplit:
     "Align every sentence of a split to sub-tokens, splitting long ones into windows."
-    if not sentences: raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; "
-                                            f"give at least one (check the data and any cap on the number of sentences)")
+    if not sentences:
+        raise UNERFormatError(f"{name or 'encode_split'}: no sentences to encode; "
+                              f"give at least one (check the data and any cap on the number of sentences)")
     windows = [w for i, s in enumerate(sentences) for w in align_sentence(s, encode, max_len, i)]
     return EncodedSplit(sentences, windows, name)
 
@@ -236,8 +247,9 @@ def rejoin(split: EncodedSplit, window_preds: Sequence[Sequence]) -> list[list]:
     "Concatenate word-level predictions of each window (in `split.windows` order) back into sentences."
     out = [[None] * len(s.words) for s in split.sentences]
     for w, preds in zip(split.windows, window_preds):
-        if len(preds) != len(w.word_starts): raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, "
-                                                              f"got {len(preds)} predictions")
+        if len(preds) != len(w.word_starts):
+            raise ValueError(f"window of sentence {w.sentence} has {len(w.word_starts)} words, "
+                             f"got {len(preds)} predictions")
         out[w.sentence][w.first_word:w.first_word + len(preds)] = list(preds)
     missing = [i for i, o in enumerate(out) if None in o]
     if missing: raise ValueError(f"no prediction for some words of sentences {missing[:5]}")
@@ -260,7 +272,8 @@ def span_statistics(sentences: Sequence[Sentence]) -> dict:
     stats = {}
     for kind in ENTITY_TYPES:
         lengths = [e - b for k, b, e in spans if k == kind]
-        stats[kind] = {"spans": len(lengths), "single_token_share": sum(l == 1 for l in lengths) / len(lengths) if lengths else math.nan}
+        stats[kind] = {"spans": len(lengths),
+                       "single_token_share": sum(l == 1 for l in lengths) / len(lengths) if lengths else math.nan}
     return stats
 
 # %% ../nbs/10_ner_data.ipynb #1779b753
@@ -269,7 +282,7 @@ CASE_MARKERS = ("si", "ni", "ang", "ng", "sa", "kay")  # with the common-noun ma
 
 def particle_recall(sentences: Sequence[Sentence], predictions: Sequence[Sequence[str]] | None = None,
                     particles: Sequence[str] = PARTICLES, kind: str = "PER") -> dict:
-    "Share of gold `kind` spans right after a particle (case-insensitive); with predictions, recall on those and the rest."
+    "Share of gold `kind` spans right after a particle (any case); with predictions, recall on those and the rest."
     after, rest = Counter(), Counter()
     for i, s in enumerate(sentences):
         found = set(tag_spans(predictions[i])) if predictions is not None else set()
@@ -299,8 +312,9 @@ def oov_rate(test: Sequence[Sentence], train: Sequence[Sentence]) -> dict:
 ZERO_SHOT_LANGUAGES = {"+".join(sets): sets for sets in (TAGALOG, CEBUANO)}
 
 def uner_statistics(train_sets: dict, zero_shot: dict, particles: Sequence[str] = PARTICLES) -> dict:
-    "Span statistics of each finetuning set's sentences; particle share and OOV rates (against each finetuning set) of each zero-shot language's."
+    "Span statistics per finetuning set; per zero-shot language, particle share and OOV rates (per finetuning set)."
     return {"finetuning": {name: {"sentences": len(s), "spans": span_statistics(s)} for name, s in train_sets.items()},
-            "zero_shot": {name: {"sentences": len(s), "particles": {**particle_recall(s, particles=particles), "particles": list(particles)},
+            "zero_shot": {name: {"sentences": len(s),
+                                 "particles": {**particle_recall(s, particles=particles), "particles": list(particles)},
                                  "oov": {source: oov_rate(s, train) for source, train in train_sets.items()}}
                           for name, s in zero_shot.items()}}

@@ -92,7 +92,8 @@ class NERTagger(nn.Module):
         self.device = torch.device(device) if device is not None else next(backbone.parameters()).device
         self.backbone, self.head_kind = backbone.to(self.device), head
         self.head = HEADS[head](feature_dim(backbone)).to(self.device)
-        capability = cuda_capability(self.device) if precision != "32-true" else None  # float32 asks nothing of the device
+        # float32 asks nothing of the device
+        capability = cuda_capability(self.device) if precision != "32-true" else None
         self.precision = resolve_precision(precision, self.device.type, capability, key="ner.precision")
 
     def word_features(self, batch: Batch) -> torch.Tensor:
@@ -181,7 +182,8 @@ def window_outputs(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache |
     decoded = [t.tolist() for t in tags.cpu().split(sizes)]
     return (decoded, list(probs.cpu().split(sizes))) if marginals else decoded
 
-def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[str]]:
+def predict(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
+            batch_size: int = 16) -> list[list[str]]:
     "Predicted IOB2 tags of every sentence of a split."
     return rejoin(split, [[LABELS[t] for t in d] for d in window_outputs(tagger, split, feats, batch_size)])
 
@@ -198,8 +200,9 @@ def train_step(tagger: NERTagger, opt, x, mask, labels) -> torch.Tensor:
     opt.step()
     return loss.detach()
 
-def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int, score_dev) -> tuple[list[float], list[list]]:
-    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at the epoch's end."
+def train_epoch(tagger: NERTagger, opt, inputs, first_step: int, dev_every: int,
+                score_dev) -> tuple[list[float], list[list]]:
+    "One epoch's steps: their losses, and [step, dev micro-F1] every `dev_every` steps (0: never) and at epoch end."
     losses, curve = [], []
     for step, batch in enumerate(inputs, first_step + 1):
         losses.append(train_step(tagger, opt, *batch))
@@ -237,7 +240,8 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
         dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
     opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
     score_dev = lambda: dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size))
-    gen, history, best, best_state = torch.Generator().manual_seed(seed), {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None
+    gen, history, best, best_state = (torch.Generator().manual_seed(seed),
+                                      {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train.windows), generator=gen).tolist()
         inputs = epoch_inputs(tagger, train, order, cfg.batch_size, train_feats if cached else None)
@@ -257,8 +261,8 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
 # %% ../nbs/11_ner_finetune.ipynb #5c48b614
 def result_record(history: dict, tests: dict[str, dict]) -> dict:
     "The results of one finetuning run: dev F1 and its curve, test scores per test set, loss-curve speed and curve."
-    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"], "dev_f1_steps": history["dev_f1_steps"],
-            "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
+    return {"dev_f1": history["best_dev_f1"], "dev_f1_curve": history["dev_f1"],
+            "dev_f1_steps": history["dev_f1_steps"], "test_f1": {k: v["micro_f1"] for k, v in tests.items()},
             "test_strict_f1": {k: v["strict_micro_f1"] for k, v in tests.items()},
             "per_tag_f1": {k: v["per_tag_f1"] for k, v in tests.items()},
             "sentence_counts": {k: v["sentence_counts"] for k, v in tests.items()},
@@ -266,8 +270,10 @@ def result_record(history: dict, tests: dict[str, dict]) -> dict:
             "steps": history["steps"]}
 
 # %% ../nbs/11_ner_finetune.ipynb #2df699bf
-def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None, batch_size: int = 16) -> list[list[float]]:
+def gold_tag_probabilities(tagger: NERTagger, split: EncodedSplit, feats: FeatureCache | None = None,
+                           batch_size: int = 16) -> list[list[float]]:
     "p(gold tag) of every word of every sentence."
     _, marginals = window_outputs(tagger, split, feats, batch_size, marginals=True)
-    per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)] for m, w in zip(marginals, split.windows)]
+    per_window = [[m[k, w.labels[s]].item() for k, s in enumerate(w.word_starts)]
+                  for m, w in zip(marginals, split.windows)]
     return rejoin(split, per_window)
