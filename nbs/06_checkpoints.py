@@ -117,7 +117,8 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
         save_pretrained(model, tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
         if training_state is not None:
-            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)  # a Python file: its OSError says why it failed
+            # a Python file: its OSError says why it failed
+            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)
         files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
         write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
     except Exception as e:
@@ -152,7 +153,8 @@ class CheckpointCorrupt(UserError):
 def list_checkpoints(root) -> list[tuple[int, Path]]:
     "`[(step, directory)]` of the complete checkpoints under `root`, by step; [] if there are none."
     root = Path(root)
-    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else []) if (m := STEP_DIR.match(d.name)) and d.is_dir()]
+    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else [])
+             if (m := STEP_DIR.match(d.name)) and d.is_dir()]
     return sorted((s, d) for s, d in found if (d / "model.safetensors").is_file() and (d / "config.json").is_file())
 
 def has_training_state(directory) -> bool:
@@ -166,8 +168,10 @@ def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dic
         meta = json.loads((directory / META_FILE).read_text())
         wanted = [f for f in meta["sha256"] if with_state or f != STATE_FILE]
         for name in wanted:
-            if file_sha256(directory / name) != meta["sha256"][name]: raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True) if STATE_FILE in wanted else None
+            if file_sha256(directory / name) != meta["sha256"][name]:
+                raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
+        state = torch.load(directory / STATE_FILE, map_location="cpu",
+                           weights_only=True) if STATE_FILE in wanted else None
         return load_file(directory / "model.safetensors"), load_file(directory / "head.safetensors"), meta, state
     except CheckpointCorrupt: raise
     except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
@@ -187,7 +191,8 @@ class NoResumableCheckpoint(UserError):
     "A run directory with checkpoints of which none can be resumed from."
 
 def find_resumable(root):
-    "The newest valid checkpoint with training state as (directory, (weights, head, meta, state)); None if there are no checkpoints."
+    ("The newest valid checkpoint with training state as (directory, (weights, head, meta, state)); "
+     "None if there are no checkpoints.")
     found, problems = list_checkpoints(root), []
     for step, directory in reversed(found):
         if not has_training_state(directory):
@@ -197,9 +202,10 @@ def find_resumable(root):
             problems.append(f"{directory.name}: {e}")
             warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
     if found:
-        raise NoResumableCheckpoint(f"{root} holds {len(found)} checkpoints but none can be resumed from ({'; '.join(problems[:3])}"
-                                    f"{'; ...' if len(problems) > 3 else ''}); nothing was changed. Move the run directory away to "
-                                    f"start over, or choose another logging.run_name")
+        raise NoResumableCheckpoint(f"{root} holds {len(found)} checkpoints but none can be resumed from "
+                                    f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); "
+                                    f"nothing was changed. Move the run directory away to start over, or choose "
+                                    f"another logging.run_name")
     return None
 
 
@@ -225,7 +231,8 @@ def confirm_checkpoint(directory, next_loss: float) -> None:
 
 def newest_confirmed(root) -> Path | None:
     "The newest confirmed checkpoint that still keeps its training state, or None."
-    good = [d for _, d in list_checkpoints(root) if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
+    good = [d for _, d in list_checkpoints(root)
+            if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
     return good[-1] if good else None
 
 
@@ -235,14 +242,16 @@ def newest_confirmed(root) -> Path | None:
 # %%
 #| export
 def prune_training_state(root, keep: int) -> list[Path]:
-    "Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); return those pruned."
+    ("Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); "
+     "return those pruned.")
     protect = newest_confirmed(root)
     with_state = [d for _, d in list_checkpoints(root) if has_training_state(d)]
     pruned = [d for d in with_state[:-keep] if d != protect]
     for directory in pruned:
         meta = read_meta(directory)
         meta["sha256"].pop(STATE_FILE, None)
-        write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
+        # first the digest, so a crash in between leaves a weights-only checkpoint
+        write_json_atomic(directory / META_FILE, meta)
         (directory / STATE_FILE).unlink()
     return pruned
 
@@ -295,11 +304,13 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     api, name = api or HfApi(), Path(directory).name
     api.create_repo(repo_id, exist_ok=True)
     api.create_branch(repo_id, branch=name, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
-                             allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}",
+                             revision=name, allow_patterns=["*.safetensors", "*.json"],
+                             commit_message=f"checkpoint {name}")
 
 class CheckpointUploads:
-    "Checkpoints uploaded to a Hub repository in order, on one background thread; `wait` finishes them and reports failures."
+    ("Checkpoints uploaded to a Hub repository in order, on one background thread; "
+     "`wait` finishes them and reports failures.")
     def __init__(self, repo_id: str, api=None):
         self.repo_id, self.api, self.pending = repo_id, api, []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
@@ -309,15 +320,17 @@ class CheckpointUploads:
         self.pending.append((Path(directory), self.pool.submit(upload_checkpoint, directory, self.repo_id, self.api)))
 
     def wait(self) -> int:
-        "Finish every queued upload; UserError naming the checkpoints whose upload failed. Returns how many were uploaded."
+        ("Finish every queued upload; UserError naming the checkpoints whose upload failed. "
+         "Returns how many were uploaded.")
         failed = []
         for directory, future in self.pending:
             try: future.result()
             except Exception as e: failed.append(f"{directory.name} ({type(e).__name__}: {e})")
         self.pool.shutdown()
-        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: {'; '.join(failed[:3])}. "
-                                   f"The checkpoints are on disk; upload them with `huggingface-cli upload {self.repo_id} <checkpoint dir> "
-                                   f"checkpoints/<step> --revision <step>`")
+        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: "
+                                   f"{'; '.join(failed[:3])}. The checkpoints are on disk; upload them with "
+                                   f"`huggingface-cli upload {self.repo_id} <checkpoint dir> checkpoints/<step> "
+                                   f"--revision <step>`")
         return len(self.pending)
 
 
@@ -343,11 +356,13 @@ _model, _head = PicoDecoder(_tiny), MAMLHead(24, 3, MAMLConfig(head_layers=2, he
 with tempfile.TemporaryDirectory() as _tmp:
     _root = Path(_tmp) / "checkpoints"
     for _step in (0, 1, 2, 3):
-        write_checkpoint(_root, _step, _model, _head, {"world_size": 1}, {"rng": torch.get_rng_state()[None], "step": _step})
+        write_checkpoint(_root, _step, _model, _head, {"world_size": 1},
+                         {"rng": torch.get_rng_state()[None], "step": _step})
         prune_training_state(_root, keep=2)
         if _step == 0: confirm_checkpoint(_root / "step_000000", next_loss=4.0)  # only step 0 is known good
     assert (_root / "latest").read_text() == "step_000003\n" and not list(_root.glob(".tmp_*"))
-    assert [(s, has_training_state(d)) for s, d in list_checkpoints(_root)] == [(0, True), (1, False), (2, True), (3, True)]
+    assert [(s, has_training_state(d)) for s, d in list_checkpoints(_root)] == [(0, True), (1, False),
+                                                                               (2, True), (3, True)]
     assert newest_confirmed(_root).name == "step_000000" and read_meta(_root / "step_000000")["next_loss"] == 4.0
     assert read_checkpoint(_root / "step_000000", with_state=False)[2]["step"] == 0  # weights-only still verifies
     _dir, (_weights, _head_weights, _meta, _state) = find_resumable(_root)
@@ -365,7 +380,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     for _torn in ("step_000002", "step_000000"): (_root / _torn / STATE_FILE).write_bytes(b"torn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        raises(lambda: find_resumable(_root), "holds 4 checkpoints but none can be resumed from", "weights only", kind=NoResumableCheckpoint)
+        raises(lambda: find_resumable(_root), "holds 4 checkpoints but none can be resumed from", "weights only",
+               kind=NoResumableCheckpoint)
     assert len(list_checkpoints(_root)) == 4  # nothing was deleted
     assert find_resumable(Path(_tmp) / "nothing-here") is None
 
@@ -384,24 +400,27 @@ with tempfile.TemporaryDirectory() as _tmp:
 _VERIFIED: set[Path] = set()  # checkpoint directories this process has verified
 
 def verify_checkpoint(directory) -> None:
-    "Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); CheckpointCorrupt if one fails."
+    ("Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); "
+     "CheckpointCorrupt if one fails.")
     directory = Path(directory).resolve()
     if directory in _VERIFIED or not (directory / META_FILE).is_file(): return
     digests = read_meta(directory).get("sha256", {})
     for name in (n for n in WEIGHT_FILES if n in digests):
         if not (directory / name).is_file() or file_sha256(directory / name) != digests[name]:
-            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: the file is damaged "
-                                    f"or was replaced; restore it, or leave this checkpoint out")
+            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: "
+                                    f"the file is damaged or was replaced; restore it, or leave this checkpoint out")
     _VERIFIED.add(directory)
 
 def load_backbone(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None):
-    "A checkpoint's decoder (local directory or Hub repo), verified against its digests; CheckpointCorrupt if a weight is not finite."
+    ("A checkpoint's decoder (local directory or Hub repo), verified against its digests; "
+     "CheckpointCorrupt if a weight is not finite.")
     if revision is None and Path(source).is_dir(): verify_checkpoint(Path(source) / (subfolder or ""))
     model = load_pretrained(source, revision, subfolder, cache_dir)
     if bad := [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]:
         where = f"{source}" + (f" (revision {revision})" if revision else "") + (f"/{subfolder}" if subfolder else "")
-        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); a diverged or damaged "
-                                f"checkpoint cannot be finetuned or analysed: use an earlier step")
+        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); "
+                                f"a diverged or damaged checkpoint cannot be finetuned or analysed: "
+                                f"use an earlier step")
     return model
 
 
@@ -412,7 +431,8 @@ def load_backbone(source, revision: str | None = None, subfolder: str | None = N
 with tempfile.TemporaryDirectory() as _tmp:
     _root = Path(_tmp) / "checkpoints"
     _good = write_checkpoint(_root, 1, _model, _head, {"world_size": 1})
-    assert torch.equal(load_backbone(_good).embedding_proj.weight, _model.embedding_proj.weight) and _good.resolve() in _VERIFIED
+    assert torch.equal(load_backbone(_good).embedding_proj.weight,
+                       _model.embedding_proj.weight) and _good.resolve() in _VERIFIED
     _flipped = write_checkpoint(_root, 2, _model, _head, {"world_size": 1})
     _blob = bytearray((_flipped / "model.safetensors").read_bytes()); _blob[-5] ^= 1
     (_flipped / "model.safetensors").write_bytes(bytes(_blob))
@@ -420,7 +440,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     _broken = PicoDecoder(_tiny)
     with torch.no_grad(): _broken.layers[0].attention.q_proj.weight[0, 0] = float("nan")
     _nan = write_checkpoint(_root, 3, _broken, _head, {"world_size": 1})
-    raises(lambda: load_backbone(_nan), "1 weight tensors hold NaN or infinite values (first: layers.0.attention.q_proj.weight)")
+    raises(lambda: load_backbone(_nan),
+           "1 weight tensors hold NaN or infinite values (first: layers.0.attention.q_proj.weight)")
 
 # %% [markdown]
 # A disk that fills up while a checkpoint is written: a file-size limit (in a child process, since
@@ -450,7 +471,8 @@ state = {{"moments": torch.zeros(4 * {_limit})}}
 try: write_checkpoint({str(_root)!r}, 2, model, MAMLHead(24, 3, MAMLConfig(head_layers=2, head_hidden=8)), {{}}, state)
 except OSError as e: sys.exit(str(e))"""], capture_output=True, text=True)
     assert f"{_root / 'step_000002'}: file too large while writing it (needs about" in _child.stderr, _child.stderr
-    assert sorted(p.name for p in _root.iterdir()) == ["latest", "step_000001"] and (_root / "latest").read_text() == "step_000001\n"
+    assert (sorted(p.name for p in _root.iterdir()) == ["latest", "step_000001"]
+            and (_root / "latest").read_text() == "step_000001\n")
     assert read_checkpoint(_root / "step_000001")[2]["step"] == 1
 
 # %% [markdown]
@@ -476,7 +498,9 @@ _hub = SlowHub(seconds=1.0)
 _uploads, _started = CheckpointUploads("me/run", _hub), time.perf_counter()
 for _step in (0, 100): _uploads.submit(Path("/runs/x/checkpoints") / step_dir_name(_step))
 assert time.perf_counter() - _started < 0.5 and _uploads.wait() == 2
-assert [r for r, _ in _hub.uploaded] == ["step_000000", "step_000100"] and all(t.startswith("hub-upload") for _, t in _hub.uploaded)
+assert [r for r, _ in _hub.uploaded] == ["step_000000", "step_000100"] and all(t.startswith("hub-upload")
+                                                                               for _, t in _hub.uploaded)
 _uploads = CheckpointUploads("me/run", SlowHub(broken={"step_000100"}))
 for _step in (0, 100): _uploads.submit(Path("/runs/x/checkpoints") / step_dir_name(_step))
-raises(lambda: _uploads.wait(), "1 of 2 checkpoint uploads to me/run failed: step_000100 (ConnectionError", kind=UserError)
+raises(lambda: _uploads.wait(), "1 of 2 checkpoint uploads to me/run failed: step_000100 (ConnectionError",
+       kind=UserError)
