@@ -124,10 +124,12 @@ _sums = StepStats(loss=2.0, next_token_loss=3.0, query_loss=0.9, n_next_token=2,
 _rec = step_record(_sums, 2)
 assert (_rec["n_next_token"], _rec["n_maml"], _rec["next_token_loss"], _rec["query_loss"]) == (1, 1, 3.0, 0.9)
 assert (_rec["support_acc"], _rec["query_acc"], _rec["head_weight_std"], _rec["support_loss"]) == (0.75, 0.75, 0.5, 0.5)
-assert (_rec["support_acc_phi0"], _rec["support_loss_phi0"], _rec["query_acc_phi0"], _rec["query_loss_phi0"]) == (0.05, 3.4, 0.05, 3.4)
+assert (_rec["support_acc_phi0"], _rec["support_loss_phi0"], _rec["query_acc_phi0"],
+        _rec["query_loss_phi0"]) == (0.05, 3.4, 0.05, 3.4)
 assert StepStats(*_sums.as_list()) == _sums  # the all-reduced vector reads back field by field
 _no_episode = step_record(StepStats(loss=1.0, next_token_loss=2.0, n_next_token=4, tokens=10), 2)
-assert _no_episode["query_acc"] is None and _no_episode["query_loss_phi0"] is None and _no_episode["next_token_loss"] == 1.0
+assert (_no_episode["query_acc"] is None and _no_episode["query_loss_phi0"] is None
+        and _no_episode["next_token_loss"] == 1.0)
 
 
 # %% [markdown]
@@ -163,9 +165,9 @@ from lightning.fabric import Fabric
 from picomaml.config import EvalConfig, load_config
 from picomaml.model import PicoDecoder
 
-_cfg = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
-                          "model.vocab_size=64", "model.max_seq_len=32", "data.eos_id=3", "eval.every=20", "spectra.every=40",
-                          "eval.batch_size=4"])
+_cfg = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                          "model.ffn_hidden=96", "model.vocab_size=64", "model.max_seq_len=32", "data.eos_id=3",
+                          "eval.every=20", "spectra.every=40", "eval.batch_size=4"])
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 torch.manual_seed(0)
 _model, _rows = PicoDecoder(_cfg.model), torch.randint(0, 64, (10, 17))  # rows (10, T + 1): the spectra's
@@ -174,7 +176,8 @@ _ppl = evaluate(_fabric, _model, _documents, EvalConfig(batch_size=4))
 assert _model.training
 with torch.no_grad(): _whole = perplexities(document_sums(_model.eval(), *next(document_batches(_documents, 10))))
 _model.train()
-assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel_tol=1e-6) for k in _ppl), (_ppl, _whole)
+assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel_tol=1e-6)
+                                             for k in _ppl), (_ppl, _whole)
 
 
 # %% [markdown]
@@ -191,7 +194,8 @@ assert _ppl.keys() == _whole.keys() and all(math.isclose(_ppl[k], _whole[k], rel
 #| export
 def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
                        batch_rows: int | None = None) -> None:
-    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
+    ("Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; "
+     "rank 0 appends to spectra.jsonl.")
     params = select_matrices(model, cfg.spectra.layers)
     mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
     grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
@@ -213,9 +217,11 @@ from picomaml.spectra import compute_spectra
 with tempfile.TemporaryDirectory() as _tmp:
     record_run_spectra(_fabric, _model, _rows, _cfg, 40, Path(_tmp), batch_rows=2)
     _lines = [json.loads(l) for l in (Path(_tmp) / "spectra.jsonl").read_text().splitlines()]
-    assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2  # blocks × spectra.layers × (weight, gradient)
+    # blocks × spectra.layers × (weight, gradient)
+    assert {l["step"] for l in _lines} == {40} and len(_lines) == 2 * 3 * 2
     _whole = compute_spectra(_model, _rows, _cfg.spectra.layers, 40)
-    assert all(np.allclose(a["singular_values"], b["singular_values"], rtol=1e-4, atol=1e-9) for a, b in zip(_lines, _whole))
+    assert all(np.allclose(a["singular_values"], b["singular_values"], rtol=1e-4, atol=1e-9)
+               for a, b in zip(_lines, _whole))
 
 
 # %% [markdown]
@@ -231,7 +237,8 @@ with tempfile.TemporaryDirectory() as _tmp:
 #| export
 def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
     "(evaluate?, record spectra?) at completed optimizer step `step`."
-    return (bool(cfg.eval.every) and step % cfg.eval.every == 0, bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
+    return (bool(cfg.eval.every) and step % cfg.eval.every == 0,
+            bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
 
 def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
     "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
@@ -240,7 +247,8 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
             want_spectra and step not in logged_steps(run_dir / "spectra.jsonl", "per"))
 
 def monitor(run, step: int, due: tuple[bool, bool]) -> None:
-    "Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; rank 0 appends them (on CUDA: each one's peak GiB)."
+    ("Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; "
+     "rank 0 appends them (on CUDA: each one's peak GiB).")
     fabric, metrics = run.fabric, run.run_dir / "metrics.jsonl"
     do_eval, do_spectra = due
     if do_eval:
@@ -251,15 +259,18 @@ def monitor(run, step: int, due: tuple[bool, bool]) -> None:
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir, batch_rows=run.layout.spectra_batch)
+        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir,
+                           batch_rows=run.layout.spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
             append_records(metrics, [{"step": step, "spectra_peak_gib": peak}])
 
 
 # %%
 _mcfg = load_config(None, ["eval.every=20", "spectra.every=40"])
-assert monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False) and monitoring_due(_mcfg, 30) == (False, False)
-assert monitoring_due(_mcfg, 0) == (True, True) and monitoring_due(load_config(None, ["eval.every=0", "spectra.every=0"]), 0) == (False, False)
+assert (monitoring_due(_mcfg, 40) == (True, True) and monitoring_due(_mcfg, 20) == (True, False)
+        and monitoring_due(_mcfg, 30) == (False, False))
+assert (monitoring_due(_mcfg, 0) == (True, True)
+        and monitoring_due(load_config(None, ["eval.every=0", "spectra.every=0"]), 0) == (False, False))
 with tempfile.TemporaryDirectory() as _tmp:
     (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
     assert monitoring_missing(_mcfg, Path(_tmp), 40) == (True, True)
@@ -276,8 +287,10 @@ from picomaml.layout import Run, StepLayout
 with tempfile.TemporaryDirectory() as _tmp:
     (Path(_tmp) / "metrics.jsonl").write_text('{"step": 40, "loss": 1.0}\n')
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (True, True)
-    _run = Run(cfg=_cfg, fabric=_fabric, model=_model, head=None, optimizer=None, run_dir=Path(_tmp), documents=_documents,
-               spectra_rows=_rows, layout=StepLayout(draws=1, rows_per_rank=10, chunk_rows=10, pool_rows=10, pool_seed=0, spectra_batch=4))
+    _run = Run(cfg=_cfg, fabric=_fabric, model=_model, head=None, optimizer=None, run_dir=Path(_tmp),
+               documents=_documents, spectra_rows=_rows,
+               layout=StepLayout(draws=1, rows_per_rank=10, chunk_rows=10, pool_rows=10, pool_seed=0, spectra_batch=4))
     monitor(_run, 40, monitoring_due(_cfg, 40))
     assert monitoring_missing(_cfg, Path(_tmp), 40) == (False, False)
-    assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 40, **evaluate(_fabric, _model, _documents, _cfg.eval)}
+    assert json.loads((Path(_tmp) / "metrics.jsonl").read_text().splitlines()[-1]) == {
+        "step": 40, **evaluate(_fabric, _model, _documents, _cfg.eval)}
