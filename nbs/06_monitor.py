@@ -163,11 +163,11 @@ import math
 from lightning.fabric import Fabric
 
 from picomaml.config import EvalConfig, load_config
+from picomaml.devtools import TINY_MODEL
 from picomaml.model import PicoDecoder
 
-_cfg = load_config(None, ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                          "model.ffn_hidden=96", "model.vocab_size=64", "model.max_seq_len=32", "data.eos_id=3",
-                          "eval.every=20", "spectra.every=40", "eval.batch_size=4"])
+_cfg = load_config(None, [*TINY_MODEL, "model.vocab_size=64", "data.eos_id=3", "eval.every=20", "spectra.every=40",
+                          "eval.batch_size=4"])
 _fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
 torch.manual_seed(0)
 _model, _rows = PicoDecoder(_cfg.model), torch.randint(0, 64, (10, 17))  # rows (10, T + 1): the spectra's

@@ -57,7 +57,8 @@ def write_checkpoint(root, step: int, model, head, meta: dict, training_state: d
         save_pretrained(model, tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp / "head.safetensors")
         if training_state is not None:
-            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)  # a Python file: its OSError says why it failed
+            # a Python file: its OSError says why it failed
+            with open(tmp / STATE_FILE, "wb") as f: torch.save(training_state, f)
         files = [f for f in (*WEIGHT_FILES, STATE_FILE) if (tmp / f).is_file()]
         write_json_atomic(tmp / META_FILE, {**meta, "step": step, "sha256": {f: file_sha256(tmp / f) for f in files}})
     except Exception as e:
@@ -81,7 +82,8 @@ class CheckpointCorrupt(UserError):
 def list_checkpoints(root) -> list[tuple[int, Path]]:
     "`[(step, directory)]` of the complete checkpoints under `root`, by step; [] if there are none."
     root = Path(root)
-    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else []) if (m := STEP_DIR.match(d.name)) and d.is_dir()]
+    found = [(int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else [])
+             if (m := STEP_DIR.match(d.name)) and d.is_dir()]
     return sorted((s, d) for s, d in found if (d / "model.safetensors").is_file() and (d / "config.json").is_file())
 
 def has_training_state(directory) -> bool:
@@ -95,8 +97,10 @@ def read_checkpoint(directory, with_state: bool = True) -> tuple[dict, dict, dic
         meta = json.loads((directory / META_FILE).read_text())
         wanted = [f for f in meta["sha256"] if with_state or f != STATE_FILE]
         for name in wanted:
-            if file_sha256(directory / name) != meta["sha256"][name]: raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True) if STATE_FILE in wanted else None
+            if file_sha256(directory / name) != meta["sha256"][name]:
+                raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check")
+        state = torch.load(directory / STATE_FILE, map_location="cpu",
+                           weights_only=True) if STATE_FILE in wanted else None
         return load_file(directory / "model.safetensors"), load_file(directory / "head.safetensors"), meta, state
     except CheckpointCorrupt: raise
     except Exception as e: raise CheckpointCorrupt(f"{directory} is unreadable: {type(e).__name__}: {e}") from e
@@ -106,7 +110,8 @@ class NoResumableCheckpoint(UserError):
     "A run directory with checkpoints of which none can be resumed from."
 
 def find_resumable(root):
-    "The newest valid checkpoint with training state as (directory, (weights, head, meta, state)); None if there are no checkpoints."
+    ("The newest valid checkpoint with training state as (directory, (weights, head, meta, state)); "
+     "None if there are no checkpoints.")
     found, problems = list_checkpoints(root), []
     for step, directory in reversed(found):
         if not has_training_state(directory):
@@ -116,9 +121,10 @@ def find_resumable(root):
             problems.append(f"{directory.name}: {e}")
             warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
     if found:
-        raise NoResumableCheckpoint(f"{root} holds {len(found)} checkpoints but none can be resumed from ({'; '.join(problems[:3])}"
-                                    f"{'; ...' if len(problems) > 3 else ''}); nothing was changed. Move the run directory away to "
-                                    f"start over, or choose another logging.run_name")
+        raise NoResumableCheckpoint(f"{root} holds {len(found)} checkpoints but none can be resumed from "
+                                    f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); "
+                                    f"nothing was changed. Move the run directory away to start over, or choose "
+                                    f"another logging.run_name")
     return None
 
 # %% ../nbs/06_checkpoints.ipynb #0deef345
@@ -133,19 +139,22 @@ def confirm_checkpoint(directory, next_loss: float) -> None:
 
 def newest_confirmed(root) -> Path | None:
     "The newest confirmed checkpoint that still keeps its training state, or None."
-    good = [d for _, d in list_checkpoints(root) if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
+    good = [d for _, d in list_checkpoints(root)
+            if has_training_state(d) and (d / META_FILE).is_file() and read_meta(d).get("confirmed")]
     return good[-1] if good else None
 
 # %% ../nbs/06_checkpoints.ipynb #9cf129bc
 def prune_training_state(root, keep: int) -> list[Path]:
-    "Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); return those pruned."
+    ("Delete the training state of all but the newest `keep` checkpoints and the newest confirmed one (weights stay); "
+     "return those pruned.")
     protect = newest_confirmed(root)
     with_state = [d for _, d in list_checkpoints(root) if has_training_state(d)]
     pruned = [d for d in with_state[:-keep] if d != protect]
     for directory in pruned:
         meta = read_meta(directory)
         meta["sha256"].pop(STATE_FILE, None)
-        write_json_atomic(directory / META_FILE, meta)  # first the digest, so a crash in between leaves a weights-only checkpoint
+        # first the digest, so a crash in between leaves a weights-only checkpoint
+        write_json_atomic(directory / META_FILE, meta)
         (directory / STATE_FILE).unlink()
     return pruned
 
@@ -166,11 +175,13 @@ def upload_checkpoint(directory, repo_id: str, api=None):
     api, name = api or HfApi(), Path(directory).name
     api.create_repo(repo_id, exist_ok=True)
     api.create_branch(repo_id, branch=name, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}", revision=name,
-                             allow_patterns=["*.safetensors", "*.json"], commit_message=f"checkpoint {name}")
+    return api.upload_folder(repo_id=repo_id, folder_path=str(directory), path_in_repo=f"checkpoints/{name}",
+                             revision=name, allow_patterns=["*.safetensors", "*.json"],
+                             commit_message=f"checkpoint {name}")
 
 class CheckpointUploads:
-    "Checkpoints uploaded to a Hub repository in order, on one background thread; `wait` finishes them and reports failures."
+    ("Checkpoints uploaded to a Hub repository in order, on one background thread; "
+     "`wait` finishes them and reports failures.")
     def __init__(self, repo_id: str, api=None):
         self.repo_id, self.api, self.pending = repo_id, api, []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
@@ -180,37 +191,42 @@ class CheckpointUploads:
         self.pending.append((Path(directory), self.pool.submit(upload_checkpoint, directory, self.repo_id, self.api)))
 
     def wait(self) -> int:
-        "Finish every queued upload; UserError naming the checkpoints whose upload failed. Returns how many were uploaded."
+        ("Finish every queued upload; UserError naming the checkpoints whose upload failed. "
+         "Returns how many were uploaded.")
         failed = []
         for directory, future in self.pending:
             try: future.result()
             except Exception as e: failed.append(f"{directory.name} ({type(e).__name__}: {e})")
         self.pool.shutdown()
-        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: {'; '.join(failed[:3])}. "
-                                   f"The checkpoints are on disk; upload them with `huggingface-cli upload {self.repo_id} <checkpoint dir> "
-                                   f"checkpoints/<step> --revision <step>`")
+        if failed: raise UserError(f"{len(failed)} of {len(self.pending)} checkpoint uploads to {self.repo_id} failed: "
+                                   f"{'; '.join(failed[:3])}. The checkpoints are on disk; upload them with "
+                                   f"`huggingface-cli upload {self.repo_id} <checkpoint dir> checkpoints/<step> "
+                                   f"--revision <step>`")
         return len(self.pending)
 
 # %% ../nbs/06_checkpoints.ipynb #832985ef
 _VERIFIED: set[Path] = set()  # checkpoint directories this process has verified
 
 def verify_checkpoint(directory) -> None:
-    "Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); CheckpointCorrupt if one fails."
+    ("Check the weight files of a local checkpoint against its checkpoint.json digests (once per process); "
+     "CheckpointCorrupt if one fails.")
     directory = Path(directory).resolve()
     if directory in _VERIFIED or not (directory / META_FILE).is_file(): return
     digests = read_meta(directory).get("sha256", {})
     for name in (n for n in WEIGHT_FILES if n in digests):
         if not (directory / name).is_file() or file_sha256(directory / name) != digests[name]:
-            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: the file is damaged "
-                                    f"or was replaced; restore it, or leave this checkpoint out")
+            raise CheckpointCorrupt(f"{directory / name} fails its SHA-256 check against {directory / META_FILE}: "
+                                    f"the file is damaged or was replaced; restore it, or leave this checkpoint out")
     _VERIFIED.add(directory)
 
 def load_backbone(source, revision: str | None = None, subfolder: str | None = None, cache_dir=None):
-    "A checkpoint's decoder (local directory or Hub repo), verified against its digests; CheckpointCorrupt if a weight is not finite."
+    ("A checkpoint's decoder (local directory or Hub repo), verified against its digests; "
+     "CheckpointCorrupt if a weight is not finite.")
     if revision is None and Path(source).is_dir(): verify_checkpoint(Path(source) / (subfolder or ""))
     model = load_pretrained(source, revision, subfolder, cache_dir)
     if bad := [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]:
         where = f"{source}" + (f" (revision {revision})" if revision else "") + (f"/{subfolder}" if subfolder else "")
-        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); a diverged or damaged "
-                                f"checkpoint cannot be finetuned or analysed: use an earlier step")
+        raise CheckpointCorrupt(f"{where}: {len(bad)} weight tensors hold NaN or infinite values (first: {bad[0]}); "
+                                f"a diverged or damaged checkpoint cannot be finetuned or analysed: "
+                                f"use an earlier step")
     return model

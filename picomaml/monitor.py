@@ -77,7 +77,8 @@ def evaluate(fabric, model, documents: list, ec) -> dict:
 # %% ../nbs/06_monitor.ipynb #92e2031c
 def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int, run_dir: Path, *,
                        batch_rows: int | None = None) -> None:
-    "Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; rank 0 appends to spectra.jsonl."
+    ("Weight and gradient spectra of `spectra.layers` on the fixed evaluation rows, shared over ranks; "
+     "rank 0 appends to spectra.jsonl.")
     params = select_matrices(model, cfg.spectra.layers)
     mine = rows[fabric.global_rank :: fabric.world_size]  # (about grad_rows / world, T + 1)
     grads = loss_gradients(model, mine, params, batch_rows, denominator=rows[:, 1:].numel())
@@ -87,7 +88,8 @@ def record_run_spectra(fabric, model, rows: torch.Tensor, cfg: Config, step: int
 # %% ../nbs/06_monitor.ipynb #ef2c8877
 def monitoring_due(cfg: Config, step: int) -> tuple[bool, bool]:
     "(evaluate?, record spectra?) at completed optimizer step `step`."
-    return (bool(cfg.eval.every) and step % cfg.eval.every == 0, bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
+    return (bool(cfg.eval.every) and step % cfg.eval.every == 0,
+            bool(cfg.spectra.every) and step % cfg.spectra.every == 0)
 
 def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, bool]:
     "(evaluation, spectra) that are due at `step` but absent from the run's logs (a crash between checkpoint and log)."
@@ -96,7 +98,8 @@ def monitoring_missing(cfg: Config, run_dir: Path, step: int) -> tuple[bool, boo
             want_spectra and step not in logged_steps(run_dir / "spectra.jsonl", "per"))
 
 def monitor(run, step: int, due: tuple[bool, bool]) -> None:
-    "Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; rank 0 appends them (on CUDA: each one's peak GiB)."
+    ("Evaluate and/or record spectra of `run` (a `picomaml.layout.Run`) at `step`; "
+     "rank 0 appends them (on CUDA: each one's peak GiB).")
     fabric, metrics = run.fabric, run.run_dir / "metrics.jsonl"
     do_eval, do_spectra = due
     if do_eval:
@@ -107,6 +110,7 @@ def monitor(run, step: int, due: tuple[bool, bool]) -> None:
         fabric.log_dict({k: v for k, v in record.items() if k != "step"}, step=step)
     if do_spectra:
         reset_peak_memory(fabric.device)
-        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir, batch_rows=run.layout.spectra_batch)
+        record_run_spectra(fabric, run.model, run.spectra_rows, run.cfg, step, run.run_dir,
+                           batch_rows=run.layout.spectra_batch)
         if (peak := peak_memory_gib(fabric.device)) is not None and fabric.global_rank == 0:
             append_records(metrics, [{"step": step, "spectra_peak_gib": peak}])
