@@ -428,6 +428,7 @@ def load_backbone(source, revision: str | None = None, subfolder: str | None = N
 # A flipped byte and a NaN weight, each refused by name; a verified checkpoint is not hashed again.
 
 # %%
+#| hide
 with tempfile.TemporaryDirectory() as _tmp:
     _root = Path(_tmp) / "checkpoints"
     _good = write_checkpoint(_root, 1, _model, _head, {"world_size": 1})
