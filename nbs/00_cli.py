@@ -51,7 +51,8 @@ from picomaml.config import ConfigError
 class UserError(RuntimeError):
     "A failure the user can fix (a corrupt or unresumable run directory, a diverged run); the message says how."
 
-USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)  # ValueError covers ConfigError and the format errors
+# ValueError covers ConfigError and the format errors
+USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)
 
 def run_command(main, argv=None):
     "Run a command's `main(argv)`; a user error ends it with one line `error: ...` and exit status 2."
@@ -69,10 +70,13 @@ def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"): pass
-    except OSError as e: raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); choose a writable directory") from None
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); "
+                          f"choose a writable directory") from None
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free but needs {need_bytes / 2**30:.1f} GiB; "
+        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free "
+                          f"but needs {need_bytes / 2**30:.1f} GiB; "
                           f"free some space or choose another directory")
     return directory
 
@@ -95,7 +99,8 @@ with tempfile.TemporaryDirectory() as _tmp:
     assert ensure_writable(Path(_tmp) / "runs", "logging.runs_dir").is_dir()
     os.chmod(_tmp, stat.S_IRUSR | stat.S_IXUSR)
     try:
-        if os.access(_tmp, os.W_OK): print("(running as a user who can write anywhere: the read-only case is not checkable here)")
+        if os.access(_tmp, os.W_OK):
+            print("(running as a user who can write anywhere: the read-only case is not checkable here)")
         else:
             e = raises(lambda: ensure_writable(Path(_tmp) / "other", "logging.runs_dir"), kind=ConfigError)
             assert str(e).startswith("logging.runs_dir: cannot write to")

@@ -82,10 +82,11 @@ class OutOfSpace(OSError):
     "A write the disk, a quota or a file-size limit could not hold; the message names the file and the space."
 
 def space_cause(error: BaseException) -> str | None:
-    "What ran out (\"No space left on device\", ...) if `error` or an exception it came from is a full disk, a quota or a size limit."
+    "What ran out (\"No space left on device\", ...) if `error` or its cause is a full disk, a quota or a size limit."
     while error is not None:
         if isinstance(error, OSError) and error.errno in SPACE_ERRNOS: return os.strerror(error.errno)
-        if found := [os.strerror(n) for n in SPACE_ERRNOS if os.strerror(n) in str(error)]: return found[0]  # safetensors: "(os error 28)"
+        # safetensors: "(os error 28)"
+        if found := [os.strerror(n) for n in SPACE_ERRNOS if os.strerror(n) in str(error)]: return found[0]
         error = error.__cause__ or error.__context__
     return None
 
@@ -100,8 +101,9 @@ def out_of_space(path, need: int, error: BaseException) -> OutOfSpace:
     path = Path(path)
     where = next(p for p in (path, *path.parents) if p.exists())
     usage, cause = shutil.disk_usage(where), space_cause(error) or "no space"
-    return OutOfSpace(f"{path}: {cause.lower()} while writing it (needs about {format_bytes(need)}; {format_bytes(usage.free)} free on "
-                      f"the file system of {where}). Nothing written before was lost: free some space (or raise the quota or "
+    return OutOfSpace(f"{path}: {cause.lower()} while writing it (needs about {format_bytes(need)}; "
+                      f"{format_bytes(usage.free)} free on the file system of {where}). "
+                      f"Nothing written before was lost: free some space (or raise the quota or "
                       f"`ulimit -f`) and relaunch the same command")
 
 def write_all(fd: int, data: bytes, path) -> None:
@@ -120,7 +122,8 @@ def write_all(fd: int, data: bytes, path) -> None:
 from picomaml.devtools import raises
 
 _fd = os.open("/dev/full", os.O_WRONLY)
-raises(lambda: write_all(_fd, b"x" * 2500, "/dev/full"), "/dev/full: no space left on device while writing it (needs about 2.5 kB")
+raises(lambda: write_all(_fd, b"x" * 2500, "/dev/full"),
+       "/dev/full: no space left on device while writing it (needs about 2.5 kB")
 os.close(_fd)
 assert space_cause(RuntimeError("Error while serializing: I/O error: File too large (os error 27)")) == "File too large"
 assert space_cause(RuntimeError("unexpected pos 576 vs 534")) is None
@@ -163,7 +166,8 @@ def read_records(path) -> list[dict]:
         if not line.strip(): continue
         try: records.append(json.loads(line))
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)", stacklevel=2)
+            warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)",
+                          stacklevel=2)
     return records
 
 # %%
@@ -268,7 +272,8 @@ with open(_log, "a") as _f: _f.write('{"step": 4, "lo')
 truncate_after(_log, 2)
 assert [r["step"] for r in read_records(_log)] == [1, 2, 2] and logged_steps(_log, "paloma_ppl") == {2}
 append_records(_log, [{"step": 3, "note": "paloma_ppl pending"}])  # the key's name in a value is no evaluation
-assert logged_steps(_log, "paloma_ppl") == {2}  # a text search for '"step": 3' and 'paloma_ppl' would say step 3 was evaluated
+# a text search for '"step": 3' and 'paloma_ppl' would say step 3 was evaluated
+assert logged_steps(_log, "paloma_ppl") == {2}
 write_json_atomic(_tmp / "checkpoint.json", {"step": 2})
 assert json.loads((_tmp / "checkpoint.json").read_text()) == {"step": 2} and not list(_tmp.glob("*.tmp"))
 
@@ -296,7 +301,7 @@ def lock_holder() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 def take_lock(path, what: str) -> None:
-    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming the holder if a live process has it."
+    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming the holder if one is alive."
     path = Path(path).absolute()
     if path in _HELD: _HELD[path][1] += 1; return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,11 +310,12 @@ def take_lock(path, what: str) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunBusy(f"{what} is in use by {holder} (lock {path}): a second writer would duplicate its records. Wait for that "
-                      f"process to end or stop it, then relaunch") from None
+        raise RunBusy(f"{what} is in use by {holder} (lock {path}): a second writer would duplicate its records. "
+                      f"Wait for that process to end or stop it, then relaunch") from None
     except OSError as e:  # a file system without locks (ENOLCK, EOPNOTSUPP)
         os.close(fd)
-        return warnings.warn(f"{path}: the file system offers no locks ({e.strerror}); a second launch on {what} is not refused")
+        return warnings.warn(f"{path}: the file system offers no locks ({e.strerror}); "
+                             f"a second launch on {what} is not refused")
     if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():
         warnings.warn(f"{what}: taking over the lock left by {previous}, which is no longer running", stacklevel=2)
     os.ftruncate(fd, 0)
@@ -344,10 +350,13 @@ def exclusive_lock(path, what: str):
 
 # %%
 _lock = _tmp / "run" / ".lock"
-_holder = subprocess.Popen([sys.executable, "-c", f"from picomaml.runlog import take_lock; take_lock({str(_lock)!r}, 'x'); "
-                            "print('held', flush=True); import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+_holder = subprocess.Popen([sys.executable, "-c",
+                            f"from picomaml.runlog import take_lock; take_lock({str(_lock)!r}, 'x'); "
+                            "print('held', flush=True); import time; time.sleep(60)"],
+                           stdout=subprocess.PIPE, text=True)
 assert _holder.stdout.readline() == "held\n"
-raises(lambda: take_lock(_lock, "run directory runs/x"), f"run directory runs/x is in use by {socket.gethostname()} pid {_holder.pid}")
+raises(lambda: take_lock(_lock, "run directory runs/x"),
+       f"run directory runs/x is in use by {socket.gethostname()} pid {_holder.pid}")
 _holder.kill(); _holder.wait(); _holder.stdout.close()
 with warnings.catch_warnings(record=True) as _w:
     warnings.simplefilter("always")

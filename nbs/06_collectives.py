@@ -66,11 +66,12 @@ from picomaml.config import Config, ConfigError
 # %%
 #| export
 def branch_layout(tc, world_size: int) -> tuple[int, int]:
-    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); an error naming the keys if uneven."
-    # that global_batch splits into branch micro-batches is TrainConfig's rule (00_config); the world size is the launch's
+    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); error naming the keys if uneven."
+    # that global_batch splits into branch micro-batches is TrainConfig's rule (00_config);
+    # the world size is the launch's
     if tc.branch_batch % world_size:
-        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, so each "
-                          f"rank holds the same number of rows; change it or the number of processes")
+        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, "
+                          f"so each rank holds the same number of rows; change it or the number of processes")
     return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
 
 
@@ -81,9 +82,10 @@ from picomaml.devtools import raises
 assert branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 4) == (8, 64)  # the papers on 4 GPUs
 assert branch_layout(TrainConfig(global_batch=1024, branch_batch=256), 4) == (4, 64)  # tiny
 assert branch_layout(TrainConfig(global_batch=16, branch_batch=16), 2) == (1, 8)  # the CPU demo
-raises(lambda: branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 3), "train.branch_batch=256", "world size 3",
-       kind=ConfigError)
-raises(lambda: TrainConfig(global_batch=2048, branch_batch=300), "train.global_batch=2048", kind=ConfigError)  # the config's own rule
+raises(lambda: branch_layout(TrainConfig(global_batch=2048, branch_batch=256), 3), "train.branch_batch=256",
+       "world size 3", kind=ConfigError)
+# the config's own rule
+raises(lambda: TrainConfig(global_batch=2048, branch_batch=300), "train.global_batch=2048", kind=ConfigError)
 
 
 # %% [markdown]
@@ -164,17 +166,18 @@ assert part_slice(5, 1, 0) == slice(0, 5)
 # %%
 #| export
 def sum_over_ranks(fabric, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    "The elementwise sums over ranks of same-shaped tensors on every rank (one flat all-reduce); the tensors themselves with one rank."
+    "Elementwise sums over ranks of same-shaped tensors (one flat all-reduce); with one rank, the tensors themselves."
     if fabric.world_size == 1 or not tensors: return list(tensors)
     flat = torch.cat([t.flatten() for t in tensors])
     torch.distributed.all_reduce(flat)  # plain collective: sums of detached tensors need no autograd
     return [g.view_as(t) for t, g in zip(tensors, flat.split([t.numel() for t in tensors]))]
 
 def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
-    "Replace every .grad by its sum over ranks (a rank without one adds zeros); a parameter no rank has a gradient for keeps none."
+    "Sum each .grad over ranks in place (a rank without one adds zeros); one with no gradient on any rank keeps none."
     if fabric.world_size == 1: return
     device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else "cpu")
-    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)])[0]
+    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                                                     device=device)])[0]
     with_grad = [p for p, flag in zip(params, anywhere.tolist()) if flag]
     for p in with_grad:
         if p.grad is None: p.grad = torch.zeros_like(p)
@@ -200,16 +203,19 @@ def _ranks_check(rank: int, world: int, store: str) -> None:
     fabric = SimpleNamespace(world_size=world, all_reduce=lambda t, reduce_op: (torch.distributed.all_reduce(t), t)[1])
     rows = torch.arange(20.0).view(10, 2)  # (10, 2)
     assert torch.equal(gather_parts(fabric, rows[part_slice(10, world, rank)], part_sizes(10, world)), rows)
-    a, b, c = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))
+    a, b, c = (torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
+               torch.nn.Parameter(torch.zeros(2)))
     a.grad = torch.full((2, 3), rank + 1.0)
     if rank == 2: c.grad = torch.tensor([5.0, 7.0])
     sum_gradients(fabric, [a, b, c])
-    assert torch.equal(a.grad, torch.full((2, 3), 6.0)) and b.grad is None and torch.equal(c.grad, torch.tensor([5.0, 7.0]))
+    assert (torch.equal(a.grad, torch.full((2, 3), 6.0)) and b.grad is None
+            and torch.equal(c.grad, torch.tensor([5.0, 7.0])))
     assert torch.equal(sum_over_ranks(fabric, [torch.ones(3) * rank])[0], torch.full((3,), 3.0))
     torch.distributed.destroy_process_group()
 
 with tempfile.TemporaryDirectory() as _tmp:
-    _procs = [multiprocessing.get_context("fork").Process(target=_ranks_check, args=(r, 3, f"{_tmp}/store")) for r in range(3)]
+    _procs = [multiprocessing.get_context("fork").Process(target=_ranks_check, args=(r, 3, f"{_tmp}/store"))
+              for r in range(3)]
     for _p in _procs: _p.start()
     for _p in _procs: _p.join(timeout=120)
     for _p in _procs:
@@ -219,7 +225,8 @@ with tempfile.TemporaryDirectory() as _tmp:
 _one = SimpleNamespace(world_size=1)
 _x = torch.ones(3, 2)
 assert gather_parts(_one, _x, [3]) is _x
-_a = torch.nn.Parameter(torch.zeros(2)); _a.grad = torch.ones(2); sum_gradients(_one, [_a]); assert torch.equal(_a.grad, torch.ones(2))
+_a = torch.nn.Parameter(torch.zeros(2)); _a.grad = torch.ones(2)
+sum_gradients(_one, [_a]); assert torch.equal(_a.grad, torch.ones(2))
 assert sum_over_ranks(_one, [_x])[0] is _x
 
 
@@ -239,7 +246,7 @@ assert sum_over_ranks(_one, [_x])[0] is _x
 # %%
 #| export
 def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, int]:
-    "(pool rows each rank reads, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
+    "(pool rows per rank, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
     if cfg.smlmt.pool_rows == 0: return rows_per_rank, cfg.train.seed
     if cfg.smlmt.pool_rows % world_size:
         raise ConfigError(f"smlmt.pool_rows={cfg.smlmt.pool_rows} must be a multiple of the world size {world_size}")

@@ -115,7 +115,7 @@ raises(lambda: setattr(_layout, "draws", 4), kind=dataclasses.FrozenInstanceErro
 #| export
 @dataclass
 class Run:
-    "What a pretraining run carries from step to step: the launched Fabric, the trained modules, where it writes, what it reads."
+    "What a pretraining run carries between steps: the launched Fabric, the trained modules, where it writes and reads."
     cfg: Config
     fabric: object  # the launched Lightning Fabric (rank, world size, device, autocast, collectives)
     model: torch.nn.Module  # the backbone f_theta
@@ -138,5 +138,6 @@ class Run:
 # %%
 from torch import nn
 
-_run = Run(cfg=_paper, fabric=None, model=nn.Linear(3, 2), head=nn.Linear(2, 4, bias=False), optimizer=None, run_dir=Path("runs/x"))
+_run = Run(cfg=_paper, fabric=None, model=nn.Linear(3, 2), head=nn.Linear(2, 4, bias=False), optimizer=None,
+           run_dir=Path("runs/x"))
 assert [p.shape for p in _run.params] == [(2, 3), (2,), (4, 2)] and _run.layout is None and _run.sources == {}

@@ -462,8 +462,8 @@ for _split, _files in (("train", "c4-sample.0[12].json.gz"), ("eval", "c4_100_do
 def tiny_config(runs_dir, *overrides):
     "A seconds-long configuration on the prepared rows (the shared tiny model and episode, `90_devtools`)."
     return load_config(None, tiny_run(_data, runs_dir, "run", _tok.source, "train.steps=8", "train.global_batch=8",
-                                      "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2", "checkpoint.every=4",
-                                      "eval.every=4", *overrides))
+                                      "train.branch_batch=4", "train.lr=1e-2", "train.warmup_steps=2",
+                                      "checkpoint.every=4", "eval.every=4", *overrides))
 
 def read_metrics(run_dir):
     "A run's metrics, the lines of one step (training, then evaluation) merged."

@@ -20,7 +20,8 @@ __all__ = ['USER_ERRORS', 'UserError', 'run_command', 'ensure_writable']
 class UserError(RuntimeError):
     "A failure the user can fix (a corrupt or unresumable run directory, a diverged run); the message says how."
 
-USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)  # ValueError covers ConfigError and the format errors
+# ValueError covers ConfigError and the format errors
+USER_ERRORS = (ValueError, OSError, FloatingPointError, UserError)
 
 def run_command(main, argv=None):
     "Run a command's `main(argv)`; a user error ends it with one line `error: ...` and exit status 2."
@@ -38,9 +39,12 @@ def ensure_writable(directory, setting: str, need_bytes: int = 0) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"): pass
-    except OSError as e: raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); choose a writable directory") from None
+    except OSError as e:
+        raise ConfigError(f"{setting}: cannot write to {directory} ({e.strerror}); "
+                          f"choose a writable directory") from None
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free but needs {need_bytes / 2**30:.1f} GiB; "
+        raise ConfigError(f"{setting}: {directory} has {free / 2**30:.1f} GiB free "
+                          f"but needs {need_bytes / 2**30:.1f} GiB; "
                           f"free some space or choose another directory")
     return directory

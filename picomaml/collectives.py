@@ -17,11 +17,12 @@ __all__ = ['branch_layout', 'mix_seed', 'branch_draws', 'part_sizes', 'part_slic
 
 # %% ../nbs/06_collectives.ipynb #67629827
 def branch_layout(tc, world_size: int) -> tuple[int, int]:
-    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); an error naming the keys if uneven."
-    # that global_batch splits into branch micro-batches is TrainConfig's rule (00_config); the world size is the launch's
+    "(hybrid draws per optimizer step, rows of one branch micro-batch on each rank); error naming the keys if uneven."
+    # that global_batch splits into branch micro-batches is TrainConfig's rule (00_config);
+    # the world size is the launch's
     if tc.branch_batch % world_size:
-        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, so each "
-                          f"rank holds the same number of rows; change it or the number of processes")
+        raise ConfigError(f"train.branch_batch={tc.branch_batch} must be a multiple of the world size {world_size}, "
+                          f"so each rank holds the same number of rows; change it or the number of processes")
     return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
 
 # %% ../nbs/06_collectives.ipynb #c7f79dc5
@@ -56,17 +57,18 @@ def gather_parts(fabric, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 # %% ../nbs/06_collectives.ipynb #467cb305
 def sum_over_ranks(fabric, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    "The elementwise sums over ranks of same-shaped tensors on every rank (one flat all-reduce); the tensors themselves with one rank."
+    "Elementwise sums over ranks of same-shaped tensors (one flat all-reduce); with one rank, the tensors themselves."
     if fabric.world_size == 1 or not tensors: return list(tensors)
     flat = torch.cat([t.flatten() for t in tensors])
     torch.distributed.all_reduce(flat)  # plain collective: sums of detached tensors need no autograd
     return [g.view_as(t) for t, g in zip(tensors, flat.split([t.numel() for t in tensors]))]
 
 def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
-    "Replace every .grad by its sum over ranks (a rank without one adds zeros); a parameter no rank has a gradient for keeps none."
+    "Sum each .grad over ranks in place (a rank without one adds zeros); one with no gradient on any rank keeps none."
     if fabric.world_size == 1: return
     device = next((p.grad.device for p in params if p.grad is not None), params[0].device if params else "cpu")
-    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)])[0]
+    anywhere = sum_over_ranks(fabric, [torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                                                     device=device)])[0]
     with_grad = [p for p, flag in zip(params, anywhere.tolist()) if flag]
     for p in with_grad:
         if p.grad is None: p.grad = torch.zeros_like(p)
@@ -74,7 +76,7 @@ def sum_gradients(fabric, params: list[torch.nn.Parameter]) -> None:
 
 # %% ../nbs/06_collectives.ipynb #5aae193e
 def pool_layout(cfg: Config, world_size: int, rows_per_rank: int) -> tuple[int, int]:
-    "(pool rows each rank reads, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
+    "(pool rows per rank, seed of their data order): the branch micro-batch, or `smlmt.pool_rows` of a second order."
     if cfg.smlmt.pool_rows == 0: return rows_per_rank, cfg.train.seed
     if cfg.smlmt.pool_rows % world_size:
         raise ConfigError(f"smlmt.pool_rows={cfg.smlmt.pool_rows} must be a multiple of the world size {world_size}")

@@ -38,7 +38,7 @@ def step_layout(cfg: Config, world_size: int, plan) -> StepLayout:
 # %% ../nbs/06_layout.ipynb #9aab266c
 @dataclass
 class Run:
-    "What a pretraining run carries from step to step: the launched Fabric, the trained modules, where it writes, what it reads."
+    "What a pretraining run carries between steps: the launched Fabric, the trained modules, where it writes and reads."
     cfg: Config
     fabric: object  # the launched Lightning Fabric (rank, world size, device, autocast, collectives)
     model: torch.nn.Module  # the backbone f_theta

@@ -28,10 +28,11 @@ class OutOfSpace(OSError):
     "A write the disk, a quota or a file-size limit could not hold; the message names the file and the space."
 
 def space_cause(error: BaseException) -> str | None:
-    "What ran out (\"No space left on device\", ...) if `error` or an exception it came from is a full disk, a quota or a size limit."
+    "What ran out (\"No space left on device\", ...) if `error` or its cause is a full disk, a quota or a size limit."
     while error is not None:
         if isinstance(error, OSError) and error.errno in SPACE_ERRNOS: return os.strerror(error.errno)
-        if found := [os.strerror(n) for n in SPACE_ERRNOS if os.strerror(n) in str(error)]: return found[0]  # safetensors: "(os error 28)"
+        # safetensors: "(os error 28)"
+        if found := [os.strerror(n) for n in SPACE_ERRNOS if os.strerror(n) in str(error)]: return found[0]
         error = error.__cause__ or error.__context__
     return None
 
@@ -46,8 +47,9 @@ def out_of_space(path, need: int, error: BaseException) -> OutOfSpace:
     path = Path(path)
     where = next(p for p in (path, *path.parents) if p.exists())
     usage, cause = shutil.disk_usage(where), space_cause(error) or "no space"
-    return OutOfSpace(f"{path}: {cause.lower()} while writing it (needs about {format_bytes(need)}; {format_bytes(usage.free)} free on "
-                      f"the file system of {where}). Nothing written before was lost: free some space (or raise the quota or "
+    return OutOfSpace(f"{path}: {cause.lower()} while writing it (needs about {format_bytes(need)}; "
+                      f"{format_bytes(usage.free)} free on the file system of {where}). "
+                      f"Nothing written before was lost: free some space (or raise the quota or "
                       f"`ulimit -f`) and relaunch the same command")
 
 def write_all(fd: int, data: bytes, path) -> None:
@@ -87,7 +89,8 @@ def read_records(path) -> list[dict]:
         if not line.strip(): continue
         try: records.append(json.loads(line))
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)", stacklevel=2)
+            warnings.warn(f"{path}:{number}: skipping a line that is not JSON (a write interrupted by a crash?)",
+                          stacklevel=2)
     return records
 
 # %% ../nbs/00_runlog.ipynb #c44464d0
@@ -150,7 +153,7 @@ def lock_holder() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 def take_lock(path, what: str) -> None:
-    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming the holder if a live process has it."
+    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming the holder if one is alive."
     path = Path(path).absolute()
     if path in _HELD: _HELD[path][1] += 1; return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,11 +162,12 @@ def take_lock(path, what: str) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunBusy(f"{what} is in use by {holder} (lock {path}): a second writer would duplicate its records. Wait for that "
-                      f"process to end or stop it, then relaunch") from None
+        raise RunBusy(f"{what} is in use by {holder} (lock {path}): a second writer would duplicate its records. "
+                      f"Wait for that process to end or stop it, then relaunch") from None
     except OSError as e:  # a file system without locks (ENOLCK, EOPNOTSUPP)
         os.close(fd)
-        return warnings.warn(f"{path}: the file system offers no locks ({e.strerror}); a second launch on {what} is not refused")
+        return warnings.warn(f"{path}: the file system offers no locks ({e.strerror}); "
+                             f"a second launch on {what} is not refused")
     if previous := os.pread(fd, 4096, 0).decode(errors="replace").strip():
         warnings.warn(f"{what}: taking over the lock left by {previous}, which is no longer running", stacklevel=2)
     os.ftruncate(fd, 0)
