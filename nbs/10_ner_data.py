@@ -102,8 +102,8 @@ def normalise_tag(tag: str, where: str) -> str:
 # %%
 from picomaml.devtools import raises
 
-assert normalise_tag("B-OTH", "x") == "O" and normalise_tag("I-O", "x") == "O" and \
-    normalise_tag("B-PER", "x") == "B-PER"
+assert (normalise_tag("B-OTH", "x") == "O" and normalise_tag("I-O", "x") == "O" and
+        normalise_tag("B-PER", "x") == "B-PER")
 raises(lambda: normalise_tag("B-MISC", "f.iob2:3"), "f.iob2:3", "B-MISC", kind=UNERFormatError)
 
 # %%
@@ -737,7 +737,7 @@ def uner_statistics(train_sets: dict, zero_shot: dict, particles: Sequence[str] 
 # %%
 hand_stats = uner_statistics({"hand": train_hand}, {"tl_hand": hand + test_hand})
 assert hand_stats["finetuning"]["hand"] == {"sentences": 1, "spans": span_statistics(train_hand)}
-assert hand_stats["zero_shot"]["tl_hand"]["particles"]["share"] == 0.75 and \
-    hand_stats["zero_shot"]["tl_hand"]["oov"]["hand"]["tokens"] == 17
-assert list(ZERO_SHOT_LANGUAGES) == ["tl_trg+tl_ugnayan", "ceb_gja"] and \
-    set(sum(ZERO_SHOT_LANGUAGES.values(), ())) == set(OTHER)
+assert (hand_stats["zero_shot"]["tl_hand"]["particles"]["share"] == 0.75 and
+        hand_stats["zero_shot"]["tl_hand"]["oov"]["hand"]["tokens"] == 17)
+assert (list(ZERO_SHOT_LANGUAGES) == ["tl_trg+tl_ugnayan", "ceb_gja"] and
+        set(sum(ZERO_SHOT_LANGUAGES.values(), ())) == set(OTHER))

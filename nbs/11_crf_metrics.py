@@ -487,8 +487,8 @@ for _seed in range(20):
     _m = loss_curve_metrics(_noisy)
     _t90.append(_m["t90"]); _final.append(_m["final_loss"])
 _clean_t90 = loss_curve_metrics(_clean, smooth_share=1 / 200)["t90"]
-assert np.std(_t90) < 0.6 * np.std(_raw_t90) and \
-    abs(np.mean(_t90) - _clean_t90) < 5 < 20 < abs(np.mean(_raw_t90) - _clean_t90)
+assert (np.std(_t90) < 0.6 * np.std(_raw_t90) and
+        abs(np.mean(_t90) - _clean_t90) < 5 < 20 < abs(np.mean(_raw_t90) - _clean_t90))
 assert abs(np.mean(_final) - _clean[-10:].mean()) < 0.05
 print(f"t90 over 20 noise draws: raw {np.mean(_raw_t90):.0f} ± {np.std(_raw_t90):.0f}, "
       f"smoothed {np.mean(_t90):.0f} ± {np.std(_t90):.0f} (noise-free {_clean_t90})")

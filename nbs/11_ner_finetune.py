@@ -290,8 +290,8 @@ def window_features(tagger: NERTagger, split: EncodedSplit, batch_size: int = 16
 cache_tagger = NERTagger(bb, "linear")
 cache = window_features(cache_tagger, EncodedSplit([], [w2, w1]), batch_size=1)
 x, m, y = cache.batch(torch.tensor([1, 0]))
-assert x.shape == (2, 3, 48) and m.tolist() == [[True] * 3, [True, False, False]] and \
-    y.tolist() == [[1, 0, 5], [2, 0, 0]]
+assert (x.shape == (2, 3, 48) and m.tolist() == [[True] * 3, [True, False, False]] and
+        y.tolist() == [[1, 0, 5], [2, 0, 0]])
 assert cache.follows.tolist() == [False, False, True, True]  # two sentences; words within each follow
 joined = window_features(cache_tagger, EncodedSplit([], [w1, Window([9], [2], [0], 0, 3)]))
 assert joined.follows.tolist() == [False, True, True, True]  # the second window continues sentence 0 at word 3
@@ -514,10 +514,10 @@ per_epoch = math.ceil(len(small_train.windows) / quick.batch_size)
 for regime in ("head", "full"):
     runs = {k: finetune(bb, small_train, small_dev, dataclasses.replace(quick, regime=regime, dev_every=k), seed=1)[1]
             for k in (0, 4)}
-    assert per_epoch == 7 and [s for s, _ in runs[4]["dev_f1_steps"]] == [4, 7, 8, 12, 14] and \
-        [s for s, _ in runs[0]["dev_f1_steps"]] == [7, 14]
-    assert runs[4]["loss"] == runs[0]["loss"] and \
-        runs[4]["dev_f1"] == runs[0]["dev_f1"] == [f for s, f in runs[4]["dev_f1_steps"] if s % 7 == 0]
+    assert (per_epoch == 7 and [s for s, _ in runs[4]["dev_f1_steps"]] == [4, 7, 8, 12, 14] and
+            [s for s, _ in runs[0]["dev_f1_steps"]] == [7, 14])
+    assert (runs[4]["loss"] == runs[0]["loss"] and
+            runs[4]["dev_f1"] == runs[0]["dev_f1"] == [f for s, f in runs[4]["dev_f1_steps"] if s % 7 == 0])
 
 # %% [markdown]
 # **Finetuning learns**: a short head-only finetune on 1,000 sk_snk sentences lifts dev micro-F1 well
@@ -607,8 +607,8 @@ tiny_tests = {d: encode_split(load_split(d, "test", NERConfig())[:200], encode, 
               for d in ("sk_snk", "tl_trg", "tl_ugnayan")}
 record = result_record(h, {d: evaluate(tagger, split) for d, split in tiny_tests.items()})
 assert set(record["test_f1"]) == set(tiny_tests) and len(record["loss_curve"]) == record["steps"] == h["steps"]
-assert record["dev_f1"] == max(record["dev_f1_curve"]) and \
-    1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0]
+assert (record["dev_f1"] == max(record["dev_f1_curve"]) and
+        1 <= record["t90"] <= record["steps"] == record["dev_f1_steps"][-1][0])
 assert record["sentence_counts"]["tl_trg"]["n"] == len(tiny_tests["tl_trg"].sentences)
 {k: v for k, v in record.items() if k not in ("per_tag_f1", "test_strict_f1", "loss_curve", "sentence_counts")}
 

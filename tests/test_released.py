@@ -80,8 +80,8 @@ def test_make_released_is_the_paper_grids_over_the_release():
     for grid in released.grids:
         cmd = sweep_command(grid, released)
         assert cmd[cmd.index("--released") + 1] == "hub" and cmd[cmd.index("--device") + 1] == "cuda"
-    assert "released:" in (ROOT / "Makefile").read_text() and \
-        "python -m picomaml.pipeline released" in (ROOT / "Makefile").read_text()
+    assert ("released:" in (ROOT / "Makefile").read_text() and
+            "python -m picomaml.pipeline released" in (ROOT / "Makefile").read_text())
 
 
 def release_mirror(root: Path, sizes) -> Path:
@@ -114,8 +114,8 @@ def test_make_released_shrunk_through_a_release_mirror(tmp_path):
     command = [sys.executable, "-m", "picomaml.pipeline", "rehearse-released", "--released-mirror", str(mirror)]
     plan = subprocess.run([*command, "--plan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert plan.returncode == 0 and not runs.exists(), plan.stderr[-2000:]  # a plan runs nothing
-    assert "paper1.yaml: 160 jobs on 8 checkpoints" in plan.stdout and \
-        "paper2.yaml: 165 jobs on 12 checkpoints" in plan.stdout, plan.stdout
+    assert ("paper1.yaml: 160 jobs on 8 checkpoints" in plan.stdout and
+            "paper2.yaml: 165 jobs on 12 checkpoints" in plan.stdout), plan.stdout
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for grid in ("paper1", "paper2")
