@@ -101,6 +101,10 @@ with tempfile.TemporaryDirectory() as tmp:
     good = Path(tmp) / "a.jsonl.gz"
     with gzip.open(good, "wt") as f: f.write('{"text": "first"}\n\n{"text": "second\\nline", "url": "x"}\n')
     assert list(iter_jsonl_documents(good)) == [("first", f"{good}:1"), ("second\nline", f"{good}:3")]
+
+# %%
+#| hide
+with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp) / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n')
     raises(lambda: list(iter_jsonl_documents(Path(tmp) / "bad.jsonl")), "bad.jsonl:2", "malformed JSON")
     (Path(tmp) / "notext.jsonl").write_text('{"text": "ok"}\n{"url": "u"}\n')
@@ -157,6 +161,9 @@ def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
 # %%
 train_files = source_files(SHARED_DATA / "corpus" / "train")
 assert [f.name for f in train_files][:2] == ["c4-sample.00000-of-00001.json.gz", "c4-sample.01.json.gz"]
+
+# %%
+#| hide
 raises(lambda: source_files("/nonexistent/corpus"), "/nonexistent/corpus", "does not exist")
 with tempfile.TemporaryDirectory() as tmp:
     raises(lambda: source_files(tmp), tmp, "holds no")
@@ -381,14 +388,17 @@ def list_rows(column, row_len: int, vocab_size: int, where: str, first_row: int 
 # %%
 block = check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 5, 6]), 3, 10, "x.parquet")
 assert block.shape == (2, 3) and block.dtype == np.int64
-raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet", first_row=7), "x.parquet", "row 8",
-       "has 2 ids, expected 3")
-raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet",
-       "row 1", "id 50280")
 column = pa.chunked_array([pa.array([[0, 1], [2, 3], [4, 5]], ROW_TYPE).slice(1), pa.array([[6, 7]], ROW_TYPE)])
 assert list_rows(column, 2, 10, "x").tolist() == [[2, 3], [4, 5], [6, 7]]
 assert list_rows(column, 2, 10, "x", keep=1).tolist() == [[3], [5], [7]]  # each row's last id
 assert check_rows(np.array([0, 5, 10]), np.arange(10), 5, 10, "x", keep=3).tolist() == [[2, 3, 4], [7, 8, 9]]
+
+# %%
+#| hide
+raises(lambda: check_rows(np.array([0, 3, 5]), np.arange(5), 3, 10, "x.parquet", first_row=7), "x.parquet", "row 8",
+       "has 2 ids, expected 3")
+raises(lambda: check_rows(np.array([0, 3, 6]), np.array([1, 2, 3, 4, 50280, 6]), 3, 50280, "x.parquet"), "x.parquet",
+       "row 1", "id 50280")
 raises(lambda: list_rows(column, 2, 7, "x", first_row=10), "x: row 12 holds id 7")
 
 
