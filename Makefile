@@ -36,7 +36,8 @@ sync: venv ## after editing nbs/*.py: update the notebooks, clean them, export, 
 
 # Fails when nbdev_clean, nbdev_export or the README generator would change a file (it leaves the
 # regenerated files in place, so `git diff` shows what was stale), or when ruff finds unused imports,
-# undefined names, imports out of order or lines over 150 characters, or when an exported module imports a name it never uses. `ruff check --fix .` fixes most;
+# undefined names, imports out of order or code lines over 120 characters, or when an exported module
+# imports a name it never uses. `ruff check --fix .` fixes most;
 # in a notebook it edits the .ipynb, so then refresh its pair: `jupytext --to py:percent nbs/X.ipynb`.
 check: venv ## notebooks clean, package and README in sync with the notebooks, and the linter (ruff.toml) clean
 	@snapshot() { find nbs picomaml README.md -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha256sum; }; \

@@ -127,11 +127,11 @@ with tempfile.TemporaryDirectory() as _tmp:
 # checkpoint that keeps its training state; without it, the newest one that does.
 
 # %%
+from picomaml.devtools import TINY_MODEL
 from picomaml.maml import MAMLHead
 from picomaml.model import PicoDecoder
 
-_tiny = ["model.d_model=24", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
-         "model.vocab_size=64", "model.max_seq_len=32", "smlmt.n_way=4", "maml.head_hidden=16", "maml.head_layers=2"]
+_tiny = [*TINY_MODEL, "model.vocab_size=64", "smlmt.n_way=4", "maml.head_hidden=16", "maml.head_layers=2"]
 _cfg = load_config(None, _tiny)
 torch.manual_seed(0)
 _model, _head = PicoDecoder(_cfg.model), MAMLHead(24, 4, _cfg.maml, 64)

@@ -47,18 +47,21 @@ def check_resume_config(cfg: Config, run_dir: Path) -> dict:
     trajectory, safe = config_changes(load_config(saved), cfg)
     if trajectory and not cfg.checkpoint.resume_from:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in trajectory.items())
-        raise ConfigError(f"{run_dir} was trained with other settings ({listed}); resuming would continue a different run. "
+        raise ConfigError(f"{run_dir} was trained with other settings ({listed}); resuming would continue a "
+                          f"different run. "
                           f"Relaunch with the run's own settings ({saved}), choose another logging.run_name, or branch "
                           f"deliberately from a checkpoint with checkpoint.resume_from=step_NNNNNN")
     return {**trajectory, **safe}
 
 def choose_checkpoint(cfg: Config, root: Path):
-    "The checkpoint to resume from (newest resumable, or checkpoint.resume_from) as find_resumable's tuple; None to start."
+    "The checkpoint to resume from (newest resumable, or checkpoint.resume_from), as find_resumable's tuple; or None."
     if not cfg.checkpoint.resume_from: return find_resumable(root)
-    name = cfg.checkpoint.resume_from if cfg.checkpoint.resume_from.startswith("step_") else step_dir_name(int(cfg.checkpoint.resume_from))
+    name = (cfg.checkpoint.resume_from if cfg.checkpoint.resume_from.startswith("step_")
+            else step_dir_name(int(cfg.checkpoint.resume_from)))
     with_state = [d.name for _, d in list_checkpoints(root) if has_training_state(d)]
     if name not in with_state:
-        raise ConfigError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: {root / name} is not a checkpoint with training state; "
+        raise ConfigError(f"checkpoint.resume_from={cfg.checkpoint.resume_from}: {root / name} is not a checkpoint "
+                          f"with training state; "
                           f"those with one: {', '.join(with_state) or 'none'}")
     return root / name, read_checkpoint(root / name)
 
@@ -67,9 +70,11 @@ def start_run_directory(cfg: Config, run_dir: Path, step: int, changes: dict) ->
     "Write config.yaml, record accepted configuration changes, cut the metrics log back to `step`."
     run_dir.mkdir(parents=True, exist_ok=True)
     if changes:
-        append_records(run_dir / "config_history.jsonl", [{"step": step, "changes": {k: list(v) for k, v in changes.items()}}])
+        append_records(run_dir / "config_history.jsonl",
+                       [{"step": step, "changes": {k: list(v) for k, v in changes.items()}}])
     # resume_from is an instruction for this launch, not a property of the run: the saved configuration does not keep it
-    save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")), run_dir / "config.yaml")
+    save_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="")),
+                run_dir / "config.yaml")
     truncate_after(run_dir / "metrics.jsonl", step)
 
 # %% ../nbs/06_resume.ipynb #5419cf6d
@@ -79,12 +84,14 @@ def resume_or_start(run) -> int:
     root = run_dir / "checkpoints"
     has_ckpts = any(root.glob("step_*"))
     if has_ckpts and not cfg.checkpoint.resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: set checkpoint.resume=true to "
+        raise ConfigError(f"{run_dir} already holds checkpoints and checkpoint.resume=false: set "
+                          f"checkpoint.resume=true to "
                           f"continue that run, or choose another logging.run_name")
     found, changes, problem = None, {}, ""
     if fabric.global_rank == 0:
         try:
-            take_lock(run_dir / LOCK_FILE, f"run directory {run_dir}")  # one launch per run directory, until train() ends
+            # one launch per run directory, until train() ends
+            take_lock(run_dir / LOCK_FILE, f"run directory {run_dir}")
             if has_ckpts: changes, found = check_resume_config(cfg, run_dir), choose_checkpoint(cfg, root)
         except (ConfigError, NoResumableCheckpoint, RunBusy) as e: problem = str(e)
     name, problem = fabric.broadcast((found[0].name if found else "", problem), src=0)
@@ -92,21 +99,26 @@ def resume_or_start(run) -> int:
     step = 0
     if name:
         weights, head_weights, meta, state = found[1] if found else read_checkpoint(root / name)
-        load_checked(run.model, weights, str(root / name / "model.safetensors"), f"the run configuration (model.* of this launch, saved in "
+        load_checked(run.model, weights, str(root / name / "model.safetensors"),
+                     f"the run configuration (model.* of this launch, saved in "
                      f"{run_dir / 'config.yaml'})")
         run.head.load_state_dict(head_weights)
         run.optimizer.load_state_dict(state["optimizer"])
-        if meta["world_size"] == fabric.world_size:  # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
+        # clone: set_rng_state of a view with a storage offset segfaults (torch 2.13)
+        if meta["world_size"] == fabric.world_size:
             torch.set_rng_state(state["rng_cpu"][fabric.global_rank].clone())
         step = meta["step"]
     if step > cfg.train.steps:  # every rank read the same checkpoint: all raise, before config.yaml is rewritten
-        raise ConfigError(f"train.steps={cfg.train.steps} is below step {step}, which {run_dir} resumes from: nothing would be trained. "
-                          f"Raise train.steps, resume from an earlier checkpoint (checkpoint.resume_from=step_...), or choose another "
+        raise ConfigError(f"train.steps={cfg.train.steps} is below step {step}, which {run_dir} resumes from: "
+                          f"nothing would be trained. "
+                          f"Raise train.steps, resume from an earlier checkpoint (checkpoint.resume_from=step_...), "
+                          f"or choose another "
                           f"logging.run_name")
     if fabric.global_rank == 0:
         start_run_directory(cfg, run_dir, step, changes)
         if name: print(f"[{cfg.logging.run_name}] resuming from {root / name} (step {step} of {cfg.train.steps})"
-                       + ("; later checkpoints are rewritten as the run re-reaches them" if cfg.checkpoint.resume_from else ""), flush=True)
+                       + ("; later checkpoints are rewritten as the run re-reaches them" if cfg.checkpoint.resume_from
+                          else ""), flush=True)
     fabric.barrier()
     return step
 
@@ -114,11 +126,14 @@ def resume_or_start(run) -> int:
 def save_training_state(run, step: int) -> None:
     "Checkpoint `run` at `step` (weights, head, optimizer, every rank's RNG, data position) atomically; rank 0 writes."
     fabric, cfg = run.fabric, run.cfg
-    rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()  # (world, n)
+    # (world, n)
+    rng = gather_parts(fabric, torch.get_rng_state()[None].to(fabric.device), [1] * fabric.world_size).cpu()
     if fabric.global_rank == 0:
-        meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size, "run_name": cfg.logging.run_name}
+        meta = {"data_position": step * cfg.train.global_batch, "world_size": fabric.world_size,
+                "run_name": cfg.logging.run_name}
         root = run.run_dir / "checkpoints"
-        directory = write_checkpoint(root, step, run.model, run.head, meta, {"optimizer": run.optimizer.state_dict(), "rng_cpu": rng})
+        directory = write_checkpoint(root, step, run.model, run.head, meta,
+                                     {"optimizer": run.optimizer.state_dict(), "rng_cpu": rng})
         prune_training_state(root, cfg.checkpoint.keep_state)
         if run.uploads is not None: run.uploads.submit(directory)
     fabric.barrier()
@@ -128,7 +143,7 @@ PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: the run saved its state on a preem
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class PreemptionFlag:
-    "Notes a preemption signal instead of dying, so the loop can save the step in hand; `restore()` puts the old handlers back."
+    "Notes a preemption signal instead of dying, so the loop can save its step; `restore()` puts the old handlers back."
     def __init__(self, signals=PREEMPTION_SIGNALS):
         self.received = None  # the first signal's name
         on_main = threading.current_thread() is threading.main_thread()  # handlers can only be installed there
@@ -141,7 +156,7 @@ class PreemptionFlag:
         for s, handler in self.previous.items(): signal.signal(s, handler)
 
 def preemption_agreed(fabric, flag: PreemptionFlag) -> bool:
-    "Whether any rank was signalled; every rank gets the same answer (a sum over ranks), so all stop after the same step."
+    "Whether any rank was signalled; all ranks get the same answer (a sum over ranks), so all stop after the same step."
     noted = torch.tensor([float(flag.received is not None)], device=fabric.device)
     return (fabric.all_reduce(noted, reduce_op="sum") if fabric.world_size > 1 else noted).item() > 0
 
@@ -156,7 +171,8 @@ def stop_for_preemption(run, step: int, *, saved: bool) -> None:
     run_dir = run.run_dir
     if not saved: save_training_state(run, step)
     if run.fabric.global_rank == 0:
-        print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} holds it; relaunch the "
+        print(f"[preempted] a preemption signal after step {step}: {run_dir / 'checkpoints' / step_dir_name(step)} "
+              f"holds it; relaunch the "
               f"same command to resume (exit status {PREEMPTED_EXIT})", file=sys.stderr, flush=True)
     raise Preempted(step)
 
@@ -166,11 +182,14 @@ def check_finite(record: dict, run_dir: Path) -> None:
     bad = [key for key in ("loss", "grad_norm") if not math.isfinite(record[key])]
     if not bad: return
     good = newest_confirmed(Path(run_dir) / "checkpoints")
-    way_back = (f"The newest checkpoint known good is {good.name} (its weights gave loss {read_meta(good)['next_loss']:.4g} at the next "
+    way_back = (f"The newest checkpoint known good is {good.name} (its weights gave loss "
+                f"{read_meta(good)['next_loss']:.4g} at the next "
                 f"step): relaunch with checkpoint.resume_from={good.name} and a lower train.lr, or set train.grad_clip"
-                if good else "No checkpoint with training state is known good: start again under another logging.run_name with a "
+                if good else "No checkpoint with training state is known good: start again under another "
+                "logging.run_name with a "
                 "lower train.lr, or set train.grad_clip")
-    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; stopped before the optimizer "
+    raise FloatingPointError(f"step {record['step']}: {' and '.join(f'{k} is {record[k]}' for k in bad)}; "
+                             f"stopped before the optimizer "
                              f"step, so no checkpoint holds these weights. {way_back}")
 
 EXPLODING = 10.0  # a loss this many times the median of the run's recent losses is a divergence, not noise
@@ -179,4 +198,5 @@ def confirm_if_healthy(root: Path, step: int, loss: float, recent: list) -> None
     "Confirm checkpoint `step`, if one was written, when the loss its weights gave is finite and not exploding."
     directory = root / step_dir_name(step)
     exploding = bool(recent) and loss > EXPLODING * statistics.median(recent)
-    if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding: confirm_checkpoint(directory, loss)
+    if (directory / "checkpoint.json").is_file() and math.isfinite(loss) and not exploding:
+        confirm_checkpoint(directory, loss)
