@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from commands import SHARED, TOKENIZER, command, prepare_rows, run, snapshot, tiny
@@ -72,7 +74,18 @@ def frozen_holder(ws, args, lock, log):
             f"the holder ended or never locked: {log.read_text()[-2000:]}"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGSTOP)
+    # a thread inside a write() finishes it before it stops: wait until every thread of the group is stopped
+    group = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    while not all(stopped(p.pid) for p in group):
+        assert time.monotonic() < deadline, "the holder did not stop"
+        time.sleep(0.02)
     return proc
+
+
+def stopped(pid: int) -> bool:
+    "Whether every thread of process `pid` is stopped (state T in /proc/<pid>/task/*/stat)."
+    states = [stat.read_text().rsplit(")", 1)[1].split()[0] for stat in Path(f"/proc/{pid}/task").glob("*/stat")]
+    return bool(states) and all(state in "Tt" for state in states)
 
 
 def kill(proc) -> None:
