@@ -301,7 +301,7 @@ def lock_holder() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 def take_lock(path, what: str) -> None:
-    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming the holder if one is alive."
+    "Hold the exclusive lock file `path` (for `what`) until release_lock; RunBusy naming a live holder."
     path = Path(path).absolute()
     if path in _HELD: _HELD[path][1] += 1; return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,8 @@ raises(lambda: normalise_tag("B-MISC", "f.iob2:3"), "f.iob2:3", "B-MISC", kind=U
 SENTENCE_KEYS = ("sent_id", "text")  # one of each per sentence: a second one means a blank line is missing
 
 def check_comment(line: str, name: str, n: int, seen: dict, sentence_start: int) -> None:
-    "Reject comment line `n` of `name` after tokens or repeating a `sent_id`/`text`: a blank line is missing."
+    ("Reject comment line `n` of file `name` if it follows a sentence's tokens or repeats its `sent_id`/`text`: "
+     "a blank line is missing.")
     if sentence_start:
         raise UNERFormatError(f"{name}:{n}: comment {line[:40]!r} follows the tokens of the sentence at line "
                               f"{sentence_start}; add the blank line that separates sentences before it")
