@@ -49,6 +49,7 @@ import torch
 
 from picomaml.cli import ensure_writable, run_command
 from picomaml.config import ConfigError, DataConfig, local_data_dir
+from picomaml.names import mix_seed
 from picomaml.runlog import write_json_atomic
 from picomaml.tokenizer import PicoTokenizer, load_tokenizer
 
@@ -467,10 +468,22 @@ with tempfile.TemporaryDirectory() as tmp:
     rows = ShardRows(d, row_len=3, vocab_size=100)
     assert len(rows) == 7 and rows.rows([6, 0, 4, 5]).tolist() == [[6] * 3, [0] * 3, [4] * 3, [5] * 3]
     assert rows.rows([1]).dtype == torch.long
+    assert ShardRows(d, row_len=3, vocab_size=100, keep=2).rows([6, 1]).tolist() == [[6, 6], [1, 1]]
+
+
+# %% [markdown]
+# A shard that cannot be read as rows of the configured length and vocabulary is refused with its file,
+# row and the key to change; a directory left by an interrupted `prepare` is refused whole.
+
+# %%
+#| hide
+with tempfile.TemporaryDirectory() as tmp:
+    d = Path(tmp)
+    write_shard([[i, i, i] for i in range(0, 5)], d / "a.parquet")
+    write_shard([[i, i, i] for i in range(5, 7)], d / "b.parquet")
     raises(lambda: ShardRows(d / "missing", 3), "missing", "does not exist")
     raises(lambda: ShardRows(d, row_len=4, vocab_size=100).rows([0]), "a.parquet", "row 0", "has 3 ids, expected 4",
            "data.row_len")
-    assert ShardRows(d, row_len=3, vocab_size=100, keep=2).rows([6, 1]).tolist() == [[6, 6], [1, 1]]
     # its row group is checked whole
     raises(lambda: ShardRows(d, row_len=3, vocab_size=6).rows([5]), "b.parquet", "row 1", "id 6")
     write_shard([[1, 2, 3], [1, 2]], d / "c.parquet")
@@ -543,6 +556,14 @@ with tempfile.TemporaryDirectory() as tmp:
     assert [pq.ParquetFile(Path(tmp) / "hub" / f).metadata.num_rows for f in layout["files"]] == [5, 5, 5, 5, 3]
     streamed = [r["input_ids"] for r in datasets.load_dataset(str(Path(tmp) / "hub"), split="val", streaming=True)]
     assert streamed == ShardRows(Path(tmp) / "shards", 2, 100).rows(range(23)).tolist()
+
+
+# %%
+#| hide
+with tempfile.TemporaryDirectory() as tmp:
+    (Path(tmp) / "shards").mkdir()
+    write_shard([[i, i + 1] for i in range(0, 9)], Path(tmp) / "shards" / "shard-00000.parquet")
+    write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", rows_per_file=5, split="val", log=lambda m: None)
     raises(lambda: write_hub_layout(Path(tmp) / "shards", Path(tmp) / "hub", 5, split="val"), "already holds val files")
     raises(lambda: write_hub_layout(Path(tmp) / "nothing", Path(tmp) / "x", 5), "nothing", "does not exist", "prepare")
 
@@ -842,7 +863,7 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
     key = (n_rows, seed, epoch)
     if key not in _PERMUTATIONS:
         if len(_PERMUTATIONS) > 2: _PERMUTATIONS.pop(next(iter(_PERMUTATIONS)))
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch, "epoch"))
         _PERMUTATIONS[key] = torch.randperm(n_rows, generator=generator)
     return _PERMUTATIONS[key]
 

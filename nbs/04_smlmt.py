@@ -44,13 +44,13 @@
 #| export
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from picomaml.config import ConfigError, SMLMTConfig
+from picomaml.names import mix_seed
 
 
 # %% [markdown]
@@ -98,16 +98,15 @@ assert _moved.support_ids.shape == (4, 8) and _ep.support_ids.device.type == "cp
 #
 # The paper builds the episode on rank 0 and scatters it; we let every rank build it from the gathered
 # pool with the same private `torch.Generator`, which is cheaper than a scatter and needs no global
-# RNG state. The seed is a hash of `(seed, step)`, so neighbouring seeds and steps give unrelated
-# streams (a sum like `seed + step` would make seed 1 step 0 equal seed 0 step 1). Random numbers are
-# drawn on the CPU and then moved, so a GPU rank and a CPU rank draw the same episode.
+# RNG state. Its seed is the package's `mix_seed` (00_names) of `(seed, step)`, so neighbouring seeds
+# and steps give unrelated streams. Random numbers are drawn on the CPU and then moved, so a GPU rank
+# and a CPU rank draw the same episode.
 
 # %%
 #| export
 def episode_generator(seed: int, step: int) -> torch.Generator:
     "A CPU generator that depends only on (seed, step)."
-    digest = hashlib.blake2b(f"smlmt:{seed}:{step}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(mix_seed(seed, step, "smlmt"))
 
 
 # %%

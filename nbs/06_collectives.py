@@ -45,11 +45,10 @@
 #| export
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from picomaml.config import Config, ConfigError
+from picomaml.names import mix_seed
 
 
 # %% [markdown]
@@ -98,11 +97,6 @@ raises(lambda: TrainConfig(global_batch=2048, branch_batch=300), "train.global_b
 
 # %%
 #| export
-def mix_seed(*parts) -> int:
-    "A 63-bit seed from (seed, step, micro-step, tag, ...), stable across processes and runs."
-    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
 def branch_draws(seed: int, step: int, accumulation: int, rho: float) -> list[bool]:
     "For each micro-step of optimizer step `step`: True for a MAML episode, False for next-token loss."
     r = torch.rand(accumulation, generator=torch.Generator().manual_seed(mix_seed(seed, step, "branch")))

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from picomaml.checkpoints import LOCK_FILE, checkpoint_due
 from picomaml.cli import ensure_writable
-from picomaml.collectives import branch_draws, gather_parts, mix_seed, part_sizes, part_slice, sum_gradients
+from picomaml.collectives import branch_draws, gather_parts, part_sizes, part_slice, sum_gradients
 from picomaml.config import Config, ConfigError
 from picomaml.data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from picomaml.device import cuda_capability, peak_memory_gib, reset_peak_memory
@@ -61,6 +61,7 @@ from picomaml.lm_loss import next_token_backward
 from picomaml.maml import MAMLHead, maml_step
 from picomaml.model import PicoDecoder, count_parameters
 from picomaml.monitor import StepStats, monitor, monitoring_due, monitoring_missing, step_record
+from picomaml.names import mix_seed
 from picomaml.plan import Plan, device_memory_gb, episode_flops, next_token_flops, peak_flops, plan_run
 from picomaml.resume import (
     PreemptionFlag,

@@ -5,15 +5,14 @@
 # %% ../nbs/06_collectives.ipynb #98d429a8
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from .config import Config, ConfigError
+from .names import mix_seed
 
 # %% auto #0
-__all__ = ['branch_layout', 'mix_seed', 'branch_draws', 'part_sizes', 'part_slice', 'gather_parts', 'sum_over_ranks',
-           'sum_gradients', 'pool_layout']
+__all__ = ['branch_layout', 'branch_draws', 'part_sizes', 'part_slice', 'gather_parts', 'sum_over_ranks', 'sum_gradients',
+           'pool_layout']
 
 # %% ../nbs/06_collectives.ipynb #67629827
 def branch_layout(tc, world_size: int) -> tuple[int, int]:
@@ -26,11 +25,6 @@ def branch_layout(tc, world_size: int) -> tuple[int, int]:
     return tc.global_batch // tc.branch_batch, tc.branch_batch // world_size
 
 # %% ../nbs/06_collectives.ipynb #c7f79dc5
-def mix_seed(*parts) -> int:
-    "A 63-bit seed from (seed, step, micro-step, tag, ...), stable across processes and runs."
-    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
 def branch_draws(seed: int, step: int, accumulation: int, rho: float) -> list[bool]:
     "For each micro-step of optimizer step `step`: True for a MAML episode, False for next-token loss."
     r = torch.rand(accumulation, generator=torch.Generator().manual_seed(mix_seed(seed, step, "branch")))

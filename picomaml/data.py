@@ -22,6 +22,7 @@ import torch
 
 from .cli import ensure_writable, run_command
 from .config import ConfigError, DataConfig, local_data_dir
+from .names import mix_seed
 from .runlog import write_json_atomic
 from .tokenizer import PicoTokenizer, load_tokenizer
 
@@ -388,7 +389,7 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
     key = (n_rows, seed, epoch)
     if key not in _PERMUTATIONS:
         if len(_PERMUTATIONS) > 2: _PERMUTATIONS.pop(next(iter(_PERMUTATIONS)))
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch, "epoch"))
         _PERMUTATIONS[key] = torch.randperm(n_rows, generator=generator)
     return _PERMUTATIONS[key]
 

@@ -5,13 +5,14 @@
 # %% ../nbs/00_names.ipynb #853855d6
 from __future__ import annotations
 
+import hashlib
 import re
 
 # %% auto #0
 __all__ = ['PAPER_SIZES', 'SIZES', 'ARMS', 'FAMILIES', 'DEFAULT_SEED', 'RUN_NAME', 'IN_LANGUAGE', 'PUD', 'TAGALOG', 'CEBUANO',
            'PHILIPPINE', 'OTHER', 'GROUPS', 'TEST_SETS', 'SOURCES', 'ENTITY_TYPES', 'OUTPUTS', 'FIGURE_SUFFIXES',
-           'TABLE_SUFFIXES', 'NEAR_ZERO_F1', 'NEAR_ZERO_BASE', 'STEP_DIR', 'SPECTRA_KEY', 'run_name', 'parse_run_name',
-           'output_files', 'step_dir_name', 'step_of']
+           'TABLE_SUFFIXES', 'NEAR_ZERO_F1', 'NEAR_ZERO_BASE', 'STEP_DIR', 'SPECTRA_KEY', 'mix_seed', 'run_name',
+           'parse_run_name', 'output_files', 'step_dir_name', 'step_of']
 
 # %% ../nbs/00_names.ipynb #277fe122
 PAPER_SIZES = ("tiny", "small", "medium", "large")
@@ -19,6 +20,12 @@ SIZES = ("demo", *PAPER_SIZES)
 ARMS = ("maml", "vanilla")
 FAMILIES = ("pico", "released", "demo")  # the paper presets, the released trainer's presets, the CPU demo
 DEFAULT_SEED = 42  # TrainConfig.seed: the presets' own seed, whose runs carry no seed suffix
+
+# %% ../nbs/00_names.ipynb #95b1e3be
+def mix_seed(*parts) -> int:
+    "A 63-bit seed from (seed, step, micro-step, tag, ...), stable across processes and runs."
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 # %% ../nbs/00_names.ipynb #0ef86b95
 RUN_NAME = re.compile(r"^(?P<family>pico|released|demo)-(?:(?P<size>tiny|small|medium|large)-)?"

@@ -5,13 +5,13 @@
 # %% ../nbs/04_smlmt.ipynb #37f20bbf
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, SMLMTConfig
+from .names import mix_seed
 
 # %% auto #0
 __all__ = ['Episode', 'episode_generator', 'candidate_mask', 'rank_within_groups', 'window_starts', 'allocate_windows',
@@ -41,8 +41,7 @@ class Episode:
 # %% ../nbs/04_smlmt.ipynb #21588227
 def episode_generator(seed: int, step: int) -> torch.Generator:
     "A CPU generator that depends only on (seed, step)."
-    digest = hashlib.blake2b(f"smlmt:{seed}:{step}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(mix_seed(seed, step, "smlmt"))
 
 # %% ../nbs/04_smlmt.ipynb #a4947f22
 def candidate_mask(pool: torch.Tensor, word_start: torch.Tensor, alpha_len: torch.Tensor,

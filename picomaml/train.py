@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import LOCK_FILE, checkpoint_due
 from .cli import ensure_writable
-from .collectives import branch_draws, gather_parts, mix_seed, part_sizes, part_slice, sum_gradients
+from .collectives import branch_draws, gather_parts, part_sizes, part_slice, sum_gradients
 from .config import Config, ConfigError
 from .data import RowPrefetcher, batch_for_step, open_rows, read_eval_documents, read_eval_rows
 from .device import cuda_capability, peak_memory_gib, reset_peak_memory
@@ -24,6 +24,7 @@ from .lm_loss import next_token_backward
 from .maml import MAMLHead, maml_step
 from .model import PicoDecoder, count_parameters
 from .monitor import StepStats, monitor, monitoring_due, monitoring_missing, step_record
+from .names import mix_seed
 from .plan import Plan, device_memory_gb, episode_flops, next_token_flops, peak_flops, plan_run
 from picomaml.resume import (
     PreemptionFlag,
