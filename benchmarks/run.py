@@ -226,14 +226,28 @@ def row(size, what, r, ratio="", target=""):
 
 def verdict(ok: bool) -> str: return "**met**" if ok else "**NOT met**"
 
-def demo_rows() -> list[str]:
-    "Rows of `make demo`'s stage wall times, from runs/timings-demo.json if it exists."
-    path = ROOT / "runs" / "timings-demo.json"
-    if not path.is_file(): return ["| – | `make demo` | – | not run | – | – | – | – | – |"]
-    stages = json.loads(path.read_text())
-    rows = [f"| – | `make demo`: {stage} | – | {sec:.1f} | – | – | – | – | – |"
-            for stage, sec in stages.items()]
-    return rows + [f"| – | `make demo`: total | – | {sum(stages.values()):.1f} | – | – | – | – | – |"]
+STAGE_FILES = {"make demo": "timings-demo.json", "make test": "timings-test.json"}  # under runs/, by the command
+
+
+def stage_rows(runs_dir: Path = ROOT / "runs") -> list[str]:
+    "Rows of the README commands' stage wall times, from the runs/timings-*.json they write (\"not run\" if absent)."
+    rows = []
+    for command, name in STAGE_FILES.items():
+        path = runs_dir / name
+        if not path.is_file():
+            rows.append(f"| – | `{command}` | – | not run | – | – | – | – | – |")
+            continue
+        stages = json.loads(path.read_text())
+        rows += [f"| – | `{command}`: {stage} | – | {sec:.1f} | – | – | – | – | – |" for stage, sec in stages.items()]
+        rows.append(f"| – | `{command}`: total | – | {sum(stages.values()):.1f} | – | – | – | – | – |")
+    return rows
+
+
+def replace_stage_rows(path: Path, runs_dir: Path = ROOT / "runs") -> str:
+    "The results table at `path` with its stage rows replaced by the current ones (the measured rows kept)."
+    kept = [line for line in path.read_text().splitlines()
+            if not line.startswith(tuple(f"| – | `{command}`" for command in STAGE_FILES))]
+    return "\n".join(kept + stage_rows(runs_dir))
 
 
 def main(argv=None):
@@ -244,9 +258,17 @@ def main(argv=None):
                    help="also time the AR step before §3's fused output layer + loss")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per model measurement (median)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--stages-only", action="store_true",
+                   help="only refresh the `make demo` and `make test` stage rows of the results file")
     args = p.parse_args(argv)
     if args.measure: return print(json.dumps(measure(json.loads(args.measure))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = ROOT / "benchmarks" / f"results-{'gpu' if device == 'cuda' else 'cpu'}{'-quick' if args.quick else ''}.md"
+    if args.stages_only:
+        if not out.is_file(): sys.exit(f"{out.relative_to(ROOT)} is missing: run python benchmarks/run.py first")
+        table = replace_stage_rows(out)
+        out.write_text(table + "\n")
+        return print(table)
     name = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     repeats = 1 if args.quick else args.repeats
@@ -300,10 +322,9 @@ def main(argv=None):
                      f"{per_draw['seconds'] / planned:.3f} × a planned draw of pico-small-vanilla "
                      f"(4 × A100, 40 % MFU: {planned:.2f} s)",
                      f"≤ 0.1 × (hidden by the read-ahead): {verdict(per_draw['seconds'] <= 0.1 * planned)}"))
-    lines += demo_rows()
+    lines += stage_rows()
     table = "\n".join(lines)
     print(table)
-    out = ROOT / "benchmarks" / f"results-{'gpu' if device == 'cuda' else 'cpu'}{'-quick' if args.quick else ''}.md"
     out.write_text(table + "\n")
     print(f"\nwritten to {out.relative_to(ROOT)}", file=sys.stderr)
 

@@ -71,3 +71,19 @@ def test_reading_a_draw_reads_only_the_ranks_rows():
     read_file, tokens = run.read_step({"quick": True})
     assert (read_file().rows_read == run.READ_FILE_ROWS // run.READ_RANKS
             and tokens == run.READ_FILE_ROWS // run.READ_RANKS * 128)
+
+
+def test_stages_only_replaces_the_stage_rows_and_keeps_the_measured_ones(tmp_path):
+    "`--stages-only`: the two commands' rows come from the runs' timings files; measured rows are kept as they are."
+    measured = "| tiny | AR micro-batch (fwd + bwd) | 8,192 | 7.949 | 1,031 | 1,661 | – | 1.00 × AR |  |"
+    results = tmp_path / "results-cpu.md"
+    stale = ["| – | `make demo`: pretrain demo-maml | – | 135.1 | – | – | – | – | – |",
+             "| – | `make demo`: total | – | 788.9 | – | – | – | – | – |"]
+    results.write_text("\n".join(["header", measured, *stale]) + "\n")
+    (tmp_path / "timings-demo.json").write_text('{"pretrain demo-maml": 100.0, "ner sweep demo": 50.5}')
+    assert run.replace_stage_rows(results, tmp_path).splitlines() == [
+        "header", measured,
+        "| – | `make demo`: pretrain demo-maml | – | 100.0 | – | – | – | – | – |",
+        "| – | `make demo`: ner sweep demo | – | 50.5 | – | – | – | – | – |",
+        "| – | `make demo`: total | – | 150.5 | – | – | – | – | – |",
+        "| – | `make test` | – | not run | – | – | – | – | – |"]

@@ -238,7 +238,9 @@ def finetune(backbone: nn.Module, train: EncodedSplit, dev: EncodedSplit, cfg: N
     if cached:
         train_feats = train_feats if train_feats is not None else window_features(tagger, train, cfg.batch_size)
         dev_feats = dev_feats if dev_feats is not None else window_features(tagger, dev, cfg.batch_size)
-    opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr)
+    # one fused kernel per step on CPU and CUDA: the per-tensor loop was a sixth of a full-finetuning job on CPU
+    opt = torch.optim.AdamW([p for p in tagger.parameters() if p.requires_grad], lr=cfg.lr,
+                            fused=tagger.device.type in ("cpu", "cuda"))
     score_dev = lambda: dev_micro_f1(tagger, dev_feats if cached else window_features(tagger, dev, cfg.batch_size))
     gen, history, best, best_state = (torch.Generator().manual_seed(seed),
                                       {"loss": [], "dev_f1": [], "dev_f1_steps": []}, -1.0, None)
