@@ -30,6 +30,7 @@
 #| export
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 import warnings
@@ -189,8 +190,14 @@ def read_iob2(path) -> list[Sentence]:
     "Read one UNER IOB2 file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"UNER file {path} does not exist")
+    return list(parse_iob2_bytes(path.read_bytes(), str(path)))
+
+# a sweep reads each training set again inside `all`, and a grid's plan every split: parse each content once
+@functools.lru_cache(maxsize=64)
+def parse_iob2_bytes(data: bytes, name: str) -> tuple[Sentence, ...]:
+    "The sentences of the bytes of IOB2 file `name` (cached by content and name, so a rewritten file is parsed anew)."
     # split on "\n" only: str.splitlines also breaks at \x85, \u2028, ... and would misnumber lines
-    return parse_iob2_lines(decode_utf8(path.read_bytes(), str(path)).split("\n"), str(path))
+    return tuple(parse_iob2_lines(decode_utf8(data, name).split("\n"), name))
 
 
 # %% [markdown]
@@ -284,6 +291,20 @@ with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "bom-ud-test.iob2"
     path.write_bytes(codecs.BOM_UTF8 + good.replace("\n", "\r\n").encode())
     assert read_iob2(path) == parse_iob2_lines(toy, str(path))
+
+# %% [markdown]
+# A file is parsed once per process while its bytes stay the same (`all` reads every training set a
+# second time); new bytes at the same path are parsed anew, and callers get their own list.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    path = Path(tmp) / "cached-ud-test.iob2"
+    path.write_text(good)
+    first, parses = read_iob2(path), parse_iob2_bytes.cache_info().misses
+    again = read_iob2(path)
+    assert again == first and again is not first and parse_iob2_bytes.cache_info().misses == parses
+    path.write_text(good.replace("Peter", "Petra"))
+    assert read_iob2(path)[0].words[0] == "Petra" and parse_iob2_bytes.cache_info().misses == parses + 1
 
 
 # %% [markdown]

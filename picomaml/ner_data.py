@@ -5,6 +5,7 @@
 # %% ../nbs/10_ner_data.ipynb #5c37716e
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
 import warnings
@@ -19,9 +20,10 @@ from .names import CEBUANO, ENTITY_TYPES, IN_LANGUAGE, PUD, TAGALOG, TEST_SETS
 # %% auto #0
 __all__ = ['LABELS', 'LABEL2ID', 'IGNORE_INDEX', 'TO_O', 'SPLITS', 'SENTENCE_KEYS', 'PARTICLES', 'CASE_MARKERS',
            'ZERO_SHOT_LANGUAGES', 'UNERFormatError', 'Sentence', 'normalise_tag', 'check_comment', 'parse_token_line',
-           'iob2_tags', 'iob2_sentences', 'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'uner_source',
-           'load_hub_split', 'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence', 'EncodedSplit',
-           'encode_split', 'rejoin', 'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate', 'uner_statistics']
+           'iob2_tags', 'iob2_sentences', 'parse_iob2_lines', 'decode_utf8', 'read_iob2', 'parse_iob2_bytes',
+           'uner_source', 'load_hub_split', 'load_split', 'spaced', 'encode_words', 'Window', 'align_sentence',
+           'EncodedSplit', 'encode_split', 'rejoin', 'tag_spans', 'span_statistics', 'particle_recall', 'oov_rate',
+           'uner_statistics']
 
 # %% ../nbs/10_ner_data.ipynb #fba6c5b3
 LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -131,8 +133,14 @@ def read_iob2(path) -> list[Sentence]:
     "Read one UNER IOB2 file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"UNER file {path} does not exist")
+    return list(parse_iob2_bytes(path.read_bytes(), str(path)))
+
+# a sweep reads each training set again inside `all`, and a grid's plan every split: parse each content once
+@functools.lru_cache(maxsize=64)
+def parse_iob2_bytes(data: bytes, name: str) -> tuple[Sentence, ...]:
+    "The sentences of the bytes of IOB2 file `name` (cached by content and name, so a rewritten file is parsed anew)."
     # split on "\n" only: str.splitlines also breaks at \x85, \u2028, ... and would misnumber lines
-    return parse_iob2_lines(decode_utf8(path.read_bytes(), str(path)).split("\n"), str(path))
+    return tuple(parse_iob2_lines(decode_utf8(data, name).split("\n"), name))
 
 # %% ../nbs/10_ner_data.ipynb #78758b2c
 def uner_source(cfg: NERConfig) -> Path | str:
