@@ -4,7 +4,10 @@ import hashlib
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from picomaml.devtools import tiny_run
 
@@ -47,3 +50,11 @@ def snapshot(directory: Path) -> dict:
     "`{relative path: SHA-256}` of every file under `directory`."
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@contextmanager
+def smoke_runs_lock():
+    "Held while a test writes or reads runs/smoke: under `make test`'s two workers two such tests may run at once."
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with FileLock(ROOT / "runs" / ".smoke-tests.lock"):
+        yield

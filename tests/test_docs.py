@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from commands import smoke_runs_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("PICOMAML_CHROMIUM", "/usr/bin/chromium")
@@ -61,6 +62,10 @@ def run(cmd, timeout):
 
 @pytest.fixture(scope="module")
 def site() -> Path:
+    with smoke_runs_lock(): return build_site()
+
+
+def build_site() -> Path:
     if not ((SMOKE / "demo-maml" / "metrics.jsonl").is_file() and (SMOKE / "demo-vanilla" / "metrics.jsonl").is_file()
             and list((SMOKE / "ner").glob("*-results.jsonl"))):
         if shared_data() is None:

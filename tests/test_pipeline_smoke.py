@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import smoke_runs_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "runs" / "smoke"
@@ -46,6 +47,10 @@ def outputs(directory: Path, prefixes, suffixes) -> dict:
 
 @pytest.mark.skipif(shared_data() is None, reason="needs ../shared/data or PICOMAML_DATA")
 def test_smoke_pipeline_writes_every_output_and_tables_are_stable():
+    with smoke_runs_lock(): smoke_pipeline_writes_every_output_and_tables_are_stable()
+
+
+def smoke_pipeline_writes_every_output_and_tables_are_stable():
     shutil.rmtree(SMOKE, ignore_errors=True)
     log = run_pipeline()
     assert "pretrain demo-maml" in log and "ner sweep smoke" in log
