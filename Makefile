@@ -58,7 +58,7 @@ check: venv ## notebooks clean, package and README in sync with the notebooks, a
 test: venv ## the whole test suite (what CI runs)
 	start=$$SECONDS; $(MAKE) --no-print-directory check; check=$$((SECONDS - start)); \
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --n_workers $(NPROC); notebooks=$$((SECONDS - start - check)); \
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(NPROC) --dist loadfile --durations 15 tests benchmarks; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(NPROC) --dist loadfile --no-loadscope-reorder --durations 15 tests benchmarks; \
 	mkdir -p runs; printf '{"check": %d, "notebooks (nbdev_test)": %d, "pytest": %d}\n' \
 	  $$check $$notebooks $$((SECONDS - start - check - notebooks)) > runs/timings-test.json
 
