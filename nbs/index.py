@@ -49,6 +49,11 @@
 #
 # `make` installs the pinned `requirements.txt` into `.venv` (torch 2.13.0: the CPU wheel where no
 # CUDA is present, the CUDA build on a GPU machine). `environment.yml` carries the same pins for conda.
+#
+# Measured on 2026-12-04 on a 2-core, 24 GB machine with nothing else running, `.venv` already built
+# (building it took about 1.5 minutes): `make demo` 9 minutes (540 s), `make test` 22 minutes
+# (1,304 s, pytest on two workers). Each writes its stage times to `runs/timings-demo.json` and
+# `runs/timings-test.json`; `benchmarks/README.md` breaks them down.
 
 # %% [markdown]
 # ## Running the pieces by hand
