@@ -52,7 +52,8 @@
 #
 # Measured on 2026-12-04 on a 2-core, 24 GB machine with nothing else running, `.venv` already built
 # (building it took about 1.5 minutes): `make demo` 9 minutes (540 s), `make test` 22 minutes
-# (1,304 s, pytest on two workers). Each writes its stage times to `runs/timings-demo.json` and
+# (1,304 s, pytest on two workers; without Chromium, so the docs site's browser test, about 65 s
+# more, was skipped). Each writes its stage times to `runs/timings-demo.json` and
 # `runs/timings-test.json`; `benchmarks/README.md` breaks them down.
 
 # %% [markdown]
