@@ -52,9 +52,9 @@ check: venv ## notebooks clean, package and README in sync with the notebooks, a
 	$(BIN)/ruff check --quiet . && echo "ruff: clean"
 	$(BIN)/ruff check --quiet --select F401 picomaml && echo "picomaml/: no unused imports (a name only a test cell needs is imported there)"
 
-# pytest runs on NPROC workers (pytest-xdist, a test file per worker; tests/conftest.py orders them) and names its slowest
-# tests; the three stages' wall times go to runs/timings-test.json (`python benchmarks/run.py --stages-only`
-# copies them and the demo's into benchmarks/results-cpu.md).
+# pytest runs on NPROC workers (pytest-xdist, a test file per work unit; tests/conftest.py orders the files)
+# and names its slowest tests; the three stages' wall times go to runs/timings-test.json
+# (`python benchmarks/run.py --stages-only` copies them and the demo's into benchmarks/results-cpu.md).
 test: venv ## the whole test suite (what CI runs)
 	start=$$SECONDS; $(MAKE) --no-print-directory check; check=$$((SECONDS - start)); \
 	HF_HUB_OFFLINE=1 $(BIN)/nbdev_test --n_workers $(NPROC); notebooks=$$((SECONDS - start - check)); \
